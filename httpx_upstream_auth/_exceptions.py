@@ -1,0 +1,59 @@
+"""The exceptions raised by httpx-upstream-auth.
+
+Every error is a subclass of ``UpstreamAuthError``, so one ``except`` catches them all::
+
+    UpstreamAuthError
+    ├── ReauthenticationRequired   the user must log in again (no entry, no refresh token, dead grant)
+    ├── RefreshFailed              the refresh could not complete now; ``retryable`` says whether to retry
+    ├── BindingMismatch            the entry belongs to another identity than the caller expects
+    └── StorageError               the token store failed; nothing was half-written
+
+Messages say what happened and what to do next. They never contain a token: callers log them freely.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BindingMismatch",
+    "ReauthenticationRequired",
+    "RefreshFailed",
+    "StorageError",
+    "UpstreamAuthError",
+]
+
+
+class UpstreamAuthError(Exception):
+    """Base class of every error this library raises."""
+
+
+class ReauthenticationRequired(UpstreamAuthError):
+    """The stored grant cannot be used any more: send the user through the login flow again.
+
+    Raised when there is no entry for the session, the entry has no refresh token, or the provider
+    answered that the grant is dead (``invalid_grant``, revoked). The stored entry is kept for inspection.
+    """
+
+
+class RefreshFailed(UpstreamAuthError):
+    """The refresh could not complete now (network, 5xx, 429, timeout, malformed response).
+
+    Stored tokens are untouched. ``retryable`` is true when the same call may succeed later
+    (network trouble, 5xx, 429, timeout) and false when a configuration change is needed
+    (bad client credentials, a token URL that is refused).
+    """
+
+    def __init__(self, message: str, *, retryable: bool, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.status_code = status_code
+
+
+class BindingMismatch(UpstreamAuthError):
+    """The stored entry, or a refreshed id_token, names another identity than the caller expects.
+
+    Nothing is sent to the upstream API and nothing is stored.
+    """
+
+
+class StorageError(UpstreamAuthError):
+    """The token store failed. Nothing was half-written: retry when the store is back."""

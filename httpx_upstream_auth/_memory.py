@@ -1,0 +1,60 @@
+"""In-memory storage: the default for one process, on a cachetools TLRU cache."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import cachetools
+
+from ._models import EntryKey, UpstreamTokens
+from ._policy import DEFAULT_RETENTION, retention_deadline
+from ._storage import Storage
+
+__all__ = ["MemoryStorage"]
+
+
+class MemoryStorage(Storage):
+    """Entries in this process's memory, dropped when the refresh token's life (or ``retention``) ends.
+
+    Fast and dependency-free, but lost on restart and not shared between processes: use
+    :class:`SQLiteStorage` or :class:`RedisStorage` for that. ``maxsize`` bounds the number of sessions
+    (least recently used go first).
+    """
+
+    blocking = False
+
+    def __init__(self, *, retention: float = DEFAULT_RETENTION, maxsize: int = 1_000_000) -> None:
+        super().__init__(retention=retention)
+        self._entries: cachetools.TLRUCache[EntryKey, tuple[UpstreamTokens, float]] = cachetools.TLRUCache(
+            maxsize=maxsize, ttu=lambda _key, value, _now: value[1], timer=time.time
+        )
+        self._lock = threading.Lock()
+
+    def get(self, key: EntryKey) -> UpstreamTokens | None:
+        """Return the entry, or ``None`` when absent or past its retention."""
+        with self._lock:
+            found = self._entries.get(key)
+        return None if found is None else found[0]
+
+    def put(self, key: EntryKey, tokens: UpstreamTokens, *, expected_version: int | None) -> bool:
+        """Compare-and-set on ``version``."""
+        with self._lock:
+            found = self._entries.get(key)
+            if (None if found is None else found[0].version) != expected_version:
+                return False
+            self._entries[key] = (tokens, retention_deadline(tokens, time.time(), self.retention))
+            return True
+
+    def delete(self, key: EntryKey, *, expected_version: int | None = None) -> bool:
+        """Remove the entry (only at ``expected_version`` when given)."""
+        with self._lock:
+            found = self._entries.get(key)
+            if found is None or (expected_version is not None and found[0].version != expected_version):
+                return False
+            del self._entries[key]
+            return True
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)

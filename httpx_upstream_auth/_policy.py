@@ -1,0 +1,71 @@
+"""Pure decisions (sans-I/O): freshness, retention, and what a 401 means for a request."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from ._models import UpstreamTokens
+
+__all__ = ["FreshnessPolicy", "can_replay", "is_token_rejected", "retention_deadline"]
+
+DEFAULT_RETENTION = 30 * 24 * 3600.0
+
+
+@attrs.frozen(kw_only=True)
+class FreshnessPolicy:
+    """When a stored access token is still good enough to send.
+
+    A token is refreshed once it is within ``leeway`` seconds of ``expires_at``; the leeway is capped at
+    ``max_leeway_fraction`` of the token's lifetime, so a 2-second token is not refreshed on every request.
+    """
+
+    leeway: float = 30.0
+    max_leeway_fraction: float = 0.1
+
+    def effective_leeway(self, tokens: UpstreamTokens) -> float:
+        """The leeway for this token, after the lifetime cap."""
+        if tokens.expires_at is None or tokens.issued_at is None:
+            return self.leeway
+        lifetime = max(tokens.expires_at - tokens.issued_at, 0.0)
+        return min(self.leeway, lifetime * self.max_leeway_fraction)
+
+    def fresh_until(self, tokens: UpstreamTokens) -> float:
+        """Epoch seconds until which the token is sent without refreshing (inf when expiry is unknown)."""
+        if tokens.expires_at is None:
+            return float("inf")
+        return tokens.expires_at - self.effective_leeway(tokens)
+
+    def is_fresh(self, tokens: UpstreamTokens, now: float) -> bool:
+        """True when the token can be sent as it is."""
+        return now < self.fresh_until(tokens)
+
+
+def retention_deadline(tokens: UpstreamTokens, now: float, default_retention: float) -> float:
+    """Until when a storage keeps the entry: the refresh token's life, never the access token's."""
+    if tokens.refresh_expires_at is not None:
+        return tokens.refresh_expires_at
+    return now + default_retention
+
+
+def is_token_rejected(response: Any) -> bool:
+    """True when a response says the bearer token was not accepted (401 with a Bearer challenge).
+
+    A 401 without any ``WWW-Authenticate`` header counts too (many APIs omit it); a 401 whose challenges
+    are all for another scheme (``Basic``, ``Digest``) does not: a new token would not help.
+    """
+    if response.status_code != 401:
+        return False
+    challenges = response.headers.get_list("www-authenticate") if hasattr(response.headers, "get_list") \
+        else [response.headers.get("www-authenticate", "")]
+    challenges = [c for c in challenges if c.strip()]
+    if not challenges:
+        return True
+    return any(c.strip().lower().startswith("bearer") or ", bearer" in c.lower() for c in challenges)
+
+
+def can_replay(request: Any) -> bool:
+    """True when the request's body is held in memory, so sending it again sends the same bytes."""
+    stream = getattr(request, "stream", None)
+    return type(stream).__name__ == "ByteStream" or getattr(request, "_content", None) is not None

@@ -1,0 +1,154 @@
+"""The storage contract: a small ABC every backend implements, with sync and async twins.
+
+Abstract: ``get``, ``put`` (compare-and-set on ``version``) and ``delete``. Optional capabilities have
+working defaults, so a third-party store keeps working when new ones appear: ``acquire_lease`` /
+``release_lease`` (default: an in-process table, enough for one process) and ``watch`` (default:
+polling ``get``). Async twins default to running the sync method in a worker thread, or calling it
+directly when the backend never blocks (``blocking = False``).
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from abc import ABC, abstractmethod
+
+import anyio
+import anyio.to_thread
+import attrs
+
+from ._models import EntryKey, UpstreamTokens
+from ._policy import DEFAULT_RETENTION
+
+__all__ = ["Lease", "Storage"]
+
+
+@attrs.frozen
+class Lease:
+    """Proof that one worker may refresh ``key`` until the lease's ttl runs out.
+
+    ``owner`` is a random token: only the holder can release it, and a holder whose lease expired
+    cannot release a newer holder's lease.
+    """
+
+    key: EntryKey
+    owner: str = attrs.field(repr=False)
+    ttl: float
+
+
+def new_owner() -> str:
+    """A random lease owner token."""
+    return secrets.token_hex(16)
+
+
+class Storage(ABC):
+    """Where token entries live, keyed by :class:`EntryKey` (provider id, session id).
+
+    ``get`` returns expired entries too: an entry whose access token expired is exactly the one that
+    needs its refresh token. ``put`` writes only when the stored version equals ``expected_version``
+    (``None``: only when there is no entry) and returns whether it wrote. Entries are kept until the
+    refresh token's ``refresh_expires_at``, else ``retention`` seconds after their last write.
+    Backends raise :class:`~httpx_upstream_auth.StorageError` when the store itself fails.
+    """
+
+    #: False when every sync method returns without I/O, so async twins may call it directly.
+    blocking: bool = True
+    #: How often the default ``watch`` polls ``get``.
+    poll_interval: float = 0.01
+
+    def __init__(self, *, retention: float = DEFAULT_RETENTION) -> None:
+        self.retention = retention
+        self._leases: dict[EntryKey, tuple[str, float]] = {}
+        self._leases_lock = threading.Lock()
+
+    # -- the abstract surface -------------------------------------------------------------------
+    @abstractmethod
+    def get(self, key: EntryKey) -> UpstreamTokens | None:
+        """Return the entry for ``key`` (expired or not), or ``None``."""
+
+    @abstractmethod
+    def put(self, key: EntryKey, tokens: UpstreamTokens, *, expected_version: int | None) -> bool:
+        """Store ``tokens`` iff the current version is ``expected_version`` (``None``: absent)."""
+
+    @abstractmethod
+    def delete(self, key: EntryKey, *, expected_version: int | None = None) -> bool:
+        """Remove the entry; with ``expected_version``, only if it still has that version."""
+
+    # -- optional capabilities with defaults -----------------------------------------------------
+    def acquire_lease(self, key: EntryKey, ttl: float) -> Lease | None:
+        """Try to become the one worker that refreshes ``key``; ``None`` when someone else holds it.
+
+        The default serializes workers of this process only; shared backends override it.
+        """
+        now = time.monotonic()
+        with self._leases_lock:
+            held = self._leases.get(key)
+            if held is not None and held[1] > now:
+                return None
+            lease = Lease(key, new_owner(), ttl)
+            self._leases[key] = (lease.owner, now + ttl)
+            return lease
+
+    def release_lease(self, lease: Lease) -> None:
+        """Give the lease back, if it is still ours."""
+        with self._leases_lock:
+            held = self._leases.get(lease.key)
+            if held is not None and held[0] == lease.owner:
+                del self._leases[lease.key]
+
+    def watch(self, key: EntryKey, version: int | None, timeout: float) -> None:
+        """Return once the entry's version differs from ``version``, or after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if _version(self.get(key)) != version:
+                return
+            time.sleep(min(self.poll_interval, max(deadline - time.monotonic(), 0)))
+
+    def close(self) -> None:
+        """Release connections and files. The default has nothing to release."""
+
+    # -- async twins ---------------------------------------------------------------------------------
+    async def aget(self, key: EntryKey) -> UpstreamTokens | None:
+        """Async twin of :meth:`get`."""
+        if not self.blocking:
+            return self.get(key)
+        return await anyio.to_thread.run_sync(self.get, key)
+
+    async def aput(self, key: EntryKey, tokens: UpstreamTokens, *, expected_version: int | None) -> bool:
+        """Async twin of :meth:`put`."""
+        if not self.blocking:
+            return self.put(key, tokens, expected_version=expected_version)
+        return await anyio.to_thread.run_sync(lambda: self.put(key, tokens, expected_version=expected_version))
+
+    async def adelete(self, key: EntryKey, *, expected_version: int | None = None) -> bool:
+        """Async twin of :meth:`delete`."""
+        if not self.blocking:
+            return self.delete(key, expected_version=expected_version)
+        return await anyio.to_thread.run_sync(lambda: self.delete(key, expected_version=expected_version))
+
+    async def aacquire_lease(self, key: EntryKey, ttl: float) -> Lease | None:
+        """Async twin of :meth:`acquire_lease`."""
+        if not self.blocking or type(self).acquire_lease is Storage.acquire_lease:
+            return self.acquire_lease(key, ttl)
+        return await anyio.to_thread.run_sync(self.acquire_lease, key, ttl)
+
+    async def arelease_lease(self, lease: Lease) -> None:
+        """Async twin of :meth:`release_lease`."""
+        if not self.blocking or type(self).release_lease is Storage.release_lease:
+            return self.release_lease(lease)
+        await anyio.to_thread.run_sync(self.release_lease, lease)
+
+    async def awatch(self, key: EntryKey, version: int | None, timeout: float) -> None:
+        """Async twin of :meth:`watch`; the default polls :meth:`aget` without holding a thread."""
+        with anyio.move_on_after(timeout):
+            while _version(await self.aget(key)) == version:
+                await anyio.sleep(self.poll_interval)
+
+    async def aclose(self) -> None:
+        """Async twin of :meth:`close`."""
+        self.close()
+
+
+def _version(tokens: UpstreamTokens | None) -> int | None:
+    return None if tokens is None else tokens.version
