@@ -1,0 +1,49 @@
+"""httpx-upstream-auth: upstream OAuth token expiry made invisible to code that calls APIs with httpx.
+
+    manager = TokenManager(refresher=OAuth2Refresher(...), provider_id="github", storage=MemoryStorage())
+    manager.store("session-1", UpstreamTokens(...))
+    httpx.Client(auth=manager.auth("session-1"))
+
+Every public name is importable from here; implementation lives in private modules.
+"""
+
+from ._auth import UpstreamAuth
+from ._clock import Clock, SystemClock
+from ._exceptions import (
+    BindingMismatch,
+    ReauthenticationRequired,
+    RefreshFailed,
+    StorageError,
+    UpstreamAuthError,
+)
+from ._manager import TokenManager
+from ._memory import MemoryStorage
+from ._models import Binding, EntryKey, UpstreamTokens
+from ._policy import FreshnessPolicy, can_replay, is_token_rejected
+from ._refresher import OAuth2Refresher, Refresher
+from ._storage import Lease, Storage
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Binding",
+    "BindingMismatch",
+    "Clock",
+    "EntryKey",
+    "FreshnessPolicy",
+    "Lease",
+    "MemoryStorage",
+    "OAuth2Refresher",
+    "ReauthenticationRequired",
+    "RefreshFailed",
+    "Refresher",
+    "Storage",
+    "StorageError",
+    "SystemClock",
+    "TokenManager",
+    "UpstreamAuth",
+    "UpstreamAuthError",
+    "UpstreamTokens",
+    "can_replay",
+    "is_token_rejected",
+]

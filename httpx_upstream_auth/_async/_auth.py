@@ -1,0 +1,40 @@
+"""The async auth flow: attach the token, and after a 401 replay once with a newer one."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from typing import TYPE_CHECKING
+
+import httpx
+
+from .._models import Binding
+from .._policy import can_replay, is_token_rejected
+
+if TYPE_CHECKING:
+    from .._manager import TokenManager
+
+
+class AsyncAuthFlow:
+    """The async flow of :class:`~httpx_upstream_auth.UpstreamAuth` (the sync one is generated)."""
+
+    _manager: TokenManager
+    _session_id: str
+    _expect: Binding | None
+
+    async def async_auth_flow(self, request: httpx.Request) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        """Send with the session's token; on a Bearer 401, replay once with a newer token.
+
+        Nothing is held across a ``yield``: httpx may close this generator there, from another task.
+        """
+        ops = self._manager._async_ops
+        tokens = await ops.get_token(self._session_id, self._expect)
+        request.headers["Authorization"] = tokens.authorization
+        response = yield request
+        if not is_token_rejected(response):
+            return
+        tokens = await ops.refresh_rejected(self._session_id, tokens.access_token, self._expect)
+        if not can_replay(request):
+            # A one-shot body is never resent: the caller gets the 401, the next request the new token.
+            return
+        request.headers["Authorization"] = tokens.authorization
+        yield request

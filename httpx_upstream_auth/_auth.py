@@ -1,0 +1,53 @@
+"""``UpstreamAuth``: one object that is an ``httpx.Auth`` and, when httpx2 is installed, an ``httpx2.Auth``."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import httpx
+
+from ._async._auth import AsyncAuthFlow
+from ._models import Binding
+from ._sync._auth import SyncAuthFlow
+
+if TYPE_CHECKING:
+    from ._manager import TokenManager
+
+    _AuthBase = httpx.Auth
+else:
+    try:
+        import httpx2
+    except ImportError:
+        _AuthBase = httpx.Auth
+    else:  # an httpx2 client rejects an auth that is not an httpx2.Auth
+
+        class _AuthBase(httpx.Auth, httpx2.Auth):
+            pass
+
+
+__all__ = ["UpstreamAuth"]
+
+
+class UpstreamAuth(AsyncAuthFlow, SyncAuthFlow, _AuthBase):
+    """Authenticate requests as one session of one provider; pass it as ``auth=`` to a client.
+
+    Made by :meth:`TokenManager.auth`, cheaply (no I/O, no locks): gateways make one per request.
+    The same object serves ``httpx.Client``, ``httpx.AsyncClient`` and the httpx2 clients. With
+    ``expect``, a request is refused with :class:`BindingMismatch` before anything is sent when the
+    stored entry belongs to another identity.
+    """
+
+    __slots__ = ("_expect", "_manager", "_session_id")
+
+    def __init__(self, manager: TokenManager, session_id: str, expect: Binding | None = None) -> None:
+        self._manager = manager
+        self._session_id = session_id
+        self._expect = expect
+
+    @property
+    def session_id(self) -> str:
+        """The session whose tokens this auth sends."""
+        return self._session_id
+
+    def __repr__(self) -> str:
+        return f"UpstreamAuth(provider_id={self._manager.provider_id!r}, expect={self._expect!r})"

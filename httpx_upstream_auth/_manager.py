@@ -1,0 +1,113 @@
+"""``TokenManager``: one per upstream provider, shared by every client, auth and transport."""
+
+from __future__ import annotations
+
+from ._async._manager import AsyncTokenOps
+from ._auth import UpstreamAuth
+from ._clock import Clock, SystemClock
+from ._memory import MemoryStorage
+from ._models import Binding, UpstreamTokens
+from ._policy import FreshnessPolicy
+from ._refresher import Refresher
+from ._state import ManagerState
+from ._storage import Storage
+from ._sync._manager import SyncTokenOps
+
+__all__ = ["TokenManager"]
+
+
+class TokenManager:
+    """Keeps one provider's upstream tokens valid for every session, refreshing once per expiry.
+
+    Sessions are keyed by (``provider_id``, session id) in ``storage``. A token is refreshed when it is
+    within ``leeway`` seconds of expiry (at most ``max_leeway_fraction`` of its lifetime), or when the
+    API rejects it. Per key, one caller refreshes while the others wait for its result: across asyncio
+    and trio tasks and threads here, and across processes and hosts through the storage's lease.
+
+    ``refresh_timeout`` bounds one refresh, which runs to completion even if its caller is cancelled;
+    ``lease_ttl`` (longer) bounds how long a crashed process can hold the refresh lease, and
+    ``lease_wait`` how long a caller waits for another process's refresh before giving up.
+    """
+
+    def __init__(
+        self,
+        *,
+        refresher: Refresher,
+        provider_id: str,
+        storage: Storage | None = None,
+        leeway: float = 30.0,
+        max_leeway_fraction: float = 0.1,
+        refresh_timeout: float = 15.0,
+        lease_ttl: float | None = None,
+        lease_wait: float | None = None,
+        cache_size: int = 10_000,
+        clock: Clock | None = None,
+    ) -> None:
+        lease_ttl = refresh_timeout + 5.0 if lease_ttl is None else lease_ttl
+        if lease_ttl <= refresh_timeout:
+            raise ValueError("lease_ttl must outlive refresh_timeout, or a slow refresh loses its fence")
+        self._state = ManagerState(
+            provider_id=provider_id,
+            storage=MemoryStorage() if storage is None else storage,
+            refresher=refresher,
+            clock=SystemClock() if clock is None else clock,
+            policy=FreshnessPolicy(leeway=leeway, max_leeway_fraction=max_leeway_fraction),
+            refresh_timeout=refresh_timeout,
+            lease_ttl=lease_ttl,
+            lease_wait=2 * lease_ttl if lease_wait is None else lease_wait,
+            cache_size=cache_size,
+        )
+        self._async_ops = AsyncTokenOps(self._state)
+        self._sync_ops = SyncTokenOps(self._state)
+
+    @property
+    def provider_id(self) -> str:
+        """The provider whose tokens this manager keeps."""
+        return self._state.provider_id
+
+    @property
+    def storage(self) -> Storage:
+        """Where entries are kept."""
+        return self._state.storage
+
+    def __repr__(self) -> str:
+        return f"TokenManager(provider_id={self.provider_id!r}, storage={type(self.storage).__name__})"
+
+    def auth(self, session_id: str, expect: Binding | None = None) -> UpstreamAuth:
+        """An ``auth=`` for httpx and httpx2 clients that sends this session's tokens. O(1), no I/O."""
+        return UpstreamAuth(self, session_id, expect)
+
+    def store(self, session_id: str, tokens: UpstreamTokens) -> UpstreamTokens:
+        """Save a session's tokens after a login; returns the entry as stored (with its version)."""
+        return self._sync_ops.store(session_id, tokens)
+
+    async def astore(self, session_id: str, tokens: UpstreamTokens) -> UpstreamTokens:
+        """Async twin of :meth:`store`."""
+        return await self._async_ops.store(session_id, tokens)
+
+    def get_token(self, session_id: str, expect: Binding | None = None) -> UpstreamTokens:
+        """A valid entry for the session, refreshed first if needed.
+
+        Raises :class:`ReauthenticationRequired`, :class:`RefreshFailed`, :class:`BindingMismatch` or
+        :class:`StorageError`.
+        """
+        return self._sync_ops.get_token(session_id, expect)
+
+    async def aget_token(self, session_id: str, expect: Binding | None = None) -> UpstreamTokens:
+        """Async twin of :meth:`get_token`."""
+        return await self._async_ops.get_token(session_id, expect)
+
+    def delete(self, session_id: str) -> bool:
+        """Forget a session's tokens (logout). True when there was an entry."""
+        return self._sync_ops.delete(session_id)
+
+    async def adelete(self, session_id: str) -> bool:
+        """Async twin of :meth:`delete`."""
+        return await self._async_ops.delete(session_id)
+
+    def close(self) -> None:
+        """Close the storage and the refresher's own client."""
+        self._state.storage.close()
+        close = getattr(self._state.refresher, "close", None)
+        if close is not None:
+            close()

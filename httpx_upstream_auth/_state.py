@@ -1,0 +1,136 @@
+"""What one TokenManager shares between its async and sync halves: settings, the cache, the flights.
+
+Both locks here guard dict operations only; nothing slow (I/O, waiting) ever happens under them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+
+import attrs
+import cachetools
+
+from ._clock import Clock
+from ._exceptions import BindingMismatch
+from ._models import Binding, EntryKey, UpstreamTokens
+from ._policy import FreshnessPolicy
+from ._refresher import Refresher
+from ._storage import Storage
+from ._synchronization import Flight, Outcome
+
+logger = logging.getLogger("httpx_upstream_auth")
+
+
+@attrs.frozen
+class Need:
+    """What a caller needs from the key's entry.
+
+    ``rejected`` set: any access token but that one (the API just refused it). Otherwise: a fresh token,
+    or any entry newer than ``seen_version`` (so a token the provider issued short-lived is not refreshed
+    again in a loop).
+    """
+
+    seen_version: int
+    rejected: str | None = attrs.field(default=None, repr=False)
+
+    def satisfied_by(self, tokens: UpstreamTokens, policy: FreshnessPolicy, now: float) -> bool:
+        """True when ``tokens`` can be used as they are."""
+        if self.rejected is not None:
+            return tokens.access_token != self.rejected
+        return tokens.version != self.seen_version or policy.is_fresh(tokens, now)
+
+
+class ManagerState:
+    """Settings and shared tables of one TokenManager."""
+
+    def __init__(
+        self,
+        *,
+        provider_id: str,
+        storage: Storage,
+        refresher: Refresher,
+        clock: Clock,
+        policy: FreshnessPolicy,
+        refresh_timeout: float,
+        lease_ttl: float,
+        lease_wait: float,
+        cache_size: int,
+    ) -> None:
+        self.provider_id = provider_id
+        self.storage = storage
+        self.refresher = refresher
+        self.clock = clock
+        self.policy = policy
+        self.refresh_timeout = refresh_timeout
+        self.lease_ttl = lease_ttl
+        self.lease_wait = lease_wait
+        self._cache: cachetools.LRUCache[EntryKey, tuple[UpstreamTokens, float]] = cachetools.LRUCache(
+            maxsize=cache_size
+        )
+        self._cache_lock = threading.Lock()
+        self._flights: dict[EntryKey, Flight] = {}
+        self._flights_lock = threading.Lock()
+
+    def key(self, session_id: str) -> EntryKey:
+        """The storage key of a session of this provider."""
+        return EntryKey(self.provider_id, session_id)
+
+    # -- the in-process cache of fresh tokens ---------------------------------------------------------
+    def cached(self, key: EntryKey, now: float) -> UpstreamTokens | None:
+        """The cached entry while it is fresh, else ``None``."""
+        with self._cache_lock:
+            hit = self._cache.get(key)
+        if hit is None or now >= hit[1]:
+            return None
+        return hit[0]
+
+    def remember(self, key: EntryKey, tokens: UpstreamTokens) -> None:
+        """Cache ``tokens`` until they stop being fresh (never past the access token's expiry)."""
+        fresh_until = self.policy.fresh_until(tokens)
+        with self._cache_lock:
+            held = self._cache.get(key)
+            if held is None or held[0].version <= tokens.version or held[1] <= self.clock.time():
+                self._cache[key] = (tokens, fresh_until)
+
+    def forget(self, key: EntryKey, access_token: str | None = None) -> None:
+        """Drop the cached entry (only if it still holds ``access_token``, when given)."""
+        with self._cache_lock:
+            held = self._cache.get(key)
+            if held is not None and (access_token is None or held[0].access_token == access_token):
+                del self._cache[key]
+
+    # -- single flight ------------------------------------------------------------------------------
+    def join_flight(self, key: EntryKey) -> tuple[Flight, bool]:
+        """The key's flight in progress, or a new one; the bool is true when the caller leads it."""
+        with self._flights_lock:
+            flight = self._flights.get(key)
+            if flight is not None:
+                return flight, False
+            flight = self._flights[key] = Flight()
+            return flight, True
+
+    def end_flight(self, key: EntryKey, flight: Flight, outcome: Outcome) -> None:
+        """Publish the leader's outcome; later callers start a new flight."""
+        with self._flights_lock:
+            if self._flights.get(key) is flight:
+                del self._flights[key]
+        flight.finish(outcome)
+
+    # -- checks ----------------------------------------------------------------------------------------
+    def check_binding(self, tokens: UpstreamTokens, expect: Binding | None) -> None:
+        """Raise BindingMismatch when the entry is another provider's or not the expected identity."""
+        if tokens.provider_id is not None and tokens.provider_id != self.provider_id:
+            raise BindingMismatch(
+                "the stored entry belongs to another provider than this manager's; nothing was sent. "
+                "Use the TokenManager of that provider."
+            )
+        if expect is not None:
+            expect.check(tokens)
+
+
+def describe(key: EntryKey) -> str:
+    """A log-safe name for a key: session ids can be bearer secrets (cookies), so only a digest."""
+    digest = hashlib.sha256(key.session_id.encode()).hexdigest()[:12]
+    return f"{key.provider_id}:{digest}"

@@ -1,0 +1,201 @@
+# Generated from _async by tests/unasync_twins.py: do not edit.
+"""The async half of TokenManager: the fast path, single flight, and the leader's refresh."""
+
+from __future__ import annotations
+
+import contextlib
+
+import attrs
+
+from .._exceptions import ReauthenticationRequired, RefreshFailed, StorageError
+from .._models import Binding, EntryKey, UpstreamTokens
+from .._state import ManagerState, Need, describe, logger
+from .._synchronization import SyncShield, Outcome
+
+#: Flights a caller joins before giving up (each one ends with a write or an error, so this is generous).
+MAX_FLIGHTS = 8
+
+
+class SyncTokenOps:
+    """Token operations for async callers; the sync twin is generated from this file."""
+
+    def __init__(self, state: ManagerState) -> None:
+        self._s = state
+
+    def get_token(self, session_id: str, expect: Binding | None = None) -> UpstreamTokens:
+        """A fresh entry for the session, refreshed (once, across all callers) when needed."""
+        s = self._s
+        key = s.key(session_id)
+        now = s.clock.time()
+        tokens = s.cached(key, now)
+        if tokens is None:
+            tokens = self._read(key)
+            s.check_binding(tokens, expect)
+            if s.policy.is_fresh(tokens, now):
+                s.remember(key, tokens)
+            else:
+                tokens = self._single_flight(key, Need(tokens.version))
+        s.check_binding(tokens, expect)
+        return tokens
+
+    def refresh_rejected(
+        self, session_id: str, rejected: str, expect: Binding | None = None
+    ) -> UpstreamTokens:
+        """The entry to retry with after the API refused ``rejected``: the stored one if it differs
+        (someone refreshed meanwhile), else a new one from a single-flight refresh."""
+        s = self._s
+        key = s.key(session_id)
+        s.forget(key, rejected)
+        tokens = self._single_flight(key, Need(-1, rejected))
+        s.check_binding(tokens, expect)
+        return tokens
+
+    def store(self, session_id: str, tokens: UpstreamTokens) -> UpstreamTokens:
+        """Write a new entry for the session (after a login), above any version already stored."""
+        s = self._s
+        key = s.key(session_id)
+        if tokens.provider_id is None:
+            tokens = attrs.evolve(tokens, provider_id=s.provider_id)
+        s.check_binding(tokens, None)
+        if tokens.issued_at is None and tokens.expires_at is not None:
+            # The true lifetime is unknown; from now is a lower bound, so the leeway stays small enough.
+            tokens = attrs.evolve(tokens, issued_at=min(s.clock.time(), tokens.expires_at))
+        for _ in range(MAX_FLIGHTS):
+            current = s.storage.get(key)
+            version = tokens.version if current is None else current.version
+            entry = attrs.evolve(tokens, version=max(version + 1, 1))
+            if s.storage.put(key, entry, expected_version=None if current is None else current.version):
+                s.remember(key, entry)
+                return entry
+        raise StorageError("the entry kept changing while storing it; retry the store")
+
+    def delete(self, session_id: str) -> bool:
+        """Remove the session's entry (logout). True when there was one."""
+        key = self._s.key(session_id)
+        self._s.forget(key)
+        return self._s.storage.delete(key)
+
+    # -- internals -------------------------------------------------------------------------------------
+    def _read(self, key: EntryKey) -> UpstreamTokens:
+        tokens = self._s.storage.get(key)
+        if tokens is None:
+            raise ReauthenticationRequired(
+                "no tokens are stored for this session; send the user through the login flow and store "
+                "the result with TokenManager.store()."
+            )
+        return tokens
+
+    def _single_flight(self, key: EntryKey, need: Need) -> UpstreamTokens:
+        s = self._s
+        for _ in range(MAX_FLIGHTS):
+            flight, leading = s.join_flight(key)
+            if leading:
+                try:
+                    tokens = self._lead(key, need)
+                except Exception as exc:
+                    s.end_flight(key, flight, Outcome(error=exc))
+                    raise
+                except BaseException:
+                    # Cancelled before anything was sent: a follower takes over.
+                    s.end_flight(key, flight, Outcome())
+                    raise
+                s.end_flight(key, flight, Outcome(tokens=tokens))
+                return tokens
+            outcome = flight.outcome()
+            if outcome.abandoned:
+                continue
+            tokens = outcome.unwrap()
+            if need.satisfied_by(tokens, s.policy, s.clock.time()):
+                return tokens
+        raise RefreshFailed("the token kept changing during the refresh; retry the request", retryable=True)
+
+    def _lead(self, key: EntryKey, need: Need) -> UpstreamTokens:
+        s = self._s
+        give_up = s.clock.monotonic() + s.lease_wait
+        while True:
+            # Re-read after winning: another task, thread or process may have refreshed already.
+            current = self._read(key)
+            if need.satisfied_by(current, s.policy, s.clock.time()):
+                s.remember(key, current)
+                return current
+            self._check_refreshable(current)
+            lease = s.storage.acquire_lease(key, s.lease_ttl)
+            if lease is None:
+                left = give_up - s.clock.monotonic()
+                if left <= 0:
+                    raise RefreshFailed(
+                        "another worker holds the refresh lease and has not finished; retry the request",
+                        retryable=True,
+                    )
+                logger.debug("refresh of %s: waiting for another process's lease", describe(key))
+                s.storage.watch(key, current.version, min(left, 1.0))
+                continue
+            try:
+                # Re-read under the lease: the previous holder may have saved just before releasing.
+                current = self._read(key)
+                if need.satisfied_by(current, s.policy, s.clock.time()):
+                    s.remember(key, current)
+                    return current
+                self._check_refreshable(current)
+                return self._redeem(key, current, need)
+            finally:
+                with SyncShield(s.refresh_timeout):
+                    try:
+                        s.storage.release_lease(lease)
+                    except StorageError:
+                        logger.debug("refresh of %s: lease release failed; it expires", describe(key))
+
+    def _check_refreshable(self, current: UpstreamTokens) -> None:
+        if current.refresh_token is None:
+            raise ReauthenticationRequired(
+                "the access token is no longer valid and no refresh token is stored; log the user in again."
+            )
+
+    def _redeem(self, key: EntryKey, current: UpstreamTokens, need: Need) -> UpstreamTokens:
+        s = self._s
+        result: UpstreamTokens | None = None
+        # From here on the provider may consume the refresh token: finish and save even if cancelled.
+        with SyncShield(s.refresh_timeout) as shield:
+            logger.debug("refresh of %s: redeeming version %d", describe(key), current.version)
+            try:
+                fresh = s.refresher.refresh(current, s.clock)
+            except ReauthenticationRequired:
+                # invalid_grant may mean another worker rotated first: use its tokens if so.
+                again = s.storage.get(key)
+                if again is None or again.version == current.version:
+                    raise
+                result = again
+            else:
+                result = self._save(key, current, fresh)
+            s.remember(key, result)
+        if result is None or shield.timed_out:
+            raise RefreshFailed(
+                "the refresh did not finish in time; stored tokens are unchanged. Retry the request.",
+                retryable=True,
+            )
+        return result
+
+    def _save(self, key: EntryKey, current: UpstreamTokens, fresh: UpstreamTokens) -> UpstreamTokens:
+        s = self._s
+        rotated = fresh.refresh_token != current.refresh_token
+        try:
+            saved = s.storage.put(key, fresh, expected_version=current.version)
+        except StorageError:
+            if not rotated:
+                # The stored refresh token still works; serve the new access token from memory.
+                logger.debug("refresh of %s: save failed, the old refresh token stays valid", describe(key))
+                return fresh
+            # Fail closed: the stored refresh token is consumed, and presenting it again would make the
+            # provider revoke the whole grant.
+            s.forget(key)
+            with contextlib.suppress(StorageError):
+                s.storage.delete(key, expected_version=current.version)
+            raise StorageError(
+                "the provider rotated the refresh token but the new one could not be saved; the stored entry "
+                "was removed so the consumed token is never reused. Log the user in again."
+            ) from None
+        if saved:
+            return fresh
+        # Compare-and-set lost: someone saved a newer entry (a new login, or a refresh after our lease
+        # ran out). Theirs wins; ours would overwrite it with an older lineage.
+        return self._read(key)
