@@ -7,6 +7,7 @@
 Every public name is importable from here; implementation lives in private modules.
 """
 
+from ._async._transport import AsyncUpstreamAuthTransport
 from ._auth import UpstreamAuth
 from ._clock import Clock, SystemClock
 from ._exceptions import (
@@ -22,10 +23,12 @@ from ._models import Binding, EntryKey, UpstreamTokens
 from ._policy import FreshnessPolicy, can_replay, is_token_rejected
 from ._refresher import OAuth2Refresher, Refresher
 from ._storage import Lease, Storage
+from ._sync._transport import UpstreamAuthTransport
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncUpstreamAuthTransport",
     "Binding",
     "BindingMismatch",
     "Clock",
@@ -43,6 +46,7 @@ __all__ = [
     "TokenManager",
     "UpstreamAuth",
     "UpstreamAuthError",
+    "UpstreamAuthTransport",
     "UpstreamTokens",
     "can_replay",
     "is_token_rejected",

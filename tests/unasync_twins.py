@@ -16,6 +16,13 @@ import unasync
 PACKAGE = Path(__file__).resolve().parent.parent / "httpx_upstream_auth"
 REPLACEMENTS = {
     "AsyncClient": "Client",
+    "AsyncBaseTransport": "BaseTransport",
+    "AsyncHTTPTransport": "HTTPTransport",
+    "AsyncUpstreamAuthTransport": "UpstreamAuthTransport",
+    "handle_async_request": "handle_request",
+    "__anext__": "__next__",
+    "asend": "send",
+    "aclose": "close",
     "aiter_bytes": "iter_bytes",
     "async_auth_flow": "sync_auth_flow",
     "_async_ops": "_sync_ops",

@@ -1,0 +1,542 @@
+"""An in-process OAuth provider: a refresh-token endpoint and a protected API, as one pure ASGI app."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import itertools
+import json
+import secrets
+import threading
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, parse_qsl, unquote_plus
+
+import anyio
+
+from .._clock import Clock, SystemClock
+from .._models import UpstreamTokens
+
+__all__ = ["ASGIApp", "LocalProvider", "Receive", "Scope", "Send"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+Headers = list[tuple[bytes, bytes]]
+
+STAT_NAMES = (
+    "token_calls",
+    "refresh_ok",
+    "refresh_reuse",
+    "invalid_grant",
+    "invalid_client",
+    "faults",
+    "api_ok",
+    "api_401",
+)
+FAULT_KINDS = frozenset(
+    {"500", "503", "429", "malformed", "no_access_token", "invalid_client", "huge", "id_token_other_sub"}
+)
+HUGE_SIZE = 2 * 1024 * 1024
+REQUEST_LOG_SIZE = 1000
+
+_JSON = (b"content-type", b"application/json")
+_NO_STORE = (b"cache-control", b"no-store")
+_TOKEN_HEADERS: Headers = [_JSON, _NO_STORE, (b"pragma", b"no-cache")]
+_API_HEADERS: Headers = [_JSON]
+_BEARER_CHALLENGE: Headers = [_JSON, (b"www-authenticate", b'Bearer error="invalid_token"')]
+_BASIC_CHALLENGE: Headers = [*_TOKEN_HEADERS, (b"www-authenticate", b"Basic")]
+_INVALID_TOKEN = b'{"error":"invalid_token"}'
+_API_METHODS = {"/api/me": "GET", "/api/upload": "POST", "/api/slow": "GET"}
+
+
+@dataclass(slots=True)
+class _Grant:
+    id: str
+    sub: str
+    client_id: str
+    scope: str | None
+    access_ttl: float | None
+    revoked: bool = False
+
+
+@dataclass(slots=True)
+class _Access:
+    grant: _Grant
+    expires_at: float
+    revoked: bool = False
+
+
+@dataclass(slots=True)
+class _Refresh:
+    grant: _Grant
+    expires_at: float | None
+    consumed: bool = False
+
+
+class _Reply:
+    """A finished HTTP answer: status, headers, body."""
+
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self, status: int, body: bytes, headers: Headers) -> None:
+        self.status = status
+        self.body = body
+        self.headers = headers
+
+
+def _error(status: int, error: str, headers: Headers = _TOKEN_HEADERS) -> _Reply:
+    return _Reply(status, json.dumps({"error": error}).encode(), headers)
+
+
+def _seconds(value: float) -> float | int:
+    # Whole numbers go out as JSON integers (RFC 6749 says so); fractions stay, for sub-second test TTLs.
+    return int(value) if float(value).is_integer() else value
+
+
+def _b64url(data: dict[str, Any]) -> str:
+    raw = json.dumps(data, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+class LocalProvider:
+    """A local OAuth 2.0 provider for tests, demos and benchmarks: a pure ASGI app plus its state.
+
+    It serves the refresh-token grant at ``POST /token`` and a protected API under ``/api/``
+    (``GET /api/me``, ``POST /api/upload``, ``GET /api/slow?delay=s``, any method on ``/api/echo``).
+    Grants are created by :meth:`login`, as if a user had just signed in. With ``rotate=True`` every
+    refresh consumes the presented refresh token and issues a new one; presenting a consumed refresh
+    token again revokes the whole grant, as Auth0 and Okta do. Faults are injected with
+    :meth:`fail_next`. Run it with :class:`ServerThread` (or any ASGI server, or
+    ``httpx.ASGITransport``); it does no I/O of its own and is safe to drive from several threads.
+
+    ``clock`` decides expiries (default: the system clock): pass a fake one to expire tokens without
+    sleeping.
+    """
+
+    def __init__(
+        self,
+        *,
+        access_ttl: float = 60.0,
+        rotate: bool = True,
+        token_delay: float = 0.0,
+        refresh_ttl: float | None = None,
+        issue_id_token: bool = False,
+        issuer: str = "local-provider",
+        clock: Clock | None = None,
+    ) -> None:
+        self.access_ttl = access_ttl
+        """Lifetime in seconds of access tokens, for grants that did not set their own at login."""
+        self.rotate = rotate
+        """Whether a refresh consumes the presented refresh token and issues a new one."""
+        self.token_delay = token_delay
+        """Seconds to wait before handling each token request (widens races in concurrency tests)."""
+        self.refresh_ttl = refresh_ttl
+        """Lifetime in seconds of each issued refresh token; ``None``: they never expire."""
+        self.issue_id_token = issue_id_token
+        """Whether login and refresh return an (unsigned) ID token."""
+        self.issuer = issuer
+        """The ``iss`` claim of issued ID tokens."""
+        self.clock: Clock = clock or SystemClock()
+        """Where expiry checks read the time."""
+        self.clients: dict[str, tuple[str | None, str]] = {
+            "test-client": ("test-secret", "client_secret_basic"),
+            "post-client": ("post-secret", "client_secret_post"),
+            "public-client": (None, "none"),
+        }
+        """Registered clients: ``client_id -> (secret or None, auth method)``; add or change freely."""
+        self._lock = threading.Lock()
+        self._grant_ids = itertools.count(1)
+        self._grants: dict[str, _Grant] = {}
+        self._access: dict[str, _Access] = {}
+        self._refresh: dict[str, _Refresh] = {}
+        self._faults: deque[str] = deque()
+        self._stats = dict.fromkeys(STAT_NAMES, 0)
+        self._api_calls: Counter[str] = Counter()
+        self._requests: deque[dict[str, Any]] = deque(maxlen=REQUEST_LOG_SIZE)
+
+    # -- test-side controls -------------------------------------------------------------------------
+
+    def login(
+        self,
+        *,
+        sub: str = "alice",
+        client_id: str = "test-client",
+        scope: str | None = "api",
+        access_ttl: float | None = None,
+        user_id: str | None = "user-1",
+        provider_id: str | None = "local",
+    ) -> UpstreamTokens:
+        """Create a grant as if ``sub`` had just logged in through ``client_id``; return its tokens.
+
+        ``access_ttl`` overrides the provider's for this grant's access tokens (refreshes included).
+        The result carries the binding fields (``provider_id``, ``user_id``, ``upstream_subject=sub``,
+        ``client_id``) and ``version=0``, ready to put in a storage.
+        """
+        if client_id not in self.clients:
+            raise ValueError(f"unknown client {client_id!r}; register it in provider.clients first")
+        with self._lock:
+            now = self.clock.time()
+            grant = _Grant(f"grant-{next(self._grant_ids)}", sub, client_id, scope, access_ttl)
+            self._grants[grant.id] = grant
+            access, expires_at = self._new_access(grant, now)
+            refresh, refresh_expires_at = self._new_refresh(grant, now)
+        return UpstreamTokens(
+            access_token=access,
+            refresh_token=refresh,
+            id_token=self._id_token(grant, sub, now) if self.issue_id_token else None,
+            token_type="Bearer",
+            scope=scope,
+            expires_at=expires_at,
+            refresh_expires_at=refresh_expires_at,
+            issued_at=now,
+            provider_id=provider_id,
+            user_id=user_id,
+            upstream_subject=sub,
+            client_id=client_id,
+            version=0,
+        )
+
+    def grant_of(self, token: str) -> str:
+        """The id of the grant an access or refresh token belongs to; ``KeyError`` if unknown."""
+        with self._lock:
+            record = self._access.get(token) or self._refresh.get(token)
+            if record is None:
+                raise KeyError("unknown token")
+            return record.grant.id
+
+    def revoke_access(self, access_token: str) -> None:
+        """Make the API reject this access token from now on, though its expiry has not passed."""
+        with self._lock:
+            self._access[access_token].revoked = True
+
+    def revoke_grant(self, grant_id: str) -> None:
+        """Kill every token of the grant: the API rejects them and refreshing answers ``invalid_grant``."""
+        with self._lock:
+            self._grants[grant_id].revoked = True
+
+    def fail_next(self, kind: str, count: int = 1) -> None:
+        """Make the next ``count`` token requests fail in the way ``kind`` names.
+
+        Faults queue up in order and each token request takes one. Kinds: ``"500"``, ``"503"``,
+        ``"429"`` (with ``Retry-After: 1``), ``"malformed"`` (200, not JSON), ``"no_access_token"``
+        (200 JSON without ``access_token``), ``"invalid_client"`` (401), ``"huge"`` (200 with a 2 MiB
+        JSON body whose ``access_token`` is unusable): these answer without looking at the request and
+        change no grant. ``"delay:<seconds>"`` waits, then handles the request normally (if the client
+        hung up meanwhile, nothing is handled). ``"id_token_other_sub"`` handles the request normally
+        (a refresh token is consumed and rotated as usual) but the ID token names sub ``"mallory"``.
+        """
+        if kind.startswith("delay:"):
+            try:
+                ok = float(kind[6:]) >= 0
+            except ValueError:
+                ok = False
+        else:
+            ok = kind in FAULT_KINDS
+        if not ok:
+            raise ValueError(f"unknown fault kind {kind!r}")
+        if count < 0:
+            raise ValueError("count must not be negative")
+        with self._lock:
+            self._faults.extend([kind] * count)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """A snapshot of the counters.
+
+        ``token_calls`` counts every ``POST /token``; ``refresh_ok`` successful refreshes;
+        ``refresh_reuse`` consumed refresh tokens presented again; ``invalid_grant`` and
+        ``invalid_client`` those answers (reuse included; injected faults excluded); ``faults``
+        injected faults taken; ``api_ok`` and ``api_401`` authenticated API answers.
+        """
+        with self._lock:
+            return dict(self._stats)
+
+    @property
+    def api_calls(self) -> Counter[str]:
+        """A snapshot: how many times each API path was requested."""
+        with self._lock:
+            return Counter(self._api_calls)
+
+    @property
+    def requests(self) -> list[dict[str, Any]]:
+        """The last token requests, oldest first: ``{"form": {...}, "auth_method": ..., "client_id": ...}``.
+
+        ``auth_method`` is what the request used (``""`` if it authenticated no client); the form is
+        kept as sent, refresh token included.
+        """
+        with self._lock:
+            return list(self._requests)
+
+    def reset_stats(self) -> None:
+        """Zero the counters and forget the API call counts and the logged token requests."""
+        with self._lock:
+            self._stats = dict.fromkeys(STAT_NAMES, 0)
+            self._api_calls.clear()
+            self._requests.clear()
+
+    # -- token issuing (caller holds the lock) -------------------------------------------------------
+
+    def _new_access(self, grant: _Grant, now: float) -> tuple[str, float]:
+        ttl = self.access_ttl if grant.access_ttl is None else grant.access_ttl
+        token = "at-" + secrets.token_urlsafe(18)
+        self._access[token] = _Access(grant, now + ttl)
+        return token, now + ttl
+
+    def _new_refresh(self, grant: _Grant, now: float) -> tuple[str, float | None]:
+        expires_at = None if self.refresh_ttl is None else now + self.refresh_ttl
+        token = "rt-" + secrets.token_urlsafe(18)
+        self._refresh[token] = _Refresh(grant, expires_at)
+        return token, expires_at
+
+    def _id_token(self, grant: _Grant, sub: str, now: float) -> str:
+        ttl = self.access_ttl if grant.access_ttl is None else grant.access_ttl
+        claims = {
+            "iss": self.issuer,
+            "sub": sub,
+            "aud": grant.client_id,
+            "iat": int(now),
+            "exp": int(now + ttl),
+        }
+        return f"{_b64url({'alg': 'none', 'typ': 'JWT'})}.{_b64url(claims)}."
+
+    # -- ASGI ---------------------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The ASGI 3 entry point."""
+        kind = scope["type"]
+        if kind == "http":
+            path: str = scope["path"]
+            if path == "/token":
+                reply = await self._token(scope, receive)
+            elif path.startswith("/api/"):
+                reply = await self._api(scope, receive, path)
+            else:
+                reply = _Reply(404, b'{"error":"not_found"}', _API_HEADERS)
+            await send({"type": "http.response.start", "status": reply.status, "headers": reply.headers})
+            await send({"type": "http.response.body", "body": reply.body})
+        elif kind == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+
+    # -- token endpoint -----------------------------------------------------------------------------
+
+    async def _token(self, scope: Scope, receive: Receive) -> _Reply:
+        body = await _read_body(receive)
+        if scope["method"] != "POST":
+            with self._lock:
+                self._stats["token_calls"] += 1
+            return _Reply(405, b'{"error":"invalid_request"}', [*_TOKEN_HEADERS, (b"allow", b"POST")])
+        form = dict(parse_qsl(body.decode("latin-1"), keep_blank_values=True))
+        basic = None
+        for name, value in scope["headers"]:
+            if name.lower() == b"authorization":
+                basic = value.decode("latin-1")
+        auth_method, client_id, secret = _client_credentials(basic, form)
+        with self._lock:
+            self._stats["token_calls"] += 1
+            self._requests.append({"form": form, "auth_method": auth_method, "client_id": client_id or ""})
+            fault = self._faults.popleft() if self._faults else None
+            if fault is not None:
+                self._stats["faults"] += 1
+        delay = self.token_delay
+        other_sub = False
+        if fault is not None:
+            if fault.startswith("delay:"):
+                delay += float(fault[6:])
+            elif fault == "id_token_other_sub":
+                other_sub = True
+            else:
+                return _fault_reply(fault)
+        if delay > 0 and not await _sleep_unless_disconnected(delay, receive):
+            return _error(400, "invalid_request")  # nobody is listening; nothing was changed
+        with self._lock:
+            return self._refresh_grant(form, auth_method, client_id, secret, other_sub)
+
+    def _refresh_grant(
+        self,
+        form: dict[str, str],
+        auth_method: str,
+        client_id: str | None,
+        secret: str | None,
+        other_sub: bool,
+    ) -> _Reply:
+        if auth_method == "ambiguous":
+            return _error(400, "invalid_request")
+        registered = self.clients.get(client_id or "")
+        if (
+            registered is None
+            or registered[1] != auth_method
+            or (registered[0] is not None and not hmac.compare_digest(registered[0], secret or ""))
+        ):
+            self._stats["invalid_client"] += 1
+            return _error(401, "invalid_client", _BASIC_CHALLENGE)
+        assert client_id is not None
+        grant_type = form.get("grant_type")
+        if not grant_type:
+            return _error(400, "invalid_request")
+        if grant_type != "refresh_token":
+            return _error(400, "unsupported_grant_type")
+        presented = form.get("refresh_token")
+        if not presented:
+            return _error(400, "invalid_request")
+        now = self.clock.time()
+        record = self._refresh.get(presented)
+        if record is None or record.grant.client_id != client_id:
+            self._stats["invalid_grant"] += 1
+            return _error(400, "invalid_grant")
+        grant = record.grant
+        if record.consumed:
+            self._stats["refresh_reuse"] += 1
+            grant.revoked = True
+        if grant.revoked or (record.expires_at is not None and now >= record.expires_at):
+            self._stats["invalid_grant"] += 1
+            return _error(400, "invalid_grant")
+        access, _ = self._new_access(grant, now)
+        ttl = self.access_ttl if grant.access_ttl is None else grant.access_ttl
+        answer: dict[str, Any] = {"access_token": access, "token_type": "Bearer", "expires_in": _seconds(ttl)}
+        scope = form.get("scope") or grant.scope
+        if scope is not None:
+            answer["scope"] = scope
+        if self.rotate:
+            record.consumed = True
+            answer["refresh_token"], _ = self._new_refresh(grant, now)
+            if self.refresh_ttl is not None:
+                answer["refresh_token_expires_in"] = _seconds(self.refresh_ttl)
+        if self.issue_id_token or other_sub:
+            answer["id_token"] = self._id_token(grant, "mallory" if other_sub else grant.sub, now)
+        self._stats["refresh_ok"] += 1
+        return _Reply(200, json.dumps(answer).encode(), _TOKEN_HEADERS)
+
+    # -- resource server ----------------------------------------------------------------------------
+
+    async def _api(self, scope: Scope, receive: Receive, path: str) -> _Reply:
+        method: str = scope["method"]
+        if path == "/api/echo":
+            size = len(await _read_body(receive))
+            authorization = None
+            for name, value in scope["headers"]:
+                if name.lower() == b"authorization":
+                    authorization = value.decode("latin-1")
+            with self._lock:
+                self._api_calls[path] += 1
+            answer = {"method": method, "authorization": authorization, "bytes": size}
+            return _Reply(200, json.dumps(answer).encode(), _API_HEADERS)
+        expected = _API_METHODS.get(path)
+        if expected is None:
+            return _Reply(404, b'{"error":"not_found"}', _API_HEADERS)
+        if method != expected:
+            return _Reply(405, b'{"error":"method_not_allowed"}', [*_API_HEADERS, (b"allow", expected.encode())])
+        size = 0
+        if path == "/api/upload":
+            size = await _body_size(receive)
+        elif path == "/api/slow":
+            values = parse_qs(scope["query_string"].decode("latin-1")).get("delay", ["1"])
+            await anyio.sleep(float(values[0]))
+        token: str | None = None
+        for name, value in scope["headers"]:
+            if name.lower() == b"authorization":
+                kind, _, token = value.decode("latin-1").partition(" ")
+                if kind.lower() != "bearer":
+                    token = None
+        with self._lock:
+            self._api_calls[path] += 1
+            record = self._access.get(token) if token else None
+            if record is None or record.revoked or record.grant.revoked or self.clock.time() >= record.expires_at:
+                self._stats["api_401"] += 1
+                return _Reply(401, _INVALID_TOKEN, _BEARER_CHALLENGE)
+            self._stats["api_ok"] += 1
+            grant = record.grant
+        if path == "/api/upload":
+            return _Reply(200, b'{"bytes":%d}' % size, _API_HEADERS)
+        return _Reply(200, json.dumps({"sub": grant.sub, "token_grant": grant.id}).encode(), _API_HEADERS)
+
+
+def _client_credentials(authorization: str | None, form: dict[str, str]) -> tuple[str, str | None, str | None]:
+    """``(auth method, client_id, secret)`` as the request presents them (RFC 6749 section 2.3.1)."""
+    if authorization is not None and authorization[:6].lower() == "basic ":
+        if "client_secret" in form:
+            return "ambiguous", None, None
+        try:
+            decoded = base64.b64decode(authorization[6:].strip(), validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            return "client_secret_basic", None, None
+        client_id, sep, secret = decoded.partition(":")
+        if not sep or ("client_id" in form and form["client_id"] != unquote_plus(client_id)):
+            return "client_secret_basic", None, None
+        return "client_secret_basic", unquote_plus(client_id), unquote_plus(secret)
+    if "client_secret" in form:
+        return "client_secret_post", form.get("client_id"), form["client_secret"]
+    if "client_id" in form:
+        return "none", form["client_id"], None
+    return "", None, None
+
+
+def _fault_reply(kind: str) -> _Reply:
+    if kind == "500":
+        return _error(500, "server_error")
+    if kind == "503":
+        return _error(503, "temporarily_unavailable")
+    if kind == "429":
+        return _Reply(429, b'{"error":"slow_down"}', [*_TOKEN_HEADERS, (b"retry-after", b"1")])
+    if kind == "malformed":
+        return _Reply(200, b"<html>upstream proxy error</html>", [(b"content-type", b"text/html")])
+    if kind == "no_access_token":
+        return _Reply(200, b'{"token_type":"Bearer","expires_in":60}', _TOKEN_HEADERS)
+    if kind == "invalid_client":
+        return _error(401, "invalid_client", _BASIC_CHALLENGE)
+    assert kind == "huge"
+    head = b'{"access_token":"huge-unusable","token_type":"Bearer","expires_in":60,"padding":"'
+    return _Reply(200, head + b"x" * (HUGE_SIZE - len(head) - 2) + b'"}', _TOKEN_HEADERS)
+
+
+async def _read_body(receive: Receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+async def _body_size(receive: Receive) -> int:
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return size
+        size += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return size
+
+
+async def _sleep_unless_disconnected(delay: float, receive: Receive) -> bool:
+    """Sleep ``delay`` seconds; ``False`` (cut short) as soon as the client disconnects."""
+    gone = False
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            nonlocal gone
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone = True
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(watch)
+        await anyio.sleep(delay)
+        tg.cancel_scope.cancel()
+    return not gone
