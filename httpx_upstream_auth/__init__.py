@@ -21,7 +21,9 @@ from ._manager import TokenManager
 from ._memory import MemoryStorage
 from ._models import Binding, EntryKey, UpstreamTokens
 from ._policy import FreshnessPolicy, can_replay, is_token_rejected
+from ._redis import RedisStorage
 from ._refresher import OAuth2Refresher, Refresher
+from ._sqlite import SQLiteStorage
 from ._storage import Lease, Storage
 from ._sync._transport import UpstreamAuthTransport
 
@@ -38,8 +40,10 @@ __all__ = [
     "MemoryStorage",
     "OAuth2Refresher",
     "ReauthenticationRequired",
+    "RedisStorage",
     "RefreshFailed",
     "Refresher",
+    "SQLiteStorage",
     "Storage",
     "StorageError",
     "SystemClock",

@@ -47,6 +47,17 @@ class RefreshFailed(UpstreamAuthError):
         self.retryable = retryable
         self.status_code = status_code
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # copy.copy (each flight follower gets its own copy) and pickle rebuild an exception as
+        # ``cls(*args)``; ours has keyword-only fields, so say how to rebuild it.
+        return (_rebuild_refresh_failed, (type(self), str(self), self.retryable, self.status_code), self.__dict__)
+
+
+def _rebuild_refresh_failed(
+    cls: type[RefreshFailed], message: str, retryable: bool, status_code: int | None
+) -> RefreshFailed:
+    return cls(message, retryable=retryable, status_code=status_code)
+
 
 class BindingMismatch(UpstreamAuthError):
     """The stored entry, or a refreshed id_token, names another identity than the caller expects.

@@ -107,6 +107,15 @@ def merge_response(stored: UpstreamTokens, status_code: int, body: bytes, sent_a
             status_code=status_code,
         ) from None
 
+    access_token = data.get("access_token")
+    if not isinstance(access_token, str) or not access_token:
+        # oauthlib only checks that the key is present: null, "" or an object would be sent as "Bearer None".
+        raise RefreshFailed(
+            "the token endpoint's answer had no usable access_token; stored tokens are unchanged. Retry later; "
+            "if it persists, check token_url.",
+            retryable=True,
+            status_code=status_code,
+        )
     new_refresh = data.get("refresh_token") or None
     id_token = data.get("id_token") or None
     if id_token is not None and stored.upstream_subject is not None:
@@ -127,7 +136,7 @@ def merge_response(stored: UpstreamTokens, status_code: int, body: bytes, sent_a
     expires_in = _number(data.get("expires_in"))
     return attrs.evolve(
         stored,
-        access_token=str(data["access_token"]),
+        access_token=access_token,
         refresh_token=new_refresh or stored.refresh_token,
         id_token=id_token or stored.id_token,
         token_type=str(data.get("token_type") or stored.token_type),

@@ -25,21 +25,13 @@ logger = logging.getLogger("httpx_upstream_auth")
 
 @attrs.frozen
 class Need:
-    """What a caller needs from the key's entry.
+    """What a caller needs from the key's entry: a fresh token, and not the one the API just refused."""
 
-    ``rejected`` set: any access token but that one (the API just refused it). Otherwise: a fresh token,
-    or any entry newer than ``seen_version`` (so a token the provider issued short-lived is not refreshed
-    again in a loop).
-    """
-
-    seen_version: int
     rejected: str | None = attrs.field(default=None, repr=False)
 
     def satisfied_by(self, tokens: UpstreamTokens, policy: FreshnessPolicy, now: float) -> bool:
-        """True when ``tokens`` can be used as they are."""
-        if self.rejected is not None:
-            return tokens.access_token != self.rejected
-        return tokens.version != self.seen_version or policy.is_fresh(tokens, now)
+        """True when ``tokens`` can be sent as they are."""
+        return tokens.access_token != self.rejected and policy.is_fresh(tokens, now)
 
 
 class ManagerState:

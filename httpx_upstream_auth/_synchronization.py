@@ -30,6 +30,9 @@ class Outcome:
 
     tokens: UpstreamTokens | None = None
     error: Exception | None = None
+    #: True when the tokens come from the provider in this flight (not from storage): followers take them
+    #: even when the provider made them short-lived enough to count as stale, or the flights would loop.
+    refreshed: bool = False
 
     @property
     def abandoned(self) -> bool:

@@ -33,7 +33,7 @@ class AsyncTokenOps:
             if s.policy.is_fresh(tokens, now):
                 s.remember(key, tokens)
             else:
-                tokens = await self._single_flight(key, Need(tokens.version))
+                tokens = await self._single_flight(key, Need())
         s.check_binding(tokens, expect)
         return tokens
 
@@ -45,7 +45,7 @@ class AsyncTokenOps:
         s = self._s
         key = s.key(session_id)
         s.forget(key, rejected)
-        tokens = await self._single_flight(key, Need(-1, rejected))
+        tokens = await self._single_flight(key, Need(rejected))
         s.check_binding(tokens, expect)
         return tokens
 
@@ -90,7 +90,7 @@ class AsyncTokenOps:
             flight, leading = s.join_flight(key)
             if leading:
                 try:
-                    tokens = await self._lead(key, need)
+                    tokens, refreshed = await self._lead(key, need)
                 except Exception as exc:
                     s.end_flight(key, flight, Outcome(error=exc))
                     raise
@@ -98,17 +98,18 @@ class AsyncTokenOps:
                     # Cancelled before anything was sent: a follower takes over.
                     s.end_flight(key, flight, Outcome())
                     raise
-                s.end_flight(key, flight, Outcome(tokens=tokens))
+                s.end_flight(key, flight, Outcome(tokens=tokens, refreshed=refreshed))
                 return tokens
             outcome = await flight.aoutcome()
             if outcome.abandoned:
                 continue
             tokens = outcome.unwrap()
-            if need.satisfied_by(tokens, s.policy, s.clock.time()):
+            if outcome.refreshed or need.satisfied_by(tokens, s.policy, s.clock.time()):
                 return tokens
         raise RefreshFailed("the token kept changing during the refresh; retry the request", retryable=True)
 
-    async def _lead(self, key: EntryKey, need: Need) -> UpstreamTokens:
+    async def _lead(self, key: EntryKey, need: Need) -> tuple[UpstreamTokens, bool]:
+        """Refresh unless storage already has what ``need`` asks; the bool says whether we refreshed."""
         s = self._s
         give_up = s.clock.monotonic() + s.lease_wait
         while True:
@@ -116,7 +117,7 @@ class AsyncTokenOps:
             current = await self._read(key)
             if need.satisfied_by(current, s.policy, s.clock.time()):
                 s.remember(key, current)
-                return current
+                return current, False
             self._check_refreshable(current)
             lease = await s.storage.aacquire_lease(key, s.lease_ttl)
             if lease is None:
@@ -134,9 +135,9 @@ class AsyncTokenOps:
                 current = await self._read(key)
                 if need.satisfied_by(current, s.policy, s.clock.time()):
                     s.remember(key, current)
-                    return current
+                    return current, False
                 self._check_refreshable(current)
-                return await self._redeem(key, current, need)
+                return await self._redeem(key, current), True
             finally:
                 with AsyncShield(s.refresh_timeout):
                     try:
@@ -150,7 +151,7 @@ class AsyncTokenOps:
                 "the access token is no longer valid and no refresh token is stored; log the user in again."
             )
 
-    async def _redeem(self, key: EntryKey, current: UpstreamTokens, need: Need) -> UpstreamTokens:
+    async def _redeem(self, key: EntryKey, current: UpstreamTokens) -> UpstreamTokens:
         s = self._s
         result: UpstreamTokens | None = None
         # From here on the provider may consume the refresh token: finish and save even if cancelled.

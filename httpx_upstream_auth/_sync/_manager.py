@@ -34,7 +34,7 @@ class SyncTokenOps:
             if s.policy.is_fresh(tokens, now):
                 s.remember(key, tokens)
             else:
-                tokens = self._single_flight(key, Need(tokens.version))
+                tokens = self._single_flight(key, Need())
         s.check_binding(tokens, expect)
         return tokens
 
@@ -46,7 +46,7 @@ class SyncTokenOps:
         s = self._s
         key = s.key(session_id)
         s.forget(key, rejected)
-        tokens = self._single_flight(key, Need(-1, rejected))
+        tokens = self._single_flight(key, Need(rejected))
         s.check_binding(tokens, expect)
         return tokens
 
@@ -91,7 +91,7 @@ class SyncTokenOps:
             flight, leading = s.join_flight(key)
             if leading:
                 try:
-                    tokens = self._lead(key, need)
+                    tokens, refreshed = self._lead(key, need)
                 except Exception as exc:
                     s.end_flight(key, flight, Outcome(error=exc))
                     raise
@@ -99,17 +99,18 @@ class SyncTokenOps:
                     # Cancelled before anything was sent: a follower takes over.
                     s.end_flight(key, flight, Outcome())
                     raise
-                s.end_flight(key, flight, Outcome(tokens=tokens))
+                s.end_flight(key, flight, Outcome(tokens=tokens, refreshed=refreshed))
                 return tokens
             outcome = flight.outcome()
             if outcome.abandoned:
                 continue
             tokens = outcome.unwrap()
-            if need.satisfied_by(tokens, s.policy, s.clock.time()):
+            if outcome.refreshed or need.satisfied_by(tokens, s.policy, s.clock.time()):
                 return tokens
         raise RefreshFailed("the token kept changing during the refresh; retry the request", retryable=True)
 
-    def _lead(self, key: EntryKey, need: Need) -> UpstreamTokens:
+    def _lead(self, key: EntryKey, need: Need) -> tuple[UpstreamTokens, bool]:
+        """Refresh unless storage already has what ``need`` asks; the bool says whether we refreshed."""
         s = self._s
         give_up = s.clock.monotonic() + s.lease_wait
         while True:
@@ -117,7 +118,7 @@ class SyncTokenOps:
             current = self._read(key)
             if need.satisfied_by(current, s.policy, s.clock.time()):
                 s.remember(key, current)
-                return current
+                return current, False
             self._check_refreshable(current)
             lease = s.storage.acquire_lease(key, s.lease_ttl)
             if lease is None:
@@ -135,9 +136,9 @@ class SyncTokenOps:
                 current = self._read(key)
                 if need.satisfied_by(current, s.policy, s.clock.time()):
                     s.remember(key, current)
-                    return current
+                    return current, False
                 self._check_refreshable(current)
-                return self._redeem(key, current, need)
+                return self._redeem(key, current), True
             finally:
                 with SyncShield(s.refresh_timeout):
                     try:
@@ -151,7 +152,7 @@ class SyncTokenOps:
                 "the access token is no longer valid and no refresh token is stored; log the user in again."
             )
 
-    def _redeem(self, key: EntryKey, current: UpstreamTokens, need: Need) -> UpstreamTokens:
+    def _redeem(self, key: EntryKey, current: UpstreamTokens) -> UpstreamTokens:
         s = self._s
         result: UpstreamTokens | None = None
         # From here on the provider may consume the refresh token: finish and save even if cancelled.

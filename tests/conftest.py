@@ -1,0 +1,114 @@
+"""Shared fixtures: a fresh LocalProvider served over real HTTP per test, managers, and sync/async drivers.
+
+Every async test runs on asyncio and trio (``anyio_backend``). Tests that take ``mode`` run the same body
+through the sync API (in a worker thread) and the async API: (asyncio, sync), (asyncio, async), (trio, async).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from support import AUTH_METHODS, CLIENT_SECRETS, PROVIDER_ID, Driver, ManagerFactory
+
+from httpx_upstream_auth import MemoryStorage, OAuth2Refresher, Storage, TokenManager
+from httpx_upstream_auth.testing import LocalProvider, ServerThread
+
+BACKENDS = ["asyncio", "trio"]
+MODES = [("asyncio", "sync"), ("asyncio", "async"), ("trio", "async")]
+
+_servers: list[ServerThread] = []
+
+
+@pytest.fixture
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """The backend of this run of an async test; parametrized in :func:`pytest_generate_tests`."""
+    return str(request.param)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every ``@pytest.mark.anyio`` test runs on asyncio and trio; tests taking ``mode`` (or ``driver``) run
+    through the sync API once and through the async API on both backends."""
+    if "anyio_backend" not in metafunc.fixturenames:
+        return
+    if "mode" in metafunc.fixturenames:
+        metafunc.parametrize(
+            ("anyio_backend", "mode"), MODES, indirect=["anyio_backend"], ids=[f"{b}-{m}" for b, m in MODES]
+        )
+    else:
+        metafunc.parametrize("anyio_backend", BACKENDS, indirect=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _join_servers() -> Iterator[None]:
+    """Servers are told to stop without waiting (uvicorn takes ~0.2 s); wait for all of them once, at the end."""
+    yield
+    for server in _servers:
+        server.stop(timeout=5)
+
+
+@pytest.fixture
+def provider() -> LocalProvider:
+    """A fresh provider per test: its counters, grants and faults are this test's alone."""
+    return LocalProvider(access_ttl=60)
+
+
+@pytest.fixture
+def server(provider: LocalProvider) -> Iterator[ServerThread]:
+    """The test's provider served by uvicorn on 127.0.0.1."""
+    running = ServerThread(provider).start()
+    _servers.append(running)
+    yield running
+    running.stop(timeout=0)
+
+
+@pytest.fixture
+def token_url(server: ServerThread) -> str:
+    """The provider's token endpoint."""
+    return server.url + "/token"
+
+
+@pytest.fixture
+def make_manager(token_url: str) -> Iterator[ManagerFactory]:
+    """Build TokenManagers against the test's provider; all are closed at teardown."""
+    made: list[TokenManager] = []
+
+    def make(
+        *,
+        client_id: str = "test-client",
+        storage: Storage | None = None,
+        refresher: Any = None,
+        **kwargs: Any,
+    ) -> TokenManager:
+        if refresher is None:
+            refresher = OAuth2Refresher(
+                token_url,
+                client_id,
+                CLIENT_SECRETS[client_id],
+                auth_method=AUTH_METHODS[client_id],  # type: ignore[arg-type]
+            )
+        manager = TokenManager(
+            refresher=refresher,
+            provider_id=PROVIDER_ID,
+            storage=MemoryStorage() if storage is None else storage,
+            **kwargs,
+        )
+        made.append(manager)
+        return manager
+
+    yield make
+    for manager in made:
+        manager.close()
+
+
+@pytest.fixture
+def manager(make_manager: ManagerFactory) -> TokenManager:
+    """A manager with the defaults: basic client auth, memory storage."""
+    return make_manager()
+
+
+@pytest.fixture
+def driver(mode: str, server: ServerThread) -> Driver:
+    """The sync or async way into the manager, per the test's ``mode``."""
+    return Driver(mode, server.url)

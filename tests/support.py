@@ -1,0 +1,146 @@
+"""Helpers shared by the test modules: fake clock, storages that fail on demand, sync/async drivers."""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import attrs
+import httpx
+
+from httpx_upstream_auth import Binding, EntryKey, MemoryStorage, StorageError, TokenManager, UpstreamTokens
+
+PROVIDER_ID = "local"
+SESSION = "session-1"
+CLIENT_SECRETS = {"test-client": "test-secret", "post-client": "post-secret", "public-client": None}
+#: One CA bundle load for every test client (httpx loads it per client otherwise: ~40 ms each).
+SSL = httpx.create_ssl_context()
+AUTH_METHODS = {"test-client": "client_secret_basic", "post-client": "client_secret_post", "public-client": "none"}
+
+
+class FakeClock:
+    """A clock the test moves by hand (wall and monotonic move together)."""
+
+    def __init__(self, now: float | None = None) -> None:
+        self.now = time.time() if now is None else now
+        self._lock = threading.Lock()
+
+    def time(self) -> float:
+        with self._lock:
+            return self.now
+
+    def monotonic(self) -> float:
+        with self._lock:
+            return self.now
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self.now += seconds
+
+
+class FlakyStorage(MemoryStorage):
+    """A MemoryStorage whose writes fail on demand, as a store that went away would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail_put = False
+        self.puts = 0
+
+    def put(self, key: EntryKey, tokens: UpstreamTokens, *, expected_version: int | None) -> bool:
+        self.puts += 1
+        if self.fail_put:
+            raise StorageError("the store is down")
+        return super().put(key, tokens, expected_version=expected_version)
+
+
+class HeldLeaseStorage(MemoryStorage):
+    """A MemoryStorage whose lease is held by a fake other process while ``held`` is true."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held = True
+        self.attempts = 0
+
+    def acquire_lease(self, key: EntryKey, ttl: float) -> Any:
+        self.attempts += 1
+        if self.held:
+            return None
+        return super().acquire_lease(key, ttl)
+
+
+ManagerFactory = Callable[..., TokenManager]
+
+
+def expired(tokens: UpstreamTokens, ago: float = 5.0) -> UpstreamTokens:
+    """The same tokens with an access expiry in the past (the provider still accepts the token itself)."""
+    now = time.time()
+    return attrs.evolve(tokens, expires_at=now - ago, issued_at=now - ago - 60)
+
+
+def put_entry(manager: TokenManager, tokens: UpstreamTokens, session: str = SESSION) -> UpstreamTokens:
+    """Write an entry straight into the manager's storage (bypassing its cache); return it as stored."""
+    key = EntryKey(manager.provider_id, session)
+    current = manager.storage.get(key)
+    entry = attrs.evolve(tokens, version=(0 if current is None else current.version) + 1)
+    assert manager.storage.put(key, entry, expected_version=None if current is None else current.version)
+    return entry
+
+
+def stored(manager: TokenManager, session: str = SESSION) -> UpstreamTokens | None:
+    """The entry currently in the manager's storage."""
+    return manager.storage.get(EntryKey(manager.provider_id, session))
+
+
+class Driver:
+    """Drives a manager through its sync API (in a worker thread) or its async API, from an async test."""
+
+    def __init__(self, mode: str, base_url: str) -> None:
+        self.mode = mode
+        self.base_url = base_url
+
+    async def _sync(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
+
+    async def get_token(
+        self, manager: TokenManager, session: str = SESSION, expect: Binding | None = None
+    ) -> UpstreamTokens:
+        """``get_token`` or ``aget_token``."""
+        if self.mode == "sync":
+            result: UpstreamTokens = await self._sync(manager.get_token, session, expect)
+            return result
+        return await manager.aget_token(session, expect)
+
+    async def store(self, manager: TokenManager, tokens: UpstreamTokens, session: str = SESSION) -> UpstreamTokens:
+        """``store`` or ``astore``."""
+        if self.mode == "sync":
+            result: UpstreamTokens = await self._sync(manager.store, session, tokens)
+            return result
+        return await manager.astore(session, tokens)
+
+    async def request(
+        self,
+        manager: TokenManager,
+        method: str = "GET",
+        path: str = "/api/me",
+        *,
+        session: str = SESSION,
+        expect: Binding | None = None,
+        **kwargs: Any,
+    ) -> httpx.Response:
+        """One API request through ``manager.auth(session)`` with an httpx.Client or httpx.AsyncClient."""
+        auth = manager.auth(session, expect)
+        if self.mode == "sync":
+
+            def send() -> httpx.Response:
+                with httpx.Client(base_url=self.base_url, auth=auth, timeout=10, verify=SSL) as client:
+                    return client.request(method, path, **kwargs)
+
+            response: httpx.Response = await self._sync(send)
+            return response
+        async with httpx.AsyncClient(base_url=self.base_url, auth=auth, timeout=10, verify=SSL) as client:
+            return await client.request(method, path, **kwargs)

@@ -1,0 +1,282 @@
+"""The pure core: token entries, bindings, freshness, and what a 401 or a body means (no I/O)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import attrs
+import httpx
+import pytest
+
+from httpx_upstream_auth import (
+    Binding,
+    BindingMismatch,
+    EntryKey,
+    FreshnessPolicy,
+    UpstreamTokens,
+    can_replay,
+    is_token_rejected,
+)
+from httpx_upstream_auth._models import SCHEMA_VERSION
+
+ACCESS = "at-SECRET-access-0123456789"
+REFRESH = "rt-SECRET-refresh-0123456789"
+ID_TOKEN = "eyJhbGciOiJub25lIn0.eyJzdWIiOiJhbGljZSJ9.SECRET"
+NOW = 1_700_000_000.0
+
+
+def full_tokens(**changes: Any) -> UpstreamTokens:
+    tokens = UpstreamTokens(
+        access_token=ACCESS,
+        refresh_token=REFRESH,
+        id_token=ID_TOKEN,
+        token_type="Bearer",
+        scope="read write",
+        expires_at=NOW + 3600,
+        refresh_expires_at=NOW + 86400,
+        issued_at=NOW,
+        provider_id="github",
+        user_id="u-1",
+        upstream_subject="12345",
+        client_id="my-app",
+        version=7,
+    )
+    return attrs.evolve(tokens, **changes)
+
+
+# -- serialization -----------------------------------------------------------------------------------
+
+
+def test_json_round_trip_keeps_every_field() -> None:
+    """to_json/from_json give back an equal entry, every field included."""
+    tokens = full_tokens()
+    assert UpstreamTokens.from_json(tokens.to_json()) == tokens
+    assert UpstreamTokens.from_json(tokens.to_json().encode()) == tokens
+
+
+def test_json_round_trip_with_unknown_expiries() -> None:
+    """None expiries and absent optional secrets survive the round trip."""
+    tokens = UpstreamTokens(access_token="a")
+    again = UpstreamTokens.from_json(tokens.to_json())
+    assert again == tokens
+    assert again.expires_at is None and again.refresh_token is None and again.version == 0
+
+
+def test_to_dict_carries_schema_version() -> None:
+    """The persisted form names its schema version."""
+    data = full_tokens().to_dict()
+    assert data["schema"] == SCHEMA_VERSION == 1
+    assert json.loads(full_tokens().to_json())["schema"] == SCHEMA_VERSION
+
+
+def test_newer_schema_is_refused() -> None:
+    """An entry written by a newer schema is refused rather than misread."""
+    data = full_tokens().to_dict()
+    data["schema"] = SCHEMA_VERSION + 1
+    with pytest.raises(ValueError, match="schema"):
+        UpstreamTokens.from_dict(data)
+    with pytest.raises(ValueError, match="schema"):
+        UpstreamTokens.from_json(json.dumps(data))
+
+
+def test_non_integer_schema_is_refused() -> None:
+    """A schema that is not an integer is refused."""
+    data = full_tokens().to_dict()
+    data["schema"] = "1"
+    with pytest.raises(ValueError):
+        UpstreamTokens.from_dict(data)
+
+
+def test_unknown_keys_from_newer_writers_are_ignored() -> None:
+    """Extra keys from a newer writer of the same schema are ignored."""
+    data = full_tokens().to_dict()
+    data["future_field"] = "x"
+    assert UpstreamTokens.from_dict(data) == full_tokens()
+
+
+def test_from_json_refuses_non_object() -> None:
+    """A JSON value that is not an object is refused."""
+    with pytest.raises(ValueError):
+        UpstreamTokens.from_json("[1, 2]")
+
+
+def test_expiries_are_converted_to_float() -> None:
+    """Integer expiries become floats, so equality does not depend on how a backend stored them."""
+    tokens = UpstreamTokens(access_token="a", expires_at=10, refresh_expires_at=20, issued_at=5)
+    assert isinstance(tokens.expires_at, float)
+    assert isinstance(tokens.refresh_expires_at, float)
+    assert isinstance(tokens.issued_at, float)
+
+
+# -- secrets -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("render", [repr, str])
+def test_secrets_never_in_repr_or_str(render: object) -> None:
+    """repr and str of an entry show no access, refresh or id token, but do show the binding."""
+    text = render(full_tokens())  # type: ignore[operator]
+    for secret in (ACCESS, REFRESH, ID_TOKEN, "SECRET"):
+        assert secret not in text
+    assert "<hidden>" in text
+    assert "u-1" in text and "github" in text
+
+
+def test_authorization_header() -> None:
+    """authorization is 'Bearer <token>' for any spelling of bearer, else the declared type."""
+    assert full_tokens().authorization == f"Bearer {ACCESS}"
+    assert full_tokens(token_type="bearer").authorization == f"Bearer {ACCESS}"
+    assert full_tokens(token_type="DPoP").authorization == f"DPoP {ACCESS}"
+
+
+def test_entry_key_str() -> None:
+    """An EntryKey prints as provider:session."""
+    assert str(EntryKey("github", "s-1")) == "github:s-1"
+
+
+# -- bindings ------------------------------------------------------------------------------------------
+
+
+def test_binding_check_passes_on_match_and_ignores_unset_fields() -> None:
+    """A binding whose set fields all match passes; unset fields are not checked."""
+    Binding().check(full_tokens())
+    Binding(user_id="u-1").check(full_tokens())
+    Binding(provider_id="github", user_id="u-1", upstream_subject="12345", client_id="my-app").check(full_tokens())
+
+
+@pytest.mark.parametrize("field", ["provider_id", "user_id", "upstream_subject", "client_id"])
+def test_binding_check_raises_on_any_differing_field(field: str) -> None:
+    """Any set binding field that differs raises BindingMismatch naming the field, not the tokens."""
+    with pytest.raises(BindingMismatch) as caught:
+        Binding(**{field: "mallory"}).check(full_tokens())
+    assert field in str(caught.value)
+    assert ACCESS not in str(caught.value) and REFRESH not in str(caught.value)
+
+
+def test_binding_check_fails_when_entry_has_no_value() -> None:
+    """A binding field set by the caller fails against an entry that lacks it."""
+    with pytest.raises(BindingMismatch):
+        Binding(user_id="u-1").check(full_tokens(user_id=None))
+
+
+# -- freshness -----------------------------------------------------------------------------------------
+
+
+def test_one_second_token_just_issued_is_fresh() -> None:
+    """A 1-second token just issued is fresh despite a 30 s leeway (the leeway is capped by the lifetime)."""
+    policy = FreshnessPolicy(leeway=30.0)
+    tokens = full_tokens(issued_at=NOW, expires_at=NOW + 1)
+    assert policy.is_fresh(tokens, NOW)
+    assert policy.is_fresh(tokens, NOW + 0.5)
+    assert not policy.is_fresh(tokens, NOW + 1)
+
+
+def test_leeway_capped_at_fraction_of_lifetime() -> None:
+    """The effective leeway is min(leeway, fraction * lifetime)."""
+    policy = FreshnessPolicy(leeway=30.0, max_leeway_fraction=0.25)
+    short = full_tokens(issued_at=NOW, expires_at=NOW + 40)
+    assert policy.effective_leeway(short) == 10.0
+    assert policy.fresh_until(short) == NOW + 30
+    long = full_tokens(issued_at=NOW, expires_at=NOW + 3600)
+    assert policy.effective_leeway(long) == 30.0
+    assert policy.is_fresh(long, NOW + 3569)
+    assert not policy.is_fresh(long, NOW + 3570)
+
+
+def test_leeway_without_issued_at_is_the_full_leeway() -> None:
+    """Without issued_at the lifetime is unknown, so the configured leeway applies."""
+    policy = FreshnessPolicy(leeway=30.0)
+    tokens = full_tokens(issued_at=None, expires_at=NOW + 100)
+    assert policy.effective_leeway(tokens) == 30.0
+    assert policy.is_fresh(tokens, NOW + 69)
+    assert not policy.is_fresh(tokens, NOW + 70)
+
+
+def test_unknown_expiry_is_always_fresh() -> None:
+    """A token without expires_at is fresh at any time (refreshed only when the API rejects it)."""
+    policy = FreshnessPolicy()
+    tokens = full_tokens(expires_at=None)
+    assert policy.fresh_until(tokens) == float("inf")
+    assert policy.is_fresh(tokens, NOW + 10**9)
+
+
+def test_expired_token_is_not_fresh() -> None:
+    """A token past its expiry is not fresh."""
+    assert not FreshnessPolicy().is_fresh(full_tokens(expires_at=NOW - 1, issued_at=NOW - 3601), NOW)
+
+
+# -- rejected tokens -----------------------------------------------------------------------------------
+
+
+def response(status: int, *challenges: str) -> httpx.Response:
+    return httpx.Response(status, headers=[("WWW-Authenticate", c) for c in challenges])
+
+
+def test_401_bearer_is_rejected() -> None:
+    """A 401 with a Bearer challenge means the token was rejected."""
+    assert is_token_rejected(response(401, 'Bearer error="invalid_token"'))
+    assert is_token_rejected(response(401, "bearer"))
+
+
+def test_401_without_header_is_rejected() -> None:
+    """A 401 without WWW-Authenticate counts as a rejected token (many APIs omit it)."""
+    assert is_token_rejected(response(401))
+
+
+def test_401_with_bearer_among_challenges_is_rejected() -> None:
+    """A Bearer challenge among several counts, in one header or in separate ones."""
+    assert is_token_rejected(response(401, 'Basic realm="x"', 'Bearer realm="y"'))
+    assert is_token_rejected(response(401, 'Basic realm="x", Bearer realm="y"'))
+
+
+def test_401_basic_only_is_not_rejected() -> None:
+    """A 401 whose only challenges are for other schemes is not about our token."""
+    assert not is_token_rejected(response(401, 'Basic realm="api"'))
+    assert not is_token_rejected(response(401, 'Basic realm="api"', "Digest realm=x"))
+
+
+@pytest.mark.parametrize("status", [200, 400, 403, 404, 500])
+def test_other_statuses_are_not_rejected(status: int) -> None:
+    """Only a 401 means the token was rejected; 403 (and anything else) does not."""
+    assert not is_token_rejected(response(status, 'Bearer error="insufficient_scope"'))
+
+
+# -- replayable bodies ---------------------------------------------------------------------------------
+
+
+def test_in_memory_bodies_can_replay() -> None:
+    """Requests without a body, or with bytes, form, or JSON bodies can be sent again."""
+    assert can_replay(httpx.Request("GET", "https://x/"))
+    assert can_replay(httpx.Request("POST", "https://x/", content=b"abc"))
+    assert can_replay(httpx.Request("POST", "https://x/", data={"a": "1"}))
+    assert can_replay(httpx.Request("POST", "https://x/", json={"a": 1}))
+
+
+def test_generator_body_cannot_replay() -> None:
+    """A request streaming from a generator is one-shot."""
+
+    def gen() -> Iterator[bytes]:
+        yield b"abc"
+
+    assert not can_replay(httpx.Request("POST", "https://x/", content=gen()))
+
+
+def test_async_generator_body_cannot_replay() -> None:
+    """A request streaming from an async generator is one-shot."""
+
+    async def agen() -> AsyncIterator[bytes]:
+        yield b"abc"
+
+    assert not can_replay(httpx.Request("POST", "https://x/", content=agen()))
+
+
+def test_read_generator_body_can_replay() -> None:
+    """Once a streamed body has been read into memory, it can be sent again."""
+
+    def gen() -> Iterator[bytes]:
+        yield b"abc"
+
+    request = httpx.Request("POST", "https://x/", content=gen())
+    request.read()
+    assert can_replay(request)

@@ -1,0 +1,419 @@
+"""Refresh against a real provider over HTTP, through the sync and the async API (the seed's cases and more)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+from typing import Any
+
+import attrs
+import httpx
+import pytest
+from support import SESSION, Driver, FakeClock, FlakyStorage, ManagerFactory, expired, put_entry, stored
+
+from httpx_upstream_auth import (
+    BindingMismatch,
+    Clock,
+    EntryKey,
+    OAuth2Refresher,
+    ReauthenticationRequired,
+    RefreshFailed,
+    StorageError,
+    TokenManager,
+    UpstreamTokens,
+)
+from httpx_upstream_auth.testing import LocalProvider, ServerThread
+
+pytestmark = pytest.mark.anyio
+
+
+def refresh_directly(token_url: str, refresh_token: str) -> httpx.Response:
+    """Present a refresh token to the provider by hand, as a second worker would."""
+    return httpx.post(
+        token_url,
+        data={"grant_type": "refresh_token", "refresh_token": refresh_token},
+        auth=("test-client", "test-secret"),
+    )
+
+
+async def test_expired_entry_is_refreshed_with_rotation(
+    driver: Driver, provider: LocalProvider, manager: TokenManager, token_url: str
+) -> None:
+    """An expired entry is refreshed once: the rotated refresh token is stored, the old one is consumed."""
+    old = put_entry(manager, expired(provider.login()))
+    fresh = await driver.get_token(manager)
+    assert fresh.access_token != old.access_token
+    assert fresh.refresh_token not in (None, old.refresh_token)
+    assert fresh.version == old.version + 1
+    assert stored(manager) == fresh
+    assert provider.stats["refresh_ok"] == 1 and provider.stats["token_calls"] == 1
+    response = await driver.request(manager)
+    assert response.status_code == 200
+    assert provider.stats["token_calls"] == 1
+    # The old refresh token was consumed: presenting it again is reuse.
+    assert refresh_directly(token_url, old.refresh_token or "").json() == {"error": "invalid_grant"}
+    assert provider.stats["refresh_reuse"] == 1
+
+
+async def test_refreshed_expiry_counts_from_send_time(
+    driver: Driver, provider: LocalProvider, manager: TokenManager
+) -> None:
+    """The refreshed entry's expires_at is issued_at (the send time) plus the provider's expires_in."""
+    put_entry(manager, expired(provider.login()))
+    fresh = await driver.get_token(manager)
+    assert fresh.issued_at is not None and fresh.expires_at is not None
+    assert fresh.expires_at == pytest.approx(fresh.issued_at + provider.access_ttl)
+
+
+async def test_no_rotation_keeps_refresh_token(
+    driver: Driver, provider: LocalProvider, manager: TokenManager, make_manager: ManagerFactory
+) -> None:
+    """When the provider returns no refresh token, the old one is kept and works for the next refresh."""
+    provider.rotate = False
+    old = put_entry(manager, expired(provider.login()))
+    first = await driver.get_token(manager)
+    assert first.refresh_token == old.refresh_token
+    assert stored(manager) == first
+    put_entry(manager, expired(first))  # the new access token expires too; a later process finds it so
+    later = make_manager(storage=manager.storage)
+    second = await driver.get_token(later)
+    assert second.refresh_token == old.refresh_token
+    assert second.access_token not in (old.access_token, first.access_token)
+    assert provider.stats["refresh_ok"] == 2 and provider.stats["invalid_grant"] == 0
+
+
+async def test_no_refresh_token_requires_reauthentication(
+    driver: Driver, provider: LocalProvider, manager: TokenManager
+) -> None:
+    """An expired entry without a refresh token raises ReauthenticationRequired and calls no endpoint."""
+    entry = put_entry(manager, expired(attrs.evolve(provider.login(), refresh_token=None)))
+    with pytest.raises(ReauthenticationRequired):
+        await driver.get_token(manager)
+    with pytest.raises(ReauthenticationRequired):
+        await driver.request(manager)
+    assert provider.stats["token_calls"] == 0
+    assert provider.api_calls == {}
+    assert stored(manager) == entry
+
+
+async def test_no_entry_requires_reauthentication(
+    driver: Driver, provider: LocalProvider, manager: TokenManager
+) -> None:
+    """A session without an entry raises ReauthenticationRequired and sends nothing."""
+    with pytest.raises(ReauthenticationRequired):
+        await driver.request(manager)
+    assert provider.stats["token_calls"] == 0 and provider.api_calls == {}
+
+
+FAULTS = [
+    ("500", True),
+    ("503", True),
+    ("429", True),
+    ("malformed", True),
+    ("no_access_token", True),
+    ("invalid_client", False),
+    ("huge", False),
+]
+
+
+@pytest.mark.parametrize(("fault", "retryable"), FAULTS, ids=[f for f, _ in FAULTS])
+async def test_provider_error_stores_nothing(
+    driver: Driver, provider: LocalProvider, manager: TokenManager, fault: str, retryable: bool
+) -> None:
+    """Each provider failure raises RefreshFailed (retryable as it should be) and leaves the entry as it was."""
+    entry = put_entry(manager, expired(provider.login()))
+    provider.fail_next(fault)
+    with pytest.raises(RefreshFailed) as caught:
+        await driver.get_token(manager)
+    assert caught.value.retryable is retryable
+    assert stored(manager) == entry
+    assert provider.stats["token_calls"] == 1
+    # The fault is gone; the untouched entry still refreshes.
+    fresh = await driver.get_token(manager)
+    assert fresh.version == entry.version + 1
+
+
+async def test_unreachable_provider_is_retryable(
+    driver: Driver, provider: LocalProvider, make_manager: ManagerFactory
+) -> None:
+    """A token endpoint that refuses connections gives a retryable RefreshFailed; nothing stored."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again when the block ends: nothing listens there
+    manager = make_manager(refresher=OAuth2Refresher(f"http://127.0.0.1:{port}/token", "test-client", "test-secret"))
+    entry = put_entry(manager, expired(provider.login()))
+    with pytest.raises(RefreshFailed) as caught:
+        await driver.get_token(manager)
+    assert caught.value.retryable is True
+    assert stored(manager) == entry
+
+
+async def test_timeout_is_retryable(
+    driver: Driver, provider: LocalProvider, make_manager: ManagerFactory, token_url: str
+) -> None:
+    """A token endpoint slower than the refresher's timeout gives a retryable RefreshFailed; nothing stored."""
+    manager = make_manager(refresher=OAuth2Refresher(token_url, "test-client", "test-secret", timeout=0.2))
+    entry = put_entry(manager, expired(provider.login()))
+    provider.fail_next("delay:2")
+    with pytest.raises(RefreshFailed) as caught:
+        await driver.get_token(manager)
+    assert caught.value.retryable is True
+    assert stored(manager) == entry
+
+
+async def test_store_failure_after_rotation_fails_closed(
+    driver: Driver, provider: LocalProvider, make_manager: ManagerFactory
+) -> None:
+    """If the rotated refresh token cannot be saved, the entry is removed and StorageError raised."""
+    storage = FlakyStorage()
+    manager = make_manager(storage=storage)
+    entry = put_entry(manager, expired(provider.login()))
+    storage.fail_put = True
+    with pytest.raises(StorageError) as caught:
+        await driver.get_token(manager)
+    assert entry.refresh_token is not None and entry.refresh_token not in str(caught.value)
+    assert stored(manager) is None
+    assert provider.stats["refresh_ok"] == 1
+    # Nothing is served from memory either: the next call needs a new login, with no token request.
+    storage.fail_put = False
+    with pytest.raises(ReauthenticationRequired):
+        await driver.get_token(manager)
+    assert provider.stats["token_calls"] == 1 and provider.stats["refresh_reuse"] == 0
+
+
+async def test_store_failure_without_rotation_returns_tokens(
+    driver: Driver, provider: LocalProvider, make_manager: ManagerFactory
+) -> None:
+    """If the provider did not rotate, a failed save still returns the new tokens and keeps the entry."""
+    provider.rotate = False
+    storage = FlakyStorage()
+    manager = make_manager(storage=storage)
+    entry = put_entry(manager, expired(provider.login()))
+    storage.fail_put = True
+    fresh = await driver.get_token(manager)
+    assert fresh.access_token != entry.access_token
+    assert stored(manager) == entry
+    response = await driver.request(manager)
+    assert response.status_code == 200
+    # Once the store is back, the kept refresh token still works.
+    storage.fail_put = False
+    again = await driver.get_token(manager)
+    assert again.refresh_token == entry.refresh_token
+    assert provider.stats["invalid_grant"] == 0
+
+
+async def test_expired_entry_without_expired_signal_refreshes(
+    driver: Driver, provider: LocalProvider, manager: TokenManager
+) -> None:
+    """An entry whose expires_at merely lies in the past (no error seen) is refreshed, not dropped."""
+    tokens = provider.login()
+    put_entry(manager, attrs.evolve(tokens, expires_at=(tokens.issued_at or 0.0) - 1.0))
+    response = await driver.request(manager)
+    assert response.status_code == 200
+    assert provider.stats["refresh_ok"] == 1
+    assert provider.api_calls["/api/me"] == 1
+
+
+async def test_id_token_kept_when_omitted(driver: Driver, provider: LocalProvider, manager: TokenManager) -> None:
+    """An id_token stored at login is kept when the refresh answer has none."""
+    provider.issue_id_token = True
+    entry = put_entry(manager, expired(provider.login()))
+    provider.issue_id_token = False
+    fresh = await driver.get_token(manager)
+    assert entry.id_token is not None
+    assert fresh.id_token == entry.id_token
+    assert fresh.access_token != entry.access_token
+
+
+async def test_id_token_same_subject_replaces_stored(
+    driver: Driver, provider: LocalProvider, manager: TokenManager
+) -> None:
+    """A refreshed id_token for the same subject replaces the stored one."""
+    provider.issue_id_token = True
+    login = provider.login()
+    entry = put_entry(manager, expired(attrs.evolve(login, id_token=f"{login.id_token}stale")))
+    fresh = await driver.get_token(manager)
+    assert fresh.id_token is not None and fresh.id_token != entry.id_token
+    payload = fresh.id_token.split(".")[1]
+    assert json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["sub"] == "alice"
+
+
+async def test_revoked_grant_requires_reauthentication(
+    driver: Driver, provider: LocalProvider, manager: TokenManager
+) -> None:
+    """invalid_grant raises ReauthenticationRequired, keeps the entry for inspection and sends nothing."""
+    tokens = provider.login()
+    entry = put_entry(manager, expired(tokens))
+    provider.revoke_grant(provider.grant_of(tokens.access_token))
+    with pytest.raises(ReauthenticationRequired):
+        await driver.request(manager)
+    assert stored(manager) == entry
+    assert provider.api_calls == {}
+    assert provider.stats["invalid_grant"] == 1
+
+
+class RacingRefresher(OAuth2Refresher):
+    """Runs ``before`` (another worker's write) just before redeeming, once."""
+
+    before: Any = None
+
+    def _race(self) -> None:
+        before, self.before = self.before, None
+        if before is not None:
+            before()
+
+    def refresh(self, tokens: UpstreamTokens, clock: Clock) -> UpstreamTokens:
+        self._race()
+        return super().refresh(tokens, clock)
+
+    async def arefresh(self, tokens: UpstreamTokens, clock: Clock) -> UpstreamTokens:
+        self._race()
+        return await super().arefresh(tokens, clock)
+
+
+async def test_invalid_grant_after_other_worker_rotated_uses_its_tokens(
+    driver: Driver, provider: LocalProvider, make_manager: ManagerFactory, token_url: str
+) -> None:
+    """invalid_grant after another worker saved newer tokens meanwhile: the newer stored tokens are used."""
+    refresher = RacingRefresher(token_url, "test-client", "test-secret")
+    manager = make_manager(refresher=refresher)
+    other = make_manager(storage=manager.storage)
+    # The entry's refresh token is one the provider does not know (another worker already rotated it away).
+    old = put_entry(manager, expired(attrs.evolve(provider.login(), refresh_token="rt-already-rotated")))
+    newer = provider.login()
+
+    def other_worker_saves() -> None:
+        assert other.storage.put(
+            EntryKey(other.provider_id, SESSION),
+            attrs.evolve(newer, version=old.version + 1),
+            expected_version=old.version,
+        )
+
+    refresher.before = other_worker_saves
+    got = await driver.get_token(manager)
+    assert got.access_token == newer.access_token and got.version == old.version + 1
+    assert provider.stats["invalid_grant"] == 1 and provider.stats["refresh_ok"] == 0
+    response = await driver.request(manager)
+    assert response.status_code == 200
+    assert provider.stats["token_calls"] == 1
+
+
+async def test_two_managers_one_storage_refresh_once(
+    driver: Driver, provider: LocalProvider, make_manager: ManagerFactory
+) -> None:
+    """A second manager over the same storage uses the first one's refreshed entry instead of refreshing."""
+    first = make_manager()
+    second = make_manager(storage=first.storage)
+    put_entry(first, expired(provider.login()))
+    a = await driver.get_token(first)
+    b = await driver.get_token(second)
+    assert a == b
+    assert provider.stats["token_calls"] == 1
+
+
+async def test_id_token_other_subject_is_binding_mismatch(
+    driver: Driver, provider: LocalProvider, manager: TokenManager
+) -> None:
+    """A refreshed id_token for another subject raises BindingMismatch; the stored entry is unchanged."""
+    entry = put_entry(manager, expired(provider.login(sub="alice")))
+    provider.fail_next("id_token_other_sub")
+    with pytest.raises(BindingMismatch):
+        await driver.request(manager)
+    assert stored(manager) == entry
+    assert provider.api_calls == {}
+
+
+@pytest.mark.parametrize("client_id", ["public-client", "post-client", "test-client"])
+async def test_client_auth_methods_work(
+    driver: Driver, provider: LocalProvider, make_manager: ManagerFactory, client_id: str
+) -> None:
+    """Public ('none'), client_secret_post and client_secret_basic clients all refresh."""
+    manager = make_manager(client_id=client_id)
+    put_entry(manager, expired(provider.login(client_id=client_id)))
+    response = await driver.request(manager)
+    assert response.status_code == 200
+    assert provider.stats["refresh_ok"] == 1 and provider.stats["invalid_client"] == 0
+    expected = {"public-client": "none", "post-client": "client_secret_post", "test-client": "client_secret_basic"}
+    assert provider.requests[-1]["auth_method"] == expected[client_id]
+
+
+async def test_one_second_token_not_refreshed_on_every_request(driver: Driver, make_manager: ManagerFactory) -> None:
+    """A 1-second token is sent as is for most of its life and refreshed once near its end, not per request."""
+    clock = FakeClock()
+    provider = LocalProvider(clock=clock)
+    with ServerThread(provider) as server:
+        refresher = OAuth2Refresher(server.url + "/token", "test-client", "test-secret")
+        manager = make_manager(refresher=refresher, clock=clock)
+        local_driver = Driver(driver.mode, server.url)
+        await local_driver.store(manager, provider.login(access_ttl=1))
+        for _ in range(9):  # 0.0 .. 0.8 s into its life
+            assert (await local_driver.request(manager)).status_code == 200
+            clock.advance(0.1)
+        assert provider.stats["token_calls"] == 0
+        clock.advance(0.15)  # 0.95 s: inside the (capped) leeway
+        for _ in range(9):
+            assert (await local_driver.request(manager)).status_code == 200
+            clock.advance(0.05)
+        assert provider.stats["token_calls"] == 1
+        assert provider.stats["api_ok"] == 18
+
+
+async def test_fresh_token_is_served_from_cache(driver: Driver, provider: LocalProvider, manager: TokenManager) -> None:
+    """A fresh stored token is sent without any token request."""
+    await driver.store(manager, provider.login())
+    for _ in range(5):
+        assert (await driver.request(manager)).status_code == 200
+    assert provider.stats["token_calls"] == 0 and provider.stats["api_ok"] == 5
+
+
+async def test_rejected_token_is_refreshed_and_replayed(
+    driver: Driver, provider: LocalProvider, manager: TokenManager
+) -> None:
+    """A 401 for a token revoked server-side is refreshed once and the request replayed to 200."""
+    tokens = await driver.store(manager, provider.login())
+    provider.revoke_access(tokens.access_token)
+    response = await driver.request(manager)
+    assert response.status_code == 200
+    assert provider.stats["refresh_ok"] == 1 and provider.stats["api_401"] == 1
+    assert provider.api_calls["/api/me"] == 2
+
+
+async def test_store_returns_versioned_entry(driver: Driver, provider: LocalProvider, manager: TokenManager) -> None:
+    """store() returns the entry as stored, above any version already there, with the provider filled in."""
+    tokens = attrs.evolve(provider.login(), provider_id=None)
+    first = await driver.store(manager, tokens)
+    assert first.version == 1 and first.provider_id == manager.provider_id
+    second = await driver.store(manager, provider.login())
+    assert second.version == 2
+    assert stored(manager) == second
+
+
+async def test_store_for_other_provider_is_refused(
+    driver: Driver, provider: LocalProvider, manager: TokenManager
+) -> None:
+    """Storing tokens bound to another provider raises BindingMismatch."""
+    with pytest.raises(BindingMismatch):
+        await driver.store(manager, attrs.evolve(provider.login(), provider_id="other"))
+    assert stored(manager) is None
+
+
+async def test_delete_forgets_the_session(driver: Driver, provider: LocalProvider, manager: TokenManager) -> None:
+    """After delete (logout) the session has no tokens: ReauthenticationRequired, nothing sent."""
+    await driver.store(manager, provider.login())
+    assert (await driver.request(manager)).status_code == 200
+    if driver.mode == "sync":
+        assert manager.delete(SESSION) is True
+        assert manager.delete(SESSION) is False
+    else:
+        assert await manager.adelete(SESSION) is True
+        assert await manager.adelete(SESSION) is False
+    with pytest.raises(ReauthenticationRequired):
+        await driver.request(manager)
+    assert provider.api_calls["/api/me"] == 1
+
+
+def test_lease_ttl_must_outlive_refresh_timeout(make_manager: ManagerFactory) -> None:
+    """A lease shorter than the refresh it guards is refused at construction."""
+    with pytest.raises(ValueError, match="lease_ttl"):
+        make_manager(refresh_timeout=15.0, lease_ttl=10.0)

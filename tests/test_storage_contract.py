@@ -1,0 +1,605 @@
+"""One contract for every storage backend: memory, SQLite, Redis and Redis Cluster behave the same."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from redis_servers import RedisServer
+from storage_fixtures import REPO, Backend, backend, redis_cluster, redis_server, storage
+
+from httpx_upstream_auth._exceptions import StorageError
+from httpx_upstream_auth._models import EntryKey, UpstreamTokens
+from httpx_upstream_auth._redis import RedisStorage
+from httpx_upstream_auth._sqlite import SQLiteStorage
+from httpx_upstream_auth._storage import Lease, Storage
+
+__all__ = ["backend", "redis_cluster", "redis_server", "storage"]  # fixtures used by the tests below
+
+KEY = EntryKey("github", "session-1")
+#: How long after a write a watcher may take to notice it (generous: a loaded CI box; typical is ~2 ms).
+PROMPT = 0.25
+
+
+def tokens(version: int, **fields: Any) -> UpstreamTokens:
+    """Tokens whose secrets are easy to search for in reprs and messages."""
+    return UpstreamTokens(
+        access_token=f"secret-access-{version}", refresh_token=f"secret-refresh-{version}", version=version, **fields
+    )
+
+
+def read_json(process: subprocess.Popen[str]) -> dict[str, Any]:
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    assert line, f"worker exited early with {process.wait()}"
+    result: dict[str, Any] = json.loads(line)
+    return result
+
+
+def go(process: subprocess.Popen[str]) -> None:
+    assert process.stdin is not None
+    process.stdin.write("go\n")
+    process.stdin.flush()
+
+
+# -- entries ----------------------------------------------------------------------------------------------
+def test_get_of_missing_entry_is_none(storage: Storage) -> None:
+    """A key never written reads as None."""
+    assert storage.get(KEY) is None
+
+
+def test_put_without_expected_version_only_creates(storage: Storage) -> None:
+    """expected_version=None writes only when there is no entry."""
+    assert storage.put(KEY, tokens(1), expected_version=None) is True
+    assert storage.put(KEY, tokens(7), expected_version=None) is False
+    assert storage.get(KEY) == tokens(1)
+
+
+def test_entries_round_trip_every_field(storage: Storage) -> None:
+    """What get returns equals what put stored, field for field."""
+    full = UpstreamTokens(
+        access_token="secret-a", refresh_token="secret-r", id_token="secret-i", token_type="DPoP", scope="a b",
+        expires_at=1.5e9 + 0.25, refresh_expires_at=time.time() + 3600.5, issued_at=1.5e9, provider_id="github",
+        user_id="u-1", upstream_subject="12345", client_id="my-app", version=3,
+    )  # fmt: skip
+    assert storage.put(KEY, full, expected_version=None)
+    assert storage.get(KEY) == full
+
+
+def test_compare_and_set_on_version(storage: Storage) -> None:
+    """put writes only when the stored version is the expected one."""
+    assert storage.put(KEY, tokens(1), expected_version=None)
+    assert storage.put(KEY, tokens(2), expected_version=1) is True
+    assert storage.put(KEY, tokens(3), expected_version=1) is False
+    assert storage.put(KEY, tokens(3), expected_version=5) is False
+    assert storage.get(KEY) == tokens(2)
+
+
+def test_delete_conditional_and_unconditional(storage: Storage) -> None:
+    """delete with expected_version only removes that version; without, removes any."""
+    assert storage.delete(KEY) is False
+    storage.put(KEY, tokens(1), expected_version=None)
+    assert storage.delete(KEY, expected_version=2) is False
+    assert storage.get(KEY) == tokens(1)
+    assert storage.delete(KEY, expected_version=1) is True
+    assert storage.get(KEY) is None
+    storage.put(KEY, tokens(4), expected_version=None)
+    assert storage.delete(KEY) is True
+    assert storage.get(KEY) is None
+
+
+def test_keys_with_separators_do_not_collide(storage: Storage) -> None:
+    """Ids containing ':', '{', '}' or '%' map to distinct entries."""
+    keys = [EntryKey("a:b", "c"), EntryKey("a", "b:c"), EntryKey("{a}", "b"), EntryKey("%7Ba%7D", "b"),
+            EntryKey("a", "b}c{d"), EntryKey("a%3Ab", "c")]  # fmt: skip
+    for version, key in enumerate(keys, start=1):
+        assert storage.put(key, tokens(version), expected_version=None)
+    assert [storage.get(key) for key in keys] == [tokens(v) for v in range(1, len(keys) + 1)]
+
+
+# -- retention --------------------------------------------------------------------------------------------
+def test_entry_with_expired_access_token_is_still_returned(storage: Storage) -> None:
+    """An access token that expired an hour ago does not hide the entry (its refresh token is needed)."""
+    stale = tokens(1, expires_at=time.time() - 3600, issued_at=time.time() - 7200)
+    storage.put(KEY, stale, expected_version=None)
+    assert storage.get(KEY) == stale
+
+
+def test_retention_follows_refresh_token_else_default(backend: Backend) -> None:
+    """Entries live until refresh_expires_at when known, else `retention` after the write."""
+    store = backend.make(retention=0.3)
+    now = time.time()
+    dying = EntryKey("github", "refresh-ends-soon")
+    default = EntryKey("github", "no-refresh-expiry")
+    living = EntryKey("github", "refresh-lives")
+    dead_on_arrival = EntryKey("github", "refresh-already-dead")
+    assert store.put(dying, tokens(1, refresh_expires_at=now + 0.3), expected_version=None)
+    assert store.put(default, tokens(1, expires_at=now + 3600), expected_version=None)
+    assert store.put(living, tokens(1, expires_at=now - 3600, refresh_expires_at=now + 3600), expected_version=None)
+    store.put(dead_on_arrival, tokens(1, refresh_expires_at=now - 1), expected_version=None)
+    assert store.get(dead_on_arrival) is None
+    assert store.get(dying) is not None and store.get(default) is not None
+    time.sleep(0.45)
+    assert store.get(dying) is None, "an entry past refresh_expires_at must be gone"
+    assert store.get(default) is None, "the default retention applies when refresh_expires_at is None"
+    assert store.get(living) == tokens(1, expires_at=now - 3600, refresh_expires_at=now + 3600)
+    # A vanished entry counts as absent for compare-and-set too.
+    assert store.put(dying, tokens(5), expected_version=None)
+    assert store.delete(default) is False
+
+
+# -- leases -----------------------------------------------------------------------------------------------
+def test_lease_is_exclusive_and_release_is_owner_checked(storage: Storage) -> None:
+    """One holder at a time per key; only the holder's release frees it."""
+    first = storage.acquire_lease(KEY, 5.0)
+    assert first is not None
+    assert storage.acquire_lease(KEY, 5.0) is None
+    other = storage.acquire_lease(EntryKey("github", "another-session"), 5.0)
+    assert other is not None
+    storage.release_lease(Lease(KEY, "not-the-owner", 5.0))
+    assert storage.acquire_lease(KEY, 5.0) is None
+    storage.release_lease(first)
+    second = storage.acquire_lease(KEY, 5.0)
+    assert second is not None
+    storage.release_lease(second)
+    storage.release_lease(other)
+
+
+def test_expired_lease_can_be_taken_and_its_old_holder_cannot_release_the_new_one(storage: Storage) -> None:
+    """After the ttl another worker takes the lease; the late holder's release leaves it alone."""
+    stale = storage.acquire_lease(KEY, 0.2)
+    assert stale is not None
+    time.sleep(0.3)
+    fresh = storage.acquire_lease(KEY, 5.0)
+    assert fresh is not None
+    storage.release_lease(stale)
+    assert storage.acquire_lease(KEY, 5.0) is None
+    storage.release_lease(fresh)
+
+
+# -- watch ------------------------------------------------------------------------------------------------
+def test_watch_returns_at_once_when_version_already_differs(storage: Storage) -> None:
+    """No waiting when the entry already moved past the version the caller saw."""
+    storage.put(KEY, tokens(1), expected_version=None)
+    started = time.monotonic()
+    storage.watch(KEY, 0, 5.0)
+    storage.watch(KEY, None, 5.0)
+    storage.watch(EntryKey("github", "nobody"), 3, 5.0)
+    assert time.monotonic() - started < 1.0
+
+
+def test_watch_returns_after_timeout_without_writes(storage: Storage) -> None:
+    """With no write, watch returns after its timeout (not before, not much later)."""
+    storage.put(KEY, tokens(1), expected_version=None)
+    started = time.monotonic()
+    storage.watch(KEY, 1, 0.2)
+    assert 0.19 <= time.monotonic() - started < 1.0
+
+
+def _write_later(storage: Storage, delay: float, written: list[float]) -> threading.Thread:
+    def write() -> None:
+        time.sleep(delay)
+        written.append(time.time())
+        assert storage.put(KEY, tokens(2), expected_version=1)
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    return thread
+
+
+def test_watch_wakes_on_write_from_another_thread(storage: Storage) -> None:
+    """A save by another thread wakes the watcher promptly."""
+    storage.put(KEY, tokens(1), expected_version=None)
+    written: list[float] = []
+    thread = _write_later(storage, 0.1, written)
+    storage.watch(KEY, 1, 5.0)
+    woke = time.time()
+    thread.join()
+    assert woke - written[0] < PROMPT
+    assert storage.get(KEY) == tokens(2)
+
+
+@pytest.mark.anyio  # on asyncio and trio: conftest parametrizes anyio_backend
+async def test_awatch_wakes_on_write_from_another_thread(storage: Storage) -> None:
+    """The async watch wakes promptly on a save by another thread, under asyncio and trio."""
+    await storage.aput(KEY, tokens(1), expected_version=None)
+    written: list[float] = []
+    thread = _write_later(storage, 0.1, written)
+    await storage.awatch(KEY, 1, 5.0)
+    woke = time.time()
+    await anyio.to_thread.run_sync(thread.join)
+    assert woke - written[0] < PROMPT
+
+
+async def _go_then_awatch(storage: Storage, worker: subprocess.Popen[str], version: int) -> None:
+    await storage.aget(KEY)  # a new event loop's first call opens its connections: not part of the wait
+    go(worker)
+    await storage.awatch(KEY, version, 5.0)
+
+
+def test_watch_wakes_on_write_from_another_process(backend: Backend) -> None:
+    """A save by another process wakes the watcher promptly: sync, and async on asyncio and trio."""
+    if not backend.shared_across_processes:
+        pytest.skip("memory storage is not shared between processes")
+    store = backend.make()
+    store.put(KEY, tokens(1), expected_version=None)
+    with backend.worker(KEY.provider_id, KEY.session_id, "write", "1", "0.15") as worker:
+        assert read_json(worker) == {"ready": True}
+        for version, api in enumerate(["sync", "asyncio", "trio"], start=1):
+            if api == "sync":
+                go(worker)  # the worker saves version + 1 in 0.15 s; we are watching long before
+                store.watch(KEY, version, 5.0)
+            else:
+                anyio.run(_go_then_awatch, store, worker, version, backend=api)
+            woke = time.time()
+            assert woke - read_json(worker)["wrote_at"] < PROMPT, api
+            assert store.get(KEY) == UpstreamTokens(access_token="at-new", version=version + 1)
+        assert worker.stdin is not None
+        worker.stdin.close()  # the worker exits at end of input
+    assert worker.returncode == 0
+
+
+@pytest.mark.anyio  # on asyncio and trio: conftest parametrizes anyio_backend
+async def test_awatch_is_cancellable(storage: Storage) -> None:
+    """Cancelling an async watch returns at once, under asyncio and trio."""
+    await storage.aput(KEY, tokens(1), expected_version=None)
+    started = time.monotonic()
+    with anyio.move_on_after(0.1):
+        await storage.awatch(KEY, 1, 10.0)
+    assert time.monotonic() - started < 0.6
+    # The storage is still usable afterwards.
+    assert await storage.aput(KEY, tokens(2), expected_version=1)
+
+
+# -- async twins ------------------------------------------------------------------------------------------
+async def _async_contract(storage: Storage, key: EntryKey) -> None:
+    assert await storage.aget(key) is None
+    assert await storage.aput(key, tokens(1), expected_version=None) is True
+    assert await storage.aput(key, tokens(1), expected_version=None) is False
+    assert await storage.aput(key, tokens(2), expected_version=1) is True
+    assert await storage.aput(key, tokens(3), expected_version=1) is False
+    assert await storage.aget(key) == tokens(2)
+    assert await storage.adelete(key, expected_version=1) is False
+    lease = await storage.aacquire_lease(key, 5.0)
+    assert lease is not None
+    assert await storage.aacquire_lease(key, 5.0) is None
+    await storage.arelease_lease(Lease(key, "not-the-owner", 5.0))
+    assert await storage.aacquire_lease(key, 5.0) is None
+    await storage.arelease_lease(lease)
+    again = await storage.aacquire_lease(key, 5.0)
+    assert again is not None
+    await storage.arelease_lease(again)
+    started = time.monotonic()
+    await storage.awatch(key, 1, 5.0)  # already at version 2
+    await storage.awatch(key, 2, 0.15)
+    assert 0.14 <= time.monotonic() - started < 1.0
+    assert await storage.adelete(key, expected_version=2) is True
+    assert await storage.aget(key) is None
+    assert await storage.aput(key, tokens(1), expected_version=None) is True
+    assert await storage.adelete(key) is True
+
+
+@pytest.mark.anyio  # on asyncio and trio: conftest parametrizes anyio_backend
+async def test_async_twins_follow_the_contract(storage: Storage) -> None:
+    """aget/aput/adelete/leases/awatch behave like their sync twins, under asyncio and trio."""
+    await _async_contract(storage, KEY)
+
+
+def test_one_storage_serves_successive_event_loops_and_threads(backend: Backend) -> None:
+    """The same object works across anyio.run calls on asyncio, trio, asyncio again, and from threads."""
+    store = backend.make()
+    for number, library in enumerate(["asyncio", "trio", "asyncio"]):
+        anyio.run(_async_contract, store, EntryKey("loops", f"run-{number}"), backend=library)
+        assert store.get(EntryKey("loops", f"run-{number}")) is None
+    failures: list[BaseException] = []
+
+    def in_thread(number: int) -> None:
+        try:
+            anyio.run(_async_contract, store, EntryKey("threads", f"t-{number}"), backend="asyncio")
+            _sync_contract(store, EntryKey("threads", f"s-{number}"))
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=in_thread, args=(n,)) for n in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    anyio.run(_async_contract, store, EntryKey("loops", "last"), backend="asyncio")
+
+
+def _sync_contract(storage: Storage, key: EntryKey) -> None:
+    assert storage.put(key, tokens(1), expected_version=None)
+    assert storage.put(key, tokens(2), expected_version=1)
+    assert storage.get(key) == tokens(2)
+    assert storage.delete(key, expected_version=2)
+
+
+# -- secrets ----------------------------------------------------------------------------------------------
+def test_repr_of_storage_shows_no_secret(storage: Storage) -> None:
+    """No token appears in the storage's repr or str, even after writes."""
+    storage.put(KEY, tokens(1), expected_version=None)
+    storage.get(KEY)
+    for text in (repr(storage), str(storage)):
+        assert "secret" not in text
+
+
+# -- concurrency ------------------------------------------------------------------------------------------
+def test_concurrent_compare_and_set_from_threads_loses_no_update(storage: Storage) -> None:
+    """8 threads incrementing through compare-and-set: the final version equals the successful puts."""
+    successes = [0] * 8
+
+    def increment(slot: int) -> None:
+        for _ in range(25):
+            current = storage.get(KEY)
+            version = 0 if current is None else current.version
+            if storage.put(KEY, tokens(version + 1), expected_version=None if current is None else version):
+                successes[slot] += 1
+
+    threads = [threading.Thread(target=increment, args=(slot,)) for slot in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    final = storage.get(KEY)
+    assert final is not None and final.version == sum(successes) > 0
+
+
+def test_concurrent_compare_and_set_from_processes_loses_no_update(backend: Backend) -> None:
+    """4 processes incrementing through compare-and-set: the final version equals the successful puts."""
+    if not backend.shared_across_processes:
+        pytest.skip("memory storage is not shared between processes")
+    store = backend.make()
+    with contextlib.ExitStack() as stack:
+        workers = [
+            stack.enter_context(backend.worker(KEY.provider_id, KEY.session_id, "increment", "40")) for _ in range(4)
+        ]
+        for worker in workers:
+            assert read_json(worker) == {"ready": True}
+        for worker in workers:  # all start together, for contention
+            go(worker)
+        successes = [read_json(worker)["successes"] for worker in workers]
+    final = store.get(KEY)
+    assert final is not None and final.version == sum(successes) >= 40
+
+
+# -- SQLite specifics -------------------------------------------------------------------------------------
+def test_sqlite_files_are_private(tmp_path: Path) -> None:
+    """The database and its -wal/-shm files are mode 0600 even under a permissive umask."""
+    previous = os.umask(0)
+    try:
+        store = SQLiteStorage(tmp_path / "tokens.db")
+        store.put(KEY, tokens(1), expected_version=None)
+        names = ["tokens.db", "tokens.db-wal", "tokens.db-shm"]
+        modes = {name: stat.S_IMODE((tmp_path / name).stat().st_mode) for name in names}
+        store.close()
+    finally:
+        os.umask(previous)
+    assert modes == dict.fromkeys(names, 0o600)
+
+
+def test_sqlite_failures_are_storage_errors_that_say_what_to_do(tmp_path: Path) -> None:
+    """A missing directory, a file that is not a database, and a closed storage raise StorageError."""
+    with pytest.raises(StorageError, match="directory exists"):
+        SQLiteStorage(tmp_path / "missing" / "tokens.db")
+    (tmp_path / "junk.db").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StorageError, match="readable and writable"):
+        SQLiteStorage(tmp_path / "junk.db")
+    store = SQLiteStorage(tmp_path / "tokens.db")
+    store.close()
+    with pytest.raises(StorageError, match="closed"):
+        store.get(KEY)
+    with pytest.raises(ValueError, match="MemoryStorage"):
+        SQLiteStorage(":memory:")
+
+
+def test_sqlite_file_is_shared_by_storage_objects(tmp_path: Path) -> None:
+    """Two storage objects on one file see each other's writes and leases."""
+    first, second = SQLiteStorage(tmp_path / "t.db"), SQLiteStorage(tmp_path / "t.db")
+    first.put(KEY, tokens(1), expected_version=None)
+    assert second.get(KEY) == tokens(1)
+    assert second.put(KEY, tokens(2), expected_version=1)
+    assert first.put(KEY, tokens(2), expected_version=1) is False
+    lease = first.acquire_lease(KEY, 5.0)
+    assert lease is not None and second.acquire_lease(KEY, 5.0) is None
+    first.close()
+    second.close()
+
+
+# -- Redis specifics --------------------------------------------------------------------------------------
+def _all_operations(store: Storage) -> dict[str, Callable[[], Any]]:
+    return {
+        "get": lambda: store.get(KEY),
+        "put": lambda: store.put(KEY, tokens(2), expected_version=1),
+        "delete": lambda: store.delete(KEY, expected_version=1),
+        "acquire_lease": lambda: store.acquire_lease(KEY, 5.0),
+        "release_lease": lambda: store.release_lease(Lease(KEY, "owner", 5.0)),
+        "watch": lambda: store.watch(KEY, 1, 5.0),
+    }
+
+
+def _all_async_operations(store: Storage) -> dict[str, Callable[[], Awaitable[Any]]]:
+    return {
+        "aget": lambda: store.aget(KEY),
+        "aput": lambda: store.aput(KEY, tokens(2), expected_version=1),
+        "adelete": lambda: store.adelete(KEY, expected_version=1),
+        "aacquire_lease": lambda: store.aacquire_lease(KEY, 5.0),
+        "arelease_lease": lambda: store.arelease_lease(Lease(KEY, "owner", 5.0)),
+        "awatch": lambda: store.awatch(KEY, 1, 5.0),
+    }
+
+
+def _assert_every_operation_fails_fast(store: Storage, within: float, names: set[str] | None = None) -> None:
+    def check(name: str, elapsed: float, error: StorageError | None) -> None:
+        assert error is not None, f"{name} did not raise StorageError"
+        assert elapsed < within, f"{name} took {elapsed:.2f}s"
+        assert "unreachable" in str(error) and "retry" in str(error)
+        chain = f"{error} {error.__cause__!r}"
+        assert "secret" not in chain
+
+    for name, operation in _all_operations(store).items():
+        if names is None or name in names:
+            started, error = time.monotonic(), None
+            try:
+                operation()
+            except StorageError as exc:
+                error = exc
+            check(name, time.monotonic() - started, error)
+
+    async def run_async() -> None:
+        for name, operation in _all_async_operations(store).items():
+            if names is None or name in names:
+                started, error = time.monotonic(), None
+                try:
+                    await operation()
+                except StorageError as exc:
+                    error = exc
+                check(name, time.monotonic() - started, error)
+
+    for library in ("asyncio", "trio"):
+        anyio.run(run_async, backend=library)
+
+
+def test_redis_outage_raises_storage_error_fast_and_recovers() -> None:
+    """With the server stopped or frozen, every operation raises StorageError within the socket
+    timeout (sync, asyncio, trio); after a restart the same storage works again."""
+    server = RedisServer().start()
+    try:
+        store = RedisStorage.from_url(server.url, socket_timeout=0.2)
+        store.put(KEY, tokens(1), expected_version=None)
+        anyio.run(store.aget, KEY, backend="asyncio")  # open a pooled asyncio connection first
+
+        server.stop()
+        _assert_every_operation_fails_fast(store, within=1.0)
+
+        server.start()
+        store.put(KEY, tokens(1), expected_version=None)
+        server.pause()  # connections open but nothing answers: only the timeouts save us
+        _assert_every_operation_fails_fast(store, within=0.2 + 0.5, names={"get", "put", "watch", "aget", "aput",
+                                                                           "awatch", "aacquire_lease"})  # fmt: skip
+        server.resume()
+
+        server.restart()
+        assert store.put(KEY, tokens(1), expected_version=None)
+        assert store.get(KEY) == tokens(1)
+        for library in ("asyncio", "trio"):
+            assert anyio.run(store.aget, KEY, backend=library) == tokens(1)
+        store.close()
+    finally:
+        server.cleanup()
+
+
+def test_redis_keys_share_one_cluster_slot(redis_server: RedisServer) -> None:
+    """Entry, lease and channel of a key hash to one Cluster slot, whatever braces the ids hold."""
+    from redis.crc import key_slot
+
+    store = RedisStorage.from_url(redis_server.url, prefix="hua")
+    for key in (KEY, EntryKey("{x}", "}y{"), EntryKey("a:b", "c")):
+        names = [store._entry_key(key), store._lease_key(key), store._channel(key)]
+        assert len({key_slot(name.encode()) for name in names}) == 1
+    assert store._entry_key(EntryKey("gh{x}", "s:1")) == "hua:{gh%7Bx%7D:s%3A1}:entry"
+    with pytest.raises(ValueError, match="prefix"):
+        RedisStorage.from_url(redis_server.url, prefix="a{b}")
+    store.close()
+
+
+def test_redis_from_url_schemes_and_repr(redis_server: RedisServer) -> None:
+    """unix:// works; rediss:// builds a TLS client; the repr never shows the password."""
+    store = RedisStorage.from_url(f"unix://{redis_server.socket_path}?db=0", prefix="unix-test")
+    assert store.put(KEY, tokens(1), expected_version=None)
+    assert anyio.run(store.aget, KEY, backend="asyncio") == tokens(1)
+    assert "unix:" in repr(store)
+    store.close()
+    tls = RedisStorage.from_url("rediss://user:hunter2@127.0.0.1:1/0")
+    assert "hunter2" not in repr(tls) and "127.0.0.1:1" in repr(tls)
+    assert tls._sync.connection_pool.connection_class.__name__ == "SSLConnection"
+    tls.close()
+
+
+def test_redis_accepts_existing_clients(redis_server: RedisServer) -> None:
+    """Existing redis.Redis / redis.asyncio.Redis clients work (even with decode_responses) and stay open."""
+    import redis
+    import redis.asyncio
+
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    store: RedisStorage | None = None
+
+    async def with_async_client() -> None:
+        nonlocal store
+        async_client = redis.asyncio.Redis.from_url(redis_server.url)
+        store = RedisStorage(client, async_client=async_client, prefix="given")
+        await _async_contract(store, EntryKey("given", "async"))
+        await async_client.aclose()
+
+    anyio.run(with_async_client, backend="asyncio")
+    assert store is not None
+    _sync_contract(store, EntryKey("given", "sync"))
+    # Another loop cannot use the asyncio client bound to the first: the sync client serves it.
+    anyio.run(_async_contract, store, EntryKey("given", "second-loop"), backend="asyncio")
+    anyio.run(_async_contract, store, EntryKey("given", "trio"), backend="trio")
+    store.close()
+    assert client.ping() is True
+    client.close()
+
+
+def test_redis_watch_falls_back_to_polling_without_pubsub(redis_server: RedisServer) -> None:
+    """When an ACL forbids SUBSCRIBE, watch still wakes on a save (by polling)."""
+    redis_server.cli("ACL", "SETUSER", "nopubsub", "on", ">pw", "~*", "&*", "+@all", "-subscribe", "-ssubscribe")
+    url = f"redis://nopubsub:pw@127.0.0.1:{redis_server.port}/0"
+    store = RedisStorage.from_url(url, prefix="nopubsub")
+    store.put(KEY, tokens(1), expected_version=None)
+    written: list[float] = []
+    thread = _write_later(store, 0.1, written)
+    store.watch(KEY, 1, 5.0)
+    woke = time.time()
+    thread.join()
+    assert woke - written[0] < PROMPT
+
+    async def watch_async() -> None:
+        await store.awatch(KEY, 1, 5.0)  # already at version 2
+        await store.awatch(KEY, 2, 0.1)
+
+    anyio.run(watch_async, backend="asyncio")
+    store.close()
+
+
+def test_redis_refusals_never_echo_tokens(redis_server: RedisServer) -> None:
+    """A server error that echoes the command's arguments is trimmed and redacted, and not chained."""
+    import redis.exceptions
+
+    store = RedisStorage.from_url(redis_server.url, prefix="echo")
+
+    def refuse(**_: Any) -> None:
+        raise redis.exceptions.ResponseError(
+            "unknown command 'EVALSHA', with args beginning with: 'x' '{\"access_token\":\"secret-access-1\"'"
+        )
+
+    store._cas = refuse
+    with pytest.raises(StorageError, match="refused") as caught:
+        store.put(KEY, tokens(1), expected_version=None)
+    assert "secret" not in str(caught.value) and caught.value.__cause__ is None
+    store.close()
+
+
+def test_redis_module_imports_without_redis_and_names_the_extra() -> None:
+    """Without redis-py the module imports, and constructing RedisStorage says which extra to install."""
+    code = (
+        "import sys; sys.modules['redis'] = None\n"
+        "from httpx_upstream_auth._redis import RedisStorage\n"
+        "try:\n    RedisStorage()\nexcept ImportError as exc:\n    print(exc)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "pip install 'httpx-upstream-auth[redis]'" in result.stdout
