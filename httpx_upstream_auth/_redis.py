@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = ["RedisStorage"]
 
+#: Where ``RedisStorage()`` connects when given no client.
 DEFAULT_URL = "redis://localhost:6379/0"
 _MISSING_EXTRA = "RedisStorage needs redis-py: pip install 'httpx-upstream-auth[redis]'"
 
@@ -189,9 +190,7 @@ class RedisStorage(Storage):
         self.socket_timeout = socket_timeout
         self._lock = threading.Lock()
         self._closed = False
-        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopClient] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopClient] = weakref.WeakKeyDictionary()
         self._async_factory: Callable[[], Any] | None = None
         self._async_client: Any = async_client
         self._async_client_taken = False
@@ -247,6 +246,11 @@ class RedisStorage(Storage):
         storage._owns_sync = True
         storage._where = where
         return storage
+
+    @property
+    def _server(self) -> str:
+        """How error messages name the server: kind and address, never credentials."""
+        return f"Redis Cluster at {self._where}" if self._cluster else f"Redis at {self._where}"
 
     def __repr__(self) -> str:
         kind = "cluster " if self._cluster else ""
@@ -366,9 +370,7 @@ class RedisStorage(Storage):
             return await super().aacquire_lease(key, ttl)
         owner = new_owner()
         with self._errors("take the refresh lease"):
-            claimed = await loop_client.client.set(
-                self._lease_key(key), owner, nx=True, px=max(1, int(ttl * 1000))
-            )
+            claimed = await loop_client.client.set(self._lease_key(key), owner, nx=True, px=max(1, int(ttl * 1000)))
         return Lease(key, owner, ttl) if claimed else None
 
     async def arelease_lease(self, lease: Lease) -> None:
@@ -504,9 +506,7 @@ class RedisStorage(Storage):
                 with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                     await pubsub.aclose()
 
-    async def _asubscribe(
-        self, client: Any, pubsub: Any, channel: str
-    ) -> Callable[[float], Awaitable[Any]] | None:
+    async def _asubscribe(self, client: Any, pubsub: Any, channel: str) -> Callable[[float], Awaitable[Any]] | None:
         """Subscribe and wait for the server's confirmation; ``None`` when pub/sub is refused."""
         receive: Callable[[float], Awaitable[Any]]
         try:
@@ -548,7 +548,11 @@ class RedisStorage(Storage):
             with self._lock:
                 if self._closed:
                     raise StorageError(f"this RedisStorage ({self._where}) is closed; create a new one")
-                found = self._loops.get(loop)
+                try:
+                    found = self._loops.get(loop)
+                except TypeError:  # a loop that cannot be weakly referenced: serve it from a thread
+                    self._client()
+                    return None
                 if found is None:
                     found = self._new_loop_client()
                     if found is None:
@@ -599,7 +603,7 @@ class RedisStorage(Storage):
             return UpstreamTokens.from_json(raw)
         except (ValueError, TypeError) as exc:
             raise StorageError(
-                f"Redis at {self._where} holds an unreadable entry for provider {key.provider_id!r} "
+                f"{self._server} holds an unreadable entry for provider {key.provider_id!r} "
                 f"({type(exc).__name__}); delete it and have the user log in again"
             ) from None
 
@@ -619,8 +623,7 @@ class RedisStorage(Storage):
             raise
         except self._unreachable as exc:
             raise StorageError(
-                f"could not {what}: Redis at {self._where} unreachable ({type(exc).__name__}); retry when it "
-                "is back"
+                f"could not {what}: {self._server} unreachable ({type(exc).__name__}); retry when it is back"
             ) from exc
         except self._refused as exc:
             # A server may echo arguments ("unknown command …, with args beginning with: …"), and the
@@ -631,9 +634,8 @@ class RedisStorage(Storage):
                 if secret:
                     detail = detail.replace(secret, "<hidden>")
             raise StorageError(
-                f"could not {what}: Redis at {self._where} refused ({type(exc).__name__}: {detail}); check "
-                "that it is Redis >= 6.2 or Valkey, that the ACL allows EVALSHA, SET and (S)PUBLISH on these "
-                "keys, and that it has memory left"
+                f"could not {what}: {self._server} refused ({type(exc).__name__}: {detail}); check that its "
+                "ACL allows EVALSHA, GET, SET and (S)PUBLISH on these keys, and that it has memory left"
             ) from None
 
 
@@ -647,19 +649,20 @@ def _clients_from_url(url: str, socket_timeout: float, kwargs: dict[str, Any]) -
     options: dict[str, Any] = {"socket_timeout": socket_timeout, "socket_connect_timeout": socket_timeout}
     options.update(kwargs)
     where = _describe_url(url)
+    # No automatic retries: an outage should surface as StorageError within socket_timeout, not after
+    # a backoff series (redis-py's default is seconds long), and a retried compare-and-set could run
+    # twice. The caller retries; a Cluster client still refreshes its slot map after a failure.
+    sync_options = {"retry": redis.retry.Retry(redis.backoff.NoBackoff(), 0), **options}
+    async_options = {"retry": redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0), **options}
     if cluster:
         try:
-            sync = redis.cluster.RedisCluster.from_url(url, **options)
+            sync = redis.cluster.RedisCluster.from_url(url, **sync_options)
         except (redis.exceptions.RedisError, OSError) as exc:
             raise StorageError(
                 f"could not open the Redis Cluster at {where}: unreachable ({type(exc).__name__}); retry when "
                 "it is back"
             ) from exc
-        return sync, lambda: redis.asyncio.cluster.RedisCluster.from_url(url, **options), where
-    # No automatic retries: a retried compare-and-set could run twice, and an outage should surface
-    # as StorageError within socket_timeout rather than after a backoff series.
-    sync_options = {"retry": redis.retry.Retry(redis.backoff.NoBackoff(), 0), **options}
-    async_options = {"retry": redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0), **options}
+        return sync, lambda: redis.asyncio.cluster.RedisCluster.from_url(url, **async_options), where
     sync = redis.Redis.from_url(url, **sync_options)
     return sync, lambda: redis.asyncio.Redis.from_url(url, **async_options), where
 

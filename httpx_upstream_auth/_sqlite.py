@@ -25,6 +25,7 @@ from ._storage import Lease, Storage, new_owner
 
 __all__ = ["SQLiteStorage"]
 
+#: The layout of the file's tables (``PRAGMA user_version``); a newer file is refused, not misread.
 SCHEMA_VERSION = 1
 
 _SCHEMA = (
@@ -129,13 +130,14 @@ class SQLiteStorage(Storage):
 
     def put(self, key: EntryKey, tokens: UpstreamTokens, *, expected_version: int | None) -> bool:
         """Store ``tokens`` iff the live entry's version is ``expected_version`` (``None``: no entry)."""
+        data = tokens.to_json()
         with self._write("save tokens") as conn:
-            now = time.time()
+            now = time.time()  # after BEGIN IMMEDIATE, which may have waited for another writer
             row = conn.execute(f"SELECT version FROM entries WHERE {_LIVE}", (*_ids(key), now)).fetchone()
             if (None if row is None else row[0]) != expected_version:
                 return False
             deadline = retention_deadline(tokens, now, self.retention)
-            conn.execute(_UPSERT_ENTRY, (*_ids(key), tokens.version, tokens.to_json(), deadline))
+            conn.execute(_UPSERT_ENTRY, (*_ids(key), tokens.version, data, deadline))
             self._purge_if_due(conn, now)
         self._notify_local()
         return True
@@ -155,8 +157,8 @@ class SQLiteStorage(Storage):
     def acquire_lease(self, key: EntryKey, ttl: float) -> Lease | None:
         """Claim the refresh lease for ``key`` across processes; ``None`` while another holder's is live."""
         owner = new_owner()
-        now = time.time()
         with self._write("take the refresh lease") as conn:
+            now = time.time()
             claimed = conn.execute(_CLAIM_LEASE, (*_ids(key), owner, now + ttl, now)).rowcount == 1
         return Lease(key, owner, ttl) if claimed else None
 

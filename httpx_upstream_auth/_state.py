@@ -25,13 +25,18 @@ logger = logging.getLogger("httpx_upstream_auth")
 
 @attrs.frozen
 class Need:
-    """What a caller needs from the key's entry: a fresh token, and not the one the API just refused."""
+    """What a caller needs from the key's entry: a fresh token, and not the one the API just refused.
+
+    ``margin``: how much longer than usual the token must stay fresh. After a 401 it is the time the
+    refused request took, so the replay does not carry a token that will expire on the way again.
+    """
 
     rejected: str | None = attrs.field(default=None, repr=False)
+    margin: float = 0.0
 
     def satisfied_by(self, tokens: UpstreamTokens, policy: FreshnessPolicy, now: float) -> bool:
         """True when ``tokens`` can be sent as they are."""
-        return tokens.access_token != self.rejected and policy.is_fresh(tokens, now)
+        return tokens.access_token != self.rejected and policy.is_fresh(tokens, now + self.margin)
 
 
 class ManagerState:

@@ -168,6 +168,14 @@ class RedisCluster:
 
     def start(self) -> RedisCluster:
         """Start every node, create the cluster and wait until every node reports ``cluster_state:ok``."""
+        try:
+            self._start()
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    def _start(self) -> None:
         for node in self.nodes:
             node.start()
         subprocess.run(
@@ -180,7 +188,6 @@ class RedisCluster:
             if time.monotonic() > deadline:
                 raise RuntimeError("the Redis cluster did not reach cluster_state:ok within 20 s")
             time.sleep(0.05)
-        return self
 
     def cleanup(self) -> None:
         """Stop every node and remove their directories."""

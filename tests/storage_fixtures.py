@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from redis_servers import RedisCluster, RedisServer
 
 from httpx_upstream_auth._memory import MemoryStorage
 from httpx_upstream_auth._redis import RedisStorage
 from httpx_upstream_auth._sqlite import SQLiteStorage
 from httpx_upstream_auth._storage import Storage
-from redis_servers import RedisCluster, RedisServer
 
 __all__ = ["BACKENDS", "Backend", "backend", "redis_cluster", "redis_server", "storage"]
 
@@ -113,17 +113,21 @@ class Backend:
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     """A real standalone redis-server for the whole session."""
-    server = RedisServer().start()
-    yield server
-    server.cleanup()
+    server = RedisServer()
+    try:
+        yield server.start()
+    finally:
+        server.cleanup()
 
 
 @pytest.fixture(scope="session")
 def redis_cluster() -> Iterator[RedisCluster]:
     """A real three-primary Redis Cluster for the whole session."""
-    cluster = RedisCluster().start()
-    yield cluster
-    cluster.cleanup()
+    cluster = RedisCluster()
+    try:
+        yield cluster.start()
+    finally:
+        cluster.cleanup()
 
 
 @pytest.fixture(params=BACKENDS)

@@ -16,7 +16,7 @@ from typing import Any
 
 import anyio
 import pytest
-from redis_servers import RedisServer
+from redis_servers import RedisCluster, RedisServer
 from storage_fixtures import REPO, Backend, backend, redis_cluster, redis_server, storage
 
 from httpx_upstream_auth._exceptions import StorageError
@@ -30,6 +30,8 @@ __all__ = ["backend", "redis_cluster", "redis_server", "storage"]  # fixtures us
 KEY = EntryKey("github", "session-1")
 #: How long after a write a watcher may take to notice it (generous: a loaded CI box; typical is ~2 ms).
 PROMPT = 0.25
+#: A Redis URL for tests that build a RedisStorage without ever connecting.
+UNUSED_URL = "redis://127.0.0.1:1/0"
 
 
 def tokens(version: int, **fields: Any) -> UpstreamTokens:
@@ -320,6 +322,24 @@ def test_one_storage_serves_successive_event_loops_and_threads(backend: Backend)
     anyio.run(_async_contract, store, EntryKey("loops", "last"), backend="asyncio")
 
 
+def test_many_tasks_at_once_on_a_new_event_loop(backend: Backend) -> None:
+    """Ten tasks whose first calls race on a fresh event loop all succeed (asyncio twice, then trio)."""
+    store = backend.make()
+
+    async def cycle(key: EntryKey) -> None:
+        assert await store.aput(key, tokens(1), expected_version=None)
+        assert await store.aget(key) == tokens(1)
+        assert await store.adelete(key, expected_version=1)
+
+    async def many(run: int) -> None:
+        async with anyio.create_task_group() as group:
+            for task in range(10):
+                group.start_soon(cycle, EntryKey("many", f"{run}-{task}"))
+
+    for run, library in enumerate(["asyncio", "asyncio", "trio"]):
+        anyio.run(many, run, backend=library)
+
+
 def _sync_contract(storage: Storage, key: EntryKey) -> None:
     assert storage.put(key, tokens(1), expected_version=None)
     assert storage.put(key, tokens(2), expected_version=1)
@@ -475,8 +495,9 @@ def _assert_every_operation_fails_fast(store: Storage, within: float, names: set
 def test_redis_outage_raises_storage_error_fast_and_recovers() -> None:
     """With the server stopped or frozen, every operation raises StorageError within the socket
     timeout (sync, asyncio, trio); after a restart the same storage works again."""
-    server = RedisServer().start()
+    server = RedisServer()
     try:
+        server.start()
         store = RedisStorage.from_url(server.url, socket_timeout=0.2)
         store.put(KEY, tokens(1), expected_version=None)
         anyio.run(store.aget, KEY, backend="asyncio")  # open a pooled asyncio connection first
@@ -501,17 +522,35 @@ def test_redis_outage_raises_storage_error_fast_and_recovers() -> None:
         server.cleanup()
 
 
-def test_redis_keys_share_one_cluster_slot(redis_server: RedisServer) -> None:
+def test_redis_cluster_node_outage_raises_storage_error_fast_and_recovers(redis_cluster: RedisCluster) -> None:
+    """With the node that owns the key frozen, operations raise StorageError within the socket timeout
+    (no cluster-level retry series); once it answers again the same storage works."""
+    store = RedisStorage.from_url(redis_cluster.url, prefix="outage", socket_timeout=0.1)
+    assert isinstance(store, RedisStorage)
+    store.put(KEY, tokens(1), expected_version=None)
+    owner_port = store._sync.get_node_from_key(store._entry_key(KEY)).port
+    owner = next(node for node in redis_cluster.nodes if node.port == owner_port)
+    owner.pause()  # kept well under cluster-node-timeout, so the cluster does not fail the node
+    try:
+        _assert_every_operation_fails_fast(store, within=0.1 + 0.4, names={"get", "put", "watch", "aget"})
+    finally:
+        owner.resume()
+    assert store.get(KEY) == tokens(1)
+    assert anyio.run(store.aget, KEY, backend="asyncio") == tokens(1)
+    store.close()
+
+
+def test_redis_keys_share_one_cluster_slot() -> None:
     """Entry, lease and channel of a key hash to one Cluster slot, whatever braces the ids hold."""
     from redis.crc import key_slot
 
-    store = RedisStorage.from_url(redis_server.url, prefix="hua")
+    store = RedisStorage.from_url(UNUSED_URL, prefix="hua")  # builds keys, never connects
     for key in (KEY, EntryKey("{x}", "}y{"), EntryKey("a:b", "c")):
         names = [store._entry_key(key), store._lease_key(key), store._channel(key)]
         assert len({key_slot(name.encode()) for name in names}) == 1
     assert store._entry_key(EntryKey("gh{x}", "s:1")) == "hua:{gh%7Bx%7D:s%3A1}:entry"
     with pytest.raises(ValueError, match="prefix"):
-        RedisStorage.from_url(redis_server.url, prefix="a{b}")
+        RedisStorage.from_url(UNUSED_URL, prefix="a{b}")
     store.close()
 
 
@@ -575,18 +614,18 @@ def test_redis_watch_falls_back_to_polling_without_pubsub(redis_server: RedisSer
     store.close()
 
 
-def test_redis_refusals_never_echo_tokens(redis_server: RedisServer) -> None:
+def test_redis_refusals_never_echo_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
     """A server error that echoes the command's arguments is trimmed and redacted, and not chained."""
     import redis.exceptions
 
-    store = RedisStorage.from_url(redis_server.url, prefix="echo")
+    store = RedisStorage.from_url(UNUSED_URL, prefix="echo")
 
     def refuse(**_: Any) -> None:
         raise redis.exceptions.ResponseError(
             "unknown command 'EVALSHA', with args beginning with: 'x' '{\"access_token\":\"secret-access-1\"'"
         )
 
-    store._cas = refuse
+    monkeypatch.setattr(store, "_cas", refuse)
     with pytest.raises(StorageError, match="refused") as caught:
         store.put(KEY, tokens(1), expected_version=None)
     assert "secret" not in str(caught.value) and caught.value.__cause__ is None

@@ -38,14 +38,15 @@ class AsyncTokenOps:
         return tokens
 
     async def refresh_rejected(
-        self, session_id: str, rejected: str, expect: Binding | None = None
+        self, session_id: str, rejected: str, expect: Binding | None = None, took: float = 0.0
     ) -> UpstreamTokens:
-        """The entry to retry with after the API refused ``rejected``: the stored one if it differs
-        (someone refreshed meanwhile), else a new one from a single-flight refresh."""
+        """The entry to retry with after the API refused ``rejected`` in a request that took ``took``
+        seconds: the stored one if it differs (someone refreshed meanwhile) and stays fresh for that
+        long, else a new one from a single-flight refresh."""
         s = self._s
         key = s.key(session_id)
         s.forget(key, rejected)
-        tokens = await self._single_flight(key, Need(rejected))
+        tokens = await self._single_flight(key, Need(rejected, took))
         s.check_binding(tokens, expect)
         return tokens
 
