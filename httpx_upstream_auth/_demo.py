@@ -51,8 +51,13 @@ def make_manager(storage: str, base_url: str) -> TokenManager:
     return TokenManager(storage=open_storage(storage), refresher=refresher, provider_id=PROVIDER)
 
 
-async def run_worker(manager: TokenManager, base_url: str, seconds: float, tasks: int) -> dict[str, Any]:
-    """``tasks`` concurrent callers for ``seconds``; returns counts and latencies (ms)."""
+async def run_worker(
+    manager: TokenManager, base_url: str, seconds: float, tasks: int, session_id: str = SESSION, pause: float = 0.02
+) -> dict[str, Any]:
+    """``tasks`` concurrent callers of ``GET /api/me`` for ``seconds``, each pausing ``pause`` s between calls.
+
+    Returns counts (``ok``, ``failed``, ``errors`` by name), latencies in ms, and wall-clock start and end.
+    """
     ok = failed = 0
     errors: dict[str, int] = {}
     latencies: list[float] = []
@@ -75,13 +80,15 @@ async def run_worker(manager: TokenManager, base_url: str, seconds: float, tasks
                     failed += 1
                     name = f"HTTP {response.status_code}"
                     errors[name] = errors.get(name, 0) + 1
-            await anyio.sleep(0.01)
+            await anyio.sleep(pause)
 
-    async with httpx.AsyncClient(auth=manager.auth(SESSION), limits=httpx.Limits(max_connections=tasks)) as client:
-        async with anyio.create_task_group() as tg:
-            for _ in range(tasks):
-                tg.start_soon(caller, client)
-    return {"ok": ok, "failed": failed, "errors": errors, "latencies": latencies}
+    started = time.time()
+    limits = httpx.Limits(max_connections=tasks, max_keepalive_connections=tasks)
+    async with httpx.AsyncClient(auth=manager.auth(session_id), limits=limits) as client, anyio.create_task_group() as tg:
+        for _ in range(tasks):
+            tg.start_soon(caller, client)
+    return {"ok": ok, "failed": failed, "errors": errors, "latencies": latencies, "started": started,
+            "ended": time.time()}
 
 
 def worker_main(argv: list[str]) -> int:

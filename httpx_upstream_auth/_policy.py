@@ -19,27 +19,34 @@ class FreshnessPolicy:
 
     A token is refreshed once it is within ``leeway`` seconds of ``expires_at``; the leeway is capped at
     ``max_leeway_fraction`` of the token's lifetime, so a 2-second token is not refreshed on every request.
+    The caller may pass the recently observed request ``latency``: a token must not expire while a request
+    carrying it is on the way, so the leeway grows to the latency, up to ``max_latency_fraction`` of the
+    lifetime (beyond that, refreshing earlier would only trade expiries for refreshes).
     """
 
     leeway: float = 30.0
     max_leeway_fraction: float = 0.1
+    max_latency_fraction: float = 0.5
 
-    def effective_leeway(self, tokens: UpstreamTokens) -> float:
-        """The leeway for this token, after the lifetime cap."""
+    def effective_leeway(self, tokens: UpstreamTokens, latency: float = 0.0) -> float:
+        """The leeway for this token, after the lifetime caps."""
         if tokens.expires_at is None or tokens.issued_at is None:
-            return self.leeway
+            return max(self.leeway, latency)
         lifetime = max(tokens.expires_at - tokens.issued_at, 0.0)
-        return min(self.leeway, lifetime * self.max_leeway_fraction)
+        return max(
+            min(self.leeway, lifetime * self.max_leeway_fraction),
+            min(latency, lifetime * self.max_latency_fraction),
+        )
 
-    def fresh_until(self, tokens: UpstreamTokens) -> float:
+    def fresh_until(self, tokens: UpstreamTokens, latency: float = 0.0) -> float:
         """Epoch seconds until which the token is sent without refreshing (inf when expiry is unknown)."""
         if tokens.expires_at is None:
             return float("inf")
-        return tokens.expires_at - self.effective_leeway(tokens)
+        return tokens.expires_at - self.effective_leeway(tokens, latency)
 
-    def is_fresh(self, tokens: UpstreamTokens, now: float) -> bool:
+    def is_fresh(self, tokens: UpstreamTokens, now: float, latency: float = 0.0) -> bool:
         """True when the token can be sent as it is."""
-        return now < self.fresh_until(tokens)
+        return now < self.fresh_until(tokens, latency)
 
 
 def retention_deadline(tokens: UpstreamTokens, now: float, default_retention: float) -> float:

@@ -22,21 +22,19 @@ from ._synchronization import Flight, Outcome
 
 logger = logging.getLogger("httpx_upstream_auth")
 
+#: Seconds for the latency estimate to halve once requests get faster again.
+LATENCY_HALF_LIFE = 2.0
+
 
 @attrs.frozen
 class Need:
-    """What a caller needs from the key's entry: a fresh token, and not the one the API just refused.
-
-    ``margin``: how much longer than usual the token must stay fresh. After a 401 it is the time the
-    refused request took, so the replay does not carry a token that will expire on the way again.
-    """
+    """What a caller needs from the key's entry: a fresh token, and not the one the API just refused."""
 
     rejected: str | None = attrs.field(default=None, repr=False)
-    margin: float = 0.0
 
-    def satisfied_by(self, tokens: UpstreamTokens, policy: FreshnessPolicy, now: float) -> bool:
+    def satisfied_by(self, tokens: UpstreamTokens, state: ManagerState) -> bool:
         """True when ``tokens`` can be sent as they are."""
-        return tokens.access_token != self.rejected and policy.is_fresh(tokens, now + self.margin)
+        return tokens.access_token != self.rejected and state.is_fresh(tokens)
 
 
 class ManagerState:
@@ -63,39 +61,52 @@ class ManagerState:
         self.refresh_timeout = refresh_timeout
         self.lease_ttl = lease_ttl
         self.lease_wait = lease_wait
-        self._cache: cachetools.LRUCache[EntryKey, tuple[UpstreamTokens, float]] = cachetools.LRUCache(
-            maxsize=cache_size
-        )
+        self._cache: cachetools.LRUCache[EntryKey, UpstreamTokens] = cachetools.LRUCache(maxsize=cache_size)
         self._cache_lock = threading.Lock()
         self._flights: dict[EntryKey, Flight] = {}
         self._flights_lock = threading.Lock()
+        # Recent request round trips, as a maximum that halves every LATENCY_HALF_LIFE seconds. Updated
+        # without a lock: a lost update between racing threads only delays the estimate by one request.
+        self.latency = 0.0
+        self._latency_at = 0.0
 
     def key(self, session_id: str) -> EntryKey:
         """The storage key of a session of this provider."""
         return EntryKey(self.provider_id, session_id)
 
     # -- the in-process cache of fresh tokens ---------------------------------------------------------
-    def cached(self, key: EntryKey, now: float) -> UpstreamTokens | None:
+    def observe(self, took: float) -> None:
+        """Record one request's round trip (seconds), so tokens are refreshed before they could expire
+        on the way."""
+        now = self.clock.monotonic()
+        decayed = self.latency * 0.5 ** ((now - self._latency_at) / LATENCY_HALF_LIFE)
+        self.latency = took if took > decayed else decayed
+        self._latency_at = now
+
+    def is_fresh(self, tokens: UpstreamTokens) -> bool:
+        """True when the token can be sent now, given the policy and the observed latency."""
+        return self.policy.is_fresh(tokens, self.clock.time(), self.latency)
+
+    def cached(self, key: EntryKey) -> UpstreamTokens | None:
         """The cached entry while it is fresh, else ``None``."""
         with self._cache_lock:
-            hit = self._cache.get(key)
-        if hit is None or now >= hit[1]:
+            tokens = self._cache.get(key)
+        if tokens is None or not self.is_fresh(tokens):
             return None
-        return hit[0]
+        return tokens
 
     def remember(self, key: EntryKey, tokens: UpstreamTokens) -> None:
-        """Cache ``tokens`` until they stop being fresh (never past the access token's expiry)."""
-        fresh_until = self.policy.fresh_until(tokens)
+        """Cache ``tokens`` (an older version never replaces a newer one)."""
         with self._cache_lock:
             held = self._cache.get(key)
-            if held is None or held[0].version <= tokens.version or held[1] <= self.clock.time():
-                self._cache[key] = (tokens, fresh_until)
+            if held is None or held.version <= tokens.version:
+                self._cache[key] = tokens
 
     def forget(self, key: EntryKey, access_token: str | None = None) -> None:
         """Drop the cached entry (only if it still holds ``access_token``, when given)."""
         with self._cache_lock:
             held = self._cache.get(key)
-            if held is not None and (access_token is None or held[0].access_token == access_token):
+            if held is not None and (access_token is None or held.access_token == access_token):
                 del self._cache[key]
 
     # -- single flight ------------------------------------------------------------------------------

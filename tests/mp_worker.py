@@ -1,6 +1,6 @@
 """A worker process for the multi-process tests: its own TokenManager over a shared storage.
 
-    python tests/mp_worker.py herd STORAGE URL SECONDS TASKS    # tasks loop on GET /api/me; prints JSON counts
+    python tests/mp_worker.py herd STORAGE URL SECONDS TASKS PAUSE   # the demo's callers (tasks loop on GET /api/me); prints JSON counts
     python tests/mp_worker.py token STORAGE URL                 # one get_token; prints the entry's JSON
 Storage specs: ``sqlite:PATH`` or a redis URL. Lease settings come from HUA_REFRESH_TIMEOUT / HUA_LEASE_TTL.
 """
@@ -10,12 +10,10 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 
 import anyio
-import httpx
-
 import httpx_upstream_auth as hua
+from httpx_upstream_auth._demo import run_worker
 
 SESSION = "shared"
 
@@ -38,40 +36,12 @@ def manager(spec: str, url: str) -> hua.TokenManager:
     )
 
 
-async def herd(mgr: hua.TokenManager, url: str, seconds: float, tasks: int) -> dict[str, object]:
-    """``tasks`` callers for ``seconds``; counts 200s, other statuses and exceptions by name."""
-    ok = 0
-    failures: dict[str, int] = {}
-    started = time.time()
-    end = time.monotonic() + seconds
-
-    async def caller(client: httpx.AsyncClient) -> None:
-        nonlocal ok
-        while time.monotonic() < end:
-            try:
-                status = (await client.get(url + "/api/me")).status_code
-                name = "" if status == 200 else f"HTTP {status}"
-            except Exception as exc:  # counted by name: the test reports it
-                name = type(exc).__name__
-            if name:
-                failures[name] = failures.get(name, 0) + 1
-            else:
-                ok += 1
-            await anyio.sleep(0.02)
-
-    async with httpx.AsyncClient(auth=mgr.auth(SESSION), limits=httpx.Limits(max_connections=tasks)) as client:
-        async with anyio.create_task_group() as tg:
-            for _ in range(tasks):
-                tg.start_soon(caller, client)
-    return {"ok": ok, "failures": failures, "started": started, "ended": time.time()}
-
-
 def main(argv: list[str]) -> None:
     """Run one mode and print its JSON result on the last line."""
     mode, spec, url = argv[:3]
     mgr = manager(spec, url)
     if mode == "herd":
-        result = anyio.run(herd, mgr, url, float(argv[3]), int(argv[4]))
+        result = anyio.run(run_worker, mgr, url, float(argv[3]), int(argv[4]), SESSION, float(argv[5]))
     else:
         result = mgr.get_token(SESSION).to_dict()
     mgr.close()

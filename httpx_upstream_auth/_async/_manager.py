@@ -25,12 +25,11 @@ class AsyncTokenOps:
         """A fresh entry for the session, refreshed (once, across all callers) when needed."""
         s = self._s
         key = s.key(session_id)
-        now = s.clock.time()
-        tokens = s.cached(key, now)
+        tokens = s.cached(key)
         if tokens is None:
             tokens = await self._read(key)
             s.check_binding(tokens, expect)
-            if s.policy.is_fresh(tokens, now):
+            if s.is_fresh(tokens):
                 s.remember(key, tokens)
             else:
                 tokens = await self._single_flight(key, Need())
@@ -38,15 +37,14 @@ class AsyncTokenOps:
         return tokens
 
     async def refresh_rejected(
-        self, session_id: str, rejected: str, expect: Binding | None = None, took: float = 0.0
+        self, session_id: str, rejected: str, expect: Binding | None = None
     ) -> UpstreamTokens:
-        """The entry to retry with after the API refused ``rejected`` in a request that took ``took``
-        seconds: the stored one if it differs (someone refreshed meanwhile) and stays fresh for that
-        long, else a new one from a single-flight refresh."""
+        """The entry to retry with after the API refused ``rejected``: the stored one if it differs
+        (someone refreshed meanwhile) and is fresh, else a new one from a single-flight refresh."""
         s = self._s
         key = s.key(session_id)
         s.forget(key, rejected)
-        tokens = await self._single_flight(key, Need(rejected, took))
+        tokens = await self._single_flight(key, Need(rejected))
         s.check_binding(tokens, expect)
         return tokens
 
@@ -105,7 +103,7 @@ class AsyncTokenOps:
             if outcome.abandoned:
                 continue
             tokens = outcome.unwrap()
-            if outcome.refreshed or need.satisfied_by(tokens, s.policy, s.clock.time()):
+            if outcome.refreshed or need.satisfied_by(tokens, s):
                 return tokens
         raise RefreshFailed("the token kept changing during the refresh; retry the request", retryable=True)
 
@@ -116,7 +114,7 @@ class AsyncTokenOps:
         while True:
             # Re-read after winning: another task, thread or process may have refreshed already.
             current = await self._read(key)
-            if need.satisfied_by(current, s.policy, s.clock.time()):
+            if need.satisfied_by(current, s):
                 s.remember(key, current)
                 return current, False
             self._check_refreshable(current)
@@ -134,7 +132,7 @@ class AsyncTokenOps:
             try:
                 # Re-read under the lease: the previous holder may have saved just before releasing.
                 current = await self._read(key)
-                if need.satisfied_by(current, s.policy, s.clock.time()):
+                if need.satisfied_by(current, s):
                     s.remember(key, current)
                     return current, False
                 self._check_refreshable(current)
@@ -186,8 +184,13 @@ class AsyncTokenOps:
                 # The stored refresh token still works; serve the new access token from memory.
                 logger.debug("refresh of %s: save failed, the old refresh token stays valid", describe(key))
                 return fresh
+            # The write may have landed before the error (a timeout after the server ran it): look.
+            with contextlib.suppress(StorageError):
+                again = await s.storage.aget(key)
+                if again is not None and again.version == fresh.version and again.refresh_token == fresh.refresh_token:
+                    return again
             # Fail closed: the stored refresh token is consumed, and presenting it again would make the
-            # provider revoke the whole grant.
+            # provider revoke the whole grant. The delete is conditional, so a newer entry survives.
             s.forget(key)
             with contextlib.suppress(StorageError):
                 await s.storage.adelete(key, expected_version=current.version)

@@ -28,15 +28,15 @@ class SyncAuthFlow:
         Nothing is held across a ``yield``: httpx may close this generator there, from another task.
         """
         ops = self._manager._sync_ops
-        clock = self._manager._state.clock
+        state = self._manager._state
         tokens = ops.get_token(self._session_id, self._expect)
         request.headers["Authorization"] = tokens.authorization
-        sent = clock.monotonic()
+        sent = state.clock.monotonic()
         response = yield request
+        state.observe(state.clock.monotonic() - sent)
         if not is_token_rejected(response):
             return
-        took = clock.monotonic() - sent
-        tokens = ops.refresh_rejected(self._session_id, tokens.access_token, self._expect, took)
+        tokens = ops.refresh_rejected(self._session_id, tokens.access_token, self._expect)
         if not can_replay(request):
             # A one-shot body is never resent: the caller gets the 401, the next request the new token.
             return

@@ -26,12 +26,11 @@ class SyncTokenOps:
         """A fresh entry for the session, refreshed (once, across all callers) when needed."""
         s = self._s
         key = s.key(session_id)
-        now = s.clock.time()
-        tokens = s.cached(key, now)
+        tokens = s.cached(key)
         if tokens is None:
             tokens = self._read(key)
             s.check_binding(tokens, expect)
-            if s.policy.is_fresh(tokens, now):
+            if s.is_fresh(tokens):
                 s.remember(key, tokens)
             else:
                 tokens = self._single_flight(key, Need())
@@ -39,15 +38,14 @@ class SyncTokenOps:
         return tokens
 
     def refresh_rejected(
-        self, session_id: str, rejected: str, expect: Binding | None = None, took: float = 0.0
+        self, session_id: str, rejected: str, expect: Binding | None = None
     ) -> UpstreamTokens:
-        """The entry to retry with after the API refused ``rejected`` in a request that took ``took``
-        seconds: the stored one if it differs (someone refreshed meanwhile) and stays fresh for that
-        long, else a new one from a single-flight refresh."""
+        """The entry to retry with after the API refused ``rejected``: the stored one if it differs
+        (someone refreshed meanwhile) and is fresh, else a new one from a single-flight refresh."""
         s = self._s
         key = s.key(session_id)
         s.forget(key, rejected)
-        tokens = self._single_flight(key, Need(rejected, took))
+        tokens = self._single_flight(key, Need(rejected))
         s.check_binding(tokens, expect)
         return tokens
 
@@ -106,7 +104,7 @@ class SyncTokenOps:
             if outcome.abandoned:
                 continue
             tokens = outcome.unwrap()
-            if outcome.refreshed or need.satisfied_by(tokens, s.policy, s.clock.time()):
+            if outcome.refreshed or need.satisfied_by(tokens, s):
                 return tokens
         raise RefreshFailed("the token kept changing during the refresh; retry the request", retryable=True)
 
@@ -117,7 +115,7 @@ class SyncTokenOps:
         while True:
             # Re-read after winning: another task, thread or process may have refreshed already.
             current = self._read(key)
-            if need.satisfied_by(current, s.policy, s.clock.time()):
+            if need.satisfied_by(current, s):
                 s.remember(key, current)
                 return current, False
             self._check_refreshable(current)
@@ -135,7 +133,7 @@ class SyncTokenOps:
             try:
                 # Re-read under the lease: the previous holder may have saved just before releasing.
                 current = self._read(key)
-                if need.satisfied_by(current, s.policy, s.clock.time()):
+                if need.satisfied_by(current, s):
                     s.remember(key, current)
                     return current, False
                 self._check_refreshable(current)
@@ -187,8 +185,13 @@ class SyncTokenOps:
                 # The stored refresh token still works; serve the new access token from memory.
                 logger.debug("refresh of %s: save failed, the old refresh token stays valid", describe(key))
                 return fresh
+            # The write may have landed before the error (a timeout after the server ran it): look.
+            with contextlib.suppress(StorageError):
+                again = s.storage.get(key)
+                if again is not None and again.version == fresh.version and again.refresh_token == fresh.refresh_token:
+                    return again
             # Fail closed: the stored refresh token is consumed, and presenting it again would make the
-            # provider revoke the whole grant.
+            # provider revoke the whole grant. The delete is conditional, so a newer entry survives.
             s.forget(key)
             with contextlib.suppress(StorageError):
                 s.storage.delete(key, expected_version=current.version)
