@@ -84,7 +84,8 @@ async def run_worker(
 
     started = time.time()
     limits = httpx.Limits(max_connections=tasks, max_keepalive_connections=tasks)
-    async with httpx.AsyncClient(auth=manager.auth(session_id), limits=limits) as client, anyio.create_task_group() as tg:
+    auth = manager.auth(session_id)
+    async with httpx.AsyncClient(auth=auth, limits=limits) as client, anyio.create_task_group() as tg:
         for _ in range(tasks):
             tg.start_soon(caller, client)
     return {"ok": ok, "failed": failed, "errors": errors, "latencies": latencies, "started": started,

@@ -1,6 +1,6 @@
 """A worker process for the multi-process tests: its own TokenManager over a shared storage.
 
-    python tests/mp_worker.py herd STORAGE URL SECONDS TASKS PAUSE   # the demo's callers (tasks loop on GET /api/me); prints JSON counts
+    python tests/mp_worker.py herd STORAGE URL SECONDS TASKS PAUSE START   # the demo's callers (tasks loop on GET /api/me); prints JSON counts
     python tests/mp_worker.py token STORAGE URL                 # one get_token; prints the entry's JSON
 Storage specs: ``sqlite:PATH`` or a redis URL. Lease settings come from HUA_REFRESH_TIMEOUT / HUA_LEASE_TTL.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import anyio
 import httpx_upstream_auth as hua
@@ -41,6 +42,7 @@ def main(argv: list[str]) -> None:
     mode, spec, url = argv[:3]
     mgr = manager(spec, url)
     if mode == "herd":
+        time.sleep(max(float(argv[6]) - time.time(), 0))  # start together, once every process has imported
         result = anyio.run(run_worker, mgr, url, float(argv[3]), int(argv[4]), SESSION, float(argv[5]))
     else:
         result = mgr.get_token(SESSION).to_dict()
