@@ -124,6 +124,17 @@ def _published_version(message: dict[str, Any]) -> tuple[bool, int | None]:
         return False, None
 
 
+def _verdict(message: dict[str, Any] | None, version: int | None) -> str | None:
+    """What a pub/sub message means to a watcher of ``version``: ``"changed"`` (return now), ``"recheck"``
+    (a notification we could not read: look at the entry), or ``None`` (nothing for us)."""
+    if message is None or _kind(message) not in ("message", "smessage"):
+        return None
+    understood, saved = _published_version(message)
+    if not understood:
+        return "recheck"
+    return "changed" if saved != version else None
+
+
 class _LoopClient:
     """An asyncio client, with its scripts, that belongs to one event loop."""
 
@@ -427,13 +438,11 @@ class RedisStorage(Storage):
                     if subscription is None:
                         time.sleep(wait)
                     else:
-                        message = subscription[1](wait)
-                        if message is not None and _kind(message) in ("message", "smessage"):
-                            understood, saved = _published_version(message)
-                            if understood and saved != version:
-                                return
-                            if not understood:
-                                next_check = 0.0
+                        verdict = _verdict(subscription[1](wait), version)
+                        if verdict == "changed":
+                            return
+                        if verdict == "recheck":
+                            next_check = 0.0
                     if time.monotonic() >= next_check:
                         if self._version(client, key) != version:
                             return
@@ -490,13 +499,11 @@ class RedisStorage(Storage):
                     if receive is None:
                         await anyio.sleep(wait)
                     else:
-                        message = await receive(wait)
-                        if message is not None and _kind(message) in ("message", "smessage"):
-                            understood, saved = _published_version(message)
-                            if understood and saved != version:
-                                return
-                            if not understood:
-                                next_check = 0.0
+                        verdict = _verdict(await receive(wait), version)
+                        if verdict == "changed":
+                            return
+                        if verdict == "recheck":
+                            next_check = 0.0
                     if time.monotonic() >= next_check:
                         if self._decode_version(key, await client.get(self._entry_key(key))) != version:
                             return
