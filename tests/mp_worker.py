@@ -1,6 +1,7 @@
 """A worker process for the multi-process tests: its own TokenManager over a shared storage.
 
-    python tests/mp_worker.py herd STORAGE URL SECONDS TASKS PAUSE START   # the demo's callers (tasks loop on GET /api/me); prints JSON counts
+    python tests/mp_worker.py herd STORAGE URL SECONDS TASKS PAUSE START
+        # the demo's callers (tasks loop on GET /api/me) from wall time START; prints JSON counts
     python tests/mp_worker.py token STORAGE URL                 # one get_token; prints the entry's JSON
 Storage specs: ``sqlite:PATH`` or a redis URL. Lease settings come from HUA_REFRESH_TIMEOUT / HUA_LEASE_TTL.
 """
@@ -13,6 +14,7 @@ import sys
 import time
 
 import anyio
+
 import httpx_upstream_auth as hua
 from httpx_upstream_auth._demo import run_worker
 
