@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -27,6 +28,8 @@ from ._refresher import OAuth2Refresher
 from ._storage import Storage
 
 SESSION = "demo-session"
+#: Seconds each demo caller waits between its requests.
+PAUSE = 0.05
 PROVIDER = "local"
 
 
@@ -94,9 +97,10 @@ async def run_worker(
 
 def worker_main(argv: list[str]) -> int:
     """Entry of one demo worker process: prints its result as one JSON line."""
-    storage, base_url, seconds, tasks = argv[0], argv[1], float(argv[2]), int(argv[3])
+    storage, base_url, seconds, tasks, start = argv[0], argv[1], float(argv[2]), int(argv[3]), float(argv[4])
     manager = make_manager(storage, base_url)
-    result = anyio.run(run_worker, manager, base_url, seconds, tasks)
+    time.sleep(max(start - time.time(), 0.0))  # every worker starts calling at once, after its imports
+    result = anyio.run(run_worker, manager, base_url, seconds, tasks, SESSION, PAUSE)
     manager.close()
     print(json.dumps(result))
     return 0
@@ -108,7 +112,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--storage", default="sqlite", help="sqlite (default, a temporary file), "
                         "sqlite:PATH, memory, or a redis:// URL")
     parser.add_argument("--processes", type=int, default=2, help="worker processes (memory: always 1)")
-    parser.add_argument("--tasks", type=int, default=50, help="concurrent callers per process")
+    parser.add_argument("--tasks", type=int, default=25, help="concurrent callers per process")
     parser.add_argument("--seconds", type=float, default=8.0, help="how long the callers run")
     parser.add_argument("--token-ttl", type=float, default=2.0, help="access token lifetime in seconds")
     args = parser.parse_args(argv)
@@ -127,7 +131,7 @@ def main(argv: list[str]) -> int:
             print(f"demo: {processes} process(es) x {args.tasks} tasks for {args.seconds:.0f} s, "
                   f"{args.token_ttl:g}-second tokens, storage {args.storage}", flush=True)
             if processes == 1:
-                results = [anyio.run(run_worker, manager, server.url, args.seconds, args.tasks)]
+                results = [anyio.run(run_worker, manager, server.url, args.seconds, args.tasks, SESSION, PAUSE)]
             else:
                 results = _run_processes(storage, server.url, args, processes)
             manager.close()
@@ -136,8 +140,9 @@ def main(argv: list[str]) -> int:
 
 
 def _run_processes(storage: str, url: str, args: argparse.Namespace, processes: int) -> list[dict[str, Any]]:
+    start = time.time() + 2.0
     command = [sys.executable, "-m", "httpx_upstream_auth", "demo-worker", storage, url, str(args.seconds),
-               str(args.tasks)]
+               str(args.tasks), str(start)]
     procs = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(processes)]
     results = []
     for proc in procs:
@@ -152,7 +157,8 @@ def _summary(results: list[dict[str, Any]], stats: dict[str, int], args: argpars
     ok = sum(r["ok"] for r in results)
     failed = sum(r["failed"] for r in results)
     latencies = sorted(x for r in results for x in r["latencies"])
-    expiries = int(args.seconds / args.token_ttl) + 1
+    elapsed = max(r["ended"] for r in results) - min(r["started"] for r in results)
+    expiries = math.ceil(elapsed / args.token_ttl)
     p50 = statistics.median(latencies) if latencies else 0.0
     p99 = latencies[int(len(latencies) * 0.99)] if latencies else 0.0
     print(f"requests:  {ok + failed} ({ok} ok, {failed} failed)")
