@@ -417,3 +417,23 @@ def test_lease_ttl_must_outlive_refresh_timeout(make_manager: ManagerFactory) ->
     """A lease shorter than the refresh it guards is refused at construction."""
     with pytest.raises(ValueError, match="lease_ttl"):
         make_manager(refresh_timeout=15.0, lease_ttl=10.0)
+
+
+def test_observed_latency_is_a_decaying_maximum() -> None:
+    """The manager's latency estimate jumps to a slow round trip and halves every LATENCY_HALF_LIFE seconds."""
+    from httpx_upstream_auth._state import LATENCY_HALF_LIFE
+
+    clock = FakeClock()
+    manager = TokenManager(
+        refresher=OAuth2Refresher("http://127.0.0.1:1/token", "c", "s"), provider_id="local", clock=clock
+    )
+    state = manager._state
+    state.observe(0.8)
+    state.observe(0.1)
+    assert state.latency == pytest.approx(0.8)
+    clock.advance(LATENCY_HALF_LIFE)
+    state.observe(0.1)
+    assert state.latency == pytest.approx(0.4)
+    clock.advance(10 * LATENCY_HALF_LIFE)
+    state.observe(0.05)
+    assert state.latency == pytest.approx(0.05)
