@@ -108,6 +108,14 @@ class TokenManager:
     def close(self) -> None:
         """Close the storage and the refresher's own client."""
         self._state.storage.close()
+        self._close_refresher()
+
+    async def aclose(self) -> None:
+        """Async twin of :meth:`close`."""
+        await self._state.storage.aclose()
+        self._close_refresher()
+
+    def _close_refresher(self) -> None:
         close = getattr(self._state.refresher, "close", None)
         if close is not None:
             close()
