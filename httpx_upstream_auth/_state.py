@@ -10,7 +10,6 @@ import logging
 import threading
 
 import attrs
-import cachetools
 
 from ._clock import Clock
 from ._exceptions import BindingMismatch
@@ -61,7 +60,11 @@ class ManagerState:
         self.refresh_timeout = refresh_timeout
         self.lease_ttl = lease_ttl
         self.lease_wait = lease_wait
-        self._cache: cachetools.LRUCache[EntryKey, UpstreamTokens] = cachetools.LRUCache(maxsize=cache_size)
+        # session id -> (tokens, expires_at or inf, leeway, latency cap): the freshness inputs are computed
+        # once per entry so the hot path is a dict read and a few float operations. Reads take no lock
+        # (a dict read is atomic); writes do, and evict the oldest entries beyond cache_size.
+        self._cache: dict[str, tuple[UpstreamTokens, float, float, float]] = {}
+        self._cache_size = cache_size
         self._cache_lock = threading.Lock()
         self._flights: dict[EntryKey, Flight] = {}
         self._flights_lock = threading.Lock()
@@ -87,27 +90,40 @@ class ManagerState:
         """True when the token can be sent now, given the policy and the observed latency."""
         return self.policy.is_fresh(tokens, self.clock.time(), self.latency)
 
-    def cached(self, key: EntryKey) -> UpstreamTokens | None:
-        """The cached entry while it is fresh, else ``None``."""
-        with self._cache_lock:
-            tokens = self._cache.get(key)
-        if tokens is None or not self.is_fresh(tokens):
+    def cached(self, session_id: str) -> UpstreamTokens | None:
+        """The cached entry while it is fresh, else ``None``. The request hot path: no lock, no I/O."""
+        hit = self._cache.get(session_id)
+        if hit is None:
             return None
-        return tokens
+        tokens, expires_at, leeway, latency_cap = hit
+        latency = self.latency
+        if latency > leeway:
+            leeway = latency if latency < latency_cap else max(latency_cap, leeway)
+        return tokens if self.clock.time() < expires_at - leeway else None
 
     def remember(self, key: EntryKey, tokens: UpstreamTokens) -> None:
         """Cache ``tokens`` (an older version never replaces a newer one)."""
+        policy = self.policy
+        if tokens.expires_at is None:
+            entry = (tokens, float("inf"), 0.0, 0.0)
+        else:
+            lifetime = None if tokens.issued_at is None else max(tokens.expires_at - tokens.issued_at, 0.0)
+            cap = float("inf") if lifetime is None else lifetime * policy.max_latency_fraction
+            entry = (tokens, tokens.expires_at, policy.effective_leeway(tokens), cap)
         with self._cache_lock:
-            held = self._cache.get(key)
-            if held is None or held.version <= tokens.version:
-                self._cache[key] = tokens
+            held = self._cache.get(key.session_id)
+            if held is None or held[0].version <= tokens.version:
+                self._cache.pop(key.session_id, None)  # re-insert at the end: eviction takes the oldest
+                self._cache[key.session_id] = entry
+                while len(self._cache) > self._cache_size:
+                    del self._cache[next(iter(self._cache))]
 
     def forget(self, key: EntryKey, access_token: str | None = None) -> None:
         """Drop the cached entry (only if it still holds ``access_token``, when given)."""
         with self._cache_lock:
-            held = self._cache.get(key)
-            if held is not None and (access_token is None or held.access_token == access_token):
-                del self._cache[key]
+            held = self._cache.get(key.session_id)
+            if held is not None and (access_token is None or held[0].access_token == access_token):
+                del self._cache[key.session_id]
 
     # -- single flight ------------------------------------------------------------------------------
     def join_flight(self, key: EntryKey) -> tuple[Flight, bool]:

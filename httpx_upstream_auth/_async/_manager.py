@@ -24,9 +24,9 @@ class AsyncTokenOps:
     async def get_token(self, session_id: str, expect: Binding | None = None) -> UpstreamTokens:
         """A fresh entry for the session, refreshed (once, across all callers) when needed."""
         s = self._s
-        key = s.key(session_id)
-        tokens = s.cached(key)
+        tokens = s.cached(session_id)
         if tokens is None:
+            key = s.key(session_id)
             tokens = await self._read(key)
             s.check_binding(tokens, expect)
             if s.is_fresh(tokens):
