@@ -26,7 +26,7 @@ class FreshnessPolicy:
 
     leeway: float = 30.0
     max_leeway_fraction: float = 0.1
-    max_latency_fraction: float = 0.5
+    max_latency_fraction: float = 0.35
 
     def effective_leeway(self, tokens: UpstreamTokens, latency: float = 0.0) -> float:
         """The leeway for this token, after the lifetime caps."""

@@ -282,13 +282,13 @@ def test_read_generator_body_can_replay() -> None:
     assert can_replay(request)
 
 
-def test_leeway_grows_with_observed_latency_up_to_half_the_lifetime() -> None:
-    """A token must outlive the request carrying it: the leeway is at least the latency, capped at half the life."""
+def test_leeway_grows_with_observed_latency_up_to_a_third_of_the_lifetime() -> None:
+    """A token must outlive the request carrying it: the leeway is at least the latency, capped at 35% of its life."""
     policy = FreshnessPolicy()
     one_second = full_tokens(issued_at=NOW, expires_at=NOW + 1)
     assert policy.effective_leeway(one_second, latency=0.0) == pytest.approx(0.1)
     assert policy.effective_leeway(one_second, latency=0.3) == pytest.approx(0.3)
-    assert policy.effective_leeway(one_second, latency=5.0) == pytest.approx(0.5)
+    assert policy.effective_leeway(one_second, latency=5.0) == pytest.approx(0.35)
     hour = full_tokens(issued_at=NOW, expires_at=NOW + 3600)
     assert policy.effective_leeway(hour, latency=2.0) == 30.0
     assert not policy.is_fresh(one_second, NOW + 0.75, latency=0.3)
