@@ -20,7 +20,7 @@ from ._exceptions import (
 from ._manager import TokenManager
 from ._memory import MemoryStorage
 from ._models import Binding, EntryKey, UpstreamTokens
-from ._policy import FreshnessPolicy, can_replay, is_token_rejected
+from ._policy import FreshnessBounds, FreshnessPolicy, can_replay, is_token_rejected
 from ._redis import RedisStorage
 from ._refresher import OAuth2Refresher, Refresher
 from ._sqlite import SQLiteStorage
@@ -35,6 +35,7 @@ __all__ = [
     "BindingMismatch",
     "Clock",
     "EntryKey",
+    "FreshnessBounds",
     "FreshnessPolicy",
     "Lease",
     "MemoryStorage",

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 
 from ._models import UpstreamTokens
 
-__all__ = ["FreshnessPolicy", "can_replay", "is_token_rejected", "retention_deadline"]
+__all__ = ["FreshnessBounds", "FreshnessPolicy", "can_replay", "is_token_rejected", "retention_deadline"]
 
 DEFAULT_RETENTION = 30 * 24 * 3600.0
 
@@ -28,25 +28,46 @@ class FreshnessPolicy:
     max_leeway_fraction: float = 0.1
     max_latency_fraction: float = 0.35
 
+    def bounds(self, tokens: UpstreamTokens) -> FreshnessBounds:
+        """The token's freshness inputs, computed once (callers may keep them with the token)."""
+        if tokens.expires_at is None:
+            return FreshnessBounds(float("inf"), self.leeway, float("inf"))
+        if tokens.issued_at is None:
+            return FreshnessBounds(tokens.expires_at, self.leeway, float("inf"))
+        lifetime = max(tokens.expires_at - tokens.issued_at, 0.0)
+        return FreshnessBounds(
+            tokens.expires_at,
+            min(self.leeway, lifetime * self.max_leeway_fraction),
+            lifetime * self.max_latency_fraction,
+        )
+
     def effective_leeway(self, tokens: UpstreamTokens, latency: float = 0.0) -> float:
         """The leeway for this token, after the lifetime caps."""
-        if tokens.expires_at is None or tokens.issued_at is None:
-            return max(self.leeway, latency)
-        lifetime = max(tokens.expires_at - tokens.issued_at, 0.0)
-        return max(
-            min(self.leeway, lifetime * self.max_leeway_fraction),
-            min(latency, lifetime * self.max_latency_fraction),
-        )
+        return self.bounds(tokens).leeway_for(latency)
 
     def fresh_until(self, tokens: UpstreamTokens, latency: float = 0.0) -> float:
         """Epoch seconds until which the token is sent without refreshing (inf when expiry is unknown)."""
-        if tokens.expires_at is None:
-            return float("inf")
-        return tokens.expires_at - self.effective_leeway(tokens, latency)
+        return self.bounds(tokens).fresh_until(latency)
 
     def is_fresh(self, tokens: UpstreamTokens, now: float, latency: float = 0.0) -> bool:
         """True when the token can be sent as it is."""
-        return now < self.fresh_until(tokens, latency)
+        return now < self.bounds(tokens).fresh_until(latency)
+
+
+class FreshnessBounds(NamedTuple):
+    """A token's freshness inputs: its expiry (inf when unknown), its leeway, and the latency cap."""
+
+    expires_at: float
+    leeway: float
+    latency_cap: float
+
+    def leeway_for(self, latency: float) -> float:
+        """The leeway once the observed ``latency`` is taken into account."""
+        return max(self.leeway, min(latency, self.latency_cap))
+
+    def fresh_until(self, latency: float = 0.0) -> float:
+        """Epoch seconds until which the token is sent without refreshing."""
+        return self.expires_at - self.leeway_for(latency)
 
 
 def retention_deadline(tokens: UpstreamTokens, now: float, default_retention: float) -> float:

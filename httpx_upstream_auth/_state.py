@@ -14,7 +14,7 @@ import attrs
 from ._clock import Clock
 from ._exceptions import BindingMismatch
 from ._models import Binding, EntryKey, UpstreamTokens
-from ._policy import FreshnessPolicy
+from ._policy import FreshnessBounds, FreshnessPolicy
 from ._refresher import Refresher
 from ._storage import Storage
 from ._synchronization import Flight, Outcome
@@ -60,10 +60,10 @@ class ManagerState:
         self.refresh_timeout = refresh_timeout
         self.lease_ttl = lease_ttl
         self.lease_wait = lease_wait
-        # session id -> (tokens, expires_at or inf, leeway, latency cap): the freshness inputs are computed
-        # once per entry so the hot path is a dict read and a few float operations. Reads take no lock
-        # (a dict read is atomic); writes do, and evict the oldest entries beyond cache_size.
-        self._cache: dict[str, tuple[UpstreamTokens, float, float, float]] = {}
+        # session id -> (tokens, their freshness bounds, computed once per entry): the hot path is a dict
+        # read and a few float operations. Reads take no lock (a dict read is atomic); writes do, and
+        # evict the oldest entries beyond cache_size.
+        self._cache: dict[str, tuple[UpstreamTokens, FreshnessBounds]] = {}
         self._cache_size = cache_size
         self._cache_lock = threading.Lock()
         self._flights: dict[EntryKey, Flight] = {}
@@ -95,21 +95,12 @@ class ManagerState:
         hit = self._cache.get(session_id)
         if hit is None:
             return None
-        tokens, expires_at, leeway, latency_cap = hit
-        latency = self.latency
-        if latency > leeway:
-            leeway = latency if latency < latency_cap else max(latency_cap, leeway)
-        return tokens if self.clock.time() < expires_at - leeway else None
+        tokens, bounds = hit
+        return tokens if self.clock.time() < bounds.fresh_until(self.latency) else None
 
     def remember(self, key: EntryKey, tokens: UpstreamTokens) -> None:
         """Cache ``tokens`` (an older version never replaces a newer one)."""
-        policy = self.policy
-        if tokens.expires_at is None:
-            entry = (tokens, float("inf"), 0.0, 0.0)
-        else:
-            lifetime = None if tokens.issued_at is None else max(tokens.expires_at - tokens.issued_at, 0.0)
-            cap = float("inf") if lifetime is None else lifetime * policy.max_latency_fraction
-            entry = (tokens, tokens.expires_at, policy.effective_leeway(tokens), cap)
+        entry = (tokens, self.policy.bounds(tokens))
         with self._cache_lock:
             held = self._cache.get(key.session_id)
             if held is None or held[0].version <= tokens.version:
