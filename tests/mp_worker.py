@@ -16,18 +16,14 @@ import time
 import anyio
 
 import httpx_upstream_auth as hua
-from httpx_upstream_auth._demo import run_worker
+from httpx_upstream_auth._demo import open_storage, run_worker
 
 SESSION = "shared"
 
 
 def manager(spec: str, url: str) -> hua.TokenManager:
     """A manager like every process of the app would build."""
-    storage: hua.Storage
-    if spec.startswith("sqlite:"):
-        storage = hua.SQLiteStorage(spec.removeprefix("sqlite:"))
-    else:
-        storage = hua.RedisStorage.from_url(spec)
+    storage = open_storage(spec)
     refresh_timeout = float(os.environ.get("HUA_REFRESH_TIMEOUT", "15"))
     lease_ttl = float(os.environ.get("HUA_LEASE_TTL", str(refresh_timeout + 5)))
     return hua.TokenManager(

@@ -17,6 +17,7 @@ import pytest
 from redis_servers import RedisServer
 
 import httpx_upstream_auth as hua
+from httpx_upstream_auth._demo import open_storage
 from httpx_upstream_auth.testing import LocalProvider, ServerThread
 
 WORKER = str(Path(__file__).with_name("mp_worker.py"))
@@ -34,13 +35,6 @@ def storage_spec(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         yield server.url
     finally:
         server.cleanup()
-
-
-def open_storage(spec: str) -> hua.Storage:
-    """The parent's own handle on the shared storage."""
-    if spec.startswith("sqlite:"):
-        return hua.SQLiteStorage(spec.removeprefix("sqlite:"))
-    return hua.RedisStorage.from_url(spec)
 
 
 def seed(provider: LocalProvider, spec: str, *, expired: bool) -> hua.UpstreamTokens:
