@@ -73,10 +73,10 @@ def test_four_processes_share_one_refresh_per_expiry(storage_spec: str) -> None:
     provider = LocalProvider(access_ttl=1.0)
     with ServerThread(provider) as server:
         seed(provider, storage_spec, expired=True)
-        # Each task pauses 100 ms between calls: the 2 cores are shared by 100 callers and the provider, and the
+        # Each task pauses 250 ms between calls: the 2 cores are shared by 100 callers and the provider, and the
         # point is the refresh protocol, not how fast this machine can serve loopback HTTP.
         start = str(time.time() + 3)
-        procs = [spawn("herd", storage_spec, server.url, "8", "25", "0.1", start) for _ in range(4)]
+        procs = [spawn("herd", storage_spec, server.url, "8", "25", "0.25", start) for _ in range(4)]
         results = [result_of(p) for p in procs]
         stats = provider.stats
     ok = sum(int(r["ok"]) for r in results)  # type: ignore[call-overload]
