@@ -37,26 +37,33 @@ class ReauthenticationRequired(UpstreamAuthError):
 class RefreshFailed(UpstreamAuthError):
     """The refresh could not complete now (network, 5xx, 429, timeout, malformed response).
 
-    Stored tokens are untouched. ``retryable`` is true when the same call may succeed later
-    (network trouble, 5xx, 429, timeout) and false when a configuration change is needed
-    (bad client credentials, a token URL that is refused).
+    ``retryable`` is true when the same call may succeed later (network trouble, 5xx, 429, timeout)
+    and false when a configuration change is needed (bad client credentials, a token URL that is
+    refused). ``may_have_rotated`` is true when the request may have reached the provider and its
+    answer was lost or unusable (a read timeout, a 200 that could not be read): the provider may have
+    consumed the refresh token, so the manager removes the entry rather than present it again.
+    Otherwise stored tokens are untouched.
     """
 
-    def __init__(self, message: str, *, retryable: bool, status_code: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, retryable: bool, status_code: int | None = None, may_have_rotated: bool = False
+    ) -> None:
         super().__init__(message)
         self.retryable = retryable
         self.status_code = status_code
+        self.may_have_rotated = may_have_rotated
 
     def __reduce__(self) -> tuple[object, ...]:
-        # copy.copy (each flight follower gets its own copy) and pickle rebuild an exception as
-        # ``cls(*args)``; ours has keyword-only fields, so say how to rebuild it.
-        return (_rebuild_refresh_failed, (type(self), str(self), self.retryable, self.status_code), self.__dict__)
+        # copy.copy (each waiter gets its own copy) and pickle rebuild an exception as ``cls(*args)``;
+        # ours has keyword-only fields, so say how to rebuild it.
+        fields = (type(self), str(self), self.retryable, self.status_code, self.may_have_rotated)
+        return (_rebuild_refresh_failed, fields, self.__dict__)
 
 
 def _rebuild_refresh_failed(
-    cls: type[RefreshFailed], message: str, retryable: bool, status_code: int | None
+    cls: type[RefreshFailed], message: str, retryable: bool, status_code: int | None, may_have_rotated: bool
 ) -> RefreshFailed:
-    return cls(message, retryable=retryable, status_code=status_code)
+    return cls(message, retryable=retryable, status_code=status_code, may_have_rotated=may_have_rotated)
 
 
 class BindingMismatch(UpstreamAuthError):

@@ -44,7 +44,8 @@ class MemoryStorage(Storage):
             if (None if found is None else found[0].version) != expected_version:
                 return False
             self._entries[key] = (tokens, retention_deadline(tokens, time.time(), self.retention))
-            return True
+        self.notify_change(key)
+        return True
 
     def delete(self, key: EntryKey, *, expected_version: int | None = None) -> bool:
         """Remove the entry (only at ``expected_version`` when given)."""
@@ -53,7 +54,8 @@ class MemoryStorage(Storage):
             if found is None or (expected_version is not None and found[0].version != expected_version):
                 return False
             del self._entries[key]
-            return True
+        self.notify_change(key)
+        return True
 
     def __len__(self) -> int:
         with self._lock:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -112,4 +113,14 @@ class EntryKey:
     session_id: str
 
     def __str__(self) -> str:
-        return f"{self.provider_id}:{self.session_id}"
+        # A session id can be a bearer secret (a gateway's cookie): never print it.
+        return f"{self.provider_id}:{self.digest[:12]}"
+
+    def __repr__(self) -> str:
+        return f"EntryKey(provider_id={self.provider_id!r}, digest={self.digest[:12]!r})"
+
+    @property
+    def digest(self) -> str:
+        """A stable hex digest of (provider, session): how storages name the entry without the session id."""
+        raw = self.provider_id.encode("utf-8", "surrogatepass") + b"\0" + self.session_id.encode("utf-8", "surrogatepass")
+        return hashlib.sha256(raw).hexdigest()[:32]

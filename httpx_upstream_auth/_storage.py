@@ -9,10 +9,12 @@ directly when the backend never blocks (``blocking = False``).
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import anyio
 import anyio.to_thread
@@ -21,7 +23,11 @@ import attrs
 from ._models import EntryKey, UpstreamTokens
 from ._policy import DEFAULT_RETENTION
 
-__all__ = ["Lease", "Storage"]
+__all__ = ["ChangeCallback", "Lease", "Storage"]
+
+#: Called with the digest (:attr:`EntryKey.digest`) of an entry that was saved or deleted, or with
+#: ``None`` when the store cannot tell which entries changed (every cached entry should be re-read).
+ChangeCallback = Callable[[str | None], None]
 
 
 @attrs.frozen
@@ -61,6 +67,7 @@ class Storage(ABC):
         self.retention = retention
         self._leases: dict[EntryKey, tuple[str, float]] = {}
         self._leases_lock = threading.Lock()
+        self._subscribers: list[ChangeCallback] = []
 
     # -- the abstract surface -------------------------------------------------------------------
     @abstractmethod
@@ -96,6 +103,43 @@ class Storage(ABC):
             held = self._leases.get(lease.key)
             if held is not None and held[0] == lease.owner:
                 del self._leases[lease.key]
+
+    def renew_lease(self, lease: Lease) -> bool:
+        """Extend a lease we hold to ``lease.ttl`` from now; False when it is no longer ours.
+
+        The manager renews its lease every third of its ttl while a refresh runs, so a slow provider
+        never lets a second process in, while a dead process's lease still runs out.
+        """
+        now = time.monotonic()
+        with self._leases_lock:
+            held = self._leases.get(lease.key)
+            if held is None or held[0] != lease.owner or held[1] <= now:
+                return False
+            self._leases[lease.key] = (lease.owner, now + lease.ttl)
+            return True
+
+    def subscribe(self, callback: ChangeCallback) -> Callable[[], None] | None:
+        """Call ``callback`` after every save or delete of any entry, until the returned function is called.
+
+        Lets a manager drop a cached token that another worker replaced or deleted (a logout). The
+        default reports writes made through this storage object, which is every write for a store
+        that lives in this process; shared backends override it to report other processes' writes
+        too. Returns ``None`` when the backend cannot report changes at all.
+        """
+        with self._leases_lock:
+            self._subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            with self._leases_lock, contextlib.suppress(ValueError):
+                self._subscribers.remove(callback)
+
+        return unsubscribe
+
+    def notify_change(self, key: EntryKey | None) -> None:
+        """Tell this process's subscribers that ``key`` was saved or deleted (backends call it after writes)."""
+        digest = None if key is None else key.digest
+        for callback in list(self._subscribers):
+            callback(digest)
 
     def watch(self, key: EntryKey, version: int | None, timeout: float) -> None:
         """Return once the entry's version differs from ``version``, or after ``timeout`` seconds."""
@@ -138,6 +182,12 @@ class Storage(ABC):
         if not self.blocking or type(self).release_lease is Storage.release_lease:
             return self.release_lease(lease)
         await anyio.to_thread.run_sync(self.release_lease, lease)
+
+    async def arenew_lease(self, lease: Lease) -> bool:
+        """Async twin of :meth:`renew_lease`."""
+        if not self.blocking or type(self).renew_lease is Storage.renew_lease:
+            return self.renew_lease(lease)
+        return await anyio.to_thread.run_sync(self.renew_lease, lease)
 
     async def awatch(self, key: EntryKey, version: int | None, timeout: float) -> None:
         """Async twin of :meth:`watch`; the default polls :meth:`aget` without holding a thread."""
