@@ -130,9 +130,14 @@ def test_authorization_header() -> None:
     assert full_tokens(token_type="DPoP").authorization == f"DPoP {ACCESS}"
 
 
-def test_entry_key_str() -> None:
-    """An EntryKey prints as provider:session."""
-    assert str(EntryKey("github", "s-1")) == "github:s-1"
+def test_entry_key_never_prints_the_session_id() -> None:
+    """An EntryKey prints as provider:digest; the session id (maybe a bearer cookie) is in neither str nor repr."""
+    key = EntryKey("github", "cookie-secret-1")
+    assert str(key) == f"github:{key.digest[:12]}"
+    assert "cookie-secret-1" not in str(key) and "cookie-secret-1" not in repr(key)
+    assert key.digest == EntryKey("github", "cookie-secret-1").digest != EntryKey("github", "cookie-secret-2").digest
+    assert EntryKey("a:b", "c").digest != EntryKey("a", "b:c").digest
+    assert len(EntryKey("p", "\ud800").digest) == 32  # a lone surrogate does not raise
 
 
 # -- bindings ------------------------------------------------------------------------------------------
