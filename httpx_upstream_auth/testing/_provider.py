@@ -229,12 +229,14 @@ class LocalProvider:
         (200 JSON without ``access_token``), ``"invalid_client"`` (401), ``"huge"`` (200 with a 2 MiB
         JSON body whose ``access_token`` is unusable): these answer without looking at the request and
         change no grant. ``"delay:<seconds>"`` waits, then handles the request normally (if the client
-        hung up meanwhile, nothing is handled). ``"id_token_other_sub"`` handles the request normally
+        hung up meanwhile, nothing is handled). ``"answer_delay:<seconds>"`` handles the request at once
+        (the refresh token is consumed and rotated) and only then waits before answering, as a slow real
+        provider does: a client that gives up meanwhile loses the new tokens. ``"id_token_other_sub"`` handles the request normally
         (a refresh token is consumed and rotated as usual) but the ID token names sub ``"mallory"``.
         """
-        if kind.startswith("delay:"):
+        if kind.startswith(("delay:", "answer_delay:")):
             try:
-                ok = float(kind[6:]) >= 0
+                ok = float(kind.partition(":")[2]) >= 0
             except ValueError:
                 ok = False
         else:
@@ -352,9 +354,12 @@ class LocalProvider:
                 self._stats["faults"] += 1
         delay = self.token_delay
         other_sub = False
+        answer_delay = 0.0
         if fault is not None:
             if fault.startswith("delay:"):
                 delay += float(fault[6:])
+            elif fault.startswith("answer_delay:"):
+                answer_delay = float(fault[13:])
             elif fault == "id_token_other_sub":
                 other_sub = True
             else:
@@ -362,7 +367,12 @@ class LocalProvider:
         if delay > 0 and not await _sleep_unless_disconnected(delay, receive):
             return _error(400, "invalid_request")  # nobody is listening; nothing was changed
         with self._lock:
-            return self._refresh_grant(form, auth_method, client_id, secret, other_sub)
+            reply = self._refresh_grant(form, auth_method, client_id, secret, other_sub)
+        if answer_delay > 0:
+            # As real providers do: the refresh token is already consumed; only the answer is late, and it
+            # is lost if the client hangs up meanwhile.
+            await anyio.sleep(answer_delay)
+        return reply
 
     def _refresh_grant(
         self,
