@@ -9,7 +9,7 @@ from ._memory import MemoryStorage
 from ._models import Binding, UpstreamTokens
 from ._policy import FreshnessPolicy
 from ._refresher import Refresher
-from ._state import ManagerState
+from ._state import ManagerState, RedeemIn
 from ._storage import Storage
 from ._sync._manager import SyncTokenOps
 
@@ -21,12 +21,21 @@ class TokenManager:
 
     Sessions are keyed by (``provider_id``, session id) in ``storage``. A token is refreshed when it is
     within ``leeway`` seconds of expiry (at most ``max_leeway_fraction`` of its lifetime), or when the
-    API rejects it. Per key, one caller refreshes while the others wait for its result: across asyncio
-    and trio tasks and threads here, and across processes and hosts through the storage's lease.
+    API rejects it. Per key, one refresh job runs while every caller waits for its result: across
+    asyncio and trio tasks and threads here, and across processes and hosts through the storage's lease.
 
-    ``refresh_timeout`` bounds one refresh, which runs to completion even if its caller is cancelled;
-    ``lease_ttl`` (longer) bounds how long a crashed process can hold the refresh lease, and
-    ``lease_wait`` how long a caller waits for another process's refresh before giving up.
+    The job belongs to the manager, not to a caller: once the refresh request may have left the process,
+    it saves the result (or removes the entry) whatever happens to the callers, who may be cancelled or
+    time out at any moment. With ``redeem_in="thread"`` (the default) it runs in a worker thread of its
+    own, which nothing cancels and the interpreter waits for at exit; ``"task"`` runs it as a task of the
+    caller's event loop that no caller awaits (no threads, but it ends with its loop).
+
+    ``refresh_timeout`` is how long the job keeps its lease renewed while the token endpoint answers
+    (keep it above the refresher's own timeout); ``lease_ttl`` (longer) bounds how long a crashed
+    process can hold the lease; ``lease_wait`` how long a job waits for another process's refresh;
+    ``wait_timeout`` how long a caller waits for a job before :class:`RefreshFailed` (the job goes on).
+    When an early refresh fails without consuming anything (the provider had a blip) while the token is
+    still valid, the token is served and the refresh retried after ``retry_interval`` seconds.
     """
 
     def __init__(
@@ -40,12 +49,18 @@ class TokenManager:
         refresh_timeout: float = 15.0,
         lease_ttl: float | None = None,
         lease_wait: float | None = None,
+        wait_timeout: float | None = None,
+        retry_interval: float = 1.0,
         cache_size: int = 10_000,
         clock: Clock | None = None,
+        redeem_in: RedeemIn = "thread",
     ) -> None:
         lease_ttl = refresh_timeout + 5.0 if lease_ttl is None else lease_ttl
         if lease_ttl <= refresh_timeout:
             raise ValueError("lease_ttl must outlive refresh_timeout, or a slow refresh loses its fence")
+        if redeem_in not in ("thread", "task"):
+            raise ValueError(f"redeem_in must be 'thread' or 'task', got {redeem_in!r}")
+        lease_wait = 2 * lease_ttl if lease_wait is None else lease_wait
         self._state = ManagerState(
             provider_id=provider_id,
             storage=MemoryStorage() if storage is None else storage,
@@ -54,11 +69,15 @@ class TokenManager:
             policy=FreshnessPolicy(leeway=leeway, max_leeway_fraction=max_leeway_fraction),
             refresh_timeout=refresh_timeout,
             lease_ttl=lease_ttl,
-            lease_wait=2 * lease_ttl if lease_wait is None else lease_wait,
+            lease_wait=lease_wait,
+            wait_timeout=lease_wait + refresh_timeout if wait_timeout is None else wait_timeout,
+            retry_interval=retry_interval,
             cache_size=cache_size,
+            redeem_in=redeem_in,
         )
         self._async_ops = AsyncTokenOps(self._state)
         self._sync_ops = SyncTokenOps(self._state)
+        self._state.thread_job = self._sync_ops.run_flight
 
     @property
     def provider_id(self) -> str:
@@ -107,11 +126,13 @@ class TokenManager:
 
     def close(self) -> None:
         """Close the storage and the refresher's own client."""
+        self._state.close()
         self._state.storage.close()
         self._close_refresher()
 
     async def aclose(self) -> None:
         """Async twin of :meth:`close`."""
+        self._state.close()
         await self._state.storage.aclose()
         self._close_refresher()
 

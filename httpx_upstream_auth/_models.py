@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from typing import Any
 
 import attrs
@@ -62,12 +63,18 @@ class UpstreamTokens:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> UpstreamTokens:
-        """Rebuild from :meth:`to_dict` output; unknown keys from newer writers are ignored."""
-        schema = data.get("schema", SCHEMA_VERSION)
-        if not isinstance(schema, int) or schema > SCHEMA_VERSION:
-            raise ValueError(f"token entry has schema {schema!r}; this version reads up to {SCHEMA_VERSION}")
-        names = {f.name for f in attrs.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        """Rebuild from :meth:`to_dict` output; unknown keys from newer writers are ignored.
+
+        Raises ``ValueError`` for anything that is not a valid entry (a missing or non-string
+        ``access_token``, a non-finite time, a version that is not an int...), so a storage can report
+        an unreadable entry. Messages name the field, never its value.
+        """
+        outcome = _decode(cls, data)
+        # Raised from a frame that no longer holds the entry: error reporters record frame locals.
+        del data
+        if isinstance(outcome, ValueError):
+            raise outcome
+        return outcome
 
     def to_json(self) -> str:
         """Serialize to a compact JSON string."""
@@ -75,11 +82,73 @@ class UpstreamTokens:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> UpstreamTokens:
-        """Parse :meth:`to_json` output."""
+        """Parse :meth:`to_json` output; ``ValueError`` for text that is not a valid entry."""
+        outcome = _parse(cls, text)
+        del text
+        if isinstance(outcome, ValueError):
+            raise outcome
+        return outcome
+
+
+_STRING_FIELDS = ("access_token", "token_type")
+_OPTIONAL_STRING_FIELDS = ("refresh_token", "id_token", "scope", *BINDING_FIELDS)
+_TIME_FIELDS = ("expires_at", "refresh_expires_at", "issued_at")
+MAX_VERSION = 2**63 - 1  # storages keep the version in a signed 64-bit column
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _parse(cls: type[UpstreamTokens], text: str | bytes) -> UpstreamTokens | ValueError:
+    try:
         data = json.loads(text)
-        if not isinstance(data, dict):
-            raise ValueError("token entry is not a JSON object")
-        return cls.from_dict(data)
+    except (ValueError, RecursionError) as exc:
+        # A fresh error: json's own keeps the whole text (secrets included) in its ``doc`` attribute.
+        return ValueError(f"token entry is not JSON ({type(exc).__name__})")
+    return _decode(cls, data)
+
+
+def _decode(cls: type[UpstreamTokens], data: object) -> UpstreamTokens | ValueError:
+    if not isinstance(data, dict):
+        return ValueError("token entry is not a JSON object")
+    schema = data.get("schema", SCHEMA_VERSION)
+    if not _is_int(schema):
+        return ValueError(f"token entry has a schema that is not an integer ({type(schema).__name__})")
+    if schema > SCHEMA_VERSION:
+        return ValueError(f"token entry has schema {schema}; this version reads up to {SCHEMA_VERSION}")
+    names = {f.name for f in attrs.fields(cls)}
+    fields = {k: v for k, v in data.items() if k in names}
+    problem = _problem(fields)
+    return ValueError(f"token entry {problem}") if problem else cls(**fields)
+
+
+def _problem(fields: dict[str, Any]) -> str | None:
+    """What keeps ``fields`` (known names only) from making a valid entry; the field, never its value."""
+    if "access_token" not in fields:
+        return "has no access_token"
+    for name in _STRING_FIELDS:
+        if name in fields and not isinstance(fields[name], str):
+            return f"field {name} must be a string, not {type(fields[name]).__name__}"
+    for name in _OPTIONAL_STRING_FIELDS:
+        if fields.get(name) is not None and not isinstance(fields[name], str):
+            return f"field {name} must be a string or null, not {type(fields[name]).__name__}"
+    for name in _TIME_FIELDS:
+        value = fields.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"field {name} must be a number or null, not {type(value).__name__}"
+        try:
+            finite = math.isfinite(float(value))
+        except OverflowError:  # an int beyond float range
+            finite = False
+        if not finite:
+            return f"field {name} must be a finite number"
+    version = fields.get("version", 0)
+    if not _is_int(version) or not 0 <= version <= MAX_VERSION:
+        return "field version must be an integer from 0 to 2**63 - 1"
+    return None
 
 
 @attrs.frozen(kw_only=True)
@@ -122,5 +191,5 @@ class EntryKey:
     @property
     def digest(self) -> str:
         """A stable hex digest of (provider, session): how storages name the entry without the session id."""
-        raw = self.provider_id.encode("utf-8", "surrogatepass") + b"\0" + self.session_id.encode("utf-8", "surrogatepass")
+        raw = f"{self.provider_id}\0{self.session_id}".encode("utf-8", "surrogatepass")
         return hashlib.sha256(raw).hexdigest()[:32]

@@ -1,9 +1,14 @@
-"""The refresh_token grant, sans-I/O: build the request, read the response, merge into the entry.
+"""The refresh_token grant, sans-I/O: build the request, read the answer, merge it into the entry.
 
-Parameters are prepared and token responses validated with oauthlib; this module adds what oauthlib
-leaves to the caller: client authentication, error classification, and the merge rules (binding fields
-always from the stored entry; refresh_token, id_token and scope kept when the response omits them;
-``expires_at`` from when the request was sent; a missing ``expires_in`` means unknown).
+Request parameters are prepared with oauthlib. Answers are read here rather than by oauthlib, because
+reading must be total: any status and any bytes give the next entry or a typed error (never an
+``OverflowError`` or a ``RecursionError``), independent of oauthlib's environment switches.
+
+Merge rules: binding fields always come from the stored entry; refresh_token, id_token and scope are kept
+when the answer omits them; expiries count from when the request was sent; a lifetime that is missing,
+negative, not finite, not a number or longer than :data:`MAX_LIFETIME` is unknown, and so is a refresh
+token lifetime of 0 (Keycloak's offline tokens, which do not expire). Errors never quote the answer: only
+a registered OAuth error code and the status appear in their messages.
 """
 
 from __future__ import annotations
@@ -11,21 +16,82 @@ from __future__ import annotations
 import base64
 import ipaddress
 import json
+import math
+import re
 import urllib.parse
 from typing import Any, Literal
 
 import attrs
-from oauthlib.oauth2 import OAuth2Error
-from oauthlib.oauth2.rfc6749.parameters import parse_token_response, prepare_token_request
+import httpx
+from oauthlib.oauth2.rfc6749.parameters import prepare_token_request
 
-from ._exceptions import BindingMismatch, ReauthenticationRequired, RefreshFailed
+from ._exceptions import BindingMismatch, ReauthenticationRequired, RefreshFailed, UpstreamAuthError
 from ._models import UpstreamTokens
 
-__all__ = ["AuthMethod", "RefreshRequest", "build_refresh_request", "check_token_url", "merge_response"]
+__all__ = [
+    "MAX_LIFETIME",
+    "AuthMethod",
+    "RefreshRequest",
+    "TokenAnswer",
+    "build_refresh_request",
+    "check_token_url",
+    "is_sendable_refresh_token",
+    "merge_response",
+    "oversize_failure",
+    "transport_failure",
+]
 
 AuthMethod = Literal["client_secret_basic", "client_secret_post", "none"]
 AUTH_METHODS = ("client_secret_basic", "client_secret_post", "none")
 RETRYABLE_ERRORS = {"temporarily_unavailable", "server_error", "slow_down"}
+
+MAX_LIFETIME = 10 * 365 * 24 * 3600.0
+"""The longest token lifetime, in seconds, taken at its word; a longer stated lifetime means unknown."""
+
+# Codes from RFC 6749, 6750, 8628, 8693, 8707 and 9449: only these are quoted in messages, because the
+# ``error`` field is free text that a broken provider may fill with anything, a token included.
+REGISTERED_ERRORS = frozenset(
+    {
+        "invalid_request",
+        "invalid_client",
+        "invalid_grant",
+        "unauthorized_client",
+        "unsupported_grant_type",
+        "invalid_scope",
+        "access_denied",
+        "server_error",
+        "temporarily_unavailable",
+        "slow_down",
+        "authorization_pending",
+        "expired_token",
+        "invalid_token",
+        "insufficient_scope",
+        "invalid_target",
+        "invalid_dpop_proof",
+        "use_dpop_nonce",
+    }
+)
+
+# RFC 6749 A.12: access-token = 1*VSCHAR. Edge spaces are refused too: it goes into a header line.
+_HEADER_TOKEN = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")
+# RFC 6749 A.13 token types are names or URIs: no spaces, printable ASCII.
+_TOKEN_TYPE = re.compile(r"[\x21-\x7e]+")
+
+# Token answers are flat; deeper values are read as null when the whole is too deep for json.loads.
+MAX_JSON_DEPTH = 32
+# The parts of JSON text that matter for nesting: whole strings (so brackets in them are skipped) and brackets.
+_JSON_SKELETON = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)
+
+# httpx errors raised before any byte of the request could reach the provider.
+_NOT_SENT = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.PoolTimeout,
+    httpx.ProxyError,
+    httpx.UnsupportedProtocol,
+    httpx.LocalProtocolError,
+    httpx.InvalidURL,
+)
 
 
 @attrs.frozen
@@ -35,6 +101,14 @@ class RefreshRequest:
     url: str
     headers: dict[str, str] = attrs.field(repr=False)
     body: str = attrs.field(repr=False)
+
+
+@attrs.frozen
+class TokenAnswer:
+    """The token endpoint's answer as received: its status and its (size-capped) body, hidden from repr."""
+
+    status_code: int
+    body: bytes = attrs.field(repr=False)
 
 
 def check_token_url(url: str) -> None:
@@ -80,110 +154,235 @@ def build_refresh_request(
         headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
         body = prepare_token_request("refresh_token", include_client_id=False, **params)
     elif auth_method == "client_secret_post":
-        body = prepare_token_request(
-            "refresh_token", client_id=client_id, client_secret=client_secret or "", **params
-        )
+        body = prepare_token_request("refresh_token", client_id=client_id, client_secret=client_secret or "", **params)
     else:
         body = prepare_token_request("refresh_token", client_id=client_id, **params)
     return RefreshRequest(token_url, headers, body)
 
 
+def is_sendable_refresh_token(value: object) -> bool:
+    """True for a refresh token that can be sent back: a non-empty string that encodes as UTF-8."""
+    if not isinstance(value, str) or not value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, which a JSON \ud800 escape can carry
+        return False
+    return True
+
+
 def merge_response(stored: UpstreamTokens, status_code: int, body: bytes, sent_at: float) -> UpstreamTokens:
     """Turn the token endpoint's answer into the next entry, or raise the typed error it calls for.
 
-    ``sent_at`` is the wall time the request was sent: expiries count from it, so a slow answer
-    makes the stored expiry early rather than late.
-    """
-    data = _json_object(body)
-    if status_code != 200 or "error" in data:
-        raise _error_for(status_code, data)
-    try:
-        params = parse_token_response(json.dumps(data), scope=None)
-    except (OAuth2Error, ValueError, TypeError) as exc:
-        raise RefreshFailed(
-            f"the token endpoint's answer was not a valid token response ({type(exc).__name__}); stored "
-            "tokens are unchanged. Retry later; if it persists, check token_url.",
-            retryable=True,
-            status_code=status_code,
-        ) from None
+    ``sent_at`` is the wall time the request was sent: expiries count from it, so a slow answer makes
+    the stored expiry early rather than late. Any status and any bytes give an entry or an
+    :class:`UpstreamAuthError`:
 
-    access_token = data.get("access_token")
-    if not isinstance(access_token, str) or not access_token:
-        # oauthlib only checks that the key is present: null, "" or an object would be sent as "Bearer None".
-        raise RefreshFailed(
-            "the token endpoint's answer had no usable access_token; stored tokens are unchanged. Retry later; "
-            "if it persists, check token_url.",
+    - A 2xx answer with a usable ``access_token`` gives the next entry; odd extra fields (an ``error``
+      included) are ignored rather than allowed to void tokens the provider has issued.
+    - A 2xx answer with no usable ``access_token`` but a usable ``refresh_token`` gives an entry with that
+      refresh token and the stored access token marked expired: the provider may have rotated, so the
+      new refresh token is kept and the next call refreshes with it.
+    - A 2xx ``refresh_token`` that is present but cannot be sent back (not a string, not UTF-8) leaves
+      the entry without a refresh token: the stored one may have been rotated away, and presenting it
+      again could trip reuse detection. The user logs in again once the access token expires.
+    - A 2xx answer without usable tokens is :class:`RefreshFailed` with ``may_have_rotated``, unless it
+      carries a registered OAuth ``error`` code, which is classified as for an error status.
+    - Any other status is an error answer: ``invalid_grant`` is :class:`ReauthenticationRequired`, the
+      rest :class:`RefreshFailed` (a 3xx included: redirects are never followed); none rotated.
+    """
+    outcome: UpstreamTokens | UpstreamAuthError
+    try:
+        outcome = _read_answer(stored, status_code, body, sent_at)
+    except Exception as exc:  # reading is meant to be total; should a bug break it, fail typed and quiet
+        outcome = RefreshFailed(
+            f"the token endpoint's answer could not be read (a bug in httpx-upstream-auth: "
+            f"{type(exc).__name__}); please report it. Retry later.",
             retryable=True,
             status_code=status_code,
+            may_have_rotated=_is_success(status_code),
         )
-    new_refresh = data.get("refresh_token") or None
-    id_token = data.get("id_token") or None
-    if id_token is not None and stored.upstream_subject is not None:
-        subject = _id_token_subject(id_token)
-        if subject != stored.upstream_subject:
-            raise BindingMismatch(
-                "the provider returned an id_token for another subject than the stored entry; the new "
-                "tokens were refused and the stored entry kept. Log the user in again."
+    # Raised from this frame, holding no answer: error reporters record every frame's locals.
+    del body
+    if isinstance(outcome, UpstreamAuthError):
+        raise outcome
+    return outcome
+
+
+def _read_answer(
+    stored: UpstreamTokens, status_code: int, body: bytes, sent_at: float
+) -> UpstreamTokens | UpstreamAuthError:
+    """:func:`merge_response`'s decision, returning the error rather than raising it (see there)."""
+    data = _json_object(body)
+    code = data.get("error") if isinstance(data.get("error"), str) else None
+    if not _is_success(status_code):
+        return _error_for(status_code, code)
+    access_token = data.get("access_token")
+    if not _is_header_token(access_token):
+        access_token = None
+    refresh_field = data.get("refresh_token")
+    if refresh_field is None or refresh_field == "":
+        new_refresh: str | None = None
+        refresh_token = stored.refresh_token
+    elif is_sendable_refresh_token(refresh_field):
+        new_refresh = refresh_token = refresh_field
+    else:
+        new_refresh = refresh_token = None
+    if access_token is None and new_refresh is None:
+        if code in REGISTERED_ERRORS and refresh_field in (None, ""):
+            return _error_for(status_code, code)  # a stated refusal: nothing was issued
+        return RefreshFailed(
+            f"the token endpoint answered HTTP {status_code} without a usable token; it may have rotated the "
+            "refresh token. Retry later; if it persists, check token_url.",
+            retryable=True,
+            status_code=status_code,
+            may_have_rotated=True,
+        )
+
+    id_token = stored.id_token
+    id_field = data.get("id_token")
+    if isinstance(id_field, str) and id_field:
+        if stored.upstream_subject is not None and _id_token_subject(id_field) != stored.upstream_subject:
+            return BindingMismatch(
+                "the provider returned an id_token for another subject than the stored entry (or one that "
+                "could not be read); the new tokens were refused. Log the user in again."
             )
-    scope = params.get("scope")
-    refresh_life = _number(data.get("refresh_expires_in", data.get("refresh_token_expires_in")))
-    if refresh_life is not None:
-        refresh_expires_at: float | None = sent_at + refresh_life
+        if _is_header_token(id_field):
+            id_token = id_field
+
+    expires_at: float | None
+    if access_token is None:
+        # Keep the rotated refresh token; the stored access token counts as expired from the send time.
+        access_token, expires_at = stored.access_token, sent_at
+    else:
+        lifetime = _lifetime(data.get("expires_in"))
+        expires_at = None if lifetime is None else sent_at + lifetime
+
+    refresh_fields = [data.get("refresh_expires_in"), data.get("refresh_token_expires_in")]
+    # A stated refresh lifetime of 0 or less is unknown: Keycloak sends 0 for offline tokens that never expire.
+    refresh_lives = [life for life in map(_lifetime, refresh_fields) if life is not None and life > 0]
+    if refresh_token is None:
+        refresh_expires_at = None
+    elif refresh_lives:
+        refresh_expires_at = sent_at + refresh_lives[0]
+    elif any(field is not None for field in refresh_fields):
+        refresh_expires_at = None  # stated, but not as a usable number
     elif new_refresh is not None and new_refresh != stored.refresh_token:
         refresh_expires_at = None  # a rotated token's lifetime is unknown: default retention applies
     else:
         refresh_expires_at = stored.refresh_expires_at
-    expires_in = _number(data.get("expires_in"))
+
+    token_type = data.get("token_type")
+    if not isinstance(token_type, str) or not _TOKEN_TYPE.fullmatch(token_type):
+        token_type = stored.token_type
     return attrs.evolve(
         stored,
         access_token=access_token,
-        refresh_token=new_refresh or stored.refresh_token,
-        id_token=id_token or stored.id_token,
-        token_type=str(data.get("token_type") or stored.token_type),
-        scope=" ".join(scope) if isinstance(scope, list) else (scope or stored.scope),
-        expires_at=None if expires_in is None else sent_at + expires_in,
+        refresh_token=refresh_token,
+        id_token=id_token,
+        token_type=token_type,
+        scope=_scope(data.get("scope")) or stored.scope,
+        expires_at=expires_at,
         refresh_expires_at=refresh_expires_at,
         issued_at=sent_at,
         version=stored.version + 1,
     )
 
 
+def _is_success(status_code: int) -> bool:
+    return 200 <= status_code < 300
+
+
+def _is_header_token(value: object) -> bool:
+    return isinstance(value, str) and _HEADER_TOKEN.fullmatch(value) is not None
+
+
 def _json_object(body: bytes) -> dict[str, Any]:
     try:
         data = json.loads(body)
+    except RecursionError:
+        data = _load_flattened(body)
     except ValueError:
         return {}
     return data if isinstance(data, dict) else {}
 
 
-def _number(value: Any) -> float | None:
-    if value is None or isinstance(value, bool):
+def _load_flattened(body: bytes) -> Any:
+    """``body`` parsed with every value nested deeper than ``MAX_JSON_DEPTH`` read as null.
+
+    For answers whose nesting the interpreter's recursion limit refuses: an odd extra field must not
+    make the tokens beside it unreadable.
+    """
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    pieces: list[str] = []
+    depth = 0
+    kept_until = 0  # text before this index is in pieces
+    for match in _JSON_SKELETON.finditer(text):
+        token = match.group()
+        if token in ("[", "{"):
+            depth += 1
+            if depth == MAX_JSON_DEPTH + 1:
+                pieces.append(text[kept_until : match.start()])
+        elif token in ("]", "}"):
+            if depth == MAX_JSON_DEPTH + 1:
+                pieces.append("null")
+                kept_until = match.end()
+            depth -= 1
+    if depth > MAX_JSON_DEPTH:
+        return None  # unbalanced: not JSON anyway
+    pieces.append(text[kept_until:])
+    try:
+        return json.loads("".join(pieces))
+    except (ValueError, RecursionError):
+        return None
+
+
+def _lifetime(value: object) -> float | None:
+    """Seconds from a JSON number or numeric string; None (unknown) unless finite, >= 0 and <= MAX_LIFETIME."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         return None
     try:
-        number = float(value)
-    except (TypeError, ValueError):
+        seconds = float(value)
+    except (ValueError, OverflowError):
         return None
-    return number if number >= 0 else None
+    if not math.isfinite(seconds) or not 0 <= seconds <= MAX_LIFETIME:
+        return None
+    return seconds
 
 
-def _error_for(status_code: int, data: dict[str, Any]) -> Exception:
-    error = data.get("error")
-    code = error if isinstance(error, str) else None
-    if code == "invalid_grant":
+def _scope(value: object) -> str | None:
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        value = " ".join(value)
+    return value if isinstance(value, str) and value.strip() else None
+
+
+def _error_for(status_code: int, code: str | None) -> UpstreamAuthError:
+    if code == "invalid_grant" and not 300 <= status_code < 400:
         return ReauthenticationRequired(
             "the provider rejected the refresh token (invalid_grant: expired, revoked or already used); "
             "log the user in again."
         )
+    named = f", {code}" if code in REGISTERED_ERRORS else ", an unregistered error code" if code else ""
+    if 300 <= status_code < 400:
+        return RefreshFailed(
+            f"the token endpoint answered with a redirect (HTTP {status_code}), which is never followed: it "
+            "would send the refresh token elsewhere. Stored tokens are unchanged; set token_url to the final "
+            "URL.",
+            retryable=False,
+            status_code=status_code,
+        )
     if status_code == 429 or status_code >= 500 or code in RETRYABLE_ERRORS:
         return RefreshFailed(
-            f"the token endpoint is unavailable (HTTP {status_code}{f', {code}' if code else ''}); stored "
-            "tokens are unchanged. Retry later.",
+            f"the token endpoint is unavailable (HTTP {status_code}{named}); stored tokens are unchanged. Retry later.",
             retryable=True,
             status_code=status_code,
         )
     if code is not None:
         return RefreshFailed(
-            f"the token endpoint refused the refresh ({code}, HTTP {status_code}); stored tokens are "
+            f"the token endpoint refused the refresh (HTTP {status_code}{named}); stored tokens are "
             "unchanged. Check client_id, client_secret, auth_method and scope.",
             retryable=False,
             status_code=status_code,
@@ -191,17 +390,58 @@ def _error_for(status_code: int, data: dict[str, Any]) -> Exception:
     return RefreshFailed(
         f"the token endpoint answered HTTP {status_code} without a token; stored tokens are unchanged. "
         "Check token_url.",
-        retryable=status_code == 200,
+        retryable=False,
         status_code=status_code,
     )
 
 
 def _id_token_subject(id_token: str) -> str | None:
     """The ``sub`` claim of a JWT, read without verifying it: only compared with the stored subject."""
+    if not _is_header_token(id_token):
+        return None
     try:
         payload = id_token.split(".")[1]
         claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    except (IndexError, ValueError):
+    except (IndexError, ValueError, RecursionError):
         return None
     sub = claims.get("sub") if isinstance(claims, dict) else None
     return sub if isinstance(sub, str) else None
+
+
+def oversize_failure(status_code: int, max_bytes: int) -> RefreshFailed:
+    """The error for an answer larger than ``max_bytes``; a 2xx one may have carried rotated tokens."""
+    rotated = _is_success(status_code)
+    return RefreshFailed(
+        f"the token endpoint's answer (HTTP {status_code}) exceeded {max_bytes} bytes and was dropped"
+        + ("; it may have rotated the refresh token. " if rotated else "; stored tokens are unchanged. ")
+        + "Check token_url.",
+        retryable=False,
+        status_code=status_code,
+        may_have_rotated=rotated,
+    )
+
+
+def transport_failure(exc: Exception, status_code: int | None) -> RefreshFailed:
+    """The error for a failed exchange; ``status_code`` is the answer's status if its head had arrived.
+
+    It may have rotated unless the request certainly never left (no connection, an unusable URL, a
+    request refused locally) or the provider had already answered with a non-2xx status. A failed write
+    counts as sent: the failing write may be the last, after the whole request went out.
+    """
+    kind = type(exc).__name__
+    if isinstance(exc, _NOT_SENT):
+        message = f"could not reach the token endpoint ({kind}); nothing was sent and stored tokens are unchanged."
+        rotated = False
+    elif status_code is not None and not _is_success(status_code):
+        message = (
+            f"the token endpoint answered HTTP {status_code}, but reading the answer failed ({kind}); stored "
+            "tokens are unchanged."
+        )
+        rotated = False
+    else:
+        message = (
+            f"the token endpoint's answer was lost ({kind}) after the request may have reached it; it may have "
+            "rotated the refresh token."
+        )
+        rotated = True
+    return RefreshFailed(message + " Retry later.", retryable=True, status_code=status_code, may_have_rotated=rotated)

@@ -5,14 +5,22 @@ from __future__ import annotations
 import ssl
 import threading
 from abc import ABC, abstractmethod
-from typing import Any
 
 import httpx
 
 from ._async._http import send_refresh_request as async_send
 from ._clock import Clock
+from ._exceptions import ReauthenticationRequired, RefreshFailed, UpstreamAuthError
 from ._models import UpstreamTokens
-from ._oauth import AUTH_METHODS, AuthMethod, build_refresh_request, check_token_url, merge_response
+from ._oauth import (
+    AUTH_METHODS,
+    AuthMethod,
+    RefreshRequest,
+    build_refresh_request,
+    check_token_url,
+    is_sendable_refresh_token,
+    merge_response,
+)
 from ._sync._http import send_refresh_request as sync_send
 
 __all__ = ["OAuth2Refresher", "Refresher"]
@@ -40,9 +48,14 @@ class OAuth2Refresher(Refresher):
 
     Client authentication is ``client_secret_basic`` (default), ``client_secret_post`` or ``none``
     (public clients). It sends with its own httpx clients, never the caller's: pass ``client`` /
-    ``async_client`` to control proxies or TLS, otherwise clients with ``timeout`` and no redirects are
-    made for it. ``token_url`` must be https (plain http only on loopback). Answers larger than
-    ``max_response_bytes`` are refused.
+    ``async_client`` to control proxies or TLS, otherwise clients with ``timeout`` are made for it. The
+    token request never follows a redirect, whatever the client's setting. ``token_url`` must be https
+    (plain http only on loopback). Answers larger than ``max_response_bytes`` are refused.
+
+    Every failure is an :class:`UpstreamAuthError` (see :func:`merge_response` for how answers are read);
+    :attr:`RefreshFailed.may_have_rotated` is set when the request may have reached the provider and its
+    answer was lost or unusable. No exception it raises holds a secret, in its text or in the locals of
+    its traceback's frames.
     """
 
     def __init__(
@@ -84,17 +97,34 @@ class OAuth2Refresher(Refresher):
             f"auth_method={self.auth_method!r})"
         )
 
-    def _request(self, tokens: UpstreamTokens) -> Any:
-        assert tokens.refresh_token is not None
-        return build_refresh_request(
-            token_url=self.token_url,
-            client_id=self.client_id,
-            client_secret=self._client_secret,
-            auth_method=self.auth_method,
-            refresh_token=tokens.refresh_token,
-            scope=self.scope,
-            extra_params=self._extra_params,
-        )
+    def _request(self, tokens: UpstreamTokens) -> RefreshRequest:
+        outcome = self._prepare(tokens)
+        # Raised here, outside the except block that may have built it: no chained error with secrets.
+        if isinstance(outcome, UpstreamAuthError):
+            raise outcome from None
+        return outcome
+
+    def _prepare(self, tokens: UpstreamTokens) -> RefreshRequest | UpstreamAuthError:
+        if tokens.refresh_token is None or not is_sendable_refresh_token(tokens.refresh_token):
+            return ReauthenticationRequired(
+                "the stored entry has no refresh token that can be sent (none, or not UTF-8); log the user in again."
+            )
+        try:
+            return build_refresh_request(
+                token_url=self.token_url,
+                client_id=self.client_id,
+                client_secret=self._client_secret,
+                auth_method=self.auth_method,
+                refresh_token=tokens.refresh_token,
+                scope=self.scope,
+                extra_params=self._extra_params,
+            )
+        except ValueError as exc:  # a configured value that cannot be form-encoded (a lone surrogate)
+            return RefreshFailed(
+                f"the token request could not be encoded ({type(exc).__name__}); nothing was sent. Check "
+                "client_id, client_secret, scope and extra_params.",
+                retryable=False,
+            )
 
     def _ssl_context(self) -> ssl.SSLContext:
         # Loading the CA bundle is the slow part of making a client: do it once.
@@ -106,22 +136,28 @@ class OAuth2Refresher(Refresher):
     def _sync_client(self) -> httpx.Client:
         with self._lock:
             if self._client is None:
-                self._client = httpx.Client(timeout=self.timeout, follow_redirects=False)
+                # No keep-alive: a pooled connection that a middlebox dropped while idle fails only after
+                # the request is written, which would count as possibly rotated and cost the user a login.
+                self._client = httpx.Client(
+                    timeout=self.timeout,
+                    follow_redirects=False,
+                    limits=httpx.Limits(max_keepalive_connections=0),
+                )
             return self._client
 
     def refresh(self, tokens: UpstreamTokens, clock: Clock) -> UpstreamTokens:
         """Redeem the refresh token with the sync client."""
         request = self._request(tokens)
         sent_at = clock.time()
-        status, body = sync_send(self._sync_client(), request, self.max_response_bytes)
-        return merge_response(tokens, status, body, sent_at)
+        answer = sync_send(self._sync_client(), request, self.max_response_bytes)
+        return merge_response(tokens, answer.status_code, answer.body, sent_at)
 
     async def arefresh(self, tokens: UpstreamTokens, clock: Clock) -> UpstreamTokens:
         """Redeem the refresh token with an async client."""
         request = self._request(tokens)
         if self._async_client is not None:
             sent_at = clock.time()
-            status, body = await async_send(self._async_client, request, self.max_response_bytes)
+            answer = await async_send(self._async_client, request, self.max_response_bytes)
         else:
             # A client per refresh: an async connection pool belongs to one event loop, and one manager
             # serves many (successive anyio.run calls, asyncio and trio). Refreshes are rare.
@@ -129,8 +165,8 @@ class OAuth2Refresher(Refresher):
                 timeout=self.timeout, follow_redirects=False, verify=self._ssl_context()
             ) as client:
                 sent_at = clock.time()
-                status, body = await async_send(client, request, self.max_response_bytes)
-        return merge_response(tokens, status, body, sent_at)
+                answer = await async_send(client, request, self.max_response_bytes)
+        return merge_response(tokens, answer.status_code, answer.body, sent_at)
 
     def close(self) -> None:
         """Close the sync client this refresher made (an injected client is the caller's to close)."""

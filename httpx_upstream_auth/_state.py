@@ -1,6 +1,7 @@
-"""What one TokenManager shares between its async and sync halves: settings, the cache, the flights.
+"""What one TokenManager shares between its async and sync halves: settings, the cache, the flights,
+and what this process knows about refresh tokens it has redeemed.
 
-Both locks here guard dict operations only; nothing slow (I/O, waiting) ever happens under them.
+Every lock here guards dict operations only; nothing slow (I/O, waiting) ever happens under them.
 """
 
 from __future__ import annotations
@@ -8,6 +9,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Literal
 
 import attrs
 
@@ -23,6 +27,10 @@ logger = logging.getLogger("httpx_upstream_auth")
 
 #: Seconds for the latency estimate to halve once requests get faster again.
 LATENCY_HALF_LIFE = 2.0
+#: Refresh tokens this process remembers having presented without recording the result.
+CONSUMED_MEMORY = 100_000
+
+RedeemIn = Literal["thread", "task"]
 
 
 @attrs.frozen
@@ -34,6 +42,17 @@ class Need:
     def satisfied_by(self, tokens: UpstreamTokens, state: ManagerState) -> bool:
         """True when ``tokens`` can be sent as they are."""
         return tokens.access_token != self.rejected and state.is_fresh(tokens)
+
+    def accepts(self, outcome: Outcome, state: ManagerState) -> bool:
+        """True when a waiter with this need may take the flight's tokens."""
+        tokens = outcome.tokens
+        if tokens is None or tokens.access_token == self.rejected:
+            return False
+        return outcome.refreshed or outcome.fallback or state.is_fresh(tokens)
+
+
+def _digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).digest()
 
 
 class ManagerState:
@@ -50,7 +69,10 @@ class ManagerState:
         refresh_timeout: float,
         lease_ttl: float,
         lease_wait: float,
+        wait_timeout: float,
+        retry_interval: float,
         cache_size: int,
+        redeem_in: RedeemIn,
     ) -> None:
         self.provider_id = provider_id
         self.storage = storage
@@ -60,24 +82,48 @@ class ManagerState:
         self.refresh_timeout = refresh_timeout
         self.lease_ttl = lease_ttl
         self.lease_wait = lease_wait
+        self.wait_timeout = wait_timeout
+        self.retry_interval = retry_interval
+        self.redeem_in: RedeemIn = redeem_in
+        #: The refresh job as a blocking call, for worker threads (set by TokenManager).
+        self.thread_job: Callable[[EntryKey, Need, Flight], None] = _unset
         # session id -> (tokens, their freshness bounds, computed once per entry): the hot path is a dict
         # read and a few float operations. Reads take no lock (a dict read is atomic); writes do, and
         # evict the oldest entries beyond cache_size.
         self._cache: dict[str, tuple[UpstreamTokens, FreshnessBounds]] = {}
         self._cache_size = cache_size
-        self._cache_lock = threading.Lock()
+        self._lock = threading.Lock()
+        # Bumped by every logout or login of a session: a job or a read that started before cannot
+        # put its (older) result in the cache or hand it to a caller after that.
+        self._epochs: dict[str, int] = {}
+        self._digests: dict[str, str] = {}  # storage digest -> session id, for entries in the cache
         self._flights: dict[EntryKey, Flight] = {}
-        self._flights_lock = threading.Lock()
+        self._reads: dict[EntryKey, Flight] = {}
+        # Refresh tokens presented to the provider whose result this process could not record: never
+        # presented again from here, whatever the store says (it may be down, or lag behind).
+        self._consumed: OrderedDict[bytes, None] = OrderedDict()
+        # Access tokens the API refused right after a refresh: refreshing again would not help.
+        self._distrusted: dict[str, str] = {}
+        # Keys whose early refresh failed without consuming anything: until this monotonic time, the
+        # still-valid token is served instead of trying again on every request.
+        self._retry_at: dict[EntryKey, float] = {}
         # Recent request round trips, as a maximum that halves every LATENCY_HALF_LIFE seconds. Updated
         # without a lock: a lost update between racing threads only delays the estimate by one request.
         self.latency = 0.0
         self._latency_at = 0.0
+        self._unsubscribe = storage.subscribe(self._on_change)
 
     def key(self, session_id: str) -> EntryKey:
         """The storage key of a session of this provider."""
         return EntryKey(self.provider_id, session_id)
 
-    # -- the in-process cache of fresh tokens ---------------------------------------------------------
+    def close(self) -> None:
+        """Stop listening to the storage's change notifications."""
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+
+    # -- freshness -----------------------------------------------------------------------------------
     def observe(self, took: float) -> None:
         """Record one request's round trip (seconds), so tokens are refreshed before they could expire
         on the way."""
@@ -87,9 +133,14 @@ class ManagerState:
         self._latency_at = now
 
     def is_fresh(self, tokens: UpstreamTokens) -> bool:
-        """True when the token can be sent now, given the policy and the observed latency."""
+        """True when the token can be sent now without refreshing first."""
         return self.policy.is_fresh(tokens, self.clock.time(), self.latency)
 
+    def is_valid(self, tokens: UpstreamTokens) -> bool:
+        """True when the token has not expired, with room for a request's round trip."""
+        return tokens.expires_at is None or self.clock.time() + self.latency < tokens.expires_at
+
+    # -- the in-process cache of fresh tokens ------------------------------------------------------
     def cached(self, session_id: str) -> UpstreamTokens | None:
         """The cached entry while it is fresh, else ``None``. The request hot path: no lock, no I/O."""
         hit = self._cache.get(session_id)
@@ -98,40 +149,116 @@ class ManagerState:
         tokens, bounds = hit
         return tokens if self.clock.time() < bounds.fresh_until(self.latency) else None
 
-    def remember(self, key: EntryKey, tokens: UpstreamTokens) -> None:
-        """Cache ``tokens`` (an older version never replaces a newer one)."""
+    def epoch(self, key: EntryKey) -> int:
+        """The session's login generation in this process (see :meth:`new_epoch`)."""
+        return self._epochs.get(key.session_id, 0)
+
+    def new_epoch(self, key: EntryKey) -> None:
+        """A logout or login happened: drop the cached entry and refuse results of older work."""
+        with self._lock:
+            self._epochs[key.session_id] = self._epochs.get(key.session_id, 0) + 1
+            self._drop(key.session_id)
+
+    def remember(self, key: EntryKey, tokens: UpstreamTokens, epoch: int) -> None:
+        """Cache ``tokens`` if no logout or login happened since ``epoch`` (an older version never
+        replaces a newer one)."""
         entry = (tokens, self.policy.bounds(tokens))
-        with self._cache_lock:
+        with self._lock:
+            if self._epochs.get(key.session_id, 0) != epoch:
+                return
             held = self._cache.get(key.session_id)
             if held is None or held[0].version <= tokens.version:
                 self._cache.pop(key.session_id, None)  # re-insert at the end: eviction takes the oldest
                 self._cache[key.session_id] = entry
+                self._digests[key.digest] = key.session_id
                 while len(self._cache) > self._cache_size:
-                    del self._cache[next(iter(self._cache))]
+                    self._drop(next(iter(self._cache)))
 
     def forget(self, key: EntryKey, access_token: str | None = None) -> None:
         """Drop the cached entry (only if it still holds ``access_token``, when given)."""
-        with self._cache_lock:
+        with self._lock:
             held = self._cache.get(key.session_id)
             if held is not None and (access_token is None or held[0].access_token == access_token):
-                del self._cache[key.session_id]
+                self._drop(key.session_id)
 
-    # -- single flight ------------------------------------------------------------------------------
-    def join_flight(self, key: EntryKey) -> tuple[Flight, bool]:
-        """The key's flight in progress, or a new one; the bool is true when the caller leads it."""
-        with self._flights_lock:
-            flight = self._flights.get(key)
+    def _drop(self, session_id: str) -> None:
+        if self._cache.pop(session_id, None) is not None:
+            self._digests.pop(EntryKey(self.provider_id, session_id).digest, None)
+
+    def _on_change(self, digest: str | None) -> None:
+        # Another worker saved or deleted an entry: the next request re-reads it, so a logout anywhere
+        # stops this process serving the cached token. A deletion is seen as a change like any other.
+        with self._lock:
+            if digest is None:
+                sessions = list(self._cache)
+            else:
+                session = self._digests.get(digest)
+                sessions = [] if session is None else [session]
+            for session_id in sessions:
+                self._drop(session_id)
+
+    # -- single flight -----------------------------------------------------------------------------
+    def join_flight(self, key: EntryKey, reads: bool = False) -> tuple[Flight, bool]:
+        """The key's refresh (or shared read) in progress, or a new one; the bool is true when new."""
+        table = self._reads if reads else self._flights
+        with self._lock:
+            flight = table.get(key)
             if flight is not None:
                 return flight, False
-            flight = self._flights[key] = Flight()
+            flight = table[key] = Flight()
             return flight, True
 
-    def end_flight(self, key: EntryKey, flight: Flight, outcome: Outcome) -> None:
-        """Publish the leader's outcome; later callers start a new flight."""
-        with self._flights_lock:
-            if self._flights.get(key) is flight:
-                del self._flights[key]
+    def end_flight(self, key: EntryKey, flight: Flight, outcome: Outcome, reads: bool = False) -> None:
+        """Publish the outcome; later callers start a new flight."""
+        table = self._reads if reads else self._flights
+        with self._lock:
+            if table.get(key) is flight:
+                del table[key]
         flight.finish(outcome)
+
+    # -- what this process knows about redeemed tokens -------------------------------------------
+    def mark_consumed(self, refresh_token: str) -> None:
+        """Remember that ``refresh_token`` was presented and may be consumed."""
+        with self._lock:
+            self._consumed[_digest(refresh_token)] = None
+            while len(self._consumed) > CONSUMED_MEMORY:
+                self._consumed.popitem(last=False)
+
+    def unmark_consumed(self, refresh_token: str) -> None:
+        """The provider certainly did not consume ``refresh_token`` (it refused before, or did not rotate)."""
+        with self._lock:
+            self._consumed.pop(_digest(refresh_token), None)
+
+    def is_consumed(self, refresh_token: str) -> bool:
+        """True when this process presented ``refresh_token`` and may not present it again."""
+        return _digest(refresh_token) in self._consumed
+
+    def distrust(self, session_id: str, access_token: str) -> None:
+        """The API refused ``access_token`` right after it was refreshed: do not refresh on its account."""
+        with self._lock:
+            self._distrusted[session_id] = access_token
+            while len(self._distrusted) > self._cache_size:
+                del self._distrusted[next(iter(self._distrusted))]
+
+    def is_distrusted(self, session_id: str, access_token: str) -> bool:
+        """True when refreshing because the API refused ``access_token`` would not help."""
+        return self._distrusted.get(session_id) == access_token
+
+    def back_off(self, key: EntryKey) -> None:
+        """An early refresh failed harmlessly: serve the still-valid token for ``retry_interval``."""
+        with self._lock:
+            self._retry_at[key] = self.clock.monotonic() + self.retry_interval
+
+    def backing_off(self, key: EntryKey) -> bool:
+        """True while a failed early refresh of ``key`` should not be tried again."""
+        until = self._retry_at.get(key)
+        if until is None:
+            return False
+        if self.clock.monotonic() < until:
+            return True
+        with self._lock:
+            self._retry_at.pop(key, None)
+        return False
 
     # -- checks ----------------------------------------------------------------------------------------
     def check_binding(self, tokens: UpstreamTokens, expect: Binding | None) -> None:
@@ -145,7 +272,10 @@ class ManagerState:
             expect.check(tokens)
 
 
+def _unset(key: EntryKey, need: Need, flight: Flight) -> None:
+    raise RuntimeError("ManagerState.thread_job was not set by TokenManager")
+
+
 def describe(key: EntryKey) -> str:
     """A log-safe name for a key: session ids can be bearer secrets (cookies), so only a digest."""
-    digest = hashlib.sha256(key.session_id.encode()).hexdigest()[:12]
-    return f"{key.provider_id}:{digest}"
+    return str(key)

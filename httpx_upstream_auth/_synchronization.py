@@ -1,9 +1,13 @@
 """Hand-written twin primitives, so the generated sync code reads like the async source.
 
-``Flight`` is one in-progress refresh for one key: its leader publishes an outcome once, and followers
-wait for it from threads (``outcome``) or from any event loop, asyncio or trio (``aoutcome``). Waking
-crosses threads and loops, so a sync leader can release async followers and the other way round.
-``AsyncShield`` / ``SyncShield`` protect the part of a refresh that must finish once started.
+``Flight`` is one in-progress operation for one key (a refresh job, or a shared storage read): it
+publishes an outcome once, and waiters wait for it from threads (``outcome``) or from any event loop,
+asyncio or trio (``aoutcome``). Waking crosses threads and loops, so a refresh job running in a worker
+thread releases async waiters, and a job running as a task releases sync waiters in other threads.
+
+``start_async_job`` / ``start_sync_job`` start a refresh job where no caller's cancellation reaches it;
+``AsyncLeaseKeeper`` / ``SyncLeaseKeeper`` renew the job's storage lease while it runs;
+``async_sleep`` / ``sync_sleep`` pause a job.
 """
 
 from __future__ import annotations
@@ -11,76 +15,124 @@ from __future__ import annotations
 import contextlib
 import copy
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Coroutine
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any
 
 import anyio
+import anyio.abc
 import anyio.lowlevel
 import attrs
 
+from ._exceptions import RefreshFailed, StorageError, UpstreamAuthError
 from ._models import UpstreamTokens
 
-__all__ = ["AsyncShield", "Flight", "Outcome", "SyncShield"]
+__all__ = [
+    "AsyncLeaseKeeper",
+    "Flight",
+    "Outcome",
+    "SameThreadWait",
+    "SyncLeaseKeeper",
+    "async_sleep",
+    "start_async_job",
+    "start_sync_job",
+    "sync_sleep",
+]
+
+
+class SameThreadWait(RuntimeError):
+    """A blocking call would wait for a refresh running as a task on its own (now blocked) event loop."""
 
 
 @attrs.frozen
 class Outcome:
-    """How a flight ended: with tokens, with an error, or abandoned (its leader was cancelled first)."""
+    """How a flight ended: with tokens, with an error, or abandoned (its job stopped before finishing)."""
 
     tokens: UpstreamTokens | None = None
     error: Exception | None = None
-    #: True when the tokens come from the provider in this flight (not from storage): followers take them
-    #: even when the provider made them short-lived enough to count as stale, or the flights would loop.
+    #: True when the tokens come from the provider in this flight: waiters take them even when the
+    #: provider made them short-lived enough to count as stale, or the flights would loop.
     refreshed: bool = False
+    #: True when the tokens are not fresh but still valid, served because an early refresh failed
+    #: without consuming anything (the provider had a blip): better than failing the request.
+    fallback: bool = False
 
     @property
     def abandoned(self) -> bool:
-        """True when the leader left before finishing: a follower should take over."""
+        """True when the job left before finishing: a waiter should start another."""
         return self.tokens is None and self.error is None
 
     def unwrap(self) -> UpstreamTokens:
-        """Return the tokens, or raise a copy of the leader's error (each follower gets its own)."""
+        """Return the tokens, or raise a copy of the job's error (each waiter gets its own)."""
         if self.error is not None:
-            raise copy.copy(self.error).with_traceback(None)
+            raise _copy_error(self.error)
         assert self.tokens is not None
         return self.tokens
 
 
-class Flight:
-    """One refresh in progress for one key."""
+def _copy_error(error: Exception) -> Exception:
+    try:
+        fresh = copy.copy(error)
+    except Exception:
+        fresh = None
+    if not isinstance(fresh, type(error)):
+        # A custom exception that cannot be rebuilt: say what it was, without its text (which a custom
+        # refresher may have filled with a token).
+        return RefreshFailed(
+            f"the refresh failed with {type(error).__name__}; retry the request", retryable=False
+        )
+    return fresh.with_traceback(None)
 
-    __slots__ = ("_lock", "_outcome", "_wakers")
+
+class Flight:
+    """One operation in progress for one key."""
+
+    __slots__ = ("_lock", "_outcome", "_wakers", "runs_on")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._outcome: Outcome | None = None
         self._wakers: list[Callable[[], None]] = []
+        #: The thread whose event loop runs this flight's work, when a task there does it (a blocking
+        #: wait on that thread would stop the work it waits for).
+        self.runs_on: int | None = None
+
+    @property
+    def done(self) -> bool:
+        """True once the outcome is published."""
+        return self._outcome is not None
 
     def finish(self, outcome: Outcome) -> None:
-        """Publish the outcome and wake every follower. Only the first call counts."""
+        """Publish the outcome and wake every waiter. Only the first call counts."""
         with self._lock:
             if self._outcome is not None:
                 return
             self._outcome = outcome
             wakers, self._wakers = self._wakers, []
         for wake in wakers:
-            # RuntimeError: the follower's event loop has closed, so nobody is waiting there.
+            # RuntimeError: the waiter's event loop has closed, so nobody is waiting there.
             with contextlib.suppress(RuntimeError):
                 wake()
 
-    def outcome(self) -> Outcome:
-        """Block this thread until the flight ends."""
+    def outcome(self, timeout: float) -> Outcome | None:
+        """Block this thread until the flight ends; ``None`` after ``timeout`` seconds."""
+        if self.runs_on == threading.get_ident() and not self.done:
+            raise SameThreadWait(
+                "a blocking call (get_token, a sync httpx client) would wait for a refresh that runs as a task "
+                "on this thread's event loop, which the call blocks: use the async API (aget_token, "
+                "httpx.AsyncClient) inside async code, or TokenManager(redeem_in='thread')"
+            )
         event = threading.Event()
         with self._lock:
-            if self._outcome is None:
-                self._wakers.append(event.set)
-        event.wait()
-        assert self._outcome is not None
+            if self._outcome is not None:
+                return self._outcome
+            self._wakers.append(event.set)
+        event.wait(timeout)
         return self._outcome
 
-    async def aoutcome(self) -> Outcome:
-        """Wait in the current event loop (asyncio or trio) until the flight ends."""
+    async def aoutcome(self, timeout: float) -> Outcome | None:
+        """Wait in the current event loop (asyncio or trio) until the flight ends; ``None`` after ``timeout``."""
         event = anyio.Event()
         wake = _call_soon_threadsafe(event.set)
         with self._lock:
@@ -88,10 +140,10 @@ class Flight:
             if registered:
                 self._wakers.append(wake)
         if registered:
-            await event.wait()
+            with anyio.move_on_after(timeout):
+                await event.wait()
         else:
             await anyio.lowlevel.checkpoint()
-        assert self._outcome is not None
         return self._outcome
 
 
@@ -103,46 +155,145 @@ def _call_soon_threadsafe(fn: Callable[[], None]) -> Callable[[], None]:
     return lambda: native.run_sync_soon(fn)  # trio: the token is a TrioToken
 
 
-class AsyncShield:
-    """Shield a block from outside cancellation, bounded by its own ``timeout``.
+# -- starting a job that no caller can cancel ---------------------------------------------------------
 
-    Used once a refresh request may have reached the provider: the old refresh token is consumed
-    whatever the caller does, so the result must be saved before anyone may give up on it.
+#: Strong references to running task jobs: asyncio keeps only weak ones to tasks.
+_task_jobs: set[Any] = set()
+
+
+def start_async_job(
+    thread_job: Callable[[], None], task_job: Callable[[], Coroutine[Any, Any, None]], *, in_task: bool
+) -> int | None:
+    """Start a job for an async caller; returns the thread ident of the loop running it as a task, if so.
+
+    By default the job runs in a worker thread of its own (``thread_job``): no cancellation of any
+    caller reaches it, nor the end of the caller's event loop, and the interpreter waits for it at exit.
+    With ``in_task``, it runs as a task of the current event loop that no caller awaits (an asyncio
+    task, or a trio system task): no threads, but it ends with its loop.
+    """
+    if not in_task:
+        start_sync_job(thread_job, task_job, in_task=False)
+        return None
+    import sniffio
+
+    if sniffio.current_async_library() == "trio":
+        import trio
+
+        trio.lowlevel.spawn_system_task(task_job)
+    else:
+        import asyncio
+
+        task = asyncio.get_running_loop().create_task(task_job())
+        _task_jobs.add(task)
+        task.add_done_callback(_task_jobs.discard)
+    return threading.get_ident()
+
+
+def start_sync_job(thread_job: Callable[[], None], task_job: Callable[[], Any], *, in_task: bool) -> int | None:
+    """Start a job for a sync caller: always in a worker thread of its own (there is no loop to run a task)."""
+    # Not a daemon: a refresh whose request may have reached the provider must save its result, so the
+    # interpreter waits for it at exit (it is bounded by the refresher's timeouts).
+    threading.Thread(target=thread_job, name="httpx-upstream-auth-refresh", daemon=False).start()
+    return None
+
+
+async def async_sleep(seconds: float) -> None:
+    """Pause the current job."""
+    await anyio.sleep(seconds)
+
+
+def sync_sleep(seconds: float) -> None:
+    """Pause the current job."""
+    time.sleep(seconds)
+
+
+# -- keeping a lease alive while a job runs -----------------------------------------------------------
+
+
+class _Renewing:
+    """Shared part of the lease keepers: when to renew, and for how long."""
+
+    def __init__(self, renew: Callable[[], Any], ttl: float, limit: float) -> None:
+        self.renew = renew
+        #: Renew three times per ttl, so one late renewal does not let the lease lapse.
+        self.interval = max(ttl / 3, 0.001)
+        self.rounds = max(int(limit / self.interval), 0)
+        self.lost = False
+
+
+class AsyncLeaseKeeper:
+    """Renew a storage lease every third of its ttl while a block runs, for at most ``limit`` seconds.
+
+    A slow provider then never lets a second process take the lease and redeem the same refresh token,
+    while a dead process's lease still runs out (renewals stop with it, and after ``limit``).
     """
 
-    def __init__(self, timeout: float) -> None:
-        self._scope = anyio.CancelScope(shield=True, deadline=anyio.current_time() + timeout)
+    def __init__(self, renew: Callable[[], Coroutine[Any, Any, bool]], ttl: float, limit: float) -> None:
+        self._state = _Renewing(renew, ttl, limit)
+        self._group: anyio.abc.TaskGroup | None = None
 
-    def __enter__(self) -> AsyncShield:
-        self._scope.__enter__()
+    async def __aenter__(self) -> AsyncLeaseKeeper:
+        self._group = anyio.create_task_group()
+        await self._group.__aenter__()
+        self._group.start_soon(self._run)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        assert self._group is not None
+        self._group.cancel_scope.cancel()
+        return await self._group.__aexit__(exc_type, exc, tb)
+
+    async def _run(self) -> None:
+        state = self._state
+        for _ in range(state.rounds):
+            await anyio.sleep(state.interval)
+            try:
+                if not await state.renew():
+                    state.lost = True
+                    return
+            except (StorageError, UpstreamAuthError):
+                pass  # the store blipped: the next round tries again before the lease runs out
+
+    @property
+    def lost(self) -> bool:
+        """True when a renewal found the lease taken by someone else."""
+        return self._state.lost
+
+
+class SyncLeaseKeeper:
+    """The sync twin of :class:`AsyncLeaseKeeper`: renews from a thread of its own."""
+
+    def __init__(self, renew: Callable[[], bool], ttl: float, limit: float) -> None:
+        self._state = _Renewing(renew, ttl, limit)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="httpx-upstream-auth-lease", daemon=True)
+
+    def __enter__(self) -> SyncLeaseKeeper:
+        self._thread.start()
         return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> bool:
-        return bool(self._scope.__exit__(exc_type, exc, tb))
+    ) -> bool | None:
+        self._stop.set()
+        self._thread.join()
+        return None
+
+    def _run(self) -> None:
+        state = self._state
+        for _ in range(state.rounds):
+            if self._stop.wait(state.interval):
+                return
+            try:
+                if not state.renew():
+                    state.lost = True
+                    return
+            except (StorageError, UpstreamAuthError):
+                pass
 
     @property
-    def timed_out(self) -> bool:
-        """True when the block was stopped by its own timeout."""
-        return self._scope.cancelled_caught
-
-
-class SyncShield:
-    """The sync twin of :class:`AsyncShield`: threads are not cancelled, so it only keeps the shape."""
-
-    def __init__(self, timeout: float) -> None:
-        self.timeout = timeout
-
-    def __enter__(self) -> SyncShield:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> Literal[False]:
-        return False
-
-    @property
-    def timed_out(self) -> bool:
-        """Always false: the sync refresh is bounded by its HTTP client's timeouts."""
-        return False
+    def lost(self) -> bool:
+        """True when a renewal found the lease taken by someone else."""
+        return self._state.lost

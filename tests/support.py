@@ -58,6 +58,14 @@ class FlakyStorage(MemoryStorage):
         return super().put(key, tokens, expected_version=expected_version)
 
 
+class UnnotifiedStorage(MemoryStorage):
+    """A MemoryStorage that reports no changes, as another process's save does before its notification
+    arrives: a manager keeps serving its cached token until the API refuses it."""
+
+    def subscribe(self, callback: Any) -> None:
+        return None
+
+
 class HeldLeaseStorage(MemoryStorage):
     """A MemoryStorage whose lease is held by a fake other process while ``held`` is true."""
 

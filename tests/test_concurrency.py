@@ -25,6 +25,7 @@ from support import (
     FlakyStorage,
     HeldLeaseStorage,
     ManagerFactory,
+    UnnotifiedStorage,
     expired,
     put_entry,
     stored,
@@ -184,10 +185,11 @@ async def test_failed_refresh_is_shared_not_repeated(
 def test_failed_refresh_is_shared_across_threads(
     provider: LocalProvider, make_manager: ManagerFactory, token_url: str
 ) -> None:
-    """Threads parked on a refresh that times out all get RefreshFailed; the provider is called once."""
+    """Threads parked on a refresh whose answer is lost all get the one outcome (the entry removed, log in
+    again); the provider is called once and the consumed refresh token never presented again."""
     manager = make_manager(refresher=OAuth2Refresher(token_url, "test-client", "test-secret", timeout=0.5))
-    entry = put_entry(manager, expired(provider.login()))
-    provider.fail_next("delay:5")
+    put_entry(manager, expired(provider.login()))
+    provider.fail_next("answer_delay:2")
     errors: list[BaseException] = []
 
     def worker() -> None:
@@ -206,9 +208,9 @@ def test_failed_refresh_is_shared_across_threads(
     for thread in [leader, *followers]:
         thread.join()
     assert len(errors) == 9
-    assert all(isinstance(e, RefreshFailed) and e.retryable for e in errors), [type(e) for e in errors]
-    assert provider.stats["token_calls"] == 1
-    assert stored(manager) == entry
+    assert all(isinstance(e, ReauthenticationRequired) for e in errors), [type(e) for e in errors]
+    assert provider.stats["token_calls"] == 1 and provider.stats["refresh_reuse"] == 0
+    assert stored(manager) is None
 
 
 async def test_dead_grant_is_shared_not_repeated(
@@ -241,9 +243,10 @@ async def test_dead_grant_is_shared_not_repeated(
 
 
 async def test_stale_401_replays_with_stored_token_without_refresh(
-    driver: Driver, provider: LocalProvider, manager: TokenManager
+    driver: Driver, provider: LocalProvider, make_manager: ManagerFactory
 ) -> None:
     """A 401 for a token older than the stored one replays with the stored token and refreshes nothing."""
+    manager = make_manager(storage=UnnotifiedStorage())
     old = await driver.store(manager, provider.login())  # cached in the manager
     newer = put_entry(manager, provider.login())  # another worker saved a newer entry meanwhile
     provider.revoke_access(old.access_token)
@@ -254,8 +257,11 @@ async def test_stale_401_replays_with_stored_token_without_refresh(
     assert provider.stats["api_401"] == 1 and provider.stats["api_ok"] == 1
 
 
-async def test_stale_401_driven_by_hand(provider: LocalProvider, manager: TokenManager, server: ServerThread) -> None:
+async def test_stale_401_driven_by_hand(
+    provider: LocalProvider, make_manager: ManagerFactory, server: ServerThread
+) -> None:
     """Driving the flow: a 401 for the old token yields a replay carrying the newer stored token."""
+    manager = make_manager(storage=UnnotifiedStorage())
     old = await manager.astore(SESSION, provider.login())
     newer = put_entry(manager, provider.login())
     flow = manager.auth(SESSION).async_auth_flow(httpx.Request("GET", server.url + "/api/me"))
@@ -358,8 +364,8 @@ async def test_cancelled_lone_leader_still_saves(
         tg.start_soon(leader)
         await wait_until(lambda: provider.stats["token_calls"] == 1)
         scope.cancel()
-    now = stored(manager)
-    assert now is not None and now.version == entry.version + 1
+    assert scope.cancelled_caught
+    await wait_until(lambda: getattr(stored(manager), "version", None) == entry.version + 1)  # the job saves
     async with async_client(server, manager) as client:
         assert (await client.get("/api/me")).status_code == 200
     assert provider.stats["token_calls"] == 1 and provider.stats["refresh_reuse"] == 0
@@ -396,21 +402,21 @@ async def test_cancelled_follower_does_not_disturb_the_flight(
     assert manager._state._flights == {}
 
 
-async def test_refresh_timeout_bounds_an_async_refresh(
+async def test_wait_timeout_bounds_the_caller_not_the_refresh(
     provider: LocalProvider, make_manager: ManagerFactory, server: ServerThread
 ) -> None:
-    """An async refresh slower than refresh_timeout gives a retryable RefreshFailed and stores nothing."""
-    manager = make_manager(refresh_timeout=0.3)
+    """A caller waits at most wait_timeout for a slow refresh (retryable RefreshFailed); the refresh itself goes
+    on, saves the rotated tokens, and the next call uses them without another token request."""
+    manager = make_manager(wait_timeout=0.2)
     entry = put_entry(manager, expired(provider.login()))
-    provider.fail_next("delay:5")
+    provider.fail_next("answer_delay:1")
     with pytest.raises(RefreshFailed) as caught:
         await manager.aget_token(SESSION)
     assert caught.value.retryable is True
-    assert stored(manager) == entry
-    assert manager._state._flights == {}
-    # The provider saw the client leave before answering, so the refresh token is still good.
+    await wait_until(lambda: getattr(stored(manager), "version", None) == entry.version + 1)
     async with async_client(server, manager) as client:
         assert (await client.get("/api/me")).status_code == 200
+    assert provider.stats["token_calls"] == 1
     assert provider.stats["refresh_ok"] == 1 and provider.stats["refresh_reuse"] == 0
 
 
@@ -526,7 +532,7 @@ async def test_secrets_never_logged_or_in_errors(
         assert (await client.get("/api/me")).status_code == 200  # 401, refresh, replay
         put_entry(manager, expired(stored(manager)))  # type: ignore[arg-type]
         manager._state.forget(EntryKey(manager.provider_id, SESSION))
-        for fault in ("500", "malformed", "invalid_client", "id_token_other_sub"):
+        for fault in ("500", "invalid_client", "id_token_other_sub"):
             provider.fail_next(fault)
             try:
                 await client.get("/api/me")
@@ -540,13 +546,10 @@ async def test_secrets_never_logged_or_in_errors(
     assert [type(e).__name__ for e in errors] == [
         "RefreshFailed",
         "RefreshFailed",
-        "RefreshFailed",
         "BindingMismatch",
         "ReauthenticationRequired",
     ]
-    for entry in (first, stored(manager)):
-        assert entry is not None
-        secrets.update(s for s in (entry.access_token, entry.refresh_token) if s)
+    secrets.update(s for s in (first.access_token, first.refresh_token) if s)
     for logged in provider.requests:
         secrets.add(logged["form"]["refresh_token"])
     secrets.update(str(t) for t in provider._access)  # every access token the provider ever issued

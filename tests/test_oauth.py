@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
-from collections.abc import Iterator
+import socket
+import threading
+import traceback
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import parse_qsl
 
+import anyio
 import attrs
 import httpx
 import pytest
+from support import FakeClock
 
 from httpx_upstream_auth import (
     BindingMismatch,
+    FreshnessPolicy,
     OAuth2Refresher,
     ReauthenticationRequired,
     RefreshFailed,
@@ -21,8 +28,14 @@ from httpx_upstream_auth import (
     UpstreamAuthError,
     UpstreamTokens,
 )
-from httpx_upstream_auth._oauth import build_refresh_request, check_token_url, merge_response
-from httpx_upstream_auth.testing import serve
+from httpx_upstream_auth._oauth import (
+    MAX_LIFETIME,
+    TokenAnswer,
+    build_refresh_request,
+    check_token_url,
+    merge_response,
+)
+from httpx_upstream_auth.testing import ServerThread, serve
 
 ACCESS = "at-OLD-SECRET-access"
 REFRESH = "rt-OLD-SECRET-refresh"
@@ -379,6 +392,7 @@ def test_malformed_200_is_refresh_failed(payload: bytes) -> None:
     error = classify(200, payload)
     assert isinstance(error, RefreshFailed)
     assert error.retryable is True
+    assert error.may_have_rotated is True
 
 
 # -- OAuth2Refresher configuration ---------------------------------------------------------------------
@@ -476,6 +490,7 @@ def test_sync_oversize_response_refused() -> None:
         with pytest.raises(RefreshFailed) as caught:
             refresher.refresh(stored(), SystemClock())
     assert caught.value.retryable is False
+    assert caught.value.may_have_rotated is True  # a 200 was dropped: it may have carried rotated tokens
     assert "1024" in str(caught.value)
 
 
@@ -492,10 +507,25 @@ async def test_async_oversize_response_refused() -> None:
 
 
 @pytest.mark.parametrize(
-    "exc", [httpx.ConnectError("refused"), httpx.ReadTimeout("slow"), httpx.RemoteProtocolError("bad")]
+    ("exc", "may_have_rotated"),
+    [
+        (httpx.ConnectError("refused"), False),
+        (httpx.ConnectTimeout("slow connect"), False),
+        (httpx.PoolTimeout("pool full"), False),
+        (httpx.ProxyError("proxy refused CONNECT"), False),
+        (httpx.UnsupportedProtocol("gopher"), False),
+        (httpx.LocalProtocolError("bad header"), False),
+        (httpx.ReadTimeout("slow"), True),
+        (httpx.ReadError("reset"), True),
+        (httpx.RemoteProtocolError("closed without answer"), True),
+        (httpx.WriteTimeout("slow write"), True),
+        (httpx.WriteError("broken pipe"), True),
+        (RuntimeError("a custom transport failed"), True),
+    ],
+    ids=lambda value: type(value).__name__ if isinstance(value, Exception) else str(value),
 )
-def test_transport_errors_are_retryable(exc: Exception) -> None:
-    """Network errors and timeouts become a retryable RefreshFailed, without the httpx error chained."""
+def test_transport_errors_are_retryable(exc: Exception, may_have_rotated: bool) -> None:
+    """Transport errors are a retryable RefreshFailed, nothing chained; only errors before sending say not rotated."""
 
     def handler(request: httpx.Request) -> httpx.Response:
         raise exc
@@ -505,7 +535,8 @@ def test_transport_errors_are_retryable(exc: Exception) -> None:
         with pytest.raises(RefreshFailed) as caught:
             refresher.refresh(stored(), SystemClock())
     assert caught.value.retryable is True
-    assert caught.value.__cause__ is None and caught.value.__suppress_context__
+    assert caught.value.may_have_rotated is may_have_rotated
+    assert caught.value.__cause__ is None and caught.value.__context__ is None
     assert_no_secrets(str(caught.value))
 
 
@@ -548,6 +579,7 @@ def test_sync_redirect_not_followed(redirector: tuple[Redirector, str]) -> None:
         refresher.close()
     assert caught.value.status_code == 307
     assert caught.value.retryable is False
+    assert caught.value.may_have_rotated is False
     assert app.elsewhere == 0
 
 
@@ -560,3 +592,505 @@ async def test_async_redirect_not_followed(redirector: tuple[Redirector, str]) -
         await refresher.arefresh(stored(), SystemClock())
     assert caught.value.status_code == 307
     assert app.elsewhere == 0
+
+
+# -- odd answers, sans-I/O -----------------------------------------------------------------------------
+
+
+def test_merge_new_refresh_token_without_access_token_is_kept() -> None:
+    """A 200 with a new refresh token but no usable access token keeps the new refresh token, access expired."""
+    fresh = merge_response(stored(), 200, body(access_token=7, refresh_token=NEW_REFRESH, expires_in=60), SENT_AT)
+    assert fresh.refresh_token == NEW_REFRESH
+    assert fresh.access_token == ACCESS
+    assert fresh.expires_at == SENT_AT
+    assert not FreshnessPolicy().is_fresh(fresh, SENT_AT)
+    assert fresh.version == stored().version + 1
+
+
+def test_merge_unusable_refresh_token_leaves_none() -> None:
+    """A 200 whose refresh_token cannot be sent back keeps the new access token and no refresh token."""
+    for odd in (7, {"token": NEW_REFRESH}, ["x"], True, "\ud800"):
+        fresh = merge_response(stored(), 200, body(access_token=NEW_ACCESS, refresh_token=odd), SENT_AT)
+        assert fresh.access_token == NEW_ACCESS
+        assert fresh.refresh_token is None and fresh.refresh_expires_at is None
+
+
+def test_merge_error_field_does_not_void_issued_tokens() -> None:
+    """A 200 that carries tokens and an 'error' field gives the tokens (the provider may have rotated)."""
+    fresh = merge_response(stored(), 200, body(access_token=NEW_ACCESS, refresh_token=NEW_REFRESH, error="x"), SENT_AT)
+    assert (fresh.access_token, fresh.refresh_token) == (NEW_ACCESS, NEW_REFRESH)
+
+
+@pytest.mark.parametrize("access_token", ["has\nnewline", " padded ", "caf\u00e9", "\ud800"])
+def test_merge_access_token_unfit_for_a_header_is_unusable(access_token: str) -> None:
+    """An access token that cannot go into an Authorization header is not usable: RefreshFailed, rotated."""
+    error = classify(200, body(access_token=access_token))
+    assert isinstance(error, RefreshFailed) and error.may_have_rotated is True
+
+
+def test_merge_odd_token_type_and_id_token_keep_stored() -> None:
+    """A non-string token_type or id_token is ignored; the stored values stay."""
+    id_token = jwt(sub="alice")
+    fresh = merge_response(
+        stored(id_token=id_token, token_type="Bearer"),
+        200,
+        body(access_token=NEW_ACCESS, token_type={"a": 1}, id_token=12),
+        SENT_AT,
+    )
+    assert fresh.token_type == "Bearer" and fresh.id_token == id_token
+
+
+def test_merge_error_code_text_is_never_quoted_unless_registered() -> None:
+    """Only registered OAuth error codes appear in messages: a provider may put anything in 'error'."""
+    assert "invalid_client" in str(classify(401, body(error="invalid_client")))
+    assert "an unregistered error code" in str(classify(400, body(error=NEW_REFRESH)))
+
+
+def test_merge_3xx_is_refresh_failed_not_rotated() -> None:
+    """A redirect answer is a RefreshFailed that did not rotate, whatever its body says."""
+    for status in (301, 302, 303, 307, 308):
+        error = classify(status, body(error="invalid_grant", access_token=NEW_ACCESS))
+        assert isinstance(error, RefreshFailed)
+        assert (error.retryable, error.may_have_rotated, error.status_code) == (False, False, status)
+
+
+# -- odd answers over real HTTP --------------------------------------------------------------------------
+
+
+class ScriptedEndpoint:
+    """An ASGI token endpoint that answers whatever the test scripted, and records what it received.
+
+    ``mode`` is ``answer`` (status, headers, body), ``hang`` (answer nothing until released), ``stall``
+    (send the head and ``body``, then hang until released) or ``abort`` (send the head and ``body``, then
+    drop the connection). ``arrived`` is set once a request has been read in full.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.mode = "answer"
+        self.status = 200
+        self.headers: list[tuple[bytes, bytes]] = [(b"content-type", b"application/json")]
+        self.body = b""
+        self.received: list[dict[str, str]] = []
+        self.arrived = threading.Event()
+        self.release = threading.Event()
+
+    def script(self, status: int, content: bytes, *, mode: str = "answer", headers: Any = None) -> None:
+        self.status, self.body, self.mode = status, content, mode
+        if headers is not None:
+            self.headers = headers
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        release = self.release  # this test's: a later reset must not re-arm a hang that was released
+        request = b""
+        while True:
+            message = await receive()
+            request += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        self.received.append(dict(parse_qsl(request.decode())))
+        self.arrived.set()
+        if self.mode == "hang":
+            await self._hang(release)
+            return
+        await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
+        if self.mode == "answer":
+            await send({"type": "http.response.body", "body": self.body})
+            return
+        await send({"type": "http.response.body", "body": self.body, "more_body": True})
+        if self.mode == "abort":
+            raise ConnectionAbortedError("the scripted endpoint drops the connection mid-answer")
+        await self._hang(release)
+
+    async def _hang(self, release: threading.Event) -> None:
+        while not release.is_set():
+            await asyncio.sleep(0.01)
+
+
+class Recorder:
+    """An ASGI app on another origin that counts requests and answers each with fresh tokens."""
+
+    def __init__(self) -> None:
+        self.hits = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        while (await receive()).get("more_body"):
+            pass
+        self.hits += 1
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body(access_token=NEW_ACCESS, refresh_token=NEW_REFRESH)})
+
+
+@pytest.fixture(scope="module")
+def scripted_server() -> Iterator[tuple[ScriptedEndpoint, ServerThread]]:
+    """One scripted token endpoint served over real HTTP for the module's tests."""
+    app = ScriptedEndpoint()
+    with serve(app) as server:
+        yield app, server
+        app.release.set()
+
+
+@pytest.fixture
+def endpoint(scripted_server: tuple[ScriptedEndpoint, ServerThread]) -> Iterator[ScriptedEndpoint]:
+    """The module's scripted token endpoint, reset for this test and released (if hanging) after it."""
+    app, _ = scripted_server
+    app.reset()
+    yield app
+    app.release.set()
+
+
+@pytest.fixture
+def refresher(scripted_server: tuple[ScriptedEndpoint, ServerThread]) -> Iterator[OAuth2Refresher]:
+    """An OAuth2Refresher with its own clients, pointed at the scripted endpoint."""
+    _, server = scripted_server
+    made = OAuth2Refresher(server.url + "/token", "my-app", CLIENT_SECRET)
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def impatient_refresher(scripted_server: tuple[ScriptedEndpoint, ServerThread]) -> Iterator[OAuth2Refresher]:
+    """A refresher whose timeout a hanging endpoint trips (loopback connects are immediate, even under load)."""
+    _, server = scripted_server
+    made = OAuth2Refresher(server.url + "/token", "my-app", CLIENT_SECRET, timeout=0.5, max_response_bytes=4096)
+    yield made
+    made.close()
+
+
+def refresh_over_http(refresher: OAuth2Refresher) -> UpstreamTokens:
+    return refresher.refresh(stored(), FakeClock(SENT_AT))
+
+
+def refresh_error(refresher: OAuth2Refresher) -> UpstreamAuthError:
+    with pytest.raises(UpstreamAuthError) as caught:
+        refresh_over_http(refresher)
+    return caught.value
+
+
+def test_http_string_expires_in_is_accepted(endpoint: ScriptedEndpoint, refresher: OAuth2Refresher) -> None:
+    """expires_in sent as the string "3600.5" counts as 3600.5 seconds from the send time."""
+    endpoint.script(200, body(access_token=NEW_ACCESS, token_type="Bearer", expires_in="3600.5"))
+    fresh = refresh_over_http(refresher)
+    assert fresh.access_token == NEW_ACCESS
+    assert fresh.expires_at == SENT_AT + 3600.5
+    assert endpoint.received[0]["refresh_token"] == REFRESH
+
+
+@pytest.mark.parametrize(
+    "lifetime",
+    [b"1e999", b"-1e400", b"NaN", b"Infinity", b"1e12", b"-5", b'"inf"', b'"nan"', b'"1e999"', b"true", b"{}"],
+)
+def test_http_absurd_lifetimes_are_unknown(
+    endpoint: ScriptedEndpoint, refresher: OAuth2Refresher, lifetime: bytes
+) -> None:
+    """Infinite, NaN, negative, absurd (over MAX_LIFETIME) or non-numeric lifetimes mean unknown (None)."""
+    assert MAX_LIFETIME < 1e12
+    endpoint.script(
+        200,
+        b'{"access_token":"%s","refresh_token":"%s","expires_in":%s,"refresh_expires_in":%s}'
+        % (NEW_ACCESS.encode(), NEW_REFRESH.encode(), lifetime, lifetime),
+    )
+    fresh = refresh_over_http(refresher)
+    assert (fresh.access_token, fresh.refresh_token) == (NEW_ACCESS, NEW_REFRESH)
+    assert fresh.expires_at is None
+    assert fresh.refresh_expires_at is None
+    assert UpstreamTokens.from_json(fresh.to_json()) == fresh
+
+
+@pytest.mark.parametrize("field", ["refresh_expires_in", "refresh_token_expires_in"])
+def test_http_refresh_expires_in_zero_is_unknown(
+    endpoint: ScriptedEndpoint, refresher: OAuth2Refresher, field: str
+) -> None:
+    """refresh_expires_in 0 (Keycloak's offline tokens: no expiry) means unknown, not 'expires now'."""
+    endpoint.script(200, body(access_token=NEW_ACCESS, refresh_token=REFRESH, expires_in=300, **{field: 0}))
+    fresh = refresh_over_http(refresher)
+    assert fresh.refresh_token == REFRESH
+    assert fresh.refresh_expires_at is None
+    assert fresh.expires_at == SENT_AT + 300
+
+
+def test_http_non_string_scope_keeps_stored(endpoint: ScriptedEndpoint, refresher: OAuth2Refresher) -> None:
+    """A scope that is not a string (7) keeps the stored scope; a list of strings is joined."""
+    endpoint.script(200, body(access_token=NEW_ACCESS, scope=7))
+    assert refresh_over_http(refresher).scope == "read"
+    endpoint.script(200, body(access_token=NEW_ACCESS, scope=["read", "write"]))
+    assert refresh_over_http(refresher).scope == "read write"
+
+
+def test_http_deeply_nested_extra_field_keeps_tokens(endpoint: ScriptedEndpoint, refresher: OAuth2Refresher) -> None:
+    """An extra field nested past the interpreter's recursion limit does not make the tokens beside it unreadable."""
+    deep = b"[" * 4000 + b"]" * 4000
+    endpoint.script(200, body(access_token=NEW_ACCESS, refresh_token=NEW_REFRESH)[:-1] + b', "x": ' + deep + b"}")
+    fresh = refresh_over_http(refresher)
+    assert (fresh.access_token, fresh.refresh_token) == (NEW_ACCESS, NEW_REFRESH)
+
+
+@pytest.mark.parametrize(("status", "rotated"), [(200, True), (400, False)])
+def test_http_deeply_nested_json_without_tokens(
+    endpoint: ScriptedEndpoint, refresher: OAuth2Refresher, status: int, rotated: bool
+) -> None:
+    """A deeply nested answer without tokens is a RefreshFailed, not a RecursionError; a 2xx one may have rotated."""
+    endpoint.script(status, b"[" * 4000 + b'"' + NEW_REFRESH.encode() + b'"' + b"]" * 4000)
+    error = refresh_error(refresher)
+    assert isinstance(error, RefreshFailed) and "exceeded" not in str(error)
+    assert error.may_have_rotated is rotated and error.status_code == status
+
+
+@pytest.mark.parametrize(("status", "rotated"), [(200, True), (400, False)])
+def test_http_oversize_answer(
+    endpoint: ScriptedEndpoint, refresher: OAuth2Refresher, status: int, rotated: bool
+) -> None:
+    """An answer over max_response_bytes is dropped; only a 2xx one may have rotated."""
+    endpoint.script(status, body(access_token=NEW_ACCESS, refresh_token=NEW_REFRESH, padding="x" * 100_000))
+    error = refresh_error(refresher)
+    assert isinstance(error, RefreshFailed)
+    assert (error.may_have_rotated, error.status_code, error.retryable) == (rotated, status, False)
+
+
+@pytest.mark.parametrize(
+    ("mode", "status", "rotated"), [("hang", 200, True), ("stall", 200, True), ("stall", 400, False)]
+)
+def test_http_read_timeout_after_request_received(
+    endpoint: ScriptedEndpoint, impatient_refresher: OAuth2Refresher, mode: str, status: int, rotated: bool
+) -> None:
+    """A read timeout after the provider received the request may have rotated, unless it had answered an error."""
+    endpoint.script(status, b'{"access_token":"' + NEW_ACCESS.encode(), mode=mode)
+    error = refresh_error(impatient_refresher)
+    assert isinstance(error, RefreshFailed)
+    assert error.may_have_rotated is rotated and error.retryable is True
+    assert error.status_code == (None if mode == "hang" else status)
+    assert endpoint.arrived.wait(10)
+    assert [form["refresh_token"] for form in endpoint.received] == [REFRESH]
+
+
+@pytest.mark.anyio
+async def test_http_read_timeout_after_request_received_async(
+    endpoint: ScriptedEndpoint, impatient_refresher: OAuth2Refresher
+) -> None:
+    """arefresh: a read timeout after the provider received the request may have rotated."""
+    endpoint.script(200, b"", mode="hang")
+    with pytest.raises(RefreshFailed) as caught:
+        await impatient_refresher.arefresh(stored(), FakeClock(SENT_AT))
+    assert caught.value.may_have_rotated is True
+    assert await anyio.to_thread.run_sync(endpoint.arrived.wait, 10)
+    assert len(endpoint.received) == 1
+
+
+@pytest.mark.parametrize(("status", "rotated"), [(200, True), (503, False)])
+def test_http_answer_cut_mid_body(
+    endpoint: ScriptedEndpoint, refresher: OAuth2Refresher, status: int, rotated: bool
+) -> None:
+    """A connection dropped mid-answer may have rotated on a 2xx, not on an error status."""
+    endpoint.script(status, b'{"access_token":"' + NEW_ACCESS.encode(), mode="abort")
+    error = refresh_error(refresher)
+    assert isinstance(error, RefreshFailed)
+    assert error.may_have_rotated is rotated and error.status_code == status
+
+
+@pytest.fixture
+def refused_url() -> Iterator[str]:
+    """A loopback URL where nothing listens: the port is bound but never listened on, so it stays refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/token"
+
+
+def test_http_connection_refused_did_not_rotate(refused_url: str) -> None:
+    """A refused connection certainly did not send the refresh token: may_have_rotated is False."""
+    refresher = OAuth2Refresher(refused_url, "my-app", CLIENT_SECRET)
+    try:
+        with pytest.raises(RefreshFailed) as caught:
+            refresher.refresh(stored(), SystemClock())
+    finally:
+        refresher.close()
+    assert caught.value.may_have_rotated is False and caught.value.retryable is True
+
+
+@pytest.mark.anyio
+async def test_http_connection_refused_did_not_rotate_async(refused_url: str) -> None:
+    """arefresh: a refused connection did not rotate either."""
+    with pytest.raises(RefreshFailed) as caught:
+        await OAuth2Refresher(refused_url, "my-app", CLIENT_SECRET).arefresh(stored(), SystemClock())
+    assert caught.value.may_have_rotated is False
+
+
+@pytest.mark.parametrize("status", [503, 429, 500])
+def test_http_unavailable_did_not_rotate(endpoint: ScriptedEndpoint, refresher: OAuth2Refresher, status: int) -> None:
+    """503, 429 and 500 are definitive answers: retryable, and the refresh token was not rotated."""
+    endpoint.script(status, body(error="temporarily_unavailable"))
+    error = refresh_error(refresher)
+    assert isinstance(error, RefreshFailed)
+    assert (error.retryable, error.may_have_rotated, error.status_code) == (True, False, status)
+
+
+def test_http_unusable_200_may_have_rotated(endpoint: ScriptedEndpoint, refresher: OAuth2Refresher) -> None:
+    """A 200 that cannot be turned into tokens may have rotated."""
+    endpoint.script(200, b"<html>proxy login</html>")
+    error = refresh_error(refresher)
+    assert isinstance(error, RefreshFailed) and error.may_have_rotated is True
+
+
+def test_http_rotated_refresh_token_kept_without_access_token(
+    endpoint: ScriptedEndpoint, refresher: OAuth2Refresher
+) -> None:
+    """A 200 with a new refresh token and a null access token keeps the new refresh token; access is expired."""
+    endpoint.script(200, body(access_token=None, refresh_token=NEW_REFRESH))
+    fresh = refresh_over_http(refresher)
+    assert fresh.refresh_token == NEW_REFRESH
+    assert not FreshnessPolicy().is_fresh(fresh, SENT_AT)
+
+
+# -- redirects are never followed, even by a client told to -------------------------------------------
+
+
+@pytest.fixture
+def elsewhere() -> Iterator[tuple[Recorder, str]]:
+    """A second server, on another origin, that records whether the refresh reached it."""
+    app = Recorder()
+    with serve(app) as server:
+        yield app, server.url + "/token"
+
+
+def test_sync_injected_client_following_redirects_does_not(
+    endpoint: ScriptedEndpoint, refresher: OAuth2Refresher, elsewhere: tuple[Recorder, str]
+) -> None:
+    """An injected Client(follow_redirects=True) still does not follow the token endpoint's 307."""
+    recorder, target = elsewhere
+    endpoint.script(307, b"", headers=[(b"location", target.encode())])
+    with httpx.Client(follow_redirects=True) as client:
+        injected = OAuth2Refresher(refresher.token_url, "my-app", CLIENT_SECRET, client=client)
+        with pytest.raises(RefreshFailed) as caught:
+            injected.refresh(stored(), SystemClock())
+    assert (caught.value.status_code, caught.value.may_have_rotated) == (307, False)
+    assert recorder.hits == 0 and len(endpoint.received) == 1
+
+
+@pytest.mark.anyio
+async def test_async_injected_client_following_redirects_does_not(
+    endpoint: ScriptedEndpoint, refresher: OAuth2Refresher, elsewhere: tuple[Recorder, str]
+) -> None:
+    """An injected AsyncClient(follow_redirects=True) still does not follow the token endpoint's 307."""
+    recorder, target = elsewhere
+    endpoint.script(307, b"", headers=[(b"location", target.encode())])
+    async with httpx.AsyncClient(follow_redirects=True) as client:
+        injected = OAuth2Refresher(refresher.token_url, "my-app", CLIENT_SECRET, async_client=client)
+        with pytest.raises(RefreshFailed) as caught:
+            await injected.arefresh(stored(), SystemClock())
+    assert caught.value.status_code == 307
+    assert recorder.hits == 0 and len(endpoint.received) == 1
+
+
+# -- no secret in any traceback ----------------------------------------------------------------------------
+
+ID_TOKEN = jwt(sub="mallory", nonce="idt-SECRET-id-token")
+RAW = "raw-SECRET-body-marker"
+ALL_SECRETS = (*SECRETS, ID_TOKEN, RAW, "idt-SECRET-id-token")
+FULL = {"access_token": NEW_ACCESS, "refresh_token": NEW_REFRESH, "id_token": ID_TOKEN, "raw": RAW}
+
+
+def _json(**fields: Any) -> bytes:
+    return json.dumps({**FULL, **fields}).encode()
+
+
+SCENARIOS: dict[str, tuple[str, int, bytes]] = {
+    "invalid-grant": ("answer", 400, _json(error="invalid_grant", error_description=f"{REFRESH} revoked")),
+    "secret-as-error-code": ("answer", 401, _json(error=NEW_REFRESH)),
+    "unavailable": ("answer", 503, _json(error="temporarily_unavailable")),
+    "redirect": ("answer", 307, _json()),
+    "other-subject": ("answer", 200, _json()),
+    "unusable-200": ("answer", 200, _json(access_token={"t": NEW_ACCESS}, refresh_token=[NEW_REFRESH])),
+    "deep-200": ("answer", 200, b'{"x":' + b"[" * 1500 + _json() + b"]" * 1500 + b"}"),
+    "oversize-200": ("answer", 200, _json(padding="x" * 10_000)),
+    "oversize-400": ("answer", 400, _json(padding="x" * 10_000)),
+    "read-timeout-mid-body": ("stall", 200, _json()[:-20]),
+    "cut-mid-body": ("abort", 200, _json()[:-20]),
+}
+
+
+def exception_texts(exc: BaseException) -> Iterator[str]:
+    """Every rendering of ``exc`` and of each exception linked to it, frame locals included."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield "".join(traceback.TracebackException.from_exception(current, capture_locals=True).format())
+        yield str(current)
+        yield repr(current)
+        pending += [current.__cause__, current.__context__]
+
+
+def raised_by(call: Callable[[], object]) -> BaseException:
+    """The exception ``call`` raises, caught in a frame that holds nothing but ``call``."""
+    try:
+        call()
+    except Exception as exc:
+        return exc
+    raise AssertionError("no exception was raised")
+
+
+@pytest.mark.parametrize("use_async", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("scenario", [*SCENARIOS, "refused", "unsendable-stored-token"])
+def test_no_secret_in_any_traceback(
+    scripted_server: tuple[ScriptedEndpoint, ServerThread],
+    endpoint: ScriptedEndpoint,
+    refused_url: str,
+    scenario: str,
+    use_async: bool,
+) -> None:
+    """Every error path, over real HTTP: no token, client secret or answer body in any traceback's text or locals."""
+    _, server = scripted_server
+    url = refused_url if scenario == "refused" else server.url + "/token"
+    entry = stored(id_token=None)
+    if scenario == "unsendable-stored-token":
+        entry = stored(refresh_token=REFRESH + "\ud800")
+    elif scenario in SCENARIOS:
+        mode, status, content = SCENARIOS[scenario]
+        headers = [(b"location", f"{server.url}/elsewhere?code={NEW_REFRESH}".encode())] if status == 307 else None
+        endpoint.script(status, content, mode=mode, headers=headers)
+    hanging = scenario in SCENARIOS and SCENARIOS[scenario][0] == "stall"
+    refresher = OAuth2Refresher(
+        url,
+        "my-app",
+        CLIENT_SECRET,
+        auth_method="client_secret_post",
+        timeout=0.5 if hanging else 10.0,
+        max_response_bytes=4096,
+    )
+    try:
+        if use_async:
+            exc = raised_by(lambda: anyio.run(refresher.arefresh, entry, FakeClock(SENT_AT)))
+        else:
+            exc = raised_by(lambda: refresher.refresh(entry, FakeClock(SENT_AT)))
+    finally:
+        refresher.close()
+    assert isinstance(exc, UpstreamAuthError), repr(exc)
+    for text in exception_texts(exc):
+        for secret in ALL_SECRETS:
+            assert secret not in text, f"{scenario}: {type(exc).__name__} shows a secret"
+    if scenario in SCENARIOS and SCENARIOS[scenario][0] == "answer":
+        assert endpoint.received and endpoint.received[-1]["client_secret"] == CLIENT_SECRET
+
+
+def test_no_secret_in_merge_response_tracebacks() -> None:
+    """merge_response's own errors carry no token or body in their text or frame locals."""
+    answers = [
+        TokenAnswer(200, _json()),
+        TokenAnswer(200, _json(access_token=None, refresh_token=7)),
+        TokenAnswer(400, _json(error="invalid_grant")),
+    ]
+    for answer in answers:
+        # The body travels masked (TokenAnswer): a lambda's frame would show a captured bytes object.
+        exc = raised_by(lambda: merge_response(stored(), answer.status_code, answer.body, SENT_AT))  # noqa: B023
+        assert isinstance(exc, UpstreamAuthError)
+        for text in exception_texts(exc):
+            for secret in ALL_SECRETS:
+                assert secret not in text

@@ -110,28 +110,44 @@ FAULTS = [
     ("500", True),
     ("503", True),
     ("429", True),
-    ("malformed", True),
-    ("no_access_token", True),
     ("invalid_client", False),
-    ("huge", False),
 ]
+#: 200 answers the client cannot use: the provider may have rotated the refresh token all the same.
+UNUSABLE_200 = ["malformed", "no_access_token", "huge"]
 
 
 @pytest.mark.parametrize(("fault", "retryable"), FAULTS, ids=[f for f, _ in FAULTS])
 async def test_provider_error_stores_nothing(
     driver: Driver, provider: LocalProvider, manager: TokenManager, fault: str, retryable: bool
 ) -> None:
-    """Each provider failure raises RefreshFailed (retryable as it should be) and leaves the entry as it was."""
+    """Each error answer raises RefreshFailed (retryable as it should be) and leaves the entry as it was."""
     entry = put_entry(manager, expired(provider.login()))
     provider.fail_next(fault)
     with pytest.raises(RefreshFailed) as caught:
         await driver.get_token(manager)
     assert caught.value.retryable is retryable
+    assert caught.value.may_have_rotated is False
     assert stored(manager) == entry
     assert provider.stats["token_calls"] == 1
     # The fault is gone; the untouched entry still refreshes.
     fresh = await driver.get_token(manager)
     assert fresh.version == entry.version + 1
+
+
+@pytest.mark.parametrize("fault", UNUSABLE_200)
+async def test_unusable_200_answer_fails_closed(
+    driver: Driver, provider: LocalProvider, manager: TokenManager, fault: str
+) -> None:
+    """A 200 answer that cannot be read may have rotated the refresh token: the entry is removed, the caller is
+    told to log the user in again, and the old refresh token is never presented a second time."""
+    put_entry(manager, expired(provider.login()))
+    provider.fail_next(fault)
+    with pytest.raises(ReauthenticationRequired):
+        await driver.get_token(manager)
+    assert stored(manager) is None
+    with pytest.raises(ReauthenticationRequired):
+        await driver.get_token(manager)
+    assert provider.stats["token_calls"] == 1
 
 
 async def test_unreachable_provider_is_retryable(
@@ -149,17 +165,20 @@ async def test_unreachable_provider_is_retryable(
     assert stored(manager) == entry
 
 
-async def test_timeout_is_retryable(
+async def test_timeout_after_sending_fails_closed(
     driver: Driver, provider: LocalProvider, make_manager: ManagerFactory, token_url: str
 ) -> None:
-    """A token endpoint slower than the refresher's timeout gives a retryable RefreshFailed; nothing stored."""
+    """A token endpoint slower than the refresher's timeout may have consumed the refresh token before the
+    answer was lost: the entry is removed and the old refresh token is never presented again."""
     manager = make_manager(refresher=OAuth2Refresher(token_url, "test-client", "test-secret", timeout=0.2))
-    entry = put_entry(manager, expired(provider.login()))
-    provider.fail_next("delay:2")
-    with pytest.raises(RefreshFailed) as caught:
+    put_entry(manager, expired(provider.login()))
+    provider.fail_next("answer_delay:1")
+    with pytest.raises(ReauthenticationRequired):
         await driver.get_token(manager)
-    assert caught.value.retryable is True
-    assert stored(manager) == entry
+    assert stored(manager) is None
+    with pytest.raises(ReauthenticationRequired):
+        await driver.get_token(manager)
+    assert provider.stats["token_calls"] == 1 and provider.stats["refresh_reuse"] == 0
 
 
 async def test_store_failure_after_rotation_fails_closed(
@@ -315,13 +334,18 @@ async def test_two_managers_one_storage_refresh_once(
 async def test_id_token_other_subject_is_binding_mismatch(
     driver: Driver, provider: LocalProvider, manager: TokenManager
 ) -> None:
-    """A refreshed id_token for another subject raises BindingMismatch; the stored entry is unchanged."""
-    entry = put_entry(manager, expired(provider.login(sub="alice")))
+    """A refreshed id_token for another subject raises BindingMismatch, and since the provider consumed the
+    refresh token the entry is removed: the next call asks for a login instead of presenting it again."""
+    put_entry(manager, expired(provider.login(sub="alice")))
     provider.fail_next("id_token_other_sub")
     with pytest.raises(BindingMismatch):
         await driver.request(manager)
-    assert stored(manager) == entry
+    assert stored(manager) is None
+    with pytest.raises(ReauthenticationRequired):
+        await driver.request(manager)
     assert provider.api_calls == {}
+    assert provider.stats["token_calls"] == 1
+    assert provider.stats["refresh_reuse"] == 0
 
 
 @pytest.mark.parametrize("client_id", ["public-client", "post-client", "test-client"])
@@ -383,10 +407,22 @@ async def test_store_returns_versioned_entry(driver: Driver, provider: LocalProv
     """store() returns the entry as stored, above any version already there, with the provider filled in."""
     tokens = attrs.evolve(provider.login(), provider_id=None)
     first = await driver.store(manager, tokens)
-    assert first.version == 1 and first.provider_id == manager.provider_id
+    assert first.version > 1 and first.provider_id == manager.provider_id
     second = await driver.store(manager, provider.login())
-    assert second.version == 2
+    assert second.version > first.version
     assert stored(manager) == second
+
+
+async def test_versions_never_repeat_across_logout_and_login(
+    driver: Driver, provider: LocalProvider, manager: TokenManager
+) -> None:
+    """A login after a logout starts above every version the session had, so a refresh redeemed from the old
+    login can never compare-and-set over the new one."""
+    first = await driver.store(manager, provider.login())
+    refreshed = put_entry(manager, attrs.evolve(first, version=first.version + 5))
+    assert manager.delete(SESSION)
+    again = await driver.store(manager, provider.login(sub="bob"))
+    assert again.version > refreshed.version
 
 
 async def test_store_for_other_provider_is_refused(

@@ -34,6 +34,10 @@ REPLACEMENTS = {
     "arelease_lease": "release_lease",
     "awatch": "watch",
     "arefresh": "refresh",
+    "arenew_lease": "renew_lease",
+    "AsyncLeaseKeeper": "SyncLeaseKeeper",
+    "async_sleep": "sync_sleep",
+    "start_async_job": "start_sync_job",
 }
 HEADER = "# Generated from _async by tests/unasync_twins.py: do not edit.\n"
 

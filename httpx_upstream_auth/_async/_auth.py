@@ -35,9 +35,14 @@ class AsyncAuthFlow:
         state.observe(state.clock.monotonic() - sent)
         if not is_token_rejected(response):
             return
-        tokens = await ops.refresh_rejected(self._session_id, tokens.access_token, self._expect)
-        if not can_replay(request):
+        retry = await ops.refresh_rejected(self._session_id, tokens.access_token, self._expect)
+        if retry is None or not can_replay(request):
             # A one-shot body is never resent: the caller gets the 401, the next request the new token.
+            # None: the API refused this token right after its refresh; another would not help.
             return
-        request.headers["Authorization"] = tokens.authorization
-        yield request
+        request.headers["Authorization"] = retry.authorization
+        response = yield request
+        if is_token_rejected(response):
+            # Refused again, with a token just refreshed (or just saved by another worker): the API is
+            # rejecting us for another reason, and refreshing on every request would only rotate tokens.
+            ops.distrust(self._session_id, retry.access_token)

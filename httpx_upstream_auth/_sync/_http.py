@@ -1,39 +1,47 @@
 # Generated from _async by tests/unasync_twins.py: do not edit.
-"""Send one token request and read its answer, capped in size, with transport errors typed."""
+"""Send one token request and read its answer, capped in size, with every failure typed.
+
+Failures are built where they happen but raised from :func:`send_refresh_request`, outside any
+``except`` block: the httpx error is dropped, not chained, because its traceback's frames hold the
+request body and whatever part of the answer had arrived, and error reporters record frame locals.
+"""
 
 from __future__ import annotations
 
 import httpx
 
 from .._exceptions import RefreshFailed
-from .._oauth import RefreshRequest
+from .._oauth import RefreshRequest, TokenAnswer, oversize_failure, transport_failure
 
 
-def send_refresh_request(
-    client: httpx.Client, request: RefreshRequest, max_bytes: int
-) -> tuple[int, bytes]:
-    """POST the request; return the status and body. Raise :class:`RefreshFailed` on transport errors."""
+def send_refresh_request(client: httpx.Client, request: RefreshRequest, max_bytes: int) -> TokenAnswer:
+    """POST the request, never following a redirect; return the answer or raise :class:`RefreshFailed`."""
+    outcome = _exchange(client, request, max_bytes)
+    if isinstance(outcome, RefreshFailed):
+        raise outcome from None
+    return outcome
+
+
+def _exchange(client: httpx.Client, request: RefreshRequest, max_bytes: int) -> TokenAnswer | RefreshFailed:
+    status_code: int | None = None
+    outcome: TokenAnswer | RefreshFailed | None = None
     try:
-        with client.stream("POST", request.url, headers=request.headers, content=request.body) as rsp:
+        # follow_redirects=False whatever the client says: a redirect would carry the secrets to another URL.
+        with client.stream(
+            "POST", request.url, headers=request.headers, content=request.body, follow_redirects=False
+        ) as response:
+            status_code = response.status_code
             body = bytearray()
-            for chunk in rsp.iter_bytes():
+            for chunk in response.iter_bytes():
                 body += chunk
                 if len(body) > max_bytes:
-                    raise RefreshFailed(
-                        f"the token endpoint's answer exceeded {max_bytes} bytes and was dropped; stored "
-                        "tokens are unchanged. Check token_url.",
-                        retryable=False,
-                        status_code=rsp.status_code,
-                    )
-            return rsp.status_code, bytes(body)
-    except httpx.TimeoutException:
-        raise RefreshFailed(
-            "the token endpoint did not answer in time; stored tokens are unchanged. Retry later.",
-            retryable=True,
-        ) from None
-    except httpx.HTTPError as exc:
-        raise RefreshFailed(
-            f"could not reach the token endpoint ({type(exc).__name__}); stored tokens are unchanged. "
-            "Retry later.",
-            retryable=True,
-        ) from None
+                    outcome = oversize_failure(status_code, max_bytes)
+                    break
+            else:
+                outcome = TokenAnswer(status_code, bytes(body))
+    except Exception as exc:  # any failure of the exchange is a RefreshFailed; see transport_failure
+        if outcome is None:
+            return transport_failure(exc, status_code)
+        # The whole answer was read: failing to close the connection afterwards loses nothing.
+    assert outcome is not None
+    return outcome

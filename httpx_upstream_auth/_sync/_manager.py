@@ -1,206 +1,391 @@
 # Generated from _async by tests/unasync_twins.py: do not edit.
-"""The async half of TokenManager: the fast path, single flight, and the leader's refresh."""
+"""The async half of TokenManager: the fast path, single flight, and the refresh job.
+
+Callers only wait. A refresh is a job the manager owns (``run_flight``): it re-reads the entry, takes
+the storage lease, redeems the refresh token, and saves the result or removes the entry, then
+publishes its outcome to every waiter. It runs in a worker thread (or a task no caller awaits), so no
+caller's cancellation, timeout or exit reaches it once the refresh request may have left the process.
+"""
 
 from __future__ import annotations
 
-import contextlib
+import functools
+import threading
 
 import attrs
 
-from .._exceptions import ReauthenticationRequired, RefreshFailed, StorageError
+from .._exceptions import (
+    BindingMismatch,
+    ReauthenticationRequired,
+    RefreshFailed,
+    StorageError,
+    UpstreamAuthError,
+)
 from .._models import Binding, EntryKey, UpstreamTokens
 from .._state import ManagerState, Need, describe, logger
-from .._synchronization import SyncShield, Outcome
+from .._synchronization import (
+    SyncLeaseKeeper,
+    Flight,
+    Outcome,
+    SameThreadWait,
+    sync_sleep,
+    start_sync_job,
+)
 
 #: Flights a caller joins before giving up (each one ends with a write or an error, so this is generous).
 MAX_FLIGHTS = 8
+#: A new login's version starts at the wall clock in microseconds, above every version the session
+#: had before (one refresh adds 1): a refresh redeemed from an older login can never match it.
+VERSION_CLOCK_SCALE = 1_000_000
+#: Pauses between attempts to save rotated tokens while the store is failing (seconds).
+SAVE_BACKOFF = (0.05, 0.1, 0.2, 0.5, 1.0)
 
 
 class SyncTokenOps:
     """Token operations for async callers; the sync twin is generated from this file."""
 
     def __init__(self, state: ManagerState) -> None:
-        self._s = state
+        self._state = state
 
     def get_token(self, session_id: str, expect: Binding | None = None) -> UpstreamTokens:
         """A fresh entry for the session, refreshed (once, across all callers) when needed."""
-        s = self._s
-        tokens = s.cached(session_id)
+        state = self._state
+        tokens = state.cached(session_id)
         if tokens is None:
-            key = s.key(session_id)
-            tokens = self._read(key)
-            s.check_binding(tokens, expect)
-            if s.is_fresh(tokens):
-                s.remember(key, tokens)
-            else:
-                tokens = self._single_flight(key, Need())
-        s.check_binding(tokens, expect)
+            key = state.key(session_id)
+            tokens = self._shared_read(key)
+            state.check_binding(tokens, expect)
+            if not state.is_fresh(tokens) and not self._serves_stale(key, Need(), tokens):
+                tokens = self._refreshed(key, Need())
+        state.check_binding(tokens, expect)
         return tokens
 
     def refresh_rejected(
         self, session_id: str, rejected: str, expect: Binding | None = None
-    ) -> UpstreamTokens:
+    ) -> UpstreamTokens | None:
         """The entry to retry with after the API refused ``rejected``: the stored one if it differs
-        (someone refreshed meanwhile) and is fresh, else a new one from a single-flight refresh."""
-        s = self._s
-        key = s.key(session_id)
-        s.forget(key, rejected)
-        tokens = self._single_flight(key, Need(rejected))
-        s.check_binding(tokens, expect)
+        (someone refreshed meanwhile) and is fresh, else a new one from a single-flight refresh.
+        ``None`` when ``rejected`` was refused right after its own refresh: another would not help."""
+        state = self._state
+        if state.is_distrusted(session_id, rejected):
+            return None
+        key = state.key(session_id)
+        state.forget(key, rejected)
+        tokens = self._refreshed(key, Need(rejected))
+        state.check_binding(tokens, expect)
         return tokens
 
+    def distrust(self, session_id: str, access_token: str) -> None:
+        """The API refused ``access_token`` on the replay right after its refresh."""
+        self._state.distrust(session_id, access_token)
+
     def store(self, session_id: str, tokens: UpstreamTokens) -> UpstreamTokens:
-        """Write a new entry for the session (after a login), above any version already stored."""
-        s = self._s
-        key = s.key(session_id)
+        """Write a new entry for the session (after a login), above any version it ever had."""
+        state = self._state
+        key = state.key(session_id)
         if tokens.provider_id is None:
-            tokens = attrs.evolve(tokens, provider_id=s.provider_id)
-        s.check_binding(tokens, None)
+            tokens = attrs.evolve(tokens, provider_id=state.provider_id)
+        state.check_binding(tokens, None)
+        now = state.clock.time()
         if tokens.issued_at is None and tokens.expires_at is not None:
             # The true lifetime is unknown; from now is a lower bound, so the leeway stays small enough.
-            tokens = attrs.evolve(tokens, issued_at=min(s.clock.time(), tokens.expires_at))
+            tokens = attrs.evolve(tokens, issued_at=min(now, tokens.expires_at))
+        floor = int(now * VERSION_CLOCK_SCALE)
         for _ in range(MAX_FLIGHTS):
-            current = s.storage.get(key)
-            version = tokens.version if current is None else current.version
-            entry = attrs.evolve(tokens, version=max(version + 1, 1))
-            if s.storage.put(key, entry, expected_version=None if current is None else current.version):
-                s.remember(key, entry)
+            current = state.storage.get(key)
+            version = max(floor, tokens.version + 1, 1 if current is None else current.version + 1)
+            entry = attrs.evolve(tokens, version=version)
+            expected = None if current is None else current.version
+            if state.storage.put(key, entry, expected_version=expected):
+                state.new_epoch(key)
+                state.remember(key, entry, state.epoch(key))
                 return entry
         raise StorageError("the entry kept changing while storing it; retry the store")
 
     def delete(self, session_id: str) -> bool:
         """Remove the session's entry (logout). True when there was one."""
-        key = self._s.key(session_id)
-        self._s.forget(key)
-        return self._s.storage.delete(key)
+        state = self._state
+        key = state.key(session_id)
+        state.new_epoch(key)
+        try:
+            return state.storage.delete(key)
+        finally:
+            state.new_epoch(key)  # a read that raced the delete must not cache the deleted entry
 
-    # -- internals -------------------------------------------------------------------------------------
+    # -- waiting ---------------------------------------------------------------------------------------
+    def _shared_read(self, key: EntryKey) -> UpstreamTokens:
+        """Read the entry once for every concurrent caller of this process (a cold herd is one read)."""
+        state = self._state
+        for _ in range(MAX_FLIGHTS):
+            epoch = state.epoch(key)
+            flight, leading = state.join_flight(key, reads=True)
+            if leading:
+                flight.runs_on = threading.get_ident()
+                outcome = Outcome()
+                try:
+                    tokens = self._read(key)
+                    outcome = Outcome(tokens=tokens)
+                except UpstreamAuthError as exc:
+                    outcome = Outcome(error=exc)
+                finally:
+                    state.end_flight(key, flight, outcome, reads=True)
+            else:
+                try:
+                    found = flight.outcome(state.wait_timeout)
+                except SameThreadWait:
+                    found = None  # a blocking call under the reading task's own loop: read directly
+                outcome = Outcome(tokens=self._read(key)) if found is None else found
+            if outcome.abandoned or state.epoch(key) != epoch:
+                continue  # its reader was cancelled, or a logout/login raced it: read again
+            tokens = outcome.unwrap()
+            if state.is_fresh(tokens):
+                state.remember(key, tokens, epoch)
+            return tokens
+        raise StorageError("the entry kept changing while reading it; retry the request")
+
+    def _refreshed(self, key: EntryKey, need: Need) -> UpstreamTokens:
+        """Wait for the key's refresh job (starting one if none runs) until it yields what ``need`` asks."""
+        state = self._state
+        deadline = state.clock.monotonic() + state.wait_timeout
+        for _ in range(MAX_FLIGHTS):
+            epoch = state.epoch(key)
+            flight, new = state.join_flight(key)
+            if new:
+                self._launch(key, need, flight)
+            outcome = flight.outcome(max(deadline - state.clock.monotonic(), 0.0))
+            if outcome is None:
+                raise RefreshFailed(
+                    "the refresh is still in progress (a slow token endpoint, or another worker holds the "
+                    "lease); it will finish on its own. Retry the request.",
+                    retryable=True,
+                )
+            if outcome.abandoned or state.epoch(key) != epoch:
+                continue
+            tokens = outcome.unwrap()
+            if need.accepts(outcome, state):
+                return tokens
+        raise RefreshFailed("the token kept changing during the refresh; retry the request", retryable=True)
+
+    def _launch(self, key: EntryKey, need: Need, flight: Flight) -> None:
+        state = self._state
+
+        def thread_job() -> None:
+            state.thread_job(key, need, flight)
+
+        def task_job() -> None:
+            self.run_flight(key, need, flight)
+
+        flight.runs_on = start_sync_job(thread_job, task_job, in_task=state.redeem_in == "task")
+
+    # -- the refresh job ---------------------------------------------------------------------------
+    def run_flight(self, key: EntryKey, need: Need, flight: Flight) -> None:
+        """The job: lead the key's refresh and publish its outcome, whatever happens to the callers."""
+        state = self._state
+        outcome = Outcome()
+        try:
+            outcome = self._lead(key, need, state.epoch(key))
+        except UpstreamAuthError as exc:
+            outcome = Outcome(error=exc)
+        except Exception as exc:  # a bug in a custom storage: say so, typed, without its text
+            logger.debug("refresh of %s: unexpected %s", describe(key), type(exc).__name__)
+            outcome = Outcome(
+                error=RefreshFailed(
+                    f"the refresh failed with {type(exc).__name__} from the storage; retry the request",
+                    retryable=True,
+                )
+            )
+        finally:
+            state.end_flight(key, flight, outcome)
+
+    def _lead(self, key: EntryKey, need: Need, epoch: int) -> Outcome:
+        state = self._state
+        give_up = state.clock.monotonic() + state.lease_wait
+        while True:
+            # Re-read first: another task, thread or process may have refreshed already.
+            current = self._read(key)
+            early = self._early_answer(key, need, current, epoch)
+            if early is not None:
+                return early
+            lease = state.storage.acquire_lease(key, state.lease_ttl)
+            if lease is None:
+                left = give_up - state.clock.monotonic()
+                if left <= 0:
+                    if self._usable(need, current):
+                        return Outcome(tokens=current, fallback=True)
+                    raise RefreshFailed(
+                        "another worker holds the refresh lease and has not finished; retry the request",
+                        retryable=True,
+                    )
+                logger.debug("refresh of %s: waiting for another worker's lease", describe(key))
+                state.storage.watch(key, current.version, min(left, 1.0))
+                continue
+            try:
+                # Re-read under the lease: the previous holder may have saved just before releasing.
+                current = self._read(key)
+                early = self._early_answer(key, need, current, epoch)
+                if early is not None:
+                    return early
+                renew = functools.partial(state.storage.renew_lease, lease)
+                with SyncLeaseKeeper(renew, state.lease_ttl, state.refresh_timeout):
+                    return self._redeem(key, need, current, epoch)
+            finally:
+                try:
+                    state.storage.release_lease(lease)
+                except StorageError:
+                    logger.debug("refresh of %s: lease release failed; it expires", describe(key))
+
+    def _early_answer(self, key: EntryKey, need: Need, current: UpstreamTokens, epoch: int) -> Outcome | None:
+        """The outcome without a refresh, when the entry already serves; raise when it cannot be refreshed."""
+        state = self._state
+        if need.satisfied_by(current, state):
+            state.remember(key, current, epoch)
+            return Outcome(tokens=current)
+        if self._serves_stale(key, need, current):
+            return Outcome(tokens=current, fallback=True)
+        if current.refresh_token is None:
+            raise ReauthenticationRequired(
+                "the access token is no longer valid and no refresh token is stored; log the user in again."
+            )
+        if state.is_consumed(current.refresh_token):
+            raise ReauthenticationRequired(
+                "this process already presented the stored refresh token and could not record the answer, "
+                "so the provider may have consumed it; it is never presented again. Log the user in again."
+            )
+        return None
+
+    def _usable(self, need: Need, tokens: UpstreamTokens) -> bool:
+        return tokens.access_token != need.rejected and self._state.is_valid(tokens)
+
+    def _serves_stale(self, key: EntryKey, need: Need, tokens: UpstreamTokens) -> bool:
+        """True when a token inside its leeway is sent as it is: it is still valid, and refreshing it
+        cannot work now (no refresh token, one already presented) or just failed harmlessly."""
+        state = self._state
+        if not self._usable(need, tokens):
+            return False
+        refresh_token = tokens.refresh_token
+        return refresh_token is None or state.is_consumed(refresh_token) or state.backing_off(key)
+
+    def _redeem(self, key: EntryKey, need: Need, current: UpstreamTokens, epoch: int) -> Outcome:
+        state = self._state
+        assert current.refresh_token is not None
+        logger.debug("refresh of %s: redeeming version %d", describe(key), current.version)
+        # From here on the provider may consume the refresh token: never present it again from this
+        # process unless we learn it was not consumed.
+        state.mark_consumed(current.refresh_token)
+        try:
+            fresh = state.refresher.refresh(current, state.clock)
+        except ReauthenticationRequired:
+            # invalid_grant may mean another worker rotated first: use its tokens if so.
+            again = state.storage.get(key)
+            if again is None or again.version == current.version:
+                raise
+            return Outcome(tokens=again)
+        except RefreshFailed as exc:
+            if exc.may_have_rotated:
+                self._discard(key, current)
+                raise ReauthenticationRequired(
+                    "the token endpoint's answer was lost or unusable after it may have rotated the refresh "
+                    "token; the entry was removed so the consumed token is never presented again. Log the "
+                    "user in again."
+                ) from None
+            state.unmark_consumed(current.refresh_token)
+            if self._usable(need, current):
+                # The provider had a blip and the stored token is still valid: serve it, try again later.
+                state.back_off(key)
+                return Outcome(tokens=current, fallback=True)
+            raise
+        except BindingMismatch:
+            self._discard(key, current)
+            raise BindingMismatch(
+                "the provider returned an id_token for another subject than the stored entry; the new tokens "
+                "were refused and, since the refresh token was consumed, the entry was removed. Log the user "
+                "in again."
+            ) from None
+        except Exception as exc:
+            # A custom refresher failed in a way that does not say whether the request left: assume it did.
+            self._discard(key, current)
+            raise RefreshFailed(
+                f"the refresher raised {type(exc).__name__}, so the refresh token may have been consumed; the "
+                "entry was removed. Raise RefreshFailed(may_have_rotated=False) from a custom refresher for "
+                "failures that certainly did not reach the provider. Log the user in again.",
+                retryable=False,
+            ) from None
+        # Whatever the refresher did, the binding fields and the version come from the entry it redeemed.
+        fresh = attrs.evolve(
+            fresh,
+            provider_id=current.provider_id,
+            user_id=current.user_id,
+            upstream_subject=current.upstream_subject,
+            client_id=current.client_id,
+            version=current.version + 1,
+        )
+        if fresh.refresh_token == current.refresh_token:
+            state.unmark_consumed(current.refresh_token)  # not rotated: it stays valid
+        return self._save(key, need, current, fresh, epoch)
+
+    def _save(
+        self, key: EntryKey, need: Need, current: UpstreamTokens, fresh: UpstreamTokens, epoch: int
+    ) -> Outcome:
+        state = self._state
+        rotated = fresh.refresh_token != current.refresh_token
+        for pause in (*SAVE_BACKOFF, None):
+            try:
+                saved = state.storage.put(key, fresh, expected_version=current.version)
+            except StorageError:
+                landed = self._landed(key, current, fresh)
+                if landed is None:
+                    if pause is None or not rotated:
+                        break
+                    # The store is failing; we hold the lease (renewed), so nobody else redeems meanwhile.
+                    sync_sleep(pause)
+                    continue
+                saved = landed
+            if saved:
+                state.remember(key, fresh, epoch)
+                return Outcome(tokens=fresh, refreshed=True)
+            # Compare-and-set lost: a new login or a logout replaced the entry. Theirs wins.
+            return Outcome(tokens=self._read(key))
+        if not rotated:
+            logger.debug("refresh of %s: save failed, the old refresh token stays valid", describe(key))
+            return Outcome(tokens=fresh, refreshed=True)
+        self._discard(key, current)
+        raise StorageError(
+            "the provider rotated the refresh token but the new one could not be saved; the stored entry was "
+            "removed (or will never be presented again by this process) so the consumed token is not reused. "
+            "Log the user in again."
+        )
+
+    def _landed(self, key: EntryKey, current: UpstreamTokens, fresh: UpstreamTokens) -> bool | None:
+        """After a failed write: True if it landed anyway, False if someone else wrote, None if unknown."""
+        try:
+            again = self._state.storage.get(key)
+        except StorageError:
+            return None
+        if again is not None and again.version == fresh.version and again.refresh_token == fresh.refresh_token:
+            return True
+        if again is None or again.version != current.version:
+            return False
+        return None
+
+    def _discard(self, key: EntryKey, current: UpstreamTokens) -> None:
+        """Fail closed: the entry's refresh token may be consumed; remove the entry if it still holds it."""
+        state = self._state
+        state.forget(key)
+        for pause in (*SAVE_BACKOFF, None):
+            try:
+                state.storage.delete(key, expected_version=current.version)
+                return
+            except StorageError:
+                if pause is None:
+                    logger.debug("refresh of %s: could not remove the consumed entry", describe(key))
+                    return
+                sync_sleep(pause)
+
     def _read(self, key: EntryKey) -> UpstreamTokens:
-        tokens = self._s.storage.get(key)
+        tokens = self._state.storage.get(key)
         if tokens is None:
             raise ReauthenticationRequired(
                 "no tokens are stored for this session; send the user through the login flow and store "
                 "the result with TokenManager.store()."
             )
         return tokens
-
-    def _single_flight(self, key: EntryKey, need: Need) -> UpstreamTokens:
-        s = self._s
-        for _ in range(MAX_FLIGHTS):
-            flight, leading = s.join_flight(key)
-            if leading:
-                try:
-                    tokens, refreshed = self._lead(key, need)
-                except Exception as exc:
-                    s.end_flight(key, flight, Outcome(error=exc))
-                    raise
-                except BaseException:
-                    # Cancelled before anything was sent: a follower takes over.
-                    s.end_flight(key, flight, Outcome())
-                    raise
-                s.end_flight(key, flight, Outcome(tokens=tokens, refreshed=refreshed))
-                return tokens
-            outcome = flight.outcome()
-            if outcome.abandoned:
-                continue
-            tokens = outcome.unwrap()
-            if outcome.refreshed or need.satisfied_by(tokens, s):
-                return tokens
-        raise RefreshFailed("the token kept changing during the refresh; retry the request", retryable=True)
-
-    def _lead(self, key: EntryKey, need: Need) -> tuple[UpstreamTokens, bool]:
-        """Refresh unless storage already has what ``need`` asks; the bool says whether we refreshed."""
-        s = self._s
-        give_up = s.clock.monotonic() + s.lease_wait
-        while True:
-            # Re-read after winning: another task, thread or process may have refreshed already.
-            current = self._read(key)
-            if need.satisfied_by(current, s):
-                s.remember(key, current)
-                return current, False
-            self._check_refreshable(current)
-            lease = s.storage.acquire_lease(key, s.lease_ttl)
-            if lease is None:
-                left = give_up - s.clock.monotonic()
-                if left <= 0:
-                    raise RefreshFailed(
-                        "another worker holds the refresh lease and has not finished; retry the request",
-                        retryable=True,
-                    )
-                logger.debug("refresh of %s: waiting for another process's lease", describe(key))
-                s.storage.watch(key, current.version, min(left, 1.0))
-                continue
-            try:
-                # Re-read under the lease: the previous holder may have saved just before releasing.
-                current = self._read(key)
-                if need.satisfied_by(current, s):
-                    s.remember(key, current)
-                    return current, False
-                self._check_refreshable(current)
-                return self._redeem(key, current), True
-            finally:
-                with SyncShield(s.refresh_timeout):
-                    try:
-                        s.storage.release_lease(lease)
-                    except StorageError:
-                        logger.debug("refresh of %s: lease release failed; it expires", describe(key))
-
-    def _check_refreshable(self, current: UpstreamTokens) -> None:
-        if current.refresh_token is None:
-            raise ReauthenticationRequired(
-                "the access token is no longer valid and no refresh token is stored; log the user in again."
-            )
-
-    def _redeem(self, key: EntryKey, current: UpstreamTokens) -> UpstreamTokens:
-        s = self._s
-        result: UpstreamTokens | None = None
-        # From here on the provider may consume the refresh token: finish and save even if cancelled.
-        with SyncShield(s.refresh_timeout) as shield:
-            logger.debug("refresh of %s: redeeming version %d", describe(key), current.version)
-            try:
-                fresh = s.refresher.refresh(current, s.clock)
-            except ReauthenticationRequired:
-                # invalid_grant may mean another worker rotated first: use its tokens if so.
-                again = s.storage.get(key)
-                if again is None or again.version == current.version:
-                    raise
-                result = again
-            else:
-                result = self._save(key, current, fresh)
-            s.remember(key, result)
-        if result is None or shield.timed_out:
-            raise RefreshFailed(
-                "the refresh did not finish in time; stored tokens are unchanged. Retry the request.",
-                retryable=True,
-            )
-        return result
-
-    def _save(self, key: EntryKey, current: UpstreamTokens, fresh: UpstreamTokens) -> UpstreamTokens:
-        s = self._s
-        rotated = fresh.refresh_token != current.refresh_token
-        try:
-            saved = s.storage.put(key, fresh, expected_version=current.version)
-        except StorageError:
-            if not rotated:
-                # The stored refresh token still works; serve the new access token from memory.
-                logger.debug("refresh of %s: save failed, the old refresh token stays valid", describe(key))
-                return fresh
-            # The write may have landed before the error (a timeout after the server ran it): look.
-            with contextlib.suppress(StorageError):
-                again = s.storage.get(key)
-                if again is not None and again.version == fresh.version and again.refresh_token == fresh.refresh_token:
-                    return again
-            # Fail closed: the stored refresh token is consumed, and presenting it again would make the
-            # provider revoke the whole grant. The delete is conditional, so a newer entry survives.
-            s.forget(key)
-            with contextlib.suppress(StorageError):
-                s.storage.delete(key, expected_version=current.version)
-            raise StorageError(
-                "the provider rotated the refresh token but the new one could not be saved; the stored entry "
-                "was removed so the consumed token is never reused. Log the user in again."
-            ) from None
-        if saved:
-            return fresh
-        # Compare-and-set lost: someone saved a newer entry (a new login, or a refresh after our lease
-        # ran out). Theirs wins; ours would overwrite it with an older lineage.
-        return self._read(key)
