@@ -55,12 +55,14 @@ class TokenManager:
         clock: Clock | None = None,
         redeem_in: RedeemIn = "thread",
     ) -> None:
+        # The job renews its lease while it runs, so the ttl only bounds how long a crashed process blocks.
         lease_ttl = refresh_timeout + 5.0 if lease_ttl is None else lease_ttl
-        if lease_ttl <= refresh_timeout:
-            raise ValueError("lease_ttl must outlive refresh_timeout, or a slow refresh loses its fence")
+        if lease_ttl <= 0:
+            raise ValueError("lease_ttl must be positive")
         if redeem_in not in ("thread", "task"):
             raise ValueError(f"redeem_in must be 'thread' or 'task', got {redeem_in!r}")
-        lease_wait = 2 * lease_ttl if lease_wait is None else lease_wait
+        # A holder keeps its lease for up to refresh_timeout (renewing), then it lapses within lease_ttl.
+        lease_wait = refresh_timeout + 2 * lease_ttl if lease_wait is None else lease_wait
         self._state = ManagerState(
             provider_id=provider_id,
             storage=MemoryStorage() if storage is None else storage,

@@ -32,7 +32,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     through the sync API once and through the async API on both backends."""
     if "anyio_backend" not in metafunc.fixturenames:
         return
-    if "mode" in metafunc.fixturenames:
+    only = metafunc.definition.get_closest_marker("backends")
+    if only is not None:  # a test of one runtime's own behaviour (asyncio's native cancellation, say)
+        metafunc.parametrize("anyio_backend", list(only.args), indirect=True)
+    elif "mode" in metafunc.fixturenames:
         metafunc.parametrize(
             ("anyio_backend", "mode"), MODES, indirect=["anyio_backend"], ids=[f"{b}-{m}" for b, m in MODES]
         )

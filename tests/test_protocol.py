@@ -1,0 +1,493 @@
+"""The refresh protocol under ordinary events: cancellation, timeouts, odd answers, logout and login,
+a slow provider, an API that refuses every token. Each test names the promise it proves: a rotated
+refresh token is never presented twice, nothing is lost, nothing leaks, nobody hangs.
+
+All over real HTTP: the LocalProvider (rotation, reuse revokes the grant) under uvicorn on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import traceback
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import attrs
+import httpx
+import pytest
+from support import SESSION, SSL, Driver, ManagerFactory, expired, put_entry, stored
+
+from httpx_upstream_auth import (
+    EntryKey,
+    MemoryStorage,
+    OAuth2Refresher,
+    ReauthenticationRequired,
+    Refresher,
+    RefreshFailed,
+    SQLiteStorage,
+    Storage,
+    TokenManager,
+    UpstreamAuthError,
+    UpstreamTokens,
+)
+from httpx_upstream_auth.testing import LocalProvider, ServerThread
+from httpx_upstream_auth.testing._provider import Receive, Scope, Send
+
+pytestmark = pytest.mark.anyio
+
+WAIT_LIMIT = 20.0
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    """Poll until ``condition()`` holds (fails the test if it never does)."""
+    with anyio.fail_after(WAIT_LIMIT):
+        while not condition():
+            await anyio.sleep(0.005)
+
+
+def version_of(manager: TokenManager, session: str = SESSION) -> int | None:
+    """The stored entry's version, or None."""
+    entry = stored(manager, session)
+    return None if entry is None else entry.version
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Storage]:
+    """Each storage that lives on this host (Redis runs the same contract in test_storage_contract)."""
+    made: Storage = MemoryStorage() if request.param == "memory" else SQLiteStorage(tmp_path / "tokens.db")
+    yield made
+    made.close()
+
+
+# -- 1. native asyncio cancellation cannot lose a rotation ---------------------------------------------
+
+CANCELLERS: dict[str, Callable[[Callable[[], Awaitable[Any]]], Awaitable[None]]] = {}
+
+
+async def _by_wait_for(call: Callable[[], Awaitable[Any]]) -> None:
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(call(), timeout=0.2)
+
+
+async def _by_timeout(call: Callable[[], Awaitable[Any]]) -> None:
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.2):  # type: ignore[attr-defined,unused-ignore]
+            await call()
+
+
+async def _by_task_cancel(call: Callable[[], Awaitable[Any]]) -> None:
+    task = asyncio.ensure_future(call())
+    await asyncio.sleep(0.2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+CANCELLERS["wait_for"] = _by_wait_for
+CANCELLERS["task_cancel"] = _by_task_cancel
+if hasattr(asyncio, "timeout"):
+    CANCELLERS["asyncio_timeout"] = _by_timeout
+
+
+@pytest.mark.backends("asyncio")
+@pytest.mark.parametrize("redeem_in", ["thread", "task"])
+@pytest.mark.parametrize("cancel", list(CANCELLERS))
+async def test_asyncio_cancellation_mid_refresh_keeps_the_rotation(
+    provider: LocalProvider, make_manager: ManagerFactory, server: ServerThread, cancel: str, redeem_in: str
+) -> None:
+    """A caller cancelled by asyncio (wait_for, asyncio.timeout, Task.cancel) while the provider holds its
+    answer: the rotated tokens are still saved, and the next request uses them (no reuse, no revocation)."""
+    manager = make_manager(redeem_in=redeem_in)
+    entry = put_entry(manager, expired(provider.login()))
+    provider.fail_next("answer_delay:0.6")
+    await CANCELLERS[cancel](lambda: manager.aget_token(SESSION))
+    await wait_until(lambda: version_of(manager) == entry.version + 1)
+    async with httpx.AsyncClient(base_url=server.url, auth=manager.auth(SESSION), verify=SSL) as client:
+        assert (await client.get("/api/me")).status_code == 200
+    assert provider.stats["token_calls"] == 1 and provider.stats["refresh_reuse"] == 0
+
+
+async def test_cancelled_callers_and_waiters_share_one_redemption(
+    provider: LocalProvider, manager: TokenManager, server: ServerThread
+) -> None:
+    """Every caller of a herd cancelled while the provider holds the answer: one token call, the result saved,
+    and the next herd served from it without another."""
+    entry = put_entry(manager, expired(provider.login()))
+    provider.fail_next("answer_delay:0.5")
+    async with anyio.create_task_group() as tg:
+        for _ in range(20):
+
+            async def one() -> None:
+                with anyio.move_on_after(0.1):
+                    await manager.aget_token(SESSION)
+
+            tg.start_soon(one)
+    await wait_until(lambda: version_of(manager) == entry.version + 1)
+    async with anyio.create_task_group() as tg:
+        for _ in range(20):
+            tg.start_soon(manager.aget_token, SESSION)
+    assert provider.stats["token_calls"] == 1 and provider.stats["refresh_reuse"] == 0
+
+
+# -- 2. logout and a new login during a refresh ------------------------------------------------------
+
+
+async def test_login_during_a_refresh_is_never_overwritten(
+    driver: Driver, provider: LocalProvider, make_manager: ManagerFactory, storage: Storage
+) -> None:
+    """Logout and a new login (another user) while the old login's refresh is at the provider: the old
+    refresh's result never lands over the new login, and the session serves the new user."""
+    manager = make_manager(storage=storage)
+    await driver.store(manager, expired(provider.login(sub="alice")))
+    provider.fail_next("answer_delay:0.5")
+    outcome: list[object] = []
+
+    async def old_refresh() -> None:
+        try:
+            outcome.append(await manager.aget_token(SESSION))
+        except UpstreamAuthError as exc:
+            outcome.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(old_refresh)
+        await wait_until(lambda: provider.stats["token_calls"] == 1)
+        assert manager.delete(SESSION)
+        bob = await driver.store(manager, provider.login(sub="bob", user_id="user-2"))
+    # The old caller waited for the old redemption, whose save was refused: it got the new login or a login
+    # request, never the old user's tokens.
+    assert isinstance(outcome[0], ReauthenticationRequired) or getattr(outcome[0], "user_id", None) == "user-2"
+    assert stored(manager) == bob
+    assert provider.stats["token_calls"] == 1
+    assert (await driver.get_token(manager)).upstream_subject == "bob"
+
+
+# -- 3 and 7. odd token answers never lose the rotated refresh token -----------------------------------
+
+
+class RewrittenAnswers:
+    """The LocalProvider with its successful token answers rewritten (as odd real providers answer)."""
+
+    def __init__(self, provider: LocalProvider, rewrite: Callable[[dict[str, Any]], bytes]) -> None:
+        self.provider = provider
+        self.rewrite = rewrite
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != "/token":
+            await self.provider(scope, receive, send)
+            return
+        start: dict[str, Any] = {}
+        body = bytearray()
+
+        async def capture(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                start.update(message)
+            else:
+                body.extend(message.get("body", b""))
+
+        await self.provider(scope, receive, capture)
+        data = json.loads(bytes(body))
+        out = self.rewrite(data) if start["status"] == 200 and "access_token" in data else bytes(body)
+        headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
+        await send({"type": "http.response.start", "status": start["status"], "headers": headers})
+        await send({"type": "http.response.body", "body": out})
+
+
+def _json(extra: dict[str, Any]) -> Callable[[dict[str, Any]], bytes]:
+    return lambda data: json.dumps({**data, **extra}).encode()
+
+
+def _raw(template: str) -> Callable[[dict[str, Any]], bytes]:
+    def rewrite(data: dict[str, Any]) -> bytes:
+        return template.replace("ACCESS", data["access_token"]).replace("REFRESH", data["refresh_token"]).encode()
+
+    return rewrite
+
+
+ODD_ANSWERS: dict[str, Callable[[dict[str, Any]], bytes]] = {
+    "refresh_expires_in_zero": _json({"refresh_expires_in": 0}),
+    "expires_in_string": _json({"expires_in": "3600.5"}),
+    "scope_number": _json({"scope": 7}),
+    "expires_in_infinite": _raw('{"access_token":"ACCESS","refresh_token":"REFRESH","expires_in":1e999}'),
+    "refresh_expires_in_infinite": _raw(
+        '{"access_token":"ACCESS","refresh_token":"REFRESH","expires_in":60,"refresh_expires_in":1e999}'
+    ),
+    "deeply_nested_extra": _raw(
+        '{"access_token":"ACCESS","refresh_token":"REFRESH","expires_in":60,"x":' + "[" * 5000 + "]" * 5000 + "}"
+    ),
+}
+
+
+@pytest.mark.parametrize("answer", list(ODD_ANSWERS))
+async def test_odd_token_answers_keep_the_rotated_token(
+    driver: Driver, provider: LocalProvider, make_manager: ManagerFactory, storage: Storage, answer: str
+) -> None:
+    """Odd but usable 200 answers are saved (numbers bounded, Keycloak's refresh_expires_in 0 meaning no
+    expiry), and the next refresh presents the NEW refresh token: two refreshes, no reuse, entry kept."""
+    with ServerThread(RewrittenAnswers(provider, ODD_ANSWERS[answer])) as odd:
+        refresher = OAuth2Refresher(odd.url + "/token", "test-client", "test-secret")
+        manager = make_manager(storage=storage, refresher=refresher)
+        entry = put_entry(manager, expired(provider.login()))
+        first = await driver.get_token(manager)
+        assert first.version == entry.version + 1 and first.refresh_token != entry.refresh_token
+        for value in (first.expires_at, first.refresh_expires_at):
+            assert value is None or value < entry.issued_at + 20 * 365 * 86400  # type: ignore[operator]
+        put_entry(manager, expired(first, ago=5))
+        second = await driver.get_token(manager)
+        assert second.refresh_token not in (first.refresh_token, entry.refresh_token)
+        assert stored(manager) is not None
+    assert provider.stats["refresh_ok"] == 2 and provider.stats["refresh_reuse"] == 0
+
+
+# -- 4. a slow provider never lets a second process in --------------------------------------------------
+
+
+@pytest.mark.backends("asyncio")
+async def test_lease_is_renewed_while_a_sync_refresh_waits_for_a_slow_provider(
+    provider: LocalProvider, make_manager: ManagerFactory, tmp_path: Path
+) -> None:
+    """A provider slower than the lease's ttl: the job renews its lease, so another process (another manager
+    on the same SQLite file) waits for the save instead of redeeming the same refresh token."""
+    path = tmp_path / "tokens.db"
+    first = make_manager(storage=SQLiteStorage(path), lease_ttl=0.3, refresh_timeout=5)
+    second = make_manager(storage=SQLiteStorage(path), lease_ttl=0.3, refresh_timeout=5)
+    entry = put_entry(first, expired(provider.login()))
+    provider.fail_next("answer_delay:1.2")
+    got: list[UpstreamTokens] = []
+
+    def sync_caller() -> None:
+        got.append(first.get_token(SESSION))
+
+    thread = threading.Thread(target=sync_caller)
+    thread.start()
+    await wait_until(lambda: provider.stats["token_calls"] == 1)
+    await anyio.sleep(0.5)  # longer than the lease's ttl: without renewals it would have run out
+    other = await second.aget_token(SESSION)
+    await anyio.to_thread.run_sync(thread.join)
+    assert got == [other] and other.version == entry.version + 1
+    assert provider.stats["token_calls"] == 1 and provider.stats["refresh_reuse"] == 0
+
+
+# -- 8. sync inside async ------------------------------------------------------------------------------
+
+
+@pytest.mark.backends("asyncio")
+async def test_blocking_call_on_the_loop_of_its_own_refresh_task_raises_at_once(
+    provider: LocalProvider, make_manager: ManagerFactory
+) -> None:
+    """With redeem_in="task", a blocking get_token on the event loop whose task runs the refresh raises a clear
+    error at once instead of deadlocking; the refresh finishes and the next async call uses it."""
+    manager = make_manager(redeem_in="task")
+    entry = put_entry(manager, expired(provider.login()))
+    provider.fail_next("answer_delay:0.3")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(manager.aget_token, SESSION)
+        await wait_until(lambda: provider.stats["token_calls"] == 1)
+        with pytest.raises(RuntimeError, match="blocking call"):
+            manager.get_token(SESSION)
+    assert (await manager.aget_token(SESSION)).version == entry.version + 1
+    assert provider.stats["token_calls"] == 1
+
+
+@pytest.mark.backends("asyncio")
+async def test_blocking_call_inside_a_running_loop_completes_with_thread_jobs(
+    provider: LocalProvider, manager: TokenManager
+) -> None:
+    """With the default thread jobs, a blocking get_token called from async code (while a task of the same loop
+    waits on the same refresh) completes: the job needs nothing from the blocked loop."""
+    entry = put_entry(manager, expired(provider.login()))
+    provider.fail_next("answer_delay:0.3")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(manager.aget_token, SESSION)
+        await wait_until(lambda: provider.stats["token_calls"] == 1)
+        assert manager.get_token(SESSION).version == entry.version + 1
+    assert provider.stats["token_calls"] == 1
+
+
+# -- 11. no secret anywhere a reporter looks -----------------------------------------------------------
+
+
+async def _failure_of(manager: TokenManager) -> BaseException:
+    # Caught here, so the traceback holds only the library's frames and this one (no secrets of the test's).
+    try:
+        await manager.aget_token(SESSION)
+    except UpstreamAuthError as exc:
+        return exc
+    raise AssertionError("the call did not fail")
+
+
+async def test_no_secret_in_tracebacks_with_locals(
+    provider: LocalProvider, make_manager: ManagerFactory, server: ServerThread
+) -> None:
+    """Every error a caller can get, formatted as Sentry would (traceback with frame locals, causes and
+    contexts), names no access token, refresh token or client secret."""
+    manager = make_manager()
+    quick = make_manager(refresher=OAuth2Refresher(server.url + "/token", "test-client", "test-secret", timeout=0.2))
+    caught: list[BaseException] = []
+    secrets = {"test-secret"}
+    for fault in ("500", "invalid_client", "malformed", "id_token_other_sub", "answer_delay:1"):
+        target = quick if fault.startswith("answer") else manager
+        tokens = provider.login()
+        secrets.update(s for s in (tokens.access_token, tokens.refresh_token) if s)
+        put_entry(target, expired(tokens))
+        provider.fail_next(fault)
+        caught.append(await _failure_of(target))
+    assert len(caught) == 5
+    for logged in provider.requests:
+        secrets.add(logged["form"]["refresh_token"])
+    for exc in caught:
+        text = "".join(traceback.TracebackException.from_exception(exc, capture_locals=True).format())
+        text += str(exc) + repr(exc)
+        for secret in secrets:
+            assert secret not in text
+
+
+# -- 12. an API that refuses every token --------------------------------------------------------------
+
+
+async def _always_401(scope: Scope, receive: Receive, send: Send) -> None:
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 401, "headers": [(b"content-length", b"0")]})
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def test_api_refusing_every_token_costs_one_refresh(
+    provider: LocalProvider, manager: TokenManager, server: ServerThread
+) -> None:
+    """An API that answers 401 without a challenge to every request: the first 401 refreshes and replays once;
+    the just-minted token is refused too, so later requests get their 401 without another refresh."""
+    put_entry(manager, provider.login())
+    with ServerThread(_always_401) as api:
+        async with httpx.AsyncClient(base_url=api.url, auth=manager.auth(SESSION), verify=SSL) as client:
+            statuses = [(await client.get("/data")).status_code for _ in range(10)]
+    assert statuses == [401] * 10
+    assert provider.stats["token_calls"] == 1 and provider.stats["refresh_reuse"] == 0
+
+
+# -- 13. a custom refresher's odd exception reaches every waiter, typed ---------------------------------
+
+
+class StatusErrorRefresher(Refresher):
+    """A custom refresher that fails the way a hand-written one often does: raise_for_status()."""
+
+    def __init__(self, token_url: str) -> None:
+        self.token_url = token_url
+        self.calls = 0
+
+    def _fail(self) -> UpstreamTokens:
+        self.calls += 1
+        request = httpx.Request("POST", self.token_url)
+        raise httpx.HTTPStatusError("boom", request=request, response=httpx.Response(500, request=request))
+
+    def refresh(self, tokens: UpstreamTokens, clock: Any) -> UpstreamTokens:
+        with httpx.Client(verify=SSL) as client:
+            client.get(self.token_url.replace("/token", "/api/slow?delay=0.2"))
+        return self._fail()
+
+    async def arefresh(self, tokens: UpstreamTokens, clock: Any) -> UpstreamTokens:
+        async with httpx.AsyncClient(verify=SSL) as client:
+            await client.get(self.token_url.replace("/token", "/api/slow?delay=0.2"))
+        return self._fail()
+
+
+async def test_custom_refresher_exception_reaches_every_waiter_typed(
+    provider: LocalProvider, make_manager: ManagerFactory, server: ServerThread
+) -> None:
+    """A custom refresher raising an exception that cannot be copied (httpx.HTTPStatusError): every waiter gets
+    a RefreshFailed, the refresher ran once, and the entry is removed (it cannot say whether it was sent)."""
+    refresher = StatusErrorRefresher(server.url + "/token")
+    manager = make_manager(refresher=refresher)
+    put_entry(manager, expired(provider.login()))
+    errors: list[BaseException] = []
+
+    async def one() -> None:
+        try:
+            await manager.aget_token(SESSION)
+        except BaseException as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(10):
+            tg.start_soon(one)
+    assert [type(e) for e in errors] == [RefreshFailed] * 10
+    assert refresher.calls == 1
+    assert stored(manager) is None
+
+
+# -- 16. a logout reaches every manager's cache --------------------------------------------------------
+
+
+async def test_logout_in_one_manager_stops_another_serving_its_cached_token(
+    driver: Driver, provider: LocalProvider, make_manager: ManagerFactory, storage: Storage
+) -> None:
+    """Two managers (workers) over one store: after a logout through one, the other no longer serves the
+    token it had cached, and asks for a login."""
+    first = make_manager(storage=storage)
+    second = make_manager(storage=storage)
+    await driver.store(first, provider.login())
+    assert await driver.get_token(second)  # cached in the second worker
+    assert first.delete(SESSION)
+
+    async def logged_out() -> bool:
+        try:
+            await driver.get_token(second)
+        except ReauthenticationRequired:
+            return True
+        return False
+
+    with anyio.fail_after(WAIT_LIMIT):
+        while not await logged_out():
+            await anyio.sleep(0.01)
+
+
+# -- 17. a cold herd reads the store once --------------------------------------------------------------
+
+
+class CountingStorage(MemoryStorage):
+    """A MemoryStorage that counts reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def get(self, key: EntryKey) -> UpstreamTokens | None:
+        self.reads += 1
+        return super().get(key)
+
+
+async def test_cold_herd_reads_the_store_once(provider: LocalProvider, make_manager: ManagerFactory) -> None:
+    """200 concurrent callers of one session on a cold cache share one storage read (the store's pool is not
+    exhausted by a herd), and a fresh entry needs no refresh."""
+    storage = CountingStorage()
+    manager = make_manager(storage=storage)
+    put_entry(manager, provider.login())
+    storage.reads = 0
+    async with anyio.create_task_group() as tg:
+        for _ in range(200):
+            tg.start_soon(manager.aget_token, SESSION)
+    assert storage.reads == 1
+    assert provider.stats["token_calls"] == 0
+
+
+# -- 18. a provider blip never fails a request whose token is still valid -------------------------------
+
+
+@pytest.mark.parametrize("fault", ["503", "500", "429"])
+async def test_provider_blip_inside_the_leeway_serves_the_valid_token(
+    driver: Driver, provider: LocalProvider, make_manager: ManagerFactory, fault: str
+) -> None:
+    """A token with 20 s left (inside the 30 s leeway): the early refresh fails with a provider error, the
+    request still succeeds with the stored token, and the next requests do not hammer the provider."""
+    manager = make_manager(max_leeway_fraction=1.0)
+    tokens = provider.login()
+    entry = put_entry(manager, attrs.evolve(tokens, expires_at=tokens.issued_at + 20))  # type: ignore[operator]
+    provider.fail_next(fault)
+    for _ in range(5):
+        response = await driver.request(manager)
+        assert response.status_code == 200
+    assert provider.stats["token_calls"] == 1
+    assert stored(manager) == entry
