@@ -101,7 +101,7 @@ async def test_asyncio_cancellation_mid_refresh_keeps_the_rotation(
 ) -> None:
     """A caller cancelled by asyncio (wait_for, asyncio.timeout, Task.cancel) while the provider holds its
     answer: the rotated tokens are still saved, and the next request uses them (no reuse, no revocation)."""
-    manager = make_manager(redeem_in=redeem_in)
+    manager = make_manager(**({} if redeem_in == "thread" else {"redeem_in": redeem_in}))  # thread: the default
     entry = put_entry(manager, expired(provider.login()))
     provider.fail_next("answer_delay:0.6")
     await CANCELLERS[cancel](lambda: manager.aget_token(SESSION))
@@ -448,7 +448,9 @@ async def test_logout_in_one_manager_stops_another_serving_its_cached_token(
 
 
 class CountingStorage(MemoryStorage):
-    """A MemoryStorage that counts reads."""
+    """A MemoryStorage that counts reads, and whose async reads yield to other tasks as a network store's do."""
+
+    blocking = True
 
     def __init__(self) -> None:
         super().__init__()
