@@ -449,10 +449,12 @@ async def test_delete_forgets_the_session(driver: Driver, provider: LocalProvide
     assert provider.api_calls["/api/me"] == 1
 
 
-def test_lease_ttl_must_outlive_refresh_timeout(make_manager: ManagerFactory) -> None:
-    """A lease shorter than the refresh it guards is refused at construction."""
+def test_manager_settings_are_checked(make_manager: ManagerFactory) -> None:
+    """A lease without a lifetime, or an unknown place to run refreshes, is refused at construction."""
     with pytest.raises(ValueError, match="lease_ttl"):
-        make_manager(refresh_timeout=15.0, lease_ttl=10.0)
+        make_manager(lease_ttl=0.0)
+    with pytest.raises(ValueError, match="redeem_in"):
+        make_manager(redeem_in="process")
 
 
 def test_observed_latency_is_a_decaying_maximum() -> None:
