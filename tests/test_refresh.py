@@ -7,6 +7,7 @@ import json
 import socket
 from typing import Any
 
+import anyio
 import attrs
 import httpx
 import pytest
@@ -184,9 +185,10 @@ async def test_timeout_after_sending_fails_closed(
 async def test_store_failure_after_rotation_fails_closed(
     driver: Driver, provider: LocalProvider, make_manager: ManagerFactory
 ) -> None:
-    """If the rotated refresh token cannot be saved, the entry is removed and StorageError raised."""
+    """If the rotated refresh token cannot be saved before the lease stops being renewed, the entry is removed
+    and StorageError raised."""
     storage = FlakyStorage()
-    manager = make_manager(storage=storage)
+    manager = make_manager(storage=storage, refresh_timeout=0.3)
     entry = put_entry(manager, expired(provider.login()))
     storage.fail_put = True
     with pytest.raises(StorageError) as caught:
@@ -198,6 +200,29 @@ async def test_store_failure_after_rotation_fails_closed(
     storage.fail_put = False
     with pytest.raises(ReauthenticationRequired):
         await driver.get_token(manager)
+    assert provider.stats["token_calls"] == 1 and provider.stats["refresh_reuse"] == 0
+
+
+async def test_store_that_comes_back_in_time_loses_nothing(
+    driver: Driver, provider: LocalProvider, make_manager: ManagerFactory
+) -> None:
+    """A store that fails the save of a rotated token and comes back while the job still holds its (renewed)
+    lease: the job keeps retrying, saves, and the caller gets the new tokens."""
+    storage = FlakyStorage()
+    manager = make_manager(storage=storage)
+    entry = put_entry(manager, expired(provider.login()))
+    storage.fail_put = True
+    puts = storage.puts
+
+    async def recover() -> None:
+        while storage.puts < puts + 3:  # three failed attempts, then the store is back
+            await anyio.sleep(0.01)
+        storage.fail_put = False
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(recover)
+        tokens = await driver.get_token(manager)
+    assert tokens.version == entry.version + 1 and stored(manager) == tokens
     assert provider.stats["token_calls"] == 1 and provider.stats["refresh_reuse"] == 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from collections.abc import Iterator
 
 import attrs
 
@@ -36,8 +37,8 @@ MAX_FLIGHTS = 8
 #: A new login's version starts at the wall clock in microseconds, above every version the session
 #: had before (one refresh adds 1): a refresh redeemed from an older login can never match it.
 VERSION_CLOCK_SCALE = 1_000_000
-#: Pauses between attempts to save rotated tokens while the store is failing (seconds).
-SAVE_BACKOFF = (0.05, 0.1, 0.2, 0.5, 1.0)
+#: First and longest pause between attempts to write while the store is failing (seconds).
+RETRY_PAUSE = (0.05, 1.0)
 
 
 class AsyncTokenOps:
@@ -322,20 +323,31 @@ class AsyncTokenOps:
             state.unmark_consumed(current.refresh_token)  # not rotated: it stays valid
         return await self._save(key, need, current, fresh, epoch)
 
+    def _retry_pauses(self) -> Iterator[float]:
+        """Pauses between writes while the store fails, doubling, until the lease stops being renewed:
+        until then nobody else can redeem, so a store that comes back in time loses nothing."""
+        state = self._state
+        give_up = state.clock.monotonic() + state.refresh_timeout
+        pause, longest = RETRY_PAUSE
+        while (left := give_up - state.clock.monotonic()) > 0:
+            yield min(pause, left)
+            pause = min(pause * 2, longest)
+
     async def _save(
         self, key: EntryKey, need: Need, current: UpstreamTokens, fresh: UpstreamTokens, epoch: int
     ) -> Outcome:
         state = self._state
         rotated = fresh.refresh_token != current.refresh_token
-        for pause in (*SAVE_BACKOFF, None):
+        pauses = self._retry_pauses()
+        while True:
             try:
                 saved = await state.storage.aput(key, fresh, expected_version=current.version)
             except StorageError:
                 landed = await self._landed(key, current, fresh)
                 if landed is None:
+                    pause = next(pauses, None)
                     if pause is None or not rotated:
                         break
-                    # The store is failing; we hold the lease (renewed), so nobody else redeems meanwhile.
                     await async_sleep(pause)
                     continue
                 saved = landed
@@ -370,11 +382,13 @@ class AsyncTokenOps:
         """Fail closed: the entry's refresh token may be consumed; remove the entry if it still holds it."""
         state = self._state
         state.forget(key)
-        for pause in (*SAVE_BACKOFF, None):
+        pauses = self._retry_pauses()
+        while True:
             try:
                 await state.storage.adelete(key, expected_version=current.version)
                 return
             except StorageError:
+                pause = next(pauses, None)
                 if pause is None:
                     logger.debug("refresh of %s: could not remove the consumed entry", describe(key))
                     return
