@@ -65,13 +65,19 @@ class AsyncTokenOps:
     ) -> UpstreamTokens | None:
         """The entry to retry with after the API refused ``rejected``: the stored one if it differs
         (someone refreshed meanwhile) and is fresh, else a new one from a single-flight refresh.
-        ``None`` when ``rejected`` was refused right after its own refresh: another would not help."""
+        When ``rejected`` was refused right after its own refresh, only a stored token that differs is
+        returned (another refresh would not help), else ``None``."""
         state = self._state
-        if state.is_distrusted(session_id, rejected):
-            return None
         key = state.key(session_id)
         state.forget(key, rejected)
-        tokens = await self._refreshed(key, Need(rejected))
+        need = Need(rejected)
+        if state.is_distrusted(session_id, rejected):
+            # Refreshing again would not help; only a token another worker saved meanwhile might.
+            tokens = await self._shared_read(key)
+            if not self._usable(need, tokens):
+                return None
+        else:
+            tokens = await self._refreshed(key, need)
         state.check_binding(tokens, expect)
         return tokens
 
