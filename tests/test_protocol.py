@@ -493,3 +493,27 @@ async def test_provider_blip_inside_the_leeway_serves_the_valid_token(
         assert response.status_code == 200
     assert provider.stats["token_calls"] == 1
     assert stored(manager) == entry
+
+
+# -- a refresh job that cannot start -------------------------------------------------------------------
+
+
+class _NoThreads(threading.Thread):
+    def start(self) -> None:
+        raise RuntimeError("can't start new thread")
+
+
+async def test_a_job_that_cannot_start_fails_its_waiters_and_leaves_no_flight(
+    provider: LocalProvider, manager: TokenManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When no thread can be started for the refresh (resource limits, interpreter shutdown), the caller gets a
+    retryable RefreshFailed at once, and the next call, with threads back, refreshes normally."""
+    import httpx_upstream_auth._synchronization as synchronization
+
+    entry = put_entry(manager, expired(provider.login()))
+    monkeypatch.setattr(synchronization.threading, "Thread", _NoThreads)
+    with pytest.raises(RefreshFailed) as caught:
+        await manager.aget_token(SESSION)
+    assert caught.value.retryable and provider.stats["token_calls"] == 0
+    monkeypatch.undo()
+    assert (await manager.aget_token(SESSION)).version == entry.version + 1

@@ -181,7 +181,11 @@ class AsyncTokenOps:
         async def task_job() -> None:
             await self.run_flight(key, need, flight)
 
-        flight.runs_on = start_async_job(thread_job, task_job, in_task=state.redeem_in == "task")
+        try:
+            flight.runs_on = start_async_job(thread_job, task_job, in_task=state.redeem_in == "task")
+        except RuntimeError as exc:  # no thread could be started (resource limits, interpreter shutdown)
+            failure = RefreshFailed(f"could not start the refresh ({exc}); retry the request", retryable=True)
+            state.end_flight(key, flight, Outcome(error=failure))
 
     # -- the refresh job ---------------------------------------------------------------------------
     async def run_flight(self, key: EntryKey, need: Need, flight: Flight) -> None:

@@ -182,7 +182,11 @@ class SyncTokenOps:
         def task_job() -> None:
             self.run_flight(key, need, flight)
 
-        flight.runs_on = start_sync_job(thread_job, task_job, in_task=state.redeem_in == "task")
+        try:
+            flight.runs_on = start_sync_job(thread_job, task_job, in_task=state.redeem_in == "task")
+        except RuntimeError as exc:  # no thread could be started (resource limits, interpreter shutdown)
+            failure = RefreshFailed(f"could not start the refresh ({exc}); retry the request", retryable=True)
+            state.end_flight(key, flight, Outcome(error=failure))
 
     # -- the refresh job ---------------------------------------------------------------------------
     def run_flight(self, key: EntryKey, need: Need, flight: Flight) -> None:
