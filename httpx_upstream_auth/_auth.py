@@ -11,9 +11,16 @@ from ._models import Binding
 from ._sync._auth import SyncAuthFlow
 
 if TYPE_CHECKING:
+    import httpx2
+
     from ._manager import TokenManager
 
-    _AuthBase = httpx.Auth
+    # What type checkers see: both bases, so ``httpx2.AsyncClient(auth=manager.auth(...))`` type-checks
+    # (mypy --strict, pyright). The two ``Auth`` classes name their own Request/Response types in the
+    # flow signatures; ours are duck-typed over both, hence the ignore. Without httpx2 installed the
+    # import resolves to ``Any`` and nothing changes for httpx users.
+    class _AuthBase(httpx.Auth, httpx2.Auth):  # type: ignore[misc,unused-ignore]
+        pass
 else:
     try:
         import httpx2
@@ -28,7 +35,7 @@ else:
 __all__ = ["UpstreamAuth"]
 
 
-class UpstreamAuth(AsyncAuthFlow, SyncAuthFlow, _AuthBase):
+class UpstreamAuth(AsyncAuthFlow, SyncAuthFlow, _AuthBase):  # type: ignore[misc,unused-ignore]  # see _AuthBase
     """Authenticate requests as one session of one provider; pass it as ``auth=`` to a client.
 
     Made by :meth:`TokenManager.auth`, cheaply (no I/O, no locks): gateways make one per request.

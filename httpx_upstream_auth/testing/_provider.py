@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import hmac
 import itertools
 import json
@@ -13,14 +14,14 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs, parse_qsl, unquote_plus
+from urllib.parse import parse_qs, parse_qsl, unquote_plus, urlencode, urlsplit
 
 import anyio
 
 from .._clock import Clock, SystemClock
 from .._models import UpstreamTokens
 
-__all__ = ["ASGIApp", "LocalProvider", "Receive", "Scope", "Send"]
+__all__ = ["ASGIApp", "LocalProvider", "Receive", "Scope", "Send", "protected_resource_metadata"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -43,6 +44,8 @@ STAT_NAMES = (
 FAULT_KINDS = frozenset(
     {"500", "503", "429", "malformed", "no_access_token", "invalid_client", "huge", "id_token_other_sub"}
 )
+FLOW_STAT_NAMES = ("registrations", "authorizations", "code_exchanges", "metadata_requests")
+CODE_TTL = 60.0
 HUGE_SIZE = 2 * 1024 * 1024
 REQUEST_LOG_SIZE = 1000
 
@@ -54,6 +57,25 @@ _BEARER_CHALLENGE: Headers = [_JSON, (b"www-authenticate", b'Bearer error="inval
 _BASIC_CHALLENGE: Headers = [*_TOKEN_HEADERS, (b"www-authenticate", b"Basic")]
 _INVALID_TOKEN = b'{"error":"invalid_token"}'
 _API_METHODS = {"/api/me": "GET", "/api/upload": "POST", "/api/slow": "GET"}
+_AUTH_METHODS = ("client_secret_basic", "client_secret_post", "none")
+
+
+def protected_resource_metadata(
+    resource: str, authorization_servers: list[str], *, scopes: list[str] | None = None
+) -> dict[str, Any]:
+    """An RFC 9728 protected-resource metadata document naming ``resource``'s authorization servers.
+
+    Serve it as JSON at ``/.well-known/oauth-protected-resource`` plus the resource's path (for
+    ``https://api.example/mcp``: ``https://api.example/.well-known/oauth-protected-resource/mcp``).
+    """
+    document: dict[str, Any] = {
+        "resource": resource,
+        "authorization_servers": list(authorization_servers),
+        "bearer_methods_supported": ["header"],
+    }
+    if scopes is not None:
+        document["scopes_supported"] = list(scopes)
+    return document
 
 
 @dataclass(slots=True)
@@ -64,6 +86,18 @@ class _Grant:
     scope: str | None
     access_ttl: float | None
     revoked: bool = False
+    resource: str | None = None
+
+
+@dataclass(slots=True)
+class _Code:
+    client_id: str
+    redirect_uri: str
+    challenge: str
+    scope: str | None
+    resource: str | None
+    sub: str
+    expires_at: float
 
 
 @dataclass(slots=True)
@@ -118,6 +152,14 @@ class LocalProvider:
 
     ``clock`` decides expiries (default: the system clock): pass a fake one to expire tokens without
     sleeping.
+
+    It is also an authorization server for interactive clients (the MCP SDK's login): dynamic client
+    registration (RFC 7591) at ``POST {issuer_path}/register``, an authorization endpoint at
+    ``GET {issuer_path}/authorize`` that approves at once as :attr:`authorize_sub` and redirects with a
+    code (PKCE ``S256`` required), the ``authorization_code`` grant at the token endpoint, and its
+    metadata (RFC 8414 and OpenID discovery) at the well-known URLs for its issuer. With an
+    ``issuer_path`` such as ``"/tenants/acme"`` every endpoint lives under that path and ``/token`` at
+    the root answers 404, so a client that guesses ``{origin}/token`` instead of discovering fails.
     """
 
     def __init__(
@@ -130,7 +172,10 @@ class LocalProvider:
         issue_id_token: bool = False,
         issuer: str = "local-provider",
         clock: Clock | None = None,
+        issuer_path: str = "",
     ) -> None:
+        if issuer_path and (not issuer_path.startswith("/") or issuer_path.endswith("/")):
+            raise ValueError("issuer_path must start with '/' and not end with one, like '/tenants/acme'")
         self.access_ttl = access_ttl
         """Lifetime in seconds of access tokens, for grants that did not set their own at login."""
         self.rotate = rotate
@@ -151,6 +196,13 @@ class LocalProvider:
             "public-client": (None, "none"),
         }
         """Registered clients: ``client_id -> (secret or None, auth method)``; add or change freely."""
+        self.issuer_path = issuer_path
+        """Where the authorization-server endpoints live (``""``: at the root)."""
+        self.authorize_sub = "alice"
+        """The user the authorization endpoint signs in, without asking (a headless browser's user)."""
+        self._redirect_uris: dict[str, list[str]] = {}
+        self._codes: dict[str, _Code] = {}
+        self._flow_stats = dict.fromkeys(FLOW_STAT_NAMES, 0)
         self._lock = threading.Lock()
         self._grant_ids = itertools.count(1)
         self._grants: dict[str, _Grant] = {}
@@ -211,6 +263,71 @@ class LocalProvider:
                 raise KeyError("unknown token")
             return record.grant.id
 
+    def introspect(self, access_token: str) -> dict[str, Any] | None:
+        """What a resource server learns about a presented access token: ``None`` unless it is live.
+
+        Live means issued here, not expired, and neither it nor its grant revoked. The answer is an
+        RFC 7662-style dict: ``active``, ``sub``, ``client_id``, ``scope``, ``exp``, ``grant``, and
+        ``resource`` when the client named one at authorization.
+        """
+        with self._lock:
+            record = self._access.get(access_token)
+            if record is None or record.revoked or record.grant.revoked or self.clock.time() >= record.expires_at:
+                return None
+            grant = record.grant
+            return {
+                "active": True,
+                "sub": grant.sub,
+                "client_id": grant.client_id,
+                "scope": grant.scope,
+                "exp": record.expires_at,
+                "grant": grant.id,
+                "resource": grant.resource,
+            }
+
+    def register_client(
+        self,
+        redirect_uris: list[str],
+        *,
+        auth_method: str = "client_secret_basic",
+        client_id: str | None = None,
+    ) -> tuple[str, str | None]:
+        """Register a client as dynamic registration would; return ``(client_id, secret or None)``."""
+        if auth_method not in _AUTH_METHODS:
+            raise ValueError(f"auth_method must be one of {', '.join(_AUTH_METHODS)}")
+        client_id = client_id or "dyn-" + secrets.token_urlsafe(9)
+        secret = None if auth_method == "none" else "sec-" + secrets.token_urlsafe(18)
+        with self._lock:
+            self.clients[client_id] = (secret, auth_method)
+            self._redirect_uris[client_id] = list(redirect_uris)
+        return client_id, secret
+
+    def authorization_server_metadata(self, base_url: str) -> dict[str, Any]:
+        """The RFC 8414 metadata this provider serves when reached at ``base_url`` (scheme and host)."""
+        issuer = base_url.rstrip("/") + self.issuer_path
+        return {
+            "issuer": issuer,
+            "authorization_endpoint": issuer + "/authorize",
+            "token_endpoint": issuer + "/token",
+            "registration_endpoint": issuer + "/register",
+            "response_types_supported": ["code"],
+            "grant_types_supported": ["authorization_code", "refresh_token"],
+            "code_challenge_methods_supported": ["S256"],
+            "token_endpoint_auth_methods_supported": list(_AUTH_METHODS),
+            "authorization_response_iss_parameter_supported": True,
+            "subject_types_supported": ["public"],
+            "id_token_signing_alg_values_supported": ["none"],
+            "jwks_uri": issuer + "/jwks",
+        }
+
+    @property
+    def flow_stats(self) -> dict[str, int]:
+        """A snapshot of the interactive-login counters: ``registrations`` (dynamic client
+        registrations), ``authorizations`` (codes issued by the authorization endpoint),
+        ``code_exchanges`` (codes redeemed: that is, completed logins), ``metadata_requests``."""
+        with self._lock:
+            return dict(self._flow_stats)
+
     def revoke_access(self, access_token: str) -> None:
         """Make the API reject this access token from now on, though its expiry has not passed."""
         with self._lock:
@@ -231,8 +348,9 @@ class LocalProvider:
         change no grant. ``"delay:<seconds>"`` waits, then handles the request normally (if the client
         hung up meanwhile, nothing is handled). ``"answer_delay:<seconds>"`` handles the request at once
         (the refresh token is consumed and rotated) and only then waits before answering, as a slow real
-        provider does: a client that gives up meanwhile loses the new tokens. ``"id_token_other_sub"`` handles the request normally
-        (a refresh token is consumed and rotated as usual) but the ID token names sub ``"mallory"``.
+        provider does: a client that gives up meanwhile loses the new tokens. ``"id_token_other_sub"``
+        handles the request normally (a refresh token is consumed and rotated as usual) but the ID token
+        names sub ``"mallory"``.
         """
         if kind.startswith(("delay:", "answer_delay:")):
             try:
@@ -280,6 +398,7 @@ class LocalProvider:
         """Zero the counters and forget the API call counts and the logged token requests."""
         with self._lock:
             self._stats = dict.fromkeys(STAT_NAMES, 0)
+            self._flow_stats = dict.fromkeys(FLOW_STAT_NAMES, 0)
             self._api_calls.clear()
             self._requests.clear()
 
@@ -315,8 +434,15 @@ class LocalProvider:
         kind = scope["type"]
         if kind == "http":
             path: str = scope["path"]
-            if path == "/token":
+            prefix = self.issuer_path
+            if path == prefix + "/token":
                 reply = await self._token(scope, receive)
+            elif path == prefix + "/authorize":
+                reply = self._authorize(scope)
+            elif path == prefix + "/register":
+                reply = await self._register(scope, receive)
+            elif path in self._metadata_paths():
+                reply = self._metadata(scope)
             elif path.startswith("/api/"):
                 reply = await self._api(scope, receive, path)
             else:
@@ -331,6 +457,127 @@ class LocalProvider:
                 elif message["type"] == "lifespan.shutdown":
                     await send({"type": "lifespan.shutdown.complete"})
                     return
+
+    # -- authorization server: metadata, registration, authorization ----------------------------------
+
+    def _metadata_paths(self) -> tuple[str, ...]:
+        prefix = self.issuer_path
+        return (
+            "/.well-known/oauth-authorization-server" + prefix,
+            "/.well-known/openid-configuration" + prefix,
+            prefix + "/.well-known/openid-configuration",
+        )
+
+    def _metadata(self, scope: Scope) -> _Reply:
+        with self._lock:
+            self._flow_stats["metadata_requests"] += 1
+        document = self.authorization_server_metadata(_base_url(scope))
+        return _Reply(200, json.dumps(document).encode(), _API_HEADERS)
+
+    async def _register(self, scope: Scope, receive: Receive) -> _Reply:
+        body = await _read_body(receive)
+        if scope["method"] != "POST":
+            return _Reply(405, b'{"error":"invalid_request"}', [*_API_HEADERS, (b"allow", b"POST")])
+        try:
+            request = json.loads(body)
+            uris = request["redirect_uris"]
+            method = request.get("token_endpoint_auth_method", "client_secret_basic")
+            valid = isinstance(uris, list) and uris and all(isinstance(u, str) for u in uris)
+        except (ValueError, KeyError, TypeError):
+            valid = False
+        if not valid or not isinstance(request, dict):
+            return _error(400, "invalid_client_metadata", _API_HEADERS)
+        if method not in _AUTH_METHODS:
+            return _error(400, "invalid_client_metadata", _API_HEADERS)
+        client_id, secret = self.register_client(uris, auth_method=method)
+        with self._lock:
+            self._flow_stats["registrations"] += 1
+        answer = {
+            **request,
+            "client_id": client_id,
+            "client_id_issued_at": int(self.clock.time()),
+            "token_endpoint_auth_method": method,
+            "grant_types": ["authorization_code", "refresh_token"],
+            "response_types": ["code"],
+        }
+        if secret is not None:
+            answer["client_secret"] = secret
+            answer["client_secret_expires_at"] = 0
+        return _Reply(201, json.dumps(answer).encode(), _TOKEN_HEADERS)
+
+    def _authorize(self, scope: Scope) -> _Reply:
+        query = dict(parse_qsl(scope["query_string"].decode("latin-1")))
+        client_id = query.get("client_id", "")
+        redirect_uri = query.get("redirect_uri", "")
+        with self._lock:
+            known = client_id in self.clients
+            allowed = self._redirect_uris.get(client_id)
+        # Never redirect to an unregistered URI: answer errors about the client itself directly.
+        if not known or (allowed is not None and redirect_uri not in allowed) or not redirect_uri:
+            return _error(400, "invalid_request", _API_HEADERS)
+        params: dict[str, str] = {}
+        if query.get("state") is not None:
+            params["state"] = query["state"]
+        params["iss"] = _base_url(scope) + self.issuer_path
+        challenge = query.get("code_challenge", "")
+        if query.get("response_type") != "code":
+            params["error"] = "unsupported_response_type"
+        elif query.get("code_challenge_method") != "S256" or not 43 <= len(challenge) <= 128:
+            params["error"] = "invalid_request"  # PKCE S256 is required
+        else:
+            code = "code-" + secrets.token_urlsafe(18)
+            with self._lock:
+                self._codes[code] = _Code(
+                    client_id,
+                    redirect_uri,
+                    challenge,
+                    query.get("scope"),
+                    query.get("resource"),
+                    self.authorize_sub,
+                    self.clock.time() + CODE_TTL,
+                )
+                self._flow_stats["authorizations"] += 1
+            params["code"] = code
+        separator = "&" if urlsplit(redirect_uri).query else "?"
+        location = redirect_uri + separator + urlencode(params)
+        return _Reply(302, b"", [(b"location", location.encode()), (b"cache-control", b"no-store")])
+
+    def _code_grant(self, form: dict[str, str], client_id: str) -> _Reply:
+        """The ``authorization_code`` grant (caller holds the lock; the client is authenticated)."""
+        record = self._codes.pop(form.get("code", ""), None)
+        verifier = form.get("code_verifier", "")
+        now = self.clock.time()
+        if (
+            record is None
+            or record.client_id != client_id
+            or record.redirect_uri != form.get("redirect_uri")
+            or now >= record.expires_at
+        ):
+            self._stats["invalid_grant"] += 1
+            return _error(400, "invalid_grant")
+        expected = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+        if not hmac.compare_digest(expected, record.challenge):
+            self._stats["invalid_grant"] += 1
+            return _error(400, "invalid_grant")
+        grant = _Grant(f"grant-{next(self._grant_ids)}", record.sub, client_id, record.scope, None)
+        grant.resource = record.resource
+        self._grants[grant.id] = grant
+        access, _ = self._new_access(grant, now)
+        refresh, _ = self._new_refresh(grant, now)
+        answer: dict[str, Any] = {
+            "access_token": access,
+            "token_type": "Bearer",
+            "expires_in": _seconds(self.access_ttl),
+            "refresh_token": refresh,
+        }
+        if record.scope is not None:
+            answer["scope"] = record.scope
+        if self.refresh_ttl is not None:
+            answer["refresh_token_expires_in"] = _seconds(self.refresh_ttl)
+        if self.issue_id_token:
+            answer["id_token"] = self._id_token(grant, grant.sub, now)
+        self._flow_stats["code_exchanges"] += 1
+        return _Reply(200, json.dumps(answer).encode(), _TOKEN_HEADERS)
 
     # -- token endpoint -----------------------------------------------------------------------------
 
@@ -396,6 +643,8 @@ class LocalProvider:
         grant_type = form.get("grant_type")
         if not grant_type:
             return _error(400, "invalid_request")
+        if grant_type == "authorization_code":
+            return self._code_grant(form, client_id)
         if grant_type != "refresh_token":
             return _error(400, "unsupported_grant_type")
         presented = form.get("refresh_token")
@@ -471,6 +720,18 @@ class LocalProvider:
         if path == "/api/upload":
             return _Reply(200, b'{"bytes":%d}' % size, _API_HEADERS)
         return _Reply(200, json.dumps({"sub": grant.sub, "token_grant": grant.id}).encode(), _API_HEADERS)
+
+
+def _base_url(scope: Scope) -> str:
+    """``scheme://host[:port]`` as the client addressed this server (the Host header)."""
+    host = ""
+    for name, value in scope["headers"]:
+        if name.lower() == b"host":
+            host = value.decode("latin-1")
+    if not host and scope.get("server"):
+        address, port = scope["server"][:2]
+        host = f"{address}:{port}"
+    return f"{scope.get('scheme', 'http')}://{host}"
 
 
 def _client_credentials(authorization: str | None, form: dict[str, str]) -> tuple[str, str | None, str | None]:

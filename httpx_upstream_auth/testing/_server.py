@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 from ._provider import ASGIApp
 
@@ -23,10 +23,20 @@ class ServerThread:
 
     ``port=0`` picks a free port: the socket is bound here, before uvicorn starts, so there is no race
     with other processes. Use it as a context manager, or call :meth:`start` and :meth:`stop`.
+    ``lifespan="on"`` runs the app's ASGI lifespan (startup before the first request, shutdown at
+    :meth:`stop`), which apps such as MCP servers need; the default ``"off"`` never sends it.
+    :meth:`bind` takes the port before starting, for apps that must know their own URL.
     Needs the ``testing`` extra (``pip install httpx-upstream-auth[testing]``).
     """
 
-    def __init__(self, app: ASGIApp, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        lifespan: Literal["on", "off", "auto"] = "off",
+    ) -> None:
         try:
             loopback = ipaddress.ip_address(host).is_loopback
         except ValueError:
@@ -37,7 +47,10 @@ class ServerThread:
         """The ASGI app being served."""
         self.host = host
         """The address listened on."""
+        self.lifespan = lifespan
+        """Whether uvicorn runs the app's ASGI lifespan: ``"on"``, ``"off"`` or ``"auto"``."""
         self._port = port
+        self._socket: socket.socket | None = None
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -50,9 +63,31 @@ class ServerThread:
     @property
     def url(self) -> str:
         """The base URL, such as ``http://127.0.0.1:54321``; only known once started."""
-        if self._thread is None:
-            raise RuntimeError("the server is not started; call start() first")
-        return f"http://{self.host}:{self._port}"
+        if self._thread is None and self._socket is None:
+            raise RuntimeError("the server is not started; call start() (or bind()) first")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self._port}"
+
+    def bind(self) -> str:
+        """Bind the listening socket now, before :meth:`start`, and return the URL it will serve.
+
+        For an app built from its own URL (an MCP server names itself in its metadata): bind, build
+        the app, assign :attr:`app`, then start. Calling it again returns the same URL.
+        """
+        if self._socket is None and self._thread is None:
+            family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+            # proto must be IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted connections only then,
+            # and without it every keep-alive response stalls ~40 ms on Nagle plus delayed ACK.
+            sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((self.host, self._port))
+            except OSError:
+                sock.close()
+                raise
+            self._port = sock.getsockname()[1]
+            self._socket = sock
+        return self.url
 
     def start(self, timeout: float = START_TIMEOUT) -> ServerThread:
         """Start serving and wait until the server accepts connections; return ``self``.
@@ -65,17 +100,9 @@ class ServerThread:
             import uvicorn
         except ImportError as exc:
             raise ImportError("ServerThread needs uvicorn: pip install httpx-upstream-auth[testing]") from exc
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        # proto must be IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted connections only then,
-        # and without it every keep-alive response stalls ~40 ms on Nagle plus delayed ACK.
-        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self.host, self._port))
-        except OSError:
-            sock.close()
-            raise
-        self._port = sock.getsockname()[1]
+        self.bind()
+        sock, self._socket = self._socket, None
+        assert sock is not None
         config = uvicorn.Config(
             self.app,
             host=self.host,
@@ -83,7 +110,7 @@ class ServerThread:
             log_level="error",
             log_config=None,
             access_log=False,
-            lifespan="off",
+            lifespan=self.lifespan,
             interface="asgi3",
             limit_concurrency=4096,
             backlog=2048,
@@ -118,6 +145,9 @@ class ServerThread:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Ask uvicorn to exit (open requests get a short grace period) and wait for the thread."""
+        if self._socket is not None:  # bound, never started
+            self._socket.close()
+            self._socket = None
         if self._server is not None:
             self._server.should_exit = True
         if self._thread is not None:
@@ -136,13 +166,21 @@ class ServerThread:
 
 
 @contextlib.contextmanager
-def serve(app: ASGIApp, *, host: str = "127.0.0.1", port: int = 0) -> Iterator[ServerThread]:
+def serve(
+    app: ASGIApp,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    lifespan: Literal["on", "off", "auto"] = "off",
+) -> Iterator[ServerThread]:
     """Serve ``app`` (a :class:`LocalProvider`, or any ASGI app) for the ``with`` block; yield the server.
+
+    ``lifespan="on"`` for apps that need their ASGI lifespan run (MCP servers, most Starlette apps).
 
     ::
 
         with serve(provider) as server:
             httpx.get(server.url + "/api/me")
     """
-    with ServerThread(app, host=host, port=port) as server:
+    with ServerThread(app, host=host, port=port, lifespan=lifespan) as server:
         yield server

@@ -1,0 +1,365 @@
+"""Where to refresh, found from the MCP server's URL: RFC 9728, then RFC 8414 / OpenID discovery.
+
+Path-aware and strict: metadata is fetched only from the well-known URLs the RFCs define for the
+resource and its issuer, the issuer in the answer must be the one asked for, and when nothing is found
+discovery fails instead of guessing ``{origin}/token``. Needs no MCP SDK: only httpx.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from typing import Any
+from urllib.parse import urlsplit
+
+import attrs
+import httpx
+
+from .._exceptions import RefreshFailed, UpstreamAuthError
+from .._models import EntryKey, UpstreamTokens
+from .._storage import Storage
+
+__all__ = [
+    "DiscoveryFailed",
+    "MetadataStore",
+    "ServerMetadata",
+    "adiscover",
+    "authorization_server_metadata_urls",
+    "discover",
+    "protected_resource_metadata_urls",
+    "resource_metadata_from_challenge",
+]
+
+MAX_METADATA_BYTES = 64 * 1024
+_CHALLENGE_PARAM = re.compile(r'resource_metadata\s*=\s*(?:"([^"]*)"|([^\s,]+))', re.IGNORECASE)
+
+
+class DiscoveryFailed(RefreshFailed):
+    """The token endpoint could not be discovered from the server's metadata.
+
+    ``retryable`` when the metadata could not be fetched now (network, 5xx, 429); not when the server
+    publishes none or publishes metadata that does not check out (then configure ``token_url``).
+    """
+
+
+@attrs.frozen(kw_only=True)
+class ServerMetadata:
+    """What discovery found for one MCP server (the protected resource) and its authorization server."""
+
+    server_url: str
+    """The MCP server URL discovery started from."""
+    resource: str | None
+    """The resource identifier the server names (RFC 9728), sent as ``resource`` (RFC 8707) on refresh."""
+    issuer: str
+    """The authorization server's issuer identifier."""
+    token_endpoint: str
+    """Where to refresh."""
+    authorization_endpoint: str | None = None
+    """Where a login starts (interactive clients)."""
+    registration_endpoint: str | None = None
+    """Dynamic client registration (RFC 7591), when offered."""
+    token_endpoint_auth_methods: tuple[str, ...] = ()
+    """Client authentication methods the token endpoint accepts (empty: not said)."""
+    discovered_at: float = 0.0
+    """When it was discovered (epoch seconds)."""
+
+    def to_json(self) -> str:
+        """Serialize (for storage)."""
+        data = attrs.asdict(self)
+        data["token_endpoint_auth_methods"] = list(self.token_endpoint_auth_methods)
+        return json.dumps(data, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ServerMetadata:
+        """Rebuild from :meth:`to_json` output; unknown keys are ignored."""
+        data = json.loads(text)
+        names = {f.name for f in attrs.fields(cls)}
+        data = {k: v for k, v in data.items() if k in names}
+        data["token_endpoint_auth_methods"] = tuple(data.get("token_endpoint_auth_methods") or ())
+        return cls(**data)
+
+
+def _origin_and_path(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"not an http(s) URL: {url!r}")
+    return f"{parts.scheme}://{parts.netloc}", parts.path.rstrip("/")
+
+
+def _check_transport_security(url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme == "https":
+        return
+    try:
+        loopback = ipaddress.ip_address(parts.hostname or "").is_loopback
+    except ValueError:
+        loopback = parts.hostname == "localhost"
+    if parts.scheme != "http" or not loopback:
+        raise DiscoveryFailed(f"metadata URL {url!r} is not https (plain http only on loopback)", retryable=False)
+
+
+def resource_metadata_from_challenge(www_authenticate: str | None) -> str | None:
+    """The ``resource_metadata`` URL of a Bearer challenge (RFC 9728 section 5.1), if it names one."""
+    if not www_authenticate:
+        return None
+    match = _CHALLENGE_PARAM.search(www_authenticate)
+    return None if match is None else match.group(1) or match.group(2)
+
+
+def protected_resource_metadata_urls(server_url: str, www_authenticate: str | None = None) -> list[str]:
+    """Where to look for the server's RFC 9728 metadata, in order.
+
+    The challenge's ``resource_metadata`` first, then the path-aware well-known URL
+    (``{origin}/.well-known/oauth-protected-resource{path}``), then the root one.
+    """
+    origin, path = _origin_and_path(server_url)
+    urls = []
+    named = resource_metadata_from_challenge(www_authenticate)
+    if named:
+        urls.append(named)
+    if path:
+        urls.append(f"{origin}/.well-known/oauth-protected-resource{path}")
+    urls.append(f"{origin}/.well-known/oauth-protected-resource")
+    return list(dict.fromkeys(urls))
+
+
+def authorization_server_metadata_urls(issuer: str) -> list[str]:
+    """Where to look for an issuer's metadata, in order: RFC 8414 (path inserted after the well-known
+    prefix), OpenID Connect in the same form, then OpenID Connect Discovery (path, then well-known)."""
+    origin, path = _origin_and_path(issuer)
+    if not path:
+        return [f"{origin}/.well-known/oauth-authorization-server", f"{origin}/.well-known/openid-configuration"]
+    return [
+        f"{origin}/.well-known/oauth-authorization-server{path}",
+        f"{origin}/.well-known/openid-configuration{path}",
+        f"{origin}{path}/.well-known/openid-configuration",
+    ]
+
+
+def _same_url(a: str, b: str) -> bool:
+    return a.rstrip("/") == b.rstrip("/")
+
+
+def _resource_matches(server_url: str, resource: str) -> bool:
+    # RFC 9728 section 3.3: the resource must be the server itself or a parent of it (same origin, path prefix).
+    server_origin, server_path = _origin_and_path(server_url)
+    origin, path = _origin_and_path(resource)
+    return server_origin.lower() == origin.lower() and (server_path + "/").startswith(path + "/")
+
+
+def _read_json(response: httpx.Response, url: str) -> dict[str, Any] | None:
+    """The JSON object of a 200 answer; ``None`` for 404/405/410 and similar "not here" answers."""
+    if response.status_code >= 500 or response.status_code == 429:
+        raise DiscoveryFailed(
+            f"metadata at {url} answered {response.status_code}; try again later",
+            retryable=True,
+            status_code=response.status_code,
+        )
+    if response.status_code != 200:
+        return None
+    if len(response.content) > MAX_METADATA_BYTES:
+        raise DiscoveryFailed(f"metadata at {url} is larger than {MAX_METADATA_BYTES} bytes", retryable=False)
+    try:
+        data = json.loads(response.content)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _prm_result(server_url: str, url: str, data: dict[str, Any]) -> tuple[str | None, str]:
+    servers = data.get("authorization_servers")
+    if not isinstance(servers, list) or not servers or not isinstance(servers[0], str):
+        raise DiscoveryFailed(f"protected-resource metadata at {url} names no authorization server", retryable=False)
+    resource = data.get("resource")
+    if resource is not None and (not isinstance(resource, str) or not _resource_matches(server_url, resource)):
+        raise DiscoveryFailed(
+            f"protected-resource metadata at {url} is for {resource!r}, not for {server_url!r}", retryable=False
+        )
+    return resource, servers[0]
+
+
+def _asm_result(
+    server_url: str, resource: str | None, issuer: str, url: str, data: dict[str, Any], now: float
+) -> ServerMetadata:
+    if not isinstance(data.get("issuer"), str) or not _same_url(data["issuer"], issuer):
+        raise DiscoveryFailed(
+            f"authorization-server metadata at {url} names issuer {data.get('issuer')!r}, not {issuer!r}",
+            retryable=False,
+        )
+    token_endpoint = data.get("token_endpoint")
+    if not isinstance(token_endpoint, str):
+        raise DiscoveryFailed(f"authorization-server metadata at {url} has no token_endpoint", retryable=False)
+    methods = data.get("token_endpoint_auth_methods_supported") or ()
+
+    def text(name: str) -> str | None:
+        value = data.get(name)
+        return value if isinstance(value, str) else None
+
+    return ServerMetadata(
+        server_url=server_url,
+        resource=resource,
+        issuer=data["issuer"],
+        token_endpoint=token_endpoint,
+        authorization_endpoint=text("authorization_endpoint"),
+        registration_endpoint=text("registration_endpoint"),
+        token_endpoint_auth_methods=tuple(m for m in methods if isinstance(m, str)),
+        discovered_at=now,
+    )
+
+
+def _no_metadata(what: str, urls: list[str]) -> DiscoveryFailed:
+    return DiscoveryFailed(
+        f"no {what} metadata at {', '.join(urls)}; pass the token URL explicitly (nothing is guessed)",
+        retryable=False,
+    )
+
+
+async def adiscover(
+    server_url: str,
+    *,
+    www_authenticate: str | None = None,
+    client: httpx.AsyncClient | None = None,
+    timeout: float = 10.0,
+    now: float | None = None,
+) -> ServerMetadata:
+    """Discover the token endpoint (and more) of the MCP server at ``server_url``.
+
+    RFC 9728 protected-resource metadata (from the 401 challenge's ``resource_metadata`` when
+    ``www_authenticate`` is given, else the well-known URLs), then the named authorization server's
+    RFC 8414 / OpenID metadata. Raises :class:`DiscoveryFailed`.
+    """
+    import time
+
+    own = client is None
+    http = httpx.AsyncClient(timeout=timeout, follow_redirects=False) if client is None else client
+    try:
+        prm_urls = protected_resource_metadata_urls(server_url, www_authenticate)
+        for url in prm_urls:
+            _check_transport_security(url)
+            data = _read_json(await _aget(http, url), url)
+            if data is not None:
+                resource, issuer = _prm_result(server_url, url, data)
+                break
+        else:
+            raise _no_metadata("protected-resource", prm_urls)
+        asm_urls = authorization_server_metadata_urls(issuer)
+        for url in asm_urls:
+            _check_transport_security(url)
+            data = _read_json(await _aget(http, url), url)
+            if data is not None:
+                return _asm_result(server_url, resource, issuer, url, data, time.time() if now is None else now)
+        raise _no_metadata("authorization-server", asm_urls)
+    finally:
+        if own:
+            await http.aclose()
+
+
+def discover(
+    server_url: str,
+    *,
+    www_authenticate: str | None = None,
+    client: httpx.Client | None = None,
+    timeout: float = 10.0,
+    now: float | None = None,
+) -> ServerMetadata:
+    """Blocking twin of :func:`adiscover`."""
+    import time
+
+    own = client is None
+    http = httpx.Client(timeout=timeout, follow_redirects=False) if client is None else client
+    try:
+        prm_urls = protected_resource_metadata_urls(server_url, www_authenticate)
+        for url in prm_urls:
+            _check_transport_security(url)
+            data = _read_json(_get(http, url), url)
+            if data is not None:
+                resource, issuer = _prm_result(server_url, url, data)
+                break
+        else:
+            raise _no_metadata("protected-resource", prm_urls)
+        asm_urls = authorization_server_metadata_urls(issuer)
+        for url in asm_urls:
+            _check_transport_security(url)
+            data = _read_json(_get(http, url), url)
+            if data is not None:
+                return _asm_result(server_url, resource, issuer, url, data, time.time() if now is None else now)
+        raise _no_metadata("authorization-server", asm_urls)
+    finally:
+        if own:
+            http.close()
+
+
+async def _aget(http: httpx.AsyncClient, url: str) -> httpx.Response:
+    try:
+        return await http.get(url, headers={"accept": "application/json"})
+    except httpx.HTTPError as exc:
+        raise DiscoveryFailed(f"could not fetch metadata at {url}: {type(exc).__name__}", retryable=True) from exc
+
+
+def _get(http: httpx.Client, url: str) -> httpx.Response:
+    try:
+        return http.get(url, headers={"accept": "application/json"})
+    except httpx.HTTPError as exc:
+        raise DiscoveryFailed(f"could not fetch metadata at {url}: {type(exc).__name__}", retryable=True) from exc
+
+
+class MetadataStore:
+    """Keeps small JSON records (discovered metadata, client registrations) in a token :class:`Storage`.
+
+    Records live under their own provider id (``namespace``), keyed by a name such as the server URL,
+    so they never meet token entries; the JSON sits in the entry's hidden ``access_token`` field (it may
+    hold a client secret). They share the storage's durability and reach: every process and host that
+    shares the tokens shares them, and a restart finds them. Retention is the storage's (30 days by
+    default after the last write).
+    """
+
+    def __init__(self, storage: Storage, namespace: str) -> None:
+        self.storage = storage
+        """Where the records are kept."""
+        self.namespace = namespace
+        """The provider id the records are filed under."""
+
+    def _key(self, name: str) -> EntryKey:
+        return EntryKey(self.namespace, name)
+
+    def _entry(self, record: str, version: int) -> UpstreamTokens:
+        return UpstreamTokens(access_token=record, token_type="record", provider_id=self.namespace, version=version)
+
+    async def aget(self, name: str) -> str | None:
+        """The record saved under ``name``, or ``None``."""
+        entry = await self.storage.aget(self._key(name))
+        return None if entry is None else entry.access_token
+
+    def get(self, name: str) -> str | None:
+        """Blocking twin of :meth:`aget`."""
+        entry = self.storage.get(self._key(name))
+        return None if entry is None else entry.access_token
+
+    async def aput(self, name: str, record: str) -> None:
+        """Save ``record`` under ``name``, over any previous one."""
+        key = self._key(name)
+        for _ in range(5):
+            current = await self.storage.aget(key)
+            version = 0 if current is None else current.version
+            entry = self._entry(record, version + 1)
+            if await self.storage.aput(key, entry, expected_version=None if current is None else current.version):
+                return
+        raise _busy()
+
+    def put(self, name: str, record: str) -> None:
+        """Blocking twin of :meth:`aput`."""
+        key = self._key(name)
+        for _ in range(5):
+            current = self.storage.get(key)
+            version = 0 if current is None else current.version
+            entry = self._entry(record, version + 1)
+            if self.storage.put(key, entry, expected_version=None if current is None else current.version):
+                return
+        raise _busy()
+
+
+def _busy() -> UpstreamAuthError:
+    from .._exceptions import StorageError
+
+    return StorageError("a metadata record kept changing while saving it; retry")

@@ -1,0 +1,107 @@
+"""Our errors across the MCP SDK: carried as a JSON-RPC error, raised again at the call site.
+
+An exception raised inside the SDK's HTTP transport cancels the whole MCP session. So the transport
+never raises ours: it answers the request itself with a JSON-RPC error whose ``data`` holds a random
+ticket, and keeps the exception under that ticket. The SDK hands the JSON-RPC error to the caller
+as an ``MCPError``; :func:`upstream_error` trades the ticket back for our exception. A server cannot
+forge one: tickets exist only in this process, and each is redeemed once.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from .._exceptions import UpstreamAuthError
+
+__all__ = ["DATA_KEY", "ERROR_CODE", "error_body", "find_upstream_error", "raise_upstream_errors", "upstream_error"]
+
+_S = TypeVar("_S")
+_T = TypeVar("_T")
+
+ERROR_CODE = -32042
+"""The JSON-RPC error code of an answer the transport made up because the auth failed."""
+DATA_KEY = "httpx_upstream_auth"
+"""The key of ``error.data`` that holds the ticket."""
+_MAX_TICKETS = 1024
+
+_lock = threading.Lock()
+_tickets: OrderedDict[str, UpstreamAuthError] = OrderedDict()
+
+
+def error_body(error: UpstreamAuthError, request_id: Any) -> bytes:
+    """A JSON-RPC error answering ``request_id`` that stands for ``error``, and keep ``error`` for it."""
+    ticket = secrets.token_urlsafe(12)
+    with _lock:
+        _tickets[ticket] = error
+        while len(_tickets) > _MAX_TICKETS:  # answers nobody read (notifications, dropped calls)
+            _tickets.popitem(last=False)
+    data = {DATA_KEY: {"ticket": ticket, "error": type(error).__name__}}
+    message = {"jsonrpc": "2.0", "id": request_id, "error": {"code": ERROR_CODE, "message": str(error), "data": data}}
+    return json.dumps(message).encode()
+
+
+def upstream_error(exc: BaseException) -> UpstreamAuthError | None:
+    """Our error behind an SDK error (``mcp.shared.exceptions.McpError``/``MCPError``), or ``None``.
+
+    For code that drives the SDK itself: ``except MCPError as e: raise upstream_error(e) or e``.
+    Each ticket is redeemed once, so the exception returned is the transport's own (with its cause).
+    """
+    error = getattr(exc, "error", None)
+    data = getattr(error, "data", None)
+    if getattr(error, "code", None) != ERROR_CODE or not isinstance(data, dict):
+        return None
+    marker = data.get(DATA_KEY)
+    ticket = marker.get("ticket") if isinstance(marker, dict) else None
+    if not isinstance(ticket, str):
+        return None
+    with _lock:
+        found = _tickets.pop(ticket, None)
+    return found
+
+
+def raise_upstream_errors(session: _S) -> _S:
+    """Make ``session``'s requests raise our errors (``ReauthenticationRequired``, ``RefreshFailed``...).
+
+    ``session`` is the SDK's ``ClientSession`` (2.x or 1.x). Without this the caller gets the SDK's
+    ``MCPError``/``McpError`` standing for ours; with it, our error itself (chained to the SDK's).
+    :func:`connect` and :func:`connect_session` do it for you; call it on a session you built over
+    :func:`http_client`. Returns ``session``.
+    """
+    for name in ("send_request", "send_discover"):
+        method = getattr(session, name, None)
+        if method is not None and not getattr(method, "_raises_upstream_errors", False):
+            setattr(session, name, _translating(method))
+    return session
+
+
+def _translating(method: Callable[..., Awaitable[_T]]) -> Callable[..., Awaitable[_T]]:
+    async def call(*args: Any, **kwargs: Any) -> _T:
+        try:
+            return await method(*args, **kwargs)
+        except Exception as exc:
+            ours = upstream_error(exc)
+            if ours is None:
+                raise
+            raise ours from exc
+
+    call._raises_upstream_errors = True  # type: ignore[attr-defined]
+    return call
+
+
+def find_upstream_error(exc: BaseException) -> UpstreamAuthError | None:
+    """Our error behind ``exc``: itself, an SDK error standing for it, or one inside exception groups."""
+    if isinstance(exc, UpstreamAuthError):
+        return exc
+    found = upstream_error(exc)
+    if found is not None:
+        return found
+    for inner in getattr(exc, "exceptions", ()):
+        found = find_upstream_error(inner)
+        if found is not None:
+            return found
+    return None

@@ -1,0 +1,235 @@
+"""``DiscoveringRefresher``: an ``OAuth2Refresher`` whose token URL (and client) come from the MCP server."""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+from .._clock import Clock
+from .._models import UpstreamTokens
+from .._refresher import OAuth2Refresher, Refresher
+from .._storage import Storage
+from ._discovery import DiscoveryFailed, MetadataStore, ServerMetadata, adiscover, discover
+
+__all__ = ["METADATA_NAMESPACE", "REGISTRATION_NAMESPACE", "ClientRegistration", "DiscoveringRefresher"]
+
+METADATA_NAMESPACE = "httpx-upstream-auth:mcp-metadata"
+"""The provider id under which discovered metadata is stored."""
+REGISTRATION_NAMESPACE = "httpx-upstream-auth:mcp-client"
+"""The provider id under which client registrations (from the SDK's login) are stored."""
+
+
+class ClientRegistration:
+    """A client's credentials at an authorization server: id, secret (or ``None``) and auth method."""
+
+    __slots__ = ("auth_method", "client_id", "client_secret")
+
+    def __init__(self, client_id: str, client_secret: str | None, auth_method: str) -> None:
+        self.client_id = client_id
+        self.client_secret = client_secret
+        self.auth_method = auth_method
+
+    def __repr__(self) -> str:
+        return f"ClientRegistration(client_id={self.client_id!r}, auth_method={self.auth_method!r})"
+
+    def to_json(self) -> str:
+        """Serialize (for storage; it holds the secret)."""
+        return json.dumps(
+            {"client_id": self.client_id, "client_secret": self.client_secret, "auth_method": self.auth_method}
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> ClientRegistration:
+        """Rebuild from :meth:`to_json` output, or from the SDK's ``OAuthClientInformationFull`` JSON."""
+        data = json.loads(text)
+        method = data.get("auth_method") or data.get("token_endpoint_auth_method") or "client_secret_basic"
+        return cls(data["client_id"], data.get("client_secret"), method)
+
+
+class DiscoveringRefresher(Refresher):
+    """Refreshes at the token endpoint the MCP server at ``server_url`` leads to, found by discovery.
+
+    On the first refresh it reads RFC 9728 protected-resource metadata, then the authorization server's
+    RFC 8414 / OpenID metadata (path-aware; nothing is guessed), and builds an :class:`OAuth2Refresher`
+    for the token endpoint found, sending the server's ``resource`` (RFC 8707) when it names one. The
+    result is kept in memory and, with ``storage`` (normally the manager's), stored: a restart, or
+    another process, does not rediscover. Pass ``token_url`` to skip discovery.
+
+    The client is ``client_id`` / ``client_secret`` / ``auth_method``; leave ``client_id`` out when the
+    client was registered at login time (the SDK's dynamic registration through :class:`SDKLoginAuth`
+    or :class:`TokenStorageAdapter`): its registration is then read from ``storage``.
+    """
+
+    def __init__(
+        self,
+        server_url: str,
+        client_id: str | None = None,
+        client_secret: str | None = None,
+        *,
+        auth_method: str = "client_secret_basic",
+        scope: str | None = None,
+        storage: Storage | None = None,
+        token_url: str | None = None,
+        send_resource: bool = True,
+        timeout: float = 10.0,
+        refresher_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.server_url = server_url
+        self._client = None if client_id is None else ClientRegistration(client_id, client_secret, auth_method)
+        self.scope = scope
+        self.send_resource = send_resource
+        self.timeout = timeout
+        self._token_url = token_url
+        self._options = dict(refresher_options or {})
+        self._metadata_store = None if storage is None else MetadataStore(storage, METADATA_NAMESPACE)
+        self._registrations = None if storage is None else MetadataStore(storage, REGISTRATION_NAMESPACE)
+        self._lock = threading.Lock()
+        self._metadata: ServerMetadata | None = None
+        self._inner: OAuth2Refresher | None = None
+        self._inner_for: tuple[str, str, str | None, str] | None = None
+        self.discoveries = 0
+        """How many times metadata was fetched from the network (0 after a restart that found it stored)."""
+
+    def __repr__(self) -> str:
+        return f"DiscoveringRefresher(server_url={self.server_url!r})"
+
+    @property
+    def metadata(self) -> ServerMetadata | None:
+        """What discovery found (or was read from storage), once known."""
+        return self._metadata
+
+    @property
+    def token_url(self) -> str | None:
+        """The token endpoint in use, once known."""
+        if self._token_url is not None:
+            return self._token_url
+        return None if self._metadata is None else self._metadata.token_endpoint
+
+    # -- metadata ----------------------------------------------------------------------------------
+
+    async def ametadata(self, www_authenticate: str | None = None) -> ServerMetadata:
+        """The server's metadata: from memory, else storage, else discovery (then stored)."""
+        if self._metadata is not None:
+            return self._metadata
+        if self._metadata_store is not None:
+            record = await self._metadata_store.aget(self.server_url)
+            if record is not None:
+                return self._remember(ServerMetadata.from_json(record))
+        found = await adiscover(self.server_url, www_authenticate=www_authenticate, timeout=self.timeout)
+        self.discoveries += 1
+        if self._metadata_store is not None:
+            await self._metadata_store.aput(self.server_url, found.to_json())
+        return self._remember(found)
+
+    def metadata_sync(self) -> ServerMetadata:
+        """Blocking twin of :meth:`ametadata`."""
+        if self._metadata is not None:
+            return self._metadata
+        if self._metadata_store is not None:
+            record = self._metadata_store.get(self.server_url)
+            if record is not None:
+                return self._remember(ServerMetadata.from_json(record))
+        found = discover(self.server_url, timeout=self.timeout)
+        self.discoveries += 1
+        if self._metadata_store is not None:
+            self._metadata_store.put(self.server_url, found.to_json())
+        return self._remember(found)
+
+    def _remember(self, metadata: ServerMetadata) -> ServerMetadata:
+        with self._lock:
+            if self._metadata is None:
+                self._metadata = metadata
+            return self._metadata
+
+    async def asave_metadata(self, metadata: ServerMetadata) -> None:
+        """Adopt metadata found elsewhere (the SDK's login discovered it) and store it: not fetched again."""
+        with self._lock:
+            self._metadata = metadata
+        if self._metadata_store is not None:
+            await self._metadata_store.aput(self.server_url, metadata.to_json())
+
+    # -- client ------------------------------------------------------------------------------------
+
+    async def aregistration(self) -> ClientRegistration:
+        """The client credentials: the configured ones, else the registration stored at login."""
+        if self._client is not None:
+            return self._client
+        record = None if self._registrations is None else await self._registrations.aget(self.server_url)
+        return self._registration(record)
+
+    def registration_sync(self) -> ClientRegistration:
+        """Blocking twin of :meth:`aregistration`."""
+        if self._client is not None:
+            return self._client
+        record = None if self._registrations is None else self._registrations.get(self.server_url)
+        return self._registration(record)
+
+    def _registration(self, record: str | None) -> ClientRegistration:
+        if record is None:
+            raise DiscoveryFailed(
+                f"no client registered for {self.server_url}: pass client_id, or log in once through the SDK",
+                retryable=False,
+            )
+        return ClientRegistration.from_json(record)
+
+    async def asave_registration(self, registration: ClientRegistration) -> None:
+        """Store the client registered at login, for every process sharing the storage."""
+        if self._registrations is not None:
+            await self._registrations.aput(self.server_url, registration.to_json())
+
+    # -- Refresher ---------------------------------------------------------------------------------
+
+    def _refresher(self, metadata: ServerMetadata | None, client: ClientRegistration) -> OAuth2Refresher:
+        token_url = self._token_url or (metadata.token_endpoint if metadata else None)
+        assert token_url is not None
+        resource = metadata.resource if metadata is not None and self.send_resource else None
+        wanted = (token_url, client.client_id, resource, client.auth_method)
+        with self._lock:
+            if self._inner is None or self._inner_for != wanted:
+                options = dict(self._options)
+                extra = dict(options.pop("extra_params", None) or {})
+                if resource is not None:
+                    extra["resource"] = resource
+                previous = self._inner
+                self._inner = self._build(token_url, client, extra, options)
+                self._inner_for = wanted
+                if previous is not None:
+                    previous.close()
+            return self._inner
+
+    def _build(
+        self, token_url: str, client: ClientRegistration, extra: dict[str, str], options: dict[str, Any]
+    ) -> OAuth2Refresher:
+        try:
+            return OAuth2Refresher(
+                token_url,
+                client.client_id,
+                client.client_secret,
+                auth_method=client.auth_method,  # type: ignore[arg-type]
+                scope=self.scope,
+                timeout=self.timeout,
+                extra_params=extra,
+                **options,
+            )
+        except ValueError as exc:  # a token URL or a client this refresher cannot use
+            raise DiscoveryFailed(f"cannot refresh at {token_url}: {exc}", retryable=False) from exc
+
+    async def arefresh(self, tokens: UpstreamTokens, clock: Clock) -> UpstreamTokens:
+        """Discover (once), then redeem the refresh token at the discovered endpoint."""
+        metadata = None if self._token_url is not None else await self.ametadata()
+        client = await self.aregistration()
+        return await self._refresher(metadata, client).arefresh(tokens, clock)
+
+    def refresh(self, tokens: UpstreamTokens, clock: Clock) -> UpstreamTokens:
+        """Blocking twin of :meth:`arefresh`."""
+        metadata = None if self._token_url is not None else self.metadata_sync()
+        client = self.registration_sync()
+        return self._refresher(metadata, client).refresh(tokens, clock)
+
+    def close(self) -> None:
+        """Close the inner refresher's client."""
+        with self._lock:
+            inner, self._inner = self._inner, None
+        if inner is not None:
+            inner.close()

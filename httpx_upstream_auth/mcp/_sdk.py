@@ -1,0 +1,340 @@
+"""Keep the SDK's login, replace its refresh: the SDK's ``TokenStorage`` over our storage, and an auth that
+logs in through the SDK's ``OAuthClientProvider`` only when a login is really needed.
+
+Token conversions: the SDK's ``OAuthToken`` says ``expires_in`` (relative to when it was obtained, and
+lost on a restart); our entries say ``expires_at`` (absolute) and carry the identity they belong to.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import Any
+
+import anyio
+import httpx2
+from mcp.client.auth import OAuthClientProvider
+from mcp.shared.auth import AuthorizationCodeResult, OAuthClientInformationFull, OAuthClientMetadata, OAuthToken
+
+from .._exceptions import ReauthenticationRequired, UpstreamAuthError
+from .._manager import TokenManager
+from .._models import EntryKey, UpstreamTokens
+from .._storage import Storage
+from ._discovery import ServerMetadata
+from ._refresher import DiscoveringRefresher
+
+__all__ = ["SDKLogin", "SDKLoginAuth", "TokenStorageAdapter", "oauth_token_from", "tokens_from_oauth"]
+
+
+def tokens_from_oauth(
+    token: OAuthToken,
+    *,
+    obtained_at: float,
+    provider_id: str | None = None,
+    user_id: str | None = None,
+    upstream_subject: str | None = None,
+    client_id: str | None = None,
+) -> UpstreamTokens:
+    """Our entry for the SDK's ``OAuthToken``: ``expires_in`` made absolute from ``obtained_at``.
+
+    ``obtained_at`` is when the token request was sent (or, at worst, when the answer arrived): the
+    expiry is counted from it. The binding fields say whose tokens these are.
+    """
+    expires_at = None if token.expires_in is None else obtained_at + token.expires_in
+    return UpstreamTokens(
+        access_token=token.access_token,
+        refresh_token=token.refresh_token,
+        token_type=token.token_type,
+        scope=token.scope,
+        expires_at=expires_at,
+        issued_at=obtained_at,
+        provider_id=provider_id,
+        user_id=user_id,
+        upstream_subject=upstream_subject,
+        client_id=client_id,
+    )
+
+
+def oauth_token_from(tokens: UpstreamTokens, *, now: float | None = None) -> OAuthToken:
+    """The SDK's ``OAuthToken`` for our entry, ``expires_in`` counted from ``now`` (never negative)."""
+    now = time.time() if now is None else now
+    expires_in = None if tokens.expires_at is None else max(0, int(tokens.expires_at - now))
+    return OAuthToken(
+        access_token=tokens.access_token,
+        token_type="Bearer",
+        expires_in=expires_in,
+        scope=tokens.scope,
+        refresh_token=tokens.refresh_token,
+    )
+
+
+class TokenStorageAdapter:
+    """The SDK's ``TokenStorage`` (four async methods) over a :class:`TokenManager`'s storage.
+
+    For apps that keep the SDK's ``OAuthClientProvider`` but want its tokens persistent and shared:
+    tokens are stored as one session of ``manager`` (absolute expiry, binding fields), and the client
+    registration next to them. ``get_tokens`` hands out a valid token when it can, refreshed through the
+    manager (single-flight, rotation-safe) rather than by the SDK. Pass ``user_id`` and
+    ``upstream_subject`` to bind the entry to an identity.
+    """
+
+    def __init__(
+        self,
+        manager: TokenManager,
+        session_id: str,
+        server_url: str,
+        *,
+        user_id: str | None = None,
+        upstream_subject: str | None = None,
+    ) -> None:
+        self.manager = manager
+        """Where tokens are kept (its storage), and who refreshes them."""
+        self.session_id = session_id
+        """The session the tokens are stored as."""
+        self.server_url = server_url
+        """The MCP server the client registration belongs to."""
+        self.user_id = user_id
+        """Bound into stored entries: the user these tokens belong to."""
+        self.upstream_subject = upstream_subject
+        """Bound into stored entries: the user's id at the provider."""
+        self._registrations = _registration_store(manager.storage)
+        self.saves = 0
+        """How many times the SDK stored tokens (``set_tokens``)."""
+
+    async def get_tokens(self) -> OAuthToken | None:
+        """A valid token for the SDK (refreshed through the manager when needed); ``None`` means log in."""
+        try:
+            tokens = await self.manager.aget_token(self.session_id)
+        except ReauthenticationRequired:
+            return None
+        except UpstreamAuthError:
+            # The refresh cannot happen now: hand the stored entry over as it is.
+            entry = await self.manager.storage.aget(EntryKey(self.manager.provider_id, self.session_id))
+            return None if entry is None else oauth_token_from(entry)
+        return oauth_token_from(tokens)
+
+    async def set_tokens(self, tokens: OAuthToken) -> None:
+        """Store tokens the SDK obtained, with an absolute expiry and the binding fields."""
+        client = await self.get_client_info()
+        self.saves += 1
+        await self.manager.astore(
+            self.session_id,
+            tokens_from_oauth(
+                tokens,
+                obtained_at=time.time(),
+                provider_id=self.manager.provider_id,
+                user_id=self.user_id,
+                upstream_subject=self.upstream_subject,
+                client_id=None if client is None else client.client_id,
+            ),
+        )
+
+    async def get_client_info(self) -> OAuthClientInformationFull | None:
+        """The client registered with the server's authorization server, if any."""
+        record = await self._registrations.aget(self.server_url)
+        return None if record is None else OAuthClientInformationFull.model_validate_json(record)
+
+    async def set_client_info(self, client_info: OAuthClientInformationFull) -> None:
+        """Store the client the SDK registered (it holds the secret our refresher authenticates with)."""
+        await self._registrations.aput(self.server_url, client_info.model_dump_json(exclude_none=True))
+
+
+def _registration_store(storage: Storage) -> Any:
+    from ._discovery import MetadataStore
+    from ._refresher import REGISTRATION_NAMESPACE
+
+    return MetadataStore(storage, REGISTRATION_NAMESPACE)
+
+
+RedirectHandler = Callable[[str], Awaitable[None]]
+CallbackHandler = Callable[[], Awaitable[AuthorizationCodeResult]]
+
+
+class SDKLogin:
+    """Log users in with the SDK's interactive flow; refresh with ours. One per MCP server.
+
+    ::
+
+        login = SDKLogin("https://mcp.example/mcp", storage=SQLiteStorage("tokens.db"),
+                         client_metadata=OAuthClientMetadata(redirect_uris=[...], ...),
+                         redirect_handler=open_browser, callback_handler=wait_for_code)
+        async with connect(url, login, "session-1") as client:   # or httpx2.AsyncClient(auth=login.auth(...))
+            ...
+
+    The first login, and any genuine re-login (the grant died), go through the SDK's own
+    ``OAuthClientProvider``: discovery, dynamic client registration, authorization code with PKCE, your
+    ``redirect_handler`` / ``callback_handler``. Its tokens, the client it registered and the server's
+    metadata are stored in ``storage``, so a restart needs no login. Everything else is ours: one
+    single-flight refresh per expiry across tasks and processes, at the discovered token endpoint (with
+    ``resource``), a refresh on a 401 before any browser, and no lock held across a request.
+    """
+
+    def __init__(
+        self,
+        server_url: str,
+        *,
+        client_metadata: OAuthClientMetadata,
+        redirect_handler: RedirectHandler | None = None,
+        callback_handler: CallbackHandler | None = None,
+        storage: Storage | None = None,
+        provider_id: str | None = None,
+        manager_options: dict[str, Any] | None = None,
+    ) -> None:
+        from .._memory import MemoryStorage
+
+        self.server_url = server_url
+        """The MCP server."""
+        self.client_metadata = client_metadata
+        """What the SDK registers the client with."""
+        self.redirect_handler = redirect_handler
+        self.callback_handler = callback_handler
+        storage = MemoryStorage() if storage is None else storage
+        self.refresher = DiscoveringRefresher(server_url, storage=storage)
+        """Refreshes at the discovered token endpoint with the registered client."""
+        self.manager = TokenManager(
+            refresher=self.refresher,
+            provider_id=provider_id or f"mcp:{server_url}",
+            storage=storage,
+            **(manager_options or {}),
+        )
+        """The manager keeping every session's tokens for this server."""
+
+    def auth(
+        self, session_id: str, *, user_id: str | None = None, upstream_subject: str | None = None
+    ) -> SDKLoginAuth:
+        """An ``httpx2.Auth`` for one session (one per client; cheap)."""
+        return SDKLoginAuth(self, session_id, user_id=user_id, upstream_subject=upstream_subject)
+
+    async def aclose(self) -> None:
+        """Close the manager (storage, refresher)."""
+        await self.manager.aclose()
+
+
+class SDKLoginAuth(httpx2.Auth):
+    """The ``httpx2.Auth`` of one session under :class:`SDKLogin`: ours normally, the SDK's for a login.
+
+    A request is sent with the session's token from the manager (refreshed when due, refreshed and
+    replayed once after a 401). Only when the manager says re-authentication is required does the
+    request go through the SDK's ``OAuthClientProvider``, whose login stores new tokens through a
+    :class:`TokenStorageAdapter`; the SDK never refreshes. Nothing is held across a request, except by
+    the SDK while it logs a user in.
+    """
+
+    def __init__(
+        self,
+        login: SDKLogin,
+        session_id: str,
+        *,
+        user_id: str | None = None,
+        upstream_subject: str | None = None,
+    ) -> None:
+        self._login = login
+        self._ours = login.manager.auth(session_id)
+        self.storage = TokenStorageAdapter(
+            login.manager,
+            session_id,
+            login.server_url,
+            user_id=user_id,
+            upstream_subject=upstream_subject,
+        )
+        """The SDK's view of this session's tokens and client registration."""
+        self.sdk = OAuthClientProvider(
+            login.server_url,
+            login.client_metadata,
+            storage=_LoginOnly(self.storage),
+            redirect_handler=login.redirect_handler,
+            callback_handler=login.callback_handler,
+        )
+        """The SDK's own provider, used for logins only."""
+        self._login_done: anyio.Event | None = None
+
+    async def async_auth_flow(self, request: httpx2.Request) -> AsyncGenerator[httpx2.Request, httpx2.Response]:
+        """Ours first; the SDK's login flow when (and only when) re-authentication is required."""
+        for attempt in range(2):
+            flow: AsyncGenerator[Any, Any] = self._ours.async_auth_flow(request)  # type: ignore[arg-type]
+            try:
+                outgoing: Any = await flow.__anext__()
+                while True:
+                    response = yield outgoing
+                    outgoing = await flow.asend(response)
+            except StopAsyncIteration:
+                return
+            except ReauthenticationRequired:
+                pass  # no tokens yet, or the grant is dead: log in (below)
+            finally:
+                await flow.aclose()
+            pending = self._login_done
+            if pending is None or attempt:
+                break
+            # Another request of this session is logging the user in: wait for it (holding nothing), then
+            # try our tokens again rather than start a second login.
+            await pending.wait()
+        done = self._login_done = anyio.Event()
+        try:
+            # The SDK keeps the last tokens it saw in memory; they may be rotated away since. Forget them, so
+            # it does not refresh with a consumed refresh token (that would revoke the grant): it logs in.
+            self.sdk.context.clear_tokens()
+            request.headers.pop("Authorization", None)
+            login = self.sdk.async_auth_flow(request)
+            try:
+                outgoing = await login.__anext__()
+                while True:
+                    response = yield outgoing
+                    outgoing = await login.asend(response)
+            except StopAsyncIteration:
+                pass
+            finally:
+                await login.aclose()
+            await self._adopt_metadata()
+        finally:
+            # An event, not a lock: this generator may be closed from another task, and setting an event
+            # from there is fine (releasing a lock is not).
+            self._login_done = None
+            done.set()
+
+    async def _adopt_metadata(self) -> None:
+        """Tell our refresher what the SDK discovered, so it never fetches it again (and store it)."""
+        context = self.sdk.context
+        metadata = context.oauth_metadata
+        if metadata is None:
+            return
+        resource = None
+        if context.protected_resource_metadata is not None:
+            resource = str(context.protected_resource_metadata.resource)
+        found = ServerMetadata(
+            server_url=self._login.server_url,
+            resource=resource,
+            issuer=str(metadata.issuer),
+            token_endpoint=str(metadata.token_endpoint),
+            authorization_endpoint=str(metadata.authorization_endpoint),
+            registration_endpoint=_text(metadata.registration_endpoint),
+            token_endpoint_auth_methods=tuple(metadata.token_endpoint_auth_methods_supported or ()),
+            discovered_at=time.time(),
+        )
+        await self._login.refresher.asave_metadata(found)
+
+
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+class _LoginOnly:
+    """The adapter as the SDK's provider sees it in :class:`SDKLoginAuth`: no tokens to start from.
+
+    The SDK is asked only when a login is needed, so it must not find (and refresh) stored tokens.
+    """
+
+    def __init__(self, adapter: TokenStorageAdapter) -> None:
+        self._adapter = adapter
+
+    async def get_tokens(self) -> OAuthToken | None:
+        return None
+
+    async def set_tokens(self, tokens: OAuthToken) -> None:
+        await self._adapter.set_tokens(tokens)
+
+    async def get_client_info(self) -> OAuthClientInformationFull | None:
+        return await self._adapter.get_client_info()
+
+    async def set_client_info(self, client_info: OAuthClientInformationFull) -> None:
+        await self._adapter.set_client_info(client_info)

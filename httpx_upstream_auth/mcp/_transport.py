@@ -1,0 +1,168 @@
+"""Transports that drive the upstream auth for an MCP client and never raise our errors into the SDK.
+
+The SDK runs each HTTP request of a session in a task of the session's task group: an exception there
+cancels the whole session (the tool call sees ``CancelledError``, the ``async with`` an
+``ExceptionGroup``). So these transports run :class:`UpstreamAuth`'s flow themselves and, when it
+fails with an :class:`UpstreamAuthError`, answer the request locally: a JSON-RPC error for a
+JSON-RPC request (which the SDK hands to that request's caller, see ``_errors``), a bare status
+otherwise. After a failure, the session's closing ``DELETE`` is answered locally too, so closing a
+session whose grant is dead does not try to refresh again.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from .._exceptions import RefreshFailed, StorageError, UpstreamAuthError
+from .._models import Binding, EntryKey
+from ._errors import error_body
+
+if TYPE_CHECKING:
+    from .._manager import TokenManager
+
+__all__ = ["LegacyAsyncMCPAuthTransport", "MCPAuthDriver"]
+
+_Send = Callable[[Any], Awaitable[Any]]
+logger = logging.getLogger("httpx_upstream_auth.mcp")
+
+
+def _status(error: UpstreamAuthError) -> int:
+    # 503 when trying again later may work; 401 when it cannot until the user logs in (or the
+    # configuration is fixed).
+    if isinstance(error, StorageError) or (isinstance(error, RefreshFailed) and error.retryable):
+        return 503
+    return 401
+
+
+def _request_id(request: Any) -> tuple[bool, Any]:
+    """``(True, id)`` when the request carries one JSON-RPC request (a method and an id)."""
+    if request.method != "POST":
+        return False, None
+    try:
+        message = json.loads(request.content)
+    except (ValueError, RuntimeError, TypeError):  # RuntimeError: a streamed body, not read
+        return False, None
+    if isinstance(message, dict) and "method" in message and "id" in message:
+        return True, message["id"]
+    return False, None
+
+
+class MCPAuthDriver:
+    """The auth flow around one inner send, plus what a failure leaves behind; shared by both transports.
+
+    After an error that only a new login (or a configuration change) can fix, requests are answered
+    with it again, without asking the provider, until the stored entry changes (the user logged in
+    again): a dead grant is not presented once per request, and closing the session does not refresh.
+    """
+
+    def __init__(
+        self, manager: TokenManager, session_id: str, expect: Binding | None, auth: Any = None, *, sdk1: bool = False
+    ) -> None:
+        self.auth = manager.auth(session_id, expect) if auth is None else auth
+        # The SDK 1.x raises on any 4xx to a POST (cancelling the session), so there the made-up answer
+        # is a 200 carrying the JSON-RPC error, and a notification is answered 202 (it is dropped).
+        self._sdk1 = sdk1
+        self.failed: UpstreamAuthError | None = None
+        """The error of the last request, until a request succeeds again."""
+        self._storage = manager.storage
+        self._key = EntryKey(manager.provider_id, session_id)
+        self._dead_version: int | None = None  # the entry version a terminal error was about
+        self._dead = False
+
+    async def send(self, request: Any, send: _Send, answer: Callable[..., Any]) -> Any:
+        """Send ``request`` through the auth flow with ``send``; on our error, ``answer`` it locally."""
+        if self.failed is not None and (request.method == "DELETE" or await self._still_dead()):
+            return self._answer(request, copy.copy(self.failed), answer)
+        flow = self.auth.async_auth_flow(request)
+        try:
+            try:
+                outgoing = await flow.__anext__()
+            except UpstreamAuthError as exc:
+                return await self._fail(request, exc, answer)
+            while True:
+                response = await send(outgoing)
+                try:
+                    outgoing = await flow.asend(response)
+                except StopAsyncIteration:
+                    self.failed, self._dead = None, False
+                    return response
+                except UpstreamAuthError as exc:  # the refresh after a 401 failed
+                    await response.aclose()
+                    return await self._fail(request, exc, answer)
+                await response.aclose()
+        finally:
+            await flow.aclose()
+
+    async def _still_dead(self) -> bool:
+        if not self._dead:
+            return False
+        try:
+            entry = await self._storage.aget(self._key)
+        except UpstreamAuthError:
+            return False
+        return (None if entry is None else entry.version) == self._dead_version
+
+    async def _fail(self, request: Any, error: UpstreamAuthError, answer: Callable[..., Any]) -> Any:
+        self._dead = not (isinstance(error, StorageError) or (isinstance(error, RefreshFailed) and error.retryable))
+        if self._dead:
+            try:
+                entry = await self._storage.aget(self._key)
+            except UpstreamAuthError:
+                self._dead = False
+            else:
+                self._dead_version = None if entry is None else entry.version
+        return self._answer(request, error, answer)
+
+    def _answer(self, request: Any, error: UpstreamAuthError, answer: Callable[..., Any]) -> Any:
+        self.failed = error
+        headers = {"x-upstream-auth-error": type(error).__name__}
+        is_request, request_id = _request_id(request)
+        if is_request:
+            headers["content-type"] = "application/json"
+            status = 200 if self._sdk1 else _status(error)
+            return answer(status, headers=headers, content=error_body(error, request_id), request=request)
+        if self._sdk1 and request.method == "POST":
+            logger.warning("an MCP notification was not sent: %s", type(error).__name__)
+            return answer(202, headers=headers, request=request)
+        return answer(_status(error), headers=headers, request=request)
+
+
+class LegacyAsyncMCPAuthTransport(httpx.AsyncBaseTransport):
+    """An ``httpx`` transport that sends as one session of ``manager``, for the MCP SDK 1.x.
+
+    The twin of :class:`AsyncMCPAuthTransport` (httpx2, the SDK 2.x): refreshes and replays like
+    :class:`UpstreamAuth`, and answers a request itself with our error instead of raising inside the SDK.
+    """
+
+    def __init__(
+        self,
+        manager: TokenManager,
+        session_id: str,
+        *,
+        expect: Binding | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._driver = MCPAuthDriver(manager, session_id, expect, sdk1=True)
+        self._transport = httpx.AsyncHTTPTransport() if transport is None else transport
+
+    @property
+    def last_error(self) -> UpstreamAuthError | None:
+        """The error of the last request, ``None`` once a request succeeded."""
+        return self._driver.failed
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        """Send ``request`` with the session's token, or answer it with the auth's error."""
+        response: httpx.Response = await self._driver.send(
+            request, self._transport.handle_async_request, httpx.Response
+        )
+        return response
+
+    async def aclose(self) -> None:
+        """Close the inner transport."""
+        await self._transport.aclose()

@@ -1,0 +1,219 @@
+"""A real MCP server (the ``mcp`` package, streamable HTTP) protected by a :class:`LocalProvider`.
+
+Imported only when asked for: the rest of ``httpx_upstream_auth.testing`` works without ``mcp``.
+Works with the SDK 2.x (``MCPServer``) and 1.x (``FastMCP``).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from typing import Any
+
+import anyio
+
+from ._provider import LocalProvider
+from ._server import ServerThread
+
+__all__ = ["LocalMCPServer", "LocalTokenVerifier", "serve_mcp"]
+
+
+class LocalTokenVerifier:
+    """An MCP ``TokenVerifier`` that accepts exactly the live access tokens of a :class:`LocalProvider`.
+
+    Counts what it saw: ``accepted`` and ``rejected`` tokens, and ``subjects`` (who called).
+    """
+
+    def __init__(self, provider: LocalProvider) -> None:
+        self.provider = provider
+        """The provider whose tokens are accepted."""
+        self.accepted = 0
+        """Requests let through."""
+        self.rejected = 0
+        """Requests refused with 401 (expired, revoked or unknown token)."""
+        self._lock = threading.Lock()
+
+    async def verify_token(self, token: str) -> Any:
+        """The SDK's ``AccessToken`` for a live token, else ``None`` (the server answers 401)."""
+        from mcp.server.auth.provider import AccessToken
+
+        info = self.provider.introspect(token)
+        with self._lock:
+            if info is None:
+                self.rejected += 1
+                return None
+            self.accepted += 1
+        return AccessToken(
+            token=token,
+            client_id=info["client_id"],
+            scopes=(info["scope"] or "").split(),
+            expires_at=int(info["exp"]),
+            resource=info["resource"],
+        )
+
+
+class LocalMCPServer:
+    """A running MCP server made by :func:`serve_mcp`: its endpoint, its verifier, what it served.
+
+    ``requests`` counts HTTP requests by method; ``open_streams`` is how many GET (server-to-client
+    SSE) streams are open right now, and ``streams_opened`` how many were ever opened. Stop it with
+    :meth:`stop`, or use it as a context manager.
+    """
+
+    def __init__(self, thread: ServerThread, verifier: LocalTokenVerifier) -> None:
+        self.thread = thread
+        """The uvicorn server thread."""
+        self.verifier = verifier
+        """The token verifier, with its counts."""
+        self.requests: Counter[str] = Counter()
+        """HTTP requests served, by method."""
+        self.open_streams = 0
+        """GET streams open now."""
+        self.streams_opened = 0
+        """GET streams opened since the start."""
+        self.sleeping = 0
+        """``sleep`` tool calls running now."""
+        self.max_sleeping = 0
+        """The most ``sleep`` tool calls ever running at once (how parallel the client really was)."""
+        self._lock = threading.Lock()
+
+    def _sleep_started(self) -> None:
+        with self._lock:
+            self.sleeping += 1
+            self.max_sleeping = max(self.max_sleeping, self.sleeping)
+
+    def _sleep_ended(self) -> None:
+        with self._lock:
+            self.sleeping -= 1
+
+    @property
+    def url(self) -> str:
+        """The MCP endpoint, ``http://127.0.0.1:<port>/mcp``."""
+        return self.thread.url + "/mcp"
+
+    def stop(self) -> None:
+        """Stop serving."""
+        self.thread.stop()
+
+    def __enter__(self) -> LocalMCPServer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def _counting(self, app: Any) -> Any:
+        async def counted(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] != "http":
+                await app(scope, receive, send)
+                return
+            method = scope["method"]
+            with self._lock:
+                self.requests[method] += 1
+            if method != "GET":
+                await app(scope, receive, send)
+                return
+            status: list[int] = []
+
+            async def watch(message: Any) -> None:
+                if message["type"] == "http.response.start":
+                    status.append(message["status"])
+                    if message["status"] == 200:
+                        with self._lock:
+                            self.open_streams += 1
+                            self.streams_opened += 1
+                await send(message)
+
+            try:
+                await app(scope, receive, watch)
+            finally:
+                if status == [200]:
+                    with self._lock:
+                        self.open_streams -= 1
+
+        return counted
+
+
+def serve_mcp(
+    provider: LocalProvider,
+    issuer_url: str,
+    *,
+    stateless: bool = False,
+    json_response: bool = False,
+    name: str = "local-mcp",
+) -> LocalMCPServer:
+    """Start a real MCP server on 127.0.0.1 whose tools need a live token of ``provider``.
+
+    ``issuer_url`` is the provider's issuer (its URL plus its ``issuer_path``), advertised in the
+    server's protected-resource metadata (at ``/.well-known/oauth-protected-resource/mcp``). Tools:
+    ``echo(text)``, ``sleep(seconds)`` (answers after that many seconds), ``whoami()`` (the client id
+    the token was issued to). Needs ``mcp`` (2.x: ``MCPServer``; 1.x: ``FastMCP``).
+    """
+    thread = ServerThread(_Unset(), lifespan="on")
+    url = thread.bind()
+    verifier = LocalTokenVerifier(provider)
+    served = LocalMCPServer(thread, verifier)
+    try:
+        app = _build_app(url, issuer_url, served, stateless=stateless, json_response=json_response, name=name)
+        thread.app = served._counting(app)
+        thread.start()
+    except BaseException:
+        thread.stop()
+        raise
+    return served
+
+
+class _Unset:
+    """A placeholder app until the real one, which must know its own URL, is built."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        raise RuntimeError("serve_mcp assigns the app before starting")
+
+
+def _build_app(
+    url: str, issuer_url: str, served: LocalMCPServer, *, stateless: bool, json_response: bool, name: str
+) -> Any:
+    verifier = served.verifier
+    from mcp.server.auth.settings import AuthSettings
+
+    auth_fields: dict[str, Any] = {"issuer_url": issuer_url, "resource_server_url": url + "/mcp"}
+    if "validate_token_resource" in AuthSettings.model_fields:
+        auth_fields["validate_token_resource"] = False  # the verifier decides; tokens carry no audience here
+    auth = AuthSettings(**auth_fields)
+    try:
+        from mcp.server.mcpserver import MCPServer
+    except ImportError:  # the SDK 1.x
+        from mcp.server.fastmcp import FastMCP  # type: ignore[attr-defined,unused-ignore]
+
+        legacy = FastMCP(
+            name, token_verifier=verifier, auth=auth, stateless_http=stateless, json_response=json_response
+        )
+        _add_tools(legacy, served)
+        return legacy.streamable_http_app()
+    modern = MCPServer(name, token_verifier=verifier, auth=auth)
+    _add_tools(modern, served)
+    return modern.streamable_http_app(stateless_http=stateless, json_response=json_response)
+
+
+def _add_tools(server: Any, served: LocalMCPServer) -> None:
+    from mcp.server.auth.middleware.auth_context import get_access_token
+
+    async def echo(text: str) -> str:
+        """Return ``text``."""
+        return text
+
+    async def sleep(seconds: float) -> str:
+        """Wait ``seconds``, then answer."""
+        served._sleep_started()
+        try:
+            await anyio.sleep(seconds)
+        finally:
+            served._sleep_ended()
+        return "slept"
+
+    async def whoami() -> str:
+        """The client id the caller's token was issued to."""
+        token = get_access_token()
+        return "" if token is None else token.client_id
+
+    for function in (echo, sleep, whoami):
+        server.tool()(function)

@@ -1,0 +1,177 @@
+"""Discovery of the token endpoint from an MCP server URL: RFC 9728, then RFC 8414 / OpenID, path-aware."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import attrs
+import httpx
+import pytest
+
+pytest.importorskip("mcp", reason="the MCP SDK is not installed")
+
+from httpx_upstream_auth import MemoryStorage, SQLiteStorage, TokenManager, UpstreamTokens
+from httpx_upstream_auth.mcp import (
+    DiscoveringRefresher,
+    DiscoveryFailed,
+    adiscover,
+    authorization_server_metadata_urls,
+    discover,
+    protected_resource_metadata_urls,
+    resource_metadata_from_challenge,
+)
+from httpx_upstream_auth.testing import LocalMCPServer, LocalProvider, ServerThread, serve_mcp
+
+ISSUER_PATH = "/tenants/acme"
+
+
+@pytest.fixture
+def provider() -> LocalProvider:
+    """A provider whose authorization server lives under a path; ``/token`` at its root answers 404."""
+    return LocalProvider(access_ttl=60, issuer_path=ISSUER_PATH)
+
+
+@pytest.fixture
+def provider_server(provider: LocalProvider) -> Iterator[ServerThread]:
+    """The provider on 127.0.0.1."""
+    with ServerThread(provider) as running:
+        yield running
+
+
+@pytest.fixture
+def mcp_server(provider: LocalProvider, provider_server: ServerThread) -> Iterator[LocalMCPServer]:
+    """A real MCP server whose protected-resource metadata names the provider's issuer."""
+    with serve_mcp(provider, provider_server.url + ISSUER_PATH) as served:
+        yield served
+
+
+def expired(tokens: UpstreamTokens) -> UpstreamTokens:
+    """The same grant, as if its access token had expired."""
+    return attrs.evolve(tokens, expires_at=time.time() - 1, issued_at=time.time() - 61)
+
+
+def test_well_known_urls_are_path_aware() -> None:
+    """Metadata URLs insert the path after the well-known prefix (RFC 8414 / 9728), then OpenID forms."""
+    assert protected_resource_metadata_urls("https://a.example/v1/mcp") == [
+        "https://a.example/.well-known/oauth-protected-resource/v1/mcp",
+        "https://a.example/.well-known/oauth-protected-resource",
+    ]
+    challenge = 'Bearer error="invalid_token", resource_metadata="https://a.example/prm"'
+    assert resource_metadata_from_challenge(challenge) == "https://a.example/prm"
+    assert protected_resource_metadata_urls("https://a.example/mcp", challenge)[0] == "https://a.example/prm"
+    assert authorization_server_metadata_urls("https://id.example/tenants/acme") == [
+        "https://id.example/.well-known/oauth-authorization-server/tenants/acme",
+        "https://id.example/.well-known/openid-configuration/tenants/acme",
+        "https://id.example/tenants/acme/.well-known/openid-configuration",
+    ]
+    assert authorization_server_metadata_urls("https://id.example") == [
+        "https://id.example/.well-known/oauth-authorization-server",
+        "https://id.example/.well-known/openid-configuration",
+    ]
+
+
+@pytest.mark.anyio
+async def test_discovery_against_the_real_mcp_server(
+    provider_server: ServerThread, mcp_server: LocalMCPServer
+) -> None:
+    """From the MCP URL alone: the server's RFC 9728 metadata, then the issuer's metadata under its path."""
+    found = await adiscover(mcp_server.url)
+    issuer = provider_server.url + ISSUER_PATH
+    assert (found.issuer, found.token_endpoint) == (issuer, issuer + "/token")
+    assert found.resource == mcp_server.url
+    assert found.registration_endpoint == issuer + "/register"
+    async with httpx.AsyncClient() as client:  # a guess at {origin}/token fails
+        assert (await client.post(provider_server.url + "/token")).status_code == 404
+
+
+def test_discovery_from_the_401_challenge(provider_server: ServerThread, mcp_server: LocalMCPServer) -> None:
+    """The resource_metadata URL of the server's 401 challenge leads to the same token endpoint (sync twin)."""
+    challenge = httpx.post(mcp_server.url, json={}).headers["www-authenticate"]
+    assert resource_metadata_from_challenge(challenge) is not None
+    found = discover(mcp_server.url, www_authenticate=challenge)
+    assert found.token_endpoint == provider_server.url + ISSUER_PATH + "/token"
+
+
+@pytest.mark.anyio
+async def test_refresh_through_discovery_sends_resource_and_is_stored(
+    tmp_path: Path, provider: LocalProvider, mcp_server: LocalMCPServer
+) -> None:
+    """The refresher discovers once, refreshes at the discovered endpoint with ``resource`` (RFC 8707), and a
+    restart (a new manager over the same SQLite file) refreshes without discovering again."""
+    path = tmp_path / "tokens.db"
+    storage = SQLiteStorage(path)
+    first = DiscoveringRefresher(mcp_server.url, "test-client", "test-secret", storage=storage)
+    manager = TokenManager(refresher=first, provider_id="local", storage=storage)
+    try:
+        await manager.astore("s", expired(provider.login()))
+        await manager.aget_token("s")
+    finally:
+        await manager.aclose()
+    assert first.discoveries == 1 and provider.stats["refresh_ok"] == 1
+    assert provider.requests[-1]["form"]["resource"] == mcp_server.url
+    metadata_requests = provider.flow_stats["metadata_requests"]
+
+    storage = SQLiteStorage(path)
+    again = DiscoveringRefresher(mcp_server.url, "test-client", "test-secret", storage=storage)
+    restarted = TokenManager(refresher=again, provider_id="local", storage=storage)
+    try:
+        await restarted.astore("s", expired(await restarted.aget_token("s")))
+        await restarted.aget_token("s")
+    finally:
+        await restarted.aclose()
+    assert again.discoveries == 0 and provider.stats["refresh_ok"] == 2
+    assert provider.flow_stats["metadata_requests"] == metadata_requests
+    assert again.token_url == first.token_url
+
+
+@pytest.mark.anyio
+async def test_no_metadata_fails_without_guessing(provider: LocalProvider, provider_server: ServerThread) -> None:
+    """A server that publishes no protected-resource metadata: DiscoveryFailed (not retryable), no token call."""
+    refresher = DiscoveringRefresher(provider_server.url + "/api/me", "test-client", "test-secret")
+    manager = TokenManager(refresher=refresher, provider_id="local", storage=MemoryStorage())
+    try:
+        await manager.astore("s", expired(provider.login()))
+        with pytest.raises(DiscoveryFailed) as caught:
+            await manager.aget_token("s")
+    finally:
+        await manager.aclose()
+    assert not caught.value.retryable
+    assert provider.stats["token_calls"] == 0
+
+
+def fake_server(documents: dict[str, object]) -> httpx.Client:
+    """An httpx client whose server answers the given JSON documents by URL, 404 otherwise."""
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        document = documents.get(str(request.url))
+        if document is None:
+            return httpx.Response(404)
+        if isinstance(document, int):
+            return httpx.Response(document)
+        return httpx.Response(200, content=json.dumps(document).encode())
+
+    return httpx.Client(transport=httpx.MockTransport(handle))
+
+
+def test_metadata_that_does_not_check_out_is_refused() -> None:
+    """An issuer other than the one named, a resource for another server, or a 5xx: DiscoveryFailed."""
+    prm = "https://mcp.example/.well-known/oauth-protected-resource/mcp"
+    asm = "https://id.example/.well-known/oauth-authorization-server/t"
+    good_prm = {"resource": "https://mcp.example/mcp", "authorization_servers": ["https://id.example/t"]}
+    good_asm = {"issuer": "https://id.example/t", "token_endpoint": "https://id.example/t/token"}
+    with fake_server({prm: good_prm, asm: good_asm}) as client:
+        assert discover("https://mcp.example/mcp", client=client).token_endpoint == "https://id.example/t/token"
+    with fake_server({prm: good_prm, asm: {**good_asm, "issuer": "https://evil.example/t"}}) as client, \
+            pytest.raises(DiscoveryFailed, match="names issuer"):
+        discover("https://mcp.example/mcp", client=client)
+    with fake_server({prm: {**good_prm, "resource": "https://other.example/mcp"}}) as client, \
+            pytest.raises(DiscoveryFailed, match="is for"):
+        discover("https://mcp.example/mcp", client=client)
+    with fake_server({prm: 503}) as client, pytest.raises(DiscoveryFailed) as caught:
+        discover("https://mcp.example/mcp", client=client)
+    assert caught.value.retryable
+    with pytest.raises(DiscoveryFailed, match="not https"):
+        discover("http://mcp.example/mcp")

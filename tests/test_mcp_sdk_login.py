@@ -1,0 +1,327 @@
+"""SDK-login mode: the MCP SDK's own interactive login (registration, PKCE, browser), and our refresh after it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import anyio
+import httpx
+import pytest
+
+pytest.importorskip("mcp.server.mcpserver", reason="the MCP SDK 2.x is not installed")
+
+import httpx2
+from mcp import Client
+from mcp.client.auth import OAuthClientProvider
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.auth import AuthorizationCodeResult, OAuthClientMetadata, OAuthToken
+
+from httpx_upstream_auth import EntryKey, SQLiteStorage
+from httpx_upstream_auth.mcp import (
+    SDKLogin,
+    TokenStorageAdapter,
+    connect,
+    oauth_token_from,
+    tokens_from_oauth,
+)
+from httpx_upstream_auth.testing import LocalMCPServer, LocalProvider, ServerThread, serve_mcp
+
+pytestmark = pytest.mark.anyio
+
+ISSUER_PATH = "/oauth/tenant-a"
+SESSION = "sdk-session"
+REDIRECT_URI = "http://127.0.0.1:9/callback"  # never contacted: the headless browser reads the redirect
+
+
+class HeadlessBrowser:
+    """A ``redirect_handler``/``callback_handler`` pair: follows the authorize URL, reads the code from the redirect."""
+
+    def __init__(self) -> None:
+        self.visits = 0
+        self._result: AuthorizationCodeResult | None = None
+
+    async def redirect(self, url: str) -> None:
+        """Open the authorization URL (the provider approves at once) and keep the code it redirects with."""
+        self.visits += 1
+        async with httpx.AsyncClient() as client:
+            response = await client.get(url)
+        query = parse_qs(urlsplit(response.headers["location"]).query)
+        self._result = AuthorizationCodeResult(
+            code=query["code"][0], state=query["state"][0], iss=query.get("iss", [None])[0]
+        )
+
+    async def callback(self) -> AuthorizationCodeResult:
+        """Hand the code to the SDK."""
+        assert self._result is not None
+        return self._result
+
+
+def client_metadata() -> OAuthClientMetadata:
+    """What the SDK registers: a confidential client with client_secret_post."""
+    return OAuthClientMetadata(
+        redirect_uris=[REDIRECT_URI],  # type: ignore[list-item]
+        token_endpoint_auth_method="client_secret_post",
+        client_name="sdk-login-test",
+        scope="api",
+    )
+
+
+@pytest.fixture
+def provider() -> LocalProvider:
+    """2-second tokens, rotation, the authorization server under a path."""
+    return LocalProvider(access_ttl=2, issuer_path=ISSUER_PATH)
+
+
+@pytest.fixture
+def provider_server(provider: LocalProvider) -> Iterator[ServerThread]:
+    """The provider on 127.0.0.1."""
+    with ServerThread(provider) as running:
+        yield running
+
+
+@pytest.fixture
+def mcp_server(provider: LocalProvider, provider_server: ServerThread) -> Iterator[LocalMCPServer]:
+    """A real stateful MCP server accepting the provider's live tokens."""
+    with serve_mcp(provider, provider_server.url + ISSUER_PATH) as served:
+        yield served
+
+
+@pytest.fixture
+def browser() -> HeadlessBrowser:
+    """The user's (headless) browser."""
+    return HeadlessBrowser()
+
+
+@pytest.fixture
+async def login(tmp_path: Path, mcp_server: LocalMCPServer, browser: HeadlessBrowser) -> AsyncIterator[SDKLogin]:
+    """SDK-login mode over a SQLite file."""
+    made = SDKLogin(
+        mcp_server.url,
+        client_metadata=client_metadata(),
+        redirect_handler=browser.redirect,
+        callback_handler=browser.callback,
+        storage=SQLiteStorage(tmp_path / "tokens.db"),
+        provider_id="mcp-test",
+    )
+    yield made
+    await made.aclose()
+
+
+def test_oauth_token_conversions() -> None:
+    """The SDK's relative expires_in becomes an absolute expiry from the time obtained, and back."""
+    token = OAuthToken(access_token="a", refresh_token="r", expires_in=3600, scope="api")
+    ours = tokens_from_oauth(token, obtained_at=1000.0, provider_id="p", user_id="u", client_id="c")
+    assert (ours.expires_at, ours.issued_at, ours.refresh_token, ours.user_id, ours.client_id) == (
+        4600.0, 1000.0, "r", "u", "c"
+    )
+    assert oauth_token_from(ours, now=1600.0).expires_in == 3000
+    assert oauth_token_from(ours, now=9999.0).expires_in == 0
+
+
+async def test_first_login_goes_through_the_sdk_then_tokens_are_stored_absolute(
+    provider: LocalProvider, mcp_server: LocalMCPServer, login: SDKLogin, browser: HeadlessBrowser
+) -> None:
+    """The first connect logs in through the SDK's flow (registration, PKCE, browser) once; the stored entry
+    has an absolute expiry and the binding fields; the discovered token endpoint is the one under the path."""
+    async with connect(mcp_server.url, login, SESSION, user_id="u-42", mode="legacy") as client:
+        assert (await client.call_tool("echo", {"text": "hi"})).content[0].text == "hi"  # type: ignore[union-attr]
+    assert browser.visits == 1
+    assert provider.flow_stats["registrations"] == 1 and provider.flow_stats["code_exchanges"] == 1
+    entry = await login.manager.storage.aget(EntryKey(login.manager.provider_id, SESSION))
+    assert entry is not None and entry.expires_at is not None
+    assert abs(entry.expires_at - (time.time() + 2)) < 2
+    assert entry.user_id == "u-42" and entry.client_id is not None and entry.client_id.startswith("dyn-")
+    assert login.refresher.token_url == mcp_server.thread.url.replace(
+        mcp_server.thread.url, login.refresher.metadata.issuer  # type: ignore[union-attr]
+    ) + "/token"
+    assert login.refresher.token_url.endswith(ISSUER_PATH + "/token")  # type: ignore[union-attr]
+
+
+async def test_a_401_with_a_valid_refresh_token_refreshes_without_a_browser(
+    provider: LocalProvider, mcp_server: LocalMCPServer, login: SDKLogin, browser: HeadlessBrowser
+) -> None:
+    """After the login, a revoked access token (401) is refreshed by us and the call replayed: no browser."""
+    async with connect(mcp_server.url, login, SESSION, mode="legacy") as client:
+        await client.call_tool("echo", {"text": "1"})
+        provider.revoke_access((await login.manager.aget_token(SESSION)).access_token)
+        assert (await client.call_tool("echo", {"text": "2"})).content[0].text == "2"  # type: ignore[union-attr]
+        await anyio.sleep(2.1)  # expired: refreshed before sending, still no browser
+        assert (await client.call_tool("echo", {"text": "3"})).content[0].text == "3"  # type: ignore[union-attr]
+    assert browser.visits == 1 and provider.flow_stats["code_exchanges"] == 1
+    assert provider.stats["refresh_ok"] == 2 and provider.stats["refresh_reuse"] == 0
+    assert "resource" in provider.requests[-1]["form"]  # RFC 8707, as the server named one
+
+
+async def test_a_dead_grant_logs_in_again_through_the_sdk(
+    provider: LocalProvider, mcp_server: LocalMCPServer, login: SDKLogin, browser: HeadlessBrowser
+) -> None:
+    """A genuine re-login (the grant was revoked) goes through the SDK's flow again, reusing the registration."""
+    async with connect(mcp_server.url, login, SESSION, mode="legacy") as client:
+        await client.call_tool("echo", {"text": "1"})
+        provider.revoke_grant(provider.grant_of((await login.manager.aget_token(SESSION)).access_token))
+        assert (await client.call_tool("echo", {"text": "2"})).content[0].text == "2"  # type: ignore[union-attr]
+    assert browser.visits == 2 and provider.flow_stats["code_exchanges"] == 2
+    assert provider.flow_stats["registrations"] == 1
+    assert provider.stats["refresh_reuse"] == 0
+
+
+RESTART = """
+import sys, anyio
+from mcp.shared.auth import OAuthClientMetadata
+from httpx_upstream_auth import SQLiteStorage
+from httpx_upstream_auth.mcp import SDKLogin, connect
+
+async def no_browser(url: str) -> None:
+    raise SystemExit("the restarted client asked for a login")
+
+async def main() -> None:
+    login = SDKLogin(sys.argv[1], storage=SQLiteStorage(sys.argv[2]), provider_id="mcp-test",
+                     client_metadata=OAuthClientMetadata(redirect_uris=["http://127.0.0.1:9/callback"]),
+                     redirect_handler=no_browser, callback_handler=None)
+    async with connect(sys.argv[1], login, "sdk-session", mode="legacy") as client:
+        print((await client.call_tool("echo", {"text": "after restart"})).content[0].text)
+    print("discoveries", login.refresher.discoveries)
+    await login.aclose()
+
+anyio.run(main)
+"""
+
+
+async def test_a_restarted_client_process_needs_no_login_and_refreshes(
+    tmp_path: Path, provider: LocalProvider, mcp_server: LocalMCPServer, login: SDKLogin, browser: HeadlessBrowser
+) -> None:
+    """Log in, then start a new client process on the same SQLite file after the token expired: no second
+    login, no rediscovery, one refresh at the discovered endpoint."""
+    async with connect(mcp_server.url, login, SESSION, mode="legacy") as client:
+        await client.call_tool("echo", {"text": "first"})
+    await anyio.sleep(2.1)
+    metadata_requests = provider.flow_stats["metadata_requests"]
+    result = await anyio.to_thread.run_sync(
+        lambda: subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(RESTART), mcp_server.url, str(tmp_path / "tokens.db")],
+            capture_output=True, text=True, timeout=60,
+        )
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split("\n")[:2] == ["after restart", "discoveries 0"]
+    assert browser.visits == 1 and provider.flow_stats["code_exchanges"] == 1
+    assert provider.stats["refresh_ok"] == 1 and provider.stats["refresh_reuse"] == 0
+    assert provider.flow_stats["metadata_requests"] == metadata_requests
+
+
+async def five_sleeps(client: Client) -> float:
+    """Five concurrent 1-second tool calls; their wall time."""
+    started = time.monotonic()
+    async with anyio.create_task_group() as tg:
+        for _ in range(5):
+            tg.start_soon(client.call_tool, "sleep", {"seconds": 1.0})
+    return time.monotonic() - started
+
+
+@pytest.fixture
+def json_server(provider: LocalProvider, provider_server: ServerThread) -> Iterator[LocalMCPServer]:
+    """A real MCP server that answers each POST with JSON (headers only once the tool is done)."""
+    with serve_mcp(provider, provider_server.url + ISSUER_PATH, json_response=True) as served:
+        yield served
+
+
+async def test_five_concurrent_calls_run_in_parallel_in_sdk_login_mode(
+    tmp_path: Path, provider: LocalProvider, json_server: LocalMCPServer, browser: HeadlessBrowser
+) -> None:
+    """Five concurrent 1-s tool calls in SDK-login mode all run at once on the server (we hold nothing across a
+    request); through the SDK's own OAuthClientProvider, which holds its lock across each request, one at a time."""
+    provider.access_ttl = 60
+    mcp_server = json_server
+    login = SDKLogin(
+        mcp_server.url,
+        client_metadata=client_metadata(),
+        redirect_handler=browser.redirect,
+        callback_handler=browser.callback,
+        storage=SQLiteStorage(tmp_path / "json.db"),
+    )
+    async with connect(mcp_server.url, login, SESSION, mode="legacy") as client:
+        ours = await five_sleeps(client)
+    ours_parallel = mcp_server.max_sleeping
+    assert browser.visits == 1
+
+    mcp_server.max_sleeping = 0
+    sdk_browser = HeadlessBrowser()
+    sdk_auth = OAuthClientProvider(
+        mcp_server.url,
+        client_metadata(),
+        storage=TokenStorageAdapter(login.manager, "sdk-own", mcp_server.url),
+        redirect_handler=sdk_browser.redirect,
+        callback_handler=sdk_browser.callback,
+    )
+    async with (
+        httpx2.AsyncClient(auth=sdk_auth, timeout=httpx2.Timeout(30, read=300)) as http,
+        Client(streamable_http_client(mcp_server.url, http_client=http), mode="legacy") as client,
+    ):
+        sdk = await five_sleeps(client)
+    await login.aclose()
+    print(f"\nfive concurrent 1-s tool calls: {ours:.2f} s in SDK-login mode, {sdk:.2f} s with the SDK's provider")
+    assert ours_parallel == 5
+    assert mcp_server.max_sleeping == 1
+
+
+async def test_concurrent_first_requests_log_in_once(
+    provider: LocalProvider, provider_server: ServerThread, login: SDKLogin, browser: HeadlessBrowser
+) -> None:
+    """Five concurrent first requests of one session: one login through the SDK, the others wait for it (holding
+    nothing) and then use its tokens."""
+    statuses: list[int] = []
+    async with httpx2.AsyncClient(auth=login.auth(SESSION), base_url=provider_server.url) as client:
+
+        async def get() -> None:
+            statuses.append((await client.get("/api/me")).status_code)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(5):
+                tg.start_soon(get)
+    assert statuses == [200] * 5
+    assert browser.visits == 1 and provider.flow_stats["code_exchanges"] == 1
+
+
+async def test_the_sdks_own_provider_over_the_adapter_survives_a_restart(
+    tmp_path: Path, provider: LocalProvider, mcp_server: LocalMCPServer, browser: HeadlessBrowser
+) -> None:
+    """Apps that keep the SDK's OAuthClientProvider, with TokenStorageAdapter as its storage: after a restart
+    (new provider, manager and storage objects over the same file) and an expiry, no login: our manager
+    refreshes at the discovered endpoint when the SDK asks for the tokens."""
+    from httpx_upstream_auth import TokenManager
+    from httpx_upstream_auth.mcp import DiscoveringRefresher
+
+    async def run_app() -> str:
+        storage = SQLiteStorage(tmp_path / "own.db")
+        manager = TokenManager(
+            refresher=DiscoveringRefresher(mcp_server.url, storage=storage), provider_id="own", storage=storage
+        )
+        sdk_auth = OAuthClientProvider(
+            mcp_server.url,
+            client_metadata(),
+            storage=TokenStorageAdapter(manager, "app-user", mcp_server.url, user_id="u-7"),
+            redirect_handler=browser.redirect,
+            callback_handler=browser.callback,
+        )
+        try:
+            async with (
+                httpx2.AsyncClient(auth=sdk_auth, timeout=httpx2.Timeout(30, read=300)) as http,
+                Client(streamable_http_client(mcp_server.url, http_client=http), mode="legacy") as client,
+            ):
+                text: str = (await client.call_tool("echo", {"text": "ok"})).content[0].text  # type: ignore[union-attr]
+                return text
+        finally:
+            await manager.aclose()
+
+    assert await run_app() == "ok"
+    assert browser.visits == 1 and provider.stats["refresh_ok"] == 0
+    await anyio.sleep(2.1)
+    assert await run_app() == "ok"  # the restart
+    assert browser.visits == 1 and provider.flow_stats["code_exchanges"] == 1
+    assert provider.stats["refresh_ok"] == 1 and provider.stats["refresh_reuse"] == 0
