@@ -6,11 +6,14 @@ Every lock here guards dict operations only; nothing slow (I/O, waiting) ever ha
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
+import itertools
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import attrs
@@ -31,6 +34,12 @@ LATENCY_HALF_LIFE = 2.0
 CONSUMED_MEMORY = 100_000
 
 RedeemIn = Literal["thread", "task"]
+
+#: (manager state, entry digest) this task or thread is writing: that manager's own change notice is not news
+#: to it (other managers sharing the storage object, or the task, still hear of it).
+_writing: contextvars.ContextVar[tuple[int, str] | None] = contextvars.ContextVar(
+    "httpx_upstream_auth_writing", default=None
+)
 
 
 @attrs.frozen
@@ -95,8 +104,13 @@ class ManagerState:
         self._lock = threading.Lock()
         # Bumped by every logout or login of a session: a job or a read that started before cannot
         # put its (older) result in the cache or hand it to a caller after that.
-        self._epochs: dict[str, int] = {}
-        self._digests: dict[str, str] = {}  # storage digest -> session id, for entries in the cache
+        # Epochs come from one counter, so a value is never reused; sessions dropped from the table (beyond
+        # twice cache_size) read as the highest value dropped, which refuses older work, never newer.
+        self._epochs: OrderedDict[str, int] = OrderedDict()
+        self._epoch_counter = itertools.count(1)
+        self._epoch_floor = 0
+        # storage digest -> session id, for every session seen lately, so a change notice names it
+        self._digests: OrderedDict[str, str] = OrderedDict()
         self._flights: dict[EntryKey, Flight] = {}
         self._reads: dict[EntryKey, Flight] = {}
         # Refresh tokens presented to the provider whose result this process could not record: never
@@ -114,8 +128,24 @@ class ManagerState:
         self._unsubscribe = storage.subscribe(self._on_change)
 
     def key(self, session_id: str) -> EntryKey:
-        """The storage key of a session of this provider."""
-        return EntryKey(self.provider_id, session_id)
+        """The storage key of a session of this provider (remembered, so change notices can name it)."""
+        key = EntryKey(self.provider_id, session_id)
+        digest = key.digest
+        if digest not in self._digests:
+            with self._lock:
+                self._digests[digest] = session_id
+                while len(self._digests) > 2 * self._cache_size:
+                    self._digests.popitem(last=False)
+        return key
+
+    @contextlib.contextmanager
+    def writing(self, key: EntryKey) -> Iterator[None]:
+        """Mark a write of ours, so the change notice it causes here does not count as another worker's."""
+        token = _writing.set((id(self), key.digest))
+        try:
+            yield
+        finally:
+            _writing.reset(token)
 
     def close(self) -> None:
         """Stop listening to the storage's change notifications."""
@@ -151,26 +181,24 @@ class ManagerState:
 
     def epoch(self, key: EntryKey) -> int:
         """The session's login generation in this process (see :meth:`new_epoch`)."""
-        return self._epochs.get(key.session_id, 0)
+        return self._epochs.get(key.session_id, self._epoch_floor)
 
     def new_epoch(self, key: EntryKey) -> None:
         """A logout or login happened: drop the cached entry and refuse results of older work."""
         with self._lock:
-            self._epochs[key.session_id] = self._epochs.get(key.session_id, 0) + 1
-            self._drop(key.session_id)
+            self._bump(key.session_id)
 
     def remember(self, key: EntryKey, tokens: UpstreamTokens, epoch: int) -> None:
         """Cache ``tokens`` if no logout or login happened since ``epoch`` (an older version never
         replaces a newer one)."""
         entry = (tokens, self.policy.bounds(tokens))
         with self._lock:
-            if self._epochs.get(key.session_id, 0) != epoch:
+            if self._epochs.get(key.session_id, self._epoch_floor) != epoch:
                 return
             held = self._cache.get(key.session_id)
             if held is None or held[0].version <= tokens.version:
                 self._cache.pop(key.session_id, None)  # re-insert at the end: eviction takes the oldest
                 self._cache[key.session_id] = entry
-                self._digests[key.digest] = key.session_id
                 while len(self._cache) > self._cache_size:
                     self._drop(next(iter(self._cache)))
 
@@ -182,20 +210,30 @@ class ManagerState:
                 self._drop(key.session_id)
 
     def _drop(self, session_id: str) -> None:
-        if self._cache.pop(session_id, None) is not None:
-            self._digests.pop(EntryKey(self.provider_id, session_id).digest, None)
+        self._cache.pop(session_id, None)
+
+    def _bump(self, session_id: str) -> None:
+        # Caller holds the lock.
+        self._epochs.pop(session_id, None)
+        self._epochs[session_id] = next(self._epoch_counter)
+        self._drop(session_id)
+        while len(self._epochs) > 2 * self._cache_size:
+            _, dropped = self._epochs.popitem(last=False)
+            self._epoch_floor = max(self._epoch_floor, dropped)
 
     def _on_change(self, digest: str | None) -> None:
-        # Another worker saved or deleted an entry: the next request re-reads it, so a logout anywhere
-        # stops this process serving the cached token. A deletion is seen as a change like any other.
+        # Another worker saved or deleted an entry (a logout looks like any other change): drop the cached
+        # token and refuse results of reads and refreshes that began before, as a local logout does.
+        if digest is not None and _writing.get() == (id(self), digest):
+            return
         with self._lock:
             if digest is None:
-                sessions = list(self._cache)
+                sessions = list(self._epochs.keys() | self._cache.keys())
             else:
                 session = self._digests.get(digest)
                 sessions = [] if session is None else [session]
             for session_id in sessions:
-                self._drop(session_id)
+                self._bump(session_id)
 
     # -- single flight -----------------------------------------------------------------------------
     def join_flight(self, key: EntryKey, reads: bool = False) -> tuple[Flight, bool]:
@@ -205,7 +243,7 @@ class ManagerState:
             flight = table.get(key)
             if flight is not None:
                 return flight, False
-            flight = table[key] = Flight()
+            flight = table[key] = Flight(self._epochs.get(key.session_id, self._epoch_floor))
             return flight, True
 
     def end_flight(self, key: EntryKey, flight: Flight, outcome: Outcome, reads: bool = False) -> None:

@@ -7,6 +7,7 @@ thread releases async waiters, and a job running as a task releases sync waiters
 
 ``start_async_job`` / ``start_sync_job`` start a refresh job where no caller's cancellation reaches it;
 ``AsyncLeaseKeeper`` / ``SyncLeaseKeeper`` renew the job's storage lease while it runs;
+``AsyncDeadline`` / ``SyncDeadline`` bound a task job's token request;
 ``async_sleep`` / ``sync_sleep`` pause a job.
 """
 
@@ -25,14 +26,16 @@ import anyio.abc
 import anyio.lowlevel
 import attrs
 
-from ._exceptions import RefreshFailed, StorageError, UpstreamAuthError
+from ._exceptions import RefreshFailed
 from ._models import UpstreamTokens
 
 __all__ = [
+    "AsyncDeadline",
     "AsyncLeaseKeeper",
     "Flight",
     "Outcome",
     "SameThreadWait",
+    "SyncDeadline",
     "SyncLeaseKeeper",
     "async_sleep",
     "start_async_job",
@@ -88,9 +91,11 @@ def _copy_error(error: Exception) -> Exception:
 class Flight:
     """One operation in progress for one key."""
 
-    __slots__ = ("_lock", "_outcome", "_wakers", "runs_on")
+    __slots__ = ("_lock", "_outcome", "_wakers", "epoch", "runs_on")
 
-    def __init__(self) -> None:
+    def __init__(self, epoch: int = 0) -> None:
+        #: The session's login generation when the work began: its result is stale once that changes.
+        self.epoch = epoch
         self._lock = threading.Lock()
         self._outcome: Outcome | None = None
         self._wakers: list[Callable[[], None]] = []
@@ -210,27 +215,20 @@ def sync_sleep(seconds: float) -> None:
 # -- keeping a lease alive while a job runs -----------------------------------------------------------
 
 
-class _Renewing:
-    """Shared part of the lease keepers: when to renew, and for how long."""
-
-    def __init__(self, renew: Callable[[], Any], ttl: float, limit: float) -> None:
-        self.renew = renew
-        #: Renew three times per ttl, so one late renewal does not let the lease lapse.
-        self.interval = max(ttl / 3, 0.001)
-        self.rounds = max(int(limit / self.interval), 0)
-        self.lost = False
-
-
 class AsyncLeaseKeeper:
-    """Renew a storage lease every third of its ttl while a block runs, for at most ``limit`` seconds.
+    """Renew a storage lease every third of its ttl for as long as a block runs.
 
     A slow provider then never lets a second process take the lease and redeem the same refresh token,
-    while a dead process's lease still runs out (renewals stop with it, and after ``limit``).
+    while a dead process's lease still runs out (its renewals stop with it). The block's own exceptions
+    pass through unchanged (never wrapped in an exception group).
     """
 
-    def __init__(self, renew: Callable[[], Coroutine[Any, Any, bool]], ttl: float, limit: float) -> None:
-        self._state = _Renewing(renew, ttl, limit)
+    def __init__(self, renew: Callable[[], Coroutine[Any, Any, bool]], ttl: float) -> None:
+        self._renew = renew
+        self._interval = max(ttl / 3, 0.001)
         self._group: anyio.abc.TaskGroup | None = None
+        self.lost = False
+        """True when a renewal found the lease taken by someone else."""
 
     async def __aenter__(self) -> AsyncLeaseKeeper:
         self._group = anyio.create_task_group()
@@ -240,35 +238,34 @@ class AsyncLeaseKeeper:
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> bool | None:
+    ) -> None:
         assert self._group is not None
         self._group.cancel_scope.cancel()
-        return await self._group.__aexit__(exc_type, exc, tb)
+        # The renewals are all the group holds: close it as if the block had ended normally, and let the
+        # block's exception (if any) propagate as it is.
+        await self._group.__aexit__(None, None, None)
 
     async def _run(self) -> None:
-        state = self._state
-        for _ in range(state.rounds):
-            await anyio.sleep(state.interval)
+        while True:
+            await anyio.sleep(self._interval)
             try:
-                if not await state.renew():
-                    state.lost = True
+                if not await self._renew():
+                    self.lost = True
                     return
-            except (StorageError, UpstreamAuthError):
-                pass  # the store blipped: the next round tries again before the lease runs out
-
-    @property
-    def lost(self) -> bool:
-        """True when a renewal found the lease taken by someone else."""
-        return self._state.lost
+            except Exception:  # the store blipped: the next round tries again before the lease runs out
+                pass
 
 
 class SyncLeaseKeeper:
     """The sync twin of :class:`AsyncLeaseKeeper`: renews from a thread of its own."""
 
-    def __init__(self, renew: Callable[[], bool], ttl: float, limit: float) -> None:
-        self._state = _Renewing(renew, ttl, limit)
+    def __init__(self, renew: Callable[[], bool], ttl: float) -> None:
+        self._renew = renew
+        self._interval = max(ttl / 3, 0.001)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="httpx-upstream-auth-lease", daemon=True)
+        self.lost = False
+        """True when a renewal found the lease taken by someone else."""
 
     def __enter__(self) -> SyncLeaseKeeper:
         self._thread.start()
@@ -276,24 +273,57 @@ class SyncLeaseKeeper:
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> bool | None:
+    ) -> None:
         self._stop.set()
         self._thread.join()
-        return None
 
     def _run(self) -> None:
-        state = self._state
-        for _ in range(state.rounds):
-            if self._stop.wait(state.interval):
-                return
+        while not self._stop.wait(self._interval):
             try:
-                if not state.renew():
-                    state.lost = True
+                if not self._renew():
+                    self.lost = True
                     return
-            except (StorageError, UpstreamAuthError):
+            except Exception:
                 pass
 
+
+class AsyncDeadline:
+    """Stop a block after ``seconds`` (``expired`` tells): a task job bounds its token request this way."""
+
+    def __init__(self, seconds: float) -> None:
+        self._scope = anyio.move_on_after(seconds)
+
+    def __enter__(self) -> AsyncDeadline:
+        self._scope.__enter__()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool:
+        return bool(self._scope.__exit__(exc_type, exc, tb))
+
     @property
-    def lost(self) -> bool:
-        """True when a renewal found the lease taken by someone else."""
-        return self._state.lost
+    def expired(self) -> bool:
+        """True when the block was stopped by the deadline."""
+        return self._scope.cancelled_caught
+
+
+class SyncDeadline:
+    """The sync twin of :class:`AsyncDeadline`: a thread cannot be interrupted, so the block runs to its end,
+    bounded by the refresher's own timeouts, while the lease keeper keeps other processes out."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __enter__(self) -> SyncDeadline:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        return None
+
+    @property
+    def expired(self) -> bool:
+        """Always false."""
+        return False

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import anyio
+import attrs
 import pytest
 
 pytest.importorskip("mcp.server.mcpserver", reason="the MCP SDK 2.x is not installed")
@@ -161,10 +162,13 @@ async def test_concurrent_calls_in_one_session_refresh_once(
     provider: LocalProvider, manager: TokenManager, mcp_server: LocalMCPServer
 ) -> None:
     """Twenty concurrent tool calls on an expired token: one refresh, every call answered."""
-    await manager.astore(SESSION, provider.login(access_ttl=1))
+    await manager.astore(SESSION, provider.login(access_ttl=30))
     results: list[str] = []
     async with connect(mcp_server.url, manager, SESSION, mode="legacy") as client:
-        await anyio.sleep(1.1)
+        # Expired as far as the manager knows (the provider would still take it): the next calls refresh, and
+        # the new token outlives the test however slow the machine is.
+        stale = await manager.aget_token(SESSION)
+        await manager.astore(SESSION, attrs.evolve(stale, expires_at=stale.issued_at))
 
         async def call(i: int) -> None:
             result = await client.call_tool("echo", {"text": str(i)})

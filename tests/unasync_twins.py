@@ -36,6 +36,7 @@ REPLACEMENTS = {
     "arefresh": "refresh",
     "arenew_lease": "renew_lease",
     "AsyncLeaseKeeper": "SyncLeaseKeeper",
+    "AsyncDeadline": "SyncDeadline",
     "async_sleep": "sync_sleep",
     "start_async_job": "start_sync_job",
 }

@@ -24,6 +24,7 @@ from .._exceptions import (
 from .._models import Binding, EntryKey, UpstreamTokens
 from .._state import ManagerState, Need, describe, logger
 from .._synchronization import (
+    AsyncDeadline,
     AsyncLeaseKeeper,
     Flight,
     Outcome,
@@ -102,7 +103,9 @@ class AsyncTokenOps:
             version = max(floor, tokens.version + 1, 1 if current is None else current.version + 1)
             entry = attrs.evolve(tokens, version=version)
             expected = None if current is None else current.version
-            if await state.storage.aput(key, entry, expected_version=expected):
+            with state.writing(key):
+                saved = await state.storage.aput(key, entry, expected_version=expected)
+            if saved:
                 state.new_epoch(key)
                 state.remember(key, entry, state.epoch(key))
                 return entry
@@ -123,7 +126,6 @@ class AsyncTokenOps:
         """Read the entry once for every concurrent caller of this process (a cold herd is one read)."""
         state = self._state
         for _ in range(MAX_FLIGHTS):
-            epoch = state.epoch(key)
             flight, leading = state.join_flight(key, reads=True)
             if leading:
                 flight.runs_on = threading.get_ident()
@@ -141,11 +143,11 @@ class AsyncTokenOps:
                 except SameThreadWait:
                     found = None  # a blocking call under the reading task's own loop: read directly
                 outcome = Outcome(tokens=await self._read(key)) if found is None else found
-            if outcome.abandoned or state.epoch(key) != epoch:
+            if outcome.abandoned or state.epoch(key) != flight.epoch:
                 continue  # its reader was cancelled, or a logout/login raced it: read again
             tokens = outcome.unwrap()
             if state.is_fresh(tokens):
-                state.remember(key, tokens, epoch)
+                state.remember(key, tokens, flight.epoch)
             return tokens
         raise StorageError("the entry kept changing while reading it; retry the request")
 
@@ -154,7 +156,6 @@ class AsyncTokenOps:
         state = self._state
         deadline = state.clock.monotonic() + state.wait_timeout
         for _ in range(MAX_FLIGHTS):
-            epoch = state.epoch(key)
             flight, new = state.join_flight(key)
             if new:
                 self._launch(key, need, flight)
@@ -165,8 +166,8 @@ class AsyncTokenOps:
                     "lease); it will finish on its own. Retry the request.",
                     retryable=True,
                 )
-            if outcome.abandoned or state.epoch(key) != epoch:
-                continue
+            if outcome.abandoned or state.epoch(key) != flight.epoch:
+                continue  # the job was stopped, or a logout/login happened since it began
             tokens = outcome.unwrap()
             if need.accepts(outcome, state):
                 return tokens
@@ -193,7 +194,7 @@ class AsyncTokenOps:
         state = self._state
         outcome = Outcome()
         try:
-            outcome = await self._lead(key, need, state.epoch(key))
+            outcome = await self._lead(key, need, flight.epoch)
         except UpstreamAuthError as exc:
             outcome = Outcome(error=exc)
         except Exception as exc:  # a bug in a custom storage: say so, typed, without its text
@@ -230,13 +231,17 @@ class AsyncTokenOps:
                 await state.storage.awatch(key, current.version, min(left, 1.0))
                 continue
             try:
-                # Re-read under the lease: the previous holder may have saved just before releasing.
-                current = await self._read(key)
-                early = self._early_answer(key, need, current, epoch)
-                if early is not None:
-                    return early
-                renew = functools.partial(state.storage.arenew_lease, lease)
-                async with AsyncLeaseKeeper(renew, state.lease_ttl, state.refresh_timeout):
+                async with AsyncLeaseKeeper(functools.partial(state.storage.arenew_lease, lease), state.lease_ttl):
+                    # Re-read under the lease: the previous holder may have saved just before releasing.
+                    current = await self._read(key)
+                    early = self._early_answer(key, need, current, epoch)
+                    if early is not None:
+                        return early
+                    # The reads may have been slow: make sure the lease is still ours, for a full ttl, at the
+                    # moment the refresh token leaves; the keeper renews it from then on.
+                    if not await state.storage.arenew_lease(lease):
+                        logger.debug("refresh of %s: lease lost before sending; starting over", describe(key))
+                        continue
                     return await self._redeem(key, need, current, epoch)
             finally:
                 try:
@@ -283,7 +288,10 @@ class AsyncTokenOps:
         # process unless we learn it was not consumed.
         state.mark_consumed(current.refresh_token)
         try:
-            fresh = await state.refresher.arefresh(current, state.clock)
+            with AsyncDeadline(state.refresh_timeout) as deadline:
+                fresh = await state.refresher.arefresh(current, state.clock)
+            if deadline.expired:
+                raise RefreshFailed("the token endpoint did not answer in time", retryable=True, may_have_rotated=True)
         except ReauthenticationRequired:
             # invalid_grant may mean another worker rotated first: use its tokens if so.
             again = await state.storage.aget(key)
@@ -351,7 +359,8 @@ class AsyncTokenOps:
         pauses = self._retry_pauses()
         while True:
             try:
-                saved = await state.storage.aput(key, fresh, expected_version=current.version)
+                with state.writing(key):
+                    saved = await state.storage.aput(key, fresh, expected_version=current.version)
             except StorageError:
                 landed = await self._landed(key, current, fresh)
                 if landed is None:
@@ -395,7 +404,8 @@ class AsyncTokenOps:
         pauses = self._retry_pauses()
         while True:
             try:
-                await state.storage.adelete(key, expected_version=current.version)
+                with state.writing(key):
+                    await state.storage.adelete(key, expected_version=current.version)
                 return
             except StorageError:
                 pause = next(pauses, None)

@@ -1,0 +1,858 @@
+"""The simulated world: one provider, one shared store, a clock, and the processes that share them.
+
+Everything here runs inside one event loop on virtual time. All nondeterminism comes from
+``World.rng`` (one ``random.Random(seed)``): every simulated I/O draws its delays and faults from it in
+the order the scheduler reaches it, so a seed replays the same interleaving exactly.
+
+Each simulated process has its own :class:`SimStorage` and :class:`SimRefresher` (proxies on the shared
+:class:`SharedStore` and :class:`Provider`). A crashed process's proxies freeze: nothing it does after
+the crash reaches the store or the provider, and the leases it held only expire.
+
+Every remote operation has three phases: a *pre* delay (cancelling it means nothing happened), the
+*apply* step (atomic, at the server), and a *post* delay (the reply travelling back: cancelling it loses
+the reply, the effect stays). The provider redeems a refresh token in its apply step, so a caller that
+gives up while the answer travels back loses the rotated tokens: the bug class this simulation hunts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import random
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import attrs
+import trio
+
+from httpx_upstream_auth import (
+    BindingMismatch,
+    Clock,
+    EntryKey,
+    ReauthenticationRequired,
+    Refresher,
+    RefreshFailed,
+    Storage,
+    StorageError,
+    UpstreamTokens,
+)
+from httpx_upstream_auth._storage import Lease
+
+__all__ = [
+    "APP_OP",
+    "NATIVE_KINDS",
+    "Caller",
+    "Grant",
+    "Process",
+    "Provider",
+    "Redemption",
+    "SharedStore",
+    "SimClock",
+    "SimRefresher",
+    "SimStorage",
+    "Violation",
+    "World",
+]
+
+#: Wall-clock epoch of virtual time 0 (wall time = this + virtual time + clock jumps).
+WALL_EPOCH = 1_800_000_000.0
+#: Monotonic reading at virtual time 0.
+MONOTONIC_EPOCH = 1_000.0
+#: How long a crashed process's operations stay frozen (virtual seconds): past the end of any schedule.
+FREEZE = 1e7
+#: Cancellation kinds that are asyncio's own (not anyio/trio scopes): the shield must not let them lose tokens.
+NATIVE_KINDS = frozenset({"task_cancel", "wait_for", "asyncio_timeout"})
+
+#: Set by the simulated application around a login (``astore``) or logout (``adelete``) it performs.
+APP_OP: contextvars.ContextVar[str | None] = contextvars.ContextVar("APP_OP", default=None)
+
+
+@dataclass
+class Violation:
+    """One broken invariant: ``kind`` names it, ``detail`` says what happened."""
+
+    kind: str
+    detail: str
+    at: float
+    #: For a reuse: the redemption that presented the consumed token.
+    rid: int | None = None
+    #: What caused it, filled in when the schedule ends (see ``runner.classify``).
+    category: str = ""
+
+
+@dataclass
+class Grant:
+    """One login at the provider: a subject and its current refresh token."""
+
+    gid: int
+    subject: str
+    rotates: bool
+    current_rt: str
+    generation: int = 0
+    revoked: str | None = None
+
+
+@dataclass
+class Redemption:
+    """One refresh request that reached the provider, and what became of its answer."""
+
+    rid: int
+    rt: str
+    gid: int | None
+    process: int
+    at: float
+    kind: str  # rotated | renewed | reuse | dead
+    new_at: str | None = None
+    successor: str | None = None
+    #: pending | delivered | binding-mismatch | may-have-rotated | lost-cancel:<cause> | lost-crash
+    fate: str = "pending"
+    saves: list[str] = field(default_factory=list)
+    deletes: list[str] = field(default_factory=list)
+    #: For a reuse: the consumed token's first redemption and its fate at the moment of the reuse.
+    first: int | None = None
+    first_fate_then: str = ""
+    #: For a reuse: whether the first redemption's rotated tokens were saved by then.
+    first_saved_then: bool = False
+    #: For a reuse: how long ago the first redemption was sent.
+    first_age_then: float = 0.0
+
+
+@dataclass
+class Caller:
+    """One simulated caller task (or an application task doing a login/logout)."""
+
+    name: str
+    process: int
+    kind: str = "plain"
+    #: Virtual time at which the injected cancellation of the current call fires (``inf``: none).
+    cancel_at: float = float("inf")
+    crashed: bool = False
+    done: bool = False
+
+
+@dataclass
+class Process:
+    """One simulated process: a TokenManager with its own storage and provider proxies."""
+
+    pid: int
+    crashed_at: float | None = None
+    callers: list[Caller] = field(default_factory=list)
+    #: Native handles of the process's running tasks, cancelled when it crashes.
+    cancellers: list[Callable[[], None]] = field(default_factory=list)
+
+    @property
+    def crashed(self) -> bool:
+        """True once the process has crashed."""
+        return self.crashed_at is not None
+
+
+@dataclass
+class Epoch:
+    """A stretch of time during which ``gid`` (``None``: logged out) may be the session's grant."""
+
+    gid: int | None
+    start: float
+    end: float = float("inf")
+    #: When the operation that began it returned (``inf`` while it runs).
+    done: float = float("inf")
+    #: The process that made the change.
+    pid: int = 0
+
+
+@dataclass
+class Knobs:
+    """Fault and latency settings of one schedule."""
+
+    storage: str = "redis"  # memory | sqlite | redis
+    store_delay: float = 0.01
+    store_error: float = 0.0
+    connect: float = 0.01
+    latency: float = 0.2
+    slow: float = 0.0
+    slow_latency: float = 5.0
+    p_neterr: float = 0.0
+    p_503: float = 0.0
+    p_mismatch: float = 0.0
+    p_lost: float = 0.0
+    p_rotate: float = 1.0
+    life: tuple[float, float] = (10.0, 60.0)
+    #: A deliberate defect of the simulated store, to show the checks catch what it breaks:
+    #: ``cas-ignores-version`` (every put succeeds) or ``lease-always-free`` (every acquire succeeds).
+    mutant: str = ""
+
+
+class World:
+    """Shared state of one schedule: rng, trace, provider, store, processes, and the invariant checks."""
+
+    def __init__(self, seed: int, knobs: Knobs, now: Callable[[], float] | None = None) -> None:
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.knobs = knobs
+        self._now = now or (lambda: 0.0)
+        self.wall_offset = 0.0
+        self.trace: list[tuple[float, str]] = []
+        self.violations: list[Violation] = []
+        self.provider = Provider(self)
+        self.store = SharedStore(self)
+        self.processes: list[Process] = []
+        self.task_callers: dict[Any, Caller] = {}
+        self.current_task: Callable[[], Any] = lambda: None
+        self.epochs: dict[str, list[Epoch]] = {}
+        self.frozen: dict[Any, int] = {}
+        self.tearing_down = False
+        self.stats: dict[str, int] = {}
+        #: The managers' refresh_timeout (used to name the cause of a concurrent redemption).
+        self.refresh_timeout = float("inf")
+
+    # -- time and trace ----------------------------------------------------------------------------
+    def now(self) -> float:
+        """Virtual seconds since the schedule began."""
+        return self._now()
+
+    def set_now(self, now: Callable[[], float]) -> None:
+        """Read virtual time from the running event loop's clock."""
+        self._now = now
+
+    def log(self, message: str) -> None:
+        """Append one line to the trace."""
+        self.trace.append((self.now(), message))
+
+    def violate(self, kind: str, detail: str, rid: int | None = None) -> None:
+        """Record a broken invariant (and trace it)."""
+        self.violations.append(Violation(kind, detail, self.now(), rid))
+        self.log(f"!! VIOLATION {kind}: {detail}")
+
+    def count(self, name: str) -> None:
+        """Bump a statistics counter."""
+        self.stats[name] = self.stats.get(name, 0) + 1
+
+    def format_trace(self) -> str:
+        """The trace as text, one event a line."""
+        return "\n".join(f"{t:10.4f}  {line}" for t, line in self.trace)
+
+    # -- who is running --------------------------------------------------------------------------------
+    def caller(self) -> Caller | None:
+        """The simulated caller whose task is running, if any (a manager's own job task is none)."""
+        return self.task_callers.get(self.current_task())
+
+    def cancel_cause(self) -> str:
+        """Why the running task is being cancelled: the caller's injected kind, ``crash`` or ``internal``."""
+        caller = self.caller()
+        if caller is None:
+            return "internal"
+        if caller.crashed:
+            return "crash"
+        if abs(self.now() - caller.cancel_at) <= 1e-6:
+            return caller.kind
+        # Later than the injection fired: the caller's cancellation was held off (a shield) and this one
+        # comes from the manager's own deadline.
+        return "internal"
+
+    def where(self) -> str:
+        """A short name of the running task for the trace."""
+        caller = self.caller()
+        return caller.name if caller is not None else "job"
+
+    async def freeze(self, process: Process) -> None:
+        """Block forever (virtually): the process is dead, nothing it does may reach the world."""
+        task = self.current_task()
+        self.frozen[task] = self.frozen.get(task, 0) + 1
+        try:
+            await anyio.sleep(FREEZE)
+        finally:
+            self.frozen[task] -= 1
+            if not self.frozen[task]:
+                del self.frozen[task]
+        raise StorageError(f"process p{process.pid} is dead")
+
+    # -- sessions as the application sees them ----------------------------------------------------------
+    def begin_session_change(self, session: str, gid: int | None, pid: int = 0) -> Epoch:
+        """A login (``gid``) or logout (``None``) by process ``pid`` starts: from now on its state may be seen."""
+        epoch = Epoch(gid, self.now(), pid=pid)
+        self.epochs.setdefault(session, []).append(epoch)
+        return epoch
+
+    def end_session_change(self, session: str, epoch: Epoch, applied: bool = True) -> None:
+        """The login/logout returned (``applied``) or failed (its effect unknown: it stays possible).
+
+        A state stops being acceptable once an operation that started after it completed has completed
+        (linearizability: operations that overlap may take effect in either order, so both stay possible).
+        """
+        epoch.done = self.now()
+        if not applied:
+            return
+        for other in self.epochs[session]:
+            if other is not epoch and other.end == float("inf") and other.done < epoch.start:
+                other.end = self.now()
+
+    def check_use(self, caller: Caller, session: str, started: float, tokens: UpstreamTokens) -> None:
+        """The caller sends ``tokens`` to the API now: they must be the session's grant at some moment of
+        the call, name its subject, and be a token the provider issued."""
+        minted = self.provider.access.get(tokens.access_token)
+        if minted is None:
+            self.violate("unknown-token", f"{caller.name} got an access token the provider never issued")
+            return
+        gid = minted
+        grant = self.provider.grants[gid]
+        if tokens.upstream_subject != grant.subject:
+            self.violate(
+                "wrong-identity-served",
+                f"{caller.name} got a token of grant g{gid} ({grant.subject}) labelled {tokens.upstream_subject}",
+            )
+        ended = self.now()
+        ok = [e for e in self.epochs.get(session, []) if e.start <= ended and e.end >= started]
+        if any(e.gid == gid for e in ok):
+            self.count("uses-ok")
+            return
+        current = [e.gid for e in ok]
+        subjects = {self.provider.grants[g].subject for g in current if g is not None}
+        if subjects and grant.subject not in subjects:
+            kind = "wrong-identity-served"
+        elif None in current:
+            kind = "deleted-session-served"
+        else:
+            kind = "replaced-session-served"
+        changers = sorted({f"p{e.pid}" for e in ok if e.gid != gid})
+        self.violate(
+            kind,
+            f"{caller.name} ({session}) was served grant g{gid} ({grant.subject}) during [{started:.4f}, "
+            f"{ended:.4f}] while the session's grant was {['-' if g is None else f'g{g}' for g in current]} "
+            f"(set by {', '.join(changers)})",
+        )
+
+
+class Provider:
+    """The simulated authorization server: grants, rotation, and reuse detection (reuse revokes)."""
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+        self.grants: dict[int, Grant] = {}
+        self.rt_grant: dict[str, int] = {}
+        #: consumed refresh token -> the redemption that consumed it
+        self.consumed: dict[str, int] = {}
+        #: access token -> grant
+        self.access: dict[str, int] = {}
+        #: access token -> the redemption that minted it (refresh results only)
+        self.access_redemption: dict[str, int] = {}
+        #: rotated refresh token -> the redemption that minted it
+        self.minted_by: dict[str, int] = {}
+        self.redemptions: list[Redemption] = []
+        #: How many refresh requests each (process, refresh token) started, whether or not they arrived.
+        self.attempts: Counter[tuple[int, str]] = Counter()
+
+    def login(self, subject: str, life: float) -> tuple[int, UpstreamTokens]:
+        """A new grant for ``subject`` and its first tokens (what the login flow hands the app)."""
+        gid = len(self.grants) + 1
+        rotates = self.world.rng.random() < self.world.knobs.p_rotate
+        grant = Grant(gid, subject, rotates, f"rt{gid}.0")
+        self.grants[gid] = grant
+        self.rt_grant[grant.current_rt] = gid
+        access = f"at{gid}.0"
+        self.access[access] = gid
+        wall = self.world.store.wall()
+        tokens = UpstreamTokens(
+            access_token=access,
+            refresh_token=grant.current_rt,
+            expires_at=wall + life,
+            issued_at=wall - 1.0,
+            user_id=subject,
+            upstream_subject=subject,
+            client_id="sim-client",
+        )
+        return gid, tokens
+
+    def redeem(self, rt: str | None, process: int) -> Redemption:
+        """A refresh request arrives: rotate, renew, or detect reuse (which revokes the grant)."""
+        w = self.world
+        rid = len(self.redemptions)
+        gid = None if rt is None else self.rt_grant.get(rt)
+        red = Redemption(rid, rt or "-", gid, process, w.now(), "dead")
+        self.redemptions.append(red)
+        if rt is None or gid is None:
+            w.log(f"provider: p{process} presented an unknown refresh token -> invalid_grant")
+            return red
+        grant = self.grants[gid]
+        if rt in self.consumed:
+            first = self.redemptions[self.consumed[rt]]
+            red.kind, red.first, red.first_fate_then = "reuse", first.rid, first.fate
+            red.first_saved_then = "applied" in first.saves
+            red.first_age_then = w.now() - first.at
+            w.log(f"provider: p{process} presented CONSUMED {rt} (r{first.rid}, fate {first.fate}) -> revoke g{gid}")
+            w.violate(
+                "reuse",
+                f"refresh token {rt} presented twice (r{first.rid} by p{first.process}, r{rid} by p{process})",
+                rid,
+            )
+            grant.revoked = f"reuse of {rt}"
+            return red
+        if grant.revoked is not None or rt != grant.current_rt:
+            w.log(f"provider: p{process} presented dead {rt} -> invalid_grant")
+            return red
+        grant.generation += 1
+        red.new_at = f"at{gid}.{grant.generation}"
+        self.access[red.new_at] = gid
+        self.access_redemption[red.new_at] = rid
+        if grant.rotates:
+            red.kind, red.successor = "rotated", f"rt{gid}.{grant.generation}"
+            self.consumed[rt] = rid
+            self.rt_grant[red.successor] = gid
+            self.minted_by[red.successor] = rid
+            grant.current_rt = red.successor
+            w.log(f"provider: r{rid} p{process} {rt} -> {red.new_at} {red.successor}")
+        else:
+            red.kind = "renewed"
+            w.log(f"provider: r{rid} p{process} {rt} -> {red.new_at} (no rotation)")
+        return red
+
+
+class SimClock(Clock):
+    """The manager's clock: wall time (with injected jumps) and monotonic time, both virtual."""
+
+    def __init__(self, world: World) -> None:
+        self._world = world
+
+    def time(self) -> float:
+        """Wall seconds: virtual time plus the epoch plus every clock jump so far."""
+        return WALL_EPOCH + self._world.now() + self._world.wall_offset
+
+    def monotonic(self) -> float:
+        """Monotonic seconds: virtual time."""
+        return MONOTONIC_EPOCH + self._world.now()
+
+
+@dataclass
+class _Watcher:
+    key: EntryKey
+    version: int | None
+    event: anyio.Event
+
+
+class SharedStore:
+    """The one store every process talks to: entries with CAS on version, leases, change notification."""
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+        self.entries: dict[EntryKey, UpstreamTokens] = {}
+        #: key -> (owner, expiry on the lease clock, holder pid)
+        self.leases: dict[EntryKey, tuple[str, float, int]] = {}
+        self.watchers: list[_Watcher] = []
+        self.proxies: list[SimStorage] = []
+        #: Leases whose holder never learned it got them (the reply was lost): they can only expire.
+        self.orphans: list[str] = []
+        #: Leases whose holder tried to give them back (a release that failed leaves them to expire).
+        self.release_tried: list[str] = []
+        self._owners = 0
+
+    def wall(self) -> float:
+        """The store's wall clock (the same as the processes')."""
+        return WALL_EPOCH + self.world.now() + self.world.wall_offset
+
+    def lease_clock(self) -> float:
+        """Leases expire on time that never jumps (Redis's server clock, SQLite's host-wide monotonic clock)."""
+        return self.world.now()
+
+    # -- apply steps (atomic) ---------------------------------------------------------------------------
+    def get(self, key: EntryKey) -> UpstreamTokens | None:
+        """Read an entry."""
+        return self.entries.get(key)
+
+    def put(self, pid: int, key: EntryKey, tokens: UpstreamTokens, expected: int | None) -> bool:
+        """Compare-and-set on version; checks that a refresh result replaces exactly what it redeemed."""
+        w = self.world
+        current = self.entries.get(key)
+        if (None if current is None else current.version) != expected and w.knobs.mutant != "cas-ignores-version":
+            self._note_save(tokens, "cas-lost")
+            w.log(f"store: p{pid} put {tokens.refresh_token} v{tokens.version} over v{expected}: CAS LOST")
+            return False
+        op = APP_OP.get()
+        rid = w.provider.access_redemption.get(tokens.access_token)
+        if op != "login" and rid is not None:
+            red = w.provider.redemptions[rid]
+            if current is None:
+                w.violate("resurrected-session", f"p{pid} wrote refresh result r{rid} into an empty (logged out) entry")
+            elif current.access_token != tokens.access_token and current.refresh_token != red.rt:
+                cur_gid = w.provider.rt_grant.get(current.refresh_token or "")
+                if cur_gid != red.gid:
+                    w.violate(
+                        "cross-lineage-write",
+                        f"p{pid} saved refresh result r{rid} of g{red.gid} over {current.refresh_token} of g{cur_gid} "
+                        f"(v{current.version}): the session now serves the old grant",
+                    )
+                else:
+                    w.violate(
+                        "regression-write",
+                        f"p{pid} saved refresh result r{rid} (from {red.rt}) over {current.refresh_token}: a newer "
+                        "rotated token is lost",
+                    )
+        if (
+            op != "login"
+            and current is not None
+            and self._is_live_rotated(current)
+            and current.refresh_token != (tokens.refresh_token)
+            and rid is None
+        ):
+            w.violate("live-token-discarded", f"p{pid} overwrote live {current.refresh_token} without a login")
+        self.entries[key] = tokens
+        self._note_save(tokens, "applied")
+        w.log(f"store: p{pid} put {tokens.refresh_token} ({tokens.access_token}) v{tokens.version} ok [{op or 'mgr'}]")
+        self._changed(key, tokens.version)
+        return True
+
+    def delete(self, pid: int, key: EntryKey, expected: int | None) -> bool:
+        """Delete (conditionally on version when ``expected`` is given)."""
+        w = self.world
+        current = self.entries.get(key)
+        if current is None or (expected is not None and current.version != expected):
+            w.log(f"store: p{pid} delete v{expected}: nothing to delete")
+            return False
+        op = APP_OP.get()
+        consumed_by = w.provider.consumed.get(current.refresh_token or "")
+        if consumed_by is not None:
+            w.provider.redemptions[consumed_by].deletes.append("applied")
+        # Failing closed is the rule once an answer was lost or unusable: the manager cannot know the provider
+        # did not rotate, so removing the entry it redeemed from is right even if the token still works.
+        # An attempt whose request never arrived counts too: a deadline cannot tell whether it left.
+        attempted = w.provider.attempts[(pid, current.refresh_token or "")]
+        delivered = sum(
+            red.rt == current.refresh_token and red.process == pid and red.fate == "delivered"
+            for red in w.provider.redemptions
+        )
+        failed_closed = attempted > delivered
+        if op != "logout" and self._is_live_rotated(current) and not failed_closed:
+            w.violate(
+                "live-token-discarded",
+                f"p{pid} deleted the entry holding {current.refresh_token}, a refresh token the provider still honours",
+            )
+        del self.entries[key]
+        w.log(f"store: p{pid} delete {current.refresh_token} v{current.version} ok [{op or 'mgr'}]")
+        self._changed(key, None)
+        return True
+
+    def acquire(self, pid: int, key: EntryKey, ttl: float) -> Lease | None:
+        """Take the lease unless a live one is held."""
+        now = self.lease_clock()
+        held = self.leases.get(key)
+        if held is not None and held[1] > now and self.world.knobs.mutant != "lease-always-free":
+            self.world.log(f"store: p{pid} lease busy (p{held[2]})")
+            return None
+        self._owners += 1
+        lease = Lease(key, f"p{pid}-l{self._owners}", ttl)
+        self.leases[key] = (lease.owner, now + ttl, pid)
+        self.world.log(f"store: p{pid} lease {lease.owner} taken for {ttl}s")
+        return lease
+
+    def release(self, pid: int, lease: Lease) -> None:
+        """Drop the lease if it is still this owner's."""
+        held = self.leases.get(lease.key)
+        if held is not None and held[0] == lease.owner:
+            del self.leases[lease.key]
+            self.world.log(f"store: p{pid} lease {lease.owner} released")
+
+    def renew(self, pid: int, lease: Lease) -> bool:
+        """Extend the lease if it is still this owner's and live."""
+        now = self.lease_clock()
+        held = self.leases.get(lease.key)
+        if held is None or held[0] != lease.owner or held[1] <= now:
+            self.world.log(f"store: p{pid} lease {lease.owner} renew refused")
+            return False
+        self.leases[lease.key] = (lease.owner, now + lease.ttl, pid)
+        self.world.log(f"store: p{pid} lease {lease.owner} renewed for {lease.ttl}s")
+        return True
+
+    def version(self, key: EntryKey) -> int | None:
+        """The entry's version, or ``None``."""
+        entry = self.entries.get(key)
+        return None if entry is None else entry.version
+
+    # -- helpers --------------------------------------------------------------------------------------
+    def _is_live_rotated(self, tokens: UpstreamTokens) -> bool:
+        gid = self.world.provider.rt_grant.get(tokens.refresh_token or "")
+        if gid is None:
+            return False
+        grant = self.world.provider.grants[gid]
+        return grant.revoked is None and grant.current_rt == tokens.refresh_token and grant.generation > 0
+
+    def _note_save(self, tokens: UpstreamTokens, result: str) -> None:
+        rid = self.world.provider.minted_by.get(tokens.refresh_token or "")
+        if rid is not None:
+            self.world.provider.redemptions[rid].saves.append(result)
+
+    def _changed(self, key: EntryKey, version: int | None) -> None:
+        for watcher in self.watchers:
+            if watcher.key == key and watcher.version != version:
+                watcher.event.set()
+        for proxy in self.proxies:
+            if not proxy.process.crashed:
+                proxy.notify_change(key)
+
+
+class SimStorage(Storage):
+    """One process's connection to the shared store, with the delays and faults of its backend kind.
+
+    ``memory``: atomic, no await, never fails. ``sqlite``: applied at once (a worker thread runs it to the
+    end), the reply comes after a delay that anyio scopes cannot cancel (native asyncio cancellation can).
+    ``redis``: a cancellable delay before the command leaves (cancelling it: nothing happened), then the
+    server applies it, then a cancellable reply delay (cancelling it: applied, reply lost); errors before
+    (not applied) or after (applied, as a timeout after the server ran it).
+    """
+
+    blocking = False
+
+    def __init__(self, world: World, process: Process) -> None:
+        super().__init__()
+        self.world = world
+        self.process = process
+        world.store.proxies.append(self)
+
+    # -- sync methods: same state, no delay (the simulation drives the async API) --------------------------
+    def _sync_guard(self) -> None:
+        if self.process.crashed:
+            raise StorageError(f"process p{self.process.pid} is dead")
+
+    def get(self, key: EntryKey) -> UpstreamTokens | None:
+        """Read at once."""
+        self._sync_guard()
+        return self.world.store.get(key)
+
+    def put(self, key: EntryKey, tokens: UpstreamTokens, *, expected_version: int | None) -> bool:
+        """CAS at once."""
+        self._sync_guard()
+        return self.world.store.put(self.process.pid, key, tokens, expected_version)
+
+    def delete(self, key: EntryKey, *, expected_version: int | None = None) -> bool:
+        """Delete at once."""
+        self._sync_guard()
+        return self.world.store.delete(self.process.pid, key, expected_version)
+
+    def acquire_lease(self, key: EntryKey, ttl: float) -> Lease | None:
+        """Take the shared lease at once."""
+        self._sync_guard()
+        return self.world.store.acquire(self.process.pid, key, ttl)
+
+    def release_lease(self, lease: Lease) -> None:
+        """Release at once."""
+        self._sync_guard()
+        self.world.store.release(self.process.pid, lease)
+
+    def renew_lease(self, lease: Lease) -> bool:
+        """Renew at once."""
+        self._sync_guard()
+        return self.world.store.renew(self.process.pid, lease)
+
+    # -- the simulated I/O ----------------------------------------------------------------------------
+    async def _op(self, name: str, apply: Callable[[], Any], on_lost: Callable[[str], None] | None = None) -> Any:
+        w, proc, kind = self.world, self.process, self.world.knobs.storage
+        if proc.crashed:
+            await w.freeze(proc)
+        if kind == "memory":
+            return apply()
+        rng = w.rng
+        fault = rng.random() < w.knobs.store_error
+        before = fault and rng.random() < 0.5
+        if kind == "redis":
+            try:
+                await anyio.sleep(rng.uniform(0.0001, w.knobs.store_delay))
+            except BaseException:
+                if on_lost is not None:
+                    on_lost(f"cancel-pre:{w.cancel_cause()}")
+                raise
+            if proc.crashed:
+                await w.freeze(proc)
+        if before:
+            w.log(f"store: p{proc.pid} {name} fails before applying ({w.where()})")
+            if on_lost is not None:
+                on_lost("error-before")
+            raise StorageError(f"simulated {kind} failure before {name}")
+        result = apply()
+        try:
+            delay = rng.uniform(0.0001, w.knobs.store_delay)
+            if kind == "sqlite":
+                with anyio.CancelScope(shield=True):
+                    await anyio.sleep(delay)
+            else:
+                await anyio.sleep(delay)
+        except BaseException:
+            w.log(f"store: p{proc.pid} {name} reply lost to cancellation ({w.where()}, {w.cancel_cause()})")
+            if on_lost is not None:
+                on_lost(f"reply-lost:{w.cancel_cause()}")
+            raise
+        if proc.crashed:
+            await w.freeze(proc)
+        if fault:
+            w.log(f"store: p{proc.pid} {name} applied, then the reply failed ({w.where()})")
+            if on_lost is not None:
+                on_lost("error-after")
+            raise StorageError(f"simulated {kind} timeout after {name} ran")
+        return result
+
+    async def aget(self, key: EntryKey) -> UpstreamTokens | None:
+        """Read, with the backend's delays and faults."""
+        result: UpstreamTokens | None = await self._op("get", lambda: self.world.store.get(key))
+        return result
+
+    async def aput(self, key: EntryKey, tokens: UpstreamTokens, *, expected_version: int | None) -> bool:
+        """CAS, with the backend's delays and faults."""
+        store = self.world.store
+
+        def lost(why: str) -> None:
+            store._note_save(tokens, why)
+
+        result: bool = await self._op("put", lambda: store.put(self.process.pid, key, tokens, expected_version), lost)
+        return result
+
+    async def adelete(self, key: EntryKey, *, expected_version: int | None = None) -> bool:
+        """Delete, with the backend's delays and faults."""
+        store = self.world.store
+        current = store.get(key)
+        consumed_by = None if current is None else self.world.provider.consumed.get(current.refresh_token or "")
+
+        def lost(why: str) -> None:
+            if consumed_by is not None:
+                self.world.provider.redemptions[consumed_by].deletes.append(why)
+
+        result: bool = await self._op("delete", lambda: store.delete(self.process.pid, key, expected_version), lost)
+        return result
+
+    async def aacquire_lease(self, key: EntryKey, ttl: float) -> Lease | None:
+        """Take the lease, with the backend's delays (a lease taken whose reply is lost stays until it expires)."""
+        store = self.world.store
+        taken: list[Lease | None] = []
+
+        def acquire() -> Lease | None:
+            taken.append(store.acquire(self.process.pid, key, ttl))
+            return taken[0]
+
+        def lost(why: str) -> None:
+            if taken and taken[0] is not None:
+                store.orphans.append(taken[0].owner)
+
+        result: Lease | None = await self._op("lease", acquire, lost)
+        return result
+
+    async def arelease_lease(self, lease: Lease) -> None:
+        """Release the lease, with the backend's delays."""
+        self.world.store.release_tried.append(lease.owner)
+        await self._op("release", lambda: self.world.store.release(self.process.pid, lease))
+
+    async def arenew_lease(self, lease: Lease) -> bool:
+        """Renew the lease, with the backend's delays."""
+        result: bool = await self._op("renew", lambda: self.world.store.renew(self.process.pid, lease))
+        return result
+
+    async def awatch(self, key: EntryKey, version: int | None, timeout: float) -> None:
+        """Return once the entry's version differs from ``version`` (woken by saves), or after ``timeout``."""
+        w, proc = self.world, self.process
+        if proc.crashed:
+            await w.freeze(proc)
+        with anyio.move_on_after(timeout):
+            if w.knobs.storage != "memory":
+                await anyio.sleep(w.rng.uniform(0.0001, w.knobs.store_delay))
+            if w.store.version(key) != version:
+                return
+            watcher = _Watcher(key, version, anyio.Event())
+            w.store.watchers.append(watcher)
+            try:
+                await watcher.event.wait()
+            finally:
+                w.store.watchers.remove(watcher)
+            if w.knobs.storage != "memory":
+                await anyio.sleep(w.rng.uniform(0.0001, w.knobs.store_delay))
+        if proc.crashed:
+            await w.freeze(proc)
+
+
+class SimRefresher(Refresher):
+    """One process's client of the simulated provider.
+
+    Connecting may fail or be cancelled (nothing sent). Once sent, the provider redeems at once; the
+    answer travels back for a while, and a caller cancelled meanwhile loses it. Odd answers: an id_token
+    for another subject (``BindingMismatch`` after rotating, as the real parser raises) and an answer that
+    could not be read (``RefreshFailed(may_have_rotated=True)`` after rotating).
+    """
+
+    def __init__(self, world: World, process: Process) -> None:
+        self.world = world
+        self.process = process
+
+    def refresh(self, tokens: UpstreamTokens, clock: Clock) -> UpstreamTokens:
+        """The simulation drives async callers only."""
+        raise RefreshFailed("the simulation has no sync refresher", retryable=False)
+
+    async def arefresh(self, tokens: UpstreamTokens, clock: Clock) -> UpstreamTokens:
+        """Redeem ``tokens.refresh_token`` at the simulated provider."""
+        w, proc, k = self.world, self.process, self.world.knobs
+        rng = w.rng
+        if proc.crashed:
+            await w.freeze(proc)
+        who = w.where()
+        w.log(f"refresher: p{proc.pid} {who} connecting to redeem {tokens.refresh_token} (v{tokens.version})")
+        w.provider.attempts[(proc.pid, tokens.refresh_token or "")] += 1
+        try:
+            await anyio.sleep(rng.uniform(0.0001, k.connect))
+        except BaseException:
+            w.log(f"refresher: p{proc.pid} {who} cancelled before sending ({w.cancel_cause()})")
+            raise
+        if proc.crashed:
+            await w.freeze(proc)
+        roll = rng.random()
+        latency = rng.uniform(0.0001, k.slow_latency if rng.random() < k.slow else k.latency)
+        if roll < k.p_neterr:
+            w.log(f"refresher: p{proc.pid} {who} network error before sending")
+            raise RefreshFailed("simulated network error before sending", retryable=True)
+        if roll < k.p_neterr + k.p_503:
+            await anyio.sleep(latency)
+            w.log(f"refresher: p{proc.pid} {who} got 503")
+            raise RefreshFailed("simulated 503", retryable=True, status_code=503)
+        sent_at = clock.time()
+        red = w.provider.redeem(tokens.refresh_token, proc.pid)
+        try:
+            await anyio.sleep(latency)
+        except BaseException:
+            red.fate = f"lost-cancel:{w.cancel_cause()}"
+            w.log(f"refresher: p{proc.pid} {who} r{red.rid} answer LOST to cancellation ({red.fate})")
+            raise
+        if proc.crashed:
+            red.fate = "lost-crash"
+            await w.freeze(proc)
+        if red.kind in ("reuse", "dead"):
+            red.fate = "delivered"
+            raise ReauthenticationRequired("simulated invalid_grant: the refresh token is dead")
+        odd = rng.random()
+        if red.kind == "rotated" and odd < k.p_mismatch:
+            red.fate = "binding-mismatch"
+            w.log(f"refresher: p{proc.pid} {who} r{red.rid} id_token names another subject -> BindingMismatch")
+            raise BindingMismatch("simulated: the refreshed id_token names another subject")
+        if red.kind == "rotated" and odd < k.p_mismatch + k.p_lost:
+            red.fate = "may-have-rotated"
+            w.log(f"refresher: p{proc.pid} {who} r{red.rid} answer unreadable -> RefreshFailed(may_have_rotated)")
+            raise RefreshFailed("simulated unreadable answer", retryable=True, may_have_rotated=True)
+        red.fate = "delivered"
+        w.log(f"refresher: p{proc.pid} {who} r{red.rid} answer delivered")
+        assert red.new_at is not None
+        life = rng.uniform(*k.life)
+        return attrs.evolve(
+            tokens,
+            access_token=red.new_at,
+            refresh_token=red.successor or tokens.refresh_token,
+            expires_at=sent_at + life,
+            issued_at=sent_at,
+            refresh_expires_at=None if red.successor else tokens.refresh_expires_at,
+            version=tokens.version + 1,
+        )
+
+
+def current_task_getter(backend: str) -> Callable[[], Any]:
+    """How to name the running task on ``backend``."""
+    if backend == "trio":
+        return trio.lowlevel.current_task
+
+    def asyncio_task() -> Any:
+        try:
+            return asyncio.current_task()
+        except RuntimeError:
+            return None
+
+    return asyncio_task
