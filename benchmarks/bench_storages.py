@@ -1,6 +1,8 @@
-"""What shared storages cost the refresh: lease latency, and how fast other processes see a save.
+"""What shared storages cost: each operation, the refresh through the lease, how fast other processes
+see a save, and what idle watchers cost.
 
     python benchmarks/bench_storages.py [--storages memory,sqlite,redis] [--trials 40] [--json out.json]
+        [--parts micro,idle,refresh,save] [--sessions 1,100000] [--idle-watchers 40] [--idle-seconds 5]
 
 1. Refresh latency through the lease: ``manager.get_token`` on an expired entry (read, lease, re-read,
    token endpoint, compare-and-set save, release), median and p99 per storage, and what the storage adds
@@ -9,6 +11,12 @@
    this one holds the lease mid-refresh; it waits on ``storage.watch``. Measured from the moment this
    process's save returns to the moment the other process has the new token (one system-wide
    monotonic clock). Target: p99 <= 10 ms.
+3. Storage operations (``micro``), in µs per call, with 1 and with 100k stored sessions: ``get``, ``put``
+   (a successful compare-and-set), ``failed CAS`` (a stale expected version), ``lease`` (acquire +
+   release), ``get 1MB`` / ``CAS 1MB`` (an entry with a 1 MB scope), and ``wake`` (from a save returning
+   to a watcher in another thread returning; same process).
+4. Idle watchers (``idle``): N watchers waiting on keys nobody saves, for S seconds: this process's CPU
+   time over wall time (1.0 = one core busy). The target for 40 SQLite watchers is under 0.10.
 Counts are checked (one refresh per trial, the other process gets exactly the saved token); timings are
 printed, never judged.
 """
@@ -17,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -160,27 +169,185 @@ def save_to_use(name: str, trials: int) -> common.Summary:
     return common.Summary.of(samples)
 
 
+def populate(storage: hua.Storage, count: int) -> None:
+    """Store ``count`` sessions quickly (bulk writes straight into the store's own layout)."""
+    entry = hua.UpstreamTokens(access_token="at", refresh_token="rt", version=1)
+    if isinstance(storage, hua.SQLiteStorage):
+        with contextlib.closing(sqlite3.connect(storage.path)) as conn, conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO entries (provider_id, session_id, version, data, expires_at_retention) "
+                "VALUES (?, ?, 1, ?, ?)",
+                (("bulk", f"s{n}", entry.to_json(), time.time() + 3600) for n in range(count)),
+            )
+    elif isinstance(storage, hua.RedisStorage):
+        from httpx_upstream_auth._redis import _blob
+
+        for start in range(0, count, 1000):
+            with storage._sync.pipeline(transaction=False) as pipe:
+                for n in range(start, min(start + 1000, count)):
+                    key = hua.EntryKey("bulk", f"s{n}")
+                    pipe.hset(storage._entry_key(key), mapping={"v": "1", "d": _blob(key, entry)})
+                    pipe.expire(storage._entry_key(key), 3600)
+                pipe.execute()
+    else:
+        for n in range(count):
+            storage.put(hua.EntryKey("bulk", f"s{n}"), entry, expected_version=None)
+
+
+def micro(storage: hua.Storage) -> dict[str, common.Summary]:
+    """µs per call of each storage operation on one session (whatever else is stored)."""
+    key = hua.EntryKey("micro", "session")
+    big_key = hua.EntryKey("micro", "big")
+    version = [1]
+    storage.delete(key)
+    storage.delete(big_key)
+    storage.put(key, hua.UpstreamTokens(access_token="at", refresh_token="rt", version=1), expected_version=None)
+    big = hua.UpstreamTokens(access_token="at", refresh_token="rt", scope="x" * 1_000_000, version=1)
+    storage.put(big_key, big, expected_version=None)
+    big_version = [1]
+
+    def put() -> None:
+        entry = hua.UpstreamTokens(access_token="at", refresh_token="rt", version=version[0] + 1)
+        if not storage.put(key, entry, expected_version=version[0]):
+            raise common.CountViolation("a compare-and-set with the current version failed")
+        version[0] += 1
+
+    def failed_cas() -> None:
+        if storage.put(key, hua.UpstreamTokens(access_token="x", version=1), expected_version=0):
+            raise common.CountViolation("a compare-and-set with a stale version succeeded")
+
+    def lease() -> None:
+        held = storage.acquire_lease(key, 30.0)
+        if held is None:
+            raise common.CountViolation("an uncontended lease was refused")
+        storage.release_lease(held)
+
+    def cas_big() -> None:
+        entry = attrs.evolve(big, version=big_version[0] + 1)
+        if not storage.put(big_key, entry, expected_version=big_version[0]):
+            raise common.CountViolation("a 1 MB compare-and-set failed")
+        big_version[0] += 1
+
+    operations = {
+        "get": lambda: storage.get(key),
+        "put": put,
+        "failed CAS": failed_cas,
+        "lease": lease,
+        "get 1MB": lambda: storage.get(big_key),
+        "CAS 1MB": cas_big,
+    }
+    found = {name: common.per_call(op, repeat=5, min_time=0.1).scaled(1e6) for name, op in operations.items()}
+    found["wake"] = wake_up(storage, key, version)
+    return found
+
+
+def wake_up(storage: hua.Storage, key: hua.EntryKey, version: list[int], trials: int = 100) -> common.Summary:
+    """µs from a save returning to a watcher of that key (in another thread) returning."""
+    samples = []
+
+    def watch(expected: int, watching: threading.Event, woke: list[float]) -> None:
+        watching.set()
+        storage.watch(key, expected, 5.0)
+        woke[0] = time.perf_counter()
+
+    for _ in range(trials):
+        watching = threading.Event()
+        woke = [0.0]
+        watcher = threading.Thread(target=watch, args=(version[0], watching, woke))
+        watcher.start()
+        watching.wait()
+        time.sleep(0.002)  # let it register and start waiting
+        entry = hua.UpstreamTokens(access_token="at", refresh_token="rt", version=version[0] + 1)
+        storage.put(key, entry, expected_version=version[0])
+        saved = time.perf_counter()
+        version[0] += 1
+        watcher.join()
+        samples.append(max(woke[0] - saved, 0.0) * 1e6)
+    return common.Summary.of(samples)
+
+
+def idle_watchers(storage: hua.Storage, watchers: int, seconds: float) -> dict[str, float]:
+    """CPU of this process (fraction of one core) while ``watchers`` threads wait on keys nobody saves."""
+    keys = [hua.EntryKey("idle", f"w{n}") for n in range(watchers)]
+    for key in keys:
+        storage.delete(key)
+        storage.put(key, hua.UpstreamTokens(access_token="at", version=1), expected_version=None)
+    threads = [threading.Thread(target=storage.watch, args=(key, 1, seconds + 1.5)) for key in keys]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)  # all registered and waiting
+    cpu, wall = time.process_time(), time.monotonic()
+    time.sleep(seconds)
+    busy = (time.process_time() - cpu) / (time.monotonic() - wall)
+    for thread in threads:
+        thread.join()
+    return {"watchers": watchers, "seconds": seconds, "cores": busy}
+
+
+def _cell(summary: dict[str, float], *, with_p99: bool) -> str:
+    return f"{summary['median']:.0f}" + (f" [{summary['p99']:.0f}]" if with_p99 else "")
+
+
 def main() -> None:
-    """Run both measurements for the chosen storages and print tables."""
+    """Run the chosen measurements for the chosen storages and print tables."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_arguments(parser)
     parser.add_argument("--trials", type=int, default=40)
+    parser.add_argument("--parts", default="micro,idle,refresh,save", help="comma-separated parts to run")
+    parser.add_argument("--sessions", default="1,100000", help="stored sessions for the micro benchmarks")
+    parser.add_argument("--idle-watchers", type=int, default=40)
+    parser.add_argument("--idle-seconds", type=float, default=5.0)
     args = parser.parse_args()
+    parts = {part.strip() for part in args.parts.split(",")}
     chosen = common.select_storages(args.storages)
-    results: dict[str, Any] = {"refresh_ms": {}, "save_to_use_ms": {}}
+    results: dict[str, Any] = {"refresh_ms": {}, "save_to_use_ms": {}, "micro_us": {}, "idle_cpu": {}}
     with common.count_violations_exit():
-        for name, factory in chosen:
-            results["refresh_ms"][name] = refresh_latency(name, factory, args.trials).as_dict()
-        for name, _ in chosen:
-            if name != "memory":
-                results["save_to_use_ms"][name] = save_to_use(name, args.trials).as_dict()
-    base = results["refresh_ms"].get("memory", {}).get("median")
-    rows = [
-        [name, f"{r['median']:.2f}", f"{r['p99']:.2f}", "" if base is None else f"{r['median'] - base:+.2f}"]
-        for name, r in results["refresh_ms"].items()
-    ]
-    print("refresh through the lease (ms)")
-    common.print_table(["storage", "median", "p99", "added vs memory"], rows)
+        if "micro" in parts:
+            for name, factory in chosen:
+                for count in (int(part) for part in args.sessions.split(",")):
+                    with contextlib.ExitStack() as stack:
+                        storage = factory(stack)
+                        if count > 1:
+                            populate(storage, count)
+                        found = micro(storage)
+                    results["micro_us"][f"{name} ({count:,} sessions)"] = {k: v.as_dict() for k, v in found.items()}
+        if "idle" in parts:
+            for name, factory in chosen:
+                with contextlib.ExitStack() as stack:
+                    results["idle_cpu"][name] = idle_watchers(factory(stack), args.idle_watchers, args.idle_seconds)
+        if "refresh" in parts:
+            for name, factory in chosen:
+                results["refresh_ms"][name] = refresh_latency(name, factory, args.trials).as_dict()
+        if "save" in parts:
+            for name, _ in chosen:
+                if name != "memory":
+                    results["save_to_use_ms"][name] = save_to_use(name, args.trials).as_dict()
+    if results["micro_us"]:
+        names = list(next(iter(results["micro_us"].values())))
+        print("storage operations (µs per call, median; wake: p99 in brackets)")
+        common.print_table(
+            ["storage", *names],
+            [
+                [where, *(_cell(ops[n], with_p99=n == "wake") for n in names)]
+                for where, ops in results["micro_us"].items()
+            ],
+        )
+        print()
+    if results["idle_cpu"]:
+        print("idle watchers: CPU of this process, in cores (target for SQLite: < 0.10)")
+        common.print_table(
+            ["storage", "watchers", "seconds", "cores"],
+            [[n, str(r["watchers"]), f"{r['seconds']:g}", f"{r['cores']:.3f}"] for n, r in results["idle_cpu"].items()],
+        )
+        print()
+    if results["refresh_ms"]:
+        base = results["refresh_ms"].get("memory", {}).get("median")
+        rows = [
+            [name, f"{r['median']:.2f}", f"{r['p99']:.2f}", "" if base is None else f"{r['median'] - base:+.2f}"]
+            for name, r in results["refresh_ms"].items()
+        ]
+        print("refresh through the lease (ms)")
+        common.print_table(["storage", "median", "p99", "added vs memory"], rows)
     if results["save_to_use_ms"]:
         print("\nsave in one process -> new token in another (ms; target p99 <= 10)")
         common.print_table(

@@ -9,7 +9,7 @@ import cachetools
 
 from ._models import EntryKey, UpstreamTokens
 from ._policy import DEFAULT_RETENTION, retention_deadline
-from ._storage import Storage
+from ._storage import Storage, storable
 
 __all__ = ["MemoryStorage"]
 
@@ -43,6 +43,7 @@ class MemoryStorage(Storage):
             found = self._entries.get(key)
             if (None if found is None else found[0].version) != expected_version:
                 return False
+            tokens = storable(tokens)
             self._entries[key] = (tokens, retention_deadline(tokens, time.time(), self.retention))
         self.notify_change(key)
         return True

@@ -421,6 +421,19 @@ def oversize_failure(status_code: int, max_bytes: int) -> RefreshFailed:
     )
 
 
+def slow_failure(status_code: int, seconds: float) -> RefreshFailed:
+    """The error for an answer still arriving after ``seconds``; a 2xx one may have carried rotated tokens."""
+    rotated = _is_success(status_code)
+    return RefreshFailed(
+        f"the token endpoint's answer (HTTP {status_code}) was still arriving after {seconds:g}s and was dropped"
+        + ("; it may have rotated the refresh token. " if rotated else "; stored tokens are unchanged. ")
+        + "Retry later.",
+        retryable=True,
+        status_code=status_code,
+        may_have_rotated=rotated,
+    )
+
+
 def transport_failure(exc: Exception, status_code: int | None) -> RefreshFailed:
     """The error for a failed exchange; ``status_code`` is the answer's status if its head had arrived.
 

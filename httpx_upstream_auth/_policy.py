@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import attrs
@@ -70,11 +71,26 @@ class FreshnessBounds(NamedTuple):
         return self.expires_at - self.leeway_for(latency)
 
 
-def retention_deadline(tokens: UpstreamTokens, now: float, default_retention: float) -> float:
-    """Until when a storage keeps the entry: the refresh token's life, never the access token's."""
-    if tokens.refresh_expires_at is not None:
-        return tokens.refresh_expires_at
-    return now + default_retention
+def retention_deadline(
+    tokens: UpstreamTokens, now: float, default_retention: float, max_retention: float = 10 * 365 * 24 * 3600.0
+) -> float:
+    """Until when a storage keeps the entry: the refresh token's life, never the access token's.
+
+    Always finite and at most ``max_retention`` ahead, so every store can take it.
+
+    An infinite, NaN or absurd ``refresh_expires_at`` (more than ``max_retention``, ten years, from
+    ``now``) means "unknown", so the default retention applies; the default itself is clamped to
+    [0, max_retention].
+    A deadline in the past stays in the past (clamped to the epoch), so the entry is born expired.
+    """
+    if math.isfinite(default_retention):
+        fallback = now + min(max(default_retention, 0.0), max_retention)
+    else:  # inf: as long as allowed; -inf or NaN: not at all
+        fallback = now + (max_retention if default_retention > 0 else 0.0)
+    end = tokens.refresh_expires_at
+    if end is None or not math.isfinite(end) or end > now + max_retention:
+        return fallback
+    return max(end, 0.0)
 
 
 def is_token_rejected(response: Any) -> bool:

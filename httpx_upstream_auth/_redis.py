@@ -1,20 +1,26 @@
-"""Redis / Valkey storage: JSON entries with native TTL, Lua compare-and-set, ``SET NX PX`` leases.
+"""Redis / Valkey storage: hash entries with native TTL, Lua compare-and-set, owner-token leases.
 
-Owns the key layout, the Lua scripts, the pub/sub channel that wakes watchers when a save lands, the
-mapping of redis-py errors to :class:`StorageError`, and which client serves a call: the sync client
-(sync code, trio, other threads) or an asyncio client that belongs to the running event loop.
-redis-py is imported lazily, so this module imports without the ``redis`` extra.
+Owns the key layout (named by a digest of provider and session, never the session id), the Lua scripts,
+the one pub/sub connection per storage that hears every save and delete, the mapping of redis-py errors
+to :class:`StorageError`, and which client serves a call: the sync client (sync code, trio, other
+threads) or an asyncio client that belongs to the running event loop. redis-py is imported lazily, so
+this module imports without the ``redis`` extra.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import json
+import logging
+import os
+import ssl
 import threading
 import time
 import urllib.parse
 import weakref
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -23,7 +29,8 @@ import anyio.to_thread
 from ._exceptions import StorageError
 from ._models import EntryKey, UpstreamTokens
 from ._policy import DEFAULT_RETENTION, retention_deadline
-from ._storage import Lease, Storage, new_owner
+from ._sqlite import AsyncWaker, ChangeHub
+from ._storage import ChangeCallback, Lease, Storage, lease_seconds, new_owner, storable, version_in_range
 
 if TYPE_CHECKING:
     import redis
@@ -33,41 +40,71 @@ if TYPE_CHECKING:
 
 __all__ = ["RedisStorage"]
 
+logger = logging.getLogger("httpx_upstream_auth")
+
 #: Where ``RedisStorage()`` connects when given no client.
 DEFAULT_URL = "redis://localhost:6379/0"
 _MISSING_EXTRA = "RedisStorage needs redis-py: pip install 'httpx-upstream-auth[redis]'"
+#: Commands in flight at once per storage (and per event loop); more wait for a free connection.
+DEFAULT_MAX_CONNECTIONS = 64
+#: Seconds of silence after which the pub/sub connection is pinged, to find a half-open connection.
+_HEALTH_CHECK = 5.0
+#: SLOWLOG keeps the first 128 bytes of each argument: the entry's JSON starts with that much blank.
+_SLOWLOG_ARGUMENT = 128
 
-# Compare-and-set. KEYS[1]: the entry. ARGV: expected version ('' = no entry), the JSON, the retention
-# deadline (epoch ms), the channel, the publish command, the new version. The publish is a pcall so a
-# server without (S)PUBLISH still saves; watchers then fall back to polling.
+# Compare-and-set. KEYS[1]: the entry, a hash of 'v' (the version, a decimal string compared as a
+# string: exact at any size, and the JSON is never decoded) and 'd' (the JSON). ARGV: expected version
+# ('' = no entry), new version, retention deadline (epoch ms), publish command, channel, message, and
+# the JSON last. The publish is a pcall so a server without PUBLISH rights still saves.
 _CAS = """
-local current = redis.call('GET', KEYS[1])
+local current = redis.call('HGET', KEYS[1], 'v')
 if current then
-  if ARGV[1] == '' or cjson.decode(current)['version'] ~= tonumber(ARGV[1]) then return 0 end
+  if current ~= ARGV[1] then return 0 end
 elseif ARGV[1] ~= '' then
   return 0
 end
-redis.call('SET', KEYS[1], ARGV[2])
+redis.call('HSET', KEYS[1], 'v', ARGV[2], 'd', ARGV[7])
 redis.call('PEXPIREAT', KEYS[1], ARGV[3])
-redis.pcall(ARGV[5], ARGV[4], ARGV[6])
+redis.pcall(ARGV[4], ARGV[5], ARGV[6])
 return 1
 """
 
-# Conditional delete. ARGV: expected version ('' = any), the channel, the publish command.
+# Conditional delete. ARGV: expected version ('' = any), publish command, channel, message.
 _DELETE = """
-local current = redis.call('GET', KEYS[1])
+local current = redis.call('HGET', KEYS[1], 'v')
 if not current then return 0 end
-if ARGV[1] ~= '' and cjson.decode(current)['version'] ~= tonumber(ARGV[1]) then return 0 end
+if ARGV[1] ~= '' and current ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
-redis.pcall(ARGV[3], ARGV[2], '')
+redis.pcall(ARGV[2], ARGV[3], ARGV[4])
 return 1
 """
 
-# Owner-checked release: a holder whose lease expired must not delete the next holder's lease.
+# Take the lease, or re-take our own: an owner token whose acquire failed on the way back (a timeout,
+# a cancellation) is re-used by the next acquire, so the lease it may have set is not orphaned.
+_ACQUIRE = """
+local current = redis.call('GET', KEYS[1])
+if not current then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+if current == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# Owner-checked renewal and release: a holder whose lease expired must not touch the next holder's.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+_SCRIPTS = {"cas": _CAS, "delete": _DELETE, "acquire": _ACQUIRE, "renew": _RENEW, "release": _RELEASE}
 
 
 def _import_redis() -> Any:
@@ -83,12 +120,6 @@ def _import_redis() -> Any:
     except ImportError as exc:
         raise ImportError(_MISSING_EXTRA) from exc
     return redis
-
-
-def _escape(part: str) -> str:
-    """Make an id safe inside ``{…}``: braces would move the Cluster hash tag, ``:`` would make keys
-    ambiguous, and ``%`` is escaped so the encoding stays one-to-one."""
-    return part.replace("%", "%25").replace("{", "%7B").replace("}", "%7D").replace(":", "%3A")
 
 
 def _running_asyncio() -> bool:
@@ -107,78 +138,180 @@ def _running_asyncio() -> bool:
         return False
 
 
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _kind(message: dict[str, Any]) -> str:
-    kind = message.get("type")
-    return kind.decode() if isinstance(kind, bytes) else str(kind)
-
-
-def _published_version(message: dict[str, Any]) -> tuple[bool, int | None]:
-    """(understood, version) from a save notification; the payload is the new version, '' = deleted."""
-    data = message.get("data")
-    text = data.decode() if isinstance(data, bytes) else str(data)
-    if text == "":
-        return True, None
-    try:
-        return True, int(text)
-    except ValueError:
-        return False, None
-
-
-def _verdict(message: dict[str, Any] | None, version: int | None) -> str | None:
-    """What a pub/sub message means to a watcher of ``version``: ``"changed"`` (return now), ``"recheck"``
-    (a notification we could not read: look at the entry), or ``None`` (nothing for us)."""
-    if message is None or _kind(message) not in ("message", "smessage"):
-        return None
-    understood, saved = _published_version(message)
-    if not understood:
-        return "recheck"
-    return "changed" if saved != version else None
+    return _text(message.get("type"))
 
 
 class _LoopClient:
-    """An asyncio client, with its scripts, that belongs to one event loop."""
+    """An asyncio client, with its scripts and its connection gate, that belongs to one event loop."""
 
-    def __init__(self, client: Any, *, owned: bool) -> None:
+    def __init__(self, client: Any, *, owned: bool, max_connections: int) -> None:
         self.client = client
         self.owned = owned
-        self.cas = client.register_script(_CAS)
-        self.delete = client.register_script(_DELETE)
-        self.release = client.register_script(_RELEASE)
+        self.scripts = {name: client.register_script(source) for name, source in _SCRIPTS.items()}
         self.keeper: AsyncGenerator[None, None] | None = None
         #: Set once the client may be used (or ``failed`` says it may not).
         self.ready = anyio.Event()
         self.failed = False
+        # Commands wait here for one of the pool's connections rather than fail when all are busy.
+        self.gate = anyio.Semaphore(max_connections)
 
 
-async def _close_at_loop_shutdown(storage: weakref.ref[RedisStorage], client: Any) -> AsyncGenerator[None, None]:
+async def _close_at_loop_shutdown(
+    storage: weakref.ref[RedisStorage], loop: asyncio.AbstractEventLoop, client: Any
+) -> AsyncGenerator[None, None]:
     # Parked at its first ``yield`` for the life of the loop: asyncio.run() / anyio.run() close every
     # open async generator (loop.shutdown_asyncgens) while the loop still runs, which is the last moment
-    # an asyncio client can close its connections cleanly. Nothing else tells us a loop is ending.
+    # an asyncio client can close its connections cleanly. A loop closed without that is found later
+    # by _sweep_closed_loops, which finalizes this generator with the loop closed (nothing to await).
     try:
         yield
     finally:
         owner = storage()
         if owner is not None:
-            owner._forget_loop(asyncio.get_running_loop())
-        with contextlib.suppress(Exception):
-            await client.aclose()
+            owner._forget_loop(loop)
+        if not loop.is_closed():
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
+
+class _Subscriber:
+    """One pub/sub connection per storage, on the prefix's change channel, for every watcher and subscriber.
+
+    A thread reads it and publishes each ``<digest> <origin>`` message to the hub. After a lost
+    connection it reconnects with back-off and reports ``None`` (anything may have changed meanwhile);
+    while it is down, or when the server refuses pub/sub, watchers fall back to polling.
+    """
+
+    def __init__(self, storage: RedisStorage) -> None:
+        self.hub = ChangeHub()
+        self._storage = weakref.ref(storage)
+        self._client = storage._sync
+        self._channel = storage._changes_channel
+        self._timeout = storage.socket_timeout
+        self._errors: tuple[type[BaseException], ...] = (storage._response_error,)
+        self._state = "starting"  # then "live", "down" (reconnecting) or "refused" (no pub/sub)
+        self.pid = os.getpid()  # a forked child has no thread: it needs a listener of its own
+        self._changed = threading.Condition()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def live(self) -> bool:
+        """True while messages arrive (watchers may then rely on them)."""
+        return self._state == "live"
+
+    @property
+    def refused(self) -> bool:
+        """True when the server refused pub/sub (an ACL): changes cannot be pushed."""
+        return self._state == "refused"
+
+    def ensure(self) -> None:
+        """Start the thread if needed and wait (within the socket timeout) for its first subscription."""
+        with self._changed:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="httpx-upstream-auth-redis-changes", daemon=True)
+                self._thread.start()
+            self._changed.wait_for(lambda: self._state != "starting", timeout=self._timeout + 0.5)
+
+    def stop(self) -> None:
+        """Stop the thread and close its connection (within a fraction of a second)."""
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=2.0)
+
+    def _set_state(self, state: str) -> None:
+        with self._changed:
+            self._state = state
+            self._changed.notify_all()
+
+    def _run(self) -> None:
+        announce = False  # after the first connection, a (re)connection may have missed messages
+        backoff = 0.05
+        while not self._stop.is_set():
+            pubsub = None
+            try:
+                pubsub = self._client.pubsub()
+                pubsub.subscribe(self._channel)
+                deadline = time.monotonic() + self._timeout
+                while True:
+                    message = pubsub.get_message(timeout=max(deadline - time.monotonic(), 0.0))
+                    if message is not None and _kind(message) == "subscribe":
+                        break
+                    if time.monotonic() >= deadline:
+                        raise TimeoutError("no confirmation of SUBSCRIBE")
+                self._set_state("live")
+                if announce:
+                    self.hub.publish(None, None)
+                announce, backoff = True, 0.05
+                heard, pinged = time.monotonic(), 0.0
+                while not self._stop.is_set() and self._storage() is not None:
+                    message = pubsub.get_message(timeout=0.2)
+                    now = time.monotonic()
+                    if message is not None:
+                        heard, pinged = now, 0.0
+                        if _kind(message) == "message":
+                            digest, _, origin = _text(message.get("data")).partition(" ")
+                            self.hub.publish(digest or None, origin or None)
+                    elif not pinged and now - heard > _HEALTH_CHECK:
+                        # A silent connection may be half-open (the host vanished without a FIN): it
+                        # would look live forever while every message is lost. Ask, and expect a pong.
+                        pubsub.ping()
+                        pinged = now
+                    elif pinged and now - pinged > self._timeout:
+                        raise TimeoutError("no answer to PING on the pub/sub connection")
+            except self._errors:
+                self._set_state("refused")
+                self.hub.wake(None)
+                return
+            except Exception:
+                if self._stop.is_set():
+                    return
+                self._set_state("down")
+                self.hub.wake(None)  # watchers switch to polling
+                announce = True
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 2.0)
+            finally:
+                if pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        pubsub.close()
+            if self._storage() is None:
+                return
 
 
 class RedisStorage(Storage):
     """Entries in Redis or Valkey (standalone or Cluster), shared by every process and host.
 
-    Each entry is the JSON of :meth:`UpstreamTokens.to_json` under ``{prefix}:{<provider>:<session>}:entry``
-    with a native TTL at its retention deadline; the refresh lease is ``…:lease`` (``SET NX PX`` with a
-    random owner). The ``{…}`` hash tag keeps an entry, its lease and its notification channel in one
-    Cluster slot. ``put`` and conditional ``delete`` are one Lua script each, which also publishes the
-    new version so :meth:`watch` wakes at once.
+    Each entry is a hash under ``{prefix}:{<digest>}:entry`` (``<digest>`` is :attr:`EntryKey.digest`, so
+    no session id shows in ``SCAN`` or ``PUBSUB``; the ids live inside the entry): ``v`` holds the
+    version as a decimal string (compared exactly, without decoding the JSON) and ``d`` the JSON of
+    :meth:`UpstreamTokens.to_json`, with a native TTL at its retention deadline. The refresh lease is
+    ``…:lease`` with a random owner token. The ``{…}`` hash tag keeps an entry and its lease in one
+    Cluster slot. ``put`` and conditional ``delete`` are one Lua script each, which also publishes
+    ``<digest> <origin>`` on ``{prefix}:changes``; one pub/sub connection per storage hears it for every
+    :meth:`watch` and :meth:`subscribe` (on a Cluster the message is broadcast to every node).
 
     Pass a ``redis.Redis`` / ``redis.cluster.RedisCluster`` as ``client`` (used by sync code, under trio,
     and in threads), and optionally a ``redis.asyncio`` client as ``async_client`` (used under asyncio on
     the first event loop that uses it; other loops fall back to ``client`` in a worker thread). Clients
     you pass stay yours to close. With neither, or with :meth:`from_url`, the storage makes its own
-    clients (one asyncio client per event loop) with ``socket_timeout`` for connect and read, and no
-    automatic retries, so an outage surfaces as :class:`StorageError` within that time.
+    clients (one asyncio client per event loop, closed with the loop or the storage) with
+    ``socket_timeout`` for connect and read, and no automatic retries, so an outage surfaces as
+    :class:`StorageError` within that time. At most ``max_connections`` commands are in flight at once
+    per client; more wait (up to ``socket_timeout``) for a free connection instead of failing.
+
+    Replication is asynchronous: a save acknowledged by a primary that fails over before its replicas
+    have it is lost, and the next refresh presents a refresh token the provider already consumed. With
+    ``wait_replicas=N``, every save is followed by ``WAIT N`` on the same connection (up to
+    ``wait_timeout`` seconds, added to each save while a replica lags): that narrows the window, it does
+    not close it (``WAIT`` is not a consensus). A save that reached fewer replicas still counts as saved
+    (the primary has it) and logs a warning.
     """
 
     #: How often :meth:`watch` re-reads the entry anyway, in case a notification was lost.
@@ -192,6 +325,9 @@ class RedisStorage(Storage):
         prefix: str = "hua",
         retention: float = DEFAULT_RETENTION,
         socket_timeout: float = 2.0,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        wait_replicas: int = 0,
+        wait_timeout: float = 0.5,
     ) -> None:
         redis = _import_redis()
         super().__init__(retention=retention)
@@ -199,15 +335,25 @@ class RedisStorage(Storage):
             raise ValueError(f"the key prefix {prefix!r} must not contain '{{' or '}}' (they mark Cluster slots)")
         self.prefix = prefix
         self.socket_timeout = socket_timeout
+        self.max_connections = max_connections
+        if wait_replicas < 0 or (wait_replicas and not 0 < wait_timeout < socket_timeout):
+            raise ValueError(
+                "wait_replicas must be >= 0, and wait_timeout a positive number of seconds below socket_timeout "
+                "(WAIT blocks the connection that long)"
+            )
+        self.wait_replicas = wait_replicas
+        self.wait_timeout = wait_timeout
         self._lock = threading.Lock()
         self._closed = False
-        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopClient] = weakref.WeakKeyDictionary()
+        self._loops: dict[asyncio.AbstractEventLoop, _LoopClient] = {}
         self._async_factory: Callable[[], Any] | None = None
         self._async_client: Any = async_client
         self._async_client_taken = False
         self._owns_sync = False
         if client is None and async_client is None:
-            client, self._async_factory, self._where = _clients_from_url(DEFAULT_URL, socket_timeout, {})
+            client, self._async_factory, self._where = _clients_from_url(
+                DEFAULT_URL, socket_timeout, {}, max_connections
+            )
             self._owns_sync = True
         else:
             self._where = _describe(client if client is not None else async_client)
@@ -215,13 +361,13 @@ class RedisStorage(Storage):
         self._cluster = isinstance(client, redis.cluster.RedisCluster) or isinstance(
             async_client, redis.asyncio.cluster.RedisCluster
         )
-        # Sharded pub/sub keeps a notification on the slot's own node instead of broadcasting it to
-        # every node of the Cluster; plain PUBLISH works on every standalone server and version.
-        self._publish = "SPUBLISH" if self._cluster else "PUBLISH"
+        self._changes_channel = f"{prefix}:changes"
+        self._origin = new_owner()[:16]
+        self._gate = threading.BoundedSemaphore(max_connections)
+        self._orphans: dict[EntryKey, str] = {}
         if client is not None:
-            self._cas = client.register_script(_CAS)
-            self._delete = client.register_script(_DELETE)
-            self._release = client.register_script(_RELEASE)
+            self._scripts = {name: client.register_script(source) for name, source in _SCRIPTS.items()}
+        self._subscriber: _Subscriber | None = None
         self._unreachable: tuple[type[BaseException], ...] = (
             redis.exceptions.ConnectionError,
             redis.exceptions.TimeoutError,
@@ -232,6 +378,14 @@ class RedisStorage(Storage):
             OSError,
         )
         self._refused: type[BaseException] = redis.exceptions.RedisError
+        # Both are ConnectionErrors in redis-py, but neither means "unreachable": say what to fix instead.
+        self._bad_credentials: tuple[type[BaseException], ...] = tuple(
+            getattr(redis.exceptions, name) for name in ("AuthenticationError", "AuthorizationError")
+            if hasattr(redis.exceptions, name)
+        )  # fmt: skip
+        self._pool_full: tuple[type[BaseException], ...] = tuple(
+            getattr(redis.exceptions, name) for name in ("MaxConnectionsError",) if hasattr(redis.exceptions, name)
+        )
         self._response_error: type[BaseException] = redis.exceptions.ResponseError
 
     @classmethod
@@ -242,17 +396,25 @@ class RedisStorage(Storage):
         prefix: str = "hua",
         retention: float = DEFAULT_RETENTION,
         socket_timeout: float = 2.0,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        wait_replicas: int = 0,
+        wait_timeout: float = 0.5,
         **redis_kwargs: Any,
     ) -> RedisStorage:
         """A storage with clients of its own for ``url``.
 
         Schemes: ``redis://``, ``rediss://`` (TLS), ``unix://``, and ``redis+cluster://host:port`` /
         ``rediss+cluster://host:port`` for a Cluster (any node; the others are discovered). Extra keyword
-        arguments go to the redis-py clients (``password``, ``ssl_ca_certs``, ``max_connections``…).
+        arguments go to the redis-py clients (``password``, ``ssl_ca_certs``…). ``max_connections`` bounds
+        the commands in flight at once (per process, and per event loop); more wait for a connection.
+        ``wait_replicas``: see the class docstring.
         """
         _import_redis()
-        sync, factory, where = _clients_from_url(url, socket_timeout, redis_kwargs)
-        storage = cls(sync, prefix=prefix, retention=retention, socket_timeout=socket_timeout)
+        sync, factory, where = _clients_from_url(url, socket_timeout, redis_kwargs, max_connections)
+        storage = cls(
+            sync, prefix=prefix, retention=retention, socket_timeout=socket_timeout, max_connections=max_connections,
+            wait_replicas=wait_replicas, wait_timeout=wait_timeout,
+        )  # fmt: skip
         storage._async_factory = factory
         storage._owns_sync = True
         storage._where = where
@@ -269,7 +431,7 @@ class RedisStorage(Storage):
 
     # -- keys ---------------------------------------------------------------------------------------------
     def _slot(self, key: EntryKey) -> str:
-        return f"{self.prefix}:{{{_escape(key.provider_id)}:{_escape(key.session_id)}}}"
+        return f"{self.prefix}:{{{key.digest}}}"
 
     def _entry_key(self, key: EntryKey) -> str:
         return self._slot(key) + ":entry"
@@ -277,67 +439,166 @@ class RedisStorage(Storage):
     def _lease_key(self, key: EntryKey) -> str:
         return self._slot(key) + ":lease"
 
-    def _channel(self, key: EntryKey) -> str:
-        return self._slot(key) + ":saved"
+    def _message(self, key: EntryKey) -> str:
+        return f"{key.digest} {self._origin}"
 
     def _cas_args(self, key: EntryKey, tokens: UpstreamTokens, expected_version: int | None) -> list[Any]:
+        tokens = storable(tokens)
         deadline_ms = int(retention_deadline(tokens, time.time(), self.retention) * 1000)
         expected = "" if expected_version is None else str(expected_version)
-        return [expected, tokens.to_json(), deadline_ms, self._channel(key), self._publish, str(tokens.version)]
+        return [
+            expected, str(tokens.version), deadline_ms, "PUBLISH", self._changes_channel, self._message(key),
+            _blob(key, tokens),
+        ]  # fmt: skip
 
     def _delete_args(self, key: EntryKey, expected_version: int | None) -> list[Any]:
         expected = "" if expected_version is None else str(expected_version)
-        return [expected, self._channel(key), self._publish]
+        return [expected, "PUBLISH", self._changes_channel, self._message(key)]
 
     # -- sync surface -------------------------------------------------------------------------------------
     def get(self, key: EntryKey) -> UpstreamTokens | None:
         """Return the entry (expired access token or not), or ``None`` when absent or past retention."""
         client = self._client()
-        with self._errors("read tokens"):
-            raw = client.get(self._entry_key(key))
+        with self._errors("read tokens"), self._slot_sync("read tokens"):
+            raw = client.hget(self._entry_key(key), "d")
         return self._decode(key, raw)
 
     def put(self, key: EntryKey, tokens: UpstreamTokens, *, expected_version: int | None) -> bool:
         """Store ``tokens`` iff the entry's version is ``expected_version`` (``None``: no entry), atomically."""
         self._client()
-        with self._errors("save tokens", tokens):
-            return bool(self._cas(keys=[self._entry_key(key)], args=self._cas_args(key, tokens, expected_version)))
+        if not version_in_range(expected_version):
+            return False
+        args = self._cas_args(key, tokens, expected_version)
+        with self._errors("save tokens", tokens), self._slot_sync("save tokens"):
+            if self.wait_replicas:
+                saved = self._cas_and_wait(key, args)
+            else:
+                saved = bool(self._scripts["cas"](keys=[self._entry_key(key)], args=args))
+        if saved:
+            self._changed(key)
+        return saved
+
+    def _cas_and_wait(self, key: EntryKey, args: list[Any]) -> bool:
+        """The compare-and-set, then WAIT on the same connection (WAIT covers that connection's writes)."""
+        entry = self._entry_key(key)
+        client = self._client()
+        if self._cluster:  # the primary of the entry's slot, as a plain client: one connection for both
+            client = client.get_node_from_key(entry).redis_connection
+        with client.pipeline(transaction=False) as pipe:
+            self._scripts["cas"](keys=[entry], args=args, client=pipe)
+            pipe.execute_command("WAIT", self.wait_replicas, _ms(self.wait_timeout))
+            saved, acknowledged = pipe.execute()
+        if saved and int(acknowledged) < self.wait_replicas:
+            logger.warning(
+                "a save reached %s of %s replicas of %s within %gs; a failover now could lose it",
+                acknowledged, self.wait_replicas, self._server, self.wait_timeout,
+            )  # fmt: skip
+        return bool(saved)
 
     def delete(self, key: EntryKey, *, expected_version: int | None = None) -> bool:
         """Remove the entry; with ``expected_version``, only while it still has that version."""
         self._client()
-        with self._errors("delete tokens"):
-            return bool(self._delete(keys=[self._entry_key(key)], args=self._delete_args(key, expected_version)))
+        if not version_in_range(expected_version):
+            return False
+        args = self._delete_args(key, expected_version)
+        with self._errors("delete tokens"), self._slot_sync("delete tokens"):
+            deleted = bool(self._scripts["delete"](keys=[self._entry_key(key)], args=args))
+        if deleted:
+            self._changed(key)
+        return deleted
 
     def acquire_lease(self, key: EntryKey, ttl: float) -> Lease | None:
-        """Claim the refresh lease for ``key`` across processes and hosts (``SET NX PX``)."""
-        client = self._client()
-        owner = new_owner()
-        with self._errors("take the refresh lease"):
-            claimed = client.set(self._lease_key(key), owner, nx=True, px=max(1, int(ttl * 1000)))
+        """Claim the refresh lease for ``key`` across processes and hosts.
+
+        When the answer is lost (a timeout after the server may have set the lease, or a cancellation),
+        the owner token is kept and the next acquire of that key re-uses it, taking the lease back.
+        """
+        self._client()
+        ttl = lease_seconds(ttl)
+        orphan = self._orphans.pop(key, None)
+        owner = orphan or new_owner()
+        answered = False
+        try:
+            claimed = self._acquire_as(key, ttl, owner, retake=orphan is not None)
+            answered = True
+        finally:
+            if not answered:
+                self._orphans[key] = owner
         return Lease(key, owner, ttl) if claimed else None
+
+    def renew_lease(self, lease: Lease) -> bool:
+        """Extend our lease to ``lease.ttl`` from now; False when it ran out or another holder has it."""
+        self._client()
+        ttl = lease_seconds(lease.ttl)
+        with self._errors("renew the refresh lease"), self._slot_sync("renew the refresh lease"):
+            return bool(self._scripts["renew"](keys=[self._lease_key(lease.key)], args=[lease.owner, _ms(ttl)]))
 
     def release_lease(self, lease: Lease) -> None:
         """Give the lease back if it is still ours."""
         self._client()
-        with self._errors("release the refresh lease"):
-            self._release(keys=[self._lease_key(lease.key)], args=[lease.owner])
+        with self._errors("release the refresh lease"), self._slot_sync("release the refresh lease"):
+            self._scripts["release"](keys=[self._lease_key(lease.key)], args=[lease.owner])
+
+    def subscribe(self, callback: ChangeCallback) -> Callable[[], None] | None:
+        """Call ``callback(digest)`` after every save or delete under this prefix, by any process or host.
+
+        Writes through this object are reported at once, in the writing thread; others from this
+        storage's pub/sub thread as the server pushes them (after a lost connection: ``None``, re-read
+        everything). When the server refuses pub/sub, only this object's writes can be reported.
+        Callbacks run in the pub/sub thread, which also wakes every watcher: keep them short.
+        """
+        local = super().subscribe(callback)
+        subscriber = self._changes()
+        if subscriber is None:
+            return local
+        remote = subscriber.hub.add_subscriber(callback, self._origin)
+        subscriber.ensure()
+
+        def unsubscribe() -> None:
+            remote()
+            if local is not None:
+                local()
+
+        return unsubscribe
 
     def watch(self, key: EntryKey, version: int | None, timeout: float) -> None:
         """Return once the entry's version differs from ``version``, or after ``timeout`` seconds.
 
-        Subscribes to the key's channel, which every save publishes to, then re-reads the entry (so a
-        save between the two is not missed) and waits for a notification. Falls back to polling when the
-        server refuses pub/sub.
+        Registers with the storage's one pub/sub connection (every save publishes its digest), then
+        re-reads the version (so a save between the two is not missed) and waits on an event: no
+        connection is held while waiting. Falls back to polling when pub/sub is refused or down.
         """
-        self._watch(key, version, timeout, None)
+        client = self._client()
+        deadline = time.monotonic() + timeout
+        woken = threading.Event()
+        subscriber = self._changes()
+        if subscriber is not None:
+            subscriber.ensure()
+        remove = subscriber.hub.add_waiter(key.digest, woken.set) if subscriber is not None else None
+        try:
+            if self._version(client, key) != version:
+                return
+            while (remaining := deadline - time.monotonic()) > 0:
+                woken.wait(min(remaining, self._wait_slice(subscriber)))
+                woken.clear()
+                if self._version(client, key) != version:
+                    return
+        finally:
+            if remove is not None:
+                remove()
 
     def close(self) -> None:
-        """Close the clients this storage made. Clients you passed in are left open."""
+        """Close the clients this storage made (every event loop's too). Clients you passed in stay open."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+            subscriber, self._subscriber = self._subscriber, None
+            loops, self._loops = self._loops, {}
+        if subscriber is not None:
+            subscriber.stop()
+        for loop, found in loops.items():
+            _abandon(loop, found)
         if self._owns_sync and self._sync is not None:
             with contextlib.suppress(Exception):
                 nodes = self._sync.get_nodes() if self._cluster else []
@@ -352,65 +613,112 @@ class RedisStorage(Storage):
         loop_client = await self._loop_client()
         if loop_client is None:
             return await super().aget(key)
-        with self._errors("read tokens"):
-            raw = await loop_client.client.get(self._entry_key(key))
+        async with self._slot_async(loop_client, "read tokens"):
+            with self._errors("read tokens"):
+                raw = await loop_client.client.hget(self._entry_key(key), "d")
         return self._decode(key, raw)
 
     async def aput(self, key: EntryKey, tokens: UpstreamTokens, *, expected_version: int | None) -> bool:
         """Async twin of :meth:`put`."""
         loop_client = await self._loop_client()
-        if loop_client is None:
+        if loop_client is None or self.wait_replicas:  # WAIT runs on the sync client, in a worker thread
             return await super().aput(key, tokens, expected_version=expected_version)
+        if not version_in_range(expected_version):
+            return False
         args = self._cas_args(key, tokens, expected_version)
-        with self._errors("save tokens", tokens):
-            return bool(await loop_client.cas(keys=[self._entry_key(key)], args=args))
+        async with self._slot_async(loop_client, "save tokens"):
+            with self._errors("save tokens", tokens):
+                saved = bool(await loop_client.scripts["cas"](keys=[self._entry_key(key)], args=args))
+        if saved:
+            self._changed(key)
+        return saved
 
     async def adelete(self, key: EntryKey, *, expected_version: int | None = None) -> bool:
         """Async twin of :meth:`delete`."""
         loop_client = await self._loop_client()
         if loop_client is None:
             return await super().adelete(key, expected_version=expected_version)
+        if not version_in_range(expected_version):
+            return False
         args = self._delete_args(key, expected_version)
-        with self._errors("delete tokens"):
-            return bool(await loop_client.delete(keys=[self._entry_key(key)], args=args))
+        async with self._slot_async(loop_client, "delete tokens"):
+            with self._errors("delete tokens"):
+                deleted = bool(await loop_client.scripts["delete"](keys=[self._entry_key(key)], args=args))
+        if deleted:
+            self._changed(key)
+        return deleted
 
     async def aacquire_lease(self, key: EntryKey, ttl: float) -> Lease | None:
-        """Async twin of :meth:`acquire_lease`."""
+        """Async twin of :meth:`acquire_lease` (a cancelled call leaves its owner token to the next one)."""
+        loop_client = await self._loop_client()
+        ttl = lease_seconds(ttl)
+        orphan = self._orphans.pop(key, None)
+        owner = orphan or new_owner()
+        answered = False
+        try:
+            if loop_client is None:
+                claimed = await anyio.to_thread.run_sync(
+                    functools.partial(self._acquire_as, key, ttl, owner, retake=orphan is not None)
+                )
+            else:
+                async with self._slot_async(loop_client, "take the refresh lease"):
+                    with self._errors("take the refresh lease"):
+                        if orphan is None:  # a new owner token cannot match: plain SET NX PX
+                            claimed = await loop_client.client.set(self._lease_key(key), owner, nx=True, px=_ms(ttl))
+                        else:
+                            script = loop_client.scripts["acquire"]
+                            claimed = await script(keys=[self._lease_key(key)], args=[owner, _ms(ttl)])
+            answered = True
+        finally:
+            if not answered:
+                self._orphans[key] = owner
+        return Lease(key, owner, ttl) if claimed else None
+
+    async def arenew_lease(self, lease: Lease) -> bool | None:
+        """Async twin of :meth:`renew_lease`."""
         loop_client = await self._loop_client()
         if loop_client is None:
-            return await super().aacquire_lease(key, ttl)
-        owner = new_owner()
-        with self._errors("take the refresh lease"):
-            claimed = await loop_client.client.set(self._lease_key(key), owner, nx=True, px=max(1, int(ttl * 1000)))
-        return Lease(key, owner, ttl) if claimed else None
+            return await super().arenew_lease(lease)
+        ttl = lease_seconds(lease.ttl)
+        async with self._slot_async(loop_client, "renew the refresh lease"):
+            with self._errors("renew the refresh lease"):
+                renewed = await loop_client.scripts["renew"](
+                    keys=[self._lease_key(lease.key)], args=[lease.owner, _ms(ttl)]
+                )
+        return bool(renewed)
 
     async def arelease_lease(self, lease: Lease) -> None:
         """Async twin of :meth:`release_lease`."""
         loop_client = await self._loop_client()
         if loop_client is None:
             return await super().arelease_lease(lease)
-        with self._errors("release the refresh lease"):
-            await loop_client.release(keys=[self._lease_key(lease.key)], args=[lease.owner])
+        async with self._slot_async(loop_client, "release the refresh lease"):
+            with self._errors("release the refresh lease"):
+                await loop_client.scripts["release"](keys=[self._lease_key(lease.key)], args=[lease.owner])
 
     async def awatch(self, key: EntryKey, version: int | None, timeout: float) -> None:
-        """Async twin of :meth:`watch`; cancellable."""
+        """Async twin of :meth:`watch`: waits on the event loop, holding no thread and no connection;
+        cancellable."""
         loop_client = await self._loop_client()
-        if loop_client is None:
-            stop = threading.Event()
-            try:
-                # A limiter of our own: a long watch must not hold one of the shared worker-thread
-                # tokens that the writer we are waiting for may need for its own put().
-                await anyio.to_thread.run_sync(
-                    self._watch, key, version, timeout, stop,
-                    abandon_on_cancel=True, limiter=anyio.CapacityLimiter(1),
-                )  # fmt: skip
-            finally:
-                stop.set()  # an abandoned (cancelled) watch thread returns within one slice
-            return
-        await self._awatch(loop_client, key, version, time.monotonic() + timeout)
+        deadline = time.monotonic() + timeout
+        subscriber = self._changes()
+        if subscriber is not None and not (subscriber.live or subscriber.refused):
+            with anyio.CancelScope(shield=True):  # bounded by the socket timeout
+                await anyio.to_thread.run_sync(subscriber.ensure)
+        waker = AsyncWaker()
+        remove = subscriber.hub.add_waiter(key.digest, waker.wake) if subscriber is not None else None
+        try:
+            while await self._aversion(loop_client, key) == version:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                await waker.wait(min(remaining, self._wait_slice(subscriber)))
+        finally:
+            if remove is not None:
+                remove()
 
     async def aclose(self) -> None:
-        """Close this event loop's asyncio client and the sync client this storage made."""
+        """Close this event loop's asyncio client, then everything :meth:`close` closes."""
         found = None
         if _running_asyncio():
             with self._lock:
@@ -420,121 +728,48 @@ class RedisStorage(Storage):
                 await found.keeper.aclose()
         self.close()
 
-    # -- watching -----------------------------------------------------------------------------------------
-    def _watch(self, key: EntryKey, version: int | None, timeout: float, stop: threading.Event | None) -> None:
+    # -- changes ------------------------------------------------------------------------------------------
+    def _changes(self) -> _Subscriber | None:
+        """This storage's pub/sub listener (made on first use); ``None`` without a sync client."""
+        if self._sync is None:
+            return None
+        with self._lock:
+            if (self._subscriber is None or self._subscriber.pid != os.getpid()) and not self._closed:
+                self._subscriber = _Subscriber(self)
+            return self._subscriber
+
+    def _changed(self, key: EntryKey) -> None:
+        """After a save or delete through this object: tell its subscribers, and wake this process's
+        watchers at once (the server's message follows)."""
+        self.notify_change(key)
+        subscriber = self._subscriber
+        if subscriber is not None:
+            subscriber.hub.wake(key.digest)
+
+    def _wait_slice(self, subscriber: _Subscriber | None) -> float:
+        return self.recheck_interval if subscriber is not None and subscriber.live else self.poll_interval
+
+    def _version(self, client: Any, key: EntryKey) -> int | None:
+        with self._errors("watch for saved tokens"), self._slot_sync("watch for saved tokens"):
+            raw = client.hget(self._entry_key(key), "v")
+        return None if raw is None else int(raw)
+
+    async def _aversion(self, loop_client: _LoopClient | None, key: EntryKey) -> int | None:
+        if loop_client is None:
+            return await anyio.to_thread.run_sync(self._version, self._client(), key)
+        async with self._slot_async(loop_client, "watch for saved tokens"):
+            with self._errors("watch for saved tokens"):
+                raw = await loop_client.client.hget(self._entry_key(key), "v")
+        return None if raw is None else int(raw)
+
+    def _acquire_as(self, key: EntryKey, ttl: float, owner: str, *, retake: bool) -> Any:
         client = self._client()
-        deadline = time.monotonic() + timeout
-        # When cancellable, wait in short slices so an abandoned thread notices ``stop`` soon.
-        slice_ = 0.05 if stop is not None else self.recheck_interval
-        with self._errors("watch for saved tokens"):
-            subscription = self._subscribe(client, self._channel(key))
-            try:
-                if self._version(client, key) != version:
-                    return
-                interval = self.recheck_interval if subscription is not None else self.poll_interval
-                next_check = time.monotonic() + interval
-                while (now := time.monotonic()) < deadline and not (stop is not None and stop.is_set()):
-                    wait = max(min(deadline, next_check, now + slice_) - now, 0.0)
-                    if subscription is None:
-                        time.sleep(wait)
-                    else:
-                        verdict = _verdict(subscription[1](wait), version)
-                        if verdict == "changed":
-                            return
-                        if verdict == "recheck":
-                            next_check = 0.0
-                    if time.monotonic() >= next_check:
-                        if self._version(client, key) != version:
-                            return
-                        next_check = time.monotonic() + interval
-            finally:
-                if subscription is not None:
-                    with contextlib.suppress(Exception):
-                        subscription[0].close()
+        with self._errors("take the refresh lease"), self._slot_sync("take the refresh lease"):
+            if not retake:  # a new owner token cannot match: plain SET NX PX
+                return client.set(self._lease_key(key), owner, nx=True, px=_ms(ttl))
+            return self._scripts["acquire"](keys=[self._lease_key(key)], args=[owner, _ms(ttl)])
 
-    def _subscribe(self, client: Any, channel: str) -> tuple[Any, Callable[[float], Any]] | None:
-        """Subscribe and wait for the server's confirmation; ``None`` when pub/sub is refused."""
-        pubsub = client.pubsub()
-        receive: Callable[[float], Any]
-        try:
-            if self._cluster:
-                node = client.get_node_from_key(channel)
-                pubsub.ssubscribe(channel)
-                receive = lambda wait: pubsub.get_sharded_message(timeout=wait, target_node=node)  # noqa: E731
-            else:
-                pubsub.subscribe(channel)
-                receive = lambda wait: pubsub.get_message(timeout=wait)  # noqa: E731
-            # The confirmation proves the server registered us: only then is the re-read race-free.
-            deadline = time.monotonic() + self.socket_timeout
-            while True:
-                message = receive(max(deadline - time.monotonic(), 0.0))
-                if message is not None and _kind(message) in ("subscribe", "ssubscribe"):
-                    return pubsub, receive
-                if time.monotonic() >= deadline:
-                    raise TimeoutError("no confirmation of SUBSCRIBE")
-        except self._response_error:
-            with contextlib.suppress(Exception):
-                pubsub.close()
-            return None
-        except BaseException:
-            with contextlib.suppress(Exception):
-                pubsub.close()
-            raise
-
-    async def _awatch(self, loop_client: _LoopClient, key: EntryKey, version: int | None, deadline: float) -> None:
-        # The timeout is enforced by bounding each wait, never by cancelling a command half-way: a
-        # redis.asyncio connection cancelled mid-reply may be handed out again out of step.
-        client = loop_client.client
-        channel = self._channel(key)
-        with self._errors("watch for saved tokens"):
-            pubsub = client.pubsub()
-            try:
-                receive = await self._asubscribe(client, pubsub, channel)
-                if self._decode_version(key, await client.get(self._entry_key(key))) != version:
-                    return
-                interval = self.recheck_interval if receive is not None else self.poll_interval
-                next_check = time.monotonic() + interval
-                while (now := time.monotonic()) < deadline:
-                    wait = max(min(deadline, next_check) - now, 0.0)
-                    if receive is None:
-                        await anyio.sleep(wait)
-                    else:
-                        verdict = _verdict(await receive(wait), version)
-                        if verdict == "changed":
-                            return
-                        if verdict == "recheck":
-                            next_check = 0.0
-                    if time.monotonic() >= next_check:
-                        if self._decode_version(key, await client.get(self._entry_key(key))) != version:
-                            return
-                        next_check = time.monotonic() + interval
-            finally:
-                # Closing is quick and must happen even when the caller cancelled the watch.
-                with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
-                    await pubsub.aclose()
-
-    async def _asubscribe(self, client: Any, pubsub: Any, channel: str) -> Callable[[float], Awaitable[Any]] | None:
-        """Subscribe and wait for the server's confirmation; ``None`` when pub/sub is refused."""
-        receive: Callable[[float], Awaitable[Any]]
-        try:
-            if self._cluster:
-                node = client.get_node_from_key(channel)
-                await pubsub.ssubscribe(channel)
-                receive = lambda wait: pubsub.get_sharded_message(timeout=wait, target_node=node)  # noqa: E731
-            else:
-                await pubsub.subscribe(channel)
-                receive = lambda wait: pubsub.get_message(timeout=wait)  # noqa: E731
-            deadline = time.monotonic() + self.socket_timeout
-            while True:
-                message = await receive(max(deadline - time.monotonic(), 0.0))
-                if message is not None and _kind(message) in ("subscribe", "ssubscribe"):
-                    return receive
-                if time.monotonic() >= deadline:
-                    raise TimeoutError("no confirmation of SUBSCRIBE")
-        except self._response_error:
-            return None
-
-    # -- clients ------------------------------------------------------------------------------------------
+    # -- clients and connection slots -------------------------------------------------------------------
     def _client(self) -> Any:
         if self._closed:
             raise StorageError(f"this RedisStorage ({self._where}) is closed; create a new one")
@@ -544,6 +779,35 @@ class RedisStorage(Storage):
                 "another event loop; pass client= as well, or use RedisStorage.from_url()"
             )
         return self._sync
+
+    @contextlib.contextmanager
+    def _slot_sync(self, what: str) -> Iterator[None]:
+        """Hold one of ``max_connections`` slots for a command, waiting up to the socket timeout."""
+        if not self._gate.acquire(timeout=self.socket_timeout):
+            raise self._busy(what)
+        try:
+            yield
+        finally:
+            self._gate.release()
+
+    @contextlib.asynccontextmanager
+    async def _slot_async(self, loop_client: _LoopClient, what: str) -> AsyncIterator[None]:
+        acquired = False
+        with anyio.move_on_after(self.socket_timeout):
+            await loop_client.gate.acquire()
+            acquired = True
+        if not acquired:
+            raise self._busy(what)
+        try:
+            yield
+        finally:
+            loop_client.gate.release()
+
+    def _busy(self, what: str) -> StorageError:
+        return StorageError(
+            f"could not {what}: all {self.max_connections} connections to {self._server} stayed busy for "
+            f"{self.socket_timeout:g}s; raise RedisStorage(max_connections=...), or look for slow commands"
+        )
 
     async def _loop_client(self) -> _LoopClient | None:
         """The asyncio client for the running loop, or ``None``: use the sync client in a thread."""
@@ -555,11 +819,7 @@ class RedisStorage(Storage):
             with self._lock:
                 if self._closed:
                     raise StorageError(f"this RedisStorage ({self._where}) is closed; create a new one")
-                try:
-                    found = self._loops.get(loop)
-                except TypeError:  # a loop that cannot be weakly referenced: serve it from a thread
-                    self._client()
-                    return None
+                found = self._loops.get(loop)
                 if found is None:
                     found = self._new_loop_client()
                     if found is None:
@@ -571,9 +831,10 @@ class RedisStorage(Storage):
             if not found.failed:
                 return found
             # Its creator failed (and reported why); try again, as the creator this time.
+        self._sweep_closed_loops()
         try:
             if found.owned:
-                found.keeper = _close_at_loop_shutdown(weakref.ref(self), found.client)
+                found.keeper = _close_at_loop_shutdown(weakref.ref(self), loop, found.client)
                 await found.keeper.__anext__()
             if self._cluster:
                 # Connect and learn the slot map once, before any other task of this loop uses the
@@ -590,45 +851,67 @@ class RedisStorage(Storage):
 
     def _new_loop_client(self) -> _LoopClient | None:
         if self._async_factory is not None:
-            return _LoopClient(self._async_factory(), owned=True)
+            return _LoopClient(self._async_factory(), owned=True, max_connections=self.max_connections)
         if self._async_client is not None and not self._async_client_taken:
             # redis.asyncio connections belong to the loop that opened them: a client passed in
             # serves the first loop that uses it; other loops use the sync client in a thread.
             self._async_client_taken = True
-            return _LoopClient(self._async_client, owned=False)
+            return _LoopClient(self._async_client, owned=False, max_connections=self.max_connections)
         return None
 
     def _forget_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         with self._lock:
             self._loops.pop(loop, None)
 
+    def _sweep_closed_loops(self) -> None:
+        """Close the clients of event loops that were closed without ``shutdown_asyncgens`` (the
+        ``run_until_complete`` + ``close`` pattern): nothing else tells us such a loop ended."""
+        with self._lock:
+            dead = [(loop, found) for loop, found in self._loops.items() if loop.is_closed()]
+            for loop, _ in dead:
+                del self._loops[loop]
+        for loop, found in dead:
+            _abandon(loop, found)
+
     # -- decoding and errors ------------------------------------------------------------------------------
     def _decode(self, key: EntryKey, raw: Any) -> UpstreamTokens | None:
         if raw is None:
             return None
         try:
-            return UpstreamTokens.from_json(raw)
+            data = json.loads(raw)
+            if not isinstance(data, dict):
+                raise ValueError("token entry is not a JSON object")
+            ids = data.pop("entry_key", None)
+            if ids is not None and ids != [key.provider_id, key.session_id]:
+                # Two (provider, session) pairs with one 128-bit digest: never hand out another's tokens.
+                return None
+            return UpstreamTokens.from_dict(data)
         except (ValueError, TypeError) as exc:
             raise StorageError(
                 f"{self._server} holds an unreadable entry for provider {key.provider_id!r} "
                 f"({type(exc).__name__}); delete it and have the user log in again"
             ) from None
 
-    def _decode_version(self, key: EntryKey, raw: Any) -> int | None:
-        tokens = self._decode(key, raw)
-        return None if tokens is None else tokens.version
-
-    def _version(self, client: Any, key: EntryKey) -> int | None:
-        return self._decode_version(key, client.get(self._entry_key(key)))
-
     @contextlib.contextmanager
     def _errors(self, what: str, tokens: UpstreamTokens | None = None) -> Iterator[None]:
-        """Turn redis-py failures into StorageError, with messages that never carry a token."""
+        """Turn redis-py failures into StorageError, with messages that say what to fix and never carry a token."""
         try:
             yield
         except StorageError:
             raise
+        except self._bad_credentials as exc:
+            raise StorageError(
+                f"could not {what}: {self._server} refused the credentials ({type(exc).__name__}); check the "
+                "username and password in the URL or client"
+            ) from exc
+        except self._pool_full as exc:
+            raise self._busy(what) from exc
         except self._unreachable as exc:
+            if _is_tls_failure(exc):
+                raise StorageError(
+                    f"could not {what}: the TLS handshake with {self._server} failed ({type(exc).__name__}); "
+                    "check ssl_ca_certs (the CA that signed the server's certificate) and the host name"
+                ) from exc
             raise StorageError(
                 f"could not {what}: {self._server} unreachable ({type(exc).__name__}); retry when it is back"
             ) from exc
@@ -640,13 +923,99 @@ class RedisStorage(Storage):
             for secret in secrets:
                 if secret:
                     detail = detail.replace(secret, "<hidden>")
+            if "db index is out of range" in detail.lower() or "invalid db index" in detail.lower():
+                hint = "the database number in the URL (/N) does not exist on the server: use one below its "
+                hint += "'databases' setting (16 by default), or /0 on a Cluster"
+            else:
+                hint = "check that its ACL allows EVALSHA, HGET, GET and PUBLISH on these keys and channels, "
+                hint += "and that it has memory left"
             raise StorageError(
-                f"could not {what}: {self._server} refused ({type(exc).__name__}: {detail}); check that its "
-                "ACL allows EVALSHA, GET, SET and (S)PUBLISH on these keys, and that it has memory left"
+                f"could not {what}: {self._server} refused ({type(exc).__name__}: {detail}); {hint}"
             ) from None
 
 
-def _clients_from_url(url: str, socket_timeout: float, kwargs: dict[str, Any]) -> tuple[Any, Callable[[], Any], str]:
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
+
+
+def _blob(key: EntryKey, tokens: UpstreamTokens) -> str:
+    """The entry's JSON, with its ids inside, starting with blanks so SLOWLOG's copy of the argument
+    (its first 128 bytes) holds no token."""
+    data = tokens.to_dict()
+    data["entry_key"] = [key.provider_id, key.session_id]
+    text = json.dumps(data, separators=(",", ":"), sort_keys=True)
+    return "{" + " " * _SLOWLOG_ARGUMENT + text[1:]
+
+
+def _is_tls_failure(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            return False
+        if isinstance(seen, ssl.SSLError) or "CERTIFICATE_VERIFY_FAILED" in str(seen) or "SSL" in str(seen)[:40]:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _abandon(loop: asyncio.AbstractEventLoop, found: _LoopClient) -> None:
+    """Close an event loop's client from outside that loop: on the loop if it still runs, else by
+    closing its sockets directly (a closed loop can no longer run the client's own close)."""
+    if not found.owned:
+        return
+    if loop.is_running() and not loop.is_closed():
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(lambda: loop.create_task(_aclose_quietly(found.client)))
+            return
+    if found.keeper is not None:  # finalize the parked generator now, so the loop's GC hook never runs it
+        closing = found.keeper.aclose()
+        with contextlib.suppress(BaseException):
+            closing.send(None)
+        closing.close()
+    for connection in _connections_of(found.client):
+        writer = getattr(connection, "_writer", None)
+        transport = getattr(writer, "transport", None)
+        sock = getattr(transport, "_sock", None)
+        if transport is None or sock is None:
+            continue
+        with contextlib.suppress(Exception):
+            if not loop.is_closed():
+                loop._remove_reader(sock.fileno())  # type: ignore[attr-defined]
+            sock.close()
+            # The transport's finalizer would warn about (and re-close) a socket it still holds.
+            transport._sock = None
+            transport._closing = True
+        with contextlib.suppress(Exception):
+            connection._parser.on_disconnect()
+        connection._reader = connection._writer = None  # or its finalizer warns "unclosed Connection"
+    if hasattr(found.client, "_initialize"):  # a Cluster client: what its aclose() marks, so it does not warn
+        found.client._initialize = True
+
+
+async def _aclose_quietly(client: Any) -> None:
+    with contextlib.suppress(Exception):
+        await client.aclose()
+
+
+def _connections_of(client: Any) -> list[Any]:
+    """Every connection a redis.asyncio client (standalone or Cluster) holds."""
+    found: list[Any] = []
+    with contextlib.suppress(Exception):
+        pool = getattr(client, "connection_pool", None)
+        if pool is not None:
+            found.extend(getattr(pool, "_available_connections", []))
+            found.extend(getattr(pool, "_in_use_connections", []))
+        manager = getattr(client, "nodes_manager", None)
+        if manager is not None:
+            nodes = {id(node): node for node in [*manager.nodes_cache.values(), *manager.startup_nodes.values()]}
+            for node in nodes.values():
+                found.extend(getattr(node, "_connections", []))
+    return found
+
+
+def _clients_from_url(
+    url: str, socket_timeout: float, kwargs: dict[str, Any], max_connections: int = DEFAULT_MAX_CONNECTIONS
+) -> tuple[Any, Callable[[], Any], str]:
     """(sync client, asyncio client factory, printable address) for ``url``."""
     redis = _import_redis()
     scheme, sep, rest = url.partition("://")
@@ -655,6 +1024,8 @@ def _clients_from_url(url: str, socket_timeout: float, kwargs: dict[str, Any]) -
         url = scheme.split("+", 1)[0] + sep + rest
     options: dict[str, Any] = {"socket_timeout": socket_timeout, "socket_connect_timeout": socket_timeout}
     options.update(kwargs)
+    # Room for every gated command plus the pub/sub connection and a Cluster's slot-map refresh.
+    options.setdefault("max_connections", max_connections + 4)
     where = _describe_url(url)
     # No automatic retries: an outage should surface as StorageError within socket_timeout, not after
     # a backoff series (redis-py's default is seconds long), and a retried compare-and-set could run
@@ -664,10 +1035,10 @@ def _clients_from_url(url: str, socket_timeout: float, kwargs: dict[str, Any]) -
     if cluster:
         try:
             sync = redis.cluster.RedisCluster.from_url(url, **sync_options)
-        except (redis.exceptions.RedisError, OSError) as exc:
+        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError) as exc:
             raise StorageError(
                 f"could not open the Redis Cluster at {where}: unreachable ({type(exc).__name__}); retry when "
-                "it is back"
+                "it is back, and check that the URL names one of its nodes"
             ) from exc
         return sync, lambda: redis.asyncio.cluster.RedisCluster.from_url(url, **async_options), where
     sync = redis.Redis.from_url(url, **sync_options)

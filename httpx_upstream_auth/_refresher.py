@@ -50,7 +50,8 @@ class OAuth2Refresher(Refresher):
     (public clients). It sends with its own httpx clients, never the caller's: pass ``client`` /
     ``async_client`` to control proxies or TLS, otherwise clients with ``timeout`` are made for it. The
     token request never follows a redirect, whatever the client's setting. ``token_url`` must be https
-    (plain http only on loopback). Answers larger than ``max_response_bytes`` are refused.
+    (plain http only on loopback). Answers larger than ``max_response_bytes``, or still arriving
+    ``timeout`` seconds after the request was sent, are refused.
 
     Every failure is an :class:`UpstreamAuthError` (see :func:`merge_response` for how answers are read);
     :attr:`RefreshFailed.may_have_rotated` is set when the request may have reached the provider and its
@@ -149,7 +150,7 @@ class OAuth2Refresher(Refresher):
         """Redeem the refresh token with the sync client."""
         request = self._request(tokens)
         sent_at = clock.time()
-        answer = sync_send(self._sync_client(), request, self.max_response_bytes)
+        answer = sync_send(self._sync_client(), request, self.max_response_bytes, self.timeout)
         return merge_response(tokens, answer.status_code, answer.body, sent_at)
 
     async def arefresh(self, tokens: UpstreamTokens, clock: Clock) -> UpstreamTokens:
@@ -157,7 +158,7 @@ class OAuth2Refresher(Refresher):
         request = self._request(tokens)
         if self._async_client is not None:
             sent_at = clock.time()
-            answer = await async_send(self._async_client, request, self.max_response_bytes)
+            answer = await async_send(self._async_client, request, self.max_response_bytes, self.timeout)
         else:
             # A client per refresh: an async connection pool belongs to one event loop, and one manager
             # serves many (successive anyio.run calls, asyncio and trio). Refreshes are rare.
@@ -165,7 +166,7 @@ class OAuth2Refresher(Refresher):
                 timeout=self.timeout, follow_redirects=False, verify=self._ssl_context()
             ) as client:
                 sent_at = clock.time()
-                answer = await async_send(client, request, self.max_response_bytes)
+                answer = await async_send(client, request, self.max_response_bytes, self.timeout)
         return merge_response(tokens, answer.status_code, answer.body, sent_at)
 
     def close(self) -> None:

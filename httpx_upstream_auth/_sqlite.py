@@ -1,19 +1,27 @@
 """SQLite storage: one file shared by every process and thread on a host.
 
-Owns the file (created 0600, WAL mode), its schema, the compare-and-set transaction, the cross-process
-refresh lease, and the watch that wakes a follower when another connection saves. Written once in
-sync code (``blocking = True``): the async twins run it in worker threads.
+Owns the file (0600 and this user's, or refused; WAL mode), its schema, the compare-and-set transaction,
+the cross-process refresh lease, the change log that tells other processes what was saved or deleted,
+and the one poller thread per process and file that reads it for every watcher and subscriber. Written
+once in sync code (``blocking = True``): the async twins run it in worker threads.
+
+It also holds the small change hub that the Redis storage shares (waiters and subscribers woken by
+whichever thread learns of a change), since both stores push changes to the same kinds of listeners.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
+import itertools
+import logging
 import os
 import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import anyio
 import anyio.to_thread
@@ -21,12 +29,24 @@ import anyio.to_thread
 from ._exceptions import StorageError
 from ._models import EntryKey, UpstreamTokens
 from ._policy import DEFAULT_RETENTION, retention_deadline
-from ._storage import Lease, Storage, new_owner
+from ._storage import (
+    MAX_LEASE_TTL,
+    ChangeCallback,
+    Lease,
+    Storage,
+    lease_seconds,
+    new_owner,
+    storable,
+    version_in_range,
+)
 
 __all__ = ["SQLiteStorage"]
 
+logger = logging.getLogger("httpx_upstream_auth")
+
 #: The layout of the file's tables (``PRAGMA user_version``); a newer file is refused, not misread.
-SCHEMA_VERSION = 1
+#: 2: leases on the monotonic clock (with the boot they belong to) and the ``changes`` log.
+SCHEMA_VERSION = 2
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS entries (
@@ -43,8 +63,16 @@ _SCHEMA = (
         session_id TEXT NOT NULL,
         owner TEXT NOT NULL,
         expires_at REAL NOT NULL,
+        boot TEXT NOT NULL DEFAULT '',
         PRIMARY KEY (provider_id, session_id)
     ) WITHOUT ROWID""",
+    # One row per committed save or delete, written in the same transaction: how other processes learn
+    # which entry changed. Only the digest: the session id is not repeated here.
+    """CREATE TABLE IF NOT EXISTS changes (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        digest TEXT NOT NULL,
+        origin TEXT NOT NULL
+    )""",
 )
 
 _LIVE = "provider_id = ? AND session_id = ? AND expires_at_retention > ?"
@@ -53,31 +81,362 @@ _UPSERT_ENTRY = (
     "VALUES (?, ?, ?, ?, ?) ON CONFLICT (provider_id, session_id) DO UPDATE SET "
     "version = excluded.version, data = excluded.data, expires_at_retention = excluded.expires_at_retention"
 )
-# Insert the lease, or take over a row whose holder's lease has run out; rowcount says which happened.
+# A lease row is dead when its time ran out, when it belongs to another boot (the monotonic clock
+# restarted), or when it ends further ahead than any lease may last (written by a clock we do not share).
+_DEAD_LEASE = "(leases.expires_at <= ? OR leases.boot <> ? OR leases.expires_at > ?)"
+# Insert the lease, take over a dead row, or re-take our own (an acquire whose answer we never saw);
+# rowcount says whether we hold it.
 _CLAIM_LEASE = (
-    "INSERT INTO leases (provider_id, session_id, owner, expires_at) VALUES (?, ?, ?, ?) "
+    "INSERT INTO leases (provider_id, session_id, owner, expires_at, boot) VALUES (?, ?, ?, ?, ?) "
     "ON CONFLICT (provider_id, session_id) DO UPDATE SET owner = excluded.owner, "
-    "expires_at = excluded.expires_at WHERE leases.expires_at <= ?"
+    f"expires_at = excluded.expires_at, boot = excluded.boot WHERE leases.owner = excluded.owner OR {_DEAD_LEASE}"
+)
+_RENEW_LEASE = (
+    f"UPDATE leases SET expires_at = ? WHERE provider_id = ? AND session_id = ? AND owner = ? AND NOT {_DEAD_LEASE}"
 )
 
 #: Idle connections kept open for reuse; more are opened on demand and closed after use.
 _POOL_SIZE = 8
-#: How often expired rows are swept (seconds); reads never see them either way.
+#: How often expired rows are swept (seconds), in batches of ``_PURGE_BATCH`` rows per transaction.
 _PURGE_INTERVAL = 60.0
+_PURGE_BATCH = 500
+#: The change log keeps about this many rows; it is trimmed every ``_TRIM_EVERY`` writes. A poller
+#: that falls further behind reports "cannot tell" (``None``) instead of the missed digests.
+_KEEP_CHANGES = 10_000
+_TRIM_EVERY = 500
+#: The poller's interval right after a change, and the longest it backs off to while idle: with
+#: watchers waiting it does not back off (they wait for a save that is on its way, and one poll for all
+#: of them costs ~2.5% of a core), with only subscribers listening it backs off to 50 ms.
+_POLL_FAST = 0.002
+_POLL_WATCHING = 0.002
+_POLL_IDLE = 0.05
+#: Watchers re-read their entry this often even without a notification (a safety net only).
+_RECHECK = 1.0
+
+
+def _boot_id() -> str:
+    """This boot of the host (Linux), so leases on the monotonic clock die with a reboot."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as file:
+            return file.read().strip()
+    except OSError:
+        return ""
+
+
+_BOOT = _boot_id()
+
+
+# -- listeners: shared by the SQLite poller and the Redis subscriber --------------------------------------
+class ChangeHub:
+    """Watchers (woken when one digest changes) and subscribers (called for every change) of one store.
+
+    ``publish`` may be called from any thread; wake functions must not block, and subscriber callbacks
+    run in the publishing thread. ``origin`` names the storage object that made a change: its own
+    subscribers heard of it already (``notify_change``) and are skipped.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._waiters: dict[str, dict[int, Callable[[], None]]] = {}
+        self._subscribers: dict[int, tuple[str, ChangeCallback]] = {}
+
+    def add_waiter(self, digest: str, wake: Callable[[], None]) -> Callable[[], None]:
+        """Call ``wake()`` on every change of ``digest`` (or of anything), until the returned function runs."""
+        ident = next(self._ids)
+        with self._lock:
+            self._waiters.setdefault(digest, {})[ident] = wake
+
+        def remove() -> None:
+            with self._lock:
+                found = self._waiters.get(digest)
+                if found is not None:
+                    found.pop(ident, None)
+                    if not found:
+                        del self._waiters[digest]
+
+        return remove
+
+    def add_subscriber(self, callback: ChangeCallback, origin: str) -> Callable[[], None]:
+        """Call ``callback(digest)`` on changes made by others than ``origin``, until the returned function runs."""
+        ident = next(self._ids)
+        with self._lock:
+            self._subscribers[ident] = (origin, callback)
+
+        def remove() -> None:
+            with self._lock:
+                self._subscribers.pop(ident, None)
+
+        return remove
+
+    def active(self) -> bool:
+        """True while anyone listens."""
+        return bool(self._waiters or self._subscribers)
+
+    def watching(self) -> bool:
+        """True while a watcher waits (someone expects a save soon)."""
+        return bool(self._waiters)
+
+    def wake(self, digest: str | None) -> None:
+        """Wake the watchers of ``digest`` (``None``: every watcher)."""
+        with self._lock:
+            if digest is None:
+                wakes = [wake for found in self._waiters.values() for wake in found.values()]
+            else:
+                wakes = list(self._waiters.get(digest, {}).values())
+        for wake in wakes:
+            wake()
+
+    def publish(self, digest: str | None, origin: str | None) -> None:
+        """A change of ``digest`` (``None``: cannot tell which) made by ``origin`` (``None``: unknown)."""
+        self.wake(digest)
+        with self._lock:
+            callbacks = [callback for owner, callback in self._subscribers.values() if owner != origin]
+        for callback in callbacks:
+            try:
+                callback(digest)
+            except Exception:  # one subscriber's bug must not stop the others, nor the poller
+                logger.exception("a storage change subscriber raised")
+
+
+class AsyncWaker:
+    """Wakes one async task from any thread without blocking that thread (asyncio or trio)."""
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+        self._schedule = _threadsafe_scheduler()
+
+    def wake(self) -> None:
+        """Make the current or next :meth:`wait` return; safe from any thread."""
+        self._schedule(self._set)
+
+    def _set(self) -> None:
+        self._event.set()
+
+    async def wait(self, timeout: float) -> None:
+        """Wait until woken or ``timeout`` seconds passed."""
+        with anyio.move_on_after(timeout):
+            await self._event.wait()
+        self._event = anyio.Event()
+
+
+def _threadsafe_scheduler() -> Callable[[Callable[[], None]], None]:
+    """A function that runs a callback on the current event loop soon, callable from any thread."""
+    library = "asyncio"
+    with contextlib.suppress(ImportError, Exception):
+        import sniffio
+
+        library = sniffio.current_async_library()
+    if library == "trio":
+        import trio
+
+        token = trio.lowlevel.current_trio_token()
+
+        def on_trio(callback: Callable[[], None]) -> None:
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(callback)
+
+        return on_trio
+    loop = asyncio.get_running_loop()
+
+    def on_asyncio(callback: Callable[[], None]) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
+            loop.call_soon_threadsafe(callback)
+
+    return on_asyncio
+
+
+# -- the per-process, per-file poller ---------------------------------------------------------------------
+class _FilePoller:
+    """One thread per process and file: reads the change log when ``PRAGMA data_version`` moves, wakes
+    watchers, calls subscribers, and sweeps expired rows in small batches.
+
+    It exits while nobody listens and no sweep is due (the next listener starts it again); while
+    listening it polls every 2 ms while watchers wait or after a change, and backs off to 50 ms when only
+    subscribers listen, so any number of idle watchers cost one cheap poll.
+    """
+
+    def __init__(self, connect: Callable[[], sqlite3.Connection]) -> None:
+        self.hub = ChangeHub()
+        self._connect = connect
+        self._lock = threading.Lock()
+        self._poke = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_seq: int | None = None  # None while parked: nothing to catch up on
+        self._purge_due = False
+        self.next_purge = 0.0  # monotonic
+
+    def listen(self, add: Callable[[], Callable[[], None]], conn: sqlite3.Connection) -> Callable[[], None]:
+        """Register a listener (``add()`` returns its remover) and make sure the thread follows the log
+        from no later than now, so a change committed after this returns is reported."""
+        with self._lock:
+            remove = add()
+            try:
+                if self._last_seq is None:
+                    self._last_seq = int(conn.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0])
+                self._start()
+            except BaseException:
+                remove()
+                raise
+        self._poke.set()
+        return remove
+
+    def request_purge(self) -> None:
+        """Sweep expired rows soon, in the poller's thread (never inside an ordinary write)."""
+        with self._lock:
+            if time.monotonic() < self.next_purge:
+                return
+            self.next_purge = time.monotonic() + _PURGE_INTERVAL
+            self._purge_due = True
+            self._start()
+        self._poke.set()
+
+    def poke(self) -> None:
+        """A commit through this process: look at the log now rather than at the next poll."""
+        if self._last_seq is not None:
+            self._poke.set()
+
+    def _start(self) -> None:
+        """Start the thread unless it runs (call with ``_lock`` held)."""
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="httpx-upstream-auth-sqlite-poller", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._poll()
+        except BaseException:
+            with self._lock:
+                self._thread = None
+            raise
+
+    def _poll(self) -> None:
+        conn: sqlite3.Connection | None = None
+        data_version: int | None = None
+        interval = _POLL_FAST
+        while True:
+            with self._lock:
+                if not self.hub.active() and not self._purge_due:
+                    # Nobody listens: end the thread (a listener starts a new one), and forget our place
+                    # in the log (the next listener takes its own, so nothing old is replayed).
+                    self._last_seq = None
+                    self._thread = None
+                    if conn is not None:
+                        with contextlib.suppress(sqlite3.Error):
+                            conn.close()
+                    return
+            self._poke.wait(interval)
+            self._poke.clear()
+            try:
+                if conn is None:
+                    conn = self._connect()
+                    data_version = None
+                more = False
+                if self._purge_due:  # one batch per round, so watchers are served in between
+                    more = self._purge_due = _purge_step(conn)
+                current = _data_version(conn)
+                changed = current != data_version and self._read_changes(conn)
+                data_version = current
+                slowest = _POLL_WATCHING if self.hub.watching() else _POLL_IDLE
+                interval = _POLL_FAST if changed or more else min(interval * 1.5, slowest)
+            except Exception:  # a busy or vanished file: try again later with a new connection
+                logger.debug("the SQLite change poller failed; retrying", exc_info=True)
+                if conn is not None:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.close()
+                conn, interval = None, 0.1
+
+    def _read_changes(self, conn: sqlite3.Connection) -> bool:
+        changed = False
+        while True:
+            with self._lock:
+                last = self._last_seq
+            if last is None:
+                return changed
+            rows = conn.execute(
+                "SELECT seq, digest, origin FROM changes WHERE seq > ? ORDER BY seq LIMIT 1000", (last,)
+            ).fetchall()
+            if not rows:
+                return changed
+            changed = True
+            with self._lock:
+                if self._last_seq == last:
+                    self._last_seq = int(rows[-1][0])
+            if rows[0][0] != last + 1:  # trimmed before we read them: say we cannot tell what changed
+                self.hub.publish(None, None)
+            for _, digest, origin in rows:
+                self.hub.publish(digest, origin)
+
+
+_pollers: dict[tuple[int, int, int], _FilePoller] = {}
+_pollers_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    # Another thread may have held the lock at fork(); the child's pollers are its own anyway.
+    global _pollers_lock
+    _pollers_lock = threading.Lock()
+    _pollers.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _poller_for(identity: tuple[int, int], connect: Callable[[], sqlite3.Connection]) -> _FilePoller:
+    """The poller of this process for the file ``identity`` (st_dev, st_ino); a forked child gets its own."""
+    key = (os.getpid(), *identity)
+    with _pollers_lock:
+        found = _pollers.get(key)
+        if found is None:
+            found = _pollers[key] = _FilePoller(connect)
+        return found
+
+
+def _purge_step(conn: sqlite3.Connection) -> bool:
+    """Delete up to ``_PURGE_BATCH`` expired entries, else dead leases, in one short write transaction;
+    True while more may remain."""
+    now = time.monotonic()
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        deleted = conn.execute(
+            "DELETE FROM entries WHERE (provider_id, session_id) IN (SELECT provider_id, session_id FROM entries "
+            f"WHERE expires_at_retention <= ? LIMIT {_PURGE_BATCH})",
+            (time.time(),),
+        ).rowcount
+        if deleted < _PURGE_BATCH:
+            deleted = conn.execute(
+                "DELETE FROM leases WHERE (provider_id, session_id) IN (SELECT provider_id, session_id FROM leases "
+                f"WHERE {_DEAD_LEASE} LIMIT {_PURGE_BATCH})",
+                (now, _BOOT, now + MAX_LEASE_TTL),
+            ).rowcount
+        conn.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
+    return bool(deleted >= _PURGE_BATCH)
 
 
 class SQLiteStorage(Storage):
     """Entries in one SQLite file, shared safely by many threads and processes on one host.
 
-    The file is created with mode 0600 (its ``-wal`` and ``-shm`` companions get the same mode) and
-    switched to WAL, so readers never block the writer. Every write is one short ``BEGIN IMMEDIATE``
-    transaction; ``timeout`` bounds how long an operation waits for another writer. Entries past their
-    retention are invisible and swept from time to time. Leases live in the same file, on wall-clock
-    time, so they serialize refreshes across processes. The file is not safe on network filesystems.
+    The file must be a regular file owned by this user: it is created 0600, an existing one is tightened
+    to 0600 (its ``-wal`` and ``-shm`` companions too), and one owned by another user is refused. It is
+    switched to WAL, so readers never block the writer; a fleet opening a new file at once retries the
+    switch within ``timeout``. Every write is one short ``BEGIN IMMEDIATE`` transaction; ``timeout``
+    bounds how long an operation waits for another writer. Entries past their retention are invisible,
+    and swept in small batches by a background thread.
+
+    Leases live in the same file on the monotonic clock (``CLOCK_MONOTONIC`` is host-wide on Linux, and
+    the file is on one host), tagged with the boot they were taken in, so a wall-clock step cannot hand
+    a live lease to a second process. Every save and delete is logged (by digest) in the same
+    transaction; one poller thread per process and file reads that log for every :meth:`watch` and
+    :meth:`subscribe`. The file is not safe on network filesystems.
     """
 
-    #: How often :meth:`watch` checks whether another connection has committed (seconds).
-    watch_interval: float = 0.002
+    #: How soon after a commit by another process the poller notices it while a watcher waits (seconds).
+    watch_interval: float = _POLL_FAST
 
     def __init__(
         self,
@@ -100,15 +459,15 @@ class SQLiteStorage(Storage):
         # both); they are kept here so garbage collection does not close them either.
         self._inherited: list[sqlite3.Connection] = []
         self._closed = False
-        self._next_purge = 0.0
-        # Bumped after each local commit, so watchers in this process wake at once rather than at
-        # their next poll; writes by other processes are seen through PRAGMA data_version.
-        self._saved = threading.Condition()
-        self._generation = 0
-        self._create_file()
-        with self._connection("open the database") as conn:
-            self._init_schema(conn)
-        self._tighten_companions()
+        #: Names this object's writes in the change log, so its own subscribers are not told twice.
+        self._origin = new_owner()[:16]
+        # Owner tokens of acquires whose answer never reached the caller (an error or a cancellation
+        # after the claim may have committed): the next acquire of that key re-uses it, re-taking the
+        # lease instead of leaving it held by nobody until its ttl runs out.
+        self._orphans: dict[EntryKey, str] = {}
+        self._identity = self._secure_file()
+        self._open()
+        self._check_companions()
 
     def __repr__(self) -> str:
         return f"SQLiteStorage({self.path!r})"
@@ -130,6 +489,9 @@ class SQLiteStorage(Storage):
 
     def put(self, key: EntryKey, tokens: UpstreamTokens, *, expected_version: int | None) -> bool:
         """Store ``tokens`` iff the live entry's version is ``expected_version`` (``None``: no entry)."""
+        tokens = storable(tokens)
+        if not version_in_range(expected_version):
+            return False
         data = tokens.to_json()
         with self._write("save tokens") as conn:
             now = time.time()  # after BEGIN IMMEDIATE, which may have waited for another writer
@@ -138,29 +500,59 @@ class SQLiteStorage(Storage):
                 return False
             deadline = retention_deadline(tokens, now, self.retention)
             conn.execute(_UPSERT_ENTRY, (*_ids(key), tokens.version, data, deadline))
-            self._purge_if_due(conn, now)
-        self._notify_local()
+            self._log_change(conn, key)
+        self._changed(key)
         return True
 
     def delete(self, key: EntryKey, *, expected_version: int | None = None) -> bool:
         """Remove the live entry; with ``expected_version``, only while it still has that version."""
+        if not version_in_range(expected_version):
+            return False
         with self._write("delete tokens") as conn:
             cursor = conn.execute(
                 f"DELETE FROM entries WHERE {_LIVE} AND (? IS NULL OR version = ?)",
                 (*_ids(key), time.time(), expected_version, expected_version),
             )
             deleted = cursor.rowcount > 0
+            if deleted:
+                self._log_change(conn, key)
         if deleted:
-            self._notify_local()
+            self._changed(key)
         return deleted
 
     def acquire_lease(self, key: EntryKey, ttl: float) -> Lease | None:
         """Claim the refresh lease for ``key`` across processes; ``None`` while another holder's is live."""
-        owner = new_owner()
-        with self._write("take the refresh lease") as conn:
-            now = time.time()
-            claimed = conn.execute(_CLAIM_LEASE, (*_ids(key), owner, now + ttl, now)).rowcount == 1
-        return Lease(key, owner, ttl) if claimed else None
+        ttl = lease_seconds(ttl)
+        owner = self._orphans.pop(key, None) or new_owner()
+        answered = False
+        try:
+            lease = self._claim(key, ttl, owner)
+            answered = True
+            return lease
+        finally:
+            if not answered:
+                self._orphans[key] = owner
+
+    async def aacquire_lease(self, key: EntryKey, ttl: float) -> Lease | None:
+        """Async twin of :meth:`acquire_lease`; a cancelled call leaves the owner token for the next one."""
+        ttl = lease_seconds(ttl)
+        owner = self._orphans.pop(key, None) or new_owner()
+        answered = False
+        try:
+            lease = await anyio.to_thread.run_sync(self._claim, key, ttl, owner)
+            answered = True
+            return lease
+        finally:
+            if not answered:
+                self._orphans[key] = owner
+
+    def renew_lease(self, lease: Lease) -> bool:
+        """Extend our live lease to ``lease.ttl`` from now; False when it ran out or another holder has it."""
+        ttl = lease_seconds(lease.ttl)
+        with self._write("renew the refresh lease") as conn:
+            now = time.monotonic()
+            params = (now + ttl, *_ids(lease.key), lease.owner, now, _BOOT, now + MAX_LEASE_TTL)
+            return bool(conn.execute(_RENEW_LEASE, params).rowcount == 1)
 
     def release_lease(self, lease: Lease) -> None:
         """Give the lease back if it is still ours (an expired holder cannot drop a newer holder's lease)."""
@@ -170,26 +562,58 @@ class SQLiteStorage(Storage):
                 (*_ids(lease.key), lease.owner),
             )
 
+    def subscribe(self, callback: ChangeCallback) -> Callable[[], None] | None:
+        """Call ``callback(digest)`` after every save or delete of the file, by any process.
+
+        Writes through this object are reported at once, in the writing thread; others from the shared
+        poller thread, within a few milliseconds while watchers wait and within about 50 ms otherwise.
+        A poller that fell too far behind the change log calls back with ``None`` (re-read everything).
+        Callbacks run in the poller thread, which serves every watcher of the file: keep them short.
+        """
+        local = super().subscribe(callback)
+        with self._connection("follow saved tokens") as conn:
+            remote = self._poller().listen(lambda: self._poller().hub.add_subscriber(callback, self._origin), conn)
+
+        def unsubscribe() -> None:
+            remote()
+            if local is not None:
+                local()
+
+        return unsubscribe
+
     def watch(self, key: EntryKey, version: int | None, timeout: float) -> None:
         """Return once the entry's version differs from ``version``, or after ``timeout`` seconds.
 
-        Wakes at once for writes through this storage object, and within ``watch_interval`` for writes
-        by other connections and processes (it polls ``PRAGMA data_version``, which costs no disk I/O,
-        and re-reads the entry only when the database changed).
+        Waits on an event, without a thread or a timer of its own: writes through this process wake it
+        at once, other processes' within the poller's interval (2 ms while anyone watches).
         """
-        self._watch(key, version, timeout, None)
+        deadline = time.monotonic() + timeout
+        woken = threading.Event()
+        remove = self._listen_for(key, woken.set)
+        try:
+            while self._current_version(key) == version:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                woken.wait(min(remaining, _RECHECK))
+                woken.clear()
+        finally:
+            remove()
 
     async def awatch(self, key: EntryKey, version: int | None, timeout: float) -> None:
-        """Async twin of :meth:`watch`: waits in a worker thread of its own, and is cancellable."""
-        stop = threading.Event()
+        """Async twin of :meth:`watch`: waits on the event loop (no thread held while waiting); cancellable."""
+        deadline = time.monotonic() + timeout
+        waker = AsyncWaker()
+        with anyio.CancelScope(shield=True):  # a registration that completed must be removed below
+            remove = await anyio.to_thread.run_sync(self._listen_for, key, waker.wake)
         try:
-            # A limiter of our own: a long watch must not hold one of the shared worker-thread tokens
-            # that the writer we are waiting for may need for its own put().
-            await anyio.to_thread.run_sync(
-                self._watch, key, version, timeout, stop, abandon_on_cancel=True, limiter=anyio.CapacityLimiter(1)
-            )
+            while await anyio.to_thread.run_sync(self._current_version, key) == version:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                await waker.wait(min(remaining, _RECHECK))
         finally:
-            stop.set()  # an abandoned (cancelled) watch thread returns at its next poll
+            remove()
 
     def close(self) -> None:
         """Close the idle connections; connections in use close when their operation ends."""
@@ -199,34 +623,41 @@ class SQLiteStorage(Storage):
         for conn in idle:
             conn.close()
 
-    # -- watching ----------------------------------------------------------------------------------------
-    def _watch(self, key: EntryKey, version: int | None, timeout: float, stop: threading.Event | None) -> None:
-        deadline = time.monotonic() + timeout
-        with self._connection("watch for saved tokens") as conn:
-            # Take both change markers before reading the row: any commit after this point moves one.
-            generation = self._generation
-            data_version = _data_version(conn)
-            if self._live_version(conn, key) != version:
-                return
-            while (remaining := deadline - time.monotonic()) > 0 and not (stop is not None and stop.is_set()):
-                with self._saved:
-                    if self._generation == generation:
-                        self._saved.wait(min(self.watch_interval, remaining))
-                    now_generation = self._generation
-                now_data_version = _data_version(conn)
-                if now_generation != generation or now_data_version != data_version:
-                    generation, data_version = now_generation, now_data_version
-                    if self._live_version(conn, key) != version:
-                        return
+    # -- changes and leases ------------------------------------------------------------------------------
+    def _poller(self) -> _FilePoller:
+        return _poller_for(self._identity, functools.partial(_open_connection, self.path, self.timeout))
 
-    def _live_version(self, conn: sqlite3.Connection, key: EntryKey) -> int | None:
-        row = conn.execute(f"SELECT version FROM entries WHERE {_LIVE}", (*_ids(key), time.time())).fetchone()
+    def _listen_for(self, key: EntryKey, wake: Callable[[], None]) -> Callable[[], None]:
+        poller = self._poller()
+        with self._connection("watch for saved tokens") as conn:
+            return poller.listen(lambda: poller.hub.add_waiter(key.digest, wake), conn)
+
+    def _current_version(self, key: EntryKey) -> int | None:
+        with self._connection("watch for saved tokens") as conn:
+            row = conn.execute(f"SELECT version FROM entries WHERE {_LIVE}", (*_ids(key), time.time())).fetchone()
         return None if row is None else int(row[0])
 
-    def _notify_local(self) -> None:
-        with self._saved:
-            self._generation += 1
-            self._saved.notify_all()
+    def _log_change(self, conn: sqlite3.Connection, key: EntryKey) -> None:
+        seq = conn.execute("INSERT INTO changes (digest, origin) VALUES (?, ?)", (key.digest, self._origin)).lastrowid
+        if seq is not None and seq % _TRIM_EVERY == 0:  # a batch of at most _TRIM_EVERY rows
+            conn.execute("DELETE FROM changes WHERE seq <= ?", (seq - _KEEP_CHANGES,))
+
+    def _changed(self, key: EntryKey) -> None:
+        """After a committed save or delete: tell this object's subscribers and this process's watchers
+        now, let the poller report it to the others, and start a sweep when one is due."""
+        self.notify_change(key)
+        poller = self._poller()
+        poller.hub.wake(key.digest)
+        poller.poke()
+        if time.monotonic() >= poller.next_purge:
+            poller.request_purge()
+
+    def _claim(self, key: EntryKey, ttl: float, owner: str) -> Lease | None:
+        with self._write("take the refresh lease") as conn:
+            now = time.monotonic()
+            params = (*_ids(key), owner, now + ttl, _BOOT, now, _BOOT, now + MAX_LEASE_TTL)
+            claimed = conn.execute(_CLAIM_LEASE, params).rowcount == 1
+        return Lease(key, owner, ttl) if claimed else None
 
     # -- connections and transactions ----------------------------------------------------------------
     @contextlib.contextmanager
@@ -267,7 +698,7 @@ class SQLiteStorage(Storage):
             if self._pool:
                 return self._pool.pop()
         try:
-            return self._connect()
+            return _open_connection(self.path, self.timeout)
         except sqlite3.Error as exc:
             raise self._error(what, exc) from exc
 
@@ -281,17 +712,35 @@ class SQLiteStorage(Storage):
         with contextlib.suppress(sqlite3.Error):
             conn.close()
 
-    def _connect(self) -> sqlite3.Connection:
-        # isolation_level=None: no implicit transactions; _write() issues BEGIN IMMEDIATE itself.
-        conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
+    # -- opening the file --------------------------------------------------------------------------------
+    def _open(self) -> None:
+        """Switch to WAL and create the schema, retrying while another process does the same.
+
+        SQLite does not apply the busy timeout to ``PRAGMA journal_mode``, so a fleet opening a new file
+        at once would see SQLITE_BUSY within a millisecond: retry with back-off within ``timeout``.
+        """
+        deadline = time.monotonic() + self.timeout
+        delay = 0.001
+        conn = self._checkout("open the database")
         try:
-            conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
-            # FULL: a committed rotation survives power loss; the old refresh token is already dead.
-            conn.execute("PRAGMA synchronous = FULL")
+            while True:
+                try:
+                    self._init_schema(conn)
+                    break
+                except sqlite3.OperationalError as exc:
+                    if not _is_busy(exc) or time.monotonic() + delay > deadline:
+                        raise
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.05)
+        except sqlite3.Error as exc:
+            conn.close()
+            raise self._error("open the database", exc) from exc
         except BaseException:
             conn.close()
             raise
-        return conn
+        self._checkin(conn, True)
 
     def _init_schema(self, conn: sqlite3.Connection) -> None:
         if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
@@ -301,61 +750,89 @@ class SQLiteStorage(Storage):
                     f"could not switch the SQLite token store {self.path} to WAL mode (it is in {mode!r} "
                     "mode); put it on a local filesystem that supports shared memory"
                 )
-        found = conn.execute("PRAGMA user_version").fetchone()[0]
-        if found > SCHEMA_VERSION:
-            raise StorageError(
-                f"the SQLite token store {self.path} was written by a newer httpx-upstream-auth (schema "
-                f"{found}, this version reads up to {SCHEMA_VERSION}); upgrade, or use another file"
-            )
-        if found == SCHEMA_VERSION:
+        if self._schema_is_current(conn):
             return
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for statement in _SCHEMA:
-                conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            found = conn.execute("PRAGMA user_version").fetchone()[0]  # again, under the write lock
+            if found < SCHEMA_VERSION:
+                if found == 1:  # version 1 leases were on the wall clock: they only lived seconds anyway
+                    conn.execute("DROP TABLE IF EXISTS leases")
+                for statement in _SCHEMA:
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
 
-    def _create_file(self) -> None:
-        # Create the file ourselves so it is born 0600: SQLite would create it 0644 (less the umask).
+    def _schema_is_current(self, conn: sqlite3.Connection) -> bool:
+        found = conn.execute("PRAGMA user_version").fetchone()[0]
+        if found > SCHEMA_VERSION:
+            raise StorageError(
+                f"the SQLite token store {self.path} was written by a newer httpx-upstream-auth (schema "
+                f"{found}, this version reads up to {SCHEMA_VERSION}); upgrade, or use another file"
+            )
+        return bool(found == SCHEMA_VERSION)
+
+    def _secure_file(self) -> tuple[int, int]:
+        """Create the file 0600, or make sure an existing one is this user's and private; (st_dev, st_ino)."""
         try:
+            # Create it ourselves so it is born 0600: SQLite would create it 0644 (less the umask).
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
-            return
+            pass
         except OSError as exc:
             raise StorageError(
                 f"cannot create the SQLite token store {self.path} ({exc.strerror}); check that its "
                 "directory exists and is writable by this user"
             ) from exc
-        os.close(fd)
+        else:
+            os.close(fd)
+        found = self._make_private(self.path)
+        assert found is not None  # it exists: we created it or found it
+        self._check_companions()  # before SQLite opens them: a planted -wal would receive the tokens
+        return found.st_dev, found.st_ino
 
-    def _tighten_companions(self) -> None:
-        # SQLite gives -wal and -shm the main file's mode; this also covers files made by older code.
+    def _check_companions(self) -> None:
+        for suffix in ("-wal", "-shm", "-journal"):
+            self._make_private(self.path + suffix)
+
+    def _make_private(self, path: str) -> os.stat_result | None:
+        """Refuse a file another user owns (or that is not a regular file); tighten ours to 0600."""
         try:
-            allowed = stat.S_IMODE(os.stat(self.path).st_mode)
-            for suffix in ("-wal", "-shm"):
-                companion = self.path + suffix
-                with contextlib.suppress(FileNotFoundError):
-                    mode = stat.S_IMODE(os.stat(companion).st_mode)
-                    if mode & ~allowed:
-                        os.chmod(companion, mode & allowed)
-        except OSError:
-            pass  # not ours to change (another user's file): SQLite's own mode handling stands
-
-    def _purge_if_due(self, conn: sqlite3.Connection, now: float) -> None:
-        if now < self._next_purge:
-            return
-        self._next_purge = now + _PURGE_INTERVAL
-        conn.execute("DELETE FROM entries WHERE expires_at_retention <= ?", (now,))
-        conn.execute("DELETE FROM leases WHERE expires_at <= ?", (now,))
+            found = os.stat(path)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StorageError(
+                f"cannot inspect the SQLite token store file {path} ({exc.strerror}); check that its "
+                "directory is readable by this user"
+            ) from exc
+        if not stat.S_ISREG(found.st_mode):
+            raise StorageError(f"the SQLite token store {path} is not a regular file; choose another path")
+        uid = getattr(os, "geteuid", lambda: None)()
+        if uid is not None and found.st_uid != uid:
+            raise StorageError(
+                f"refusing the SQLite token store {path}: it belongs to user id {found.st_uid}, not to this "
+                f"user ({uid}), who could then read or replace the refresh tokens in it; remove it, or keep "
+                "the store in a directory only this user can write to"
+            )
+        if stat.S_IMODE(found.st_mode) & 0o077:
+            try:
+                os.chmod(path, 0o600)
+            except OSError as exc:
+                raise StorageError(
+                    f"the SQLite token store {path} is readable by other users (mode "
+                    f"{stat.S_IMODE(found.st_mode):o}) and could not be made private ({exc.strerror}); "
+                    "chmod 600 it"
+                ) from exc
+        return found
 
     def _error(self, what: str, exc: sqlite3.Error) -> StorageError:
         # sqlite3 messages never contain bound parameters, so no token can leak through them.
-        if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc).lower():
+        if isinstance(exc, sqlite3.OperationalError) and _is_busy(exc):
             return StorageError(
                 f"could not {what}: the SQLite token store {self.path} stayed locked by another writer for "
                 f"more than {self.timeout:g}s; retry, or raise SQLiteStorage(timeout=...)"
@@ -366,8 +843,40 @@ class SQLiteStorage(Storage):
         )
 
 
-def _ids(key: EntryKey) -> tuple[str, str]:
-    return key.provider_id, key.session_id
+def _open_connection(path: str, timeout: float) -> sqlite3.Connection:
+    # isolation_level=None: no implicit transactions; _write() issues BEGIN IMMEDIATE itself.
+    conn = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+        # FULL: a committed rotation survives power loss; the old refresh token is already dead.
+        conn.execute("PRAGMA synchronous = FULL")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return bool(code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED))
+    return "locked" in str(exc).lower() or "busy" in str(exc).lower()
+
+
+def _text(part: str) -> str | bytes:
+    """An id as SQLite can bind it: text, or (for ids with lone surrogates) their bytes as a BLOB. Text
+    and BLOB values never compare equal, so the mapping stays one-to-one."""
+    if part.isascii():
+        return part
+    try:
+        part.encode("utf-8")
+    except UnicodeEncodeError:
+        return part.encode("utf-8", "surrogatepass")
+    return part
+
+
+def _ids(key: EntryKey) -> tuple[str | bytes, str | bytes]:
+    return _text(key.provider_id), _text(key.session_id)
 
 
 def _data_version(conn: sqlite3.Connection) -> int:

@@ -57,7 +57,11 @@ class Need:
         tokens = outcome.tokens
         if tokens is None or tokens.access_token == self.rejected:
             return False
-        return outcome.refreshed or outcome.fallback or state.is_fresh(tokens)
+        if outcome.refreshed:
+            # Even a token too short-lived to count as fresh, but not one born expired (an answer that
+            # rotated the refresh token without a usable access token): the next flight redeems the new one.
+            return tokens.expires_at is None or state.clock.time() < tokens.expires_at
+        return outcome.fallback or state.is_fresh(tokens)
 
 
 def _digest(secret: str) -> bytes:
@@ -241,10 +245,13 @@ class ManagerState:
         table = self._reads if reads else self._flights
         with self._lock:
             flight = table.get(key)
-            if flight is not None:
+            if flight is not None and flight.alive():
                 return flight, False
-            flight = table[key] = Flight(self._epochs.get(key.session_id, self._epoch_floor))
-            return flight, True
+            dead, flight = flight, Flight(self._epochs.get(key.session_id, self._epoch_floor))
+            table[key] = flight
+        if dead is not None:
+            dead.finish(Outcome())  # its waiters start over too
+        return flight, True
 
     def end_flight(self, key: EntryKey, flight: Flight, outcome: Outcome, reads: bool = False) -> None:
         """Publish the outcome; later callers start a new flight."""

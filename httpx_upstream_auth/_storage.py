@@ -10,11 +10,13 @@ directly when the backend never blocks (``blocking = False``).
 from __future__ import annotations
 
 import contextlib
+import math
 import secrets
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -46,6 +48,37 @@ class Lease:
 def new_owner() -> str:
     """A random lease owner token."""
     return secrets.token_hex(16)
+
+
+#: The longest lease granted (seconds); longer ttls are cut to it.
+MAX_LEASE_TTL = 3600.0
+_INT64 = 2**63
+
+
+def lease_seconds(ttl: float) -> float:
+    """A lease ttl that is safe to store: positive and finite (else ValueError), at most MAX_LEASE_TTL."""
+    if not (isinstance(ttl, (int, float)) and math.isfinite(ttl) and ttl > 0):
+        raise ValueError(f"a lease ttl must be a positive, finite number of seconds, not {ttl!r}")
+    return min(float(ttl), MAX_LEASE_TTL)
+
+
+def storable(tokens: UpstreamTokens) -> UpstreamTokens:
+    """``tokens`` as a store may keep them: a version from 0 to 2**63 - 1 (else ValueError, before anything
+    is written), and every time finite. An infinite or NaN time means "unknown" and is kept as ``None``:
+    an entry that could not be read back would lose a rotated refresh token."""
+    if not 0 <= tokens.version < _INT64:
+        raise ValueError(f"an entry version must be an integer from 0 to 2**63 - 1, not {tokens.version}")
+    odd: dict[str, Any] = {
+        name: None
+        for name in ("expires_at", "refresh_expires_at", "issued_at")
+        if (value := getattr(tokens, name)) is not None and not math.isfinite(value)
+    }
+    return attrs.evolve(tokens, **odd) if odd else tokens
+
+
+def version_in_range(version: int | None) -> bool:
+    """False for an expected version that no stored entry can have."""
+    return version is None or 0 <= version < _INT64
 
 
 class Storage(ABC):
@@ -88,6 +121,7 @@ class Storage(ABC):
 
         The default serializes workers of this process only; shared backends override it.
         """
+        ttl = lease_seconds(ttl)
         now = time.monotonic()
         with self._leases_lock:
             held = self._leases.get(key)
@@ -104,12 +138,16 @@ class Storage(ABC):
             if held is not None and held[0] == lease.owner:
                 del self._leases[lease.key]
 
-    def renew_lease(self, lease: Lease) -> bool:
-        """Extend a lease we hold to ``lease.ttl`` from now; False when it is no longer ours.
+    def renew_lease(self, lease: Lease) -> bool | None:
+        """Extend a lease we hold to ``lease.ttl`` from now; False when it is no longer ours, ``None`` when
+        this backend cannot renew leases (a third-party store that implements only acquire and release:
+        its leases then live their ttl, so give them one longer than a refresh can take).
 
         The manager renews its lease every third of its ttl while a refresh runs, so a slow provider
         never lets a second process in, while a dead process's lease still runs out.
         """
+        if type(self).acquire_lease is not Storage.acquire_lease:
+            return None  # the lease lives in the backend, which did not say how to extend it
         now = time.monotonic()
         with self._leases_lock:
             held = self._leases.get(lease.key)
@@ -183,7 +221,7 @@ class Storage(ABC):
             return self.release_lease(lease)
         await anyio.to_thread.run_sync(self.release_lease, lease)
 
-    async def arenew_lease(self, lease: Lease) -> bool:
+    async def arenew_lease(self, lease: Lease) -> bool | None:
         """Async twin of :meth:`renew_lease`."""
         if not self.blocking or type(self).renew_lease is Storage.renew_lease:
             return self.renew_lease(lease)

@@ -32,11 +32,13 @@ from ._models import UpstreamTokens
 __all__ = [
     "AsyncDeadline",
     "AsyncLeaseKeeper",
+    "AsyncShield",
     "Flight",
     "Outcome",
     "SameThreadWait",
     "SyncDeadline",
     "SyncLeaseKeeper",
+    "SyncShield",
     "async_sleep",
     "start_async_job",
     "start_sync_job",
@@ -91,7 +93,7 @@ def _copy_error(error: Exception) -> Exception:
 class Flight:
     """One operation in progress for one key."""
 
-    __slots__ = ("_lock", "_outcome", "_wakers", "epoch", "runs_on")
+    __slots__ = ("_lock", "_outcome", "_wakers", "alive", "epoch", "runs_on")
 
     def __init__(self, epoch: int = 0) -> None:
         #: The session's login generation when the work began: its result is stale once that changes.
@@ -102,6 +104,8 @@ class Flight:
         #: The thread whose event loop runs this flight's work, when a task there does it (a blocking
         #: wait on that thread would stop the work it waits for).
         self.runs_on: int | None = None
+        #: False once the work can no longer finish (its event loop was closed without running it).
+        self.alive: Callable[[], bool] = _always
 
     @property
     def done(self) -> bool:
@@ -122,7 +126,7 @@ class Flight:
 
     def outcome(self, timeout: float) -> Outcome | None:
         """Block this thread until the flight ends; ``None`` after ``timeout`` seconds."""
-        if self.runs_on == threading.get_ident() and not self.done:
+        if self.runs_on == threading.get_ident() and not self.done and self.alive():
             raise SameThreadWait(
                 "a blocking call (get_token, a sync httpx client) would wait for a refresh that runs as a task "
                 "on this thread's event loop, which the call blocks: use the async API (aget_token, "
@@ -152,6 +156,10 @@ class Flight:
         return self._outcome
 
 
+def _always() -> bool:
+    return True
+
+
 def _call_soon_threadsafe(fn: Callable[[], None]) -> Callable[[], None]:
     """A callable that runs ``fn`` in the current event loop's thread, callable from any thread."""
     native: Any = anyio.lowlevel.current_token().native_token
@@ -167,9 +175,9 @@ _task_jobs: set[Any] = set()
 
 
 def start_async_job(
-    thread_job: Callable[[], None], task_job: Callable[[], Coroutine[Any, Any, None]], *, in_task: bool
-) -> int | None:
-    """Start a job for an async caller; returns the thread ident of the loop running it as a task, if so.
+    flight: Flight, thread_job: Callable[[], None], task_job: Callable[[], Coroutine[Any, Any, None]], *, in_task: bool
+) -> None:
+    """Start the work of ``flight`` for an async caller.
 
     By default the job runs in a worker thread of its own (``thread_job``): no cancellation of any
     caller reaches it, nor the end of the caller's event loop, and the interpreter waits for it at exit.
@@ -177,29 +185,35 @@ def start_async_job(
     task, or a trio system task): no threads, but it ends with its loop.
     """
     if not in_task:
-        start_sync_job(thread_job, task_job, in_task=False)
-        return None
+        start_sync_job(flight, thread_job, task_job, in_task=False)
+        return
     import sniffio
 
     if sniffio.current_async_library() == "trio":
         import trio
 
+        # Trio cancels system tasks when its run ends, and the job's own clean-up then ends the flight.
         trio.lowlevel.spawn_system_task(task_job)
     else:
         import asyncio
 
-        task = asyncio.get_running_loop().create_task(task_job())
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(task_job())
         _task_jobs.add(task)
         task.add_done_callback(_task_jobs.discard)
-    return threading.get_ident()
+        # loop.close() without running the task to its end leaves it pending forever: later callers
+        # must not wait on it.
+        flight.alive = lambda: not loop.is_closed()
+    flight.runs_on = threading.get_ident()
 
 
-def start_sync_job(thread_job: Callable[[], None], task_job: Callable[[], Any], *, in_task: bool) -> int | None:
-    """Start a job for a sync caller: always in a worker thread of its own (there is no loop to run a task)."""
+def start_sync_job(
+    flight: Flight, thread_job: Callable[[], None], task_job: Callable[[], Any], *, in_task: bool
+) -> None:
+    """Start the work of ``flight`` for a sync caller: always in a worker thread of its own."""
     # Not a daemon: a refresh whose request may have reached the provider must save its result, so the
     # interpreter waits for it at exit (it is bounded by the refresher's timeouts).
     threading.Thread(target=thread_job, name="httpx-upstream-auth-refresh", daemon=False).start()
-    return None
 
 
 async def async_sleep(seconds: float) -> None:
@@ -223,7 +237,7 @@ class AsyncLeaseKeeper:
     pass through unchanged (never wrapped in an exception group).
     """
 
-    def __init__(self, renew: Callable[[], Coroutine[Any, Any, bool]], ttl: float) -> None:
+    def __init__(self, renew: Callable[[], Coroutine[Any, Any, bool | None]], ttl: float) -> None:
         self._renew = renew
         self._interval = max(ttl / 3, 0.001)
         self._group: anyio.abc.TaskGroup | None = None
@@ -249,17 +263,20 @@ class AsyncLeaseKeeper:
         while True:
             await anyio.sleep(self._interval)
             try:
-                if not await self._renew():
-                    self.lost = True
-                    return
+                renewed = await self._renew()
             except Exception:  # the store blipped: the next round tries again before the lease runs out
-                pass
+                continue
+            if renewed is None:  # the store cannot renew: its lease lives its ttl
+                return
+            if not renewed:
+                self.lost = True
+                return
 
 
 class SyncLeaseKeeper:
     """The sync twin of :class:`AsyncLeaseKeeper`: renews from a thread of its own."""
 
-    def __init__(self, renew: Callable[[], bool], ttl: float) -> None:
+    def __init__(self, renew: Callable[[], bool | None], ttl: float) -> None:
         self._renew = renew
         self._interval = max(ttl / 3, 0.001)
         self._stop = threading.Event()
@@ -280,11 +297,48 @@ class SyncLeaseKeeper:
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
             try:
-                if not self._renew():
-                    self.lost = True
-                    return
+                renewed = self._renew()
             except Exception:
-                pass
+                continue
+            if renewed is None:
+                return
+            if not renewed:
+                self.lost = True
+                return
+
+
+class AsyncShield:
+    """Protect a block from cancellation for at most ``timeout`` seconds (anyio and trio scopes; asyncio's
+    own ``Task.cancel`` was already delivered by the time a job needs this, and an ending loop does not
+    repeat it). The bound keeps an ending event loop from waiting forever on a store that hangs."""
+
+    def __init__(self, timeout: float) -> None:
+        self._scope = anyio.CancelScope(shield=True, deadline=anyio.current_time() + timeout)
+
+    def __enter__(self) -> AsyncShield:
+        self._scope.__enter__()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool:
+        return bool(self._scope.__exit__(exc_type, exc, tb))
+
+
+class SyncShield:
+    """The sync twin of :class:`AsyncShield`: nothing cancels a thread, so there is nothing to do (the
+    block's own retries are bounded by the same ``timeout``)."""
+
+    def __init__(self, timeout: float) -> None:
+        del timeout
+
+    def __enter__(self) -> SyncShield:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        return None
 
 
 class AsyncDeadline:

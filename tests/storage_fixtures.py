@@ -33,8 +33,8 @@ import json, sys, time
 from httpx_upstream_auth._models import EntryKey, UpstreamTokens
 
 kind, location, prefix, provider, session, command, *args = sys.argv[1:]
+from httpx_upstream_auth._sqlite import SQLiteStorage
 if kind == "sqlite":
-    from httpx_upstream_auth._sqlite import SQLiteStorage
     storage = SQLiteStorage(location)
 else:
     from httpx_upstream_auth._redis import RedisStorage
@@ -55,6 +55,18 @@ if command == "increment":
         if storage.put(key, new, expected_version=None if current is None else version):
             successes += 1
     say(successes=successes)
+elif command == "delete":  # delete the entry (any version), then say whether it was there
+    say(deleted=storage.delete(key))
+elif command == "open":  # after "go": for each path on stdin, open a store there and say whether it worked
+    while True:
+        path = sys.stdin.readline().strip()
+        if not path:
+            break
+        try:
+            SQLiteStorage(path).close()
+            say(ok=True)
+        except Exception as exc:
+            say(ok=False, error=f"{type(exc).__name__}: {exc}")
 elif command == "write":  # after each "go": sleep, then save version + 1; until stdin closes
     version, delay = int(args[0]), float(args[1])
     while True:
@@ -96,6 +108,8 @@ class Backend:
 
         ``increment N``: N compare-and-set increments, then ``{"successes": k}``. ``write V DELAY``: after
         each line on stdin, wait DELAY, save version V+1 (then V+2…), print ``{"wrote_at": epoch}``.
+        ``delete``: delete the entry, print ``{"deleted": bool}``. ``open``: for each further line (a path),
+        open a SQLiteStorage there and print ``{"ok": bool, "error": ...}``; an empty line ends it.
         """
         kind = "sqlite" if self.name == "sqlite" else "redis"
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}

@@ -19,9 +19,11 @@ import anyio
 import attrs
 import httpx
 import pytest
-from support import SESSION, SSL, Driver, ManagerFactory, expired, put_entry, stored
+from support import SESSION, SSL, Driver, ManagerFactory, UnnotifiedStorage, expired, put_entry, stored
 
 from httpx_upstream_auth import (
+    Binding,
+    BindingMismatch,
     EntryKey,
     MemoryStorage,
     OAuth2Refresher,
@@ -30,6 +32,7 @@ from httpx_upstream_auth import (
     RefreshFailed,
     SQLiteStorage,
     Storage,
+    StorageError,
     TokenManager,
     UpstreamAuthError,
     UpstreamTokens,
@@ -517,3 +520,216 @@ async def test_a_job_that_cannot_start_fails_its_waiters_and_leaves_no_flight(
     assert caught.value.retryable and provider.stats["token_calls"] == 0
     monkeypatch.undo()
     assert (await manager.aget_token(SESSION)).version == entry.version + 1
+
+
+# -- found by the adversarial review ---------------------------------------------------------------------
+
+
+def test_task_job_whose_loop_was_closed_does_not_wedge_the_session(
+    provider: LocalProvider, make_manager: ManagerFactory
+) -> None:
+    """redeem_in="task", and the caller's loop closed (loop.close(), no shutdown) while its refresh was at the
+    provider: later callers on other loops are not left waiting on the dead job, and the consumed refresh
+    token is never presented again from this process."""
+    manager = make_manager(redeem_in="task")
+    put_entry(manager, expired(provider.login()))
+    provider.fail_next("answer_delay:0.5")
+    loop = asyncio.new_event_loop()
+    with pytest.raises(TimeoutError):
+        loop.run_until_complete(asyncio.wait_for(manager.aget_token(SESSION), 0.1))
+    loop.close()
+    with pytest.raises(ReauthenticationRequired):
+        asyncio.run(asyncio.wait_for(manager.aget_token(SESSION), 10))
+    with pytest.raises(ReauthenticationRequired):
+        manager.get_token(SESSION)
+    assert provider.stats["token_calls"] == 1 and provider.stats["refresh_reuse"] == 0
+
+
+class OddRefresher(Refresher):
+    """A custom refresher that redeems the refresh token at the provider, then misbehaves."""
+
+    def __init__(self, inner: OAuth2Refresher, behaviour: str) -> None:
+        self.inner = inner
+        self.behaviour = behaviour
+
+    def _after(self, tokens: UpstreamTokens) -> Any:
+        if self.behaviour == "returns_none":
+            return None
+        if self.behaviour == "returns_dict":
+            return attrs.asdict(tokens)
+        raise KeyboardInterrupt
+
+    def refresh(self, tokens: UpstreamTokens, clock: Any) -> UpstreamTokens:
+        return self._after(self.inner.refresh(tokens, clock))  # type: ignore[no-any-return]
+
+    async def arefresh(self, tokens: UpstreamTokens, clock: Any) -> UpstreamTokens:
+        return self._after(await self.inner.arefresh(tokens, clock))  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("behaviour", ["returns_none", "returns_dict"])
+async def test_custom_refresher_returning_an_odd_object_fails_closed(
+    provider: LocalProvider, make_manager: ManagerFactory, token_url: str, behaviour: str
+) -> None:
+    """A custom refresher that redeemed the token and returned something other than UpstreamTokens: the entry
+    is removed (typed error), so no other worker presents the consumed refresh token."""
+    storage = MemoryStorage()
+    odd = OddRefresher(OAuth2Refresher(token_url, "test-client", "test-secret"), behaviour)
+    manager = make_manager(storage=storage, refresher=odd)
+    other = make_manager(storage=storage)
+    put_entry(manager, expired(provider.login()))
+    with pytest.raises(RefreshFailed):
+        await manager.aget_token(SESSION)
+    with pytest.raises(ReauthenticationRequired):
+        await other.aget_token(SESSION)
+    assert provider.stats["refresh_ok"] == 1 and provider.stats["refresh_reuse"] == 0
+
+
+class MisbehavingStore(MemoryStorage):
+    """A store whose saves fail in ways that are not StorageError."""
+
+    def __init__(self, failure: str) -> None:
+        super().__init__()
+        self.failure = failure
+        self.armed = False
+
+    def put(self, key: EntryKey, tokens: UpstreamTokens, *, expected_version: int | None) -> bool:
+        if self.armed and self.failure == "raises":
+            raise ConnectionError("the store went away")
+        if self.armed and self.failure == "returns_none":
+            return None  # type: ignore[return-value]
+        return super().put(key, tokens, expected_version=expected_version)
+
+
+@pytest.mark.parametrize("failure", ["raises", "returns_none"])
+async def test_a_store_failing_oddly_during_the_save_fails_closed(
+    provider: LocalProvider, make_manager: ManagerFactory, failure: str
+) -> None:
+    """A save of rotated tokens that fails with a non-StorageError exception, or a store that answers None:
+    retried, then the entry is removed, so no worker presents the consumed refresh token again."""
+    storage = MisbehavingStore(failure)
+    manager = make_manager(storage=storage, refresh_timeout=0.3)
+    other = make_manager(storage=storage)
+    put_entry(manager, expired(provider.login()))
+    storage.armed = True
+    with pytest.raises(StorageError):
+        await manager.aget_token(SESSION)
+    storage.armed = False
+    with pytest.raises(ReauthenticationRequired):
+        await other.aget_token(SESSION)
+    assert provider.stats["refresh_ok"] == 1 and provider.stats["refresh_reuse"] == 0
+
+
+class OwnLeaseStore(MemoryStorage):
+    """A third-party store with leases of its own and no renew_lease (an optional capability)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: dict[EntryKey, str] = {}
+
+    def acquire_lease(self, key: EntryKey, ttl: float) -> Any:
+        if key in self.held:
+            return None
+        lease = super().acquire_lease(key, ttl)
+        assert lease is not None
+        self.held[key] = lease.owner
+        return lease
+
+    def release_lease(self, lease: Any) -> None:
+        self.held.pop(lease.key, None)
+
+
+async def test_a_store_without_lease_renewal_still_refreshes(
+    provider: LocalProvider, make_manager: ManagerFactory
+) -> None:
+    """A third-party store that implements acquire and release but not the optional renew_lease: the refresh
+    goes through once (its lease simply lives its ttl)."""
+    manager = make_manager(storage=OwnLeaseStore())
+    entry = put_entry(manager, expired(provider.login()))
+    assert (await manager.aget_token(SESSION)).version == entry.version + 1
+    assert provider.stats["token_calls"] == 1
+
+
+async def _trickle(scope: Scope, receive: Receive, send: Send) -> None:
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+    for _ in range(40):
+        await send({"type": "http.response.body", "body": b" ", "more_body": True})
+        await anyio.sleep(0.05)
+    await send({"type": "http.response.body", "body": b"{}"})
+
+
+async def test_a_trickling_token_endpoint_is_bounded_by_the_refresher_timeout(
+    provider: LocalProvider, make_manager: ManagerFactory
+) -> None:
+    """A token endpoint that answers 200 one byte at a time, each within the read timeout: the exchange is cut
+    at the refresher's timeout as a whole, and since a 200 may carry rotated tokens, the entry is removed."""
+    with ServerThread(_trickle) as slow:
+        refresher = OAuth2Refresher(slow.url + "/token", "test-client", "test-secret", timeout=0.5)
+        manager = make_manager(refresher=refresher)
+        put_entry(manager, expired(provider.login()))
+        with pytest.raises(ReauthenticationRequired):
+            await manager.aget_token(SESSION)
+    assert stored(manager) is None
+
+
+def _no_access_token(data: dict[str, Any]) -> bytes:
+    return json.dumps({"refresh_token": data["refresh_token"], "expires_in": 60}).encode()
+
+
+async def test_an_answer_without_access_token_never_hands_out_an_expired_one(
+    provider: LocalProvider, make_manager: ManagerFactory
+) -> None:
+    """A 200 that rotates the refresh token but carries no access token: the caller does not get the old
+    (expired) access token; the next flight redeems the NEW refresh token, and nothing is presented twice."""
+    rewritten = {"count": 0}
+
+    def first_only(data: dict[str, Any]) -> bytes:
+        rewritten["count"] += 1
+        return _no_access_token(data) if rewritten["count"] == 1 else json.dumps(data).encode()
+
+    with ServerThread(RewrittenAnswers(provider, first_only)) as odd:
+        manager = make_manager(refresher=OAuth2Refresher(odd.url + "/token", "test-client", "test-secret"))
+        entry = put_entry(manager, expired(provider.login()))
+        tokens = await manager.aget_token(SESSION)
+    assert tokens.expires_at is not None and tokens.expires_at > (entry.expires_at or 0) + 30
+    assert provider.stats["refresh_ok"] == 2 and provider.stats["refresh_reuse"] == 0
+
+
+async def test_binding_is_checked_before_a_refresh_on_a_401(
+    provider: LocalProvider, make_manager: ManagerFactory, server: ServerThread
+) -> None:
+    """A request for alice gets a 401 after the session was handed to bob: BindingMismatch is raised before
+    any token request (bob's grant is not refreshed on alice's behalf)."""
+    manager = make_manager(storage=UnnotifiedStorage())
+    await manager.astore(SESSION, provider.login(sub="alice"))
+    auth = manager.auth(SESSION, expect=Binding(upstream_subject="alice"))
+    flow = auth.async_auth_flow(httpx.Request("GET", server.url + "/api/me"))
+    request = await flow.__anext__()
+    put_entry(manager, expired(provider.login(sub="bob")))
+    with pytest.raises(BindingMismatch):
+        await flow.asend(httpx.Response(401, request=request))
+    assert provider.stats["token_calls"] == 0
+
+
+class AsyncOnlyRefresher(OAuth2Refresher):
+    """A refresher written for async code only."""
+
+    def refresh(self, tokens: UpstreamTokens, clock: Any) -> UpstreamTokens:
+        raise NotImplementedError
+
+
+async def test_an_async_only_refresher_in_thread_jobs_sends_nothing_and_keeps_the_entry(
+    provider: LocalProvider, make_manager: ManagerFactory, token_url: str
+) -> None:
+    """A refresher whose sync refresh() is not implemented, with the default thread jobs: a typed error that
+    says what to do, nothing sent, the entry kept; with redeem_in="task" it refreshes."""
+    entry = put_entry(make_manager(), expired(provider.login()))
+    refresher = AsyncOnlyRefresher(token_url, "test-client", "test-secret")
+    threads = make_manager(refresher=refresher)
+    put_entry(threads, entry)
+    with pytest.raises(RefreshFailed, match="redeem_in"):
+        await threads.aget_token(SESSION)
+    assert stored(threads) is not None and provider.stats["token_calls"] == 0
+    tasks = make_manager(refresher=refresher, storage=threads.storage, redeem_in="task")
+    assert (await tasks.aget_token(SESSION)).refresh_token != entry.refresh_token

@@ -141,6 +141,63 @@ def test_retention_follows_refresh_token_else_default(backend: Backend) -> None:
     assert store.delete(default) is False
 
 
+def test_absurd_refresh_lifetimes_mean_unknown(backend: Backend) -> None:
+    """An infinite, NaN or absurd refresh_expires_at is saved (no OverflowError) and kept for the default retention."""
+    store = backend.make(retention=0.3)
+    heard: list[str | None] = []
+    unsubscribe = store.subscribe(heard.append)
+    odd = {"inf": float("inf"), "nan": float("nan"), "huge": 1e300, "past-pexpireat": 9.3e15, "ten-years": 4e9}
+    for name, value in odd.items():
+        key = EntryKey("github", f"odd-{name}")
+        assert store.put(key, tokens(1, refresh_expires_at=value), expected_version=None), name
+        found = store.get(key)
+        assert found is not None and found.version == 1, name
+        if value != value or value == float("inf"):  # NaN, inf: kept as unknown, so the entry stays readable
+            assert found.refresh_expires_at is None, name
+        assert store.put(key, tokens(2, refresh_expires_at=value), expected_version=1), name
+    assert heard.count(EntryKey("github", "odd-inf").digest) == 2, "each save is reported"
+    time.sleep(0.45)
+    for name in odd:
+        assert store.get(EntryKey("github", f"odd-{name}")) is None, f"{name}: the default retention applies"
+    if unsubscribe is not None:
+        unsubscribe()
+
+
+def test_versions_compare_exactly_beyond_2_53(storage: Storage) -> None:
+    """Versions near and above 2**53 (and clock-derived ones) are stored and compared exactly."""
+    login = 1_800_000_000_000_000  # a login's first version: the clock in microseconds
+    assert storage.put(KEY, tokens(login), expected_version=None)
+    assert storage.put(KEY, tokens(login + 1), expected_version=login)
+    assert storage.put(KEY, tokens(2**53 + 1), expected_version=login + 1)
+    assert storage.put(KEY, tokens(2**53 + 2), expected_version=2**53) is False, "2**53 must not match 2**53 + 1"
+    assert storage.delete(KEY, expected_version=2**53) is False
+    assert storage.put(KEY, tokens(2**63 - 1), expected_version=2**53 + 1)
+    assert storage.get(KEY) == tokens(2**63 - 1)
+    assert storage.put(KEY, tokens(1), expected_version=2**63) is False
+    assert storage.delete(KEY, expected_version=2**63 - 1) is True
+
+
+def test_versions_outside_0_to_2_63_are_refused(backend: Backend) -> None:
+    """A version no store can hold exactly raises ValueError before anything is written."""
+    if backend.name == "memory":
+        pytest.skip("memory storage keeps Python ints as they are")
+    store = backend.make()
+    for version in (2**63, -1):
+        with pytest.raises(ValueError, match="2\\*\\*63"):
+            store.put(KEY, tokens(version), expected_version=None)
+    assert store.get(KEY) is None
+
+
+def test_session_ids_with_lone_surrogates_are_distinct_entries(storage: Storage) -> None:
+    """Session ids that are not valid UTF-8 text (lone surrogates) work, and do not collide with look-alikes."""
+    odd, replaced = EntryKey("github", "lone-\udc00"), EntryKey("github", "lone-\ufffd")
+    assert storage.put(odd, tokens(1), expected_version=None)
+    assert storage.put(replaced, tokens(2), expected_version=None)
+    assert storage.get(odd) == tokens(1) and storage.get(replaced) == tokens(2)
+    assert storage.delete(odd, expected_version=1)
+    assert storage.get(odd) is None and storage.get(replaced) == tokens(2)
+
+
 # -- leases -----------------------------------------------------------------------------------------------
 def test_lease_is_exclusive_and_release_is_owner_checked(storage: Storage) -> None:
     """One holder at a time per key; only the holder's release frees it."""
@@ -168,6 +225,50 @@ def test_expired_lease_can_be_taken_and_its_old_holder_cannot_release_the_new_on
     storage.release_lease(stale)
     assert storage.acquire_lease(KEY, 5.0) is None
     storage.release_lease(fresh)
+
+
+def test_renew_extends_only_our_live_lease(storage: Storage) -> None:
+    """renew_lease keeps our lease past its first ttl; a stranger's, a released or an expired lease is not renewed."""
+    lease = storage.acquire_lease(KEY, 1.0)
+    assert lease is not None
+    assert storage.renew_lease(Lease(KEY, "not-the-owner", 5.0)) is False
+    time.sleep(0.6)
+    assert storage.renew_lease(lease) is True
+    time.sleep(0.6)  # past the first ttl, within the renewed one
+    assert storage.acquire_lease(KEY, 5.0) is None
+    storage.release_lease(lease)
+    assert storage.renew_lease(lease) is False
+    short = storage.acquire_lease(KEY, 0.1)
+    assert short is not None
+    time.sleep(0.2)
+    assert storage.renew_lease(short) is False, "a lease that ran out is not brought back"
+    other = storage.acquire_lease(KEY, 5.0)
+    assert other is not None
+    storage.release_lease(other)
+
+
+@pytest.mark.anyio  # on asyncio and trio: conftest parametrizes anyio_backend
+async def test_arenew_lease_follows_the_contract(storage: Storage) -> None:
+    """arenew_lease renews our lease and refuses a stranger's, under asyncio and trio."""
+    lease = await storage.aacquire_lease(KEY, 5.0)
+    assert lease is not None
+    assert await storage.arenew_lease(lease) is True
+    assert await storage.arenew_lease(Lease(KEY, "not-the-owner", 5.0)) is False
+    await storage.arelease_lease(lease)
+    assert await storage.arenew_lease(lease) is False
+
+
+def test_lease_ttl_must_be_positive_and_finite(backend: Backend) -> None:
+    """A zero, negative, infinite or NaN lease ttl raises ValueError on every shared backend (no 1 ms lease)."""
+    if backend.name == "memory":
+        pytest.skip("memory storage uses the Storage default, which takes any ttl")
+    store = backend.make()
+    for ttl in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="lease ttl"):
+            store.acquire_lease(KEY, ttl)
+    lease = store.acquire_lease(KEY, 1e12)  # absurdly long: granted, cut to the longest allowed
+    assert lease is not None
+    store.release_lease(lease)
 
 
 # -- watch ------------------------------------------------------------------------------------------------
@@ -262,6 +363,82 @@ async def test_awatch_is_cancellable(storage: Storage) -> None:
     assert time.monotonic() - started < 0.6
     # The storage is still usable afterwards.
     assert await storage.aput(KEY, tokens(2), expected_version=1)
+
+
+# -- subscribe --------------------------------------------------------------------------------------------
+def test_subscribe_reports_this_objects_saves_and_deletes_until_unsubscribed(storage: Storage) -> None:
+    """Each save and delete through the storage calls the subscriber once with the key's digest."""
+    heard: list[str | None] = []
+    unsubscribe = storage.subscribe(heard.append)
+    assert unsubscribe is not None
+    storage.put(KEY, tokens(1), expected_version=None)
+    assert storage.put(KEY, tokens(9), expected_version=5) is False  # no write, no report
+    storage.delete(KEY)
+    assert heard == [KEY.digest, KEY.digest]
+    unsubscribe()
+    storage.put(KEY, tokens(1), expected_version=None)
+    assert heard == [KEY.digest, KEY.digest]
+
+
+def test_subscribe_hears_another_process_delete_once_and_in_order(backend: Backend) -> None:
+    """Another process's delete reaches the callback with the digest, after our save, reported once (no echo)."""
+    if not backend.shared_across_processes:
+        pytest.skip("memory storage is not shared between processes")
+    store = backend.make()
+    heard: list[str | None] = []
+    deleted = threading.Event()
+
+    def on_change(digest: str | None) -> None:
+        heard.append(digest)
+        if len(heard) >= 2:
+            deleted.set()
+
+    unsubscribe = store.subscribe(on_change)
+    assert unsubscribe is not None
+    with backend.worker(KEY.provider_id, KEY.session_id, "delete") as worker:
+        assert read_json(worker) == {"ready": True}
+        assert store.put(KEY, tokens(1), expected_version=None)
+        go(worker)
+        assert read_json(worker) == {"deleted": True}
+        assert deleted.wait(10.0), f"the other process's delete was not reported: {heard}"
+    assert heard == [KEY.digest, KEY.digest]
+    unsubscribe()
+
+
+def test_subscribe_hears_every_save_of_other_processes(backend: Backend) -> None:
+    """4 processes racing compare-and-set: the subscriber hears exactly one digest per successful save."""
+    if not backend.shared_across_processes:
+        pytest.skip("memory storage is not shared between processes")
+    store = backend.make()
+    heard: list[str | None] = []
+    unsubscribe = store.subscribe(heard.append)
+    assert unsubscribe is not None
+    with contextlib.ExitStack() as stack:
+        workers = [
+            stack.enter_context(backend.worker(KEY.provider_id, KEY.session_id, "increment", "25")) for _ in range(4)
+        ]
+        for worker in workers:
+            assert read_json(worker) == {"ready": True}
+        for worker in workers:
+            go(worker)
+        saves = sum(read_json(worker)["successes"] for worker in workers)
+    deadline = time.monotonic() + 20
+    while len(heard) < saves and time.monotonic() < deadline:
+        time.sleep(0.01)
+    unsubscribe()
+    assert heard == [KEY.digest] * saves
+
+
+@pytest.mark.anyio  # on asyncio and trio: conftest parametrizes anyio_backend
+async def test_subscribe_hears_async_writes(storage: Storage) -> None:
+    """Saves and deletes through the async twins are reported too, under asyncio and trio."""
+    heard: list[str | None] = []
+    unsubscribe = storage.subscribe(heard.append)
+    assert unsubscribe is not None
+    await storage.aput(KEY, tokens(1), expected_version=None)
+    await storage.adelete(KEY, expected_version=1)
+    assert heard[:2] == [KEY.digest, KEY.digest]
+    unsubscribe()
 
 
 # -- async twins ------------------------------------------------------------------------------------------
@@ -540,15 +717,16 @@ def test_redis_cluster_node_outage_raises_storage_error_fast_and_recovers(redis_
     store.close()
 
 
-def test_redis_keys_share_one_cluster_slot() -> None:
-    """Entry, lease and channel of a key hash to one Cluster slot, whatever braces the ids hold."""
+def test_redis_keys_share_one_cluster_slot_and_never_name_the_session() -> None:
+    """Entry and lease of a key hash to one Cluster slot, named by the key's digest: no session id in them."""
     from redis.crc import key_slot
 
     store = RedisStorage.from_url(UNUSED_URL, prefix="hua")  # builds keys, never connects
-    for key in (KEY, EntryKey("{x}", "}y{"), EntryKey("a:b", "c")):
-        names = [store._entry_key(key), store._lease_key(key), store._channel(key)]
+    for key in (KEY, EntryKey("{x}", "}session-y{"), EntryKey("a:b", "session:c"), EntryKey("gh", "lone-\udc00")):
+        names = [store._entry_key(key), store._lease_key(key)]
         assert len({key_slot(name.encode()) for name in names}) == 1
-    assert store._entry_key(EntryKey("gh{x}", "s:1")) == "hua:{gh%7Bx%7D:s%3A1}:entry"
+        assert all(key.session_id not in name for name in names)
+    assert store._entry_key(KEY) == f"hua:{{{KEY.digest}}}:entry"
     with pytest.raises(ValueError, match="prefix"):
         RedisStorage.from_url(UNUSED_URL, prefix="a{b}")
     store.close()
@@ -625,7 +803,7 @@ def test_redis_refusals_never_echo_tokens(monkeypatch: pytest.MonkeyPatch) -> No
             "unknown command 'EVALSHA', with args beginning with: 'x' '{\"access_token\":\"secret-access-1\"'"
         )
 
-    monkeypatch.setattr(store, "_cas", refuse)
+    monkeypatch.setitem(store._scripts, "cas", refuse)
     with pytest.raises(StorageError, match="refused") as caught:
         store.put(KEY, tokens(1), expected_version=None)
     assert "secret" not in str(caught.value) and caught.value.__cause__ is None
@@ -642,3 +820,17 @@ def test_redis_module_imports_without_redis_and_names_the_extra() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=30)
     assert result.returncode == 0, result.stderr
     assert "pip install 'httpx-upstream-auth[redis]'" in result.stdout
+
+
+def test_retention_deadline_is_finite_and_falls_back_to_the_default() -> None:
+    """Infinite, NaN and absurd lifetimes mean unknown; the default retention is clamped; the past stays past."""
+    from httpx_upstream_auth._policy import retention_deadline
+
+    now, ten_years = 1.8e9, 10 * 365 * 24 * 3600.0
+    for odd in (float("inf"), float("nan"), 1e300, now + ten_years + 1, None):
+        assert retention_deadline(tokens(1, refresh_expires_at=odd), now, 60.0) == now + 60.0
+    assert retention_deadline(tokens(1, refresh_expires_at=now + 3600), now, 60.0) == now + 3600
+    assert retention_deadline(tokens(1, refresh_expires_at=-1e300), now, 60.0) == 0.0
+    assert retention_deadline(tokens(1), now, float("inf")) == now + ten_years
+    assert retention_deadline(tokens(1), now, float("nan")) == now
+    assert retention_deadline(tokens(1), now, -5.0) == now

@@ -7,21 +7,31 @@ request body and whatever part of the answer had arrived, and error reporters re
 
 from __future__ import annotations
 
+import time
+
 import httpx
 
 from .._exceptions import RefreshFailed
-from .._oauth import RefreshRequest, TokenAnswer, oversize_failure, transport_failure
+from .._oauth import RefreshRequest, TokenAnswer, oversize_failure, slow_failure, transport_failure
 
 
-async def send_refresh_request(client: httpx.AsyncClient, request: RefreshRequest, max_bytes: int) -> TokenAnswer:
-    """POST the request, never following a redirect; return the answer or raise :class:`RefreshFailed`."""
-    outcome = await _exchange(client, request, max_bytes)
+async def send_refresh_request(
+    client: httpx.AsyncClient, request: RefreshRequest, max_bytes: int, total_timeout: float
+) -> TokenAnswer:
+    """POST the request, never following a redirect; return the answer or raise :class:`RefreshFailed`.
+
+    The answer must be complete within ``total_timeout`` seconds: httpx's timeouts bound each read, and
+    an endpoint trickling its answer would otherwise hold the refresh (and its lease) without end.
+    """
+    outcome = await _exchange(client, request, max_bytes, time.monotonic() + total_timeout, total_timeout)
     if isinstance(outcome, RefreshFailed):
         raise outcome from None
     return outcome
 
 
-async def _exchange(client: httpx.AsyncClient, request: RefreshRequest, max_bytes: int) -> TokenAnswer | RefreshFailed:
+async def _exchange(
+    client: httpx.AsyncClient, request: RefreshRequest, max_bytes: int, deadline: float, total_timeout: float
+) -> TokenAnswer | RefreshFailed:
     status_code: int | None = None
     outcome: TokenAnswer | RefreshFailed | None = None
     try:
@@ -35,6 +45,9 @@ async def _exchange(client: httpx.AsyncClient, request: RefreshRequest, max_byte
                 body += chunk
                 if len(body) > max_bytes:
                     outcome = oversize_failure(status_code, max_bytes)
+                    break
+                if time.monotonic() > deadline:
+                    outcome = slow_failure(status_code, total_timeout)
                     break
             else:
                 outcome = TokenAnswer(status_code, bytes(body))

@@ -26,6 +26,7 @@ from .._state import ManagerState, Need, describe, logger
 from .._synchronization import (
     AsyncDeadline,
     AsyncLeaseKeeper,
+    AsyncShield,
     Flight,
     Outcome,
     SameThreadWait,
@@ -72,14 +73,14 @@ class AsyncTokenOps:
         key = state.key(session_id)
         state.forget(key, rejected)
         need = Need(rejected)
+        tokens = await self._shared_read(key)
+        state.check_binding(tokens, expect)  # before anything is sent, the token request included
         if state.is_distrusted(session_id, rejected):
             # Refreshing again would not help; only a token another worker saved meanwhile might.
-            tokens = await self._shared_read(key)
-            if not self._usable(need, tokens):
-                return None
-        else:
+            return tokens if self._usable(need, tokens) else None
+        if not need.satisfied_by(tokens, state):
             tokens = await self._refreshed(key, need)
-        state.check_binding(tokens, expect)
+            state.check_binding(tokens, expect)
         return tokens
 
     def distrust(self, session_id: str, access_token: str) -> None:
@@ -183,7 +184,7 @@ class AsyncTokenOps:
             await self.run_flight(key, need, flight)
 
         try:
-            flight.runs_on = start_async_job(thread_job, task_job, in_task=state.redeem_in == "task")
+            start_async_job(flight, thread_job, task_job, in_task=state.redeem_in == "task")
         except RuntimeError as exc:  # no thread could be started (resource limits, interpreter shutdown)
             failure = RefreshFailed(f"could not start the refresh ({exc}); retry the request", retryable=True)
             state.end_flight(key, flight, Outcome(error=failure))
@@ -239,8 +240,14 @@ class AsyncTokenOps:
                         return early
                     # The reads may have been slow: make sure the lease is still ours, for a full ttl, at the
                     # moment the refresh token leaves; the keeper renews it from then on.
-                    if not await state.storage.arenew_lease(lease):
+                    if await state.storage.arenew_lease(lease) is False:
                         logger.debug("refresh of %s: lease lost before sending; starting over", describe(key))
+                        if state.clock.monotonic() > give_up:
+                            raise RefreshFailed(
+                                "the refresh lease kept running out before the refresh could start (a slow "
+                                "store?); retry the request",
+                                retryable=True,
+                            )
                         continue
                     return await self._redeem(key, need, current, epoch)
             finally:
@@ -288,10 +295,25 @@ class AsyncTokenOps:
         # process unless we learn it was not consumed.
         state.mark_consumed(current.refresh_token)
         try:
+            return await self._redeem_marked(key, need, current, epoch)
+        except Exception:
+            raise  # each failure below already saved, removed or kept the entry as it should
+        except BaseException:
+            # Stopped for good (the event loop is ending, the interpreter is exiting) after the request may
+            # have left: fail closed while we still can, so no other process presents the token again.
+            with AsyncShield(state.refresh_timeout):
+                await self._discard(key, current)
+            raise
+
+    async def _redeem_marked(self, key: EntryKey, need: Need, current: UpstreamTokens, epoch: int) -> Outcome:
+        state = self._state
+        assert current.refresh_token is not None
+        try:
             with AsyncDeadline(state.refresh_timeout) as deadline:
-                fresh = await state.refresher.arefresh(current, state.clock)
+                answer = await state.refresher.arefresh(current, state.clock)
             if deadline.expired:
                 raise RefreshFailed("the token endpoint did not answer in time", retryable=True, may_have_rotated=True)
+            fresh = self._checked(answer, current)
         except ReauthenticationRequired:
             # invalid_grant may mean another worker rotated first: use its tokens if so.
             again = await state.storage.aget(key)
@@ -319,27 +341,39 @@ class AsyncTokenOps:
                 "were refused and, since the refresh token was consumed, the entry was removed. Log the user "
                 "in again."
             ) from None
+        except NotImplementedError:
+            # A refresher without this (sync or async) half sent nothing.
+            state.unmark_consumed(current.refresh_token)
+            raise RefreshFailed(
+                "the refresher does not implement refresh() for worker threads; implement it, or use "
+                "TokenManager(redeem_in='task') with an async-only refresher",
+                retryable=False,
+            ) from None
         except Exception as exc:
             # A custom refresher failed in a way that does not say whether the request left: assume it did.
             await self._discard(key, current)
             raise RefreshFailed(
-                f"the refresher raised {type(exc).__name__}, so the refresh token may have been consumed; the "
+                f"the refresher failed ({type(exc).__name__}), so the refresh token may have been consumed; the "
                 "entry was removed. Raise RefreshFailed(may_have_rotated=False) from a custom refresher for "
                 "failures that certainly did not reach the provider. Log the user in again.",
                 retryable=False,
             ) from None
-        # Whatever the refresher did, the binding fields and the version come from the entry it redeemed.
-        fresh = attrs.evolve(
-            fresh,
+        if fresh.refresh_token == current.refresh_token:
+            state.unmark_consumed(current.refresh_token)  # not rotated: it stays valid
+        return await self._save(key, need, current, fresh, epoch)
+
+    def _checked(self, answer: object, current: UpstreamTokens) -> UpstreamTokens:
+        """The refresher's answer as the next entry: binding fields and version from the entry it redeemed."""
+        if not isinstance(answer, UpstreamTokens) or not isinstance(answer.access_token, str):
+            raise TypeError(f"the refresher returned {type(answer).__name__}, not UpstreamTokens")
+        return attrs.evolve(
+            answer,
             provider_id=current.provider_id,
             user_id=current.user_id,
             upstream_subject=current.upstream_subject,
             client_id=current.client_id,
             version=current.version + 1,
         )
-        if fresh.refresh_token == current.refresh_token:
-            state.unmark_consumed(current.refresh_token)  # not rotated: it stays valid
-        return await self._save(key, need, current, fresh, epoch)
 
     def _retry_pauses(self) -> Iterator[float]:
         """Pauses between writes while the store fails, doubling, until the lease stops being renewed:
@@ -360,8 +394,11 @@ class AsyncTokenOps:
         while True:
             try:
                 with state.writing(key):
-                    saved = await state.storage.aput(key, fresh, expected_version=current.version)
-            except StorageError:
+                    saved = bool(await state.storage.aput(key, fresh, expected_version=current.version))
+                if not saved and await self._landed(key, current, fresh) is None:
+                    # Refused, yet nobody else wrote: the store misbehaves. Treat it as a failed write.
+                    raise StorageError("the store refused a compare-and-set on an unchanged entry")
+            except Exception:
                 landed = await self._landed(key, current, fresh)
                 if landed is None:
                     pause = next(pauses, None)
@@ -389,7 +426,7 @@ class AsyncTokenOps:
         """After a failed write: True if it landed anyway, False if someone else wrote, None if unknown."""
         try:
             again = await self._state.storage.aget(key)
-        except StorageError:
+        except Exception:
             return None
         if again is not None and again.version == fresh.version and again.refresh_token == fresh.refresh_token:
             return True
@@ -407,7 +444,7 @@ class AsyncTokenOps:
                 with state.writing(key):
                     await state.storage.adelete(key, expected_version=current.version)
                 return
-            except StorageError:
+            except Exception:
                 pause = next(pauses, None)
                 if pause is None:
                     logger.debug("refresh of %s: could not remove the consumed entry", describe(key))

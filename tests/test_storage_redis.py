@@ -1,0 +1,425 @@
+"""Redis storage in production conditions: odd lifetimes, lost lease answers, event-loop lifecycles, a
+full pool, errors that say what to fix, and what the server's introspection shows (no session id, no token)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from redis_servers import RedisCluster, RedisServer, free_port
+from storage_fixtures import REPO, redis_cluster, redis_server
+from test_storage_contract import tokens
+
+from httpx_upstream_auth._exceptions import StorageError
+from httpx_upstream_auth._models import EntryKey
+from httpx_upstream_auth._redis import RedisStorage
+
+__all__ = ["redis_cluster", "redis_server"]  # fixtures used by the tests below
+
+KEY = EntryKey("github", "session-redis-secret-id")
+
+
+@pytest.fixture
+def own_server() -> Iterator[RedisServer]:
+    """A redis-server of this test's own, for counting connections or pausing it."""
+    server = RedisServer()
+    try:
+        yield server.start()
+    finally:
+        server.cleanup()
+
+
+def _clients(server: RedisServer) -> int:
+    """Connected clients, not counting the redis-cli that asks."""
+    info = server.cli("INFO", "clients")
+    return int(next(line for line in info.splitlines() if line.startswith("connected_clients:")).split(":")[1]) - 1
+
+
+def _prefix() -> str:
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+def test_infinite_and_absurd_refresh_lifetimes_get_a_finite_ttl(redis_server: RedisServer) -> None:
+    """refresh_expires_in of 1e400 (inf) or ~9.3e15 s saves, publishes, and gets a TTL of the default retention."""
+    store = RedisStorage.from_url(redis_server.url, prefix=_prefix(), retention=600)
+    for number, value in enumerate([float("inf"), 9.3e15, 1e300]):
+        key = EntryKey("github", f"odd-{number}")
+        assert store.put(key, tokens(1, refresh_expires_at=value), expected_version=None)
+        ttl_ms = int(redis_server.cli("PTTL", store._entry_key(key)).strip())
+        assert 0 < ttl_ms <= 600_000
+        store.delete(key)
+    store.close()
+
+
+def test_a_lease_set_after_its_acquire_timed_out_is_taken_back(own_server: RedisServer) -> None:
+    """A lease the paused server set after the client timed out is re-taken by that storage's next acquire."""
+    store = RedisStorage.from_url(own_server.url, prefix="lost", socket_timeout=0.2)
+    other = RedisStorage.from_url(own_server.url, prefix="lost")
+    warm = store.acquire_lease(KEY, 60.0)  # loads the script, so the paused call is one EVALSHA
+    assert warm is not None
+    store.release_lease(warm)
+    own_server.pause()
+    try:
+        with pytest.raises(StorageError, match="unreachable"):
+            store.acquire_lease(KEY, 60.0)
+    finally:
+        own_server.resume()
+    deadline = time.monotonic() + 10
+    while own_server.cli("EXISTS", store._lease_key(KEY)).strip() != "1":  # the late SET lands
+        assert time.monotonic() < deadline, "the paused acquire never reached the server"
+        time.sleep(0.01)
+    assert other.acquire_lease(KEY, 60.0) is None
+    again = store.acquire_lease(KEY, 60.0)
+    assert again is not None, "the lease set by the lost call was orphaned"
+    store.release_lease(again)
+    assert other.acquire_lease(KEY, 60.0) is not None
+    store.close()
+    other.close()
+
+
+def test_a_lease_set_by_a_cancelled_acquire_is_taken_back(own_server: RedisServer) -> None:
+    """A lease set by an aacquire_lease cancelled while the server was paused is re-taken by the next acquire."""
+    store = RedisStorage.from_url(own_server.url, prefix="cancel", socket_timeout=5.0)
+
+    async def cancelled() -> None:
+        warm = await store.aacquire_lease(KEY, 60.0)
+        assert warm is not None
+        await store.arelease_lease(warm)
+        own_server.pause()
+        try:
+            with anyio.move_on_after(0.2):
+                await store.aacquire_lease(KEY, 60.0)
+                pytest.fail("the acquire should have been cancelled")
+        finally:
+            own_server.resume()
+
+    anyio.run(cancelled, backend="asyncio")
+    deadline = time.monotonic() + 10
+    while own_server.cli("EXISTS", store._lease_key(KEY)).strip() != "1":
+        assert time.monotonic() < deadline, "the cancelled acquire never reached the server"
+        time.sleep(0.01)
+    again = store.acquire_lease(KEY, 60.0)
+    assert again is not None
+    store.release_lease(again)
+    store.close()
+
+
+LOOPS = r"""
+import asyncio, gc, sys
+from httpx_upstream_auth._models import EntryKey
+from httpx_upstream_auth._redis import RedisStorage
+store = RedisStorage.from_url(sys.argv[1], prefix="loops")
+for _ in range(30):  # run_until_complete + close: no shutdown_asyncgens, nothing tells the storage
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(store.aget(EntryKey("p", "s")))
+    loop.close()
+print(sys.argv[2], flush=True)
+sys.stdin.readline()
+store.close()
+gc.collect()
+print("closed", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_event_loops_closed_without_shutdown_leave_no_client(own_server: RedisServer) -> None:
+    """30 run_until_complete + close loops: one loop's client lingers at most, none after close, no ResourceWarning."""
+    process = subprocess.Popen(
+        [sys.executable, "-X", "dev", "-c", LOOPS, own_server.url, "looped"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+    )  # fmt: skip
+    assert process.stdout is not None and process.stdin is not None
+    assert process.stdout.readline().strip() == "looped"
+    lingering = _clients(own_server)
+    process.stdin.write("\n")
+    process.stdin.flush()
+    assert process.stdout.readline().strip() == "closed"
+    after_close = _clients(own_server)
+    _, stderr = process.communicate("\n", timeout=30)
+    assert process.returncode == 0, stderr
+    assert lingering <= 2, "one client per closed loop leaked"
+    assert after_close == 0
+    assert "ResourceWarning" not in stderr and "unclosed" not in stderr, stderr
+
+
+def test_many_threads_wait_for_a_connection_instead_of_failing(own_server: RedisServer) -> None:
+    """200 threads on 8 connections all succeed within 8 + 1 connections; 90 waiting watchers hold none."""
+    store = RedisStorage.from_url(own_server.url, prefix="pool", max_connections=8)
+    failures: list[BaseException] = []
+    peak = [0]
+
+    def work(number: int) -> None:
+        key = EntryKey("pool", f"s{number}")
+        try:
+            for version in range(1, 6):
+                assert store.put(key, tokens(version), expected_version=None if version == 1 else version - 1)
+                assert store.get(key) == tokens(version)
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(200)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    peak[0] = _clients(own_server)
+    assert peak[0] <= 8 + 1
+
+    watched = [EntryKey("pool", f"w{n}") for n in range(90)]
+    for key in watched:
+        store.put(key, tokens(1), expected_version=None)
+    woke: list[EntryKey] = []
+    watchers = [threading.Thread(target=lambda k=key: (store.watch(k, 1, 30.0), woke.append(k))) for key in watched]
+    for thread in watchers:
+        thread.start()
+    time.sleep(0.3)  # let them all register and wait
+    assert _clients(own_server) <= 8 + 1, "a waiting watcher must not hold a connection"
+    for key in watched:
+        assert store.put(key, tokens(2), expected_version=1)
+    for thread in watchers:
+        thread.join(10)
+    assert sorted(woke, key=watched.index) == watched
+    store.close()
+
+
+def test_many_tasks_wait_for_a_connection_instead_of_failing(own_server: RedisServer) -> None:
+    """200 asyncio tasks on a storage of 8 connections all succeed (the pool waits, it does not raise)."""
+    store = RedisStorage.from_url(own_server.url, prefix="apool", max_connections=8)
+
+    async def work(number: int) -> None:
+        key = EntryKey("apool", f"s{number}")
+        assert await store.aput(key, tokens(1), expected_version=None)
+        assert await store.aget(key) == tokens(1)
+        assert await store.adelete(key, expected_version=1)
+
+    async def main() -> None:
+        async with anyio.create_task_group() as group:
+            for number in range(200):
+                group.start_soon(work, number)
+        await store.aclose()
+
+    anyio.run(main, backend="asyncio")
+
+
+def test_a_cluster_that_is_down_raises_storage_error_at_from_url() -> None:
+    """redis+cluster:// to nodes that do not answer raises StorageError, not RedisClusterException."""
+    with pytest.raises(StorageError, match="could not open the Redis Cluster"):
+        RedisStorage.from_url(f"redis+cluster://127.0.0.1:{free_port()}", socket_timeout=0.2)
+
+
+def test_errors_say_what_to_fix(redis_server: RedisServer) -> None:
+    """A wrong password names the credentials, a missing database number names the URL; not 'unreachable'."""
+    redis_server.cli("ACL", "SETUSER", "pwuser", "on", ">right", "~*", "&*", "+@all")
+    wrong = RedisStorage.from_url(f"redis://pwuser:wrong@127.0.0.1:{redis_server.port}/0")
+    with pytest.raises(StorageError, match="refused the credentials") as caught:
+        wrong.get(KEY)
+    assert "wrong" not in str(caught.value) and "unreachable" not in str(caught.value)
+    wrong.close()
+    missing_db = RedisStorage.from_url(f"redis://127.0.0.1:{redis_server.port}/99")
+    with pytest.raises(StorageError, match="database number") as caught:
+        missing_db.get(KEY)
+    assert "ACL" not in str(caught.value)
+    missing_db.close()
+    redis_server.cli("ACL", "DELUSER", "pwuser")
+
+
+def test_introspection_shows_no_session_id_and_no_token(own_server: RedisServer) -> None:
+    """SCAN, PUBSUB CHANNELS and SLOWLOG (logging every command) never show the session id or a token."""
+    own_server.cli("CONFIG", "SET", "slowlog-log-slower-than", "0")
+    store = RedisStorage.from_url(own_server.url, prefix="private")
+    secret_key = EntryKey("github", "gateway-cookie-0123456789")
+    done = threading.Event()
+    store.put(secret_key, tokens(1), expected_version=None)
+    watcher = threading.Thread(target=lambda: (store.watch(secret_key, 1, 10.0), done.set()))
+    watcher.start()
+    store.put(secret_key, tokens(2), expected_version=1)
+    watcher.join(10)
+    assert done.is_set()
+    store.acquire_lease(secret_key, 5.0)
+    seen = " ".join(
+        own_server.cli(*command)
+        for command in (("--scan",), ("PUBSUB", "CHANNELS"), ("SLOWLOG", "GET", "128"))
+    )  # fmt: skip
+    assert "private:" in seen  # the keys are there, under their digests
+    assert "gateway-cookie" not in seen
+    assert "secret-access" not in seen and "secret-refresh" not in seen
+    store.close()
+
+
+def test_the_cas_never_decodes_the_entry(redis_server: RedisServer) -> None:
+    """A 1 MB entry is compared by its version field alone: no cjson in the scripts, and it round-trips."""
+    from httpx_upstream_auth import _redis
+
+    assert all("cjson" not in source for source in _redis._SCRIPTS.values())
+    store = RedisStorage.from_url(redis_server.url, prefix=_prefix())
+    big = tokens(1, scope="x" * 1_000_000)
+    assert store.put(KEY, big, expected_version=None)
+    assert store.put(KEY, tokens(2), expected_version=1)
+    assert store.get(KEY) == tokens(2)
+    store.close()
+
+
+def test_cluster_subscribers_hear_saves_on_every_node(redis_cluster: RedisCluster) -> None:
+    """A subscriber of one storage hears saves of keys in every slot (one connection for the whole Cluster)."""
+    prefix = _prefix()
+    listener = RedisStorage.from_url(redis_cluster.url, prefix=prefix)
+    writer = RedisStorage.from_url(redis_cluster.url, prefix=prefix)
+    keys = [EntryKey("github", f"node-spread-{n}") for n in range(12)]
+    heard: list[str | None] = []
+    all_heard = threading.Event()
+
+    def on_change(digest: str | None) -> None:
+        heard.append(digest)
+        if len(heard) >= len(keys):
+            all_heard.set()
+
+    unsubscribe = listener.subscribe(on_change)
+    assert unsubscribe is not None
+    slots = {writer._sync.keyslot(writer._entry_key(key)) for key in keys}
+    assert len({writer._sync.nodes_manager.slots_cache[slot][0].name for slot in slots}) > 1
+    for key in keys:
+        assert writer.put(key, tokens(1), expected_version=None)
+    assert all_heard.wait(10)
+    assert sorted(h for h in heard if h is not None) == sorted(key.digest for key in keys)
+    unsubscribe()
+    listener.close()
+    writer.close()
+
+
+def _asyncio_only_loop_count(store: RedisStorage) -> int:
+    return len(store._loops)
+
+
+def test_asyncio_run_closes_its_client(own_server: RedisServer) -> None:
+    """Each asyncio.run's client is closed when that run ends (shutdown_asyncgens), leaving no connection."""
+    store = RedisStorage.from_url(own_server.url, prefix="runs")
+    for _ in range(5):
+        asyncio.run(_touch(store))
+    assert _asyncio_only_loop_count(store) == 0
+    store.close()
+    assert _clients(own_server) == 0
+
+
+async def _touch(store: RedisStorage) -> Any:
+    return await store.aget(KEY)
+
+
+def test_a_failed_tls_certificate_check_says_so(tmp_path: Path) -> None:
+    """rediss:// to a server whose certificate no trusted CA signed: the error names TLS, not an outage."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a certificate")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem")],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    tls_port = free_port()
+    server = RedisServer(
+        extra_args=("--tls-port", str(tls_port), "--tls-cert-file", str(tmp_path / "cert.pem"),
+                    "--tls-key-file", str(tmp_path / "key.pem"), "--tls-auth-clients", "no"),
+    )  # fmt: skip
+    try:
+        server.start()
+        store = RedisStorage.from_url(f"rediss://127.0.0.1:{tls_port}/0", socket_timeout=2.0)
+        with pytest.raises(StorageError, match="TLS handshake") as caught:
+            store.get(KEY)
+        assert "unreachable" not in str(caught.value)
+        store.close()
+    finally:
+        server.cleanup()
+
+
+def test_wait_replicas_saves_reach_the_replica_before_put_returns(
+    own_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With wait_replicas=1 a save is on the replica when put returns; with no replica it still saves, and warns."""
+    lonely = RedisStorage.from_url(own_server.url, prefix="wait", wait_replicas=1, wait_timeout=0.05)
+    with caplog.at_level("WARNING", logger="httpx_upstream_auth"):
+        assert lonely.put(KEY, tokens(1), expected_version=None)
+    assert "reached 0 of 1 replicas" in caplog.text
+    lonely.close()
+    replica = RedisServer(extra_args=("--replicaof", "127.0.0.1", str(own_server.port)))
+    try:
+        replica.start()
+        deadline = time.monotonic() + 20
+        while "master_link_status:up" not in replica.cli("INFO", "replication"):
+            assert time.monotonic() < deadline, "the replica never synced"
+            time.sleep(0.05)
+        store = RedisStorage.from_url(own_server.url, prefix="wait", wait_replicas=1, wait_timeout=1.5)
+        for version in range(2, 12):
+            assert store.put(KEY, tokens(version), expected_version=version - 1)
+            assert replica.cli("HGET", store._entry_key(KEY), "v").strip() == str(version)
+        assert anyio.run(lambda: store.aput(KEY, tokens(12), expected_version=11), backend="asyncio")
+        assert replica.cli("HGET", store._entry_key(KEY), "v").strip() == "12"
+        store.close()
+    finally:
+        replica.cleanup()
+
+
+def test_subscribers_hear_none_after_a_lost_connection_then_changes_again(own_server: RedisServer) -> None:
+    """A server restart makes the subscriber call back None (re-read everything), then it hears saves again."""
+    listener = RedisStorage.from_url(own_server.url, prefix="restart", socket_timeout=0.5)
+    heard: list[str | None] = []
+    lost, again = threading.Event(), threading.Event()
+
+    def on_change(digest: str | None) -> None:
+        heard.append(digest)
+        if digest is None:
+            lost.set()
+        elif lost.is_set():
+            again.set()
+
+    unsubscribe = listener.subscribe(on_change)
+    assert unsubscribe is not None
+    own_server.restart()
+    assert lost.wait(20), "no None after the connection was lost"
+    writer = RedisStorage.from_url(own_server.url, prefix="restart")
+    deadline = time.monotonic() + 20
+    version = 0
+    while not again.wait(0.1):  # saves published before the listener is back are missed: keep saving
+        assert time.monotonic() < deadline, "saves after the restart were never heard"
+        version += 1
+        writer.put(KEY, tokens(version), expected_version=None if version == 1 else version - 1)
+    assert heard[-1] == KEY.digest
+    unsubscribe()
+    listener.close()
+    writer.close()
+
+
+def test_a_silent_pubsub_connection_is_pinged_and_replaced(
+    own_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pub/sub connection that stops answering (frozen server) is found by its PING and replaced; None follows."""
+    from httpx_upstream_auth import _redis
+
+    monkeypatch.setattr(_redis, "_HEALTH_CHECK", 0.3)
+    listener = RedisStorage.from_url(own_server.url, prefix="silent", socket_timeout=0.3)
+    heard: list[str | None] = []
+    back = threading.Event()
+    unsubscribe = listener.subscribe(lambda digest: (heard.append(digest), back.set()))
+    assert unsubscribe is not None
+    subscriber = listener._subscriber
+    assert subscriber is not None and subscriber.live
+    own_server.pause()
+    try:
+        deadline = time.monotonic() + 20
+        while subscriber.live:
+            assert time.monotonic() < deadline, "the frozen connection still looks live"
+            time.sleep(0.05)
+    finally:
+        own_server.resume()
+    assert back.wait(20), "no None once the server answered again"
+    assert heard[0] is None
+    unsubscribe()
+    listener.close()
