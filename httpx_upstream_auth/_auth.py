@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import httpx
 
@@ -13,7 +13,7 @@ from ._sync._auth import SyncAuthFlow
 if TYPE_CHECKING:
     import httpx2
 
-    from ._manager import TokenManager
+    from ._engine import Engine
 
     # What type checkers see: both bases, so ``httpx2.AsyncClient(auth=manager.auth(...))`` type-checks
     # (mypy --strict, pyright). The two ``Auth`` classes name their own Request/Response types in the
@@ -32,7 +32,7 @@ else:
             pass
 
 
-__all__ = ["UpstreamAuth"]
+__all__ = ["AuthSource", "UpstreamAuth"]
 
 
 class UpstreamAuth(AsyncAuthFlow, SyncAuthFlow, _AuthBase):  # type: ignore[misc,unused-ignore]  # see _AuthBase
@@ -44,10 +44,10 @@ class UpstreamAuth(AsyncAuthFlow, SyncAuthFlow, _AuthBase):  # type: ignore[misc
     stored entry belongs to another identity.
     """
 
-    __slots__ = ("_expect", "_manager", "_session_id")
+    __slots__ = ("_engine", "_expect", "_session_id")
 
-    def __init__(self, manager: TokenManager, session_id: str, expect: Binding | None = None) -> None:
-        self._manager = manager
+    def __init__(self, engine: Engine, session_id: str, expect: Binding | None = None) -> None:
+        self._engine = engine
         self._session_id = session_id
         self._expect = expect
 
@@ -57,4 +57,12 @@ class UpstreamAuth(AsyncAuthFlow, SyncAuthFlow, _AuthBase):  # type: ignore[misc
         return self._session_id
 
     def __repr__(self) -> str:
-        return f"UpstreamAuth(provider_id={self._manager.provider_id!r}, expect={self._expect!r})"
+        return f"UpstreamAuth(provider_id={self._engine.state.provider_id!r}, expect={self._expect!r})"
+
+
+class AuthSource(Protocol):
+    """What the transports take: something that makes an :class:`UpstreamAuth` (a ``TokenManager``)."""
+
+    def auth(self, session_id: str, expect: Binding | None = None) -> UpstreamAuth:
+        """An auth for ``session_id``."""
+        ...

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from ._async._manager import AsyncTokenOps
 from ._auth import UpstreamAuth
 from ._clock import Clock, SystemClock
+from ._engine import Engine
 from ._memory import MemoryStorage
 from ._models import Binding, UpstreamTokens
 from ._policy import FreshnessPolicy
 from ._refresher import Refresher
 from ._state import ManagerState, RedeemIn
 from ._storage import Storage
-from ._sync._manager import SyncTokenOps
 
 __all__ = ["TokenManager"]
 
@@ -77,9 +76,9 @@ class TokenManager:
             cache_size=cache_size,
             redeem_in=redeem_in,
         )
-        self._async_ops = AsyncTokenOps(self._state)
-        self._sync_ops = SyncTokenOps(self._state)
-        self._state.thread_job = self._sync_ops.run_flight
+        self._engine = Engine(self._state)
+        self._async_ops = self._engine.async_ops
+        self._sync_ops = self._engine.sync_ops
 
     @property
     def provider_id(self) -> str:
@@ -96,7 +95,7 @@ class TokenManager:
 
     def auth(self, session_id: str, expect: Binding | None = None) -> UpstreamAuth:
         """An ``auth=`` for httpx and httpx2 clients that sends this session's tokens. O(1), no I/O."""
-        return UpstreamAuth(self, session_id, expect)
+        return UpstreamAuth(self._engine, session_id, expect)
 
     def store(self, session_id: str, tokens: UpstreamTokens) -> UpstreamTokens:
         """Save a session's tokens after a login; returns the entry as stored (with its version)."""

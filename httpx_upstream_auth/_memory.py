@@ -57,7 +57,3 @@ class MemoryStorage(Storage):
             del self._entries[key]
         self.notify_change(key)
         return True
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._entries)

@@ -42,14 +42,6 @@ class FreshnessPolicy:
             lifetime * self.max_latency_fraction,
         )
 
-    def effective_leeway(self, tokens: UpstreamTokens, latency: float = 0.0) -> float:
-        """The leeway for this token, after the lifetime caps."""
-        return self.bounds(tokens).leeway_for(latency)
-
-    def fresh_until(self, tokens: UpstreamTokens, latency: float = 0.0) -> float:
-        """Epoch seconds until which the token is sent without refreshing (inf when expiry is unknown)."""
-        return self.bounds(tokens).fresh_until(latency)
-
     def is_fresh(self, tokens: UpstreamTokens, now: float, latency: float = 0.0) -> bool:
         """True when the token can be sent as it is."""
         return now < self.bounds(tokens).fresh_until(latency)
@@ -110,6 +102,13 @@ def is_token_rejected(response: Any) -> bool:
 
 
 def can_replay(request: Any) -> bool:
-    """True when the request's body is held in memory, so sending it again sends the same bytes."""
-    stream = getattr(request, "stream", None)
-    return type(stream).__name__ == "ByteStream" or getattr(request, "_content", None) is not None
+    """True when the request's body is held in memory, so sending it again sends the same bytes.
+
+    Uses only the public API of httpx and httpx2: ``request.content`` is there for a body given as bytes
+    (or already read), and raises ``RequestNotRead`` for a streaming body that can be sent once.
+    """
+    try:
+        request.content  # noqa: B018 - the property is the test
+    except Exception:
+        return False
+    return True

@@ -28,8 +28,9 @@ from ._synchronization import Flight, Outcome
 
 logger = logging.getLogger("httpx_upstream_auth")
 
-#: Seconds for the latency estimate to halve once requests get faster again.
-LATENCY_HALF_LIFE = 2.0
+#: The round-trip estimator of TCP's retransmission timer (RFC 6298): gains for the smoothed round trip
+#: and its variation, and how many variations above the mean a request may still take.
+RTT_ALPHA, RTT_BETA, RTT_K = 1 / 8, 1 / 4, 4
 #: Refresh tokens this process remembers having presented without recording the result.
 CONSUMED_MEMORY = 100_000
 
@@ -125,10 +126,13 @@ class ManagerState:
         # Keys whose early refresh failed without consuming anything: until this monotonic time, the
         # still-valid token is served instead of trying again on every request.
         self._retry_at: dict[EntryKey, float] = {}
-        # Recent request round trips, as a maximum that halves every LATENCY_HALF_LIFE seconds. Updated
-        # without a lock: a lost update between racing threads only delays the estimate by one request.
+        # How long a request may take, as TCP estimates its retransmission timeout: smoothed round trip
+        # plus four times its variation (RFC 6298). A running maximum would let one stall (a GC pause, a
+        # busy event loop) refresh every token early for seconds. Updated without a lock: a lost update
+        # between racing threads only delays the estimate by one request.
         self.latency = 0.0
-        self._latency_at = 0.0
+        self._srtt: float | None = None
+        self._rttvar = 0.0
         self._unsubscribe = storage.subscribe(self._on_change)
 
     def key(self, session_id: str) -> EntryKey:
@@ -161,10 +165,14 @@ class ManagerState:
     def observe(self, took: float) -> None:
         """Record one request's round trip (seconds), so tokens are refreshed before they could expire
         on the way."""
-        now = self.clock.monotonic()
-        decayed = self.latency * 0.5 ** ((now - self._latency_at) / LATENCY_HALF_LIFE)
-        self.latency = took if took > decayed else decayed
-        self._latency_at = now
+        srtt = self._srtt
+        if srtt is None:
+            srtt, rttvar = took, took / 2
+        else:
+            rttvar = (1 - RTT_BETA) * self._rttvar + RTT_BETA * abs(srtt - took)
+            srtt = (1 - RTT_ALPHA) * srtt + RTT_ALPHA * took
+        self._srtt, self._rttvar = srtt, rttvar
+        self.latency = srtt + RTT_K * rttvar
 
     def is_fresh(self, tokens: UpstreamTokens) -> bool:
         """True when the token can be sent now without refreshing first."""

@@ -181,10 +181,10 @@ def test_leeway_capped_at_fraction_of_lifetime() -> None:
     """The effective leeway is min(leeway, fraction * lifetime)."""
     policy = FreshnessPolicy(leeway=30.0, max_leeway_fraction=0.25)
     short = full_tokens(issued_at=NOW, expires_at=NOW + 40)
-    assert policy.effective_leeway(short) == 10.0
-    assert policy.fresh_until(short) == NOW + 30
+    assert policy.bounds(short).leeway_for(0.0) == 10.0
+    assert policy.bounds(short).fresh_until() == NOW + 30
     long = full_tokens(issued_at=NOW, expires_at=NOW + 3600)
-    assert policy.effective_leeway(long) == 30.0
+    assert policy.bounds(long).leeway_for(0.0) == 30.0
     assert policy.is_fresh(long, NOW + 3569)
     assert not policy.is_fresh(long, NOW + 3570)
 
@@ -193,7 +193,7 @@ def test_leeway_without_issued_at_is_the_full_leeway() -> None:
     """Without issued_at the lifetime is unknown, so the configured leeway applies."""
     policy = FreshnessPolicy(leeway=30.0)
     tokens = full_tokens(issued_at=None, expires_at=NOW + 100)
-    assert policy.effective_leeway(tokens) == 30.0
+    assert policy.bounds(tokens).leeway_for(0.0) == 30.0
     assert policy.is_fresh(tokens, NOW + 69)
     assert not policy.is_fresh(tokens, NOW + 70)
 
@@ -202,7 +202,7 @@ def test_unknown_expiry_is_always_fresh() -> None:
     """A token without expires_at is fresh at any time (refreshed only when the API rejects it)."""
     policy = FreshnessPolicy()
     tokens = full_tokens(expires_at=None)
-    assert policy.fresh_until(tokens) == float("inf")
+    assert policy.bounds(tokens).fresh_until() == float("inf")
     assert policy.is_fresh(tokens, NOW + 10**9)
 
 
@@ -291,10 +291,10 @@ def test_leeway_grows_with_observed_latency_up_to_a_third_of_the_lifetime() -> N
     """A token must outlive the request carrying it: the leeway is at least the latency, capped at 35% of its life."""
     policy = FreshnessPolicy()
     one_second = full_tokens(issued_at=NOW, expires_at=NOW + 1)
-    assert policy.effective_leeway(one_second, latency=0.0) == pytest.approx(0.1)
-    assert policy.effective_leeway(one_second, latency=0.3) == pytest.approx(0.3)
-    assert policy.effective_leeway(one_second, latency=5.0) == pytest.approx(0.35)
+    assert policy.bounds(one_second).leeway_for(0.0) == pytest.approx(0.1)
+    assert policy.bounds(one_second).leeway_for(0.3) == pytest.approx(0.3)
+    assert policy.bounds(one_second).leeway_for(5.0) == pytest.approx(0.35)
     hour = full_tokens(issued_at=NOW, expires_at=NOW + 3600)
-    assert policy.effective_leeway(hour, latency=2.0) == 30.0
+    assert policy.bounds(hour).leeway_for(2.0) == 30.0
     assert not policy.is_fresh(one_second, NOW + 0.75, latency=0.3)
     assert policy.is_fresh(one_second, NOW + 0.75, latency=0.0)

@@ -25,7 +25,7 @@ REPLACEMENTS = {
     "aclose": "close",
     "aiter_bytes": "iter_bytes",
     "async_auth_flow": "sync_auth_flow",
-    "_async_ops": "_sync_ops",
+    "async_ops": "sync_ops",
     "aoutcome": "outcome",
     "aget": "get",
     "aput": "put",

@@ -11,13 +11,13 @@ from .._models import Binding
 from .._policy import can_replay, is_token_rejected
 
 if TYPE_CHECKING:
-    from .._manager import TokenManager
+    from .._engine import Engine
 
 
 class AsyncAuthFlow:
     """The async flow of :class:`~httpx_upstream_auth.UpstreamAuth` (the sync one is generated)."""
 
-    _manager: TokenManager
+    _engine: Engine
     _session_id: str
     _expect: Binding | None
 
@@ -26,8 +26,8 @@ class AsyncAuthFlow:
 
         Nothing is held across a ``yield``: httpx may close this generator there, from another task.
         """
-        ops = self._manager._async_ops
-        state = self._manager._state
+        ops = self._engine.async_ops
+        state = self._engine.state
         tokens = await ops.get_token(self._session_id, self._expect)
         request.headers["Authorization"] = tokens.authorization
         sent = state.clock.monotonic()

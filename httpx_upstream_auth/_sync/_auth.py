@@ -12,13 +12,13 @@ from .._models import Binding
 from .._policy import can_replay, is_token_rejected
 
 if TYPE_CHECKING:
-    from .._manager import TokenManager
+    from .._engine import Engine
 
 
 class SyncAuthFlow:
     """The async flow of :class:`~httpx_upstream_auth.UpstreamAuth` (the sync one is generated)."""
 
-    _manager: TokenManager
+    _engine: Engine
     _session_id: str
     _expect: Binding | None
 
@@ -27,8 +27,8 @@ class SyncAuthFlow:
 
         Nothing is held across a ``yield``: httpx may close this generator there, from another task.
         """
-        ops = self._manager._sync_ops
-        state = self._manager._state
+        ops = self._engine.sync_ops
+        state = self._engine.state
         tokens = ops.get_token(self._session_id, self._expect)
         request.headers["Authorization"] = tokens.authorization
         sent = state.clock.monotonic()

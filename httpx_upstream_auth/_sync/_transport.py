@@ -10,12 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from .._auth import UpstreamAuth
+from .._auth import AuthSource
 from .._models import Binding
 
 if TYPE_CHECKING:
-    from .._manager import TokenManager
-
     _TransportBase = httpx.BaseTransport
     httpx2: Any = None
 else:
@@ -81,7 +79,7 @@ class UpstreamAuthTransport(_TransportBase):
 
     def __init__(
         self,
-        manager: TokenManager,
+        manager: AuthSource,
         session_id: str,
         *,
         transport: httpx.BaseTransport | None = None,
@@ -90,7 +88,7 @@ class UpstreamAuthTransport(_TransportBase):
     ) -> None:
         if isinstance(origins, (str, httpx.URL)):
             raise TypeError("origins= takes a list of origins, such as ['https://api.example.com']")
-        self._auth = UpstreamAuth(manager, session_id, expect)
+        self._auth = manager.auth(session_id, expect)
         self._transport = transport
         self._origins = None if origins is None else frozenset(_parse_origin(origin) for origin in origins)
         if self._origins is not None and not self._origins:
