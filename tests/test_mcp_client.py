@@ -2,24 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import anyio
 import attrs
 import pytest
 
 pytest.importorskip("mcp.server.mcpserver", reason="the MCP SDK 2.x is not installed")
 
+import mcp_fixtures
+
 from httpx_upstream_auth import (
-    MemoryStorage,
-    OAuth2Refresher,
     ReauthenticationRequired,
     RefreshFailed,
     TokenManager,
     UpstreamAuthError,
 )
 from httpx_upstream_auth.mcp import connect
-from httpx_upstream_auth.testing import LocalMCPServer, LocalProvider, ServerThread, serve_mcp
+from httpx_upstream_auth.testing import LocalMCPServer, LocalProvider
+
+# The shared fixtures, served for this module's own ``provider``.
+manager = mcp_fixtures.manager
+mcp_server = mcp_fixtures.mcp_server
+provider_server = mcp_fixtures.provider_server
 
 pytestmark = pytest.mark.anyio
 
@@ -40,29 +43,6 @@ async def settled(server: LocalMCPServer, mode: str) -> None:
 def provider() -> LocalProvider:
     """A provider whose endpoints live under a path (a guessed ``{origin}/token`` would 404)."""
     return LocalProvider(access_ttl=60, issuer_path=ISSUER_PATH)
-
-
-@pytest.fixture
-def provider_server(provider: LocalProvider) -> Iterator[ServerThread]:
-    """The provider on 127.0.0.1."""
-    with ServerThread(provider) as running:
-        yield running
-
-
-@pytest.fixture
-def mcp_server(provider: LocalProvider, provider_server: ServerThread) -> Iterator[LocalMCPServer]:
-    """A real MCP server (streamable HTTP, stateful) accepting the provider's live tokens."""
-    with serve_mcp(provider, provider_server.url + ISSUER_PATH) as served:
-        yield served
-
-
-@pytest.fixture
-def manager(provider_server: ServerThread) -> Iterator[TokenManager]:
-    """A manager refreshing at the provider's token endpoint."""
-    refresher = OAuth2Refresher(provider_server.url + ISSUER_PATH + "/token", "test-client", "test-secret")
-    made = TokenManager(refresher=refresher, provider_id="local", storage=MemoryStorage())
-    yield made
-    made.close()
 
 
 @pytest.mark.parametrize("mcp_mode", MODES)

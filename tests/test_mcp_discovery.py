@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import attrs
@@ -12,6 +11,8 @@ import httpx
 import pytest
 
 pytest.importorskip("mcp", reason="the MCP SDK is not installed")
+
+import mcp_fixtures
 
 from httpx_upstream_auth import MemoryStorage, SQLiteStorage, TokenManager, UpstreamTokens
 from httpx_upstream_auth.mcp import (
@@ -23,7 +24,11 @@ from httpx_upstream_auth.mcp import (
     protected_resource_metadata_urls,
     resource_metadata_from_challenge,
 )
-from httpx_upstream_auth.testing import LocalMCPServer, LocalProvider, ServerThread, serve_mcp
+from httpx_upstream_auth.testing import LocalMCPServer, LocalProvider, ServerThread
+
+# The shared fixtures, served for this module's own ``provider``.
+mcp_server = mcp_fixtures.mcp_server
+provider_server = mcp_fixtures.provider_server
 
 ISSUER_PATH = "/tenants/acme"
 
@@ -32,20 +37,6 @@ ISSUER_PATH = "/tenants/acme"
 def provider() -> LocalProvider:
     """A provider whose authorization server lives under a path; ``/token`` at its root answers 404."""
     return LocalProvider(access_ttl=60, issuer_path=ISSUER_PATH)
-
-
-@pytest.fixture
-def provider_server(provider: LocalProvider) -> Iterator[ServerThread]:
-    """The provider on 127.0.0.1."""
-    with ServerThread(provider) as running:
-        yield running
-
-
-@pytest.fixture
-def mcp_server(provider: LocalProvider, provider_server: ServerThread) -> Iterator[LocalMCPServer]:
-    """A real MCP server whose protected-resource metadata names the provider's issuer."""
-    with serve_mcp(provider, provider_server.url + ISSUER_PATH) as served:
-        yield served
 
 
 def expired(tokens: UpstreamTokens) -> UpstreamTokens:

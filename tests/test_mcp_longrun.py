@@ -8,16 +8,22 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Iterator
 
 import anyio
 import pytest
 
 pytest.importorskip("mcp.server.mcpserver", reason="the MCP SDK 2.x is not installed")
 
-from httpx_upstream_auth import MemoryStorage, OAuth2Refresher, TokenManager
+import mcp_fixtures
+
+from httpx_upstream_auth import TokenManager
 from httpx_upstream_auth.mcp import connect
-from httpx_upstream_auth.testing import LocalMCPServer, LocalProvider, ServerThread, serve_mcp
+from httpx_upstream_auth.testing import LocalMCPServer, LocalProvider
+
+# The shared fixtures, served for this module's own ``provider``.
+manager = mcp_fixtures.manager
+mcp_server = mcp_fixtures.mcp_server
+provider_server = mcp_fixtures.provider_server
 
 ISSUER_PATH = "/idp"
 SESSION = "long-session"
@@ -30,29 +36,6 @@ EARLIEST_REFRESH = TTL * 2 / 3
 def provider() -> LocalProvider:
     """A provider with 2-second access tokens and rotation (reusing a refresh token revokes the grant)."""
     return LocalProvider(access_ttl=TTL, rotate=True, issuer_path=ISSUER_PATH)
-
-
-@pytest.fixture
-def provider_server(provider: LocalProvider) -> Iterator[ServerThread]:
-    """The provider on 127.0.0.1."""
-    with ServerThread(provider) as running:
-        yield running
-
-
-@pytest.fixture
-def mcp_server(provider: LocalProvider, provider_server: ServerThread) -> Iterator[LocalMCPServer]:
-    """A real stateful MCP server accepting the provider's live tokens."""
-    with serve_mcp(provider, provider_server.url + ISSUER_PATH) as served:
-        yield served
-
-
-@pytest.fixture
-def manager(provider_server: ServerThread) -> Iterator[TokenManager]:
-    """A manager refreshing at the provider's token endpoint."""
-    refresher = OAuth2Refresher(provider_server.url + ISSUER_PATH + "/token", "test-client", "test-secret")
-    made = TokenManager(refresher=refresher, provider_id="local", storage=MemoryStorage())
-    yield made
-    made.close()
 
 
 def p99(samples: list[float]) -> float:

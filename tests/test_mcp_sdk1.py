@@ -5,8 +5,6 @@ Runs in the second environment that ``.ci/run`` builds with ``mcp<2`` (the main 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import anyio
 import pytest
 
@@ -14,15 +12,20 @@ mcp_server_module = pytest.importorskip("mcp.server.fastmcp", reason="the MCP SD
 if not hasattr(mcp_server_module, "FastMCP"):
     pytest.skip("the MCP SDK 2.x is installed; this module tests 1.x", allow_module_level=True)
 
+import mcp_fixtures  # noqa: E402
+
 from httpx_upstream_auth import (  # noqa: E402
-    MemoryStorage,
-    OAuth2Refresher,
     ReauthenticationRequired,
     RefreshFailed,
     TokenManager,
 )
 from httpx_upstream_auth.mcp import DiscoveringRefresher, connect_session  # noqa: E402
-from httpx_upstream_auth.testing import LocalMCPServer, LocalProvider, ServerThread, serve_mcp  # noqa: E402
+from httpx_upstream_auth.testing import LocalMCPServer, LocalProvider  # noqa: E402
+
+# The shared fixtures, served for this module's own ``provider``.
+manager = mcp_fixtures.manager
+mcp_server = mcp_fixtures.mcp_server
+provider_server = mcp_fixtures.provider_server
 
 pytestmark = pytest.mark.anyio
 
@@ -34,29 +37,6 @@ SESSION = "mcp1-session"
 def provider() -> LocalProvider:
     """A provider whose endpoints live under a path."""
     return LocalProvider(access_ttl=60, issuer_path=ISSUER_PATH)
-
-
-@pytest.fixture
-def provider_server(provider: LocalProvider) -> Iterator[ServerThread]:
-    """The provider on 127.0.0.1."""
-    with ServerThread(provider) as running:
-        yield running
-
-
-@pytest.fixture
-def mcp_server(provider: LocalProvider, provider_server: ServerThread) -> Iterator[LocalMCPServer]:
-    """A real FastMCP server (streamable HTTP, stateful) accepting the provider's live tokens."""
-    with serve_mcp(provider, provider_server.url + ISSUER_PATH) as served:
-        yield served
-
-
-@pytest.fixture
-def manager(provider_server: ServerThread) -> Iterator[TokenManager]:
-    """A manager refreshing at the provider's token endpoint."""
-    refresher = OAuth2Refresher(provider_server.url + ISSUER_PATH + "/token", "test-client", "test-secret")
-    made = TokenManager(refresher=refresher, provider_id="local", storage=MemoryStorage())
-    yield made
-    made.close()
 
 
 async def settled(server: LocalMCPServer) -> None:

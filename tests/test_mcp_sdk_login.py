@@ -17,6 +17,7 @@ import pytest
 pytest.importorskip("mcp.server.mcpserver", reason="the MCP SDK 2.x is not installed")
 
 import httpx2
+import mcp_fixtures
 from mcp import Client
 from mcp.client.auth import OAuthClientProvider
 from mcp.client.streamable_http import streamable_http_client
@@ -31,6 +32,10 @@ from httpx_upstream_auth.mcp import (
     tokens_from_oauth,
 )
 from httpx_upstream_auth.testing import LocalMCPServer, LocalProvider, ServerThread, serve_mcp
+
+# The shared fixtures, served for this module's own ``provider``.
+mcp_server = mcp_fixtures.mcp_server
+provider_server = mcp_fixtures.provider_server
 
 pytestmark = pytest.mark.anyio
 
@@ -76,20 +81,6 @@ def client_metadata() -> OAuthClientMetadata:
 def provider() -> LocalProvider:
     """2-second tokens, rotation, the authorization server under a path."""
     return LocalProvider(access_ttl=2, issuer_path=ISSUER_PATH)
-
-
-@pytest.fixture
-def provider_server(provider: LocalProvider) -> Iterator[ServerThread]:
-    """The provider on 127.0.0.1."""
-    with ServerThread(provider) as running:
-        yield running
-
-
-@pytest.fixture
-def mcp_server(provider: LocalProvider, provider_server: ServerThread) -> Iterator[LocalMCPServer]:
-    """A real stateful MCP server accepting the provider's live tokens."""
-    with serve_mcp(provider, provider_server.url + ISSUER_PATH) as served:
-        yield served
 
 
 @pytest.fixture

@@ -1,0 +1,38 @@
+"""Fixtures shared by the MCP test modules: each module defines its own ``provider`` (issuer path, token
+lifetime) and imports these, which serve it, put a real MCP server in front of it, and refresh against it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from httpx_upstream_auth import MemoryStorage, OAuth2Refresher, TokenManager
+from httpx_upstream_auth.testing import LocalMCPServer, LocalProvider, ServerThread, serve_mcp
+
+__all__ = ["manager", "mcp_server", "provider_server"]
+
+
+@pytest.fixture
+def provider_server(provider: LocalProvider) -> Iterator[ServerThread]:
+    """The module's provider on 127.0.0.1."""
+    with ServerThread(provider) as running:
+        yield running
+
+
+@pytest.fixture
+def mcp_server(provider: LocalProvider, provider_server: ServerThread) -> Iterator[LocalMCPServer]:
+    """A real MCP server (streamable HTTP, stateful) accepting the provider's live tokens."""
+    with serve_mcp(provider, provider_server.url + provider.issuer_path) as served:
+        yield served
+
+
+@pytest.fixture
+def manager(provider: LocalProvider, provider_server: ServerThread) -> Iterator[TokenManager]:
+    """A manager refreshing at the provider's token endpoint (under its issuer path)."""
+    token_url = provider_server.url + provider.issuer_path + "/token"
+    made = TokenManager(
+        refresher=OAuth2Refresher(token_url, "test-client", "test-secret"), provider_id="local", storage=MemoryStorage()
+    )
+    yield made
+    made.close()
