@@ -410,25 +410,21 @@ def _id_token_subject(id_token: str) -> str | None:
 
 def oversize_failure(status_code: int, max_bytes: int) -> RefreshFailed:
     """The error for an answer larger than ``max_bytes``; a 2xx one may have carried rotated tokens."""
-    rotated = _is_success(status_code)
-    return RefreshFailed(
-        f"the token endpoint's answer (HTTP {status_code}) exceeded {max_bytes} bytes and was dropped"
-        + ("; it may have rotated the refresh token. " if rotated else "; stored tokens are unchanged. ")
-        + "Check token_url.",
-        retryable=False,
-        status_code=status_code,
-        may_have_rotated=rotated,
-    )
+    return _dropped(status_code, f"exceeded {max_bytes} bytes", "Check token_url.", retryable=False)
 
 
 def slow_failure(status_code: int, seconds: float) -> RefreshFailed:
     """The error for an answer still arriving after ``seconds``; a 2xx one may have carried rotated tokens."""
+    return _dropped(status_code, f"was still arriving after {seconds:g}s", "Retry later.", retryable=True)
+
+
+def _dropped(status_code: int, why: str, advice: str, *, retryable: bool) -> RefreshFailed:
     rotated = _is_success(status_code)
     return RefreshFailed(
-        f"the token endpoint's answer (HTTP {status_code}) was still arriving after {seconds:g}s and was dropped"
+        f"the token endpoint's answer (HTTP {status_code}) {why} and was dropped"
         + ("; it may have rotated the refresh token. " if rotated else "; stored tokens are unchanged. ")
-        + "Retry later.",
-        retryable=True,
+        + advice,
+        retryable=retryable,
         status_code=status_code,
         may_have_rotated=rotated,
     )

@@ -152,3 +152,14 @@ class Driver:
             return response
         async with httpx.AsyncClient(base_url=self.base_url, auth=auth, timeout=10, verify=SSL) as client:
             return await client.request(method, path, **kwargs)
+
+
+#: How long a test waits for something that must happen (a bound against hangs, not a timing check).
+WAIT_LIMIT = 20.0
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    """Poll until ``condition()`` holds (fails the test if it never does)."""
+    with anyio.fail_after(WAIT_LIMIT):
+        while not condition():
+            await anyio.sleep(0.005)

@@ -21,6 +21,7 @@ import pytest
 from support import (
     SESSION,
     SSL,
+    WAIT_LIMIT,
     Driver,
     FlakyStorage,
     HeldLeaseStorage,
@@ -29,6 +30,7 @@ from support import (
     expired,
     put_entry,
     stored,
+    wait_until,
 )
 
 from httpx_upstream_auth import (
@@ -45,14 +47,6 @@ from httpx_upstream_auth.testing import LocalProvider, ServerThread
 
 pytestmark = pytest.mark.anyio
 
-WAIT_LIMIT = 20.0
-
-
-async def wait_until(condition: Callable[[], bool]) -> None:
-    """Poll until ``condition()`` holds (fails the test if it never does)."""
-    with anyio.fail_after(WAIT_LIMIT):
-        while not condition():
-            await anyio.sleep(0.005)
 
 
 def wait_until_sync(condition: Callable[[], bool]) -> None:

@@ -19,7 +19,18 @@ import anyio
 import attrs
 import httpx
 import pytest
-from support import SESSION, SSL, Driver, ManagerFactory, UnnotifiedStorage, expired, put_entry, stored
+from support import (
+    SESSION,
+    SSL,
+    WAIT_LIMIT,
+    Driver,
+    ManagerFactory,
+    UnnotifiedStorage,
+    expired,
+    put_entry,
+    stored,
+    wait_until,
+)
 
 from httpx_upstream_auth import (
     Binding,
@@ -42,14 +53,6 @@ from httpx_upstream_auth.testing._provider import Receive, Scope, Send
 
 pytestmark = pytest.mark.anyio
 
-WAIT_LIMIT = 20.0
-
-
-async def wait_until(condition: Callable[[], bool]) -> None:
-    """Poll until ``condition()`` holds (fails the test if it never does)."""
-    with anyio.fail_after(WAIT_LIMIT):
-        while not condition():
-            await anyio.sleep(0.005)
 
 
 def version_of(manager: TokenManager, session: str = SESSION) -> int | None:
