@@ -23,6 +23,7 @@ from ._models import Binding, EntryKey, UpstreamTokens
 from ._policy import FreshnessBounds, FreshnessPolicy, can_replay, is_token_rejected
 from ._redis import RedisStorage
 from ._refresher import OAuth2Refresher, Refresher
+from ._registry import open_storage, register_storage
 from ._sqlite import SQLiteStorage
 from ._storage import Lease, Storage
 from ._sync._transport import UpstreamAuthTransport
@@ -55,4 +56,6 @@ __all__ = [
     "UpstreamTokens",
     "can_replay",
     "is_token_rejected",
+    "open_storage",
+    "register_storage",
 ]

@@ -23,29 +23,13 @@ import anyio
 import httpx
 
 from ._manager import TokenManager
-from ._memory import MemoryStorage
 from ._refresher import OAuth2Refresher
-from ._storage import Storage
+from ._registry import open_storage
 
 SESSION = "demo-session"
 #: Seconds each demo caller waits between its requests.
 PAUSE = 0.05
 PROVIDER = "local"
-
-
-def open_storage(spec: str) -> Storage:
-    """``memory``, ``sqlite:PATH`` or a ``redis://`` / ``redis+cluster://`` URL."""
-    if spec == "memory":
-        return MemoryStorage()
-    if spec.startswith("sqlite:"):
-        from ._sqlite import SQLiteStorage
-
-        return SQLiteStorage(spec.removeprefix("sqlite:"))
-    if spec.startswith(("redis://", "rediss://", "redis+cluster://", "unix://")):
-        from ._redis import RedisStorage
-
-        return RedisStorage.from_url(spec)
-    raise SystemExit(f"unknown storage {spec!r}: use memory, sqlite:PATH or redis://HOST:PORT")
 
 
 def make_manager(storage: str, base_url: str) -> TokenManager:

@@ -16,7 +16,8 @@ import time
 import anyio
 
 import httpx_upstream_auth as hua
-from httpx_upstream_auth._demo import open_storage, run_worker
+from httpx_upstream_auth import open_storage
+from httpx_upstream_auth._demo import run_worker
 
 SESSION = "shared"
 

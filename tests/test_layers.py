@@ -14,7 +14,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("concurrency primitives", {"_synchronization"}),
     (
         "refresher and storages",
-        {"_storage", "_memory", "_sqlite", "_redis", "_refresher", "_async._http", "_sync._http"},
+        {"_storage", "_memory", "_sqlite", "_redis", "_registry", "_refresher", "_async._http", "_sync._http"},
     ),
     ("engine", {"_state", "_async._manager", "_sync._manager", "_engine"}),
     ("adapters", {"_auth", "_async._auth", "_sync._auth", "_async._transport", "_sync._transport"}),

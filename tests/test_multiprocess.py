@@ -17,7 +17,7 @@ import pytest
 from redis_servers import RedisServer
 
 import httpx_upstream_auth as hua
-from httpx_upstream_auth._demo import open_storage
+from httpx_upstream_auth import open_storage
 from httpx_upstream_auth.testing import LocalProvider, ServerThread
 
 WORKER = str(Path(__file__).with_name("mp_worker.py"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
 import pytest
 
@@ -77,3 +78,24 @@ def test_every_error_is_an_upstream_auth_error() -> None:
         "UpstreamAuthError",
     }
     assert all(issubclass(e, hua.UpstreamAuthError) for e in errors)
+
+
+def test_open_storage_by_url(tmp_path: Path) -> None:
+    """open_storage() opens memory and SQLite stores from URLs, a registered scheme from its factory, and
+    refuses an unknown scheme without repeating the URL (it may carry a password)."""
+    assert isinstance(hua.open_storage("memory"), hua.MemoryStorage)
+    for url in (f"sqlite://{tmp_path}/a.db", f"sqlite:{tmp_path}/b.db"):
+        store = hua.open_storage(url)
+        assert isinstance(store, hua.SQLiteStorage) and Path(store.path).parent == tmp_path
+        store.close()
+    made: list[str] = []
+
+    def factory(url: str) -> hua.Storage:
+        made.append(url)
+        return hua.MemoryStorage()
+
+    hua.register_storage("vault", factory)
+    assert isinstance(hua.open_storage("vault://team/tokens"), hua.MemoryStorage) and made == ["vault://team/tokens"]
+    with pytest.raises(ValueError, match="known: ") as caught:
+        hua.open_storage("postgres://user:s3cret@db/tokens")
+    assert "s3cret" not in str(caught.value)
