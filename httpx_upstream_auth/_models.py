@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -188,7 +189,7 @@ class EntryKey:
     def __repr__(self) -> str:
         return f"EntryKey(provider_id={self.provider_id!r}, digest={self.digest[:12]!r})"
 
-    @property
+    @functools.cached_property
     def digest(self) -> str:
         """A stable hex digest of (provider, session): how storages name the entry without the session id."""
         raw = f"{self.provider_id}\0{self.session_id}".encode("utf-8", "surrogatepass")

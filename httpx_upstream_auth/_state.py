@@ -327,8 +327,3 @@ class ManagerState:
 
 def _unset(key: EntryKey, need: Need, flight: Flight) -> None:
     raise RuntimeError("ManagerState.thread_job was not set by TokenManager")
-
-
-def describe(key: EntryKey) -> str:
-    """A log-safe name for a key: session ids can be bearer secrets (cookies), so only a digest."""
-    return str(key)

@@ -99,7 +99,7 @@ class Storage(ABC):
     def __init__(self, *, retention: float = DEFAULT_RETENTION) -> None:
         self.retention = retention
         self._leases: dict[EntryKey, tuple[str, float]] = {}
-        self._leases_lock = threading.Lock()
+        self._tables_lock = threading.Lock()  # the in-process leases and subscribers
         self._subscribers: list[ChangeCallback] = []
 
     # -- the abstract surface -------------------------------------------------------------------
@@ -123,7 +123,7 @@ class Storage(ABC):
         """
         ttl = lease_seconds(ttl)
         now = time.monotonic()
-        with self._leases_lock:
+        with self._tables_lock:
             held = self._leases.get(key)
             if held is not None and held[1] > now:
                 return None
@@ -133,7 +133,7 @@ class Storage(ABC):
 
     def release_lease(self, lease: Lease) -> None:
         """Give the lease back, if it is still ours."""
-        with self._leases_lock:
+        with self._tables_lock:
             held = self._leases.get(lease.key)
             if held is not None and held[0] == lease.owner:
                 del self._leases[lease.key]
@@ -149,7 +149,7 @@ class Storage(ABC):
         if type(self).acquire_lease is not Storage.acquire_lease:
             return None  # the lease lives in the backend, which did not say how to extend it
         now = time.monotonic()
-        with self._leases_lock:
+        with self._tables_lock:
             held = self._leases.get(lease.key)
             if held is None or held[0] != lease.owner or held[1] <= now:
                 return False
@@ -164,11 +164,11 @@ class Storage(ABC):
         that lives in this process; shared backends override it to report other processes' writes
         too. Returns ``None`` when the backend cannot report changes at all.
         """
-        with self._leases_lock:
+        with self._tables_lock:
             self._subscribers.append(callback)
 
         def unsubscribe() -> None:
-            with self._leases_lock, contextlib.suppress(ValueError):
+            with self._tables_lock, contextlib.suppress(ValueError):
                 self._subscribers.remove(callback)
 
         return unsubscribe

@@ -7,7 +7,7 @@ thread releases async waiters, and a job running as a task releases sync waiters
 
 ``start_async_job`` / ``start_sync_job`` start a refresh job where no caller's cancellation reaches it;
 ``AsyncLeaseKeeper`` / ``SyncLeaseKeeper`` renew the job's storage lease while it runs;
-``AsyncDeadline`` / ``SyncDeadline`` bound a task job's token request;
+``AsyncDeadline`` / ``SyncDeadline`` bound (and may shield) a part of a task job;
 ``async_sleep`` / ``sync_sleep`` pause a job.
 """
 
@@ -32,13 +32,11 @@ from ._models import UpstreamTokens
 __all__ = [
     "AsyncDeadline",
     "AsyncLeaseKeeper",
-    "AsyncShield",
     "Flight",
     "Outcome",
     "SameThreadWait",
     "SyncDeadline",
     "SyncLeaseKeeper",
-    "SyncShield",
     "async_sleep",
     "start_async_job",
     "start_sync_job",
@@ -241,8 +239,6 @@ class AsyncLeaseKeeper:
         self._renew = renew
         self._interval = max(ttl / 3, 0.001)
         self._group: anyio.abc.TaskGroup | None = None
-        self.lost = False
-        """True when a renewal found the lease taken by someone else."""
 
     async def __aenter__(self) -> AsyncLeaseKeeper:
         self._group = anyio.create_task_group()
@@ -266,10 +262,7 @@ class AsyncLeaseKeeper:
                 renewed = await self._renew()
             except Exception:  # the store blipped: the next round tries again before the lease runs out
                 continue
-            if renewed is None:  # the store cannot renew: its lease lives its ttl
-                return
-            if not renewed:
-                self.lost = True
+            if not renewed:  # taken by someone else (False), or the store cannot renew (None): stop
                 return
 
 
@@ -281,8 +274,6 @@ class SyncLeaseKeeper:
         self._interval = max(ttl / 3, 0.001)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="httpx-upstream-auth-lease", daemon=True)
-        self.lost = False
-        """True when a renewal found the lease taken by someone else."""
 
     def __enter__(self) -> SyncLeaseKeeper:
         self._thread.start()
@@ -300,52 +291,20 @@ class SyncLeaseKeeper:
                 renewed = self._renew()
             except Exception:
                 continue
-            if renewed is None:
-                return
             if not renewed:
-                self.lost = True
                 return
-
-
-class AsyncShield:
-    """Protect a block from cancellation for at most ``timeout`` seconds (anyio and trio scopes; asyncio's
-    own ``Task.cancel`` was already delivered by the time a job needs this, and an ending loop does not
-    repeat it). The bound keeps an ending event loop from waiting forever on a store that hangs."""
-
-    def __init__(self, timeout: float) -> None:
-        self._scope = anyio.CancelScope(shield=True, deadline=anyio.current_time() + timeout)
-
-    def __enter__(self) -> AsyncShield:
-        self._scope.__enter__()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> bool:
-        return bool(self._scope.__exit__(exc_type, exc, tb))
-
-
-class SyncShield:
-    """The sync twin of :class:`AsyncShield`: nothing cancels a thread, so there is nothing to do (the
-    block's own retries are bounded by the same ``timeout``)."""
-
-    def __init__(self, timeout: float) -> None:
-        del timeout
-
-    def __enter__(self) -> SyncShield:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        return None
 
 
 class AsyncDeadline:
-    """Stop a block after ``seconds`` (``expired`` tells): a task job bounds its token request this way."""
+    """Stop a block after ``seconds`` (``expired`` tells): a task job bounds its token request this way.
 
-    def __init__(self, seconds: float) -> None:
-        self._scope = anyio.move_on_after(seconds)
+    With ``shield``, outside cancellation cannot stop the block either (anyio and trio scopes; asyncio's
+    own ``Task.cancel`` was already delivered by the time a job needs this, and an ending loop does not
+    repeat it), while the deadline still keeps an ending event loop from waiting on a store that hangs.
+    """
+
+    def __init__(self, seconds: float, *, shield: bool = False) -> None:
+        self._scope = anyio.CancelScope(shield=shield, deadline=anyio.current_time() + seconds)
 
     def __enter__(self) -> AsyncDeadline:
         self._scope.__enter__()
@@ -363,11 +322,11 @@ class AsyncDeadline:
 
 
 class SyncDeadline:
-    """The sync twin of :class:`AsyncDeadline`: a thread cannot be interrupted, so the block runs to its end,
-    bounded by the refresher's own timeouts, while the lease keeper keeps other processes out."""
+    """The sync twin of :class:`AsyncDeadline`: a thread can be neither interrupted nor cancelled, so the
+    block runs to its end, bounded by the refresher's own timeouts and its own retries."""
 
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
+    def __init__(self, seconds: float, *, shield: bool = False) -> None:
+        del seconds, shield
 
     def __enter__(self) -> SyncDeadline:
         return self

@@ -37,7 +37,6 @@ REPLACEMENTS = {
     "arenew_lease": "renew_lease",
     "AsyncLeaseKeeper": "SyncLeaseKeeper",
     "AsyncDeadline": "SyncDeadline",
-    "AsyncShield": "SyncShield",
     "async_sleep": "sync_sleep",
     "start_async_job": "start_sync_job",
 }

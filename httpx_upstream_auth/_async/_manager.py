@@ -22,11 +22,10 @@ from .._exceptions import (
     UpstreamAuthError,
 )
 from .._models import Binding, EntryKey, UpstreamTokens
-from .._state import ManagerState, Need, describe, logger
+from .._state import ManagerState, Need, logger
 from .._synchronization import (
     AsyncDeadline,
     AsyncLeaseKeeper,
-    AsyncShield,
     Flight,
     Outcome,
     SameThreadWait,
@@ -199,7 +198,7 @@ class AsyncTokenOps:
         except UpstreamAuthError as exc:
             outcome = Outcome(error=exc)
         except Exception as exc:  # a bug in a custom storage: say so, typed, without its text
-            logger.debug("refresh of %s: unexpected %s", describe(key), type(exc).__name__)
+            logger.debug("refresh of %s: unexpected %s", key, type(exc).__name__)
             outcome = Outcome(
                 error=RefreshFailed(
                     f"the refresh failed with {type(exc).__name__} from the storage; retry the request",
@@ -228,7 +227,7 @@ class AsyncTokenOps:
                         "another worker holds the refresh lease and has not finished; retry the request",
                         retryable=True,
                     )
-                logger.debug("refresh of %s: waiting for another worker's lease", describe(key))
+                logger.debug("refresh of %s: waiting for another worker's lease", key)
                 await state.storage.awatch(key, current.version, min(left, 1.0))
                 continue
             try:
@@ -241,7 +240,7 @@ class AsyncTokenOps:
                     # The reads may have been slow: make sure the lease is still ours, for a full ttl, at the
                     # moment the refresh token leaves; the keeper renews it from then on.
                     if await state.storage.arenew_lease(lease) is False:
-                        logger.debug("refresh of %s: lease lost before sending; starting over", describe(key))
+                        logger.debug("refresh of %s: lease lost before sending; starting over", key)
                         if state.clock.monotonic() > give_up:
                             raise RefreshFailed(
                                 "the refresh lease kept running out before the refresh could start (a slow "
@@ -254,7 +253,7 @@ class AsyncTokenOps:
                 try:
                     await state.storage.arelease_lease(lease)
                 except StorageError:
-                    logger.debug("refresh of %s: lease release failed; it expires", describe(key))
+                    logger.debug("refresh of %s: lease release failed; it expires", key)
 
     def _early_answer(self, key: EntryKey, need: Need, current: UpstreamTokens, epoch: int) -> Outcome | None:
         """The outcome without a refresh, when the entry already serves; raise when it cannot be refreshed."""
@@ -290,7 +289,7 @@ class AsyncTokenOps:
     async def _redeem(self, key: EntryKey, need: Need, current: UpstreamTokens, epoch: int) -> Outcome:
         state = self._state
         assert current.refresh_token is not None
-        logger.debug("refresh of %s: redeeming version %d", describe(key), current.version)
+        logger.debug("refresh of %s: redeeming version %d", key, current.version)
         # From here on the provider may consume the refresh token: never present it again from this
         # process unless we learn it was not consumed.
         state.mark_consumed(current.refresh_token)
@@ -301,7 +300,7 @@ class AsyncTokenOps:
         except BaseException:
             # Stopped for good (the event loop is ending, the interpreter is exiting) after the request may
             # have left: fail closed while we still can, so no other process presents the token again.
-            with AsyncShield(state.refresh_timeout):
+            with AsyncDeadline(state.refresh_timeout, shield=True):
                 await self._discard(key, current)
             raise
 
@@ -413,7 +412,7 @@ class AsyncTokenOps:
             # Compare-and-set lost: a new login or a logout replaced the entry. Theirs wins.
             return Outcome(tokens=await self._read(key))
         if not rotated:
-            logger.debug("refresh of %s: save failed, the old refresh token stays valid", describe(key))
+            logger.debug("refresh of %s: save failed, the old refresh token stays valid", key)
             return Outcome(tokens=fresh, refreshed=True)
         await self._discard(key, current)
         raise StorageError(
@@ -447,7 +446,7 @@ class AsyncTokenOps:
             except Exception:
                 pause = next(pauses, None)
                 if pause is None:
-                    logger.debug("refresh of %s: could not remove the consumed entry", describe(key))
+                    logger.debug("refresh of %s: could not remove the consumed entry", key)
                     return
                 await async_sleep(pause)
 

@@ -23,11 +23,10 @@ from .._exceptions import (
     UpstreamAuthError,
 )
 from .._models import Binding, EntryKey, UpstreamTokens
-from .._state import ManagerState, Need, describe, logger
+from .._state import ManagerState, Need, logger
 from .._synchronization import (
     SyncDeadline,
     SyncLeaseKeeper,
-    SyncShield,
     Flight,
     Outcome,
     SameThreadWait,
@@ -200,7 +199,7 @@ class SyncTokenOps:
         except UpstreamAuthError as exc:
             outcome = Outcome(error=exc)
         except Exception as exc:  # a bug in a custom storage: say so, typed, without its text
-            logger.debug("refresh of %s: unexpected %s", describe(key), type(exc).__name__)
+            logger.debug("refresh of %s: unexpected %s", key, type(exc).__name__)
             outcome = Outcome(
                 error=RefreshFailed(
                     f"the refresh failed with {type(exc).__name__} from the storage; retry the request",
@@ -229,7 +228,7 @@ class SyncTokenOps:
                         "another worker holds the refresh lease and has not finished; retry the request",
                         retryable=True,
                     )
-                logger.debug("refresh of %s: waiting for another worker's lease", describe(key))
+                logger.debug("refresh of %s: waiting for another worker's lease", key)
                 state.storage.watch(key, current.version, min(left, 1.0))
                 continue
             try:
@@ -242,7 +241,7 @@ class SyncTokenOps:
                     # The reads may have been slow: make sure the lease is still ours, for a full ttl, at the
                     # moment the refresh token leaves; the keeper renews it from then on.
                     if state.storage.renew_lease(lease) is False:
-                        logger.debug("refresh of %s: lease lost before sending; starting over", describe(key))
+                        logger.debug("refresh of %s: lease lost before sending; starting over", key)
                         if state.clock.monotonic() > give_up:
                             raise RefreshFailed(
                                 "the refresh lease kept running out before the refresh could start (a slow "
@@ -255,7 +254,7 @@ class SyncTokenOps:
                 try:
                     state.storage.release_lease(lease)
                 except StorageError:
-                    logger.debug("refresh of %s: lease release failed; it expires", describe(key))
+                    logger.debug("refresh of %s: lease release failed; it expires", key)
 
     def _early_answer(self, key: EntryKey, need: Need, current: UpstreamTokens, epoch: int) -> Outcome | None:
         """The outcome without a refresh, when the entry already serves; raise when it cannot be refreshed."""
@@ -291,7 +290,7 @@ class SyncTokenOps:
     def _redeem(self, key: EntryKey, need: Need, current: UpstreamTokens, epoch: int) -> Outcome:
         state = self._state
         assert current.refresh_token is not None
-        logger.debug("refresh of %s: redeeming version %d", describe(key), current.version)
+        logger.debug("refresh of %s: redeeming version %d", key, current.version)
         # From here on the provider may consume the refresh token: never present it again from this
         # process unless we learn it was not consumed.
         state.mark_consumed(current.refresh_token)
@@ -302,7 +301,7 @@ class SyncTokenOps:
         except BaseException:
             # Stopped for good (the event loop is ending, the interpreter is exiting) after the request may
             # have left: fail closed while we still can, so no other process presents the token again.
-            with SyncShield(state.refresh_timeout):
+            with SyncDeadline(state.refresh_timeout, shield=True):
                 self._discard(key, current)
             raise
 
@@ -414,7 +413,7 @@ class SyncTokenOps:
             # Compare-and-set lost: a new login or a logout replaced the entry. Theirs wins.
             return Outcome(tokens=self._read(key))
         if not rotated:
-            logger.debug("refresh of %s: save failed, the old refresh token stays valid", describe(key))
+            logger.debug("refresh of %s: save failed, the old refresh token stays valid", key)
             return Outcome(tokens=fresh, refreshed=True)
         self._discard(key, current)
         raise StorageError(
@@ -448,7 +447,7 @@ class SyncTokenOps:
             except Exception:
                 pause = next(pauses, None)
                 if pause is None:
-                    logger.debug("refresh of %s: could not remove the consumed entry", describe(key))
+                    logger.debug("refresh of %s: could not remove the consumed entry", key)
                     return
                 sync_sleep(pause)
 
