@@ -394,23 +394,21 @@ class AsyncTokenOps:
             try:
                 with state.writing(key):
                     saved = bool(await state.storage.aput(key, fresh, expected_version=current.version))
-                if not saved and await self._landed(key, current, fresh) is None:
-                    # Refused, yet nobody else wrote: the store misbehaves. Treat it as a failed write.
-                    raise StorageError("the store refused a compare-and-set on an unchanged entry")
             except Exception:
-                landed = await self._landed(key, current, fresh)
-                if landed is None:
-                    pause = next(pauses, None)
-                    if pause is None or not rotated:
-                        break
-                    await async_sleep(pause)
-                    continue
-                saved = landed
-            if saved:
+                saved = False
+            # Unless the store said it saved, look at what it holds: a write may land though it raised, and a
+            # refusal only counts when someone else wrote (one over an unchanged entry is a failed write).
+            landed = True if saved else await self._landed(key, current, fresh)
+            if landed:
                 state.remember(key, fresh, epoch)
                 return Outcome(tokens=fresh, refreshed=True)
-            # Compare-and-set lost: a new login or a logout replaced the entry. Theirs wins.
-            return Outcome(tokens=await self._read(key))
+            if landed is False:
+                # Compare-and-set lost: a new login or a logout replaced the entry. Theirs wins.
+                return Outcome(tokens=await self._read(key))
+            pause = next(pauses, None)
+            if pause is None or not rotated:
+                break
+            await async_sleep(pause)
         if not rotated:
             logger.debug("refresh of %s: save failed, the old refresh token stays valid", key)
             return Outcome(tokens=fresh, refreshed=True)
