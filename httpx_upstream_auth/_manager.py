@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from ._auth import UpstreamAuth
 from ._clock import Clock, SystemClock
 from ._engine import Engine
@@ -9,8 +11,9 @@ from ._memory import MemoryStorage
 from ._models import Binding, UpstreamTokens
 from ._policy import FreshnessPolicy
 from ._refresher import Refresher
-from ._state import ManagerState, RedeemIn
+from ._state import Footprint, ManagerState, RedeemIn
 from ._storage import Storage
+from ._synchronization import SameThreadWait
 
 __all__ = ["TokenManager"]
 
@@ -35,6 +38,12 @@ class TokenManager:
     ``wait_timeout`` how long a caller waits for a job before :class:`RefreshFailed` (the job goes on).
     When an early refresh fails without consuming anything (the provider had a blip) while the token is
     still valid, the token is served and the refresh retried after ``retry_interval`` seconds.
+
+    ``refresh_timeout`` bounds a job in both modes: the token request is given up after it (treated as a
+    lost answer: the entry is removed), the writes that follow get as long again, and the lease stops
+    being renewed after both (plus ``lease_ttl``). :meth:`close` waits for jobs that may have sent a
+    request. A forked child (gunicorn ``--preload``, multiprocessing) starts with no inherited jobs and an
+    empty cache, and hears other processes' changes through its storage's own change feed.
     """
 
     def __init__(
@@ -60,6 +69,9 @@ class TokenManager:
             raise ValueError("lease_ttl must be positive")
         if redeem_in not in ("thread", "task"):
             raise ValueError(f"redeem_in must be 'thread' or 'task', got {redeem_in!r}")
+        refusal = refresher.cannot_redeem_in(redeem_in)
+        if refusal is not None:
+            raise ValueError(refusal)
         # A holder keeps its lease for up to refresh_timeout (renewing), then it lapses within lease_ttl.
         lease_wait = refresh_timeout + 2 * lease_ttl if lease_wait is None else lease_wait
         self._state = ManagerState(
@@ -117,6 +129,10 @@ class TokenManager:
         """Async twin of :meth:`get_token`."""
         return await self._async_ops.get_token(session_id, expect)
 
+    def footprint(self) -> Footprint:
+        """How many entries each per-session table holds (for monitoring; each has a bound)."""
+        return self._state.footprint()
+
     def delete(self, session_id: str) -> bool:
         """Forget a session's tokens (logout). True when there was an entry."""
         return self._sync_ops.delete(session_id)
@@ -125,16 +141,44 @@ class TokenManager:
         """Async twin of :meth:`delete`."""
         return await self._async_ops.delete(session_id)
 
-    def close(self) -> None:
-        """Close the storage and the refresher's own client."""
-        self._state.close()
-        self._state.storage.close()
-        self._close_refresher()
+    def close(self, timeout: float | None = None) -> None:
+        """Stop starting refreshes, wait for running ones, then close the storage and the refresher.
 
-    async def aclose(self) -> None:
+        A refresh job that may have sent its request saves the new tokens or removes the entry before
+        anything is closed under it: ``close`` waits for it up to ``timeout`` seconds (default: twice
+        ``refresh_timeout``, the longest a job can take). A job still running after that closes the
+        storage and the refresher itself when it ends. A job that has not sent its request yet stops.
+        """
+        state = self._state
+        state.closing = True
+        limit = self._close_limit(timeout)
+        for flight in state.running():
+            # A task job on this thread's own (blocked) loop cannot end while we wait: it closes up itself.
+            with contextlib.suppress(SameThreadWait):
+                flight.outcome(max(limit - state.clock.monotonic(), 0.0))
+        state.close()
+        state.when_idle(self._close_resources)
+
+    async def aclose(self, timeout: float | None = None) -> None:
         """Async twin of :meth:`close`."""
-        self._state.close()
-        await self._state.storage.aclose()
+        state = self._state
+        state.closing = True
+        limit = self._close_limit(timeout)
+        for flight in state.running():
+            await flight.aoutcome(max(limit - state.clock.monotonic(), 0.0))
+        state.close()
+        if state.running():
+            state.when_idle(self._close_resources)
+        else:
+            await state.storage.aclose()
+            self._close_refresher()
+
+    def _close_limit(self, timeout: float | None) -> float:
+        state = self._state
+        return state.clock.monotonic() + (2 * state.refresh_timeout if timeout is None else timeout)
+
+    def _close_resources(self) -> None:
+        self._state.storage.close()
         self._close_refresher()
 
     def _close_refresher(self) -> None:

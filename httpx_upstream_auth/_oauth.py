@@ -256,7 +256,9 @@ def _read_answer(
         access_token, expires_at = stored.access_token, sent_at
     else:
         lifetime = _lifetime(data.get("expires_in"))
-        expires_at = None if lifetime is None else sent_at + lifetime
+        # A stated lifetime of 0 would make a token born expired, refreshed again at once, forever: unknown
+        # instead (the token is used until the API refuses it).
+        expires_at = None if not lifetime else sent_at + lifetime
 
     refresh_fields = [data.get("refresh_expires_in"), data.get("refresh_token_expires_in")]
     # A stated refresh lifetime of 0 or less is unknown: Keycloak sends 0 for offline tokens that never expire.
@@ -373,6 +375,17 @@ def _error_for(status_code: int, code: str | None) -> UpstreamAuthError:
             "URL.",
             retryable=False,
             status_code=status_code,
+        )
+    if status_code >= 500 and code is None:
+        # Not an OAuth error from the authorization server itself: a gateway in front of it (502, 504, an
+        # HTML page) may answer after the provider redeemed the token. Only the server's own error answer
+        # proves nothing was consumed.
+        return RefreshFailed(
+            f"the token endpoint answered HTTP {status_code} without an OAuth error (a gateway or proxy in front "
+            "of the provider?); the provider may have rotated the refresh token meanwhile. Retry later.",
+            retryable=True,
+            status_code=status_code,
+            may_have_rotated=True,
         )
     if status_code == 429 or status_code >= 500 or code in RETRYABLE_ERRORS:
         return RefreshFailed(

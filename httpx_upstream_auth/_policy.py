@@ -9,7 +9,7 @@ import attrs
 
 from ._models import UpstreamTokens
 
-__all__ = ["FreshnessBounds", "FreshnessPolicy", "can_replay", "is_token_rejected", "retention_deadline"]
+__all__ = ["FreshnessBounds", "FreshnessPolicy", "can_replay", "carried", "is_token_rejected", "retention_deadline"]
 
 DEFAULT_RETENTION = 30 * 24 * 3600.0
 
@@ -99,6 +99,16 @@ def is_token_rejected(response: Any) -> bool:
     if not challenges:
         return True
     return any(c.strip().lower().startswith("bearer") or ", bearer" in c.lower() for c in challenges)
+
+
+def carried(response: Any, request: Any, authorization: str) -> bool:
+    """True when ``response`` answers a request that carried ``authorization``: ``request`` itself, or the
+    last hop of a redirect that kept the header (httpx and httpx2 drop it on a hop to another origin)."""
+    try:
+        answered = response.request
+    except RuntimeError:  # a response built without a request
+        return True
+    return answered is request or answered.headers.get("authorization") == authorization
 
 
 def can_replay(request: Any) -> bool:

@@ -42,13 +42,23 @@ class Refresher(ABC):
     async def arefresh(self, tokens: UpstreamTokens, clock: Clock) -> UpstreamTokens:
         """Redeem ``tokens.refresh_token``; async."""
 
+    def cannot_redeem_in(self, mode: str) -> str | None:
+        """Why this refresher cannot redeem as a ``mode`` job (``"thread"``: :meth:`refresh`; ``"task"``:
+        :meth:`arefresh`) with the configuration it was given, or ``None`` when it can.
+        ``TokenManager`` refuses the combination at construction with this text."""
+        return None
+
 
 class OAuth2Refresher(Refresher):
     """The OAuth 2.0 ``refresh_token`` grant against ``token_url``.
 
     Client authentication is ``client_secret_basic`` (default), ``client_secret_post`` or ``none``
-    (public clients). It sends with its own httpx clients, never the caller's: pass ``client`` /
-    ``async_client`` to control proxies or TLS, otherwise clients with ``timeout`` are made for it. The
+    (public clients). It sends with its own httpx clients, never the caller's, made from ``timeout``,
+    ``verify`` (a CA bundle path, ``False``, or an ``ssl.SSLContext``, which also carries a client
+    certificate for mTLS), ``proxy`` and ``trust_env``, so a refresh goes out the same way from a
+    worker thread (sync) and from a task (async). Or pass your own ``client`` (used by thread jobs, the
+    default) and ``async_client`` (used by ``redeem_in="task"`` jobs): a manager refuses a refresher
+    that has only the other kind, rather than redeem with settings it was not given. The
     token request never follows a redirect, whatever the client's setting. ``token_url`` must be https
     (plain http only on loopback). Answers larger than ``max_response_bytes``, or still arriving
     ``timeout`` seconds after the request was sent, are refused.
@@ -68,6 +78,9 @@ class OAuth2Refresher(Refresher):
         auth_method: AuthMethod = "client_secret_basic",
         scope: str | None = None,
         timeout: float = 10.0,
+        verify: ssl.SSLContext | str | bool = True,
+        proxy: str | None = None,
+        trust_env: bool = True,
         client: httpx.Client | None = None,
         async_client: httpx.AsyncClient | None = None,
         max_response_bytes: int = 64 * 1024,
@@ -89,8 +102,28 @@ class OAuth2Refresher(Refresher):
         self._client = client
         self._owns_client = client is None
         self._async_client = async_client
+        self._verify = verify
+        self._proxy = proxy
+        self._trust_env = trust_env
         self._lock = threading.Lock()
         self._ssl: ssl.SSLContext | None = None
+
+    def cannot_redeem_in(self, mode: str) -> str | None:
+        """A refresher given only ``async_client`` cannot redeem in a worker thread, nor one given only
+        ``client`` in a task: their proxy and TLS settings would be bypassed."""
+        if mode == "thread" and self._client is None and self._async_client is not None:
+            return (
+                "OAuth2Refresher was given async_client= only, but thread jobs (TokenManager's default "
+                "redeem_in='thread') send with a sync client: pass client= too (an httpx.Client with the same "
+                "settings), or pass verify=/proxy= instead of clients, or use TokenManager(redeem_in='task')"
+            )
+        if mode == "task" and self._async_client is None and self._client is not None:
+            return (
+                "OAuth2Refresher was given client= only, but redeem_in='task' jobs send with an async client: "
+                "pass async_client= too (an httpx.AsyncClient with the same settings), or pass verify=/proxy= "
+                "instead of clients, or use TokenManager(redeem_in='thread')"
+            )
+        return None
 
     def __repr__(self) -> str:
         return (
@@ -129,12 +162,15 @@ class OAuth2Refresher(Refresher):
 
     def _ssl_context(self) -> ssl.SSLContext:
         # Loading the CA bundle is the slow part of making a client: do it once.
+        if isinstance(self._verify, ssl.SSLContext):
+            return self._verify
         with self._lock:
             if self._ssl is None:
-                self._ssl = httpx.create_ssl_context()
+                self._ssl = httpx.create_ssl_context(verify=self._verify, trust_env=self._trust_env)
             return self._ssl
 
     def _sync_client(self) -> httpx.Client:
+        verify = self._ssl_context()  # outside the lock, which it takes
         with self._lock:
             if self._client is None:
                 # No keep-alive: a pooled connection that a middlebox dropped while idle fails only after
@@ -143,6 +179,9 @@ class OAuth2Refresher(Refresher):
                     timeout=self.timeout,
                     follow_redirects=False,
                     limits=httpx.Limits(max_keepalive_connections=0),
+                    verify=verify,
+                    proxy=self._proxy,
+                    trust_env=self._trust_env,
                 )
             return self._client
 
@@ -163,7 +202,11 @@ class OAuth2Refresher(Refresher):
             # A client per refresh: an async connection pool belongs to one event loop, and one manager
             # serves many (successive anyio.run calls, asyncio and trio). Refreshes are rare.
             async with httpx.AsyncClient(
-                timeout=self.timeout, follow_redirects=False, verify=self._ssl_context()
+                timeout=self.timeout,
+                follow_redirects=False,
+                verify=self._ssl_context(),
+                proxy=self._proxy,
+                trust_env=self._trust_env,
             ) as client:
                 sent_at = clock.time()
                 answer = await async_send(client, request, self.max_response_bytes, self.timeout)

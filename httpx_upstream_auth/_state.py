@@ -11,7 +11,9 @@ import contextvars
 import hashlib
 import itertools
 import logging
+import os
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Literal
@@ -19,9 +21,9 @@ from typing import Literal
 import attrs
 
 from ._clock import Clock
-from ._exceptions import BindingMismatch
+from ._exceptions import BindingMismatch, RefreshFailed
 from ._models import Binding, EntryKey, UpstreamTokens
-from ._policy import FreshnessBounds, FreshnessPolicy
+from ._policy import DEFAULT_RETENTION, FreshnessBounds, FreshnessPolicy
 from ._refresher import Refresher
 from ._storage import Storage
 from ._synchronization import Flight, Outcome
@@ -31,7 +33,7 @@ logger = logging.getLogger("httpx_upstream_auth")
 #: The round-trip estimator of TCP's retransmission timer (RFC 6298): gains for the smoothed round trip
 #: and its variation, and how many variations above the mean a request may still take.
 RTT_ALPHA, RTT_BETA, RTT_K = 1 / 8, 1 / 4, 4
-#: Refresh tokens this process remembers having presented without recording the result.
+#: Refresh tokens this process remembers having presented without recording the result (see ``_consumed``).
 CONSUMED_MEMORY = 100_000
 
 RedeemIn = Literal["thread", "task"]
@@ -69,8 +71,59 @@ def _digest(secret: str) -> bytes:
     return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).digest()
 
 
+@attrs.frozen
+class Footprint:
+    """How many entries each per-session table of one manager holds: for monitoring, and to check bounds.
+
+    ``cached``, ``epochs`` and ``digests`` stay within ``cache_size`` plus the sessions with work in
+    progress; ``flights`` and ``reads`` count that work; ``consumed`` the refresh tokens presented whose
+    outcome is not recorded yet (or could not be); ``distrusted`` and ``backing_off`` are within
+    ``cache_size`` and empty out as their tokens and pauses expire.
+    """
+
+    cached: int
+    epochs: int
+    digests: int
+    flights: int
+    reads: int
+    consumed: int
+    distrusted: int
+    backing_off: int
+
+
+@attrs.define
+class _Presented:
+    #: False while the job that presented the token runs; True once its answer was lost and the
+    #: fail-closed delete could not be confirmed.
+    lost: bool
+    #: Wall time after which no store can still hold the token (its refresh expiry, else the retention).
+    until: float
+    #: True when the provider refused the token (the grant is dead): the entry stays for inspection.
+    refused: bool = False
+
+
+#: Every live manager state, so a forked child can start each one clean.
+_live: weakref.WeakSet[ManagerState] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for state in list(_live):
+        state.after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class ManagerState:
-    """Settings and shared tables of one TokenManager."""
+    """Settings and shared tables of one TokenManager.
+
+    Every per-session table has a bound and a rule for when an entry dies (docs/design.md, "Tables"):
+    the cache holds at most ``cache_size`` sessions; epochs and change-notice digests are kept for cached
+    sessions and sessions with work in progress, and trimmed beyond twice ``cache_size`` among the others;
+    flights live while their work runs; presented refresh tokens until their answer is recorded (or, if
+    it was lost, until no store can hold them); distrust and back-off until their token or pause expires.
+    """
 
     def __init__(
         self,
@@ -109,20 +162,25 @@ class ManagerState:
         self._lock = threading.Lock()
         # Bumped by every logout or login of a session: a job or a read that started before cannot
         # put its (older) result in the cache or hand it to a caller after that.
-        # Epochs come from one counter, so a value is never reused; sessions dropped from the table (beyond
-        # twice cache_size) read as the highest value dropped, which refuses older work, never newer.
+        # Epochs come from one counter, so a value is never reused. A session in use (cached, or with
+        # work in progress) keeps its entry; others are trimmed beyond twice cache_size and then read
+        # as the highest value trimmed, which refuses older work, never newer.
         self._epochs: OrderedDict[str, int] = OrderedDict()
         self._epoch_counter = itertools.count(1)
         self._epoch_floor = 0
-        # storage digest -> session id, for every session seen lately, so a change notice names it
+        # storage digest -> session id, so a change notice names the session: kept for every session in
+        # use (a notice about any other one has nothing here to invalidate), trimmed like the epochs.
         self._digests: OrderedDict[str, str] = OrderedDict()
         self._flights: dict[EntryKey, Flight] = {}
         self._reads: dict[EntryKey, Flight] = {}
-        # Refresh tokens presented to the provider whose result this process could not record: never
-        # presented again from here, whatever the store says (it may be down, or lag behind).
-        self._consumed: OrderedDict[bytes, None] = OrderedDict()
-        # Access tokens the API refused right after a refresh: refreshing again would not help.
-        self._distrusted: dict[str, str] = {}
+        # Digests of refresh tokens presented to the provider whose answer is not recorded: while a job
+        # runs, and after an answer was lost until the fail-closed delete is confirmed or no store can
+        # hold the token any more. Never presented again from here, whatever the store says (it may be
+        # down, or lag behind). A token whose answer was saved needs no memory: the store moved past it.
+        self._consumed: dict[bytes, _Presented] = {}
+        # session id -> (access token the API refused right after a refresh, its expiry): refreshing
+        # again on its account would not help. Ends when the API accepts it, or it expires.
+        self._distrusted: dict[str, tuple[str, float | None]] = {}
         # Keys whose early refresh failed without consuming anything: until this monotonic time, the
         # still-valid token is served instead of trying again on every request.
         self._retry_at: dict[EntryKey, float] = {}
@@ -133,18 +191,16 @@ class ManagerState:
         self.latency = 0.0
         self._srtt: float | None = None
         self._rttvar = 0.0
-        self._unsubscribe = storage.subscribe(self._on_change)
+        #: Set by close(): no new refresh job starts, and one that has not sent its request stops.
+        self.closing = False
+        # Run once the last job ends, when close() could not wait for it (closes the storage then).
+        self._when_idle: list[Callable[[], None]] = []
+        self._unsubscribe = _subscribe_weakly(storage, self)
+        _live.add(self)
 
     def key(self, session_id: str) -> EntryKey:
-        """The storage key of a session of this provider (remembered, so change notices can name it)."""
-        key = EntryKey(self.provider_id, session_id)
-        digest = key.digest
-        if digest not in self._digests:
-            with self._lock:
-                self._digests[digest] = session_id
-                while len(self._digests) > 2 * self._cache_size:
-                    self._digests.popitem(last=False)
-        return key
+        """The storage key of a session of this provider."""
+        return EntryKey(self.provider_id, session_id)
 
     @contextlib.contextmanager
     def writing(self, key: EntryKey) -> Iterator[None]:
@@ -160,6 +216,35 @@ class ManagerState:
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
+
+    def after_fork(self) -> None:
+        """In a forked child: no inherited work (its threads did not survive), locks or cached tokens.
+
+        The storage re-attaches this manager's subscription to the child's own change feed; changes made
+        between the fork and then are not missed, since the cache starts empty.
+        """
+        self._lock = threading.Lock()
+        self._flights.clear()
+        self._reads.clear()
+        self._cache.clear()
+        self._retry_at.clear()
+        # Tokens the parent's running jobs presented: the parent records their answers. Tokens whose answer
+        # was lost stay remembered here too.
+        self._consumed = {digest: entry for digest, entry in self._consumed.items() if entry.lost}
+        self._when_idle.clear()
+
+    def footprint(self) -> Footprint:
+        """The size of every per-session table (see :class:`Footprint`)."""
+        return Footprint(
+            cached=len(self._cache),
+            epochs=len(self._epochs),
+            digests=len(self._digests),
+            flights=len(self._flights),
+            reads=len(self._reads),
+            consumed=len(self._consumed),
+            distrusted=len(self._distrusted),
+            backing_off=len(self._retry_at),
+        )
 
     # -- freshness -----------------------------------------------------------------------------------
     def observe(self, took: float) -> None:
@@ -199,43 +284,80 @@ class ManagerState:
         """A logout or login happened: drop the cached entry and refuse results of older work."""
         with self._lock:
             self._bump(key.session_id)
+            self._retry_at.pop(key, None)
+            self._distrusted.pop(key.session_id, None)
 
     def remember(self, key: EntryKey, tokens: UpstreamTokens, epoch: int) -> None:
         """Cache ``tokens`` if no logout or login happened since ``epoch`` (an older version never
         replaces a newer one)."""
         entry = (tokens, self.policy.bounds(tokens))
+        session_id = key.session_id
         with self._lock:
-            if self._epochs.get(key.session_id, self._epoch_floor) != epoch:
+            if self._epochs.get(session_id, self._epoch_floor) != epoch:
                 return
-            held = self._cache.get(key.session_id)
+            held = self._cache.get(session_id)
             if held is None or held[0].version <= tokens.version:
-                self._cache.pop(key.session_id, None)  # re-insert at the end: eviction takes the oldest
-                self._cache[key.session_id] = entry
+                self._cache.pop(session_id, None)  # re-insert at the end: eviction takes the oldest
+                self._cache[session_id] = entry
+                self._track(key)
                 while len(self._cache) > self._cache_size:
-                    self._drop(next(iter(self._cache)))
+                    self._cache.pop(next(iter(self._cache)))
+                self._trim()
 
     def forget(self, key: EntryKey, access_token: str | None = None) -> None:
         """Drop the cached entry (only if it still holds ``access_token``, when given)."""
         with self._lock:
             held = self._cache.get(key.session_id)
             if held is not None and (access_token is None or held[0].access_token == access_token):
-                self._drop(key.session_id)
-
-    def _drop(self, session_id: str) -> None:
-        self._cache.pop(session_id, None)
+                self._cache.pop(key.session_id, None)
 
     def _bump(self, session_id: str) -> None:
         # Caller holds the lock.
         self._epochs.pop(session_id, None)
         self._epochs[session_id] = next(self._epoch_counter)
-        self._drop(session_id)
-        while len(self._epochs) > 2 * self._cache_size:
-            _, dropped = self._epochs.popitem(last=False)
-            self._epoch_floor = max(self._epoch_floor, dropped)
+        self._cache.pop(session_id, None)
+        self._trim()
 
-    def _on_change(self, digest: str | None) -> None:
-        # Another worker saved or deleted an entry (a logout looks like any other change): drop the cached
-        # token and refuse results of reads and refreshes that began before, as a local logout does.
+    def _track(self, key: EntryKey) -> None:
+        """Make sure a session in use has its epoch and its digest (caller holds the lock)."""
+        session_id = key.session_id
+        if session_id not in self._epochs:
+            self._epochs[session_id] = self._epoch_floor
+        self._digests[key.digest] = session_id
+        self._digests.move_to_end(key.digest)
+
+    def _in_use(self, session_id: str) -> bool:
+        key = EntryKey(self.provider_id, session_id)
+        return session_id in self._cache or key in self._flights or key in self._reads
+
+    def _trim(self) -> None:
+        """Drop the oldest epochs and digests of sessions not in use beyond twice cache_size (lock held).
+
+        Sessions in use are moved to the end instead: they are at most cache_size plus the work in
+        progress, so the scan ends, and a notice about them is never missed.
+        """
+        limit = 2 * self._cache_size
+        for _ in range(len(self._epochs)):
+            if len(self._epochs) <= limit:
+                break
+            session_id, epoch = next(iter(self._epochs.items()))
+            if self._in_use(session_id):
+                self._epochs.move_to_end(session_id)
+                continue
+            del self._epochs[session_id]
+            self._epoch_floor = max(self._epoch_floor, epoch)
+        for _ in range(len(self._digests)):
+            if len(self._digests) <= limit:
+                break
+            digest, session_id = next(iter(self._digests.items()))
+            if self._in_use(session_id):
+                self._digests.move_to_end(digest)
+                continue
+            del self._digests[digest]
+
+    def on_change(self, digest: str | None) -> None:
+        """Another worker saved or deleted an entry (a logout looks like any other change): drop the cached
+        token and refuse results of reads and refreshes that began before, as a local logout does."""
         if digest is not None and _writing.get() == (id(self), digest):
             return
         with self._lock:
@@ -255,8 +377,15 @@ class ManagerState:
             flight = table.get(key)
             if flight is not None and flight.alive():
                 return flight, False
-            dead, flight = flight, Flight(self._epochs.get(key.session_id, self._epoch_floor))
+            if not reads and self.closing:
+                raise RefreshFailed(
+                    "the TokenManager is closed, so no refresh starts; use a manager that is open.",
+                    retryable=False,
+                )
+            self._track(key)
+            dead, flight = flight, Flight(self._epochs[key.session_id])
             table[key] = flight
+            self._trim()
         if dead is not None:
             dead.finish(Outcome())  # its waiters start over too
         return flight, True
@@ -264,43 +393,121 @@ class ManagerState:
     def end_flight(self, key: EntryKey, flight: Flight, outcome: Outcome, reads: bool = False) -> None:
         """Publish the outcome; later callers start a new flight."""
         table = self._reads if reads else self._flights
+        idle: list[Callable[[], None]] = []
         with self._lock:
             if table.get(key) is flight:
                 del table[key]
+            if not self._flights and self._when_idle:
+                idle, self._when_idle = self._when_idle, []
         flight.finish(outcome)
+        for run in idle:
+            run()
+
+    def running(self) -> list[Flight]:
+        """The refresh jobs in progress."""
+        with self._lock:
+            return list(self._flights.values())
+
+    def when_idle(self, run: Callable[[], None]) -> bool:
+        """Call ``run`` once no refresh job runs: now (returns True) or when the last one ends (False)."""
+        with self._lock:
+            if self._flights:
+                self._when_idle.append(run)
+                return False
+        run()
+        return True
 
     # -- what this process knows about redeemed tokens -------------------------------------------
     def mark_consumed(self, refresh_token: str) -> None:
-        """Remember that ``refresh_token`` was presented and may be consumed."""
+        """Remember that ``refresh_token`` is being presented and may be consumed."""
         with self._lock:
-            self._consumed[_digest(refresh_token)] = None
-            while len(self._consumed) > CONSUMED_MEMORY:
-                self._consumed.popitem(last=False)
+            self._consumed[_digest(refresh_token)] = _Presented(lost=False, until=float("inf"))
 
-    def unmark_consumed(self, refresh_token: str) -> None:
-        """The provider certainly did not consume ``refresh_token`` (it refused before, or did not rotate)."""
+    def settle_consumed(self, refresh_token: str) -> None:
+        """The answer is recorded (saved, or the provider certainly did not consume ``refresh_token``), or
+        the store certainly no longer holds it: no need to remember it."""
         with self._lock:
             self._consumed.pop(_digest(refresh_token), None)
+
+    def lose_consumed(self, tokens: UpstreamTokens, *, refused: bool = False) -> None:
+        """The answer for ``tokens.refresh_token`` was lost (or, ``refused``, the provider called the grant
+        dead), and the store may still hold it: remember it until no store can (its refresh expiry, else
+        the storage's retention from now)."""
+        assert tokens.refresh_token is not None
+        now = self.clock.time()
+        retention = getattr(self.storage, "retention", DEFAULT_RETENTION)
+        until = tokens.refresh_expires_at if tokens.refresh_expires_at is not None else now + retention
+        with self._lock:
+            self._consumed[_digest(tokens.refresh_token)] = _Presented(lost=True, until=until, refused=refused)
+            if len(self._consumed) > CONSUMED_MEMORY:
+                self._trim_consumed(now)
+
+    def _trim_consumed(self, now: float) -> None:
+        # Caller holds the lock. First what no store can hold any more; then, should lost answers outnumber
+        # the memory, the ones no store will hold soonest (each is also a session the user must log in to
+        # again, so this takes a store outage across a hundred thousand lost answers).
+        for digest in [d for d, entry in self._consumed.items() if entry.lost and entry.until <= now]:
+            del self._consumed[digest]
+        excess = len(self._consumed) - CONSUMED_MEMORY
+        if excess > 0:
+            lost = sorted((entry.until, digest) for digest, entry in self._consumed.items() if entry.lost)
+            for _, digest in lost[:excess]:
+                del self._consumed[digest]
+            logger.warning("forgot %d refresh tokens whose refresh answer was lost (memory full)", excess)
 
     def is_consumed(self, refresh_token: str) -> bool:
         """True when this process presented ``refresh_token`` and may not present it again."""
         return _digest(refresh_token) in self._consumed
 
-    def distrust(self, session_id: str, access_token: str) -> None:
-        """The API refused ``access_token`` right after it was refreshed: do not refresh on its account."""
+    def is_lost(self, refresh_token: str) -> bool:
+        """True when ``refresh_token``'s answer was lost and its entry could not be removed then."""
+        entry = self._consumed.get(_digest(refresh_token))
+        return entry is not None and entry.lost and not entry.refused
+
+    def distrust(self, session_id: str, tokens: UpstreamTokens) -> None:
+        """The API refused ``tokens`` right after they were refreshed: do not refresh on their account
+        until the API accepts them, or they expire."""
         with self._lock:
-            self._distrusted[session_id] = access_token
-            while len(self._distrusted) > self._cache_size:
-                del self._distrusted[next(iter(self._distrusted))]
+            self._distrusted.pop(session_id, None)
+            self._distrusted[session_id] = (tokens.access_token, tokens.expires_at)
+            if len(self._distrusted) > self._cache_size:
+                now = self.clock.time()
+                for sid in [s for s, (_, until) in self._distrusted.items() if until is not None and until <= now]:
+                    del self._distrusted[sid]
+                while len(self._distrusted) > self._cache_size:
+                    # Forgetting costs at most one more refresh for that session: never a correctness loss.
+                    del self._distrusted[next(iter(self._distrusted))]
+
+    def trust(self, session_id: str, access_token: str) -> None:
+        """The API accepted ``access_token``: a distrust of it ends. Called on every answer: cheap."""
+        held = self._distrusted.get(session_id)
+        if held is not None and held[0] == access_token:
+            with self._lock:
+                if self._distrusted.get(session_id) == held:
+                    del self._distrusted[session_id]
 
     def is_distrusted(self, session_id: str, access_token: str) -> bool:
         """True when refreshing because the API refused ``access_token`` would not help."""
-        return self._distrusted.get(session_id) == access_token
+        held = self._distrusted.get(session_id)
+        if held is None or held[0] != access_token:
+            return False
+        if held[1] is not None and self.clock.time() >= held[1]:
+            self.trust(session_id, access_token)  # expired: a distrust never outlives its token
+            return False
+        return True
 
     def back_off(self, key: EntryKey) -> None:
         """An early refresh failed harmlessly: serve the still-valid token for ``retry_interval``."""
+        now = self.clock.monotonic()
         with self._lock:
-            self._retry_at[key] = self.clock.monotonic() + self.retry_interval
+            self._retry_at.pop(key, None)
+            self._retry_at[key] = now + self.retry_interval
+            if len(self._retry_at) > self._cache_size:
+                for stale in [k for k, until in self._retry_at.items() if until <= now]:
+                    del self._retry_at[stale]
+                while len(self._retry_at) > self._cache_size:
+                    # Forgetting a pause costs one early retry: never a correctness loss.
+                    del self._retry_at[next(iter(self._retry_at))]
 
     def backing_off(self, key: EntryKey) -> bool:
         """True while a failed early refresh of ``key`` should not be tried again."""
@@ -310,7 +517,8 @@ class ManagerState:
         if self.clock.monotonic() < until:
             return True
         with self._lock:
-            self._retry_at.pop(key, None)
+            if self._retry_at.get(key) == until:
+                del self._retry_at[key]
         return False
 
     # -- checks ----------------------------------------------------------------------------------------
@@ -323,6 +531,25 @@ class ManagerState:
             )
         if expect is not None:
             expect.check(tokens)
+
+
+def _subscribe_weakly(storage: Storage, state: ManagerState) -> Callable[[], None] | None:
+    """Subscribe ``state`` to the storage's change notices without keeping it alive: a manager dropped
+    without close() is freed, and its subscription removed at the next notice (or when it is collected)."""
+    ref = weakref.ref(state)
+    unsubscribe: Callable[[], None] | None = None
+
+    def on_change(digest: str | None) -> None:
+        target = ref()
+        if target is not None:
+            target.on_change(digest)
+        elif unsubscribe is not None:
+            unsubscribe()
+
+    unsubscribe = storage.subscribe(on_change)
+    if unsubscribe is not None:
+        weakref.finalize(state, unsubscribe)
+    return unsubscribe
 
 
 def _unset(key: EntryKey, need: Need, flight: Flight) -> None:

@@ -8,18 +8,22 @@ thread releases async waiters, and a job running as a task releases sync waiters
 ``start_async_job`` / ``start_sync_job`` start a refresh job where no caller's cancellation reaches it;
 ``AsyncLeaseKeeper`` / ``SyncLeaseKeeper`` renew the job's storage lease while it runs;
 ``AsyncDeadline`` / ``SyncDeadline`` bound (and may shield) a part of a task job;
+``async_call_bounded`` / ``sync_call_bounded`` wait at most so long for a call (the refresher's);
 ``async_sleep`` / ``sync_sleep`` pause a job.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
+import enum
+import sys
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 import anyio
 import anyio.abc
@@ -37,11 +41,41 @@ __all__ = [
     "SameThreadWait",
     "SyncDeadline",
     "SyncLeaseKeeper",
+    "TimedOut",
+    "async_call_bounded",
     "async_sleep",
+    "running_async_library",
     "start_async_job",
     "start_sync_job",
+    "sync_call_bounded",
     "sync_sleep",
 ]
+
+T = TypeVar("T")
+
+
+def running_async_library() -> str | None:
+    """``"asyncio"`` or ``"trio"`` when called from that event loop's thread, else ``None``.
+
+    Answered without sniffio (no longer a dependency of anyio or httpx): an asyncio loop runs here, or
+    trio knows its current task.
+    """
+    import asyncio
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        return "asyncio"
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        try:
+            trio.lowlevel.current_task()
+        except RuntimeError:
+            return None
+        return "trio"
+    return None
 
 
 class SameThreadWait(RuntimeError):
@@ -185,9 +219,7 @@ def start_async_job(
     if not in_task:
         start_sync_job(flight, thread_job, task_job, in_task=False)
         return
-    import sniffio
-
-    if sniffio.current_async_library() == "trio":
+    if running_async_library() == "trio":
         import trio
 
         # Trio cancels system tasks when its run ends, and the job's own clean-up then ends the flight.
@@ -197,6 +229,10 @@ def start_async_job(
 
         loop = asyncio.get_running_loop()
         task = loop.create_task(task_job())
+        # A loop closed without running its tasks to the end never calls their done callbacks: drop the
+        # tasks of closed loops here, so the table holds only work that can still run.
+        for stale in [job for job in _task_jobs if job.get_loop().is_closed()]:
+            _task_jobs.discard(stale)
         _task_jobs.add(task)
         task.add_done_callback(_task_jobs.discard)
         # loop.close() without running the task to its end leaves it pending forever: later callers
@@ -212,6 +248,53 @@ def start_sync_job(
     # Not a daemon: a refresh whose request may have reached the provider must save its result, so the
     # interpreter waits for it at exit (it is bounded by the refresher's timeouts).
     threading.Thread(target=thread_job, name="httpx-upstream-auth-refresh", daemon=False).start()
+
+
+class _Timeout(enum.Enum):
+    TIMED_OUT = "timed out"
+
+
+#: What a bounded call returns when its time ran out.
+TimedOut: Literal[_Timeout.TIMED_OUT] = _Timeout.TIMED_OUT
+
+
+async def async_call_bounded(
+    seconds: float, fn: Callable[..., Awaitable[T]], *args: Any
+) -> T | Literal[_Timeout.TIMED_OUT]:
+    """``await fn(*args)``, cancelled after ``seconds``: then :data:`TimedOut`."""
+    with anyio.move_on_after(seconds):
+        return await fn(*args)
+    return TimedOut
+
+
+def sync_call_bounded(seconds: float, fn: Callable[..., T], *args: Any) -> T | Literal[_Timeout.TIMED_OUT]:
+    """``fn(*args)`` in a daemon thread of its own, waited for at most ``seconds``: then :data:`TimedOut`.
+
+    A thread cannot be interrupted: a call that hangs (a custom refresher without timeouts) is left
+    behind in its daemon thread, which cannot keep the interpreter from exiting, and its result is
+    dropped. The caller goes on as after a lost answer.
+    """
+    done = threading.Event()
+    result: list[Any] = []
+    failure: list[BaseException] = []
+    context = contextvars.copy_context()
+
+    def call() -> None:
+        try:
+            result.append(context.run(fn, *args))
+        except BaseException as exc:  # handed to the waiting thread, which raises it
+            failure.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=call, name="httpx-upstream-auth-refresher", daemon=True).start()
+    if not done.wait(seconds):
+        return TimedOut
+    if failure:
+        error = failure[0]
+        failure.clear()
+        raise error
+    return result[0]  # type: ignore[no-any-return]
 
 
 async def async_sleep(seconds: float) -> None:
@@ -235,9 +318,10 @@ class AsyncLeaseKeeper:
     pass through unchanged (never wrapped in an exception group).
     """
 
-    def __init__(self, renew: Callable[[], Coroutine[Any, Any, bool | None]], ttl: float) -> None:
+    def __init__(self, renew: Callable[[], Coroutine[Any, Any, bool | None]], ttl: float, hold: float) -> None:
         self._renew = renew
         self._interval = max(ttl / 3, 0.001)
+        self._hold = hold
         self._group: anyio.abc.TaskGroup | None = None
 
     async def __aenter__(self) -> AsyncLeaseKeeper:
@@ -256,6 +340,11 @@ class AsyncLeaseKeeper:
         await self._group.__aexit__(None, None, None)
 
     async def _run(self) -> None:
+        # Renewals stop after ``hold`` seconds, so a job stuck past its own bounds lets the lease lapse.
+        with anyio.move_on_after(self._hold):
+            await self._renew_until_refused()
+
+    async def _renew_until_refused(self) -> None:
         while True:
             await anyio.sleep(self._interval)
             try:
@@ -269,9 +358,10 @@ class AsyncLeaseKeeper:
 class SyncLeaseKeeper:
     """The sync twin of :class:`AsyncLeaseKeeper`: renews from a thread of its own."""
 
-    def __init__(self, renew: Callable[[], bool | None], ttl: float) -> None:
+    def __init__(self, renew: Callable[[], bool | None], ttl: float, hold: float) -> None:
         self._renew = renew
         self._interval = max(ttl / 3, 0.001)
+        self._hold = hold
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="httpx-upstream-auth-lease", daemon=True)
 
@@ -286,7 +376,8 @@ class SyncLeaseKeeper:
         self._thread.join()
 
     def _run(self) -> None:
-        while not self._stop.wait(self._interval):
+        give_up = time.monotonic() + self._hold
+        while not self._stop.wait(self._interval) and time.monotonic() < give_up:
             try:
                 renewed = self._renew()
             except Exception:

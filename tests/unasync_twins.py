@@ -38,6 +38,7 @@ REPLACEMENTS = {
     "AsyncLeaseKeeper": "SyncLeaseKeeper",
     "AsyncDeadline": "SyncDeadline",
     "async_sleep": "sync_sleep",
+    "async_call_bounded": "sync_call_bounded",
     "start_async_job": "start_sync_job",
 }
 HEADER = "# Generated from _async by tests/unasync_twins.py: do not edit.\n"

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import httpx
 
 from .._models import Binding
-from .._policy import can_replay, is_token_rejected
+from .._policy import can_replay, carried, is_token_rejected
 
 if TYPE_CHECKING:
     from .._engine import Engine
@@ -33,7 +33,12 @@ class AsyncAuthFlow:
         sent = state.clock.monotonic()
         response = yield request
         state.observe(state.clock.monotonic() - sent)
+        if not carried(response, request, tokens.authorization):
+            # A redirect to another origin, where the client dropped our token: that answer says nothing
+            # about it, and neither a refresh nor a replay would reach that origin with it.
+            return
         if not is_token_rejected(response):
+            ops.accepted(self._session_id, tokens.access_token)
             return
         retry = await ops.refresh_rejected(self._session_id, tokens.access_token, self._expect)
         if retry is None or not can_replay(request):
@@ -42,7 +47,12 @@ class AsyncAuthFlow:
             return
         request.headers["Authorization"] = retry.authorization
         response = yield request
+        if not carried(response, request, retry.authorization):
+            return
         if is_token_rejected(response):
             # Refused again, with a token just refreshed (or just saved by another worker): the API is
-            # rejecting us for another reason, and refreshing on every request would only rotate tokens.
-            ops.distrust(self._session_id, retry.access_token)
+            # rejecting us for another reason, and refreshing on every request would only rotate tokens
+            # (until the API accepts this token again, or it expires).
+            ops.distrust(self._session_id, retry)
+        else:
+            ops.accepted(self._session_id, retry.access_token)

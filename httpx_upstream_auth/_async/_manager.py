@@ -29,6 +29,8 @@ from .._synchronization import (
     Flight,
     Outcome,
     SameThreadWait,
+    TimedOut,
+    async_call_bounded,
     async_sleep,
     start_async_job,
 )
@@ -82,9 +84,13 @@ class AsyncTokenOps:
             state.check_binding(tokens, expect)
         return tokens
 
-    def distrust(self, session_id: str, access_token: str) -> None:
-        """The API refused ``access_token`` on the replay right after its refresh."""
-        self._state.distrust(session_id, access_token)
+    def distrust(self, session_id: str, tokens: UpstreamTokens) -> None:
+        """The API refused ``tokens`` on the replay right after their refresh."""
+        self._state.distrust(session_id, tokens)
+
+    def accepted(self, session_id: str, access_token: str) -> None:
+        """The API accepted ``access_token``: it is trusted again if it was not."""
+        self._state.trust(session_id, access_token)
 
     async def store(self, session_id: str, tokens: UpstreamTokens) -> UpstreamTokens:
         """Write a new entry for the session (after a login), above any version it ever had."""
@@ -231,12 +237,26 @@ class AsyncTokenOps:
                 await state.storage.awatch(key, current.version, min(left, 1.0))
                 continue
             try:
-                async with AsyncLeaseKeeper(functools.partial(state.storage.arenew_lease, lease), state.lease_ttl):
+                # The lease is renewed for as long as the job may still save or remove what it redeemed
+                # (the token request, then its writes, each bounded by refresh_timeout), never longer.
+                renew = functools.partial(state.storage.arenew_lease, lease)
+                async with AsyncLeaseKeeper(renew, state.lease_ttl, 2 * state.refresh_timeout + state.lease_ttl):
                     # Re-read under the lease: the previous holder may have saved just before releasing.
                     current = await self._read(key)
-                    early = self._early_answer(key, need, current, epoch)
+                    try:
+                        early = self._early_answer(key, need, current, epoch)
+                    except ReauthenticationRequired:
+                        if current.refresh_token is not None and state.is_lost(current.refresh_token):
+                            # A lost answer whose fail-closed delete the store refused then: finish it.
+                            await self._discard(key, current, state.clock.monotonic() + state.refresh_timeout)
+                        raise
                     if early is not None:
                         return early
+                    if state.closing:
+                        raise RefreshFailed(
+                            "the TokenManager was closed before the refresh was sent; nothing was sent.",
+                            retryable=False,
+                        )
                     # The reads may have been slow: make sure the lease is still ours, for a full ttl, at the
                     # moment the refresh token leaves; the keeper renews it from then on.
                     if await state.storage.arenew_lease(lease) is False:
@@ -301,40 +321,42 @@ class AsyncTokenOps:
             # Stopped for good (the event loop is ending, the interpreter is exiting) after the request may
             # have left: fail closed while we still can, so no other process presents the token again.
             with AsyncDeadline(state.refresh_timeout, shield=True):
-                await self._discard(key, current)
+                await self._discard(key, current, state.clock.monotonic() + state.refresh_timeout)
             raise
 
     async def _redeem_marked(self, key: EntryKey, need: Need, current: UpstreamTokens, epoch: int) -> Outcome:
         state = self._state
         assert current.refresh_token is not None
+        # Whatever happens to the token request, the writes that follow get refresh_timeout of their own.
         try:
-            with AsyncDeadline(state.refresh_timeout) as deadline:
-                answer = await state.refresher.arefresh(current, state.clock)
-            if deadline.expired:
+            answer = await async_call_bounded(state.refresh_timeout, state.refresher.arefresh, current, state.clock)
+            if answer is TimedOut:
                 raise RefreshFailed("the token endpoint did not answer in time", retryable=True, may_have_rotated=True)
             fresh = self._checked(answer, current)
         except ReauthenticationRequired:
             # invalid_grant may mean another worker rotated first: use its tokens if so.
             again = await state.storage.aget(key)
             if again is None or again.version == current.version:
+                state.lose_consumed(current, refused=True)  # the provider calls it dead: never present it again
                 raise
+            state.settle_consumed(current.refresh_token)
             return Outcome(tokens=again)
         except RefreshFailed as exc:
             if exc.may_have_rotated:
-                await self._discard(key, current)
+                await self._discard(key, current, state.clock.monotonic() + state.refresh_timeout)
                 raise ReauthenticationRequired(
                     "the token endpoint's answer was lost or unusable after it may have rotated the refresh "
                     "token; the entry was removed so the consumed token is never presented again. Log the "
                     "user in again."
                 ) from None
-            state.unmark_consumed(current.refresh_token)
+            state.settle_consumed(current.refresh_token)
             if self._usable(need, current):
                 # The provider had a blip and the stored token is still valid: serve it, try again later.
                 state.back_off(key)
                 return Outcome(tokens=current, fallback=True)
             raise
         except BindingMismatch:
-            await self._discard(key, current)
+            await self._discard(key, current, state.clock.monotonic() + state.refresh_timeout)
             raise BindingMismatch(
                 "the provider returned an id_token for another subject than the stored entry; the new tokens "
                 "were refused and, since the refresh token was consumed, the entry was removed. Log the user "
@@ -342,7 +364,7 @@ class AsyncTokenOps:
             ) from None
         except NotImplementedError:
             # A refresher without this (sync or async) half sent nothing.
-            state.unmark_consumed(current.refresh_token)
+            state.settle_consumed(current.refresh_token)
             raise RefreshFailed(
                 "the refresher does not implement refresh() for worker threads; implement it, or use "
                 "TokenManager(redeem_in='task') with an async-only refresher",
@@ -350,7 +372,7 @@ class AsyncTokenOps:
             ) from None
         except Exception as exc:
             # A custom refresher failed in a way that does not say whether the request left: assume it did.
-            await self._discard(key, current)
+            await self._discard(key, current, state.clock.monotonic() + state.refresh_timeout)
             raise RefreshFailed(
                 f"the refresher failed ({type(exc).__name__}), so the refresh token may have been consumed; the "
                 "entry was removed. Raise RefreshFailed(may_have_rotated=False) from a custom refresher for "
@@ -358,8 +380,8 @@ class AsyncTokenOps:
                 retryable=False,
             ) from None
         if fresh.refresh_token == current.refresh_token:
-            state.unmark_consumed(current.refresh_token)  # not rotated: it stays valid
-        return await self._save(key, need, current, fresh, epoch)
+            state.settle_consumed(current.refresh_token)  # not rotated: it stays valid
+        return await self._save(key, need, current, fresh, epoch, state.clock.monotonic() + state.refresh_timeout)
 
     def _checked(self, answer: object, current: UpstreamTokens) -> UpstreamTokens:
         """The refresher's answer as the next entry: binding fields and version from the entry it redeemed."""
@@ -374,22 +396,22 @@ class AsyncTokenOps:
             version=current.version + 1,
         )
 
-    def _retry_pauses(self) -> Iterator[float]:
-        """Pauses between writes while the store fails, doubling, until the lease stops being renewed:
-        until then nobody else can redeem, so a store that comes back in time loses nothing."""
+    def _retry_pauses(self, give_up: float) -> Iterator[float]:
+        """Pauses between writes while the store fails, doubling, until ``give_up`` (monotonic): the lease is
+        renewed until then, so nobody else can redeem, and a store that comes back in time loses nothing."""
         state = self._state
-        give_up = state.clock.monotonic() + state.refresh_timeout
         pause, longest = RETRY_PAUSE
         while (left := give_up - state.clock.monotonic()) > 0:
             yield min(pause, left)
             pause = min(pause * 2, longest)
 
     async def _save(
-        self, key: EntryKey, need: Need, current: UpstreamTokens, fresh: UpstreamTokens, epoch: int
+        self, key: EntryKey, need: Need, current: UpstreamTokens, fresh: UpstreamTokens, epoch: int, give_up: float
     ) -> Outcome:
         state = self._state
+        assert current.refresh_token is not None
         rotated = fresh.refresh_token != current.refresh_token
-        pauses = self._retry_pauses()
+        pauses = self._retry_pauses(give_up)
         while True:
             try:
                 with state.writing(key):
@@ -400,10 +422,13 @@ class AsyncTokenOps:
             # refusal only counts when someone else wrote (one over an unchanged entry is a failed write).
             landed = True if saved else await self._landed(key, current, fresh)
             if landed:
+                state.settle_consumed(current.refresh_token)  # the store moved past it
                 state.remember(key, fresh, epoch)
                 return Outcome(tokens=fresh, refreshed=True)
             if landed is False:
-                # Compare-and-set lost: a new login or a logout replaced the entry. Theirs wins.
+                # Compare-and-set lost: a new login or a logout replaced the entry, which no longer holds
+                # the redeemed token. Theirs wins.
+                state.settle_consumed(current.refresh_token)
                 return Outcome(tokens=await self._read(key))
             pause = next(pauses, None)
             if pause is None or not rotated:
@@ -412,7 +437,7 @@ class AsyncTokenOps:
         if not rotated:
             logger.debug("refresh of %s: save failed, the old refresh token stays valid", key)
             return Outcome(tokens=fresh, refreshed=True)
-        await self._discard(key, current)
+        await self._discard(key, current, give_up)
         raise StorageError(
             "the provider rotated the refresh token but the new one could not be saved; the stored entry was "
             "removed (or will never be presented again by this process) so the consumed token is not reused. "
@@ -431,22 +456,28 @@ class AsyncTokenOps:
             return False
         return None
 
-    async def _discard(self, key: EntryKey, current: UpstreamTokens) -> None:
-        """Fail closed: the entry's refresh token may be consumed; remove the entry if it still holds it."""
+    async def _discard(self, key: EntryKey, current: UpstreamTokens, give_up: float) -> None:
+        """Fail closed: the entry's refresh token may be consumed; remove the entry if it still holds it
+        (retrying until ``give_up``). Until the store confirms, this process remembers the token as lost."""
         state = self._state
+        assert current.refresh_token is not None
         state.forget(key)
-        pauses = self._retry_pauses()
+        state.lose_consumed(current)
+        pauses = self._retry_pauses(give_up)
         while True:
             try:
                 with state.writing(key):
                     await state.storage.adelete(key, expected_version=current.version)
-                return
             except Exception:
                 pause = next(pauses, None)
                 if pause is None:
                     logger.debug("refresh of %s: could not remove the consumed entry", key)
                     return
                 await async_sleep(pause)
+            else:
+                # Removed, or the entry has another version (a login, a logout): the store no longer holds it.
+                state.settle_consumed(current.refresh_token)
+                return
 
     async def _read(self, key: EntryKey) -> UpstreamTokens:
         tokens = await self._state.storage.aget(key)
