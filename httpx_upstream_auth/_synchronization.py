@@ -335,6 +335,8 @@ class AsyncLeaseKeeper:
     ) -> None:
         assert self._group is not None
         self._group.cancel_scope.cancel()
+        if exc_type is GeneratorExit:
+            return  # the job's coroutine is being collected with its closed loop: nothing can be awaited
         # The renewals are all the group holds: close it as if the block had ended normally, and let the
         # block's exception (if any) propagate as it is.
         await self._group.__aexit__(None, None, None)

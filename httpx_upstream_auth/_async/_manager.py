@@ -220,7 +220,7 @@ class AsyncTokenOps:
         while True:
             # Re-read first: another task, thread or process may have refreshed already.
             current = await self._read(key)
-            early = self._early_answer(key, need, current, epoch)
+            early = await self._early_answer_or_discard(key, need, current, epoch)
             if early is not None:
                 return early
             lease = await state.storage.aacquire_lease(key, state.lease_ttl)
@@ -243,13 +243,7 @@ class AsyncTokenOps:
                 async with AsyncLeaseKeeper(renew, state.lease_ttl, 2 * state.refresh_timeout + state.lease_ttl):
                     # Re-read under the lease: the previous holder may have saved just before releasing.
                     current = await self._read(key)
-                    try:
-                        early = self._early_answer(key, need, current, epoch)
-                    except ReauthenticationRequired:
-                        if current.refresh_token is not None and state.is_lost(current.refresh_token):
-                            # A lost answer whose fail-closed delete the store refused then: finish it.
-                            await self._discard(key, current, state.clock.monotonic() + state.refresh_timeout)
-                        raise
+                    early = await self._early_answer_or_discard(key, need, current, epoch)
                     if early is not None:
                         return early
                     if state.closing:
@@ -269,11 +263,28 @@ class AsyncTokenOps:
                             )
                         continue
                     return await self._redeem(key, need, current, epoch)
+            except GeneratorExit:
+                lease = None  # collected with its closed loop: nothing can be awaited; the lease expires
+                raise
             finally:
-                try:
-                    await state.storage.arelease_lease(lease)
-                except StorageError:
-                    logger.debug("refresh of %s: lease release failed; it expires", key)
+                if lease is not None:
+                    try:
+                        await state.storage.arelease_lease(lease)
+                    except StorageError:
+                        logger.debug("refresh of %s: lease release failed; it expires", key)
+
+    async def _early_answer_or_discard(
+        self, key: EntryKey, need: Need, current: UpstreamTokens, epoch: int
+    ) -> Outcome | None:
+        """:meth:`_early_answer`; when it is that the stored token's answer was lost and the store would not
+        remove the entry then, remove it now (compare-and-set on its version, so no lease is needed)."""
+        state = self._state
+        try:
+            return self._early_answer(key, need, current, epoch)
+        except ReauthenticationRequired:
+            if current.refresh_token is not None and state.is_lost(current.refresh_token):
+                await self._discard(key, current, state.clock.monotonic() + state.refresh_timeout)
+            raise
 
     def _early_answer(self, key: EntryKey, need: Need, current: UpstreamTokens, epoch: int) -> Outcome | None:
         """The outcome without a refresh, when the entry already serves; raise when it cannot be refreshed."""
@@ -317,6 +328,11 @@ class AsyncTokenOps:
             return await self._redeem_marked(key, need, current, epoch)
         except Exception:
             raise  # each failure below already saved, removed or kept the entry as it should
+        except GeneratorExit:
+            # A task of a loop that was closed without running it, collected: nothing can be awaited any
+            # more. This process never presents the token again; the lease expires on its own.
+            state.lose_consumed(current)
+            raise
         except BaseException:
             # Stopped for good (the event loop is ending, the interpreter is exiting) after the request may
             # have left: fail closed while we still can, so no other process presents the token again.

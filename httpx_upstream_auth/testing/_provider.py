@@ -350,13 +350,18 @@ class LocalProvider:
         (the refresh token is consumed and rotated) and only then waits before answering, as a slow real
         provider does: a client that gives up meanwhile loses the new tokens. ``"id_token_other_sub"``
         handles the request normally (a refresh token is consumed and rotated as usual) but the ID token
-        names sub ``"mallory"``.
+        names sub ``"mallory"``. ``"redeem_then:<status>"`` handles the request (consumed and rotated),
+        then answers ``<status>`` with an HTML page, as a gateway in front of a provider does when the
+        provider's answer does not reach it (502, 504). ``"expires_in:<seconds>"`` handles the request
+        normally but states that access-token lifetime.
         """
-        if kind.startswith(("delay:", "answer_delay:")):
+        if kind.startswith(("delay:", "answer_delay:", "expires_in:")):
             try:
                 ok = float(kind.partition(":")[2]) >= 0
             except ValueError:
                 ok = False
+        elif kind.startswith("redeem_then:"):
+            ok = kind.partition(":")[2] in {"500", "502", "503", "504"}
         else:
             ok = kind in FAULT_KINDS
         if not ok:
@@ -602,6 +607,8 @@ class LocalProvider:
         delay = self.token_delay
         other_sub = False
         answer_delay = 0.0
+        gateway: int | None = None
+        expires_in: float | None = None
         if fault is not None:
             if fault.startswith("delay:"):
                 delay += float(fault[6:])
@@ -609,12 +616,19 @@ class LocalProvider:
                 answer_delay = float(fault[13:])
             elif fault == "id_token_other_sub":
                 other_sub = True
+            elif fault.startswith("redeem_then:"):
+                gateway = int(fault[12:])
+            elif fault.startswith("expires_in:"):
+                expires_in = float(fault[11:])
             else:
                 return _fault_reply(fault)
         if delay > 0 and not await _sleep_unless_disconnected(delay, receive):
             return _error(400, "invalid_request")  # nobody is listening; nothing was changed
         with self._lock:
-            reply = self._refresh_grant(form, auth_method, client_id, secret, other_sub)
+            reply = self._refresh_grant(form, auth_method, client_id, secret, other_sub, expires_in)
+        if gateway is not None:
+            page = f"<html><body>{gateway} Bad Gateway</body></html>".encode()
+            return _Reply(gateway, page, [(b"content-type", b"text/html")])
         if answer_delay > 0:
             # As real providers do: the refresh token is already consumed; only the answer is late, and it
             # is lost if the client hangs up meanwhile.
@@ -628,6 +642,7 @@ class LocalProvider:
         client_id: str | None,
         secret: str | None,
         other_sub: bool,
+        expires_in: float | None = None,
     ) -> _Reply:
         if auth_method == "ambiguous":
             return _error(400, "invalid_request")
@@ -664,7 +679,8 @@ class LocalProvider:
             return _error(400, "invalid_grant")
         access, _ = self._new_access(grant, now)
         ttl = self.access_ttl if grant.access_ttl is None else grant.access_ttl
-        answer: dict[str, Any] = {"access_token": access, "token_type": "Bearer", "expires_in": _seconds(ttl)}
+        stated = _seconds(ttl) if expires_in is None else _seconds(expires_in)
+        answer: dict[str, Any] = {"access_token": access, "token_type": "Bearer", "expires_in": stated}
         scope = form.get("scope") or grant.scope
         if scope is not None:
             answer["scope"] = scope

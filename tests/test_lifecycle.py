@@ -1,0 +1,544 @@
+"""A deployment's life: heavy traffic over many sessions, fork, shutdown mid-refresh, hung refreshers,
+blips that end, redirects, answers from gateways, managers made and dropped.
+
+Over real HTTP: the LocalProvider (rotation; presenting a consumed refresh token revokes the grant)
+under uvicorn on 127.0.0.1, and small ASGI APIs for the resource-server side. Every assertion is a
+count or a state; waits are bounded against hangs, never timed.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import socket
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import anyio
+import attrs
+import httpx
+import pytest
+from support import (
+    SESSION,
+    SSL,
+    WAIT_LIMIT,
+    Driver,
+    FlakyStorage,
+    ManagerFactory,
+    expired,
+    put_entry,
+    stored,
+    wait_until,
+)
+
+import httpx_upstream_auth._state as state_module
+from httpx_upstream_auth import (
+    EntryKey,
+    MemoryStorage,
+    OAuth2Refresher,
+    ReauthenticationRequired,
+    Refresher,
+    RefreshFailed,
+    SQLiteStorage,
+    TokenManager,
+    UpstreamAuthError,
+    UpstreamTokens,
+)
+from httpx_upstream_auth.testing import LocalProvider, ServerThread
+from httpx_upstream_auth.testing._provider import Receive, Scope, Send
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def sqlite_path(tmp_path: Path) -> Path:
+    """A token file shared by the 'processes' of a test (one SQLiteStorage object each)."""
+    return tmp_path / "tokens.db"
+
+
+async def _reauth_required(driver: Driver, manager: TokenManager, session: str = SESSION) -> bool:
+    try:
+        await driver.get_token(manager, session)
+    except ReauthenticationRequired:
+        return True
+    return False
+
+
+# -- 1. a logout elsewhere is honoured after heavy traffic over other sessions -------------------------
+
+
+@pytest.mark.parametrize("event", ["logout", "login"])
+async def test_change_elsewhere_is_honoured_after_many_other_sessions(
+    driver: Driver, provider: LocalProvider, make_manager: ManagerFactory, sqlite_path: Path, event: str
+) -> None:
+    """A worker keeps a session cached while it sees many times cache_size other session ids (random
+    cookies that have no entry): another worker's logout, or a login of another user, still reaches it."""
+    here = make_manager(storage=SQLiteStorage(sqlite_path), cache_size=4)
+    there = make_manager(storage=SQLiteStorage(sqlite_path), cache_size=4)
+    first = await driver.store(there, provider.login(sub="alice", user_id="u-alice"))
+    assert (await driver.get_token(here)).access_token == first.access_token  # cached here
+    for n in range(40):
+        with pytest.raises(ReauthenticationRequired):
+            await driver.get_token(here, f"cookie-{n}")
+    if event == "logout":
+        assert await anyio.to_thread.run_sync(there.delete, SESSION)
+        with anyio.fail_after(WAIT_LIMIT):
+            while not await _reauth_required(driver, here):
+                await anyio.sleep(0.01)
+    else:
+        second = await driver.store(there, provider.login(sub="bob", user_id="u-bob"))
+        with anyio.fail_after(WAIT_LIMIT):
+            while (await driver.get_token(here)).user_id != "u-bob":
+                await anyio.sleep(0.01)
+        assert (await driver.get_token(here)).access_token == second.access_token
+    footprint = here.footprint()
+    assert footprint.cached <= 4 and footprint.epochs <= 8 and footprint.digests <= 8
+
+
+# -- 3. fork while a refresh job runs --------------------------------------------------------------
+
+
+def _in_child(run: Any) -> str:
+    """Run ``run()`` in a forked child; return what it printed to the pipe (its result or its error)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        try:
+            message = str(run())
+        except BaseException as exc:
+            message = f"error: {type(exc).__name__}: {exc}"
+        os.write(write, message.encode()[:4000])
+        os._exit(0)
+    os.close(write)
+    chunks = []
+    while chunk := os.read(read, 4096):
+        chunks.append(chunk)
+    os.close(read)
+    os.waitpid(pid, 0)
+    return b"".join(chunks).decode()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_fork_while_a_refresh_job_runs_leaves_the_child_a_working_manager(
+    provider: LocalProvider, make_manager: ManagerFactory, sqlite_path: Path
+) -> None:
+    """The parent's refresh job is at the provider when the process forks: the child has no copy of that
+    flight to wait on forever; it refreshes (or reads the parent's result) on its own."""
+    manager = make_manager(storage=SQLiteStorage(sqlite_path), wait_timeout=30)
+    put_entry(manager, expired(provider.login()))
+    provider.fail_next("delay:0.5")
+    caller = threading.Thread(target=manager.get_token, args=(SESSION,))
+    caller.start()
+    with anyio.from_thread.start_blocking_portal() as portal:
+        portal.call(wait_until, lambda: provider.stats["token_calls"] == 1)
+    assert manager.footprint().flights == 1
+
+    def child() -> str:
+        tokens = manager.get_token(SESSION)
+        return "ok" if manager.footprint().flights == 0 and tokens.version > 1 else "bad"
+
+    assert _in_child(child) == "ok"
+    caller.join()
+    assert provider.stats["refresh_reuse"] == 0
+
+
+# -- 4. close() and aclose() during a refresh job ----------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["close", "aclose"])
+async def test_close_during_a_refresh_waits_for_the_job_to_save(
+    provider: LocalProvider, token_url: str, sqlite_path: Path, how: str
+) -> None:
+    """An app shuts down while the provider is redeeming (it consumed the refresh token and answers
+    late): close waits for the job, which saves the rotation; the next worker refreshes with it."""
+    manager = TokenManager(
+        provider_id="local",
+        storage=SQLiteStorage(sqlite_path),
+        refresher=OAuth2Refresher(token_url, "test-client", "test-secret"),
+    )
+    first = put_entry(manager, expired(provider.login()))
+    provider.fail_next("answer_delay:0.5")
+    caller = threading.Thread(target=manager.get_token, args=(SESSION,))
+    caller.start()
+    await wait_until(lambda: provider.stats["token_calls"] == 1)
+    if how == "close":
+        await anyio.to_thread.run_sync(manager.close)
+    else:
+        await manager.aclose()
+    caller.join()
+    later = TokenManager(
+        provider_id="local",
+        storage=SQLiteStorage(sqlite_path),
+        refresher=OAuth2Refresher(token_url, "test-client", "test-secret"),
+    )
+    try:
+        saved = stored(later)
+        assert saved is not None and saved.version == first.version + 1
+        later.get_token(SESSION)
+        with pytest.raises(UpstreamAuthError):  # a closed manager reads and refreshes nothing (typed)
+            manager.get_token(SESSION + "-other")
+    finally:
+        later.close()
+    assert provider.stats["refresh_reuse"] == 0 and provider.stats["refresh_ok"] == 1
+
+
+# -- 5. refresh_timeout bounds a thread job whose refresher hangs -----------------------------------
+
+
+class HangingRefresher(Refresher):
+    """A custom refresher that hangs after its request may have left, until the test releases it."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.calls = 0
+
+    def refresh(self, tokens: UpstreamTokens, clock: Any) -> UpstreamTokens:
+        self.calls += 1
+        self.release.wait()
+        raise RefreshFailed("released", retryable=True)
+
+    async def arefresh(self, tokens: UpstreamTokens, clock: Any) -> UpstreamTokens:
+        self.calls += 1
+        await anyio.sleep(3600)
+        raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize("redeem_in", ["thread", "task"])
+async def test_a_hung_refresher_is_bounded_by_refresh_timeout(
+    provider: LocalProvider, make_manager: ManagerFactory, redeem_in: str
+) -> None:
+    """A refresher that never returns: after refresh_timeout the job fails closed (the entry is removed, as
+    after a lost answer), its flight ends and its lease is released; the session is not wedged."""
+    refresher = HangingRefresher()
+    storage = MemoryStorage()
+    manager = make_manager(refresher=refresher, storage=storage, refresh_timeout=0.3, redeem_in=redeem_in)
+    put_entry(manager, expired(provider.login()))
+    try:
+        with anyio.fail_after(WAIT_LIMIT), pytest.raises(ReauthenticationRequired):
+            await manager.aget_token(SESSION)
+        assert stored(manager) is None
+        assert manager.footprint().flights == 0
+        lease = storage.acquire_lease(EntryKey(manager.provider_id, SESSION), 5)
+        assert lease is not None  # released by the job, not left to expire
+        assert refresher.calls == 1
+    finally:
+        refresher.release.set()
+
+
+# -- 6. every import is a declared dependency --------------------------------------------------------
+
+
+def test_task_jobs_work_without_sniffio(token_url: str, provider: LocalProvider, tmp_path: Path) -> None:
+    """sniffio is not a dependency (recent anyio and httpx do not bring it): a task-job refresh works
+    in an interpreter where it cannot be imported."""
+    script = tmp_path / "no_sniffio.py"
+    tokens = expired(provider.login())
+    script.write_text(
+        "import sys\n"
+        "sys.modules['sniffio'] = None\n"
+        "import asyncio, json\n"
+        "import httpx_upstream_auth as hua\n"
+        f"tokens = hua.UpstreamTokens.from_json({tokens.to_json()!r})\n"
+        "m = hua.TokenManager(provider_id='local', redeem_in='task',\n"
+        f"    refresher=hua.OAuth2Refresher({token_url!r}, 'test-client', 'test-secret'))\n"
+        "m.store('s', tokens)\n"
+        "print(asyncio.run(m.aget_token('s')).version > tokens.version)\n"
+    )
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
+    assert done.stdout.strip() == "True", done.stderr[-2000:]
+
+
+# -- 7. one refresher, two kinds of job ---------------------------------------------------------------
+
+
+def test_a_refresher_is_refused_for_a_job_kind_it_cannot_serve_as_configured() -> None:
+    """Given only an async client, a refresher cannot redeem in a worker thread without bypassing its
+    settings (proxy, TLS): the manager says so at construction. Likewise a sync client in task jobs."""
+    async_only = OAuth2Refresher("https://as.example/token", "c", "s", async_client=httpx.AsyncClient())
+    with pytest.raises(ValueError, match="redeem_in='task'"):
+        TokenManager(provider_id="p", refresher=async_only)
+    TokenManager(provider_id="p", refresher=async_only, redeem_in="task").close()
+    sync_only = OAuth2Refresher("https://as.example/token", "c", "s", client=httpx.Client())
+    with pytest.raises(ValueError, match="redeem_in='thread'"):
+        TokenManager(provider_id="p", refresher=sync_only, redeem_in="task")
+
+
+class _ForwardProxy:
+    """A plain-HTTP forward proxy on 127.0.0.1 that answers every token request itself (and counts them)."""
+
+    def __init__(self, provider: LocalProvider) -> None:
+        self.provider = provider
+        self.requests: list[str] = []
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen()
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                self.requests.append(data.split(b"\r\n", 1)[0].decode())
+                body = b'{"access_token":"via-proxy","token_type":"Bearer","expires_in":3600}'
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                    + f"content-length: {len(body)}\r\n\r\n".encode()
+                    + body
+                )
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+@pytest.mark.parametrize("redeem_in", ["thread", "task"])
+async def test_refresher_settings_are_honoured_by_both_kinds_of_job(
+    provider: LocalProvider, make_manager: ManagerFactory, redeem_in: str
+) -> None:
+    """``proxy=`` given once reaches the token request whichever kind of job redeems."""
+    proxy = _ForwardProxy(provider)
+    try:
+        refresher = OAuth2Refresher(
+            "http://127.0.0.1:9/token", "test-client", "test-secret", proxy=proxy.url, trust_env=False
+        )
+        manager = make_manager(refresher=refresher, redeem_in=redeem_in)
+        put_entry(manager, expired(provider.login()))
+        tokens = await manager.aget_token(SESSION)
+        assert tokens.access_token == "via-proxy"
+        assert proxy.requests == ["POST http://127.0.0.1:9/token HTTP/1.1"]
+    finally:
+        proxy.close()
+
+
+# -- 8. a distrust ends when the API accepts the token -------------------------------------------------
+
+
+class ScriptedAPI:
+    """An API answering 200 or a Bearer 401 per request, from a script; it records the Authorization sent."""
+
+    def __init__(self, statuses: list[int]) -> None:
+        self.statuses = list(statuses)
+        self.seen: list[str | None] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        headers = dict(scope["headers"])
+        auth = headers.get(b"authorization")
+        self.seen.append(None if auth is None else auth.decode())
+        status = self.statuses.pop(0) if self.statuses else 200
+        extra = [(b"www-authenticate", b'Bearer error="invalid_token"')] if status == 401 else []
+        await send({"type": "http.response.start", "status": status, "headers": [(b"content-length", b"0"), *extra]})
+        await send({"type": "http.response.body", "body": b""})
+
+
+async def test_a_distrust_ends_when_the_api_accepts_the_token(
+    provider: LocalProvider, manager: TokenManager
+) -> None:
+    """A 401 on the replay right after a refresh was a blip: once the API accepts that token, a later real
+    revocation refreshes again instead of returning 401s until the token expires."""
+    put_entry(manager, provider.login())
+    api = ScriptedAPI([401, 401, 200, 401, 200])
+    with ServerThread(api) as served:
+        async with httpx.AsyncClient(base_url=served.url, auth=manager.auth(SESSION), verify=SSL) as client:
+            statuses = [(await client.get("/data")).status_code for _ in range(3)]
+    assert statuses == [401, 200, 200]
+    assert provider.stats["token_calls"] == 2 and provider.stats["refresh_reuse"] == 0
+
+
+# -- 9. a 401 from another origin after a redirect is not about our token ------------------------------
+
+
+class Redirect:
+    """An API that redirects every request to another origin."""
+
+    def __init__(self, to: str) -> None:
+        self.to = to
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        headers = [(b"location", self.to.encode()), (b"content-length", b"0")]
+        await send({"type": "http.response.start", "status": 302, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
+
+
+async def test_a_401_after_a_redirect_to_another_origin_refreshes_nothing(
+    driver: Driver, provider: LocalProvider, manager: TokenManager
+) -> None:
+    """The client drops our token on a hop to another origin; that origin's 401 says nothing about it:
+    no refresh, no replay, no distrust (the next request to our API still refreshes on a real 401)."""
+    put_entry(manager, provider.login())
+    elsewhere = ScriptedAPI([401] * 5)
+    with ServerThread(elsewhere) as other, ServerThread(Redirect(other.url + "/landing")) as api:
+        response = await Driver(driver.mode, api.url).request(manager, path="/data", follow_redirects=True)
+    assert response.status_code == 401
+    assert elsewhere.seen == [None]
+    assert provider.stats["token_calls"] == 0
+
+
+# -- 10. a lost answer is remembered however many refreshes succeed after it ---------------------------
+
+
+class DeleteFailsStorage(FlakyStorage):
+    """A FlakyStorage whose deletes fail too while ``fail_delete`` is set."""
+
+    fail_delete = False
+
+    def delete(self, key: EntryKey, *, expected_version: int | None = None) -> bool:
+        if self.fail_delete:
+            from httpx_upstream_auth import StorageError
+
+            raise StorageError("the store is down")
+        return super().delete(key, expected_version=expected_version)
+
+
+async def test_a_lost_answer_outlives_many_successful_rotations(
+    provider: LocalProvider, token_url: str, make_manager: ManagerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An answer lost while the store was down (the fail-closed delete could not land) is remembered
+    beyond any number of ordinary refreshes: the consumed token is never presented again."""
+    monkeypatch.setattr(state_module, "CONSUMED_MEMORY", 3)
+    storage = DeleteFailsStorage()
+    refresher = OAuth2Refresher(token_url, "test-client", "test-secret", timeout=0.2)
+    manager = make_manager(storage=storage, refresher=refresher, refresh_timeout=0.3)
+    put_entry(manager, expired(provider.login()))
+    provider.fail_next("answer_delay:1")
+    storage.fail_delete = True
+    with pytest.raises(ReauthenticationRequired):
+        await manager.aget_token(SESSION)
+    storage.fail_delete = False
+    assert stored(manager) is not None  # the delete could not land
+    for n in range(6):
+        put_entry(manager, expired(provider.login()), session=f"other-{n}")
+        await manager.aget_token(f"other-{n}")
+    assert manager.footprint().consumed == 1
+    with pytest.raises(ReauthenticationRequired):
+        await manager.aget_token(SESSION)
+    assert stored(manager) is None  # removed now that the store is back
+    assert manager.footprint().consumed == 0
+    assert provider.stats["refresh_reuse"] == 0 and provider.stats["refresh_ok"] == 7
+
+
+# -- 11. "expires_in": 0 --------------------------------------------------------------------------------
+
+
+async def test_an_answer_with_expires_in_zero_costs_one_refresh(
+    driver: Driver, provider: LocalProvider, manager: TokenManager
+) -> None:
+    """A provider stating a zero lifetime: the token counts as of unknown lifetime (used until the API
+    refuses it), not as born expired and refreshed again at once."""
+    put_entry(manager, expired(provider.login()))
+    provider.fail_next("expires_in:0")
+    tokens = await driver.get_token(manager)
+    assert tokens.expires_at is None
+    assert (await driver.request(manager)).status_code == 200
+    assert provider.stats["token_calls"] == 1
+
+
+# -- answers that may follow a redemption ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", ["502", "504"])
+async def test_a_gateway_error_after_redeeming_fails_closed(
+    driver: Driver, provider: LocalProvider, manager: TokenManager, status: str
+) -> None:
+    """A gateway in front of the provider answers 502/504 (HTML) after the provider rotated: the consumed
+    refresh token is never presented again (the entry is removed), so the grant is not revoked."""
+    put_entry(manager, expired(provider.login()))
+    provider.fail_next(f"redeem_then:{status}")
+    with pytest.raises(ReauthenticationRequired):
+        await driver.get_token(manager)
+    assert stored(manager) is None
+    with pytest.raises(ReauthenticationRequired):
+        await driver.get_token(manager)
+    assert provider.stats["token_calls"] == 1 and provider.stats["refresh_reuse"] == 0
+
+
+async def test_an_oauth_error_from_the_provider_changes_nothing(
+    driver: Driver, provider: LocalProvider, manager: TokenManager
+) -> None:
+    """The provider's own error answer (JSON with an OAuth error code) proves nothing was consumed."""
+    first = put_entry(manager, expired(provider.login()))
+    provider.fail_next("503")
+    with pytest.raises(RefreshFailed):
+        await driver.get_token(manager)
+    assert stored(manager) == first
+    assert (await driver.get_token(manager)).version == first.version + 1
+    assert provider.stats["refresh_reuse"] == 0
+
+
+# -- 12. bounded state ------------------------------------------------------------------------------------
+
+
+async def test_backoff_and_distrust_end_with_a_logout(
+    driver: Driver, provider: LocalProvider, make_manager: ManagerFactory
+) -> None:
+    """The back-off after a harmless early-refresh failure is forgotten by a logout."""
+    manager = make_manager(leeway=30, max_leeway_fraction=0.5)
+    login = provider.login(access_ttl=20)
+    assert login.expires_at is not None
+    tokens = put_entry(manager, attrs.evolve(login, issued_at=login.expires_at - 60))  # inside the leeway
+    provider.fail_next("503")
+    assert (await driver.get_token(manager)).access_token == tokens.access_token  # served through the blip
+    assert manager.footprint().backing_off == 1
+    await anyio.to_thread.run_sync(manager.delete, SESSION)
+    assert manager.footprint().backing_off == 0
+
+
+class CountingNotices(MemoryStorage):
+    """A MemoryStorage that counts change callbacks run (one per subscribed manager per write)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def subscribe(self, callback: Any) -> Any:
+        def counted(digest: str | None) -> None:
+            self.calls += 1
+            callback(digest)
+
+        return super().subscribe(counted)
+
+
+def test_managers_dropped_without_close_are_freed(provider: LocalProvider, token_url: str) -> None:
+    """Per-tenant managers made and dropped over one long-lived storage: the storage's change notices
+    hold none of them, so a write costs one callback per live manager, not per manager ever made."""
+    storage = CountingNotices()
+
+    def manager() -> TokenManager:
+        return TokenManager(
+            provider_id="local", storage=storage, refresher=OAuth2Refresher(token_url, "test-client", "test-secret")
+        )
+
+    for n in range(200):
+        manager().store(f"tenant-{n}", provider.login())
+    gc.collect()
+    alive, other = manager(), manager()
+    try:
+        alive.get_token("tenant-0")
+        storage.calls = 0
+        other.delete("tenant-0")
+        assert storage.calls == 2  # the two live managers, nothing else
+        with pytest.raises(ReauthenticationRequired):
+            alive.get_token("tenant-0")
+    finally:
+        alive.close()
+        other.close()
