@@ -227,7 +227,7 @@ class SyncTokenOps:
             lease = state.storage.acquire_lease(key, state.lease_ttl)
             if lease is None:
                 left = give_up - state.clock.monotonic()
-                if left <= 0:
+                if left <= 0 or state.closing:
                     if self._usable(need, current):
                         return Outcome(tokens=current, fallback=True)
                     raise RefreshFailed(
