@@ -102,6 +102,14 @@ statuses = st.one_of(
 )
 
 
+def _oauth_error(content: bytes) -> bool:
+    try:
+        data = json.loads(content)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("error"), str)
+
+
 def finite_in(value: float | None, low: float, high: float) -> bool:
     return value is None or (math.isfinite(value) and low <= value <= high)
 
@@ -120,7 +128,9 @@ def test_merge_response_is_total_bounded_and_quiet(status: int, content: bytes) 
             for secret in SECRETS:
                 assert secret not in text
         if isinstance(exc, RefreshFailed) and not 200 <= status < 300:
-            assert exc.may_have_rotated is False
+            # Only the authorization server's own OAuth error proves nothing was consumed; a 5xx without one
+            # (a gateway's) may follow a redemption.
+            assert exc.may_have_rotated is (status >= 500 and not _oauth_error(content))
         return
     assert 200 <= status < 300
     assert isinstance(fresh.access_token, str) and fresh.access_token
