@@ -76,7 +76,8 @@ class Footprint:
     """How many entries each per-session table of one manager holds: for monitoring, and to check bounds.
 
     ``cached``, ``epochs`` and ``digests`` stay within ``cache_size`` plus the sessions with work in
-    progress; ``flights`` and ``reads`` count that work; ``consumed`` the refresh tokens presented whose
+    progress; ``flights`` and ``reads`` count that work, ``waiting`` the callers waiting on refreshes;
+    ``consumed`` the refresh tokens presented whose
     outcome is not recorded yet (or could not be); ``distrusted`` and ``backing_off`` are within
     ``cache_size`` and empty out as their tokens and pauses expire.
     """
@@ -86,6 +87,7 @@ class Footprint:
     digests: int
     flights: int
     reads: int
+    waiting: int
     consumed: int
     distrusted: int
     backing_off: int
@@ -241,6 +243,7 @@ class ManagerState:
             digests=len(self._digests),
             flights=len(self._flights),
             reads=len(self._reads),
+            waiting=sum(flight.waiting for flight in list(self._flights.values())),
             consumed=len(self._consumed),
             distrusted=len(self._distrusted),
             backing_off=len(self._retry_at),

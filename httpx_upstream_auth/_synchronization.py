@@ -144,6 +144,11 @@ class Flight:
         """True once the outcome is published."""
         return self._outcome is not None
 
+    @property
+    def waiting(self) -> int:
+        """How many callers wait for the outcome."""
+        return len(self._wakers)
+
     def finish(self, outcome: Outcome) -> None:
         """Publish the outcome and wake every waiter. Only the first call counts."""
         with self._lock:

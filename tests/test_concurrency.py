@@ -36,7 +36,6 @@ from support import (
 from httpx_upstream_auth import (
     Binding,
     BindingMismatch,
-    EntryKey,
     OAuth2Refresher,
     ReauthenticationRequired,
     RefreshFailed,
@@ -61,8 +60,7 @@ def followers_parked(manager: TokenManager, count: int, session: str = SESSION) 
     """True once ``count`` callers wait on the key's flight."""
 
     def check() -> bool:
-        flight = manager._state._flights.get(EntryKey(manager.provider_id, session))
-        return flight is not None and len(flight._wakers) >= count
+        return manager.footprint().waiting >= count
 
     return check
 
@@ -297,11 +295,11 @@ async def test_flow_closed_at_yield_from_another_task_leaves_nothing(
         await flow.asend(httpx.Response(401, headers={"WWW-Authenticate": "Bearer"}, request=request))
     async with anyio.create_task_group() as tg:
         tg.start_soon(flow.aclose)
-    assert manager._state._flights == {}
+    assert manager.footprint().flights == 0
     async with async_client(server, manager) as client:
         response = await client.get("/api/me")
     assert response.status_code == 200
-    assert manager._state._flights == {}
+    assert manager.footprint().flights == 0
     assert provider.stats["token_calls"] == 1 and provider.stats["refresh_reuse"] == 0
 
 
@@ -393,7 +391,7 @@ async def test_cancelled_follower_does_not_disturb_the_flight(
     assert quitter.cancelled_caught
     assert statuses == [200] * 6
     assert provider.stats["token_calls"] == 1 and provider.stats["refresh_reuse"] == 0
-    assert manager._state._flights == {}
+    assert manager.footprint().flights == 0
 
 
 async def test_wait_timeout_bounds_the_caller_not_the_refresh(
@@ -442,7 +440,7 @@ async def test_leader_cancelled_before_sending_hands_over(
     assert leader_scope.cancelled_caught
     assert statuses == [200]
     assert provider.stats["token_calls"] == 1 and provider.stats["refresh_ok"] == 1
-    assert manager._state._flights == {}
+    assert manager.footprint().flights == 0
 
 
 # -- bodies and bindings -------------------------------------------------------------------------------
@@ -524,8 +522,10 @@ async def test_secrets_never_logged_or_in_errors(
         assert current is not None
         provider.revoke_access(current.access_token)
         assert (await client.get("/api/me")).status_code == 200  # 401, refresh, replay
-        put_entry(manager, expired(stored(manager)))  # type: ignore[arg-type]
-        manager._state.forget(EntryKey(manager.provider_id, SESSION))
+        latest = stored(manager)
+        assert latest is not None
+        manager.delete(SESSION)  # drops the cached token too
+        put_entry(manager, expired(latest))
         for fault in ("500", "invalid_client", "id_token_other_sub"):
             provider.fail_next(fault)
             try:
