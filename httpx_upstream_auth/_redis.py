@@ -10,6 +10,7 @@ this module imports without the ``redis`` extra.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import json
@@ -155,6 +156,52 @@ def _kind(message: dict[str, Any]) -> str:
     return _text(message.get("type"))
 
 
+class _FifoGate:
+    """At most ``size`` holders at once; waiters are served in the order they arrived.
+
+    ``threading.Semaphore`` is not fair: a release wakes the oldest waiter, but a thread arriving
+    before that one runs takes the slot, and the woken waiter queues again behind it. With hundreds of
+    threads on a few connections some then wait past their timeout while later arrivals pass. Here a
+    release hands the slot straight to the oldest waiter; a newcomer finds none free.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._lock = threading.Lock()
+        self._free = size
+        self._waiters: collections.deque[threading.Event] = collections.deque()
+
+    @property
+    def waiting(self) -> int:
+        """How many threads wait for a slot."""
+        return len(self._waiters)
+
+    def acquire(self, timeout: float) -> bool:
+        """Take a slot, waiting up to ``timeout`` seconds behind earlier waiters; False when none came."""
+        with self._lock:
+            if self._free and not self._waiters:
+                self._free -= 1
+                return True
+            granted = threading.Event()
+            self._waiters.append(granted)
+        if granted.wait(timeout):
+            return True
+        with self._lock:
+            if not granted.is_set():
+                self._waiters.remove(granted)
+                return False
+        # A release handed us the slot between the timeout and the lock: it is ours now. Keeping it
+        # loses no slot (passing it on would fail this caller for nothing).
+        return True
+
+    def release(self) -> None:
+        """Give the slot to the oldest waiter, or back to the pool when nobody waits."""
+        with self._lock:
+            if self._waiters:
+                self._waiters.popleft().set()
+            else:
+                self._free += 1
+
+
 class _LoopClient:
     """An asyncio client, with its scripts and its connection gate, that belongs to one event loop."""
 
@@ -167,6 +214,8 @@ class _LoopClient:
         self.ready = anyio.Event()
         self.failed = False
         # Commands wait here for one of the pool's connections rather than fail when all are busy.
+        # anyio's asyncio semaphore is first-come first-served already: a release hands the slot to the
+        # oldest waiter, and a waiter cancelled after that passes it on.
         self.gate = anyio.Semaphore(max_connections)
 
 
@@ -386,7 +435,7 @@ class RedisStorage(Storage):
         )
         self._changes_channel = f"{prefix}:changes"
         self._origin = new_owner()[:16]
-        self._gate = threading.BoundedSemaphore(max_connections)
+        self._gate = _FifoGate(max_connections)
         self._orphans: dict[EntryKey, str] = {}
         if client is not None:
             self._scripts = {name: client.register_script(source) for name, source in _SCRIPTS.items()}
@@ -988,7 +1037,7 @@ def _reset_in_child(storage: RedisStorage) -> None:
     subscribers live at the fork."""
     storage._lock = threading.Lock()
     storage._feed_lock = threading.Lock()
-    storage._gate = threading.BoundedSemaphore(storage.max_connections)
+    storage._gate = _FifoGate(storage.max_connections)
     storage._loops = {}
     storage._origin = new_owner()[:16]
     storage._orphans = {}
