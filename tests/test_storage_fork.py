@@ -278,7 +278,7 @@ def test_a_redis_child_drops_the_parents_event_loop_clients(redis_server: Any) -
         # The parent's loop client still works: the child neither used nor closed its connections.
         assert asyncio.run_coroutine_threadsafe(store.aget(A), loop).result(PATIENCE) == tokens(1)
     finally:
+        asyncio.run_coroutine_threadsafe(store.aclose(), loop).result(PATIENCE)  # closes that loop's client too
         loop.call_soon_threadsafe(loop.stop)
         runner.join()
-        store.close()
         loop.close()
