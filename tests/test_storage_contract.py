@@ -101,6 +101,51 @@ def test_delete_conditional_and_unconditional(storage: Storage) -> None:
     assert storage.get(KEY) is None
 
 
+def test_a_conditional_put_on_a_missing_entry_writes_nothing(storage: Storage) -> None:
+    """put(expected_version=N) with no entry returns False and writes nothing (a refresh landing after a
+    logout must not bring the session back); the same after the entry was deleted."""
+    heard: list[str | None] = []
+    unsubscribe = storage.subscribe(heard.append)
+    for expected in (0, 1, 7, 2**63 - 1):
+        assert storage.put(KEY, tokens(1), expected_version=expected) is False
+    assert storage.get(KEY) is None
+    assert storage.put(KEY, tokens(1), expected_version=None)
+    assert storage.delete(KEY, expected_version=1)
+    assert storage.put(KEY, tokens(2), expected_version=1) is False, "a logged-out session was resurrected"
+    assert storage.get(KEY) is None
+    assert storage.put(KEY, tokens(1), expected_version=None), "a new login still works"
+    assert heard == [KEY.digest] * 3  # the first save, the delete, the new login: nothing for refused puts
+    if unsubscribe is not None:
+        unsubscribe()
+
+
+def test_a_conditional_delete_of_another_version_keeps_the_entry(storage: Storage) -> None:
+    """delete(expected_version=N) when the entry has another version returns False and keeps it unchanged."""
+    assert storage.put(KEY, tokens(2), expected_version=None)
+    heard: list[str | None] = []
+    unsubscribe = storage.subscribe(heard.append)
+    for expected in (0, 1, 3, 2**63 - 1):
+        assert storage.delete(KEY, expected_version=expected) is False
+    assert storage.get(KEY) == tokens(2)
+    assert storage.delete(EntryKey("github", "never-written"), expected_version=2) is False
+    assert heard == []
+    if unsubscribe is not None:
+        unsubscribe()
+
+
+@pytest.mark.anyio  # on asyncio and trio: conftest parametrizes anyio_backend
+async def test_async_conditional_writes_on_a_missing_or_other_version_write_nothing(storage: Storage) -> None:
+    """aput(expected_version=N) with no entry, and adelete of another version, return False and change nothing."""
+    assert await storage.aput(KEY, tokens(2), expected_version=1) is False
+    assert await storage.aget(KEY) is None
+    assert await storage.aput(KEY, tokens(2), expected_version=None)
+    assert await storage.adelete(KEY, expected_version=1) is False
+    assert await storage.aget(KEY) == tokens(2)
+    assert await storage.adelete(KEY, expected_version=2)
+    assert await storage.aput(KEY, tokens(3), expected_version=2) is False
+    assert await storage.aget(KEY) is None
+
+
 def test_keys_with_separators_do_not_collide(storage: Storage) -> None:
     """Ids containing ':', '{', '}' or '%' map to distinct entries."""
     keys = [EntryKey("a:b", "c"), EntryKey("a", "b:c"), EntryKey("{a}", "b"), EntryKey("%7Ba%7D", "b"),
