@@ -2,8 +2,9 @@
 
 Owns the file (0600 and this user's, or refused; WAL mode), its schema, the compare-and-set transaction,
 the cross-process refresh lease, the change log that tells other processes what was saved or deleted,
-and the one poller thread per process and file that reads it for every watcher and subscriber. Written
-once in sync code (``blocking = True``): the async twins run it in worker threads.
+and the one poller thread per process and file that reads it for every watcher and subscriber, and
+what ``fork()`` does to all of these (the child gets no SQLite state of the parent's, and a feed of its
+own). Written once in sync code (``blocking = True``): the async twins run it in worker threads.
 
 It also holds the small change hub that the Redis storage shares (waiters and subscribers woken by
 whichever thread learns of a change), since both stores push changes to the same kinds of listeners.

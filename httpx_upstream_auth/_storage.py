@@ -30,7 +30,7 @@ import attrs
 from ._models import EntryKey, UpstreamTokens
 from ._policy import DEFAULT_RETENTION
 
-__all__ = ["ChangeCallback", "ForkRegistry", "Lease", "Storage"]
+__all__ = ["ChangeCallback", "Lease", "Storage"]
 
 logger = logging.getLogger("httpx_upstream_auth")
 _T = TypeVar("_T")
@@ -96,7 +96,8 @@ class ForkRegistry(Generic[_T]):
 
     def __init__(self, reset: Callable[[_T], None], *, hook: bool = True) -> None:
         self._reset = reset
-        # WeakSet.add is safe without a lock here: it is only iterated in the child, by one thread.
+        # No lock (a parent thread could hold it at fork): add is atomic under the GIL, and a reader
+        # that races an add gets RuntimeError from live() and asks again.
         self._live: weakref.WeakSet[Any] = weakref.WeakSet()
         if hook and hasattr(os, "register_at_fork"):
             os.register_at_fork(after_in_child=self.reset_all)
