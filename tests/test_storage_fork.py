@@ -125,12 +125,11 @@ def test_subscriptions_live_at_fork_hear_the_other_process(shared_storage: Stora
     """After fork, a subscription made before it hears the parent's writes in the child and the child's in
     the parent, and each process's own writes reach it once (never echoed back as another's)."""
     store = shared_storage
-    heard: list[str | None] = []
+    heard: list[str | None] = []  # empty at the fork: the child's copy holds only what the child hears
     unsubscribe = store.subscribe(heard.append)
     assert unsubscribe is not None
 
     def child(conn: Connection) -> None:
-        del heard[:]  # this process's copy: only what it hears from now on counts
         store.watch(EntryKey("fork", "nobody"), None, 0.0)  # Redis: returns once the listener is subscribed
         conn.send("ready")
         wait_until(lambda: A.digest in heard)
@@ -159,6 +158,37 @@ def test_subscriptions_live_at_fork_hear_the_other_process(shared_storage: Stora
     assert store.get(B) == tokens(1)
     assert store.delete(A, expected_version=1)
     assert heard[-1] == A.digest
+    unsubscribe()
+
+
+def test_sibling_children_hear_each_other(shared_storage: Storage) -> None:
+    """Two workers forked from one parent (gunicorn's workers): one's save reaches the other's subscription
+    made before the fork, and the parent's, once each."""
+    store = shared_storage
+    heard: list[str | None] = []
+    unsubscribe = store.subscribe(heard.append)
+    assert unsubscribe is not None
+
+    def writer(conn: Connection) -> None:
+        store.watch(EntryKey("fork", "nobody"), None, 0.0)
+        conn.send("ready")
+        assert conn.poll(PATIENCE) and conn.recv() == "go"
+        assert store.put(B, tokens(1), expected_version=None)
+        conn.send("wrote")
+
+    def listener(conn: Connection) -> None:
+        store.watch(EntryKey("fork", "nobody"), None, 0.0)  # Redis: returns once the listener is subscribed
+        conn.send("ready")
+        wait_until(lambda: B.digest in heard)
+        conn.send([digest for digest in heard if digest is not None])
+
+    with forked(writer) as to_writer, forked(listener) as to_listener:
+        assert receive(to_writer) == "ready" and receive(to_listener) == "ready"
+        to_writer.send("go")
+        assert receive(to_writer) == "wrote"
+        assert receive(to_listener) == [B.digest]
+    wait_until(lambda: B.digest in heard)
+    assert heard == [B.digest]
     unsubscribe()
 
 
