@@ -9,7 +9,7 @@ import cachetools
 
 from ._models import EntryKey, UpstreamTokens
 from ._policy import DEFAULT_RETENTION, retention_deadline
-from ._storage import Storage, storable
+from ._storage import ForkRegistry, Storage, storable
 
 __all__ = ["MemoryStorage"]
 
@@ -30,6 +30,7 @@ class MemoryStorage(Storage):
             maxsize=maxsize, ttu=lambda _key, value, _now: value[1], timer=time.time
         )
         self._lock = threading.Lock()
+        _forked.add(self)
 
     def get(self, key: EntryKey) -> UpstreamTokens | None:
         """Return the entry, or ``None`` when absent or past its retention."""
@@ -57,3 +58,12 @@ class MemoryStorage(Storage):
             del self._entries[key]
         self.notify_change(key)
         return True
+
+
+def _reset_in_child(storage: MemoryStorage) -> None:
+    # A forked child keeps a copy of the entries (it is a separate store from now on); only the lock,
+    # which a parent thread may have held at fork(), is replaced.
+    storage._lock = threading.Lock()
+
+
+_forked: ForkRegistry[MemoryStorage] = ForkRegistry(_reset_in_child)

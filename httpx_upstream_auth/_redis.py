@@ -10,6 +10,7 @@ this module imports without the ``redis`` extra.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import json
@@ -29,8 +30,17 @@ import anyio.to_thread
 from ._exceptions import StorageError
 from ._models import EntryKey, UpstreamTokens
 from ._policy import DEFAULT_RETENTION, retention_deadline
-from ._sqlite import AsyncWaker, ChangeHub
-from ._storage import ChangeCallback, Lease, Storage, lease_seconds, new_owner, storable, version_in_range
+from ._sqlite import AsyncWaker, ChangeHub, feed_of
+from ._storage import (
+    ChangeCallback,
+    ForkRegistry,
+    Lease,
+    Storage,
+    lease_seconds,
+    new_owner,
+    storable,
+    version_in_range,
+)
 
 if TYPE_CHECKING:
     import redis
@@ -146,6 +156,52 @@ def _kind(message: dict[str, Any]) -> str:
     return _text(message.get("type"))
 
 
+class _FifoGate:
+    """At most ``size`` holders at once; waiters are served in the order they arrived.
+
+    ``threading.Semaphore`` is not fair: a release wakes the oldest waiter, but a thread arriving
+    before that one runs takes the slot, and the woken waiter queues again behind it. With hundreds of
+    threads on a few connections some then wait past their timeout while later arrivals pass. Here a
+    release hands the slot straight to the oldest waiter; a newcomer finds none free.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._lock = threading.Lock()
+        self._free = size
+        self._waiters: collections.deque[threading.Event] = collections.deque()
+
+    @property
+    def waiting(self) -> int:
+        """How many threads wait for a slot."""
+        return len(self._waiters)
+
+    def acquire(self, timeout: float) -> bool:
+        """Take a slot, waiting up to ``timeout`` seconds behind earlier waiters; False when none came."""
+        with self._lock:
+            if self._free and not self._waiters:
+                self._free -= 1
+                return True
+            granted = threading.Event()
+            self._waiters.append(granted)
+        if granted.wait(timeout):
+            return True
+        with self._lock:
+            if not granted.is_set():
+                self._waiters.remove(granted)
+                return False
+        # A release handed us the slot between the timeout and the lock: it is ours now. Keeping it
+        # loses no slot (passing it on would fail this caller for nothing).
+        return True
+
+    def release(self) -> None:
+        """Give the slot to the oldest waiter, or back to the pool when nobody waits."""
+        with self._lock:
+            if self._waiters:
+                self._waiters.popleft().set()
+            else:
+                self._free += 1
+
+
 class _LoopClient:
     """An asyncio client, with its scripts and its connection gate, that belongs to one event loop."""
 
@@ -158,6 +214,8 @@ class _LoopClient:
         self.ready = anyio.Event()
         self.failed = False
         # Commands wait here for one of the pool's connections rather than fail when all are busy.
+        # anyio's asyncio semaphore is first-come first-served already: a release hands the slot to the
+        # oldest waiter, and a waiter cancelled after that passes it on.
         self.gate = anyio.Semaphore(max_connections)
 
 
@@ -168,15 +226,18 @@ async def _close_at_loop_shutdown(
     # open async generator (loop.shutdown_asyncgens) while the loop still runs, which is the last moment
     # an asyncio client can close its connections cleanly. A loop closed without that is found later
     # by _sweep_closed_loops, which finalizes this generator with the loop closed (nothing to await).
+    pid = os.getpid()
     try:
         yield
     finally:
-        owner = storage()
-        if owner is not None:
-            owner._forget_loop(loop)
-        if not loop.is_closed():
-            with contextlib.suppress(Exception):
-                await client.aclose()
+        # A forked child's copy does nothing: the client and its sockets are the parent's.
+        if os.getpid() == pid:
+            owner = storage()
+            if owner is not None:
+                owner._forget_loop(loop)
+            if not loop.is_closed():
+                with contextlib.suppress(Exception):
+                    await client.aclose()
 
 
 class _Subscriber:
@@ -187,8 +248,11 @@ class _Subscriber:
     while it is down, or when the server refuses pub/sub, watchers fall back to polling.
     """
 
-    def __init__(self, storage: RedisStorage) -> None:
+    def __init__(self, storage: RedisStorage, *, missed: bool = False) -> None:
         self.hub = ChangeHub()
+        # True in a forked child: its subscribers heard the parent's listener until the fork, and
+        # whatever was published before this one subscribes is lost, so its first subscription says None.
+        self._missed = missed
         self._storage = weakref.ref(storage)
         self._client = storage._sync
         self._channel = storage._changes_channel
@@ -213,10 +277,18 @@ class _Subscriber:
     def ensure(self) -> None:
         """Start the thread if needed and wait (within the socket timeout) for its first subscription."""
         with self._changed:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="httpx-upstream-auth-redis-changes", daemon=True)
-                self._thread.start()
+            self._start()
             self._changed.wait_for(lambda: self._state != "starting", timeout=self._timeout + 0.5)
+
+    def start(self) -> None:
+        """Start the thread if needed, without waiting for it."""
+        with self._changed:
+            self._start()
+
+    def _start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="httpx-upstream-auth-redis-changes", daemon=True)
+            self._thread.start()
 
     def stop(self) -> None:
         """Stop the thread and close its connection (within a fraction of a second)."""
@@ -231,7 +303,7 @@ class _Subscriber:
             self._changed.notify_all()
 
     def _run(self) -> None:
-        announce = False  # after the first connection, a (re)connection may have missed messages
+        announce = self._missed  # after the first connection, a (re)connection may have missed messages
         backoff = 0.05
         while not self._stop.is_set():
             pubsub = None
@@ -363,11 +435,14 @@ class RedisStorage(Storage):
         )
         self._changes_channel = f"{prefix}:changes"
         self._origin = new_owner()[:16]
-        self._gate = threading.BoundedSemaphore(max_connections)
+        self._gate = _FifoGate(max_connections)
         self._orphans: dict[EntryKey, str] = {}
         if client is not None:
             self._scripts = {name: client.register_script(source) for name, source in _SCRIPTS.items()}
         self._subscriber: _Subscriber | None = None
+        # The remover of this object's one feed from the subscriber's hub, while anyone subscribes.
+        self._feed_remove: Callable[[], None] | None = None
+        self._feed_lock = threading.Lock()
         self._unreachable: tuple[type[BaseException], ...] = (
             redis.exceptions.ConnectionError,
             redis.exceptions.TimeoutError,
@@ -387,6 +462,7 @@ class RedisStorage(Storage):
             getattr(redis.exceptions, name) for name in ("MaxConnectionsError",) if hasattr(redis.exceptions, name)
         )
         self._response_error: type[BaseException] = redis.exceptions.ResponseError
+        _forked.add(self)
 
     @classmethod
     def from_url(
@@ -548,16 +624,19 @@ class RedisStorage(Storage):
         Callbacks run in the pub/sub thread, which also wakes every watcher: keep them short.
         """
         local = super().subscribe(callback)
-        subscriber = self._changes()
-        if subscriber is None:
-            return local
-        remote = subscriber.hub.add_subscriber(callback, self._origin)
-        subscriber.ensure()
+        assert local is not None  # the base class always reports this object's own writes
+        try:
+            subscriber = self._attach_feed()
+            if subscriber is not None:
+                subscriber.ensure()
+        except BaseException:
+            local()
+            self._detach_feed()
+            raise
 
         def unsubscribe() -> None:
-            remote()
-            if local is not None:
-                local()
+            local()
+            self._detach_feed()
 
         return unsubscribe
 
@@ -737,6 +816,22 @@ class RedisStorage(Storage):
             if (self._subscriber is None or self._subscriber.pid != os.getpid()) and not self._closed:
                 self._subscriber = _Subscriber(self)
             return self._subscriber
+
+    def _attach_feed(self) -> _Subscriber | None:
+        """Have the pub/sub listener report other writers' changes to this object's subscribers (one hub
+        entry for all of them); the listener, or ``None`` when changes cannot be pushed (no sync client)."""
+        with self._feed_lock:
+            subscriber = self._changes()
+            if subscriber is not None and self._feed_remove is None and self._subscribers:
+                self._feed_remove = subscriber.hub.add_subscriber(feed_of(self), self._origin)
+            return subscriber
+
+    def _detach_feed(self) -> None:
+        """Leave the listener's hub once the last subscriber left."""
+        with self._feed_lock:
+            if self._feed_remove is not None and not self._subscribers:
+                remove, self._feed_remove = self._feed_remove, None
+                remove()
 
     def _changed(self, key: EntryKey) -> None:
         """After a save or delete through this object: tell its subscribers, and wake this process's
@@ -932,6 +1027,30 @@ class RedisStorage(Storage):
             raise StorageError(
                 f"could not {what}: {self._server} refused ({type(exc).__name__}: {detail}); {hint}"
             ) from None
+
+
+def _reset_in_child(storage: RedisStorage) -> None:
+    """In a forked child: new locks and connection gate (parent threads may have held them), no
+    per-loop clients (their sockets are the parent's; redis-py's sync pools notice the new pid
+    themselves), a new origin (the parent's writes are now another writer's), no lease answers the
+    parent lost (re-taking one here would make two holders), and a pub/sub listener of its own for the
+    subscribers live at the fork."""
+    storage._lock = threading.Lock()
+    storage._feed_lock = threading.Lock()
+    storage._gate = _FifoGate(storage.max_connections)
+    storage._loops = {}
+    storage._origin = new_owner()[:16]
+    storage._orphans = {}
+    storage._subscriber = None  # its thread was the parent's
+    storage._feed_remove = None
+    if storage._closed or storage._sync is None or not storage._subscribers:
+        return  # a listener is made on first use
+    subscriber = storage._subscriber = _Subscriber(storage, missed=True)
+    storage._feed_remove = subscriber.hub.add_subscriber(feed_of(storage), storage._origin)
+    subscriber.start()  # not ensure(): a fork must not wait for the server
+
+
+_forked: ForkRegistry[RedisStorage] = ForkRegistry(_reset_in_child)
 
 
 def _ms(seconds: float) -> int:

@@ -2,8 +2,9 @@
 
 Owns the file (0600 and this user's, or refused; WAL mode), its schema, the compare-and-set transaction,
 the cross-process refresh lease, the change log that tells other processes what was saved or deleted,
-and the one poller thread per process and file that reads it for every watcher and subscriber. Written
-once in sync code (``blocking = True``): the async twins run it in worker threads.
+and the one poller thread per process and file that reads it for every watcher and subscriber, and
+what ``fork()`` does to all of these (the child gets no SQLite state of the parent's, and a feed of its
+own). Written once in sync code (``blocking = True``): the async twins run it in worker threads.
 
 It also holds the small change hub that the Redis storage shares (waiters and subscribers woken by
 whichever thread learns of a change), since both stores push changes to the same kinds of listeners.
@@ -21,6 +22,7 @@ import sqlite3
 import stat
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 
 import anyio
@@ -32,6 +34,7 @@ from ._policy import DEFAULT_RETENTION, retention_deadline
 from ._storage import (
     MAX_LEASE_TTL,
     ChangeCallback,
+    ForkRegistry,
     Lease,
     Storage,
     lease_seconds,
@@ -199,6 +202,28 @@ class ChangeHub:
                 logger.exception("a storage change subscriber raised")
 
 
+def feed_of(storage: Storage) -> ChangeCallback:
+    """One hub subscriber for all of ``storage``'s subscribers (held weakly: a storage dropped without
+    unsubscribing is not kept alive by its change feed).
+
+    A storage registers it once, however many callbacks subscribe, so that after ``fork()`` the child
+    re-attaches one feed under its new origin and every callback live at the fork keeps hearing.
+    """
+    ref = weakref.ref(storage)
+
+    def hear(digest: str | None) -> None:
+        found = ref()
+        if found is None:
+            return
+        for callback in list(found._subscribers):
+            try:
+                callback(digest)
+            except Exception:  # one subscriber's bug must not stop the others, nor the listener thread
+                logger.exception("a storage change subscriber raised")
+
+    return hear
+
+
 class AsyncWaker:
     """Wakes one async task from any thread without blocking that thread (asyncio or trio)."""
 
@@ -262,22 +287,31 @@ class _FilePoller:
         self._lock = threading.Lock()
         self._poke = threading.Event()
         self._thread: threading.Thread | None = None
+        self._conn: sqlite3.Connection | None = None  # the thread's; closed by fork() between rounds
         self._last_seq: int | None = None  # None while parked: nothing to catch up on
         self._purge_due = False
         self.next_purge = 0.0  # monotonic
 
-    def listen(self, add: Callable[[], Callable[[], None]], conn: sqlite3.Connection) -> Callable[[], None]:
+    def listen(self, add: Callable[[], Callable[[], None]], log_end: Callable[[], int]) -> Callable[[], None]:
         """Register a listener (``add()`` returns its remover) and make sure the thread follows the log
-        from no later than now, so a change committed after this returns is reported."""
-        with self._lock:
-            remove = add()
-            try:
-                if self._last_seq is None:
-                    self._last_seq = int(conn.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0])
-                self._start()
-            except BaseException:
-                remove()
-                raise
+        from no later than now (``log_end()``: the last sequence number written), so a change committed
+        after this returns is reported."""
+        while True:
+            # Read the log's end before taking the lock: the poller takes its lock inside an operation
+            # (see _Quiesce), so reading under it could deadlock with a fork() waiting for operations.
+            end = None if self._last_seq is not None else log_end()
+            with self._lock:
+                if self._last_seq is None and end is None:
+                    continue  # the poller parked meanwhile: read the end again
+                remove = add()
+                try:
+                    if self._last_seq is None:
+                        self._last_seq = end
+                    self._start()
+                except BaseException:
+                    remove()
+                    raise
+                break
         self._poke.set()
         return remove
 
@@ -311,40 +345,44 @@ class _FilePoller:
             raise
 
     def _poll(self) -> None:
-        conn: sqlite3.Connection | None = None
         data_version: int | None = None
         interval = _POLL_FAST
         while True:
-            with self._lock:
+            with _quiesce.operation(), self._lock:
                 if not self.hub.active() and not self._purge_due:
                     # Nobody listens: end the thread (a listener starts a new one), and forget our place
                     # in the log (the next listener takes its own, so nothing old is replayed).
                     self._last_seq = None
                     self._thread = None
-                    if conn is not None:
-                        with contextlib.suppress(sqlite3.Error):
-                            conn.close()
+                    self.close_connection()
                     return
             self._poke.wait(interval)
             self._poke.clear()
-            try:
-                if conn is None:
-                    conn = self._connect()
-                    data_version = None
-                more = False
-                if self._purge_due:  # one batch per round, so watchers are served in between
-                    more = self._purge_due = _purge_step(conn)
-                current = _data_version(conn)
-                changed = current != data_version and self._read_changes(conn)
-                data_version = current
-                slowest = _POLL_WATCHING if self.hub.watching() else _POLL_IDLE
-                interval = _POLL_FAST if changed or more else min(interval * 1.5, slowest)
-            except Exception:  # a busy or vanished file: try again later with a new connection
-                logger.debug("the SQLite change poller failed; retrying", exc_info=True)
-                if conn is not None:
-                    with contextlib.suppress(sqlite3.Error):
-                        conn.close()
-                conn, interval = None, 0.1
+            with _quiesce.operation():
+                try:
+                    if self._conn is None:
+                        self._conn = self._connect()
+                        data_version = None
+                    conn = self._conn
+                    more = False
+                    if self._purge_due:  # one batch per round, so watchers are served in between
+                        more = self._purge_due = _purge_step(conn)
+                    current = _data_version(conn)
+                    changed = current != data_version and self._read_changes(conn)
+                    data_version = current
+                    slowest = _POLL_WATCHING if self.hub.watching() else _POLL_IDLE
+                    interval = _POLL_FAST if changed or more else min(interval * 1.5, slowest)
+                except Exception:  # a busy or vanished file: try again later with a new connection
+                    logger.debug("the SQLite change poller failed; retrying", exc_info=True)
+                    self.close_connection()
+                    interval = 0.1
+
+    def close_connection(self) -> None:
+        """Close the thread's connection (between rounds: it opens a new one on the next)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
 
     def _read_changes(self, conn: sqlite3.Connection) -> bool:
         changed = False
@@ -371,16 +409,108 @@ class _FilePoller:
 _pollers: dict[tuple[int, int, int], _FilePoller] = {}
 _pollers_lock = threading.Lock()
 
+#: How long fork() waits for this process's SQLite operations to end before forking anyway (seconds).
+_FORK_WAIT = 10.0
+
+
+class _Quiesce:
+    """Lets ``fork()`` wait until no SQLite operation of this process runs, then close every idle connection.
+
+    SQLite keeps each file's lock state once per process, shared by all its connections, and a child
+    inherits that memory without the locks it describes (POSIX locks are not inherited). Forked during
+    a write, the child's new connections wait forever for a write lock held by nobody; forked with a
+    connection open, they believe they hold a shared lock they do not, so the parent could checkpoint
+    and delete the WAL under them. So fork() waits (bounded) for operations to end, new ones wait for
+    the fork, and the child starts with no SQLite state for the file at all.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._busy = 0
+        self._forking = False
+        self._depth = threading.local()  # operations nest (a subscriber callback reading the store)
+
+    @contextlib.contextmanager
+    def operation(self) -> Iterator[None]:
+        """Use SQLite connections inside this block (never fork() inside it)."""
+        depth: int = getattr(self._depth, "value", 0)
+        if depth == 0:
+            with self._cond:
+                self._cond.wait_for(lambda: not self._forking, timeout=_FORK_WAIT)
+                self._busy += 1
+        self._depth.value = depth + 1
+        try:
+            yield
+        finally:
+            self._depth.value = depth
+            if depth == 0:
+                with self._cond:
+                    self._busy -= 1
+                    if not self._busy:
+                        self._cond.notify_all()
+
+    def before_fork(self) -> None:
+        """Hold new operations, wait for running ones, and close every idle connection of the process."""
+        mine = 1 if getattr(self._depth, "value", 0) else 0  # fork() called inside an operation
+        with self._cond:
+            self._forking = True
+            if not self._cond.wait_for(lambda: self._busy <= mine, timeout=_FORK_WAIT):
+                logger.warning("fork() while SQLite token store operations still ran: the child may find it locked")
+                return
+        # No operation runs now, so no other thread uses these connections; and no lock is taken: a
+        # thread may hold one while it waits for this fork (the child replaces them all).
+        for poller in list(_pollers.values()):
+            poller.close_connection()
+        for _ in range(3):  # a storage made by another thread meanwhile changes the set: look again
+            try:
+                storages = _forked.live()
+                break
+            except RuntimeError:
+                storages = []
+        for storage in storages:
+            idle, storage._pool = storage._pool, []
+            for conn in idle:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+
+    def after_fork_in_parent(self) -> None:
+        """Let operations run again."""
+        with self._cond:
+            self._forking = False
+            self._cond.notify_all()
+
+
+_quiesce = _Quiesce()
+
+
+def _before_fork() -> None:
+    _quiesce.before_fork()
+
+
+def _after_fork_in_parent() -> None:
+    _quiesce.after_fork_in_parent()
+
 
 def _after_fork_in_child() -> None:
-    # Another thread may have held the lock at fork(); the child's pollers are its own anyway.
-    global _pollers_lock
+    """Give the child pollers of its own (the parent's threads do not exist here, and a parent thread
+    may have held their locks), then reset every SQLiteStorage, which re-attaches its subscribers."""
+    global _pollers_lock, _quiesce
     _pollers_lock = threading.Lock()
+    _quiesce = _Quiesce()
+    inherited = list(_pollers.items())
     _pollers.clear()
+    for (_, dev, ino), old in inherited:
+        new = _FilePoller(old._connect)
+        # Follow the log from where the parent's poller stood: whatever it had not read yet, the
+        # subscribers' copies in this child have not heard either. No gap, no I/O here.
+        new._last_seq = old._last_seq
+        new.next_purge = old.next_purge
+        _pollers[(os.getpid(), dev, ino)] = new
+    _forked.reset_all()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
 
 
 def _poller_for(identity: tuple[int, int], connect: Callable[[], sqlite3.Connection]) -> _FilePoller:
@@ -461,6 +591,9 @@ class SQLiteStorage(Storage):
         self._closed = False
         #: Names this object's writes in the change log, so its own subscribers are not told twice.
         self._origin = new_owner()[:16]
+        # The remover of this object's one feed from the poller's hub, while anyone subscribes.
+        self._feed_remove: Callable[[], None] | None = None
+        self._feed_lock = threading.Lock()
         # Owner tokens of acquires whose answer never reached the caller (an error or a cancellation
         # after the claim may have committed): the next acquire of that key re-uses it, re-taking the
         # lease instead of leaving it held by nobody until its ttl runs out.
@@ -468,6 +601,7 @@ class SQLiteStorage(Storage):
         self._identity = self._secure_file()
         self._open()
         self._check_companions()
+        _forked.add(self)
 
     def __repr__(self) -> str:
         return f"SQLiteStorage({self.path!r})"
@@ -571,13 +705,16 @@ class SQLiteStorage(Storage):
         Callbacks run in the poller thread, which serves every watcher of the file: keep them short.
         """
         local = super().subscribe(callback)
-        with self._connection("follow saved tokens") as conn:
-            remote = self._poller().listen(lambda: self._poller().hub.add_subscriber(callback, self._origin), conn)
+        assert local is not None  # the base class always reports this object's own writes
+        try:
+            self._attach_feed()
+        except BaseException:
+            local()
+            raise
 
         def unsubscribe() -> None:
-            remote()
-            if local is not None:
-                local()
+            local()
+            self._detach_feed()
 
         return unsubscribe
 
@@ -629,8 +766,26 @@ class SQLiteStorage(Storage):
 
     def _listen_for(self, key: EntryKey, wake: Callable[[], None]) -> Callable[[], None]:
         poller = self._poller()
-        with self._connection("watch for saved tokens") as conn:
-            return poller.listen(lambda: poller.hub.add_waiter(key.digest, wake), conn)
+        return poller.listen(lambda: poller.hub.add_waiter(key.digest, wake), self._log_end)
+
+    def _log_end(self) -> int:
+        with self._connection("follow saved tokens") as conn:
+            return int(conn.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0])
+
+    def _attach_feed(self) -> None:
+        """Have the poller report other writers' changes to this object's subscribers (one hub entry
+        for all of them), unless it does already or nobody subscribes."""
+        with self._feed_lock:
+            if self._feed_remove is None and self._subscribers:
+                poller, origin, feed = self._poller(), self._origin, feed_of(self)
+                self._feed_remove = poller.listen(lambda: poller.hub.add_subscriber(feed, origin), self._log_end)
+
+    def _detach_feed(self) -> None:
+        """Leave the poller's hub once the last subscriber left (the poller may then stop)."""
+        with self._feed_lock:
+            if self._feed_remove is not None and not self._subscribers:
+                remove, self._feed_remove = self._feed_remove, None
+                remove()
 
     def _current_version(self, key: EntryKey) -> int | None:
         with self._connection("watch for saved tokens") as conn:
@@ -663,15 +818,16 @@ class SQLiteStorage(Storage):
     @contextlib.contextmanager
     def _connection(self, what: str) -> Iterator[sqlite3.Connection]:
         """Lend a connection for one operation; sqlite3 errors become StorageError."""
-        conn = self._checkout(what)
-        healthy = False
-        try:
-            yield conn
-            healthy = True
-        except sqlite3.Error as exc:
-            raise self._error(what, exc) from exc
-        finally:
-            self._checkin(conn, healthy)
+        with _quiesce.operation():
+            conn = self._checkout(what)
+            healthy = False
+            try:
+                yield conn
+                healthy = True
+            except sqlite3.Error as exc:
+                raise self._error(what, exc) from exc
+            finally:
+                self._checkin(conn, healthy)
 
     @contextlib.contextmanager
     def _write(self, what: str) -> Iterator[sqlite3.Connection]:
@@ -719,6 +875,10 @@ class SQLiteStorage(Storage):
         SQLite does not apply the busy timeout to ``PRAGMA journal_mode``, so a fleet opening a new file
         at once would see SQLITE_BUSY within a millisecond: retry with back-off within ``timeout``.
         """
+        with _quiesce.operation():
+            self._open_schema()
+
+    def _open_schema(self) -> None:
         deadline = time.monotonic() + self.timeout
         delay = 0.001
         conn = self._checkout("open the database")
@@ -841,6 +1001,25 @@ class SQLiteStorage(Storage):
             f"could not {what} in the SQLite token store {self.path} ({type(exc).__name__}: {exc}); check "
             "that the file and its directory exist and are readable and writable by this user, then retry"
         )
+
+
+def _reset_in_child(storage: SQLiteStorage) -> None:
+    """In a forked child: drop the inherited connections unused, take a new origin (the parent's
+    writes are now another writer's), forget lease answers the parent lost (re-taking one here would
+    make two holders), and re-attach the subscribers to this process's poller."""
+    storage._pool_lock = threading.Lock()  # a parent thread may have held these at fork()
+    storage._feed_lock = threading.Lock()
+    storage._inherited.extend(storage._pool)
+    storage._pool, storage._pid = [], os.getpid()
+    storage._origin = new_owner()[:16]
+    storage._orphans = {}
+    storage._feed_remove = None  # it was in the parent's hub
+    if not storage._closed:
+        storage._attach_feed()
+
+
+# Reset by _after_fork_in_child, after the pollers they re-attach to.
+_forked: ForkRegistry[SQLiteStorage] = ForkRegistry(_reset_in_child, hook=False)
 
 
 def _open_connection(path: str, timeout: float) -> sqlite3.Connection:

@@ -5,18 +5,23 @@ working defaults, so a third-party store keeps working when new ones appear: ``a
 ``release_lease`` (default: an in-process table, enough for one process) and ``watch`` (default:
 polling ``get``). Async twins default to running the sync method in a worker thread, or calling it
 directly when the backend never blocks (``blocking = False``).
+
+It also owns :class:`ForkRegistry`, how every storage module finds its live objects in a forked child.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
+import os
 import secrets
 import threading
 import time
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -26,6 +31,9 @@ from ._models import EntryKey, UpstreamTokens
 from ._policy import DEFAULT_RETENTION
 
 __all__ = ["ChangeCallback", "Lease", "Storage"]
+
+logger = logging.getLogger("httpx_upstream_auth")
+_T = TypeVar("_T")
 
 #: Called with the digest (:attr:`EntryKey.digest`) of an entry that was saved or deleted, or with
 #: ``None`` when the store cannot tell which entries changed (every cached entry should be re-read).
@@ -76,6 +84,41 @@ def storable(tokens: UpstreamTokens) -> UpstreamTokens:
     return attrs.evolve(tokens, **odd) if odd else tokens
 
 
+class ForkRegistry(Generic[_T]):
+    """The live objects of one kind, each reset by ``reset(obj)`` in a child process after ``fork()``.
+
+    gunicorn ``--preload`` and multiprocessing fork a process whose storages already hold connections,
+    locks (perhaps held by a thread that does not exist in the child), change-feed threads and
+    subscriptions. Objects are held weakly. ``os.register_at_fork`` runs the resets unless
+    ``hook=False``: then the owner calls :meth:`reset_all` from a hook of its own (to order it after
+    other module state). A reset that raises is logged; the others still run.
+    """
+
+    def __init__(self, reset: Callable[[_T], None], *, hook: bool = True) -> None:
+        self._reset = reset
+        # No lock (a parent thread could hold it at fork): add is atomic under the GIL, and a reader
+        # that races an add gets RuntimeError from live() and asks again.
+        self._live: weakref.WeakSet[Any] = weakref.WeakSet()
+        if hook and hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self.reset_all)
+
+    def add(self, obj: _T) -> None:
+        """Reset ``obj`` in every child forked while it lives."""
+        self._live.add(obj)
+
+    def live(self) -> list[_T]:
+        """The objects alive now (RuntimeError if another thread adds one meanwhile: ask again)."""
+        return list(self._live)
+
+    def reset_all(self) -> None:
+        """Reset every live object (called in the child, where only the forking thread exists)."""
+        for obj in list(self._live):
+            try:
+                self._reset(obj)
+            except Exception:  # an at-fork hook must not raise; the child then runs without this object's feed
+                logger.exception("could not reset %r after fork()", obj)
+
+
 def version_in_range(version: int | None) -> bool:
     """False for an expected version that no stored entry can have."""
     return version is None or 0 <= version < _INT64
@@ -101,6 +144,7 @@ class Storage(ABC):
         self._leases: dict[EntryKey, tuple[str, float]] = {}
         self._tables_lock = threading.Lock()  # the in-process leases and subscribers
         self._subscribers: list[ChangeCallback] = []
+        _forked_storages.add(self)
 
     # -- the abstract surface -------------------------------------------------------------------
     @abstractmethod
@@ -240,3 +284,14 @@ class Storage(ABC):
 
 def _version(tokens: UpstreamTokens | None) -> int | None:
     return None if tokens is None else tokens.version
+
+
+def _reset_storage_in_child(storage: Storage) -> None:
+    # The leases in the in-process table belong to the parent's refreshes, which go on in the parent:
+    # in the child they are stale memory that would only keep its own workers waiting.
+    storage._leases = {}
+    storage._tables_lock = threading.Lock()  # a parent thread may have held it at fork()
+    # The subscribers stay: the child's own writes are reported to them as before.
+
+
+_forked_storages: ForkRegistry[Storage] = ForkRegistry(_reset_storage_in_child)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 from redis_servers import RedisCluster, RedisServer, free_port
 from storage_fixtures import REPO, redis_cluster, redis_server
@@ -423,3 +424,159 @@ def test_a_silent_pubsub_connection_is_pinged_and_replaced(
     assert heard[0] is None
     unsubscribe()
     listener.close()
+
+
+# -- connection slots: first come, first served ---------------------------------------------------------------
+def _queue_up(gate: Any, count: int, order: list[int]) -> list[threading.Thread]:
+    """Start ``count`` threads one after another, each queued on ``gate`` before the next starts."""
+
+    def wait_then_pass(number: int) -> None:
+        assert gate.acquire(timeout=60.0)
+        order.append(number)
+        gate.release()
+
+    threads = []
+    for number in range(count):
+        thread = threading.Thread(target=wait_then_pass, args=(number,))
+        thread.start()
+        threads.append(thread)
+        deadline = time.monotonic() + 30
+        while gate.waiting < number + 1 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert gate.waiting == number + 1
+    return threads
+
+
+def test_the_connection_gate_serves_waiters_in_arrival_order() -> None:
+    """Released slots go to the oldest waiter; a newcomer cannot take one while others wait."""
+    from httpx_upstream_auth._redis import _FifoGate
+
+    gate = _FifoGate(1)
+    assert gate.acquire(timeout=0)
+    order: list[int] = []
+    threads = _queue_up(gate, 20, order)
+    gate.release()  # handed to waiter 0 directly, before it even runs
+    assert gate.acquire(timeout=0) is False, "a newcomer took the slot from the queue"
+    for thread in threads:
+        thread.join()
+    assert order == list(range(20))
+    assert gate.waiting == 0
+    assert gate.acquire(timeout=0) and gate.acquire(timeout=0) is False  # exactly one slot, not lost, not doubled
+
+
+def test_a_gate_waiter_that_times_out_leaves_the_queue_and_the_slot_count_intact() -> None:
+    """A timed-out waiter removes itself; the slots stay exactly as many as the gate's size."""
+    from httpx_upstream_auth._redis import _FifoGate
+
+    gate = _FifoGate(2)
+    assert gate.acquire(timeout=0) and gate.acquire(timeout=0)
+    assert gate.acquire(timeout=0.01) is False
+    assert gate.waiting == 0
+    gate.release()
+    gate.release()
+    assert [gate.acquire(timeout=0) for _ in range(3)] == [True, True, False]
+
+
+def test_a_slot_handed_to_a_waiter_that_just_timed_out_is_not_lost(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hand-off race: a release lands between a waiter's timeout and its clean-up; that waiter keeps
+    the slot (it was granted), and when it releases it the next waiter gets it: no slot is lost."""
+    from httpx_upstream_auth import _redis
+
+    gate = _redis._FifoGate(1)
+    assert gate.acquire(timeout=0)
+    real_event = threading.Event
+
+    class TimesOutAsTheSlotArrives(real_event):  # type: ignore[misc,valid-type]
+        def wait(self, timeout: float | None = None) -> bool:
+            gate.release()  # the holder releases: the slot is handed to this waiter...
+            return False  # ...whose wait has just timed out
+
+    monkeypatch.setattr(_redis.threading, "Event", TimesOutAsTheSlotArrives)
+    assert gate.acquire(timeout=0.01) is True, "the slot handed over must not be dropped"
+    monkeypatch.setattr(_redis.threading, "Event", real_event)
+    assert gate.waiting == 0
+    assert gate.acquire(timeout=0) is False  # still held, by the waiter that got it
+    gate.release()
+    assert [gate.acquire(timeout=0) for _ in range(2)] == [True, False]
+
+
+def test_anyio_semaphore_on_asyncio_is_first_come_first_served() -> None:
+    """The per-loop gate (anyio.Semaphore under asyncio) hands a released slot to the oldest waiter, and a
+    waiter cancelled after the hand-off passes the slot on."""
+
+    async def main() -> None:
+        gate = anyio.Semaphore(1)
+        await gate.acquire()
+        order: list[int] = []
+
+        async def wait_then_pass(number: int) -> None:
+            await gate.acquire()
+            order.append(number)
+            gate.release()
+
+        async with anyio.create_task_group() as group:
+            for number in range(20):
+                group.start_soon(wait_then_pass, number)
+                while gate.statistics().tasks_waiting < number + 1:
+                    await anyio.lowlevel.checkpoint()
+            gate.release()
+        assert order == list(range(20))
+
+        await gate.acquire()
+        got: list[str] = []
+
+        async def second() -> None:
+            await gate.acquire()
+            got.append("second")
+            gate.release()
+
+        loop = asyncio.get_running_loop()
+        first = loop.create_task(gate.acquire())
+        while gate.statistics().tasks_waiting < 1:
+            await anyio.lowlevel.checkpoint()
+        later = loop.create_task(second())
+        while gate.statistics().tasks_waiting < 2:
+            await anyio.lowlevel.checkpoint()
+        gate.release()  # handed to the first waiter...
+        first.cancel()  # ...which is cancelled before it runs: it must pass the slot on
+        with anyio.fail_after(30):
+            await later
+        assert first.cancelled()
+        assert got == ["second"]
+        assert gate.value == 1
+
+    anyio.run(main, backend="asyncio")
+
+
+def test_200_threads_doing_get_and_compare_and_set_on_8_connections_never_fail(own_server: RedisServer) -> None:
+    """200 threads doing 10 get + compare-and-set on one storage with 8 connection slots: no StorageError,
+    and the final version counts every successful save."""
+    store = RedisStorage.from_url(own_server.url, prefix="fair", max_connections=8)
+    shared = [EntryKey("fair", f"s{n}") for n in range(4)]
+    successes = [0] * 200
+    failures: list[BaseException] = []
+    start = threading.Barrier(200)
+
+    def work(number: int) -> None:
+        key = shared[number % len(shared)]
+        try:
+            start.wait()
+            for _ in range(10):
+                current = store.get(key)
+                version = 0 if current is None else current.version
+                expected = None if current is None else version
+                if store.put(key, tokens(version + 1), expected_version=expected):
+                    successes[number] += 1
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(200)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    for index, key in enumerate(shared):
+        found = store.get(key)
+        assert found is not None and found.version == sum(successes[index :: len(shared)])
+    store.close()
