@@ -41,6 +41,7 @@ from ._storage import (
     storable,
     version_in_range,
 )
+from ._synchronization import running_async_library
 
 if TYPE_CHECKING:
     import redis
@@ -134,18 +135,7 @@ def _import_redis() -> Any:
 
 def _running_asyncio() -> bool:
     """True inside an asyncio task (not trio, not trio-in-guest-mode on an asyncio loop)."""
-    try:
-        import sniffio
-    except ImportError:  # without sniffio there is no trio either
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return False
-        return True
-    try:
-        return bool(sniffio.current_async_library() == "asyncio")
-    except sniffio.AsyncLibraryNotFoundError:
-        return False
+    return running_async_library() == "asyncio"
 
 
 def _text(value: Any) -> str:

@@ -42,6 +42,7 @@ from ._storage import (
     storable,
     version_in_range,
 )
+from ._synchronization import running_async_library
 
 __all__ = ["SQLiteStorage"]
 
@@ -247,12 +248,7 @@ class AsyncWaker:
 
 def _threadsafe_scheduler() -> Callable[[Callable[[], None]], None]:
     """A function that runs a callback on the current event loop soon, callable from any thread."""
-    library = "asyncio"
-    with contextlib.suppress(ImportError, Exception):
-        import sniffio
-
-        library = sniffio.current_async_library()
-    if library == "trio":
+    if running_async_library() == "trio":
         import trio
 
         token = trio.lowlevel.current_trio_token()

@@ -55,27 +55,26 @@ T = TypeVar("T")
 
 
 def running_async_library() -> str | None:
-    """``"asyncio"`` or ``"trio"`` when called from that event loop's thread, else ``None``.
+    """``"asyncio"`` or ``"trio"`` when called from a task of that library, else ``None``.
 
-    Answered without sniffio (no longer a dependency of anyio or httpx): an asyncio loop runs here, or
-    trio knows its current task.
+    Answered without sniffio (no longer a dependency of anyio or httpx). Trio is asked first: in trio's
+    guest mode an asyncio loop runs on the same thread, but the caller is a trio task.
     """
-    import asyncio
-
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        pass
-    else:
-        return "asyncio"
     trio = sys.modules.get("trio")
     if trio is not None:
         try:
             trio.lowlevel.current_task()
         except RuntimeError:
-            return None
-        return "trio"
-    return None
+            pass
+        else:
+            return "trio"
+    import asyncio
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+    return "asyncio"
 
 
 class SameThreadWait(RuntimeError):
