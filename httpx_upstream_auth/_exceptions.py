@@ -42,28 +42,47 @@ class RefreshFailed(UpstreamAuthError):
     refused). ``may_have_rotated`` is true when the request may have reached the provider and its
     answer was lost or unusable (a read timeout, a 200 that could not be read): the provider may have
     consumed the refresh token, so the manager removes the entry rather than present it again.
-    Otherwise stored tokens are untouched.
+    Otherwise stored tokens are untouched. ``retry_after`` is how many seconds the provider asked to wait
+    (its ``Retry-After``), when it said.
     """
 
     def __init__(
-        self, message: str, *, retryable: bool, status_code: int | None = None, may_have_rotated: bool = False
+        self,
+        message: str,
+        *,
+        retryable: bool,
+        status_code: int | None = None,
+        may_have_rotated: bool = False,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.retryable = retryable
         self.status_code = status_code
         self.may_have_rotated = may_have_rotated
+        self.retry_after = retry_after
 
     def __reduce__(self) -> tuple[object, ...]:
         # copy.copy (each waiter gets its own copy) and pickle rebuild an exception as ``cls(*args)``;
         # ours has keyword-only fields, so say how to rebuild it.
-        fields = (type(self), str(self), self.retryable, self.status_code, self.may_have_rotated)
+        fields = (type(self), str(self), self.retryable, self.status_code, self.may_have_rotated, self.retry_after)
         return (_rebuild_refresh_failed, fields, self.__dict__)
 
 
 def _rebuild_refresh_failed(
-    cls: type[RefreshFailed], message: str, retryable: bool, status_code: int | None, may_have_rotated: bool
+    cls: type[RefreshFailed],
+    message: str,
+    retryable: bool,
+    status_code: int | None,
+    may_have_rotated: bool,
+    retry_after: float | None = None,
 ) -> RefreshFailed:
-    return cls(message, retryable=retryable, status_code=status_code, may_have_rotated=may_have_rotated)
+    return cls(
+        message,
+        retryable=retryable,
+        status_code=status_code,
+        may_have_rotated=may_have_rotated,
+        retry_after=retry_after,
+    )
 
 
 class BindingMismatch(UpstreamAuthError):

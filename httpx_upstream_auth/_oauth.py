@@ -14,6 +14,7 @@ a registered OAuth error code and the status appear in their messages.
 from __future__ import annotations
 
 import base64
+import email.utils
 import ipaddress
 import json
 import math
@@ -38,6 +39,7 @@ __all__ = [
     "is_sendable_refresh_token",
     "merge_response",
     "oversize_failure",
+    "retry_after_seconds",
     "transport_failure",
 ]
 
@@ -105,10 +107,35 @@ class RefreshRequest:
 
 @attrs.frozen
 class TokenAnswer:
-    """The token endpoint's answer as received: its status and its (size-capped) body, hidden from repr."""
+    """The token endpoint's answer as received: its status, its (size-capped) body, hidden from repr, and
+    its ``Retry-After`` in seconds (see :func:`retry_after_seconds`)."""
 
     status_code: int
     body: bytes = attrs.field(repr=False)
+    retry_after: float | None = None
+
+
+#: The longest ``Retry-After`` taken at its word (seconds); longer ones are cut to it.
+MAX_RETRY_AFTER = 3600.0
+
+
+def retry_after_seconds(value: str | None, now: float) -> float | None:
+    """A ``Retry-After`` header (delay-seconds or an HTTP date, RFC 9110 §10.2.3) as seconds from ``now``
+    (wall time), capped at :data:`MAX_RETRY_AFTER`; ``None`` when absent or unreadable."""
+    if value is None:
+        return None
+    text = value.strip()
+    if text.isdigit():
+        seconds = float(text)
+    else:
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        if when.tzinfo is None:
+            return None
+        seconds = when.timestamp() - now
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
 def check_token_url(url: str) -> None:
@@ -171,7 +198,9 @@ def is_sendable_refresh_token(value: object) -> bool:
     return True
 
 
-def merge_response(stored: UpstreamTokens, status_code: int, body: bytes, sent_at: float) -> UpstreamTokens:
+def merge_response(
+    stored: UpstreamTokens, status_code: int, body: bytes, sent_at: float, retry_after: float | None = None
+) -> UpstreamTokens:
     """Turn the token endpoint's answer into the next entry, or raise the typed error it calls for.
 
     ``sent_at`` is the wall time the request was sent: expiries count from it, so a slow answer makes
@@ -194,6 +223,8 @@ def merge_response(stored: UpstreamTokens, status_code: int, body: bytes, sent_a
     outcome: UpstreamTokens | UpstreamAuthError
     try:
         outcome = _read_answer(stored, status_code, body, sent_at)
+        if isinstance(outcome, RefreshFailed) and outcome.retryable:
+            outcome.retry_after = retry_after
     except Exception as exc:  # reading is meant to be total; should a bug break it, fail typed and quiet
         outcome = RefreshFailed(
             f"the token endpoint's answer could not be read (a bug in httpx-upstream-auth: "
@@ -387,7 +418,7 @@ def _error_for(status_code: int, code: str | None) -> UpstreamAuthError:
             status_code=status_code,
             may_have_rotated=True,
         )
-    if status_code == 429 or status_code >= 500 or code in RETRYABLE_ERRORS:
+    if status_code in (408, 429) or status_code >= 500 or code in RETRYABLE_ERRORS:
         return RefreshFailed(
             f"the token endpoint is unavailable (HTTP {status_code}{named}); stored tokens are unchanged. Retry later.",
             retryable=True,
@@ -454,7 +485,7 @@ def transport_failure(exc: Exception, status_code: int | None) -> RefreshFailed:
     if isinstance(exc, _NOT_SENT):
         message = f"could not reach the token endpoint ({kind}); nothing was sent and stored tokens are unchanged."
         rotated = False
-    elif status_code is not None and not _is_success(status_code):
+    elif status_code is not None and not _is_success(status_code) and status_code < 500:
         message = (
             f"the token endpoint answered HTTP {status_code}, but reading the answer failed ({kind}); stored "
             "tokens are unchanged."

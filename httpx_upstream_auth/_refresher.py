@@ -190,7 +190,7 @@ class OAuth2Refresher(Refresher):
         request = self._request(tokens)
         sent_at = clock.time()
         answer = sync_send(self._sync_client(), request, self.max_response_bytes, self.timeout)
-        return merge_response(tokens, answer.status_code, answer.body, sent_at)
+        return merge_response(tokens, answer.status_code, answer.body, sent_at, answer.retry_after)
 
     async def arefresh(self, tokens: UpstreamTokens, clock: Clock) -> UpstreamTokens:
         """Redeem the refresh token with an async client."""
@@ -210,7 +210,7 @@ class OAuth2Refresher(Refresher):
             ) as client:
                 sent_at = clock.time()
                 answer = await async_send(client, request, self.max_response_bytes, self.timeout)
-        return merge_response(tokens, answer.status_code, answer.body, sent_at)
+        return merge_response(tokens, answer.status_code, answer.body, sent_at, answer.retry_after)
 
     def close(self) -> None:
         """Close the sync client this refresher made (an injected client is the caller's to close)."""

@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import logging
 import os
+import random
 import threading
 import weakref
 from collections import OrderedDict
@@ -195,6 +196,9 @@ class ManagerState:
         self._rttvar = 0.0
         #: Set by close(): no new refresh job starts, and one that has not sent its request stops.
         self.closing = False
+        #: Jitter of retry pauses. Seeded from the clock and the process (so a forked fleet does not retry in
+        #: step), deterministically under a simulated clock.
+        self.jitter = _jitter(provider_id, clock, 0)
         # Run once the last job ends, when close() could not wait for it (closes the storage then).
         self._when_idle: list[Callable[[], None]] = []
         self._unsubscribe = _subscribe_weakly(storage, self)
@@ -226,6 +230,7 @@ class ManagerState:
         between the fork and then are not missed, since the cache starts empty.
         """
         self._lock = threading.Lock()
+        self.jitter = _jitter(self.provider_id, self.clock, os.getpid())
         self._flights.clear()
         self._reads.clear()
         self._cache.clear()
@@ -534,6 +539,10 @@ class ManagerState:
             )
         if expect is not None:
             expect.check(tokens)
+
+
+def _jitter(provider_id: str, clock: Clock, pid: int) -> random.Random:
+    return random.Random(f"{provider_id}:{pid}:{clock.time()!r}")
 
 
 def _subscribe_weakly(storage: Storage, state: ManagerState) -> Callable[[], None] | None:

@@ -14,6 +14,8 @@ import attrs
 import httpx
 
 from httpx_upstream_auth import Binding, EntryKey, MemoryStorage, StorageError, TokenManager, UpstreamTokens
+from httpx_upstream_auth._async._manager import MAX_RETRIES
+from httpx_upstream_auth.testing import LocalProvider
 
 PROVIDER_ID = "local"
 SESSION = "session-1"
@@ -82,6 +84,14 @@ class HeldLeaseStorage(MemoryStorage):
 
 
 ManagerFactory = Callable[..., TokenManager]
+
+#: Provider faults whose answer proves nothing was consumed: the refresh job tries them again.
+TRANSIENT_FAULTS = {"500", "503", "429"}
+
+
+def fail_refresh(provider: LocalProvider, fault: str) -> None:
+    """Make the next refresh fail with ``fault``: on every attempt the job makes (transient faults are retried)."""
+    provider.fail_next(fault, 1 + MAX_RETRIES if fault in TRANSIENT_FAULTS else 1)
 
 
 def expired(tokens: UpstreamTokens, ago: float = 5.0) -> UpstreamTokens:

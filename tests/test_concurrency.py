@@ -28,6 +28,7 @@ from support import (
     ManagerFactory,
     UnnotifiedStorage,
     expired,
+    fail_refresh,
     put_entry,
     stored,
     wait_until,
@@ -42,6 +43,7 @@ from httpx_upstream_auth import (
     TokenManager,
     UpstreamAuthError,
 )
+from httpx_upstream_auth._async._manager import MAX_RETRIES
 from httpx_upstream_auth.testing import LocalProvider, ServerThread
 
 pytestmark = pytest.mark.anyio
@@ -151,10 +153,11 @@ async def test_50_concurrent_401s_refresh_once_and_replay(
 async def test_failed_refresh_is_shared_not_repeated(
     provider: LocalProvider, manager: TokenManager, server: ServerThread
 ) -> None:
-    """When the leader's refresh fails, its followers get the same error without calling the provider again."""
+    """When the leader's refresh fails (after its own retries), its followers get the same error without
+    calling the provider again."""
     entry = put_entry(manager, expired(provider.login()))
     # The 503 comes back at once, but all 30 tasks join the flight in their first step, before any I/O.
-    provider.fail_next("503")
+    fail_refresh(provider, "503")
     errors: list[BaseException] = []
     async with async_client(server, manager) as client:
 
@@ -170,7 +173,7 @@ async def test_failed_refresh_is_shared_not_repeated(
     assert len(errors) == 30
     assert all(isinstance(e, RefreshFailed) and e.retryable for e in errors)
     assert len({id(e) for e in errors}) == 30  # each follower raises its own copy
-    assert provider.stats["token_calls"] == 1
+    assert provider.stats["token_calls"] == 1 + MAX_RETRIES  # one job's attempts, not one per caller
     assert stored(manager) == entry
 
 
@@ -527,7 +530,7 @@ async def test_secrets_never_logged_or_in_errors(
         manager.delete(SESSION)  # drops the cached token too
         put_entry(manager, expired(latest))
         for fault in ("500", "invalid_client", "id_token_other_sub"):
-            provider.fail_next(fault)
+            fail_refresh(provider, fault)
             try:
                 await client.get("/api/me")
             except UpstreamAuthError as exc:

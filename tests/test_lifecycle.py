@@ -28,6 +28,7 @@ from support import (
     FlakyStorage,
     ManagerFactory,
     expired,
+    fail_refresh,
     put_entry,
     stored,
     wait_until,
@@ -477,7 +478,7 @@ async def test_an_oauth_error_from_the_provider_changes_nothing(
 ) -> None:
     """The provider's own error answer (JSON with an OAuth error code) proves nothing was consumed."""
     first = put_entry(manager, expired(provider.login()))
-    provider.fail_next("503")
+    fail_refresh(provider, "503")
     with pytest.raises(RefreshFailed):
         await driver.get_token(manager)
     assert stored(manager) == first

@@ -882,11 +882,12 @@ async def test_http_read_timeout_after_request_received_async(
     assert len(endpoint.received) == 1
 
 
-@pytest.mark.parametrize(("status", "rotated"), [(200, True), (503, False)])
+@pytest.mark.parametrize(("status", "rotated"), [(200, True), (503, True), (400, False)])
 def test_http_answer_cut_mid_body(
     endpoint: ScriptedEndpoint, refresher: OAuth2Refresher, status: int, rotated: bool
 ) -> None:
-    """A connection dropped mid-answer may have rotated on a 2xx, not on an error status."""
+    """A connection dropped mid-answer may have rotated on a 2xx, and on a 5xx (whose unread body cannot show
+    it was the provider's own OAuth error), not on a 4xx."""
     endpoint.script(status, b'{"access_token":"' + NEW_ACCESS.encode(), mode="abort")
     error = refresh_error(refresher)
     assert isinstance(error, RefreshFailed)

@@ -27,6 +27,7 @@ from support import (
     ManagerFactory,
     UnnotifiedStorage,
     expired,
+    fail_refresh,
     put_entry,
     stored,
     wait_until,
@@ -339,7 +340,7 @@ async def test_no_secret_in_tracebacks_with_locals(
         tokens = provider.login()
         secrets.update(s for s in (tokens.access_token, tokens.refresh_token) if s)
         put_entry(target, expired(tokens))
-        provider.fail_next(fault)
+        fail_refresh(provider, fault)
         caught.append(await _failure_of(target))
     assert len(caught) == 5
     for logged in provider.requests:

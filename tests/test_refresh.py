@@ -24,6 +24,7 @@ from httpx_upstream_auth import (
     TokenManager,
     UpstreamTokens,
 )
+from httpx_upstream_auth._async._manager import MAX_RETRIES
 from httpx_upstream_auth.testing import LocalProvider, ServerThread
 
 pytestmark = pytest.mark.anyio
@@ -121,18 +122,36 @@ UNUSABLE_200 = ["malformed", "no_access_token", "huge"]
 async def test_provider_error_stores_nothing(
     driver: Driver, provider: LocalProvider, manager: TokenManager, fault: str, retryable: bool
 ) -> None:
-    """Each error answer raises RefreshFailed (retryable as it should be) and leaves the entry as it was."""
+    """Each error answer raises RefreshFailed (retryable as it should be) and leaves the entry as it was; a
+    retryable one is first tried again inside the job (MAX_RETRIES times), with the same refresh token."""
     entry = put_entry(manager, expired(provider.login()))
-    provider.fail_next(fault)
+    attempts = 1 + MAX_RETRIES if retryable else 1
+    provider.fail_next(fault, attempts)
     with pytest.raises(RefreshFailed) as caught:
         await driver.get_token(manager)
     assert caught.value.retryable is retryable
     assert caught.value.may_have_rotated is False
+    assert caught.value.retry_after == (1.0 if fault == "429" else None)
     assert stored(manager) == entry
-    assert provider.stats["token_calls"] == 1
+    assert provider.stats["token_calls"] == attempts and provider.stats["refresh_reuse"] == 0
     # The fault is gone; the untouched entry still refreshes.
     fresh = await driver.get_token(manager)
     assert fresh.version == entry.version + 1
+
+
+@pytest.mark.parametrize("fault", ["503", "429", "500"])
+async def test_two_transient_failures_then_success_is_one_successful_call(
+    driver: Driver, provider: LocalProvider, manager: TokenManager, fault: str
+) -> None:
+    """The provider refuses twice (its own error answer, 429 with Retry-After included), then answers: the
+    caller gets fresh tokens from one get_token; the same refresh token was presented three times, which
+    the provider allows since it consumed nothing."""
+    entry = put_entry(manager, expired(provider.login()))
+    provider.fail_next(fault, 2)
+    fresh = await driver.get_token(manager)
+    assert fresh.version == entry.version + 1
+    assert provider.stats["token_calls"] == 3 and provider.stats["refresh_ok"] == 1
+    assert provider.stats["refresh_reuse"] == 0
 
 
 @pytest.mark.parametrize("fault", UNUSABLE_200)

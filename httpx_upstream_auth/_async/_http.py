@@ -12,7 +12,7 @@ import time
 import httpx
 
 from .._exceptions import RefreshFailed
-from .._oauth import RefreshRequest, TokenAnswer, oversize_failure, slow_failure, transport_failure
+from .._oauth import RefreshRequest, TokenAnswer, oversize_failure, retry_after_seconds, slow_failure, transport_failure
 
 
 async def send_refresh_request(
@@ -50,7 +50,8 @@ async def _exchange(
                     outcome = slow_failure(status_code, total_timeout)
                     break
             else:
-                outcome = TokenAnswer(status_code, bytes(body))
+                retry_after = retry_after_seconds(response.headers.get("retry-after"), time.time())
+                outcome = TokenAnswer(status_code, bytes(body), retry_after)
     except Exception as exc:  # any failure of the exchange is a RefreshFailed; see transport_failure
         if outcome is None:
             return transport_failure(exc, status_code)

@@ -10,6 +10,7 @@ caller's cancellation, timeout or exit reaches it once the refresh request may h
 from __future__ import annotations
 
 import functools
+import itertools
 import threading
 from collections.abc import Iterator
 
@@ -43,6 +44,9 @@ MAX_FLIGHTS = 8
 VERSION_CLOCK_SCALE = 1_000_000
 #: First and longest pause between attempts to write while the store is failing (seconds).
 RETRY_PAUSE = (0.05, 1.0)
+#: Token requests retried after a refusal that consumed nothing, and the backoff's base and cap (seconds).
+MAX_RETRIES = 3
+RETRY_BACKOFF = (0.25, 2.0)
 
 
 class SyncTokenOps:
@@ -346,10 +350,7 @@ class SyncTokenOps:
         assert current.refresh_token is not None
         # Whatever happens to the token request, the writes that follow get refresh_timeout of their own.
         try:
-            answer = sync_call_bounded(state.refresh_timeout, state.refresher.refresh, current, state.clock)
-            if answer is TimedOut:
-                raise RefreshFailed("the token endpoint did not answer in time", retryable=True, may_have_rotated=True)
-            fresh = self._checked(answer, current)
+            fresh = self._answer(need, current)
         except ReauthenticationRequired:
             # invalid_grant may mean another worker rotated first: use its tokens if so.
             again = state.storage.get(key)
@@ -399,6 +400,47 @@ class SyncTokenOps:
         if fresh.refresh_token == current.refresh_token:
             state.settle_consumed(current.refresh_token)  # not rotated: it stays valid
         return self._save(key, need, current, fresh, epoch, state.clock.monotonic() + state.refresh_timeout)
+
+    def _answer(self, need: Need, current: UpstreamTokens) -> UpstreamTokens:
+        """The refresher's answer as the next entry, within refresh_timeout; a refusal that proves nothing was
+        consumed (the provider's own 5xx/429/408 error answer, a connection that never opened) is retried
+        with the same refresh token when no valid token could be served instead."""
+        state = self._state
+        give_up = state.clock.monotonic() + state.refresh_timeout
+        for attempt in itertools.count():
+            left = give_up - state.clock.monotonic()
+            try:
+                answer = sync_call_bounded(left, state.refresher.refresh, current, state.clock)
+            except RefreshFailed as exc:
+                pause = self._transient_pause(exc, attempt, need, current, give_up)
+                if pause is None:
+                    raise
+                logger.debug("refresh: HTTP %s, trying again in %.2fs", exc.status_code, pause)
+                sync_sleep(pause)
+                continue
+            if answer is TimedOut:
+                raise RefreshFailed("the token endpoint did not answer in time", retryable=True, may_have_rotated=True)
+            return self._checked(answer, current)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _transient_pause(
+        self, exc: RefreshFailed, attempt: int, need: Need, current: UpstreamTokens, give_up: float
+    ) -> float | None:
+        """How long to wait before trying again after ``exc``, or ``None`` to give up now.
+
+        Only refusals that consumed nothing are retried, at most MAX_RETRIES times, with exponential backoff
+        and full jitter (so a fleet does not retry in step), never sooner than the provider's Retry-After,
+        and only while the attempt after the pause keeps at least half of refresh_timeout. A still-valid
+        token is served instead (and the refresh retried after retry_interval)."""
+        state = self._state
+        if exc.may_have_rotated or not exc.retryable or attempt >= MAX_RETRIES or self._usable(need, current):
+            return None
+        pause = state.jitter.uniform(0, min(RETRY_BACKOFF[1], RETRY_BACKOFF[0] * 2**attempt))
+        if exc.retry_after is not None:
+            pause = max(pause, exc.retry_after)
+        if give_up - state.clock.monotonic() - pause < state.refresh_timeout / 2:
+            return None
+        return pause
 
     def _checked(self, answer: object, current: UpstreamTokens) -> UpstreamTokens:
         """The refresher's answer as the next entry: binding fields and version from the entry it redeemed."""
