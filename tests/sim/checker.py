@@ -17,6 +17,7 @@ table               what it holds                           bound after a schedu
 ``_flights``        key -> refresh in progress              empty once no job runs (an orphan never ends)
 ``_reads``          key -> shared read in progress          empty once no read runs
 storage subscribers callbacks of managers                   live managers on that storage object
+``_task_jobs``      (module) running task jobs              none of an event loop that was closed
 ==================  ======================================  =============================================
 """
 
@@ -25,7 +26,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-__all__ = ["check_manager_tables", "manager_tables"]
+__all__ = ["check_manager_tables", "manager_tables", "storage_subscribers", "task_jobs_of"]
 
 
 def _digest(secret: str) -> bytes:
@@ -65,14 +66,15 @@ def check_manager_tables(world: Any, pid: int, manager: Any, settled: bool) -> N
                 continue
             stuck = [key for key, flight in table.items() if not flight.done]
             if stuck:
+                forked = world.processes[pid].parent is not None
                 world.violate(
-                    "orphan-flight",
+                    "item3:fork:orphan-flight" if forked else "orphan-flight",
                     f"p{pid}: {len(stuck)} {name[1:-1]} in progress with no job to finish them "
                     f"({[getattr(k, 'session_id', k) for k in stuck]}): callers wait for it and fail",
                 )
             continue
         if size > bound:
-            world.violate("table-over-bound", f"p{pid}: {name} holds {size} entries, over its bound {bound}")
+            world.violate(f"table-over-bound:{name}", f"p{pid}: {name} holds {size} entries, over its bound {bound}")
         if name == "_consumed":
             saved = {
                 _digest(red.rt)
@@ -82,7 +84,7 @@ def check_manager_tables(world: Any, pid: int, manager: Any, settled: bool) -> N
             wasted = sum(1 for d in table if d in saved)
             if wasted:
                 world.violate(
-                    "consumed-memory-holds-saved",
+                    "item10:consumed-memory-holds-saved",
                     f"p{pid}: the consumed-token memory holds {wasted} refresh token(s) whose rotation was saved "
                     f"(of {size}): successful rotations push out the tokens it must never present again",
                 )
@@ -91,3 +93,20 @@ def check_manager_tables(world: Any, pid: int, manager: Any, settled: bool) -> N
 def storage_subscribers(storage: Any) -> int:
     """How many callbacks a storage object calls on changes (``Storage._subscribers``)."""
     return len(getattr(storage, "_subscribers", ()))
+
+
+def task_jobs_of(loop: Any) -> int:
+    """How many refresh-job tasks of ``loop`` (closed) the library still references (its module-level
+    ``_synchronization._task_jobs``); they are dropped from it afterwards, so one schedule's leak does not
+    grow across the seeds of a run (the only write to library state, and only to undo a leak)."""
+    try:
+        from httpx_upstream_auth import _synchronization
+    except ImportError:
+        return 0
+    jobs = getattr(_synchronization, "_task_jobs", None)
+    if not isinstance(jobs, set):
+        return 0
+    mine = [task for task in jobs if getattr(task, "get_loop", lambda: None)() is loop]
+    for task in mine:
+        jobs.discard(task)
+    return len(mine)

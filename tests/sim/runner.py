@@ -30,9 +30,9 @@ import attrs
 
 from httpx_upstream_auth import EntryKey, SQLiteStorage, TokenManager, UpstreamAuthError
 
-from .checker import check_manager_tables, storage_subscribers
+from .checker import check_manager_tables, storage_subscribers, task_jobs_of
 from .fork import fork_manager
-from .vtime import run_asyncio, run_trio
+from .vtime import run_asyncio, run_asyncio_then_close, run_trio
 from .world import (
     APP_OP,
     NATIVE_KINDS,
@@ -79,6 +79,17 @@ REDEEM_IN_TASK = "redeem_in" in inspect.signature(TokenManager).parameters
 
 #: Categories of violations that are known bugs of the code before the refresh-protocol fixes (issue 6).
 KNOWN_BUGS = {
+    "refresh-storm": "issue 12 item 11: an answer with expires_in 0 makes one call redeem again and again",
+    "refresh-on-foreign-401": "issue 12 item 9: a 401 from another origin after a redirect triggers refresh+replay",
+    "distrust-outlived-acceptance": "issue 12 item 8: a token refused once on its replay is distrusted for good",
+    "subscriber-leak": "issue 12 item 12: managers dropped without close() stay subscribed (and alive)",
+    "manager-leak": "issue 12 item 12: managers dropped without close() are never freed",
+    "table-over-bound:_retry_at": "issue 12 item 12: the back-off table never shrinks",
+    "task-job-leak": "issue 12 item 12: task jobs whose loop closed stay referenced",
+    "item10:consumed-memory-holds-saved": "issue 12 item 10: consumed-token memory filled by successful rotations",
+    "item4:closed-under-job": "issue 12 item 4: aclose() under a running job; the consumed token is presented again",
+    "item4:no-fail-closed-attempt": "issue 12 item 4: aclose() under a running job; it can neither save nor delete",
+    "item3:fork:orphan-flight": "issue 12 item 3: a child forked during a job inherits its flight, never finished",
     "bug1:native-cancel": "1: asyncio native cancellation loses the rotated tokens",
     "bug2:cross-lineage-write": "2: a refresh result saved over a new login (versions restart after delete)",
     "bug5:timeout-during-save": "5: the refresh_timeout deadline covers the save",
@@ -121,6 +132,8 @@ class Ext:
     churn: int = 0
     real_sqlite: bool = False
     auth: bool = False
+    #: The application closes its asyncio loop after this long (then once a job runs), jobs pending.
+    loop_end: float | None = None
 
     def describe(self) -> str:
         """One line for the plan's header."""
@@ -136,6 +149,8 @@ class Ext:
             parts.append("real SQLiteStorage")
         if self.auth:
             parts.append("auth flow through httpx")
+        if self.loop_end is not None:
+            parts.append(f"loop closed after {self.loop_end:.1f}s")
         return "  ext: " + ", ".join(parts)
 
 
@@ -246,8 +261,9 @@ def make_plan(seed: int) -> Plan:
         )
     ext = Ext()
     knobs_ext(knobs, refresh_timeout, rng_ext := random.Random(f"ext:{seed}"))
+    leeway = rng.choice((30.0, 5.0))
     processes = extend_plan(
-        ext, rng_ext, backend, knobs, processes, sessions, initial, callers, events, kinds, refresh_timeout
+        ext, rng_ext, backend, knobs, processes, sessions, initial, callers, events, kinds, refresh_timeout, leeway
     )
     events.sort(key=lambda e: e.at)
     return Plan(
@@ -260,7 +276,7 @@ def make_plan(seed: int) -> Plan:
         refresh_timeout,
         lease_ttl,
         lease_wait,
-        rng.choice((30.0, 5.0)),
+        leeway,
         callers,
         events,
         rng,
@@ -297,19 +313,15 @@ def extend_plan(
     events: list[EventPlan],
     kinds: tuple[str, ...],
     refresh_timeout: float,
+    leeway: float,
 ) -> int:
     """Add the events of issue 12 to a plan (in place); return the number of processes (forks add some)."""
     shared = knobs.storage != "memory"
     if xr.random() < 0.15:
         # Many sessions beyond a small cache, and a logout/re-login of an early one from another process.
         ext.cache_size = xr.choice((4, 8, 16))
+        knobs.p_503 = max(knobs.p_503, xr.choice((0.2, 0.5)))
         n = 2 * ext.cache_size + xr.randint(2, ext.cache_size + 4)
-        ext.crowd = [("e0", xr.choice(SUBJECTS), xr.uniform(300.0, 900.0), 1.0)]
-        for i in range(1, n + 1):
-            if xr.random() < 0.35:  # inside its leeway: refreshed early (503s leave a back-off behind)
-                ext.crowd.append((f"k{i}", xr.choice(SUBJECTS), xr.uniform(2.0, 25.0), 1000.0))
-            else:
-                ext.crowd.append((f"k{i}", xr.choice(SUBJECTS), xr.uniform(300.0, 900.0), 1.0))
         every = max(2, ext.cache_size // xr.choice((1, 2, 3)))
         walk = ["e0"]
         for i in range(1, n + 1):
@@ -318,6 +330,20 @@ def extend_plan(
                 walk.append("e0")
         walk += ["e0"] * xr.randint(2, 5)
         gaps = [xr.uniform(0.0, 2.0)] + [xr.uniform(0.02, 0.6) for _ in walk[1:]]
+        visit = {}
+        elapsed = 0.0
+        for session, gap in zip(walk, gaps):
+            elapsed += gap
+            visit.setdefault(session, elapsed)
+        ext.crowd = [("e0", xr.choice(SUBJECTS), xr.uniform(300.0, 900.0), 1.0)]
+        for i in range(1, n + 1):
+            if xr.random() < 0.6:
+                # Inside its leeway (but valid) when the walk reaches it: refreshed early, and a 503 then
+                # leaves a back-off entry behind.
+                life = visit[f"k{i}"] + xr.uniform(0.3, 0.9) * leeway
+                ext.crowd.append((f"k{i}", xr.choice(SUBJECTS), life, 1000.0))
+            else:
+                ext.crowd.append((f"k{i}", xr.choice(SUBJECTS), xr.uniform(300.0, 900.0), 1.0))
         callers.append(CallerPlan(0, "e0", "plain", gaps, walk=walk))
         processes = max(processes, 2)
         span = sum(gaps)
@@ -329,12 +355,13 @@ def extend_plan(
         callers.append(CallerPlan(1, "e0", "plain", [xr.uniform(0.0, span) for _ in range(3)]))
     if backend == "asyncio" and xr.random() < 0.25:
         ext.auth = True
+        knobs.p_api_401 = xr.choice((0.1, 0.3))
         p_redirect = xr.choice((0.0, 0.2))
         for c in callers:
             if xr.random() < 0.6 and c.walk is None:
                 c.via_auth, c.p_redirect = True, p_redirect
-        for _ in range(xr.choice((1, 2, 3))):
-            events.append(EventPlan(xr.uniform(0.0, 30.0), "api-revoke", 0, xr.choice(sessions)))
+        for _ in range(xr.choice((2, 3, 5))):
+            events.append(EventPlan(xr.uniform(0.0, 40.0), "api-revoke", 0, xr.choice(sessions)))
     if processes >= 2 and xr.random() < 0.1:
         # The application shuts a process's manager down while its refresh job may run (item 4).
         events.append(EventPlan(xr.uniform(0.0, 20.0), "close", xr.randrange(processes)))
@@ -362,6 +389,8 @@ def extend_plan(
             events.append(EventPlan(xr.uniform(0.0, 20.0), "churn", xr.randrange(processes), xr.choice(sessions)))
     if knobs.storage == "sqlite" and xr.random() < 0.4:
         ext.real_sqlite = True
+    if backend == "asyncio" and xr.random() < 0.05:
+        ext.loop_end = xr.uniform(3.0, 30.0)
     return processes
 
 
@@ -467,6 +496,7 @@ class _Run:
         self.forked: dict[int, anyio.Event] = {}
         self.call_started = 0.0
         self.settled = False
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.final: Callable[[], float] = lambda: 0.0
 
     # -- bookkeeping ------------------------------------------------------------------------------------
@@ -632,10 +662,12 @@ class _Run:
         w = self.world
         rid = request.headers.get("x-sim-req", "?")
         caller, session, started, log = self.api_calls[rid]
-        await anyio.sleep(w.rng.uniform(0.0001, 0.02))
         host, path = request.url.host, request.url.path
         auth = request.headers.get("authorization")
         token = auth.removeprefix("Bearer ") if auth else None
+        if host == "api.sim" and token is not None:
+            w.check_sent(caller, session, started, token, None)  # as it leaves the client
+        await anyio.sleep(w.rng.uniform(0.0001, 0.02))
         challenge = {"www-authenticate": 'Bearer error="invalid_token"'}
         if host != "api.sim":
             status, why = (401, "no token") if token is None else (200, "ok")
@@ -643,8 +675,6 @@ class _Run:
             w.log(f"api: {rid} {host}{path} {'no token' if token is None else token} -> {status}")
             return httpx.Response(status, headers=challenge if status == 401 else {})
         replay = any(entry[0] == "api.sim" for entry in log)
-        if token is not None:
-            w.check_sent(caller, session, started, token, None)
         if path == "/redirect":
             log.append((host, token, 302, "redirect"))
             return httpx.Response(302, headers={"location": "https://other.sim/data"})
@@ -830,8 +860,13 @@ class _Run:
                 cancel()
 
     async def _close(self, pid: int) -> None:
-        """The application shuts the process's manager down (``aclose``), perhaps while its job runs."""
+        """The application shuts the process's manager down (``aclose``), once one of its refresh answers
+        is in flight if that happens within 30 s."""
         w = self.world
+        for _ in range(120):
+            if any(r.process == pid and r.fate == "pending" for r in w.provider.redemptions):
+                break
+            await anyio.sleep(0.25)
         proc, manager = w.processes[pid], self.managers[pid]
         if manager is None or proc.crashed or proc.closed_at is not None:
             return
@@ -899,6 +934,8 @@ class _Run:
         self.all_done = anyio.Event()
         app = Caller("app", 0, "plain")
         self._register(app)
+        # Every session p0 knew before its crowd walk can have its change-notice digest pushed out.
+        w.crowd_early = {"e0", *plan.sessions} if plan.ext.crowd else set()
         for session, subject, life, ago in plan.ext.crowd:
             gid, tokens = w.provider.login(subject, life, ago)
             epoch = w.begin_session_change(session, gid)
@@ -938,6 +975,20 @@ class _Run:
         for child, (at, parent, during) in plan.ext.forks.items():
             self.pending += 1
             self.spawn(lambda child=child, at=at, parent=parent, during=during: self._fork_task(child, at, parent, during))  # type: ignore[misc]
+        if plan.ext.loop_end is not None:
+            # The application closes its event loop at some moment, with no regard for the manager's jobs.
+            with anyio.move_on_after(plan.ext.loop_end):
+                await self.all_done.wait()
+            for _ in range(80):
+                if any(r.fate == "pending" for r in w.provider.redemptions):
+                    break
+                await anyio.sleep(0.25)
+            running = [r.rid for r in w.provider.redemptions if r.fate == "pending"]
+            w.log(f"world: the application closes its event loop (answers in flight: {running})")
+            w.tearing_down = True
+            end = w.now()
+            self.final = lambda: end
+            return
         if self.pending:
             with anyio.move_on_after(self.hang_after * 4):
                 await self.all_done.wait()
@@ -1023,6 +1074,13 @@ class _Run:
             for pid, manager in enumerate(self.managers):
                 if manager is not None and not w.processes[pid].crashed:
                     check_manager_tables(w, pid, manager, self.settled)
+            if self.loop is not None:
+                leaked = task_jobs_of(self.loop)
+                if leaked:
+                    w.violate(
+                        "task-job-leak",
+                        f"{leaked} refresh job task(s) of an event loop that was closed stay referenced for good",
+                    )
             if self.dropped:
                 gc.collect()
                 leaked = sum(ref() is not None for ref in self.dropped)
@@ -1053,9 +1111,12 @@ class _Run:
         w = self.world
         if red.kind != "rotated" or w.processes[red.process].crashed or red.fate in ("pending", "lost-crash"):
             return
-        if "applied" in red.saves or "cas-lost" in red.saves or red.delete_attempts:
-            return
+        if "applied" in red.saves or "cas-lost" in red.saves or red.delete_attempts or red.rt in w.store.replaced:
+            return  # saved, or someone else's write replaced the entry, or the fail-closed delete was tried
+        closed = w.processes[red.process].closed_at is not None
         w.violate(
+            "item4:no-fail-closed-attempt" if closed else
+            f"gateway-answer-after-redeem:no-fail-closed-attempt" if red.fate.startswith("gateway-") else
             "no-fail-closed-attempt",
             f"r{red.rid} of p{red.process} ({red.rt} of {red.session} v{red.version}, fate {red.fate}): the rotated "
             f"tokens were not saved and no fail-closed delete reached an open store (saves {red.saves}, "
@@ -1068,6 +1129,8 @@ class _Run:
         if self.plan.backend == "trio":
             self.world.set_now(trio.current_time)
             run_trio(self._trio_main, self.plan.seed)
+        elif self.plan.ext.loop_end is not None:
+            self.loop = run_asyncio_then_close(self._asyncio_main, self._asyncio_error)
         else:
             run_asyncio(self._asyncio_main, self._asyncio_error)
 
@@ -1125,6 +1188,12 @@ def _classify_reuse(world: World, rid: int) -> str:
         fate == "lost-closed" or "closed" in first.saves or "closed" in first.deletes or sender.closed_at >= first.at
     ):
         return "item4:closed-under-job"
+    deletes = second.first_deletes_then
+    if fate in ("may-have-rotated", "binding-mismatch", "lost-cancel:internal") or fate.startswith("gateway-"):
+        if deletes and all(d.startswith("error") for d in deletes) and second.process != first.process:
+            # A lost or unusable answer, and the store refused every fail-closed delete (an outage longer than
+            # refresh_timeout): the same limit as a refused save below.
+            return "excused:store-down-after-rotation"
     if fate.startswith("gateway-"):
         return f"gateway-answer-after-redeem:{fate}"
     if fate == "pending":

@@ -118,6 +118,8 @@ class Redemption:
     first_saved_then: bool = False
     #: For a reuse: how long ago the first redemption was sent.
     first_age_then: float = 0.0
+    #: For a reuse: what became of the first redemption's fail-closed deletes by then.
+    first_deletes_then: list[str] = field(default_factory=list)
     #: The session and the entry version the refresh token was redeemed from.
     session: str = ""
     version: int = -1
@@ -221,6 +223,8 @@ class World:
         self.frozen: dict[Any, int] = {}
         self.tearing_down = False
         self.stats: dict[str, int] = {}
+        #: Early sessions of a crowd beyond cache_size (violations on them are named item 1).
+        self.crowd_early: set[str] = set()
         #: The managers' refresh_timeout (used to name the cause of a concurrent redemption).
         self.refresh_timeout = float("inf")
 
@@ -305,6 +309,15 @@ class World:
             if other is not epoch and other.end == float("inf") and other.done < epoch.start:
                 other.end = self.now()
 
+    def use_category(self, server: int, changers: list[int], session: str, kind: str) -> str:
+        """Name what led to serving an older generation: a forked process on either side (items 2 and 3),
+        an early session of a crowd beyond cache_size (item 1), or nothing the extensions model."""
+        if any(self.processes[p].parent is not None for p in (server, *changers)):
+            return f"item2:fork:{kind}"
+        if session in self.crowd_early and server == 0:  # the crowd walker runs in p0
+            return f"item1:crowd:{kind}"
+        return kind
+
     def check_use(self, caller: Caller, session: str, started: float, tokens: UpstreamTokens) -> None:
         """The caller sends ``tokens`` to the API now: they must be the session's grant at some moment of
         the call, name its subject, and be a token the provider issued."""
@@ -334,7 +347,7 @@ class World:
                 # the simulation) before the call returned: the caller got an older login generation.
                 later = [e for e in ok if e.gid != gid and e.done <= ended]
                 self.violate(
-                    "stale-generation-served",
+                    self.use_category(caller.process, [e.pid for e in later], session, "stale-generation-served"),
                     f"{caller.name} ({session}) got g{gid} ({grant.subject}) at {ended:.4f}, after "
                     f"{['-' if e.gid is None else f'g{e.gid}' for e in later]} (set by "
                     f"{sorted({f'p{e.pid}' for e in later})}) had completed",
@@ -352,7 +365,7 @@ class World:
             kind = "replaced-session-served"
         changers = sorted({f"p{e.pid}" for e in ok if e.gid != gid})
         self.violate(
-            kind,
+            self.use_category(caller.process, [e.pid for e in ok if e.gid != gid], session, kind),
             f"{caller.name} ({session}) was served grant g{gid} ({grant.subject}) during [{started:.4f}, "
             f"{ended:.4f}] while the session's grant was {['-' if g is None else f'g{g}' for g in current]} "
             f"(set by {', '.join(changers)})",
@@ -415,6 +428,7 @@ class Provider:
             red.kind, red.first, red.first_fate_then = "reuse", first.rid, first.fate
             red.first_saved_then = "applied" in first.saves
             red.first_age_then = w.now() - first.at
+            red.first_deletes_then = list(first.deletes)
             w.log(f"provider: p{process} presented CONSUMED {rt} (r{first.rid}, fate {first.fate}) -> revoke g{gid}")
             w.violate(
                 "reuse",
@@ -487,6 +501,8 @@ class SharedStore:
         self.delete_log: list[tuple[int, str, int | None, float, str]] = []
         #: Access tokens the API stopped accepting (revoked at the API, the refresh token still valid).
         self.api_revoked: set[str] = set()
+        #: Refresh tokens an entry held and lost (overwritten or deleted, by anyone).
+        self.replaced: set[str] = set()
         #: refresh token -> the session whose entry held it
         self.rt_session: dict[str, str] = {}
 
@@ -560,6 +576,8 @@ class SharedStore:
             and rid is None
         ):
             w.violate("live-token-discarded", f"p{pid} overwrote live {current.refresh_token} without a login")
+        if current is not None and current.refresh_token != tokens.refresh_token:
+            self.replaced.add(current.refresh_token or "")
         self.entries[key] = tokens
         self.rt_session[tokens.refresh_token or ""] = key.session_id
         self._note_save(tokens, "applied")
@@ -600,6 +618,7 @@ class SharedStore:
                 f"p{pid} deleted the entry holding {current.refresh_token}, a refresh token the provider still honours",
             )
         del self.entries[key]
+        self.replaced.add(current.refresh_token or "")
         w.log(f"store: p{pid} delete {current.refresh_token} v{current.version} ok [{op or 'mgr'}]")
         self._changed(key, None, writer)
         return True
@@ -966,7 +985,7 @@ class SimRefresher(Refresher):
             # decides what that means (today: a 5xx is "nothing was consumed").
             status, body = rng.choice(
                 ((502, b"<html><body>502 Bad Gateway</body></html>"), (504, b"upstream timed out"),
-                 (503, b'{"error": "temporarily_unavailable"}'), (200, b"<html>maintenance</html>"))
+                 (503, b"<html>Service Unavailable</html>"), (200, b"<html>maintenance</html>"))
             )
             red.fate = f"gateway-{status}"
             w.log(f"refresher: p{proc.pid} {who} r{red.rid} redeemed, but the gateway answers HTTP {status}")
