@@ -91,3 +91,29 @@ def test_the_checks_catch_a_broken_store(mutant: str, expected: set[str]) -> Non
         if found & expected:
             break
     assert found & expected, f"{mutant}: only {sorted(found)} in 400 schedules"
+
+
+def test_every_deployment_event_is_drawn() -> None:
+    """The events of a deployment's life (issue 12) each appear in a good share of the CI seeds."""
+    seen: dict[str, int] = {}
+
+    def bump(name: str, hit: bool) -> None:
+        seen[name] = seen.get(name, 0) + int(hit)
+
+    for seed in range(START, START + min(SCHEDULES, 2000)):
+        plan = make_plan(seed)
+        ext, k = plan.ext, plan.knobs
+        bump("crowd", bool(ext.crowd))
+        bump("fork", bool(ext.forks))
+        bump("fork during a job", any(during for _, _, during in ext.forks.values()))
+        bump("churn", ext.churn > 0)
+        bump("auth flow", ext.auth)
+        bump("real sqlite", ext.real_sqlite)
+        bump("loop closed", ext.loop_end is not None)
+        bump("close", any(e.kind == "close" for e in plan.events))
+        bump("api revoke", any(e.kind == "api-revoke" for e in plan.events))
+        bump("outage", bool(k.outages))
+        bump("gateway after redeem", k.p_gateway > 0)
+        bump("expires_in 0", k.p_zero_life > 0)
+    rare = {name: n for name, n in seen.items() if n < 20}
+    assert not rare, f"extensions drawn too rarely in 2000 plans: {rare}"

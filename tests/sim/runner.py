@@ -196,7 +196,8 @@ class Plan:
             f"  provider: connect<{k.connect} latency<{k.latency} slow {k.slow:.2f}<{k.slow_latency} neterr "
             f"{k.p_neterr:.2f} 503 {k.p_503:.2f} mismatch {k.p_mismatch:.2f} lost {k.p_lost:.2f} rotate {k.p_rotate}",
             f"  store: delay<{k.store_delay} errors {k.store_error:.2f} outages "
-            f"{[(round(a, 2), round(b, 2)) for a, b in k.outages]}; gateway-after-redeem {k.p_gateway:.2f} "
+            f"{[(round(a, 2), round(b, 2)) for a, b in k.outages]} stalls "
+            f"{[(round(a, 2), round(b, 2)) for a, b in k.stalls]}; gateway-after-redeem {k.p_gateway:.2f} "
             f"expires_in=0 {k.p_zero_life:.2f} api-401 {k.p_api_401:.2f}",
             self.ext.describe(),
         ]
@@ -260,7 +261,7 @@ def make_plan(seed: int) -> Plan:
             )
         )
     ext = Ext()
-    knobs_ext(knobs, refresh_timeout, rng_ext := random.Random(f"ext:{seed}"))
+    knobs_ext(knobs, refresh_timeout, lease_ttl, rng_ext := random.Random(f"ext:{seed}"))
     leeway = rng.choice((30.0, 5.0))
     processes = extend_plan(
         ext, rng_ext, backend, knobs, processes, sessions, initial, callers, events, kinds, refresh_timeout, leeway
@@ -284,7 +285,7 @@ def make_plan(seed: int) -> Plan:
     )
 
 
-def knobs_ext(knobs: Knobs, refresh_timeout: float, xr: random.Random) -> None:
+def knobs_ext(knobs: Knobs, refresh_timeout: float, lease_ttl: float, xr: random.Random) -> None:
     """Faults of a deployment's life: correlated store outages longer than refresh_timeout, gateway answers
     after the provider redeemed, answers born expired, the API's transient 401s."""
     if knobs.storage != "memory" and xr.random() < 0.12:
@@ -293,6 +294,14 @@ def knobs_ext(knobs: Knobs, refresh_timeout: float, xr: random.Random) -> None:
             start = xr.uniform(0.0, 25.0)
             outages.append((start, start + refresh_timeout * xr.uniform(1.5, 4.0)))
         knobs.outages = tuple(outages)
+    if knobs.storage != "memory" and xr.random() < 0.1:
+        start = xr.uniform(0.0, 25.0)
+        knobs.stalls = ((start, start + lease_ttl * xr.uniform(1.0, 3.0)),)
+        knobs.stall_delay = lease_ttl * xr.choice((0.4, 0.8))
+    # A job holds its lease while it redeems (refresh_timeout), saves (retries for refresh_timeout) and
+    # fails closed (another refresh_timeout), plus a few store operations past each bound, plus the ttl.
+    op = knobs.store_delay * (2 if knobs.storage == "redis" else 1)
+    knobs.lease_hold_bound = 3 * refresh_timeout + lease_ttl + 10 * op
     if xr.random() < 0.15:
         knobs.p_gateway = xr.choice((0.1, 0.3))
     if xr.random() < 0.1:
@@ -362,6 +371,9 @@ def extend_plan(
                 c.via_auth, c.p_redirect = True, p_redirect
         for _ in range(xr.choice((2, 3, 5))):
             events.append(EventPlan(xr.uniform(0.0, 40.0), "api-revoke", 0, xr.choice(sessions)))
+    if shared and xr.random() < 0.1:
+        # The store goes down once a refresh answer is in flight, for longer than refresh_timeout.
+        events.append(EventPlan(xr.uniform(0.0, 20.0), "outage", amount=refresh_timeout * xr.uniform(1.5, 4.0)))
     if processes >= 2 and xr.random() < 0.1:
         # The application shuts a process's manager down while its refresh job may run (item 4).
         events.append(EventPlan(xr.uniform(0.0, 20.0), "close", xr.randrange(processes)))
@@ -824,6 +836,14 @@ class _Run:
             await self._logout(caller, ev.session)
             await anyio.sleep(ev.amount)
             await self._login(caller, ev.session, ev.subject)
+        elif ev.kind == "outage":
+            for _ in range(120):
+                if any(r.fate == "pending" for r in w.provider.redemptions):
+                    break
+                await anyio.sleep(0.25)
+            start = w.now() + w.rng.uniform(0.0, 0.5) * self.plan.refresh_timeout
+            w.knobs.outages = (*w.knobs.outages, (start, start + ev.amount))
+            w.log(f"world: the store will be down from {start:.3f} to {start + ev.amount:.3f}")
         elif ev.kind == "close":
             await self._close(ev.process)
         elif ev.kind == "churn":
@@ -887,7 +907,9 @@ class _Run:
         storage, refresher = self.storages[pid], self.refreshers[pid]
         if storage is None or refresher is None or w.processes[pid].crashed or storage.closed:
             return
-        manager = self._manager(storage, refresher)
+        own = SimRefresher(w, w.processes[pid])  # the same provider client, as far as the world can tell
+        own.worker = f"p{pid}-m{len(self.dropped) + 1}"
+        manager = self._manager(storage, own)
         self.dropped.append(weakref.ref(manager))
         w.log(f"{caller.name}: a short-lived manager on p{pid} reads {session}")
         started = w.now()
@@ -1190,7 +1212,7 @@ def _classify_reuse(world: World, rid: int) -> str:
         return "item4:closed-under-job"
     deletes = second.first_deletes_then
     if fate in ("may-have-rotated", "binding-mismatch", "lost-cancel:internal") or fate.startswith("gateway-"):
-        if deletes and all(d.startswith("error") for d in deletes) and second.process != first.process:
+        if deletes and all(d.startswith("error") for d in deletes) and second.worker != first.worker:
             # A lost or unusable answer, and the store refused every fail-closed delete (an outage longer than
             # refresh_timeout): the same limit as a refused save below.
             return "excused:store-down-after-rotation"
@@ -1222,7 +1244,7 @@ def _classify_reuse(world: World, rid: int) -> str:
                 return "bug5:timeout-during-save"
             return "scope-cancel-during-save"
     if any(s.startswith("error") for s in first.saves):
-        if "applied" not in first.deletes and second.process != first.process:
+        if "applied" not in first.deletes and second.worker != first.worker:
             return "excused:store-down-after-rotation"
         return "save-error-kept-entry"
     return "delivered-never-saved"

@@ -120,6 +120,8 @@ class Redemption:
     first_age_then: float = 0.0
     #: For a reuse: what became of the first redemption's fail-closed deletes by then.
     first_deletes_then: list[str] = field(default_factory=list)
+    #: The manager that redeemed it (``p<pid>``, or a second manager of that process).
+    worker: str = ""
     #: The session and the entry version the refresh token was redeemed from.
     session: str = ""
     version: int = -1
@@ -192,6 +194,11 @@ class Knobs:
     life: tuple[float, float] = (10.0, 60.0)
     #: Store outages: (start, end) in virtual seconds; every operation fails before applying meanwhile.
     outages: tuple[tuple[float, float], ...] = ()
+    #: Store stalls: (start, end) windows during which each delay of an operation is ``stall_delay`` x U(0.5, 1.5).
+    stalls: tuple[tuple[float, float], ...] = ()
+    stall_delay: float = 0.0
+    #: The longest a job may legitimately hold a lease (seconds; 0: not checked), see ``SharedStore.renew``.
+    lease_hold_bound: float = 0.0
     #: A gateway answer (502/504/HTML) after the provider redeemed (read by the real answer parser).
     p_gateway: float = 0.0
     #: An answer with "expires_in": 0 (a token born expired).
@@ -494,6 +501,9 @@ class SharedStore:
         #: Leases whose holder tried to give them back (a release that failed leaves them to expire).
         self.release_tried: list[str] = []
         self._owners = 0
+        #: lease owner -> when it was taken (lease clock); owners already reported as held too long
+        self.taken_at: dict[str, float] = {}
+        self.overheld: set[str] = set()
         #: A real storage (SQLiteStorage on a temp file) that decides every entry operation; the model
         #: above mirrors it and checks what it did. Leases and change notices stay simulated.
         self.real: Storage | None = None
@@ -633,6 +643,7 @@ class SharedStore:
         self._owners += 1
         lease = Lease(key, f"p{pid}-l{self._owners}", ttl)
         self.leases[key] = (lease.owner, now + ttl, pid)
+        self.taken_at[lease.owner] = now
         self.world.log(f"store: p{pid} lease {lease.owner} taken for {ttl}s")
         return lease
 
@@ -652,6 +663,20 @@ class SharedStore:
             return False
         self.leases[lease.key] = (lease.owner, now + lease.ttl, pid)
         self.world.log(f"store: p{pid} lease {lease.owner} renewed for {lease.ttl}s")
+        k, taken = self.world.knobs, self.taken_at.get(lease.owner, now)
+        if (
+            k.lease_hold_bound
+            and now + lease.ttl - taken > k.lease_hold_bound
+            and lease.owner not in self.overheld
+            and not any(start < now and end > taken for start, end in k.stalls)
+        ):
+            self.overheld.add(lease.owner)
+            self.world.violate(
+                "lease-held-too-long",
+                f"p{pid} renewed lease {lease.owner} to {now + lease.ttl - taken:.2f}s after taking it: a job may hold "
+                f"its lease for refresh_timeout (the request) and two more for saving or failing closed, "
+                f"{k.lease_hold_bound:.2f}s with store latencies and the ttl",
+            )
         return True
 
     def version(self, key: EntryKey) -> int | None:
@@ -783,7 +808,7 @@ class SimStorage(Storage):
             fault = before = True
         if kind == "redis":
             try:
-                await anyio.sleep(rng.uniform(0.0001, w.knobs.store_delay))
+                await anyio.sleep(self._delay(rng))
             except BaseException:
                 if on_lost is not None:
                     on_lost(f"cancel-pre:{w.cancel_cause()}")
@@ -797,7 +822,7 @@ class SimStorage(Storage):
             raise StorageError(f"simulated {kind} failure before {name}")
         result = apply()
         try:
-            delay = rng.uniform(0.0001, w.knobs.store_delay)
+            delay = self._delay(rng)
             if kind == "sqlite":
                 with anyio.CancelScope(shield=True):
                     await anyio.sleep(delay)
@@ -816,6 +841,13 @@ class SimStorage(Storage):
                 on_lost("error-after")
             raise StorageError(f"simulated {kind} timeout after {name} ran")
         return result
+
+    def _delay(self, rng: random.Random) -> float:
+        """One leg of an operation: up to ``store_delay``, or much longer while the store stalls."""
+        k, now = self.world.knobs, self.world.now()
+        if any(start <= now < end for start, end in k.stalls):
+            return k.stall_delay * rng.uniform(0.5, 1.5)
+        return rng.uniform(0.0001, k.store_delay)
 
     async def aget(self, key: EntryKey) -> UpstreamTokens | None:
         """Read, with the backend's delays and faults."""
@@ -923,6 +955,8 @@ class SimRefresher(Refresher):
         self.process = process
         #: Set by ``close()`` (``TokenManager.close``/``aclose``): its client is closed, nothing can be sent.
         self.closed = False
+        #: Which manager redeems through it (a process may run several: each remembers its own consumed tokens).
+        self.worker = f"p{process.pid}"
 
     def close(self) -> None:
         """The manager closed the refresher's client: requests fail, and answers on the way are lost."""
@@ -965,6 +999,7 @@ class SimRefresher(Refresher):
         sent_at = clock.time()
         red = w.provider.redeem(tokens.refresh_token, proc.pid)
         red.version = tokens.version
+        red.worker = self.worker
         red.session = w.store.rt_session.get(tokens.refresh_token or "", "")
         try:
             await anyio.sleep(latency)
