@@ -1103,7 +1103,7 @@ class _Run:
                         "task-job-leak",
                         f"{leaked} refresh job task(s) of an event loop that was closed stay referenced for good",
                     )
-            if self.dropped:
+            if self.dropped and self.loop is None:  # a closed loop's pending tasks (ours too) hold their frames
                 gc.collect()
                 leaked = sum(ref() is not None for ref in self.dropped)
                 if leaked:
