@@ -46,7 +46,7 @@ def test_manager_runs_its_refresh_job_on_the_simulated_loop() -> None:
     assert REDEEM_IN_TASK
 
 
-@pytest.mark.parametrize("seed", [1, 7, 42, 254, 1234])
+@pytest.mark.parametrize("seed", [1, 7, 42, 254, 1234, 43, 136, 231, 515, 814, 6301])
 def test_a_seed_replays_exactly(seed: int) -> None:
     """Running a seed twice gives the same plan, trace, outcomes and violations."""
     first, again = run_schedule(seed), run_schedule(seed)
@@ -58,7 +58,7 @@ def test_a_seed_replays_exactly(seed: int) -> None:
 
 def test_replay_is_the_same_in_another_interpreter() -> None:
     """The command-line replay prints the same trace under another hash seed (no set/hash order leaks in)."""
-    seeds = ["3", "11", "600"]
+    seeds = ["3", "11", "600", "43", "231", "6301"]
     outputs = []
     for hash_seed in ("1", "2"):
         env = {**os.environ, "PYTHONHASHSEED": hash_seed}
@@ -115,5 +115,8 @@ def test_every_deployment_event_is_drawn() -> None:
         bump("outage", bool(k.outages))
         bump("gateway after redeem", k.p_gateway > 0)
         bump("expires_in 0", k.p_zero_life > 0)
+        bump("partial rotation", k.p_partial_rotation > 0)
+        bump("stall", bool(k.stalls))
+        bump("outage during a job", any(e.kind == "outage" for e in plan.events))
     rare = {name: n for name, n in seen.items() if n < 20}
     assert not rare, f"extensions drawn too rarely in 2000 plans: {rare}"

@@ -198,7 +198,7 @@ class Plan:
             f"  store: delay<{k.store_delay} errors {k.store_error:.2f} outages "
             f"{[(round(a, 2), round(b, 2)) for a, b in k.outages]} stalls "
             f"{[(round(a, 2), round(b, 2)) for a, b in k.stalls]}; gateway-after-redeem {k.p_gateway:.2f} "
-            f"expires_in=0 {k.p_zero_life:.2f} api-401 {k.p_api_401:.2f}",
+            f"expires_in=0 {k.p_zero_life:.2f} api-401 {k.p_api_401:.2f} partial-rotation {k.p_partial_rotation:.1f}",
             self.ext.describe(),
         ]
         for s, (subject, life) in self.initial.items():
@@ -306,6 +306,8 @@ def knobs_ext(knobs: Knobs, refresh_timeout: float, lease_ttl: float, xr: random
         knobs.p_gateway = xr.choice((0.1, 0.3))
     if xr.random() < 0.1:
         knobs.p_zero_life = xr.choice((0.2, 0.6))
+    if xr.random() < 0.1:
+        knobs.p_partial_rotation = xr.choice((0.3, 0.7))
     if xr.random() < 0.25:
         knobs.p_api_401 = xr.choice((0.0, 0.15, 0.3))
 

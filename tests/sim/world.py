@@ -203,6 +203,8 @@ class Knobs:
     p_gateway: float = 0.0
     #: An answer with "expires_in": 0 (a token born expired).
     p_zero_life: float = 0.0
+    #: Partial rotation: each redemption rotates with this chance (0: per grant, as ``p_rotate`` says).
+    p_partial_rotation: float = 0.0
     #: The API's transient 401 (a valid token refused once).
     p_api_401: float = 0.0
     #: A deliberate defect of the simulated store, to show the checks catch what it breaks:
@@ -451,7 +453,8 @@ class Provider:
         red.new_at = f"at{gid}.{grant.generation}"
         self.access[red.new_at] = gid
         self.access_redemption[red.new_at] = rid
-        if grant.rotates:
+        partial = self.world.knobs.p_partial_rotation
+        if grant.rotates if not partial else self.world.rng.random() < partial:
             red.kind, red.successor = "rotated", f"rt{gid}.{grant.generation}"
             self.consumed[rt] = rid
             self.rt_grant[red.successor] = gid
