@@ -844,7 +844,7 @@ class _Run:
                     break
                 await anyio.sleep(0.25)
             start = w.now() + w.rng.uniform(0.0, 0.5) * self.plan.refresh_timeout
-            w.knobs.outages = (*w.knobs.outages, (start, start + ev.amount))
+            w.outages.append((start, start + ev.amount))
             w.log(f"world: the store will be down from {start:.3f} to {start + ev.amount:.3f}")
         elif ev.kind == "close":
             await self._close(ev.process)

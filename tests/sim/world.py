@@ -232,6 +232,8 @@ class World:
         self.frozen: dict[Any, int] = {}
         self.tearing_down = False
         self.stats: dict[str, int] = {}
+        #: Store outages: the planned ones, and those that world events start while the schedule runs.
+        self.outages: list[tuple[float, float]] = list(knobs.outages)
         #: Early sessions of a crowd beyond cache_size (violations on them are named item 1).
         self.crowd_early: set[str] = set()
         #: The managers' refresh_timeout (used to name the cause of a concurrent redemption).
@@ -807,7 +809,7 @@ class SimStorage(Storage):
         rng = w.rng
         fault = rng.random() < w.knobs.store_error
         before = fault and rng.random() < 0.5
-        if any(start <= w.now() < end for start, end in w.knobs.outages):
+        if any(start <= w.now() < end for start, end in w.outages):
             fault = before = True
         if kind == "redis":
             try:
