@@ -1246,7 +1246,8 @@ def _classify_reuse(world: World, rid: int) -> str:
                 return "bug5:timeout-during-save"
             return "scope-cancel-during-save"
     if any(s.startswith("error") for s in first.saves):
-        if "applied" not in first.deletes and second.worker != first.worker:
+        # The deletes made before the reuse (a logout applied after it could not have prevented it).
+        if "applied" not in second.first_deletes_then and second.worker != first.worker:
             return "excused:store-down-after-rotation"
         return "save-error-kept-entry"
     return "delivered-never-saved"
