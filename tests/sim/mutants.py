@@ -182,7 +182,8 @@ for seed in range({start}, {stop}):
 
 def _copy_tree(dest: Path) -> None:
     shutil.copytree(ROOT / PACKAGE, dest / PACKAGE, ignore=shutil.ignore_patterns("__pycache__"))
-    os.symlink(ROOT / "tests", dest / "tests")
+    # A copy, not a link: the simulation may be edited while the mutants run.
+    shutil.copytree(ROOT / "tests", dest / "tests", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "conftest.py"):
         if (ROOT / name).exists():
             shutil.copy(ROOT / name, dest / name)

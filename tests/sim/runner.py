@@ -15,6 +15,7 @@ import inspect
 import math
 import os
 import random
+import sys
 import tempfile
 import time
 import weakref
@@ -113,6 +114,8 @@ class CallerPlan:
     via_auth: bool = False
     #: Chance that a request goes to a URL that redirects to another origin.
     p_redirect: float = 0.0
+    #: Chance that a request goes to a URL the API refuses (401) whatever the token (not the token's fault).
+    p_refuses: float = 0.0
 
 
 @dataclass
@@ -368,14 +371,24 @@ def extend_plan(
         ext.auth = True
         knobs.p_api_401 = xr.choice((0.1, 0.3))
         p_redirect = xr.choice((0.0, 0.2))
+        p_refuses = xr.choice((0.0, 0.0, 0.3))
         for c in callers:
             if xr.random() < 0.6 and c.walk is None:
-                c.via_auth, c.p_redirect = True, p_redirect
+                c.via_auth, c.p_redirect, c.p_refuses = True, p_redirect, p_refuses
         for _ in range(xr.choice((2, 3, 5))):
             events.append(EventPlan(xr.uniform(0.0, 40.0), "api-revoke", 0, xr.choice(sessions)))
     if shared and xr.random() < 0.1:
         # The store goes down once a refresh answer is in flight, for longer than refresh_timeout.
         events.append(EventPlan(xr.uniform(0.0, 20.0), "outage", amount=refresh_timeout * xr.uniform(1.5, 4.0)))
+    if xr.random() < 0.1:
+        # A burst of logouts and logins of one session by a process whose callers read it meanwhile.
+        pid, session, at = xr.randrange(processes), xr.choice(sessions), xr.uniform(0.0, 20.0)
+        for _ in range(xr.randint(3, 6)):
+            at += xr.uniform(0.05, 2.0)
+            events.append(EventPlan(at, xr.choice(("relogin", "login", "logout")), pid, session,
+                                    xr.choice(SUBJECTS), xr.uniform(0.0, 0.3)))
+        callers.append(CallerPlan(pid, session, "plain", [at - 3.0 + xr.uniform(0.0, 1.0)]
+                                  + [xr.uniform(0.05, 0.8) for _ in range(xr.randint(3, 8))]))
     if processes >= 2 and xr.random() < 0.1:
         # The application shuts a process's manager down while its refresh job may run (item 4).
         events.append(EventPlan(xr.uniform(0.0, 20.0), "close", xr.randrange(processes)))
@@ -459,7 +472,10 @@ class _Run:
         #: API bookkeeping for the auth flow: access token -> last time the API accepted it; -> last time it
         #: was refused on a replay (the flow distrusts a token refused on its replay).
         self.api_accepted: dict[str, float] = {}
-        self.api_replay_refused: dict[str, float] = {}
+        #: (process, access token) -> last time the token was refused on a replay there (the flow distrusts it
+        #: in that process)
+        self.api_replay_refused: dict[tuple[int, str], float] = {}
+        self.api_accepted_at: dict[str, list[float]] = {}
         self.real_path: str | None = None
         if plan.ext.real_sqlite:
             self.real_path = os.path.join(_tempdir(), f"sim-{plan.seed}.db")
@@ -658,7 +674,8 @@ class _Run:
         w = self.world
         self.requests += 1
         rid = f"q{self.requests}"
-        path = "/redirect" if w.rng.random() < cp.p_redirect else "/data"
+        roll = w.rng.random()
+        path = "/redirect" if roll < cp.p_redirect else "/refuses" if roll < cp.p_redirect + cp.p_refuses else "/data"
         log: list[tuple[str, str | None, int, str]] = []
         self.api_calls[rid] = (caller, session, w.now(), log)
         w.log(f"{caller.name}: {rid} GET {path} as {session} through auth=")
@@ -699,6 +716,8 @@ class _Run:
             status, why = 401, "grant revoked"
         elif token in w.store.api_revoked:
             status, why = 401, "token revoked"
+        elif path == "/refuses":
+            status, why = 401, "refused (not the token)"
         elif w.rng.random() < w.knobs.p_api_401 * (2 if replay else 1):
             status, why = 401, "transient"
         else:
@@ -706,8 +725,9 @@ class _Run:
         if token is not None:
             if status == 200:
                 self.api_accepted[token] = w.now()
+                self.api_accepted_at.setdefault(token, []).append(w.now())
             elif replay:
-                self.api_replay_refused[token] = w.now()
+                self.api_replay_refused[(caller.process, token)] = w.now()
         log.append((host, token, status, why))
         w.log(f"api: {rid} {path} {token}{' (replay)' if replay else ''} -> {status} {why}")
         return httpx.Response(status, headers=challenge if status == 401 else {})
@@ -722,9 +742,29 @@ class _Run:
                 f"flow refresh and replay: {log}",
             )
         sends = [entry for entry in log if entry[0] == "api.sim"]
+        started = self.api_calls[rid][2]
+        if len(sends) >= 2 and sends[0][1] and sends[1][1] and sends[1][1] != sends[0][1]:
+            first, retry = sends[0][1], sends[1][1]
+            refused = self.api_replay_refused.get((caller.process, first))
+            minted = w.provider.access_redemption.get(retry)
+            accepted_since = refused is not None and any(t > refused for t in self.api_accepted_at.get(first, ()))
+            if (
+                refused is not None
+                and refused < started
+                and not accepted_since
+                and minted is not None
+                and w.provider.redemptions[minted].at >= started
+            ):
+                w.violate(
+                    "refresh-despite-distrust",
+                    f"{caller.name} {rid}: {first} was refused on its replay at {refused:.3f} (and not accepted since), "
+                    f"yet its 401 made the flow redeem again ({retry}): a client the API refuses for another reason "
+                    "would rotate its tokens on every request",
+                )
         if response.status_code == 401 and len(sends) == 1 and sends[0][3] == "token revoked":
             token = sends[0][1] or ""
-            refused, accepted = self.api_replay_refused.get(token), self.api_accepted.get(token)
+            refused = self.api_replay_refused.get((caller.process, token))
+            accepted = self.api_accepted.get(token)
             if refused is not None and accepted is not None and accepted > refused:
                 w.violate(
                     "distrust-outlived-acceptance",
@@ -804,7 +844,8 @@ class _Run:
             w.end_session_change(session, epoch, applied=False)
             return
         finally:
-            APP_OP.reset(token)
+            with contextlib.suppress(ValueError):  # a pending task finalized after its loop closed
+                APP_OP.reset(token)
         w.end_session_change(session, epoch)
         w.log(f"{caller.name}: login {session} done")
 
@@ -823,7 +864,8 @@ class _Run:
             w.end_session_change(session, epoch, applied=False)
             return
         finally:
-            APP_OP.reset(token)
+            with contextlib.suppress(ValueError):  # a pending task finalized after its loop closed
+                APP_OP.reset(token)
         w.end_session_change(session, epoch)
         w.log(f"{caller.name}: logout {session} done")
 
@@ -1105,6 +1147,7 @@ class _Run:
                         "task-job-leak",
                         f"{leaked} refresh job task(s) of an event loop that was closed stay referenced for good",
                     )
+                self._finalize_pending()
             if self.dropped and self.loop is None:  # a closed loop's pending tasks (ours too) hold their frames
                 gc.collect()
                 leaked = sum(ref() is not None for ref in self.dropped)
@@ -1128,6 +1171,22 @@ class _Run:
                 for suffix in ("", "-wal", "-shm"):
                     with contextlib.suppress(OSError):
                         os.unlink(f"{self.real_path}{suffix}")
+
+    def _finalize_pending(self) -> None:
+        """Collect the coroutines the closed loop left pending, now, with their finalizers' errors counted
+        (a ``ContextVar.reset`` in a ``finally`` fails outside the task's context), not printed later in
+        another schedule (or turned into a test failure by pytest's unraisable-exception check)."""
+        w = self.world
+        previous = sys.unraisablehook
+
+        def hook(unraisable: Any) -> None:
+            w.count(f"finalizer-error:{type(unraisable.exc_value).__name__}")
+
+        sys.unraisablehook = hook
+        try:
+            gc.collect()
+        finally:
+            sys.unraisablehook = previous
 
     def _check_fail_closed(self, red: Redemption) -> None:
         """A rotated answer that reached a live process was saved, lost its compare-and-set to someone else's

@@ -323,6 +323,9 @@ class World:
     def use_category(self, server: int, changers: list[int], session: str, kind: str) -> str:
         """Name what led to serving an older generation: a forked process on either side (items 2 and 3),
         an early session of a crowd beyond cache_size (item 1), or nothing the extensions model."""
+        if self.processes[server].closed_at is not None:
+            # The application kept using a manager it had closed: its cache no longer hears change notices.
+            return f"used-after-close:{kind}"
         if any(self.processes[p].parent is not None for p in (server, *changers)):
             return f"item2:fork:{kind}"
         if session in self.crowd_early and server == 0:  # the crowd walker runs in p0
