@@ -387,7 +387,7 @@ def extend_plan(
             at += xr.uniform(0.05, 2.0)
             events.append(EventPlan(at, xr.choice(("relogin", "login", "logout")), pid, session,
                                     xr.choice(SUBJECTS), xr.uniform(0.0, 0.3)))
-        callers.append(CallerPlan(pid, session, "plain", [at - 3.0 + xr.uniform(0.0, 1.0)]
+        callers.append(CallerPlan(pid, session, "plain", [max(0.0, at - 3.0 + xr.uniform(0.0, 1.0))]
                                   + [xr.uniform(0.05, 0.8) for _ in range(xr.randint(3, 8))]))
     if processes >= 2 and xr.random() < 0.1:
         # The application shuts a process's manager down while its refresh job may run (item 4).

@@ -320,9 +320,15 @@ class World:
             if other is not epoch and other.end == float("inf") and other.done < epoch.start:
                 other.end = self.now()
 
-    def use_category(self, server: int, changers: list[int], session: str, kind: str) -> str:
+    def use_category(self, server: int, changers: list[int], session: str, kind: str, gid: int | None = None) -> str:
         """Name what led to serving an older generation: a forked process on either side (items 2 and 3),
-        an early session of a crowd beyond cache_size (item 1), or nothing the extensions model."""
+        an early session of a crowd beyond cache_size (item 1), or nothing the extensions model.
+        ``changers`` are the processes whose changes the server should have heard (with ``gid``, also those
+        of every change of the session since the served grant was last set)."""
+        if gid is not None:
+            epochs = self.epochs.get(session, [])
+            last = max((i for i, e in enumerate(epochs) if e.gid == gid), default=-1)
+            changers = [*changers, *(e.pid for e in epochs[last + 1 :])]
         if self.processes[server].closed_at is not None:
             # The application kept using a manager it had closed: its cache no longer hears change notices.
             return f"used-after-close:{kind}"
@@ -361,7 +367,7 @@ class World:
                 # the simulation) before the call returned: the caller got an older login generation.
                 later = [e for e in ok if e.gid != gid and e.done <= ended]
                 self.violate(
-                    self.use_category(caller.process, [e.pid for e in later], session, "stale-generation-served"),
+                    self.use_category(caller.process, [e.pid for e in later], session, "stale-generation-served", gid),
                     f"{caller.name} ({session}) got g{gid} ({grant.subject}) at {ended:.4f}, after "
                     f"{['-' if e.gid is None else f'g{e.gid}' for e in later]} (set by "
                     f"{sorted({f'p{e.pid}' for e in later})}) had completed",
@@ -379,7 +385,7 @@ class World:
             kind = "replaced-session-served"
         changers = sorted({f"p{e.pid}" for e in ok if e.gid != gid})
         self.violate(
-            self.use_category(caller.process, [e.pid for e in ok if e.gid != gid], session, kind),
+            self.use_category(caller.process, [e.pid for e in ok if e.gid != gid], session, kind, gid),
             f"{caller.name} ({session}) was served grant g{gid} ({grant.subject}) during [{started:.4f}, "
             f"{ended:.4f}] while the session's grant was {['-' if g is None else f'g{g}' for g in current]} "
             f"(set by {', '.join(changers)})",
