@@ -26,12 +26,14 @@ from typing import Any
 
 import anyio
 import attrs
+import httpx
 import trio
 
 from httpx_upstream_auth import (
     BindingMismatch,
     Clock,
     EntryKey,
+    OAuth2Refresher,
     ReauthenticationRequired,
     Refresher,
     RefreshFailed,
@@ -1038,7 +1040,7 @@ class SimRefresher(Refresher):
             )
             red.fate = f"gateway-{status}"
             w.log(f"refresher: p{proc.pid} {who} r{red.rid} redeemed, but the gateway answers HTTP {status}")
-            raise gateway_error(tokens, status, body, sent_at)
+            raise await gateway_error(tokens, status, body, clock)
         if red.kind in ("reuse", "dead"):
             red.fate = "delivered"
             raise ReauthenticationRequired("simulated invalid_grant: the refresh token is dead")
@@ -1066,16 +1068,17 @@ class SimRefresher(Refresher):
         )
 
 
-def gateway_error(tokens: UpstreamTokens, status: int, body: bytes, sent_at: float) -> Exception:
-    """What the library's own answer parser makes of a gateway's answer (``merge_response``)."""
+async def gateway_error(tokens: UpstreamTokens, status: int, body: bytes, clock: Clock) -> Exception:
+    """What the library's own ``OAuth2Refresher`` raises for a gateway's answer (sent through a mock
+    transport on the simulated loop): the public parser decides whether it may follow a redemption."""
+    client = httpx.AsyncClient(transport=httpx.MockTransport(lambda request: httpx.Response(status, content=body)))
+    refresher = OAuth2Refresher("https://token.sim/token", "sim-client", "sim-secret", async_client=client)
     try:
-        from httpx_upstream_auth._oauth import merge_response
-    except ImportError:  # the parser moved: assume what the design says (a 5xx may follow a redemption)
-        return RefreshFailed(f"simulated HTTP {status}", retryable=True, status_code=status, may_have_rotated=True)
-    try:
-        merge_response(tokens, status, body, sent_at)
+        await refresher.arefresh(tokens, clock)
     except Exception as exc:
         return exc
+    finally:
+        await client.aclose()
     return RefreshFailed(f"simulated HTTP {status} parsed as tokens", retryable=True, may_have_rotated=True)
 
 
