@@ -13,8 +13,10 @@ refresh job, no change-feed listener thread.
 hook for it: it shallow-copies the manager state's tables (``copy.copy``), copies each flight without
 its waiters (the job that would finish it stays in the parent), and builds an ``Engine`` over the copy.
 If the library grows a fork hook (``os.register_at_fork`` handlers that reset a child), this function
-calls it after copying, so a fixed library gets the chance to start its child clean, as it would after
-a real fork.
+calls it after copying (any method of the manager, its state or its storage named for the child side of a
+fork, see :func:`_child_hooks`), so a fixed library gets the chance to start its child clean, as it
+would after a real fork. A module-level ``os.register_at_fork`` handler is not reached this way: when the
+fork fix lands, call its per-manager part here.
 """
 
 from __future__ import annotations
@@ -76,8 +78,18 @@ def fork_manager(parent: TokenManager, storage: Any, refresher: Any) -> TokenMan
         if hasattr(child, name):
             setattr(child, name, getattr(engine, name.removeprefix("_")))
     for target in (child, state, storage):
-        for hook in _CHILD_HOOKS:
-            fn = getattr(target, hook, None)
-            if callable(fn):
-                fn()
+        for hook in _child_hooks(target):
+            hook()
     return child
+
+
+def _child_hooks(target: Any) -> list[Any]:
+    """Methods of ``target`` that reset it in a forked child: the known names, or any method whose name
+    says fork and child/after (``_after_fork``, ``_reinit_after_fork``, ``_on_fork_child``...)."""
+    names = [n for n in dir(type(target)) if "fork" in n.lower() and ("child" in n.lower() or "after" in n.lower())]
+    found = []
+    for name in dict.fromkeys([*_CHILD_HOOKS, *sorted(names)]):
+        fn = getattr(target, name, None)
+        if callable(fn):
+            found.append(fn)
+    return found
