@@ -46,7 +46,7 @@ def test_manager_runs_its_refresh_job_on_the_simulated_loop() -> None:
     assert REDEEM_IN_TASK
 
 
-@pytest.mark.parametrize("seed", [1, 7, 42, 254, 1234])
+@pytest.mark.parametrize("seed", [1, 7, 42, 254, 1234, 43, 136, 231, 515, 814, 6301])
 def test_a_seed_replays_exactly(seed: int) -> None:
     """Running a seed twice gives the same plan, trace, outcomes and violations."""
     first, again = run_schedule(seed), run_schedule(seed)
@@ -58,7 +58,7 @@ def test_a_seed_replays_exactly(seed: int) -> None:
 
 def test_replay_is_the_same_in_another_interpreter() -> None:
     """The command-line replay prints the same trace under another hash seed (no set/hash order leaks in)."""
-    seeds = ["3", "11", "600"]
+    seeds = ["3", "11", "600", "43", "231", "6301"]
     outputs = []
     for hash_seed in ("1", "2"):
         env = {**os.environ, "PYTHONHASHSEED": hash_seed}
@@ -91,3 +91,32 @@ def test_the_checks_catch_a_broken_store(mutant: str, expected: set[str]) -> Non
         if found & expected:
             break
     assert found & expected, f"{mutant}: only {sorted(found)} in 400 schedules"
+
+
+def test_every_deployment_event_is_drawn() -> None:
+    """The events of a deployment's life (issue 12) each appear in a good share of the CI seeds."""
+    seen: dict[str, int] = {}
+
+    def bump(name: str, hit: bool) -> None:
+        seen[name] = seen.get(name, 0) + int(hit)
+
+    for seed in range(START, START + min(SCHEDULES, 2000)):
+        plan = make_plan(seed)
+        ext, k = plan.ext, plan.knobs
+        bump("crowd", bool(ext.crowd))
+        bump("fork", bool(ext.forks))
+        bump("fork during a job", any(during for _, _, during in ext.forks.values()))
+        bump("churn", ext.churn > 0)
+        bump("auth flow", ext.auth)
+        bump("real sqlite", ext.real_sqlite)
+        bump("loop closed", ext.loop_end is not None)
+        bump("close", any(e.kind == "close" for e in plan.events))
+        bump("api revoke", any(e.kind == "api-revoke" for e in plan.events))
+        bump("outage", bool(k.outages))
+        bump("gateway after redeem", k.p_gateway > 0)
+        bump("expires_in 0", k.p_zero_life > 0)
+        bump("partial rotation", k.p_partial_rotation > 0)
+        bump("stall", bool(k.stalls))
+        bump("outage during a job", any(e.kind == "outage" for e in plan.events))
+    rare = {name: n for name, n in seen.items() if n < 20}
+    assert not rare, f"extensions drawn too rarely in 2000 plans: {rare}"

@@ -9,26 +9,38 @@ and returns a :class:`Result` with the violations (each classified) and the trac
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import inspect
 import math
+import os
 import random
+import sys
+import tempfile
 import time
+import weakref
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import httpx
 import trio
 
-from httpx_upstream_auth import TokenManager, UpstreamAuthError
+import attrs
 
-from .vtime import run_asyncio, run_trio
+from httpx_upstream_auth import EntryKey, SQLiteStorage, TokenManager, UpstreamAuthError
+
+from .checker import check_manager_tables, storage_subscribers, task_jobs_of
+from .fork import fork_manager
+from .vtime import run_asyncio, run_asyncio_then_close, run_trio
 from .world import (
     APP_OP,
     NATIVE_KINDS,
     Caller,
     Knobs,
     Process,
+    Redemption,
     SimClock,
     SimRefresher,
     SimStorage,
@@ -38,6 +50,15 @@ from .world import (
 )
 
 __all__ = ["Plan", "Result", "classify", "make_plan", "run_many", "run_schedule"]
+
+_TEMPDIR: list[str] = []
+
+
+def _tempdir() -> str:
+    """One temporary directory per interpreter for the real SQLite files (one file per schedule)."""
+    if not _TEMPDIR:
+        _TEMPDIR.append(tempfile.mkdtemp(prefix="hua-sim-"))
+    return _TEMPDIR[0]
 
 PROVIDER_ID = "sim"
 #: Slack for comparing virtual times (the loop reaches a timer's time within float rounding).
@@ -59,6 +80,17 @@ REDEEM_IN_TASK = "redeem_in" in inspect.signature(TokenManager).parameters
 
 #: Categories of violations that are known bugs of the code before the refresh-protocol fixes (issue 6).
 KNOWN_BUGS = {
+    "refresh-storm": "issue 12 item 11: an answer with expires_in 0 makes one call redeem again and again",
+    "refresh-on-foreign-401": "issue 12 item 9: a 401 from another origin after a redirect triggers refresh+replay",
+    "distrust-outlived-acceptance": "issue 12 item 8: a token refused once on its replay is distrusted for good",
+    "subscriber-leak": "issue 12 item 12: managers dropped without close() stay subscribed (and alive)",
+    "manager-leak": "issue 12 item 12: managers dropped without close() are never freed",
+    "table-over-bound:_retry_at": "issue 12 item 12: the back-off table never shrinks",
+    "task-job-leak": "issue 12 item 12: task jobs whose loop closed stay referenced",
+    "item10:consumed-memory-holds-saved": "issue 12 item 10: consumed-token memory filled by successful rotations",
+    "item4:closed-under-job": "issue 12 item 4: aclose() under a running job; the consumed token is presented again",
+    "item4:no-fail-closed-attempt": "issue 12 item 4: aclose() under a running job; it can neither save nor delete",
+    "item3:fork:orphan-flight": "issue 12 item 3: a child forked during a job inherits its flight, never finished",
     "bug1:native-cancel": "1: asyncio native cancellation loses the rotated tokens",
     "bug2:cross-lineage-write": "2: a refresh result saved over a new login (versions restart after delete)",
     "bug5:timeout-during-save": "5: the refresh_timeout deadline covers the save",
@@ -74,6 +106,55 @@ class CallerPlan:
     session: str
     kind: str
     gaps: list[float]
+    #: Virtual time before the first gap (a forked child's callers start after the fork).
+    after: float = 0.0
+    #: The session of each call, when they differ (the crowd caller walks many sessions).
+    walk: list[str] | None = None
+    #: Send a request through ``httpx.AsyncClient(auth=manager.auth(session))`` instead of ``aget_token``.
+    via_auth: bool = False
+    #: Chance that a request goes to a URL that redirects to another origin.
+    p_redirect: float = 0.0
+    #: Chance that a request goes to a URL the API refuses (401) whatever the token (not the token's fault).
+    p_refuses: float = 0.0
+
+
+@dataclass
+class Ext:
+    """The events of a deployment's life (issue 12), each in a fraction of the schedules.
+
+    Drawn from a second stream (``random.Random(f"ext:{seed}")``), so the schedules of the original
+    generator are unchanged where no extension is drawn.
+    """
+
+    cache_size: int = 10_000
+    #: Sessions logged in up front (beyond cache_size) that the crowd caller walks: (session, subject, life, issued_ago).
+    crowd: list[tuple[str, str, float, float]] = field(default_factory=list)
+    #: Forked children: child pid -> (fork time, parent pid, during_job).
+    forks: dict[int, tuple[float, int, bool]] = field(default_factory=dict)
+    #: Managers made and dropped without close (item 12).
+    churn: int = 0
+    real_sqlite: bool = False
+    auth: bool = False
+    #: The application closes its asyncio loop after this long (then once a job runs), jobs pending.
+    loop_end: float | None = None
+
+    def describe(self) -> str:
+        """One line for the plan's header."""
+        parts = [f"cache_size={self.cache_size}"]
+        if self.crowd:
+            parts.append(f"crowd of {len(self.crowd)} sessions")
+        if self.forks:
+            parts.append("forks " + ", ".join(f"p{c}<-p{p} at {t:.2f}{' during a job' if j else ''}"
+                                              for c, (t, p, j) in self.forks.items()))
+        if self.churn:
+            parts.append(f"{self.churn} managers dropped without close")
+        if self.real_sqlite:
+            parts.append("real SQLiteStorage")
+        if self.auth:
+            parts.append("auth flow through httpx")
+        if self.loop_end is not None:
+            parts.append(f"loop closed after {self.loop_end:.1f}s")
+        return "  ext: " + ", ".join(parts)
 
 
 @dataclass
@@ -106,6 +187,7 @@ class Plan:
     events: list[EventPlan]
     #: The seed's random stream, positioned after the draws that made this plan.
     rng: random.Random
+    ext: Ext = field(default_factory=Ext)
 
     def describe(self) -> str:
         """A one-paragraph summary for the trace header."""
@@ -116,12 +198,21 @@ class Plan:
             f"lease_wait={self.lease_wait} leeway={self.leeway} redeem_in_task={REDEEM_IN_TASK}",
             f"  provider: connect<{k.connect} latency<{k.latency} slow {k.slow:.2f}<{k.slow_latency} neterr "
             f"{k.p_neterr:.2f} 503 {k.p_503:.2f} mismatch {k.p_mismatch:.2f} lost {k.p_lost:.2f} rotate {k.p_rotate}",
-            f"  store: delay<{k.store_delay} errors {k.store_error:.2f}",
+            f"  store: delay<{k.store_delay} errors {k.store_error:.2f} outages "
+            f"{[(round(a, 2), round(b, 2)) for a, b in k.outages]} stalls "
+            f"{[(round(a, 2), round(b, 2)) for a, b in k.stalls]}; gateway-after-redeem {k.p_gateway:.2f} "
+            f"expires_in=0 {k.p_zero_life:.2f} api-401 {k.p_api_401:.2f} partial-rotation {k.p_partial_rotation:.1f}",
+            self.ext.describe(),
         ]
         for s, (subject, life) in self.initial.items():
             lines.append(f"  {s}: login {subject}, access token life {life:.2f}s")
         for i, c in enumerate(self.callers):
-            lines.append(f"  c{i}: p{c.process} {c.session} {c.kind} gaps {[round(g, 3) for g in c.gaps]}")
+            lines.append(
+                f"  c{i}: p{c.process} {c.session} {c.kind} gaps {[round(g, 3) for g in c.gaps]}"
+                + (f" after {c.after:.3f}" if c.after else "")
+                + (f" walk {c.walk}" if c.walk else "")
+                + (f" via auth (redirects {c.p_redirect:.2f})" if c.via_auth else "")
+            )
         for e in self.events:
             lines.append(f"  event at {e.at:.3f}: {e.kind} p{e.process} {e.session} {e.subject} {e.amount:.1f}")
         return "\n".join(lines)
@@ -172,6 +263,12 @@ def make_plan(seed: int) -> Plan:
                 amount=rng.choice((-30.0, 40.0, 400.0)) if kind == "jump" else rng.uniform(0.0, 1.0),
             )
         )
+    ext = Ext()
+    knobs_ext(knobs, refresh_timeout, lease_ttl, rng_ext := random.Random(f"ext:{seed}"))
+    leeway = rng.choice((30.0, 5.0))
+    processes = extend_plan(
+        ext, rng_ext, backend, knobs, processes, sessions, initial, callers, events, kinds, refresh_timeout, leeway
+    )
     events.sort(key=lambda e: e.at)
     return Plan(
         seed,
@@ -183,11 +280,145 @@ def make_plan(seed: int) -> Plan:
         refresh_timeout,
         lease_ttl,
         lease_wait,
-        rng.choice((30.0, 5.0)),
+        leeway,
         callers,
         events,
         rng,
+        ext,
     )
+
+
+def knobs_ext(knobs: Knobs, refresh_timeout: float, lease_ttl: float, xr: random.Random) -> None:
+    """Faults of a deployment's life: correlated store outages longer than refresh_timeout, gateway answers
+    after the provider redeemed, answers born expired, the API's transient 401s."""
+    if knobs.storage != "memory" and xr.random() < 0.12:
+        outages = []
+        for _ in range(xr.choice((1, 1, 2))):
+            start = xr.uniform(0.0, 25.0)
+            outages.append((start, start + refresh_timeout * xr.uniform(1.5, 4.0)))
+        knobs.outages = tuple(outages)
+    if knobs.storage != "memory" and xr.random() < 0.1:
+        start = xr.uniform(0.0, 25.0)
+        knobs.stalls = ((start, start + lease_ttl * xr.uniform(1.0, 3.0)),)
+        knobs.stall_delay = lease_ttl * xr.choice((0.4, 0.8))
+    # A job holds its lease while it redeems (refresh_timeout), saves (retries for refresh_timeout) and
+    # fails closed (another refresh_timeout), plus a few store operations past each bound, plus the ttl.
+    op = knobs.store_delay * (2 if knobs.storage == "redis" else 1)
+    knobs.lease_hold_bound = 3 * refresh_timeout + lease_ttl + 10 * op
+    if xr.random() < 0.15:
+        knobs.p_gateway = xr.choice((0.1, 0.3))
+    if xr.random() < 0.1:
+        knobs.p_zero_life = xr.choice((0.2, 0.6))
+    if xr.random() < 0.1:
+        knobs.p_partial_rotation = xr.choice((0.3, 0.7))
+    if xr.random() < 0.25:
+        knobs.p_api_401 = xr.choice((0.0, 0.15, 0.3))
+
+
+def extend_plan(
+    ext: Ext,
+    xr: random.Random,
+    backend: str,
+    knobs: Knobs,
+    processes: int,
+    sessions: list[str],
+    initial: dict[str, tuple[str, float]],
+    callers: list[CallerPlan],
+    events: list[EventPlan],
+    kinds: tuple[str, ...],
+    refresh_timeout: float,
+    leeway: float,
+) -> int:
+    """Add the events of issue 12 to a plan (in place); return the number of processes (forks add some)."""
+    shared = knobs.storage != "memory"
+    if xr.random() < 0.15:
+        # Many sessions beyond a small cache, and a logout/re-login of an early one from another process.
+        ext.cache_size = xr.choice((4, 8, 16))
+        knobs.p_503 = max(knobs.p_503, xr.choice((0.2, 0.5)))
+        n = 2 * ext.cache_size + xr.randint(2, ext.cache_size + 4)
+        every = max(2, ext.cache_size // xr.choice((1, 2, 3)))
+        walk = ["e0"]
+        for i in range(1, n + 1):
+            walk.append(f"k{i}")
+            if i % every == 0:
+                walk.append("e0")
+        walk += ["e0"] * xr.randint(2, 5)
+        gaps = [xr.uniform(0.0, 2.0)] + [xr.uniform(0.02, 0.6) for _ in walk[1:]]
+        visit = {}
+        elapsed = 0.0
+        for session, gap in zip(walk, gaps):
+            elapsed += gap
+            visit.setdefault(session, elapsed)
+        ext.crowd = [("e0", xr.choice(SUBJECTS), xr.uniform(300.0, 900.0), 1.0)]
+        for i in range(1, n + 1):
+            if xr.random() < 0.6:
+                # Inside its leeway (but valid) when the walk reaches it: refreshed early, and a 503 then
+                # leaves a back-off entry behind.
+                life = visit[f"k{i}"] + xr.uniform(0.3, 0.9) * leeway
+                ext.crowd.append((f"k{i}", xr.choice(SUBJECTS), life, 1000.0))
+            else:
+                ext.crowd.append((f"k{i}", xr.choice(SUBJECTS), xr.uniform(300.0, 900.0), 1.0))
+        callers.append(CallerPlan(0, "e0", "plain", gaps, walk=walk))
+        processes = max(processes, 2)
+        span = sum(gaps)
+        for _ in range(xr.choice((1, 1, 2))):
+            events.append(
+                EventPlan(xr.uniform(span * 0.3, span), "relogin", xr.randrange(1, processes), "e0",
+                          xr.choice(SUBJECTS), xr.uniform(0.0, 0.5))
+            )
+        callers.append(CallerPlan(1, "e0", "plain", [xr.uniform(0.0, span) for _ in range(3)]))
+    if backend == "asyncio" and xr.random() < 0.25:
+        ext.auth = True
+        knobs.p_api_401 = xr.choice((0.1, 0.3))
+        p_redirect = xr.choice((0.0, 0.2))
+        p_refuses = xr.choice((0.0, 0.0, 0.3))
+        for c in callers:
+            if xr.random() < 0.6 and c.walk is None:
+                c.via_auth, c.p_redirect, c.p_refuses = True, p_redirect, p_refuses
+        for _ in range(xr.choice((2, 3, 5))):
+            events.append(EventPlan(xr.uniform(0.0, 40.0), "api-revoke", 0, xr.choice(sessions)))
+    if shared and xr.random() < 0.1:
+        # The store goes down once a refresh answer is in flight, for longer than refresh_timeout.
+        events.append(EventPlan(xr.uniform(0.0, 20.0), "outage", amount=refresh_timeout * xr.uniform(1.5, 4.0)))
+    if xr.random() < 0.1:
+        # A burst of logouts and logins of one session by a process whose callers read it meanwhile.
+        pid, session, at = xr.randrange(processes), xr.choice(sessions), xr.uniform(0.0, 20.0)
+        for _ in range(xr.randint(3, 6)):
+            at += xr.uniform(0.05, 2.0)
+            events.append(EventPlan(at, xr.choice(("relogin", "login", "logout")), pid, session,
+                                    xr.choice(SUBJECTS), xr.uniform(0.0, 0.3)))
+        callers.append(CallerPlan(pid, session, "plain", [max(0.0, at - 3.0 + xr.uniform(0.0, 1.0))]
+                                  + [xr.uniform(0.05, 0.8) for _ in range(xr.randint(3, 8))]))
+    if processes >= 2 and xr.random() < 0.1:
+        # The application shuts a process's manager down while its refresh job may run (item 4).
+        events.append(EventPlan(xr.uniform(0.0, 20.0), "close", xr.randrange(processes)))
+    if shared and xr.random() < 0.12:
+        # fork() of a process with a manager: a new process with the parent's in-memory state (items 2, 3).
+        for _ in range(xr.choice((1, 1, 2))):
+            child, parent = processes, xr.randrange(processes)
+            processes += 1
+            during = xr.random() < 0.5
+            at = xr.uniform(0.0, 15.0)
+            ext.forks[child] = (at, parent, during)
+            session = xr.choice(sessions)
+            for _ in range(xr.randint(1, 2)):
+                gaps = [xr.uniform(0.0, 10.0)] + [xr.expovariate(1 / 8.0) for _ in range(xr.randint(1, 3))]
+                callers.append(CallerPlan(child, session, xr.choice(kinds), gaps, after=at + 1e-3))
+            # A login change by someone after the fork: the child must hear of it, and the others of its own.
+            who = xr.choice((child, parent, *range(processes - 1)))
+            events.append(EventPlan(at + xr.uniform(0.5, 15.0), xr.choice(("relogin", "logout")), who, session,
+                                    xr.choice(SUBJECTS), xr.uniform(0.0, 0.5)))
+            if who == child or xr.random() < 0.5:
+                callers.append(CallerPlan(parent, session, "plain", [at + xr.uniform(1.0, 30.0), xr.uniform(1, 10)]))
+    if xr.random() < 0.05:
+        ext.churn = xr.randint(3, 8)
+        for _ in range(ext.churn):
+            events.append(EventPlan(xr.uniform(0.0, 20.0), "churn", xr.randrange(processes), xr.choice(sessions)))
+    if knobs.storage == "sqlite" and xr.random() < 0.4:
+        ext.real_sqlite = True
+    if backend == "asyncio" and xr.random() < 0.05:
+        ext.loop_end = xr.uniform(3.0, 30.0)
+    return processes
 
 
 @dataclass
@@ -231,30 +462,72 @@ class _Run:
         w.refresh_timeout = plan.refresh_timeout
         w.current_task = current_task_getter(plan.backend)
         self.clock = SimClock(w)
-        self.managers: list[TokenManager] = []
-        extra: dict[str, Any] = {"redeem_in": "task"} if REDEEM_IN_TASK else {}
+        self.managers: list[TokenManager | None] = []
+        self.storages: list[SimStorage | None] = []
+        self.refreshers: list[SimRefresher | None] = []
+        #: Managers made and dropped without close (weak references: they must be freed).
+        self.dropped: list[weakref.ref[TokenManager]] = []
+        self.clients: dict[int, httpx.AsyncClient] = {}
+        self.requests = 0
+        #: API bookkeeping for the auth flow: access token -> last time the API accepted it; -> last time it
+        #: was refused on a replay (the flow distrusts a token refused on its replay).
+        self.api_accepted: dict[str, float] = {}
+        #: (process, access token) -> last time the token was refused on a replay there (the flow distrusts it
+        #: in that process)
+        self.api_replay_refused: dict[tuple[int, str], float] = {}
+        self.api_accepted_at: dict[str, list[float]] = {}
+        self.real_path: str | None = None
+        if plan.ext.real_sqlite:
+            self.real_path = os.path.join(_tempdir(), f"sim-{plan.seed}.db")
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.real_path + suffix)
+            w.store.real = SQLiteStorage(self.real_path)
         for pid in range(plan.processes):
             proc = Process(pid)
             w.processes.append(proc)
-            self.managers.append(
-                TokenManager(
-                    refresher=SimRefresher(w, proc),
-                    provider_id=PROVIDER_ID,
-                    storage=SimStorage(w, proc),
-                    clock=self.clock,
-                    leeway=plan.leeway,
-                    refresh_timeout=plan.refresh_timeout,
-                    lease_ttl=plan.lease_ttl,
-                    lease_wait=plan.lease_wait,
-                    **extra,
-                )
-            )
+            if pid in plan.ext.forks:
+                proc.parent = plan.ext.forks[pid][1]
+                self.managers.append(None)  # made by its fork
+                self.storages.append(None)
+                self.refreshers.append(None)
+                continue
+            storage, refresher = SimStorage(w, proc), SimRefresher(w, proc)
+            self.storages.append(storage)
+            self.refreshers.append(refresher)
+            self.managers.append(self._manager(storage, refresher))
+        self._init_rest()
+
+    def _manager(self, storage: SimStorage, refresher: SimRefresher) -> TokenManager:
+        plan = self.plan
+        extra: dict[str, Any] = {"redeem_in": "task"} if REDEEM_IN_TASK else {}
+        return TokenManager(
+            refresher=refresher,
+            provider_id=PROVIDER_ID,
+            storage=storage,
+            clock=self.clock,
+            leeway=plan.leeway,
+            refresh_timeout=plan.refresh_timeout,
+            lease_ttl=plan.lease_ttl,
+            lease_wait=plan.lease_wait,
+            cache_size=plan.ext.cache_size,
+            **extra,
+        )
+
+    def _init_rest(self) -> None:
+        plan = self.plan
         self.pending = 0
         self.all_done: anyio.Event | None = None
         self.own: dict[Any, Caller] = {}
         self.outcomes: dict[str, int] = {}
         self.hang_after = 20 * (plan.lease_wait or 2 * plan.lease_ttl) + 10 * plan.refresh_timeout + 120.0
         self.spawn: Callable[[Callable[[], Coroutine[Any, Any, None]]], None] = lambda fn: None
+        self.api_calls: dict[str, tuple[Caller, str, float, list[tuple[str, str | None, int, str]]]] = {}
+        self.forked: dict[int, anyio.Event] = {}
+        self.call_started = 0.0
+        self.settled = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.final: Callable[[], float] = lambda: 0.0
 
     # -- bookkeeping ------------------------------------------------------------------------------------
     def _outcome(self, name: str) -> None:
@@ -310,26 +583,54 @@ class _Run:
 
     # -- callers --------------------------------------------------------------------------------------
     async def _caller(self, caller: Caller, cp: CallerPlan) -> None:
-        manager = self.managers[cp.process]
-        for gap in cp.gaps:
+        w = self.world
+        if cp.after:
+            await anyio.sleep(cp.after)
+        if cp.process in self.forked:
+            await self.forked[cp.process].wait()
+        for i, gap in enumerate(cp.gaps):
             await anyio.sleep(gap)
-            outcome = await self._call(caller, manager, cp.session)
+            manager = self.managers[cp.process]
+            if manager is None:
+                return  # its fork never happened (the parent had crashed or closed)
+            session = cp.walk[i] if cp.walk else cp.session
+            first = len(w.provider.redemptions)
+            if cp.via_auth:
+                outcome = await self._call(caller, session, lambda m=manager, s=session: self._request(caller, m, s, cp))
+            else:
+                outcome = await self._call(caller, session, lambda m=manager, s=session: m.aget_token(s))
+            self._check_storm(caller, session, first)
             caller.cancel_at = math.inf
             self._outcome(outcome)
             if outcome in ("cancelled", "timed-out", "hang"):
                 return
 
-    async def _call(self, caller: Caller, manager: TokenManager, session: str) -> str:
-        """One ``aget_token`` under the caller's kind of cancellation; checks what it returns."""
+    def _check_storm(self, caller: Caller, session: str, first: int) -> None:
+        """One call may not make its process redeem the session's refresh token over and over."""
+        w = self.world
+        mine = [
+            r for r in w.provider.redemptions[first:]
+            if r.process == caller.process and r.session == session and r.kind in ("rotated", "renewed")
+        ]
+        if len(mine) >= 4:
+            w.violate(
+                "refresh-storm",
+                f"{caller.name} ({session}): one call made p{caller.process} redeem {len(mine)} times "
+                f"({[r.rid for r in mine]})",
+            )
+
+    async def _call(self, caller: Caller, session: str, call: Callable[[], Coroutine[Any, Any, Any]]) -> str:
+        """One ``aget_token`` (or request) under the caller's kind of cancellation; checks what it returns."""
         w = self.world
         started = w.now()
         kind = caller.kind
         delay = w.rng.choice((w.rng.uniform(0.0, 0.3), w.rng.uniform(0.0, 4.0), w.rng.uniform(0.0, 15.0)))
         caller.cancel_at = started + delay if kind != "plain" else math.inf
         w.log(f"{caller.name}: aget_token({session}) [{kind}{'' if kind == 'plain' else f' after {delay:.3f}'}]")
+        self.call_started = started
         try:
             with anyio.move_on_after(self.hang_after) as hang:
-                tokens = await self._wrapped(kind, delay, manager, session)
+                tokens = await self._wrapped(kind, delay, call)
             if hang.cancelled_caught:
                 w.violate("hang", f"{caller.name}: aget_token did not return within {self.hang_after:.0f}s")
                 return "hang"
@@ -353,9 +654,123 @@ class _Run:
             return "untyped-error"
         if tokens is None:
             return self._interrupted(caller, "cancelled")
+        if isinstance(tokens, httpx.Response):
+            return f"http-{tokens.status_code}"
         w.log(f"{caller.name}: -> {tokens.access_token} v{tokens.version}")
         w.check_use(caller, session, started, tokens)
         return "ok"
+
+    # -- the auth flow against the simulated API -------------------------------------------------------
+    def _client(self, pid: int) -> httpx.AsyncClient:
+        client = self.clients.get(pid)
+        if client is None:
+            client = self.clients[pid] = httpx.AsyncClient(
+                transport=httpx.MockTransport(self._api), follow_redirects=True
+            )
+        return client
+
+    async def _request(self, caller: Caller, manager: TokenManager, session: str, cp: CallerPlan) -> httpx.Response:
+        """One GET through ``httpx.AsyncClient(auth=manager.auth(session))``; judges the exchange after."""
+        w = self.world
+        self.requests += 1
+        rid = f"q{self.requests}"
+        roll = w.rng.random()
+        path = "/redirect" if roll < cp.p_redirect else "/refuses" if roll < cp.p_redirect + cp.p_refuses else "/data"
+        log: list[tuple[str, str | None, int, str]] = []
+        self.api_calls[rid] = (caller, session, w.now(), log)
+        w.log(f"{caller.name}: {rid} GET {path} as {session} through auth=")
+        response = await self._client(cp.process).get(
+            f"https://api.sim{path}", auth=manager.auth(session), headers={"x-sim-req": rid}
+        )
+        w.log(f"{caller.name}: {rid} -> HTTP {response.status_code}")
+        self._judge(caller, rid, response, log)
+        return response
+
+    async def _api(self, request: httpx.Request) -> httpx.Response:
+        """The upstream API: accepts the access tokens the provider issued, unless revoked there; a
+        transient 401 now and then; ``/redirect`` sends the client to another origin (which answers 401
+        to a request without a token: httpx strips it on the way)."""
+        w = self.world
+        rid = request.headers.get("x-sim-req", "?")
+        caller, session, started, log = self.api_calls[rid]
+        host, path = request.url.host, request.url.path
+        auth = request.headers.get("authorization")
+        token = auth.removeprefix("Bearer ") if auth else None
+        if host == "api.sim" and token is not None:
+            w.check_sent(caller, session, started, token, None)  # as it leaves the client
+        await anyio.sleep(w.rng.uniform(0.0001, 0.02))
+        challenge = {"www-authenticate": 'Bearer error="invalid_token"'}
+        if host != "api.sim":
+            status, why = (401, "no token") if token is None else (200, "ok")
+            log.append((host, token, status, why))
+            w.log(f"api: {rid} {host}{path} {'no token' if token is None else token} -> {status}")
+            return httpx.Response(status, headers=challenge if status == 401 else {})
+        replay = any(entry[0] == "api.sim" for entry in log)
+        if path == "/redirect":
+            log.append((host, token, 302, "redirect"))
+            return httpx.Response(302, headers={"location": "https://other.sim/data"})
+        gid = w.provider.access.get(token or "")
+        if token is None or gid is None:
+            status, why = 401, "unknown token"
+        elif w.provider.grants[gid].revoked is not None:
+            status, why = 401, "grant revoked"
+        elif token in w.store.api_revoked:
+            status, why = 401, "token revoked"
+        elif path == "/refuses":
+            status, why = 401, "refused (not the token)"
+        elif w.rng.random() < w.knobs.p_api_401 * (2 if replay else 1):
+            status, why = 401, "transient"
+        else:
+            status, why = 200, "ok"
+        if token is not None:
+            if status == 200:
+                self.api_accepted[token] = w.now()
+                self.api_accepted_at.setdefault(token, []).append(w.now())
+            elif replay:
+                self.api_replay_refused[(caller.process, token)] = w.now()
+        log.append((host, token, status, why))
+        w.log(f"api: {rid} {path} {token}{' (replay)' if replay else ''} -> {status} {why}")
+        return httpx.Response(status, headers=challenge if status == 401 else {})
+
+    def _judge(self, caller: Caller, rid: str, response: httpx.Response, log: list[tuple[str, str | None, int, str]]) -> None:
+        w = self.world
+        foreign = [i for i, entry in enumerate(log) if entry[0] != "api.sim" and entry[2] == 401]
+        if foreign and any(entry[0] == "api.sim" for entry in log[foreign[0] + 1 :]):
+            w.violate(
+                "refresh-on-foreign-401",
+                f"{caller.name} {rid}: a 401 from another origin (after a redirect, without our token) made the "
+                f"flow refresh and replay: {log}",
+            )
+        sends = [entry for entry in log if entry[0] == "api.sim"]
+        started = self.api_calls[rid][2]
+        if len(sends) >= 2 and sends[0][1] and sends[1][1] and sends[1][1] != sends[0][1]:
+            first, retry = sends[0][1], sends[1][1]
+            refused = self.api_replay_refused.get((caller.process, first))
+            minted = w.provider.access_redemption.get(retry)
+            accepted_since = refused is not None and any(t > refused for t in self.api_accepted_at.get(first, ()))
+            if (
+                refused is not None
+                and refused < started
+                and not accepted_since
+                and minted is not None
+                and w.provider.redemptions[minted].at >= started
+            ):
+                w.violate(
+                    "refresh-despite-distrust",
+                    f"{caller.name} {rid}: {first} was refused on its replay at {refused:.3f} (and not accepted since), "
+                    f"yet its 401 made the flow redeem again ({retry}): a client the API refuses for another reason "
+                    "would rotate its tokens on every request",
+                )
+        if response.status_code == 401 and len(sends) == 1 and sends[0][3] == "token revoked":
+            token = sends[0][1] or ""
+            refused = self.api_replay_refused.get((caller.process, token))
+            accepted = self.api_accepted.get(token)
+            if refused is not None and accepted is not None and accepted > refused:
+                w.violate(
+                    "distrust-outlived-acceptance",
+                    f"{caller.name} {rid}: {token} was refused for good and not refreshed: it is distrusted since a "
+                    f"401 on its replay at {refused:.3f}, though the API accepted it at {accepted:.3f}",
+                )
 
     def _interrupted(self, caller: Caller, outcome: str) -> str:
         w = self.world
@@ -364,20 +779,20 @@ class _Run:
         w.log(f"{caller.name}: -> {outcome} by {caller.kind}")
         return outcome
 
-    async def _wrapped(self, kind: str, delay: float, manager: TokenManager, session: str) -> Any:
-        """Call ``aget_token`` inside the cancellation of ``kind``; ``None`` when a scope swallowed it."""
+    async def _wrapped(self, kind: str, delay: float, call: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+        """Run ``call()`` inside the cancellation of ``kind``; ``None`` when a scope swallowed it."""
         if kind == "plain":
-            return await manager.aget_token(session)
+            return await call()
         if kind == "task_cancel":
             task = asyncio.current_task()
             assert task is not None
             handle = asyncio.get_running_loop().call_later(delay, task.cancel)
             try:
-                return await manager.aget_token(session)
+                return await call()
             finally:
                 handle.cancel()
         if kind == "wait_for":
-            inner = asyncio.ensure_future(manager.aget_token(session))
+            inner = asyncio.ensure_future(call())
             caller = self.world.caller()
             assert caller is not None
             self.world.task_callers[inner] = caller
@@ -387,29 +802,29 @@ class _Run:
                 self.world.task_callers.pop(inner, None)
         if kind == "asyncio_timeout":
             async with asyncio.timeout(delay):
-                return await manager.aget_token(session)
+                return await call()
         if kind == "anyio_scope_cancel":
             with anyio.CancelScope() as scope:
                 handle = asyncio.get_running_loop().call_later(delay, scope.cancel)
                 try:
-                    return await manager.aget_token(session)
+                    return await call()
                 finally:
                     handle.cancel()
             return None
         if kind == "anyio_move_on_after":
             with anyio.move_on_after(delay):
-                return await manager.aget_token(session)
+                return await call()
             return None
         if kind == "anyio_fail_after":
             with anyio.fail_after(delay):
-                return await manager.aget_token(session)
+                return await call()
         if kind == "trio_move_on_after":
             with trio.move_on_after(delay):
-                return await manager.aget_token(session)
+                return await call()
             return None
         if kind == "trio_fail_after":
             with trio.fail_after(delay):
-                return await manager.aget_token(session)
+                return await call()
         raise AssertionError(kind)
 
     # -- world events -------------------------------------------------------------------------------
@@ -417,32 +832,40 @@ class _Run:
         w = self.world
         gid, tokens = w.provider.login(subject, self.plan.initial.get(session, (subject, 10.0))[1] + 20.0)
         w.log(f"{caller.name}: login {session} as {subject} (g{gid})")
+        manager = self.managers[caller.process]
+        if manager is None:
+            return
         epoch = w.begin_session_change(session, gid, caller.process)
         token = APP_OP.set("login")
         try:
-            await self.managers[caller.process].astore(session, tokens)
+            await manager.astore(session, tokens)
         except UpstreamAuthError as exc:
             w.log(f"{caller.name}: login failed: {type(exc).__name__}")
             w.end_session_change(session, epoch, applied=False)
             return
         finally:
-            APP_OP.reset(token)
+            with contextlib.suppress(ValueError):  # a pending task finalized after its loop closed
+                APP_OP.reset(token)
         w.end_session_change(session, epoch)
         w.log(f"{caller.name}: login {session} done")
 
     async def _logout(self, caller: Caller, session: str) -> None:
         w = self.world
+        manager = self.managers[caller.process]
+        if manager is None:
+            return
         w.log(f"{caller.name}: logout {session}")
         epoch = w.begin_session_change(session, None, caller.process)
         token = APP_OP.set("logout")
         try:
-            await self.managers[caller.process].adelete(session)
+            await manager.adelete(session)
         except UpstreamAuthError as exc:
             w.log(f"{caller.name}: logout failed: {type(exc).__name__}")
             w.end_session_change(session, epoch, applied=False)
             return
         finally:
-            APP_OP.reset(token)
+            with contextlib.suppress(ValueError):  # a pending task finalized after its loop closed
+                APP_OP.reset(token)
         w.end_session_change(session, epoch)
         w.log(f"{caller.name}: logout {session} done")
 
@@ -457,6 +880,23 @@ class _Run:
             await self._logout(caller, ev.session)
             await anyio.sleep(ev.amount)
             await self._login(caller, ev.session, ev.subject)
+        elif ev.kind == "outage":
+            for _ in range(120):
+                if any(r.fate == "pending" for r in w.provider.redemptions):
+                    break
+                await anyio.sleep(0.25)
+            start = w.now() + w.rng.uniform(0.0, 0.5) * self.plan.refresh_timeout
+            w.outages.append((start, start + ev.amount))
+            w.log(f"world: the store will be down from {start:.3f} to {start + ev.amount:.3f}")
+        elif ev.kind == "close":
+            await self._close(ev.process)
+        elif ev.kind == "churn":
+            await self._churn(caller, ev.process, ev.session)
+        elif ev.kind == "api-revoke":
+            entry = w.store.entries.get(EntryKey(PROVIDER_ID, ev.session))
+            if entry is not None:
+                w.store.api_revoked.add(entry.access_token)
+                w.log(f"world: the API revokes {entry.access_token} ({ev.session}); its refresh token stays valid")
         elif ev.kind == "jump":
             w.wall_offset += ev.amount
             w.log(f"world: wall clock jumps {ev.amount:+.0f}s")
@@ -483,6 +923,76 @@ class _Run:
             for cancel in proc.cancellers:
                 cancel()
 
+    async def _close(self, pid: int) -> None:
+        """The application shuts the process's manager down (``aclose``), once one of its refresh answers
+        is in flight if that happens within 30 s."""
+        w = self.world
+        for _ in range(120):
+            if any(r.process == pid and r.fate == "pending" for r in w.provider.redemptions):
+                break
+            await anyio.sleep(0.25)
+        proc, manager = w.processes[pid], self.managers[pid]
+        if manager is None or proc.crashed or proc.closed_at is not None:
+            return
+        running = [r.rid for r in w.provider.redemptions if r.process == pid and r.fate == "pending"]
+        w.log(f"world: the app closes p{pid}'s manager (aclose); answers in flight: {running}")
+        proc.closed_at = w.now()
+        if running:
+            w.count("close-with-answer-in-flight")
+        try:
+            await manager.aclose()
+        except Exception as exc:
+            w.violate("untyped-error", f"p{pid}: aclose raised {type(exc).__name__}: {exc}")
+        w.log(f"world: p{pid}'s manager closed")
+
+    async def _churn(self, caller: Caller, pid: int, session: str) -> None:
+        """A manager made for a while on the process's storage, then dropped without close (item 12)."""
+        w = self.world
+        storage, refresher = self.storages[pid], self.refreshers[pid]
+        if storage is None or refresher is None or w.processes[pid].crashed or storage.closed:
+            return
+        own = SimRefresher(w, w.processes[pid])  # the same provider client, as far as the world can tell
+        own.worker = f"p{pid}-m{len(self.dropped) + 1}"
+        manager = self._manager(storage, own)
+        self.dropped.append(weakref.ref(manager))
+        w.log(f"{caller.name}: a short-lived manager on p{pid} reads {session}")
+        started = w.now()
+        try:
+            tokens = await manager.aget_token(session)
+        except UpstreamAuthError as exc:
+            w.log(f"{caller.name}: -> {type(exc).__name__}")
+        else:
+            w.check_use(caller, session, started, tokens)
+        del manager  # dropped without close()
+
+    async def _fork(self, child: int, at: float, parent: int, during: bool) -> None:
+        """fork() of process ``parent`` at ``at`` (``during``: once a refresh answer of its is in flight)."""
+        w = self.world
+        try:
+            await anyio.sleep(at)
+            if during:
+                for _ in range(120):
+                    if any(r.process == parent and r.fate == "pending" for r in w.provider.redemptions):
+                        break
+                    await anyio.sleep(0.25)
+            proc, manager = w.processes[parent], self.managers[parent]
+            storage = self.storages[parent]
+            if manager is None or storage is None or proc.crashed or proc.closed_at is not None:
+                w.log(f"world: p{parent} cannot fork p{child} (gone)")
+                return
+            kid = w.processes[child]
+            copy_storage = SimStorage(w, kid)
+            copy_storage.origin, copy_storage.listens = storage.origin, False
+            refresher = SimRefresher(w, kid)
+            self.storages[child], self.refreshers[child] = copy_storage, refresher
+            self.managers[child] = fork_manager(manager, copy_storage, refresher)
+            running = [r.rid for r in w.provider.redemptions if r.process == parent and r.fate == "pending"]
+            if running:
+                w.count("fork-during-job")
+            w.log(f"world: p{parent} FORKS p{child} (its answers in flight: {running})")
+        finally:
+            self.forked[child].set()
+
     # -- the schedule -----------------------------------------------------------------------------------
     async def main(self) -> None:
         """Initial logins, then every caller and event, then settle and check what is left behind."""
@@ -490,6 +1000,18 @@ class _Run:
         self.all_done = anyio.Event()
         app = Caller("app", 0, "plain")
         self._register(app)
+        # Every session p0 knew before its crowd walk can have its change-notice digest pushed out.
+        w.crowd_early = {"e0", *plan.sessions} if plan.ext.crowd else set()
+        for session, subject, life, ago in plan.ext.crowd:
+            gid, tokens = w.provider.login(subject, life, ago)
+            epoch = w.begin_session_change(session, gid)
+            w.store.seed_entry(
+                EntryKey(PROVIDER_ID, session),
+                attrs.evolve(tokens, provider_id=PROVIDER_ID, version=int(self.clock.time() * 1_000_000)),
+            )
+            w.end_session_change(session, epoch)
+        for child in plan.ext.forks:
+            self.forked[child] = anyio.Event()
         for session, (subject, life) in plan.initial.items():
             for _ in range(10):
                 gid, tokens = w.provider.login(subject, life)
@@ -509,13 +1031,30 @@ class _Run:
             caller = Caller(f"c{i}/p{cp.process}", cp.process, cp.kind)
             self._start(caller, lambda caller=caller, cp=cp: self._caller(caller, cp))  # type: ignore[misc]
         for i, ev in enumerate(plan.events):
-            pid = ev.process if ev.kind in ("logout", "login", "relogin") else -1
+            pid = ev.process if ev.kind in ("logout", "login", "relogin", "churn") else -1
             caller = Caller(f"e{i}/{ev.kind}", max(pid, 0), "plain")
             if pid < 0:
                 self.pending += 1
                 self.spawn(lambda caller=caller, ev=ev: self._world_event(caller, ev))  # type: ignore[misc]
             else:
                 self._start(caller, lambda caller=caller, ev=ev: self._event(caller, ev))  # type: ignore[misc]
+        for child, (at, parent, during) in plan.ext.forks.items():
+            self.pending += 1
+            self.spawn(lambda child=child, at=at, parent=parent, during=during: self._fork_task(child, at, parent, during))  # type: ignore[misc]
+        if plan.ext.loop_end is not None:
+            # The application closes its event loop at some moment, with no regard for the manager's jobs.
+            with anyio.move_on_after(plan.ext.loop_end):
+                await self.all_done.wait()
+            for _ in range(80):
+                if any(r.fate == "pending" for r in w.provider.redemptions):
+                    break
+                await anyio.sleep(0.25)
+            running = [r.rid for r in w.provider.redemptions if r.fate == "pending"]
+            w.log(f"world: the application closes its event loop (answers in flight: {running})")
+            w.tearing_down = True
+            end = w.now()
+            self.final = lambda: end
+            return
         if self.pending:
             with anyio.move_on_after(self.hang_after * 4):
                 await self.all_done.wait()
@@ -524,6 +1063,16 @@ class _Run:
             w.violate("hang", f"callers never finished: {stuck}")
         await self._settle()
         w.tearing_down = True
+        end = w.now()
+        self.final = lambda: end
+
+    async def _fork_task(self, child: int, at: float, parent: int, during: bool) -> None:
+        try:
+            await self._fork(child, at, parent, during)
+        finally:
+            self.pending -= 1
+            if self.pending == 0 and self.all_done is not None:
+                self.all_done.set()
 
     async def _world_event(self, caller: Caller, ev: EventPlan) -> None:
         self._register(caller)
@@ -544,6 +1093,7 @@ class _Run:
                 break
             await anyio.sleep(1.0)
             waited += 1.0
+        self.settled = not left
         if left:
             w.violate("tasks-left", f"{len(left)} task(s) still running {limit:.0f}s after the last caller: {left}")
         now = w.store.lease_clock()
@@ -579,12 +1129,91 @@ class _Run:
             ]
         return sorted(str(n) for n in names)
 
+    # -- after the run -----------------------------------------------------------------------------------
+    def after(self) -> None:
+        """Checks of what the run left behind: fail-closed attempts, tables within bounds, no leaks."""
+        w = self.world
+        w.set_now(self.final)  # the runtime has ended: its clock cannot be read any more
+        try:
+            for red in w.provider.redemptions:
+                self._check_fail_closed(red)
+            for pid, manager in enumerate(self.managers):
+                if manager is not None and not w.processes[pid].crashed:
+                    check_manager_tables(w, pid, manager, self.settled)
+            if self.loop is not None:
+                leaked = task_jobs_of(self.loop)
+                if leaked:
+                    w.violate(
+                        "task-job-leak",
+                        f"{leaked} refresh job task(s) of an event loop that was closed stay referenced for good",
+                    )
+                self._finalize_pending()
+            if self.dropped and self.loop is None:  # a closed loop's pending tasks (ours too) hold their frames
+                gc.collect()
+                leaked = sum(ref() is not None for ref in self.dropped)
+                if leaked:
+                    w.violate("manager-leak", f"{leaked} of {len(self.dropped)} managers dropped without close() live on")
+            for pid, storage in enumerate(self.storages):
+                if storage is None:
+                    continue
+                manager = self.managers[pid]
+                live = int(manager is not None and w.processes[pid].closed_at is None)
+                held = storage_subscribers(storage)
+                if held > live:
+                    w.violate(
+                        "subscriber-leak",
+                        f"p{pid}'s storage still calls {held} subscribers for {live} live manager(s): managers dropped "
+                        "without close() stay referenced (and keep their tables)",
+                    )
+        finally:
+            if w.store.real is not None:
+                w.store.real.close()
+                for suffix in ("", "-wal", "-shm"):
+                    with contextlib.suppress(OSError):
+                        os.unlink(f"{self.real_path}{suffix}")
+
+    def _finalize_pending(self) -> None:
+        """Collect the coroutines the closed loop left pending, now, with their finalizers' errors counted
+        (a ``ContextVar.reset`` in a ``finally`` fails outside the task's context), not printed later in
+        another schedule (or turned into a test failure by pytest's unraisable-exception check)."""
+        w = self.world
+        previous = sys.unraisablehook
+
+        def hook(unraisable: Any) -> None:
+            w.count(f"finalizer-error:{type(unraisable.exc_value).__name__}")
+
+        sys.unraisablehook = hook
+        try:
+            gc.collect()
+        finally:
+            sys.unraisablehook = previous
+
+    def _check_fail_closed(self, red: Redemption) -> None:
+        """A rotated answer that reached a live process was saved, lost its compare-and-set to someone else's
+        write, or the entry it came from was (attempted to be) removed on an open store."""
+        w = self.world
+        if red.kind != "rotated" or w.processes[red.process].crashed or red.fate in ("pending", "lost-crash"):
+            return
+        if "applied" in red.saves or "cas-lost" in red.saves or red.delete_attempts or red.rt in w.store.replaced:
+            return  # saved, or someone else's write replaced the entry, or the fail-closed delete was tried
+        closed = w.processes[red.process].closed_at is not None
+        w.violate(
+            "item4:no-fail-closed-attempt" if closed else
+            f"gateway-answer-after-redeem:no-fail-closed-attempt" if red.fate.startswith("gateway-") else
+            "no-fail-closed-attempt",
+            f"r{red.rid} of p{red.process} ({red.rt} of {red.session} v{red.version}, fate {red.fate}): the rotated "
+            f"tokens were not saved and no fail-closed delete reached an open store (saves {red.saves}, "
+            f"deletes {red.deletes})",
+        )
+
     # -- runtimes ---------------------------------------------------------------------------------------
     def run(self) -> None:
         """Run the schedule on its runtime."""
         if self.plan.backend == "trio":
             self.world.set_now(trio.current_time)
             run_trio(self._trio_main, self.plan.seed)
+        elif self.plan.ext.loop_end is not None:
+            self.loop = run_asyncio_then_close(self._asyncio_main, self._asyncio_error)
         else:
             run_asyncio(self._asyncio_main, self._asyncio_error)
 
@@ -638,6 +1267,18 @@ def _classify_reuse(world: World, rid: int) -> str:
     if sender.crashed_at is not None and sender.crashed_at >= first.at and not saved:
         return "excused:crash-after-send"
     fate = second.first_fate_then
+    if sender.closed_at is not None and not saved and (
+        fate == "lost-closed" or "closed" in first.saves or "closed" in first.deletes or sender.closed_at >= first.at
+    ):
+        return "item4:closed-under-job"
+    deletes = second.first_deletes_then
+    if fate in ("may-have-rotated", "binding-mismatch", "lost-cancel:internal") or fate.startswith("gateway-"):
+        if deletes and all(d.startswith("error") for d in deletes) and second.worker != first.worker:
+            # A lost or unusable answer, and the store refused every fail-closed delete (an outage longer than
+            # refresh_timeout): the same limit as a refused save below.
+            return "excused:store-down-after-rotation"
+    if fate.startswith("gateway-"):
+        return f"gateway-answer-after-redeem:{fate}"
     if fate == "pending":
         slow = second.first_age_then > world.refresh_timeout
         return "concurrent-redemption" + (":first-still-at-provider-after-refresh_timeout" if slow else "")
@@ -664,7 +1305,8 @@ def _classify_reuse(world: World, rid: int) -> str:
                 return "bug5:timeout-during-save"
             return "scope-cancel-during-save"
     if any(s.startswith("error") for s in first.saves):
-        if "applied" not in first.deletes and second.process != first.process:
+        # The deletes made before the reuse (a logout applied after it could not have prevented it).
+        if "applied" not in second.first_deletes_then and second.worker != first.worker:
             return "excused:store-down-after-rotation"
         return "save-error-kept-entry"
     return "delivered-never-saved"
@@ -679,6 +1321,7 @@ def run_schedule(seed: int, mutant: str = "") -> Result:
     error = None
     try:
         run.run()
+        run.after()
     except BaseException as exc:  # the simulation itself failed: report it with the seed
         if isinstance(exc, KeyboardInterrupt):
             raise

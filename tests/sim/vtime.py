@@ -19,7 +19,7 @@ from typing import Any
 import trio
 import trio.testing
 
-__all__ = ["SimDeadlock", "VirtualEventLoop", "run_asyncio", "run_trio"]
+__all__ = ["SimDeadlock", "VirtualEventLoop", "run_asyncio", "run_asyncio_then_close", "run_trio"]
 
 
 class SimDeadlock(RuntimeError):
@@ -89,6 +89,21 @@ def run_asyncio(
     with asyncio.Runner(loop_factory=VirtualEventLoop) as runner:
         runner.get_loop().set_exception_handler(on_error)
         runner.run(main())
+
+
+def run_asyncio_then_close(
+    main: Callable[[], Coroutine[Any, Any, None]],
+    on_error: Callable[[asyncio.AbstractEventLoop, dict[str, Any]], None],
+) -> asyncio.AbstractEventLoop:
+    """Run ``main()`` on a fresh :class:`VirtualEventLoop`, then close the loop as an application may:
+    without cancelling or finishing the tasks still pending (the manager's jobs among them)."""
+    loop = VirtualEventLoop()
+    loop.set_exception_handler(on_error)
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+    return loop
 
 
 def _deadlock_detecting_clock() -> trio.testing.MockClock:

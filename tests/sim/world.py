@@ -26,12 +26,14 @@ from typing import Any
 
 import anyio
 import attrs
+import httpx
 import trio
 
 from httpx_upstream_auth import (
     BindingMismatch,
     Clock,
     EntryKey,
+    OAuth2Refresher,
     ReauthenticationRequired,
     Refresher,
     RefreshFailed,
@@ -118,6 +120,15 @@ class Redemption:
     first_saved_then: bool = False
     #: For a reuse: how long ago the first redemption was sent.
     first_age_then: float = 0.0
+    #: For a reuse: what became of the first redemption's fail-closed deletes by then.
+    first_deletes_then: list[str] = field(default_factory=list)
+    #: The manager that redeemed it (``p<pid>``, or a second manager of that process).
+    worker: str = ""
+    #: The session and the entry version the refresh token was redeemed from.
+    session: str = ""
+    version: int = -1
+    #: Fail-closed deletes of that entry (expected_version == version) that reached an open store.
+    delete_attempts: int = 0
 
 
 @dataclass
@@ -139,6 +150,10 @@ class Process:
 
     pid: int
     crashed_at: float | None = None
+    #: When the application closed the process's manager (``aclose``), if it did.
+    closed_at: float | None = None
+    #: For a forked child: its parent's pid and the fork time.
+    parent: int | None = None
     callers: list[Caller] = field(default_factory=list)
     #: Native handles of the process's running tasks, cancelled when it crashes.
     cancellers: list[Callable[[], None]] = field(default_factory=list)
@@ -179,6 +194,21 @@ class Knobs:
     p_lost: float = 0.0
     p_rotate: float = 1.0
     life: tuple[float, float] = (10.0, 60.0)
+    #: Store outages: (start, end) in virtual seconds; every operation fails before applying meanwhile.
+    outages: tuple[tuple[float, float], ...] = ()
+    #: Store stalls: (start, end) windows during which each delay of an operation is ``stall_delay`` x U(0.5, 1.5).
+    stalls: tuple[tuple[float, float], ...] = ()
+    stall_delay: float = 0.0
+    #: The longest a job may legitimately hold a lease (seconds; 0: not checked), see ``SharedStore.renew``.
+    lease_hold_bound: float = 0.0
+    #: A gateway answer (502/504/HTML) after the provider redeemed (read by the real answer parser).
+    p_gateway: float = 0.0
+    #: An answer with "expires_in": 0 (a token born expired).
+    p_zero_life: float = 0.0
+    #: Partial rotation: each redemption rotates with this chance (0: per grant, as ``p_rotate`` says).
+    p_partial_rotation: float = 0.0
+    #: The API's transient 401 (a valid token refused once).
+    p_api_401: float = 0.0
     #: A deliberate defect of the simulated store, to show the checks catch what it breaks:
     #: ``cas-ignores-version`` (every put succeeds) or ``lease-always-free`` (every acquire succeeds).
     mutant: str = ""
@@ -204,6 +234,10 @@ class World:
         self.frozen: dict[Any, int] = {}
         self.tearing_down = False
         self.stats: dict[str, int] = {}
+        #: Store outages: the planned ones, and those that world events start while the schedule runs.
+        self.outages: list[tuple[float, float]] = list(knobs.outages)
+        #: Early sessions of a crowd beyond cache_size (violations on them are named item 1).
+        self.crowd_early: set[str] = set()
         #: The managers' refresh_timeout (used to name the cause of a concurrent redemption).
         self.refresh_timeout = float("inf")
 
@@ -288,23 +322,59 @@ class World:
             if other is not epoch and other.end == float("inf") and other.done < epoch.start:
                 other.end = self.now()
 
+    def use_category(self, server: int, changers: list[int], session: str, kind: str, gid: int | None = None) -> str:
+        """Name what led to serving an older generation: a forked process on either side (items 2 and 3),
+        an early session of a crowd beyond cache_size (item 1), or nothing the extensions model.
+        ``changers`` are the processes whose changes the server should have heard (with ``gid``, also those
+        of every change of the session since the served grant was last set)."""
+        if gid is not None:
+            epochs = self.epochs.get(session, [])
+            last = max((i for i, e in enumerate(epochs) if e.gid == gid), default=-1)
+            changers = [*changers, *(e.pid for e in epochs[last + 1 :])]
+        if self.processes[server].closed_at is not None:
+            # The application kept using a manager it had closed: its cache no longer hears change notices.
+            return f"used-after-close:{kind}"
+        if any(self.processes[p].parent is not None for p in (server, *changers)):
+            return f"item2:fork:{kind}"
+        if session in self.crowd_early and server == 0:  # the crowd walker runs in p0
+            return f"item1:crowd:{kind}"
+        return kind
+
     def check_use(self, caller: Caller, session: str, started: float, tokens: UpstreamTokens) -> None:
         """The caller sends ``tokens`` to the API now: they must be the session's grant at some moment of
         the call, name its subject, and be a token the provider issued."""
-        minted = self.provider.access.get(tokens.access_token)
+        self.check_sent(caller, session, started, tokens.access_token, tokens.upstream_subject)
+
+    def check_sent(
+        self, caller: Caller, session: str, started: float, access_token: str, subject: str | None
+    ) -> None:
+        """An access token for ``session`` reaches the API now (``subject``: the label it came with)."""
+        minted = self.provider.access.get(access_token)
         if minted is None:
             self.violate("unknown-token", f"{caller.name} got an access token the provider never issued")
             return
         gid = minted
         grant = self.provider.grants[gid]
-        if tokens.upstream_subject != grant.subject:
+        if subject is not None and subject != grant.subject:
             self.violate(
                 "wrong-identity-served",
-                f"{caller.name} got a token of grant g{gid} ({grant.subject}) labelled {tokens.upstream_subject}",
+                f"{caller.name} got a token of grant g{gid} ({grant.subject}) labelled {subject}",
             )
         ended = self.now()
         ok = [e for e in self.epochs.get(session, []) if e.start <= ended and e.end >= started]
         if any(e.gid == gid for e in ok):
+            if not any(e.gid == gid and e.end >= ended - 1e-9 for e in ok):
+                # Its grant was the session's at some moment of the call, but a logout or login that began
+                # after it had completed (and its change notice was delivered: notices are synchronous in
+                # the simulation) before the call returned: the caller got an older login generation.
+                later = [e for e in ok if e.gid != gid and e.done <= ended]
+                self.violate(
+                    self.use_category(caller.process, [e.pid for e in later], session, "stale-generation-served", gid),
+                    f"{caller.name} ({session}) got g{gid} ({grant.subject}) at {ended:.4f}, after "
+                    f"{['-' if e.gid is None else f'g{e.gid}' for e in later]} (set by "
+                    f"{sorted({f'p{e.pid}' for e in later})}) had completed",
+                )
+                return
             self.count("uses-ok")
             return
         current = [e.gid for e in ok]
@@ -317,7 +387,7 @@ class World:
             kind = "replaced-session-served"
         changers = sorted({f"p{e.pid}" for e in ok if e.gid != gid})
         self.violate(
-            kind,
+            self.use_category(caller.process, [e.pid for e in ok if e.gid != gid], session, kind, gid),
             f"{caller.name} ({session}) was served grant g{gid} ({grant.subject}) during [{started:.4f}, "
             f"{ended:.4f}] while the session's grant was {['-' if g is None else f'g{g}' for g in current]} "
             f"(set by {', '.join(changers)})",
@@ -343,7 +413,7 @@ class Provider:
         #: How many refresh requests each (process, refresh token) started, whether or not they arrived.
         self.attempts: Counter[tuple[int, str]] = Counter()
 
-    def login(self, subject: str, life: float) -> tuple[int, UpstreamTokens]:
+    def login(self, subject: str, life: float, issued_ago: float = 1.0) -> tuple[int, UpstreamTokens]:
         """A new grant for ``subject`` and its first tokens (what the login flow hands the app)."""
         gid = len(self.grants) + 1
         rotates = self.world.rng.random() < self.world.knobs.p_rotate
@@ -357,7 +427,7 @@ class Provider:
             access_token=access,
             refresh_token=grant.current_rt,
             expires_at=wall + life,
-            issued_at=wall - 1.0,
+            issued_at=wall - issued_ago,
             user_id=subject,
             upstream_subject=subject,
             client_id="sim-client",
@@ -380,6 +450,7 @@ class Provider:
             red.kind, red.first, red.first_fate_then = "reuse", first.rid, first.fate
             red.first_saved_then = "applied" in first.saves
             red.first_age_then = w.now() - first.at
+            red.first_deletes_then = list(first.deletes)
             w.log(f"provider: p{process} presented CONSUMED {rt} (r{first.rid}, fate {first.fate}) -> revoke g{gid}")
             w.violate(
                 "reuse",
@@ -395,7 +466,8 @@ class Provider:
         red.new_at = f"at{gid}.{grant.generation}"
         self.access[red.new_at] = gid
         self.access_redemption[red.new_at] = rid
-        if grant.rotates:
+        partial = self.world.knobs.p_partial_rotation
+        if grant.rotates if not partial else self.world.rng.random() < partial:
             red.kind, red.successor = "rotated", f"rt{gid}.{grant.generation}"
             self.consumed[rt] = rid
             self.rt_grant[red.successor] = gid
@@ -445,6 +517,20 @@ class SharedStore:
         #: Leases whose holder tried to give them back (a release that failed leaves them to expire).
         self.release_tried: list[str] = []
         self._owners = 0
+        #: lease owner -> when it was taken (lease clock); owners already reported as held too long
+        self.taken_at: dict[str, float] = {}
+        self.overheld: set[str] = set()
+        #: A real storage (SQLiteStorage on a temp file) that decides every entry operation; the model
+        #: above mirrors it and checks what it did. Leases and change notices stay simulated.
+        self.real: Storage | None = None
+        #: Every delete the managers asked for: (pid, session, expected_version, at, what became of it).
+        self.delete_log: list[tuple[int, str, int | None, float, str]] = []
+        #: Access tokens the API stopped accepting (revoked at the API, the refresh token still valid).
+        self.api_revoked: set[str] = set()
+        #: Refresh tokens an entry held and lost (overwritten or deleted, by anyone).
+        self.replaced: set[str] = set()
+        #: refresh token -> the session whose entry held it
+        self.rt_session: dict[str, str] = {}
 
     def wall(self) -> float:
         """The store's wall clock (the same as the processes')."""
@@ -456,14 +542,35 @@ class SharedStore:
 
     # -- apply steps (atomic) ---------------------------------------------------------------------------
     def get(self, key: EntryKey) -> UpstreamTokens | None:
-        """Read an entry."""
+        """Read an entry (from the real storage when there is one; the model must agree)."""
+        if self.real is not None:
+            found = self.real.get(key)
+            model = self.entries.get(key)
+            if (None if found is None else (found.version, found.refresh_token)) != (
+                None if model is None else (model.version, model.refresh_token)
+            ):
+                self.world.violate("store-diverged", f"real store holds {found} where the model has {model}")
+            return found
         return self.entries.get(key)
 
-    def put(self, pid: int, key: EntryKey, tokens: UpstreamTokens, expected: int | None) -> bool:
+    def seed_entry(self, key: EntryKey, tokens: UpstreamTokens) -> None:
+        """An application login written straight into the store (no manager involved)."""
+        self.entries[key] = tokens
+        self.rt_session[tokens.refresh_token or ""] = key.session_id
+        if self.real is not None:
+            self.real.put(key, tokens, expected_version=None)
+
+    def put(
+        self, pid: int, key: EntryKey, tokens: UpstreamTokens, expected: int | None, writer: SimStorage | None = None
+    ) -> bool:
         """Compare-and-set on version; checks that a refresh result replaces exactly what it redeemed."""
         w = self.world
         current = self.entries.get(key)
-        if (None if current is None else current.version) != expected and w.knobs.mutant != "cas-ignores-version":
+        if self.real is not None:
+            refused = not self.real.put(key, tokens, expected_version=expected)
+        else:
+            refused = (None if current is None else current.version) != expected
+        if refused and w.knobs.mutant != "cas-ignores-version":
             self._note_save(tokens, "cas-lost")
             w.log(f"store: p{pid} put {tokens.refresh_token} v{tokens.version} over v{expected}: CAS LOST")
             return False
@@ -495,19 +602,29 @@ class SharedStore:
             and rid is None
         ):
             w.violate("live-token-discarded", f"p{pid} overwrote live {current.refresh_token} without a login")
+        if current is not None and current.refresh_token != tokens.refresh_token:
+            self.replaced.add(current.refresh_token or "")
         self.entries[key] = tokens
+        self.rt_session[tokens.refresh_token or ""] = key.session_id
         self._note_save(tokens, "applied")
         w.log(f"store: p{pid} put {tokens.refresh_token} ({tokens.access_token}) v{tokens.version} ok [{op or 'mgr'}]")
-        self._changed(key, tokens.version)
+        self._changed(key, tokens.version, writer)
         return True
 
-    def delete(self, pid: int, key: EntryKey, expected: int | None) -> bool:
+    def delete(self, pid: int, key: EntryKey, expected: int | None, writer: SimStorage | None = None) -> bool:
         """Delete (conditionally on version when ``expected`` is given)."""
         w = self.world
         current = self.entries.get(key)
-        if current is None or (expected is not None and current.version != expected):
+        if self.real is not None:
+            refused = not self.real.delete(key, expected_version=expected)
+        else:
+            refused = current is None or (expected is not None and current.version != expected)
+        if refused:
             w.log(f"store: p{pid} delete v{expected}: nothing to delete")
             return False
+        if current is None:
+            w.violate("store-diverged", f"p{pid}: the real store deleted an entry the model does not have")
+            return True
         op = APP_OP.get()
         consumed_by = w.provider.consumed.get(current.refresh_token or "")
         if consumed_by is not None:
@@ -521,14 +638,15 @@ class SharedStore:
             for red in w.provider.redemptions
         )
         failed_closed = attempted > delivered
-        if op != "logout" and self._is_live_rotated(current) and not failed_closed:
+        if op != "logout" and self._is_live(current) and not failed_closed:
             w.violate(
                 "live-token-discarded",
                 f"p{pid} deleted the entry holding {current.refresh_token}, a refresh token the provider still honours",
             )
         del self.entries[key]
+        self.replaced.add(current.refresh_token or "")
         w.log(f"store: p{pid} delete {current.refresh_token} v{current.version} ok [{op or 'mgr'}]")
-        self._changed(key, None)
+        self._changed(key, None, writer)
         return True
 
     def acquire(self, pid: int, key: EntryKey, ttl: float) -> Lease | None:
@@ -541,6 +659,7 @@ class SharedStore:
         self._owners += 1
         lease = Lease(key, f"p{pid}-l{self._owners}", ttl)
         self.leases[key] = (lease.owner, now + ttl, pid)
+        self.taken_at[lease.owner] = now
         self.world.log(f"store: p{pid} lease {lease.owner} taken for {ttl}s")
         return lease
 
@@ -560,6 +679,20 @@ class SharedStore:
             return False
         self.leases[lease.key] = (lease.owner, now + lease.ttl, pid)
         self.world.log(f"store: p{pid} lease {lease.owner} renewed for {lease.ttl}s")
+        k, taken = self.world.knobs, self.taken_at.get(lease.owner, now)
+        if (
+            k.lease_hold_bound
+            and now + lease.ttl - taken > k.lease_hold_bound
+            and lease.owner not in self.overheld
+            and not any(start < now and end > taken for start, end in k.stalls)
+        ):
+            self.overheld.add(lease.owner)
+            self.world.violate(
+                "lease-held-too-long",
+                f"p{pid} renewed lease {lease.owner} to {now + lease.ttl - taken:.2f}s after taking it: a job may hold "
+                f"its lease for refresh_timeout (the request) and two more for saving or failing closed, "
+                f"{k.lease_hold_bound:.2f}s with store latencies and the ttl",
+            )
         return True
 
     def version(self, key: EntryKey) -> int | None:
@@ -568,6 +701,14 @@ class SharedStore:
         return None if entry is None else entry.version
 
     # -- helpers --------------------------------------------------------------------------------------
+    def _is_live(self, tokens: UpstreamTokens) -> bool:
+        """The entry holds its grant's current refresh token (a login's or a rotated one) and the grant lives."""
+        gid = self.world.provider.rt_grant.get(tokens.refresh_token or "")
+        if gid is None:
+            return False
+        grant = self.world.provider.grants[gid]
+        return grant.revoked is None and grant.current_rt == tokens.refresh_token
+
     def _is_live_rotated(self, tokens: UpstreamTokens) -> bool:
         gid = self.world.provider.rt_grant.get(tokens.refresh_token or "")
         if gid is None:
@@ -580,12 +721,17 @@ class SharedStore:
         if rid is not None:
             self.world.provider.redemptions[rid].saves.append(result)
 
-    def _changed(self, key: EntryKey, version: int | None) -> None:
+    def _changed(self, key: EntryKey, version: int | None, writer: SimStorage | None = None) -> None:
         for watcher in self.watchers:
             if watcher.key == key and watcher.version != version:
                 watcher.event.set()
-        for proxy in self.proxies:
-            if not proxy.process.crashed:
+        # The writing storage object tells its own subscribers; the others hear it through the change feed,
+        # unless they do not listen (a forked child's feed did not survive the fork) or carry the writer's
+        # origin tag (the feed skips changes made by "themselves").
+        for proxy in list(self.proxies):
+            if proxy.process.crashed:
+                continue
+            if proxy is writer or (proxy.listens and (writer is None or proxy.origin != writer.origin)):
                 proxy.notify_change(key)
 
 
@@ -605,7 +751,24 @@ class SimStorage(Storage):
         super().__init__()
         self.world = world
         self.process = process
+        #: The tag the change feed skips (a real backend's ``_origin``): a forked child keeps its parent's.
+        self.origin = f"p{process.pid}"
+        #: False when this object's change feed is gone (a forked child: the parent's listener thread did
+        #: not survive the fork); it still tells its own subscribers of its own writes.
+        self.listens = True
+        #: Set by ``close``/``aclose``: every later operation fails (and is recorded as "closed").
+        self.closed = False
         world.store.proxies.append(self)
+
+    def close(self) -> None:
+        """The application closed this storage (through ``TokenManager.close``)."""
+        if not self.closed:
+            self.closed = True
+            self.world.log(f"store: p{self.process.pid} storage CLOSED ({self.world.where()})")
+
+    async def aclose(self) -> None:
+        """Async twin of :meth:`close`."""
+        self.close()
 
     # -- sync methods: same state, no delay (the simulation drives the async API) --------------------------
     def _sync_guard(self) -> None:
@@ -620,12 +783,12 @@ class SimStorage(Storage):
     def put(self, key: EntryKey, tokens: UpstreamTokens, *, expected_version: int | None) -> bool:
         """CAS at once."""
         self._sync_guard()
-        return self.world.store.put(self.process.pid, key, tokens, expected_version)
+        return self.world.store.put(self.process.pid, key, tokens, expected_version, self)
 
     def delete(self, key: EntryKey, *, expected_version: int | None = None) -> bool:
         """Delete at once."""
         self._sync_guard()
-        return self.world.store.delete(self.process.pid, key, expected_version)
+        return self.world.store.delete(self.process.pid, key, expected_version, self)
 
     def acquire_lease(self, key: EntryKey, ttl: float) -> Lease | None:
         """Take the shared lease at once."""
@@ -647,14 +810,21 @@ class SimStorage(Storage):
         w, proc, kind = self.world, self.process, self.world.knobs.storage
         if proc.crashed:
             await w.freeze(proc)
+        if self.closed:
+            w.log(f"store: p{proc.pid} {name} on a CLOSED storage ({w.where()})")
+            if on_lost is not None:
+                on_lost("closed")
+            raise StorageError(f"the {kind} storage of p{proc.pid} is closed")
         if kind == "memory":
             return apply()
         rng = w.rng
         fault = rng.random() < w.knobs.store_error
         before = fault and rng.random() < 0.5
+        if any(start <= w.now() < end for start, end in w.outages):
+            fault = before = True
         if kind == "redis":
             try:
-                await anyio.sleep(rng.uniform(0.0001, w.knobs.store_delay))
+                await anyio.sleep(self._delay(rng))
             except BaseException:
                 if on_lost is not None:
                     on_lost(f"cancel-pre:{w.cancel_cause()}")
@@ -668,7 +838,7 @@ class SimStorage(Storage):
             raise StorageError(f"simulated {kind} failure before {name}")
         result = apply()
         try:
-            delay = rng.uniform(0.0001, w.knobs.store_delay)
+            delay = self._delay(rng)
             if kind == "sqlite":
                 with anyio.CancelScope(shield=True):
                     await anyio.sleep(delay)
@@ -688,6 +858,13 @@ class SimStorage(Storage):
             raise StorageError(f"simulated {kind} timeout after {name} ran")
         return result
 
+    def _delay(self, rng: random.Random) -> float:
+        """One leg of an operation: up to ``store_delay``, or much longer while the store stalls."""
+        k, now = self.world.knobs, self.world.now()
+        if any(start <= now < end for start, end in k.stalls):
+            return k.stall_delay * rng.uniform(0.5, 1.5)
+        return rng.uniform(0.0001, k.store_delay)
+
     async def aget(self, key: EntryKey) -> UpstreamTokens | None:
         """Read, with the backend's delays and faults."""
         result: UpstreamTokens | None = await self._op("get", lambda: self.world.store.get(key))
@@ -700,7 +877,9 @@ class SimStorage(Storage):
         def lost(why: str) -> None:
             store._note_save(tokens, why)
 
-        result: bool = await self._op("put", lambda: store.put(self.process.pid, key, tokens, expected_version), lost)
+        result: bool = await self._op(
+            "put", lambda: store.put(self.process.pid, key, tokens, expected_version, self), lost
+        )
         return result
 
     async def adelete(self, key: EntryKey, *, expected_version: int | None = None) -> bool:
@@ -709,11 +888,25 @@ class SimStorage(Storage):
         current = store.get(key)
         consumed_by = None if current is None else self.world.provider.consumed.get(current.refresh_token or "")
 
+        pid, w = self.process.pid, self.world
+        outcome = ["applied-or-refused"]
+
         def lost(why: str) -> None:
+            outcome[0] = why
             if consumed_by is not None:
                 self.world.provider.redemptions[consumed_by].deletes.append(why)
 
-        result: bool = await self._op("delete", lambda: store.delete(self.process.pid, key, expected_version), lost)
+        if expected_version is not None and not self.closed and not self.process.crashed:
+            # A fail-closed delete reached an open store: count it for each redemption of that entry.
+            for red in w.provider.redemptions:
+                if red.process == pid and red.session == key.session_id and red.version == expected_version:
+                    red.delete_attempts += 1
+        try:
+            result: bool = await self._op(
+                "delete", lambda: store.delete(self.process.pid, key, expected_version, self), lost
+            )
+        finally:
+            store.delete_log.append((pid, key.session_id, expected_version, w.now(), outcome[0]))
         return result
 
     async def aacquire_lease(self, key: EntryKey, ttl: float) -> Lease | None:
@@ -776,6 +969,15 @@ class SimRefresher(Refresher):
     def __init__(self, world: World, process: Process) -> None:
         self.world = world
         self.process = process
+        #: Set by ``close()`` (``TokenManager.close``/``aclose``): its client is closed, nothing can be sent.
+        self.closed = False
+        #: Which manager redeems through it (a process may run several: each remembers its own consumed tokens).
+        self.worker = f"p{process.pid}"
+
+    def close(self) -> None:
+        """The manager closed the refresher's client: requests fail, and answers on the way are lost."""
+        self.closed = True
+        self.world.log(f"refresher: p{self.process.pid} client CLOSED ({self.world.where()})")
 
     def refresh(self, tokens: UpstreamTokens, clock: Clock) -> UpstreamTokens:
         """The simulation drives async callers only."""
@@ -788,6 +990,10 @@ class SimRefresher(Refresher):
         if proc.crashed:
             await w.freeze(proc)
         who = w.where()
+        if self.closed:
+            # httpx: "Cannot send a request, as the client has been closed." (a RuntimeError)
+            w.log(f"refresher: p{proc.pid} {who} cannot send: the client is closed")
+            raise RuntimeError("Cannot send a request, as the client has been closed.")
         w.log(f"refresher: p{proc.pid} {who} connecting to redeem {tokens.refresh_token} (v{tokens.version})")
         w.provider.attempts[(proc.pid, tokens.refresh_token or "")] += 1
         try:
@@ -808,6 +1014,9 @@ class SimRefresher(Refresher):
             raise RefreshFailed("simulated 503", retryable=True, status_code=503)
         sent_at = clock.time()
         red = w.provider.redeem(tokens.refresh_token, proc.pid)
+        red.version = tokens.version
+        red.worker = self.worker
+        red.session = w.store.rt_session.get(tokens.refresh_token or "", "")
         try:
             await anyio.sleep(latency)
         except BaseException:
@@ -817,6 +1026,21 @@ class SimRefresher(Refresher):
         if proc.crashed:
             red.fate = "lost-crash"
             await w.freeze(proc)
+        if self.closed:
+            # The client was closed under the request: the answer is lost (httpx raises a transport error).
+            red.fate = "lost-closed"
+            w.log(f"refresher: p{proc.pid} {who} r{red.rid} answer LOST: the client was closed meanwhile")
+            raise RefreshFailed("simulated: client closed while reading the answer", retryable=True, may_have_rotated=True)
+        if red.kind in ("rotated", "renewed") and rng.random() < k.p_gateway:
+            # A gateway in front of the token endpoint answers after the provider redeemed: the real parser
+            # decides what that means (today: a 5xx is "nothing was consumed").
+            status, body = rng.choice(
+                ((502, b"<html><body>502 Bad Gateway</body></html>"), (504, b"upstream timed out"),
+                 (503, b"<html>Service Unavailable</html>"), (200, b"<html>maintenance</html>"))
+            )
+            red.fate = f"gateway-{status}"
+            w.log(f"refresher: p{proc.pid} {who} r{red.rid} redeemed, but the gateway answers HTTP {status}")
+            raise await gateway_error(tokens, status, body, clock)
         if red.kind in ("reuse", "dead"):
             red.fate = "delivered"
             raise ReauthenticationRequired("simulated invalid_grant: the refresh token is dead")
@@ -830,9 +1054,9 @@ class SimRefresher(Refresher):
             w.log(f"refresher: p{proc.pid} {who} r{red.rid} answer unreadable -> RefreshFailed(may_have_rotated)")
             raise RefreshFailed("simulated unreadable answer", retryable=True, may_have_rotated=True)
         red.fate = "delivered"
-        w.log(f"refresher: p{proc.pid} {who} r{red.rid} answer delivered")
         assert red.new_at is not None
-        life = rng.uniform(*k.life)
+        life = 0.0 if rng.random() < k.p_zero_life else rng.uniform(*k.life)
+        w.log(f"refresher: p{proc.pid} {who} r{red.rid} answer delivered (expires_in {life:.0f})")
         return attrs.evolve(
             tokens,
             access_token=red.new_at,
@@ -842,6 +1066,20 @@ class SimRefresher(Refresher):
             refresh_expires_at=None if red.successor else tokens.refresh_expires_at,
             version=tokens.version + 1,
         )
+
+
+async def gateway_error(tokens: UpstreamTokens, status: int, body: bytes, clock: Clock) -> Exception:
+    """What the library's own ``OAuth2Refresher`` raises for a gateway's answer (sent through a mock
+    transport on the simulated loop): the public parser decides whether it may follow a redemption."""
+    client = httpx.AsyncClient(transport=httpx.MockTransport(lambda request: httpx.Response(status, content=body)))
+    refresher = OAuth2Refresher("https://token.sim/token", "sim-client", "sim-secret", async_client=client)
+    try:
+        await refresher.arefresh(tokens, clock)
+    except Exception as exc:
+        return exc
+    finally:
+        await client.aclose()
+    return RefreshFailed(f"simulated HTTP {status} parsed as tokens", retryable=True, may_have_rotated=True)
 
 
 def current_task_getter(backend: str) -> Callable[[], Any]:
