@@ -170,7 +170,8 @@ class TokenManager:
         if state.running():
             state.when_idle(self._close_resources)
         else:
-            await state.storage.aclose()
+            if not state.storage_in_use_elsewhere():
+                await state.storage.aclose()
             self._close_refresher()
 
     def _close_limit(self, timeout: float | None) -> float:
@@ -178,7 +179,10 @@ class TokenManager:
         return state.clock.monotonic() + (2 * state.refresh_timeout if timeout is None else timeout)
 
     def _close_resources(self) -> None:
-        self._state.storage.close()
+        # A storage shared with another manager that is still open (or still running a job) is left to
+        # that one to close.
+        if not self._state.storage_in_use_elsewhere():
+            self._state.storage.close()
         self._close_refresher()
 
     def _close_refresher(self) -> None:

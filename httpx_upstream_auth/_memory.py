@@ -17,9 +17,9 @@ __all__ = ["MemoryStorage"]
 class MemoryStorage(Storage):
     """Entries in this process's memory, dropped when the refresh token's life (or ``retention``) ends.
 
-    Fast and dependency-free, but lost on restart and not shared between processes: use
-    :class:`SQLiteStorage` or :class:`RedisStorage` for that. ``maxsize`` bounds the number of sessions
-    (least recently used go first).
+    Fast and dependency-free, but lost on restart and not shared between processes (a forked child
+    starts empty: its sessions log in again): use :class:`SQLiteStorage` or :class:`RedisStorage` for that.
+    ``maxsize`` bounds the number of sessions (least recently used go first).
     """
 
     blocking = False
@@ -61,9 +61,11 @@ class MemoryStorage(Storage):
 
 
 def _reset_in_child(storage: MemoryStorage) -> None:
-    # A forked child keeps a copy of the entries (it is a separate store from now on); only the lock,
-    # which a parent thread may have held at fork(), is replaced.
+    # A forked child starts with no entries: a copy would be a second store holding the same refresh
+    # tokens as the parent's, and both processes would redeem them (the provider revokes the grant at the
+    # second). Memory storage is one process's; its lock, which a parent thread may have held, is new too.
     storage._lock = threading.Lock()
+    storage._entries.clear()
 
 
 _forked: ForkRegistry[MemoryStorage] = ForkRegistry(_reset_in_child)

@@ -407,10 +407,10 @@ def _error_for(status_code: int, code: str | None) -> UpstreamAuthError:
             retryable=False,
             status_code=status_code,
         )
-    if status_code >= 500 and code is None:
+    if status_code >= 500 and code not in REGISTERED_ERRORS:
         # Not an OAuth error from the authorization server itself: a gateway in front of it (502, 504, an
-        # HTML page) may answer after the provider redeemed the token. Only the server's own error answer
-        # proves nothing was consumed.
+        # HTML page, a framework's JSON such as {"error": "Gateway Timeout"}) may answer after the provider
+        # redeemed the token. Only the server's own (registered) error code proves nothing was consumed.
         return RefreshFailed(
             f"the token endpoint answered HTTP {status_code} without an OAuth error (a gateway or proxy in front "
             "of the provider?); the provider may have rotated the refresh token meanwhile. Retry later.",
@@ -463,7 +463,9 @@ def slow_failure(status_code: int, seconds: float) -> RefreshFailed:
 
 
 def _dropped(status_code: int, why: str, advice: str, *, retryable: bool) -> RefreshFailed:
-    rotated = _is_success(status_code)
+    # A 5xx that could not be read cannot show it was the provider's own OAuth error: a gateway's may
+    # follow a redemption.
+    rotated = _is_success(status_code) or status_code >= 500
     return RefreshFailed(
         f"the token endpoint's answer (HTTP {status_code}) {why} and was dropped"
         + ("; it may have rotated the refresh token. " if rotated else "; stored tokens are unchanged. ")

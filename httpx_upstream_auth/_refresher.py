@@ -21,6 +21,7 @@ from ._oauth import (
     is_sendable_refresh_token,
     merge_response,
 )
+from ._storage import ForkRegistry
 from ._sync._http import send_refresh_request as sync_send
 
 __all__ = ["OAuth2Refresher", "Refresher"]
@@ -107,6 +108,7 @@ class OAuth2Refresher(Refresher):
         self._trust_env = trust_env
         self._lock = threading.Lock()
         self._ssl: ssl.SSLContext | None = None
+        _forked.add(self)
 
     def cannot_redeem_in(self, mode: str) -> str | None:
         """A refresher given only ``async_client`` cannot redeem in a worker thread, nor one given only
@@ -212,6 +214,13 @@ class OAuth2Refresher(Refresher):
                 answer = await async_send(client, request, self.max_response_bytes, self.timeout)
         return merge_response(tokens, answer.status_code, answer.body, sent_at, answer.retry_after)
 
+    def _reset_in_child(self) -> None:
+        # After fork(): a parent thread may have held the lock (loading the CA bundle), and the client this
+        # refresher made holds the parent's connection pool. Neither is used, nor closed, by the child.
+        self._lock = threading.Lock()
+        if self._owns_client:
+            self._client = None
+
     def close(self) -> None:
         """Close the sync client this refresher made (an injected client is the caller's to close)."""
         if not self._owns_client:
@@ -220,3 +229,6 @@ class OAuth2Refresher(Refresher):
             client, self._client = self._client, None
         if client is not None:
             client.close()
+
+
+_forked: ForkRegistry[OAuth2Refresher] = ForkRegistry(OAuth2Refresher._reset_in_child)

@@ -101,8 +101,6 @@ class _Presented:
     lost: bool
     #: Wall time after which no store can still hold the token (its refresh expiry, else the retention).
     until: float
-    #: True when the provider refused the token (the grant is dead): the entry stays for inspection.
-    refused: bool = False
 
 
 #: Every live manager state, so a forked child can start each one clean.
@@ -116,6 +114,19 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _at_exit() -> None:
+    # Before the interpreter waits for non-daemon threads (our refresh jobs): no job starts any more, and a
+    # job waiting for another process's lease stops, while one that sent its request saves or fails closed.
+    for state in list(_live):
+        state.closing = True
+
+
+# threading's own exit hook runs before non-daemon threads are joined (atexit runs after, too late).
+_register_atexit = getattr(threading, "_register_atexit", None)
+if _register_atexit is not None:
+    _register_atexit(_at_exit)
 
 
 class ManagerState:
@@ -181,6 +192,10 @@ class ManagerState:
         # hold the token any more. Never presented again from here, whatever the store says (it may be
         # down, or lag behind). A token whose answer was saved needs no memory: the store moved past it.
         self._consumed: dict[bytes, _Presented] = {}
+        # session id -> digest of its refresh token the provider called dead (invalid_grant): not presented
+        # again while the entry is kept for inspection. Forgetting one costs one more refused call, so the
+        # oldest go beyond cache_size; a logout or login of the session ends it.
+        self._refused: OrderedDict[str, bytes] = OrderedDict()
         # session id -> (access token the API refused right after a refresh, its expiry): refreshing
         # again on its account would not help. Ends when the API accepts it, or it expires.
         self._distrusted: dict[str, tuple[str, float | None]] = {}
@@ -235,9 +250,11 @@ class ManagerState:
         self._reads.clear()
         self._cache.clear()
         self._retry_at.clear()
-        # Tokens the parent's running jobs presented: the parent records their answers. Tokens whose answer
-        # was lost stay remembered here too.
-        self._consumed = {digest: entry for digest, entry in self._consumed.items() if entry.lost}
+        # Tokens the parent's running jobs presented: the parent records their outcome, and the child waits
+        # for the parent's lease in the store. A store whose lease lives in this process only cannot make
+        # the child wait: then the child never presents them either.
+        if type(self.storage).acquire_lease is not Storage.acquire_lease:
+            self._consumed = {digest: entry for digest, entry in self._consumed.items() if entry.lost}
         self._when_idle.clear()
 
     def footprint(self) -> Footprint:
@@ -249,7 +266,7 @@ class ManagerState:
             flights=len(self._flights),
             reads=len(self._reads),
             waiting=sum(flight.waiting for flight in list(self._flights.values())),
-            consumed=len(self._consumed),
+            consumed=len(self._consumed) + len(self._refused),
             distrusted=len(self._distrusted),
             backing_off=len(self._retry_at),
         )
@@ -294,6 +311,7 @@ class ManagerState:
             self._bump(key.session_id)
             self._retry_at.pop(key, None)
             self._distrusted.pop(key.session_id, None)
+            self._refused.pop(key.session_id, None)
 
     def remember(self, key: EntryKey, tokens: UpstreamTokens, epoch: int) -> None:
         """Cache ``tokens`` if no logout or login happened since ``epoch`` (an older version never
@@ -416,6 +434,13 @@ class ManagerState:
         with self._lock:
             return list(self._flights.values())
 
+    def storage_in_use_elsewhere(self) -> bool:
+        """True when another manager that is open, or still running a job, uses this manager's storage."""
+        for other in list(_live):
+            if other is not self and other.storage is self.storage and (not other.closing or other.running()):
+                return True
+        return False
+
     def when_idle(self, run: Callable[[], None]) -> bool:
         """Call ``run`` once no refresh job runs: now (returns True) or when the last one ends (False)."""
         with self._lock:
@@ -437,40 +462,52 @@ class ManagerState:
         with self._lock:
             self._consumed.pop(_digest(refresh_token), None)
 
-    def lose_consumed(self, tokens: UpstreamTokens, *, refused: bool = False) -> None:
-        """The answer for ``tokens.refresh_token`` was lost (or, ``refused``, the provider called the grant
-        dead), and the store may still hold it: remember it until no store can (its refresh expiry, else
-        the storage's retention from now)."""
+    def lose_consumed(self, tokens: UpstreamTokens) -> None:
+        """The answer for ``tokens.refresh_token`` was lost, and the store may still hold it: remember it
+        until no store can (its refresh expiry, else the storage's retention from now)."""
         assert tokens.refresh_token is not None
         now = self.clock.time()
         retention = getattr(self.storage, "retention", DEFAULT_RETENTION)
         until = tokens.refresh_expires_at if tokens.refresh_expires_at is not None else now + retention
         with self._lock:
-            self._consumed[_digest(tokens.refresh_token)] = _Presented(lost=True, until=until, refused=refused)
+            self._consumed[_digest(tokens.refresh_token)] = _Presented(lost=True, until=until)
             if len(self._consumed) > CONSUMED_MEMORY:
                 self._trim_consumed(now)
 
+    def refuse(self, key: EntryKey, refresh_token: str) -> None:
+        """The provider called ``refresh_token`` dead (invalid_grant): do not present it again for the session."""
+        digest = _digest(refresh_token)
+        with self._lock:
+            self._consumed.pop(digest, None)
+            self._refused.pop(key.session_id, None)
+            self._refused[key.session_id] = digest
+            while len(self._refused) > self._cache_size:
+                self._refused.popitem(last=False)
+
     def _trim_consumed(self, now: float) -> None:
         # Caller holds the lock. First what no store can hold any more; then, should lost answers outnumber
-        # the memory, the ones no store will hold soonest (each is also a session the user must log in to
-        # again, so this takes a store outage across a hundred thousand lost answers).
+        # the memory, the ones no store will hold soonest, down to nine tenths of it (so the sort is paid
+        # once per tenth, not per call). Each is also a session the user must log in to again: this takes a
+        # store outage across a hundred thousand lost answers.
         for digest in [d for d, entry in self._consumed.items() if entry.lost and entry.until <= now]:
             del self._consumed[digest]
-        excess = len(self._consumed) - CONSUMED_MEMORY
-        if excess > 0:
+        if len(self._consumed) > CONSUMED_MEMORY:
+            excess = len(self._consumed) - CONSUMED_MEMORY * 9 // 10
             lost = sorted((entry.until, digest) for digest, entry in self._consumed.items() if entry.lost)
             for _, digest in lost[:excess]:
                 del self._consumed[digest]
             logger.warning("forgot %d refresh tokens whose refresh answer was lost (memory full)", excess)
 
-    def is_consumed(self, refresh_token: str) -> bool:
-        """True when this process presented ``refresh_token`` and may not present it again."""
-        return _digest(refresh_token) in self._consumed
+    def is_consumed(self, key: EntryKey, refresh_token: str) -> bool:
+        """True when this process presented ``refresh_token`` and may not present it again (its answer is
+        pending or lost, or the provider called it dead)."""
+        digest = _digest(refresh_token)
+        return digest in self._consumed or self._refused.get(key.session_id) == digest
 
     def is_lost(self, refresh_token: str) -> bool:
         """True when ``refresh_token``'s answer was lost and its entry could not be removed then."""
         entry = self._consumed.get(_digest(refresh_token))
-        return entry is not None and entry.lost and not entry.refused
+        return entry is not None and entry.lost
 
     def distrust(self, session_id: str, tokens: UpstreamTokens) -> None:
         """The API refused ``tokens`` right after they were refreshed: do not refresh on their account

@@ -291,7 +291,12 @@ def sync_call_bounded(seconds: float, fn: Callable[..., T], *args: Any) -> T | L
         finally:
             done.set()
 
-    threading.Thread(target=call, name="httpx-upstream-auth-refresher", daemon=True).start()
+    try:
+        threading.Thread(target=call, name="httpx-upstream-auth-refresher", daemon=True).start()
+    except RuntimeError as exc:  # no thread can start (interpreter shutdown, resource limits): nothing was sent
+        raise RefreshFailed(
+            f"could not start the refresh ({exc}); nothing was sent. Retry the request.", retryable=True
+        ) from None
     if not done.wait(seconds):
         return TimedOut
     if failure:

@@ -19,7 +19,7 @@ from httpx_upstream_auth import (
     UpstreamAuthError,
     UpstreamTokens,
 )
-from httpx_upstream_auth._oauth import MAX_LIFETIME, merge_response
+from httpx_upstream_auth._oauth import MAX_LIFETIME, REGISTERED_ERRORS, merge_response
 
 # database=None: failing examples are printed, not saved into the shared working tree.
 SETTINGS = settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -107,7 +107,7 @@ def _oauth_error(content: bytes) -> bool:
         data = json.loads(content)
     except (ValueError, RecursionError):
         return False
-    return isinstance(data, dict) and isinstance(data.get("error"), str)
+    return isinstance(data, dict) and isinstance(data.get("error"), str) and data["error"] in REGISTERED_ERRORS
 
 
 def finite_in(value: float | None, low: float, high: float) -> bool:

@@ -144,6 +144,10 @@ class SyncTokenOps:
                 try:
                     tokens = self._read(key)
                     outcome = Outcome(tokens=tokens)
+                    if state.is_fresh(tokens):
+                        # Cached while the read is still in progress, so its session is in use throughout
+                        # and a change notice arriving now is heard.
+                        state.remember(key, tokens, flight.epoch)
                 except UpstreamAuthError as exc:
                     outcome = Outcome(error=exc)
                 finally:
@@ -303,7 +307,7 @@ class SyncTokenOps:
             raise ReauthenticationRequired(
                 "the access token is no longer valid and no refresh token is stored; log the user in again."
             )
-        if state.is_consumed(current.refresh_token):
+        if state.is_consumed(key, current.refresh_token):
             raise ReauthenticationRequired(
                 "this process already presented the stored refresh token and could not record the answer, "
                 "so the provider may have consumed it; it is never presented again. Log the user in again."
@@ -320,7 +324,7 @@ class SyncTokenOps:
         if not self._usable(need, tokens):
             return False
         refresh_token = tokens.refresh_token
-        return refresh_token is None or state.is_consumed(refresh_token) or state.backing_off(key)
+        return refresh_token is None or state.is_consumed(key, refresh_token) or state.backing_off(key)
 
     def _redeem(self, key: EntryKey, need: Need, current: UpstreamTokens, epoch: int) -> Outcome:
         state = self._state
@@ -355,7 +359,7 @@ class SyncTokenOps:
             # invalid_grant may mean another worker rotated first: use its tokens if so.
             again = state.storage.get(key)
             if again is None or again.version == current.version:
-                state.lose_consumed(current, refused=True)  # the provider calls it dead: never present it again
+                state.refuse(key, current.refresh_token)  # the provider calls it dead: never present it again
                 raise
             state.settle_consumed(current.refresh_token)
             return Outcome(tokens=again)

@@ -35,12 +35,12 @@ def _digest(secret: str) -> bytes:
 
 def manager_tables(manager: Any) -> dict[str, tuple[int, int, Any]]:
     """``{table: (size, bound, the table itself)}`` for one manager (see the module docstring)."""
-    state = manager._state  # noqa: SLF001 - the one internal read, see the module docstring
+    state = manager._state
     size = getattr(state, "_cache_size", 10_000)
     try:
         from httpx_upstream_auth._state import CONSUMED_MEMORY
     except ImportError:  # moved: the bound is the manager's business then
-        CONSUMED_MEMORY = 100_000  # noqa: N806
+        CONSUMED_MEMORY = 100_000
     found: dict[str, tuple[int, int, Any]] = {}
     for name, bound in (
         ("_cache", size),

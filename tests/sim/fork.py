@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import random
 import threading
 from typing import Any
 
@@ -52,7 +53,7 @@ def fork_manager(parent: TokenManager, storage: Any, refresher: Any) -> TokenMan
     """
     from httpx_upstream_auth._engine import Engine
 
-    state = copy.copy(parent._state)  # noqa: SLF001 - the fork model, see the module docstring
+    state = copy.copy(parent._state)
     for name, value in list(vars(state).items()):
         if isinstance(value, (dict, list, set)):
             setattr(state, name, copy.copy(value))
@@ -68,18 +69,23 @@ def fork_manager(parent: TokenManager, storage: Any, refresher: Any) -> TokenMan
     state.storage = storage
     state.refresher = refresher
     # The copied storage object's subscriber list holds the copied manager's callback (its local notices).
-    if getattr(parent._state, "_unsubscribe", None) is not None:  # noqa: SLF001
-        state._unsubscribe = storage.subscribe(state._on_change)  # noqa: SLF001
+    if getattr(parent._state, "_unsubscribe", None) is not None:
+        from httpx_upstream_auth._state import _subscribe_weakly
+
+        state._unsubscribe = _subscribe_weakly(storage, state)
     child = copy.copy(parent)
     engine = Engine(state)
-    child._state = state  # noqa: SLF001
-    child._engine = engine  # noqa: SLF001
+    child._state = state
+    child._engine = engine
     for name in ("_async_ops", "_sync_ops"):
         if hasattr(child, name):
             setattr(child, name, getattr(engine, name.removeprefix("_")))
     for target in (child, state, storage):
         for hook in _child_hooks(target):
             hook()
+    if isinstance(getattr(state, "jitter", None), random.Random):
+        # The library reseeds a child's retry jitter from its pid: a real pid would make replays differ.
+        state.jitter = random.Random(f"child:{parent._state.jitter.random()!r}")
     return child
 
 

@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(where, ignore_errors=True)
             print(f"  {m.name:26s} {rows[-1][1]:20s} {rows[-1][2]}", flush=True)
     print()
-    print(f"| mutant | result | description | evidence |\n| --- | --- | --- | --- |")
+    print("| mutant | result | description | evidence |\n| --- | --- | --- | --- |")
     for m, result, why in rows:
         print(f"| {m.name} | {result} | {m.description} | {why} |")
     killed = sum(r == "killed" for _, r, _ in rows)

@@ -24,10 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import attrs
 import httpx
 import trio
-
-import attrs
 
 from httpx_upstream_auth import EntryKey, SQLiteStorage, TokenManager, UpstreamAuthError
 
@@ -1199,7 +1198,7 @@ class _Run:
         closed = w.processes[red.process].closed_at is not None
         w.violate(
             "item4:no-fail-closed-attempt" if closed else
-            f"gateway-answer-after-redeem:no-fail-closed-attempt" if red.fate.startswith("gateway-") else
+            "gateway-answer-after-redeem:no-fail-closed-attempt" if red.fate.startswith("gateway-") else
             "no-fail-closed-attempt",
             f"r{red.rid} of p{red.process} ({red.rt} of {red.session} v{red.version}, fate {red.fate}): the rotated "
             f"tokens were not saved and no fail-closed delete reached an open store (saves {red.saves}, "
