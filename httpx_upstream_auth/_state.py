@@ -233,7 +233,11 @@ class ManagerState:
             _writing.reset(token)
 
     def close(self) -> None:
-        """Stop listening to the storage's change notifications."""
+        """Stop listening to the storage's change notifications; cache nothing any more (a closed manager
+        would no longer hear another worker's logout of a cached session)."""
+        self.closing = True
+        with self._lock:
+            self._cache.clear()
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
@@ -319,8 +323,8 @@ class ManagerState:
         entry = (tokens, self.policy.bounds(tokens))
         session_id = key.session_id
         with self._lock:
-            if self._epochs.get(session_id, self._epoch_floor) != epoch:
-                return
+            if self._epochs.get(session_id, self._epoch_floor) != epoch or self._unsubscribe is None:
+                return  # a logout or login happened since, or the manager was closed (it hears no notice)
             held = self._cache.get(session_id)
             if held is None or held[0].version <= tokens.version:
                 self._cache.pop(session_id, None)  # re-insert at the end: eviction takes the oldest

@@ -233,16 +233,20 @@ def start_async_job(
 
         loop = asyncio.get_running_loop()
         task = loop.create_task(task_job())
-        # A loop closed without running its tasks to the end never calls their done callbacks: drop the
-        # tasks of closed loops here, so the table holds only work that can still run.
-        for stale in [job for job in _task_jobs if job.get_loop().is_closed()]:
-            _task_jobs.discard(stale)
+        forget_closed_loops()
         _task_jobs.add(task)
         task.add_done_callback(_task_jobs.discard)
         # loop.close() without running the task to its end leaves it pending forever: later callers
         # must not wait on it.
         flight.alive = lambda: not loop.is_closed()
     flight.runs_on = threading.get_ident()
+
+
+def forget_closed_loops() -> None:
+    """Drop the task jobs of event loops that were closed without running them to the end (their done
+    callbacks never run): the table then holds only work that can still run. Called at every task job."""
+    for stale in [job for job in _task_jobs if job.get_loop().is_closed()]:
+        _task_jobs.discard(stale)
 
 
 def start_sync_job(

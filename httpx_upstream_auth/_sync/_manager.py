@@ -170,6 +170,7 @@ class SyncTokenOps:
         """Wait for the key's refresh job (starting one if none runs) until it yields what ``need`` asks."""
         state = self._state
         deadline = state.clock.monotonic() + state.wait_timeout
+        born_expired = 0
         for _ in range(MAX_FLIGHTS):
             flight, new = state.join_flight(key)
             if new:
@@ -186,6 +187,16 @@ class SyncTokenOps:
             tokens = outcome.unwrap()
             if need.accepts(outcome, state):
                 return tokens
+            if outcome.refreshed:
+                # Minted already expired. Once is an answer that rotated the refresh token without a usable
+                # access token (the next flight redeems the new one); again is a refresher that keeps doing it.
+                born_expired += 1
+                if born_expired >= 2:
+                    raise RefreshFailed(
+                        "the token endpoint keeps issuing access tokens that are already expired (a zero or "
+                        "negative lifetime from a custom refresher?); retry later, or check the refresher.",
+                        retryable=True,
+                    )
         raise RefreshFailed("the token kept changing during the refresh; retry the request", retryable=True)
 
     def _launch(self, key: EntryKey, need: Need, flight: Flight) -> None:

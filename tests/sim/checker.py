@@ -106,6 +106,10 @@ def task_jobs_of(loop: Any) -> int:
     jobs = getattr(_synchronization, "_task_jobs", None)
     if not isinstance(jobs, set):
         return 0
+    # The library drops a closed loop's jobs at its next task job: ask for that now.
+    sweep = getattr(_synchronization, "forget_closed_loops", None)
+    if sweep is not None:
+        sweep()
     mine = [task for task in jobs if getattr(task, "get_loop", lambda: None)() is loop]
     for task in mine:
         jobs.discard(task)

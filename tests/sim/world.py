@@ -345,9 +345,7 @@ class World:
         the call, name its subject, and be a token the provider issued."""
         self.check_sent(caller, session, started, tokens.access_token, tokens.upstream_subject)
 
-    def check_sent(
-        self, caller: Caller, session: str, started: float, access_token: str, subject: str | None
-    ) -> None:
+    def check_sent(self, caller: Caller, session: str, started: float, access_token: str, subject: str | None) -> None:
         """An access token for ``session`` reaches the API now (``subject``: the label it came with)."""
         minted = self.provider.access.get(access_token)
         if minted is None:
@@ -760,6 +758,12 @@ class SimStorage(Storage):
         self.closed = False
         world.store.proxies.append(self)
 
+    def after_fork_in_child(self) -> None:
+        """What the real backends do in a forked child (tests/test_storage_fork.py proves it with real
+        forks): their own origin tag, and their own change feed carrying the subscriptions made before."""
+        self.origin = f"p{self.process.pid}"
+        self.listens = True
+
     def close(self) -> None:
         """The application closed this storage (through ``TokenManager.close``)."""
         if not self.closed:
@@ -1030,13 +1034,19 @@ class SimRefresher(Refresher):
             # The client was closed under the request: the answer is lost (httpx raises a transport error).
             red.fate = "lost-closed"
             w.log(f"refresher: p{proc.pid} {who} r{red.rid} answer LOST: the client was closed meanwhile")
-            raise RefreshFailed("simulated: client closed while reading the answer", retryable=True, may_have_rotated=True)
+            raise RefreshFailed(
+                "simulated: client closed while reading the answer", retryable=True, may_have_rotated=True
+            )
         if red.kind in ("rotated", "renewed") and rng.random() < k.p_gateway:
             # A gateway in front of the token endpoint answers after the provider redeemed: the real parser
             # decides what that means (today: a 5xx is "nothing was consumed").
             status, body = rng.choice(
-                ((502, b"<html><body>502 Bad Gateway</body></html>"), (504, b"upstream timed out"),
-                 (503, b"<html>Service Unavailable</html>"), (200, b"<html>maintenance</html>"))
+                (
+                    (502, b"<html><body>502 Bad Gateway</body></html>"),
+                    (504, b"upstream timed out"),
+                    (503, b"<html>Service Unavailable</html>"),
+                    (200, b"<html>maintenance</html>"),
+                )
             )
             red.fate = f"gateway-{status}"
             w.log(f"refresher: p{proc.pid} {who} r{red.rid} redeemed, but the gateway answers HTTP {status}")
