@@ -230,7 +230,10 @@ class ManagerState:
         try:
             yield
         finally:
-            _writing.reset(token)
+            # ValueError: the job's coroutine is being closed from another context (collected with the event
+            # loop that was closed under it); that context never sees the mark.
+            with contextlib.suppress(ValueError):
+                _writing.reset(token)
 
     def close(self) -> None:
         """Stop listening to the storage's change notifications; cache nothing any more (a closed manager
