@@ -31,58 +31,77 @@ PACKAGE = "httpx_upstream_auth"
 
 @dataclass(frozen=True)
 class Mutant:
-    """One edit: in ``file`` (relative to the package), ``original`` becomes ``replacement``."""
+    """One edit: in ``file`` (relative to the package), ``original`` becomes ``replacement``; ``tests`` are
+    the pytest node ids (or ``path -k expr``) that guard the same rule, run with ``--tests``."""
 
     name: str
     file: str
     original: str
     replacement: str
     description: str
+    tests: tuple[str, ...] = ()
 
 
 A = "_async/_manager.py"
+S = "_state.py"
+LIFE = "tests/test_lifecycle.py"
+PROTO = "tests/test_protocol.py"
 MUTANTS = [
     Mutant(
         "waiter-epoch", A,
         "if outcome.abandoned or state.epoch(key) != flight.epoch:\n                continue  # the job was stopped",
         "if outcome.abandoned:\n                continue  # the job was stopped",
         "(a) a refresh waiter does not compare its flight's epoch (a login since the job began)",
+        (f"{PROTO}::test_login_during_a_refresh_is_never_overwritten",),
     ),
     Mutant(
         "reader-epoch", A,
         "if outcome.abandoned or state.epoch(key) != flight.epoch:\n                continue  # its reader",
         "if outcome.abandoned:\n                continue  # its reader",
         "a shared-read waiter does not compare its flight's epoch",
+        (f"{PROTO}::test_logout_in_one_manager_stops_another_serving_its_cached_token",),
     ),
     Mutant(
         "discard-any-version", A,
         "await state.storage.adelete(key, expected_version=current.version)",
         "await state.storage.adelete(key)",
         "(b) the fail-closed delete does not check the version (deletes a login made meanwhile)",
+        (f"{PROTO}::test_login_during_a_refresh_is_never_overwritten",),
     ),
     Mutant(
         "sqlite-put-no-entry", "_sqlite.py",
         "if (None if row is None else row[0]) != expected_version:",
         "if row is not None and row[0] != expected_version:",
         "(c) a SQLite put with an expected version succeeds when there is no entry",
+        ("tests/test_storage_contract.py -k conditional_put",),
     ),
     Mutant(
         "sqlite-delete-any-version", "_sqlite.py",
         "AND (? IS NULL OR version = ?)",
         "AND (? IS NULL OR version = ? OR 1)",
         "a SQLite delete with an expected version deletes whatever version is there",
+        ("tests/test_storage_contract.py -k conditional_delete",),
     ),
     Mutant(
         "no-mark-consumed", A,
         "state.mark_consumed(current.refresh_token)",
         "None",
         "the refresh token is not remembered as presented before sending",
+        (f"{LIFE} -k lost_answer_outlives",),
     ),
     Mutant(
         "ignore-consumed", A,
-        "if state.is_consumed(current.refresh_token):",
+        "if state.is_consumed(key, current.refresh_token):",
         "if False:",
         "a refresh token this process presented (result unknown) may be presented again",
+        (f"{LIFE} -k lost_answer_outlives",),
+    ),
+    Mutant(
+        "consumed-kept-after-save", A,
+        "state.settle_consumed(current.refresh_token)  # the store moved past it",
+        "None",
+        "item 10: successfully rotated tokens stay in the consumed memory (and push lost ones out)",
+        (f"{LIFE} -k lost_answer_outlives",),
     ),
     Mutant(
         "no-renew-before-send", A,
@@ -92,38 +111,63 @@ MUTANTS = [
     ),
     Mutant(
         "keeper-never-renews", A,
-        "AsyncLeaseKeeper(functools.partial(state.storage.arenew_lease, lease), state.lease_ttl)",
-        "AsyncLeaseKeeper(functools.partial(state.storage.arenew_lease, lease), 1e9)",
+        "AsyncLeaseKeeper(renew, state.lease_ttl,",
+        "AsyncLeaseKeeper(renew, 1e9,",
         "the lease keeper never renews the lease while the provider answers",
+        (f"{PROTO}::test_lease_is_renewed_while_a_sync_refresh_waits_for_a_slow_provider",),
+    ),
+    Mutant(
+        "keeper-unbounded", A,
+        "state.lease_ttl, 2 * state.refresh_timeout + state.lease_ttl)",
+        "state.lease_ttl, 1e9)",
+        "item 5: the lease is renewed for as long as the job hangs",
     ),
     Mutant(
         "refresh-unbounded", A,
-        "with AsyncDeadline(state.refresh_timeout) as deadline:",
-        "with AsyncDeadline(100 * state.refresh_timeout) as deadline:",
-        "refresh_timeout does not bound the token request (answers outlive the lease)",
+        "answer = await async_call_bounded(left, state.refresher.arefresh",
+        "answer = await async_call_bounded(100 * left + 1e6, state.refresher.arefresh",
+        "item 5: refresh_timeout does not bound the token request",
+        (f"{LIFE} -k hung_refresher",),
     ),
     Mutant(
         "retries-outlive-lease", A,
-        "give_up = state.clock.monotonic() + state.refresh_timeout",
-        "give_up = state.clock.monotonic() + 10 * state.refresh_timeout",
-        "save/delete retries go on long after the lease stopped being renewed",
+        "return await self._save(key, need, current, fresh, epoch, state.clock.monotonic() + state.refresh_timeout)",
+        "return await self._save(key, need, current, fresh, epoch, state.clock.monotonic() + 9e9)",
+        "save retries go on long after the lease stopped being renewed",
+    ),
+    Mutant(
+        "retry-after-lost-answer", A,
+        "if exc.may_have_rotated or not exc.retryable or attempt >= MAX_RETRIES",
+        "if not exc.retryable or attempt >= MAX_RETRIES",
+        "a lost answer is retried with the refresh token it may have consumed",
+        ("tests/test_refresh.py -k unusable_200",),
     ),
     Mutant(
         "lost-answer-kept", A,
-        "if exc.may_have_rotated:\n                await self._discard(key, current)",
-        "if exc.may_have_rotated:\n                pass",
+        "if exc.may_have_rotated:\n                await self._discard(",
+        "if exc.may_have_rotated and False:\n                await self._discard(",
         "an answer lost after the token may have rotated does not fail closed",
+        ("tests/test_refresh.py -k unusable_200",),
     ),
     Mutant(
         "mismatch-kept", A,
-        "except BindingMismatch:\n            await self._discard(key, current)",
+        "except BindingMismatch:\n            await self._discard(key, current, state.clock.monotonic()"
+        " + state.refresh_timeout)",
         "except BindingMismatch:\n            pass",
         "a binding mismatch after rotation does not fail closed",
+        ("tests/test_refresh.py -k other_subject",),
+    ),
+    Mutant(
+        "gateway-5xx-trusted", "_oauth.py",
+        "if status_code >= 500 and code not in REGISTERED_ERRORS:",
+        "if False:",
+        "a gateway's 5xx after a redemption counts as nothing consumed",
+        (f"{LIFE} -k gateway_error",),
     ),
     Mutant(
         "invalid-grant-any-entry", A,
-        "if again is None or again.version == current.version:\n                raise",
-        "if again is None:\n                raise",
+        "if again is None or again.version == current.version:\n                state.refuse",
+        "if again is None:\n                state.refuse",
         "after invalid_grant, an unchanged entry counts as someone else's refresh",
     ),
     Mutant(
@@ -133,16 +177,25 @@ MUTANTS = [
         "after a failed write, only a deleted entry counts as someone else's write",
     ),
     Mutant(
-        "remember-any-epoch", "_state.py",
-        "if self._epochs.get(key.session_id, self._epoch_floor) != epoch:\n                return",
-        "if False:\n                return",
+        "remember-any-epoch", S,
+        "if self._epochs.get(session_id, self._epoch_floor) != epoch or self._unsubscribe is None:",
+        "if self._unsubscribe is None:",
         "the cache takes results of work that began before a logout/login",
+        (f"{PROTO}::test_logout_in_one_manager_stops_another_serving_its_cached_token",),
     ),
     Mutant(
-        "ignore-change-notices", "_state.py",
+        "ignore-change-notices", S,
         "if digest is not None and _writing.get() == (id(self), digest):",
         "if digest is not None:",
         "change notices of other workers are ignored (other processes' logouts)",
+        (f"{PROTO}::test_logout_in_one_manager_stops_another_serving_its_cached_token",),
+    ),
+    Mutant(
+        "digest-of-session-in-use-trimmed", S,
+        "if self._in_use(session_id):\n                self._digests.move_to_end(digest)",
+        "if False:\n                self._digests.move_to_end(digest)",
+        "item 1: the change-notice table forgets sessions still cached (after many other sessions)",
+        (f"{LIFE} -k change_elsewhere",),
     ),
     Mutant(
         "delete-no-second-epoch", A,
@@ -151,22 +204,72 @@ MUTANTS = [
         "a logout does not bump the epoch after the delete (a racing read caches the deleted entry)",
     ),
     Mutant(
-        "dead-flight-joined", "_state.py",
+        "dead-flight-joined", S,
         "if flight is not None and flight.alive():",
         "if flight is not None:",
         "a flight whose loop closed is joined anyway",
+        (f"{PROTO}::test_task_job_whose_loop_was_closed_does_not_wedge_the_session",),
+    ),
+    Mutant(
+        "fork-keeps-flights", S,
+        "self._flights.clear()\n        self._reads.clear()\n        self._cache.clear()",
+        "self._cache.clear()",
+        "item 3: a forked child keeps the parent's flights (whose jobs did not survive the fork)",
+        (f"{LIFE} -k fork_while",),
+    ),
+    Mutant(
+        "close-does-not-wait", "_manager.py",
+        "await flight.aoutcome(max(limit - state.clock.monotonic(), 0.0))",
+        "pass",
+        "item 4: aclose() closes the storage under a running job",
+        (f"{LIFE} -k close_during",),
+    ),
+    Mutant(
+        "subscribed-strongly", S,
+        "self._unsubscribe = _subscribe_weakly(storage, self)",
+        "self._unsubscribe = storage.subscribe(self.on_change)",
+        "item 12: the storage's subscription keeps dropped managers alive",
+        (f"{LIFE} -k dropped_without_close",),
+    ),
+    Mutant(
+        "backoff-unbounded", S,
+        "while len(self._retry_at) > self._cache_size:",
+        "while False:",
+        "item 12: the back-off table grows with every session that ever backed off",
+    ),
+    Mutant(
+        "born-expired-unbounded", A,
+        "if born_expired >= 2:",
+        "if born_expired >= 99:",
+        "item 11: tokens minted already expired make one call redeem again and again",
     ),
     Mutant(
         "no-distrust", "_async/_auth.py",
-        "ops.distrust(self._session_id, retry.access_token)",
+        "ops.distrust(self._session_id, retry)",
         "None",
         "a token refused on its replay is not distrusted (refresh on every 401)",
+        (f"{PROTO}::test_api_refusing_every_token_costs_one_refresh",),
     ),
     Mutant(
-        "binding-not-checked", "_state.py",
+        "distrust-never-ends", "_async/_auth.py",
+        "ops.accepted(self._session_id, tokens.access_token)",
+        "None",
+        "item 8: a distrust does not end when the API accepts the token",
+        (f"{LIFE} -k distrust_ends",),
+    ),
+    Mutant(
+        "foreign-401-counted", "_async/_auth.py",
+        "if not carried(response, request, tokens.authorization):",
+        "if False:",
+        "item 9: a 401 from another origin after a redirect refreshes and replays",
+        (f"{LIFE} -k redirect_to_another_origin",),
+    ),
+    Mutant(
+        "binding-not-checked", S,
         "if tokens.provider_id is not None and tokens.provider_id != self.provider_id:",
         "if False:",
         "an entry of another provider is used",
+        ("tests/test_refresh.py -k provider",),
     ),
 ]
 
@@ -205,14 +308,18 @@ def _findings(where: Path, start: int, count: int) -> set[tuple[int, str]] | str
 
 
 def _tests(where: Path, tests: list[str]) -> str | None:
+    """None when every test passes against the copy, else the failing summary line."""
     if not tests:
         return None
     env = {**os.environ, "PYTHONPATH": str(where), "PYTHONDONTWRITEBYTECODE": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
-        cwd=where, env=env, capture_output=True, text=True, check=False,
-    )
-    return None if done.returncode == 0 else (done.stdout.strip().splitlines() or ["failed"])[-1]
+    for spec in tests:
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *spec.split()],
+            cwd=where, env=env, capture_output=True, text=True, check=False,
+        )
+        if done.returncode != 0:
+            return (done.stdout.strip().splitlines() or ["failed"])[-1]
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=2000)
     parser.add_argument("--only", default="", help="comma-separated mutant names")
     parser.add_argument("--pytest", action="append", default=[], help="a pytest node id to run per mutant")
+    parser.add_argument("--tests", action="store_true", help="also run each mutant's own guarding tests")
     args = parser.parse_args(argv)
     chosen = [m for m in MUTANTS if not args.only or m.name in args.only.split(",")]
     with tempfile.TemporaryDirectory(prefix="hua-mutants-") as tmp:
@@ -248,9 +356,11 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append((m, "n/a (code changed)", ""))
                 continue
             target.write_text(text.replace(m.original, m.replacement))
+            if m.file.startswith("_async/"):  # the thread jobs and sync API run the generated twin
+                subprocess.run([sys.executable, "tests/unasync_twins.py"], cwd=where, check=True)
             started = time.perf_counter()
             found = _findings(where, args.start, args.count)
-            failed = _tests(where, args.pytest)
+            failed = _tests(where, [*args.pytest, *(m.tests if args.tests else ())])
             took = time.perf_counter() - started
             if isinstance(found, str):
                 rows.append((m, "killed", f"{found} ({took:.0f}s)"))
@@ -264,7 +374,9 @@ def main(argv: list[str] | None = None) -> int:
                     first = {c: min(s for s, cc in found if cc == c) for c in cats}
                     why = ", ".join(f"{c} (seed {first[c]})" for c in cats[:4])
                     why += f"; tests: {failed}" if failed else ""
-                    rows.append((m, "killed", f"{why} ({took:.0f}s)"))
+                    by = "sim" if cats else ""
+                    by += ("+" if cats else "") + "tests" if failed else ""
+                    rows.append((m, f"killed ({by})", f"{why} ({took:.0f}s)"))
                 else:
                     rows.append((m, "SURVIVED", f"{moved} (seed, known category) pairs differ ({took:.0f}s)"))
             shutil.rmtree(where, ignore_errors=True)
@@ -273,8 +385,9 @@ def main(argv: list[str] | None = None) -> int:
     print("| mutant | result | description | evidence |\n| --- | --- | --- | --- |")
     for m, result, why in rows:
         print(f"| {m.name} | {result} | {m.description} | {why} |")
-    killed = sum(r == "killed" for _, r, _ in rows)
-    print(f"\n{killed} of {len(rows)} killed")
+    killed = sum(r.startswith("killed") for _, r, _ in rows)
+    by_sim = sum(r.startswith("killed (sim") for _, r, _ in rows)
+    print(f"\n{killed} of {len(rows)} killed, {by_sim} by the simulation")
     return 0
 
 
