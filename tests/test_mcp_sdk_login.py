@@ -8,10 +8,8 @@ import textwrap
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
 
 import anyio
-import httpx
 import pytest
 
 pytest.importorskip("mcp.server.mcpserver", reason="the MCP SDK 2.x is not installed")
@@ -21,7 +19,7 @@ import mcp_fixtures
 from mcp import Client
 from mcp.client.auth import OAuthClientProvider
 from mcp.client.streamable_http import streamable_http_client
-from mcp.shared.auth import AuthorizationCodeResult, OAuthClientMetadata, OAuthToken
+from mcp.shared.auth import OAuthClientMetadata, OAuthToken
 
 from httpx_upstream_auth import EntryKey, SQLiteStorage
 from httpx_upstream_auth.mcp import (
@@ -33,6 +31,8 @@ from httpx_upstream_auth.mcp import (
 )
 from httpx_upstream_auth.testing import LocalMCPServer, LocalProvider, ServerThread, serve_mcp
 
+HeadlessBrowser = mcp_fixtures.HeadlessBrowser
+
 # The shared fixtures, served for this module's own ``provider``.
 mcp_server = mcp_fixtures.mcp_server
 provider_server = mcp_fixtures.provider_server
@@ -42,29 +42,6 @@ pytestmark = pytest.mark.anyio
 ISSUER_PATH = "/oauth/tenant-a"
 SESSION = "sdk-session"
 REDIRECT_URI = "http://127.0.0.1:9/callback"  # never contacted: the headless browser reads the redirect
-
-
-class HeadlessBrowser:
-    """A ``redirect_handler``/``callback_handler`` pair: follows the authorize URL, reads the code from the redirect."""
-
-    def __init__(self) -> None:
-        self.visits = 0
-        self._result: AuthorizationCodeResult | None = None
-
-    async def redirect(self, url: str) -> None:
-        """Open the authorization URL (the provider approves at once) and keep the code it redirects with."""
-        self.visits += 1
-        async with httpx.AsyncClient() as client:
-            response = await client.get(url)
-        query = parse_qs(urlsplit(response.headers["location"]).query)
-        self._result = AuthorizationCodeResult(
-            code=query["code"][0], state=query["state"][0], iss=query.get("iss", [None])[0]
-        )
-
-    async def callback(self) -> AuthorizationCodeResult:
-        """Hand the code to the SDK."""
-        assert self._result is not None
-        return self._result
 
 
 def client_metadata() -> OAuthClientMetadata:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._discovery import (
     DiscoveryFailed,
+    IssuerMismatch,
     MetadataStore,
     ServerMetadata,
     adiscover,
@@ -47,6 +48,7 @@ __all__ = [
     "ClientRegistration",
     "DiscoveringRefresher",
     "DiscoveryFailed",
+    "IssuerMismatch",
     "LegacyAsyncMCPAuthTransport",
     "MetadataStore",
     "SDKLogin",

@@ -22,6 +22,7 @@ from .._storage import Storage
 
 __all__ = [
     "DiscoveryFailed",
+    "IssuerMismatch",
     "MetadataStore",
     "ServerMetadata",
     "adiscover",
@@ -41,6 +42,45 @@ class DiscoveryFailed(RefreshFailed):
     ``retryable`` when the metadata could not be fetched now (network, 5xx, 429); not when the server
     publishes none or publishes metadata that does not check out (then configure ``token_url``).
     """
+
+
+class IssuerMismatch(DiscoveryFailed):
+    """The MCP server now leads to another authorization server than the one the credentials belong to.
+
+    Raised before anything is sent there: a refresh token and a client secret go only to the issuer
+    that produced them (a compromised MCP server could otherwise name its own). Not retryable.
+    ``expected`` is the issuer the credentials (or your ``issuer=`` pin) belong to; ``found`` the one
+    the server's metadata names now (``None`` when it names several, none of them ``expected``).
+    """
+
+    def __init__(self, server_url: str, expected: str, found: str | None, *, message: str | None = None) -> None:
+        named = "another authorization server" if found is None else f"authorization server {found}"
+        super().__init__(
+            message
+            or f"the MCP server {server_url} now names {named}, but these credentials belong to {expected}; "
+            "nothing was sent there. If the server really moved, check with its operator, then log the user in "
+            "again against the new issuer (SDKLogin(allow_issuer_change=True)) or change the issuer= pin.",
+            retryable=False,
+        )
+        self.server_url = server_url
+        self.expected = expected
+        self.found = found
+
+    def __reduce__(self) -> tuple[object, ...]:
+        fields = (self.server_url, self.expected, self.found, str(self))
+        return (_rebuild_issuer_mismatch, fields, self.__dict__)
+
+
+def _rebuild_issuer_mismatch(server_url: str, expected: str, found: str | None, message: str) -> IssuerMismatch:
+    return IssuerMismatch(server_url, expected, found, message=message)
+
+
+def issuers_match(a: str, b: str) -> bool:
+    """Whether two issuer identifiers name the same server: equal strings (RFC 8414 section 3.3), a root
+    issuer with or without its trailing slash counting as one."""
+    if a == b:
+        return True
+    return a.rstrip("/") == b.rstrip("/") and urlsplit(a).path in ("", "/") and urlsplit(b).path in ("", "/")
 
 
 @attrs.frozen(kw_only=True)
@@ -137,10 +177,6 @@ def authorization_server_metadata_urls(issuer: str) -> list[str]:
     ]
 
 
-def _same_url(a: str, b: str) -> bool:
-    return a.rstrip("/") == b.rstrip("/")
-
-
 def _resource_matches(server_url: str, resource: str) -> bool:
     # RFC 9728 section 3.3: the resource must be the server itself or a parent of it (same origin, path prefix).
     server_origin, server_path = _origin_and_path(server_url)
@@ -167,22 +203,31 @@ def _read_json(response: httpx.Response, url: str) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _prm_result(server_url: str, url: str, data: dict[str, Any]) -> tuple[str | None, str]:
+def _prm_result(
+    server_url: str, url: str, data: dict[str, Any], issuer: str | None
+) -> tuple[str | None, str]:
     servers = data.get("authorization_servers")
-    if not isinstance(servers, list) or not servers or not isinstance(servers[0], str):
+    if not isinstance(servers, list) or not servers or not all(isinstance(s, str) for s in servers):
         raise DiscoveryFailed(f"protected-resource metadata at {url} names no authorization server", retryable=False)
+    chosen = servers[0]
+    if issuer is not None:
+        # Decided before any authorization-server metadata is fetched: a server we do not trust gets nothing.
+        listed = [s for s in servers if issuers_match(s, issuer)]
+        if not listed:
+            raise IssuerMismatch(server_url, issuer, servers[0] if len(servers) == 1 else None)
+        chosen = listed[0]
     resource = data.get("resource")
     if resource is not None and (not isinstance(resource, str) or not _resource_matches(server_url, resource)):
         raise DiscoveryFailed(
             f"protected-resource metadata at {url} is for {resource!r}, not for {server_url!r}", retryable=False
         )
-    return resource, servers[0]
+    return resource, chosen
 
 
 def _asm_result(
     server_url: str, resource: str | None, issuer: str, url: str, data: dict[str, Any], now: float
 ) -> ServerMetadata:
-    if not isinstance(data.get("issuer"), str) or not _same_url(data["issuer"], issuer):
+    if not isinstance(data.get("issuer"), str) or not issuers_match(data["issuer"], issuer):
         raise DiscoveryFailed(
             f"authorization-server metadata at {url} names issuer {data.get('issuer')!r}, not {issuer!r}",
             retryable=False,
@@ -222,12 +267,15 @@ async def adiscover(
     client: httpx.AsyncClient | None = None,
     timeout: float = 10.0,
     now: float | None = None,
+    issuer: str | None = None,
 ) -> ServerMetadata:
     """Discover the token endpoint (and more) of the MCP server at ``server_url``.
 
     RFC 9728 protected-resource metadata (from the 401 challenge's ``resource_metadata`` when
     ``www_authenticate`` is given, else the well-known URLs), then the named authorization server's
-    RFC 8414 / OpenID metadata. Raises :class:`DiscoveryFailed`.
+    RFC 8414 / OpenID metadata. With ``issuer``, only that authorization server is accepted: when the
+    resource's metadata does not list it, :class:`IssuerMismatch` is raised before anything else is
+    fetched. Raises :class:`DiscoveryFailed`.
     """
     import time
 
@@ -239,7 +287,7 @@ async def adiscover(
             _check_transport_security(url)
             data = _read_json(await _aget(http, url), url)
             if data is not None:
-                resource, issuer = _prm_result(server_url, url, data)
+                resource, issuer = _prm_result(server_url, url, data, issuer)
                 break
         else:
             raise _no_metadata("protected-resource", prm_urls)
@@ -262,6 +310,7 @@ def discover(
     client: httpx.Client | None = None,
     timeout: float = 10.0,
     now: float | None = None,
+    issuer: str | None = None,
 ) -> ServerMetadata:
     """Blocking twin of :func:`adiscover`."""
     import time
@@ -274,7 +323,7 @@ def discover(
             _check_transport_security(url)
             data = _read_json(_get(http, url), url)
             if data is not None:
-                resource, issuer = _prm_result(server_url, url, data)
+                resource, issuer = _prm_result(server_url, url, data, issuer)
                 break
         else:
             raise _no_metadata("protected-resource", prm_urls)
@@ -346,6 +395,14 @@ class MetadataStore:
             if await self.storage.aput(key, entry, expected_version=None if current is None else current.version):
                 return
         raise _busy()
+
+    async def adelete(self, name: str) -> None:
+        """Forget the record saved under ``name`` (nothing happens when there is none)."""
+        await self.storage.adelete(self._key(name))
+
+    def delete(self, name: str) -> None:
+        """Blocking twin of :meth:`adelete`."""
+        self.storage.delete(self._key(name))
 
     def put(self, name: str, record: str) -> None:
         """Blocking twin of :meth:`aput`."""

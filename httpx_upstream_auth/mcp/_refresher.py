@@ -6,11 +6,21 @@ import json
 import threading
 from typing import Any
 
+import attrs
+
 from .._clock import Clock
 from .._models import UpstreamTokens
 from .._refresher import OAuth2Refresher, Refresher
 from .._storage import Storage
-from ._discovery import DiscoveryFailed, MetadataStore, ServerMetadata, adiscover, discover
+from ._discovery import (
+    DiscoveryFailed,
+    IssuerMismatch,
+    MetadataStore,
+    ServerMetadata,
+    adiscover,
+    discover,
+    issuers_match,
+)
 
 __all__ = ["METADATA_NAMESPACE", "REGISTRATION_NAMESPACE", "ClientRegistration", "DiscoveringRefresher"]
 
@@ -21,22 +31,34 @@ REGISTRATION_NAMESPACE = "httpx-upstream-auth:mcp-client"
 
 
 class ClientRegistration:
-    """A client's credentials at an authorization server: id, secret (or ``None``) and auth method."""
+    """A client's credentials at an authorization server: id, secret (or ``None``), auth method, and the
+    issuer they were registered with (``None``: not recorded, such as a pre-registered client)."""
 
-    __slots__ = ("auth_method", "client_id", "client_secret")
+    __slots__ = ("auth_method", "client_id", "client_secret", "issuer")
 
-    def __init__(self, client_id: str, client_secret: str | None, auth_method: str) -> None:
+    def __init__(
+        self, client_id: str, client_secret: str | None, auth_method: str, *, issuer: str | None = None
+    ) -> None:
         self.client_id = client_id
         self.client_secret = client_secret
         self.auth_method = auth_method
+        self.issuer = issuer
 
     def __repr__(self) -> str:
-        return f"ClientRegistration(client_id={self.client_id!r}, auth_method={self.auth_method!r})"
+        return (
+            f"ClientRegistration(client_id={self.client_id!r}, auth_method={self.auth_method!r}, "
+            f"issuer={self.issuer!r})"
+        )
 
     def to_json(self) -> str:
         """Serialize (for storage; it holds the secret)."""
         return json.dumps(
-            {"client_id": self.client_id, "client_secret": self.client_secret, "auth_method": self.auth_method}
+            {
+                "client_id": self.client_id,
+                "client_secret": self.client_secret,
+                "auth_method": self.auth_method,
+                "issuer": self.issuer,
+            }
         )
 
     @classmethod
@@ -44,7 +66,9 @@ class ClientRegistration:
         """Rebuild from :meth:`to_json` output, or from the SDK's ``OAuthClientInformationFull`` JSON."""
         data = json.loads(text)
         method = data.get("auth_method") or data.get("token_endpoint_auth_method") or "client_secret_basic"
-        return cls(data["client_id"], data.get("client_secret"), method)
+        issuer = data.get("issuer")
+        issuer = issuer if isinstance(issuer, str) else None
+        return cls(data["client_id"], data.get("client_secret"), method, issuer=issuer)
 
 
 class DiscoveringRefresher(Refresher):
@@ -59,6 +83,13 @@ class DiscoveringRefresher(Refresher):
     The client is ``client_id`` / ``client_secret`` / ``auth_method``; leave ``client_id`` out when the
     client was registered at login time (the SDK's dynamic registration through :class:`SDKLoginAuth`
     or :class:`TokenStorageAdapter`): its registration is then read from ``storage``.
+
+    Credentials stay with their issuer: the refresh token and the client secret are sent only to the
+    token endpoint of the authorization server that issued them, as recorded on the tokens
+    (``UpstreamTokens.issuer``, set on every refresh), on the stored registration, and in ``issuer``
+    when you pin it. When the server's metadata names another one, :class:`IssuerMismatch` is raised
+    and nothing is sent there. The first discovery of tokens that record no issuer trusts what the
+    server names (pin ``issuer`` to avoid that).
     """
 
     def __init__(
@@ -71,6 +102,7 @@ class DiscoveringRefresher(Refresher):
         scope: str | None = None,
         storage: Storage | None = None,
         token_url: str | None = None,
+        issuer: str | None = None,
         send_resource: bool = True,
         timeout: float = 10.0,
         refresher_options: dict[str, Any] | None = None,
@@ -78,6 +110,8 @@ class DiscoveringRefresher(Refresher):
         self.server_url = server_url
         self._client = None if client_id is None else ClientRegistration(client_id, client_secret, auth_method)
         self.scope = scope
+        self.issuer = issuer
+        """The pinned authorization server (``None``: the one the credentials record, else the server's)."""
         self.send_resource = send_resource
         self.timeout = timeout
         self._token_url = token_url
@@ -108,33 +142,54 @@ class DiscoveringRefresher(Refresher):
 
     # -- metadata ----------------------------------------------------------------------------------
 
-    async def ametadata(self, www_authenticate: str | None = None) -> ServerMetadata:
-        """The server's metadata: from memory, else storage, else discovery (then stored)."""
+    async def ametadata(self, www_authenticate: str | None = None, *, issuer: str | None = None) -> ServerMetadata:
+        """The server's metadata: from memory, else storage, else discovery (then stored).
+
+        With ``issuer`` (default: the pin), metadata for any other authorization server raises
+        :class:`IssuerMismatch`, whether remembered or discovered (then before fetching anything from it).
+        """
+        issuer = self.issuer if issuer is None else issuer
         if self._metadata is not None:
-            return self._metadata
+            return self._checked(self._metadata, issuer)
         if self._metadata_store is not None:
             record = await self._metadata_store.aget(self.server_url)
             if record is not None:
-                return self._remember(ServerMetadata.from_json(record))
-        found = await adiscover(self.server_url, www_authenticate=www_authenticate, timeout=self.timeout)
+                return self._checked(self._remember(ServerMetadata.from_json(record)), issuer)
+        found = await adiscover(
+            self.server_url, www_authenticate=www_authenticate, timeout=self.timeout, issuer=issuer
+        )
         self.discoveries += 1
         if self._metadata_store is not None:
             await self._metadata_store.aput(self.server_url, found.to_json())
         return self._remember(found)
 
-    def metadata_sync(self) -> ServerMetadata:
+    def metadata_sync(self, *, issuer: str | None = None) -> ServerMetadata:
         """Blocking twin of :meth:`ametadata`."""
+        issuer = self.issuer if issuer is None else issuer
         if self._metadata is not None:
-            return self._metadata
+            return self._checked(self._metadata, issuer)
         if self._metadata_store is not None:
             record = self._metadata_store.get(self.server_url)
             if record is not None:
-                return self._remember(ServerMetadata.from_json(record))
-        found = discover(self.server_url, timeout=self.timeout)
+                return self._checked(self._remember(ServerMetadata.from_json(record)), issuer)
+        found = discover(self.server_url, timeout=self.timeout, issuer=issuer)
         self.discoveries += 1
         if self._metadata_store is not None:
             self._metadata_store.put(self.server_url, found.to_json())
         return self._remember(found)
+
+    def _checked(self, metadata: ServerMetadata, issuer: str | None) -> ServerMetadata:
+        if issuer is not None and not issuers_match(metadata.issuer, issuer):
+            raise IssuerMismatch(self.server_url, issuer, metadata.issuer)
+        return metadata
+
+    async def aforget_metadata(self) -> None:
+        """Drop the remembered and stored metadata: the next refresh discovers again (still bound to the
+        credentials' issuer)."""
+        with self._lock:
+            self._metadata = None
+        if self._metadata_store is not None:
+            await self._metadata_store.adelete(self.server_url)
 
     def _remember(self, metadata: ServerMetadata) -> ServerMetadata:
         with self._lock:
@@ -215,17 +270,45 @@ class DiscoveringRefresher(Refresher):
         except ValueError as exc:  # a token URL or a client this refresher cannot use
             raise DiscoveryFailed(f"cannot refresh at {token_url}: {exc}", retryable=False) from exc
 
+    def _expected_issuer(self, tokens: UpstreamTokens, client: ClientRegistration) -> str | None:
+        """The one issuer the pin, the tokens and the registration agree on (``None``: none recorded)."""
+        named = [
+            (self.issuer, "the issuer= pin"),
+            (client.issuer, "the client registration"),
+            (tokens.issuer, "the stored tokens"),
+        ]
+        known = [(issuer, what) for issuer, what in named if issuer is not None]
+        if not known:
+            return None
+        first, first_what = known[0]
+        for issuer, what in known[1:]:
+            if not issuers_match(issuer, first):
+                message = (
+                    f"{what} is bound to {issuer} but {first_what} to {first} (MCP server {self.server_url}); "
+                    "nothing was sent. Log the user in again against the issuer you trust, or fix the pin."
+                )
+                raise IssuerMismatch(self.server_url, first, issuer, message=message)
+        return first
+
+    def _bound(self, fresh: UpstreamTokens, metadata: ServerMetadata | None, expected: str | None) -> UpstreamTokens:
+        issuer = metadata.issuer if metadata is not None else expected
+        return fresh if issuer is None else attrs.evolve(fresh, issuer=issuer)
+
     async def arefresh(self, tokens: UpstreamTokens, clock: Clock) -> UpstreamTokens:
-        """Discover (once), then redeem the refresh token at the discovered endpoint."""
-        metadata = None if self._token_url is not None else await self.ametadata()
+        """Discover (once), check the issuer, then redeem the refresh token at its token endpoint."""
         client = await self.aregistration()
-        return await self._refresher(metadata, client).arefresh(tokens, clock)
+        expected = self._expected_issuer(tokens, client)
+        metadata = None if self._token_url is not None else await self.ametadata(issuer=expected)
+        fresh = await self._refresher(metadata, client).arefresh(tokens, clock)
+        return self._bound(fresh, metadata, expected)
 
     def refresh(self, tokens: UpstreamTokens, clock: Clock) -> UpstreamTokens:
         """Blocking twin of :meth:`arefresh`."""
-        metadata = None if self._token_url is not None else self.metadata_sync()
         client = self.registration_sync()
-        return self._refresher(metadata, client).refresh(tokens, clock)
+        expected = self._expected_issuer(tokens, client)
+        metadata = None if self._token_url is not None else self.metadata_sync(issuer=expected)
+        fresh = self._refresher(metadata, client).refresh(tokens, clock)
+        return self._bound(fresh, metadata, expected)
 
     def close(self) -> None:
         """Close the inner refresher's client."""

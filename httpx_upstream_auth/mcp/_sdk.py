@@ -20,7 +20,7 @@ from .._exceptions import ReauthenticationRequired, UpstreamAuthError
 from .._manager import TokenManager
 from .._models import EntryKey, UpstreamTokens
 from .._storage import Storage
-from ._discovery import ServerMetadata
+from ._discovery import IssuerMismatch, ServerMetadata, adiscover
 from ._refresher import DiscoveringRefresher
 
 __all__ = ["SDKLogin", "SDKLoginAuth", "TokenStorageAdapter", "oauth_token_from", "tokens_from_oauth"]
@@ -34,11 +34,13 @@ def tokens_from_oauth(
     user_id: str | None = None,
     upstream_subject: str | None = None,
     client_id: str | None = None,
+    issuer: str | None = None,
 ) -> UpstreamTokens:
     """Our entry for the SDK's ``OAuthToken``: ``expires_in`` made absolute from ``obtained_at``.
 
     ``obtained_at`` is when the token request was sent (or, at worst, when the answer arrived): the
-    expiry is counted from it. The binding fields say whose tokens these are.
+    expiry is counted from it. The binding fields say whose tokens these are; ``issuer`` the
+    authorization server that issued them (refreshes go only there).
     """
     expires_at = None if token.expires_in is None else obtained_at + token.expires_in
     return UpstreamTokens(
@@ -52,6 +54,7 @@ def tokens_from_oauth(
         user_id=user_id,
         upstream_subject=upstream_subject,
         client_id=client_id,
+        issuer=issuer,
     )
 
 
@@ -114,8 +117,16 @@ class TokenStorageAdapter:
         return oauth_token_from(tokens)
 
     async def set_tokens(self, tokens: OAuthToken) -> None:
-        """Store tokens the SDK obtained, with an absolute expiry and the binding fields."""
+        """Store tokens the SDK obtained, with an absolute expiry, the binding fields and (when the client
+        registration records it) the issuer."""
+        await self.store_tokens(tokens)
+
+    async def store_tokens(self, tokens: OAuthToken, *, issuer: str | None = None) -> None:
+        """:meth:`set_tokens`, saying which authorization server issued the tokens (default: the one the
+        client registration records)."""
         client = await self.get_client_info()
+        if issuer is None and client is not None:
+            issuer = getattr(client, "issuer", None)
         self.saves += 1
         await self.manager.astore(
             self.session_id,
@@ -126,6 +137,7 @@ class TokenStorageAdapter:
                 user_id=self.user_id,
                 upstream_subject=self.upstream_subject,
                 client_id=None if client is None else client.client_id,
+                issuer=issuer,
             ),
         )
 
@@ -167,6 +179,11 @@ class SDKLogin:
     metadata are stored in ``storage``, so a restart needs no login. Everything else is ours: one
     single-flight refresh per expiry across tasks and processes, at the discovered token endpoint (with
     ``resource``), a refresh on a 401 before any browser, and no lock held across a request.
+
+    Tokens and the registration record the issuer they came from, and are refreshed only there. When the
+    server later names another authorization server, the call raises :class:`IssuerMismatch` (nothing
+    is sent to the new one) unless ``allow_issuer_change`` sends the user to log in there. ``issuer``
+    pins the authorization server for logins too: a server naming another one gets no login at all.
     """
 
     def __init__(
@@ -178,6 +195,8 @@ class SDKLogin:
         callback_handler: CallbackHandler | None = None,
         storage: Storage | None = None,
         provider_id: str | None = None,
+        issuer: str | None = None,
+        allow_issuer_change: bool = False,
         manager_options: dict[str, Any] | None = None,
     ) -> None:
         from .._memory import MemoryStorage
@@ -188,8 +207,13 @@ class SDKLogin:
         """What the SDK registers the client with."""
         self.redirect_handler = redirect_handler
         self.callback_handler = callback_handler
+        self.issuer = issuer
+        """The pinned authorization server: logins and refreshes anywhere else raise :class:`IssuerMismatch`."""
+        self.allow_issuer_change = allow_issuer_change
+        """Whether a server that now names another authorization server (no pin) sends the user to log in
+        there; by default that is an :class:`IssuerMismatch` and nothing is sent to it."""
         storage = MemoryStorage() if storage is None else storage
-        self.refresher = DiscoveringRefresher(server_url, storage=storage)
+        self.refresher = DiscoveringRefresher(server_url, storage=storage, issuer=issuer)
         """Refreshes at the discovered token endpoint with the registered client."""
         self.manager = TokenManager(
             refresher=self.refresher,
@@ -238,14 +262,16 @@ class SDKLoginAuth(httpx2.Auth):
             upstream_subject=upstream_subject,
         )
         """The SDK's view of this session's tokens and client registration."""
+        login_only = _LoginOnly(self.storage)
         self.sdk = OAuthClientProvider(
             login.server_url,
             login.client_metadata,
-            storage=_LoginOnly(self.storage),
+            storage=login_only,
             redirect_handler=login.redirect_handler,
             callback_handler=login.callback_handler,
         )
         """The SDK's own provider, used for logins only."""
+        login_only.provider = self.sdk
         self._login_done: anyio.Event | None = None
 
     async def async_auth_flow(self, request: httpx2.Request) -> AsyncGenerator[httpx2.Request, httpx2.Response]:
@@ -261,6 +287,11 @@ class SDKLoginAuth(httpx2.Auth):
                 return
             except ReauthenticationRequired:
                 pass  # no tokens yet, or the grant is dead: log in (below)
+            except IssuerMismatch:
+                if not self._login.allow_issuer_change or self._login.issuer is not None:
+                    raise
+                # The user's configuration allows following the server to its new authorization server: a
+                # new login there (the SDK re-registers; nothing of the old issuer's is sent).
             finally:
                 await flow.aclose()
             pending = self._login_done
@@ -269,6 +300,9 @@ class SDKLoginAuth(httpx2.Auth):
             # Another request of this session is logging the user in: wait for it (holding nothing), then
             # try our tokens again rather than start a second login.
             await pending.wait()
+        if self._login.issuer is not None:
+            # Pinned: ask the server which authorization server it names before the SDK sends anyone there.
+            await adiscover(self._login.server_url, issuer=self._login.issuer, timeout=self._login.refresher.timeout)
         done = self._login_done = anyio.Event()
         try:
             # The SDK keeps the last tokens it saw in memory; they may be rotated away since. Forget them, so
@@ -326,12 +360,15 @@ class _LoginOnly:
 
     def __init__(self, adapter: TokenStorageAdapter) -> None:
         self._adapter = adapter
+        self.provider: OAuthClientProvider | None = None
 
     async def get_tokens(self) -> OAuthToken | None:
         return None
 
     async def set_tokens(self, tokens: OAuthToken) -> None:
-        await self._adapter.set_tokens(tokens)
+        # The SDK exchanged the code at the token endpoint of the metadata it discovered: that is the issuer.
+        metadata = None if self.provider is None else self.provider.context.oauth_metadata
+        await self._adapter.store_tokens(tokens, issuer=None if metadata is None else str(metadata.issuer))
 
     async def get_client_info(self) -> OAuthClientInformationFull | None:
         return await self._adapter.get_client_info()

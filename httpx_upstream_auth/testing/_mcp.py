@@ -6,6 +6,7 @@ Works with the SDK 2.x (``MCPServer``) and 1.x (``FastMCP``).
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import Counter
 from typing import Any
@@ -75,6 +76,9 @@ class LocalMCPServer:
         """``sleep`` tool calls running now."""
         self.max_sleeping = 0
         """The most ``sleep`` tool calls ever running at once (how parallel the client really was)."""
+        self.authorization_servers: list[str] | None = None
+        """Set it to make the protected-resource metadata name these authorization servers instead (a
+        server that moved, or a malicious one naming its own)."""
         self._lock = threading.Lock()
 
     def _sleep_started(self) -> None:
@@ -109,6 +113,14 @@ class LocalMCPServer:
             method = scope["method"]
             with self._lock:
                 self.requests[method] += 1
+            if self.authorization_servers is not None and scope["path"].startswith(
+                "/.well-known/oauth-protected-resource"
+            ):
+                body = json.dumps({"resource": self.url, "authorization_servers": self.authorization_servers})
+                headers = [(b"content-type", b"application/json")]
+                await send({"type": "http.response.start", "status": 200, "headers": headers})
+                await send({"type": "http.response.body", "body": body.encode()})
+                return
             if method != "GET":
                 await app(scope, receive, send)
                 return
