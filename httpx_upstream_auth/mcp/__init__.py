@@ -31,7 +31,7 @@ from ._discovery import (
     protected_resource_metadata_urls,
     resource_metadata_from_challenge,
 )
-from ._errors import ERROR_CODE, raise_upstream_errors, upstream_error
+from ._errors import ERROR_CODE, InsecureTransport, raise_upstream_errors, upstream_error
 from ._refresher import ClientRegistration, DiscoveringRefresher
 from ._session1 import connect_session, legacy_http_client
 from ._transport import LegacyAsyncMCPAuthTransport
@@ -48,6 +48,7 @@ __all__ = [
     "ClientRegistration",
     "DiscoveringRefresher",
     "DiscoveryFailed",
+    "InsecureTransport",
     "IssuerMismatch",
     "LegacyAsyncMCPAuthTransport",
     "MetadataStore",

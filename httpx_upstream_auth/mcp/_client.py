@@ -11,7 +11,7 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from .._models import Binding
-from ._errors import find_upstream_error, raise_upstream_errors
+from ._errors import find_upstream_error, insecure_transport, raise_upstream_errors
 from ._sdk import SDKLogin
 from ._transport2 import AsyncMCPAuthTransport
 
@@ -89,6 +89,9 @@ async def connect(
     ``client_options``; ``headers``, ``timeout`` (the SDK's defaults when ``None``) and ``transport``
     configure the HTTP client; ``terminate_on_close`` goes to ``streamable_http_client``.
     """
+    insecure = insecure_transport(url)
+    if insecure is not None:
+        raise insecure
     async with http_client(
         manager, session_id, expect=expect, user_id=user_id, headers=headers, timeout=timeout, transport=transport
     ) as http:

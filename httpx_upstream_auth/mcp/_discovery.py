@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import re
 from typing import Any
 from urllib.parse import urlsplit
@@ -31,6 +32,8 @@ __all__ = [
     "protected_resource_metadata_urls",
     "resource_metadata_from_challenge",
 ]
+
+logger = logging.getLogger("httpx_upstream_auth.mcp")
 
 MAX_METADATA_BYTES = 64 * 1024
 _CHALLENGE_PARAM = re.compile(r'resource_metadata\s*=\s*(?:"([^"]*)"|([^\s,]+))', re.IGNORECASE)
@@ -127,15 +130,23 @@ def _origin_and_path(url: str) -> tuple[str, str]:
     return f"{parts.scheme}://{parts.netloc}", parts.path.rstrip("/")
 
 
-def _check_transport_security(url: str) -> None:
-    parts = urlsplit(url)
-    if parts.scheme == "https":
-        return
+def is_loopback(url: str) -> bool:
+    """Whether ``url``'s host is this machine (``localhost``, ``127.0.0.0/8``, ``::1``)."""
+    host = urlsplit(url).hostname or ""
     try:
-        loopback = ipaddress.ip_address(parts.hostname or "").is_loopback
+        return ipaddress.ip_address(host).is_loopback
     except ValueError:
-        loopback = parts.hostname == "localhost"
-    if parts.scheme != "http" or not loopback:
+        return host.lower() == "localhost"
+
+
+def is_secure_url(url: str) -> bool:
+    """Whether a bearer secret may travel to ``url``: ``https``, or plain ``http`` to a loopback host."""
+    scheme = urlsplit(url).scheme.lower()
+    return scheme == "https" or (scheme == "http" and is_loopback(url))
+
+
+def _check_transport_security(url: str) -> None:
+    if not is_secure_url(url):
         raise DiscoveryFailed(f"metadata URL {url!r} is not https (plain http only on loopback)", retryable=False)
 
 
@@ -150,18 +161,30 @@ def resource_metadata_from_challenge(www_authenticate: str | None) -> str | None
 def protected_resource_metadata_urls(server_url: str, www_authenticate: str | None = None) -> list[str]:
     """Where to look for the server's RFC 9728 metadata, in order.
 
-    The challenge's ``resource_metadata`` first, then the path-aware well-known URL
-    (``{origin}/.well-known/oauth-protected-resource{path}``), then the root one.
+    The challenge's ``resource_metadata`` first when it is on the server's own origin (a URL elsewhere is
+    ignored: a server's 401 must not make the client fetch arbitrary URLs, such as internal ones), then
+    the path-aware well-known URL (``{origin}/.well-known/oauth-protected-resource{path}``), then the
+    root one.
     """
     origin, path = _origin_and_path(server_url)
     urls = []
     named = resource_metadata_from_challenge(www_authenticate)
-    if named:
+    if named and _same_origin(named, origin):
         urls.append(named)
+    elif named:
+        logger.warning("ignored a resource_metadata URL on another origin than the MCP server %s", origin)
     if path:
         urls.append(f"{origin}/.well-known/oauth-protected-resource{path}")
     urls.append(f"{origin}/.well-known/oauth-protected-resource")
     return list(dict.fromkeys(urls))
+
+
+def _same_origin(url: str, origin: str) -> bool:
+    try:
+        other, _ = _origin_and_path(url)
+    except ValueError:
+        return False
+    return other.lower() == origin.lower()
 
 
 def authorization_server_metadata_urls(issuer: str) -> list[str]:
@@ -184,20 +207,16 @@ def _resource_matches(server_url: str, resource: str) -> bool:
     return server_origin.lower() == origin.lower() and (server_path + "/").startswith(path + "/")
 
 
-def _read_json(response: httpx.Response, url: str) -> dict[str, Any] | None:
+def _read_json(answer: tuple[int, bytes], url: str) -> dict[str, Any] | None:
     """The JSON object of a 200 answer; ``None`` for 404/405/410 and similar "not here" answers."""
-    if response.status_code >= 500 or response.status_code == 429:
-        raise DiscoveryFailed(
-            f"metadata at {url} answered {response.status_code}; try again later",
-            retryable=True,
-            status_code=response.status_code,
-        )
-    if response.status_code != 200:
+    status, content = answer
+    if status >= 500 or status == 429:
+        message = f"metadata at {url} answered {status}; try again later"
+        raise DiscoveryFailed(message, retryable=True, status_code=status)
+    if status != 200:
         return None
-    if len(response.content) > MAX_METADATA_BYTES:
-        raise DiscoveryFailed(f"metadata at {url} is larger than {MAX_METADATA_BYTES} bytes", retryable=False)
     try:
-        data = json.loads(response.content)
+        data = json.loads(content)
     except ValueError:
         return None
     return data if isinstance(data, dict) else None
@@ -217,7 +236,13 @@ def _prm_result(
             raise IssuerMismatch(server_url, issuer, servers[0] if len(servers) == 1 else None)
         chosen = listed[0]
     resource = data.get("resource")
-    if resource is not None and (not isinstance(resource, str) or not _resource_matches(server_url, resource)):
+    if not isinstance(resource, str):  # required by RFC 9728 section 3.2: without it nothing can be checked
+        raise DiscoveryFailed(
+            f"protected-resource metadata at {url} has no resource member (RFC 9728 requires it); ask the "
+            "server's operator to publish it, or pass token_url explicitly",
+            retryable=False,
+        )
+    if not _resource_matches(server_url, resource):
         raise DiscoveryFailed(
             f"protected-resource metadata at {url} is for {resource!r}, not for {server_url!r}", retryable=False
         )
@@ -339,16 +364,46 @@ def discover(
             http.close()
 
 
-async def _aget(http: httpx.AsyncClient, url: str) -> httpx.Response:
+def _too_large(url: str) -> DiscoveryFailed:
+    return DiscoveryFailed(f"metadata at {url} is larger than {MAX_METADATA_BYTES} bytes", retryable=False)
+
+
+def _declared_too_large(response: httpx.Response) -> bool:
+    declared = response.headers.get("content-length", "")
+    return declared.isdigit() and int(declared) > MAX_METADATA_BYTES
+
+
+async def _aget(http: httpx.AsyncClient, url: str) -> tuple[int, bytes]:
+    # Streamed, so the size cap stops the read: a huge (or endless) answer costs at most the cap.
     try:
-        return await http.get(url, headers={"accept": "application/json"})
+        async with http.stream("GET", url, headers={"accept": "application/json"}) as response:
+            if response.status_code != 200:
+                return response.status_code, b""
+            if _declared_too_large(response):
+                raise _too_large(url)
+            body = bytearray()
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > MAX_METADATA_BYTES:
+                    raise _too_large(url)
+            return 200, bytes(body)
     except httpx.HTTPError as exc:
         raise DiscoveryFailed(f"could not fetch metadata at {url}: {type(exc).__name__}", retryable=True) from exc
 
 
-def _get(http: httpx.Client, url: str) -> httpx.Response:
+def _get(http: httpx.Client, url: str) -> tuple[int, bytes]:
     try:
-        return http.get(url, headers={"accept": "application/json"})
+        with http.stream("GET", url, headers={"accept": "application/json"}) as response:
+            if response.status_code != 200:
+                return response.status_code, b""
+            if _declared_too_large(response):
+                raise _too_large(url)
+            body = bytearray()
+            for chunk in response.iter_bytes():
+                body += chunk
+                if len(body) > MAX_METADATA_BYTES:
+                    raise _too_large(url)
+            return 200, bytes(body)
     except httpx.HTTPError as exc:
         raise DiscoveryFailed(f"could not fetch metadata at {url}: {type(exc).__name__}", retryable=True) from exc
 

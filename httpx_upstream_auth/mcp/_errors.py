@@ -18,7 +18,16 @@ from typing import Any, TypeVar
 
 from .._exceptions import UpstreamAuthError
 
-__all__ = ["DATA_KEY", "ERROR_CODE", "error_body", "find_upstream_error", "raise_upstream_errors", "upstream_error"]
+__all__ = [
+    "DATA_KEY",
+    "ERROR_CODE",
+    "InsecureTransport",
+    "error_body",
+    "find_upstream_error",
+    "insecure_transport",
+    "raise_upstream_errors",
+    "upstream_error",
+]
 
 _S = TypeVar("_S")
 _T = TypeVar("_T")
@@ -31,6 +40,26 @@ _MAX_TICKETS = 1024
 
 _lock = threading.Lock()
 _tickets: OrderedDict[str, UpstreamAuthError] = OrderedDict()
+
+
+class InsecureTransport(UpstreamAuthError, ValueError):
+    """A bearer token would travel over plain ``http://`` to a host other than this machine: refused,
+    nothing sent. Use the server's ``https://`` URL (plain http is fine for ``localhost``/loopback only)."""
+
+
+def insecure_transport(url: str) -> InsecureTransport | None:
+    """The error for sending a bearer token to ``url``, or ``None`` when that is fine."""
+    from urllib.parse import urlsplit
+
+    from ._discovery import is_secure_url
+
+    if is_secure_url(url):
+        return None
+    parts = urlsplit(url)
+    return InsecureTransport(
+        f"refusing to send a bearer token over {parts.scheme or 'a non-https'}:// to {parts.hostname!r}: use the "
+        "server's https:// URL (plain http only to localhost/loopback); nothing was sent"
+    )
 
 
 def error_body(error: UpstreamAuthError, request_id: Any) -> bytes:

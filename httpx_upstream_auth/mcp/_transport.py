@@ -21,7 +21,7 @@ import httpx
 
 from .._exceptions import RefreshFailed, StorageError, UpstreamAuthError
 from .._models import Binding, EntryKey
-from ._errors import error_body
+from ._errors import error_body, insecure_transport
 
 if TYPE_CHECKING:
     from .._manager import TokenManager
@@ -77,6 +77,9 @@ class MCPAuthDriver:
 
     async def send(self, request: Any, send: _Send, answer: Callable[..., Any]) -> Any:
         """Send ``request`` through the auth flow with ``send``; on our error, ``answer`` it locally."""
+        insecure = insecure_transport(str(request.url))
+        if insecure is not None:  # checked here too: an http_client() may be used with any URL, or redirected
+            return self._answer(request, insecure, answer)
         if self.failed is not None and (request.method == "DELETE" or await self._still_dead()):
             return self._answer(request, copy.copy(self.failed), answer)
         flow = self.auth.async_auth_flow(request)
