@@ -14,7 +14,13 @@ pytest.importorskip("mcp", reason="the MCP SDK is not installed")
 import mcp_fixtures
 
 from httpx_upstream_auth import EntryKey, MemoryStorage, TokenManager, UpstreamTokens
-from httpx_upstream_auth.mcp import ClientRegistration, DiscoveringRefresher, IssuerMismatch, adiscover
+from httpx_upstream_auth.mcp import (
+    ClientRegistration,
+    DiscoveringRefresher,
+    IssuerMismatch,
+    TokenRejected,
+    adiscover,
+)
 from httpx_upstream_auth.testing import LocalMCPServer, LocalProvider, ServerThread
 
 mcp_server = mcp_fixtures.mcp_server
@@ -229,7 +235,7 @@ async def test_sdk_login_mode_follows_a_move_only_when_allowed(
             await login.manager.astore("s", expired(old))
             # The new AS's tokens are not valid at this MCP server (it trusts the old AS): the call fails, but
             # only after a login there.
-            with pytest.raises(Exception):  # noqa: B017
+            with pytest.raises(TokenRejected):
                 await client.call_tool("echo", {"text": "2"})
     finally:
         await login.aclose()

@@ -31,7 +31,18 @@ from ._discovery import (
     protected_resource_metadata_urls,
     resource_metadata_from_challenge,
 )
-from ._errors import ERROR_CODE, InsecureTransport, raise_upstream_errors, upstream_error
+from ._errors import (
+    ERROR_CODE,
+    InsecureTransport,
+    InsufficientScope,
+    LoginFailed,
+    ServerRefused,
+    ServerUnreachable,
+    SessionExpired,
+    TokenRejected,
+    raise_upstream_errors,
+    upstream_error,
+)
 from ._refresher import ClientRegistration, DiscoveringRefresher
 from ._session1 import connect_session, legacy_http_client
 from ._transport import LegacyAsyncMCPAuthTransport
@@ -49,12 +60,18 @@ __all__ = [
     "DiscoveringRefresher",
     "DiscoveryFailed",
     "InsecureTransport",
+    "InsufficientScope",
     "IssuerMismatch",
     "LegacyAsyncMCPAuthTransport",
+    "LoginFailed",
     "MetadataStore",
     "SDKLogin",
     "SDKLoginAuth",
     "ServerMetadata",
+    "ServerRefused",
+    "ServerUnreachable",
+    "SessionExpired",
+    "TokenRejected",
     "TokenStorageAdapter",
     "adiscover",
     "authorization_server_metadata_urls",

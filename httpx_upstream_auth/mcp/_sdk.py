@@ -21,6 +21,7 @@ from .._manager import TokenManager
 from .._models import EntryKey, UpstreamTokens
 from .._storage import Storage
 from ._discovery import IssuerMismatch, ServerMetadata, adiscover
+from ._errors import LoginFailed
 from ._refresher import DiscoveringRefresher
 
 __all__ = ["SDKLogin", "SDKLoginAuth", "TokenStorageAdapter", "oauth_token_from", "tokens_from_oauth"]
@@ -317,6 +318,16 @@ class SDKLoginAuth(httpx2.Auth):
                     outgoing = await login.asend(response)
             except StopAsyncIteration:
                 pass
+            except UpstreamAuthError:
+                raise
+            except Exception as exc:
+                # The SDK's own errors (the user closed the browser, a state mismatch, a refused code exchange, a
+                # callback that timed out) would escape into the SDK's task group and end the session: ours
+                # reaches the caller instead. Only the type is said: the SDK's text may quote the provider.
+                raise LoginFailed(
+                    f"the login through the MCP SDK did not complete ({type(exc).__name__}): the user may have "
+                    "closed the browser, or the authorization server refused the code. Try the login again."
+                ) from exc
             finally:
                 await login.aclose()
             await self._adopt_metadata()

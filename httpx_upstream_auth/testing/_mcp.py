@@ -32,13 +32,15 @@ class LocalTokenVerifier:
         """Requests let through."""
         self.rejected = 0
         """Requests refused with 401 (expired, revoked or unknown token)."""
+        self.reject_all = False
+        """Reject every token (see :attr:`LocalMCPServer.reject_tokens`)."""
         self._lock = threading.Lock()
 
     async def verify_token(self, token: str) -> Any:
         """The SDK's ``AccessToken`` for a live token, else ``None`` (the server answers 401)."""
         from mcp.server.auth.provider import AccessToken
 
-        info = self.provider.introspect(token)
+        info = None if self.reject_all else self.provider.introspect(token)
         with self._lock:
             if info is None:
                 self.rejected += 1
@@ -76,6 +78,13 @@ class LocalMCPServer:
         """``sleep`` tool calls running now."""
         self.max_sleeping = 0
         """The most ``sleep`` tool calls ever running at once (how parallel the client really was)."""
+        self.require_scope: str | None = None
+        """Set it (``"api admin"``) to answer 403 ``insufficient_scope`` naming it to POSTs whose token lacks
+        one of these scopes, as the MCP spec asks a server to do (the SDK's server does not name the scope)."""
+        self.forbidden = False
+        """Set it to answer 403 (no challenge) to every POST, as a gateway in front of a server might."""
+        self.forget_sessions = False
+        """Set it to make the server forget every session (404 to requests carrying a session id)."""
         self.authorization_servers: list[str] | None = None
         """Set it to make the protected-resource metadata name these authorization servers instead (a
         server that moved, or a malicious one naming its own)."""
@@ -105,6 +114,26 @@ class LocalMCPServer:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
+    @property
+    def reject_tokens(self) -> bool:
+        """Set it to make the verifier reject every token (401 to everything, even fresh tokens)."""
+        return self.verifier.reject_all
+
+    @reject_tokens.setter
+    def reject_tokens(self, value: bool) -> None:
+        self.verifier.reject_all = value
+
+    def _lacks_scope(self, scope: Any) -> bool:
+        token = ""
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                token = value.decode("latin-1").partition(" ")[2]
+        info = self.verifier.provider.introspect(token)
+        if info is None:
+            return False  # the SDK's server answers 401 itself
+        granted = set((info["scope"] or "").split())
+        return not set((self.require_scope or "").split()) <= granted
+
     def _counting(self, app: Any) -> Any:
         async def counted(scope: Any, receive: Any, send: Any) -> None:
             if scope["type"] != "http":
@@ -120,6 +149,22 @@ class LocalMCPServer:
                 headers = [(b"content-type", b"application/json")]
                 await send({"type": "http.response.start", "status": 200, "headers": headers})
                 await send({"type": "http.response.body", "body": body.encode()})
+                return
+            if self.forget_sessions and any(name == b"mcp-session-id" for name, _ in scope["headers"]):
+                headers = [(n, b"forgotten" if n == b"mcp-session-id" else v) for n, v in scope["headers"]]
+                scope = {**scope, "headers": headers}
+            if method == "POST" and self.forbidden:
+                await send({"type": "http.response.start", "status": 403, "headers": []})
+                await send({"type": "http.response.body", "body": b"forbidden"})
+                return
+            if method == "POST" and self.require_scope is not None and self._lacks_scope(scope):
+                challenge = (
+                    f'Bearer error="insufficient_scope", scope="{self.require_scope}", '
+                    f'resource_metadata="{self.thread.url}/.well-known/oauth-protected-resource/mcp"'
+                )
+                headers = [(b"www-authenticate", challenge.encode()), (b"content-type", b"application/json")]
+                await send({"type": "http.response.start", "status": 403, "headers": headers})
+                await send({"type": "http.response.body", "body": b'{"error": "insufficient_scope"}'})
                 return
             if method != "GET":
                 await app(scope, receive, send)
