@@ -8,6 +8,7 @@ import textwrap
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -293,3 +294,53 @@ async def test_the_sdks_own_provider_over_the_adapter_survives_a_restart(
     assert await run_app() == "ok"  # the restart
     assert browser.visits == 1 and provider.flow_stats["code_exchanges"] == 1
     assert provider.stats["refresh_ok"] == 1 and provider.stats["refresh_reuse"] == 0
+
+
+async def test_refreshes_keep_the_registration_and_metadata_records_alive(
+    provider: LocalProvider, mcp_server: LocalMCPServer, login: SDKLogin
+) -> None:
+    """A refresh rewrites the stored registration and metadata (at most every ``keep_alive`` seconds), so they do
+    not outlive the storage's retention while the token entries, rewritten by every refresh, live on (item 3)."""
+    from httpx_upstream_auth.mcp._refresher import METADATA_NAMESPACE, REGISTRATION_NAMESPACE
+
+    storage = login.manager.storage
+    keys = [EntryKey(ns, mcp_server.url) for ns in (REGISTRATION_NAMESPACE, METADATA_NAMESPACE)]
+    async with connect(mcp_server.url, login, SESSION, mode="legacy") as client:
+        await client.call_tool("echo", {"text": "1"})
+        before = [(await storage.aget(key)).version for key in keys]  # type: ignore[union-attr]
+        login.refresher.keep_alive = 0
+        await login.manager.astore(SESSION, expired_entry(await login.manager.aget_token(SESSION)))
+        await client.call_tool("echo", {"text": "2"})
+        login.refresher.keep_alive = 3600
+        await login.manager.astore(SESSION, expired_entry(await login.manager.aget_token(SESSION)))
+        await client.call_tool("echo", {"text": "3"})
+    after = [(await storage.aget(key)).version for key in keys]  # type: ignore[union-attr]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1]
+    assert provider.stats["refresh_ok"] == 2
+
+
+async def test_a_lost_registration_means_a_new_login_not_a_stuck_session(
+    provider: LocalProvider, mcp_server: LocalMCPServer, login: SDKLogin, browser: HeadlessBrowser
+) -> None:
+    """When the registration record is gone (past the storage's retention), the next refresh asks for a login,
+    after which the registration is stored again: the session goes on (it was stuck on DiscoveryFailed), and
+    the next expiry is a refresh, not a login."""
+    from httpx_upstream_auth.mcp._refresher import REGISTRATION_NAMESPACE
+
+    key = EntryKey(REGISTRATION_NAMESPACE, mcp_server.url)
+    async with connect(mcp_server.url, login, SESSION, mode="legacy") as client:
+        await client.call_tool("echo", {"text": "1"})
+        await login.manager.storage.adelete(key)
+        await login.manager.astore(SESSION, expired_entry(await login.manager.aget_token(SESSION)))
+        assert (await client.call_tool("echo", {"text": "2"})).content[0].text == "2"  # type: ignore[union-attr]
+        assert await login.manager.storage.aget(key) is not None
+        await login.manager.astore(SESSION, expired_entry(await login.manager.aget_token(SESSION)))
+        assert (await client.call_tool("echo", {"text": "3"})).content[0].text == "3"  # type: ignore[union-attr]
+    assert browser.visits == 2 and provider.stats["refresh_ok"] == 1
+
+
+def expired_entry(tokens: Any) -> Any:
+    """The same grant, as if its access token had expired."""
+    import attrs
+
+    return attrs.evolve(tokens, expires_at=time.time() - 1)

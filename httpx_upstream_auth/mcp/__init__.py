@@ -43,7 +43,7 @@ from ._errors import (
     raise_upstream_errors,
     upstream_error,
 )
-from ._refresher import ClientRegistration, DiscoveringRefresher
+from ._refresher import ClientNotRegistered, ClientRegistration, DiscoveringRefresher
 from ._session1 import connect_session, legacy_http_client
 from ._transport import LegacyAsyncMCPAuthTransport
 
@@ -56,6 +56,7 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "ERROR_CODE",
     "AsyncMCPAuthTransport",
+    "ClientNotRegistered",
     "ClientRegistration",
     "DiscoveringRefresher",
     "DiscoveryFailed",

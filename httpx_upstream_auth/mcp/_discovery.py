@@ -415,7 +415,7 @@ class MetadataStore:
     so they never meet token entries; the JSON sits in the entry's hidden ``access_token`` field (it may
     hold a client secret). They share the storage's durability and reach: every process and host that
     shares the tokens shares them, and a restart finds them. Retention is the storage's (30 days by
-    default after the last write).
+    default after the last write): :meth:`atouch` rewrites a record that is still in use.
     """
 
     def __init__(self, storage: Storage, namespace: str) -> None:
@@ -450,6 +450,25 @@ class MetadataStore:
             if await self.storage.aput(key, entry, expected_version=None if current is None else current.version):
                 return
         raise _busy()
+
+    async def atouch(self, name: str) -> bool:
+        """Rewrite the record saved under ``name`` as it is, so the storage's retention starts again; ``False``
+        when there is none (or it changed meanwhile: then it was just written anyway)."""
+        key = self._key(name)
+        current = await self.storage.aget(key)
+        if current is None:
+            return False
+        entry = self._entry(current.access_token, current.version + 1)
+        return await self.storage.aput(key, entry, expected_version=current.version)
+
+    def touch(self, name: str) -> bool:
+        """Blocking twin of :meth:`atouch`."""
+        key = self._key(name)
+        current = self.storage.get(key)
+        if current is None:
+            return False
+        entry = self._entry(current.access_token, current.version + 1)
+        return self.storage.put(key, entry, expected_version=current.version)
 
     async def adelete(self, name: str) -> None:
         """Forget the record saved under ``name`` (nothing happens when there is none)."""

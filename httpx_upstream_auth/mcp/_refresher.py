@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from typing import Any
 
 import attrs
 
 from .._clock import Clock
+from .._exceptions import ReauthenticationRequired, UpstreamAuthError
 from .._models import UpstreamTokens
 from .._refresher import OAuth2Refresher, Refresher
 from .._storage import Storage
@@ -22,12 +24,27 @@ from ._discovery import (
     issuers_match,
 )
 
-__all__ = ["METADATA_NAMESPACE", "REGISTRATION_NAMESPACE", "ClientRegistration", "DiscoveringRefresher"]
+__all__ = [
+    "METADATA_NAMESPACE",
+    "REGISTRATION_NAMESPACE",
+    "ClientNotRegistered",
+    "ClientRegistration",
+    "DiscoveringRefresher",
+]
 
 METADATA_NAMESPACE = "httpx-upstream-auth:mcp-metadata"
 """The provider id under which discovered metadata is stored."""
 REGISTRATION_NAMESPACE = "httpx-upstream-auth:mcp-client"
 """The provider id under which client registrations (from the SDK's login) are stored."""
+
+
+KEEP_ALIVE_MAX = 24 * 3600.0
+"""The longest a process refreshes without rewriting the stored registration and metadata it uses."""
+
+
+class ClientNotRegistered(ReauthenticationRequired):
+    """No client registration is stored for the server (never logged in through the SDK, or the record outlived
+    the storage's retention): log the user in again, which registers the client again (SDK-login mode does)."""
 
 
 class ClientRegistration:
@@ -124,6 +141,11 @@ class DiscoveringRefresher(Refresher):
         self._inner_for: tuple[str, str, str | None, str] | None = None
         self.discoveries = 0
         """How many times metadata was fetched from the network (0 after a restart that found it stored)."""
+        self.keep_alive = KEEP_ALIVE_MAX if storage is None else min(KEEP_ALIVE_MAX, storage.retention / 3)
+        """Seconds between rewrites of the stored registration and metadata while refreshes use them (records
+        are kept for the storage's retention after their last write; token entries are rewritten by every
+        refresh, these would not be)."""
+        self._kept_alive_at: float | None = None
 
     def __repr__(self) -> str:
         return f"DiscoveringRefresher(server_url={self.server_url!r})"
@@ -222,9 +244,10 @@ class DiscoveringRefresher(Refresher):
 
     def _registration(self, record: str | None) -> ClientRegistration:
         if record is None:
-            raise DiscoveryFailed(
-                f"no client registered for {self.server_url}: pass client_id, or log in once through the SDK",
-                retryable=False,
+            raise ClientNotRegistered(
+                f"no client registration is stored for {self.server_url} (never logged in through the SDK, or "
+                "the record outlived the storage's retention): log the user in again (SDK-login mode does, "
+                "registering the client again), or pass client_id"
             )
         return ClientRegistration.from_json(record)
 
@@ -300,6 +323,8 @@ class DiscoveringRefresher(Refresher):
         expected = self._expected_issuer(tokens, client)
         metadata = None if self._token_url is not None else await self.ametadata(issuer=expected)
         fresh = await self._refresher(metadata, client).arefresh(tokens, clock)
+        if self._keep_alive_due():
+            await self._akeep_alive()
         return self._bound(fresh, metadata, expected)
 
     def refresh(self, tokens: UpstreamTokens, clock: Clock) -> UpstreamTokens:
@@ -308,7 +333,38 @@ class DiscoveringRefresher(Refresher):
         expected = self._expected_issuer(tokens, client)
         metadata = None if self._token_url is not None else self.metadata_sync(issuer=expected)
         fresh = self._refresher(metadata, client).refresh(tokens, clock)
+        if self._keep_alive_due():
+            self._keep_alive_sync()
         return self._bound(fresh, metadata, expected)
+
+    def _keep_alive_due(self) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            if self._kept_alive_at is not None and now - self._kept_alive_at < self.keep_alive:
+                return False
+            self._kept_alive_at = now
+            return True
+
+    async def _akeep_alive(self) -> None:
+        # Best effort, after the refresh succeeded: a store that fails now is tried again at the next refresh.
+        try:
+            if self._client is None and self._registrations is not None:
+                await self._registrations.atouch(self.server_url)
+            if self._token_url is None and self._metadata_store is not None:
+                await self._metadata_store.atouch(self.server_url)
+        except UpstreamAuthError:
+            with self._lock:
+                self._kept_alive_at = None
+
+    def _keep_alive_sync(self) -> None:
+        try:
+            if self._client is None and self._registrations is not None:
+                self._registrations.touch(self.server_url)
+            if self._token_url is None and self._metadata_store is not None:
+                self._metadata_store.touch(self.server_url)
+        except UpstreamAuthError:
+            with self._lock:
+                self._kept_alive_at = None
 
     def close(self) -> None:
         """Close the inner refresher's client."""

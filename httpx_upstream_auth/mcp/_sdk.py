@@ -338,8 +338,11 @@ class SDKLoginAuth(httpx2.Auth):
             done.set()
 
     async def _adopt_metadata(self) -> None:
-        """Tell our refresher what the SDK discovered, so it never fetches it again (and store it)."""
+        """Tell our refresher what the SDK discovered, so it never fetches it again (and store it); store the
+        client the login used too (the SDK may have reused one it kept in memory, whose record is gone)."""
         context = self.sdk.context
+        if context.client_info is not None:
+            await self.storage.set_client_info(context.client_info)
         metadata = context.oauth_metadata
         if metadata is None:
             return
