@@ -330,6 +330,9 @@ def test_the_docs_table_names_a_test_per_row() -> None:
 
     import test_mcp_hardening
 
+    # Tests of SDK-login mode (2.x only) live in test_mcp_sdk_login, which does not import under 1.x.
+    sdk_login_source = (Path(__file__).parent / "test_mcp_sdk_login.py").read_text()
+
     text = (Path(__file__).resolve().parent.parent / "docs" / "mcp.md").read_text()
     table = text.split("## Errors", 1)[1].split("\n## ", 1)[0]
     lines = table.splitlines()
@@ -338,5 +341,27 @@ def test_the_docs_table_names_a_test_per_row() -> None:
     here = sys.modules[__name__]
     assert len(rows) >= 11 and all(re.search(r"`(test_\w+)`", row) for row in rows)
     for name in named:
-        assert hasattr(here, name) or hasattr(test_mcp_hardening, name), name
+        assert hasattr(here, name) or hasattr(test_mcp_hardening, name) or f"def {name}(" in sdk_login_source, name
     assert {name for name in dir(here) if name.startswith("test_row_")} <= named
+
+
+async def test_the_server_stream_comes_back_after_a_dead_grant_and_a_new_login(
+    provider: LocalProvider, manager: TokenManager, mcp_server: LocalMCPServer
+) -> None:
+    """Issue 13 item 8: the GET stream, ended while the grant is dead, reconnects once new tokens are stored
+    (its reconnects wait for them instead of being refused until the SDK gives up)."""
+    await manager.astore(SESSION, provider.login())
+    async with session(mcp_server.url, manager) as client:
+        await settled(mcp_server)
+        provider.revoke_grant(provider.grant_of((await manager.aget_token(SESSION)).access_token))
+        with pytest.raises(ReauthenticationRequired):
+            await echo(client, "x")
+        mcp_server.close_streams()
+        with anyio.fail_after(10):
+            while mcp_server.open_streams:
+                await anyio.sleep(0.01)
+        await anyio.sleep(3.5)  # longer than the SDK's two reconnect attempts, one second apart
+        await manager.astore(SESSION, provider.login())
+        await settled(mcp_server)  # the stream is back
+        assert await echo(client, "y") == "y"
+    assert mcp_server.streams_opened == 2

@@ -151,6 +151,12 @@ class MCPAuthDriver:
             return self._answer(request, insecure, answer)
         # Only an error that a new login must cure is answered again without asking: after a transient one
         # (a 503 from the token endpoint) the next request, the session's closing DELETE included, tries again.
+        if request.method == "GET" and self._dead:
+            # The SDK's server-to-client stream reconnecting: answered now it would count as a failed attempt,
+            # and the SDK gives that stream up after two. Parked instead until new tokens are stored (the
+            # SDK cancels it when the session closes).
+            while await self._still_dead():
+                await self._storage.awatch(self._key, self._dead_version, 5.0)
         if self.failed is not None and await self._still_dead():
             return self._answer(request, copy.copy(self.failed), answer)
         flow = self.auth.async_auth_flow(request)

@@ -88,6 +88,7 @@ class LocalMCPServer:
         self.authorization_servers: list[str] | None = None
         """Set it to make the protected-resource metadata name these authorization servers instead (a
         server that moved, or a malicious one naming its own)."""
+        self._close_generation = 0
         self._lock = threading.Lock()
 
     def _sleep_started(self) -> None:
@@ -103,6 +104,11 @@ class LocalMCPServer:
     def url(self) -> str:
         """The MCP endpoint, ``http://127.0.0.1:<port>/mcp``."""
         return self.thread.url + "/mcp"
+
+    def close_streams(self) -> None:
+        """End every open GET stream, as a server restarting its front end would (the client reconnects)."""
+        with self._lock:
+            self._close_generation += 1
 
     def stop(self) -> None:
         """Stop serving."""
@@ -170,18 +176,56 @@ class LocalMCPServer:
                 await app(scope, receive, send)
                 return
             status: list[int] = []
+            generation = self._close_generation
+            ended = False
+            send_lock = anyio.Lock()
+            disconnected = anyio.Event()
 
             async def watch(message: Any) -> None:
-                if message["type"] == "http.response.start":
-                    status.append(message["status"])
-                    if message["status"] == 200:
-                        with self._lock:
-                            self.open_streams += 1
-                            self.streams_opened += 1
-                await send(message)
+                async with send_lock:
+                    if ended:
+                        return  # closed by close_streams(): the app's last words go nowhere
+                    if message["type"] == "http.response.start":
+                        status.append(message["status"])
+                        if message["status"] == 200:
+                            with self._lock:
+                                self.open_streams += 1
+                                self.streams_opened += 1
+                    await send(message)
+
+            async def listen() -> Any:
+                # The client's messages, or a disconnect once close_streams() ended this stream.
+                result: Any = {"type": "http.disconnect"}
+                async with anyio.create_task_group() as group:
+
+                    async def real() -> None:
+                        nonlocal result
+                        result = await receive()
+                        group.cancel_scope.cancel()
+
+                    async def closed() -> None:
+                        await disconnected.wait()
+                        group.cancel_scope.cancel()
+
+                    group.start_soon(real)
+                    group.start_soon(closed)
+                return result
+
+            async def closer() -> None:
+                nonlocal ended
+                while self._close_generation == generation:  # set from the test's thread: polled
+                    await anyio.sleep(0.01)
+                async with send_lock:
+                    if status == [200] and not ended:
+                        await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    ended = True
+                disconnected.set()
 
             try:
-                await app(scope, receive, watch)
+                async with anyio.create_task_group() as group:
+                    group.start_soon(closer)
+                    await app(scope, listen, watch)
+                    group.cancel_scope.cancel()
             finally:
                 if status == [200]:
                     with self._lock:
