@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 import pytest
@@ -344,3 +345,96 @@ def expired_entry(tokens: Any) -> Any:
     import attrs
 
     return attrs.evolve(tokens, expires_at=time.time() - 1)
+
+
+async def test_what_the_adapter_cannot_do_the_sdk_logs_in_at_the_first_expiry_after_a_restart(
+    tmp_path: Path, provider: LocalProvider, mcp_server: LocalMCPServer, browser: HeadlessBrowser
+) -> None:
+    """The limit docs/mcp.md states (item 7): the SDK's provider reads the adapter's tokens once and never learns
+    their expiry (python-sdk #1318/#3250), so in a restarted app the first expiry is a 401 and the SDK's
+    login (a browser) although the grant is alive; SDKLogin (test_a_restarted_client_process_...) does not."""
+    from httpx_upstream_auth import TokenManager
+    from httpx_upstream_auth.mcp import DiscoveringRefresher
+
+    storage = SQLiteStorage(tmp_path / "own.db")
+    manager = TokenManager(
+        refresher=DiscoveringRefresher(mcp_server.url, storage=storage), provider_id="own", storage=storage
+    )
+    texts = []
+    try:
+        for _ in range(2):  # the first run logs in; the second is the restarted app
+            sdk_auth = OAuthClientProvider(
+                mcp_server.url,
+                client_metadata(),
+                storage=TokenStorageAdapter(manager, "app-user", mcp_server.url),
+                redirect_handler=browser.redirect,
+                callback_handler=browser.callback,
+            )
+            async with (
+                httpx2.AsyncClient(auth=sdk_auth, timeout=httpx2.Timeout(30, read=300)) as http,
+                Client(streamable_http_client(mcp_server.url, http_client=http), mode="legacy") as client,
+            ):
+                texts.append((await client.call_tool("echo", {"text": "a"})).content[0].text)  # type: ignore[union-attr]
+            assert browser.visits == 1
+        async with (
+            httpx2.AsyncClient(auth=sdk_auth, timeout=httpx2.Timeout(30, read=300)) as http,
+            Client(streamable_http_client(mcp_server.url, http_client=http), mode="legacy") as client,
+        ):
+            await anyio.sleep(2.1)  # the token the restarted SDK loaded expires while it runs
+            texts.append((await client.call_tool("echo", {"text": "b"})).content[0].text)  # type: ignore[union-attr]
+    finally:
+        await manager.aclose()
+    assert texts == ["a", "a", "b"]
+    assert browser.visits == 2 and provider.flow_stats["code_exchanges"] == 2  # a second login, grant alive
+
+
+class ConsentBrowser(HeadlessBrowser):
+    """A browser whose user may untick scopes on the consent screen: ``granted`` replaces the asked scope."""
+
+    granted: str | None = None
+    asked: list[str]
+
+    async def redirect(self, url: str) -> None:
+        """Record the scope asked for; approve only ``granted`` when set."""
+        from urllib.parse import parse_qsl, urlencode
+
+        parts = urlsplit(url)
+        query = dict(parse_qsl(parts.query))
+        self.asked = [*getattr(self, "asked", []), query.get("scope", "")]
+        if self.granted is not None:
+            query["scope"] = self.granted
+        await super().redirect(parts._replace(query=urlencode(query)).geturl())
+
+
+async def test_insufficient_scope_steps_up_through_the_sdk_once(
+    provider: LocalProvider, mcp_server: LocalMCPServer, tmp_path: Path
+) -> None:
+    """Item 6: a 403 insufficient_scope naming "api admin" makes SDK-login mode re-authorize through the SDK with
+    that scope and replay (one login); when the user does not grant it, InsufficientScope with the scope asked,
+    after one step-up (no loop)."""
+    from httpx_upstream_auth.mcp import InsufficientScope
+
+    browser = ConsentBrowser()
+    login = SDKLogin(
+        mcp_server.url,
+        client_metadata=client_metadata(),
+        redirect_handler=browser.redirect,
+        callback_handler=browser.callback,
+        storage=SQLiteStorage(tmp_path / "tokens.db"),
+    )
+    try:
+        async with connect(mcp_server.url, login, SESSION, mode="legacy") as client:
+            await client.call_tool("echo", {"text": "1"})
+            mcp_server.require_scope = "api admin"
+            assert (await client.call_tool("echo", {"text": "2"})).content[0].text == "2"  # type: ignore[union-attr]
+            assert browser.visits == 2 and set(browser.asked[-1].split()) == {"api", "admin"}
+            granted = (await login.manager.aget_token(SESSION)).scope or ""
+            assert set(granted.split()) == {"api", "admin"}
+            mcp_server.require_scope = "api admin audit"
+            browser.granted = "api admin"  # the user unticks "audit"
+            with pytest.raises(InsufficientScope) as caught:
+                await client.call_tool("echo", {"text": "3"})
+    finally:
+        await login.aclose()
+    assert caught.value.scope == "api admin audit"
+    assert browser.visits == 3  # one step-up for the refused call, then the typed error

@@ -276,16 +276,21 @@ class SDKLoginAuth(httpx2.Auth):
         self._login_done: anyio.Event | None = None
 
     async def async_auth_flow(self, request: httpx2.Request) -> AsyncGenerator[httpx2.Request, httpx2.Response]:
-        """Ours first; the SDK's login flow when (and only when) re-authentication is required."""
+        """Ours first; the SDK's login flow when (and only when) re-authentication is required, or the server
+        asks for more scope (403 ``insufficient_scope``: the SDK's step-up, once per request)."""
+        step_up: Any = None
         for attempt in range(2):
             flow: AsyncGenerator[Any, Any] = self._ours.async_auth_flow(request)  # type: ignore[arg-type]
+            last: Any = None
             try:
                 outgoing: Any = await flow.__anext__()
                 while True:
-                    response = yield outgoing
-                    outgoing = await flow.asend(response)
+                    last = yield outgoing
+                    outgoing = await flow.asend(last)
             except StopAsyncIteration:
-                return
+                if not _wants_more_scope(last):
+                    return
+                step_up = last
             except ReauthenticationRequired:
                 pass  # no tokens yet, or the grant is dead: log in (below)
             except IssuerMismatch:
@@ -296,7 +301,7 @@ class SDKLoginAuth(httpx2.Auth):
             finally:
                 await flow.aclose()
             pending = self._login_done
-            if pending is None or attempt:
+            if step_up is not None or pending is None or attempt:
                 break
             # Another request of this session is logging the user in: wait for it (holding nothing), then
             # try our tokens again rather than start a second login.
@@ -313,6 +318,10 @@ class SDKLoginAuth(httpx2.Auth):
             login = self.sdk.async_auth_flow(request)
             try:
                 outgoing = await login.__anext__()
+                if step_up is not None:
+                    # The SDK's step-up reads the 403 we already have (not sent twice): it authorizes the union
+                    # of the scopes asked before and the challenge's, then replays the request.
+                    outgoing = await login.asend(step_up)
                 while True:
                     response = yield outgoing
                     outgoing = await login.asend(response)
@@ -360,6 +369,14 @@ class SDKLoginAuth(httpx2.Auth):
             discovered_at=time.time(),
         )
         await self._login.refresher.asave_metadata(found)
+
+
+def _wants_more_scope(response: Any) -> bool:
+    if response is None or response.status_code != 403:
+        return False
+    from ._transport import challenge_params
+
+    return challenge_params(response.headers.get("www-authenticate")).get("error") == "insufficient_scope"
 
 
 def _text(value: object) -> str | None:
