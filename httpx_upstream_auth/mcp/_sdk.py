@@ -198,6 +198,7 @@ class SDKLogin:
         provider_id: str | None = None,
         issuer: str | None = None,
         allow_issuer_change: bool = False,
+        client_metadata_url: str | None = None,
         manager_options: dict[str, Any] | None = None,
     ) -> None:
         from .._memory import MemoryStorage
@@ -208,6 +209,9 @@ class SDKLogin:
         """What the SDK registers the client with."""
         self.redirect_handler = redirect_handler
         self.callback_handler = callback_handler
+        self.client_metadata_url = client_metadata_url
+        """An https URL of a client ID metadata document (the SDK uses it as the client id where the authorization
+        server supports that, instead of registering)."""
         self.issuer = issuer
         """The pinned authorization server: logins and refreshes anywhere else raise :class:`IssuerMismatch`."""
         self.allow_issuer_change = allow_issuer_change
@@ -270,6 +274,7 @@ class SDKLoginAuth(httpx2.Auth):
             storage=login_only,
             redirect_handler=login.redirect_handler,
             callback_handler=login.callback_handler,
+            client_metadata_url=login.client_metadata_url,
         )
         """The SDK's own provider, used for logins only."""
         login_only.provider = self.sdk
