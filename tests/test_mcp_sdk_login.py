@@ -438,3 +438,23 @@ async def test_insufficient_scope_steps_up_through_the_sdk_once(
         await login.aclose()
     assert caught.value.scope == "api admin audit"
     assert browser.visits == 3  # one step-up for the refused call, then the typed error
+
+
+async def test_sdk_login_is_an_async_context_manager_and_keeps_its_scope_per_session(
+    mcp_server: LocalMCPServer, browser: HeadlessBrowser
+) -> None:
+    """``async with SDKLogin(...)`` closes it; a first request that logs in and then meets 403 insufficient_scope
+    steps up within the same call; the SDK's rewrite of the scope stays in its session (the configured client
+    metadata is never changed)."""
+    metadata = client_metadata()
+    async with SDKLogin(
+        mcp_server.url,
+        client_metadata=metadata,
+        redirect_handler=browser.redirect,
+        callback_handler=browser.callback,
+    ) as login:
+        mcp_server.require_scope = "api admin"
+        async with connect(mcp_server.url, login, SESSION, mode="legacy", max_sse_event_size=1 << 20) as client:
+            assert (await client.call_tool("echo", {"text": "1"})).content[0].text == "1"  # type: ignore[union-attr]
+    assert browser.visits == 2  # the login, then one step-up for the same request
+    assert metadata.scope == "api" and login.client_metadata.scope == "api"

@@ -95,7 +95,8 @@ class DiscoveringRefresher(Refresher):
     RFC 8414 / OpenID metadata (path-aware; nothing is guessed), and builds an :class:`OAuth2Refresher`
     for the token endpoint found, sending the server's ``resource`` (RFC 8707) when it names one. The
     result is kept in memory and, with ``storage`` (normally the manager's), stored: a restart, or
-    another process, does not rediscover. Pass ``token_url`` to skip discovery.
+    another process, does not rediscover. Pass ``token_url`` to skip discovery (``resource`` is then the
+    server URL itself).
 
     The client is ``client_id`` / ``client_secret`` / ``auth_method``; leave ``client_id`` out when the
     client was registered at login time (the SDK's dynamic registration through :class:`SDKLoginAuth`
@@ -261,7 +262,10 @@ class DiscoveringRefresher(Refresher):
     def _refresher(self, metadata: ServerMetadata | None, client: ClientRegistration) -> OAuth2Refresher:
         token_url = self._token_url or (metadata.token_endpoint if metadata else None)
         assert token_url is not None
-        resource = metadata.resource if metadata is not None and self.send_resource else None
+        # RFC 8707 / the MCP spec: the resource goes with every token request; with an explicit token_url
+        # (nothing discovered) it is the server URL itself.
+        named = self.server_url if metadata is None else metadata.resource
+        resource = named if self.send_resource else None
         wanted = (token_url, client.client_id, resource, client.auth_method)
         with self._lock:
             if self._inner is None or self._inner_for != wanted:

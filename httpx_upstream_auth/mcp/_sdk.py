@@ -238,6 +238,12 @@ class SDKLogin:
         """Close the manager (storage, refresher)."""
         await self.manager.aclose()
 
+    async def __aenter__(self) -> SDKLogin:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
 
 class SDKLoginAuth(httpx2.Auth):
     """The ``httpx2.Auth`` of one session under :class:`SDKLogin`: ours normally, the SDK's for a login.
@@ -270,7 +276,9 @@ class SDKLoginAuth(httpx2.Auth):
         login_only = _LoginOnly(self.storage)
         self.sdk = OAuthClientProvider(
             login.server_url,
-            login.client_metadata,
+            # A copy per session: the SDK rewrites its scope (from the challenge, or a step-up's union); that
+            # must not leak into other sessions' logins.
+            login.client_metadata.model_copy(deep=True),
             storage=login_only,
             redirect_handler=login.redirect_handler,
             callback_handler=login.callback_handler,
@@ -320,31 +328,39 @@ class SDKLoginAuth(httpx2.Auth):
             # it does not refresh with a consumed refresh token (that would revoke the grant): it logs in.
             self.sdk.context.clear_tokens()
             request.headers.pop("Authorization", None)
-            login = self.sdk.async_auth_flow(request)
-            try:
-                outgoing = await login.__anext__()
-                if step_up is not None:
-                    # The SDK's step-up reads the 403 we already have (not sent twice): it authorizes the union
-                    # of the scopes asked before and the challenge's, then replays the request.
-                    outgoing = await login.asend(step_up)
-                while True:
-                    response = yield outgoing
-                    outgoing = await login.asend(response)
-            except StopAsyncIteration:
-                pass
-            except UpstreamAuthError:
-                raise
-            except Exception as exc:
-                # The SDK's own errors (the user closed the browser, a state mismatch, a refused code exchange, a
-                # callback that timed out) would escape into the SDK's task group and end the session: ours
-                # reaches the caller instead. Only the type is said: the SDK's text may quote the provider.
-                raise LoginFailed(
-                    f"the login through the MCP SDK did not complete ({type(exc).__name__}): the user may have "
-                    "closed the browser, or the authorization server refused the code. Try the login again."
-                ) from exc
-            finally:
-                await login.aclose()
-            await self._adopt_metadata()
+            stepped_up = step_up is not None
+            for _ in range(2):  # a login (or a step-up), then at most one step-up if the replay lacks scope
+                login = self.sdk.async_auth_flow(request)
+                last = None
+                try:
+                    outgoing = await login.__anext__()
+                    if step_up is not None:
+                        # The SDK's step-up reads the 403 we already have (not sent twice): it authorizes the
+                        # union of the scopes asked before and the challenge's, then replays the request.
+                        outgoing = await login.asend(step_up)
+                    while True:
+                        last = yield outgoing
+                        outgoing = await login.asend(last)
+                except StopAsyncIteration:
+                    pass
+                except UpstreamAuthError:
+                    raise
+                except Exception as exc:
+                    # The SDK's own errors (the user closed the browser, a state mismatch, a refused code
+                    # exchange, a callback that timed out) would escape into the SDK's task group and end the
+                    # session: ours reaches the caller instead. Only the type is said: the SDK's text may quote
+                    # the provider.
+                    raise LoginFailed(
+                        f"the login through the MCP SDK did not complete ({type(exc).__name__}): the user may "
+                        "have closed the browser, or the authorization server refused the code. Try the login "
+                        "again."
+                    ) from exc
+                finally:
+                    await login.aclose()
+                await self._adopt_metadata()
+                if stepped_up or not _wants_more_scope(last):
+                    break
+                step_up, stepped_up = last, True
         finally:
             # An event, not a lock: this generator may be closed from another task, and setting an event
             # from there is fine (releasing a lock is not).
