@@ -458,3 +458,33 @@ async def test_sdk_login_is_an_async_context_manager_and_keeps_its_scope_per_ses
             assert (await client.call_tool("echo", {"text": "1"})).content[0].text == "1"  # type: ignore[union-attr]
     assert browser.visits == 2  # the login, then one step-up for the same request
     assert metadata.scope == "api" and login.client_metadata.scope == "api"
+
+
+async def test_a_pre_registered_client_logs_in_and_refreshes_without_registering(
+    provider: LocalProvider, mcp_server: LocalMCPServer, browser: HeadlessBrowser
+) -> None:
+    """SDKLogin(client_information=...): the login uses the pre-registered client (nothing registered), and our
+    refreshes authenticate as it with its auth method."""
+    from mcp.shared.auth import OAuthClientInformationFull
+
+    client = OAuthClientInformationFull(
+        client_id="post-client",
+        client_secret="post-secret",
+        token_endpoint_auth_method="client_secret_post",
+        redirect_uris=[REDIRECT_URI],  # type: ignore[list-item]
+    )
+    async with SDKLogin(
+        mcp_server.url,
+        client_metadata=client_metadata(),
+        redirect_handler=browser.redirect,
+        callback_handler=browser.callback,
+        client_information=client,
+    ) as login, connect(mcp_server.url, login, SESSION, mode="legacy") as session:
+        assert (await session.call_tool("whoami", {})).content[0].text == "post-client"  # type: ignore[union-attr]
+        await login.manager.astore(SESSION, expired_entry(await login.manager.aget_token(SESSION)))
+        assert (await session.call_tool("whoami", {})).content[0].text == "post-client"  # type: ignore[union-attr]
+    assert provider.flow_stats["registrations"] == 0 and browser.visits == 1
+    assert provider.stats["refresh_ok"] == 1
+    assert (provider.requests[-1]["client_id"], provider.requests[-1]["auth_method"]) == (
+        "post-client", "client_secret_post"
+    )

@@ -199,6 +199,7 @@ class SDKLogin:
         issuer: str | None = None,
         allow_issuer_change: bool = False,
         client_metadata_url: str | None = None,
+        client_information: OAuthClientInformationFull | None = None,
         manager_options: dict[str, Any] | None = None,
     ) -> None:
         from .._memory import MemoryStorage
@@ -209,6 +210,8 @@ class SDKLogin:
         """What the SDK registers the client with."""
         self.redirect_handler = redirect_handler
         self.callback_handler = callback_handler
+        self.client_information = client_information
+        """A pre-registered client (id, secret, auth method): used for logins and refreshes, nothing registered."""
         self.client_metadata_url = client_metadata_url
         """An https URL of a client ID metadata document (the SDK uses it as the client id where the authorization
         server supports that, instead of registering)."""
@@ -218,7 +221,17 @@ class SDKLogin:
         """Whether a server that now names another authorization server (no pin) sends the user to log in
         there; by default that is an :class:`IssuerMismatch` and nothing is sent to it."""
         storage = MemoryStorage() if storage is None else storage
-        self.refresher = DiscoveringRefresher(server_url, storage=storage, issuer=issuer)
+        if client_information is None:
+            self.refresher = DiscoveringRefresher(server_url, storage=storage, issuer=issuer)
+        else:
+            self.refresher = DiscoveringRefresher(
+                server_url,
+                client_information.client_id,
+                client_information.client_secret,
+                auth_method=client_information.token_endpoint_auth_method or "client_secret_basic",
+                storage=storage,
+                issuer=issuer,
+            )
         """Refreshes at the discovered token endpoint with the registered client."""
         self.manager = TokenManager(
             refresher=self.refresher,
@@ -273,7 +286,7 @@ class SDKLoginAuth(httpx2.Auth):
             upstream_subject=upstream_subject,
         )
         """The SDK's view of this session's tokens and client registration."""
-        login_only = _LoginOnly(self.storage)
+        login_only = _LoginOnly(self.storage, login.client_information)
         self.sdk = OAuthClientProvider(
             login.server_url,
             # A copy per session: the SDK rewrites its scope (from the challenge, or a step-up's union); that
@@ -371,7 +384,7 @@ class SDKLoginAuth(httpx2.Auth):
         """Tell our refresher what the SDK discovered, so it never fetches it again (and store it); store the
         client the login used too (the SDK may have reused one it kept in memory, whose record is gone)."""
         context = self.sdk.context
-        if context.client_info is not None:
+        if context.client_info is not None and self._login.client_information is None:
             await self.storage.set_client_info(context.client_info)
         metadata = context.oauth_metadata
         if metadata is None:
@@ -410,8 +423,9 @@ class _LoginOnly:
     The SDK is asked only when a login is needed, so it must not find (and refresh) stored tokens.
     """
 
-    def __init__(self, adapter: TokenStorageAdapter) -> None:
+    def __init__(self, adapter: TokenStorageAdapter, preregistered: OAuthClientInformationFull | None) -> None:
         self._adapter = adapter
+        self._preregistered = preregistered
         self.provider: OAuthClientProvider | None = None
 
     async def get_tokens(self) -> OAuthToken | None:
@@ -423,6 +437,8 @@ class _LoginOnly:
         await self._adapter.store_tokens(tokens, issuer=None if metadata is None else str(metadata.issuer))
 
     async def get_client_info(self) -> OAuthClientInformationFull | None:
+        if self._preregistered is not None:
+            return self._preregistered
         return await self._adapter.get_client_info()
 
     async def set_client_info(self, client_info: OAuthClientInformationFull) -> None:

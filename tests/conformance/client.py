@@ -24,7 +24,7 @@ import httpx
 from mcp.shared.auth import AuthorizationCodeResult, OAuthClientInformationFull, OAuthClientMetadata
 
 from httpx_upstream_auth import MemoryStorage, ReauthenticationRequired, UpstreamAuthError
-from httpx_upstream_auth.mcp import SDKLogin, TokenStorageAdapter, connect
+from httpx_upstream_auth.mcp import SDKLogin, connect
 
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
 logger = logging.getLogger("conformance-client")
@@ -96,6 +96,15 @@ async def main(server_url: str, scenario: str, context: dict[str, Any]) -> int:
         logger.warning("scenario %s needs a grant this module does not implement", scenario)
         return 3
     browser = Browser()
+    preregistered = None
+    if context.get("client_id"):  # a pre-registered client
+        secret = context.get("client_secret")
+        preregistered = OAuthClientInformationFull(
+            client_id=context["client_id"],
+            client_secret=secret,
+            redirect_uris=[REDIRECT_URI],  # type: ignore[list-item]
+            token_endpoint_auth_method="client_secret_basic" if secret else "none",
+        )
     login = SDKLogin(
         server_url,
         client_metadata=OAuthClientMetadata(
@@ -108,18 +117,9 @@ async def main(server_url: str, scenario: str, context: dict[str, Any]) -> int:
         callback_handler=browser.callback,
         storage=MemoryStorage(),
         client_metadata_url=CLIENT_METADATA_URL,
+        client_information=preregistered,
     )
     try:
-        if context.get("client_id"):  # a pre-registered client
-            secret = context.get("client_secret")
-            await TokenStorageAdapter(login.manager, SESSION, server_url).set_client_info(
-                OAuthClientInformationFull(
-                    client_id=context["client_id"],
-                    client_secret=secret,
-                    redirect_uris=[REDIRECT_URI],  # type: ignore[list-item]
-                    token_endpoint_auth_method="client_secret_basic" if secret else "none",
-                )
-            )
         async with connect(
             server_url, login, SESSION, mode="legacy", elicitation_callback=accept_with_defaults
         ) as client:
