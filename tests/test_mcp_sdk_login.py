@@ -488,3 +488,33 @@ async def test_a_pre_registered_client_logs_in_and_refreshes_without_registering
     assert (provider.requests[-1]["client_id"], provider.requests[-1]["auth_method"]) == (
         "post-client", "client_secret_post"
     )
+
+
+async def test_an_sdk_provider_of_your_own_does_the_logins(
+    provider: LocalProvider, mcp_server: LocalMCPServer, browser: HeadlessBrowser
+) -> None:
+    """SDKLogin(sdk_provider=...) builds the SDK provider that logs in (here the SDK's own, made by the caller;
+    the conformance suite runs the SDK's client-credentials providers this way); refreshes stay ours."""
+    built: list[OAuthClientProvider] = []
+
+    def make(storage: object) -> OAuthClientProvider:
+        made = OAuthClientProvider(
+            mcp_server.url,
+            client_metadata(),
+            storage=storage,  # type: ignore[arg-type]
+            redirect_handler=browser.redirect,
+            callback_handler=browser.callback,
+        )
+        built.append(made)
+        return made
+
+    async with (
+        SDKLogin(mcp_server.url, sdk_provider=make) as login,
+        connect(mcp_server.url, login, SESSION, mode="legacy") as client,
+    ):
+        await client.call_tool("echo", {"text": "1"})
+        await login.manager.astore(SESSION, expired_entry(await login.manager.aget_token(SESSION)))
+        await client.call_tool("echo", {"text": "2"})
+    assert len(built) == 1 and browser.visits == 1 and provider.stats["refresh_ok"] == 1
+    with pytest.raises(TypeError, match="client_metadata"):
+        SDKLogin(mcp_server.url)

@@ -191,7 +191,7 @@ class SDKLogin:
         self,
         server_url: str,
         *,
-        client_metadata: OAuthClientMetadata,
+        client_metadata: OAuthClientMetadata | None = None,
         redirect_handler: RedirectHandler | None = None,
         callback_handler: CallbackHandler | None = None,
         storage: Storage | None = None,
@@ -200,16 +200,25 @@ class SDKLogin:
         allow_issuer_change: bool = False,
         client_metadata_url: str | None = None,
         client_information: OAuthClientInformationFull | None = None,
+        sdk_provider: Callable[[Any], OAuthClientProvider] | None = None,
         manager_options: dict[str, Any] | None = None,
     ) -> None:
         from .._memory import MemoryStorage
 
+        if client_metadata is None and sdk_provider is None:
+            raise TypeError("SDKLogin needs client_metadata (for the SDK's interactive login) or an sdk_provider")
+
         self.server_url = server_url
         """The MCP server."""
         self.client_metadata = client_metadata
-        """What the SDK registers the client with."""
+        """What the SDK registers the client with (``None`` with an ``sdk_provider``)."""
         self.redirect_handler = redirect_handler
         self.callback_handler = callback_handler
+        self.sdk_provider = sdk_provider
+        """Builds the SDK provider that logs in, from the ``TokenStorage`` it must use (default: the SDK's
+        ``OAuthClientProvider`` with ``client_metadata`` and the handlers). For grants without a user, such
+        as the SDK's ``ClientCredentialsOAuthProvider`` / ``PrivateKeyJWTOAuthProvider``: their tokens carry no
+        refresh token, so each expiry is a new grant through that provider."""
         self.client_information = client_information
         """A pre-registered client (id, secret, auth method): used for logins and refreshes, nothing registered."""
         self.client_metadata_url = client_metadata_url
@@ -287,16 +296,20 @@ class SDKLoginAuth(httpx2.Auth):
         )
         """The SDK's view of this session's tokens and client registration."""
         login_only = _LoginOnly(self.storage, login.client_information)
-        self.sdk = OAuthClientProvider(
-            login.server_url,
-            # A copy per session: the SDK rewrites its scope (from the challenge, or a step-up's union); that
-            # must not leak into other sessions' logins.
-            login.client_metadata.model_copy(deep=True),
-            storage=login_only,
-            redirect_handler=login.redirect_handler,
-            callback_handler=login.callback_handler,
-            client_metadata_url=login.client_metadata_url,
-        )
+        if login.sdk_provider is not None:
+            self.sdk = login.sdk_provider(login_only)
+        else:
+            assert login.client_metadata is not None
+            self.sdk = OAuthClientProvider(
+                login.server_url,
+                # A copy per session: the SDK rewrites its scope (from the challenge, or a step-up's union); that
+                # must not leak into other sessions' logins.
+                login.client_metadata.model_copy(deep=True),
+                storage=login_only,
+                redirect_handler=login.redirect_handler,
+                callback_handler=login.callback_handler,
+                client_metadata_url=login.client_metadata_url,
+            )
         """The SDK's own provider, used for logins only."""
         login_only.provider = self.sdk
         self._login_done: anyio.Event | None = None

@@ -5,7 +5,9 @@ The suite runs it as ``python tests/conformance/client.py <server URL>`` with ``
 for some scenarios, ``MCP_CONFORMANCE_CONTEXT``) in the environment; it must exit 0 within 30 s. After a login
 that produced a refresh token, it also makes our manager refresh once and calls the server again with the new
 token (the suite's authorization server issues none today, so this is a no-op there; see docs/mcp.md).
-Exits 3 for a scenario this module does not implement (client credentials grants).
+Client-credentials scenarios log in through the SDK's own client-credentials providers (``sdk_provider``);
+the rest through its interactive provider. Exits 3 for a scenario this module does not implement (enterprise
+managed authorization).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ logger = logging.getLogger("conformance-client")
 REDIRECT_URI = "http://localhost:3000/callback"
 CLIENT_METADATA_URL = "https://conformance-test.local/client-metadata.json"
 SESSION = "conformance"
-UNSUPPORTED = ("auth/client-credentials-", "auth/cross-app-access", "auth/enterprise-")
+UNSUPPORTED = ("auth/cross-app-access", "auth/enterprise-")
 
 
 class Browser:
@@ -90,6 +92,29 @@ async def run_tools(client: Any, scenario: str) -> None:
             logger.info("the call to %s failed: %s: %s", names[0], type(exc).__name__, exc)
 
 
+def client_credentials(server_url: str, scenario: str, context: dict[str, Any]) -> Any:
+    """For a client-credentials scenario, what builds the SDK's provider for it; else ``None``."""
+    if scenario == "auth/client-credentials-basic":
+        from mcp.client.auth.extensions.client_credentials import ClientCredentialsOAuthProvider
+
+        return lambda storage: ClientCredentialsOAuthProvider(
+            server_url, storage, context["client_id"], context["client_secret"], "client_secret_basic"
+        )
+    if scenario == "auth/client-credentials-jwt":
+        from mcp.client.auth.extensions.client_credentials import PrivateKeyJWTOAuthProvider, SignedJWTParameters
+
+        signing = SignedJWTParameters(
+            issuer=context["client_id"],
+            subject=context["client_id"],
+            signing_algorithm=context.get("signing_algorithm", "ES256"),
+            signing_key=context["private_key_pem"],
+        )
+        return lambda storage: PrivateKeyJWTOAuthProvider(
+            server_url, storage, context["client_id"], signing.create_assertion_provider()
+        )
+    return None
+
+
 async def main(server_url: str, scenario: str, context: dict[str, Any]) -> int:
     """Run ``scenario`` against ``server_url``; the exit status."""
     if scenario.startswith(UNSUPPORTED):
@@ -97,7 +122,7 @@ async def main(server_url: str, scenario: str, context: dict[str, Any]) -> int:
         return 3
     browser = Browser()
     preregistered = None
-    if context.get("client_id"):  # a pre-registered client
+    if context.get("client_id") and not scenario.startswith("auth/client-credentials-"):  # pre-registered
         secret = context.get("client_secret")
         preregistered = OAuthClientInformationFull(
             client_id=context["client_id"],
@@ -107,6 +132,7 @@ async def main(server_url: str, scenario: str, context: dict[str, Any]) -> int:
         )
     login = SDKLogin(
         server_url,
+        sdk_provider=client_credentials(server_url, scenario, context),
         client_metadata=OAuthClientMetadata(
             client_name="httpx-upstream-auth-conformance",
             redirect_uris=[REDIRECT_URI],  # type: ignore[list-item]

@@ -22,11 +22,10 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 CLIENT="$PYTHON tests/conformance/client.py"
 
 # Every scenario the SDK's own reference client passes with suite 0.1.16 (docs/mcp.md has the table). Not run:
-# auth/2025-03-26-oauth-metadata-backcompat (the SDK's client fails it too) and the client-credentials
-# extension scenarios (this module has no client-credentials mode).
+# auth/2025-03-26-oauth-metadata-backcompat (the SDK's client fails it too).
 SCENARIOS=(initialize tools_call elicitation-sep1034-client-defaults sse-retry
     auth/2025-03-26-oauth-endpoint-fallback auth/resource-mismatch auth/offline-access-scope
-    auth/offline-access-not-supported)
+    auth/offline-access-not-supported auth/client-credentials-basic auth/client-credentials-jwt)
 
 status=0
 check() {  # $1: what ran; stdin: its output
