@@ -3,8 +3,10 @@ that issued them, whatever the MCP server's metadata names later (a malicious se
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import attrs
 import pytest
@@ -244,3 +246,42 @@ async def test_sdk_login_mode_follows_a_move_only_when_allowed(
     assert old.refresh_token is not None and old.refresh_token not in sent
     assert old_client.client_secret is not None and old_client.client_secret not in sent
     assert old_client.client_id not in sent
+
+
+async def test_sdk_login_mode_refuses_an_authorization_server_without_pkce_s256(mcp_server: LocalMCPServer) -> None:
+    """The MCP spec forbids an authorization-code login at an AS whose metadata lacks PKCE S256 (the SDK does not
+    check): DiscoveryFailed at the connect; the user is never sent there, no code is exchanged."""
+    pytest.importorskip("mcp.server.mcpserver", reason="SDK-login mode needs the MCP SDK 2.x")
+    from httpx_upstream_auth.mcp import DiscoveryFailed, SDKLogin, connect
+
+    paths: list[str] = []
+
+    async def no_pkce(scope: Any, receive: Any, send: Any) -> None:
+        """An authorization server whose metadata says nothing about PKCE (it registers anyone)."""
+        path = scope["path"]
+        paths.append(path)
+        base = f"http://127.0.0.1:{scope['server'][1]}"
+        status, document = 404, {}
+        if path == "/.well-known/oauth-authorization-server":
+            status, document = 200, {
+                "issuer": base, "authorization_endpoint": base + "/authorize", "token_endpoint": base + "/token",
+                "registration_endpoint": base + "/register", "response_types_supported": ["code"],
+            }
+        elif path == "/register":
+            status, document = 201, {"client_id": "weak-client", "redirect_uris": ["http://127.0.0.1:9/callback"]}
+        headers = [(b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": json.dumps(document).encode()})
+
+    browser = mcp_fixtures.HeadlessBrowser()
+    with ServerThread(no_pkce) as weak:
+        mcp_server.authorization_servers = [weak.url]
+        login = sdk_login(mcp_server, browser, MemoryStorage())
+        assert isinstance(login, SDKLogin)
+        try:
+            with pytest.raises(DiscoveryFailed, match="PKCE S256"):
+                async with connect(mcp_server.url, login, "s", mode="legacy"):
+                    pass  # pragma: no cover
+        finally:
+            await login.aclose()
+    assert browser.visits == 0 and "/authorize" not in paths and "/token" not in paths

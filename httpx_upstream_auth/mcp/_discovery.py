@@ -104,6 +104,8 @@ class ServerMetadata:
     """Dynamic client registration (RFC 7591), when offered."""
     token_endpoint_auth_methods: tuple[str, ...] = ()
     """Client authentication methods the token endpoint accepts (empty: not said)."""
+    code_challenge_methods: tuple[str, ...] = ()
+    """PKCE methods the authorization server supports (empty: not said, so no login there by the MCP spec)."""
     discovered_at: float = 0.0
     """When it was discovered (epoch seconds)."""
 
@@ -111,6 +113,7 @@ class ServerMetadata:
         """Serialize (for storage)."""
         data = attrs.asdict(self)
         data["token_endpoint_auth_methods"] = list(self.token_endpoint_auth_methods)
+        data["code_challenge_methods"] = list(self.code_challenge_methods)
         return json.dumps(data, sort_keys=True)
 
     @classmethod
@@ -120,6 +123,7 @@ class ServerMetadata:
         names = {f.name for f in attrs.fields(cls)}
         data = {k: v for k, v in data.items() if k in names}
         data["token_endpoint_auth_methods"] = tuple(data.get("token_endpoint_auth_methods") or ())
+        data["code_challenge_methods"] = tuple(data.get("code_challenge_methods") or ())
         return cls(**data)
 
 
@@ -261,6 +265,7 @@ def _asm_result(
     if not isinstance(token_endpoint, str):
         raise DiscoveryFailed(f"authorization-server metadata at {url} has no token_endpoint", retryable=False)
     methods = data.get("token_endpoint_auth_methods_supported") or ()
+    pkce = data.get("code_challenge_methods_supported") or ()
 
     def text(name: str) -> str | None:
         value = data.get(name)
@@ -274,6 +279,7 @@ def _asm_result(
         authorization_endpoint=text("authorization_endpoint"),
         registration_endpoint=text("registration_endpoint"),
         token_endpoint_auth_methods=tuple(m for m in methods if isinstance(m, str)),
+        code_challenge_methods=tuple(m for m in pkce if isinstance(m, str)) if isinstance(pkce, list) else (),
         discovered_at=now,
     )
 

@@ -20,7 +20,7 @@ from .._exceptions import ReauthenticationRequired, UpstreamAuthError
 from .._manager import TokenManager
 from .._models import EntryKey, UpstreamTokens
 from .._storage import Storage
-from ._discovery import IssuerMismatch, ServerMetadata, adiscover
+from ._discovery import DiscoveryFailed, IssuerMismatch, ServerMetadata, adiscover
 from ._errors import LoginFailed
 from ._refresher import DiscoveringRefresher
 
@@ -306,7 +306,7 @@ class SDKLoginAuth(httpx2.Auth):
                 # must not leak into other sessions' logins.
                 login.client_metadata.model_copy(deep=True),
                 storage=login_only,
-                redirect_handler=login.redirect_handler,
+                redirect_handler=None if login.redirect_handler is None else self._redirect,
                 callback_handler=login.callback_handler,
                 client_metadata_url=login.client_metadata_url,
             )
@@ -345,9 +345,7 @@ class SDKLoginAuth(httpx2.Auth):
             # Another request of this session is logging the user in: wait for it (holding nothing), then
             # try our tokens again rather than start a second login.
             await pending.wait()
-        if self._login.issuer is not None:
-            # Pinned: ask the server which authorization server it names before the SDK sends anyone there.
-            await adiscover(self._login.server_url, issuer=self._login.issuer, timeout=self._login.refresher.timeout)
+        await self._check_before_login()
         done = self._login_done = anyio.Event()
         try:
             # The SDK keeps the last tokens it saw in memory; they may be rotated away since. Forget them, so
@@ -393,6 +391,27 @@ class SDKLoginAuth(httpx2.Auth):
             self._login_done = None
             done.set()
 
+    async def _check_before_login(self) -> None:
+        """With a pin, that the server names the pinned authorization server, before the SDK sends anyone there."""
+        login = self._login
+        if login.issuer is not None:
+            await adiscover(login.server_url, issuer=login.issuer, timeout=login.refresher.timeout)
+
+    async def _redirect(self, url: str) -> None:
+        """The user's ``redirect_handler``, once the authorization server is known to support PKCE S256: the MCP
+        spec forbids the login otherwise, and the SDK does not check it. (Without any metadata, on the SDK's
+        2025-03-26 fallback path, there is nothing to check.)"""
+        metadata = self.sdk.context.oauth_metadata
+        if metadata is not None and "S256" not in (metadata.code_challenge_methods_supported or ()):
+            raise DiscoveryFailed(
+                f"the authorization server {metadata.issuer} does not advertise PKCE S256 "
+                "(code_challenge_methods_supported): the MCP spec forbids an authorization-code login there, so "
+                "the user was not sent to it. Ask its operator to support and advertise S256.",
+                retryable=False,
+            )
+        assert self._login.redirect_handler is not None
+        await self._login.redirect_handler(url)
+
     async def _adopt_metadata(self) -> None:
         """Tell our refresher what the SDK discovered, so it never fetches it again (and store it); store the
         client the login used too (the SDK may have reused one it kept in memory, whose record is gone)."""
@@ -413,6 +432,7 @@ class SDKLoginAuth(httpx2.Auth):
             authorization_endpoint=str(metadata.authorization_endpoint),
             registration_endpoint=_text(metadata.registration_endpoint),
             token_endpoint_auth_methods=tuple(metadata.token_endpoint_auth_methods_supported or ()),
+            code_challenge_methods=tuple(metadata.code_challenge_methods_supported or ()),
             discovered_at=time.time(),
         )
         await self._login.refresher.asave_metadata(found)
