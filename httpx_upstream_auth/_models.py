@@ -48,6 +48,9 @@ class UpstreamTokens:
     user_id: str | None = None
     upstream_subject: str | None = None
     client_id: str | None = None
+    issuer: str | None = None
+    """The authorization server that issued these tokens (``None``: not recorded); a refresher that knows
+    it refreshes only there."""
     version: int = 0
 
     @property
@@ -92,7 +95,7 @@ class UpstreamTokens:
 
 
 _STRING_FIELDS = ("access_token", "token_type")
-_OPTIONAL_STRING_FIELDS = ("refresh_token", "id_token", "scope", *BINDING_FIELDS)
+_OPTIONAL_STRING_FIELDS = ("refresh_token", "id_token", "scope", "issuer", *BINDING_FIELDS)
 _TIME_FIELDS = ("expires_at", "refresh_expires_at", "issued_at")
 MAX_VERSION = 2**63 - 1  # storages keep the version in a signed 64-bit column
 

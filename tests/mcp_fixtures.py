@@ -4,13 +4,16 @@ lifetime) and imports these, which serve it, put a real MCP server in front of i
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
+import httpx
 import pytest
 
 from httpx_upstream_auth import MemoryStorage, OAuth2Refresher, TokenManager
 from httpx_upstream_auth.testing import LocalMCPServer, LocalProvider, ServerThread, serve_mcp
 
-__all__ = ["manager", "mcp_server", "provider_server"]
+__all__ = ["HeadlessBrowser", "manager", "mcp_server", "provider_server"]
 
 
 @pytest.fixture
@@ -36,3 +39,28 @@ def manager(provider: LocalProvider, provider_server: ServerThread) -> Iterator[
     )
     yield made
     made.close()
+
+
+class HeadlessBrowser:
+    """A ``redirect_handler``/``callback_handler`` pair: follows the authorize URL, reads the code from the redirect."""
+
+    def __init__(self) -> None:
+        self.visits = 0
+        self._result: Any = None
+
+    async def redirect(self, url: str) -> None:
+        """Open the authorization URL (the provider approves at once) and keep the code it redirects with."""
+        from mcp.shared.auth import AuthorizationCodeResult
+
+        self.visits += 1
+        async with httpx.AsyncClient() as client:
+            response = await client.get(url)
+        query = parse_qs(urlsplit(response.headers["location"]).query)
+        self._result = AuthorizationCodeResult(
+            code=query["code"][0], state=query["state"][0], iss=query.get("iss", [None])[0]
+        )
+
+    async def callback(self) -> Any:
+        """Hand the code to the SDK."""
+        assert self._result is not None
+        return self._result

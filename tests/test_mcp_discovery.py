@@ -166,3 +166,20 @@ def test_metadata_that_does_not_check_out_is_refused() -> None:
     assert caught.value.retryable
     with pytest.raises(DiscoveryFailed, match="not https"):
         discover("http://mcp.example/mcp")
+
+
+@pytest.mark.anyio
+async def test_an_explicit_token_url_still_sends_resource(
+    provider: LocalProvider, provider_server: ServerThread, mcp_server: LocalMCPServer
+) -> None:
+    """With token_url given (no discovery), the refresh still names the MCP server as ``resource`` (RFC 8707)."""
+    refresher = DiscoveringRefresher(
+        mcp_server.url, "test-client", "test-secret", token_url=provider_server.url + ISSUER_PATH + "/token"
+    )
+    manager = TokenManager(refresher=refresher, provider_id="local", storage=MemoryStorage())
+    try:
+        await manager.astore("s", expired(provider.login()))
+        await manager.aget_token("s")
+    finally:
+        await manager.aclose()
+    assert refresher.discoveries == 0 and provider.requests[-1]["form"]["resource"] == mcp_server.url

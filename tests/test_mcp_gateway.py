@@ -190,3 +190,70 @@ def test_with_redis_sessions_outlive_tokens_and_a_stopped_store_is_503(
         assert down.status_code == 503
     finally:
         server.stop()
+
+
+def test_an_mcp_client_works_through_the_gateway(
+    provider: LocalProvider, upstream: ServerThread, manager: TokenManager
+) -> None:
+    """The gateway is a streaming MCP proxy: an MCP SDK client (legacy mode: a session id and a server-sent event
+    stream) calls tools through it across token expiries; Mcp-Session-Id and the GET stream pass through."""
+    pytest.importorskip("mcp", reason="the MCP SDK is not installed")
+    import anyio
+
+    from httpx_upstream_auth.testing import serve_mcp
+
+    manager.store("s-1", provider.login())
+    with serve_mcp(provider, upstream.url) as mcp_server, ServerThread(
+        gateway.create_app(manager, mcp_server.thread.url), lifespan="on"
+    ) as served:
+        texts = anyio.run(call_through_gateway, served.url + "/upstream/mcp", mcp_server)
+    assert texts == [str(i) for i in range(12)]
+    assert mcp_server.streams_opened >= 1 and mcp_server.requests["DELETE"] == 1
+    assert provider.stats["refresh_ok"] >= 1 and provider.stats["refresh_reuse"] == 0
+
+
+async def call_through_gateway(url: str, mcp_server: object) -> list[str]:
+    """Open an MCP session through the gateway (SDK 2.x or 1.x), wait for its GET stream, call echo over 1.2 s."""
+    import anyio
+
+    headers = {"x-gateway-session": "s-1"}
+    texts: list[str] = []
+    try:
+        import httpx2
+        from mcp import Client
+        from mcp.client.streamable_http import streamable_http_client
+    except ImportError:  # the SDK 1.x
+        from mcp import ClientSession
+        from mcp.client.streamable_http import streamable_http_client as opener
+
+        async with (
+            httpx.AsyncClient(headers=headers, timeout=30) as http,
+            opener(url, http_client=http) as streams,
+            ClientSession(streams[0], streams[1]) as session,
+        ):
+            await session.initialize()
+            await wait_for_stream(mcp_server)
+            for i in range(12):
+                result = await session.call_tool("echo", {"text": str(i)})
+                texts.append(result.content[0].text)  # type: ignore[union-attr]
+                await anyio.sleep(0.1)
+        return texts
+    async with (
+        httpx2.AsyncClient(headers=headers, timeout=30) as http2,
+        Client(streamable_http_client(url, http_client=http2), mode="legacy") as client,
+    ):
+        await wait_for_stream(mcp_server)
+        for i in range(12):
+            result = await client.call_tool("echo", {"text": str(i)})
+            texts.append(result.content[0].text)  # type: ignore[union-attr]
+            await anyio.sleep(0.1)
+    return texts
+
+
+async def wait_for_stream(mcp_server: object) -> None:
+    """Until the server-to-client GET stream, opened through the gateway, is open at the MCP server."""
+    import anyio
+
+    with anyio.fail_after(10):
+        while getattr(mcp_server, "open_streams", 0) == 0:
+            await anyio.sleep(0.01)

@@ -8,10 +8,10 @@ import textwrap
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
-import httpx
 import pytest
 
 pytest.importorskip("mcp.server.mcpserver", reason="the MCP SDK 2.x is not installed")
@@ -21,7 +21,7 @@ import mcp_fixtures
 from mcp import Client
 from mcp.client.auth import OAuthClientProvider
 from mcp.client.streamable_http import streamable_http_client
-from mcp.shared.auth import AuthorizationCodeResult, OAuthClientMetadata, OAuthToken
+from mcp.shared.auth import OAuthClientMetadata, OAuthToken
 
 from httpx_upstream_auth import EntryKey, SQLiteStorage
 from httpx_upstream_auth.mcp import (
@@ -33,6 +33,8 @@ from httpx_upstream_auth.mcp import (
 )
 from httpx_upstream_auth.testing import LocalMCPServer, LocalProvider, ServerThread, serve_mcp
 
+HeadlessBrowser = mcp_fixtures.HeadlessBrowser
+
 # The shared fixtures, served for this module's own ``provider``.
 mcp_server = mcp_fixtures.mcp_server
 provider_server = mcp_fixtures.provider_server
@@ -42,29 +44,6 @@ pytestmark = pytest.mark.anyio
 ISSUER_PATH = "/oauth/tenant-a"
 SESSION = "sdk-session"
 REDIRECT_URI = "http://127.0.0.1:9/callback"  # never contacted: the headless browser reads the redirect
-
-
-class HeadlessBrowser:
-    """A ``redirect_handler``/``callback_handler`` pair: follows the authorize URL, reads the code from the redirect."""
-
-    def __init__(self) -> None:
-        self.visits = 0
-        self._result: AuthorizationCodeResult | None = None
-
-    async def redirect(self, url: str) -> None:
-        """Open the authorization URL (the provider approves at once) and keep the code it redirects with."""
-        self.visits += 1
-        async with httpx.AsyncClient() as client:
-            response = await client.get(url)
-        query = parse_qs(urlsplit(response.headers["location"]).query)
-        self._result = AuthorizationCodeResult(
-            code=query["code"][0], state=query["state"][0], iss=query.get("iss", [None])[0]
-        )
-
-    async def callback(self) -> AuthorizationCodeResult:
-        """Hand the code to the SDK."""
-        assert self._result is not None
-        return self._result
 
 
 def client_metadata() -> OAuthClientMetadata:
@@ -316,3 +295,226 @@ async def test_the_sdks_own_provider_over_the_adapter_survives_a_restart(
     assert await run_app() == "ok"  # the restart
     assert browser.visits == 1 and provider.flow_stats["code_exchanges"] == 1
     assert provider.stats["refresh_ok"] == 1 and provider.stats["refresh_reuse"] == 0
+
+
+async def test_refreshes_keep_the_registration_and_metadata_records_alive(
+    provider: LocalProvider, mcp_server: LocalMCPServer, login: SDKLogin
+) -> None:
+    """A refresh rewrites the stored registration and metadata (at most every ``keep_alive`` seconds), so they do
+    not outlive the storage's retention while the token entries, rewritten by every refresh, live on (item 3)."""
+    from httpx_upstream_auth.mcp._refresher import METADATA_NAMESPACE, REGISTRATION_NAMESPACE
+
+    storage = login.manager.storage
+    keys = [EntryKey(ns, mcp_server.url) for ns in (REGISTRATION_NAMESPACE, METADATA_NAMESPACE)]
+    async with connect(mcp_server.url, login, SESSION, mode="legacy") as client:
+        await client.call_tool("echo", {"text": "1"})
+        before = [(await storage.aget(key)).version for key in keys]  # type: ignore[union-attr]
+        login.refresher.keep_alive = 0
+        await login.manager.astore(SESSION, expired_entry(await login.manager.aget_token(SESSION)))
+        await client.call_tool("echo", {"text": "2"})
+        login.refresher.keep_alive = 3600
+        await login.manager.astore(SESSION, expired_entry(await login.manager.aget_token(SESSION)))
+        await client.call_tool("echo", {"text": "3"})
+    after = [(await storage.aget(key)).version for key in keys]  # type: ignore[union-attr]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1]
+    assert provider.stats["refresh_ok"] == 2
+
+
+async def test_a_lost_registration_means_a_new_login_not_a_stuck_session(
+    provider: LocalProvider, mcp_server: LocalMCPServer, login: SDKLogin, browser: HeadlessBrowser
+) -> None:
+    """When the registration record is gone (past the storage's retention), the next refresh asks for a login,
+    after which the registration is stored again: the session goes on (it was stuck on DiscoveryFailed), and
+    the next expiry is a refresh, not a login."""
+    from httpx_upstream_auth.mcp._refresher import REGISTRATION_NAMESPACE
+
+    key = EntryKey(REGISTRATION_NAMESPACE, mcp_server.url)
+    async with connect(mcp_server.url, login, SESSION, mode="legacy") as client:
+        await client.call_tool("echo", {"text": "1"})
+        await login.manager.storage.adelete(key)
+        await login.manager.astore(SESSION, expired_entry(await login.manager.aget_token(SESSION)))
+        assert (await client.call_tool("echo", {"text": "2"})).content[0].text == "2"  # type: ignore[union-attr]
+        assert await login.manager.storage.aget(key) is not None
+        await login.manager.astore(SESSION, expired_entry(await login.manager.aget_token(SESSION)))
+        assert (await client.call_tool("echo", {"text": "3"})).content[0].text == "3"  # type: ignore[union-attr]
+    assert browser.visits == 2 and provider.stats["refresh_ok"] == 1
+
+
+def expired_entry(tokens: Any) -> Any:
+    """The same grant, as if its access token had expired."""
+    import attrs
+
+    return attrs.evolve(tokens, expires_at=time.time() - 1)
+
+
+async def test_what_the_adapter_cannot_do_the_sdk_logs_in_at_the_first_expiry_after_a_restart(
+    tmp_path: Path, provider: LocalProvider, mcp_server: LocalMCPServer, browser: HeadlessBrowser
+) -> None:
+    """The limit docs/mcp.md states (item 7): the SDK's provider reads the adapter's tokens once and never learns
+    their expiry (python-sdk #1318/#3250), so in a restarted app the first expiry is a 401 and the SDK's
+    login (a browser) although the grant is alive; SDKLogin (test_a_restarted_client_process_...) does not."""
+    from httpx_upstream_auth import TokenManager
+    from httpx_upstream_auth.mcp import DiscoveringRefresher
+
+    storage = SQLiteStorage(tmp_path / "own.db")
+    manager = TokenManager(
+        refresher=DiscoveringRefresher(mcp_server.url, storage=storage), provider_id="own", storage=storage
+    )
+    texts = []
+    try:
+        for _ in range(2):  # the first run logs in; the second is the restarted app
+            sdk_auth = OAuthClientProvider(
+                mcp_server.url,
+                client_metadata(),
+                storage=TokenStorageAdapter(manager, "app-user", mcp_server.url),
+                redirect_handler=browser.redirect,
+                callback_handler=browser.callback,
+            )
+            async with (
+                httpx2.AsyncClient(auth=sdk_auth, timeout=httpx2.Timeout(30, read=300)) as http,
+                Client(streamable_http_client(mcp_server.url, http_client=http), mode="legacy") as client,
+            ):
+                texts.append((await client.call_tool("echo", {"text": "a"})).content[0].text)  # type: ignore[union-attr]
+            assert browser.visits == 1
+        async with (
+            httpx2.AsyncClient(auth=sdk_auth, timeout=httpx2.Timeout(30, read=300)) as http,
+            Client(streamable_http_client(mcp_server.url, http_client=http), mode="legacy") as client,
+        ):
+            await anyio.sleep(2.1)  # the token the restarted SDK loaded expires while it runs
+            texts.append((await client.call_tool("echo", {"text": "b"})).content[0].text)  # type: ignore[union-attr]
+    finally:
+        await manager.aclose()
+    assert texts == ["a", "a", "b"]
+    assert browser.visits == 2 and provider.flow_stats["code_exchanges"] == 2  # a second login, grant alive
+
+
+class ConsentBrowser(HeadlessBrowser):
+    """A browser whose user may untick scopes on the consent screen: ``granted`` replaces the asked scope."""
+
+    granted: str | None = None
+    asked: list[str]
+
+    async def redirect(self, url: str) -> None:
+        """Record the scope asked for; approve only ``granted`` when set."""
+        from urllib.parse import parse_qsl, urlencode
+
+        parts = urlsplit(url)
+        query = dict(parse_qsl(parts.query))
+        self.asked = [*getattr(self, "asked", []), query.get("scope", "")]
+        if self.granted is not None:
+            query["scope"] = self.granted
+        await super().redirect(parts._replace(query=urlencode(query)).geturl())
+
+
+async def test_insufficient_scope_steps_up_through_the_sdk_once(
+    provider: LocalProvider, mcp_server: LocalMCPServer, tmp_path: Path
+) -> None:
+    """Item 6: a 403 insufficient_scope naming "api admin" makes SDK-login mode re-authorize through the SDK with
+    that scope and replay (one login); when the user does not grant it, InsufficientScope with the scope asked,
+    after one step-up (no loop)."""
+    from httpx_upstream_auth.mcp import InsufficientScope
+
+    browser = ConsentBrowser()
+    login = SDKLogin(
+        mcp_server.url,
+        client_metadata=client_metadata(),
+        redirect_handler=browser.redirect,
+        callback_handler=browser.callback,
+        storage=SQLiteStorage(tmp_path / "tokens.db"),
+    )
+    try:
+        async with connect(mcp_server.url, login, SESSION, mode="legacy") as client:
+            await client.call_tool("echo", {"text": "1"})
+            mcp_server.require_scope = "api admin"
+            assert (await client.call_tool("echo", {"text": "2"})).content[0].text == "2"  # type: ignore[union-attr]
+            assert browser.visits == 2 and set(browser.asked[-1].split()) == {"api", "admin"}
+            granted = (await login.manager.aget_token(SESSION)).scope or ""
+            assert set(granted.split()) == {"api", "admin"}
+            mcp_server.require_scope = "api admin audit"
+            browser.granted = "api admin"  # the user unticks "audit"
+            with pytest.raises(InsufficientScope) as caught:
+                await client.call_tool("echo", {"text": "3"})
+    finally:
+        await login.aclose()
+    assert caught.value.scope == "api admin audit"
+    assert browser.visits == 3  # one step-up for the refused call, then the typed error
+
+
+async def test_sdk_login_is_an_async_context_manager_and_keeps_its_scope_per_session(
+    mcp_server: LocalMCPServer, browser: HeadlessBrowser
+) -> None:
+    """``async with SDKLogin(...)`` closes it; a first request that logs in and then meets 403 insufficient_scope
+    steps up within the same call; the SDK's rewrite of the scope stays in its session (the configured client
+    metadata is never changed)."""
+    metadata = client_metadata()
+    async with SDKLogin(
+        mcp_server.url,
+        client_metadata=metadata,
+        redirect_handler=browser.redirect,
+        callback_handler=browser.callback,
+    ) as login:
+        mcp_server.require_scope = "api admin"
+        async with connect(mcp_server.url, login, SESSION, mode="legacy", max_sse_event_size=1 << 20) as client:
+            assert (await client.call_tool("echo", {"text": "1"})).content[0].text == "1"  # type: ignore[union-attr]
+    assert browser.visits == 2  # the login, then one step-up for the same request
+    assert metadata.scope == "api" and login.client_metadata.scope == "api"
+
+
+async def test_a_pre_registered_client_logs_in_and_refreshes_without_registering(
+    provider: LocalProvider, mcp_server: LocalMCPServer, browser: HeadlessBrowser
+) -> None:
+    """SDKLogin(client_information=...): the login uses the pre-registered client (nothing registered), and our
+    refreshes authenticate as it with its auth method."""
+    from mcp.shared.auth import OAuthClientInformationFull
+
+    client = OAuthClientInformationFull(
+        client_id="post-client",
+        client_secret="post-secret",
+        token_endpoint_auth_method="client_secret_post",
+        redirect_uris=[REDIRECT_URI],  # type: ignore[list-item]
+    )
+    async with SDKLogin(
+        mcp_server.url,
+        client_metadata=client_metadata(),
+        redirect_handler=browser.redirect,
+        callback_handler=browser.callback,
+        client_information=client,
+    ) as login, connect(mcp_server.url, login, SESSION, mode="legacy") as session:
+        assert (await session.call_tool("whoami", {})).content[0].text == "post-client"  # type: ignore[union-attr]
+        await login.manager.astore(SESSION, expired_entry(await login.manager.aget_token(SESSION)))
+        assert (await session.call_tool("whoami", {})).content[0].text == "post-client"  # type: ignore[union-attr]
+    assert provider.flow_stats["registrations"] == 0 and browser.visits == 1
+    assert provider.stats["refresh_ok"] == 1
+    assert (provider.requests[-1]["client_id"], provider.requests[-1]["auth_method"]) == (
+        "post-client", "client_secret_post"
+    )
+
+
+async def test_an_sdk_provider_of_your_own_does_the_logins(
+    provider: LocalProvider, mcp_server: LocalMCPServer, browser: HeadlessBrowser
+) -> None:
+    """SDKLogin(sdk_provider=...) builds the SDK provider that logs in (here the SDK's own, made by the caller;
+    the conformance suite runs the SDK's client-credentials providers this way); refreshes stay ours."""
+    built: list[OAuthClientProvider] = []
+
+    def make(storage: object) -> OAuthClientProvider:
+        made = OAuthClientProvider(
+            mcp_server.url,
+            client_metadata(),
+            storage=storage,  # type: ignore[arg-type]
+            redirect_handler=browser.redirect,
+            callback_handler=browser.callback,
+        )
+        built.append(made)
+        return made
+
+    async with (
+        SDKLogin(mcp_server.url, sdk_provider=make) as login,
+        connect(mcp_server.url, login, SESSION, mode="legacy") as client,
+    ):
+        await client.call_tool("echo", {"text": "1"})
+        await login.manager.astore(SESSION, expired_entry(await login.manager.aget_token(SESSION)))
+        await client.call_tool("echo", {"text": "2"})
+    assert len(built) == 1 and browser.visits == 1 and provider.stats["refresh_ok"] == 1
+    with pytest.raises(TypeError, match="client_metadata"):
+        SDKLogin(mcp_server.url)

@@ -6,6 +6,11 @@ proxies ``/upstream/...`` to the upstream API with them. Sessions outlive many a
 refreshes once per expiry (across the gateway's workers too) and replays after a 401. When the user must
 log in again the gateway answers 401 with a Bearer challenge saying so; when the token store is down, 503.
 
+It is a streaming proxy, so an MCP server works behind it (point an MCP client at ``/upstream/mcp``): the
+answer streams through as it comes (server-sent events included), and the MCP headers
+(``Mcp-Session-Id``, ``MCP-Protocol-Version``, ``Last-Event-ID``) pass both ways. Request bodies are read
+first (at most ``MAX_BODY`` bytes): the auth may replay a request after refreshing.
+
 Run the demo (a local provider with 2-second tokens as the upstream)::
 
     python docs/examples/gateway.py --seconds 5
@@ -27,8 +32,9 @@ from collections.abc import AsyncIterator
 
 import httpx
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 import httpx_upstream_auth as hua
@@ -39,7 +45,17 @@ REAUTH_CHALLENGE = (
 )
 # Hop-by-hop and credential headers are the gateway's business, not the upstream's.
 _DROP_REQUEST = {"host", "cookie", "authorization", "connection", "content-length", "transfer-encoding"}
-_KEEP_RESPONSE = ("content-type", "cache-control", "etag", "last-modified", "retry-after")
+_KEEP_RESPONSE = (
+    "content-type",
+    "content-encoding",
+    "cache-control",
+    "etag",
+    "last-modified",
+    "retry-after",
+    "mcp-session-id",
+    "mcp-protocol-version",
+)
+MAX_BODY = 4 * 1024 * 1024
 
 
 def session_of(request: Request) -> str | None:
@@ -54,7 +70,9 @@ def create_app(manager: hua.TokenManager, upstream_url: str, *, timeout: float =
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # One pooled client for every session: the auth is per request, the connections are shared.
-        async with httpx.AsyncClient(base_url=upstream_url, timeout=timeout) as client:
+        # Reads may wait long: a server-sent event stream stays quiet between events (the MCP SDK waits 300 s).
+        limits = httpx.Timeout(timeout, read=300.0)
+        async with httpx.AsyncClient(base_url=upstream_url, timeout=limits) as client:
             state["client"] = client
             yield
         await manager.aclose()
@@ -64,15 +82,19 @@ def create_app(manager: hua.TokenManager, upstream_url: str, *, timeout: float =
         if session is None:
             return _reauthenticate("no gateway session")
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST}
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY:
+                return JSONResponse({"error": "request body too large"}, status_code=413)
+        client = state["client"]
+        outgoing = client.build_request(
+            request.method, "/" + request.path_params["path"], params=str(request.query_params), content=body,
+            headers=headers,
+        )
         try:
-            upstream = await state["client"].request(
-                request.method,
-                "/" + request.path_params["path"],
-                params=str(request.query_params),
-                content=await request.body(),
-                headers=headers,
-                auth=manager.auth(session),  # O(1), no I/O: one per request is fine
-            )
+            # stream=True: the answer is passed on as it arrives (an SSE stream may never end).
+            upstream = await client.send(outgoing, auth=manager.auth(session), stream=True)  # O(1), no I/O
         except hua.ReauthenticationRequired:
             return _reauthenticate("log in again")
         except hua.StorageError:
@@ -82,11 +104,19 @@ def create_app(manager: hua.TokenManager, upstream_url: str, *, timeout: float =
             return JSONResponse({"error": "upstream token refresh failed"}, status_code=status)
         except hua.BindingMismatch:
             return JSONResponse({"error": "session bound to another identity"}, status_code=403)
+        except httpx.TransportError:
+            return JSONResponse({"error": "upstream unreachable"}, status_code=502)
         if upstream.status_code == 401:
             # The auth already refreshed and replayed once: the upstream still refuses, so the user must log in.
+            await upstream.aclose()
             return _reauthenticate("upstream refused the refreshed token")
         kept = {k: v for k, v in upstream.headers.items() if k.lower() in _KEEP_RESPONSE}
-        return Response(upstream.content, status_code=upstream.status_code, headers=kept)
+        return StreamingResponse(
+            upstream.aiter_raw(),  # raw: compressed as it came, with its content-encoding
+            status_code=upstream.status_code,
+            headers=kept,
+            background=BackgroundTask(upstream.aclose),
+        )
 
     methods = ["GET", "POST", "PUT", "PATCH", "DELETE"]
     return Starlette(routes=[Route("/upstream/{path:path}", proxy, methods=methods)], lifespan=lifespan)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._discovery import (
     DiscoveryFailed,
+    IssuerMismatch,
     MetadataStore,
     ServerMetadata,
     adiscover,
@@ -30,8 +31,19 @@ from ._discovery import (
     protected_resource_metadata_urls,
     resource_metadata_from_challenge,
 )
-from ._errors import ERROR_CODE, raise_upstream_errors, upstream_error
-from ._refresher import ClientRegistration, DiscoveringRefresher
+from ._errors import (
+    ERROR_CODE,
+    InsecureTransport,
+    InsufficientScope,
+    LoginFailed,
+    ServerRefused,
+    ServerUnreachable,
+    SessionExpired,
+    TokenRejected,
+    raise_upstream_errors,
+    upstream_error,
+)
+from ._refresher import ClientNotRegistered, ClientRegistration, DiscoveringRefresher
 from ._session1 import connect_session, legacy_http_client
 from ._transport import LegacyAsyncMCPAuthTransport
 
@@ -44,14 +56,23 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "ERROR_CODE",
     "AsyncMCPAuthTransport",
+    "ClientNotRegistered",
     "ClientRegistration",
     "DiscoveringRefresher",
     "DiscoveryFailed",
+    "InsecureTransport",
+    "InsufficientScope",
+    "IssuerMismatch",
     "LegacyAsyncMCPAuthTransport",
+    "LoginFailed",
     "MetadataStore",
     "SDKLogin",
     "SDKLoginAuth",
     "ServerMetadata",
+    "ServerRefused",
+    "ServerUnreachable",
+    "SessionExpired",
+    "TokenRejected",
     "TokenStorageAdapter",
     "adiscover",
     "authorization_server_metadata_urls",

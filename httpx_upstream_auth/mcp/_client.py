@@ -11,7 +11,7 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from .._models import Binding
-from ._errors import find_upstream_error, raise_upstream_errors
+from ._errors import find_upstream_error, insecure_transport, raise_upstream_errors
 from ._sdk import SDKLogin
 from ._transport2 import AsyncMCPAuthTransport
 
@@ -67,6 +67,7 @@ async def connect(
     headers: dict[str, str] | None = None,
     timeout: httpx2.Timeout | float | None = None,
     terminate_on_close: bool = True,
+    max_sse_event_size: int | None = None,
     transport: httpx2.AsyncBaseTransport | None = None,
     **client_options: Any,
 ) -> AsyncIterator[Client]:
@@ -87,12 +88,19 @@ async def connect(
 
     ``mode``, ``read_timeout_seconds``, callbacks and every other ``mcp.Client`` option pass through
     ``client_options``; ``headers``, ``timeout`` (the SDK's defaults when ``None``) and ``transport``
-    configure the HTTP client; ``terminate_on_close`` goes to ``streamable_http_client``.
+    configure the HTTP client; ``terminate_on_close`` and ``max_sse_event_size`` (the SDK's default when
+    ``None``) go to ``streamable_http_client``.
     """
+    insecure = insecure_transport(url)
+    if insecure is not None:
+        raise insecure
     async with http_client(
         manager, session_id, expect=expect, user_id=user_id, headers=headers, timeout=timeout, transport=transport
     ) as http:
-        streams = streamable_http_client(url, http_client=http, terminate_on_close=terminate_on_close)
+        stream_options: dict[str, Any] = {"terminate_on_close": terminate_on_close}
+        if max_sse_event_size is not None:
+            stream_options["max_sse_event_size"] = max_sse_event_size
+        streams = streamable_http_client(url, http_client=http, **stream_options)
         client = Client(streams, mode=mode, **client_options)
         try:
             async with client:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import re
 from typing import Any
 from urllib.parse import urlsplit
@@ -22,6 +23,7 @@ from .._storage import Storage
 
 __all__ = [
     "DiscoveryFailed",
+    "IssuerMismatch",
     "MetadataStore",
     "ServerMetadata",
     "adiscover",
@@ -30,6 +32,8 @@ __all__ = [
     "protected_resource_metadata_urls",
     "resource_metadata_from_challenge",
 ]
+
+logger = logging.getLogger("httpx_upstream_auth.mcp")
 
 MAX_METADATA_BYTES = 64 * 1024
 _CHALLENGE_PARAM = re.compile(r'resource_metadata\s*=\s*(?:"([^"]*)"|([^\s,]+))', re.IGNORECASE)
@@ -41,6 +45,45 @@ class DiscoveryFailed(RefreshFailed):
     ``retryable`` when the metadata could not be fetched now (network, 5xx, 429); not when the server
     publishes none or publishes metadata that does not check out (then configure ``token_url``).
     """
+
+
+class IssuerMismatch(DiscoveryFailed):
+    """The MCP server now leads to another authorization server than the one the credentials belong to.
+
+    Raised before anything is sent there: a refresh token and a client secret go only to the issuer
+    that produced them (a compromised MCP server could otherwise name its own). Not retryable.
+    ``expected`` is the issuer the credentials (or your ``issuer=`` pin) belong to; ``found`` the one
+    the server's metadata names now (``None`` when it names several, none of them ``expected``).
+    """
+
+    def __init__(self, server_url: str, expected: str, found: str | None, *, message: str | None = None) -> None:
+        named = "another authorization server" if found is None else f"authorization server {found}"
+        super().__init__(
+            message
+            or f"the MCP server {server_url} now names {named}, but these credentials belong to {expected}; "
+            "nothing was sent there. If the server really moved, check with its operator, then log the user in "
+            "again against the new issuer (SDKLogin(allow_issuer_change=True)) or change the issuer= pin.",
+            retryable=False,
+        )
+        self.server_url = server_url
+        self.expected = expected
+        self.found = found
+
+    def __reduce__(self) -> tuple[object, ...]:
+        fields = (self.server_url, self.expected, self.found, str(self))
+        return (_rebuild_issuer_mismatch, fields, self.__dict__)
+
+
+def _rebuild_issuer_mismatch(server_url: str, expected: str, found: str | None, message: str) -> IssuerMismatch:
+    return IssuerMismatch(server_url, expected, found, message=message)
+
+
+def issuers_match(a: str, b: str) -> bool:
+    """Whether two issuer identifiers name the same server: equal strings (RFC 8414 section 3.3), a root
+    issuer with or without its trailing slash counting as one."""
+    if a == b:
+        return True
+    return a.rstrip("/") == b.rstrip("/") and urlsplit(a).path in ("", "/") and urlsplit(b).path in ("", "/")
 
 
 @attrs.frozen(kw_only=True)
@@ -61,6 +104,8 @@ class ServerMetadata:
     """Dynamic client registration (RFC 7591), when offered."""
     token_endpoint_auth_methods: tuple[str, ...] = ()
     """Client authentication methods the token endpoint accepts (empty: not said)."""
+    code_challenge_methods: tuple[str, ...] = ()
+    """PKCE methods the authorization server supports (empty: not said, so no login there by the MCP spec)."""
     discovered_at: float = 0.0
     """When it was discovered (epoch seconds)."""
 
@@ -68,6 +113,7 @@ class ServerMetadata:
         """Serialize (for storage)."""
         data = attrs.asdict(self)
         data["token_endpoint_auth_methods"] = list(self.token_endpoint_auth_methods)
+        data["code_challenge_methods"] = list(self.code_challenge_methods)
         return json.dumps(data, sort_keys=True)
 
     @classmethod
@@ -77,6 +123,7 @@ class ServerMetadata:
         names = {f.name for f in attrs.fields(cls)}
         data = {k: v for k, v in data.items() if k in names}
         data["token_endpoint_auth_methods"] = tuple(data.get("token_endpoint_auth_methods") or ())
+        data["code_challenge_methods"] = tuple(data.get("code_challenge_methods") or ())
         return cls(**data)
 
 
@@ -87,15 +134,23 @@ def _origin_and_path(url: str) -> tuple[str, str]:
     return f"{parts.scheme}://{parts.netloc}", parts.path.rstrip("/")
 
 
-def _check_transport_security(url: str) -> None:
-    parts = urlsplit(url)
-    if parts.scheme == "https":
-        return
+def is_loopback(url: str) -> bool:
+    """Whether ``url``'s host is this machine (``localhost``, ``127.0.0.0/8``, ``::1``)."""
+    host = urlsplit(url).hostname or ""
     try:
-        loopback = ipaddress.ip_address(parts.hostname or "").is_loopback
+        return ipaddress.ip_address(host).is_loopback
     except ValueError:
-        loopback = parts.hostname == "localhost"
-    if parts.scheme != "http" or not loopback:
+        return host.lower() == "localhost"
+
+
+def is_secure_url(url: str) -> bool:
+    """Whether a bearer secret may travel to ``url``: ``https``, or plain ``http`` to a loopback host."""
+    scheme = urlsplit(url).scheme.lower()
+    return scheme == "https" or (scheme == "http" and is_loopback(url))
+
+
+def _check_transport_security(url: str) -> None:
+    if not is_secure_url(url):
         raise DiscoveryFailed(f"metadata URL {url!r} is not https (plain http only on loopback)", retryable=False)
 
 
@@ -110,18 +165,30 @@ def resource_metadata_from_challenge(www_authenticate: str | None) -> str | None
 def protected_resource_metadata_urls(server_url: str, www_authenticate: str | None = None) -> list[str]:
     """Where to look for the server's RFC 9728 metadata, in order.
 
-    The challenge's ``resource_metadata`` first, then the path-aware well-known URL
-    (``{origin}/.well-known/oauth-protected-resource{path}``), then the root one.
+    The challenge's ``resource_metadata`` first when it is on the server's own origin (a URL elsewhere is
+    ignored: a server's 401 must not make the client fetch arbitrary URLs, such as internal ones), then
+    the path-aware well-known URL (``{origin}/.well-known/oauth-protected-resource{path}``), then the
+    root one.
     """
     origin, path = _origin_and_path(server_url)
     urls = []
     named = resource_metadata_from_challenge(www_authenticate)
-    if named:
+    if named and _same_origin(named, origin):
         urls.append(named)
+    elif named:
+        logger.warning("ignored a resource_metadata URL on another origin than the MCP server %s", origin)
     if path:
         urls.append(f"{origin}/.well-known/oauth-protected-resource{path}")
     urls.append(f"{origin}/.well-known/oauth-protected-resource")
     return list(dict.fromkeys(urls))
+
+
+def _same_origin(url: str, origin: str) -> bool:
+    try:
+        other, _ = _origin_and_path(url)
+    except ValueError:
+        return False
+    return other.lower() == origin.lower()
 
 
 def authorization_server_metadata_urls(issuer: str) -> list[str]:
@@ -137,10 +204,6 @@ def authorization_server_metadata_urls(issuer: str) -> list[str]:
     ]
 
 
-def _same_url(a: str, b: str) -> bool:
-    return a.rstrip("/") == b.rstrip("/")
-
-
 def _resource_matches(server_url: str, resource: str) -> bool:
     # RFC 9728 section 3.3: the resource must be the server itself or a parent of it (same origin, path prefix).
     server_origin, server_path = _origin_and_path(server_url)
@@ -148,41 +211,52 @@ def _resource_matches(server_url: str, resource: str) -> bool:
     return server_origin.lower() == origin.lower() and (server_path + "/").startswith(path + "/")
 
 
-def _read_json(response: httpx.Response, url: str) -> dict[str, Any] | None:
+def _read_json(answer: tuple[int, bytes], url: str) -> dict[str, Any] | None:
     """The JSON object of a 200 answer; ``None`` for 404/405/410 and similar "not here" answers."""
-    if response.status_code >= 500 or response.status_code == 429:
-        raise DiscoveryFailed(
-            f"metadata at {url} answered {response.status_code}; try again later",
-            retryable=True,
-            status_code=response.status_code,
-        )
-    if response.status_code != 200:
+    status, content = answer
+    if status >= 500 or status == 429:
+        message = f"metadata at {url} answered {status}; try again later"
+        raise DiscoveryFailed(message, retryable=True, status_code=status)
+    if status != 200:
         return None
-    if len(response.content) > MAX_METADATA_BYTES:
-        raise DiscoveryFailed(f"metadata at {url} is larger than {MAX_METADATA_BYTES} bytes", retryable=False)
     try:
-        data = json.loads(response.content)
+        data = json.loads(content)
     except ValueError:
         return None
     return data if isinstance(data, dict) else None
 
 
-def _prm_result(server_url: str, url: str, data: dict[str, Any]) -> tuple[str | None, str]:
+def _prm_result(
+    server_url: str, url: str, data: dict[str, Any], issuer: str | None
+) -> tuple[str | None, str]:
     servers = data.get("authorization_servers")
-    if not isinstance(servers, list) or not servers or not isinstance(servers[0], str):
+    if not isinstance(servers, list) or not servers or not all(isinstance(s, str) for s in servers):
         raise DiscoveryFailed(f"protected-resource metadata at {url} names no authorization server", retryable=False)
+    chosen = servers[0]
+    if issuer is not None:
+        # Decided before any authorization-server metadata is fetched: a server we do not trust gets nothing.
+        listed = [s for s in servers if issuers_match(s, issuer)]
+        if not listed:
+            raise IssuerMismatch(server_url, issuer, servers[0] if len(servers) == 1 else None)
+        chosen = listed[0]
     resource = data.get("resource")
-    if resource is not None and (not isinstance(resource, str) or not _resource_matches(server_url, resource)):
+    if not isinstance(resource, str):  # required by RFC 9728 section 3.2: without it nothing can be checked
+        raise DiscoveryFailed(
+            f"protected-resource metadata at {url} has no resource member (RFC 9728 requires it); ask the "
+            "server's operator to publish it, or pass token_url explicitly",
+            retryable=False,
+        )
+    if not _resource_matches(server_url, resource):
         raise DiscoveryFailed(
             f"protected-resource metadata at {url} is for {resource!r}, not for {server_url!r}", retryable=False
         )
-    return resource, servers[0]
+    return resource, chosen
 
 
 def _asm_result(
     server_url: str, resource: str | None, issuer: str, url: str, data: dict[str, Any], now: float
 ) -> ServerMetadata:
-    if not isinstance(data.get("issuer"), str) or not _same_url(data["issuer"], issuer):
+    if not isinstance(data.get("issuer"), str) or not issuers_match(data["issuer"], issuer):
         raise DiscoveryFailed(
             f"authorization-server metadata at {url} names issuer {data.get('issuer')!r}, not {issuer!r}",
             retryable=False,
@@ -191,6 +265,7 @@ def _asm_result(
     if not isinstance(token_endpoint, str):
         raise DiscoveryFailed(f"authorization-server metadata at {url} has no token_endpoint", retryable=False)
     methods = data.get("token_endpoint_auth_methods_supported") or ()
+    pkce = data.get("code_challenge_methods_supported") or ()
 
     def text(name: str) -> str | None:
         value = data.get(name)
@@ -204,6 +279,7 @@ def _asm_result(
         authorization_endpoint=text("authorization_endpoint"),
         registration_endpoint=text("registration_endpoint"),
         token_endpoint_auth_methods=tuple(m for m in methods if isinstance(m, str)),
+        code_challenge_methods=tuple(m for m in pkce if isinstance(m, str)) if isinstance(pkce, list) else (),
         discovered_at=now,
     )
 
@@ -222,12 +298,15 @@ async def adiscover(
     client: httpx.AsyncClient | None = None,
     timeout: float = 10.0,
     now: float | None = None,
+    issuer: str | None = None,
 ) -> ServerMetadata:
     """Discover the token endpoint (and more) of the MCP server at ``server_url``.
 
     RFC 9728 protected-resource metadata (from the 401 challenge's ``resource_metadata`` when
     ``www_authenticate`` is given, else the well-known URLs), then the named authorization server's
-    RFC 8414 / OpenID metadata. Raises :class:`DiscoveryFailed`.
+    RFC 8414 / OpenID metadata. With ``issuer``, only that authorization server is accepted: when the
+    resource's metadata does not list it, :class:`IssuerMismatch` is raised before anything else is
+    fetched. Raises :class:`DiscoveryFailed`.
     """
     import time
 
@@ -239,7 +318,7 @@ async def adiscover(
             _check_transport_security(url)
             data = _read_json(await _aget(http, url), url)
             if data is not None:
-                resource, issuer = _prm_result(server_url, url, data)
+                resource, issuer = _prm_result(server_url, url, data, issuer)
                 break
         else:
             raise _no_metadata("protected-resource", prm_urls)
@@ -262,6 +341,7 @@ def discover(
     client: httpx.Client | None = None,
     timeout: float = 10.0,
     now: float | None = None,
+    issuer: str | None = None,
 ) -> ServerMetadata:
     """Blocking twin of :func:`adiscover`."""
     import time
@@ -274,7 +354,7 @@ def discover(
             _check_transport_security(url)
             data = _read_json(_get(http, url), url)
             if data is not None:
-                resource, issuer = _prm_result(server_url, url, data)
+                resource, issuer = _prm_result(server_url, url, data, issuer)
                 break
         else:
             raise _no_metadata("protected-resource", prm_urls)
@@ -290,16 +370,46 @@ def discover(
             http.close()
 
 
-async def _aget(http: httpx.AsyncClient, url: str) -> httpx.Response:
+def _too_large(url: str) -> DiscoveryFailed:
+    return DiscoveryFailed(f"metadata at {url} is larger than {MAX_METADATA_BYTES} bytes", retryable=False)
+
+
+def _declared_too_large(response: httpx.Response) -> bool:
+    declared = response.headers.get("content-length", "")
+    return declared.isdigit() and int(declared) > MAX_METADATA_BYTES
+
+
+async def _aget(http: httpx.AsyncClient, url: str) -> tuple[int, bytes]:
+    # Streamed, so the size cap stops the read: a huge (or endless) answer costs at most the cap.
     try:
-        return await http.get(url, headers={"accept": "application/json"})
+        async with http.stream("GET", url, headers={"accept": "application/json"}) as response:
+            if response.status_code != 200:
+                return response.status_code, b""
+            if _declared_too_large(response):
+                raise _too_large(url)
+            body = bytearray()
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > MAX_METADATA_BYTES:
+                    raise _too_large(url)
+            return 200, bytes(body)
     except httpx.HTTPError as exc:
         raise DiscoveryFailed(f"could not fetch metadata at {url}: {type(exc).__name__}", retryable=True) from exc
 
 
-def _get(http: httpx.Client, url: str) -> httpx.Response:
+def _get(http: httpx.Client, url: str) -> tuple[int, bytes]:
     try:
-        return http.get(url, headers={"accept": "application/json"})
+        with http.stream("GET", url, headers={"accept": "application/json"}) as response:
+            if response.status_code != 200:
+                return response.status_code, b""
+            if _declared_too_large(response):
+                raise _too_large(url)
+            body = bytearray()
+            for chunk in response.iter_bytes():
+                body += chunk
+                if len(body) > MAX_METADATA_BYTES:
+                    raise _too_large(url)
+            return 200, bytes(body)
     except httpx.HTTPError as exc:
         raise DiscoveryFailed(f"could not fetch metadata at {url}: {type(exc).__name__}", retryable=True) from exc
 
@@ -311,7 +421,7 @@ class MetadataStore:
     so they never meet token entries; the JSON sits in the entry's hidden ``access_token`` field (it may
     hold a client secret). They share the storage's durability and reach: every process and host that
     shares the tokens shares them, and a restart finds them. Retention is the storage's (30 days by
-    default after the last write).
+    default after the last write): :meth:`atouch` rewrites a record that is still in use.
     """
 
     def __init__(self, storage: Storage, namespace: str) -> None:
@@ -346,6 +456,33 @@ class MetadataStore:
             if await self.storage.aput(key, entry, expected_version=None if current is None else current.version):
                 return
         raise _busy()
+
+    async def atouch(self, name: str) -> bool:
+        """Rewrite the record saved under ``name`` as it is, so the storage's retention starts again; ``False``
+        when there is none (or it changed meanwhile: then it was just written anyway)."""
+        key = self._key(name)
+        current = await self.storage.aget(key)
+        if current is None:
+            return False
+        entry = self._entry(current.access_token, current.version + 1)
+        return await self.storage.aput(key, entry, expected_version=current.version)
+
+    def touch(self, name: str) -> bool:
+        """Blocking twin of :meth:`atouch`."""
+        key = self._key(name)
+        current = self.storage.get(key)
+        if current is None:
+            return False
+        entry = self._entry(current.access_token, current.version + 1)
+        return self.storage.put(key, entry, expected_version=current.version)
+
+    async def adelete(self, name: str) -> None:
+        """Forget the record saved under ``name`` (nothing happens when there is none)."""
+        await self.storage.adelete(self._key(name))
+
+    def delete(self, name: str) -> None:
+        """Blocking twin of :meth:`adelete`."""
+        self.storage.delete(self._key(name))
 
     def put(self, name: str, record: str) -> None:
         """Blocking twin of :meth:`aput`."""

@@ -16,9 +16,24 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from .._exceptions import UpstreamAuthError
+from .._exceptions import ReauthenticationRequired, UpstreamAuthError
 
-__all__ = ["DATA_KEY", "ERROR_CODE", "error_body", "find_upstream_error", "raise_upstream_errors", "upstream_error"]
+__all__ = [
+    "DATA_KEY",
+    "ERROR_CODE",
+    "InsecureTransport",
+    "InsufficientScope",
+    "LoginFailed",
+    "ServerRefused",
+    "ServerUnreachable",
+    "SessionExpired",
+    "TokenRejected",
+    "error_body",
+    "find_upstream_error",
+    "insecure_transport",
+    "raise_upstream_errors",
+    "upstream_error",
+]
 
 _S = TypeVar("_S")
 _T = TypeVar("_T")
@@ -31,6 +46,86 @@ _MAX_TICKETS = 1024
 
 _lock = threading.Lock()
 _tickets: OrderedDict[str, UpstreamAuthError] = OrderedDict()
+
+
+class ServerRefused(UpstreamAuthError):
+    """The MCP server refused the request although it carried a valid token (a 403, or a 401 that a refresh
+    and a replay did not cure). The session stays usable for other requests.
+
+    ``status_code`` is the server's status; ``error``, ``scope`` and ``description`` come from its
+    ``WWW-Authenticate`` challenge (``None`` when it said nothing).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int,
+        error: str | None = None,
+        scope: str | None = None,
+        description: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.error = error
+        self.scope = scope
+        self.description = description
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_refused, (type(self), str(self), self.__dict__))
+
+
+def _rebuild_refused(cls: type[ServerRefused], message: str, fields: dict[str, Any]) -> ServerRefused:
+    made = cls.__new__(cls)
+    Exception.__init__(made, message)
+    made.__dict__.update(fields)
+    return made
+
+
+class TokenRejected(ServerRefused, ReauthenticationRequired):
+    """The MCP server answered 401 to a token that was just refreshed: it does not accept this user's tokens
+    (another audience or authorization server, a revoked client). Log the user in again; if it keeps
+    happening, check the server's ``resource`` and which authorization server it trusts."""
+
+
+class InsufficientScope(ServerRefused):
+    """The MCP server answered 403 ``insufficient_scope``: the user must authorize more. ``scope`` is what the
+    server asked for (when it said), to request at the next login (SDK-login mode does that by itself)."""
+
+
+class SessionExpired(UpstreamAuthError):
+    """The MCP server no longer knows this session (404 to a request carrying its session id: the server
+    restarted, or expired it). Open a new session (``connect`` again); the tokens are fine."""
+
+
+class ServerUnreachable(UpstreamAuthError):
+    """The request could not reach the MCP server, or its answer was lost (connection refused or reset, a
+    timeout). Nothing is wrong with the tokens: retry later; a server that restarted also lost the session."""
+
+
+class LoginFailed(ReauthenticationRequired):
+    """The interactive login did not complete (the user closed the browser, a state mismatch, the code
+    exchange was refused, the callback timed out). The session stays usable: try the login again."""
+
+
+class InsecureTransport(UpstreamAuthError, ValueError):
+    """A bearer token would travel over plain ``http://`` to a host other than this machine: refused,
+    nothing sent. Use the server's ``https://`` URL (plain http is fine for ``localhost``/loopback only)."""
+
+
+def insecure_transport(url: str) -> InsecureTransport | None:
+    """The error for sending a bearer token to ``url``, or ``None`` when that is fine."""
+    from urllib.parse import urlsplit
+
+    from ._discovery import is_secure_url
+
+    if is_secure_url(url):
+        return None
+    parts = urlsplit(url)
+    return InsecureTransport(
+        f"refusing to send a bearer token over {parts.scheme or 'a non-https'}:// to {parts.hostname!r}: use the "
+        "server's https:// URL (plain http only to localhost/loopback); nothing was sent"
+    )
 
 
 def error_body(error: UpstreamAuthError, request_id: Any) -> bytes:

@@ -4,15 +4,33 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from typing import Any
 
+import attrs
+
 from .._clock import Clock
+from .._exceptions import ReauthenticationRequired, UpstreamAuthError
 from .._models import UpstreamTokens
 from .._refresher import OAuth2Refresher, Refresher
 from .._storage import Storage
-from ._discovery import DiscoveryFailed, MetadataStore, ServerMetadata, adiscover, discover
+from ._discovery import (
+    DiscoveryFailed,
+    IssuerMismatch,
+    MetadataStore,
+    ServerMetadata,
+    adiscover,
+    discover,
+    issuers_match,
+)
 
-__all__ = ["METADATA_NAMESPACE", "REGISTRATION_NAMESPACE", "ClientRegistration", "DiscoveringRefresher"]
+__all__ = [
+    "METADATA_NAMESPACE",
+    "REGISTRATION_NAMESPACE",
+    "ClientNotRegistered",
+    "ClientRegistration",
+    "DiscoveringRefresher",
+]
 
 METADATA_NAMESPACE = "httpx-upstream-auth:mcp-metadata"
 """The provider id under which discovered metadata is stored."""
@@ -20,23 +38,44 @@ REGISTRATION_NAMESPACE = "httpx-upstream-auth:mcp-client"
 """The provider id under which client registrations (from the SDK's login) are stored."""
 
 
+KEEP_ALIVE_MAX = 24 * 3600.0
+"""The longest a process refreshes without rewriting the stored registration and metadata it uses."""
+
+
+class ClientNotRegistered(ReauthenticationRequired):
+    """No client registration is stored for the server (never logged in through the SDK, or the record outlived
+    the storage's retention): log the user in again, which registers the client again (SDK-login mode does)."""
+
+
 class ClientRegistration:
-    """A client's credentials at an authorization server: id, secret (or ``None``) and auth method."""
+    """A client's credentials at an authorization server: id, secret (or ``None``), auth method, and the
+    issuer they were registered with (``None``: not recorded, such as a pre-registered client)."""
 
-    __slots__ = ("auth_method", "client_id", "client_secret")
+    __slots__ = ("auth_method", "client_id", "client_secret", "issuer")
 
-    def __init__(self, client_id: str, client_secret: str | None, auth_method: str) -> None:
+    def __init__(
+        self, client_id: str, client_secret: str | None, auth_method: str, *, issuer: str | None = None
+    ) -> None:
         self.client_id = client_id
         self.client_secret = client_secret
         self.auth_method = auth_method
+        self.issuer = issuer
 
     def __repr__(self) -> str:
-        return f"ClientRegistration(client_id={self.client_id!r}, auth_method={self.auth_method!r})"
+        return (
+            f"ClientRegistration(client_id={self.client_id!r}, auth_method={self.auth_method!r}, "
+            f"issuer={self.issuer!r})"
+        )
 
     def to_json(self) -> str:
         """Serialize (for storage; it holds the secret)."""
         return json.dumps(
-            {"client_id": self.client_id, "client_secret": self.client_secret, "auth_method": self.auth_method}
+            {
+                "client_id": self.client_id,
+                "client_secret": self.client_secret,
+                "auth_method": self.auth_method,
+                "issuer": self.issuer,
+            }
         )
 
     @classmethod
@@ -44,7 +83,9 @@ class ClientRegistration:
         """Rebuild from :meth:`to_json` output, or from the SDK's ``OAuthClientInformationFull`` JSON."""
         data = json.loads(text)
         method = data.get("auth_method") or data.get("token_endpoint_auth_method") or "client_secret_basic"
-        return cls(data["client_id"], data.get("client_secret"), method)
+        issuer = data.get("issuer")
+        issuer = issuer if isinstance(issuer, str) else None
+        return cls(data["client_id"], data.get("client_secret"), method, issuer=issuer)
 
 
 class DiscoveringRefresher(Refresher):
@@ -54,11 +95,19 @@ class DiscoveringRefresher(Refresher):
     RFC 8414 / OpenID metadata (path-aware; nothing is guessed), and builds an :class:`OAuth2Refresher`
     for the token endpoint found, sending the server's ``resource`` (RFC 8707) when it names one. The
     result is kept in memory and, with ``storage`` (normally the manager's), stored: a restart, or
-    another process, does not rediscover. Pass ``token_url`` to skip discovery.
+    another process, does not rediscover. Pass ``token_url`` to skip discovery (``resource`` is then the
+    server URL itself).
 
     The client is ``client_id`` / ``client_secret`` / ``auth_method``; leave ``client_id`` out when the
     client was registered at login time (the SDK's dynamic registration through :class:`SDKLoginAuth`
     or :class:`TokenStorageAdapter`): its registration is then read from ``storage``.
+
+    Credentials stay with their issuer: the refresh token and the client secret are sent only to the
+    token endpoint of the authorization server that issued them, as recorded on the tokens
+    (``UpstreamTokens.issuer``, set on every refresh), on the stored registration, and in ``issuer``
+    when you pin it. When the server's metadata names another one, :class:`IssuerMismatch` is raised
+    and nothing is sent there. The first discovery of tokens that record no issuer trusts what the
+    server names (pin ``issuer`` to avoid that).
     """
 
     def __init__(
@@ -71,6 +120,7 @@ class DiscoveringRefresher(Refresher):
         scope: str | None = None,
         storage: Storage | None = None,
         token_url: str | None = None,
+        issuer: str | None = None,
         send_resource: bool = True,
         timeout: float = 10.0,
         refresher_options: dict[str, Any] | None = None,
@@ -78,6 +128,8 @@ class DiscoveringRefresher(Refresher):
         self.server_url = server_url
         self._client = None if client_id is None else ClientRegistration(client_id, client_secret, auth_method)
         self.scope = scope
+        self.issuer = issuer
+        """The pinned authorization server (``None``: the one the credentials record, else the server's)."""
         self.send_resource = send_resource
         self.timeout = timeout
         self._token_url = token_url
@@ -90,6 +142,11 @@ class DiscoveringRefresher(Refresher):
         self._inner_for: tuple[str, str, str | None, str] | None = None
         self.discoveries = 0
         """How many times metadata was fetched from the network (0 after a restart that found it stored)."""
+        self.keep_alive = KEEP_ALIVE_MAX if storage is None else min(KEEP_ALIVE_MAX, storage.retention / 3)
+        """Seconds between rewrites of the stored registration and metadata while refreshes use them (records
+        are kept for the storage's retention after their last write; token entries are rewritten by every
+        refresh, these would not be)."""
+        self._kept_alive_at: float | None = None
 
     def __repr__(self) -> str:
         return f"DiscoveringRefresher(server_url={self.server_url!r})"
@@ -108,33 +165,54 @@ class DiscoveringRefresher(Refresher):
 
     # -- metadata ----------------------------------------------------------------------------------
 
-    async def ametadata(self, www_authenticate: str | None = None) -> ServerMetadata:
-        """The server's metadata: from memory, else storage, else discovery (then stored)."""
+    async def ametadata(self, www_authenticate: str | None = None, *, issuer: str | None = None) -> ServerMetadata:
+        """The server's metadata: from memory, else storage, else discovery (then stored).
+
+        With ``issuer`` (default: the pin), metadata for any other authorization server raises
+        :class:`IssuerMismatch`, whether remembered or discovered (then before fetching anything from it).
+        """
+        issuer = self.issuer if issuer is None else issuer
         if self._metadata is not None:
-            return self._metadata
+            return self._checked(self._metadata, issuer)
         if self._metadata_store is not None:
             record = await self._metadata_store.aget(self.server_url)
             if record is not None:
-                return self._remember(ServerMetadata.from_json(record))
-        found = await adiscover(self.server_url, www_authenticate=www_authenticate, timeout=self.timeout)
+                return self._checked(self._remember(ServerMetadata.from_json(record)), issuer)
+        found = await adiscover(
+            self.server_url, www_authenticate=www_authenticate, timeout=self.timeout, issuer=issuer
+        )
         self.discoveries += 1
         if self._metadata_store is not None:
             await self._metadata_store.aput(self.server_url, found.to_json())
         return self._remember(found)
 
-    def metadata_sync(self) -> ServerMetadata:
+    def metadata_sync(self, *, issuer: str | None = None) -> ServerMetadata:
         """Blocking twin of :meth:`ametadata`."""
+        issuer = self.issuer if issuer is None else issuer
         if self._metadata is not None:
-            return self._metadata
+            return self._checked(self._metadata, issuer)
         if self._metadata_store is not None:
             record = self._metadata_store.get(self.server_url)
             if record is not None:
-                return self._remember(ServerMetadata.from_json(record))
-        found = discover(self.server_url, timeout=self.timeout)
+                return self._checked(self._remember(ServerMetadata.from_json(record)), issuer)
+        found = discover(self.server_url, timeout=self.timeout, issuer=issuer)
         self.discoveries += 1
         if self._metadata_store is not None:
             self._metadata_store.put(self.server_url, found.to_json())
         return self._remember(found)
+
+    def _checked(self, metadata: ServerMetadata, issuer: str | None) -> ServerMetadata:
+        if issuer is not None and not issuers_match(metadata.issuer, issuer):
+            raise IssuerMismatch(self.server_url, issuer, metadata.issuer)
+        return metadata
+
+    async def aforget_metadata(self) -> None:
+        """Drop the remembered and stored metadata: the next refresh discovers again (still bound to the
+        credentials' issuer)."""
+        with self._lock:
+            self._metadata = None
+        if self._metadata_store is not None:
+            await self._metadata_store.adelete(self.server_url)
 
     def _remember(self, metadata: ServerMetadata) -> ServerMetadata:
         with self._lock:
@@ -167,9 +245,10 @@ class DiscoveringRefresher(Refresher):
 
     def _registration(self, record: str | None) -> ClientRegistration:
         if record is None:
-            raise DiscoveryFailed(
-                f"no client registered for {self.server_url}: pass client_id, or log in once through the SDK",
-                retryable=False,
+            raise ClientNotRegistered(
+                f"no client registration is stored for {self.server_url} (never logged in through the SDK, or "
+                "the record outlived the storage's retention): log the user in again (SDK-login mode does, "
+                "registering the client again), or pass client_id"
             )
         return ClientRegistration.from_json(record)
 
@@ -183,7 +262,10 @@ class DiscoveringRefresher(Refresher):
     def _refresher(self, metadata: ServerMetadata | None, client: ClientRegistration) -> OAuth2Refresher:
         token_url = self._token_url or (metadata.token_endpoint if metadata else None)
         assert token_url is not None
-        resource = metadata.resource if metadata is not None and self.send_resource else None
+        # RFC 8707 / the MCP spec: the resource goes with every token request; with an explicit token_url
+        # (nothing discovered) it is the server URL itself.
+        named = self.server_url if metadata is None else metadata.resource
+        resource = named if self.send_resource else None
         wanted = (token_url, client.client_id, resource, client.auth_method)
         with self._lock:
             if self._inner is None or self._inner_for != wanted:
@@ -215,17 +297,78 @@ class DiscoveringRefresher(Refresher):
         except ValueError as exc:  # a token URL or a client this refresher cannot use
             raise DiscoveryFailed(f"cannot refresh at {token_url}: {exc}", retryable=False) from exc
 
+    def _expected_issuer(self, tokens: UpstreamTokens, client: ClientRegistration) -> str | None:
+        """The one issuer the pin, the tokens and the registration agree on (``None``: none recorded)."""
+        named = [
+            (self.issuer, "the issuer= pin"),
+            (client.issuer, "the client registration"),
+            (tokens.issuer, "the stored tokens"),
+        ]
+        known = [(issuer, what) for issuer, what in named if issuer is not None]
+        if not known:
+            return None
+        first, first_what = known[0]
+        for issuer, what in known[1:]:
+            if not issuers_match(issuer, first):
+                message = (
+                    f"{what} is bound to {issuer} but {first_what} to {first} (MCP server {self.server_url}); "
+                    "nothing was sent. Log the user in again against the issuer you trust, or fix the pin."
+                )
+                raise IssuerMismatch(self.server_url, first, issuer, message=message)
+        return first
+
+    def _bound(self, fresh: UpstreamTokens, metadata: ServerMetadata | None, expected: str | None) -> UpstreamTokens:
+        issuer = metadata.issuer if metadata is not None else expected
+        return fresh if issuer is None else attrs.evolve(fresh, issuer=issuer)
+
     async def arefresh(self, tokens: UpstreamTokens, clock: Clock) -> UpstreamTokens:
-        """Discover (once), then redeem the refresh token at the discovered endpoint."""
-        metadata = None if self._token_url is not None else await self.ametadata()
+        """Discover (once), check the issuer, then redeem the refresh token at its token endpoint."""
         client = await self.aregistration()
-        return await self._refresher(metadata, client).arefresh(tokens, clock)
+        expected = self._expected_issuer(tokens, client)
+        metadata = None if self._token_url is not None else await self.ametadata(issuer=expected)
+        fresh = await self._refresher(metadata, client).arefresh(tokens, clock)
+        if self._keep_alive_due():
+            await self._akeep_alive()
+        return self._bound(fresh, metadata, expected)
 
     def refresh(self, tokens: UpstreamTokens, clock: Clock) -> UpstreamTokens:
         """Blocking twin of :meth:`arefresh`."""
-        metadata = None if self._token_url is not None else self.metadata_sync()
         client = self.registration_sync()
-        return self._refresher(metadata, client).refresh(tokens, clock)
+        expected = self._expected_issuer(tokens, client)
+        metadata = None if self._token_url is not None else self.metadata_sync(issuer=expected)
+        fresh = self._refresher(metadata, client).refresh(tokens, clock)
+        if self._keep_alive_due():
+            self._keep_alive_sync()
+        return self._bound(fresh, metadata, expected)
+
+    def _keep_alive_due(self) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            if self._kept_alive_at is not None and now - self._kept_alive_at < self.keep_alive:
+                return False
+            self._kept_alive_at = now
+            return True
+
+    async def _akeep_alive(self) -> None:
+        # Best effort, after the refresh succeeded: a store that fails now is tried again at the next refresh.
+        try:
+            if self._client is None and self._registrations is not None:
+                await self._registrations.atouch(self.server_url)
+            if self._token_url is None and self._metadata_store is not None:
+                await self._metadata_store.atouch(self.server_url)
+        except UpstreamAuthError:
+            with self._lock:
+                self._kept_alive_at = None
+
+    def _keep_alive_sync(self) -> None:
+        try:
+            if self._client is None and self._registrations is not None:
+                self._registrations.touch(self.server_url)
+            if self._token_url is None and self._metadata_store is not None:
+                self._metadata_store.touch(self.server_url)
+        except UpstreamAuthError:
+            with self._lock:
+                self._kept_alive_at = None
 
     def close(self) -> None:
         """Close the inner refresher's client."""

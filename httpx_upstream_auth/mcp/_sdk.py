@@ -20,7 +20,8 @@ from .._exceptions import ReauthenticationRequired, UpstreamAuthError
 from .._manager import TokenManager
 from .._models import EntryKey, UpstreamTokens
 from .._storage import Storage
-from ._discovery import ServerMetadata
+from ._discovery import DiscoveryFailed, IssuerMismatch, ServerMetadata, adiscover
+from ._errors import LoginFailed
 from ._refresher import DiscoveringRefresher
 
 __all__ = ["SDKLogin", "SDKLoginAuth", "TokenStorageAdapter", "oauth_token_from", "tokens_from_oauth"]
@@ -34,11 +35,13 @@ def tokens_from_oauth(
     user_id: str | None = None,
     upstream_subject: str | None = None,
     client_id: str | None = None,
+    issuer: str | None = None,
 ) -> UpstreamTokens:
     """Our entry for the SDK's ``OAuthToken``: ``expires_in`` made absolute from ``obtained_at``.
 
     ``obtained_at`` is when the token request was sent (or, at worst, when the answer arrived): the
-    expiry is counted from it. The binding fields say whose tokens these are.
+    expiry is counted from it. The binding fields say whose tokens these are; ``issuer`` the
+    authorization server that issued them (refreshes go only there).
     """
     expires_at = None if token.expires_in is None else obtained_at + token.expires_in
     return UpstreamTokens(
@@ -52,6 +55,7 @@ def tokens_from_oauth(
         user_id=user_id,
         upstream_subject=upstream_subject,
         client_id=client_id,
+        issuer=issuer,
     )
 
 
@@ -114,8 +118,16 @@ class TokenStorageAdapter:
         return oauth_token_from(tokens)
 
     async def set_tokens(self, tokens: OAuthToken) -> None:
-        """Store tokens the SDK obtained, with an absolute expiry and the binding fields."""
+        """Store tokens the SDK obtained, with an absolute expiry, the binding fields and (when the client
+        registration records it) the issuer."""
+        await self.store_tokens(tokens)
+
+    async def store_tokens(self, tokens: OAuthToken, *, issuer: str | None = None) -> None:
+        """:meth:`set_tokens`, saying which authorization server issued the tokens (default: the one the
+        client registration records)."""
         client = await self.get_client_info()
+        if issuer is None and client is not None:
+            issuer = getattr(client, "issuer", None)
         self.saves += 1
         await self.manager.astore(
             self.session_id,
@@ -126,6 +138,7 @@ class TokenStorageAdapter:
                 user_id=self.user_id,
                 upstream_subject=self.upstream_subject,
                 client_id=None if client is None else client.client_id,
+                issuer=issuer,
             ),
         )
 
@@ -167,29 +180,67 @@ class SDKLogin:
     metadata are stored in ``storage``, so a restart needs no login. Everything else is ours: one
     single-flight refresh per expiry across tasks and processes, at the discovered token endpoint (with
     ``resource``), a refresh on a 401 before any browser, and no lock held across a request.
+
+    Tokens and the registration record the issuer they came from, and are refreshed only there. When the
+    server later names another authorization server, the call raises :class:`IssuerMismatch` (nothing
+    is sent to the new one) unless ``allow_issuer_change`` sends the user to log in there. ``issuer``
+    pins the authorization server for logins too: a server naming another one gets no login at all.
     """
 
     def __init__(
         self,
         server_url: str,
         *,
-        client_metadata: OAuthClientMetadata,
+        client_metadata: OAuthClientMetadata | None = None,
         redirect_handler: RedirectHandler | None = None,
         callback_handler: CallbackHandler | None = None,
         storage: Storage | None = None,
         provider_id: str | None = None,
+        issuer: str | None = None,
+        allow_issuer_change: bool = False,
+        client_metadata_url: str | None = None,
+        client_information: OAuthClientInformationFull | None = None,
+        sdk_provider: Callable[[Any], OAuthClientProvider] | None = None,
         manager_options: dict[str, Any] | None = None,
     ) -> None:
         from .._memory import MemoryStorage
 
+        if client_metadata is None and sdk_provider is None:
+            raise TypeError("SDKLogin needs client_metadata (for the SDK's interactive login) or an sdk_provider")
+
         self.server_url = server_url
         """The MCP server."""
         self.client_metadata = client_metadata
-        """What the SDK registers the client with."""
+        """What the SDK registers the client with (``None`` with an ``sdk_provider``)."""
         self.redirect_handler = redirect_handler
         self.callback_handler = callback_handler
+        self.sdk_provider = sdk_provider
+        """Builds the SDK provider that logs in, from the ``TokenStorage`` it must use (default: the SDK's
+        ``OAuthClientProvider`` with ``client_metadata`` and the handlers). For grants without a user, such
+        as the SDK's ``ClientCredentialsOAuthProvider`` / ``PrivateKeyJWTOAuthProvider``: their tokens carry no
+        refresh token, so each expiry is a new grant through that provider."""
+        self.client_information = client_information
+        """A pre-registered client (id, secret, auth method): used for logins and refreshes, nothing registered."""
+        self.client_metadata_url = client_metadata_url
+        """An https URL of a client ID metadata document (the SDK uses it as the client id where the authorization
+        server supports that, instead of registering)."""
+        self.issuer = issuer
+        """The pinned authorization server: logins and refreshes anywhere else raise :class:`IssuerMismatch`."""
+        self.allow_issuer_change = allow_issuer_change
+        """Whether a server that now names another authorization server (no pin) sends the user to log in
+        there; by default that is an :class:`IssuerMismatch` and nothing is sent to it."""
         storage = MemoryStorage() if storage is None else storage
-        self.refresher = DiscoveringRefresher(server_url, storage=storage)
+        if client_information is None:
+            self.refresher = DiscoveringRefresher(server_url, storage=storage, issuer=issuer)
+        else:
+            self.refresher = DiscoveringRefresher(
+                server_url,
+                client_information.client_id,
+                client_information.client_secret,
+                auth_method=client_information.token_endpoint_auth_method or "client_secret_basic",
+                storage=storage,
+                issuer=issuer,
+            )
         """Refreshes at the discovered token endpoint with the registered client."""
         self.manager = TokenManager(
             refresher=self.refresher,
@@ -208,6 +259,12 @@ class SDKLogin:
     async def aclose(self) -> None:
         """Close the manager (storage, refresher)."""
         await self.manager.aclose()
+
+    async def __aenter__(self) -> SDKLogin:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
 
 
 class SDKLoginAuth(httpx2.Auth):
@@ -238,63 +295,129 @@ class SDKLoginAuth(httpx2.Auth):
             upstream_subject=upstream_subject,
         )
         """The SDK's view of this session's tokens and client registration."""
-        self.sdk = OAuthClientProvider(
-            login.server_url,
-            login.client_metadata,
-            storage=_LoginOnly(self.storage),
-            redirect_handler=login.redirect_handler,
-            callback_handler=login.callback_handler,
-        )
+        login_only = _LoginOnly(self.storage, login.client_information)
+        if login.sdk_provider is not None:
+            self.sdk = login.sdk_provider(login_only)
+        else:
+            assert login.client_metadata is not None
+            self.sdk = OAuthClientProvider(
+                login.server_url,
+                # A copy per session: the SDK rewrites its scope (from the challenge, or a step-up's union); that
+                # must not leak into other sessions' logins.
+                login.client_metadata.model_copy(deep=True),
+                storage=login_only,
+                redirect_handler=None if login.redirect_handler is None else self._redirect,
+                callback_handler=login.callback_handler,
+                client_metadata_url=login.client_metadata_url,
+            )
         """The SDK's own provider, used for logins only."""
+        login_only.provider = self.sdk
         self._login_done: anyio.Event | None = None
 
     async def async_auth_flow(self, request: httpx2.Request) -> AsyncGenerator[httpx2.Request, httpx2.Response]:
-        """Ours first; the SDK's login flow when (and only when) re-authentication is required."""
+        """Ours first; the SDK's login flow when (and only when) re-authentication is required, or the server
+        asks for more scope (403 ``insufficient_scope``: the SDK's step-up, once per request)."""
+        step_up: Any = None
         for attempt in range(2):
             flow: AsyncGenerator[Any, Any] = self._ours.async_auth_flow(request)  # type: ignore[arg-type]
+            last: Any = None
             try:
                 outgoing: Any = await flow.__anext__()
                 while True:
-                    response = yield outgoing
-                    outgoing = await flow.asend(response)
+                    last = yield outgoing
+                    outgoing = await flow.asend(last)
             except StopAsyncIteration:
-                return
+                if not _wants_more_scope(last):
+                    return
+                step_up = last
             except ReauthenticationRequired:
                 pass  # no tokens yet, or the grant is dead: log in (below)
+            except IssuerMismatch:
+                if not self._login.allow_issuer_change or self._login.issuer is not None:
+                    raise
+                # The user's configuration allows following the server to its new authorization server: a
+                # new login there (the SDK re-registers; nothing of the old issuer's is sent).
             finally:
                 await flow.aclose()
             pending = self._login_done
-            if pending is None or attempt:
+            if step_up is not None or pending is None or attempt:
                 break
             # Another request of this session is logging the user in: wait for it (holding nothing), then
             # try our tokens again rather than start a second login.
             await pending.wait()
+        await self._check_before_login()
         done = self._login_done = anyio.Event()
         try:
             # The SDK keeps the last tokens it saw in memory; they may be rotated away since. Forget them, so
             # it does not refresh with a consumed refresh token (that would revoke the grant): it logs in.
             self.sdk.context.clear_tokens()
             request.headers.pop("Authorization", None)
-            login = self.sdk.async_auth_flow(request)
-            try:
-                outgoing = await login.__anext__()
-                while True:
-                    response = yield outgoing
-                    outgoing = await login.asend(response)
-            except StopAsyncIteration:
-                pass
-            finally:
-                await login.aclose()
-            await self._adopt_metadata()
+            stepped_up = step_up is not None
+            for _ in range(2):  # a login (or a step-up), then at most one step-up if the replay lacks scope
+                login = self.sdk.async_auth_flow(request)
+                last = None
+                try:
+                    outgoing = await login.__anext__()
+                    if step_up is not None:
+                        # The SDK's step-up reads the 403 we already have (not sent twice): it authorizes the
+                        # union of the scopes asked before and the challenge's, then replays the request.
+                        outgoing = await login.asend(step_up)
+                    while True:
+                        last = yield outgoing
+                        outgoing = await login.asend(last)
+                except StopAsyncIteration:
+                    pass
+                except UpstreamAuthError:
+                    raise
+                except Exception as exc:
+                    # The SDK's own errors (the user closed the browser, a state mismatch, a refused code
+                    # exchange, a callback that timed out) would escape into the SDK's task group and end the
+                    # session: ours reaches the caller instead. Only the type is said: the SDK's text may quote
+                    # the provider.
+                    raise LoginFailed(
+                        f"the login through the MCP SDK did not complete ({type(exc).__name__}): the user may "
+                        "have closed the browser, or the authorization server refused the code. Try the login "
+                        "again."
+                    ) from exc
+                finally:
+                    await login.aclose()
+                await self._adopt_metadata()
+                if stepped_up or not _wants_more_scope(last):
+                    break
+                step_up, stepped_up = last, True
         finally:
             # An event, not a lock: this generator may be closed from another task, and setting an event
             # from there is fine (releasing a lock is not).
             self._login_done = None
             done.set()
 
+    async def _check_before_login(self) -> None:
+        """With a pin, that the server names the pinned authorization server, before the SDK sends anyone there."""
+        login = self._login
+        if login.issuer is not None:
+            await adiscover(login.server_url, issuer=login.issuer, timeout=login.refresher.timeout)
+
+    async def _redirect(self, url: str) -> None:
+        """The user's ``redirect_handler``, once the authorization server is known to support PKCE S256: the MCP
+        spec forbids the login otherwise, and the SDK does not check it. (Without any metadata, on the SDK's
+        2025-03-26 fallback path, there is nothing to check.)"""
+        metadata = self.sdk.context.oauth_metadata
+        if metadata is not None and "S256" not in (metadata.code_challenge_methods_supported or ()):
+            raise DiscoveryFailed(
+                f"the authorization server {metadata.issuer} does not advertise PKCE S256 "
+                "(code_challenge_methods_supported): the MCP spec forbids an authorization-code login there, so "
+                "the user was not sent to it. Ask its operator to support and advertise S256.",
+                retryable=False,
+            )
+        assert self._login.redirect_handler is not None
+        await self._login.redirect_handler(url)
+
     async def _adopt_metadata(self) -> None:
-        """Tell our refresher what the SDK discovered, so it never fetches it again (and store it)."""
+        """Tell our refresher what the SDK discovered, so it never fetches it again (and store it); store the
+        client the login used too (the SDK may have reused one it kept in memory, whose record is gone)."""
         context = self.sdk.context
+        if context.client_info is not None and self._login.client_information is None:
+            await self.storage.set_client_info(context.client_info)
         metadata = context.oauth_metadata
         if metadata is None:
             return
@@ -309,9 +432,18 @@ class SDKLoginAuth(httpx2.Auth):
             authorization_endpoint=str(metadata.authorization_endpoint),
             registration_endpoint=_text(metadata.registration_endpoint),
             token_endpoint_auth_methods=tuple(metadata.token_endpoint_auth_methods_supported or ()),
+            code_challenge_methods=tuple(metadata.code_challenge_methods_supported or ()),
             discovered_at=time.time(),
         )
         await self._login.refresher.asave_metadata(found)
+
+
+def _wants_more_scope(response: Any) -> bool:
+    if response is None or response.status_code != 403:
+        return False
+    from ._transport import challenge_params
+
+    return challenge_params(response.headers.get("www-authenticate")).get("error") == "insufficient_scope"
 
 
 def _text(value: object) -> str | None:
@@ -324,16 +456,22 @@ class _LoginOnly:
     The SDK is asked only when a login is needed, so it must not find (and refresh) stored tokens.
     """
 
-    def __init__(self, adapter: TokenStorageAdapter) -> None:
+    def __init__(self, adapter: TokenStorageAdapter, preregistered: OAuthClientInformationFull | None) -> None:
         self._adapter = adapter
+        self._preregistered = preregistered
+        self.provider: OAuthClientProvider | None = None
 
     async def get_tokens(self) -> OAuthToken | None:
         return None
 
     async def set_tokens(self, tokens: OAuthToken) -> None:
-        await self._adapter.set_tokens(tokens)
+        # The SDK exchanged the code at the token endpoint of the metadata it discovered: that is the issuer.
+        metadata = None if self.provider is None else self.provider.context.oauth_metadata
+        await self._adapter.store_tokens(tokens, issuer=None if metadata is None else str(metadata.issuer))
 
     async def get_client_info(self) -> OAuthClientInformationFull | None:
+        if self._preregistered is not None:
+            return self._preregistered
         return await self._adapter.get_client_info()
 
     async def set_client_info(self, client_info: OAuthClientInformationFull) -> None:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from .._models import Binding
-from ._errors import find_upstream_error, raise_upstream_errors
+from ._errors import find_upstream_error, insecure_transport, raise_upstream_errors
 from ._transport import LegacyAsyncMCPAuthTransport
 
 if TYPE_CHECKING:
@@ -66,6 +66,9 @@ async def connect_session(
     from mcp import ClientSession
     from mcp.client import streamable_http
 
+    insecure = insecure_transport(url)
+    if insecure is not None:
+        raise insecure
     async with legacy_http_client(
         manager, session_id, expect=expect, headers=headers, timeout=timeout, transport=transport
     ) as http:

@@ -5,8 +5,11 @@ cancels the whole session (the tool call sees ``CancelledError``, the ``async wi
 ``ExceptionGroup``). So these transports run :class:`UpstreamAuth`'s flow themselves and, when it
 fails with an :class:`UpstreamAuthError`, answer the request locally: a JSON-RPC error for a
 JSON-RPC request (which the SDK hands to that request's caller, see ``_errors``), a bare status
-otherwise. After a failure, the session's closing ``DELETE`` is answered locally too, so closing a
-session whose grant is dead does not try to refresh again.
+otherwise. After a dead grant, the session's closing ``DELETE`` is answered locally too, so closing a
+session whose grant is dead does not try to refresh again (after any other failure it is sent).
+A server's refusal that the SDK would turn into an untyped error, or a dead session (a 401 after the
+refresh and replay, a 403, a 404 for the session), and a request that could not reach the server,
+are answered locally the same way with our typed error (see docs/mcp.md, "Errors").
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +25,16 @@ import httpx
 
 from .._exceptions import RefreshFailed, StorageError, UpstreamAuthError
 from .._models import Binding, EntryKey
-from ._errors import error_body
+from ._errors import (
+    InsufficientScope,
+    LoginFailed,
+    ServerRefused,
+    ServerUnreachable,
+    SessionExpired,
+    TokenRejected,
+    error_body,
+    insecure_transport,
+)
 
 if TYPE_CHECKING:
     from .._manager import TokenManager
@@ -30,6 +43,54 @@ __all__ = ["LegacyAsyncMCPAuthTransport", "MCPAuthDriver"]
 
 _Send = Callable[[Any], Awaitable[Any]]
 logger = logging.getLogger("httpx_upstream_auth.mcp")
+_PARAM = re.compile(r'([A-Za-z_]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
+_MAX_DESCRIPTION = 200
+
+
+def challenge_params(www_authenticate: str | None) -> dict[str, str]:
+    """The auth-params of a ``Bearer`` challenge (``error``, ``scope``, ``resource_metadata``...), lower-cased names."""
+    if not www_authenticate:
+        return {}
+    return {
+        m.group(1).lower(): m.group(2) if m.group(2) is not None else m.group(3)
+        for m in _PARAM.finditer(www_authenticate)
+    }
+
+
+def refusal(request: Any, response: Any) -> UpstreamAuthError | None:
+    """Our error for a server's final answer that the SDK would turn into an untyped error (or a dead session):
+    a 401 after the refresh and replay, a 403, a 404 to a request of a session. ``None`` otherwise."""
+    status = response.status_code
+    if status == 404 and "mcp-session-id" in request.headers:
+        return SessionExpired(
+            "the MCP server no longer knows this session (404): it restarted or expired it. Open a new session "
+            "(connect again); the tokens are fine."
+        )
+    if status not in (401, 403):
+        return None
+    params = challenge_params(response.headers.get("www-authenticate"))
+    error, scope = params.get("error"), params.get("scope")
+    description = (params.get("error_description") or "")[:_MAX_DESCRIPTION] or None
+    said = f" ({error}{': ' + description if description else ''})" if error else ""
+    if status == 401:
+        return TokenRejected(
+            f"the MCP server rejected the session's token even after a refresh (401{said}): it does not accept "
+            "this user's tokens. Log the user in again; if it persists, check which authorization server and "
+            "resource the server expects.",
+            status_code=401, error=error, scope=scope, description=description,
+        )
+    if error == "insufficient_scope":
+        wanted = f" it asks for scope {scope!r}" if scope else " it did not say which scope"
+        return InsufficientScope(
+            f"the MCP server needs more authorization for this request (403 insufficient_scope);{wanted}. Log "
+            "the user in again asking for that scope.",
+            status_code=403, error=error, scope=scope, description=description,
+        )
+    return ServerRefused(
+        f"the MCP server refused this request (403{said}). The user's account may lack access; ask the server's "
+        "operator.",
+        status_code=403, error=error, scope=scope, description=description,
+    )
 
 
 def _status(error: UpstreamAuthError) -> int:
@@ -62,9 +123,17 @@ class MCPAuthDriver:
     """
 
     def __init__(
-        self, manager: TokenManager, session_id: str, expect: Binding | None, auth: Any = None, *, sdk1: bool = False
+        self,
+        manager: TokenManager,
+        session_id: str,
+        expect: Binding | None,
+        auth: Any = None,
+        *,
+        sdk1: bool = False,
+        transport_errors: tuple[type[BaseException], ...] = (),
     ) -> None:
         self.auth = manager.auth(session_id, expect) if auth is None else auth
+        self._transport_errors = transport_errors
         # The SDK 1.x raises on any 4xx to a POST (cancelling the session), so there the made-up answer
         # is a 200 carrying the JSON-RPC error, and a notification is answered 202 (it is dropped).
         self._sdk1 = sdk1
@@ -77,7 +146,18 @@ class MCPAuthDriver:
 
     async def send(self, request: Any, send: _Send, answer: Callable[..., Any]) -> Any:
         """Send ``request`` through the auth flow with ``send``; on our error, ``answer`` it locally."""
-        if self.failed is not None and (request.method == "DELETE" or await self._still_dead()):
+        insecure = insecure_transport(str(request.url))
+        if insecure is not None:  # checked here too: an http_client() may be used with any URL, or redirected
+            return self._answer(request, insecure, answer)
+        # Only an error that a new login must cure is answered again without asking: after a transient one
+        # (a 503 from the token endpoint) the next request, the session's closing DELETE included, tries again.
+        if request.method == "GET" and self._dead:
+            # The SDK's server-to-client stream reconnecting: answered now it would count as a failed attempt,
+            # and the SDK gives that stream up after two. Parked instead until new tokens are stored (the
+            # SDK cancels it when the session closes).
+            while await self._still_dead():
+                await self._storage.awatch(self._key, self._dead_version, 5.0)
+        if self.failed is not None and await self._still_dead():
             return self._answer(request, copy.copy(self.failed), answer)
         flow = self.auth.async_auth_flow(request)
         try:
@@ -86,11 +166,25 @@ class MCPAuthDriver:
             except UpstreamAuthError as exc:
                 return await self._fail(request, exc, answer)
             while True:
-                response = await send(outgoing)
+                try:
+                    response = await send(outgoing)
+                except self._transport_errors as exc:
+                    if not _request_id(request)[0]:
+                        raise  # the SDK's own handling (a GET stream reconnects; a DELETE is best effort)
+                    unreachable = ServerUnreachable(
+                        f"could not reach the MCP server, or its answer was lost ({type(exc).__name__}); retry "
+                        "later. The tokens are fine."
+                    )
+                    unreachable.__cause__ = exc
+                    return self._answer(request, unreachable, answer)
                 try:
                     outgoing = await flow.asend(response)
                 except StopAsyncIteration:
                     self.failed, self._dead = None, False
+                    refused = refusal(request, response) if _request_id(request)[0] else None
+                    if refused is not None:
+                        await response.aclose()
+                        return self._answer(request, refused, answer)
                     return response
                 except UpstreamAuthError as exc:  # the refresh after a 401 failed
                     await response.aclose()
@@ -109,7 +203,9 @@ class MCPAuthDriver:
         return (None if entry is None else entry.version) == self._dead_version
 
     async def _fail(self, request: Any, error: UpstreamAuthError, answer: Callable[..., Any]) -> Any:
-        self._dead = not (isinstance(error, StorageError) or (isinstance(error, RefreshFailed) and error.retryable))
+        # A failed login is tried again by the next request (the user may try again); so is anything transient.
+        transient = isinstance(error, StorageError) or (isinstance(error, RefreshFailed) and error.retryable)
+        self._dead = not (transient or isinstance(error, LoginFailed))
         if self._dead:
             try:
                 entry = await self._storage.aget(self._key)
@@ -148,7 +244,7 @@ class LegacyAsyncMCPAuthTransport(httpx.AsyncBaseTransport):
         expect: Binding | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self._driver = MCPAuthDriver(manager, session_id, expect, sdk1=True)
+        self._driver = MCPAuthDriver(manager, session_id, expect, sdk1=True, transport_errors=(httpx.TransportError,))
         self._transport = httpx.AsyncHTTPTransport() if transport is None else transport
 
     @property

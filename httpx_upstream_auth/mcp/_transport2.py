@@ -35,7 +35,7 @@ class AsyncMCPAuthTransport(httpx2.AsyncBaseTransport):
         transport: httpx2.AsyncBaseTransport | None = None,
         auth: httpx2.Auth | None = None,
     ) -> None:
-        self._driver = MCPAuthDriver(manager, session_id, expect, auth)
+        self._driver = MCPAuthDriver(manager, session_id, expect, auth, transport_errors=(httpx2.TransportError,))
         self._transport = httpx2.AsyncHTTPTransport() if transport is None else transport
 
     @property

@@ -6,6 +6,7 @@ Works with the SDK 2.x (``MCPServer``) and 1.x (``FastMCP``).
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import Counter
 from typing import Any
@@ -31,13 +32,15 @@ class LocalTokenVerifier:
         """Requests let through."""
         self.rejected = 0
         """Requests refused with 401 (expired, revoked or unknown token)."""
+        self.reject_all = False
+        """Reject every token (see :attr:`LocalMCPServer.reject_tokens`)."""
         self._lock = threading.Lock()
 
     async def verify_token(self, token: str) -> Any:
         """The SDK's ``AccessToken`` for a live token, else ``None`` (the server answers 401)."""
         from mcp.server.auth.provider import AccessToken
 
-        info = self.provider.introspect(token)
+        info = None if self.reject_all else self.provider.introspect(token)
         with self._lock:
             if info is None:
                 self.rejected += 1
@@ -75,6 +78,17 @@ class LocalMCPServer:
         """``sleep`` tool calls running now."""
         self.max_sleeping = 0
         """The most ``sleep`` tool calls ever running at once (how parallel the client really was)."""
+        self.require_scope: str | None = None
+        """Set it (``"api admin"``) to answer 403 ``insufficient_scope`` naming it to POSTs whose token lacks
+        one of these scopes, as the MCP spec asks a server to do (the SDK's server does not name the scope)."""
+        self.forbidden = False
+        """Set it to answer 403 (no challenge) to every POST, as a gateway in front of a server might."""
+        self.forget_sessions = False
+        """Set it to make the server forget every session (404 to requests carrying a session id)."""
+        self.authorization_servers: list[str] | None = None
+        """Set it to make the protected-resource metadata name these authorization servers instead (a
+        server that moved, or a malicious one naming its own)."""
+        self._close_generation = 0
         self._lock = threading.Lock()
 
     def _sleep_started(self) -> None:
@@ -91,6 +105,11 @@ class LocalMCPServer:
         """The MCP endpoint, ``http://127.0.0.1:<port>/mcp``."""
         return self.thread.url + "/mcp"
 
+    def close_streams(self) -> None:
+        """End every open GET stream, as a server restarting its front end would (the client reconnects)."""
+        with self._lock:
+            self._close_generation += 1
+
     def stop(self) -> None:
         """Stop serving."""
         self.thread.stop()
@@ -101,6 +120,26 @@ class LocalMCPServer:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
+    @property
+    def reject_tokens(self) -> bool:
+        """Set it to make the verifier reject every token (401 to everything, even fresh tokens)."""
+        return self.verifier.reject_all
+
+    @reject_tokens.setter
+    def reject_tokens(self, value: bool) -> None:
+        self.verifier.reject_all = value
+
+    def _lacks_scope(self, scope: Any) -> bool:
+        token = ""
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                token = value.decode("latin-1").partition(" ")[2]
+        info = self.verifier.provider.introspect(token)
+        if info is None:
+            return False  # the SDK's server answers 401 itself
+        granted = set((info["scope"] or "").split())
+        return not set((self.require_scope or "").split()) <= granted
+
     def _counting(self, app: Any) -> Any:
         async def counted(scope: Any, receive: Any, send: Any) -> None:
             if scope["type"] != "http":
@@ -109,22 +148,84 @@ class LocalMCPServer:
             method = scope["method"]
             with self._lock:
                 self.requests[method] += 1
+            if self.authorization_servers is not None and scope["path"].startswith(
+                "/.well-known/oauth-protected-resource"
+            ):
+                body = json.dumps({"resource": self.url, "authorization_servers": self.authorization_servers})
+                headers = [(b"content-type", b"application/json")]
+                await send({"type": "http.response.start", "status": 200, "headers": headers})
+                await send({"type": "http.response.body", "body": body.encode()})
+                return
+            if self.forget_sessions and any(name == b"mcp-session-id" for name, _ in scope["headers"]):
+                headers = [(n, b"forgotten" if n == b"mcp-session-id" else v) for n, v in scope["headers"]]
+                scope = {**scope, "headers": headers}
+            if method == "POST" and self.forbidden:
+                await send({"type": "http.response.start", "status": 403, "headers": []})
+                await send({"type": "http.response.body", "body": b"forbidden"})
+                return
+            if method == "POST" and self.require_scope is not None and self._lacks_scope(scope):
+                challenge = (
+                    f'Bearer error="insufficient_scope", scope="{self.require_scope}", '
+                    f'resource_metadata="{self.thread.url}/.well-known/oauth-protected-resource/mcp"'
+                )
+                headers = [(b"www-authenticate", challenge.encode()), (b"content-type", b"application/json")]
+                await send({"type": "http.response.start", "status": 403, "headers": headers})
+                await send({"type": "http.response.body", "body": b'{"error": "insufficient_scope"}'})
+                return
             if method != "GET":
                 await app(scope, receive, send)
                 return
             status: list[int] = []
+            generation = self._close_generation
+            ended = False
+            send_lock = anyio.Lock()
+            disconnected = anyio.Event()
 
             async def watch(message: Any) -> None:
-                if message["type"] == "http.response.start":
-                    status.append(message["status"])
-                    if message["status"] == 200:
-                        with self._lock:
-                            self.open_streams += 1
-                            self.streams_opened += 1
-                await send(message)
+                async with send_lock:
+                    if ended:
+                        return  # closed by close_streams(): the app's last words go nowhere
+                    if message["type"] == "http.response.start":
+                        status.append(message["status"])
+                        if message["status"] == 200:
+                            with self._lock:
+                                self.open_streams += 1
+                                self.streams_opened += 1
+                    await send(message)
+
+            async def listen() -> Any:
+                # The client's messages, or a disconnect once close_streams() ended this stream.
+                result: Any = {"type": "http.disconnect"}
+                async with anyio.create_task_group() as group:
+
+                    async def real() -> None:
+                        nonlocal result
+                        result = await receive()
+                        group.cancel_scope.cancel()
+
+                    async def closed() -> None:
+                        await disconnected.wait()
+                        group.cancel_scope.cancel()
+
+                    group.start_soon(real)
+                    group.start_soon(closed)
+                return result
+
+            async def closer() -> None:
+                nonlocal ended
+                while self._close_generation == generation:  # set from the test's thread: polled
+                    await anyio.sleep(0.01)
+                async with send_lock:
+                    if status == [200] and not ended:
+                        await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    ended = True
+                disconnected.set()
 
             try:
-                await app(scope, receive, watch)
+                async with anyio.create_task_group() as group:
+                    group.start_soon(closer)
+                    await app(scope, listen, watch)
+                    group.cancel_scope.cancel()
             finally:
                 if status == [200]:
                     with self._lock:

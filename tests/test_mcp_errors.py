@@ -1,0 +1,367 @@
+"""The error table of docs/mcp.md ("Errors"), one test per row, on whichever MCP SDK is installed (2.x through
+``connect``, 1.x through ``connect_session``): each failure kind reaches the caller of ``call_tool`` (and of the
+connect) as one typed exception, never an ExceptionGroup, a CancelledError or a bare MCPError."""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import attrs
+import pytest
+
+pytest.importorskip("mcp", reason="the MCP SDK is not installed")
+
+import mcp_fixtures
+
+from httpx_upstream_auth import (
+    MemoryStorage,
+    ReauthenticationRequired,
+    RefreshFailed,
+    TokenManager,
+    UpstreamTokens,
+)
+from httpx_upstream_auth.mcp import (
+    DiscoveringRefresher,
+    DiscoveryFailed,
+    InsufficientScope,
+    IssuerMismatch,
+    ServerRefused,
+    ServerUnreachable,
+    SessionExpired,
+    TokenRejected,
+)
+from httpx_upstream_auth.testing import LocalMCPServer, LocalProvider, ServerThread
+
+manager = mcp_fixtures.manager
+mcp_server = mcp_fixtures.mcp_server
+provider_server = mcp_fixtures.provider_server
+
+pytestmark = pytest.mark.anyio
+
+SDK2 = importlib.util.find_spec("mcp.server.mcpserver") is not None
+ISSUER_PATH = "/tenants/acme"
+SESSION = "table-session"
+
+
+@pytest.fixture
+def provider() -> LocalProvider:
+    """A provider under a path, 60-second tokens."""
+    return LocalProvider(access_ttl=60, issuer_path=ISSUER_PATH)
+
+
+@asynccontextmanager
+async def session(url: str, manager: TokenManager, session_id: str = SESSION) -> AsyncIterator[Any]:
+    """A connected session of the installed SDK: ``connect`` (2.x, legacy mode) or ``connect_session`` (1.x)."""
+    if SDK2:
+        from httpx_upstream_auth.mcp import connect
+
+        async with connect(url, manager, session_id, mode="legacy") as client:
+            yield client
+    else:
+        from httpx_upstream_auth.mcp import connect_session
+
+        async with connect_session(url, manager, session_id) as opened:
+            yield opened
+
+
+async def echo(client: Any, text: str) -> str:
+    """Call the echo tool; its text."""
+    result = await client.call_tool("echo", {"text": text})
+    return str(result.content[0].text)
+
+
+async def settled(server: LocalMCPServer) -> None:
+    """Wait until the session's GET stream is open, so it cannot race the test for a fault."""
+    with anyio.fail_after(10):
+        while server.open_streams == 0:
+            await anyio.sleep(0.01)
+
+
+def expired(tokens: UpstreamTokens) -> UpstreamTokens:
+    """The same grant, as if its access token had expired."""
+    return attrs.evolve(tokens, expires_at=time.time() - 1, issued_at=time.time() - 61)
+
+
+async def test_row_dead_grant(provider: LocalProvider, manager: TokenManager, mcp_server: LocalMCPServer) -> None:
+    """Dead grant: ReauthenticationRequired at the call; the session survives a new login."""
+    await manager.astore(SESSION, provider.login())
+    async with session(mcp_server.url, manager) as client:
+        await settled(mcp_server)
+        provider.revoke_grant(provider.grant_of((await manager.aget_token(SESSION)).access_token))
+        with pytest.raises(ReauthenticationRequired):
+            await echo(client, "x")
+        await manager.astore(SESSION, provider.login())
+        assert await echo(client, "y") == "y"
+
+
+async def test_row_transient_refresh_failure(
+    provider: LocalProvider, manager: TokenManager, mcp_server: LocalMCPServer
+) -> None:
+    """Token endpoint 503: a retryable RefreshFailed; the next call works; the closing DELETE is still sent."""
+    await manager.astore(SESSION, provider.login())
+    async with session(mcp_server.url, manager) as client:
+        await settled(mcp_server)
+        provider.revoke_access((await manager.aget_token(SESSION)).access_token)
+        provider.fail_next("503")
+        with pytest.raises(RefreshFailed) as caught:
+            await echo(client, "x")
+        assert caught.value.retryable
+        assert await echo(client, "y") == "y"
+        provider.revoke_access((await manager.aget_token(SESSION)).access_token)
+        provider.fail_next("503")
+        with pytest.raises(RefreshFailed):
+            await echo(client, "z")
+    # Issue 13 item 9: the closing DELETE is sent after a transient failure (it was skipped after any failure).
+    assert mcp_server.requests["DELETE"] >= 1
+
+
+async def test_row_401_after_refresh(
+    provider: LocalProvider, manager: TokenManager, mcp_server: LocalMCPServer
+) -> None:
+    """The server rejects even a fresh token: TokenRejected (a ReauthenticationRequired) after one refresh and
+    replay; the session survives once the server accepts tokens again."""
+    await manager.astore(SESSION, provider.login())
+    async with session(mcp_server.url, manager) as client:
+        await settled(mcp_server)
+        mcp_server.reject_tokens = True
+        with pytest.raises(TokenRejected) as caught:
+            await echo(client, "x")
+        assert isinstance(caught.value, ReauthenticationRequired) and caught.value.status_code == 401
+        assert caught.value.error == "invalid_token"
+        mcp_server.reject_tokens = False
+        assert await echo(client, "y") == "y"
+    assert provider.stats["refresh_ok"] == 1  # one refresh, not a loop
+
+
+async def test_row_403_insufficient_scope(
+    provider: LocalProvider, manager: TokenManager, mcp_server: LocalMCPServer
+) -> None:
+    """403 insufficient_scope: InsufficientScope carrying the scope the server asked for; the session survives."""
+    await manager.astore(SESSION, provider.login())
+    async with session(mcp_server.url, manager) as client:
+        await settled(mcp_server)
+        mcp_server.require_scope = "api admin"
+        with pytest.raises(InsufficientScope) as caught:
+            await echo(client, "x")
+        assert caught.value.scope == "api admin" and caught.value.status_code == 403
+        mcp_server.require_scope = None
+        assert await echo(client, "y") == "y"
+    assert provider.stats["token_calls"] == 0  # a 403 is not cured by a refresh
+
+
+async def test_row_403_other(provider: LocalProvider, manager: TokenManager, mcp_server: LocalMCPServer) -> None:
+    """Another 403 (no insufficient_scope): ServerRefused with the status; the session survives."""
+    await manager.astore(SESSION, provider.login())
+    async with session(mcp_server.url, manager) as client:
+        await settled(mcp_server)
+        mcp_server.forbidden = True
+        with pytest.raises(ServerRefused) as caught:
+            await echo(client, "x")
+        assert type(caught.value) is ServerRefused and caught.value.status_code == 403
+        mcp_server.forbidden = False
+        assert await echo(client, "y") == "y"
+
+
+async def test_row_404_session_expired(
+    provider: LocalProvider, manager: TokenManager, mcp_server: LocalMCPServer
+) -> None:
+    """404 for the session: SessionExpired; that session is over, a new connect works."""
+    await manager.astore(SESSION, provider.login())
+    async with session(mcp_server.url, manager) as client:
+        await settled(mcp_server)
+        mcp_server.forget_sessions = True
+        with pytest.raises(SessionExpired):
+            await echo(client, "x")
+        mcp_server.forget_sessions = False
+    async with session(mcp_server.url, manager) as client:
+        assert await echo(client, "y") == "y"
+
+
+async def test_row_discovery_failure(
+    provider: LocalProvider, provider_server: ServerThread, mcp_server: LocalMCPServer
+) -> None:
+    """Discovery failure (the server's metadata names no authorization server): DiscoveryFailed, not retryable."""
+    refresher = DiscoveringRefresher(mcp_server.url, "test-client", "test-secret")
+    manager = TokenManager(refresher=refresher, provider_id="local", storage=MemoryStorage())
+    try:
+        await manager.astore(SESSION, provider.login())
+        async with session(mcp_server.url, manager) as client:
+            await settled(mcp_server)
+            mcp_server.authorization_servers = []
+            await manager.astore(SESSION, expired(await manager.aget_token(SESSION)))
+            with pytest.raises(DiscoveryFailed) as caught:
+                await echo(client, "x")
+            assert not caught.value.retryable
+            await manager.astore(SESSION, provider.login())  # fixed (here: fresh tokens, no refresh needed)
+            assert await echo(client, "y") == "y"
+    finally:
+        await manager.aclose()
+
+
+async def test_row_issuer_mismatch(
+    provider: LocalProvider, provider_server: ServerThread, mcp_server: LocalMCPServer
+) -> None:
+    """The server now names another authorization server: IssuerMismatch; nothing is sent there."""
+    attacker = LocalProvider(issuer_path="/evil")
+    with ServerThread(attacker) as evil:
+        refresher = DiscoveringRefresher(
+            mcp_server.url, "test-client", "test-secret", issuer=provider_server.url + ISSUER_PATH
+        )
+        manager = TokenManager(refresher=refresher, provider_id="local", storage=MemoryStorage())
+        try:
+            await manager.astore(SESSION, provider.login())
+            async with session(mcp_server.url, manager) as client:
+                await settled(mcp_server)
+                mcp_server.authorization_servers = [evil.url + "/evil"]
+                await manager.astore(SESSION, expired(await manager.aget_token(SESSION)))
+                with pytest.raises(IssuerMismatch):
+                    await echo(client, "x")
+        finally:
+            await manager.aclose()
+    assert attacker.stats["token_calls"] == 0 and attacker.flow_stats["metadata_requests"] == 0
+
+
+async def test_row_transport_error(
+    provider: LocalProvider, manager: TokenManager, mcp_server: LocalMCPServer
+) -> None:
+    """The server went away mid-session: ServerUnreachable at the call (the tokens are untouched)."""
+    await manager.astore(SESSION, provider.login())
+    async with session(mcp_server.url, manager) as client:
+        await settled(mcp_server)
+        mcp_server.stop()
+        with pytest.raises(ServerUnreachable):
+            await echo(client, "x")
+    assert provider.stats["token_calls"] == 0
+
+
+@pytest.mark.parametrize("kind", ["401", "403", "unreachable"])
+async def test_rows_at_connect(
+    kind: str, provider: LocalProvider, manager: TokenManager, mcp_server: LocalMCPServer
+) -> None:
+    """The same failures at connect time raise the same typed exceptions from the ``async with``."""
+    await manager.astore(SESSION, provider.login())
+    url = mcp_server.url
+    expected: type[Exception]
+    if kind == "401":
+        mcp_server.reject_tokens, expected = True, TokenRejected
+    elif kind == "403":
+        mcp_server.require_scope, expected = "api admin", InsufficientScope
+    else:
+        mcp_server.stop()
+        expected = ServerUnreachable
+    with pytest.raises(expected):
+        async with session(url, manager):
+            pass  # pragma: no cover
+
+
+class ClosingBrowser(mcp_fixtures.HeadlessBrowser):
+    """A browser the user closes (the redirect handler fails) while ``closed`` is set."""
+
+    closed = True
+
+    async def redirect(self, url: str) -> None:
+        """Fail like a user who closed the window, or log in."""
+        if self.closed:
+            self.visits += 1
+            raise TimeoutError("the user closed the browser")
+        await super().redirect(url)
+
+
+def sdk_login(server: LocalMCPServer, browser: mcp_fixtures.HeadlessBrowser) -> Any:
+    """SDK-login mode with this browser."""
+    from mcp.shared.auth import OAuthClientMetadata
+
+    from httpx_upstream_auth.mcp import SDKLogin
+
+    metadata = OAuthClientMetadata(
+        redirect_uris=["http://127.0.0.1:9/callback"],  # type: ignore[list-item]
+        token_endpoint_auth_method="client_secret_post",
+        scope="api",
+    )
+    return SDKLogin(
+        server.url,
+        client_metadata=metadata,
+        redirect_handler=browser.redirect,
+        callback_handler=browser.callback,
+        storage=MemoryStorage(),
+    )
+
+
+async def test_row_login_abandoned(provider: LocalProvider, mcp_server: LocalMCPServer) -> None:
+    """SDK-login mode, the user closes the browser: LoginFailed (a ReauthenticationRequired) at the connect and at
+    a call after a dead grant; the session survives and the next login works (SDK 2.x only)."""
+    if not SDK2:
+        pytest.skip("SDK-login mode needs the MCP SDK 2.x")
+    from httpx_upstream_auth.mcp import LoginFailed, connect
+
+    browser = ClosingBrowser()
+    login = sdk_login(mcp_server, browser)
+    try:
+        with pytest.raises(LoginFailed) as caught:
+            async with connect(mcp_server.url, login, SESSION, mode="legacy"):
+                pass  # pragma: no cover
+        assert isinstance(caught.value, ReauthenticationRequired)
+        assert "the user closed the browser" not in str(caught.value)  # the SDK's text is not repeated
+        browser.closed = False
+        async with connect(mcp_server.url, login, SESSION, mode="legacy") as client:
+            assert await echo(client, "1") == "1"
+            await settled(mcp_server)
+            provider.revoke_grant(provider.grant_of((await login.manager.aget_token(SESSION)).access_token))
+            browser.closed = True
+            with pytest.raises(LoginFailed):
+                await echo(client, "2")
+            browser.closed = False
+            assert await echo(client, "3") == "3"
+    finally:
+        await login.aclose()
+    assert browser.visits == 4 and provider.flow_stats["code_exchanges"] == 2
+
+
+def test_the_docs_table_names_a_test_per_row() -> None:
+    """docs/mcp.md's error table: every row names a test that exists, and every row test here is in the table."""
+    import re
+    import sys
+    from pathlib import Path
+
+    import test_mcp_hardening
+
+    # Tests of SDK-login mode (2.x only) live in test_mcp_sdk_login, which does not import under 1.x.
+    sdk_login_source = (Path(__file__).parent / "test_mcp_sdk_login.py").read_text()
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "mcp.md").read_text()
+    table = text.split("## Errors", 1)[1].split("\n## ", 1)[0]
+    lines = table.splitlines()
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith(("| failure", "| ---"))]
+    named = {name for row in rows for name in re.findall(r"`(test_\w+)`", row)}
+    here = sys.modules[__name__]
+    assert len(rows) >= 11 and all(re.search(r"`(test_\w+)`", row) for row in rows)
+    for name in named:
+        assert hasattr(here, name) or hasattr(test_mcp_hardening, name) or f"def {name}(" in sdk_login_source, name
+    assert {name for name in dir(here) if name.startswith("test_row_")} <= named
+
+
+async def test_the_server_stream_comes_back_after_a_dead_grant_and_a_new_login(
+    provider: LocalProvider, manager: TokenManager, mcp_server: LocalMCPServer
+) -> None:
+    """Issue 13 item 8: the GET stream, ended while the grant is dead, reconnects once new tokens are stored
+    (its reconnects wait for them instead of being refused until the SDK gives up)."""
+    await manager.astore(SESSION, provider.login())
+    async with session(mcp_server.url, manager) as client:
+        await settled(mcp_server)
+        provider.revoke_grant(provider.grant_of((await manager.aget_token(SESSION)).access_token))
+        with pytest.raises(ReauthenticationRequired):
+            await echo(client, "x")
+        mcp_server.close_streams()
+        with anyio.fail_after(10):
+            while mcp_server.open_streams:
+                await anyio.sleep(0.01)
+        await anyio.sleep(3.5)  # longer than the SDK's two reconnect attempts, one second apart
+        await manager.astore(SESSION, provider.login())
+        await settled(mcp_server)  # the stream is back
+        assert await echo(client, "y") == "y"
+    assert mcp_server.streams_opened == 2
