@@ -466,6 +466,9 @@ class AsyncTokenOps:
             user_id=current.user_id,
             upstream_subject=current.upstream_subject,
             client_id=current.client_id,
+            # The issuer that issued the grant issued its refresh too (a refresher may name it on entries
+            # that did not record it yet).
+            issuer=current.issuer if current.issuer is not None else answer.issuer,
             version=current.version + 1,
         )
 
