@@ -514,3 +514,13 @@ def test_observed_latency_follows_rfc_6298() -> None:
     for _ in range(60):
         state.observe(0.1)
     assert state.latency == pytest.approx(0.1, abs=0.01)
+
+
+async def test_a_refresh_keeps_the_issuer_of_the_grant(
+    driver: Driver, provider: LocalProvider, manager: TokenManager
+) -> None:
+    """The issuer recorded with an entry stays with it across refreshes (the refresh token goes back only
+    to the issuer that issued it; MCP discovery relies on it)."""
+    entry = put_entry(manager, attrs.evolve(expired(provider.login()), issuer="https://as.example"))
+    fresh = await driver.get_token(manager)
+    assert fresh.version == entry.version + 1 and fresh.issuer == "https://as.example"
