@@ -43,6 +43,7 @@ from httpx_upstream_auth import (
     Refresher,
     RefreshFailed,
     SQLiteStorage,
+    StorageError,
     TokenManager,
     UpstreamAuthError,
     UpstreamTokens,
@@ -405,8 +406,6 @@ class DeleteFailsStorage(FlakyStorage):
 
     def delete(self, key: EntryKey, *, expected_version: int | None = None) -> bool:
         if self.fail_delete:
-            from httpx_upstream_auth import StorageError
-
             raise StorageError("the store is down")
         return super().delete(key, expected_version=expected_version)
 
@@ -543,3 +542,18 @@ def test_managers_dropped_without_close_are_freed(provider: LocalProvider, token
     finally:
         alive.close()
         other.close()
+
+
+async def test_save_retries_end_with_the_job_whatever_the_store_does(
+    provider: LocalProvider, make_manager: ManagerFactory
+) -> None:
+    """The store refuses every write after a rotation: the job retries within refresh_timeout, then fails
+    closed and ends (its lease lapses, its flight is gone); it does not retry past the lease's renewals."""
+    storage = DeleteFailsStorage()
+    manager = make_manager(storage=storage, refresh_timeout=0.3, wait_timeout=10)
+    put_entry(manager, expired(provider.login()))
+    storage.fail_put = storage.fail_delete = True
+    with pytest.raises(StorageError):
+        await manager.aget_token(SESSION)
+    assert manager.footprint().flights == 0
+    assert provider.stats["refresh_ok"] == 1 and provider.stats["refresh_reuse"] == 0

@@ -305,12 +305,14 @@ async def test_id_token_same_subject_replaces_stored(
 async def test_revoked_grant_requires_reauthentication(
     driver: Driver, provider: LocalProvider, manager: TokenManager
 ) -> None:
-    """invalid_grant raises ReauthenticationRequired, keeps the entry for inspection and sends nothing."""
+    """invalid_grant raises ReauthenticationRequired, keeps the entry for inspection and sends nothing; the
+    dead refresh token is not presented again by later calls."""
     tokens = provider.login()
     entry = put_entry(manager, expired(tokens))
     provider.revoke_grant(provider.grant_of(tokens.access_token))
-    with pytest.raises(ReauthenticationRequired):
-        await driver.request(manager)
+    for _ in range(3):
+        with pytest.raises(ReauthenticationRequired):
+            await driver.request(manager)
     assert stored(manager) == entry
     assert provider.api_calls == {}
     assert provider.stats["invalid_grant"] == 1

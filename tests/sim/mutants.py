@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+#: How long one mutant's guarding tests may take (a hang kills the mutant).
+TEST_TIMEOUT = 300.0
 PACKAGE = "httpx_upstream_auth"
 
 
@@ -134,6 +136,7 @@ MUTANTS = [
         "return await self._save(key, need, current, fresh, epoch, state.clock.monotonic() + state.refresh_timeout)",
         "return await self._save(key, need, current, fresh, epoch, state.clock.monotonic() + 9e9)",
         "save retries go on long after the lease stopped being renewed",
+        (f"{LIFE} -k save_retries_end",),
     ),
     Mutant(
         "retry-after-lost-answer", A,
@@ -169,6 +172,7 @@ MUTANTS = [
         "if again is None or again.version == current.version:\n                state.refuse",
         "if again is None:\n                state.refuse",
         "after invalid_grant, an unchanged entry counts as someone else's refresh",
+        ("tests/test_refresh.py -k revoked_grant",),
     ),
     Mutant(
         "landed-ignores-version", A,
@@ -313,10 +317,13 @@ def _tests(where: Path, tests: list[str]) -> str | None:
         return None
     env = {**os.environ, "PYTHONPATH": str(where), "PYTHONDONTWRITEBYTECODE": "1"}
     for spec in tests:
-        done = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *spec.split()],
-            cwd=where, env=env, capture_output=True, text=True, check=False,
-        )
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *spec.split()],
+                cwd=where, env=env, capture_output=True, text=True, check=False, timeout=TEST_TIMEOUT,
+            )
+        except subprocess.TimeoutExpired:  # a mutant that makes a job run forever keeps pytest from exiting
+            return f"{spec}: did not end within {TEST_TIMEOUT:.0f}s"
         if done.returncode != 0:
             return (done.stdout.strip().splitlines() or ["failed"])[-1]
     return None
