@@ -557,3 +557,48 @@ async def test_save_retries_end_with_the_job_whatever_the_store_does(
         await manager.aget_token(SESSION)
     assert manager.footprint().flights == 0
     assert provider.stats["refresh_ok"] == 1 and provider.stats["refresh_reuse"] == 0
+
+
+async def test_backoff_table_is_bounded_by_cache_size(provider: LocalProvider, make_manager: ManagerFactory) -> None:
+    """Many sessions whose early refresh hit a provider blip: the back-off table keeps at most cache_size of
+    them (forgetting one costs one early retry, never a request)."""
+    manager = make_manager(leeway=30, max_leeway_fraction=0.5, cache_size=4)
+    for n in range(12):
+        login = provider.login(access_ttl=20)
+        assert login.expires_at is not None
+        put_entry(manager, attrs.evolve(login, issued_at=login.expires_at - 60), session=f"s-{n}")
+        provider.fail_next("503")
+        assert (await manager.aget_token(f"s-{n}")).access_token == login.access_token
+    assert 1 <= manager.footprint().backing_off <= 4
+
+
+@pytest.mark.parametrize("how", ["close", "aclose"])
+async def test_close_under_a_job_that_outlives_its_wait_leaves_the_store_to_the_job(
+    provider: LocalProvider, token_url: str, sqlite_path: Path, how: str
+) -> None:
+    """close(timeout=...) returns before a slow job ends: the storage stays open for the job, which saves the
+    rotation and then closes it."""
+    manager = TokenManager(
+        provider_id="local",
+        storage=SQLiteStorage(sqlite_path),
+        refresher=OAuth2Refresher(token_url, "test-client", "test-secret"),
+    )
+    first = put_entry(manager, expired(provider.login()))
+    provider.fail_next("answer_delay:0.8")
+    caller = threading.Thread(target=manager.get_token, args=(SESSION,))
+    caller.start()
+    await wait_until(lambda: provider.stats["token_calls"] == 1)
+    if how == "close":
+        await anyio.to_thread.run_sync(lambda: manager.close(timeout=0.01))
+    else:
+        await manager.aclose(timeout=0.01)
+    assert manager.footprint().flights == 1  # close returned; the job goes on
+    caller.join()
+    await wait_until(lambda: manager.footprint().flights == 0)
+    other = SQLiteStorage(sqlite_path)
+    try:
+        saved = other.get(EntryKey("local", SESSION))
+    finally:
+        other.close()
+    assert saved is not None and saved.version == first.version + 1
+    assert provider.stats["refresh_reuse"] == 0

@@ -240,6 +240,14 @@ MUTANTS = [
         "while len(self._retry_at) > self._cache_size:",
         "while False:",
         "item 12: the back-off table grows with every session that ever backed off",
+        (f"{LIFE} -k backoff_table_is_bounded",),
+    ),
+    Mutant(
+        "close-under-job", "_manager.py",
+        "        state.close()\n        state.when_idle(self._close_resources)",
+        "        state.close()\n        self._close_resources()",
+        "item 4: close() closes the storage at once when its wait for a running job times out",
+        (f"{LIFE} -k close_under_a_job_that_outlives",),
     ),
     Mutant(
         "born-expired-unbounded", A,
