@@ -8,6 +8,7 @@ count or a state; waits are bounded against hangs, never timed.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import socket
@@ -307,7 +308,10 @@ class _ForwardProxy:
                 )
 
     def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() of the serving thread
         self._sock.close()
+        self._thread.join(timeout=5)
 
 
 @pytest.mark.parametrize("redeem_in", ["thread", "task"])
