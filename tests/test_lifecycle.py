@@ -606,3 +606,42 @@ async def test_close_under_a_job_that_outlives_its_wait_leaves_the_store_to_the_
         other.close()
     assert saved is not None and saved.version == first.version + 1
     assert provider.stats["refresh_reuse"] == 0
+
+
+class SlowDeleteStorage(MemoryStorage):
+    """A MemoryStorage whose delete waits, once armed, until the test lets it go."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+        self.entered = threading.Event()
+        self.go = threading.Event()
+
+    def delete(self, key: EntryKey, *, expected_version: int | None = None) -> bool:
+        if self.armed:
+            self.entered.set()
+            self.go.wait(WAIT_LIMIT)
+        return super().delete(key, expected_version=expected_version)
+
+
+def test_a_read_racing_a_logout_does_not_cache_the_deleted_entry(provider: LocalProvider, token_url: str) -> None:
+    """A read that starts during a logout (after it began, before the store removed the entry) finds the
+    entry still there; once the logout returns, that read's result is not served from the cache."""
+    storage = SlowDeleteStorage()
+    manager = TokenManager(
+        provider_id="local", storage=storage, refresher=OAuth2Refresher(token_url, "test-client", "test-secret")
+    )
+    try:
+        put_entry(manager, provider.login())
+        storage.armed = True
+        logout = threading.Thread(target=manager.delete, args=(SESSION,))
+        logout.start()
+        assert storage.entered.wait(WAIT_LIMIT)
+        assert manager.get_token(SESSION).user_id == "user-1"  # read while the delete is under way
+        storage.go.set()
+        logout.join()
+        with pytest.raises(ReauthenticationRequired):
+            manager.get_token(SESSION)
+    finally:
+        storage.go.set()
+        manager.close()

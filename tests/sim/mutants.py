@@ -206,6 +206,7 @@ MUTANTS = [
         "state.new_epoch(key)  # a read that raced the delete must not cache the deleted entry",
         "pass",
         "a logout does not bump the epoch after the delete (a racing read caches the deleted entry)",
+        (f"{LIFE} -k read_racing_a_logout",),
     ),
     Mutant(
         "dead-flight-joined", S,
