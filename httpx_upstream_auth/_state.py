@@ -326,7 +326,7 @@ class ManagerState:
         entry = (tokens, self.policy.bounds(tokens))
         session_id = key.session_id
         with self._lock:
-            if self._epochs.get(session_id, self._epoch_floor) != epoch or self._unsubscribe is None:
+            if self._epochs.get(session_id, self._epoch_floor) != epoch or self.closing:
                 return  # a logout or login happened since, or the manager was closed (it hears no notice)
             held = self._cache.get(session_id)
             if held is None or held[0].version <= tokens.version:

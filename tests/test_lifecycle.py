@@ -609,7 +609,11 @@ async def test_close_under_a_job_that_outlives_its_wait_leaves_the_store_to_the_
 
 
 class SlowDeleteStorage(MemoryStorage):
-    """A MemoryStorage whose delete waits, once armed, until the test lets it go."""
+    """A MemoryStorage whose delete waits, once armed, until the test lets it go, and whose change notices
+    come late (never, here), as a shared store's change feed does."""
+
+    def notify_change(self, key: EntryKey | None) -> None:
+        return None
 
     def __init__(self) -> None:
         super().__init__()

@@ -182,8 +182,8 @@ MUTANTS = [
     ),
     Mutant(
         "remember-any-epoch", S,
-        "if self._epochs.get(session_id, self._epoch_floor) != epoch or self._unsubscribe is None:",
-        "if self._unsubscribe is None:",
+        "if self._epochs.get(session_id, self._epoch_floor) != epoch or self.closing:",
+        "if self.closing:",
         "the cache takes results of work that began before a logout/login",
         (f"{PROTO}::test_logout_in_one_manager_stops_another_serving_its_cached_token",),
     ),
