@@ -150,23 +150,21 @@ class TokenManager:
         storage and the refresher itself when it ends. A job that has not sent its request yet stops.
         """
         state = self._state
-        state.closing = True
+        state.close()  # no new job, nothing cached, no more change notices
         limit = self._close_limit(timeout)
         for flight in state.running():
             # A task job on this thread's own (blocked) loop cannot end while we wait: it closes up itself.
             with contextlib.suppress(SameThreadWait):
                 flight.outcome(max(limit - state.clock.monotonic(), 0.0))
-        state.close()
         state.when_idle(self._close_resources)
 
     async def aclose(self, timeout: float | None = None) -> None:
         """Async twin of :meth:`close`."""
         state = self._state
-        state.closing = True
+        state.close()  # no new job, nothing cached, no more change notices
         limit = self._close_limit(timeout)
         for flight in state.running():
             await flight.aoutcome(max(limit - state.clock.monotonic(), 0.0))
-        state.close()
         if state.running():
             state.when_idle(self._close_resources)
         else:

@@ -245,8 +245,8 @@ MUTANTS = [
     ),
     Mutant(
         "close-under-job", "_manager.py",
-        "        state.close()\n        state.when_idle(self._close_resources)",
-        "        state.close()\n        self._close_resources()",
+        "0.0))\n        state.when_idle(self._close_resources)",
+        "0.0))\n        self._close_resources()",
         "item 4: close() closes the storage at once when its wait for a running job times out",
         (f"{LIFE} -k close_under_a_job_that_outlives",),
     ),
