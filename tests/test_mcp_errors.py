@@ -17,6 +17,7 @@ import pytest
 pytest.importorskip("mcp", reason="the MCP SDK is not installed")
 
 import mcp_fixtures
+from support import fail_refresh
 
 from httpx_upstream_auth import (
     MemoryStorage,
@@ -107,13 +108,13 @@ async def test_row_transient_refresh_failure(
     async with session(mcp_server.url, manager) as client:
         await settled(mcp_server)
         provider.revoke_access((await manager.aget_token(SESSION)).access_token)
-        provider.fail_next("503")
+        fail_refresh(provider, "503")  # on every attempt of the job
         with pytest.raises(RefreshFailed) as caught:
             await echo(client, "x")
         assert caught.value.retryable
         assert await echo(client, "y") == "y"
         provider.revoke_access((await manager.aget_token(SESSION)).access_token)
-        provider.fail_next("503")
+        fail_refresh(provider, "503")  # on every attempt of the job
         with pytest.raises(RefreshFailed):
             await echo(client, "z")
     # Issue 13 item 9: the closing DELETE is sent after a transient failure (it was skipped after any failure).

@@ -13,6 +13,7 @@ if not hasattr(mcp_server_module, "FastMCP"):
     pytest.skip("the MCP SDK 2.x is installed; this module tests 1.x", allow_module_level=True)
 
 import mcp_fixtures  # noqa: E402
+from support import fail_refresh  # noqa: E402
 
 from httpx_upstream_auth import (  # noqa: E402
     ReauthenticationRequired,
@@ -94,7 +95,7 @@ async def test_failed_refresh_raises_refresh_failed(
     async with connect_session(mcp_server.url, manager, SESSION) as session:
         await settled(mcp_server)
         provider.revoke_access((await manager.aget_token(SESSION)).access_token)
-        provider.fail_next("503")
+        fail_refresh(provider, "503")  # on every attempt of the job
         with pytest.raises(RefreshFailed) as caught:
             await session.call_tool("echo", {"text": "x"})
         assert caught.value.retryable
