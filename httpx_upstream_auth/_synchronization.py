@@ -34,11 +34,13 @@ from ._exceptions import RefreshFailed
 from ._models import UpstreamTokens
 
 __all__ = [
+    "AsyncCall",
     "AsyncDeadline",
     "AsyncLeaseKeeper",
     "Flight",
     "Outcome",
     "SameThreadWait",
+    "SyncCall",
     "SyncDeadline",
     "SyncLeaseKeeper",
     "TimedOut",
@@ -52,6 +54,9 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+#: A call with its arguments bound, as the bounded calls take it (the sync twin: :data:`SyncCall`).
+AsyncCall = Callable[[], Awaitable[T]]
+SyncCall = Callable[[], T]
 
 
 def running_async_library() -> str | None:

@@ -649,3 +649,46 @@ def test_a_read_racing_a_logout_does_not_cache_the_deleted_entry(provider: Local
     finally:
         storage.go.set()
         manager.close()
+
+
+def test_a_store_that_hangs_after_the_token_request_cannot_keep_the_interpreter_alive(
+    token_url: str, provider: LocalProvider, tmp_path: Path
+) -> None:
+    """A custom store whose writes never return, met by a thread job after the provider rotated: the job
+    gives up on each write after refresh_timeout (it fails closed as far as it can), the caller gets a typed
+    error, and the process exits."""
+    script = tmp_path / "hung_store.py"
+    tokens = expired(provider.login())
+    script.write_text(
+        "import threading\n"
+        "import httpx_upstream_auth as hua\n"
+        "class Hung(hua.MemoryStorage):\n"
+        "    hang = False\n"
+        "    def put(self, key, tokens, *, expected_version):\n"
+        "        if self.hang:\n"
+        "            threading.Event().wait()\n"
+        "        return super().put(key, tokens, expected_version=expected_version)\n"
+        "    delete = lambda self, key, *, expected_version=None: threading.Event().wait()\n"
+        "store = Hung()\n"
+        "m = hua.TokenManager(provider_id='local', storage=store, refresh_timeout=0.5,\n"
+        f"    refresher=hua.OAuth2Refresher({token_url!r}, 'test-client', 'test-secret'))\n"
+        f"m.store('s', hua.UpstreamTokens.from_json({tokens.to_json()!r}))\n"
+        "store.hang = True\n"
+        "try:\n"
+        "    m.get_token('s')\n"
+        "except hua.UpstreamAuthError as exc:\n"
+        "    print(type(exc).__name__)\n"
+        "m.close(timeout=1)\n"
+    )
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "StorageError"
+    assert provider.stats["refresh_ok"] == 1

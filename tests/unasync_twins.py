@@ -39,6 +39,7 @@ REPLACEMENTS = {
     "AsyncDeadline": "SyncDeadline",
     "async_sleep": "sync_sleep",
     "async_call_bounded": "sync_call_bounded",
+    "AsyncCall": "SyncCall",
     "start_async_job": "start_sync_job",
 }
 HEADER = "# Generated from _async by tests/unasync_twins.py: do not edit.\n"

@@ -12,6 +12,7 @@ import functools
 import itertools
 import threading
 from collections.abc import Iterator
+from typing import TypeVar
 
 import attrs
 
@@ -25,6 +26,7 @@ from .._exceptions import (
 from .._models import Binding, EntryKey, UpstreamTokens
 from .._state import ManagerState, Need, logger
 from .._synchronization import (
+    AsyncCall,
     AsyncDeadline,
     AsyncLeaseKeeper,
     Flight,
@@ -35,6 +37,8 @@ from .._synchronization import (
     async_sleep,
     start_async_job,
 )
+
+T = TypeVar("T")
 
 #: Flights a caller joins before giving up (each one ends with a write or an error, so this is generous).
 MAX_FLIGHTS = 8
@@ -491,7 +495,8 @@ class AsyncTokenOps:
         while True:
             try:
                 with state.writing(key):
-                    saved = bool(await state.storage.aput(key, fresh, expected_version=current.version))
+                    put = functools.partial(state.storage.aput, key, fresh, expected_version=current.version)
+                    saved = bool(await self._bounded(put))
             except Exception:
                 saved = False
             # Unless the store said it saved, look at what it holds: a write may land though it raised, and a
@@ -523,7 +528,7 @@ class AsyncTokenOps:
     async def _landed(self, key: EntryKey, current: UpstreamTokens, fresh: UpstreamTokens) -> bool | None:
         """After a failed write: True if it landed anyway, False if someone else wrote, None if unknown."""
         try:
-            again = await self._state.storage.aget(key)
+            again = await self._bounded(functools.partial(self._state.storage.aget, key))
         except Exception:
             return None
         if again is not None and again.version == fresh.version and again.refresh_token == fresh.refresh_token:
@@ -543,7 +548,7 @@ class AsyncTokenOps:
         while True:
             try:
                 with state.writing(key):
-                    await state.storage.adelete(key, expected_version=current.version)
+                    await self._bounded(functools.partial(state.storage.adelete, key, expected_version=current.version))
             except Exception:
                 pause = next(pauses, None)
                 if pause is None:
@@ -554,6 +559,15 @@ class AsyncTokenOps:
                 # Removed, or the entry has another version (a login, a logout): the store no longer holds it.
                 state.settle_consumed(current.refresh_token)
                 return
+
+    async def _bounded(self, call: AsyncCall[T]) -> T:
+        """A storage call made after the token request, given at most refresh_timeout: a store that hangs
+        counts as a failing one (retried, then fail closed), and cannot keep a worker thread, or the
+        interpreter's exit, waiting for ever."""
+        result = await async_call_bounded(self._state.refresh_timeout, call)
+        if result is TimedOut:
+            raise StorageError("the store did not answer in time")
+        return result
 
     async def _read(self, key: EntryKey) -> UpstreamTokens:
         tokens = await self._state.storage.aget(key)

@@ -13,6 +13,7 @@ import functools
 import itertools
 import threading
 from collections.abc import Iterator
+from typing import TypeVar
 
 import attrs
 
@@ -26,6 +27,7 @@ from .._exceptions import (
 from .._models import Binding, EntryKey, UpstreamTokens
 from .._state import ManagerState, Need, logger
 from .._synchronization import (
+    SyncCall,
     SyncDeadline,
     SyncLeaseKeeper,
     Flight,
@@ -36,6 +38,8 @@ from .._synchronization import (
     sync_sleep,
     start_sync_job,
 )
+
+T = TypeVar("T")
 
 #: Flights a caller joins before giving up (each one ends with a write or an error, so this is generous).
 MAX_FLIGHTS = 8
@@ -492,7 +496,8 @@ class SyncTokenOps:
         while True:
             try:
                 with state.writing(key):
-                    saved = bool(state.storage.put(key, fresh, expected_version=current.version))
+                    put = functools.partial(state.storage.put, key, fresh, expected_version=current.version)
+                    saved = bool(self._bounded(put))
             except Exception:
                 saved = False
             # Unless the store said it saved, look at what it holds: a write may land though it raised, and a
@@ -524,7 +529,7 @@ class SyncTokenOps:
     def _landed(self, key: EntryKey, current: UpstreamTokens, fresh: UpstreamTokens) -> bool | None:
         """After a failed write: True if it landed anyway, False if someone else wrote, None if unknown."""
         try:
-            again = self._state.storage.get(key)
+            again = self._bounded(functools.partial(self._state.storage.get, key))
         except Exception:
             return None
         if again is not None and again.version == fresh.version and again.refresh_token == fresh.refresh_token:
@@ -544,7 +549,7 @@ class SyncTokenOps:
         while True:
             try:
                 with state.writing(key):
-                    state.storage.delete(key, expected_version=current.version)
+                    self._bounded(functools.partial(state.storage.delete, key, expected_version=current.version))
             except Exception:
                 pause = next(pauses, None)
                 if pause is None:
@@ -555,6 +560,15 @@ class SyncTokenOps:
                 # Removed, or the entry has another version (a login, a logout): the store no longer holds it.
                 state.settle_consumed(current.refresh_token)
                 return
+
+    def _bounded(self, call: SyncCall[T]) -> T:
+        """A storage call made after the token request, given at most refresh_timeout: a store that hangs
+        counts as a failing one (retried, then fail closed), and cannot keep a worker thread, or the
+        interpreter's exit, waiting for ever."""
+        result = sync_call_bounded(self._state.refresh_timeout, call)
+        if result is TimedOut:
+            raise StorageError("the store did not answer in time")
+        return result
 
     def _read(self, key: EntryKey) -> UpstreamTokens:
         tokens = self._state.storage.get(key)
