@@ -562,10 +562,12 @@ class SyncTokenOps:
                 return
 
     def _bounded(self, call: SyncCall[T]) -> T:
-        """A storage call made after the token request, given at most refresh_timeout: a store that hangs
-        counts as a failing one (retried, then fail closed), and cannot keep a worker thread, or the
-        interpreter's exit, waiting for ever."""
-        result = sync_call_bounded(self._state.refresh_timeout, call)
+        """A storage call made after the token request. A slow store is waited for as long as the job's lease
+        may still be renewed (twice refresh_timeout, plus lease_ttl): the write may yet land before anyone else can
+        redeem. A store that hangs beyond that counts as a failing one (retried, then fail closed), and cannot
+        keep a worker thread, or the interpreter's exit, waiting for ever."""
+        state = self._state
+        result = sync_call_bounded(2 * state.refresh_timeout + state.lease_ttl, call)
         if result is TimedOut:
             raise StorageError("the store did not answer in time")
         return result
