@@ -65,8 +65,8 @@ MUTANTS = [
     ),
     Mutant(
         "discard-any-version", A,
-        "await state.storage.adelete(key, expected_version=current.version)",
-        "await state.storage.adelete(key)",
+        "functools.partial(state.storage.adelete, key, expected_version=current.version)",
+        "functools.partial(state.storage.adelete, key)",
         "(b) the fail-closed delete does not check the version (deletes a login made meanwhile)",
         (f"{PROTO}::test_login_during_a_refresh_is_never_overwritten",),
     ),
@@ -370,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
             text = target.read_text()
             if text.count(m.original) != 1:
                 rows.append((m, "n/a (code changed)", ""))
+                print(f"  {m.name:26s} n/a (code changed)", flush=True)
                 continue
             target.write_text(text.replace(m.original, m.replacement))
             if m.file.startswith("_async/"):  # the thread jobs and sync API run the generated twin
