@@ -591,7 +591,11 @@ def _jitter(provider_id: str, clock: Clock, pid: int) -> random.Random:
 
 def _subscribe_weakly(storage: Storage, state: ManagerState) -> Callable[[], None] | None:
     """Subscribe ``state`` to the storage's change notices without keeping it alive: a manager dropped
-    without close() is freed, and its subscription removed at the next notice (or when it is collected)."""
+    without close() is freed, and its subscription removes itself at the next notice.
+
+    Not ``weakref.finalize``: its registry would hold the unsubscribe function, hence the storage, and a
+    storage that refers back to the manager (through anything it holds) would then keep it alive for good.
+    """
     ref = weakref.ref(state)
     unsubscribe: Callable[[], None] | None = None
 
@@ -603,8 +607,6 @@ def _subscribe_weakly(storage: Storage, state: ManagerState) -> Callable[[], Non
             unsubscribe()
 
     unsubscribe = storage.subscribe(on_change)
-    if unsubscribe is not None:
-        weakref.finalize(state, unsubscribe)
     return unsubscribe
 
 
