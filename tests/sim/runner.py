@@ -1370,21 +1370,6 @@ def _classify_reuse(world: World, rid: int) -> str:
     return "delivered-never-saved"
 
 
-def _forget_tasks_of_closed_loops() -> None:
-    """Drop anyio's bookkeeping of tasks whose event loop is closed (a schedule may close its loop with tasks
-    pending). anyio keeps a task that never left a cancel scope for good (its state refers back to the
-    task), and with it the whole schedule's world: seeds would get slower one after another."""
-    try:
-        from anyio._backends import _asyncio as anyio_asyncio
-    except ImportError:  # pragma: no cover - anyio without its asyncio backend module
-        return
-    states = getattr(anyio_asyncio, "_task_states", None)
-    if states is None:
-        return
-    for task in [task for task in list(states) if task.get_loop().is_closed()]:
-        states.pop(task, None)
-
-
 def run_schedule(seed: int, mutant: str = "") -> Result:
     """Plan, run and check one schedule (``mutant``: a deliberate store defect, see :class:`Knobs`)."""
     plan = make_plan(seed)
@@ -1401,7 +1386,6 @@ def run_schedule(seed: int, mutant: str = "") -> Result:
         cause = exc.__cause__ or exc.__context__
         error = f"{type(exc).__name__}: {exc}" + (f" (from {type(cause).__name__}: {cause})" if cause else "")
     classify(run.world)
-    _forget_tasks_of_closed_loops()
     return Result(
         seed,
         plan,
