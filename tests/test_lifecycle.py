@@ -44,6 +44,7 @@ from httpx_upstream_auth import (
     Refresher,
     RefreshFailed,
     SQLiteStorage,
+    Storage,
     StorageError,
     TokenManager,
     UpstreamAuthError,
@@ -147,6 +148,23 @@ def test_fork_while_a_refresh_job_runs_leaves_the_child_a_working_manager(
     assert provider.stats["refresh_reuse"] == 0
 
 
+def _plain_manager(token_url: str, storage: Storage) -> TokenManager:
+    """A manager with the default settings, as an app builds it (the test closes it)."""
+    return TokenManager(
+        provider_id="local", storage=storage, refresher=OAuth2Refresher(token_url, "test-client", "test-secret")
+    )
+
+
+async def _refresh_at_the_provider(manager: TokenManager, provider: LocalProvider, fault: str) -> threading.Thread:
+    """Start a blocking get_token in a thread, with ``fault`` on its token request; return once the request
+    has reached the provider."""
+    provider.fail_next(fault)
+    caller = threading.Thread(target=manager.get_token, args=(SESSION,))
+    caller.start()
+    await wait_until(lambda: provider.stats["token_calls"] == 1)
+    return caller
+
+
 # -- 4. close() and aclose() during a refresh job ----------------------------------------------------
 
 
@@ -156,26 +174,15 @@ async def test_close_during_a_refresh_waits_for_the_job_to_save(
 ) -> None:
     """An app shuts down while the provider is redeeming (it consumed the refresh token and answers
     late): close waits for the job, which saves the rotation; the next worker refreshes with it."""
-    manager = TokenManager(
-        provider_id="local",
-        storage=SQLiteStorage(sqlite_path),
-        refresher=OAuth2Refresher(token_url, "test-client", "test-secret"),
-    )
+    manager = _plain_manager(token_url, SQLiteStorage(sqlite_path))
     first = put_entry(manager, expired(provider.login()))
-    provider.fail_next("answer_delay:0.5")
-    caller = threading.Thread(target=manager.get_token, args=(SESSION,))
-    caller.start()
-    await wait_until(lambda: provider.stats["token_calls"] == 1)
+    caller = await _refresh_at_the_provider(manager, provider, "answer_delay:0.5")
     if how == "close":
         await anyio.to_thread.run_sync(manager.close)
     else:
         await manager.aclose()
     caller.join()
-    later = TokenManager(
-        provider_id="local",
-        storage=SQLiteStorage(sqlite_path),
-        refresher=OAuth2Refresher(token_url, "test-client", "test-secret"),
-    )
+    later = _plain_manager(token_url, SQLiteStorage(sqlite_path))
     try:
         saved = stored(later)
         assert saved is not None and saved.version == first.version + 1
@@ -529,9 +536,7 @@ def test_managers_dropped_without_close_are_freed(provider: LocalProvider, token
     storage = CountingNotices()
 
     def manager() -> TokenManager:
-        return TokenManager(
-            provider_id="local", storage=storage, refresher=OAuth2Refresher(token_url, "test-client", "test-secret")
-        )
+        return _plain_manager(token_url, storage)
 
     for n in range(200):
         manager().store(f"tenant-{n}", provider.login())
@@ -584,16 +589,9 @@ async def test_close_under_a_job_that_outlives_its_wait_leaves_the_store_to_the_
 ) -> None:
     """close(timeout=...) returns before a slow job ends: the storage stays open for the job, which saves the
     rotation and then closes it."""
-    manager = TokenManager(
-        provider_id="local",
-        storage=SQLiteStorage(sqlite_path),
-        refresher=OAuth2Refresher(token_url, "test-client", "test-secret"),
-    )
+    manager = _plain_manager(token_url, SQLiteStorage(sqlite_path))
     first = put_entry(manager, expired(provider.login()))
-    provider.fail_next("answer_delay:0.8")
-    caller = threading.Thread(target=manager.get_token, args=(SESSION,))
-    caller.start()
-    await wait_until(lambda: provider.stats["token_calls"] == 1)
+    caller = await _refresh_at_the_provider(manager, provider, "answer_delay:0.8")
     if how == "close":
         await anyio.to_thread.run_sync(lambda: manager.close(timeout=0.01))
     else:
@@ -634,9 +632,7 @@ def test_a_read_racing_a_logout_does_not_cache_the_deleted_entry(provider: Local
     """A read that starts during a logout (after it began, before the store removed the entry) finds the
     entry still there; once the logout returns, that read's result is not served from the cache."""
     storage = SlowDeleteStorage()
-    manager = TokenManager(
-        provider_id="local", storage=storage, refresher=OAuth2Refresher(token_url, "test-client", "test-secret")
-    )
+    manager = _plain_manager(token_url, storage)
     try:
         put_entry(manager, provider.login())
         storage.armed = True
