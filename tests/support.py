@@ -12,8 +12,17 @@ import anyio
 import anyio.to_thread
 import attrs
 import httpx
+import pytest
 
-from httpx_upstream_auth import Binding, EntryKey, MemoryStorage, StorageError, TokenManager, UpstreamTokens
+from httpx_upstream_auth import (
+    Binding,
+    EntryKey,
+    MemoryStorage,
+    ReauthenticationRequired,
+    StorageError,
+    TokenManager,
+    UpstreamTokens,
+)
 from httpx_upstream_auth._async._manager import MAX_RETRIES
 from httpx_upstream_auth.testing import LocalProvider
 
@@ -162,6 +171,17 @@ class Driver:
             return response
         async with httpx.AsyncClient(base_url=self.base_url, auth=auth, timeout=10, verify=SSL) as client:
             return await client.request(method, path, **kwargs)
+
+
+async def assert_fails_closed(driver: Driver, manager: TokenManager, provider: LocalProvider) -> None:
+    """The next refresh may have consumed the stored refresh token: the caller is told to log in again, the
+    entry is removed, and the token is never presented a second time (one token call, no reuse)."""
+    with pytest.raises(ReauthenticationRequired):
+        await driver.get_token(manager)
+    assert stored(manager) is None
+    with pytest.raises(ReauthenticationRequired):
+        await driver.get_token(manager)
+    assert provider.stats["token_calls"] == 1 and provider.stats["refresh_reuse"] == 0
 
 
 #: How long a test waits for something that must happen (a bound against hangs, not a timing check).

@@ -28,6 +28,7 @@ from support import (
     Driver,
     FlakyStorage,
     ManagerFactory,
+    assert_fails_closed,
     expired,
     fail_refresh,
     put_entry,
@@ -475,12 +476,7 @@ async def test_a_gateway_error_after_redeeming_fails_closed(
     refresh token is never presented again (the entry is removed), so the grant is not revoked."""
     put_entry(manager, expired(provider.login()))
     provider.fail_next(f"redeem_then:{status}")
-    with pytest.raises(ReauthenticationRequired):
-        await driver.get_token(manager)
-    assert stored(manager) is None
-    with pytest.raises(ReauthenticationRequired):
-        await driver.get_token(manager)
-    assert provider.stats["token_calls"] == 1 and provider.stats["refresh_reuse"] == 0
+    await assert_fails_closed(driver, manager, provider)
 
 
 async def test_an_oauth_error_from_the_provider_changes_nothing(

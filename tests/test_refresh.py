@@ -11,7 +11,17 @@ import anyio
 import attrs
 import httpx
 import pytest
-from support import SESSION, Driver, FakeClock, FlakyStorage, ManagerFactory, expired, put_entry, stored
+from support import (
+    SESSION,
+    Driver,
+    FakeClock,
+    FlakyStorage,
+    ManagerFactory,
+    assert_fails_closed,
+    expired,
+    put_entry,
+    stored,
+)
 
 from httpx_upstream_auth import (
     BindingMismatch,
@@ -193,12 +203,7 @@ async def test_timeout_after_sending_fails_closed(
     manager = make_manager(refresher=OAuth2Refresher(token_url, "test-client", "test-secret", timeout=0.2))
     put_entry(manager, expired(provider.login()))
     provider.fail_next("answer_delay:1")
-    with pytest.raises(ReauthenticationRequired):
-        await driver.get_token(manager)
-    assert stored(manager) is None
-    with pytest.raises(ReauthenticationRequired):
-        await driver.get_token(manager)
-    assert provider.stats["token_calls"] == 1 and provider.stats["refresh_reuse"] == 0
+    await assert_fails_closed(driver, manager, provider)
 
 
 async def test_store_failure_after_rotation_fails_closed(
