@@ -75,8 +75,14 @@ async def run_worker(
     async with httpx.AsyncClient(auth=auth, limits=limits) as client, anyio.create_task_group() as tg:
         for _ in range(tasks):
             tg.start_soon(caller, client)
-    return {"ok": ok, "failed": failed, "errors": errors, "latencies": latencies, "started": started,
-            "ended": time.time()}
+    return {
+        "ok": ok,
+        "failed": failed,
+        "errors": errors,
+        "latencies": latencies,
+        "started": started,
+        "ended": time.time(),
+    }
 
 
 def worker_main(argv: list[str]) -> int:
@@ -93,8 +99,9 @@ def worker_main(argv: list[str]) -> int:
 def main(argv: list[str]) -> int:
     """Run the demo and print its summary; exit status 1 if any request failed or a token was reused."""
     parser = argparse.ArgumentParser(prog="python -m httpx_upstream_auth demo", description=__doc__)
-    parser.add_argument("--storage", default="sqlite", help="sqlite (default, a temporary file), "
-                        "sqlite:PATH, memory, or a redis:// URL")
+    parser.add_argument(
+        "--storage", default="sqlite", help="sqlite (default, a temporary file), sqlite:PATH, memory, or a redis:// URL"
+    )
     parser.add_argument("--processes", type=int, default=2, help="worker processes (memory: always 1)")
     parser.add_argument("--tasks", type=int, default=25, help="concurrent callers per process")
     parser.add_argument("--seconds", type=float, default=8.0, help="how long the callers run")
@@ -112,8 +119,11 @@ def main(argv: list[str]) -> int:
         with ServerThread(provider) as server:
             manager = make_manager(storage, server.url)
             manager.store(SESSION, provider.login(sub="alice", client_id="test-client", provider_id=PROVIDER))
-            print(f"demo: {processes} process(es) x {args.tasks} tasks for {args.seconds:.0f} s, "
-                  f"{args.token_ttl:g}-second tokens, storage {args.storage}", flush=True)
+            print(
+                f"demo: {processes} process(es) x {args.tasks} tasks for {args.seconds:.0f} s, "
+                f"{args.token_ttl:g}-second tokens, storage {args.storage}",
+                flush=True,
+            )
             if processes == 1:
                 results = [anyio.run(run_worker, manager, server.url, args.seconds, args.tasks, SESSION, PAUSE)]
             else:
@@ -125,8 +135,17 @@ def main(argv: list[str]) -> int:
 
 def _run_processes(storage: str, url: str, args: argparse.Namespace, processes: int) -> list[dict[str, Any]]:
     start = time.time() + 2.0
-    command = [sys.executable, "-m", "httpx_upstream_auth", "demo-worker", storage, url, str(args.seconds),
-               str(args.tasks), str(start)]
+    command = [
+        sys.executable,
+        "-m",
+        "httpx_upstream_auth",
+        "demo-worker",
+        storage,
+        url,
+        str(args.seconds),
+        str(args.tasks),
+        str(start),
+    ]
     procs = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(processes)]
     results = []
     for proc in procs:
@@ -146,8 +165,10 @@ def _summary(results: list[dict[str, Any]], stats: dict[str, int], args: argpars
     p50 = statistics.median(latencies) if latencies else 0.0
     p99 = latencies[int(len(latencies) * 0.99)] if latencies else 0.0
     print(f"requests:  {ok + failed} ({ok} ok, {failed} failed)")
-    print(f"refreshes: {stats['refresh_ok']} for about {expiries} token lifetimes "
-          f"(reused refresh tokens: {stats['refresh_reuse']}, invalid_grant: {stats['invalid_grant']})")
+    print(
+        f"refreshes: {stats['refresh_ok']} for about {expiries} token lifetimes "
+        f"(reused refresh tokens: {stats['refresh_reuse']}, invalid_grant: {stats['invalid_grant']})"
+    )
     print(f"replays:   {stats['api_401']} requests met an expired token at the API and were replayed")
     print(f"latency:   p50 {p50:.1f} ms, p99 {p99:.1f} ms")
     errors: dict[str, int] = {}

@@ -93,8 +93,11 @@ def is_token_rejected(response: Any) -> bool:
     """
     if response.status_code != 401:
         return False
-    challenges = response.headers.get_list("www-authenticate") if hasattr(response.headers, "get_list") \
+    challenges = (
+        response.headers.get_list("www-authenticate")
+        if hasattr(response.headers, "get_list")
         else [response.headers.get("www-authenticate", "")]
+    )
     challenges = [c for c in challenges if c.strip()]
     if not challenges:
         return True

@@ -120,9 +120,7 @@ def _copy_error(error: Exception) -> Exception:
     if not isinstance(fresh, type(error)):
         # A custom exception that cannot be rebuilt: say what it was, without its text (which a custom
         # refresher may have filled with a token).
-        return RefreshFailed(
-            f"the refresh failed with {type(error).__name__}; retry the request", retryable=False
-        )
+        return RefreshFailed(f"the refresh failed with {type(error).__name__}; retry the request", retryable=False)
     return fresh.with_traceback(None)
 
 

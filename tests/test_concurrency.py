@@ -49,7 +49,6 @@ from httpx_upstream_auth.testing import LocalProvider, ServerThread
 pytestmark = pytest.mark.anyio
 
 
-
 def wait_until_sync(condition: Callable[[], bool]) -> None:
     """Blocking twin of :func:`wait_until`, for thread tests."""
     deadline = time.monotonic() + WAIT_LIMIT

@@ -363,9 +363,7 @@ class ScriptedAPI:
         await send({"type": "http.response.body", "body": b""})
 
 
-async def test_a_distrust_ends_when_the_api_accepts_the_token(
-    provider: LocalProvider, manager: TokenManager
-) -> None:
+async def test_a_distrust_ends_when_the_api_accepts_the_token(provider: LocalProvider, manager: TokenManager) -> None:
     """A 401 on the replay right after a refresh was a blip: once the API accepts that token, a later real
     revocation refreshes again instead of returning 401s until the token expires."""
     put_entry(manager, provider.login())

@@ -65,9 +65,7 @@ def test_well_known_urls_are_path_aware() -> None:
 
 
 @pytest.mark.anyio
-async def test_discovery_against_the_real_mcp_server(
-    provider_server: ServerThread, mcp_server: LocalMCPServer
-) -> None:
+async def test_discovery_against_the_real_mcp_server(provider_server: ServerThread, mcp_server: LocalMCPServer) -> None:
     """From the MCP URL alone: the server's RFC 9728 metadata, then the issuer's metadata under its path."""
     found = await adiscover(mcp_server.url)
     issuer = provider_server.url + ISSUER_PATH
@@ -155,11 +153,15 @@ def test_metadata_that_does_not_check_out_is_refused() -> None:
     good_asm = {"issuer": "https://id.example/t", "token_endpoint": "https://id.example/t/token"}
     with fake_server({prm: good_prm, asm: good_asm}) as client:
         assert discover("https://mcp.example/mcp", client=client).token_endpoint == "https://id.example/t/token"
-    with fake_server({prm: good_prm, asm: {**good_asm, "issuer": "https://evil.example/t"}}) as client, \
-            pytest.raises(DiscoveryFailed, match="names issuer"):
+    with (
+        fake_server({prm: good_prm, asm: {**good_asm, "issuer": "https://evil.example/t"}}) as client,
+        pytest.raises(DiscoveryFailed, match="names issuer"),
+    ):
         discover("https://mcp.example/mcp", client=client)
-    with fake_server({prm: {**good_prm, "resource": "https://other.example/mcp"}}) as client, \
-            pytest.raises(DiscoveryFailed, match="is for"):
+    with (
+        fake_server({prm: {**good_prm, "resource": "https://other.example/mcp"}}) as client,
+        pytest.raises(DiscoveryFailed, match="is for"),
+    ):
         discover("https://mcp.example/mcp", client=client)
     with fake_server({prm: 503}) as client, pytest.raises(DiscoveryFailed) as caught:
         discover("https://mcp.example/mcp", client=client)

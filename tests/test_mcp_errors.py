@@ -227,9 +227,7 @@ async def test_row_issuer_mismatch(
     assert attacker.stats["token_calls"] == 0 and attacker.flow_stats["metadata_requests"] == 0
 
 
-async def test_row_transport_error(
-    provider: LocalProvider, manager: TokenManager, mcp_server: LocalMCPServer
-) -> None:
+async def test_row_transport_error(provider: LocalProvider, manager: TokenManager, mcp_server: LocalMCPServer) -> None:
     """The server went away mid-session: ServerUnreachable at the call (the tokens are untouched)."""
     await manager.astore(SESSION, provider.login())
     async with session(mcp_server.url, manager) as client:

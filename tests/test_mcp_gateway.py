@@ -175,9 +175,10 @@ def test_with_redis_sessions_outlive_tokens_and_a_stopped_store_is_503(
         manager.store("r-1", provider.login())
         writer.store("r-2", provider.login())  # another worker's session: not in this gateway's cache
         writer.close()
-        with ServerThread(gateway.create_app(manager, upstream.url), lifespan="on") as served, httpx.Client(
-            base_url=served.url, headers={"x-gateway-session": "r-1"}, timeout=30
-        ) as client:
+        with (
+            ServerThread(gateway.create_app(manager, upstream.url), lifespan="on") as served,
+            httpx.Client(base_url=served.url, headers={"x-gateway-session": "r-1"}, timeout=30) as client,
+        ):
             started = time.monotonic()
             statuses = []
             while time.monotonic() - started < 2.5:
@@ -203,9 +204,10 @@ def test_an_mcp_client_works_through_the_gateway(
     from httpx_upstream_auth.testing import serve_mcp
 
     manager.store("s-1", provider.login())
-    with serve_mcp(provider, upstream.url) as mcp_server, ServerThread(
-        gateway.create_app(manager, mcp_server.thread.url), lifespan="on"
-    ) as served:
+    with (
+        serve_mcp(provider, upstream.url) as mcp_server,
+        ServerThread(gateway.create_app(manager, mcp_server.thread.url), lifespan="on") as served,
+    ):
         texts = anyio.run(call_through_gateway, served.url + "/upstream/mcp", mcp_server)
     assert texts == [str(i) for i in range(12)]
     assert mcp_server.streams_opened >= 1 and mcp_server.requests["DELETE"] == 1

@@ -154,6 +154,7 @@ async def test_connect_refuses_plain_http_to_a_remote_host(manager: TokenManager
     with pytest.raises(InsecureTransport, match="https://"):
         async with connect("http://mcp.example.com/mcp", manager, "s", transport=never):  # type: ignore[arg-type]
             pass
+
     # An http_client() used with such a URL answers locally too, with the same error, and sends nothing.
     class Never(NeverSend, httpx2.AsyncBaseTransport):
         pass

@@ -94,7 +94,10 @@ async def test_a_server_switching_to_an_attacker_as_gets_nothing(
 
 
 async def test_a_pinned_issuer_refuses_a_server_naming_another_from_the_start(
-    provider: LocalProvider, mcp_server: LocalMCPServer, attacker: LocalProvider, attacker_server: ServerThread,
+    provider: LocalProvider,
+    mcp_server: LocalMCPServer,
+    attacker: LocalProvider,
+    attacker_server: ServerThread,
     provider_server: ServerThread,
 ) -> None:
     """With issuer= pinned, a server whose very first metadata names another AS gets nothing: not even a metadata
@@ -156,8 +159,13 @@ def sdk_login(
         scope="api",
     )
     return SDKLogin(
-        server.url, client_metadata=metadata, redirect_handler=browser.redirect, callback_handler=browser.callback,
-        storage=storage, provider_id="mcp-test", **options,  # type: ignore[arg-type]
+        server.url,
+        client_metadata=metadata,
+        redirect_handler=browser.redirect,
+        callback_handler=browser.callback,
+        storage=storage,
+        provider_id="mcp-test",
+        **options,  # type: ignore[arg-type]
     )
 
 
@@ -263,10 +271,16 @@ async def test_sdk_login_mode_refuses_an_authorization_server_without_pkce_s256(
         base = f"http://127.0.0.1:{scope['server'][1]}"
         status, document = 404, {}
         if path == "/.well-known/oauth-authorization-server":
-            status, document = 200, {
-                "issuer": base, "authorization_endpoint": base + "/authorize", "token_endpoint": base + "/token",
-                "registration_endpoint": base + "/register", "response_types_supported": ["code"],
-            }
+            status, document = (
+                200,
+                {
+                    "issuer": base,
+                    "authorization_endpoint": base + "/authorize",
+                    "token_endpoint": base + "/token",
+                    "registration_endpoint": base + "/register",
+                    "response_types_supported": ["code"],
+                },
+            )
         elif path == "/register":
             status, document = 201, {"client_id": "weak-client", "redirect_uris": ["http://127.0.0.1:9/callback"]}
         headers = [(b"content-type", b"application/json")]

@@ -113,9 +113,7 @@ def test_registration_authorization_and_code_exchange(server: ServerThread, prov
         },
     )
     assert refreshed.status_code == 200
-    assert provider.flow_stats == {
-        "registrations": 1, "authorizations": 1, "code_exchanges": 1, "metadata_requests": 0
-    }
+    assert provider.flow_stats == {"registrations": 1, "authorizations": 1, "code_exchanges": 1, "metadata_requests": 0}
 
 
 def test_pkce_and_redirect_uri_are_enforced(server: ServerThread, provider: LocalProvider) -> None:
@@ -124,8 +122,12 @@ def test_pkce_and_redirect_uri_are_enforced(server: ServerThread, provider: Loca
     assert secret is not None
     _, challenge = pkce()
     query = authorize(server, client_id, challenge)
-    form = {"grant_type": "authorization_code", "code": query["code"][0], "redirect_uri": REDIRECT,
-            "code_verifier": "wrong" * 10}
+    form = {
+        "grant_type": "authorization_code",
+        "code": query["code"][0],
+        "redirect_uri": REDIRECT,
+        "code_verifier": "wrong" * 10,
+    }
     answer = httpx.post(server.url + ISSUER_PATH + "/token", data=form, auth=(client_id, secret))
     assert answer.json() == {"error": "invalid_grant"}
     no_pkce = authorize(server, client_id, "", code_challenge_method="plain")

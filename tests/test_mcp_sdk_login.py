@@ -88,7 +88,11 @@ def test_oauth_token_conversions() -> None:
     token = OAuthToken(access_token="a", refresh_token="r", expires_in=3600, scope="api")
     ours = tokens_from_oauth(token, obtained_at=1000.0, provider_id="p", user_id="u", client_id="c")
     assert (ours.expires_at, ours.issued_at, ours.refresh_token, ours.user_id, ours.client_id) == (
-        4600.0, 1000.0, "r", "u", "c"
+        4600.0,
+        1000.0,
+        "r",
+        "u",
+        "c",
     )
     assert oauth_token_from(ours, now=1600.0).expires_in == 3000
     assert oauth_token_from(ours, now=9999.0).expires_in == 0
@@ -107,9 +111,14 @@ async def test_first_login_goes_through_the_sdk_then_tokens_are_stored_absolute(
     assert entry is not None and entry.expires_at is not None
     assert abs(entry.expires_at - (time.time() + 2)) < 2
     assert entry.user_id == "u-42" and entry.client_id is not None and entry.client_id.startswith("dyn-")
-    assert login.refresher.token_url == mcp_server.thread.url.replace(
-        mcp_server.thread.url, login.refresher.metadata.issuer  # type: ignore[union-attr]
-    ) + "/token"
+    assert (
+        login.refresher.token_url
+        == mcp_server.thread.url.replace(
+            mcp_server.thread.url,
+            login.refresher.metadata.issuer,  # type: ignore[union-attr]
+        )
+        + "/token"
+    )
     assert login.refresher.token_url.endswith(ISSUER_PATH + "/token")  # type: ignore[union-attr]
 
 
@@ -175,7 +184,9 @@ async def test_a_restarted_client_process_needs_no_login_and_refreshes(
     result = await anyio.to_thread.run_sync(
         lambda: subprocess.run(
             [sys.executable, "-c", textwrap.dedent(RESTART), mcp_server.url, str(tmp_path / "tokens.db")],
-            capture_output=True, text=True, timeout=60,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -473,20 +484,24 @@ async def test_a_pre_registered_client_logs_in_and_refreshes_without_registering
         token_endpoint_auth_method="client_secret_post",
         redirect_uris=[REDIRECT_URI],  # type: ignore[list-item]
     )
-    async with SDKLogin(
-        mcp_server.url,
-        client_metadata=client_metadata(),
-        redirect_handler=browser.redirect,
-        callback_handler=browser.callback,
-        client_information=client,
-    ) as login, connect(mcp_server.url, login, SESSION, mode="legacy") as session:
+    async with (
+        SDKLogin(
+            mcp_server.url,
+            client_metadata=client_metadata(),
+            redirect_handler=browser.redirect,
+            callback_handler=browser.callback,
+            client_information=client,
+        ) as login,
+        connect(mcp_server.url, login, SESSION, mode="legacy") as session,
+    ):
         assert (await session.call_tool("whoami", {})).content[0].text == "post-client"  # type: ignore[union-attr]
         await login.manager.astore(SESSION, expired_entry(await login.manager.aget_token(SESSION)))
         assert (await session.call_tool("whoami", {})).content[0].text == "post-client"  # type: ignore[union-attr]
     assert provider.flow_stats["registrations"] == 0 and browser.visits == 1
     assert provider.stats["refresh_ok"] == 1
     assert (provider.requests[-1]["client_id"], provider.requests[-1]["auth_method"]) == (
-        "post-client", "client_secret_post"
+        "post-client",
+        "client_secret_post",
     )
 
 

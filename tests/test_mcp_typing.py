@@ -12,7 +12,7 @@ api = pytest.importorskip("mypy.api", reason="mypy is not installed")
 
 ROOT = Path(__file__).resolve().parent.parent
 
-SNIPPET = '''
+SNIPPET = """
 import httpx
 import httpx2
 import httpx_upstream_auth as hua
@@ -33,7 +33,7 @@ async def main(manager: hua.TokenManager) -> None:
     async with connect("https://mcp.example/mcp", manager, "s", mode="legacy") as mcp_client:
         await mcp_client.call_tool("echo", {"text": "x"})
     print(auth, legacy, transport)
-'''
+"""
 
 
 def test_httpx2_clients_accept_upstream_auth_under_mypy_strict(tmp_path: Path) -> None:

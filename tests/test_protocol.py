@@ -55,7 +55,6 @@ from httpx_upstream_auth.testing._provider import Receive, Scope, Send
 pytestmark = pytest.mark.anyio
 
 
-
 def version_of(manager: TokenManager, session: str = SESSION) -> int | None:
     """The stored entry's version, or None."""
     entry = stored(manager, session)

@@ -28,7 +28,10 @@ def test_demo_runs_clean_on_the_embedded_default() -> None:
     """The demo (SQLite, 2 processes, 2-second tokens) ends with no failed request and no reused token."""
     result = subprocess.run(
         [sys.executable, "-m", "httpx_upstream_auth", "demo", "--seconds", "5", "--tasks", "10"],
-        capture_output=True, text=True, timeout=120, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert re.search(r"reused refresh tokens: 0", result.stdout)

@@ -1,7 +1,7 @@
 """Generate ``httpx_upstream_auth/_sync`` from ``_async`` with unasync.
 
-    python tests/unasync_twins.py            # regenerate
-    python tests/unasync_twins.py --check    # exit 1 if _sync is stale (tests/test_twins.py runs this)
+python tests/unasync_twins.py            # regenerate
+python tests/unasync_twins.py --check    # exit 1 if _sync is stale (tests/test_twins.py runs this)
 """
 
 from __future__ import annotations

@@ -89,7 +89,10 @@ def create_app(manager: hua.TokenManager, upstream_url: str, *, timeout: float =
                 return JSONResponse({"error": "request body too large"}, status_code=413)
         client = state["client"]
         outgoing = client.build_request(
-            request.method, "/" + request.path_params["path"], params=str(request.query_params), content=body,
+            request.method,
+            "/" + request.path_params["path"],
+            params=str(request.query_params),
+            content=body,
             headers=headers,
         )
         try:
@@ -149,9 +152,10 @@ def main(argv: list[str] | None = None) -> int:
         refresher = hua.OAuth2Refresher(upstream.url + "/token", "test-client", "test-secret")
         manager = hua.TokenManager(refresher=refresher, provider_id="local", storage=storage)
         manager.store("browser-session-1", provider.login())  # what your login callback does
-        with ServerThread(create_app(manager, upstream.url), lifespan="on") as gateway, httpx.Client(
-            base_url=gateway.url, cookies={SESSION_COOKIE: "browser-session-1"}
-        ) as browser:
+        with (
+            ServerThread(create_app(manager, upstream.url), lifespan="on") as gateway,
+            httpx.Client(base_url=gateway.url, cookies={SESSION_COOKIE: "browser-session-1"}) as browser,
+        ):
             ok = failed = 0
             started = time.monotonic()
             while time.monotonic() - started < args.seconds:

@@ -226,9 +226,7 @@ def _read_json(answer: tuple[int, bytes], url: str) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _prm_result(
-    server_url: str, url: str, data: dict[str, Any], issuer: str | None
-) -> tuple[str | None, str]:
+def _prm_result(server_url: str, url: str, data: dict[str, Any], issuer: str | None) -> tuple[str | None, str]:
     servers = data.get("authorization_servers")
     if not isinstance(servers, list) or not servers or not all(isinstance(s, str) for s in servers):
         raise DiscoveryFailed(f"protected-resource metadata at {url} names no authorization server", retryable=False)

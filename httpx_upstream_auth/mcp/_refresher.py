@@ -178,9 +178,7 @@ class DiscoveringRefresher(Refresher):
             record = await self._metadata_store.aget(self.server_url)
             if record is not None:
                 return self._checked(self._remember(ServerMetadata.from_json(record)), issuer)
-        found = await adiscover(
-            self.server_url, www_authenticate=www_authenticate, timeout=self.timeout, issuer=issuer
-        )
+        found = await adiscover(self.server_url, www_authenticate=www_authenticate, timeout=self.timeout, issuer=issuer)
         self.discoveries += 1
         if self._metadata_store is not None:
             await self._metadata_store.aput(self.server_url, found.to_json())

@@ -250,9 +250,7 @@ class SDKLogin:
         )
         """The manager keeping every session's tokens for this server."""
 
-    def auth(
-        self, session_id: str, *, user_id: str | None = None, upstream_subject: str | None = None
-    ) -> SDKLoginAuth:
+    def auth(self, session_id: str, *, user_id: str | None = None, upstream_subject: str | None = None) -> SDKLoginAuth:
         """An ``httpx2.Auth`` for one session (one per client; cheap)."""
         return SDKLoginAuth(self, session_id, user_id=user_id, upstream_subject=upstream_subject)
 

@@ -77,19 +77,28 @@ def refusal(request: Any, response: Any) -> UpstreamAuthError | None:
             f"the MCP server rejected the session's token even after a refresh (401{said}): it does not accept "
             "this user's tokens. Log the user in again; if it persists, check which authorization server and "
             "resource the server expects.",
-            status_code=401, error=error, scope=scope, description=description,
+            status_code=401,
+            error=error,
+            scope=scope,
+            description=description,
         )
     if error == "insufficient_scope":
         wanted = f" it asks for scope {scope!r}" if scope else " it did not say which scope"
         return InsufficientScope(
             f"the MCP server needs more authorization for this request (403 insufficient_scope);{wanted}. Log "
             "the user in again asking for that scope.",
-            status_code=403, error=error, scope=scope, description=description,
+            status_code=403,
+            error=error,
+            scope=scope,
+            description=description,
         )
     return ServerRefused(
         f"the MCP server refused this request (403{said}). The user's account may lack access; ask the server's "
         "operator.",
-        status_code=403, error=error, scope=scope, description=description,
+        status_code=403,
+        error=error,
+        scope=scope,
+        description=description,
     )
 
 
