@@ -548,6 +548,42 @@ def test_task_job_whose_loop_was_closed_does_not_wedge_the_session(
     assert provider.stats["token_calls"] == 1 and provider.stats["refresh_reuse"] == 0
 
 
+class FirstReadNeverEnds(MemoryStorage):
+    """A MemoryStorage whose first async read waits for ever (its event loop is closed under it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    async def aget(self, key: EntryKey) -> UpstreamTokens | None:
+        self.reads += 1
+        if self.reads == 1:
+            await anyio.sleep_forever()
+        return await super().aget(key)
+
+
+def test_a_read_whose_loop_was_closed_does_not_hold_up_the_next_caller(
+    provider: LocalProvider, make_manager: ManagerFactory
+) -> None:
+    """A caller's loop closed (loop.close(), no shutdown) while its storage read was in progress: a caller on
+    another loop reads and refreshes for itself instead of waiting for that read, which can never end, and
+    nothing is left in progress (found by the simulation, seed 33: every later call waited wait_timeout)."""
+    storage = FirstReadNeverEnds()
+    manager = make_manager(storage=storage, redeem_in="task", wait_timeout=2.0)
+    entry = put_entry(manager, expired(provider.login()))
+    loop = asyncio.new_event_loop()
+    # Still referenced (as an application's task list would), so it is not collected: its clean-up never runs.
+    pending = loop.create_task(manager.aget_token(SESSION))
+    while storage.reads == 0:
+        loop.run_until_complete(asyncio.sleep(0))
+    loop.close()
+    assert asyncio.run(manager.aget_token(SESSION)).version == entry.version + 1
+    footprint = manager.footprint()
+    assert (footprint.reads, footprint.flights) == (0, 0)
+    assert not pending.done()
+    assert provider.stats["token_calls"] == 1 and provider.stats["refresh_reuse"] == 0
+
+
 class OddRefresher(Refresher):
     """A custom refresher that redeems the refresh token at the provider, then misbehaves."""
 

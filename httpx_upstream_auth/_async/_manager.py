@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import threading
 from collections.abc import Iterator
 from typing import TypeVar
 
@@ -34,6 +33,7 @@ from .._synchronization import (
     SameThreadWait,
     TimedOut,
     async_call_bounded,
+    async_lead,
     async_sleep,
     start_async_job,
 )
@@ -142,7 +142,7 @@ class AsyncTokenOps:
         for _ in range(MAX_FLIGHTS):
             flight, leading = state.join_flight(key, reads=True)
             if leading:
-                flight.runs_on = threading.get_ident()
+                async_lead(flight)  # a read whose event loop was closed under it is not waited for
                 outcome = Outcome()
                 try:
                     tokens = await self._read(key)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import threading
 from collections.abc import Iterator
 from typing import TypeVar
 
@@ -35,6 +34,7 @@ from .._synchronization import (
     SameThreadWait,
     TimedOut,
     sync_call_bounded,
+    sync_lead,
     sync_sleep,
     start_sync_job,
 )
@@ -143,7 +143,7 @@ class SyncTokenOps:
         for _ in range(MAX_FLIGHTS):
             flight, leading = state.join_flight(key, reads=True)
             if leading:
-                flight.runs_on = threading.get_ident()
+                sync_lead(flight)  # a read whose event loop was closed under it is not waited for
                 outcome = Outcome()
                 try:
                     tokens = self._read(key)
