@@ -64,7 +64,9 @@ _TEMPDIR: list[str] = []
 def _tempdir() -> str:
     """One temporary directory per interpreter for the real SQLite files (one file per schedule)."""
     if not _TEMPDIR:
-        _TEMPDIR.append(tempfile.mkdtemp(prefix="hua-sim-"))
+        # In memory where there is a tmpfs: the store syncs every commit, which a disk makes slow.
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+        _TEMPDIR.append(tempfile.mkdtemp(prefix="hua-sim-", dir=shm))
     return _TEMPDIR[0]
 
 
@@ -239,6 +241,7 @@ class Plan:
             f"{[(round(a, 2), round(b, 2)) for a, b in k.stalls]}; gateway-after-redeem {k.p_gateway:.2f} "
             f"expires_in=0 {k.p_zero_life:.2f} api-401 {k.p_api_401:.2f} partial-rotation {k.p_partial_rotation:.1f}"
             + ("" if k.notices else "; the store reports no changes")
+            + (f"; a read under a lease hangs {k.read_hang[1]:.1f}s after {k.read_hang[0]:.2f}" * bool(k.read_hang))
             + (
                 f"; provider down {[(round(a, 2), round(b, 2)) for a, b in k.provider_outages]}"
                 * bool(k.provider_outages)
@@ -560,6 +563,10 @@ def extend_plan_more(
                 events.append(EventPlan(at, kind, pid, session, xr.choice(SUBJECTS), xr.uniform(0.0, 0.3)))
             gaps = [max(0.0, at - 6.0)] + [xr.uniform(0.02, 0.5) for _ in range(xr.randint(6, 14))]
             callers.append(CallerPlan(pid, session, "plain", gaps))
+    if shared and xr.random() < 0.06:
+        # One read a job makes under its lease hangs (a connection black-holed) for longer than the job's
+        # bounds, then fails: the lease keeper must stop renewing, so the lease lapses for the others.
+        knobs.read_hang = (xr.uniform(0.0, 20.0), (2 * refresh_timeout + lease_ttl) * xr.uniform(1.5, 3.0))
     if shared and xr.random() < 0.08:
         # The store stalls once a refresh answer is in flight: each leg of an operation takes a large part of
         # the lease's ttl, for one to three ttls (the lease keeper's renewals and the job's writes meet it).
@@ -572,6 +579,7 @@ def extend_plan_more(
         and not knobs.outages
         and not knobs.stalls
         and not any(e.kind in ("outage", "stall") for e in events)
+        and not knobs.read_hang
     )
     if healthy and xr.random() < 0.3:
         # A lease shorter than the token request: the job's lease keeper must renew it while the provider

@@ -223,6 +223,9 @@ class Knobs:
     notices: bool = True
     #: Provider outages: (start, end) windows during which every token request is answered 503 (not redeemed).
     provider_outages: tuple[tuple[float, float], ...] = ()
+    #: (after, duration): the first read a job makes under its lease from ``after`` on hangs ``duration``, then
+    #: fails before applying (a connection black-holed until the client's socket timeout).
+    read_hang: tuple[float, float] | None = None
     stall_delay: float = 0.0
     #: The longest a job may legitimately hold a lease (seconds; 0: not checked), see ``SharedStore.renew``.
     lease_hold_bound: float = 0.0
@@ -610,6 +613,8 @@ class SharedStore:
         #: lease owner -> (when the job's acquire returned, the job's task); owners whose keeper renewed past
         #: its bound (reported once)
         self.acquired: dict[str, tuple[float, Any]] = {}
+        #: The lease whose job's read hung (``Knobs.read_hang``), once it happened.
+        self.hung = ""
         self.keeper_overran: set[str] = set()
         #: task -> the redemption whose save it tried and lost to another write; task -> the redemption whose
         #: job then read that other write
@@ -783,6 +788,7 @@ class SharedStore:
             and now + lease.ttl - taken > k.lease_hold_bound
             and lease.owner not in self.overheld
             and not any(start < now and end > taken for start, end in self.world.stalls)
+            and lease.owner != self.hung
         ):
             self.overheld.add(lease.owner)
             self.world.violate(
@@ -980,6 +986,7 @@ class SimStorage(Storage):
     async def aget(self, key: EntryKey) -> UpstreamTokens | None:
         """Read, with the backend's delays and faults."""
         store, task = self.world.store, self.world.current_task()
+        await self._maybe_hang(key)
         result: UpstreamTokens | None = await self._op("get", lambda: self.world.store.get(key), session=key.session_id)
         rid = store.cas_lost.get(task)
         if rid is not None and result is not None and result.version != self.world.provider.redemptions[rid].version:
@@ -1005,6 +1012,22 @@ class SimStorage(Storage):
         if result and rid is not None:
             w.provider.redemptions[rid].saved_known = True
         return result
+
+    async def _maybe_hang(self, key: EntryKey) -> None:
+        """The read that ``Knobs.read_hang`` makes hang: a job's, under the lease it holds."""
+        w, store = self.world, self.world.store
+        hang = w.knobs.read_hang
+        if hang is None or w.now() < hang[0] or store.hung or w.caller() is not None:
+            return
+        held = store.leases.get(key)
+        if held is None or store.acquired.get(held[0], (0.0, None))[1] is not w.current_task():
+            return
+        store.hung = held[0]
+        w.log(f"store: p{self.process.pid} get HANGS for {hang[1]:.1f}s ({w.where()})")
+        with w.working(self.process.pid, key.session_id):
+            await anyio.sleep(hang[1])
+        w.log(f"store: p{self.process.pid} get timed out ({w.where()})")
+        raise StorageError("simulated: the connection timed out")
 
     def _check_save_retry(self, rid: int) -> None:
         """A job saving a refresh result: it gets refresh_timeout of retries from the answer (docs/design.md,
