@@ -241,7 +241,11 @@ class Plan:
             f"{[(round(a, 2), round(b, 2)) for a, b in k.stalls]}; gateway-after-redeem {k.p_gateway:.2f} "
             f"expires_in=0 {k.p_zero_life:.2f} api-401 {k.p_api_401:.2f} partial-rotation {k.p_partial_rotation:.1f}"
             + ("" if k.notices else "; the store reports no changes")
-            + (f"; a read under a lease hangs {k.read_hang[1]:.1f}s after {k.read_hang[0]:.2f}" * bool(k.read_hang))
+            + (
+                ""
+                if k.read_hang is None
+                else f"; a read under a lease hangs {k.read_hang[1]:.1f}s after {k.read_hang[0]:.2f}"
+            )
             + (
                 f"; provider down {[(round(a, 2), round(b, 2)) for a, b in k.provider_outages]}"
                 * bool(k.provider_outages)
