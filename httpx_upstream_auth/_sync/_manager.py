@@ -276,8 +276,12 @@ class SyncTokenOps:
                             retryable=False,
                         )
                     # The reads may have been slow: make sure the lease is still ours, for a full ttl, at the
-                    # moment the refresh token leaves; the keeper renews it from then on.
-                    if state.storage.renew_lease(lease) is False:
+                    # moment the refresh token leaves; the keeper renews it from then on. A renewal runs its
+                    # ttl from when the store applied it, no earlier than we asked: one whose answer took
+                    # longer than the ttl proves nothing about now (the lease may have lapsed meanwhile).
+                    asked = state.clock.monotonic()
+                    renewed = state.storage.renew_lease(lease)
+                    if renewed is False or state.clock.monotonic() - asked >= state.lease_ttl:
                         logger.debug("refresh of %s: lease lost before sending; starting over", key)
                         if state.clock.monotonic() > give_up:
                             raise RefreshFailed(

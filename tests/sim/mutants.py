@@ -116,9 +116,17 @@ MUTANTS = [
     Mutant(
         "no-renew-before-send",
         A,
-        "if await state.storage.arenew_lease(lease) is False:",
-        "if False:",
+        "renewed = await state.storage.arenew_lease(lease)\n                    if renewed is False or",
+        "renewed = None\n                    if False and",
         "the lease is not confirmed (renewed) before the refresh token leaves",
+    ),
+    Mutant(
+        "late-renewal-trusted",
+        A,
+        "if renewed is False or state.clock.monotonic() - asked >= state.lease_ttl:",
+        "if renewed is False:",
+        "a renewal answered after the lease's ttl is taken as proof the lease is still held when the token leaves",
+        (f"{PROTO} -k renewal_answered_after",),
     ),
     Mutant(
         "keeper-never-renews",
@@ -238,6 +246,14 @@ MUTANTS = [
         "if flight is not None:",
         "a flight whose loop closed is joined anyway",
         (f"{PROTO}::test_task_job_whose_loop_was_closed_does_not_wedge_the_session",),
+    ),
+    Mutant(
+        "dead-read-joined",
+        "_synchronization.py",
+        "flight.alive = lambda: not loop.is_closed()\n\n\ndef sync_lead",
+        "del loop\n\n\ndef sync_lead",
+        "a shared read whose event loop was closed under it is waited for by every later caller",
+        (f"{PROTO} -k read_whose_loop_was_closed",),
     ),
     Mutant(
         "fork-keeps-flights",

@@ -1187,7 +1187,9 @@ class SimRefresher(Refresher):
             raise RuntimeError("Cannot send a request, as the client has been closed.")
         w.log(f"refresher: p{proc.pid} {who} connecting to redeem {tokens.refresh_token} (v{tokens.version})")
         w.provider.attempts[(proc.pid, tokens.refresh_token or "")] += 1
-        with w.working(proc.pid, w.store.rt_session.get(tokens.refresh_token or "", "")):
+        session = w.store.rt_session.get(tokens.refresh_token or "", "")
+        self._check_lease(tokens, session)  # the refresh token leaves now
+        with w.working(proc.pid, session):
             return await self._arefresh(tokens, clock)
 
     async def _arefresh(self, tokens: UpstreamTokens, clock: Clock) -> UpstreamTokens:
@@ -1211,7 +1213,6 @@ class SimRefresher(Refresher):
             raise RefreshFailed("simulated 503", retryable=True, status_code=503)
         sent_at = clock.time()
         session = w.store.rt_session.get(tokens.refresh_token or "", "")
-        self._check_lease(tokens, session)
         w.provider.check_presented_again(self.worker, proc.pid, tokens.refresh_token or "", session)
         red = w.provider.redeem(tokens.refresh_token, proc.pid)
         red.version = tokens.version
