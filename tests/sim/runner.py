@@ -1619,7 +1619,11 @@ def _classify_reuse(world: World, rid: int) -> str:
     first = world.provider.redemptions[second.first or 0]
     sender = world.processes[first.process]
     saved = "applied" in first.saves
-    if sender.crashed_at is not None and first.at <= sender.crashed_at <= second.at and not saved:
+    # A crash excuses a reuse only if it cut the job short: one that had already given its lease back had
+    # finished with the answer (saved, failed closed, or kept the entry) before the process died.
+    finished = world.store.release_tried_at.get(first.lease_owner, math.inf) if first.lease_owner else math.inf
+    cut_short = sender.crashed_at is not None and first.at <= sender.crashed_at <= second.at
+    if cut_short and sender.crashed_at is not None and sender.crashed_at < finished and not saved:
         if sender.exited and not sender.close_timed_out:
             # aclose() returned before its timeout, so the application took the manager for done and the
             # process exited: a job that may have sent its request was still running.

@@ -135,6 +135,8 @@ class Redemption:
     put_attempts: int = 0
     #: The job learned that its rotated tokens are in the store (its put returned True, or it read them back).
     saved_known: bool = False
+    #: The lease the job held when the token left (its release marks the end of the job).
+    lease_owner: str = ""
 
 
 @dataclass
@@ -604,8 +606,10 @@ class SharedStore:
         self.proxies: list[SimStorage] = []
         #: Leases whose holder never learned it got them (the reply was lost): they can only expire.
         self.orphans: list[str] = []
-        #: Leases whose holder tried to give them back (a release that failed leaves them to expire).
+        #: Leases whose holder tried to give them back (a release that failed leaves them to expire), and when
+        #: it first tried (its job had finished).
         self.release_tried: list[str] = []
+        self.release_tried_at: dict[str, float] = {}
         self._owners = 0
         #: lease owner -> when it was taken (lease clock); owners already reported as held too long
         self.taken_at: dict[str, float] = {}
@@ -1097,6 +1101,7 @@ class SimStorage(Storage):
     async def arelease_lease(self, lease: Lease) -> None:
         """Release the lease, with the backend's delays."""
         self.world.store.release_tried.append(lease.owner)
+        self.world.store.release_tried_at.setdefault(lease.owner, self.world.now())
         await self._op("release", lambda: self.world.store.release(self.process.pid, lease), None, lease.key.session_id)
 
     async def arenew_lease(self, lease: Lease) -> bool:
@@ -1188,11 +1193,11 @@ class SimRefresher(Refresher):
         w.log(f"refresher: p{proc.pid} {who} connecting to redeem {tokens.refresh_token} (v{tokens.version})")
         w.provider.attempts[(proc.pid, tokens.refresh_token or "")] += 1
         session = w.store.rt_session.get(tokens.refresh_token or "", "")
-        self._check_lease(tokens, session)  # the refresh token leaves now
+        owner = self._check_lease(tokens, session)  # the refresh token leaves now
         with w.working(proc.pid, session):
-            return await self._arefresh(tokens, clock)
+            return await self._arefresh(tokens, clock, owner)
 
-    async def _arefresh(self, tokens: UpstreamTokens, clock: Clock) -> UpstreamTokens:
+    async def _arefresh(self, tokens: UpstreamTokens, clock: Clock, owner: str) -> UpstreamTokens:
         w, proc, k = self.world, self.process, self.world.knobs
         rng, who = w.rng, w.where()
         try:
@@ -1218,6 +1223,7 @@ class SimRefresher(Refresher):
         red.version = tokens.version
         red.worker = self.worker
         red.session = session
+        red.lease_owner = owner
         try:
             await anyio.sleep(latency)
         except BaseException:
@@ -1276,12 +1282,12 @@ class SimRefresher(Refresher):
             version=tokens.version + 1,
         )
 
-    def _check_lease(self, tokens: UpstreamTokens, session: str) -> None:
+    def _check_lease(self, tokens: UpstreamTokens, session: str) -> str:
         """The refresh token leaves only while the job holds the session's lease, live: the lease it took (in
-        this task) is the store's current one and has not run out."""
+        this task) is the store's current one and has not run out. Returns that lease's owner ("" if none)."""
         w = self.world
         if w.caller() is not None or not session or tokens.provider_id is None:
-            return  # the simulation's own requests (a caller's task does not redeem)
+            return ""  # the simulation's own requests (a caller's task does not redeem)
         key = EntryKey(tokens.provider_id, session)
         held = w.store.leases.get(key)
         task = w.current_task()
@@ -1293,6 +1299,7 @@ class SimRefresher(Refresher):
                 f"p{self.process.pid} sends {tokens.refresh_token} ({session}) holding {state}: another worker may "
                 "redeem the same token meanwhile",
             )
+        return held[0] if mine and held is not None else ""
 
 
 async def gateway_error(tokens: UpstreamTokens, status: int, body: bytes, clock: Clock) -> Exception:
