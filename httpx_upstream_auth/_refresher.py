@@ -21,8 +21,8 @@ from ._oauth import (
     is_sendable_refresh_token,
     merge_response,
 )
-from ._storage import ForkRegistry
 from ._sync._http import send_refresh_request as sync_send
+from ._synchronization import ForkRegistry
 
 __all__ = ["OAuth2Refresher", "Refresher"]
 
