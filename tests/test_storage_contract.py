@@ -7,6 +7,7 @@ it too); here it runs against each of ours, followed by what is specific to SQLi
 from __future__ import annotations
 
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -95,6 +96,36 @@ class TestRedisCluster(TestRedisStorage):
     """The contract on a real three-primary Redis Cluster."""
 
     server = "redis_cluster"
+
+
+# -- the suite outside this repository's tests ------------------------------------------------------------
+#: The third-party backend docs/storage.md's example tests: SQLite behind a DSN, in a module of its own.
+THEIR_PACKAGE = """
+from httpx_upstream_auth import SQLiteStorage
+
+
+class MyStorage(SQLiteStorage):
+    def __init__(self, dsn, **options):
+        super().__init__(dsn.removeprefix("sqlite:///"), **options)
+"""
+
+
+def test_the_documented_way_runs_the_shipped_suite_in_a_test_tree_of_its_own(tmp_path: Path) -> None:
+    """docs/storage.md's example, as written, in a folder of its own (no conftest, none of our helpers
+    importable), runs the whole shipped suite with plain pytest and anyio's plugin, cross-process tests
+    included: every test passes, none is skipped."""
+    section = (REPO / "docs" / "storage.md").read_text().split("## Writing your own", 1)[1]
+    (tmp_path / "test_my_storage.py").write_text(section.split("```python\n", 1)[1].split("```", 1)[0])
+    (tmp_path / "my_package.py").write_text(THEIR_PACKAGE)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    tests = [name for name in dir(StorageContract) if name.startswith("test_")]
+    counted = re.search(r"\b(\d+) passed in", result.stdout)
+    assert counted is not None and int(counted.group(1)) >= len(tests), result.stdout
+    assert "skipped" not in result.stdout, result.stdout
 
 
 # -- SQLite specifics -------------------------------------------------------------------------------------
