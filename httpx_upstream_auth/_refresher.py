@@ -187,6 +187,8 @@ class OAuth2Refresher(Refresher):
                 )
             return self._client
 
+    # refresh and arefresh stay hand-written: they differ in which client sends (one long-lived sync client;
+    # an injected async client, else one per refresh), and both send through the generated _http twins.
     def refresh(self, tokens: UpstreamTokens, clock: Clock) -> UpstreamTokens:
         """Redeem the refresh token with the sync client."""
         request = self._request(tokens)

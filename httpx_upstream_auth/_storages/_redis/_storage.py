@@ -1,10 +1,8 @@
-"""The Redis / Valkey storage: ``RedisStorage``, which routes each call to the client that should serve it.
+"""``RedisStorage``: which client serves each call.
 
-Sync code, trio and worker threads use the sync client; asyncio tasks use an asyncio client that
-belongs to their event loop (see ``_loops.py``), or the sync client in a worker thread when there is
-none. The commands themselves are written once (``_async.py``, with ``_sync.py`` generated from it); the
-key layout and Lua scripts are in ``_keys.py``, the clients and connection slots in ``_clients.py``, the
-pub/sub listener in ``_feed.py``, the error messages in ``_errors.py``.
+Sync code, trio and worker threads use the sync client; asyncio tasks use their event loop's asyncio
+client (``_loops.py``), or the sync client in a worker thread when there is none. Both send the same
+commands, written once (``_async.py``; ``_sync.py`` is generated from it).
 """
 
 from __future__ import annotations
