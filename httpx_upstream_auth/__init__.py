@@ -18,14 +18,10 @@ from ._exceptions import (
     UpstreamAuthError,
 )
 from ._manager import TokenManager
-from ._memory import MemoryStorage
 from ._models import Binding, EntryKey, UpstreamTokens
 from ._policy import FreshnessBounds, FreshnessPolicy, can_replay, is_token_rejected
-from ._redis import RedisStorage
 from ._refresher import OAuth2Refresher, Refresher
-from ._registry import open_storage, register_storage
-from ._sqlite import SQLiteStorage
-from ._storage import Lease, Storage
+from ._storages import Lease, MemoryStorage, RedisStorage, SQLiteStorage, Storage, open_storage, register_storage
 from ._sync._transport import UpstreamAuthTransport
 
 __version__ = "0.1.0"

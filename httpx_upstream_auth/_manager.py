@@ -7,12 +7,11 @@ import contextlib
 from ._auth import UpstreamAuth
 from ._clock import Clock, SystemClock
 from ._engine import Engine
-from ._memory import MemoryStorage
 from ._models import Binding, UpstreamTokens
 from ._policy import FreshnessPolicy
 from ._refresher import Refresher
 from ._state import Footprint, ManagerState, RedeemIn
-from ._storage import Storage
+from ._storages import MemoryStorage, Storage
 from ._synchronization import SameThreadWait
 
 __all__ = ["TokenManager"]

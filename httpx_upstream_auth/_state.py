@@ -26,7 +26,7 @@ from ._exceptions import BindingMismatch, RefreshFailed
 from ._models import Binding, EntryKey, UpstreamTokens
 from ._policy import DEFAULT_RETENTION, FreshnessBounds, FreshnessPolicy
 from ._refresher import Refresher
-from ._storage import Storage
+from ._storages import Storage
 from ._synchronization import Flight, Outcome
 
 logger = logging.getLogger("httpx_upstream_auth")

@@ -19,7 +19,7 @@ from mcp.shared.auth import AuthorizationCodeResult, OAuthClientInformationFull,
 from .._exceptions import ReauthenticationRequired, UpstreamAuthError
 from .._manager import TokenManager
 from .._models import EntryKey, UpstreamTokens
-from .._storage import Storage
+from .._storages import Storage
 from ._discovery import DiscoveryFailed, IssuerMismatch, ServerMetadata, adiscover
 from ._errors import LoginFailed
 from ._refresher import DiscoveringRefresher
@@ -203,7 +203,7 @@ class SDKLogin:
         sdk_provider: Callable[[Any], OAuthClientProvider] | None = None,
         manager_options: dict[str, Any] | None = None,
     ) -> None:
-        from .._memory import MemoryStorage
+        from .._storages import MemoryStorage
 
         if client_metadata is None and sdk_provider is None:
             raise TypeError("SDKLogin needs client_metadata (for the SDK's interactive login) or an sdk_provider")

@@ -75,7 +75,7 @@ MUTANTS = [
     ),
     Mutant(
         "sqlite-put-no-entry",
-        "_sqlite.py",
+        "_storages/_sqlite.py",
         "if (None if row is None else row[0]) != expected_version:",
         "if row is not None and row[0] != expected_version:",
         "(c) a SQLite put with an expected version succeeds when there is no entry",
@@ -83,7 +83,7 @@ MUTANTS = [
     ),
     Mutant(
         "sqlite-delete-any-version",
-        "_sqlite.py",
+        "_storages/_sqlite.py",
         "AND (? IS NULL OR version = ?)",
         "AND (? IS NULL OR version = ? OR 1)",
         "a SQLite delete with an expected version deletes whatever version is there",
