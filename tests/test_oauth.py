@@ -20,6 +20,7 @@ from support import FakeClock
 
 from httpx_upstream_auth import (
     BindingMismatch,
+    ConfigurationError,
     FreshnessPolicy,
     OAuth2Refresher,
     ReauthenticationRequired,
@@ -507,25 +508,28 @@ async def test_async_oversize_response_refused() -> None:
 
 
 @pytest.mark.parametrize(
-    ("exc", "may_have_rotated"),
+    ("exc", "may_have_rotated", "retryable"),
     [
-        (httpx.ConnectError("refused"), False),
-        (httpx.ConnectTimeout("slow connect"), False),
-        (httpx.PoolTimeout("pool full"), False),
-        (httpx.ProxyError("proxy refused CONNECT"), False),
-        (httpx.UnsupportedProtocol("gopher"), False),
-        (httpx.LocalProtocolError("bad header"), False),
-        (httpx.ReadTimeout("slow"), True),
-        (httpx.ReadError("reset"), True),
-        (httpx.RemoteProtocolError("closed without answer"), True),
-        (httpx.WriteTimeout("slow write"), True),
-        (httpx.WriteError("broken pipe"), True),
-        (RuntimeError("a custom transport failed"), True),
+        (httpx.ConnectError("refused"), False, True),
+        (httpx.ConnectTimeout("slow connect"), False, True),
+        (httpx.PoolTimeout("pool full"), False, True),
+        (httpx.ProxyError("proxy refused CONNECT"), False, True),
+        (httpx.ProxyError("502 Bad Gateway"), False, True),
+        (httpx.ProxyError("407 Proxy Authentication Required"), False, False),
+        (httpx.UnsupportedProtocol("gopher"), False, False),
+        (httpx.LocalProtocolError("bad header"), False, True),
+        (httpx.ReadTimeout("slow"), True, True),
+        (httpx.ReadError("reset"), True, True),
+        (httpx.RemoteProtocolError("closed without answer"), True, True),
+        (httpx.WriteTimeout("slow write"), True, True),
+        (httpx.WriteError("broken pipe"), True, True),
+        (RuntimeError("a custom transport failed"), True, True),
     ],
     ids=lambda value: type(value).__name__ if isinstance(value, Exception) else str(value),
 )
-def test_transport_errors_are_retryable(exc: Exception, may_have_rotated: bool) -> None:
-    """Transport errors are a retryable RefreshFailed, nothing chained; only errors before sending say not rotated."""
+def test_transport_errors_are_typed(exc: Exception, may_have_rotated: bool, retryable: bool) -> None:
+    """Transport errors are a RefreshFailed, nothing chained; only errors before sending say not rotated; those a
+    setting causes (a proxy's 4xx refusal of the tunnel, a URL httpx cannot send to) are configuration errors."""
 
     def handler(request: httpx.Request) -> httpx.Response:
         raise exc
@@ -534,7 +538,8 @@ def test_transport_errors_are_retryable(exc: Exception, may_have_rotated: bool) 
         refresher = OAuth2Refresher("https://p.example/token", "my-app", CLIENT_SECRET, client=client)
         with pytest.raises(RefreshFailed) as caught:
             refresher.refresh(stored(), SystemClock())
-    assert caught.value.retryable is True
+    assert caught.value.retryable is retryable
+    assert isinstance(caught.value, ConfigurationError) is not retryable
     assert caught.value.may_have_rotated is may_have_rotated
     assert caught.value.__cause__ is None and caught.value.__context__ is None
     assert_no_secrets(str(caught.value))

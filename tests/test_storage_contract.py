@@ -23,7 +23,7 @@ from storage_fixtures import REPO, Backend, backend, redis_cluster, redis_server
 
 import httpx_upstream_auth._sqlite as sqlite_module
 from httpx_upstream_auth._exceptions import StorageError
-from httpx_upstream_auth._models import EntryKey, UpstreamTokens
+from httpx_upstream_auth._models import EntryKey, UpstreamTokens, is_plausible_time
 from httpx_upstream_auth._redis import RedisStorage
 from httpx_upstream_auth._sqlite import SQLiteStorage
 from httpx_upstream_auth._storage import Lease, Storage
@@ -40,10 +40,16 @@ UNUSED_URL = "redis://127.0.0.1:1/0"
 
 
 def tokens(version: int, **fields: Any) -> UpstreamTokens:
-    """Tokens whose secrets are easy to search for in reprs and messages."""
-    return UpstreamTokens(
+    """Tokens whose secrets are easy to search for in reprs and messages. Times that UpstreamTokens refuses
+    (infinite, absurd) are set around its checks: a store must survive entries built any way."""
+    odd = {name: fields.pop(name) for name, value in list(fields.items()) if name.endswith("_at") and value is not None}
+    fields.update({name: odd.pop(name) for name, value in list(odd.items()) if is_plausible_time(value)})
+    entry = UpstreamTokens(
         access_token=f"secret-access-{version}", refresh_token=f"secret-refresh-{version}", version=version, **fields
     )
+    for name, value in odd.items():
+        object.__setattr__(entry, name, value)
+    return entry
 
 
 def read_json(process: subprocess.Popen[str]) -> dict[str, Any]:
