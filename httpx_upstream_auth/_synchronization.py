@@ -46,6 +46,7 @@ __all__ = [
     "TimedOut",
     "async_call_bounded",
     "async_sleep",
+    "copy_error",
     "running_async_library",
     "start_async_job",
     "start_sync_job",
@@ -107,12 +108,13 @@ class Outcome:
     def unwrap(self) -> UpstreamTokens:
         """Return the tokens, or raise a copy of the job's error (each waiter gets its own)."""
         if self.error is not None:
-            raise _copy_error(self.error)
+            raise copy_error(self.error)
         assert self.tokens is not None
         return self.tokens
 
 
-def _copy_error(error: Exception) -> Exception:
+def copy_error(error: Exception) -> Exception:
+    """A copy of ``error`` to raise (one error object raised by many callers would pile up their tracebacks)."""
     try:
         fresh = copy.copy(error)
     except Exception:
