@@ -503,6 +503,21 @@ async def test_a_lost_answer_inside_the_grace_keeps_the_session(
     assert (provider.stats["refresh_reuse"], provider.stats["invalid_grant"]) == (0, 0)
 
 
+@pytest.mark.parametrize("fault", ["answer_delay:1", "redeem_then:502"])
+async def test_a_task_job_recovers_a_lost_answer_inside_the_grace(
+    provider: LocalProvider, make_manager: ManagerFactory, token_url: str, fault: str
+) -> None:
+    """The same with redeem_in="task" (the job is a task of the caller's loop, the async refresher sends)."""
+    provider.reuse_grace = 30
+    manager = make_manager(refresher=refresher(token_url, timeout=0.3), reuse_grace=30, redeem_in="task")
+    entry = put_entry(manager, expired(provider.login()))
+    provider.fail_next(fault)
+    fresh = await manager.aget_token(SESSION)
+    assert fresh.version == entry.version + 1 and stored(manager) == fresh
+    stats = provider.stats
+    assert (stats["token_calls"], stats["grace_reuse"], stats["refresh_reuse"]) == (2, 1, 0)
+
+
 async def test_a_lost_answer_detected_after_the_grace_fails_closed(
     driver: Driver, provider: LocalProvider, make_manager: ManagerFactory, token_url: str
 ) -> None:

@@ -178,7 +178,7 @@ MUTANTS = [
     ),
     Mutant(
         "gateway-5xx-trusted",
-        "_oauth.py",
+        "_answer.py",
         "if status_code >= 500 and code not in REGISTERED_ERRORS:",
         "if False:",
         "a gateway's 5xx after a redemption counts as nothing consumed",
@@ -317,6 +317,38 @@ MUTANTS = [
         "if False:",
         "an entry of another provider is used",
         ("tests/test_refresh.py -k provider",),
+    ),
+    Mutant(
+        "grace-any-time",
+        A,
+        "now - sent < state.reuse_grace and now < give_up",
+        "state.reuse_grace > 0 and now < give_up",
+        "a lost answer is retried with its refresh token after the provider's reuse grace ended",
+        ("tests/test_resilience.py -k after_the_grace",),
+    ),
+    Mutant(
+        "grace-retry-repeated",
+        A,
+        "if not graced and self._within_grace(exc, sent, give_up):",
+        "if self._within_grace(exc, sent, give_up):",
+        "a refresh token whose answer was lost is presented again and again within the grace",
+        ("tests/test_resilience.py -k grace_retry_is_made_once",),
+    ),
+    Mutant(
+        "failures-unbounded",
+        S,
+        "while len(self._failures) > self._cache_size:",
+        "while False:",
+        "the failure memory grows with every session whose refresh ever failed",
+        ("tests/test_resilience.py -k remembered_failures_are_bounded",),
+    ),
+    Mutant(
+        "failure-of-an-old-login",
+        S,
+        "self._failures.pop(session_id, None)\n        self._trim()",
+        "self._trim()",
+        "a failure remembered for a session outlives its next login (or another worker's refresh)",
+        ("tests/test_resilience.py -k outage_is_remembered",),
     ),
 ]
 
