@@ -27,7 +27,7 @@ from ._models import Binding, EntryKey, UpstreamTokens
 from ._policy import DEFAULT_RETENTION, FreshnessBounds, FreshnessPolicy
 from ._refresher import Refresher
 from ._storage import Storage
-from ._synchronization import Flight, Outcome
+from ._synchronization import Flight, Outcome, copy_error
 
 logger = logging.getLogger("httpx_upstream_auth")
 
@@ -599,14 +599,17 @@ class ManagerState:
         window = max(self.failure_window, error.retry_after or 0.0)
         if window <= 0:
             return
+        # Kept without its traceback, whose frames would hold this manager (a cycle only a full collection
+        # frees: the storage's subscription would keep calling a dropped manager) and the job's locals.
+        kept = copy_error(error)
         with self._lock:
-            if isinstance(error, ConfigurationError):
-                self._config_failure = (error, now + window)
+            if isinstance(kept, ConfigurationError):
+                self._config_failure = (kept, now + window)
                 return
             if self._epochs.get(key.session_id, self._epoch_floor) != epoch:
                 return  # a logout or login happened since the job began: the failure was the old grant's
             self._failures.pop(key.session_id, None)
-            self._failures[key.session_id] = (error, now + window)
+            self._failures[key.session_id] = (kept, now + window)
             if len(self._failures) > self._cache_size:
                 for stale in [sid for sid, (_, until) in self._failures.items() if until <= now]:
                     del self._failures[stale]

@@ -55,6 +55,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+_E = TypeVar("_E", bound=Exception)
 #: A call with its arguments bound, as the bounded calls take it (the sync twin: :data:`SyncCall`).
 AsyncCall = Callable[[], Awaitable[T]]
 SyncCall = Callable[[], T]
@@ -113,8 +114,9 @@ class Outcome:
         return self.tokens
 
 
-def copy_error(error: Exception) -> Exception:
-    """A copy of ``error`` to raise (one error object raised by many callers would pile up their tracebacks)."""
+def copy_error(error: _E) -> _E | RefreshFailed:
+    """A copy of ``error`` without its traceback, to raise or to keep (one error object raised by many callers
+    would pile up their tracebacks, and a kept traceback holds the frames that raised it)."""
     try:
         fresh = copy.copy(error)
     except Exception:

@@ -10,10 +10,13 @@ against hangs, never timed.
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
+import sqlite3
 import ssl
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,8 @@ import anyio
 import attrs
 import httpx
 import pytest
+from redis_servers import RedisServer
+from storage_fixtures import redis_server
 from support import (
     SESSION,
     SSL,
@@ -37,9 +42,12 @@ from support import (
 
 from httpx_upstream_auth import (
     ConfigurationError,
+    EntryKey,
     OAuth2Refresher,
     ReauthenticationRequired,
+    RedisStorage,
     RefreshFailed,
+    SQLiteStorage,
     TokenManager,
     UpstreamAuthError,
     UpstreamTokens,
@@ -49,6 +57,7 @@ from httpx_upstream_auth.testing import LocalProvider, ServerThread
 from httpx_upstream_auth.testing._provider import Receive, Scope, Send
 
 pytestmark = pytest.mark.anyio
+__all__ = ["redis_server"]  # a fixture used below
 
 #: A certificate and key no CA signed (for 127.0.0.1 and localhost, valid until 2126).
 UNTRUSTED_PEM = Path(__file__).with_name("tls_untrusted.pem")
@@ -469,6 +478,28 @@ async def test_a_still_valid_token_is_served_while_a_configuration_error_is_reme
     assert provider.stats["token_calls"] == 1
 
 
+async def test_a_remembered_failure_keeps_no_frame(
+    driver: Driver, provider: LocalProvider, make_manager: ManagerFactory, token_url: str
+) -> None:
+    """A failure is remembered without its traceback, whose frames hold the job's locals (the entry and its
+    tokens) and the manager itself; each caller gets a copy raised afresh."""
+    manager = make_manager(refresher=refresher(token_url, secret="wrong"))
+    put_entry(manager, expired(provider.login()))
+    fail_refresh(provider, "503")
+    put_entry(manager, expired(provider.login()), session="other")
+    errors = []
+    for session in ("other", SESSION, SESSION):
+        with pytest.raises(RefreshFailed) as caught:
+            await driver.get_token(manager, session)
+        errors.append(caught.value)
+    assert [type(e) for e in errors] == [RefreshFailed, ConfigurationError, ConfigurationError]
+    kept = [error for error, _ in manager._state._failures.values()]
+    assert manager._state._config_failure is not None
+    kept.append(manager._state._config_failure[0])
+    assert len(kept) == 2 and all(error.__traceback__ is None for error in kept)
+    assert not any(error is raised for error in kept for raised in errors)
+
+
 # -- 3. reuse_grace: a lost answer recovered --------------------------------------------------------------
 
 LOST_ANSWERS = ["answer_delay:1", "redeem_then:502", "redeem_then:504"]
@@ -593,3 +624,41 @@ def test_an_entry_from_a_login_answer_refreshes(
         manager.store(SESSION, expired(tokens))
         assert manager.get_token(SESSION).access_token != tokens.access_token
     assert provider.stats["refresh_ok"] == 2 and provider.stats["refresh_reuse"] == 0
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_an_old_row_with_an_implausible_expiry_is_read_and_healed(
+    provider: LocalProvider,
+    make_manager: ManagerFactory,
+    server: ServerThread,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    backend: str,
+) -> None:
+    """A row written before entries were checked, its expiry in milliseconds: the store still reads it (the
+    expiry is unknown), the token is used until the API refuses it, and the refresh then writes a real expiry."""
+    login = provider.login()
+    assert login.expires_at is not None
+    key = EntryKey("local", SESSION)
+    storage: SQLiteStorage | RedisStorage
+    if backend == "sqlite":
+        storage = SQLiteStorage(tmp_path / "tokens.db")
+    else:
+        redis: RedisServer = request.getfixturevalue("redis_server")
+        storage = RedisStorage.from_url(redis.url, prefix=f"old-rows-{uuid.uuid4().hex[:8]}")
+    manager = make_manager(storage=storage)
+    entry = put_entry(manager, login)
+    old = json.dumps({**entry.to_dict(), "expires_at": login.expires_at * 1000})  # what an older version took
+    if isinstance(storage, SQLiteStorage):
+        with contextlib.closing(sqlite3.connect(tmp_path / "tokens.db")) as db, db:
+            db.execute("UPDATE entries SET data = ?", (old,))
+    else:
+        redis.cli("HSET", storage._entry_key(key), "d", old)
+    read = storage.get(key)
+    assert read is not None and read.expires_at is None and read.access_token == login.access_token
+    provider.revoke_access(login.access_token)
+    with httpx.Client(base_url=server.url, verify=SSL) as http:
+        assert http.get("/api/me", auth=manager.auth(SESSION)).status_code == 200  # 401, refresh, replay
+    healed = storage.get(key)
+    assert healed is not None and healed.expires_at is not None and healed.version == entry.version + 1
+    assert provider.stats["refresh_ok"] == 1 and provider.stats["api_401"] == 1
