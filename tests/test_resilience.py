@@ -593,6 +593,24 @@ async def test_a_grace_retry_is_made_once(
     assert (stats["token_calls"], stats["grace_reuse"], stats["refresh_reuse"]) == (2, 1, 0)
 
 
+async def test_a_refused_grace_retry_fails_closed(
+    driver: Driver, provider: LocalProvider, make_manager: ManagerFactory, token_url: str
+) -> None:
+    """The grace retry meets a refusal that consumed nothing (a 503): the first, lost request may still have
+    consumed the token, so it is not presented a third time, nor kept: the job fails closed."""
+    provider.reuse_grace = 30
+    manager = graced_manager(make_manager, token_url, reuse_grace=30)
+    put_entry(manager, expired(provider.login()))
+    provider.fail_next("redeem_then:502")
+    fail_refresh(provider, "503")
+    with pytest.raises(ReauthenticationRequired) as caught:
+        await driver.get_token(manager)
+    assert "retry within reuse_grace was refused" in str(caught.value)
+    assert stored(manager) is None and manager.footprint().failing == 0
+    stats = provider.stats
+    assert (stats["token_calls"], stats["refresh_reuse"], stats["grace_reuse"]) == (2, 0, 0)
+
+
 async def test_settings_are_checked(make_manager: ManagerFactory) -> None:
     """A negative, infinite or non-numeric failure_window or reuse_grace is refused at construction."""
     for name in ("failure_window", "reuse_grace"):

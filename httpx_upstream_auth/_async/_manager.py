@@ -448,6 +448,16 @@ class AsyncTokenOps:
             try:
                 answer = await async_call_bounded(left, state.refresher.arefresh, current, state.clock)
             except RefreshFailed as exc:
+                if graced and not exc.may_have_rotated:
+                    # The first answer was lost: whatever the retry's refusal says, the token may be consumed,
+                    # so it is never presented again (not even for a transient refusal), and the job fails closed.
+                    raise RefreshFailed(
+                        f"the token endpoint's answer was lost, and the retry within reuse_grace was refused ({exc}); "
+                        "the provider may have rotated the refresh token.",
+                        retryable=True,
+                        status_code=exc.status_code,
+                        may_have_rotated=True,
+                    ) from None
                 if not graced and self._within_grace(exc, sent, give_up):
                     # The provider honours the token it may have just redeemed for reuse_grace seconds (Okta,
                     # Auth0, Keycloak, Hydra): this job, still holding the lease, presents it once more instead

@@ -335,6 +335,14 @@ MUTANTS = [
         ("tests/test_resilience.py -k grace_retry_is_made_once",),
     ),
     Mutant(
+        "grace-refusal-trusted",
+        A,
+        "if graced and not exc.may_have_rotated:",
+        "if False:",
+        "after a grace retry, a refusal that consumed nothing counts as proof the token is unconsumed",
+        ("tests/test_resilience.py -k refused_grace_retry",),
+    ),
+    Mutant(
         "failures-unbounded",
         S,
         "while len(self._failures) > self._cache_size:",
