@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import json
+import pickle
 import socket
 import threading
 import traceback
@@ -368,6 +370,59 @@ def test_configuration_errors_are_not_retryable(status: int, payload: bytes) -> 
     error = classify(status, payload)
     assert isinstance(error, RefreshFailed)
     assert error.retryable is False
+
+
+@pytest.mark.parametrize(
+    ("status", "payload", "setting", "advice"),
+    [
+        (404, body(error="not_found"), "token_url", "Check the token URL"),
+        (404, b"<html>Not Found</html>", "token_url", "Check the token URL"),
+        (404, b"", "token_url", "Check the token URL"),
+        (405, b"", "token_url", "Check the token URL"),
+        (410, b"gone", "token_url", "Check the token URL"),
+        (302, b"", "token_url", "set token_url to the final URL"),
+        (401, body(error="invalid_client"), "client", "Check client_id, client_secret and auth_method"),
+        (401, b"", "client", "Check client_id, client_secret and auth_method"),
+        (400, body(error="unauthorized_client"), "client", "Check client_id, client_secret and auth_method"),
+        (400, body(error="unsupported_grant_type"), "client", "may use refresh tokens"),
+        (400, body(error="invalid_scope"), "scope", "Check the refresher's scope"),
+        (407, b"<html>proxy</html>", "proxy", "Check the proxy setting"),
+    ],
+)
+def test_a_setting_to_fix_is_named(status: int, payload: bytes, setting: str, advice: str) -> None:
+    """Error answers that a setting must fix are ConfigurationErrors naming that setting, with advice that points
+    at it (a 404 of any body at the token URL, never at the client credentials)."""
+    error = classify(status, payload)
+    assert isinstance(error, ConfigurationError)
+    assert (error.setting, error.status_code, error.retryable, error.may_have_rotated) == (
+        setting,
+        status,
+        False,
+        False,
+    )
+    assert advice in str(error)
+    if setting == "token_url":
+        assert "client_secret" not in str(error)
+
+
+@pytest.mark.parametrize(("status", "payload"), [(400, body(error="invalid_request")), (403, b"<html>WAF</html>")])
+def test_other_refusals_are_not_configuration_errors(status: int, payload: bytes) -> None:
+    """A refusal no one setting explains is a plain RefreshFailed, not retryable."""
+    error = classify(status, payload)
+    assert type(error) is RefreshFailed and error.retryable is False
+
+
+def test_a_configuration_error_survives_copy_and_pickle() -> None:
+    """A ConfigurationError copies (each waiter gets its own) and pickles with its fields."""
+    error = classify(401, body(error="invalid_client"))
+    for again in (copy.copy(error), pickle.loads(pickle.dumps(error))):
+        assert isinstance(again, ConfigurationError) and again is not error
+        assert (str(again), again.setting, again.status_code, again.retryable) == (
+            str(error),
+            "client",
+            401,
+            False,
+        )
 
 
 def test_error_field_in_200_is_an_error() -> None:
