@@ -71,6 +71,7 @@ def assert_quiet(exc: BaseException, *secrets: str | None) -> None:
 
 
 def refresher(token_url: str, **settings: Any) -> OAuth2Refresher:
+    """The test client's refresher for ``token_url`` (``secret=`` to present another secret)."""
     return OAuth2Refresher(token_url, "test-client", settings.pop("secret", "test-secret"), **settings)
 
 
@@ -99,6 +100,7 @@ class Canned:
 
 @contextlib.contextmanager
 def serving(app: Any) -> Iterator[ServerThread]:
+    """``app`` under uvicorn on 127.0.0.1 for the block."""
     with ServerThread(app) as server:
         yield server
 
