@@ -12,6 +12,7 @@ from ._auth import UpstreamAuth
 from ._clock import Clock, SystemClock
 from ._exceptions import (
     BindingMismatch,
+    ConfigurationError,
     ReauthenticationRequired,
     RefreshFailed,
     StorageError,
@@ -31,6 +32,7 @@ __all__ = [
     "Binding",
     "BindingMismatch",
     "Clock",
+    "ConfigurationError",
     "EntryKey",
     "FreshnessBounds",
     "FreshnessPolicy",

@@ -38,6 +38,20 @@ class TokenManager:
     When an early refresh fails without consuming anything (the provider had a blip) while the token is
     still valid, the token is served and the refresh retried after ``retry_interval`` seconds.
 
+    A refresh that fails without consuming anything (after the job's own retries of transient refusals)
+    is remembered for ``failure_window`` seconds, or as long as the provider's ``Retry-After`` asks:
+    meanwhile that session's callers get the same typed error at once, without a token request, so a
+    burst of requests costs one call per window. A :class:`ConfigurationError` (a wrong token URL or client
+    secret, a refused certificate or proxy) is remembered for every session of the manager. A new
+    :meth:`store` (or any change to the entry) ends a session's failure; ``failure_window=0`` remembers none.
+
+    ``reuse_grace`` is how long the provider still accepts a refresh token it has just redeemed (0, the
+    default: it never does). Within it, a refresh whose answer was lost after sending (a timeout, a reset
+    connection, a gateway's 502/504) is sent once more by the same job, with the same refresh token, instead
+    of failing closed. Set it to the provider's setting: Okta's refresh token rotation grace period (30 s by
+    default), Auth0's reuse interval (leeway), Ory Hydra's ``oauth2.grant.refresh_token.rotation_grace_period``;
+    with Keycloak, a "Refresh Token Max Reuse" of 1 or more allows a retry (choose a grace of a few seconds).
+
     ``refresh_timeout`` bounds a job in both modes: the token request is given up after it (treated as a
     lost answer: the entry is removed), the writes that follow get as long again, and the lease stops
     being renewed after both (plus ``lease_ttl``). :meth:`close` waits for jobs that may have sent a
@@ -58,6 +72,8 @@ class TokenManager:
         lease_wait: float | None = None,
         wait_timeout: float | None = None,
         retry_interval: float = 1.0,
+        failure_window: float = 5.0,
+        reuse_grace: float = 0.0,
         cache_size: int = 10_000,
         clock: Clock | None = None,
         redeem_in: RedeemIn = "thread",
@@ -66,6 +82,9 @@ class TokenManager:
         lease_ttl = refresh_timeout + 5.0 if lease_ttl is None else lease_ttl
         if lease_ttl <= 0:
             raise ValueError("lease_ttl must be positive")
+        for name, value in (("failure_window", failure_window), ("reuse_grace", reuse_grace)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+                raise ValueError(f"{name} must be a finite number of seconds, 0 or more, not {value!r}")
         if redeem_in not in ("thread", "task"):
             raise ValueError(f"redeem_in must be 'thread' or 'task', got {redeem_in!r}")
         refusal = refresher.cannot_redeem_in(redeem_in)
@@ -86,6 +105,8 @@ class TokenManager:
             retry_interval=retry_interval,
             cache_size=cache_size,
             redeem_in=redeem_in,
+            failure_window=float(failure_window),
+            reuse_grace=float(reuse_grace),
         )
         self._engine = Engine(self._state)
         self._async_ops = self._engine.async_ops

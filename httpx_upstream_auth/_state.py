@@ -22,12 +22,12 @@ from typing import Literal
 import attrs
 
 from ._clock import Clock
-from ._exceptions import BindingMismatch, RefreshFailed
+from ._exceptions import BindingMismatch, ConfigurationError, RefreshFailed
 from ._models import Binding, EntryKey, UpstreamTokens
 from ._policy import DEFAULT_RETENTION, FreshnessBounds, FreshnessPolicy
 from ._refresher import Refresher
 from ._storages import Storage
-from ._synchronization import Flight, Outcome
+from ._synchronization import Flight, Outcome, copy_error
 
 logger = logging.getLogger("httpx_upstream_auth")
 
@@ -80,7 +80,8 @@ class Footprint:
     progress; ``flights`` and ``reads`` count that work, ``waiting`` the callers waiting on refreshes;
     ``consumed`` the refresh tokens presented whose
     outcome is not recorded yet (or could not be); ``distrusted`` and ``backing_off`` are within
-    ``cache_size`` and empty out as their tokens and pauses expire.
+    ``cache_size`` and empty out as their tokens and pauses expire; ``failing`` counts the remembered
+    refresh failures (one per session within ``cache_size``, plus one for a configuration error).
     """
 
     cached: int
@@ -92,6 +93,7 @@ class Footprint:
     consumed: int
     distrusted: int
     backing_off: int
+    failing: int
 
 
 @attrs.define
@@ -136,7 +138,8 @@ class ManagerState:
     the cache holds at most ``cache_size`` sessions; epochs and change-notice digests are kept for cached
     sessions and sessions with work in progress, and trimmed beyond twice ``cache_size`` among the others;
     flights live while their work runs; presented refresh tokens until their answer is recorded (or, if
-    it was lost, until no store can hold them); distrust and back-off until their token or pause expires.
+    it was lost, until no store can hold them); distrust and back-off until their token or pause expires;
+    remembered failures (within ``cache_size``, plus one configuration error) until their window ends.
     """
 
     def __init__(
@@ -154,6 +157,8 @@ class ManagerState:
         retry_interval: float,
         cache_size: int,
         redeem_in: RedeemIn,
+        failure_window: float = 0.0,
+        reuse_grace: float = 0.0,
     ) -> None:
         self.provider_id = provider_id
         self.storage = storage
@@ -165,6 +170,8 @@ class ManagerState:
         self.lease_wait = lease_wait
         self.wait_timeout = wait_timeout
         self.retry_interval = retry_interval
+        self.failure_window = failure_window
+        self.reuse_grace = reuse_grace
         self.redeem_in: RedeemIn = redeem_in
         #: The refresh job as a blocking call, for worker threads (set by TokenManager).
         self.thread_job: Callable[[EntryKey, Need, Flight], None] = _unset
@@ -202,6 +209,11 @@ class ManagerState:
         # Keys whose early refresh failed without consuming anything: until this monotonic time, the
         # still-valid token is served instead of trying again on every request.
         self._retry_at: dict[EntryKey, float] = {}
+        # session id -> (a refresh failure that consumed nothing and reached the callers, until when: monotonic):
+        # meanwhile its callers get it without a token request. One failure a setting causes is the manager's:
+        # every session would meet it.
+        self._failures: OrderedDict[str, tuple[RefreshFailed, float]] = OrderedDict()
+        self._config_failure: tuple[ConfigurationError, float] | None = None
         # How long a request may take, as TCP estimates its retransmission timeout: smoothed round trip
         # plus four times its variation (RFC 6298). A running maximum would let one stall (a GC pause, a
         # busy event loop) refresh every token early for seconds. Updated without a lock: a lost update
@@ -257,6 +269,8 @@ class ManagerState:
         self._reads.clear()
         self._cache.clear()
         self._retry_at.clear()
+        self._failures.clear()
+        self._config_failure = None
         # Tokens the parent's running jobs presented: the parent records their outcome, and the child waits
         # for the parent's lease in the store. A store whose lease lives in this process only cannot make
         # the child wait: then the child never presents them either.
@@ -276,6 +290,7 @@ class ManagerState:
             consumed=len(self._consumed) + len(self._refused),
             distrusted=len(self._distrusted),
             backing_off=len(self._retry_at),
+            failing=len(self._failures) + (self._config_failure is not None),
         )
 
     # -- freshness -----------------------------------------------------------------------------------
@@ -349,6 +364,8 @@ class ManagerState:
         self._epochs.pop(session_id, None)
         self._epochs[session_id] = next(self._epoch_counter)
         self._cache.pop(session_id, None)
+        # The entry changed (a login, a logout, another worker's refresh): a failure of the old one says nothing.
+        self._failures.pop(session_id, None)
         self._trim()
 
     def _track(self, key: EntryKey) -> None:
@@ -572,6 +589,53 @@ class ManagerState:
             if self._retry_at.get(key) == until:
                 del self._retry_at[key]
         return False
+
+    def remember_failure(self, key: EntryKey, error: RefreshFailed, epoch: int) -> None:
+        """A refresh of ``key`` failed without consuming anything: answer its callers with ``error`` for
+        ``failure_window`` seconds (longer if the provider's Retry-After asked for it), with no token request.
+        A :class:`ConfigurationError` is remembered for every session; a logout or login of the session ends
+        its own failure (not a configuration error: a new login does not fix a setting)."""
+        now = self.clock.monotonic()
+        window = max(self.failure_window, error.retry_after or 0.0)
+        if window <= 0:
+            return
+        # Kept without its traceback, whose frames would hold this manager (a cycle only a full collection
+        # frees: the storage's subscription would keep calling a dropped manager) and the job's locals.
+        kept = copy_error(error)
+        with self._lock:
+            if isinstance(kept, ConfigurationError):
+                self._config_failure = (kept, now + window)
+                return
+            if self._epochs.get(key.session_id, self._epoch_floor) != epoch:
+                return  # a logout or login happened since the job began: the failure was the old grant's
+            self._failures.pop(key.session_id, None)
+            self._failures[key.session_id] = (kept, now + window)
+            if len(self._failures) > self._cache_size:
+                for stale in [sid for sid, (_, until) in self._failures.items() if until <= now]:
+                    del self._failures[stale]
+                while len(self._failures) > self._cache_size:
+                    # Forgetting one costs that session one more token request: never a correctness loss.
+                    del self._failures[next(iter(self._failures))]
+
+    def remembered_failure(self, key: EntryKey) -> RefreshFailed | None:
+        """The failure a refresh of ``key`` would meet now, while it is remembered; else ``None``."""
+        now = self.clock.monotonic()
+        config = self._config_failure
+        if config is not None:
+            if now < config[1]:
+                return config[0]
+            with self._lock:
+                if self._config_failure is config:
+                    self._config_failure = None
+        held = self._failures.get(key.session_id)
+        if held is None:
+            return None
+        if now < held[1]:
+            return held[0]
+        with self._lock:
+            if self._failures.get(key.session_id) is held:
+                del self._failures[key.session_id]
+        return None
 
     # -- checks ----------------------------------------------------------------------------------------
     def check_binding(self, tokens: UpstreamTokens, expect: Binding | None) -> None:

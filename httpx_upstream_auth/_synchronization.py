@@ -57,6 +57,7 @@ __all__ = [
     "async_call_bounded",
     "async_sleep",
     "async_wait_for_change",
+    "copy_error",
     "running_async_library",
     "start_async_job",
     "start_sync_job",
@@ -67,6 +68,7 @@ __all__ = [
 
 logger = logging.getLogger("httpx_upstream_auth")
 T = TypeVar("T")
+_E = TypeVar("_E", bound=Exception)
 #: A call with its arguments bound, as the bounded calls take it (the sync twin: :data:`SyncCall`).
 AsyncCall = Callable[[], Awaitable[T]]
 SyncCall = Callable[[], T]
@@ -120,12 +122,14 @@ class Outcome:
     def unwrap(self) -> UpstreamTokens:
         """Return the tokens, or raise a copy of the job's error (each waiter gets its own)."""
         if self.error is not None:
-            raise _copy_error(self.error)
+            raise copy_error(self.error)
         assert self.tokens is not None
         return self.tokens
 
 
-def _copy_error(error: Exception) -> Exception:
+def copy_error(error: _E) -> _E | RefreshFailed:
+    """A copy of ``error`` without its traceback, to raise or to keep (one error object raised by many callers
+    would pile up their tracebacks, and a kept traceback holds the frames that raised it)."""
     try:
         fresh = copy.copy(error)
     except Exception:

@@ -510,9 +510,10 @@ async def test_entry_of_another_provider_is_refused(
 
 
 async def test_secrets_never_logged_or_in_errors(
-    provider: LocalProvider, manager: TokenManager, server: ServerThread, caplog: pytest.LogCaptureFixture
+    provider: LocalProvider, make_manager: ManagerFactory, server: ServerThread, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Over refresh, replay and failures, no token or client secret appears in DEBUG logs or in any error."""
+    manager = make_manager(failure_window=0)  # every failure below reaches the token endpoint
     caplog.set_level(logging.DEBUG)
     secrets: set[str] = {"test-secret", base64.b64encode(b"test-client:test-secret").decode()}
     errors: list[UpstreamAuthError] = []
@@ -541,7 +542,7 @@ async def test_secrets_never_logged_or_in_errors(
             errors.append(exc)
     assert [type(e).__name__ for e in errors] == [
         "RefreshFailed",
-        "RefreshFailed",
+        "ConfigurationError",
         "BindingMismatch",
         "ReauthenticationRequired",
     ]

@@ -26,7 +26,7 @@ import anyio.to_thread
 import attrs
 
 from .._changes import ChangeCallback
-from .._models import EntryKey, UpstreamTokens
+from .._models import EntryKey, UpstreamTokens, is_plausible_time
 from .._policy import DEFAULT_RETENTION
 from .._synchronization import ForkRegistry
 
@@ -65,14 +65,15 @@ def lease_seconds(ttl: float) -> float:
 
 def storable(tokens: UpstreamTokens) -> UpstreamTokens:
     """``tokens`` as a store may keep them: a version from 0 to 2**63 - 1 (else ValueError, before anything
-    is written), and every time finite. An infinite or NaN time means "unknown" and is kept as ``None``:
-    an entry that could not be read back would lose a rotated refresh token."""
+    is written), and every time finite and plausible. ``UpstreamTokens`` refuses other times, but an
+    entry built around its checks may still arrive: such a time means "unknown" and is kept as ``None``,
+    since an entry that could not be read back would lose a rotated refresh token."""
     if not 0 <= tokens.version < _INT64:
         raise ValueError(f"an entry version must be an integer from 0 to 2**63 - 1, not {tokens.version}")
     odd: dict[str, Any] = {
         name: None
         for name in ("expires_at", "refresh_expires_at", "issued_at")
-        if (value := getattr(tokens, name)) is not None and not math.isfinite(value)
+        if (value := getattr(tokens, name)) is not None and not is_plausible_time(value)
     }
     return attrs.evolve(tokens, **odd) if odd else tokens
 

@@ -19,6 +19,7 @@ import attrs
 
 from .._exceptions import (
     BindingMismatch,
+    ConfigurationError,
     ReauthenticationRequired,
     RefreshFailed,
     StorageError,
@@ -36,6 +37,7 @@ from .._synchronization import (
     TimedOut,
     sync_call_bounded,
     sync_sleep,
+    copy_error,
     start_sync_job,
 )
 
@@ -173,6 +175,11 @@ class SyncTokenOps:
     def _refreshed(self, key: EntryKey, need: Need) -> UpstreamTokens:
         """Wait for the key's refresh job (starting one if none runs) until it yields what ``need`` asks."""
         state = self._state
+        remembered = state.remembered_failure(key)
+        if remembered is not None:
+            # A refresh failed moments ago without consuming anything: the same request now would fail the same
+            # way, so every caller gets (its own copy of) that error at once, with no token request.
+            raise copy_error(remembered)
         deadline = state.clock.monotonic() + state.wait_timeout
         born_expired = 0
         for _ in range(MAX_FLIGHTS):
@@ -339,7 +346,12 @@ class SyncTokenOps:
         if not self._usable(need, tokens):
             return False
         refresh_token = tokens.refresh_token
-        return refresh_token is None or state.is_consumed(key, refresh_token) or state.backing_off(key)
+        return (
+            refresh_token is None
+            or state.is_consumed(key, refresh_token)
+            or state.backing_off(key)
+            or state.remembered_failure(key) is not None
+        )
 
     def _redeem(self, key: EntryKey, need: Need, current: UpstreamTokens, epoch: int) -> Outcome:
         state = self._state
@@ -384,13 +396,16 @@ class SyncTokenOps:
                 raise ReauthenticationRequired(
                     "the token endpoint's answer was lost or unusable after it may have rotated the refresh "
                     "token; the entry was removed so the consumed token is never presented again. Log the "
-                    "user in again."
+                    f"user in again. What happened: {exc}"
                 ) from None
             state.settle_consumed(current.refresh_token)
+            if isinstance(exc, ConfigurationError):
+                state.remember_failure(key, exc, epoch)  # every session's refresh would fail the same way
             if self._usable(need, current):
                 # The provider had a blip and the stored token is still valid: serve it, try again later.
                 state.back_off(key)
                 return Outcome(tokens=current, fallback=True)
+            state.remember_failure(key, exc, epoch)
             raise
         except BindingMismatch:
             self._discard(key, current, state.clock.monotonic() + state.refresh_timeout)
@@ -423,14 +438,34 @@ class SyncTokenOps:
     def _answer(self, need: Need, current: UpstreamTokens) -> UpstreamTokens:
         """The refresher's answer as the next entry, within refresh_timeout; a refusal that proves nothing was
         consumed (the provider's own 5xx/429/408 error answer, a connection that never opened) is retried
-        with the same refresh token when no valid token could be served instead."""
+        with the same refresh token when no valid token could be served instead. An answer lost after the
+        provider may have redeemed the token is retried once, within ``reuse_grace`` of sending it."""
         state = self._state
         give_up = state.clock.monotonic() + state.refresh_timeout
+        graced = False
         for attempt in itertools.count():
-            left = give_up - state.clock.monotonic()
+            sent = state.clock.monotonic()
+            left = give_up - sent
             try:
                 answer = sync_call_bounded(left, state.refresher.refresh, current, state.clock)
             except RefreshFailed as exc:
+                if graced and not exc.may_have_rotated:
+                    # The first answer was lost: whatever the retry's refusal says, the token may be consumed,
+                    # so it is never presented again (not even for a transient refusal), and the job fails closed.
+                    raise RefreshFailed(
+                        f"the token endpoint's answer was lost, and the retry within reuse_grace was refused ({exc}); "
+                        "the provider may have rotated the refresh token.",
+                        retryable=True,
+                        status_code=exc.status_code,
+                        may_have_rotated=True,
+                    ) from None
+                if not graced and self._within_grace(exc, sent, give_up):
+                    # The provider honours the token it may have just redeemed for reuse_grace seconds (Okta,
+                    # Auth0, Keycloak, Hydra): this job, still holding the lease, presents it once more instead
+                    # of failing closed. No other job or process ever presents it (it is marked consumed).
+                    graced = True
+                    logger.debug("refresh: the answer was lost; presenting the refresh token again within reuse_grace")
+                    continue
                 pause = self._transient_pause(exc, attempt, need, current, give_up)
                 if pause is None:
                     raise
@@ -441,6 +476,14 @@ class SyncTokenOps:
                 raise RefreshFailed("the token endpoint did not answer in time", retryable=True, may_have_rotated=True)
             return self._checked(answer, current)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _within_grace(self, exc: RefreshFailed, sent: float, give_up: float) -> bool:
+        """True when ``exc`` says the answer was lost after the provider may have redeemed the token (timeout
+        after sending, connection reset, a gateway's 5xx, an unreadable 200) and the same token may still be
+        presented: less than ``reuse_grace`` since it was sent, with time left in the job's refresh_timeout."""
+        state = self._state
+        now = state.clock.monotonic()
+        return exc.may_have_rotated and exc.retryable and now - sent < state.reuse_grace and now < give_up
 
     def _transient_pause(
         self, exc: RefreshFailed, attempt: int, need: Need, current: UpstreamTokens, give_up: float

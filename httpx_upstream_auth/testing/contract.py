@@ -36,7 +36,7 @@ import anyio
 import anyio.to_thread
 import pytest
 
-from .._models import EntryKey, UpstreamTokens
+from .._models import EntryKey, UpstreamTokens, is_plausible_time
 from .._storages import Lease, Storage
 
 __all__ = ["StorageContract", "StoreWorker", "check_async_contract", "check_sync_contract", "sample_tokens"]
@@ -49,10 +49,18 @@ PATIENCE = 30.0
 
 
 def sample_tokens(version: int, **fields: Any) -> UpstreamTokens:
-    """Tokens at ``version`` whose secrets are easy to search for in reprs and messages (``secret-…``)."""
-    return UpstreamTokens(
+    """Tokens at ``version`` whose secrets are easy to search for in reprs and messages (``secret-…``).
+
+    Times that :class:`UpstreamTokens` refuses (infinite, absurd) are set around its checks: a store must
+    survive entries built any way, as rows written by older versions are."""
+    odd = {name: fields.pop(name) for name, value in list(fields.items()) if name.endswith("_at") and value is not None}
+    fields.update({name: odd.pop(name) for name, value in list(odd.items()) if is_plausible_time(value)})
+    entry = UpstreamTokens(
         access_token=f"secret-access-{version}", refresh_token=f"secret-refresh-{version}", version=version, **fields
     )
+    for name, value in odd.items():
+        object.__setattr__(entry, name, value)
+    return entry
 
 
 # The program a worker process runs: open the store (argv[1] binds ``storage``), then obey one command.
