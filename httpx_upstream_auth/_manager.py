@@ -52,6 +52,18 @@ class TokenManager:
     default), Auth0's reuse interval (leeway), Ory Hydra's ``oauth2.grant.refresh_token.rotation_grace_period``;
     with Keycloak, a "Refresh Token Max Reuse" of 1 or more allows a retry (choose a grace of a few seconds).
 
+    ``refresh_ahead`` (seconds, 0 = off, the default) opens a window that long before the leeway (at most half
+    the token's lifetime): a request that finds the token in it is sent with the still-valid token at once,
+    and starts the session's refresh job in the background if none runs (the same job, lease and rules as
+    any refresh); only a token inside its leeway, or expired, makes a request wait. Each cached entry's
+    window opens at a random point of its last half, so processes and sessions do not refresh in step.
+    Idle sessions cost nothing (no timers: only a request starts the job). 60 seconds suits most providers.
+    It is off by default because it spends refresh tokens earlier than needed, on behalf of a request that
+    does not wait for the result, and with ``redeem_in="task"`` the background job lives on the event
+    loop of the request that started it: a loop that ends right after the request (``asyncio.run`` per
+    call) stops it, and a job stopped after sending fails closed. Turn it on where requests must not wait
+    (with the default ``redeem_in="thread"``, or long-lived event loops).
+
     ``refresh_timeout`` bounds a job in both modes: the token request is given up after it (treated as a
     lost answer: the entry is removed), the writes that follow get as long again, and the lease stops
     being renewed after both (plus ``lease_ttl``). :meth:`close` waits for jobs that may have sent a
@@ -74,6 +86,7 @@ class TokenManager:
         retry_interval: float = 1.0,
         failure_window: float = 5.0,
         reuse_grace: float = 0.0,
+        refresh_ahead: float = 0.0,
         cache_size: int = 10_000,
         clock: Clock | None = None,
         redeem_in: RedeemIn = "thread",
@@ -82,7 +95,11 @@ class TokenManager:
         lease_ttl = refresh_timeout + 5.0 if lease_ttl is None else lease_ttl
         if lease_ttl <= 0:
             raise ValueError("lease_ttl must be positive")
-        for name, value in (("failure_window", failure_window), ("reuse_grace", reuse_grace)):
+        for name, value in (
+            ("failure_window", failure_window),
+            ("reuse_grace", reuse_grace),
+            ("refresh_ahead", refresh_ahead),
+        ):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
                 raise ValueError(f"{name} must be a finite number of seconds, 0 or more, not {value!r}")
         if redeem_in not in ("thread", "task"):
@@ -97,7 +114,9 @@ class TokenManager:
             storage=MemoryStorage() if storage is None else storage,
             refresher=refresher,
             clock=SystemClock() if clock is None else clock,
-            policy=FreshnessPolicy(leeway=leeway, max_leeway_fraction=max_leeway_fraction),
+            policy=FreshnessPolicy(
+                leeway=leeway, max_leeway_fraction=max_leeway_fraction, refresh_ahead=float(refresh_ahead)
+            ),
             refresh_timeout=refresh_timeout,
             lease_ttl=lease_ttl,
             lease_wait=lease_wait,

@@ -38,6 +38,9 @@ RTT_ALPHA, RTT_BETA, RTT_K = 1 / 8, 1 / 4, 4
 CONSUMED_MEMORY = 100_000
 
 RedeemIn = Literal["thread", "task"]
+#: A refresh-ahead window starts at a random point of its last half (drawn per cached entry, from a generator
+#: seeded per process): processes and sessions holding tokens of the same age do not refresh in step.
+AHEAD_JITTER = 0.5
 
 #: (manager state, entry digest) this task or thread is writing: that manager's own change notice is not news
 #: to it (other managers sharing the storage object, or the task, still hear of it).
@@ -51,9 +54,13 @@ class Need:
     """What a caller needs from the key's entry: a fresh token, and not the one the API just refused."""
 
     rejected: str | None = attrs.field(default=None, repr=False)
+    #: A refresh ahead of expiry: the entry of this version, though still fresh, is what it replaces.
+    ahead_of: int | None = None
 
     def satisfied_by(self, tokens: UpstreamTokens, state: ManagerState) -> bool:
         """True when ``tokens`` can be sent as they are."""
+        if self.ahead_of is not None and tokens.version <= self.ahead_of:
+            return False
         return tokens.access_token != self.rejected and state.is_fresh(tokens)
 
     def accepts(self, outcome: Outcome, state: ManagerState) -> bool:
@@ -175,10 +182,11 @@ class ManagerState:
         self.redeem_in: RedeemIn = redeem_in
         #: The refresh job as a blocking call, for worker threads (set by TokenManager).
         self.thread_job: Callable[[EntryKey, Need, Flight], None] = _unset
-        # session id -> (tokens, their freshness bounds, computed once per entry): the hot path is a dict
-        # read and a few float operations. Reads take no lock (a dict read is atomic); writes do, and
-        # evict the oldest entries beyond cache_size.
-        self._cache: dict[str, tuple[UpstreamTokens, FreshnessBounds]] = {}
+        # session id -> (tokens, their freshness bounds, the instant until which they are fresh whatever the
+        # latency and not due for a refresh ahead, the instant their refresh-ahead window opens), computed once
+        # per entry: the hot path is a dict read and one comparison. Reads take no lock (a dict read is
+        # atomic); writes do, and evict the oldest entries beyond cache_size.
+        self._cache: dict[str, tuple[UpstreamTokens, FreshnessBounds, float, float]] = {}
         self._cache_size = cache_size
         self._lock = threading.Lock()
         # Bumped by every logout or login of a session: a job or a read that started before cannot
@@ -315,13 +323,25 @@ class ManagerState:
         return tokens.expires_at is None or self.clock.time() + self.latency < tokens.expires_at
 
     # -- the in-process cache of fresh tokens ------------------------------------------------------
-    def cached(self, session_id: str) -> UpstreamTokens | None:
-        """The cached entry while it is fresh, else ``None``. The request hot path: no lock, no I/O."""
+    def cached(
+        self, session_id: str, ahead: Callable[[str, UpstreamTokens], None] | None = None
+    ) -> UpstreamTokens | None:
+        """The cached entry while it is fresh, else ``None``. The request hot path: no lock, no I/O.
+
+        Inside the entry's refresh-ahead window, ``ahead(session_id, tokens)`` is called (it starts the
+        background refresh) and the entry is still returned."""
         hit = self._cache.get(session_id)
         if hit is None:
             return None
-        tokens, bounds = hit
-        return tokens if self.clock.time() < bounds.fresh_until(self.latency) else None
+        tokens, bounds, calm_until, ahead_at = hit
+        now = self.clock.time()
+        if now < calm_until:
+            return tokens
+        if now >= bounds.fresh_until(self.latency):
+            return None
+        if now >= ahead_at and ahead is not None:
+            ahead(session_id, tokens)
+        return tokens
 
     def epoch(self, key: EntryKey) -> int:
         """The session's login generation in this process (see :meth:`new_epoch`)."""
@@ -338,7 +358,12 @@ class ManagerState:
     def remember(self, key: EntryKey, tokens: UpstreamTokens, epoch: int) -> None:
         """Cache ``tokens`` if no logout or login happened since ``epoch`` (an older version never
         replaces a newer one)."""
-        entry = (tokens, self.policy.bounds(tokens))
+        bounds = self.policy.bounds(tokens)
+        window = self.policy.ahead_window(tokens)
+        ahead_at = float("inf")
+        if window > 0:
+            ahead_at = bounds.expires_at - bounds.leeway - window * self.jitter.uniform(1 - AHEAD_JITTER, 1.0)
+        entry = (tokens, bounds, min(bounds.calm_until(), ahead_at), ahead_at)
         session_id = key.session_id
         with self._lock:
             if self._epochs.get(session_id, self._epoch_floor) != epoch or self.closing:

@@ -59,11 +59,13 @@ class AsyncTokenOps:
 
     def __init__(self, state: ManagerState) -> None:
         self._state = state
+        # Bound once: the hot path hands it to the cache without building a method object per request.
+        self._ahead = self._refresh_ahead
 
     async def get_token(self, session_id: str, expect: Binding | None = None) -> UpstreamTokens:
         """A fresh entry for the session, refreshed (once, across all callers) when needed."""
         state = self._state
-        tokens = state.cached(session_id)
+        tokens = state.cached(session_id, self._ahead)
         if tokens is None:
             key = state.key(session_id)
             tokens = await self._shared_read(key)
@@ -208,6 +210,28 @@ class AsyncTokenOps:
                         retryable=True,
                     )
         raise RefreshFailed("the token kept changing during the refresh; retry the request", retryable=True)
+
+    def _refresh_ahead(self, session_id: str, tokens: UpstreamTokens) -> None:
+        """The cached entry is inside its refresh-ahead window: start the session's refresh job in the
+        background unless one runs (or refreshing cannot work now); the caller goes on with ``tokens``."""
+        state = self._state
+        key = state.key(session_id)
+        refresh_token = tokens.refresh_token
+        if (
+            state.closing
+            or refresh_token is None
+            or state.backing_off(key)
+            or state.remembered_failure(key) is not None
+            or state.is_consumed(key, refresh_token)
+        ):
+            return
+        try:
+            flight, new = state.join_flight(key)
+        except RefreshFailed:
+            return  # closed meanwhile: no job starts, and the token is still valid
+        if new:
+            logger.debug("refresh of %s: starting ahead of expiry", key)
+            self._launch(key, Need(ahead_of=tokens.version), flight)
 
     def _launch(self, key: EntryKey, need: Need, flight: Flight) -> None:
         state = self._state
