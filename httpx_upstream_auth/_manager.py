@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 from ._auth import UpstreamAuth
 from ._clock import Clock, SystemClock
@@ -13,6 +14,7 @@ from ._refresher import Refresher
 from ._state import Footprint, ManagerState, RedeemIn
 from ._storages import MemoryStorage, Storage
 from ._synchronization import SameThreadWait
+from ._trace import TraceEvent
 
 __all__ = ["TokenManager"]
 
@@ -64,6 +66,13 @@ class TokenManager:
     call) stops it, and a job stopped after sending fails closed. Turn it on where requests must not wait
     (with the default ``redeem_in="thread"``, or long-lived event loops).
 
+    ``on_refresh(session_id, tokens)`` is called after every refresh that saved new tokens (for apps that
+    mirror tokens elsewhere); ``on_event(event)`` with every :class:`TraceEvent` (refresh started, succeeded
+    or failed, refresh ahead started, 401 replayed, distrust, failure remembered, store error, change notice).
+    The same events are logged on ``httpx_upstream_auth.events`` (tokens only as short hashes). Hooks run in
+    the refresh job's thread or task, or the caller's, never under one of the manager's locks, after the
+    waiters have their tokens; keep them quick. An exception from a hook is logged and ignored.
+
     ``refresh_timeout`` bounds a job in both modes: the token request is given up after it (treated as a
     lost answer: the entry is removed), the writes that follow get as long again, and the lease stops
     being renewed after both (plus ``lease_ttl``). :meth:`close` waits for jobs that may have sent a
@@ -87,6 +96,8 @@ class TokenManager:
         failure_window: float = 5.0,
         reuse_grace: float = 0.0,
         refresh_ahead: float = 0.0,
+        on_refresh: Callable[[str, UpstreamTokens], None] | None = None,
+        on_event: Callable[[TraceEvent], None] | None = None,
         cache_size: int = 10_000,
         clock: Clock | None = None,
         redeem_in: RedeemIn = "thread",
@@ -126,6 +137,8 @@ class TokenManager:
             redeem_in=redeem_in,
             failure_window=float(failure_window),
             reuse_grace=float(reuse_grace),
+            on_event=on_event,
+            on_refresh=on_refresh,
         )
         self._engine = Engine(self._state)
         self._async_ops = self._engine.async_ops

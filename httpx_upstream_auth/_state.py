@@ -28,6 +28,7 @@ from ._policy import DEFAULT_RETENTION, FreshnessBounds, FreshnessPolicy
 from ._refresher import Refresher
 from ._storages import Storage
 from ._synchronization import Flight, Outcome, copy_error
+from ._trace import TraceEvent, Tracer
 
 logger = logging.getLogger("httpx_upstream_auth")
 
@@ -166,6 +167,8 @@ class ManagerState:
         redeem_in: RedeemIn,
         failure_window: float = 0.0,
         reuse_grace: float = 0.0,
+        on_event: Callable[[TraceEvent], None] | None = None,
+        on_refresh: Callable[[str, UpstreamTokens], None] | None = None,
     ) -> None:
         self.provider_id = provider_id
         self.storage = storage
@@ -180,6 +183,8 @@ class ManagerState:
         self.failure_window = failure_window
         self.reuse_grace = reuse_grace
         self.redeem_in: RedeemIn = redeem_in
+        #: Where events go (logging, the user's hooks); see _trace.py.
+        self.tracer = Tracer(provider_id, on_event, on_refresh)
         #: The refresh job as a blocking call, for worker threads (set by TokenManager).
         self.thread_job: Callable[[EntryKey, Need, Flight], None] = _unset
         # session id -> (tokens, their freshness bounds, the instant until which they are fresh whatever the
@@ -443,6 +448,9 @@ class ManagerState:
                 sessions = [] if session is None else [session]
             for session_id in sessions:
                 self._bump(session_id)
+        if sessions and self.tracer.listening("change.notice"):  # only notices that changed something here
+            key = None if digest is None or not sessions else EntryKey(self.provider_id, sessions[0])
+            self.tracer.emit("change.notice", key, sessions=len(sessions))
 
     # -- single flight -----------------------------------------------------------------------------
     def join_flight(self, key: EntryKey, reads: bool = False) -> tuple[Flight, bool]:
@@ -630,17 +638,22 @@ class ManagerState:
         with self._lock:
             if isinstance(kept, ConfigurationError):
                 self._config_failure = (kept, now + window)
-                return
-            if self._epochs.get(key.session_id, self._epoch_floor) != epoch:
+            elif self._epochs.get(key.session_id, self._epoch_floor) == epoch:
+                self._remember_session_failure(key, kept, now, window)
+            else:
                 return  # a logout or login happened since the job began: the failure was the old grant's
-            self._failures.pop(key.session_id, None)
-            self._failures[key.session_id] = (kept, now + window)
-            if len(self._failures) > self._cache_size:
-                for stale in [sid for sid, (_, until) in self._failures.items() if until <= now]:
-                    del self._failures[stale]
-                while len(self._failures) > self._cache_size:
-                    # Forgetting one costs that session one more token request: never a correctness loss.
-                    del self._failures[next(iter(self._failures))]
+        self.tracer.emit("failure.remembered", key, error=type(kept).__name__, window=window)
+
+    def _remember_session_failure(self, key: EntryKey, kept: RefreshFailed, now: float, window: float) -> None:
+        # Caller holds the lock.
+        self._failures.pop(key.session_id, None)
+        self._failures[key.session_id] = (kept, now + window)
+        if len(self._failures) > self._cache_size:
+            for stale in [sid for sid, (_, until) in self._failures.items() if until <= now]:
+                del self._failures[stale]
+            while len(self._failures) > self._cache_size:
+                # Forgetting one costs that session one more token request: never a correctness loss.
+                del self._failures[next(iter(self._failures))]
 
     def remembered_failure(self, key: EntryKey) -> RefreshFailed | None:
         """The failure a refresh of ``key`` would meet now, while it is remembered; else ``None``."""
