@@ -38,6 +38,7 @@ EVENT_LEVELS: Mapping[str, int] = {
     "failure.remembered": logging.WARNING,
     "store.error": logging.WARNING,
     "change.notice": logging.DEBUG,
+    "lease.waited": logging.DEBUG,
 }
 
 
@@ -76,6 +77,7 @@ class JobTrace:
     """What one refresh job did, filled in as it goes (read when it publishes its outcome)."""
 
     started: float
+    reason: str = ""
     retries: int = 0
     redeemed: bool = False
     error: BaseException | None = None
@@ -88,7 +90,7 @@ current_job: contextvars.ContextVar[JobTrace | None] = contextvars.ContextVar("h
 class Tracer:
     """Hands events to the loggers and the user's hooks, or drops them at once when nobody listens."""
 
-    __slots__ = ("on_event", "on_refresh", "provider_id")
+    __slots__ = ("_otel_events", "on_event", "on_refresh", "otel", "provider_id")
 
     def __init__(
         self,
@@ -96,19 +98,24 @@ class Tracer:
         on_event: Callable[[TraceEvent], None] | None = None,
         on_refresh: Callable[[str, UpstreamTokens], None] | None = None,
     ) -> None:
+        from ._otel import OTEL_EVENTS, otel_sink
+
         self.provider_id = provider_id
         self.on_event = on_event
         self.on_refresh = on_refresh
+        #: OpenTelemetry spans and metrics, when opentelemetry-api is installed; the events it records.
+        self.otel = otel_sink()
+        self._otel_events = OTEL_EVENTS if self.otel is not None else frozenset()
 
     def listening(self, name: str) -> bool:
         """True when an event called ``name`` would reach anyone (checked before building its fields)."""
-        return self.on_event is not None or event_logger.isEnabledFor(EVENT_LEVELS[name])
+        return self.on_event is not None or name in self._otel_events or event_logger.isEnabledFor(EVENT_LEVELS[name])
 
     def emit(self, name: str, key: EntryKey | None, **fields: Any) -> None:
         """Report ``name`` about ``key``'s session (``None``: no one session) to whoever listens."""
         level = EVENT_LEVELS[name]
         hook = self.on_event
-        if hook is None and not event_logger.isEnabledFor(level):
+        if hook is None and name not in self._otel_events and not event_logger.isEnabledFor(level):
             return
         event = TraceEvent(
             name=name,
@@ -122,6 +129,8 @@ class Tracer:
             event_logger.log(level, "%s %s:%s %s", name, self.provider_id, event.session, shown)
         if hook is not None:
             self._call(hook, event)
+        if self.otel is not None and name in self._otel_events:
+            self._call(self.otel, event)
 
     def refreshed(self, key: EntryKey, tokens: UpstreamTokens) -> None:
         """Hand a successful refresh's tokens to ``on_refresh`` (an app mirroring them elsewhere)."""

@@ -199,7 +199,8 @@ async def test_hooks_run_outside_the_managers_locks(
 def test_no_listener_no_event_objects(
     provider: LocalProvider, make_manager: ManagerFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With no hook and the events logger above WARNING, no event object is ever built."""
+    """With no hook, the events logger above WARNING and no OpenTelemetry, no event object is ever built."""
+    monkeypatch.setattr("httpx_upstream_auth._otel.AVAILABLE", False)
     built: list[object] = []
     original = TraceEvent.__init__
 

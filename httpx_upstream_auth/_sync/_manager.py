@@ -296,6 +296,7 @@ class SyncTokenOps:
             state.tracer.emit(
                 "refresh.succeeded",
                 key,
+                reason=job.reason,
                 duration=duration,
                 waiters=waiters,
                 retries=job.retries,
@@ -309,6 +310,7 @@ class SyncTokenOps:
             state.tracer.emit(
                 "refresh.failed",
                 key,
+                reason=job.reason,
                 error=type(error).__name__,
                 retryable=getattr(error, "retryable", False),
                 duration=duration,
@@ -337,6 +339,7 @@ class SyncTokenOps:
                         retryable=True,
                     )
                 logger.debug("refresh of %s: waiting for another worker's lease", key)
+                state.tracer.emit("lease.waited", key)
                 state.storage.watch(key, current.version, min(left, 1.0))
                 continue
             try:
@@ -429,10 +432,11 @@ class SyncTokenOps:
         state = self._state
         assert current.refresh_token is not None
         logger.debug("refresh of %s: redeeming version %d", key, current.version)
+        reason = "rejected" if need.rejected is not None else "ahead" if need.ahead_of is not None else "expired"
         job = current_job.get()
         if job is not None:
             job.redeemed = True
-        reason = "rejected" if need.rejected is not None else "ahead" if need.ahead_of is not None else "expired"
+            job.reason = reason
         state.tracer.emit("refresh.started", key, reason=reason, version=current.version)
         # From here on the provider may consume the refresh token: never present it again from this
         # process unless we learn it was not consumed.
