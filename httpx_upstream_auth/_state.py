@@ -187,10 +187,10 @@ class ManagerState:
         self.tracer = Tracer(provider_id, on_event, on_refresh)
         #: The refresh job as a blocking call, for worker threads (set by TokenManager).
         self.thread_job: Callable[[EntryKey, Need, Flight], None] = _unset
-        # session id -> (tokens, their freshness bounds, the instant until which they are fresh whatever the
-        # latency and not due for a refresh ahead, the instant their refresh-ahead window opens), computed once
-        # per entry: the hot path is a dict read and one comparison. Reads take no lock (a dict read is
-        # atomic); writes do, and evict the oldest entries beyond cache_size.
+        # session id -> (tokens, their freshness bounds, the instant until which they are fresh and not due for
+        # a refresh ahead whatever the latency, the length of their refresh-ahead window), computed once per
+        # entry: the hot path is a dict read and one comparison. Reads take no lock (a dict read is atomic);
+        # writes do, and evict the oldest entries beyond cache_size.
         self._cache: dict[str, tuple[UpstreamTokens, FreshnessBounds, float, float]] = {}
         self._cache_size = cache_size
         self._lock = threading.Lock()
@@ -338,13 +338,16 @@ class ManagerState:
         hit = self._cache.get(session_id)
         if hit is None:
             return None
-        tokens, bounds, calm_until, ahead_at = hit
+        tokens, bounds, calm_until, ahead_for = hit
         now = self.clock.time()
         if now < calm_until:
             return tokens
-        if now >= bounds.fresh_until(self.latency):
+        # The window ends where the leeway begins, which grows with the observed latency: a window fixed at
+        # caching time would shrink to nothing on a slow link, and every expiry would block again.
+        due = bounds.fresh_until(self.latency)
+        if now >= due:
             return None
-        if now >= ahead_at and ahead is not None:
+        if now >= due - ahead_for and ahead is not None:
             ahead(session_id, tokens)
         return tokens
 
@@ -365,10 +368,8 @@ class ManagerState:
         replaces a newer one)."""
         bounds = self.policy.bounds(tokens)
         window = self.policy.ahead_window(tokens)
-        ahead_at = float("inf")
-        if window > 0:
-            ahead_at = bounds.expires_at - bounds.leeway - window * self.jitter.uniform(1 - AHEAD_JITTER, 1.0)
-        entry = (tokens, bounds, min(bounds.calm_until(), ahead_at), ahead_at)
+        ahead_for = window * self.jitter.uniform(1 - AHEAD_JITTER, 1.0) if window > 0 else -1.0
+        entry = (tokens, bounds, bounds.calm_until() - max(ahead_for, 0.0), ahead_for)
         session_id = key.session_id
         with self._lock:
             if self._epochs.get(session_id, self._epoch_floor) != epoch or self.closing:
