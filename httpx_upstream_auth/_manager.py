@@ -54,11 +54,12 @@ class TokenManager:
     default), Auth0's reuse interval (leeway), Ory Hydra's ``oauth2.grant.refresh_token.rotation_grace_period``;
     with Keycloak, a "Refresh Token Max Reuse" of 1 or more allows a retry (choose a grace of a few seconds).
 
-    ``refresh_ahead`` (seconds, 0 = off, the default) opens a window that long before the leeway (at most half
-    the token's lifetime): a request that finds the token in it is sent with the still-valid token at once,
-    and starts the session's refresh job in the background if none runs (the same job, lease and rules as
-    any refresh); only a token inside its leeway, or expired, makes a request wait. Each cached entry's
-    window opens at a random point of its last half, so processes and sessions do not refresh in step.
+    ``refresh_ahead`` (seconds, 0 = off, the default) opens a window that long before the leeway (never before
+    the second half of the token's lifetime): a request that finds the token in it is sent with the
+    still-valid token at once, and starts the session's refresh job in the background if none runs (the
+    same job, lease and rules as any refresh); only a token inside its leeway, or expired, makes a request
+    wait. Each cached entry's window opens at a random point of its last half, so processes and sessions do
+    not refresh in step.
     Idle sessions cost nothing (no timers: only a request starts the job). 60 seconds suits most providers.
     It is off by default because it spends refresh tokens earlier than needed, on behalf of a request that
     does not wait for the result, and with ``redeem_in="task"`` the background job lives on the event

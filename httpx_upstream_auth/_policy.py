@@ -56,6 +56,13 @@ class FreshnessPolicy:
         lifetime = max(tokens.expires_at - tokens.issued_at, 0.0)
         return min(self.refresh_ahead, lifetime * self.max_ahead_fraction)
 
+    def ahead_floor(self, tokens: UpstreamTokens) -> float:
+        """Epoch seconds before which no refresh starts ahead, however long the leeway grew: once the last
+        ``max_ahead_fraction`` of the lifetime begins (``-inf`` when the lifetime is unknown)."""
+        if tokens.expires_at is None or tokens.issued_at is None:
+            return float("-inf")
+        return tokens.expires_at - max(tokens.expires_at - tokens.issued_at, 0.0) * self.max_ahead_fraction
+
     def is_fresh(self, tokens: UpstreamTokens, now: float, latency: float = 0.0) -> bool:
         """True when the token can be sent as it is."""
         return now < self.bounds(tokens).fresh_until(latency)

@@ -188,10 +188,10 @@ class ManagerState:
         #: The refresh job as a blocking call, for worker threads (set by TokenManager).
         self.thread_job: Callable[[EntryKey, Need, Flight], None] = _unset
         # session id -> (tokens, their freshness bounds, the instant until which they are fresh and not due for
-        # a refresh ahead whatever the latency, the length of their refresh-ahead window), computed once per
-        # entry: the hot path is a dict read and one comparison. Reads take no lock (a dict read is atomic);
-        # writes do, and evict the oldest entries beyond cache_size.
-        self._cache: dict[str, tuple[UpstreamTokens, FreshnessBounds, float, float]] = {}
+        # a refresh ahead whatever the latency, the length of their refresh-ahead window, the instant before
+        # which it never opens), computed once per entry: the hot path is a dict read and one comparison.
+        # Reads take no lock (a dict read is atomic); writes do, and evict the oldest entries beyond cache_size.
+        self._cache: dict[str, tuple[UpstreamTokens, FreshnessBounds, float, float, float]] = {}
         self._cache_size = cache_size
         self._lock = threading.Lock()
         # Bumped by every logout or login of a session: a job or a read that started before cannot
@@ -338,16 +338,17 @@ class ManagerState:
         hit = self._cache.get(session_id)
         if hit is None:
             return None
-        tokens, bounds, calm_until, ahead_for = hit
+        tokens, bounds, calm_until, ahead_for, ahead_floor = hit
         now = self.clock.time()
         if now < calm_until:
             return tokens
         # The window ends where the leeway begins, which grows with the observed latency: a window fixed at
-        # caching time would shrink to nothing on a slow link, and every expiry would block again.
+        # caching time would shrink to nothing on a slow link, and every expiry would block again. It never
+        # opens before the floor, or a grown leeway plus the window would refresh short tokens twice as often.
         due = bounds.fresh_until(self.latency)
         if now >= due:
             return None
-        if now >= due - ahead_for and ahead is not None:
+        if now >= max(due - ahead_for, ahead_floor) and ahead is not None:
             ahead(session_id, tokens)
         return tokens
 
@@ -368,8 +369,13 @@ class ManagerState:
         replaces a newer one)."""
         bounds = self.policy.bounds(tokens)
         window = self.policy.ahead_window(tokens)
-        ahead_for = window * self.jitter.uniform(1 - AHEAD_JITTER, 1.0) if window > 0 else -1.0
-        entry = (tokens, bounds, bounds.calm_until() - max(ahead_for, 0.0), ahead_for)
+        calm_until = bounds.calm_until()
+        ahead_for, ahead_floor = -1.0, float("-inf")
+        if window > 0:
+            ahead_for = window * self.jitter.uniform(1 - AHEAD_JITTER, 1.0)
+            ahead_floor = self.policy.ahead_floor(tokens)
+            calm_until = min(calm_until, max(calm_until - ahead_for, ahead_floor))
+        entry = (tokens, bounds, calm_until, ahead_for, ahead_floor)
         session_id = key.session_id
         with self._lock:
             if self._epochs.get(session_id, self._epoch_floor) != epoch or self.closing:
