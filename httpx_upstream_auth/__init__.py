@@ -24,6 +24,7 @@ from ._policy import FreshnessBounds, FreshnessPolicy, can_replay, is_token_reje
 from ._refresher import OAuth2Refresher, Refresher
 from ._storages import Lease, MemoryStorage, RedisStorage, SQLiteStorage, Storage, open_storage, register_storage
 from ._sync._transport import UpstreamAuthTransport
+from ._trace import TraceEvent
 
 __version__ = "0.1.0"
 
@@ -48,6 +49,7 @@ __all__ = [
     "StorageError",
     "SystemClock",
     "TokenManager",
+    "TraceEvent",
     "UpstreamAuth",
     "UpstreamAuthError",
     "UpstreamAuthTransport",

@@ -9,6 +9,7 @@ caller's cancellation, timeout or exit reaches it once the refresh request may h
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import threading
@@ -40,6 +41,7 @@ from .._synchronization import (
     copy_error,
     start_sync_job,
 )
+from .._trace import JobTrace, current_job, short_hash
 
 T = TypeVar("T")
 
@@ -60,11 +62,13 @@ class SyncTokenOps:
 
     def __init__(self, state: ManagerState) -> None:
         self._state = state
+        # Bound once: the hot path hands it to the cache without building a method object per request.
+        self._ahead = self._refresh_ahead
 
     def get_token(self, session_id: str, expect: Binding | None = None) -> UpstreamTokens:
         """A fresh entry for the session, refreshed (once, across all callers) when needed."""
         state = self._state
-        tokens = state.cached(session_id)
+        tokens = state.cached(session_id, self._ahead)
         if tokens is None:
             key = state.key(session_id)
             tokens = self._shared_read(key)
@@ -97,7 +101,14 @@ class SyncTokenOps:
 
     def distrust(self, session_id: str, tokens: UpstreamTokens) -> None:
         """The API refused ``tokens`` on the replay right after their refresh."""
-        self._state.distrust(session_id, tokens)
+        state = self._state
+        state.distrust(session_id, tokens)
+        state.tracer.emit("distrusted", state.key(session_id), access_token_hash=short_hash(tokens.access_token))
+
+    def replayed(self, session_id: str, tokens: UpstreamTokens) -> None:
+        """A request the API refused is being sent again with ``tokens``."""
+        state = self._state
+        state.tracer.emit("replayed", state.key(session_id), access_token_hash=short_hash(tokens.access_token))
 
     def accepted(self, session_id: str, access_token: str) -> None:
         """The API accepted ``access_token``: it is trusted again if it was not."""
@@ -210,6 +221,28 @@ class SyncTokenOps:
                     )
         raise RefreshFailed("the token kept changing during the refresh; retry the request", retryable=True)
 
+    def _refresh_ahead(self, session_id: str, tokens: UpstreamTokens) -> None:
+        """The cached entry is inside its refresh-ahead window: start the session's refresh job in the
+        background unless one runs (or refreshing cannot work now); the caller goes on with ``tokens``."""
+        state = self._state
+        key = state.key(session_id)
+        refresh_token = tokens.refresh_token
+        if (
+            state.closing
+            or refresh_token is None
+            or state.backing_off(key)
+            or state.remembered_failure(key) is not None
+            or state.is_consumed(key, refresh_token)
+        ):
+            return
+        try:
+            flight, new = state.join_flight(key)
+        except RefreshFailed:
+            return  # closed meanwhile: no job starts, and the token is still valid
+        if new:
+            self._launch(key, Need(ahead_of=tokens.version), flight)
+            state.tracer.emit("refresh_ahead.started", key, version=tokens.version)
+
     def _launch(self, key: EntryKey, need: Need, flight: Flight) -> None:
         state = self._state
 
@@ -230,12 +263,16 @@ class SyncTokenOps:
         """The job: lead the key's refresh and publish its outcome, whatever happens to the callers."""
         state = self._state
         outcome = Outcome()
+        job = JobTrace(started=state.clock.monotonic())
+        marked = current_job.set(job)
+        waiters = 0
         try:
             outcome = self._lead(key, need, flight.epoch)
         except UpstreamAuthError as exc:
             outcome = Outcome(error=exc)
         except Exception as exc:  # a bug in a custom storage: say so, typed, without its text
             logger.debug("refresh of %s: unexpected %s", key, type(exc).__name__)
+            state.tracer.emit("store.error", key, operation="refresh", error=type(exc).__name__)
             outcome = Outcome(
                 error=RefreshFailed(
                     f"the refresh failed with {type(exc).__name__} from the storage; retry the request",
@@ -243,7 +280,44 @@ class SyncTokenOps:
                 )
             )
         finally:
+            waiters = flight.waiting
             state.end_flight(key, flight, outcome)
+            with contextlib.suppress(ValueError):  # closed from another context (see ManagerState.writing)
+                current_job.reset(marked)
+        # After publishing: the waiters have their tokens, and no lock or lease is held while hooks run.
+        self._report(key, job, outcome, waiters)
+
+    def _report(self, key: EntryKey, job: JobTrace, outcome: Outcome, waiters: int) -> None:
+        """Tell the tracer how the job ended: a refresh that succeeded or failed (nothing if none was needed)."""
+        state = self._state
+        duration = state.clock.monotonic() - job.started
+        tokens = outcome.tokens
+        if outcome.refreshed and tokens is not None:
+            state.tracer.emit(
+                "refresh.succeeded",
+                key,
+                reason=job.reason,
+                duration=duration,
+                waiters=waiters,
+                retries=job.retries,
+                version=tokens.version,
+                access_token_hash=short_hash(tokens.access_token),
+            )
+            state.tracer.refreshed(key, tokens)
+            return
+        error = outcome.error if outcome.error is not None else job.error
+        if error is not None:
+            state.tracer.emit(
+                "refresh.failed",
+                key,
+                reason=job.reason,
+                error=type(error).__name__,
+                retryable=getattr(error, "retryable", False),
+                duration=duration,
+                waiters=waiters,
+                retries=job.retries,
+                served_stale=outcome.error is None,
+            )
 
     def _lead(self, key: EntryKey, need: Need, epoch: int) -> Outcome:
         state = self._state
@@ -265,6 +339,7 @@ class SyncTokenOps:
                         retryable=True,
                     )
                 logger.debug("refresh of %s: waiting for another worker's lease", key)
+                state.tracer.emit("lease.waited", key)
                 state.storage.watch(key, current.version, min(left, 1.0))
                 continue
             try:
@@ -357,6 +432,12 @@ class SyncTokenOps:
         state = self._state
         assert current.refresh_token is not None
         logger.debug("refresh of %s: redeeming version %d", key, current.version)
+        reason = "rejected" if need.rejected is not None else "ahead" if need.ahead_of is not None else "expired"
+        job = current_job.get()
+        if job is not None:
+            job.redeemed = True
+            job.reason = reason
+        state.tracer.emit("refresh.started", key, reason=reason, version=current.version)
         # From here on the provider may consume the refresh token: never present it again from this
         # process unless we learn it was not consumed.
         state.mark_consumed(current.refresh_token)
@@ -399,6 +480,9 @@ class SyncTokenOps:
                     f"user in again. What happened: {exc}"
                 ) from None
             state.settle_consumed(current.refresh_token)
+            job = current_job.get()
+            if job is not None:
+                job.error = exc
             if isinstance(exc, ConfigurationError):
                 state.remember_failure(key, exc, epoch)  # every session's refresh would fail the same way
             if self._usable(need, current):
@@ -464,11 +548,17 @@ class SyncTokenOps:
                     # Auth0, Keycloak, Hydra): this job, still holding the lease, presents it once more instead
                     # of failing closed. No other job or process ever presents it (it is marked consumed).
                     graced = True
+                    job = current_job.get()
+                    if job is not None:
+                        job.retries += 1
                     logger.debug("refresh: the answer was lost; presenting the refresh token again within reuse_grace")
                     continue
                 pause = self._transient_pause(exc, attempt, need, current, give_up)
                 if pause is None:
                     raise
+                job = current_job.get()
+                if job is not None:
+                    job.retries += 1
                 logger.debug("refresh: HTTP %s, trying again in %.2fs", exc.status_code, pause)
                 sync_sleep(pause)
                 continue
@@ -541,8 +631,9 @@ class SyncTokenOps:
                 with state.writing(key):
                     put = functools.partial(state.storage.put, key, fresh, expected_version=current.version)
                     saved = bool(self._bounded(put))
-            except Exception:
+            except Exception as exc:
                 saved = False
+                state.tracer.emit("store.error", key, operation="put", error=type(exc).__name__)
             # Unless the store said it saved, look at what it holds: a write may land though it raised, and a
             # refusal only counts when someone else wrote (one over an unchanged entry is a failed write).
             landed = True if saved else self._landed(key, current, fresh)
@@ -593,7 +684,8 @@ class SyncTokenOps:
             try:
                 with state.writing(key):
                     self._bounded(functools.partial(state.storage.delete, key, expected_version=current.version))
-            except Exception:
+            except Exception as exc:
+                state.tracer.emit("store.error", key, operation="delete", error=type(exc).__name__)
                 pause = next(pauses, None)
                 if pause is None:
                     logger.debug("refresh of %s: could not remove the consumed entry", key)
