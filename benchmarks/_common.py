@@ -294,7 +294,8 @@ async def bearer_app(scope: Scope, receive: Receive, send: Send) -> None:
 class ControlledProvider:
     """:class:`LocalProvider` plus routes a benchmark in another process uses to drive it.
 
-    ``POST /_bench/login`` (a new grant; the tokens as JSON; ``?ttl=`` sets its access tokens' lifetime),
+    ``POST /_bench/login`` (a new grant; the tokens as JSON; ``?ttl=`` sets its access tokens' lifetime,
+    ``&then=`` that of the tokens its refreshes issue),
     ``GET /_bench/stats`` (the counters, the interactive-login ones included), ``POST /_bench/revoke``
     (body: an access token the API must reject from now on), ``POST /_bench/ttl`` (body: the lifetime of
     access tokens issued by interactive logins from now on), ``GET /_bench/issued`` (each access token
@@ -321,6 +322,12 @@ class ControlledProvider:
             query = dict(item.split("=", 1) for item in scope["query_string"].decode().split("&") if "=" in item)
             ttl = float(query["ttl"]) if "ttl" in query else None
             tokens = self.provider.login(provider_id="local", access_ttl=ttl)
+            if "then" in query:
+                # The first access token lives ``ttl``, the refreshed ones ``then``: an hour-long token that
+                # has just expired, without the hour. (The grant's lifetime is private state of our own
+                # test provider: the benchmark may set it.)
+                grant = self.provider._grants[self.provider.grant_of(tokens.access_token)]
+                grant.access_ttl = float(query["then"])
             await _reply(send, 200, tokens.to_json().encode())
         elif path == "/_bench/stats":
             await _reply(send, 200, json.dumps({**self.provider.stats, **self.provider.flow_stats}).encode())
@@ -336,11 +343,10 @@ class ControlledProvider:
             await _reply(send, 404, b'{"error":"not_found"}')
 
     def _recording(self, send: Send) -> Send:
-        """``send``, noting the access token of a token answer and when it left (``time.monotonic()``, which
+        """``send``, noting the access token of a token answer and when it was sent (``time.monotonic()``, which
         is one clock for every process on Linux, so a client can tell how long it took to use the token)."""
 
         async def recording(message: Message) -> None:
-            await send(message)
             if message["type"] == "http.response.body":
                 with contextlib.suppress(ValueError, TypeError, AttributeError):
                     token = json.loads(message.get("body", b"")).get("access_token")
@@ -348,6 +354,7 @@ class ControlledProvider:
                         if len(self.issued) >= 100_000:
                             self.issued.clear()
                         self.issued[token] = time.monotonic()
+            await send(message)
 
         return recording
 

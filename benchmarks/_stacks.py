@@ -48,8 +48,8 @@ PUBLIC_CLIENT = "public-client"
 REDIRECT_URI = "http://127.0.0.1:9/callback"  # never contacted: the headless browser reads the redirect
 SESSION = "bench-session"
 
-AsyncSend = Callable[[str], Awaitable[int]]
-SyncSend = Callable[[str], int]
+AsyncSend = Callable[..., Awaitable[int]]
+SyncSend = Callable[..., int]
 
 
 @dataclass
@@ -71,6 +71,17 @@ class Env:
     """Interactive logins the stack asked for (the headless browser's visits)."""
     sent_token: str = ""
     """The access token the warm-up request carried (the one a scenario revokes)."""
+
+    in_process: bool = False
+    """Clients answer API requests themselves (a ``MockTransport``: 200, no socket), so the time measured
+    is the client's and the library's alone."""
+
+    def options(self, module: ModuleType) -> dict[str, Any]:
+        """Client options every stack passes: the pool size, and the in-process transport if asked for."""
+        options: dict[str, Any] = {"limits": _limits(module)}
+        if self.in_process:
+            options["transport"] = module.MockTransport(lambda request: module.Response(200, content=b"{}"))
+        return options
 
     def note(self, request: Any) -> None:
         """Event hook: note the token a request to the API carries, and when it leaves."""
@@ -96,13 +107,35 @@ def _limits(module: ModuleType) -> Any:
     return module.Limits(max_connections=100, max_keepalive_connections=100)
 
 
+def async_sender(client: Any, plain: dict[str, Any] | None = None, **kwargs: Any) -> AsyncSend:
+    """``send(url, plain=False) -> status`` through ``client`` (``plain``: without the library's auth, to
+    open connections before a scenario; ``plain=`` the arguments that do that, ``auth=None`` by default)."""
+    bare = {"auth": None} if plain is None else plain
+
+    async def send(url: str, plain: bool = False) -> int:
+        return int((await client.request("GET", url, **(bare if plain else kwargs))).status_code)
+
+    return send
+
+
+def sync_sender(client: Any, plain: dict[str, Any] | None = None, **kwargs: Any) -> SyncSend:
+    """The sync twin of :func:`async_sender`."""
+    bare = {"auth": None} if plain is None else plain
+
+    def send(url: str, plain: bool = False) -> int:
+        return int(client.request("GET", url, **(bare if plain else kwargs)).status_code)
+
+    return send
+
+
 class Stack:
     """One library with one setting on one client package; subclasses open clients for a scenario."""
 
     library = ""
     setting = ""
     peer = True
-    modes: tuple[str, ...] = ("async", "sync")
+    logs_in = False
+    """Whether it gets its first tokens by an interactive login of its own (not from the benchmark)."""
 
     def __init__(self, client: str) -> None:
         self.client = client
@@ -135,19 +168,15 @@ class Static(Stack):
     async def aopen(self, env: Env) -> AsyncIterator[AsyncSend]:
         module = client_module(self.client)
         headers = {"Authorization": f"Bearer {env.tokens['access_token']}"}
-        async with module.AsyncClient(limits=_limits(module), event_hooks={"request": [env.anote]}) as client:
-
-            async def send(url: str) -> int:
-                return int((await client.get(url, headers=headers)).status_code)
-
-            yield send
+        async with module.AsyncClient(**env.options(module), event_hooks={"request": [env.anote]}) as client:
+            yield async_sender(client, headers=headers)
 
     @contextlib.contextmanager
     def open(self, env: Env) -> Iterator[SyncSend]:
         module = client_module(self.client)
         headers = {"Authorization": f"Bearer {env.tokens['access_token']}"}
-        with module.Client(limits=_limits(module), event_hooks={"request": [env.note]}) as client:
-            yield lambda url: int(client.get(url, headers=headers).status_code)
+        with module.Client(**env.options(module), event_hooks={"request": [env.note]}) as client:
+            yield sync_sender(client, headers=headers)
 
 
 # -- ours ----------------------------------------------------------------------------------------------
@@ -198,20 +227,16 @@ class Ours(Stack):
         with self.manager(env, store=not env.preloaded) as manager:
             hooks = {"request": [env.anote]}
             auth = manager.auth(SESSION)
-            async with module.AsyncClient(auth=auth, limits=_limits(module), event_hooks=hooks) as client:
-
-                async def send(url: str) -> int:
-                    return int((await client.get(url)).status_code)
-
-                yield send
+            async with module.AsyncClient(auth=auth, **env.options(module), event_hooks=hooks) as client:
+                yield async_sender(client)
 
     @contextlib.contextmanager
     def open(self, env: Env) -> Iterator[SyncSend]:
         module = client_module(self.client)
         with self.manager(env, store=not env.preloaded) as manager:
             hooks = {"request": [env.note]}
-            with module.Client(auth=manager.auth(SESSION), limits=_limits(module), event_hooks=hooks) as client:
-                yield lambda url: int(client.get(url).status_code)
+            with module.Client(auth=manager.auth(SESSION), **env.options(module), event_hooks=hooks) as client:
+                yield sync_sender(client)
 
 
 # -- Authlib -------------------------------------------------------------------------------------------
@@ -254,7 +279,7 @@ class Authlib(Stack):
             "token_endpoint": env.url + "/token",
             "token": token,
             "event_hooks": {"request": [hook]},
-            "limits": _limits(client_module("httpx2")),
+            **env.options(client_module("httpx2")),
         }
         if self.leeway is not None:
             kwargs["leeway"] = self.leeway
@@ -269,11 +294,7 @@ class Authlib(Stack):
                 _write_json(env.shared_file, dict(token))
 
         async with AsyncOAuth2Client(update_token=update_token, **self._kwargs(env, env.anote)) as client:
-
-            async def send(url: str) -> int:
-                return int((await client.get(url)).status_code)
-
-            yield send
+            yield async_sender(client, plain={"withhold_token": True})
 
     @contextlib.contextmanager
     def open(self, env: Env) -> Iterator[SyncSend]:
@@ -284,7 +305,7 @@ class Authlib(Stack):
                 _write_json(env.shared_file, dict(token))
 
         with OAuth2Client(update_token=update_token, **self._kwargs(env, env.note)) as client:
-            yield lambda url: int(client.get(url).status_code)
+            yield sync_sender(client, plain={"withhold_token": True})
 
 
 # -- the MCP SDK ---------------------------------------------------------------------------------------
@@ -396,20 +417,16 @@ class MCPSDK(Stack):
 
         auth = sdk_auth(env, env.url + "/api/me")
         hooks = {"request": [env.anote]}
-        async with httpx2.AsyncClient(auth=auth, limits=_limits(httpx2), event_hooks=hooks) as client:
-
-            async def send(url: str) -> int:
-                return int((await client.get(url)).status_code)
-
-            yield send
+        async with httpx2.AsyncClient(auth=auth, **env.options(httpx2), event_hooks=hooks) as client:
+            yield async_sender(client)
 
     @contextlib.contextmanager
     def open(self, env: Env) -> Iterator[SyncSend]:
         import httpx2
 
         auth = sdk_auth(env, env.url + "/api/me")
-        with httpx2.Client(auth=auth, limits=_limits(httpx2), event_hooks={"request": [env.note]}) as client:
-            yield lambda url: int(client.get(url).status_code)  # the SDK's auth is async only: this raises
+        with httpx2.Client(auth=auth, **env.options(httpx2), event_hooks={"request": [env.note]}) as client:
+            yield sync_sender(client)  # the SDK's auth is async only
 
 
 # -- httpx-auth ----------------------------------------------------------------------------------------
@@ -434,6 +451,7 @@ class HttpxAuth(Stack):
     """httpx-auth's ``OAuth2AuthorizationCodePKCE`` (it refreshes with the refresh token it got at login)."""
 
     library = "httpx-auth"
+    logs_in = True
 
     def __init__(self, early_expiry: float | None = None) -> None:
         super().__init__("httpx")
@@ -460,18 +478,14 @@ class HttpxAuth(Stack):
     async def aopen(self, env: Env) -> AsyncIterator[AsyncSend]:
         auth = self.auth(env)
         hooks = {"request": [env.anote]}
-        async with httpx.AsyncClient(auth=auth, limits=_limits(httpx), event_hooks=hooks) as client:
-
-            async def send(url: str) -> int:
-                return int((await client.get(url)).status_code)
-
-            yield send
+        async with httpx.AsyncClient(auth=auth, **env.options(httpx), event_hooks=hooks) as client:
+            yield async_sender(client)
 
     @contextlib.contextmanager
     def open(self, env: Env) -> Iterator[SyncSend]:
         auth = self.auth(env)
-        with httpx.Client(auth=auth, limits=_limits(httpx), event_hooks={"request": [env.note]}) as client:
-            yield lambda url: int(client.get(url).status_code)
+        with httpx.Client(auth=auth, **env.options(httpx), event_hooks={"request": [env.note]}) as client:
+            yield sync_sender(client)
 
 
 def _free_port() -> int:
@@ -545,19 +559,15 @@ class HandWritten(Stack):
         module = client_module(self.client)
         auth = RefreshOn401(module, env).auth()
         hooks = {"request": [env.anote]}
-        async with module.AsyncClient(auth=auth, limits=_limits(module), event_hooks=hooks) as client:
-
-            async def send(url: str) -> int:
-                return int((await client.get(url)).status_code)
-
-            yield send
+        async with module.AsyncClient(auth=auth, **env.options(module), event_hooks=hooks) as client:
+            yield async_sender(client)
 
     @contextlib.contextmanager
     def open(self, env: Env) -> Iterator[SyncSend]:
         module = client_module(self.client)
         auth = RefreshOn401(module, env).auth()
-        with module.Client(auth=auth, limits=_limits(module), event_hooks={"request": [env.note]}) as client:
-            yield lambda url: int(client.get(url).status_code)
+        with module.Client(auth=auth, **env.options(module), event_hooks={"request": [env.note]}) as client:
+            yield sync_sender(client)
 
 
 def stack(spec: str) -> Stack:
