@@ -127,11 +127,8 @@ class Settings:
     scale_sessions: tuple[int, ...]
     scale_requests: int
     mcp_seconds: float
-    peers_in_timed: bool
-
-
-SHORT = Settings("short", 300, 1, 500, 1, 1, 3.0, 3.0, 300, 1, 2.0, 6.0, (1, 1_000, 10_000), 3000, 3.0, True)
-FULL = Settings("full", 5000, 3, 3000, 5, 3, 10.0, 10.0, 2000, 3, 20.0, 16.0, (1, 1_000, 100_000), 20000, 7.0, True)
+    peers: frozenset[str]
+    """The scenarios the peers run in (all of them in ours)."""
 
 
 # -- results -------------------------------------------------------------------------------------------
@@ -167,6 +164,13 @@ SCENARIOS = {
     "9": "scale",
     "10": "MCP",
 }
+
+SHORT = Settings(
+    "short", 300, 1, 500, 1, 1, 3.0, 3.0, 300, 1, 2.0, 6.0, (1, 1_000, 10_000), 2000, 3.0, frozenset({"3", "5"})
+)
+FULL = Settings(
+    "full", 5000, 3, 3000, 5, 3, 10.0, 10.0, 2000, 3, 20.0, 16.0, (1, 1_000, 100_000), 20000, 7.0, frozenset(SCENARIOS)
+)
 
 
 class Counters:
@@ -380,6 +384,12 @@ class Run:
             self.redis_url = redis.url
         self.rows: list[Row] = []
 
+    def keep(self, number: str, chosen: list[Any]) -> list[Any]:
+        """``chosen`` less the peers, unless this mode runs them in scenario ``number``."""
+        if number in self.settings.peers:
+            return chosen
+        return [item for item in chosen if not (item[0] if isinstance(item, tuple) else item).peer]
+
     def storages(self) -> list[str]:
         """Our storages available here."""
         return ["memory", "sqlite"] + (["redis"] if self.redis_url else [])
@@ -442,7 +452,7 @@ def overhead_stacks(run: Run) -> list[tuple[Any, str]]:
         chosen.append((stacks.HttpxAuth(), mode))
         for client in ("httpx", "httpx2"):
             chosen.append((stacks.HandWritten(client), mode))
-    return chosen
+    return run.keep("1", chosen)
 
 
 def _measure(
@@ -567,12 +577,12 @@ def scenario_overhead(run: Run) -> None:
 # -- 2. and 5. expiry herds, 3. 401 herd ---------------------------------------------------------------
 
 
-def herd_stacks(run: Run, mode: str) -> list[Any]:
+def herd_stacks(run: Run, number: str) -> list[Any]:
     """The stacks of a herd scenario."""
     chosen: list[Any] = [stacks.Ours("httpx2", storage) for storage in run.storages()]
     chosen.append(stacks.Ours("httpx", "memory"))
     chosen += [stacks.Authlib("httpx2"), stacks.MCPSDK(), stacks.HttpxAuth(), stacks.HandWritten("httpx2")]
-    return chosen
+    return run.keep(number, chosen)
 
 
 def _follower_waits(env: Any, issued: dict[str, float], since: float) -> list[float]:
@@ -586,7 +596,7 @@ def scenario_herd(run: Run, *, mode: str, callers: int, revoked: bool) -> None:
     """``callers`` concurrent requests on an expired token (``revoked``: on a token the API revoked)."""
     number = "3 401 herd" if revoked else ("2 expiry herd" if mode == "async" else "5 threads")
     url = run.url + "/api/me"
-    for stack in herd_stacks(run, mode):
+    for stack in herd_stacks(run, number[0]):
         totals: dict[str, Any] = {
             "requests": 0,
             "failed": 0,
@@ -726,16 +736,15 @@ def _refresh_bounds(seconds: float, ttl: float) -> tuple[int, int]:
 def sustained_stacks(run: Run) -> list[Any]:
     """Ours on each storage and the peers, default and tuned for 1-s tokens."""
     chosen: list[Any] = [stacks.Ours("httpx2", storage) for storage in run.storages()]
-    if run.settings.peers_in_timed:
-        chosen += [
-            stacks.Authlib("httpx2"),
-            stacks.Authlib("httpx2", 0),
-            stacks.MCPSDK(),
-            stacks.HttpxAuth(),
-            stacks.HttpxAuth(0.1),
-            stacks.HandWritten("httpx2"),
-        ]
-    return chosen
+    chosen += [
+        stacks.Authlib("httpx2"),
+        stacks.Authlib("httpx2", 0),
+        stacks.MCPSDK(),
+        stacks.HttpxAuth(),
+        stacks.HttpxAuth(0.1),
+        stacks.HandWritten("httpx2"),
+    ]
+    return run.keep("4", chosen)
 
 
 def scenario_sustained(run: Run) -> None:
@@ -782,9 +791,8 @@ def scenario_sustained(run: Run) -> None:
 def process_stacks(run: Run) -> list[Any]:
     """Ours on the shared storages, and each peer with its own persistence."""
     chosen: list[Any] = [stacks.Ours("httpx2", storage) for storage in run.storages() if storage != "memory"]
-    if run.settings.peers_in_timed:
-        chosen += [stacks.Authlib("httpx2", 0), stacks.MCPSDK(), stacks.HttpxAuth(0.1), stacks.HandWritten("httpx2")]
-    return chosen
+    chosen += [stacks.Authlib("httpx2", 0), stacks.MCPSDK(), stacks.HttpxAuth(0.1), stacks.HandWritten("httpx2")]
+    return run.keep("6", chosen)
 
 
 def _spec(stack: Any) -> str:
@@ -949,7 +957,7 @@ def scenario_latency(run: Run) -> None:
         stacks.HttpxAuth(),
         stacks.HandWritten("httpx2"),
     ]
-    for stack in chosen:
+    for stack in run.keep("7", chosen):
         env = run.env(3600)
         before = run.counters.snapshot()
         settings = run.settings
@@ -986,8 +994,8 @@ def scenario_boundary(run: Run) -> None:
     seconds, ttl = run.settings.boundary_seconds, 4.0
     url = run.url + "/api/me"
     chosen: list[Any] = [stacks.Ours("httpx2", "memory")]
-    if run.settings.peers_in_timed:
-        chosen += [stacks.Authlib("httpx2", 0), stacks.MCPSDK(), stacks.HttpxAuth(1), stacks.HandWritten("httpx2")]
+    chosen += [stacks.Authlib("httpx2", 0), stacks.MCPSDK(), stacks.HttpxAuth(1), stacks.HandWritten("httpx2")]
+    chosen = run.keep("8", chosen)
     low, high = _refresh_bounds(seconds, ttl)
     for stack in chosen:
         env = run.env(ttl)
@@ -1094,10 +1102,14 @@ def scenario_scale(run: Run) -> None:
         first, last = scale[0].data["us_per_request"], scale[-1].data["us_per_request"]
         scale[-1].figures += f"; {ratio(last / first)} the cost with one session"
     for name, note in (
-        ("authlib", "one OAuth2Client (its own connection pool) per session"),
-        ("mcp-sdk OAuthClientProvider", "one provider and TokenStorage per session"),
-        ("httpx-auth", "one token per auth object's parameters, in a process-wide cache"),
-        ("hand-written (refresh on 401)", "one Auth object per session"),
+        ()
+        if "9" not in run.settings.peers
+        else (
+            ("authlib", "one OAuth2Client (its own connection pool) per session"),
+            ("mcp-sdk OAuthClientProvider", "one provider and TokenStorage per session"),
+            ("httpx-auth", "one token per auth object's parameters, in a process-wide cache"),
+            ("hand-written (refresh on 401)", "one Auth object per session"),
+        )
     ):
         run.add(Row("9 scale", name, "-", "-", "-", "-", "-", "-", f"no session manager: {note}", "peer"))
 
@@ -1151,7 +1163,7 @@ def scenario_mcp(run: Run) -> None:
         for name, main, ours_stack in (
             ("httpx-upstream-auth (mcp.connect)", ours, True),
             ("mcp-sdk OAuthClientProvider", sdk, False),
-        ):
+        )[: 2 if "10" in run.settings.peers else 1]:
             server.max_sleeping = 0
             before = provider.stats
             try:
@@ -1179,7 +1191,7 @@ def scenario_mcp(run: Run) -> None:
                     {"wall": wall},
                 )
             )
-        for spec in ("ours", "sdk") if run.settings.peers_in_timed else ("ours",):
+        for spec in ("ours", "sdk") if "10" in run.settings.peers else ("ours",):
             run.add(_mcp_processes(run, provider, idp, server, spec))
 
 
