@@ -2,10 +2,11 @@
 ``python benchmarks/compare.py --full`` writes (no benchmark runs here).
 
 The convention: a figure quoted from the benchmarks is a link to that page whose text is the figure as the
-page prints it, ``[0.98×](docs/benchmarks.md)`` (``(benchmarks.md)`` from docs/, an anchor allowed). The
-checks: (1) every such link's text appears in the page's results, verbatim; (2) a ratio written with a
-multiplication sign (``0.97×``) appears only as such a link; (3) in README.md's "Performance" section,
-every number with a unit (×, µs, ms, s, req/s, %, B) is inside such a link.
+page prints it, ``[0.98X](docs/benchmarks.md)`` where X is the multiplication sign U+00D7 (``(benchmarks.md)``
+from docs/, an anchor allowed). The checks: (1) every such link's text appears in the page's results,
+verbatim; (2) a ratio written with the multiplication sign appears only as such a link; (3) in README.md's
+"Performance" section, every number with a unit (the multiplication sign, µs, ms, s, req/s, %, B) is inside
+such a link.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- results: begin", "<!-- results: end -->"
 
+TIMES = "\N{MULTIPLICATION SIGN}"
 LINK = re.compile(r"\[([^\]]*)\]\(((?:\.\./)?(?:docs/)?benchmarks\.md)(#[^)]*)?\)")
-RATIO = re.compile(r"\d+\.\d+\s*×")
-UNIT_NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?\s*(?:×|µs|us\b|ms\b|s\b|req/s|%|B\b)")
+RATIO = re.compile(r"\d+\.\d+\s*" + TIMES)
+UNIT_NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?\s*(?:" + TIMES + r"|µs|us\b|ms\b|s\b|req/s|%|B\b)")
 
 
 def results(page: str) -> str:
@@ -65,14 +67,18 @@ def test_quoted_benchmark_figures_are_on_the_benchmarks_page() -> None:
 
 def test_the_check_finds_figures_that_are_not_on_the_page() -> None:
     """A figure missing from the page, an unlinked ratio and an unlinked Performance number are all reported."""
-    source = "| 1 overhead | ours | 0.98× plain | 2.1 ms |"
+    source = "| 1 overhead | ours | 0.98x plain | 2.1 ms |".replace("x", TIMES)
     readme = (
-        "Intro 0.5×\n\n## Performance\n\n"
-        "[0.98×](docs/benchmarks.md) and [0.42×](docs/benchmarks.md#x), then 2.1 ms and 7 req/s.\n\n## More\n3 ms\n"
+        (
+            "Intro 0.5x\n\n## Performance\n\n"
+            "[0.98x](docs/benchmarks.md) and [0.42x](docs/benchmarks.md#x), then 2.1 ms and 7 req/s.\n\n## More\n3 ms\n"
+        )
+        .replace("x]", TIMES + "]")
+        .replace("0.5x", "0.5" + TIMES)
     )
     assert problems("README.md", readme, source) == [
-        "README.md: [0.42×] is not in docs/benchmarks.md's results",
-        "README.md: ratio '0.5×' is not a link to docs/benchmarks.md",
+        f"README.md: [0.42{TIMES}] is not in docs/benchmarks.md's results",
+        f"README.md: ratio '0.5{TIMES}' is not a link to docs/benchmarks.md",
         "README.md, Performance: '2.1 ms' is not a link to docs/benchmarks.md",
         "README.md, Performance: '7 req/s' is not a link to docs/benchmarks.md",
     ]
