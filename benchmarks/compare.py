@@ -1369,6 +1369,19 @@ def machine() -> str:
     )
 
 
+def code_version() -> str:
+    """The commit measured (``+ changes`` when the work tree differs from it), or ``unknown``."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True)  # fmt: skip
+    except OSError:
+        return "unknown"
+    if commit.returncode != 0:
+        return "unknown"
+    return commit.stdout.strip() + (" + changes" if dirty.stdout.strip() else "")
+
+
 def failures_of_ours(rows: Sequence[Row]) -> list[Row]:
     """Rows of ours whose check failed."""
     return [row for row in rows if row.check.startswith("FAIL")]
@@ -1382,7 +1395,8 @@ def report(rows: Sequence[Row], settings: Settings, elapsed: float, command: str
     verdict = "every correctness figure of ours as expected" if not bad else f"{len(bad)} row(s) of ours FAILED"
     return (
         f"Mode: {settings.mode}; {stamp}; {elapsed:.0f} s; {verdict}.\n\n"
-        f"Command: `{command}`\n\nMachine: {machine()}\n\nVersions: {version_text}\n\n{markdown_table(rows)}\n"
+        f"Command: `{command}` at commit {code_version()}\n\nMachine: {machine()}\n\nVersions: {version_text}\n\n"
+        f"{markdown_table(rows)}\n"
     )
 
 
