@@ -4,9 +4,10 @@
 The convention: a figure quoted from the benchmarks is a link to that page whose text is the figure as the
 page prints it, ``[0.98X](docs/benchmarks.md)`` where X is the multiplication sign U+00D7 (``(benchmarks.md)``
 from docs/, an anchor allowed). The checks: (1) every such link's text appears in the page's results,
-verbatim; (2) a ratio written with the multiplication sign appears only as such a link; (3) in README.md's
-"Performance" section, every number with a unit (the multiplication sign, µs, ms, s, req/s, %, B) is inside
-such a link.
+verbatim; (2) a ratio written as the page writes them (``0.97`` and the sign, no space) appears only as
+such a link; (3) in README.md's "Performance" section, every number with a unit (the multiplication sign,
+µs, ms, s, req/s, %, B) or a count (refreshes, logins, reused, failures, requests, calls) is inside such a
+link.
 """
 
 from __future__ import annotations
@@ -20,8 +21,12 @@ BEGIN, END = "<!-- results: begin", "<!-- results: end -->"
 
 TIMES = "\N{MULTIPLICATION SIGN}"
 LINK = re.compile(r"\[([^\]]*)\]\(((?:\.\./)?(?:docs/)?benchmarks\.md)(#[^)]*)?\)")
-RATIO = re.compile(r"\d+\.\d+\s*" + TIMES)
-UNIT_NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?\s*(?:" + TIMES + r"|µs|us\b|ms\b|s\b|req/s|%|B\b)")
+# As the page prints ratios: a multiplier written with a space before the sign (in docs/simulation.md) is none.
+RATIO = re.compile(r"\d+\.\d+" + TIMES)
+UNIT_NUMBER = re.compile(
+    r"\d[\d,]*(?:\.\d+)?\s*(?:" + TIMES + r"|µs|us\b|ms\b|s\b|req/s|%|B\b"
+    r"|refresh(?:es)?\b|logins?\b|reused\b|failures?\b|failed\b|requests\b|calls\b)"
+)
 
 
 def results(page: str) -> str:
@@ -71,7 +76,8 @@ def test_the_check_finds_figures_that_are_not_on_the_page() -> None:
     readme = (
         (
             "Intro 0.5x\n\n## Performance\n\n"
-            "[0.98x](docs/benchmarks.md) and [0.42x](docs/benchmarks.md#x), then 2.1 ms and 7 req/s.\n\n## More\n3 ms\n"
+            "[0.98x](docs/benchmarks.md) and [0.42x](docs/benchmarks.md#x), then 2.1 ms, 7 req/s and 3 refreshes."
+            "\n\n## More\n3 ms\n"
         )
         .replace("x]", TIMES + "]")
         .replace("0.5x", "0.5" + TIMES)
@@ -81,5 +87,6 @@ def test_the_check_finds_figures_that_are_not_on_the_page() -> None:
         f"README.md: ratio '0.5{TIMES}' is not a link to docs/benchmarks.md",
         "README.md, Performance: '2.1 ms' is not a link to docs/benchmarks.md",
         "README.md, Performance: '7 req/s' is not a link to docs/benchmarks.md",
+        "README.md, Performance: '3 refreshes' is not a link to docs/benchmarks.md",
     ]
     assert problems("mcp.md", "[2.1 ms](benchmarks.md) 1.5 s", source) == []
