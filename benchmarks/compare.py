@@ -1,6 +1,6 @@
 """Us side by side with the libraries people use today, in ten scenarios, in one run and one table.
 
-    python benchmarks/compare.py --short     # CI: about 2 minutes; prints the table, writes benchmarks/results/
+    python benchmarks/compare.py --short     # CI: 2 to 3 minutes; prints the table, writes benchmarks/results/
     python benchmarks/compare.py --full      # writes docs/benchmarks.md (table, machine, command, versions)
         [--scenarios 1,2,...] [--no-venv] [--out FILE]
 
@@ -166,10 +166,40 @@ SCENARIOS = {
 }
 
 SHORT = Settings(
-    "short", 300, 1, 500, 1, 1, 3.0, 3.0, 300, 1, 2.0, 6.0, (1, 1_000, 10_000), 2000, 3.0, frozenset({"3", "5"})
+    mode="short",
+    overhead_requests=300,
+    overhead_rounds=1,
+    cpu_requests=300,
+    cpu_rounds=1,
+    herd_trials=1,
+    sustained_seconds=3.0,
+    process_seconds=3.0,
+    latency_requests=300,
+    latency_rounds=1,
+    latency_cap=2.0,
+    boundary_seconds=5.0,
+    scale_sessions=(1, 1_000, 10_000),
+    scale_requests=1000,
+    mcp_seconds=3.0,
+    peers=frozenset({"3", "5"}),
 )
 FULL = Settings(
-    "full", 5000, 3, 3000, 5, 3, 10.0, 10.0, 2000, 3, 20.0, 16.0, (1, 1_000, 100_000), 20000, 7.0, frozenset(SCENARIOS)
+    mode="full",
+    overhead_requests=5000,
+    overhead_rounds=3,
+    cpu_requests=3000,
+    cpu_rounds=5,
+    herd_trials=3,
+    sustained_seconds=10.0,
+    process_seconds=10.0,
+    latency_requests=2000,
+    latency_rounds=3,
+    latency_cap=20.0,
+    boundary_seconds=16.0,
+    scale_sessions=(1, 1_000, 100_000),
+    scale_requests=20000,
+    mcp_seconds=7.0,
+    peers=frozenset(SCENARIOS),
 )
 
 
