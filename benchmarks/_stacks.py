@@ -24,6 +24,7 @@ carried and when it left. Peers are imported only when used: they live in the be
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import json
 import os
@@ -128,7 +129,7 @@ def sync_sender(client: Any, plain: dict[str, Any] | None = None, **kwargs: Any)
     return send
 
 
-class Stack:
+class Stack(abc.ABC):
     """One library with one setting on one client package; subclasses open clients for a scenario."""
 
     library = ""
@@ -145,17 +146,13 @@ class Stack:
         """``library (setting)``, as the tables print it."""
         return f"{self.library} ({self.setting})" if self.setting else self.library
 
-    @contextlib.asynccontextmanager
-    async def aopen(self, env: Env) -> AsyncIterator[AsyncSend]:
+    @abc.abstractmethod
+    def aopen(self, env: Env) -> contextlib.AbstractAsyncContextManager[AsyncSend]:
         """An async client holding ``env.tokens``: yields ``send(url) -> status``."""
-        raise NotImplementedError(f"{self.name} has no async client")
-        yield  # pragma: no cover
 
-    @contextlib.contextmanager
-    def open(self, env: Env) -> Iterator[SyncSend]:
+    @abc.abstractmethod
+    def open(self, env: Env) -> contextlib.AbstractContextManager[SyncSend]:
         """A sync client holding ``env.tokens`` (shared by threads): yields ``send(url) -> status``."""
-        raise NotImplementedError(f"{self.name} has no sync client")
-        yield  # pragma: no cover
 
 
 class Static(Stack):
