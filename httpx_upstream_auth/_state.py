@@ -27,6 +27,7 @@ from ._models import Binding, EntryKey, UpstreamTokens
 from ._policy import DEFAULT_RETENTION, FreshnessBounds, FreshnessPolicy
 from ._refresher import Refresher
 from ._storages import Storage
+from ._storages._shared import SharedStorage
 from ._synchronization import Flight, Outcome, copy_error
 from ._trace import TraceEvent, Tracer
 
@@ -92,7 +93,9 @@ class Footprint:
     ``consumed`` the refresh tokens presented whose
     outcome is not recorded yet (or could not be); ``distrusted`` and ``backing_off`` are within
     ``cache_size`` and empty out as their tokens and pauses expire; ``failing`` counts the remembered
-    refresh failures (one per session within ``cache_size``, plus one for a configuration error).
+    refresh failures (one per session within ``cache_size``, plus one for a configuration error);
+    ``lost_claims`` the lease claims whose answer the storage object lost (SQLite, Redis), each kept for one
+    lease ttl, at most 10,000.
     """
 
     cached: int
@@ -105,6 +108,7 @@ class Footprint:
     distrusted: int
     backing_off: int
     failing: int
+    lost_claims: int
 
 
 @attrs.define
@@ -309,6 +313,7 @@ class ManagerState:
             distrusted=len(self._distrusted),
             backing_off=len(self._retry_at),
             failing=len(self._failures) + (self._config_failure is not None),
+            lost_claims=len(self.storage._orphans) if isinstance(self.storage, SharedStorage) else 0,
         )
 
     # -- freshness -----------------------------------------------------------------------------------

@@ -12,8 +12,10 @@ import contextlib
 import gc
 import os
 import socket
+import sqlite3
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,7 @@ from support import (
 )
 
 import httpx_upstream_auth._state as state_module
+import httpx_upstream_auth._storages._shared as shared_module
 from httpx_upstream_auth import (
     EntryKey,
     MemoryStorage,
@@ -1022,3 +1025,77 @@ async def test_a_lost_answer_says_the_entry_was_removed_only_when_it_was(
     assert ("the entry was removed" in str(caught.value)) is delete_works
     assert (stored(manager) is None) is delete_works
     assert provider.stats["refresh_reuse"] == 0
+
+
+def test_sqlite_storages_dropped_without_close_leave_the_change_feed(
+    provider: LocalProvider, token_url: str, sqlite_path: Path
+) -> None:
+    """Per-tenant managers over SQLite storages of one file, dropped without close(): the first change notice
+    after they are collected removes their feeds from the file's change hub, which then serves the live
+    storage alone, and its poller thread stops once that one is closed."""
+    for n in range(40):
+        _plain_manager(token_url, SQLiteStorage(sqlite_path)).store(f"tenant-{n}", provider.login())
+    gc.collect()
+    live = _plain_manager(token_url, SQLiteStorage(sqlite_path))
+    writer = SQLiteStorage(sqlite_path)  # another process's writes
+    poller = writer._poller()
+
+    def eventually(condition: Any) -> bool:
+        give_up = time.monotonic() + WAIT_LIMIT
+        while not condition():
+            if time.monotonic() > give_up:
+                return False
+            time.sleep(0.005)
+        return True
+
+    try:
+        live.get_token("tenant-0")
+        assert writer.delete(EntryKey("local", "tenant-1"))  # one change notice
+        assert eventually(lambda: len(poller.hub._subscribers) == 1)
+        assert writer.delete(EntryKey("local", "tenant-0"))
+        assert eventually(lambda: live.footprint().cached == 0)  # the live one still hears
+    finally:
+        live.close()
+        writer.close()
+    assert eventually(lambda: poller._thread is None)
+
+
+async def test_lost_lease_claims_are_kept_for_a_lease_ttl_at_most_and_bounded(
+    provider: LocalProvider, make_manager: ManagerFactory, sqlite_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lease claim that never reached the store (its file write-locked by another process) leaves nothing
+    behind; claims whose answer was lost after they may have committed are kept at most MAX_LOST_CLAIMS, and
+    only for a lease's ttl: sessions that never refresh here again leave no entry for ever."""
+    monkeypatch.setattr(shared_module, "MAX_LOST_CLAIMS", 5, raising=False)
+    storage = SQLiteStorage(sqlite_path, timeout=0.01)
+    manager = make_manager(storage=storage, lease_ttl=0.2, wait_timeout=WAIT_LIMIT)
+    for n in range(12):
+        put_entry(manager, expired(provider.login()), session=f"s-{n}")
+    locker = sqlite3.connect(sqlite_path, isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")  # another process's long write transaction
+    try:
+        for n in range(6):
+            with pytest.raises(UpstreamAuthError):
+                await manager.aget_token(f"s-{n}")
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    assert len(storage._orphans) == 0 and manager.footprint().lost_claims == 0
+
+    real_claim = storage._claim
+
+    def claim_then_fail(*args: Any) -> Any:
+        real_claim(*args)
+        raise StorageError("the answer was lost on the way back")
+
+    monkeypatch.setattr(storage, "_claim", claim_then_fail)
+    for n in range(12):
+        with pytest.raises(UpstreamAuthError):
+            await manager.aget_token(f"s-{n}")
+    monkeypatch.setattr(storage, "_claim", real_claim)
+    assert manager.footprint().lost_claims == 5
+    await anyio.sleep(0.3)  # the leases those claims may have taken have expired
+    put_entry(manager, expired(provider.login()), session="later")
+    assert (await manager.aget_token("later")).version > 1
+    assert manager.footprint().lost_claims == 0
+    assert provider.stats["refresh_ok"] == 1 and provider.stats["refresh_reuse"] == 0
