@@ -3,7 +3,7 @@
 A thread that learns an entry was saved or deleted (the SQLite poller, the Redis pub/sub listener)
 publishes it to the store's :class:`ChangeHub`, which wakes the watchers waiting for that entry and calls
 the subscribers, in that thread. :func:`feed_of` is how the many callbacks of one storage object take one
-place in a hub, held weakly.
+place in a hub, held weakly (and given up once the storage is gone).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import logging
 import threading
 import weakref
 from collections.abc import Callable, Iterable
-from typing import TypeVar
+from typing import Generic, TypeVar
 
-__all__ = ["ChangeCallback", "ChangeHub", "feed_of"]
+__all__ = ["ChangeCallback", "ChangeHub", "Feed", "feed_of"]
 
 logger = logging.getLogger("httpx_upstream_auth")
 _T = TypeVar("_T")
@@ -97,24 +97,39 @@ class ChangeHub:
                 logger.exception("a storage change subscriber raised")
 
 
-def feed_of(owner: _T, callbacks_of: Callable[[_T], Iterable[ChangeCallback]]) -> ChangeCallback:
+def feed_of(owner: _T, callbacks_of: Callable[[_T], Iterable[ChangeCallback]]) -> Feed[_T]:
     """One hub subscriber that calls every callback ``callbacks_of(owner)`` lists at the time of a change.
 
     ``owner`` is held weakly (a storage dropped without unsubscribing is not kept alive by its change
-    feed), so ``callbacks_of`` must not hold it either: pass a plain function, not a bound method. A storage
+    feed), so ``callbacks_of`` must not hold it either: pass a plain function, not a bound method. Once
+    ``owner`` is gone, the feed removes itself from the hub at the next change (set :attr:`Feed.remove` to the
+    hub's remover), so the hub, and the thread that serves it, do not keep serving dropped storages. A storage
     registers one feed however many callbacks subscribe, so that after ``fork()`` the child re-attaches one
     feed under its new origin and every callback live at the fork keeps hearing.
     """
-    ref = weakref.ref(owner)
+    return Feed(owner, callbacks_of)
 
-    def hear(digest: str | None) -> None:
-        found = ref()
+
+class Feed(Generic[_T]):
+    """What :func:`feed_of` returns: a change callback, with the remover of its place in a hub."""
+
+    __slots__ = ("_callbacks_of", "_ref", "remove")
+
+    def __init__(self, owner: _T, callbacks_of: Callable[[_T], Iterable[ChangeCallback]]) -> None:
+        self._ref = weakref.ref(owner)
+        self._callbacks_of = callbacks_of
+        #: Removes this feed from its hub; called once the owner is gone.
+        self.remove: Callable[[], None] | None = None
+
+    def __call__(self, digest: str | None) -> None:
+        found = self._ref()
         if found is None:
+            remove, self.remove = self.remove, None
+            if remove is not None:
+                remove()
             return
-        for callback in list(callbacks_of(found)):
+        for callback in list(self._callbacks_of(found)):
             try:
                 callback(digest)
             except Exception:  # one subscriber's bug must not stop the others, nor the listener thread
                 logger.exception("a storage change subscriber raised")
-
-    return hear

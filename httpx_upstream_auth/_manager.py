@@ -201,6 +201,8 @@ class TokenManager:
         anything is closed under it: ``close`` waits for it up to ``timeout`` seconds (default: twice
         ``refresh_timeout``, the longest a job can take). A job still running after that closes the
         storage and the refresher itself when it ends. A job that has not sent its request yet stops.
+        A storage or refresher that another open manager uses (or one still running a job) is left open
+        for that manager to close.
         """
         state = self._state
         state.close()  # no new job, nothing cached, no more change notices
@@ -237,6 +239,10 @@ class TokenManager:
         self._close_refresher()
 
     def _close_refresher(self) -> None:
+        # Likewise a refresher: closing its client under another manager's token request would lose the
+        # answer after the provider consumed the refresh token.
+        if self._state.refresher_in_use_elsewhere():
+            return
         close = getattr(self._state.refresher, "close", None)
         if close is not None:
             close()

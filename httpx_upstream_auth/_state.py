@@ -27,6 +27,7 @@ from ._models import Binding, EntryKey, UpstreamTokens
 from ._policy import DEFAULT_RETENTION, FreshnessBounds, FreshnessPolicy
 from ._refresher import Refresher
 from ._storages import Storage
+from ._storages._shared import SharedStorage
 from ._synchronization import Flight, Outcome, copy_error
 from ._trace import TraceEvent, Tracer
 
@@ -37,6 +38,9 @@ logger = logging.getLogger("httpx_upstream_auth")
 RTT_ALPHA, RTT_BETA, RTT_K = 1 / 8, 1 / 4, 4
 #: Refresh tokens this process remembers having presented without recording the result (see ``_consumed``).
 CONSUMED_MEMORY = 100_000
+#: How long a distrust of an access token of unknown lifetime lasts (seconds): an API that keeps refusing such a
+#: token costs one refresh per this long, and one revoked for real is refreshed again after at most this long.
+UNKNOWN_LIFETIME_DISTRUST = 60.0
 
 RedeemIn = Literal["thread", "task"]
 #: A refresh-ahead window starts at a random point of its last half (drawn per cached entry, from a generator
@@ -89,7 +93,9 @@ class Footprint:
     ``consumed`` the refresh tokens presented whose
     outcome is not recorded yet (or could not be); ``distrusted`` and ``backing_off`` are within
     ``cache_size`` and empty out as their tokens and pauses expire; ``failing`` counts the remembered
-    refresh failures (one per session within ``cache_size``, plus one for a configuration error).
+    refresh failures (one per session within ``cache_size``, plus one for a configuration error);
+    ``lost_claims`` the lease claims whose answer the storage object lost (SQLite, Redis), each kept for one
+    lease ttl, at most 10,000.
     """
 
     cached: int
@@ -102,6 +108,7 @@ class Footprint:
     distrusted: int
     backing_off: int
     failing: int
+    lost_claims: int
 
 
 @attrs.define
@@ -146,8 +153,9 @@ class ManagerState:
     the cache holds at most ``cache_size`` sessions; epochs and change-notice digests are kept for cached
     sessions and sessions with work in progress, and trimmed beyond twice ``cache_size`` among the others;
     flights live while their work runs; presented refresh tokens until their answer is recorded (or, if
-    it was lost, until no store can hold them); distrust and back-off until their token or pause expires;
-    remembered failures (within ``cache_size``, plus one configuration error) until their window ends.
+    it was lost, until no store can hold them); distrust and back-off until their token or pause expires
+    (a distrust of a token of unknown lifetime after UNKNOWN_LIFETIME_DISTRUST seconds); remembered failures
+    (within ``cache_size``, plus one configuration error) until their window ends.
     """
 
     def __init__(
@@ -216,9 +224,10 @@ class ManagerState:
         # again while the entry is kept for inspection. Forgetting one costs one more refused call, so the
         # oldest go beyond cache_size; a logout or login of the session ends it.
         self._refused: OrderedDict[str, bytes] = OrderedDict()
-        # session id -> (access token the API refused right after a refresh, its expiry): refreshing
-        # again on its account would not help. Ends when the API accepts it, or it expires.
-        self._distrusted: dict[str, tuple[str, float | None]] = {}
+        # session id -> (access token the API refused right after a refresh, until when: wall time): refreshing
+        # again on its account would not help. Ends when the API accepts it, or it expires (a token of unknown
+        # lifetime: UNKNOWN_LIFETIME_DISTRUST after the refusal).
+        self._distrusted: dict[str, tuple[str, float]] = {}
         # Keys whose early refresh failed without consuming anything: until this monotonic time, the
         # still-valid token is served instead of trying again on every request.
         self._retry_at: dict[EntryKey, float] = {}
@@ -304,6 +313,7 @@ class ManagerState:
             distrusted=len(self._distrusted),
             backing_off=len(self._retry_at),
             failing=len(self._failures) + (self._config_failure is not None),
+            lost_claims=len(self.storage._orphans) if isinstance(self.storage, SharedStorage) else 0,
         )
 
     # -- freshness -----------------------------------------------------------------------------------
@@ -500,10 +510,14 @@ class ManagerState:
 
     def storage_in_use_elsewhere(self) -> bool:
         """True when another manager that is open, or still running a job, uses this manager's storage."""
-        for other in list(_live):
-            if other is not self and other.storage is self.storage and (not other.closing or other.running()):
-                return True
-        return False
+        return any(other.storage is self.storage for other in self._others_in_use())
+
+    def refresher_in_use_elsewhere(self) -> bool:
+        """True when another manager that is open, or still running a job, uses this manager's refresher."""
+        return any(other.refresher is self.refresher for other in self._others_in_use())
+
+    def _others_in_use(self) -> list[ManagerState]:
+        return [other for other in list(_live) if other is not self and (not other.closing or other.running())]
 
     def when_idle(self, run: Callable[[], None]) -> bool:
         """Call ``run`` once no refresh job runs: now (returns True) or when the last one ends (False)."""
@@ -575,13 +589,15 @@ class ManagerState:
 
     def distrust(self, session_id: str, tokens: UpstreamTokens) -> None:
         """The API refused ``tokens`` right after they were refreshed: do not refresh on their account
-        until the API accepts them, or they expire."""
+        until the API accepts them, or they expire (when their lifetime is unknown, for
+        UNKNOWN_LIFETIME_DISTRUST seconds)."""
+        now = self.clock.time()
+        until = now + UNKNOWN_LIFETIME_DISTRUST if tokens.expires_at is None else tokens.expires_at
         with self._lock:
             self._distrusted.pop(session_id, None)
-            self._distrusted[session_id] = (tokens.access_token, tokens.expires_at)
+            self._distrusted[session_id] = (tokens.access_token, until)
             if len(self._distrusted) > self._cache_size:
-                now = self.clock.time()
-                for sid in [s for s, (_, until) in self._distrusted.items() if until is not None and until <= now]:
+                for sid in [s for s, (_, ends) in self._distrusted.items() if ends <= now]:
                     del self._distrusted[sid]
                 while len(self._distrusted) > self._cache_size:
                     # Forgetting costs at most one more refresh for that session: never a correctness loss.
@@ -600,8 +616,8 @@ class ManagerState:
         held = self._distrusted.get(session_id)
         if held is None or held[0] != access_token:
             return False
-        if held[1] is not None and self.clock.time() >= held[1]:
-            self.trust(session_id, access_token)  # expired: a distrust never outlives its token
+        if self.clock.time() >= held[1]:
+            self.trust(session_id, access_token)  # over: a distrust never outlives its token, nor its bound
             return False
         return True
 

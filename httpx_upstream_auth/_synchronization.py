@@ -8,7 +8,10 @@ thread releases async waiters, and a job running as a task releases sync waiters
 ``start_async_job`` / ``start_sync_job`` start a refresh job where no caller's cancellation reaches it;
 ``AsyncLeaseKeeper`` / ``SyncLeaseKeeper`` renew the job's storage lease while it runs;
 ``AsyncDeadline`` / ``SyncDeadline`` bound (and may shield) a part of a task job;
-``async_call_bounded`` / ``sync_call_bounded`` wait at most so long for a call (the refresher's);
+``async_call_bounded`` / ``sync_call_bounded`` wait at most so long for a call (the refresher's), by
+waiting rather than cancelling (a call may ignore cancellation);
+``AsyncStoreCalls`` / ``SyncStoreCalls`` bound a job's storage calls, with what they need acquired before
+the token request;
 ``async_sleep`` / ``sync_sleep`` pause a job;
 ``AsyncWaker`` / ``SyncWaker`` wake one waiter from any thread, and ``async_wait_for_change`` /
 ``sync_wait_for_change`` wait on one until a value read from a store moves.
@@ -22,8 +25,10 @@ import contextlib
 import contextvars
 import copy
 import enum
+import functools
 import logging
 import os
+import queue
 import sys
 import threading
 import time
@@ -44,6 +49,7 @@ __all__ = [
     "AsyncCall",
     "AsyncDeadline",
     "AsyncLeaseKeeper",
+    "AsyncStoreCalls",
     "AsyncWaker",
     "Flight",
     "ForkRegistry",
@@ -52,6 +58,7 @@ __all__ = [
     "SyncCall",
     "SyncDeadline",
     "SyncLeaseKeeper",
+    "SyncStoreCalls",
     "SyncWaker",
     "TimedOut",
     "async_call_bounded",
@@ -189,11 +196,15 @@ class Flight:
                 "httpx.AsyncClient) inside async code, or TokenManager(redeem_in='thread')"
             )
         event = threading.Event()
+        wake = event.set
         with self._lock:
             if self._outcome is not None:
                 return self._outcome
-            self._wakers.append(event.set)
-        event.wait(timeout)
+            self._wakers.append(wake)
+        try:
+            event.wait(timeout)
+        finally:
+            self._leave(wake)
         return self._outcome
 
     async def aoutcome(self, timeout: float) -> Outcome | None:
@@ -205,11 +216,21 @@ class Flight:
             if registered:
                 self._wakers.append(wake)
         if registered:
-            with anyio.move_on_after(timeout):
-                await event.wait()
+            try:
+                with anyio.move_on_after(timeout):
+                    await event.wait()
+            finally:
+                self._leave(wake)
         else:
             await anyio.lowlevel.checkpoint()
         return self._outcome
+
+    def _leave(self, wake: Callable[[], None]) -> None:
+        # A waiter that timed out or was cancelled is no longer waiting (``waiting`` must not count it).
+        with self._lock:
+            if self._outcome is None:
+                with contextlib.suppress(ValueError):
+                    self._wakers.remove(wake)
 
 
 def _always() -> bool:
@@ -289,10 +310,62 @@ TimedOut: Literal[_Timeout.TIMED_OUT] = _Timeout.TIMED_OUT
 async def async_call_bounded(
     seconds: float, fn: Callable[..., Awaitable[T]], *args: Any
 ) -> T | Literal[_Timeout.TIMED_OUT]:
-    """``await fn(*args)``, cancelled after ``seconds``: then :data:`TimedOut`."""
-    with anyio.move_on_after(seconds):
-        return await fn(*args)
-    return TimedOut
+    """``await fn(*args)`` for at most ``seconds``: then :data:`TimedOut`.
+
+    Bounded by waiting, not only by cancelling: the call runs in a task of its own that this one waits for,
+    so a call that ignores cancellation (blocking code run through ``anyio.to_thread.run_sync``, which is not
+    abandoned on cancel by default) is cancelled and left behind, and cannot hold the caller past its bound.
+    Its late result is dropped. Cancelling the caller cancels the call.
+    """
+    done = anyio.Event()
+    result: list[T] = []
+    failure: list[Exception] = []
+
+    async def call() -> None:
+        try:
+            result.append(await fn(*args))
+        except Exception as exc:  # handed to the waiting task, which raises it
+            failure.append(exc)
+        finally:
+            done.set()
+
+    cancel = _detach(call)
+    try:
+        with anyio.move_on_after(seconds):
+            await done.wait()
+    finally:
+        if not done.is_set():
+            cancel()
+    if failure:
+        raise failure.pop()
+    # No result: the time ran out, or the call was cancelled from outside (its event loop is ending).
+    return result[0] if result else TimedOut
+
+
+def _detach(fn: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[], object]:
+    """Run ``fn()`` in a new task of the current event loop that nothing awaits; return what cancels it.
+
+    On trio, a system task under a shielded scope of its own: the run's end does not cancel it (a job's
+    fail-closed delete at the end of ``trio.run`` still runs, bounded by its caller), only its caller does.
+    On asyncio, a task held by a strong reference until it is done, with the caller's context.
+    """
+    if running_async_library() == "trio":
+        import trio
+
+        scope = trio.CancelScope(shield=True)
+
+        async def shielded() -> None:
+            with scope:
+                await fn()
+
+        trio.lowlevel.spawn_system_task(shielded, context=contextvars.copy_context())
+        return scope.cancel
+    import asyncio
+
+    task = asyncio.get_running_loop().create_task(fn())
+    _task_jobs.add(task)
+    task.add_done_callback(_task_jobs.discard)
+    return task.cancel
 
 
 def sync_call_bounded(seconds: float, fn: Callable[..., T], *args: Any) -> T | Literal[_Timeout.TIMED_OUT]:
@@ -302,32 +375,125 @@ def sync_call_bounded(seconds: float, fn: Callable[..., T], *args: Any) -> T | L
     behind in its daemon thread, which cannot keep the interpreter from exiting, and its result is
     dropped. The caller goes on as after a lost answer.
     """
-    done = threading.Event()
-    result: list[Any] = []
-    failure: list[BaseException] = []
-    context = contextvars.copy_context()
-
-    def call() -> None:
-        try:
-            result.append(context.run(fn, *args))
-        except BaseException as exc:  # handed to the waiting thread, which raises it
-            failure.append(exc)
-        finally:
-            done.set()
-
     try:
-        threading.Thread(target=call, name="httpx-upstream-auth-refresher", daemon=True).start()
+        worker = _Worker("httpx-upstream-auth-refresher")
     except RuntimeError as exc:  # no thread can start (interpreter shutdown, resource limits): nothing was sent
         raise RefreshFailed(
             f"could not start the refresh ({exc}); nothing was sent. Retry the request.", retryable=True
         ) from None
-    if not done.wait(seconds):
-        return TimedOut
-    if failure:
-        error = failure[0]
-        failure.clear()
-        raise error
-    return result[0]  # type: ignore[no-any-return]
+    try:
+        return worker.run(seconds, functools.partial(fn, *args))
+    finally:
+        worker.stop()
+
+
+class _Worker:
+    """A daemon thread that runs the calls handed to it, one at a time; started at construction (RuntimeError
+    when no thread can start)."""
+
+    def __init__(self, name: str) -> None:
+        self._calls: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        #: True while a call that timed out still runs: later calls would wait behind it.
+        self.stuck = False
+        threading.Thread(target=self._serve, name=name, daemon=True).start()
+
+    def _serve(self) -> None:
+        while (call := self._calls.get()) is not None:
+            call()
+
+    def run(self, seconds: float, fn: Callable[[], T]) -> T | Literal[_Timeout.TIMED_OUT]:
+        """``fn()`` on this thread (with the caller's context), waited for at most ``seconds``."""
+        done = threading.Event()
+        result: list[T] = []
+        failure: list[BaseException] = []
+        context = contextvars.copy_context()
+
+        def call() -> None:
+            try:
+                result.append(context.run(fn))
+            except BaseException as exc:  # handed to the waiting thread, which raises it
+                failure.append(exc)
+            finally:
+                done.set()
+
+        self._calls.put(call)
+        if not done.wait(seconds):
+            self.stuck = True
+            return TimedOut
+        if failure:
+            raise failure.pop()
+        return result[0]
+
+    def stop(self) -> None:
+        """End the thread once its current call (if any) returns."""
+        self._calls.put(None)
+
+
+class AsyncStoreCalls:
+    """The storage calls of one refresh job, each waited for at most ``seconds`` (then :data:`TimedOut`).
+
+    After the token request may have left, the job's writes must not depend on anything the process may then
+    fail to provide. A task job needs nothing: each call is bounded by waiting (:func:`async_call_bounded`).
+    The sync twin is :class:`SyncStoreCalls`.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+
+    def prepare(self) -> None:
+        """Acquire, before the token request, what the calls after it need (a task job needs nothing)."""
+
+    async def call(self, fn: AsyncCall[T]) -> T | Literal[_Timeout.TIMED_OUT]:
+        """``await fn()``, bounded."""
+        return await async_call_bounded(self._seconds, fn)
+
+    def close(self) -> None:
+        """Release what :meth:`prepare` acquired."""
+
+
+class SyncStoreCalls:
+    """The sync twin of :class:`AsyncStoreCalls`: the calls run on a daemon worker thread, which
+    :meth:`prepare` starts before the token request (when none can start, nothing is sent).
+
+    So a process that cannot start threads once the request has left (at its thread or pid limit, or an
+    interpreter that is exiting: CPython 3.12.0 to 3.12.2 refuse new threads then) still saves the answer or
+    removes the entry. A call that hangs is left behind on its worker, which a later call replaces; when no
+    replacement can start either, the job's own thread makes the call itself (unbounded: losing the answer
+    would cost the grant).
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+        self._worker: _Worker | None = None
+
+    def prepare(self) -> None:
+        """Start the worker thread; :class:`RefreshFailed` (nothing was sent) when it cannot start."""
+        if self._worker is None:
+            try:
+                self._worker = _Worker("httpx-upstream-auth-store")
+            except RuntimeError as exc:
+                raise RefreshFailed(
+                    f"could not start the refresh ({exc}); nothing was sent. Retry the request.", retryable=True
+                ) from None
+
+    def call(self, fn: SyncCall[T]) -> T | Literal[_Timeout.TIMED_OUT]:
+        """``fn()`` on the worker, bounded; on the calling thread when no worker can serve it."""
+        worker = self._worker
+        if worker is None or worker.stuck:
+            try:
+                replacement = _Worker("httpx-upstream-auth-store")
+            except RuntimeError:
+                return fn()
+            if worker is not None:
+                worker.stop()
+            worker = self._worker = replacement
+        return worker.run(self._seconds, fn)
+
+    def close(self) -> None:
+        """Let the worker thread end."""
+        if self._worker is not None:
+            self._worker.stop()
+            self._worker = None
 
 
 async def async_sleep(seconds: float) -> None:
@@ -383,8 +549,11 @@ class AsyncLeaseKeeper:
         while True:
             await anyio.sleep(self._interval)
             try:
-                renewed = await self._renew()
+                # Bounded by waiting: a renewal that ignores cancellation must not keep the job from ending.
+                renewed = await async_call_bounded(3 * self._interval, self._renew)
             except Exception:  # the store blipped: the next round tries again before the lease runs out
+                continue
+            if renewed is TimedOut:
                 continue
             if not renewed:  # taken by someone else (False), or the store cannot renew (None): stop
                 return
@@ -408,7 +577,9 @@ class SyncLeaseKeeper:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self._stop.set()
-        self._thread.join()
+        # Waited for at most a ttl: a renewal that hangs is left behind in the daemon thread (landing late, it
+        # extends the lease once, by one ttl, and only if the lease is still ours).
+        self._thread.join(3 * self._interval)
 
     def _run(self) -> None:
         give_up = time.monotonic() + self._hold

@@ -250,7 +250,7 @@ def test_a_child_does_not_inherit_held_locks_leases_or_lost_lease_answers(any_st
     lost = store.acquire_lease(B, 60.0)
     assert lost is not None
     if isinstance(store, (SQLiteStorage, RedisStorage)):
-        store._orphans[B] = lost.owner  # as if the answer to that acquire had been lost
+        store._orphans.keep(B, lost.owner, 60.0)  # as if the answer to that acquire had been lost
     slots = 0
     if isinstance(store, RedisStorage):  # every connection slot taken by in-flight commands
         while store._gate.acquire(timeout=0):

@@ -46,6 +46,7 @@ REPLACEMENTS = {
     "async_sleep": "sync_sleep",
     "async_call_bounded": "sync_call_bounded",
     "AsyncCall": "SyncCall",
+    "AsyncStoreCalls": "SyncStoreCalls",
     "start_async_job": "start_sync_job",
 }
 

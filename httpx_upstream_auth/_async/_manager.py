@@ -31,6 +31,7 @@ from .._synchronization import (
     AsyncCall,
     AsyncDeadline,
     AsyncLeaseKeeper,
+    AsyncStoreCalls,
     Flight,
     Outcome,
     SameThreadWait,
@@ -54,6 +55,12 @@ RETRY_PAUSE = (0.05, 1.0)
 #: Token requests retried after a refusal that consumed nothing, and the backoff's base and cap (seconds).
 MAX_RETRIES = 3
 RETRY_BACKOFF = (0.25, 2.0)
+#: How a fail-closed error message ends, by whether the store confirmed it no longer holds the entry.
+REMOVED = "the entry was removed, so the consumed refresh token is never presented again"
+NOT_REMOVED = (
+    "the store did not confirm removing the entry: this process never presents that refresh token again (and "
+    "removes the entry when it next finds it), but other processes sharing the store may until then"
+)
 
 
 class AsyncTokenOps:
@@ -265,8 +272,11 @@ class AsyncTokenOps:
         job = JobTrace(started=state.clock.monotonic())
         marked = current_job.set(job)
         waiters = 0
+        # Every storage call after the token request goes through this, bounded (and, in a thread job, on a
+        # worker thread started before the request).
+        calls = AsyncStoreCalls(2 * state.refresh_timeout + state.lease_ttl)
         try:
-            outcome = await self._lead(key, need, flight.epoch)
+            outcome = await self._lead(key, need, flight.epoch, calls)
         except UpstreamAuthError as exc:
             outcome = Outcome(error=exc)
         except Exception as exc:  # a bug in a custom storage: say so, typed, without its text
@@ -280,6 +290,7 @@ class AsyncTokenOps:
             )
         finally:
             waiters = flight.waiting
+            calls.close()
             state.end_flight(key, flight, outcome)
             with contextlib.suppress(ValueError):  # closed from another context (see ManagerState.writing)
                 current_job.reset(marked)
@@ -318,13 +329,13 @@ class AsyncTokenOps:
                 served_stale=outcome.error is None,
             )
 
-    async def _lead(self, key: EntryKey, need: Need, epoch: int) -> Outcome:
+    async def _lead(self, key: EntryKey, need: Need, epoch: int, calls: AsyncStoreCalls) -> Outcome:
         state = self._state
         give_up = state.clock.monotonic() + state.lease_wait
         while True:
             # Re-read first: another task, thread or process may have refreshed already.
             current = await self._read(key)
-            early = await self._early_answer_or_discard(key, need, current, epoch)
+            early = await self._early_answer_or_discard(key, need, current, epoch, calls)
             if early is not None:
                 return early
             lease = await state.storage.aacquire_lease(key, state.lease_ttl)
@@ -348,7 +359,7 @@ class AsyncTokenOps:
                 async with AsyncLeaseKeeper(renew, state.lease_ttl, 2 * state.refresh_timeout + state.lease_ttl):
                     # Re-read under the lease: the previous holder may have saved just before releasing.
                     current = await self._read(key)
-                    early = await self._early_answer_or_discard(key, need, current, epoch)
+                    early = await self._early_answer_or_discard(key, need, current, epoch, calls)
                     if early is not None:
                         return early
                     if state.closing:
@@ -367,19 +378,19 @@ class AsyncTokenOps:
                                 retryable=True,
                             )
                         continue
-                    return await self._redeem(key, need, current, epoch)
+                    return await self._redeem(key, need, current, epoch, calls)
             except GeneratorExit:
                 lease = None  # collected with its closed loop: nothing can be awaited; the lease expires
                 raise
             finally:
                 if lease is not None:
                     try:
-                        await state.storage.arelease_lease(lease)
+                        await self._bounded(calls, functools.partial(state.storage.arelease_lease, lease))
                     except StorageError:
-                        logger.debug("refresh of %s: lease release failed; it expires", key)
+                        logger.debug("refresh of %s: lease release failed or hung; it expires", key)
 
     async def _early_answer_or_discard(
-        self, key: EntryKey, need: Need, current: UpstreamTokens, epoch: int
+        self, key: EntryKey, need: Need, current: UpstreamTokens, epoch: int, calls: AsyncStoreCalls
     ) -> Outcome | None:
         """:meth:`_early_answer`; when it is that the stored token's answer was lost and the store would not
         remove the entry then, remove it now (compare-and-set on its version, so no lease is needed)."""
@@ -388,7 +399,7 @@ class AsyncTokenOps:
             return self._early_answer(key, need, current, epoch)
         except ReauthenticationRequired:
             if current.refresh_token is not None and state.is_lost(current.refresh_token):
-                await self._discard(key, current, state.clock.monotonic() + state.refresh_timeout)
+                await self._discard(key, current, state.clock.monotonic() + state.refresh_timeout, calls)
             raise
 
     def _early_answer(self, key: EntryKey, need: Need, current: UpstreamTokens, epoch: int) -> Outcome | None:
@@ -427,10 +438,14 @@ class AsyncTokenOps:
             or state.remembered_failure(key) is not None
         )
 
-    async def _redeem(self, key: EntryKey, need: Need, current: UpstreamTokens, epoch: int) -> Outcome:
+    async def _redeem(
+        self, key: EntryKey, need: Need, current: UpstreamTokens, epoch: int, calls: AsyncStoreCalls
+    ) -> Outcome:
         state = self._state
         assert current.refresh_token is not None
         logger.debug("refresh of %s: redeeming version %d", key, current.version)
+        # What the writes after the request need is acquired now: a process that cannot provide it sends nothing.
+        calls.prepare()
         reason = "rejected" if need.rejected is not None else "ahead" if need.ahead_of is not None else "expired"
         job = current_job.get()
         if job is not None:
@@ -441,7 +456,7 @@ class AsyncTokenOps:
         # process unless we learn it was not consumed.
         state.mark_consumed(current.refresh_token)
         try:
-            return await self._redeem_marked(key, need, current, epoch)
+            return await self._redeem_marked(key, need, current, epoch, calls)
         except Exception:
             raise  # each failure below already saved, removed or kept the entry as it should
         except GeneratorExit:
@@ -453,10 +468,12 @@ class AsyncTokenOps:
             # Stopped for good (the event loop is ending, the interpreter is exiting) after the request may
             # have left: fail closed while we still can, so no other process presents the token again.
             with AsyncDeadline(state.refresh_timeout, shield=True):
-                await self._discard(key, current, state.clock.monotonic() + state.refresh_timeout)
+                await self._discard(key, current, state.clock.monotonic() + state.refresh_timeout, calls)
             raise
 
-    async def _redeem_marked(self, key: EntryKey, need: Need, current: UpstreamTokens, epoch: int) -> Outcome:
+    async def _redeem_marked(
+        self, key: EntryKey, need: Need, current: UpstreamTokens, epoch: int, calls: AsyncStoreCalls
+    ) -> Outcome:
         state = self._state
         assert current.refresh_token is not None
         # Whatever happens to the token request, the writes that follow get refresh_timeout of their own.
@@ -464,7 +481,7 @@ class AsyncTokenOps:
             fresh = await self._answer(need, current)
         except ReauthenticationRequired:
             # invalid_grant may mean another worker rotated first: use its tokens if so.
-            again = await state.storage.aget(key)
+            again = await self._bounded(calls, functools.partial(state.storage.aget, key))
             if again is None or again.version == current.version:
                 state.refuse(key, current.refresh_token)  # the provider calls it dead: never present it again
                 raise
@@ -472,11 +489,10 @@ class AsyncTokenOps:
             return Outcome(tokens=again)
         except RefreshFailed as exc:
             if exc.may_have_rotated:
-                await self._discard(key, current, state.clock.monotonic() + state.refresh_timeout)
+                removed = await self._discard(key, current, state.clock.monotonic() + state.refresh_timeout, calls)
                 raise ReauthenticationRequired(
                     "the token endpoint's answer was lost or unusable after it may have rotated the refresh "
-                    "token; the entry was removed so the consumed token is never presented again. Log the "
-                    f"user in again. What happened: {exc}"
+                    f"token; {REMOVED if removed else NOT_REMOVED}. Log the user in again. What happened: {exc}"
                 ) from None
             state.settle_consumed(current.refresh_token)
             job = current_job.get()
@@ -491,11 +507,11 @@ class AsyncTokenOps:
             state.remember_failure(key, exc, epoch)
             raise
         except BindingMismatch:
-            await self._discard(key, current, state.clock.monotonic() + state.refresh_timeout)
+            removed = await self._discard(key, current, state.clock.monotonic() + state.refresh_timeout, calls)
             raise BindingMismatch(
                 "the provider returned an id_token for another subject than the stored entry; the new tokens "
-                "were refused and, since the refresh token was consumed, the entry was removed. Log the user "
-                "in again."
+                f"were refused and the refresh token was consumed: {REMOVED if removed else NOT_REMOVED}. Log "
+                "the user in again."
             ) from None
         except NotImplementedError:
             # A refresher without this (sync or async) half sent nothing.
@@ -507,16 +523,18 @@ class AsyncTokenOps:
             ) from None
         except Exception as exc:
             # A custom refresher failed in a way that does not say whether the request left: assume it did.
-            await self._discard(key, current, state.clock.monotonic() + state.refresh_timeout)
+            removed = await self._discard(key, current, state.clock.monotonic() + state.refresh_timeout, calls)
             raise RefreshFailed(
-                f"the refresher failed ({type(exc).__name__}), so the refresh token may have been consumed; the "
-                "entry was removed. Raise RefreshFailed(may_have_rotated=False) from a custom refresher for "
-                "failures that certainly did not reach the provider. Log the user in again.",
+                f"the refresher failed ({type(exc).__name__}), so the refresh token may have been consumed; "
+                f"{REMOVED if removed else NOT_REMOVED}. Raise RefreshFailed(may_have_rotated=False) from a custom "
+                "refresher for failures that certainly did not reach the provider. Log the user in again.",
                 retryable=False,
             ) from None
         if fresh.refresh_token == current.refresh_token:
             state.settle_consumed(current.refresh_token)  # not rotated: it stays valid
-        return await self._save(key, need, current, fresh, epoch, state.clock.monotonic() + state.refresh_timeout)
+        return await self._save(
+            key, need, current, fresh, epoch, state.clock.monotonic() + state.refresh_timeout, calls
+        )
 
     async def _answer(self, need: Need, current: UpstreamTokens) -> UpstreamTokens:
         """The refresher's answer as the next entry, within refresh_timeout; a refusal that proves nothing was
@@ -619,7 +637,14 @@ class AsyncTokenOps:
             pause = min(pause * 2, longest)
 
     async def _save(
-        self, key: EntryKey, need: Need, current: UpstreamTokens, fresh: UpstreamTokens, epoch: int, give_up: float
+        self,
+        key: EntryKey,
+        need: Need,
+        current: UpstreamTokens,
+        fresh: UpstreamTokens,
+        epoch: int,
+        give_up: float,
+        calls: AsyncStoreCalls,
     ) -> Outcome:
         state = self._state
         assert current.refresh_token is not None
@@ -629,13 +654,13 @@ class AsyncTokenOps:
             try:
                 with state.writing(key):
                     put = functools.partial(state.storage.aput, key, fresh, expected_version=current.version)
-                    saved = bool(await self._bounded(put))
+                    saved = bool(await self._bounded(calls, put))
             except Exception as exc:
                 saved = False
                 state.tracer.emit("store.error", key, operation="put", error=type(exc).__name__)
             # Unless the store said it saved, look at what it holds: a write may land though it raised, and a
             # refusal only counts when someone else wrote (one over an unchanged entry is a failed write).
-            landed = True if saved else await self._landed(key, current, fresh)
+            landed = True if saved else await self._landed(key, current, fresh, calls)
             if landed:
                 state.settle_consumed(current.refresh_token)  # the store moved past it
                 state.remember(key, fresh, epoch)
@@ -644,7 +669,8 @@ class AsyncTokenOps:
                 # Compare-and-set lost: a new login or a logout replaced the entry, which no longer holds
                 # the redeemed token. Theirs wins.
                 state.settle_consumed(current.refresh_token)
-                return Outcome(tokens=await self._read(key))
+                theirs = await self._bounded(calls, functools.partial(state.storage.aget, key))
+                return Outcome(tokens=self._present(theirs))
             pause = next(pauses, None)
             if pause is None or not rotated:
                 break
@@ -652,17 +678,18 @@ class AsyncTokenOps:
         if not rotated:
             logger.debug("refresh of %s: save failed, the old refresh token stays valid", key)
             return Outcome(tokens=fresh, refreshed=True)
-        await self._discard(key, current, give_up)
+        removed = await self._discard(key, current, give_up, calls)
         raise StorageError(
-            "the provider rotated the refresh token but the new one could not be saved; the stored entry was "
-            "removed (or will never be presented again by this process) so the consumed token is not reused. "
-            "Log the user in again."
+            "the provider rotated the refresh token but the new one could not be saved; "
+            f"{REMOVED if removed else NOT_REMOVED}. Log the user in again."
         )
 
-    async def _landed(self, key: EntryKey, current: UpstreamTokens, fresh: UpstreamTokens) -> bool | None:
+    async def _landed(
+        self, key: EntryKey, current: UpstreamTokens, fresh: UpstreamTokens, calls: AsyncStoreCalls
+    ) -> bool | None:
         """After a failed write: True if it landed anyway, False if someone else wrote, None if unknown."""
         try:
-            again = await self._bounded(functools.partial(self._state.storage.aget, key))
+            again = await self._bounded(calls, functools.partial(self._state.storage.aget, key))
         except Exception:
             return None
         if again is not None and again.version == fresh.version and again.refresh_token == fresh.refresh_token:
@@ -671,9 +698,10 @@ class AsyncTokenOps:
             return False
         return None
 
-    async def _discard(self, key: EntryKey, current: UpstreamTokens, give_up: float) -> None:
+    async def _discard(self, key: EntryKey, current: UpstreamTokens, give_up: float, calls: AsyncStoreCalls) -> bool:
         """Fail closed: the entry's refresh token may be consumed; remove the entry if it still holds it
-        (retrying until ``give_up``). Until the store confirms, this process remembers the token as lost."""
+        (retrying until ``give_up``). Until the store confirms, this process remembers the token as lost.
+        True when the store confirmed it no longer holds the entry."""
         state = self._state
         assert current.refresh_token is not None
         state.forget(key)
@@ -682,32 +710,37 @@ class AsyncTokenOps:
         while True:
             try:
                 with state.writing(key):
-                    await self._bounded(functools.partial(state.storage.adelete, key, expected_version=current.version))
+                    await self._bounded(
+                        calls, functools.partial(state.storage.adelete, key, expected_version=current.version)
+                    )
             except Exception as exc:
                 state.tracer.emit("store.error", key, operation="delete", error=type(exc).__name__)
                 pause = next(pauses, None)
                 if pause is None:
                     logger.debug("refresh of %s: could not remove the consumed entry", key)
-                    return
+                    return False
                 await async_sleep(pause)
             else:
                 # Removed, or the entry has another version (a login, a logout): the store no longer holds it.
                 state.settle_consumed(current.refresh_token)
-                return
+                return True
 
-    async def _bounded(self, call: AsyncCall[T]) -> T:
+    async def _bounded(self, calls: AsyncStoreCalls, call: AsyncCall[T]) -> T:
         """A storage call made after the token request. A slow store is waited for as long as the job's lease
         may still be renewed (twice refresh_timeout, plus lease_ttl): the write may yet land before anyone else can
         redeem. A store that hangs beyond that counts as a failing one (retried, then fail closed), and cannot
-        keep a worker thread, or the interpreter's exit, waiting for ever."""
-        state = self._state
-        result = await async_call_bounded(2 * state.refresh_timeout + state.lease_ttl, call)
+        keep the job, or the interpreter's exit, waiting for ever (unless no thread can be started to replace a
+        worker left behind in a hung call: the job's thread then makes the call itself)."""
+        result = await calls.call(call)
         if result is TimedOut:
             raise StorageError("the store did not answer in time")
         return result
 
     async def _read(self, key: EntryKey) -> UpstreamTokens:
-        tokens = await self._state.storage.aget(key)
+        return self._present(await self._state.storage.aget(key))
+
+    def _present(self, tokens: UpstreamTokens | None) -> UpstreamTokens:
+        """``tokens`` read from the store, or ReauthenticationRequired when there were none."""
         if tokens is None:
             raise ReauthenticationRequired(
                 "no tokens are stored for this session; send the user through the login flow and store "

@@ -3,7 +3,8 @@
 Abstract: ``get``, ``put`` (compare-and-set on ``version``) and ``delete``. Optional capabilities have
 working defaults, so a third-party store keeps working when new ones appear: ``acquire_lease`` /
 ``release_lease`` (default: an in-process table, enough for one process) and ``watch`` (default:
-polling ``get``). Async twins default to running the sync method in a worker thread, or calling it
+polling ``get``). Async twins default to running the sync method in a worker thread, abandoned when the
+awaiting task is cancelled (a refresh job bounds its calls, and a hung store must not hold it), or calling it
 directly when the backend never blocks (``blocking = False``).
 
 It also holds the helpers every backend uses to keep the contract's promises on what it stores: lease
@@ -198,37 +199,41 @@ class Storage(ABC):
         """Async twin of :meth:`get`."""
         if not self.blocking:
             return self.get(key)
-        return await anyio.to_thread.run_sync(self.get, key)
+        return await anyio.to_thread.run_sync(self.get, key, abandon_on_cancel=True)
 
     async def aput(self, key: EntryKey, tokens: UpstreamTokens, *, expected_version: int | None) -> bool:
         """Async twin of :meth:`put`."""
         if not self.blocking:
             return self.put(key, tokens, expected_version=expected_version)
-        return await anyio.to_thread.run_sync(lambda: self.put(key, tokens, expected_version=expected_version))
+        return await anyio.to_thread.run_sync(
+            lambda: self.put(key, tokens, expected_version=expected_version), abandon_on_cancel=True
+        )
 
     async def adelete(self, key: EntryKey, *, expected_version: int | None = None) -> bool:
         """Async twin of :meth:`delete`."""
         if not self.blocking:
             return self.delete(key, expected_version=expected_version)
-        return await anyio.to_thread.run_sync(lambda: self.delete(key, expected_version=expected_version))
+        return await anyio.to_thread.run_sync(
+            lambda: self.delete(key, expected_version=expected_version), abandon_on_cancel=True
+        )
 
     async def aacquire_lease(self, key: EntryKey, ttl: float) -> Lease | None:
         """Async twin of :meth:`acquire_lease`."""
         if not self.blocking or type(self).acquire_lease is Storage.acquire_lease:
             return self.acquire_lease(key, ttl)
-        return await anyio.to_thread.run_sync(self.acquire_lease, key, ttl)
+        return await anyio.to_thread.run_sync(self.acquire_lease, key, ttl, abandon_on_cancel=True)
 
     async def arelease_lease(self, lease: Lease) -> None:
         """Async twin of :meth:`release_lease`."""
         if not self.blocking or type(self).release_lease is Storage.release_lease:
             return self.release_lease(lease)
-        await anyio.to_thread.run_sync(self.release_lease, lease)
+        await anyio.to_thread.run_sync(self.release_lease, lease, abandon_on_cancel=True)
 
     async def arenew_lease(self, lease: Lease) -> bool | None:
         """Async twin of :meth:`renew_lease`."""
         if not self.blocking or type(self).renew_lease is Storage.renew_lease:
             return self.renew_lease(lease)
-        return await anyio.to_thread.run_sync(self.renew_lease, lease)
+        return await anyio.to_thread.run_sync(self.renew_lease, lease, abandon_on_cancel=True)
 
     async def awatch(self, key: EntryKey, version: int | None, timeout: float) -> None:
         """Async twin of :meth:`watch`; the default polls :meth:`aget` without holding a thread."""

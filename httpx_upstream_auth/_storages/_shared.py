@@ -9,36 +9,89 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from abc import abstractmethod
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
+
+import attrs
 
 from .._changes import ChangeCallback, feed_of
 from .._models import EntryKey
 from .._policy import DEFAULT_RETENTION
 from ._base import Storage, new_owner
 
-__all__ = ["LostClaims", "SharedStorage"]
+__all__ = ["Claim", "LostClaims", "SharedStorage"]
 
 
-class LostClaims(dict[EntryKey, str]):
+#: Lost lease claims a storage object keeps at most; beyond, the oldest are forgotten.
+MAX_LOST_CLAIMS = 10_000
+
+
+@attrs.define
+class Claim:
+    """One lease acquire's owner token, and what became of it."""
+
+    owner: str
+    #: True when a lost claim used this owner token before (the store may hold the lease under it).
+    retake: bool
+    #: False while the claim certainly has not reached the store (a backend that can tell clears it until
+    #: then): a failure before that point leaves nothing to take back.
+    may_have_landed: bool = True
+
+
+class LostClaims:
     """Owner tokens of lease acquires whose answer never reached the caller, by key.
 
     After an error or a cancellation the store may have granted the lease all the same: the next acquire
     of that key claims with the same owner token and so takes it back, instead of leaving it held by
-    nobody until its ttl runs out.
+    nobody until its ttl runs out. A lost claim is kept only while the lease it may have taken can still
+    be live (its ttl; expired ones are dropped at every acquire), and at most MAX_LOST_CLAIMS of them
+    (forgetting one costs that session a wait for the lease to expire, never a second holder): sessions
+    that never refresh here again leave nothing behind for longer than a lease's ttl.
     """
 
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # key -> (owner token, monotonic time after which the lease it may have taken has expired)
+        self._lost: OrderedDict[EntryKey, tuple[str, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._lost)
+
     @contextlib.contextmanager
-    def owner_for(self, key: EntryKey) -> Iterator[tuple[str, bool]]:
-        """The owner token to claim ``key``'s lease with, and whether a lost claim used it before; kept
-        for the next acquire when the block raises (or is cancelled)."""
-        orphan = self.pop(key, None)
-        owner = orphan or new_owner()
+    def owner_for(self, key: EntryKey, ttl: float) -> Iterator[Claim]:
+        """The claim to take ``key``'s lease with (for ``ttl`` seconds); kept for the next acquire when the
+        block raises (or is cancelled) after the claim may have reached the store."""
+        now = time.monotonic()
+        with self._lock:
+            lost = self._lost.pop(key, None)
+            self._trim(now)
+        orphan = lost[0] if lost is not None and now < lost[1] else None
+        claim = Claim(orphan or new_owner(), retake=orphan is not None)
         try:
-            yield owner, orphan is not None
+            yield claim
         except BaseException:
-            self[key] = owner
+            if claim.may_have_landed:
+                self.keep(key, claim.owner, ttl)
             raise
+
+    def keep(self, key: EntryKey, owner: str, ttl: float) -> None:
+        """Remember that a claim of ``key`` with ``owner`` (for ``ttl`` seconds) got no answer."""
+        now = time.monotonic()
+        with self._lock:
+            self._lost.pop(key, None)
+            self._lost[key] = (owner, now + ttl)
+            self._trim(now)
+
+    def _trim(self, now: float) -> None:
+        # Lock held. Oldest first: each lives one ttl, so the expired ones are at the front (a manager's
+        # claims all have its lease_ttl), and the scan stops at the first live one.
+        while self._lost:
+            first_key, (_, until) = next(iter(self._lost.items()))
+            if until > now and len(self._lost) <= MAX_LOST_CLAIMS:
+                return
+            del self._lost[first_key]
 
 
 def _subscribers_of(storage: Storage) -> list[ChangeCallback]:
@@ -89,7 +142,8 @@ class SharedStorage(Storage):
         unless they have one or nobody subscribes."""
         with self._feed_lock:
             if self._feed_remove is None and self._subscribers:
-                self._feed_remove = add(feed_of(self, _subscribers_of))
+                feed = feed_of(self, _subscribers_of)
+                self._feed_remove = feed.remove = add(feed)
 
     def _detach_feed(self) -> None:
         """Leave the hub once the last subscriber left (the store's feed may then stop)."""

@@ -34,7 +34,7 @@ from .._synchronization import (
     sync_wait_for_change,
 )
 from ._base import MAX_LEASE_TTL, Lease, lease_seconds, storable, version_in_range
-from ._shared import SharedStorage
+from ._shared import Claim, SharedStorage
 
 __all__ = ["SQLiteStorage"]
 
@@ -502,17 +502,20 @@ class SQLiteStorage(SharedStorage):
         """Claim the refresh lease for ``key`` across processes; ``None`` while another holder's is live.
 
         When the answer is lost (an error or a cancellation after the claim may have committed), the
-        owner token is kept and the next acquire of that key re-uses it, taking the lease back.
+        owner token is kept and the next acquire of that key re-uses it, taking the lease back; a claim
+        whose transaction never reached its commit (a write lock that could not be had) leaves nothing.
         """
         ttl = lease_seconds(ttl)
-        with self._orphans.owner_for(key) as (owner, _):
-            return self._claim(key, ttl, owner)
+        with self._orphans.owner_for(key, ttl) as claim:
+            claim.may_have_landed = False
+            return self._claim(key, ttl, claim)
 
     async def aacquire_lease(self, key: EntryKey, ttl: float) -> Lease | None:
         """Async twin of :meth:`acquire_lease`; a cancelled call leaves the owner token for the next one."""
         ttl = lease_seconds(ttl)
-        with self._orphans.owner_for(key) as (owner, _):
-            return await anyio.to_thread.run_sync(self._claim, key, ttl, owner)
+        with self._orphans.owner_for(key, ttl) as claim:
+            claim.may_have_landed = False
+            return await anyio.to_thread.run_sync(self._claim, key, ttl, claim)
 
     def renew_lease(self, lease: Lease) -> bool:
         """Extend our live lease to ``lease.ttl`` from now; False when it ran out or another holder has it."""
@@ -605,12 +608,12 @@ class SQLiteStorage(SharedStorage):
         if time.monotonic() >= poller.next_purge:
             poller.request_purge()
 
-    def _claim(self, key: EntryKey, ttl: float, owner: str) -> Lease | None:
-        with self._write("take the refresh lease") as conn:
+    def _claim(self, key: EntryKey, ttl: float, claim: Claim) -> Lease | None:
+        with self._write("take the refresh lease", committing=claim) as conn:
             now = time.monotonic()
-            params = (*_ids(key), owner, now + ttl, _BOOT, now, _BOOT, now + MAX_LEASE_TTL)
+            params = (*_ids(key), claim.owner, now + ttl, _BOOT, now, _BOOT, now + MAX_LEASE_TTL)
             claimed = conn.execute(_CLAIM_LEASE, params).rowcount == 1
-        return Lease(key, owner, ttl) if claimed else None
+        return Lease(key, claim.owner, ttl) if claimed else None
 
     # -- connections and transactions ----------------------------------------------------------------
     @contextlib.contextmanager
@@ -628,10 +631,11 @@ class SQLiteStorage(SharedStorage):
                 self._checkin(conn, healthy)
 
     @contextlib.contextmanager
-    def _write(self, what: str) -> Iterator[sqlite3.Connection]:
+    def _write(self, what: str, committing: Claim | None = None) -> Iterator[sqlite3.Connection]:
         """One short write transaction: BEGIN IMMEDIATE takes the write lock up front, so the
         compare and the set cannot interleave with another writer, and no deadlock-prone lock upgrade
-        happens later. Nothing slow may run inside it."""
+        happens later. Nothing slow may run inside it. ``committing`` (a lease claim) is told when the
+        transaction may commit: a COMMIT that fails may still have committed."""
         with self._connection(what) as conn:
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -640,6 +644,8 @@ class SQLiteStorage(SharedStorage):
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
                 raise
+            if committing is not None:
+                committing.may_have_landed = True
             conn.execute("COMMIT")
 
     def _checkout(self, what: str) -> sqlite3.Connection:

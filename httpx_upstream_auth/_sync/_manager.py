@@ -32,6 +32,7 @@ from .._synchronization import (
     SyncCall,
     SyncDeadline,
     SyncLeaseKeeper,
+    SyncStoreCalls,
     Flight,
     Outcome,
     SameThreadWait,
@@ -55,6 +56,12 @@ RETRY_PAUSE = (0.05, 1.0)
 #: Token requests retried after a refusal that consumed nothing, and the backoff's base and cap (seconds).
 MAX_RETRIES = 3
 RETRY_BACKOFF = (0.25, 2.0)
+#: How a fail-closed error message ends, by whether the store confirmed it no longer holds the entry.
+REMOVED = "the entry was removed, so the consumed refresh token is never presented again"
+NOT_REMOVED = (
+    "the store did not confirm removing the entry: this process never presents that refresh token again (and "
+    "removes the entry when it next finds it), but other processes sharing the store may until then"
+)
 
 
 class SyncTokenOps:
@@ -266,8 +273,11 @@ class SyncTokenOps:
         job = JobTrace(started=state.clock.monotonic())
         marked = current_job.set(job)
         waiters = 0
+        # Every storage call after the token request goes through this, bounded (and, in a thread job, on a
+        # worker thread started before the request).
+        calls = SyncStoreCalls(2 * state.refresh_timeout + state.lease_ttl)
         try:
-            outcome = self._lead(key, need, flight.epoch)
+            outcome = self._lead(key, need, flight.epoch, calls)
         except UpstreamAuthError as exc:
             outcome = Outcome(error=exc)
         except Exception as exc:  # a bug in a custom storage: say so, typed, without its text
@@ -281,6 +291,7 @@ class SyncTokenOps:
             )
         finally:
             waiters = flight.waiting
+            calls.close()
             state.end_flight(key, flight, outcome)
             with contextlib.suppress(ValueError):  # closed from another context (see ManagerState.writing)
                 current_job.reset(marked)
@@ -319,13 +330,13 @@ class SyncTokenOps:
                 served_stale=outcome.error is None,
             )
 
-    def _lead(self, key: EntryKey, need: Need, epoch: int) -> Outcome:
+    def _lead(self, key: EntryKey, need: Need, epoch: int, calls: SyncStoreCalls) -> Outcome:
         state = self._state
         give_up = state.clock.monotonic() + state.lease_wait
         while True:
             # Re-read first: another task, thread or process may have refreshed already.
             current = self._read(key)
-            early = self._early_answer_or_discard(key, need, current, epoch)
+            early = self._early_answer_or_discard(key, need, current, epoch, calls)
             if early is not None:
                 return early
             lease = state.storage.acquire_lease(key, state.lease_ttl)
@@ -349,7 +360,7 @@ class SyncTokenOps:
                 with SyncLeaseKeeper(renew, state.lease_ttl, 2 * state.refresh_timeout + state.lease_ttl):
                     # Re-read under the lease: the previous holder may have saved just before releasing.
                     current = self._read(key)
-                    early = self._early_answer_or_discard(key, need, current, epoch)
+                    early = self._early_answer_or_discard(key, need, current, epoch, calls)
                     if early is not None:
                         return early
                     if state.closing:
@@ -368,19 +379,19 @@ class SyncTokenOps:
                                 retryable=True,
                             )
                         continue
-                    return self._redeem(key, need, current, epoch)
+                    return self._redeem(key, need, current, epoch, calls)
             except GeneratorExit:
                 lease = None  # collected with its closed loop: nothing can be awaited; the lease expires
                 raise
             finally:
                 if lease is not None:
                     try:
-                        state.storage.release_lease(lease)
+                        self._bounded(calls, functools.partial(state.storage.release_lease, lease))
                     except StorageError:
-                        logger.debug("refresh of %s: lease release failed; it expires", key)
+                        logger.debug("refresh of %s: lease release failed or hung; it expires", key)
 
     def _early_answer_or_discard(
-        self, key: EntryKey, need: Need, current: UpstreamTokens, epoch: int
+        self, key: EntryKey, need: Need, current: UpstreamTokens, epoch: int, calls: SyncStoreCalls
     ) -> Outcome | None:
         """:meth:`_early_answer`; when it is that the stored token's answer was lost and the store would not
         remove the entry then, remove it now (compare-and-set on its version, so no lease is needed)."""
@@ -389,7 +400,7 @@ class SyncTokenOps:
             return self._early_answer(key, need, current, epoch)
         except ReauthenticationRequired:
             if current.refresh_token is not None and state.is_lost(current.refresh_token):
-                self._discard(key, current, state.clock.monotonic() + state.refresh_timeout)
+                self._discard(key, current, state.clock.monotonic() + state.refresh_timeout, calls)
             raise
 
     def _early_answer(self, key: EntryKey, need: Need, current: UpstreamTokens, epoch: int) -> Outcome | None:
@@ -428,10 +439,14 @@ class SyncTokenOps:
             or state.remembered_failure(key) is not None
         )
 
-    def _redeem(self, key: EntryKey, need: Need, current: UpstreamTokens, epoch: int) -> Outcome:
+    def _redeem(
+        self, key: EntryKey, need: Need, current: UpstreamTokens, epoch: int, calls: SyncStoreCalls
+    ) -> Outcome:
         state = self._state
         assert current.refresh_token is not None
         logger.debug("refresh of %s: redeeming version %d", key, current.version)
+        # What the writes after the request need is acquired now: a process that cannot provide it sends nothing.
+        calls.prepare()
         reason = "rejected" if need.rejected is not None else "ahead" if need.ahead_of is not None else "expired"
         job = current_job.get()
         if job is not None:
@@ -442,7 +457,7 @@ class SyncTokenOps:
         # process unless we learn it was not consumed.
         state.mark_consumed(current.refresh_token)
         try:
-            return self._redeem_marked(key, need, current, epoch)
+            return self._redeem_marked(key, need, current, epoch, calls)
         except Exception:
             raise  # each failure below already saved, removed or kept the entry as it should
         except GeneratorExit:
@@ -454,10 +469,12 @@ class SyncTokenOps:
             # Stopped for good (the event loop is ending, the interpreter is exiting) after the request may
             # have left: fail closed while we still can, so no other process presents the token again.
             with SyncDeadline(state.refresh_timeout, shield=True):
-                self._discard(key, current, state.clock.monotonic() + state.refresh_timeout)
+                self._discard(key, current, state.clock.monotonic() + state.refresh_timeout, calls)
             raise
 
-    def _redeem_marked(self, key: EntryKey, need: Need, current: UpstreamTokens, epoch: int) -> Outcome:
+    def _redeem_marked(
+        self, key: EntryKey, need: Need, current: UpstreamTokens, epoch: int, calls: SyncStoreCalls
+    ) -> Outcome:
         state = self._state
         assert current.refresh_token is not None
         # Whatever happens to the token request, the writes that follow get refresh_timeout of their own.
@@ -465,7 +482,7 @@ class SyncTokenOps:
             fresh = self._answer(need, current)
         except ReauthenticationRequired:
             # invalid_grant may mean another worker rotated first: use its tokens if so.
-            again = state.storage.get(key)
+            again = self._bounded(calls, functools.partial(state.storage.get, key))
             if again is None or again.version == current.version:
                 state.refuse(key, current.refresh_token)  # the provider calls it dead: never present it again
                 raise
@@ -473,11 +490,10 @@ class SyncTokenOps:
             return Outcome(tokens=again)
         except RefreshFailed as exc:
             if exc.may_have_rotated:
-                self._discard(key, current, state.clock.monotonic() + state.refresh_timeout)
+                removed = self._discard(key, current, state.clock.monotonic() + state.refresh_timeout, calls)
                 raise ReauthenticationRequired(
                     "the token endpoint's answer was lost or unusable after it may have rotated the refresh "
-                    "token; the entry was removed so the consumed token is never presented again. Log the "
-                    f"user in again. What happened: {exc}"
+                    f"token; {REMOVED if removed else NOT_REMOVED}. Log the user in again. What happened: {exc}"
                 ) from None
             state.settle_consumed(current.refresh_token)
             job = current_job.get()
@@ -492,11 +508,11 @@ class SyncTokenOps:
             state.remember_failure(key, exc, epoch)
             raise
         except BindingMismatch:
-            self._discard(key, current, state.clock.monotonic() + state.refresh_timeout)
+            removed = self._discard(key, current, state.clock.monotonic() + state.refresh_timeout, calls)
             raise BindingMismatch(
                 "the provider returned an id_token for another subject than the stored entry; the new tokens "
-                "were refused and, since the refresh token was consumed, the entry was removed. Log the user "
-                "in again."
+                f"were refused and the refresh token was consumed: {REMOVED if removed else NOT_REMOVED}. Log "
+                "the user in again."
             ) from None
         except NotImplementedError:
             # A refresher without this (sync or async) half sent nothing.
@@ -508,16 +524,18 @@ class SyncTokenOps:
             ) from None
         except Exception as exc:
             # A custom refresher failed in a way that does not say whether the request left: assume it did.
-            self._discard(key, current, state.clock.monotonic() + state.refresh_timeout)
+            removed = self._discard(key, current, state.clock.monotonic() + state.refresh_timeout, calls)
             raise RefreshFailed(
-                f"the refresher failed ({type(exc).__name__}), so the refresh token may have been consumed; the "
-                "entry was removed. Raise RefreshFailed(may_have_rotated=False) from a custom refresher for "
-                "failures that certainly did not reach the provider. Log the user in again.",
+                f"the refresher failed ({type(exc).__name__}), so the refresh token may have been consumed; "
+                f"{REMOVED if removed else NOT_REMOVED}. Raise RefreshFailed(may_have_rotated=False) from a custom "
+                "refresher for failures that certainly did not reach the provider. Log the user in again.",
                 retryable=False,
             ) from None
         if fresh.refresh_token == current.refresh_token:
             state.settle_consumed(current.refresh_token)  # not rotated: it stays valid
-        return self._save(key, need, current, fresh, epoch, state.clock.monotonic() + state.refresh_timeout)
+        return self._save(
+            key, need, current, fresh, epoch, state.clock.monotonic() + state.refresh_timeout, calls
+        )
 
     def _answer(self, need: Need, current: UpstreamTokens) -> UpstreamTokens:
         """The refresher's answer as the next entry, within refresh_timeout; a refusal that proves nothing was
@@ -620,7 +638,14 @@ class SyncTokenOps:
             pause = min(pause * 2, longest)
 
     def _save(
-        self, key: EntryKey, need: Need, current: UpstreamTokens, fresh: UpstreamTokens, epoch: int, give_up: float
+        self,
+        key: EntryKey,
+        need: Need,
+        current: UpstreamTokens,
+        fresh: UpstreamTokens,
+        epoch: int,
+        give_up: float,
+        calls: SyncStoreCalls,
     ) -> Outcome:
         state = self._state
         assert current.refresh_token is not None
@@ -630,13 +655,13 @@ class SyncTokenOps:
             try:
                 with state.writing(key):
                     put = functools.partial(state.storage.put, key, fresh, expected_version=current.version)
-                    saved = bool(self._bounded(put))
+                    saved = bool(self._bounded(calls, put))
             except Exception as exc:
                 saved = False
                 state.tracer.emit("store.error", key, operation="put", error=type(exc).__name__)
             # Unless the store said it saved, look at what it holds: a write may land though it raised, and a
             # refusal only counts when someone else wrote (one over an unchanged entry is a failed write).
-            landed = True if saved else self._landed(key, current, fresh)
+            landed = True if saved else self._landed(key, current, fresh, calls)
             if landed:
                 state.settle_consumed(current.refresh_token)  # the store moved past it
                 state.remember(key, fresh, epoch)
@@ -645,7 +670,8 @@ class SyncTokenOps:
                 # Compare-and-set lost: a new login or a logout replaced the entry, which no longer holds
                 # the redeemed token. Theirs wins.
                 state.settle_consumed(current.refresh_token)
-                return Outcome(tokens=self._read(key))
+                theirs = self._bounded(calls, functools.partial(state.storage.get, key))
+                return Outcome(tokens=self._present(theirs))
             pause = next(pauses, None)
             if pause is None or not rotated:
                 break
@@ -653,17 +679,18 @@ class SyncTokenOps:
         if not rotated:
             logger.debug("refresh of %s: save failed, the old refresh token stays valid", key)
             return Outcome(tokens=fresh, refreshed=True)
-        self._discard(key, current, give_up)
+        removed = self._discard(key, current, give_up, calls)
         raise StorageError(
-            "the provider rotated the refresh token but the new one could not be saved; the stored entry was "
-            "removed (or will never be presented again by this process) so the consumed token is not reused. "
-            "Log the user in again."
+            "the provider rotated the refresh token but the new one could not be saved; "
+            f"{REMOVED if removed else NOT_REMOVED}. Log the user in again."
         )
 
-    def _landed(self, key: EntryKey, current: UpstreamTokens, fresh: UpstreamTokens) -> bool | None:
+    def _landed(
+        self, key: EntryKey, current: UpstreamTokens, fresh: UpstreamTokens, calls: SyncStoreCalls
+    ) -> bool | None:
         """After a failed write: True if it landed anyway, False if someone else wrote, None if unknown."""
         try:
-            again = self._bounded(functools.partial(self._state.storage.get, key))
+            again = self._bounded(calls, functools.partial(self._state.storage.get, key))
         except Exception:
             return None
         if again is not None and again.version == fresh.version and again.refresh_token == fresh.refresh_token:
@@ -672,9 +699,10 @@ class SyncTokenOps:
             return False
         return None
 
-    def _discard(self, key: EntryKey, current: UpstreamTokens, give_up: float) -> None:
+    def _discard(self, key: EntryKey, current: UpstreamTokens, give_up: float, calls: SyncStoreCalls) -> bool:
         """Fail closed: the entry's refresh token may be consumed; remove the entry if it still holds it
-        (retrying until ``give_up``). Until the store confirms, this process remembers the token as lost."""
+        (retrying until ``give_up``). Until the store confirms, this process remembers the token as lost.
+        True when the store confirmed it no longer holds the entry."""
         state = self._state
         assert current.refresh_token is not None
         state.forget(key)
@@ -683,32 +711,37 @@ class SyncTokenOps:
         while True:
             try:
                 with state.writing(key):
-                    self._bounded(functools.partial(state.storage.delete, key, expected_version=current.version))
+                    self._bounded(
+                        calls, functools.partial(state.storage.delete, key, expected_version=current.version)
+                    )
             except Exception as exc:
                 state.tracer.emit("store.error", key, operation="delete", error=type(exc).__name__)
                 pause = next(pauses, None)
                 if pause is None:
                     logger.debug("refresh of %s: could not remove the consumed entry", key)
-                    return
+                    return False
                 sync_sleep(pause)
             else:
                 # Removed, or the entry has another version (a login, a logout): the store no longer holds it.
                 state.settle_consumed(current.refresh_token)
-                return
+                return True
 
-    def _bounded(self, call: SyncCall[T]) -> T:
+    def _bounded(self, calls: SyncStoreCalls, call: SyncCall[T]) -> T:
         """A storage call made after the token request. A slow store is waited for as long as the job's lease
         may still be renewed (twice refresh_timeout, plus lease_ttl): the write may yet land before anyone else can
         redeem. A store that hangs beyond that counts as a failing one (retried, then fail closed), and cannot
-        keep a worker thread, or the interpreter's exit, waiting for ever."""
-        state = self._state
-        result = sync_call_bounded(2 * state.refresh_timeout + state.lease_ttl, call)
+        keep the job, or the interpreter's exit, waiting for ever (unless no thread can be started to replace a
+        worker left behind in a hung call: the job's thread then makes the call itself)."""
+        result = calls.call(call)
         if result is TimedOut:
             raise StorageError("the store did not answer in time")
         return result
 
     def _read(self, key: EntryKey) -> UpstreamTokens:
-        tokens = self._state.storage.get(key)
+        return self._present(self._state.storage.get(key))
+
+    def _present(self, tokens: UpstreamTokens | None) -> UpstreamTokens:
+        """``tokens`` read from the store, or ReauthenticationRequired when there were none."""
         if tokens is None:
             raise ReauthenticationRequired(
                 "no tokens are stored for this session; send the user through the login flow and store "

@@ -212,9 +212,9 @@ class RedisStorage(SharedStorage):
         """
         commands = self._commands()
         ttl = lease_seconds(ttl)
-        with self._orphans.owner_for(key) as (owner, retake):
-            claimed = commands.claim(key, ttl, owner, retake=retake)
-        return Lease(key, owner, ttl) if claimed else None
+        with self._orphans.owner_for(key, ttl) as claim:
+            claimed = commands.claim(key, ttl, claim.owner, retake=claim.retake)
+        return Lease(key, claim.owner, ttl) if claimed else None
 
     def renew_lease(self, lease: Lease) -> bool:
         """Extend our lease to ``lease.ttl`` from now; False when it ran out or another holder has it."""
@@ -297,13 +297,13 @@ class RedisStorage(SharedStorage):
         """Async twin of :meth:`acquire_lease` (a cancelled call leaves its owner token to the next one)."""
         commands = await self._loop_commands()
         ttl = lease_seconds(ttl)
-        with self._orphans.owner_for(key) as (owner, retake):
+        with self._orphans.owner_for(key, ttl) as claim:
             if commands is None:
-                claim = functools.partial(self._commands().claim, key, ttl, owner, retake=retake)
-                claimed = await anyio.to_thread.run_sync(claim)
+                call = functools.partial(self._commands().claim, key, ttl, claim.owner, retake=claim.retake)
+                claimed = await anyio.to_thread.run_sync(call)
             else:
-                claimed = await commands.claim(key, ttl, owner, retake=retake)
-        return Lease(key, owner, ttl) if claimed else None
+                claimed = await commands.claim(key, ttl, claim.owner, retake=claim.retake)
+        return Lease(key, claim.owner, ttl) if claimed else None
 
     async def arenew_lease(self, lease: Lease) -> bool | None:
         """Async twin of :meth:`renew_lease`."""
