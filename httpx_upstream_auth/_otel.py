@@ -18,9 +18,23 @@ current span. Attributes carry the provider id and the session's digest, never a
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
-from ._trace import TraceEvent
+
+class TraceEvent(Protocol):
+    """What this module reads of ``_trace.TraceEvent`` (a protocol, so the seam imports this module and not
+    the other way round)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def provider_id(self) -> str: ...
+    @property
+    def session(self) -> str | None: ...
+    @property
+    def fields(self) -> Mapping[str, Any]: ...
+
 
 try:
     from opentelemetry import metrics, trace
