@@ -107,7 +107,10 @@ class DiscoveringRefresher(Refresher):
     (``UpstreamTokens.issuer``, set on every refresh), on the stored registration, and in ``issuer``
     when you pin it. When the server's metadata names another one, :class:`IssuerMismatch` is raised
     and nothing is sent there. The first discovery of tokens that record no issuer trusts what the
-    server names (pin ``issuer`` to avoid that).
+    server names (pin ``issuer`` to avoid that); a configured ``client_id``/``client_secret`` belongs to that
+    trusted server (:meth:`atrusted_issuer`). Everything before the token request runs in :meth:`aprepare`,
+    which ``TokenManager`` calls before its bounded token request: slow or broken metadata costs a typed
+    :class:`DiscoveryFailed` / retryable ``RefreshFailed``, never the stored tokens.
     """
 
     def __init__(

@@ -221,10 +221,11 @@ class SDKLogin:
     single-flight refresh per expiry across tasks and processes, at the discovered token endpoint (with
     ``resource``), a refresh on a 401 before any browser, and no lock held across a request.
 
-    Tokens and the registration record the issuer they came from, and are refreshed only there. When the
-    server later names another authorization server, the call raises :class:`IssuerMismatch` (nothing
-    is sent to the new one) unless ``allow_issuer_change`` sends the user to log in there. ``issuer``
-    pins the authorization server for logins too: a server naming another one gets no login at all.
+    Tokens and the registration record the issuer they came from, and are refreshed only there. Logins go
+    only to the trusted authorization server (the ``issuer`` pin, else the one the first login found): when
+    the server later names another, the call raises :class:`IssuerMismatch` (nothing is sent to the new one,
+    no browser opens) unless ``allow_issuer_change`` sends the user to log in there, which it never does with
+    a pin or a pre-registered ``client_information`` (that client belongs to one authorization server).
     """
 
     def __init__(
@@ -267,8 +268,9 @@ class SDKLogin:
         self.issuer = issuer
         """The pinned authorization server: logins and refreshes anywhere else raise :class:`IssuerMismatch`."""
         self.allow_issuer_change = allow_issuer_change
-        """Whether a server that now names another authorization server (no pin) sends the user to log in
-        there; by default that is an :class:`IssuerMismatch` and nothing is sent to it."""
+        """Whether a server that now names another authorization server sends the user to log in there (without
+        a pin or a pre-registered client only); by default that is an :class:`IssuerMismatch` and nothing is
+        sent to it."""
         storage = MemoryStorage() if storage is None else storage
         if client_information is None:
             self.refresher = DiscoveringRefresher(server_url, storage=storage, issuer=issuer)
