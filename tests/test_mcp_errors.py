@@ -296,7 +296,8 @@ async def test_a_configuration_error_does_not_park_the_session(
     """A non-retryable failure that is not a dead grant (the server's metadata names an authorization server that
     publishes none, until its operator fixes it): the next call asks again and works, no new tokens needed."""
     refresher = DiscoveringRefresher(mcp_server.url, "test-client", "test-secret")
-    manager = TokenManager(refresher=refresher, provider_id="local", storage=MemoryStorage())
+    # failure_window=0: the manager's own (bounded) memory of failures is not what this is about.
+    manager = TokenManager(refresher=refresher, provider_id="local", storage=MemoryStorage(), failure_window=0)
     try:
         await manager.astore(SESSION, provider.login())
         async with session(mcp_server.url, manager) as client:
