@@ -157,6 +157,10 @@ class TokenStorageAdapter:
             ),
         )
 
+    async def has_client_info(self) -> bool:
+        """Whether a client registration is stored (readable or not)."""
+        return await self._registrations.aget(self.server_url) is not None
+
     async def get_client_info(self) -> OAuthClientInformationFull | None:
         """The client registered with the server's authorization server, if any."""
         record = await self._registrations.aget(self.server_url)
@@ -474,7 +478,7 @@ class SDKLoginAuth(httpx2.Auth):
             return None
         loop = anyio.lowlevel.current_token()
         while True:
-            if await self.storage.get_client_info() is not None:
+            if await self.storage.has_client_info():
                 return None
             registering = login._registering.get(loop)
             if registering is None:
