@@ -43,6 +43,15 @@ class Refresher(ABC):
     async def arefresh(self, tokens: UpstreamTokens, clock: Clock) -> UpstreamTokens:
         """Redeem ``tokens.refresh_token``; async."""
 
+    def prepare(self, tokens: UpstreamTokens) -> None:
+        """Work the refresh needs before its token request, that sends no refresh token (such as finding the
+        token endpoint); blocking. ``TokenManager`` calls it before the refresh lease and the bounded token
+        request, itself bounded by ``refresh_timeout``: whatever fails or times out here consumed nothing, so
+        the stored entry is kept. The default does nothing."""
+
+    async def aprepare(self, tokens: UpstreamTokens) -> None:
+        """Async twin of :meth:`prepare`."""
+
     def cannot_redeem_in(self, mode: str) -> str | None:
         """Why this refresher cannot redeem as a ``mode`` job (``"thread"``: :meth:`refresh`; ``"task"``:
         :meth:`arefresh`) with the configuration it was given, or ``None`` when it can.

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import httpx
 import pytest
@@ -129,6 +130,34 @@ def test_reauthentication_required_is_a_bearer_401(
             'Bearer error="invalid_token", '
             'error_description="upstream token is no longer valid; re-authentication required"'
         )
+
+
+def test_the_gateway_session_never_reaches_the_upstream(provider: LocalProvider, manager: TokenManager) -> None:
+    """The gateway's own session id is a credential for the gateway (who presents it is proxied as that user):
+    sent as X-Gateway-Session or as the cookie, the upstream receives the user's bearer token and never it."""
+    seen: list[dict[str, str]] = []
+
+    async def upstream_api(scope: Any, receive: Any, send: Any) -> None:
+        """Records the headers it receives; answers 200."""
+        if scope["type"] != "http":
+            return
+        seen.append({k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]})
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    manager.store("gateway-session-42", provider.login())
+    with (
+        ServerThread(upstream_api) as api,
+        ServerThread(gateway.create_app(manager, api.url), lifespan="on") as served,
+        httpx.Client(base_url=served.url) as client,
+        httpx.Client(base_url=served.url, cookies={gateway.SESSION_COOKIE: "gateway-session-42"}) as browser,
+    ):
+        by_header = client.get("/upstream/me", headers={"x-gateway-session": "gateway-session-42"})
+        by_cookie = browser.get("/upstream/me")
+    assert (by_header.status_code, by_cookie.status_code) == (200, 200) and len(seen) == 2
+    for headers in seen:
+        assert headers["authorization"].startswith("Bearer ")
+        assert "gateway-session-42" not in repr(headers)
 
 
 def test_store_down_is_503(

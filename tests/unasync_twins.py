@@ -40,6 +40,7 @@ REPLACEMENTS = {
     "arelease_lease": "release_lease",
     "awatch": "watch",
     "arefresh": "refresh",
+    "aprepare": "prepare",
     "arenew_lease": "renew_lease",
     "AsyncLeaseKeeper": "SyncLeaseKeeper",
     "AsyncDeadline": "SyncDeadline",

@@ -26,6 +26,7 @@ from .._exceptions import (
     UpstreamAuthError,
 )
 from .._models import Binding, EntryKey, UpstreamTokens
+from .._refresher import Refresher
 from .._state import ManagerState, Need, logger
 from .._synchronization import (
     AsyncCall,
@@ -332,12 +333,18 @@ class AsyncTokenOps:
     async def _lead(self, key: EntryKey, need: Need, epoch: int, calls: AsyncStoreCalls) -> Outcome:
         state = self._state
         give_up = state.clock.monotonic() + state.lease_wait
+        prepared = False
         while True:
             # Re-read first: another task, thread or process may have refreshed already.
             current = await self._read(key)
             early = await self._early_answer_or_discard(key, need, current, epoch, calls)
             if early is not None:
                 return early
+            if not prepared:
+                fallback = await self._prepare(key, need, current, epoch)
+                if fallback is not None:
+                    return fallback
+                prepared = True
             lease = await state.storage.aacquire_lease(key, state.lease_ttl)
             if lease is None:
                 left = give_up - state.clock.monotonic()
@@ -388,6 +395,40 @@ class AsyncTokenOps:
                         await self._bounded(calls, functools.partial(state.storage.arelease_lease, lease))
                     except StorageError:
                         logger.debug("refresh of %s: lease release failed or hung; it expires", key)
+
+    async def _prepare(self, key: EntryKey, need: Need, current: UpstreamTokens, epoch: int) -> Outcome | None:
+        """The refresher's work before its token request (discovery, for one), outside the lease and the bounded
+        token request: it sends no refresh token, so a failure or a timeout here leaves the entry as it is. As
+        after a refusal that consumed nothing, a still-valid token is served, and the failure is remembered."""
+        state = self._state
+        refresher = state.refresher
+        if type(refresher).aprepare is Refresher.aprepare:
+            return None  # nothing to prepare: no call, no thread
+        try:
+            done = await async_call_bounded(state.refresh_timeout, refresher.aprepare, current)
+            if done is not TimedOut:
+                return None
+            failure = RefreshFailed(
+                "the refresher's preparation (such as discovering the token endpoint) did not finish in time; no "
+                "token request was sent. Retry the request.",
+                retryable=True,
+            )
+        except RefreshFailed as exc:
+            failure = exc
+        except UpstreamAuthError:
+            raise
+        except Exception as exc:
+            failure = RefreshFailed(
+                f"the refresher's preparation failed ({type(exc).__name__}); no token request was sent",
+                retryable=False,
+            )
+        if isinstance(failure, ConfigurationError):
+            state.remember_failure(key, failure, epoch)  # every session's refresh would fail the same way
+        if self._usable(need, current):
+            state.back_off(key)
+            return Outcome(tokens=current, fallback=True)
+        state.remember_failure(key, failure, epoch)
+        raise failure
 
     async def _early_answer_or_discard(
         self, key: EntryKey, need: Need, current: UpstreamTokens, epoch: int, calls: AsyncStoreCalls
