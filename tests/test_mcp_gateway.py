@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import httpx
 import pytest
@@ -225,9 +226,11 @@ async def call_through_gateway(url: str, mcp_server: object) -> list[str]:
         from mcp import Client
         from mcp.client.streamable_http import streamable_http_client
     except ImportError:  # the SDK 1.x
+        import mcp.client.streamable_http as sdk1_http
         from mcp import ClientSession
-        from mcp.client.streamable_http import streamable_http_client as opener
 
+        # The type checkers see the SDK 2.x, whose opener takes an httpx2 client; this one takes httpx's.
+        opener: Any = sdk1_http.streamable_http_client
         async with (
             httpx.AsyncClient(headers=headers, timeout=30) as http,
             opener(url, http_client=http) as streams,

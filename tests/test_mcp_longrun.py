@@ -20,6 +20,8 @@ from httpx_upstream_auth import TokenManager
 from httpx_upstream_auth.mcp import connect
 from httpx_upstream_auth.testing import LocalMCPServer, LocalProvider
 
+pytestmark = pytest.mark.slow  # soak runs: seconds of real calls through many token lifetimes
+
 # The shared fixtures, served for this module's own ``provider``.
 manager = mcp_fixtures.manager
 mcp_server = mcp_fixtures.mcp_server

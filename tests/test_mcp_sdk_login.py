@@ -111,15 +111,9 @@ async def test_first_login_goes_through_the_sdk_then_tokens_are_stored_absolute(
     assert entry is not None and entry.expires_at is not None
     assert abs(entry.expires_at - (time.time() + 2)) < 2
     assert entry.user_id == "u-42" and entry.client_id is not None and entry.client_id.startswith("dyn-")
-    assert (
-        login.refresher.token_url
-        == mcp_server.thread.url.replace(
-            mcp_server.thread.url,
-            login.refresher.metadata.issuer,  # type: ignore[union-attr]
-        )
-        + "/token"
-    )
-    assert login.refresher.token_url.endswith(ISSUER_PATH + "/token")  # type: ignore[union-attr]
+    token_url, metadata = login.refresher.token_url, login.refresher.metadata
+    assert token_url is not None and metadata is not None
+    assert token_url == metadata.issuer + "/token" and token_url.endswith(ISSUER_PATH + "/token")
 
 
 async def test_a_401_with_a_valid_refresh_token_refreshes_without_a_browser(
@@ -468,6 +462,7 @@ async def test_sdk_login_is_an_async_context_manager_and_keeps_its_scope_per_ses
         async with connect(mcp_server.url, login, SESSION, mode="legacy", max_sse_event_size=1 << 20) as client:
             assert (await client.call_tool("echo", {"text": "1"})).content[0].text == "1"  # type: ignore[union-attr]
     assert browser.visits == 2  # the login, then one step-up for the same request
+    assert login.client_metadata is not None
     assert metadata.scope == "api" and login.client_metadata.scope == "api"
 
 

@@ -68,6 +68,7 @@ def result_of(proc: subprocess.Popen[str], timeout: float = 60) -> dict[str, obj
     return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
+@pytest.mark.slow
 def test_four_processes_share_one_refresh_per_expiry(storage_spec: str) -> None:
     """4 processes x 25 tasks, 1-second tokens, 8 s: no reuse, no failure, one refresh per token lifetime."""
     provider = LocalProvider(access_ttl=1.0)
@@ -115,6 +116,7 @@ def test_entry_written_by_one_process_is_refreshed_by_another(storage_spec: str)
     assert stats["refresh_ok"] == 1 and stats["refresh_reuse"] == 0
 
 
+@pytest.mark.slow
 def test_lease_holder_killed_mid_refresh_others_take_over(storage_spec: str) -> None:
     """SIGKILL the process holding the lease mid-refresh: another process refreshes after the lease expires."""
     provider = LocalProvider(token_delay=30.0)

@@ -514,10 +514,8 @@ async def test_a_job_that_cannot_start_fails_its_waiters_and_leaves_no_flight(
 ) -> None:
     """When no thread can be started for the refresh (resource limits, interpreter shutdown), the caller gets a
     retryable RefreshFailed at once, and the next call, with threads back, refreshes normally."""
-    import httpx_upstream_auth._synchronization as synchronization
-
     entry = put_entry(manager, expired(provider.login()))
-    monkeypatch.setattr(synchronization.threading, "Thread", _NoThreads)
+    monkeypatch.setattr(threading, "Thread", _NoThreads)
     with pytest.raises(RefreshFailed) as caught:
         await manager.aget_token(SESSION)
     assert caught.value.retryable and provider.stats["token_calls"] == 0

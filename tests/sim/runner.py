@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import inspect
 import math
@@ -349,7 +350,7 @@ def extend_plan(
                 walk.append("e0")
         walk += ["e0"] * xr.randint(2, 5)
         gaps = [xr.uniform(0.0, 2.0)] + [xr.uniform(0.02, 0.6) for _ in walk[1:]]
-        visit = {}
+        visit: dict[str, float] = {}
         elapsed = 0.0
         for session, gap in zip(walk, gaps, strict=False):
             elapsed += gap
@@ -630,10 +631,10 @@ class _Run:
             first = len(w.provider.redemptions)
             if cp.via_auth:
                 outcome = await self._call(
-                    caller, session, lambda m=manager, s=session: self._request(caller, m, s, cp)
+                    caller, session, functools.partial(self._request, caller, manager, session, cp)
                 )
             else:
-                outcome = await self._call(caller, session, lambda m=manager, s=session: m.aget_token(s))
+                outcome = await self._call(caller, session, functools.partial(manager.aget_token, session))
             self._check_storm(caller, session, first)
             caller.cancel_at = math.inf
             self._outcome(outcome)
@@ -1060,7 +1061,9 @@ class _Run:
                 epoch = w.begin_session_change(session, gid)
                 token = APP_OP.set("login")
                 try:
-                    await self.managers[0].astore(session, tokens)
+                    first_manager = self.managers[0]
+                    assert first_manager is not None  # the first process exists from the start
+                    await first_manager.astore(session, tokens)
                 except UpstreamAuthError:
                     w.end_session_change(session, epoch, applied=False)
                     continue
@@ -1071,20 +1074,18 @@ class _Run:
                 break
         for i, cp in enumerate(plan.callers):
             caller = Caller(f"c{i}/p{cp.process}", cp.process, cp.kind)
-            self._start(caller, lambda caller=caller, cp=cp: self._caller(caller, cp))  # type: ignore[misc]
+            self._start(caller, functools.partial(self._caller, caller, cp))
         for i, ev in enumerate(plan.events):
             pid = ev.process if ev.kind in ("logout", "login", "relogin", "churn") else -1
             caller = Caller(f"e{i}/{ev.kind}", max(pid, 0), "plain")
             if pid < 0:
                 self.pending += 1
-                self.spawn(lambda caller=caller, ev=ev: self._world_event(caller, ev))  # type: ignore[misc]
+                self.spawn(functools.partial(self._world_event, caller, ev))
             else:
-                self._start(caller, lambda caller=caller, ev=ev: self._event(caller, ev))  # type: ignore[misc]
+                self._start(caller, functools.partial(self._event, caller, ev))
         for child, (at, parent, during) in plan.ext.forks.items():
             self.pending += 1
-            self.spawn(
-                lambda child=child, at=at, parent=parent, during=during: self._fork_task(child, at, parent, during)
-            )  # type: ignore[misc]
+            self.spawn(functools.partial(self._fork_task, child, at, parent, during))
         if plan.ext.loop_end is not None:
             # The application closes its event loop at some moment, with no regard for the manager's jobs.
             with anyio.move_on_after(plan.ext.loop_end):
