@@ -2,17 +2,20 @@
 
 Every async test runs on asyncio and trio (``anyio_backend``). Tests that take ``mode`` run the same body
 through the sync API (in a worker thread) and the async API: (asyncio, sync), (asyncio, async), (trio, async).
+Every async test fails if an event loop makes a blocking call while it runs (:func:`_event_loops_never_block`).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from blockbuster import blockbuster_ctx
 from support import AUTH_METHODS, CLIENT_SECRETS, PROVIDER_ID, Driver, ManagerFactory
 
-from httpx_upstream_auth import MemoryStorage, OAuth2Refresher, Storage, TokenManager
+from httpx_upstream_auth import MemoryStorage, OAuth2Refresher, RedisStorage, SQLiteStorage, Storage, TokenManager
 from httpx_upstream_auth.testing import LocalProvider, ServerThread
 
 BACKENDS = ["asyncio", "trio"]
@@ -41,6 +44,36 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         )
     else:
         metafunc.parametrize("anyio_backend", BACKENDS, indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def _event_loops_never_block(request: pytest.FixtureRequest) -> Iterator[None]:
+    """While an async test runs, a blocking call (time.sleep, blocking socket, file or sqlite3 I/O) made on a
+    thread that runs an asyncio event loop raises ``BlockingError``: the library's, the test's and the local
+    servers' loops alike. Sync code that must block runs in a worker thread, as the library's own does."""
+    if "anyio_backend" not in request.fixturenames:
+        yield
+        return
+    with blockbuster_ctx() as guard:
+        # A threading lock taken on the loop is no blocking call unless another thread holds it for long,
+        # and the library's table locks are held for a few statements: blockbuster would flag them only
+        # when the scheduler happens to interleave, so a failure would say nothing about the code.
+        guard.functions["threading.Lock.acquire"].deactivate()
+        guard.functions["threading.Lock.acquire_lock"].deactivate()
+        # Managers and storages are built once, at start-up, by sync constructors that open files and
+        # connections (as open() does); what must never block is what they do afterwards, per request.
+        for built_at_start_up in (TokenManager, SQLiteStorage, RedisStorage):
+            where = inspect.getsourcefile(built_at_start_up)
+            assert where is not None
+            for function in guard.functions.values():
+                function.can_block_in(where, {"__init__"})
+        for function in guard.functions.values():
+            # A module's first import reads files (httpx2 imports httpcore2 when its first transport is
+            # built), and jsonschema reads its bundled meta-schemas when the MCP SDK first validates a tool
+            # result: once per process, so whichever test came first would fail.
+            function.can_block_in("<frozen importlib._bootstrap>", {"_find_and_load"})
+            function.can_block_in("jsonschema_specifications/_core.py", {"_schemas"})
+        yield
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -28,6 +28,7 @@ from support import (
     Driver,
     FlakyStorage,
     ManagerFactory,
+    aput_entry,
     assert_fails_closed,
     expired,
     fail_refresh,
@@ -176,22 +177,26 @@ async def test_close_during_a_refresh_waits_for_the_job_to_save(
     """An app shuts down while the provider is redeeming (it consumed the refresh token and answers
     late): close waits for the job, which saves the rotation; the next worker refreshes with it."""
     manager = _plain_manager(token_url, SQLiteStorage(sqlite_path))
-    first = put_entry(manager, expired(provider.login()))
+    first = await aput_entry(manager, expired(provider.login()))
     caller = await _refresh_at_the_provider(manager, provider, "answer_delay:0.5")
     if how == "close":
         await anyio.to_thread.run_sync(manager.close)
     else:
         await manager.aclose()
-    caller.join()
-    later = _plain_manager(token_url, SQLiteStorage(sqlite_path))
-    try:
-        saved = stored(later)
-        assert saved is not None and saved.version == first.version + 1
-        later.get_token(SESSION)
-        with pytest.raises(UpstreamAuthError):  # a closed manager reads and refreshes nothing (typed)
-            manager.get_token(SESSION + "-other")
-    finally:
-        later.close()
+
+    def the_next_worker() -> None:
+        caller.join()
+        later = _plain_manager(token_url, SQLiteStorage(sqlite_path))
+        try:
+            saved = stored(later)
+            assert saved is not None and saved.version == first.version + 1
+            later.get_token(SESSION)
+            with pytest.raises(UpstreamAuthError):  # a closed manager reads and refreshes nothing (typed)
+                manager.get_token(SESSION + "-other")
+        finally:
+            later.close()
+
+    await anyio.to_thread.run_sync(the_next_worker)
     assert provider.stats["refresh_reuse"] == 0 and provider.stats["refresh_ok"] == 1
 
 
@@ -368,9 +373,11 @@ async def test_a_distrust_ends_when_the_api_accepts_the_token(provider: LocalPro
     revocation refreshes again instead of returning 401s until the token expires."""
     put_entry(manager, provider.login())
     api = ScriptedAPI([401, 401, 200, 401, 200])
-    with ServerThread(api) as served:
-        async with httpx.AsyncClient(base_url=served.url, auth=manager.auth(SESSION), verify=SSL) as client:
-            statuses = [(await client.get("/data")).status_code for _ in range(3)]
+    async with (
+        ServerThread(api) as served,
+        httpx.AsyncClient(base_url=served.url, auth=manager.auth(SESSION), verify=SSL) as client,
+    ):
+        statuses = [(await client.get("/data")).status_code for _ in range(3)]
     assert statuses == [401, 200, 200]
     assert provider.stats["token_calls"] == 2 and provider.stats["refresh_reuse"] == 0
 
@@ -399,7 +406,7 @@ async def test_a_401_after_a_redirect_to_another_origin_refreshes_nothing(
     no refresh, no replay, no distrust (the next request to our API still refreshes on a real 401)."""
     put_entry(manager, provider.login())
     elsewhere = ScriptedAPI([401] * 5)
-    with ServerThread(elsewhere) as other, ServerThread(Redirect(other.url + "/landing")) as api:
+    async with ServerThread(elsewhere) as other, ServerThread(Redirect(other.url + "/landing")) as api:
         response = await Driver(driver.mode, api.url).request(manager, path="/data", follow_redirects=True)
     assert response.status_code == 401
     assert elsewhere.seen == [None]
@@ -584,20 +591,24 @@ async def test_close_under_a_job_that_outlives_its_wait_leaves_the_store_to_the_
     """close(timeout=...) returns before a slow job ends: the storage stays open for the job, which saves the
     rotation and then closes it."""
     manager = _plain_manager(token_url, SQLiteStorage(sqlite_path))
-    first = put_entry(manager, expired(provider.login()))
+    first = await aput_entry(manager, expired(provider.login()))
     caller = await _refresh_at_the_provider(manager, provider, "answer_delay:0.8")
     if how == "close":
         await anyio.to_thread.run_sync(lambda: manager.close(timeout=0.01))
     else:
         await manager.aclose(timeout=0.01)
     assert manager.footprint().flights == 1  # close returned; the job goes on
-    caller.join()
+    await anyio.to_thread.run_sync(caller.join)
     await wait_until(lambda: manager.footprint().flights == 0)
-    other = SQLiteStorage(sqlite_path)
-    try:
-        saved = other.get(EntryKey("local", SESSION))
-    finally:
-        other.close()
+
+    def read_as_another_process() -> UpstreamTokens | None:
+        other = SQLiteStorage(sqlite_path)
+        try:
+            return other.get(EntryKey("local", SESSION))
+        finally:
+            other.close()
+
+    saved = await anyio.to_thread.run_sync(read_as_another_process)
     assert saved is not None and saved.version == first.version + 1
     assert provider.stats["refresh_reuse"] == 0
 

@@ -494,7 +494,7 @@ def test_subscribe_hears_every_save_of_other_processes(backend: Backend) -> None
 async def test_subscribe_hears_async_writes(storage: Storage) -> None:
     """Saves and deletes through the async twins are reported too, under asyncio and trio."""
     heard: list[str | None] = []
-    unsubscribe = storage.subscribe(heard.append)
+    unsubscribe = await anyio.to_thread.run_sync(storage.subscribe, heard.append)
     assert unsubscribe is not None
     await storage.aput(KEY, tokens(1), expected_version=None)
     await storage.adelete(KEY, expected_version=1)
