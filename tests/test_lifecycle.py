@@ -434,10 +434,10 @@ async def test_a_lost_answer_outlives_many_successful_rotations(
     beyond any number of ordinary refreshes: the consumed token is never presented again."""
     monkeypatch.setattr(state_module, "CONSUMED_MEMORY", 3)
     storage = DeleteFailsStorage()
-    refresher = OAuth2Refresher(token_url, "test-client", "test-secret", timeout=0.2)
-    manager = make_manager(storage=storage, refresher=refresher, refresh_timeout=0.3)
+    refresher = OAuth2Refresher(token_url, "test-client", "test-secret", timeout=1.0)
+    manager = make_manager(storage=storage, refresher=refresher, refresh_timeout=1.5)
     put_entry(manager, expired(provider.login()))
-    provider.fail_next("answer_delay:1")
+    provider.fail_next("answer_delay:3")
     storage.fail_delete = True
     with pytest.raises(ReauthenticationRequired):
         await manager.aget_token(SESSION)
@@ -562,7 +562,7 @@ async def test_save_retries_end_with_the_job_whatever_the_store_does(
     """The store refuses every write after a rotation: the job retries within refresh_timeout, then fails
     closed and ends (its lease lapses, its flight is gone); it does not retry past the lease's renewals."""
     storage = DeleteFailsStorage()
-    manager = make_manager(storage=storage, refresh_timeout=0.3, wait_timeout=10)
+    manager = make_manager(storage=storage, refresh_timeout=1.0, wait_timeout=10)
     put_entry(manager, expired(provider.login()))
     storage.fail_put = storage.fail_delete = True
     with pytest.raises(StorageError):
@@ -673,7 +673,7 @@ def test_a_store_that_hangs_after_the_token_request_cannot_keep_the_interpreter_
         "        return super().put(key, tokens, expected_version=expected_version)\n"
         "    delete = lambda self, key, *, expected_version=None: threading.Event().wait()\n"
         "store = Hung()\n"
-        "m = hua.TokenManager(provider_id='local', storage=store, refresh_timeout=0.5, lease_ttl=0.5,\n"
+        "m = hua.TokenManager(provider_id='local', storage=store, refresh_timeout=1.5, lease_ttl=0.5,\n"
         "    wait_timeout=30,\n"
         f"    refresher=hua.OAuth2Refresher({token_url!r}, 'test-client', 'test-secret'))\n"
         f"m.store('s', hua.UpstreamTokens.from_json({tokens.to_json()!r}))\n"

@@ -619,7 +619,7 @@ async def test_a_store_failing_oddly_during_the_save_fails_closed(
     """A save of rotated tokens that fails with a non-StorageError exception, or a store that answers None:
     retried, then the entry is removed, so no worker presents the consumed refresh token again."""
     storage = MisbehavingStore(failure)
-    manager = make_manager(storage=storage, refresh_timeout=0.3)
+    manager = make_manager(storage=storage, refresh_timeout=1.0)
     other = make_manager(storage=storage)
     put_entry(manager, expired(provider.login()))
     storage.armed = True

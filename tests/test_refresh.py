@@ -213,7 +213,7 @@ async def test_store_failure_after_rotation_fails_closed(
     """If the rotated refresh token cannot be saved before the lease stops being renewed, the entry is removed
     and StorageError raised."""
     storage = FlakyStorage()
-    manager = make_manager(storage=storage, refresh_timeout=0.3)
+    manager = make_manager(storage=storage, refresh_timeout=1.0)
     entry = put_entry(manager, expired(provider.login()))
     storage.fail_put = True
     with pytest.raises(StorageError) as caught:
