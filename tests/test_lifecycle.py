@@ -661,7 +661,7 @@ def test_a_store_that_hangs_after_the_token_request_cannot_keep_the_interpreter_
     gives up on each write after refresh_timeout (it fails closed as far as it can), the caller gets a typed
     error, and the process exits."""
     script = tmp_path / "hung_store.py"
-    tokens = expired(provider.login())
+    tokens, warm = expired(provider.login()), expired(provider.login())
     script.write_text(
         "import threading\n"
         "import httpx_upstream_auth as hua\n"
@@ -677,6 +677,8 @@ def test_a_store_that_hangs_after_the_token_request_cannot_keep_the_interpreter_
         "    wait_timeout=30,\n"
         f"    refresher=hua.OAuth2Refresher({token_url!r}, 'test-client', 'test-secret'))\n"
         f"m.store('s', hua.UpstreamTokens.from_json({tokens.to_json()!r}))\n"
+        f"m.store('warm', hua.UpstreamTokens.from_json({warm.to_json()!r}))\n"
+        "m.get_token('warm')\n"  # imports done and a connection open: the refresh below answers within its bound
         "store.hang = True\n"
         "try:\n"
         "    m.get_token('s')\n"
@@ -695,4 +697,4 @@ def test_a_store_that_hangs_after_the_token_request_cannot_keep_the_interpreter_
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "StorageError"
-    assert provider.stats["refresh_ok"] == 1
+    assert provider.stats["refresh_ok"] == 2  # the warm-up's and the one whose save hung

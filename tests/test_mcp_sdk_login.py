@@ -108,8 +108,9 @@ async def test_first_login_goes_through_the_sdk_then_tokens_are_stored_absolute(
     assert browser.visits == 1
     assert provider.flow_stats["registrations"] == 1 and provider.flow_stats["code_exchanges"] == 1
     entry = await login.manager.storage.aget(EntryKey(login.manager.provider_id, SESSION))
-    assert entry is not None and entry.expires_at is not None
-    assert abs(entry.expires_at - (time.time() + 2)) < 2
+    assert entry is not None and entry.expires_at is not None and entry.issued_at is not None
+    assert entry.expires_at - entry.issued_at == pytest.approx(2)  # the 2-second lifetime, from when it came
+    assert entry.issued_at > time.time() - 3600  # a point in time, not a lifetime
     assert entry.user_id == "u-42" and entry.client_id is not None and entry.client_id.startswith("dyn-")
     token_url, metadata = login.refresher.token_url, login.refresher.metadata
     assert token_url is not None and metadata is not None
@@ -309,6 +310,7 @@ async def test_refreshes_keep_the_registration_and_metadata_records_alive(
     not outlive the storage's retention while the token entries, rewritten by every refresh, live on (item 3)."""
     from httpx_upstream_auth.mcp._refresher import METADATA_NAMESPACE, REGISTRATION_NAMESPACE
 
+    provider.access_ttl = 3600  # only the expiries stored below may refresh, however slow the machine
     storage = login.manager.storage
     keys = [EntryKey(ns, mcp_server.url) for ns in (REGISTRATION_NAMESPACE, METADATA_NAMESPACE)]
     async with connect(mcp_server.url, login, SESSION, mode="legacy") as client:
