@@ -7,12 +7,15 @@ Every async test fails if an event loop makes a blocking call while it runs (:fu
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import Iterator
 from importlib import metadata
 from typing import Any
 
+import blockbuster.blockbuster
 import pytest
+import trio.lowlevel
 from blockbuster import blockbuster_ctx
 from support import AUTH_METHODS, CLIENT_SECRETS, PROVIDER_ID, Driver, ManagerFactory
 
@@ -62,14 +65,27 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("anyio_backend", BACKENDS, indirect=True)
 
 
+class _EventLoopProbe:
+    """Stands in for the asyncio module inside blockbuster, which asks it only whether the calling thread runs
+    an event loop: a trio run counts too (blockbuster knows asyncio's alone)."""
+
+    @staticmethod
+    def get_running_loop() -> object:
+        try:
+            return asyncio.get_running_loop()
+        except RuntimeError:
+            return trio.lowlevel.current_task()  # RuntimeError outside a trio task as well
+
+
 @pytest.fixture(autouse=True)
-def _event_loops_never_block(request: pytest.FixtureRequest) -> Iterator[None]:
+def _event_loops_never_block(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """While an async test runs, a blocking call (time.sleep, blocking socket, file or sqlite3 I/O) made on a
-    thread that runs an asyncio event loop raises ``BlockingError``: the library's, the test's and the local
-    servers' loops alike. Sync code that must block runs in a worker thread, as the library's own does."""
+    thread that runs an event loop (asyncio or trio) raises ``BlockingError``: the library's, the test's and
+    the local servers' loops alike. Sync code that must block runs in a worker thread, as the library's own does."""
     if "anyio_backend" not in request.fixturenames:
         yield
         return
+    monkeypatch.setattr(blockbuster.blockbuster, "asyncio", _EventLoopProbe)
     with blockbuster_ctx() as guard:
         # A threading lock taken on the loop is no blocking call unless another thread holds it for long,
         # and the library's table locks are held for a few statements: blockbuster would flag them only
