@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 import timeit
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -294,7 +295,8 @@ async def bearer_app(scope: Scope, receive: Receive, send: Send) -> None:
 class ControlledProvider:
     """:class:`LocalProvider` plus routes a benchmark in another process uses to drive it.
 
-    ``POST /_bench/login`` (a new grant; the tokens as JSON), ``GET /_bench/stats`` (the counters),
+    ``POST /_bench/login`` (a new grant, its access tokens living ``?ttl=`` seconds if given; the tokens as
+    JSON), ``GET /_bench/stats`` (the counters),
     ``POST /_bench/revoke`` (body: an access token the API must reject from now on), ``GET /health``.
     """
 
@@ -311,7 +313,9 @@ class ControlledProvider:
         if path == "/health":
             await _reply(send, 200, b"{}")
         elif path == "/_bench/login":
-            await _reply(send, 200, self.provider.login(provider_id="local").to_json().encode())
+            ttl = dict(urllib.parse.parse_qsl(scope.get("query_string", b"").decode())).get("ttl")
+            tokens = self.provider.login(provider_id="local", access_ttl=None if ttl is None else float(ttl))
+            await _reply(send, 200, tokens.to_json().encode())
         elif path == "/_bench/stats":
             await _reply(send, 200, json.dumps(self.provider.stats).encode())
         elif path == "/_bench/revoke":

@@ -21,8 +21,8 @@ from ._oauth import (
     is_sendable_refresh_token,
     merge_response,
 )
-from ._storage import ForkRegistry
 from ._sync._http import send_refresh_request as sync_send
+from ._synchronization import ForkRegistry
 
 __all__ = ["OAuth2Refresher", "Refresher"]
 
@@ -187,6 +187,8 @@ class OAuth2Refresher(Refresher):
                 )
             return self._client
 
+    # refresh and arefresh stay hand-written: they differ in which client sends (one long-lived sync client;
+    # an injected async client, else one per refresh), and both send through the generated _http twins.
     def refresh(self, tokens: UpstreamTokens, clock: Clock) -> UpstreamTokens:
         """Redeem the refresh token with the sync client."""
         request = self._request(tokens)

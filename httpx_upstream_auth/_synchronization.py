@@ -9,7 +9,11 @@ thread releases async waiters, and a job running as a task releases sync waiters
 ``AsyncLeaseKeeper`` / ``SyncLeaseKeeper`` renew the job's storage lease while it runs;
 ``AsyncDeadline`` / ``SyncDeadline`` bound (and may shield) a part of a task job;
 ``async_call_bounded`` / ``sync_call_bounded`` wait at most so long for a call (the refresher's);
-``async_sleep`` / ``sync_sleep`` pause a job.
+``async_sleep`` / ``sync_sleep`` pause a job;
+``AsyncWaker`` / ``SyncWaker`` wake one waiter from any thread, and ``async_wait_for_change`` /
+``sync_wait_for_change`` wait on one until a value read from a store moves.
+
+``ForkRegistry`` is how a module finds its live objects again in a forked child, to reset them.
 """
 
 from __future__ import annotations
@@ -18,12 +22,15 @@ import contextlib
 import contextvars
 import copy
 import enum
+import logging
+import os
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import anyio
 import anyio.abc
@@ -37,23 +44,31 @@ __all__ = [
     "AsyncCall",
     "AsyncDeadline",
     "AsyncLeaseKeeper",
+    "AsyncWaker",
     "Flight",
+    "ForkRegistry",
     "Outcome",
     "SameThreadWait",
     "SyncCall",
     "SyncDeadline",
     "SyncLeaseKeeper",
+    "SyncWaker",
     "TimedOut",
     "async_call_bounded",
     "async_sleep",
+    "async_wait_for_change",
+    "copy_error",
     "running_async_library",
     "start_async_job",
     "start_sync_job",
     "sync_call_bounded",
     "sync_sleep",
+    "sync_wait_for_change",
 ]
 
+logger = logging.getLogger("httpx_upstream_auth")
 T = TypeVar("T")
+_E = TypeVar("_E", bound=Exception)
 #: A call with its arguments bound, as the bounded calls take it (the sync twin: :data:`SyncCall`).
 AsyncCall = Callable[[], Awaitable[T]]
 SyncCall = Callable[[], T]
@@ -107,12 +122,14 @@ class Outcome:
     def unwrap(self) -> UpstreamTokens:
         """Return the tokens, or raise a copy of the job's error (each waiter gets its own)."""
         if self.error is not None:
-            raise _copy_error(self.error)
+            raise copy_error(self.error)
         assert self.tokens is not None
         return self.tokens
 
 
-def _copy_error(error: Exception) -> Exception:
+def copy_error(error: _E) -> _E | RefreshFailed:
+    """A copy of ``error`` without its traceback, to raise or to keep (one error object raised by many callers
+    would pile up their tracebacks, and a kept traceback holds the frames that raised it)."""
     try:
         fresh = copy.copy(error)
     except Exception:
@@ -449,3 +466,108 @@ class SyncDeadline:
     def expired(self) -> bool:
         """Always false."""
         return False
+
+
+# -- waking one waiter from any thread ---------------------------------------------------------------
+
+
+class AsyncWaker:
+    """Wakes one async task from any thread without blocking that thread (asyncio or trio)."""
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+        self._schedule = _call_soon_threadsafe(self._set)
+
+    def wake(self) -> None:
+        """Make the current or next :meth:`wait` return; safe from any thread."""
+        with contextlib.suppress(RuntimeError):  # the loop closed (trio: its run ended): nobody waits any more
+            self._schedule()
+
+    def _set(self) -> None:
+        self._event.set()
+
+    async def wait(self, timeout: float) -> None:
+        """Wait until woken or ``timeout`` seconds passed."""
+        with anyio.move_on_after(timeout):
+            await self._event.wait()
+        self._event = anyio.Event()
+
+
+class SyncWaker:
+    """The sync twin of :class:`AsyncWaker`: wakes one waiting thread."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def wake(self) -> None:
+        """Make the current or next :meth:`wait` return; safe from any thread."""
+        self._event.set()
+
+    def wait(self, timeout: float) -> None:
+        """Wait until woken or ``timeout`` seconds passed."""
+        self._event.wait(timeout)
+        self._event.clear()
+
+
+async def async_wait_for_change(
+    read: AsyncCall[Any], seen: Any, deadline: float, waker: AsyncWaker, recheck: Callable[[], float]
+) -> None:
+    """Return once ``await read()`` differs from ``seen``, or at ``deadline`` (``time.monotonic``).
+
+    Between reads it waits on ``waker`` (woken by whoever learns of a change), and at most ``recheck()``
+    seconds: a wake-up that was lost costs that long, not the whole wait.
+    """
+    while await read() == seen:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        await waker.wait(min(remaining, recheck()))
+
+
+def sync_wait_for_change(
+    read: SyncCall[Any], seen: Any, deadline: float, waker: SyncWaker, recheck: Callable[[], float]
+) -> None:
+    """The sync twin of :func:`async_wait_for_change`."""
+    while read() == seen:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        waker.wait(min(remaining, recheck()))
+
+
+# -- what a forked child resets ------------------------------------------------------------------------
+
+
+class ForkRegistry(Generic[T]):
+    """The live objects of one kind, each reset by ``reset(obj)`` in a child process after ``fork()``.
+
+    gunicorn ``--preload`` and multiprocessing fork a process whose storages and refreshers already hold
+    connections, locks (perhaps held by a thread that does not exist in the child), change-feed threads
+    and subscriptions. Objects are held weakly. ``os.register_at_fork`` runs the resets unless
+    ``hook=False``: then the owner calls :meth:`reset_all` from a hook of its own (to order it after
+    other module state). A reset that raises is logged; the others still run.
+    """
+
+    def __init__(self, reset: Callable[[T], None], *, hook: bool = True) -> None:
+        self._reset = reset
+        # No lock (a parent thread could hold it at fork): add is atomic under the GIL, and a reader
+        # that races an add gets RuntimeError from live() and asks again.
+        self._live: weakref.WeakSet[Any] = weakref.WeakSet()
+        if hook and hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self.reset_all)
+
+    def add(self, obj: T) -> None:
+        """Reset ``obj`` in every child forked while it lives."""
+        self._live.add(obj)
+
+    def live(self) -> list[T]:
+        """The objects alive now (RuntimeError if another thread adds one meanwhile: ask again)."""
+        return list(self._live)
+
+    def reset_all(self) -> None:
+        """Reset every live object (called in the child, where only the forking thread exists)."""
+        for obj in list(self._live):
+            try:
+                self._reset(obj)
+            except Exception:  # an at-fork hook must not raise; the child then runs without this object's feed
+                logger.exception("could not reset %r after fork()", obj)

@@ -518,7 +518,7 @@ async def test_secrets_never_logged_or_in_errors(
 ) -> None:
     """Over refresh, replay and failures, no token or client secret appears in DEBUG logs or in any error."""
     refresher = OAuth2Refresher(token_url, "test-client", "test-secret")
-    manager = make_manager(refresher=refresher)
+    manager = make_manager(refresher=refresher, failure_window=0)  # every failure below reaches the token endpoint
     caplog.set_level(logging.DEBUG)
     secrets: set[str] = {"test-secret", base64.b64encode(b"test-client:test-secret").decode()}
     errors: list[UpstreamAuthError] = []
@@ -547,7 +547,7 @@ async def test_secrets_never_logged_or_in_errors(
             errors.append(exc)
     assert [type(e).__name__ for e in errors] == [
         "RefreshFailed",
-        "RefreshFailed",
+        "ConfigurationError",
         "BindingMismatch",
         "ReauthenticationRequired",
     ]

@@ -485,9 +485,10 @@ async def test_a_gateway_error_after_redeeming_fails_closed(
 
 
 async def test_an_oauth_error_from_the_provider_changes_nothing(
-    driver: Driver, provider: LocalProvider, manager: TokenManager
+    driver: Driver, provider: LocalProvider, make_manager: ManagerFactory
 ) -> None:
     """The provider's own error answer (JSON with an OAuth error code) proves nothing was consumed."""
+    manager = make_manager(failure_window=0)  # the next call tries again at once
     first = put_entry(manager, expired(provider.login()))
     fail_refresh(provider, "503")
     with pytest.raises(RefreshFailed):

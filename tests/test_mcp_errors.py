@@ -39,6 +39,7 @@ from httpx_upstream_auth.mcp import (
 from httpx_upstream_auth.testing import LocalMCPServer, LocalProvider, ServerThread
 
 manager = mcp_fixtures.manager
+forgetful_manager = mcp_fixtures.forgetful_manager
 mcp_server = mcp_fixtures.mcp_server
 provider_server = mcp_fixtures.provider_server
 
@@ -101,9 +102,11 @@ async def test_row_dead_grant(provider: LocalProvider, manager: TokenManager, mc
 
 
 async def test_row_transient_refresh_failure(
-    provider: LocalProvider, manager: TokenManager, mcp_server: LocalMCPServer
+    provider: LocalProvider, forgetful_manager: TokenManager, mcp_server: LocalMCPServer
 ) -> None:
-    """Token endpoint 503: a retryable RefreshFailed; the next call works; the closing DELETE is still sent."""
+    """Token endpoint 503: a retryable RefreshFailed; the next call works (for a manager that does not remember
+    the failure); the closing DELETE is still sent."""
+    manager = forgetful_manager
     await manager.astore(SESSION, provider.login())
     async with session(mcp_server.url, manager) as client:
         await settled(mcp_server)

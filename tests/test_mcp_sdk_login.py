@@ -86,16 +86,16 @@ async def login(tmp_path: Path, mcp_server: LocalMCPServer, browser: HeadlessBro
 def test_oauth_token_conversions() -> None:
     """The SDK's relative expires_in becomes an absolute expiry from the time obtained, and back."""
     token = OAuthToken(access_token="a", refresh_token="r", expires_in=3600, scope="api")
-    ours = tokens_from_oauth(token, obtained_at=1000.0, provider_id="p", user_id="u", client_id="c")
+    ours = tokens_from_oauth(token, obtained_at=1_700_000_000.0, provider_id="p", user_id="u", client_id="c")
     assert (ours.expires_at, ours.issued_at, ours.refresh_token, ours.user_id, ours.client_id) == (
-        4600.0,
-        1000.0,
+        1_700_003_600.0,
+        1_700_000_000.0,
         "r",
         "u",
         "c",
     )
-    assert oauth_token_from(ours, now=1600.0).expires_in == 3000
-    assert oauth_token_from(ours, now=9999.0).expires_in == 0
+    assert oauth_token_from(ours, now=1_700_000_600.0).expires_in == 3000
+    assert oauth_token_from(ours, now=1_700_009_999.0).expires_in == 0
 
 
 async def test_first_login_goes_through_the_sdk_then_tokens_are_stored_absolute(

@@ -332,8 +332,11 @@ async def test_no_secret_in_tracebacks_with_locals(
 ) -> None:
     """Every error a caller can get, formatted as Sentry would (traceback with frame locals, causes and
     contexts), names no access token, refresh token or client secret."""
-    manager = make_manager()
-    quick = make_manager(refresher=OAuth2Refresher(server.url + "/token", "test-client", "test-secret", timeout=0.2))
+    # No failure memory: each failure below comes from its own token request.
+    manager = make_manager(failure_window=0)
+    quick = make_manager(
+        refresher=OAuth2Refresher(server.url + "/token", "test-client", "test-secret", timeout=0.2), failure_window=0
+    )
     caught: list[BaseException] = []
     secrets = {"test-secret"}
     for fault in ("500", "invalid_client", "malformed", "id_token_other_sub", "answer_delay:1"):

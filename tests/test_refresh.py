@@ -26,6 +26,7 @@ from support import (
 from httpx_upstream_auth import (
     BindingMismatch,
     Clock,
+    ConfigurationError,
     EntryKey,
     OAuth2Refresher,
     ReauthenticationRequired,
@@ -131,22 +132,30 @@ UNUSABLE_200 = ["malformed", "no_access_token", "huge"]
 
 @pytest.mark.parametrize(("fault", "retryable"), FAULTS, ids=[f for f, _ in FAULTS])
 async def test_provider_error_stores_nothing(
-    driver: Driver, provider: LocalProvider, manager: TokenManager, fault: str, retryable: bool
+    driver: Driver, provider: LocalProvider, make_manager: ManagerFactory, fault: str, retryable: bool
 ) -> None:
     """Each error answer raises RefreshFailed (retryable as it should be) and leaves the entry as it was; a
-    retryable one is first tried again inside the job (MAX_RETRIES times), with the same refresh token."""
+    retryable one is first tried again inside the job (MAX_RETRIES times), with the same refresh token. The
+    failure is remembered: within failure_window the next call gets it again without a token request."""
+    manager = make_manager()
     entry = put_entry(manager, expired(provider.login()))
     attempts = 1 + MAX_RETRIES if retryable else 1
     provider.fail_next(fault, attempts)
     with pytest.raises(RefreshFailed) as caught:
         await driver.get_token(manager)
     assert caught.value.retryable is retryable
+    assert isinstance(caught.value, ConfigurationError) is (fault == "invalid_client")
     assert caught.value.may_have_rotated is False
     assert caught.value.retry_after == (1.0 if fault == "429" else None)
     assert stored(manager) == entry
     assert provider.stats["token_calls"] == attempts and provider.stats["refresh_reuse"] == 0
-    # The fault is gone; the untouched entry still refreshes.
-    fresh = await driver.get_token(manager)
+    with pytest.raises(RefreshFailed) as again:
+        await driver.get_token(manager)
+    assert (type(again.value), str(again.value)) == (type(caught.value), str(caught.value))
+    assert again.value is not caught.value
+    assert provider.stats["token_calls"] == attempts
+    # The fault is gone; the untouched entry still refreshes (in another process, which remembers nothing).
+    fresh = await driver.get_token(make_manager(storage=manager.storage))
     assert fresh.version == entry.version + 1
 
 

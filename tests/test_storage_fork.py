@@ -23,12 +23,8 @@ import pytest
 from storage_fixtures import redis_cluster, redis_server
 from test_storage_contract import tokens
 
-import httpx_upstream_auth._sqlite as sqlite_module
-from httpx_upstream_auth._memory import MemoryStorage
-from httpx_upstream_auth._models import EntryKey
-from httpx_upstream_auth._redis import RedisStorage
-from httpx_upstream_auth._sqlite import SQLiteStorage
-from httpx_upstream_auth._storage import Storage
+import httpx_upstream_auth._storages._sqlite as sqlite_module
+from httpx_upstream_auth import EntryKey, MemoryStorage, RedisStorage, SQLiteStorage, Storage
 
 __all__ = ["redis_cluster", "redis_server"]  # fixtures used by the tests below
 

@@ -25,7 +25,7 @@ class FakeClock:
     """A wall clock the test moves by hand."""
 
     def __init__(self) -> None:
-        self.now = 1_000_000.0
+        self.now = 1_700_000_000.0
 
     def time(self) -> float:
         return self.now
@@ -144,6 +144,29 @@ def test_reuse_revokes_the_whole_grant(provider: LocalProvider, client: httpx.Cl
     assert refresh(client, other.refresh_token).status_code == 200
     stats = provider.stats
     assert (stats["refresh_reuse"], stats["invalid_grant"], stats["refresh_ok"]) == (1, 2, 2)
+
+
+def test_reuse_within_the_grace_gets_a_fresh_pair_and_later_revokes() -> None:
+    """With reuse_grace (Okta's grace period, Hydra's rotation_grace_period), a consumed refresh token presented
+    again within that many seconds of its first use gets a fresh pair and the grant lives (counted as a grace
+    reuse, not a reuse); presented after it, the grant is revoked as without a grace."""
+    clock = FakeClock()
+    provider = LocalProvider(reuse_grace=30, clock=clock)
+    with serve(provider) as server, httpx.Client(base_url=server.url) as http:
+        tokens = provider.login()
+        first = refresh(http, tokens.refresh_token).json()
+        clock.now += 29.9
+        again = refresh(http, tokens.refresh_token)
+        assert again.status_code == 200
+        second = again.json()
+        assert second["refresh_token"] not in (tokens.refresh_token, first["refresh_token"])
+        assert me(http, second["access_token"]).status_code == 200
+        assert refresh(http, second["refresh_token"]).status_code == 200
+        assert (provider.stats["grace_reuse"], provider.stats["refresh_reuse"]) == (1, 0)
+        clock.now += 0.1  # 30 s after the first use: the grace is over
+        assert refresh(http, tokens.refresh_token).json() == {"error": "invalid_grant"}
+        assert me(http, second["access_token"]).status_code == 401  # the whole grant is revoked
+        assert (provider.stats["grace_reuse"], provider.stats["refresh_reuse"]) == (1, 1)
 
 
 def test_without_rotation_the_refresh_token_stays() -> None:
@@ -272,6 +295,7 @@ def test_answering_faults_change_nothing(
         "refresh_ok": 1,
         "refresh_early": 1,  # at once after the login
         "refresh_reuse": 0,
+        "grace_reuse": 0,
         "invalid_grant": 0,
         "invalid_client": 0,
         "faults": 1,
@@ -441,6 +465,7 @@ def test_stats_are_exact_and_reset(provider: LocalProvider, client: httpx.Client
         "refresh_ok": 2,
         "refresh_early": 2,  # both at once after the login
         "refresh_reuse": 1,
+        "grace_reuse": 0,
         "invalid_grant": 2,
         "invalid_client": 1,
         "faults": 1,

@@ -9,6 +9,7 @@ caller's cancellation, timeout or exit reaches it once the refresh request may h
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import threading
@@ -19,6 +20,7 @@ import attrs
 
 from .._exceptions import (
     BindingMismatch,
+    ConfigurationError,
     ReauthenticationRequired,
     RefreshFailed,
     StorageError,
@@ -36,8 +38,10 @@ from .._synchronization import (
     TimedOut,
     sync_call_bounded,
     sync_sleep,
+    copy_error,
     start_sync_job,
 )
+from .._trace import JobTrace, current_job, short_hash
 
 T = TypeVar("T")
 
@@ -58,11 +62,13 @@ class SyncTokenOps:
 
     def __init__(self, state: ManagerState) -> None:
         self._state = state
+        # Bound once: the hot path hands it to the cache without building a method object per request.
+        self._ahead = self._refresh_ahead
 
     def get_token(self, session_id: str, expect: Binding | None = None) -> UpstreamTokens:
         """A fresh entry for the session, refreshed (once, across all callers) when needed."""
         state = self._state
-        tokens = state.cached(session_id)
+        tokens = state.cached(session_id, self._ahead)
         if tokens is None:
             key = state.key(session_id)
             tokens = self._shared_read(key)
@@ -95,7 +101,14 @@ class SyncTokenOps:
 
     def distrust(self, session_id: str, tokens: UpstreamTokens) -> None:
         """The API refused ``tokens`` on the replay right after their refresh."""
-        self._state.distrust(session_id, tokens)
+        state = self._state
+        state.distrust(session_id, tokens)
+        state.tracer.emit("distrusted", state.key(session_id), access_token_hash=short_hash(tokens.access_token))
+
+    def replayed(self, session_id: str, tokens: UpstreamTokens) -> None:
+        """A request the API refused is being sent again with ``tokens``."""
+        state = self._state
+        state.tracer.emit("replayed", state.key(session_id), access_token_hash=short_hash(tokens.access_token))
 
     def accepted(self, session_id: str, access_token: str) -> None:
         """The API accepted ``access_token``: it is trusted again if it was not."""
@@ -173,6 +186,11 @@ class SyncTokenOps:
     def _refreshed(self, key: EntryKey, need: Need) -> UpstreamTokens:
         """Wait for the key's refresh job (starting one if none runs) until it yields what ``need`` asks."""
         state = self._state
+        remembered = state.remembered_failure(key)
+        if remembered is not None:
+            # A refresh failed moments ago without consuming anything: the same request now would fail the same
+            # way, so every caller gets (its own copy of) that error at once, with no token request.
+            raise copy_error(remembered)
         deadline = state.clock.monotonic() + state.wait_timeout
         born_expired = 0
         for _ in range(MAX_FLIGHTS):
@@ -203,6 +221,28 @@ class SyncTokenOps:
                     )
         raise RefreshFailed("the token kept changing during the refresh; retry the request", retryable=True)
 
+    def _refresh_ahead(self, session_id: str, tokens: UpstreamTokens) -> None:
+        """The cached entry is inside its refresh-ahead window: start the session's refresh job in the
+        background unless one runs (or refreshing cannot work now); the caller goes on with ``tokens``."""
+        state = self._state
+        key = state.key(session_id)
+        refresh_token = tokens.refresh_token
+        if (
+            state.closing
+            or refresh_token is None
+            or state.backing_off(key)
+            or state.remembered_failure(key) is not None
+            or state.is_consumed(key, refresh_token)
+        ):
+            return
+        try:
+            flight, new = state.join_flight(key)
+        except RefreshFailed:
+            return  # closed meanwhile: no job starts, and the token is still valid
+        if new:
+            self._launch(key, Need(ahead_of=tokens.version), flight)
+            state.tracer.emit("refresh_ahead.started", key, version=tokens.version)
+
     def _launch(self, key: EntryKey, need: Need, flight: Flight) -> None:
         state = self._state
 
@@ -223,12 +263,16 @@ class SyncTokenOps:
         """The job: lead the key's refresh and publish its outcome, whatever happens to the callers."""
         state = self._state
         outcome = Outcome()
+        job = JobTrace(started=state.clock.monotonic())
+        marked = current_job.set(job)
+        waiters = 0
         try:
             outcome = self._lead(key, need, flight.epoch)
         except UpstreamAuthError as exc:
             outcome = Outcome(error=exc)
         except Exception as exc:  # a bug in a custom storage: say so, typed, without its text
             logger.debug("refresh of %s: unexpected %s", key, type(exc).__name__)
+            state.tracer.emit("store.error", key, operation="refresh", error=type(exc).__name__)
             outcome = Outcome(
                 error=RefreshFailed(
                     f"the refresh failed with {type(exc).__name__} from the storage; retry the request",
@@ -236,7 +280,44 @@ class SyncTokenOps:
                 )
             )
         finally:
+            waiters = flight.waiting
             state.end_flight(key, flight, outcome)
+            with contextlib.suppress(ValueError):  # closed from another context (see ManagerState.writing)
+                current_job.reset(marked)
+        # After publishing: the waiters have their tokens, and no lock or lease is held while hooks run.
+        self._report(key, job, outcome, waiters)
+
+    def _report(self, key: EntryKey, job: JobTrace, outcome: Outcome, waiters: int) -> None:
+        """Tell the tracer how the job ended: a refresh that succeeded or failed (nothing if none was needed)."""
+        state = self._state
+        duration = state.clock.monotonic() - job.started
+        tokens = outcome.tokens
+        if outcome.refreshed and tokens is not None:
+            state.tracer.emit(
+                "refresh.succeeded",
+                key,
+                reason=job.reason,
+                duration=duration,
+                waiters=waiters,
+                retries=job.retries,
+                version=tokens.version,
+                access_token_hash=short_hash(tokens.access_token),
+            )
+            state.tracer.refreshed(key, tokens)
+            return
+        error = outcome.error if outcome.error is not None else job.error
+        if error is not None:
+            state.tracer.emit(
+                "refresh.failed",
+                key,
+                reason=job.reason,
+                error=type(error).__name__,
+                retryable=getattr(error, "retryable", False),
+                duration=duration,
+                waiters=waiters,
+                retries=job.retries,
+                served_stale=outcome.error is None,
+            )
 
     def _lead(self, key: EntryKey, need: Need, epoch: int) -> Outcome:
         state = self._state
@@ -258,6 +339,7 @@ class SyncTokenOps:
                         retryable=True,
                     )
                 logger.debug("refresh of %s: waiting for another worker's lease", key)
+                state.tracer.emit("lease.waited", key)
                 state.storage.watch(key, current.version, min(left, 1.0))
                 continue
             try:
@@ -339,12 +421,23 @@ class SyncTokenOps:
         if not self._usable(need, tokens):
             return False
         refresh_token = tokens.refresh_token
-        return refresh_token is None or state.is_consumed(key, refresh_token) or state.backing_off(key)
+        return (
+            refresh_token is None
+            or state.is_consumed(key, refresh_token)
+            or state.backing_off(key)
+            or state.remembered_failure(key) is not None
+        )
 
     def _redeem(self, key: EntryKey, need: Need, current: UpstreamTokens, epoch: int) -> Outcome:
         state = self._state
         assert current.refresh_token is not None
         logger.debug("refresh of %s: redeeming version %d", key, current.version)
+        reason = "rejected" if need.rejected is not None else "ahead" if need.ahead_of is not None else "expired"
+        job = current_job.get()
+        if job is not None:
+            job.redeemed = True
+            job.reason = reason
+        state.tracer.emit("refresh.started", key, reason=reason, version=current.version)
         # From here on the provider may consume the refresh token: never present it again from this
         # process unless we learn it was not consumed.
         state.mark_consumed(current.refresh_token)
@@ -384,13 +477,19 @@ class SyncTokenOps:
                 raise ReauthenticationRequired(
                     "the token endpoint's answer was lost or unusable after it may have rotated the refresh "
                     "token; the entry was removed so the consumed token is never presented again. Log the "
-                    "user in again."
+                    f"user in again. What happened: {exc}"
                 ) from None
             state.settle_consumed(current.refresh_token)
+            job = current_job.get()
+            if job is not None:
+                job.error = exc
+            if isinstance(exc, ConfigurationError):
+                state.remember_failure(key, exc, epoch)  # every session's refresh would fail the same way
             if self._usable(need, current):
                 # The provider had a blip and the stored token is still valid: serve it, try again later.
                 state.back_off(key)
                 return Outcome(tokens=current, fallback=True)
+            state.remember_failure(key, exc, epoch)
             raise
         except BindingMismatch:
             self._discard(key, current, state.clock.monotonic() + state.refresh_timeout)
@@ -423,17 +522,43 @@ class SyncTokenOps:
     def _answer(self, need: Need, current: UpstreamTokens) -> UpstreamTokens:
         """The refresher's answer as the next entry, within refresh_timeout; a refusal that proves nothing was
         consumed (the provider's own 5xx/429/408 error answer, a connection that never opened) is retried
-        with the same refresh token when no valid token could be served instead."""
+        with the same refresh token when no valid token could be served instead. An answer lost after the
+        provider may have redeemed the token is retried once, within ``reuse_grace`` of sending it."""
         state = self._state
         give_up = state.clock.monotonic() + state.refresh_timeout
+        graced = False
         for attempt in itertools.count():
-            left = give_up - state.clock.monotonic()
+            sent = state.clock.monotonic()
+            left = give_up - sent
             try:
                 answer = sync_call_bounded(left, state.refresher.refresh, current, state.clock)
             except RefreshFailed as exc:
+                if graced and not exc.may_have_rotated:
+                    # The first answer was lost: whatever the retry's refusal says, the token may be consumed,
+                    # so it is never presented again (not even for a transient refusal), and the job fails closed.
+                    raise RefreshFailed(
+                        f"the token endpoint's answer was lost, and the retry within reuse_grace was refused ({exc}); "
+                        "the provider may have rotated the refresh token.",
+                        retryable=True,
+                        status_code=exc.status_code,
+                        may_have_rotated=True,
+                    ) from None
+                if not graced and self._within_grace(exc, sent, give_up):
+                    # The provider honours the token it may have just redeemed for reuse_grace seconds (Okta,
+                    # Auth0, Keycloak, Hydra): this job, still holding the lease, presents it once more instead
+                    # of failing closed. No other job or process ever presents it (it is marked consumed).
+                    graced = True
+                    job = current_job.get()
+                    if job is not None:
+                        job.retries += 1
+                    logger.debug("refresh: the answer was lost; presenting the refresh token again within reuse_grace")
+                    continue
                 pause = self._transient_pause(exc, attempt, need, current, give_up)
                 if pause is None:
                     raise
+                job = current_job.get()
+                if job is not None:
+                    job.retries += 1
                 logger.debug("refresh: HTTP %s, trying again in %.2fs", exc.status_code, pause)
                 sync_sleep(pause)
                 continue
@@ -441,6 +566,14 @@ class SyncTokenOps:
                 raise RefreshFailed("the token endpoint did not answer in time", retryable=True, may_have_rotated=True)
             return self._checked(answer, current)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _within_grace(self, exc: RefreshFailed, sent: float, give_up: float) -> bool:
+        """True when ``exc`` says the answer was lost after the provider may have redeemed the token (timeout
+        after sending, connection reset, a gateway's 5xx, an unreadable 200) and the same token may still be
+        presented: less than ``reuse_grace`` since it was sent, with time left in the job's refresh_timeout."""
+        state = self._state
+        now = state.clock.monotonic()
+        return exc.may_have_rotated and exc.retryable and now - sent < state.reuse_grace and now < give_up
 
     def _transient_pause(
         self, exc: RefreshFailed, attempt: int, need: Need, current: UpstreamTokens, give_up: float
@@ -498,8 +631,9 @@ class SyncTokenOps:
                 with state.writing(key):
                     put = functools.partial(state.storage.put, key, fresh, expected_version=current.version)
                     saved = bool(self._bounded(put))
-            except Exception:
+            except Exception as exc:
                 saved = False
+                state.tracer.emit("store.error", key, operation="put", error=type(exc).__name__)
             # Unless the store said it saved, look at what it holds: a write may land though it raised, and a
             # refusal only counts when someone else wrote (one over an unchanged entry is a failed write).
             landed = True if saved else self._landed(key, current, fresh)
@@ -550,7 +684,8 @@ class SyncTokenOps:
             try:
                 with state.writing(key):
                     self._bounded(functools.partial(state.storage.delete, key, expected_version=current.version))
-            except Exception:
+            except Exception as exc:
+                state.tracer.emit("store.error", key, operation="delete", error=type(exc).__name__)
                 pause = next(pauses, None)
                 if pause is None:
                     logger.debug("refresh of %s: could not remove the consumed entry", key)

@@ -21,7 +21,7 @@ import httpx
 
 from .._exceptions import RefreshFailed, UpstreamAuthError
 from .._models import EntryKey, UpstreamTokens
-from .._storage import Storage
+from .._storages import Storage
 
 __all__ = [
     "DiscoveryFailed",

@@ -13,7 +13,7 @@ from .._clock import Clock
 from .._exceptions import ReauthenticationRequired, UpstreamAuthError
 from .._models import UpstreamTokens
 from .._refresher import OAuth2Refresher, Refresher
-from .._storage import Storage
+from .._storages import Storage
 from ._discovery import (
     DiscoveryFailed,
     IssuerMismatch,

@@ -16,10 +16,11 @@ import httpx2
 from mcp.client.auth import OAuthClientProvider
 from mcp.shared.auth import AuthorizationCodeResult, OAuthClientInformationFull, OAuthClientMetadata, OAuthToken
 
+from .._answer import MAX_LIFETIME
 from .._exceptions import ReauthenticationRequired, UpstreamAuthError
 from .._manager import TokenManager
 from .._models import EntryKey, UpstreamTokens
-from .._storage import Storage
+from .._storages import Storage
 from ._discovery import DiscoveryFailed, IssuerMismatch, ServerMetadata, adiscover
 from ._errors import LoginFailed
 from ._refresher import DiscoveringRefresher
@@ -41,9 +42,11 @@ def tokens_from_oauth(
 
     ``obtained_at`` is when the token request was sent (or, at worst, when the answer arrived): the
     expiry is counted from it. The binding fields say whose tokens these are; ``issuer`` the
-    authorization server that issued them (refreshes go only there).
+    authorization server that issued them (refreshes go only there). A lifetime the token answer's reader
+    would not take (negative, or beyond ``MAX_LIFETIME``) is unknown, as it is for a refresh.
     """
-    expires_at = None if token.expires_in is None else obtained_at + token.expires_in
+    lifetime = token.expires_in
+    expires_at = None if lifetime is None or not 0 <= lifetime <= MAX_LIFETIME else obtained_at + lifetime
     return UpstreamTokens(
         access_token=token.access_token,
         refresh_token=token.refresh_token,
@@ -203,7 +206,7 @@ class SDKLogin:
         sdk_provider: Callable[[Any], OAuthClientProvider] | None = None,
         manager_options: dict[str, Any] | None = None,
     ) -> None:
-        from .._memory import MemoryStorage
+        from .._storages import MemoryStorage
 
         if client_metadata is None and sdk_provider is None:
             raise TypeError("SDKLogin needs client_metadata (for the SDK's interactive login) or an sdk_provider")

@@ -36,6 +36,7 @@ STAT_NAMES = (
     "refresh_ok",
     "refresh_early",
     "refresh_reuse",
+    "grace_reuse",
     "invalid_grant",
     "invalid_client",
     "faults",
@@ -115,7 +116,8 @@ class _Access:
 class _Refresh:
     grant: _Grant
     expires_at: float | None
-    consumed: bool = False
+    #: When a refresh first consumed it (provider clock); None while it is unused.
+    consumed_at: float | None = None
 
 
 class _Reply:
@@ -150,7 +152,9 @@ class LocalProvider:
     (``GET /api/me``, ``POST /api/upload``, ``GET /api/slow?delay=s``, any method on ``/api/echo``).
     Grants are created by :meth:`login`, as if a user had just signed in. With ``rotate=True`` every
     refresh consumes the presented refresh token and issues a new one; presenting a consumed refresh
-    token again revokes the whole grant, as Auth0 and Okta do. Faults are injected with
+    token again revokes the whole grant, as Auth0 and Okta do, unless it comes within ``reuse_grace``
+    seconds of its first use: then it is honoured with a fresh pair, as Okta's grace period and Ory Hydra's
+    ``rotation_grace_period`` do. Faults are injected with
     :meth:`fail_next`. Run it with :class:`ServerThread` (or any ASGI server, or
     ``httpx.ASGITransport``); it does no I/O of its own and is safe to drive from several threads.
 
@@ -177,6 +181,7 @@ class LocalProvider:
         issuer: str = "local-provider",
         clock: Clock | None = None,
         issuer_path: str = "",
+        reuse_grace: float = 0.0,
     ) -> None:
         if issuer_path and (not issuer_path.startswith("/") or issuer_path.endswith("/")):
             raise ValueError("issuer_path must start with '/' and not end with one, like '/tenants/acme'")
@@ -202,6 +207,9 @@ class LocalProvider:
         """Registered clients: ``client_id -> (secret or None, auth method)``; add or change freely."""
         self.issuer_path = issuer_path
         """Where the authorization-server endpoints live (``""``: at the root)."""
+        self.reuse_grace = reuse_grace
+        """Seconds after its first use during which a consumed refresh token is still honoured with a fresh
+        pair (counted in ``stats["grace_reuse"]``); later, presenting it is reuse and revokes the grant."""
         self.authorize_sub = "alice"
         """The user the authorization endpoint signs in, without asking (a headless browser's user)."""
         self._redirect_uris: dict[str, list[str]] = {}
@@ -379,10 +387,12 @@ class LocalProvider:
     def stats(self) -> dict[str, int]:
         """A snapshot of the counters.
 
-        ``token_calls`` counts every ``POST /token``; ``refresh_ok`` successful refreshes;
-        ``refresh_early`` those that came while the grant's newest access token still had more than half
-        its lifetime left (a client that refreshes once per expiry makes none, unless the token was
-        revoked or refused); ``refresh_reuse`` consumed refresh tokens presented again; ``invalid_grant`` and
+        ``token_calls`` counts every ``POST /token``; ``refresh_ok`` successful refreshes (grace reuses
+        included); ``refresh_early`` those that came while the grant's newest access token still had more
+        than half its lifetime left (a client that refreshes once per expiry makes none, unless the token was
+        revoked or refused); ``refresh_reuse`` consumed refresh tokens presented again outside the grace (each
+        revokes its grant); ``grace_reuse`` those presented again within ``reuse_grace`` (honoured);
+        ``invalid_grant`` and
         ``invalid_client`` those answers (reuse included; injected faults excluded); ``faults``
         injected faults taken; ``api_ok`` and ``api_401`` authenticated API answers.
         """
@@ -684,9 +694,12 @@ class LocalProvider:
             self._stats["invalid_grant"] += 1
             return _error(400, "invalid_grant")
         grant = record.grant
-        if record.consumed:
-            self._stats["refresh_reuse"] += 1
-            grant.revoked = True
+        if record.consumed_at is not None:
+            if now - record.consumed_at < self.reuse_grace and not grant.revoked:
+                self._stats["grace_reuse"] += 1  # honoured: a client whose answer was lost tries again
+            else:
+                self._stats["refresh_reuse"] += 1
+                grant.revoked = True
         if grant.revoked or (record.expires_at is not None and now >= record.expires_at):
             self._stats["invalid_grant"] += 1
             return _error(400, "invalid_grant")
@@ -702,7 +715,8 @@ class LocalProvider:
         if scope is not None:
             answer["scope"] = scope
         if self.rotate:
-            record.consumed = True
+            if record.consumed_at is None:
+                record.consumed_at = now
             answer["refresh_token"], _ = self._new_refresh(grant, now)
             if self.refresh_ttl is not None:
                 answer["refresh_token_expires_in"] = _seconds(self.refresh_ttl)

@@ -75,7 +75,7 @@ MUTANTS = [
     ),
     Mutant(
         "sqlite-put-no-entry",
-        "_sqlite.py",
+        "_storages/_sqlite.py",
         "if (None if row is None else row[0]) != expected_version:",
         "if row is not None and row[0] != expected_version:",
         "(c) a SQLite put with an expected version succeeds when there is no entry",
@@ -83,7 +83,7 @@ MUTANTS = [
     ),
     Mutant(
         "sqlite-delete-any-version",
-        "_sqlite.py",
+        "_storages/_sqlite.py",
         "AND (? IS NULL OR version = ?)",
         "AND (? IS NULL OR version = ? OR 1)",
         "a SQLite delete with an expected version deletes whatever version is there",
@@ -178,7 +178,7 @@ MUTANTS = [
     ),
     Mutant(
         "gateway-5xx-trusted",
-        "_oauth.py",
+        "_answer.py",
         "if status_code >= 500 and code not in REGISTERED_ERRORS:",
         "if False:",
         "a gateway's 5xx after a redemption counts as nothing consumed",
@@ -317,6 +317,46 @@ MUTANTS = [
         "if False:",
         "an entry of another provider is used",
         ("tests/test_refresh.py -k provider",),
+    ),
+    Mutant(
+        "grace-any-time",
+        A,
+        "now - sent < state.reuse_grace and now < give_up",
+        "state.reuse_grace > 0 and now < give_up",
+        "a lost answer is retried with its refresh token after the provider's reuse grace ended",
+        ("tests/test_resilience.py -k after_the_grace",),
+    ),
+    Mutant(
+        "grace-retry-repeated",
+        A,
+        "if not graced and self._within_grace(exc, sent, give_up):",
+        "if self._within_grace(exc, sent, give_up):",
+        "a refresh token whose answer was lost is presented again and again within the grace",
+        ("tests/test_resilience.py -k grace_retry_is_made_once",),
+    ),
+    Mutant(
+        "grace-refusal-trusted",
+        A,
+        "if graced and not exc.may_have_rotated:",
+        "if False:",
+        "after a grace retry, a refusal that consumed nothing counts as proof the token is unconsumed",
+        ("tests/test_resilience.py -k refused_grace_retry",),
+    ),
+    Mutant(
+        "failures-unbounded",
+        S,
+        "while len(self._failures) > self._cache_size:",
+        "while False:",
+        "the failure memory grows with every session whose refresh ever failed",
+        ("tests/test_resilience.py -k remembered_failures_are_bounded",),
+    ),
+    Mutant(
+        "failure-of-an-old-login",
+        S,
+        "self._failures.pop(session_id, None)\n        self._trim()",
+        "self._trim()",
+        "a failure remembered for a session outlives its next login (or another worker's refresh)",
+        ("tests/test_resilience.py -k outage_is_remembered",),
     ),
 ]
 

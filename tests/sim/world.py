@@ -41,7 +41,7 @@ from httpx_upstream_auth import (
     StorageError,
     UpstreamTokens,
 )
-from httpx_upstream_auth._storage import Lease
+from httpx_upstream_auth._storages import Lease
 
 __all__ = [
     "APP_OP",
