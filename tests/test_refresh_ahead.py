@@ -219,6 +219,7 @@ FLEET = 20
 RUN_FOR = 7.0  # seconds: three and a half lifetimes of a 2-second token
 
 
+@pytest.mark.slow  # a soak run: 20 workers through several token lifetimes, per mode
 @pytest.mark.parametrize("redeem_in", ["thread", "task"])
 async def test_fleet_never_waits(driver: Driver, make_manager: ManagerFactory, redeem_in: str) -> None:
     """20 workers share one session with 2-second tokens for several lifetimes: no request waits on a refresh,
