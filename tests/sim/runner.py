@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import gc
 import inspect
 import math
@@ -22,7 +21,7 @@ import time
 import weakref
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import attrs
@@ -631,10 +630,12 @@ class _Run:
             first = len(w.provider.redemptions)
             if cp.via_auth:
                 outcome = await self._call(
-                    caller, session, functools.partial(self._request, caller, manager, session, cp)
+                    caller,
+                    session,
+                    lambda m=manager, s=session: self._request(caller, m, s, cp),  # type: ignore[misc]
                 )
             else:
-                outcome = await self._call(caller, session, functools.partial(manager.aget_token, session))
+                outcome = await self._call(caller, session, lambda m=manager, s=session: m.aget_token(s))  # type: ignore[misc]
             self._check_storm(caller, session, first)
             caller.cancel_at = math.inf
             self._outcome(outcome)
@@ -1061,9 +1062,8 @@ class _Run:
                 epoch = w.begin_session_change(session, gid)
                 token = APP_OP.set("login")
                 try:
-                    first_manager = self.managers[0]
-                    assert first_manager is not None  # the first process exists from the start
-                    await first_manager.astore(session, tokens)
+                    # The first process exists from the start (a local would keep its manager alive).
+                    await cast(TokenManager, self.managers[0]).astore(session, tokens)
                 except UpstreamAuthError:
                     w.end_session_change(session, epoch, applied=False)
                     continue
@@ -1074,18 +1074,22 @@ class _Run:
                 break
         for i, cp in enumerate(plan.callers):
             caller = Caller(f"c{i}/p{cp.process}", cp.process, cp.kind)
-            self._start(caller, functools.partial(self._caller, caller, cp))
+            self._start(caller, lambda caller=caller, cp=cp: self._caller(caller, cp))  # type: ignore[misc]
         for i, ev in enumerate(plan.events):
             pid = ev.process if ev.kind in ("logout", "login", "relogin", "churn") else -1
             caller = Caller(f"e{i}/{ev.kind}", max(pid, 0), "plain")
             if pid < 0:
                 self.pending += 1
-                self.spawn(functools.partial(self._world_event, caller, ev))
+                self.spawn(lambda caller=caller, ev=ev: self._world_event(caller, ev))  # type: ignore[misc]
             else:
-                self._start(caller, functools.partial(self._event, caller, ev))
+                self._start(caller, lambda caller=caller, ev=ev: self._event(caller, ev))  # type: ignore[misc]
         for child, (at, parent, during) in plan.ext.forks.items():
             self.pending += 1
-            self.spawn(functools.partial(self._fork_task, child, at, parent, during))
+            self.spawn(
+                lambda child=child, at=at, parent=parent, during=during: self._fork_task(  # type: ignore[misc]
+                    child, at, parent, during
+                )
+            )
         if plan.ext.loop_end is not None:
             # The application closes its event loop at some moment, with no regard for the manager's jobs.
             with anyio.move_on_after(plan.ext.loop_end):
