@@ -31,6 +31,7 @@ from support import (
     FakeClock,
     FlakyStorage,
     ManagerFactory,
+    aput_entry,
     assert_fails_closed,
     expired,
     fail_refresh,
@@ -180,22 +181,26 @@ async def test_close_during_a_refresh_waits_for_the_job_to_save(
     """An app shuts down while the provider is redeeming (it consumed the refresh token and answers
     late): close waits for the job, which saves the rotation; the next worker refreshes with it."""
     manager = _plain_manager(token_url, SQLiteStorage(sqlite_path))
-    first = put_entry(manager, expired(provider.login()))
+    first = await aput_entry(manager, expired(provider.login()))
     caller = await _refresh_at_the_provider(manager, provider, "answer_delay:0.5")
     if how == "close":
         await anyio.to_thread.run_sync(manager.close)
     else:
         await manager.aclose()
-    caller.join()
-    later = _plain_manager(token_url, SQLiteStorage(sqlite_path))
-    try:
-        saved = stored(later)
-        assert saved is not None and saved.version == first.version + 1
-        later.get_token(SESSION)
-        with pytest.raises(UpstreamAuthError):  # a closed manager reads and refreshes nothing (typed)
-            manager.get_token(SESSION + "-other")
-    finally:
-        later.close()
+
+    def the_next_worker() -> None:
+        caller.join()
+        later = _plain_manager(token_url, SQLiteStorage(sqlite_path))
+        try:
+            saved = stored(later)
+            assert saved is not None and saved.version == first.version + 1
+            later.get_token(SESSION)
+            with pytest.raises(UpstreamAuthError):  # a closed manager reads and refreshes nothing (typed)
+                manager.get_token(SESSION + "-other")
+        finally:
+            later.close()
+
+    await anyio.to_thread.run_sync(the_next_worker)
     assert provider.stats["refresh_reuse"] == 0 and provider.stats["refresh_ok"] == 1
 
 
@@ -372,9 +377,11 @@ async def test_a_distrust_ends_when_the_api_accepts_the_token(provider: LocalPro
     revocation refreshes again instead of returning 401s until the token expires."""
     put_entry(manager, provider.login())
     api = ScriptedAPI([401, 401, 200, 401, 200])
-    with ServerThread(api) as served:
-        async with httpx.AsyncClient(base_url=served.url, auth=manager.auth(SESSION), verify=SSL) as client:
-            statuses = [(await client.get("/data")).status_code for _ in range(3)]
+    async with (
+        ServerThread(api) as served,
+        httpx.AsyncClient(base_url=served.url, auth=manager.auth(SESSION), verify=SSL) as client,
+    ):
+        statuses = [(await client.get("/data")).status_code for _ in range(3)]
     assert statuses == [401, 200, 200]
     assert provider.stats["token_calls"] == 2 and provider.stats["refresh_reuse"] == 0
 
@@ -403,7 +410,7 @@ async def test_a_401_after_a_redirect_to_another_origin_refreshes_nothing(
     no refresh, no replay, no distrust (the next request to our API still refreshes on a real 401)."""
     put_entry(manager, provider.login())
     elsewhere = ScriptedAPI([401] * 5)
-    with ServerThread(elsewhere) as other, ServerThread(Redirect(other.url + "/landing")) as api:
+    async with ServerThread(elsewhere) as other, ServerThread(Redirect(other.url + "/landing")) as api:
         response = await Driver(driver.mode, api.url).request(manager, path="/data", follow_redirects=True)
     assert response.status_code == 401
     assert elsewhere.seen == [None]
@@ -431,10 +438,10 @@ async def test_a_lost_answer_outlives_many_successful_rotations(
     beyond any number of ordinary refreshes: the consumed token is never presented again."""
     monkeypatch.setattr(state_module, "CONSUMED_MEMORY", 3)
     storage = DeleteFailsStorage()
-    refresher = OAuth2Refresher(token_url, "test-client", "test-secret", timeout=0.2)
-    manager = make_manager(storage=storage, refresher=refresher, refresh_timeout=0.3)
+    refresher = OAuth2Refresher(token_url, "test-client", "test-secret", timeout=1.0)
+    manager = make_manager(storage=storage, refresher=refresher, refresh_timeout=1.5)
     put_entry(manager, expired(provider.login()))
-    provider.fail_next("answer_delay:1")
+    provider.fail_next("answer_delay:3")
     storage.fail_delete = True
     with pytest.raises(ReauthenticationRequired):
         await manager.aget_token(SESSION)
@@ -560,7 +567,7 @@ async def test_save_retries_end_with_the_job_whatever_the_store_does(
     """The store refuses every write after a rotation: the job retries within refresh_timeout, then fails
     closed and ends (its lease lapses, its flight is gone); it does not retry past the lease's renewals."""
     storage = DeleteFailsStorage()
-    manager = make_manager(storage=storage, refresh_timeout=0.3, wait_timeout=10)
+    manager = make_manager(storage=storage, refresh_timeout=1.0, wait_timeout=10)
     put_entry(manager, expired(provider.login()))
     storage.fail_put = storage.fail_delete = True
     with pytest.raises(StorageError):
@@ -589,20 +596,24 @@ async def test_close_under_a_job_that_outlives_its_wait_leaves_the_store_to_the_
     """close(timeout=...) returns before a slow job ends: the storage stays open for the job, which saves the
     rotation and then closes it."""
     manager = _plain_manager(token_url, SQLiteStorage(sqlite_path))
-    first = put_entry(manager, expired(provider.login()))
+    first = await aput_entry(manager, expired(provider.login()))
     caller = await _refresh_at_the_provider(manager, provider, "answer_delay:0.8")
     if how == "close":
         await anyio.to_thread.run_sync(lambda: manager.close(timeout=0.01))
     else:
         await manager.aclose(timeout=0.01)
     assert manager.footprint().flights == 1  # close returned; the job goes on
-    caller.join()
+    await anyio.to_thread.run_sync(caller.join)
     await wait_until(lambda: manager.footprint().flights == 0)
-    other = SQLiteStorage(sqlite_path)
-    try:
-        saved = other.get(EntryKey("local", SESSION))
-    finally:
-        other.close()
+
+    def read_as_another_process() -> UpstreamTokens | None:
+        other = SQLiteStorage(sqlite_path)
+        try:
+            return other.get(EntryKey("local", SESSION))
+        finally:
+            other.close()
+
+    saved = await anyio.to_thread.run_sync(read_as_another_process)
     assert saved is not None and saved.version == first.version + 1
     assert provider.stats["refresh_reuse"] == 0
 
@@ -655,7 +666,7 @@ def test_a_store_that_hangs_after_the_token_request_cannot_keep_the_interpreter_
     gives up on each write after refresh_timeout (it fails closed as far as it can), the caller gets a typed
     error, and the process exits."""
     script = tmp_path / "hung_store.py"
-    tokens = expired(provider.login())
+    tokens, warm = expired(provider.login()), expired(provider.login())
     script.write_text(
         "import threading\n"
         "import httpx_upstream_auth as hua\n"
@@ -667,10 +678,12 @@ def test_a_store_that_hangs_after_the_token_request_cannot_keep_the_interpreter_
         "        return super().put(key, tokens, expected_version=expected_version)\n"
         "    delete = lambda self, key, *, expected_version=None: threading.Event().wait()\n"
         "store = Hung()\n"
-        "m = hua.TokenManager(provider_id='local', storage=store, refresh_timeout=0.5, lease_ttl=0.5,\n"
+        "m = hua.TokenManager(provider_id='local', storage=store, refresh_timeout=1.5, lease_ttl=0.5,\n"
         "    wait_timeout=30,\n"
         f"    refresher=hua.OAuth2Refresher({token_url!r}, 'test-client', 'test-secret'))\n"
         f"m.store('s', hua.UpstreamTokens.from_json({tokens.to_json()!r}))\n"
+        f"m.store('warm', hua.UpstreamTokens.from_json({warm.to_json()!r}))\n"
+        "m.get_token('warm')\n"  # imports done and a connection open: the refresh below answers within its bound
         "store.hang = True\n"
         "try:\n"
         "    m.get_token('s')\n"
@@ -689,7 +702,7 @@ def test_a_store_that_hangs_after_the_token_request_cannot_keep_the_interpreter_
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "StorageError"
-    assert provider.stats["refresh_ok"] == 1
+    assert provider.stats["refresh_ok"] == 2  # the warm-up's and the one whose save hung
 
 
 # -- the lifecycle review's findings ----------------------------------------------------------------------

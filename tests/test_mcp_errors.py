@@ -214,7 +214,7 @@ async def test_row_issuer_mismatch(
 ) -> None:
     """The server now names another authorization server: IssuerMismatch; nothing is sent there."""
     attacker = LocalProvider(issuer_path="/evil")
-    with ServerThread(attacker) as evil:
+    async with ServerThread(attacker) as evil:
         refresher = DiscoveringRefresher(
             mcp_server.url, "test-client", "test-secret", issuer=provider_server.url + ISSUER_PATH
         )

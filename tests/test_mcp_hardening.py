@@ -82,11 +82,19 @@ class CountingStream(httpx.AsyncByteStream):
     def __init__(self, inner: Any, counter: list[int]) -> None:
         self.inner = inner
         self.counter = counter
+        self._chunks: AsyncIterator[bytes] | None = None
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for chunk in self.inner:
-            self.counter[0] += len(chunk)
-            yield chunk
+    # An iterator object, not an async generator: a reader that stops early leaves nothing for trio to
+    # finalize after the test's event loop has ended.
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        self._chunks = self.inner.__aiter__()
+        return self
+
+    async def __anext__(self) -> bytes:
+        assert self._chunks is not None
+        chunk = await self._chunks.__anext__()
+        self.counter[0] += len(chunk)
+        return chunk
 
     async def aclose(self) -> None:
         await self.inner.aclose()
@@ -181,7 +189,7 @@ async def test_a_challenge_naming_another_origin_is_not_fetched(
     """A 401's resource_metadata on another origin (here an "internal" service) is ignored: no request reaches
     it, and discovery goes on at the MCP server's own well-known URLs."""
     internal = MetadataServer({"resource": mcp_server.url, "authorization_servers": ["http://127.0.0.1:9"]})
-    with ServerThread(internal) as running:
+    async with ServerThread(internal) as running:
         challenge = f'Bearer error="invalid_token", resource_metadata="{running.url}/admin/delete-everything"'
         found = await adiscover(mcp_server.url, www_authenticate=challenge)
     assert internal.paths == []
@@ -193,8 +201,9 @@ async def test_protected_resource_metadata_without_resource_is_refused(
 ) -> None:
     """RFC 9728 requires ``resource``: metadata without it is refused, and its authorization server not asked."""
     app = MetadataServer({"authorization_servers": [provider_server.url]})
-    with ServerThread(app) as running, pytest.raises(DiscoveryFailed, match="no resource member"):
-        await adiscover(running.url + "/mcp")
+    async with ServerThread(app) as running:
+        with pytest.raises(DiscoveryFailed, match="no resource member"):
+            await adiscover(running.url + "/mcp")
     assert provider.flow_stats["metadata_requests"] == 0
 
 

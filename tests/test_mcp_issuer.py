@@ -288,7 +288,7 @@ async def test_sdk_login_mode_refuses_an_authorization_server_without_pkce_s256(
         await send({"type": "http.response.body", "body": json.dumps(document).encode()})
 
     browser = mcp_fixtures.HeadlessBrowser()
-    with ServerThread(no_pkce) as weak:
+    async with ServerThread(no_pkce) as weak:
         mcp_server.authorization_servers = [weak.url]
         login = sdk_login(mcp_server, browser, MemoryStorage())
         assert isinstance(login, SDKLogin)

@@ -186,7 +186,12 @@ def test_from_token_response_reads_a_dict_or_a_response() -> None:
     counted from obtained_at, the binding fields as given, version 0."""
     import httpx2
 
-    binding = {"provider_id": "github", "user_id": "u-1", "upstream_subject": "12345", "client_id": "my-app"}
+    binding: dict[str, Any] = {
+        "provider_id": "github",
+        "user_id": "u-1",
+        "upstream_subject": "12345",
+        "client_id": "my-app",
+    }
     expected = UpstreamTokens(
         access_token=ACCESS,
         refresh_token=REFRESH,
@@ -198,7 +203,7 @@ def test_from_token_response_reads_a_dict_or_a_response() -> None:
         issuer="https://as.example",
         **binding,
     )
-    answers = [ANSWER, httpx.Response(200, json=ANSWER), httpx2.Response(200, json=ANSWER)]
+    answers: list[Any] = [ANSWER, httpx.Response(200, json=ANSWER), httpx2.Response(200, json=ANSWER)]
     for answer in answers:
         made = UpstreamTokens.from_token_response(answer, obtained_at=NOW, issuer="https://as.example", **binding)
         assert made == expected

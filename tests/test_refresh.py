@@ -65,7 +65,8 @@ async def test_expired_entry_is_refreshed_with_rotation(
     assert response.status_code == 200
     assert provider.stats["token_calls"] == 1
     # The old refresh token was consumed: presenting it again is reuse.
-    assert refresh_directly(token_url, old.refresh_token or "").json() == {"error": "invalid_grant"}
+    reused = await anyio.to_thread.run_sync(refresh_directly, token_url, old.refresh_token or "")
+    assert reused.json() == {"error": "invalid_grant"}
     assert provider.stats["refresh_reuse"] == 1
 
 
@@ -221,7 +222,7 @@ async def test_store_failure_after_rotation_fails_closed(
     """If the rotated refresh token cannot be saved before the lease stops being renewed, the entry is removed
     and StorageError raised."""
     storage = FlakyStorage()
-    manager = make_manager(storage=storage, refresh_timeout=0.3)
+    manager = make_manager(storage=storage, refresh_timeout=1.0)
     entry = put_entry(manager, expired(provider.login()))
     storage.fail_put = True
     with pytest.raises(StorageError) as caught:
@@ -426,7 +427,7 @@ async def test_one_second_token_not_refreshed_on_every_request(driver: Driver, m
     """A 1-second token is sent as is for most of its life and refreshed once near its end, not per request."""
     clock = FakeClock()
     provider = LocalProvider(clock=clock)
-    with ServerThread(provider) as server:
+    async with ServerThread(provider) as server:
         refresher = OAuth2Refresher(server.url + "/token", "test-client", "test-secret")
         manager = make_manager(refresher=refresher, clock=clock)
         local_driver = Driver(driver.mode, server.url)

@@ -211,7 +211,7 @@ def count_waits(manager: TokenManager) -> Callable[[], int]:
             waits[0] += 1
             return _blocking(*args)
 
-        ops._refreshed = counted  # type: ignore[method-assign]
+        ops._refreshed = counted  # type: ignore[assignment]
     return lambda: waits[0]
 
 
@@ -219,6 +219,7 @@ FLEET = 20
 RUN_FOR = 7.0  # seconds: three and a half lifetimes of a 2-second token
 
 
+@pytest.mark.slow  # a soak run: 20 workers through several token lifetimes, per mode
 @pytest.mark.parametrize("redeem_in", ["thread", "task"])
 async def test_fleet_never_waits(driver: Driver, make_manager: ManagerFactory, redeem_in: str) -> None:
     """20 workers share one session with 2-second tokens for several lifetimes: no request waits on a refresh,
@@ -226,7 +227,7 @@ async def test_fleet_never_waits(driver: Driver, make_manager: ManagerFactory, r
     if redeem_in == "task" and driver.mode == "sync":
         pytest.skip("a blocking caller's job always runs in a thread; the thread case covers it")
     provider = LocalProvider(access_ttl=2)
-    with ServerThread(provider) as server:
+    async with ServerThread(provider) as server:
         refresher = OAuth2Refresher(server.url + "/token", "test-client", "test-secret")
         manager = make_manager(refresher=refresher, refresh_ahead=1.0, redeem_in=redeem_in)
         local = Driver(driver.mode, server.url)

@@ -98,13 +98,6 @@ class Canned:
         await send({"type": "http.response.body", "body": self.body})
 
 
-@contextlib.contextmanager
-def serving(app: Any) -> Iterator[ServerThread]:
-    """``app`` under uvicorn on 127.0.0.1 for the block."""
-    with ServerThread(app) as server:
-        yield server
-
-
 class SocketServer:
     """A server on 127.0.0.1 that, per connection, optionally speaks TLS with ``tls``, then reads a request
     head and writes ``reply``. It counts connections and records request lines."""
@@ -175,7 +168,7 @@ async def test_a_wrong_token_path_says_check_the_token_url(
     """A 404 from the token URL (a JSON, HTML or empty body) is a ConfigurationError that says to check the
     token URL, not the client credentials; it is not retried, and the entry is untouched."""
     app = Canned(404, *NOT_FOUND_BODIES[body])
-    with serving(app) as elsewhere:
+    async with ServerThread(app) as elsewhere:
         manager = make_manager(refresher=refresher(elsewhere.url + "/oauth2/token"))
         entry = put_entry(manager, expired(provider.login()))
         with pytest.raises(ConfigurationError) as caught:
@@ -217,7 +210,7 @@ async def test_a_200_that_is_not_json_says_check_the_token_url(
     rotated the token, so the entry is removed; the caller is told to log in again, and why: the answer was
     not JSON, check the token URL. Nothing of the answer is quoted."""
     app = Canned(200, *NOT_JSON_200[body])
-    with serving(app) as elsewhere:
+    async with ServerThread(app) as elsewhere:
         manager = make_manager(refresher=refresher(elsewhere.url + "/"))
         entry = put_entry(manager, expired(provider.login()))
         with pytest.raises(ReauthenticationRequired) as caught:

@@ -251,10 +251,10 @@ def test_a_child_does_not_inherit_held_locks_leases_or_lost_lease_answers(any_st
     assert lost is not None
     if isinstance(store, (SQLiteStorage, RedisStorage)):
         store._orphans.keep(B, lost.owner, 60.0)  # as if the answer to that acquire had been lost
-    slots = 0
+    slots: list[Callable[[], None]] = []  # how to give back each connection slot taken here
     if isinstance(store, RedisStorage):  # every connection slot taken by in-flight commands
         while store._gate.acquire(timeout=0):
-            slots += 1
+            slots.append(store._gate.release)
 
     def child(conn: Connection) -> None:
         heard: list[str | None] = []
@@ -280,8 +280,8 @@ def test_a_child_does_not_inherit_held_locks_leases_or_lost_lease_answers(any_st
 
     with _held_by_another_thread(_locks_of(store)), forked(child) as conn:
         assert receive(conn) == "ok"
-    for _ in range(slots):
-        store._gate.release()
+    for release in slots:
+        release()
     store.release_lease(parent_lease)
     store.release_lease(lost)
     # The child's save is in the shared store; a memory store is the parent's own.

@@ -178,7 +178,12 @@ def test_many_threads_wait_for_a_connection_instead_of_failing(own_server: Redis
     for key in watched:
         store.put(key, tokens(1), expected_version=None)
     woke: list[EntryKey] = []
-    watchers = [threading.Thread(target=lambda k=key: (store.watch(k, 1, 30.0), woke.append(k))) for key in watched]
+
+    def watch(key: EntryKey) -> None:
+        store.watch(key, 1, 30.0)
+        woke.append(key)
+
+    watchers = [threading.Thread(target=watch, args=(key,)) for key in watched]
     for thread in watchers:
         thread.start()
     time.sleep(0.3)  # let them all register and wait
@@ -239,7 +244,12 @@ def test_introspection_shows_no_session_id_and_no_token(own_server: RedisServer)
     secret_key = EntryKey("github", "gateway-cookie-0123456789")
     done = threading.Event()
     store.put(secret_key, tokens(1), expected_version=None)
-    watcher = threading.Thread(target=lambda: (store.watch(secret_key, 1, 10.0), done.set()))
+
+    def watch() -> None:
+        store.watch(secret_key, 1, 10.0)
+        done.set()
+
+    watcher = threading.Thread(target=watch)
     watcher.start()
     store.put(secret_key, tokens(2), expected_version=1)
     watcher.join(10)
@@ -405,7 +415,12 @@ def test_a_silent_pubsub_connection_is_pinged_and_replaced(
     listener = RedisStorage.from_url(own_server.url, prefix="silent", socket_timeout=0.3)
     heard: list[str | None] = []
     back = threading.Event()
-    unsubscribe = listener.subscribe(lambda digest: (heard.append(digest), back.set()))
+
+    def hear(digest: str | None) -> None:
+        heard.append(digest)
+        back.set()
+
+    unsubscribe = listener.subscribe(hear)
     assert unsubscribe is not None
     subscriber = listener._subscriber
     assert subscriber is not None and subscriber.live
@@ -488,9 +503,9 @@ def test_a_slot_handed_to_a_waiter_that_just_timed_out_is_not_lost(monkeypatch: 
             gate.release()  # the holder releases: the slot is handed to this waiter...
             return False  # ...whose wait has just timed out
 
-    monkeypatch.setattr(_clients.threading, "Event", TimesOutAsTheSlotArrives)
+    monkeypatch.setattr(threading, "Event", TimesOutAsTheSlotArrives)
     assert gate.acquire(timeout=0.01) is True, "the slot handed over must not be dropped"
-    monkeypatch.setattr(_clients.threading, "Event", real_event)
+    monkeypatch.setattr(threading, "Event", real_event)
     assert gate.waiting == 0
     assert gate.acquire(timeout=0) is False  # still held, by the waiter that got it
     gate.release()

@@ -194,7 +194,8 @@ def test_idle_watchers_share_one_poller_and_hold_no_thread(tmp_path: Path) -> No
             for key in keys:
                 group.start_soon(stores[1].awatch, key, 1, 0.5)
             await anyio.sleep(0.2)
-            return _non_pollers()
+            threads_meanwhile = _non_pollers()
+        return threads_meanwhile
 
     during_async = anyio.run(async_watchers)
     assert len(set(_pollers()) - others) == 1

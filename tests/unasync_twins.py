@@ -30,6 +30,7 @@ REPLACEMENTS = {
     "asend": "send",
     "aclose": "close",
     "aiter_bytes": "iter_bytes",
+    "aclosing": "closing",
     "async_auth_flow": "sync_auth_flow",
     "async_ops": "sync_ops",
     "aoutcome": "outcome",

@@ -7,12 +7,13 @@ discovery fails instead of guessing ``{origin}/token``. Needs no MCP SDK: only h
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import logging
 import re
-from collections.abc import Callable
-from typing import Any
+from collections.abc import AsyncGenerator, Callable
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import attrs
@@ -439,10 +440,13 @@ async def _aget(http: httpx.AsyncClient, url: str) -> tuple[int, bytes]:
             if _declared_too_large(response):
                 raise _too_large(url)
             body = bytearray()
-            async for chunk in response.aiter_bytes():
-                body += chunk
-                if len(body) > MAX_METADATA_BYTES:
-                    raise _too_large(url)
+            # Closed here when the cap stops the read, not left to the garbage collector (trio warns then);
+            # httpx types it as an iterator, but it is a generator.
+            async with contextlib.aclosing(cast("AsyncGenerator[bytes, None]", response.aiter_bytes())) as chunks:
+                async for chunk in chunks:
+                    body += chunk
+                    if len(body) > MAX_METADATA_BYTES:
+                        raise _too_large(url)
             return 200, bytes(body)
     except httpx.HTTPError as exc:
         raise DiscoveryFailed(f"could not fetch metadata at {url}: {type(exc).__name__}", retryable=True) from exc

@@ -34,6 +34,7 @@ Headers = list[tuple[bytes, bytes]]
 STAT_NAMES = (
     "token_calls",
     "refresh_ok",
+    "refresh_early",
     "refresh_reuse",
     "grace_reuse",
     "invalid_grant",
@@ -88,6 +89,9 @@ class _Grant:
     access_ttl: float | None
     revoked: bool = False
     resource: str | None = None
+    # The life of the grant's newest access token, for counting refreshes that came early.
+    access_issued_at: float | None = None
+    access_expires_at: float | None = None
 
 
 @dataclass(slots=True)
@@ -384,13 +388,22 @@ class LocalProvider:
         """A snapshot of the counters.
 
         ``token_calls`` counts every ``POST /token``; ``refresh_ok`` successful refreshes (grace reuses
-        included); ``refresh_reuse`` consumed refresh tokens presented again outside the grace (each revokes
-        its grant); ``grace_reuse`` those presented again within ``reuse_grace`` (honoured); ``invalid_grant`` and
+        included); ``refresh_early`` those that came while the grant's newest access token still had more
+        than half its lifetime left (a client that refreshes once per expiry makes none, unless the token was
+        revoked or refused); ``refresh_reuse`` consumed refresh tokens presented again outside the grace (each
+        revokes its grant); ``grace_reuse`` those presented again within ``reuse_grace`` (honoured);
+        ``invalid_grant`` and
         ``invalid_client`` those answers (reuse included; injected faults excluded); ``faults``
         injected faults taken; ``api_ok`` and ``api_401`` authenticated API answers.
         """
         with self._lock:
             return dict(self._stats)
+
+    @property
+    def issued_tokens(self) -> set[str]:
+        """Every access and refresh token issued so far (to check that none shows in logs or errors)."""
+        with self._lock:
+            return set(self._access) | set(self._refresh)
 
     @property
     def api_calls(self) -> Counter[str]:
@@ -422,6 +435,7 @@ class LocalProvider:
         ttl = self.access_ttl if grant.access_ttl is None else grant.access_ttl
         token = "at-" + secrets.token_urlsafe(18)
         self._access[token] = _Access(grant, now + ttl)
+        grant.access_issued_at, grant.access_expires_at = now, now + ttl
         return token, now + ttl
 
     def _new_refresh(self, grant: _Grant, now: float) -> tuple[str, float | None]:
@@ -689,6 +703,10 @@ class LocalProvider:
         if grant.revoked or (record.expires_at is not None and now >= record.expires_at):
             self._stats["invalid_grant"] += 1
             return _error(400, "invalid_grant")
+        if grant.access_issued_at is not None and grant.access_expires_at is not None:
+            half_life = (grant.access_expires_at - grant.access_issued_at) / 2
+            if grant.access_expires_at - now > half_life:
+                self._stats["refresh_early"] += 1
         access, _ = self._new_access(grant, now)
         ttl = self.access_ttl if grant.access_ttl is None else grant.access_ttl
         stated = _seconds(ttl) if expires_in is None else _seconds(expires_in)

@@ -620,7 +620,8 @@ class StorageContract:
     async def test_subscribe_hears_async_writes(self, storage: Storage) -> None:
         """Saves and deletes through the async twins are reported too."""
         heard: list[str | None] = []
-        unsubscribe = storage.subscribe(heard.append)
+        # subscribe is sync (it may open the store's change feed): from a worker thread, off the event loop
+        unsubscribe = await anyio.to_thread.run_sync(storage.subscribe, heard.append)
         assert unsubscribe is not None
         await storage.aput(KEY, sample_tokens(1), expected_version=None)
         await storage.adelete(KEY, expected_version=1)

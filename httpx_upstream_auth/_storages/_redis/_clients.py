@@ -51,6 +51,11 @@ def import_redis() -> Any:
         import redis.retry
     except ImportError as exc:
         raise ImportError(_MISSING_EXTRA) from exc
+    # redis-py (5.3 and later) reads its own version from the installed package's metadata, on disk, when
+    # it makes its first connection: read it now, in a sync constructor, not on an event loop (it is cached).
+    get_lib_version = getattr(redis.utils, "get_lib_version", None)
+    if get_lib_version is not None:
+        get_lib_version()
     return redis
 
 
