@@ -33,6 +33,7 @@ from support import (
     ManagerFactory,
     aput_entry,
     assert_fails_closed,
+    astored,
     expired,
     fail_refresh,
     put_entry,
@@ -951,14 +952,14 @@ async def test_closing_one_manager_leaves_a_shared_refresher_to_the_other(
     closing = TokenManager(provider_id="local", storage=MemoryStorage(), refresher=refresher)
     working = TokenManager(provider_id="local", storage=SQLiteStorage(sqlite_path), refresher=refresher)
     try:
-        first = put_entry(working, expired(provider.login()))
+        first = await aput_entry(working, expired(provider.login()))
         caller = await _refresh_at_the_provider(working, provider, "answer_delay:0.5")
         await anyio.to_thread.run_sync(closing.close)
-        caller.join()
-        saved = stored(working)
+        await anyio.to_thread.run_sync(caller.join)
+        saved = await astored(working)
         assert saved is not None and saved.version == first.version + 1
     finally:
-        working.close()
+        await anyio.to_thread.run_sync(working.close)
     assert provider.stats["refresh_ok"] == 1 and provider.stats["refresh_reuse"] == 0
 
 
@@ -1010,13 +1011,15 @@ async def test_a_distrust_of_a_token_of_unknown_lifetime_ends(
     provider.fail_next("expires_in:0")
     api = ScriptedAPI([401, 401, 401, 401])  # the token, the replay after its refresh, then two more refusals
     statuses = []
-    with ServerThread(api) as served:
-        async with httpx.AsyncClient(base_url=served.url, auth=manager.auth(SESSION), verify=SSL) as client:
-            statuses.append((await client.get("/data")).status_code)
-            statuses.append((await client.get("/data")).status_code)  # distrusted: no refresh
-            assert provider.stats["token_calls"] == 1
-            clock.advance(state_module.UNKNOWN_LIFETIME_DISTRUST + 1)
-            statuses.append((await client.get("/data")).status_code)  # refreshed again, then accepted
+    async with (
+        ServerThread(api) as served,
+        httpx.AsyncClient(base_url=served.url, auth=manager.auth(SESSION), verify=SSL) as client,
+    ):
+        statuses.append((await client.get("/data")).status_code)
+        statuses.append((await client.get("/data")).status_code)  # distrusted: no refresh
+        assert provider.stats["token_calls"] == 1
+        clock.advance(state_module.UNKNOWN_LIFETIME_DISTRUST + 1)
+        statuses.append((await client.get("/data")).status_code)  # refreshed again, then accepted
     assert statuses == [401, 401, 200]
     assert provider.stats["token_calls"] == 2 and provider.stats["refresh_reuse"] == 0
 
@@ -1073,7 +1076,7 @@ def test_sqlite_storages_dropped_without_close_leave_the_change_feed(
     assert eventually(lambda: poller._thread is None)
 
 
-async def test_lost_lease_claims_are_kept_for_a_lease_ttl_at_most_and_bounded(
+def test_lost_lease_claims_are_kept_for_a_lease_ttl_at_most_and_bounded(
     provider: LocalProvider, make_manager: ManagerFactory, sqlite_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A lease claim that never reached the store (its file write-locked by another process) leaves nothing
@@ -1089,7 +1092,7 @@ async def test_lost_lease_claims_are_kept_for_a_lease_ttl_at_most_and_bounded(
     try:
         for n in range(6):
             with pytest.raises(UpstreamAuthError):
-                await manager.aget_token(f"s-{n}")
+                manager.get_token(f"s-{n}")
     finally:
         locker.execute("ROLLBACK")
         locker.close()
@@ -1104,11 +1107,11 @@ async def test_lost_lease_claims_are_kept_for_a_lease_ttl_at_most_and_bounded(
     monkeypatch.setattr(storage, "_claim", claim_then_fail)
     for n in range(12):
         with pytest.raises(UpstreamAuthError):
-            await manager.aget_token(f"s-{n}")
+            manager.get_token(f"s-{n}")
     monkeypatch.setattr(storage, "_claim", real_claim)
     assert manager.footprint().lost_claims == 5
-    await anyio.sleep(0.3)  # the leases those claims may have taken have expired
+    time.sleep(0.3)  # the leases those claims may have taken have expired
     put_entry(manager, expired(provider.login()), session="later")
-    assert (await manager.aget_token("later")).version > 1
+    assert (manager.get_token("later")).version > 1
     assert manager.footprint().lost_claims == 0
     assert provider.stats["refresh_ok"] == 1 and provider.stats["refresh_reuse"] == 0

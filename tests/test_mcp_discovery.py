@@ -248,7 +248,7 @@ async def test_malformed_metadata_is_a_typed_error_that_keeps_the_tokens(
     """Metadata that is not even well-formed raises DiscoveryFailed (not retryable) from adiscover and through a
     manager, which keeps the stored tokens: no token request was sent, nothing can have been consumed."""
     app = WellKnown(hostile_prm(kind, provider_server.url + ISSUER_PATH))
-    with ServerThread(app) as running:
+    async with ServerThread(app) as running:
         server_url = running.url + "/mcp"
         with pytest.raises(DiscoveryFailed) as direct:
             await adiscover(server_url)
@@ -278,7 +278,7 @@ async def test_metadata_fields_of_the_wrong_type_count_as_not_said() -> None:
         "code_challenge_methods_supported": {"S256": True},
     }
     app = WellKnown({"resource": "SELF", "authorization_servers": ["ISSUER"]}, asm)
-    with ServerThread(app) as running:
+    async with ServerThread(app) as running:
         app.prm = json.loads(json.dumps(app.prm).replace("ISSUER", running.url))
         app.asm = json.loads(json.dumps(asm).replace("ISSUER", running.url))
         found = await adiscover(running.url + "/mcp")
@@ -319,7 +319,7 @@ async def test_slow_metadata_costs_a_retryable_error_not_the_tokens(
     if the token request's answer had been lost)."""
     prm = {"resource": "SELF", "authorization_servers": [provider_server.url + ISSUER_PATH]}
     app = WellKnown(prm, pause=0.05)  # about 5 s for the document; each byte well within the read timeout
-    with ServerThread(app) as running:
+    async with ServerThread(app) as running:
         storage = MemoryStorage()
         refresher = DiscoveringRefresher(running.url + "/mcp", "test-client", "test-secret", storage=storage)
         manager = TokenManager(

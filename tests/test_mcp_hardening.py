@@ -231,9 +231,9 @@ async def test_a_remote_server_cannot_make_discovery_probe_loopback(provider_ser
     """A remote (https) MCP server naming an authorization server on plain http at this machine's loopback (an
     internal service): refused before any request reaches it. Plain http to loopback is for servers on loopback."""
     internal = MetadataServer({"issuer": "internal-secret-value"})
-    with ServerThread(internal) as inside:
+    async with ServerThread(internal) as inside:
         prm = MetadataServer({"resource": "https://mcp.test/mcp", "authorization_servers": [inside.url + "/admin"]})
-        with ServerThread(prm) as remote:
+        async with ServerThread(prm) as remote:
             hosts = Hosts({"mcp.test": remote.url})
             async with httpx.AsyncClient(transport=hosts) as client:
                 with pytest.raises(DiscoveryFailed, match="not https") as caught:
@@ -250,7 +250,7 @@ async def test_sdk_login_fetches_no_resource_metadata_on_another_origin() -> Non
     from httpx_upstream_auth.mcp import SDKLogin, connect
 
     internal = MetadataServer({"resource": "x", "authorization_servers": ["http://127.0.0.1:9"]})
-    with ServerThread(internal) as inside:
+    async with ServerThread(internal) as inside:
         target = inside.url + "/admin/delete-everything?confirm=yes"
 
         async def hostile(scope: Any, receive: Any, send: Any) -> None:
@@ -260,7 +260,7 @@ async def test_sdk_login_fetches_no_resource_metadata_on_another_origin() -> Non
             await send({"type": "http.response.body", "body": b""})
 
         browser = mcp_fixtures.HeadlessBrowser()
-        with ServerThread(hostile) as running:
+        async with ServerThread(hostile) as running:
             login = SDKLogin(
                 running.url + "/mcp",
                 client_metadata=login_metadata(),

@@ -418,7 +418,7 @@ async def test_sdk_login_with_a_pin_and_broken_metadata_raises_a_typed_error(
         await send({"type": "http.response.body", "body": b""})
 
     browser = mcp_fixtures.HeadlessBrowser()
-    with ServerThread(hostile) as running:
+    async with ServerThread(hostile) as running:
         server = running.url + "/mcp"
         login = SDKLogin(
             server,
