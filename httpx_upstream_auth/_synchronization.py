@@ -62,6 +62,7 @@ __all__ = [
     "SyncWaker",
     "TimedOut",
     "async_call_bounded",
+    "async_lead",
     "async_sleep",
     "async_wait_for_change",
     "copy_error",
@@ -69,6 +70,7 @@ __all__ = [
     "start_async_job",
     "start_sync_job",
     "sync_call_bounded",
+    "sync_lead",
     "sync_sleep",
     "sync_wait_for_change",
 ]
@@ -235,6 +237,24 @@ class Flight:
 
 def _always() -> bool:
     return True
+
+
+def async_lead(flight: Flight) -> None:
+    """Mark ``flight`` as run by the current task: a blocking wait on this thread would stop it, and once its
+    asyncio event loop is closed without running it to the end (``loop.close()``, no shutdown) it can never
+    finish, so later callers start another instead of waiting on it. (Trio cancels a run's tasks when it
+    ends, and their clean-up ends the flight.)"""
+    flight.runs_on = threading.get_ident()
+    if running_async_library() == "asyncio":
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        flight.alive = lambda: not loop.is_closed()
+
+
+def sync_lead(flight: Flight) -> None:
+    """Mark ``flight`` as run by the current thread (a thread runs its work to the end)."""
+    flight.runs_on = threading.get_ident()
 
 
 def _call_soon_threadsafe(fn: Callable[[], None]) -> Callable[[], None]:

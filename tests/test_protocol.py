@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 import traceback
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ import attrs
 import httpx
 import pytest
 from support import (
+    PROVIDER_ID,
     SESSION,
     SSL,
     WAIT_LIMIT,
@@ -39,6 +41,7 @@ from httpx_upstream_auth import (
     Binding,
     BindingMismatch,
     EntryKey,
+    Lease,
     MemoryStorage,
     OAuth2Refresher,
     ReauthenticationRequired,
@@ -276,6 +279,61 @@ async def test_lease_is_renewed_while_a_sync_refresh_waits_for_a_slow_provider(
     other = await second.aget_token(SESSION)
     await anyio.to_thread.run_sync(thread.join)
     assert got == [other] and other.version == entry.version + 1
+    assert provider.stats["token_calls"] == 1 and provider.stats["refresh_reuse"] == 0
+
+
+class LateRenewalStorage(MemoryStorage):
+    """A MemoryStorage whose first lease renewal is applied at once but answered ``late`` seconds later."""
+
+    blocking = True  # its renewal sleeps: async callers run it in a thread, as for any blocking store
+
+    def __init__(self, late: float) -> None:
+        super().__init__()
+        self.late = late
+        self.renewals = 0
+
+    def renew_lease(self, lease: Lease) -> bool | None:
+        renewed = super().renew_lease(lease)
+        self.renewals += 1
+        if self.renewals == 1:
+            time.sleep(self.late)
+        return renewed
+
+    def lease_is_live(self, key: EntryKey) -> bool:
+        """True while some worker holds the key's (in-process) lease."""
+        held = self._leases.get(key)
+        return held is not None and held[1] > time.monotonic()
+
+
+class LeaseWitness(Refresher):
+    """Redeems through the real OAuth2Refresher, counting requests sent while the storage's lease had lapsed."""
+
+    def __init__(self, inner: OAuth2Refresher, storage: LateRenewalStorage, key: EntryKey) -> None:
+        self.inner, self.storage, self.key = inner, storage, key
+        self.sent_without_lease = 0
+
+    def refresh(self, tokens: UpstreamTokens, clock: Any) -> UpstreamTokens:
+        raise NotImplementedError
+
+    async def arefresh(self, tokens: UpstreamTokens, clock: Any) -> UpstreamTokens:
+        self.sent_without_lease += not self.storage.lease_is_live(self.key)
+        return await self.inner.arefresh(tokens, clock)
+
+
+async def test_a_renewal_answered_after_the_lease_ran_out_sends_nothing_on_it(
+    provider: LocalProvider, make_manager: ManagerFactory, token_url: str
+) -> None:
+    """The renewal just before sending was applied, but its answer came back after the lease's ttl: the lease
+    may have lapsed (another worker may hold it), so the job takes it again before the refresh token leaves
+    (found by the simulation, seed 9364: a slow store's reply let the token leave on a lapsed lease)."""
+    storage = LateRenewalStorage(late=0.4)
+    key = EntryKey(PROVIDER_ID, SESSION)
+    inner = OAuth2Refresher(token_url, "test-client", "test-secret")  # client_secret_basic, as make_manager's
+    witness = LeaseWitness(inner, storage, key)
+    manager = make_manager(storage=storage, refresher=witness, redeem_in="task", lease_ttl=0.3, refresh_timeout=5)
+    entry = put_entry(manager, expired(provider.login()))
+    assert (await manager.aget_token(SESSION)).version == entry.version + 1
+    assert witness.sent_without_lease == 0
     assert provider.stats["token_calls"] == 1 and provider.stats["refresh_reuse"] == 0
 
 
@@ -557,6 +615,42 @@ def test_task_job_whose_loop_was_closed_does_not_wedge_the_session(
         asyncio.run(asyncio.wait_for(manager.aget_token(SESSION), 10))
     with pytest.raises(ReauthenticationRequired):
         manager.get_token(SESSION)
+    assert provider.stats["token_calls"] == 1 and provider.stats["refresh_reuse"] == 0
+
+
+class FirstReadNeverEnds(MemoryStorage):
+    """A MemoryStorage whose first async read waits for ever (its event loop is closed under it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    async def aget(self, key: EntryKey) -> UpstreamTokens | None:
+        self.reads += 1
+        if self.reads == 1:
+            await anyio.sleep_forever()
+        return await super().aget(key)
+
+
+def test_a_read_whose_loop_was_closed_does_not_hold_up_the_next_caller(
+    provider: LocalProvider, make_manager: ManagerFactory
+) -> None:
+    """A caller's loop closed (loop.close(), no shutdown) while its storage read was in progress: a caller on
+    another loop reads and refreshes for itself instead of waiting for that read, which can never end, and
+    nothing is left in progress (found by the simulation, seed 33: every later call waited wait_timeout)."""
+    storage = FirstReadNeverEnds()
+    manager = make_manager(storage=storage, redeem_in="task", wait_timeout=2.0)
+    entry = put_entry(manager, expired(provider.login()))
+    loop = asyncio.new_event_loop()
+    # Still referenced (as an application's task list would), so it is not collected: its clean-up never runs.
+    pending = loop.create_task(manager.aget_token(SESSION))
+    while storage.reads == 0:
+        loop.run_until_complete(asyncio.sleep(0))
+    loop.close()
+    assert asyncio.run(manager.aget_token(SESSION)).version == entry.version + 1
+    footprint = manager.footprint()
+    assert (footprint.reads, footprint.flights) == (0, 0)
+    assert not pending.done()
     assert provider.stats["token_calls"] == 1 and provider.stats["refresh_reuse"] == 0
 
 

@@ -86,7 +86,7 @@ def test_manager_runs_its_refresh_job_on_the_simulated_loop() -> None:
     assert REDEEM_IN_TASK
 
 
-@pytest.mark.parametrize("seed", [1, 7, 42, 254, 1234, 43, 136, 231, 515, 814, 6301])
+@pytest.mark.parametrize("seed", [1, 7, 42, 254, 1234, 43, 136, 231, 515, 814, 6301, 0, 9, 16, 36, 56, 68, 94])
 def test_a_seed_replays_exactly(seed: int) -> None:
     """Running a seed twice gives the same plan, trace, outcomes and violations."""
     first, again = run_schedule(seed), run_schedule(seed)
@@ -108,7 +108,7 @@ for seed in sys.argv[1:]:
 
 def test_replay_is_the_same_in_another_interpreter() -> None:
     """The command-line replay prints the same trace under another hash seed (no set/hash order leaks in)."""
-    seeds = ["3", "11", "600", "43", "231", "6301"]
+    seeds = ["3", "11", "600", "43", "231", "6301", "56", "68"]
     outputs = []
     for hash_seed in ("1", "2"):
         done = subprocess.run(
@@ -165,5 +165,16 @@ def test_every_deployment_event_is_drawn() -> None:
         bump("partial rotation", k.p_partial_rotation > 0)
         bump("stall", bool(k.stalls))
         bump("outage during a job", any(e.kind == "outage" for e in plan.events))
+        bump("stall during a job", any(e.kind == "stall" for e in plan.events))
+        bump("a read under the lease hangs", k.read_hang is not None)
+        bump("store without change notices", not k.notices)
+        bump("provider outage", bool(k.provider_outages))
+        bump("grant revoked at the provider", any(e.kind == "grant-revoke" for e in plan.events))
+        bump("login of another provider", any(e.kind == "foreign-login" for e in plan.events))
+        bump("sync close", any(e.kind == "close" and e.mode == "close" for e in plan.events))
+        bump("exit after aclose", any(e.kind == "close" and e.mode == "aclose+exit" for e in plan.events))
+        bump("lease shorter than the request", ext.short_lease)
+        bump("long back-off pauses", ext.retry_interval > 1.0)
+        bump("new event loop", bool(ext.restart))
     rare = {name: n for name, n in seen.items() if n < 20}
     assert not rare, f"extensions drawn too rarely in 2000 plans: {rare}"

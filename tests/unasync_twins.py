@@ -47,6 +47,7 @@ REPLACEMENTS = {
     "AsyncDeadline": "SyncDeadline",
     "async_sleep": "sync_sleep",
     "async_call_bounded": "sync_call_bounded",
+    "async_lead": "sync_lead",
     "AsyncCall": "SyncCall",
     "AsyncStoreCalls": "SyncStoreCalls",
     "start_async_job": "start_sync_job",

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
-import threading
 from collections.abc import Iterator
 from typing import TypeVar
 
@@ -38,6 +37,7 @@ from .._synchronization import (
     SameThreadWait,
     TimedOut,
     async_call_bounded,
+    async_lead,
     async_sleep,
     copy_error,
     start_async_job,
@@ -163,7 +163,7 @@ class AsyncTokenOps:
         for _ in range(MAX_FLIGHTS):
             flight, leading = state.join_flight(key, reads=True)
             if leading:
-                flight.runs_on = threading.get_ident()
+                async_lead(flight)  # a read whose event loop was closed under it is not waited for
                 outcome = Outcome()
                 try:
                     tokens = await self._read(key)
@@ -375,8 +375,12 @@ class AsyncTokenOps:
                             retryable=False,
                         )
                     # The reads may have been slow: make sure the lease is still ours, for a full ttl, at the
-                    # moment the refresh token leaves; the keeper renews it from then on.
-                    if await state.storage.arenew_lease(lease) is False:
+                    # moment the refresh token leaves; the keeper renews it from then on. A renewal runs its
+                    # ttl from when the store applied it, no earlier than we asked: one whose answer took
+                    # longer than the ttl proves nothing about now (the lease may have lapsed meanwhile).
+                    asked = state.clock.monotonic()
+                    renewed = await state.storage.arenew_lease(lease)
+                    if renewed is False or state.clock.monotonic() - asked >= state.lease_ttl:
                         logger.debug("refresh of %s: lease lost before sending; starting over", key)
                         if state.clock.monotonic() > give_up:
                             raise RefreshFailed(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
-import threading
 from collections.abc import Iterator
 from typing import TypeVar
 
@@ -39,6 +38,7 @@ from .._synchronization import (
     SameThreadWait,
     TimedOut,
     sync_call_bounded,
+    sync_lead,
     sync_sleep,
     copy_error,
     start_sync_job,
@@ -164,7 +164,7 @@ class SyncTokenOps:
         for _ in range(MAX_FLIGHTS):
             flight, leading = state.join_flight(key, reads=True)
             if leading:
-                flight.runs_on = threading.get_ident()
+                sync_lead(flight)  # a read whose event loop was closed under it is not waited for
                 outcome = Outcome()
                 try:
                     tokens = self._read(key)
@@ -376,8 +376,12 @@ class SyncTokenOps:
                             retryable=False,
                         )
                     # The reads may have been slow: make sure the lease is still ours, for a full ttl, at the
-                    # moment the refresh token leaves; the keeper renews it from then on.
-                    if state.storage.renew_lease(lease) is False:
+                    # moment the refresh token leaves; the keeper renews it from then on. A renewal runs its
+                    # ttl from when the store applied it, no earlier than we asked: one whose answer took
+                    # longer than the ttl proves nothing about now (the lease may have lapsed meanwhile).
+                    asked = state.clock.monotonic()
+                    renewed = state.storage.renew_lease(lease)
+                    if renewed is False or state.clock.monotonic() - asked >= state.lease_ttl:
                         logger.debug("refresh of %s: lease lost before sending; starting over", key)
                         if state.clock.monotonic() > give_up:
                             raise RefreshFailed(

@@ -13,8 +13,10 @@ table               what it holds                           bound after a schedu
 ``_distrusted``     session -> access token refused         ``cache_size``
 ``_retry_at``       key -> end of an early-refresh back-off ``cache_size`` (one per session, like the rest)
 ``_consumed``       refresh tokens presented, result unsure ``CONSUMED_MEMORY``, and never a token whose
-                                                            rotation this process saved
-``_flights``        key -> refresh in progress              empty once no job runs (an orphan never ends)
+                                                            rotation this process saved (and learned so)
+``_flights``        key -> refresh in progress              empty once no job runs (an orphan never ends), but
+                                                            for flights whose loop was closed (replaced when
+                                                            next needed)
 ``_reads``          key -> shared read in progress          empty once no read runs
 storage subscribers callbacks of managers                   live managers on that storage object
 ``_task_jobs``      (module) running task jobs              none of an event loop that was closed
@@ -64,7 +66,9 @@ def check_manager_tables(world: Any, pid: int, manager: Any, settled: bool) -> N
         if name in ("_flights", "_reads"):
             if not settled:
                 continue
-            stuck = [key for key, flight in table.items() if not flight.done]
+            # A flight whose job's event loop was closed (``alive()`` false) is replaced by the next caller that
+            # needs it; one that looks alive and never ends makes every caller wait and fail.
+            stuck = [key for key, flight in table.items() if not flight.done and getattr(flight, "alive", bool)()]
             if stuck:
                 forked = world.processes[pid].parent is not None
                 world.violate(
@@ -76,10 +80,12 @@ def check_manager_tables(world: Any, pid: int, manager: Any, settled: bool) -> N
         if size > bound:
             world.violate(f"table-over-bound:{name}", f"p{pid}: {name} holds {size} entries, over its bound {bound}")
         if name == "_consumed":
+            # Rotations the process learned were saved: one whose put landed while its reply was lost (and the
+            # store then stayed down) is unknown to it, and it must keep the token it presented.
             saved = {
                 _digest(red.rt)
                 for red in world.provider.redemptions
-                if red.process == pid and red.kind == "rotated" and "applied" in red.saves
+                if red.process == pid and red.kind == "rotated" and red.saved_known
             }
             wasted = sum(1 for d in table if d in saved)
             if wasted:

@@ -11,11 +11,13 @@ otherwise it **survived**. A mutant whose original text is no longer in the code
     python -m tests.sim.mutants                       # every mutant, 2,000 seeds each
     python -m tests.sim.mutants --count 500 --only waiter-epoch,discard-any-version
     python -m tests.sim.mutants --pytest tests/test_refresh.py::test_x   # also run these tests per mutant
+    python -m tests.sim.mutants --count 10000 --tests --jobs 2   # the CI seed count, two interpreters at once
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import shutil
 import subprocess
@@ -116,9 +118,17 @@ MUTANTS = [
     Mutant(
         "no-renew-before-send",
         A,
-        "if await state.storage.arenew_lease(lease) is False:",
-        "if False:",
+        "renewed = await state.storage.arenew_lease(lease)\n                    if renewed is False or",
+        "renewed = None\n                    if False and",
         "the lease is not confirmed (renewed) before the refresh token leaves",
+    ),
+    Mutant(
+        "late-renewal-trusted",
+        A,
+        "if renewed is False or state.clock.monotonic() - asked >= state.lease_ttl:",
+        "if renewed is False:",
+        "a renewal answered after the lease's ttl is taken as proof the lease is still held when the token leaves",
+        (f"{PROTO} -k renewal_answered_after",),
     ),
     Mutant(
         "keeper-never-renews",
@@ -238,6 +248,14 @@ MUTANTS = [
         "if flight is not None:",
         "a flight whose loop closed is joined anyway",
         (f"{PROTO}::test_task_job_whose_loop_was_closed_does_not_wedge_the_session",),
+    ),
+    Mutant(
+        "dead-read-joined",
+        "_synchronization.py",
+        "flight.alive = lambda: not loop.is_closed()\n\n\ndef sync_lead",
+        "del loop\n\n\ndef sync_lead",
+        "a shared read whose event loop was closed under it is waited for by every later caller",
+        (f"{PROTO} -k read_whose_loop_was_closed",),
     ),
     Mutant(
         "fork-keeps-flights",
@@ -403,23 +421,32 @@ def _copy_tree(dest: Path) -> None:
             shutil.copy(ROOT / name, dest / name)
 
 
-def _findings(where: Path, start: int, count: int) -> set[tuple[int, str]] | str:
+def _findings(where: Path, start: int, count: int, jobs: int = 1) -> set[tuple[int, str]] | str:
+    """The (seed, category) findings of seeds start..start+count-1, in ``jobs`` interpreters at once."""
     env = {**os.environ, "PYTHONPATH": str(where), "PYTHONDONTWRITEBYTECODE": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", _PROBE.format(start=start, stop=start + count)],
-        cwd=where,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        return f"crashed: {done.stderr.strip().splitlines()[-1:] or '?'}"
+    bounds = [start + count * i // jobs for i in range(jobs + 1)]
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _PROBE.format(start=a, stop=b)],
+            cwd=where,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for a, b in itertools.pairwise(bounds)
+        if b > a
+    ]
     found = set()
-    for line in done.stdout.splitlines():
-        seed, _, category = line.partition(" ")
-        found.add((int(seed), category))
-    return found
+    failed = ""
+    for run in runs:
+        out, err = run.communicate()
+        if run.returncode != 0:
+            failed = failed or f"crashed: {err.strip().splitlines()[-1:] or '?'}"
+        for line in out.splitlines():
+            seed, _, category = line.partition(" ")
+            found.add((int(seed), category))
+    return failed or found
 
 
 def _tests(where: Path, tests: list[str]) -> str | None:
@@ -453,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help="comma-separated mutant names")
     parser.add_argument("--pytest", action="append", default=[], help="a pytest node id to run per mutant")
     parser.add_argument("--tests", action="store_true", help="also run each mutant's own guarding tests")
+    parser.add_argument("--jobs", type=int, default=1, help="interpreters that run a mutant's seeds at once")
     args = parser.parse_args(argv)
     chosen = [m for m in MUTANTS if not args.only or m.name in args.only.split(",")]
     with tempfile.TemporaryDirectory(prefix="hua-mutants-") as tmp:
@@ -460,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         base.mkdir()
         _copy_tree(base)
         started = time.perf_counter()
-        baseline = _findings(base, args.start, args.count)
+        baseline = _findings(base, args.start, args.count, args.jobs)
         if isinstance(baseline, str):
             print(f"the unmutated copy {baseline}")
             return 2
@@ -485,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
             if m.file.startswith("_async/"):  # the thread jobs and sync API run the generated twin
                 subprocess.run([sys.executable, "tests/unasync_twins.py"], cwd=where, check=True)
             started = time.perf_counter()
-            found = _findings(where, args.start, args.count)
+            found = _findings(where, args.start, args.count, args.jobs)
             failed = _tests(where, [*args.pytest, *(m.tests if args.tests else ())])
             took = time.perf_counter() - started
             if isinstance(found, str):

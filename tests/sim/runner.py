@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 import weakref
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -28,7 +29,14 @@ import attrs
 import httpx
 import trio
 
-from httpx_upstream_auth import EntryKey, SQLiteStorage, TokenManager, UpstreamAuthError
+from httpx_upstream_auth import (
+    EntryKey,
+    RefreshFailed,
+    SQLiteStorage,
+    TokenManager,
+    UpstreamAuthError,
+    UpstreamTokens,
+)
 
 from .checker import check_manager_tables, storage_subscribers, task_jobs_of
 from .fork import fork_manager
@@ -56,7 +64,9 @@ _TEMPDIR: list[str] = []
 def _tempdir() -> str:
     """One temporary directory per interpreter for the real SQLite files (one file per schedule)."""
     if not _TEMPDIR:
-        _TEMPDIR.append(tempfile.mkdtemp(prefix="hua-sim-"))
+        # In memory where there is a tmpfs: the store syncs every commit, which a disk makes slow.
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+        _TEMPDIR.append(tempfile.mkdtemp(prefix="hua-sim-", dir=shm))
     return _TEMPDIR[0]
 
 
@@ -138,6 +148,15 @@ class Ext:
     auth: bool = False
     #: The application closes its asyncio loop after this long (then once a job runs), jobs pending.
     loop_end: float | None = None
+    #: The managers' retry_interval (how long a failed early refresh backs off).
+    retry_interval: float = 1.0
+    #: After closing its loop, the application runs a new one with the same managers (``restart``): these
+    #: callers (their ``after`` counts from the restart). ``hold_dead``: the closed loop's pending tasks are
+    #: still referenced then (collected only later), else they were collected before the new loop started.
+    restart: list[CallerPlan] = field(default_factory=list)
+    hold_dead: bool = False
+    #: lease_ttl was drawn below refresh_timeout (a healthy store fast enough for the keeper's renewals).
+    short_lease: bool = False
 
     def describe(self) -> str:
         """One line for the plan's header."""
@@ -159,6 +178,16 @@ class Ext:
             parts.append("auth flow through httpx")
         if self.loop_end is not None:
             parts.append(f"loop closed after {self.loop_end:.1f}s")
+        if self.restart:
+            held = "pending tasks still referenced" if self.hold_dead else "pending tasks collected"
+            parts.append(
+                f"then a new loop ({held}): "
+                + "; ".join(f"p{c.process} {c.session} gaps {[round(g, 3) for g in c.gaps]}" for c in self.restart)
+            )
+        if self.retry_interval != 1.0:
+            parts.append(f"retry_interval={self.retry_interval}")
+        if self.short_lease:
+            parts.append("lease_ttl below refresh_timeout")
         return "  ext: " + ", ".join(parts)
 
 
@@ -167,11 +196,15 @@ class EventPlan:
     """One world event at virtual time ``at``."""
 
     at: float
-    kind: str  # logout | login | relogin | crash | jump
+    kind: str  # logout | login | relogin | crash | jump | ... (see ``_Run._event``)
     process: int = 0
     session: str = "s0"
     subject: str = "alice"
     amount: float = 0.0
+    #: For ``close``: ``aclose``, ``close`` (the sync close, from the loop's thread) or ``aclose+exit`` (the
+    #: process exits once aclose returns); ``then``: (process, delay) of calls other processes make after.
+    mode: str = ""
+    then: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -206,7 +239,17 @@ class Plan:
             f"  store: delay<{k.store_delay} errors {k.store_error:.2f} outages "
             f"{[(round(a, 2), round(b, 2)) for a, b in k.outages]} stalls "
             f"{[(round(a, 2), round(b, 2)) for a, b in k.stalls]}; gateway-after-redeem {k.p_gateway:.2f} "
-            f"expires_in=0 {k.p_zero_life:.2f} api-401 {k.p_api_401:.2f} partial-rotation {k.p_partial_rotation:.1f}",
+            f"expires_in=0 {k.p_zero_life:.2f} api-401 {k.p_api_401:.2f} partial-rotation {k.p_partial_rotation:.1f}"
+            + ("" if k.notices else "; the store reports no changes")
+            + (
+                ""
+                if k.read_hang is None
+                else f"; a read under a lease hangs {k.read_hang[1]:.1f}s after {k.read_hang[0]:.2f}"
+            )
+            + (
+                f"; provider down {[(round(a, 2), round(b, 2)) for a, b in k.provider_outages]}"
+                * bool(k.provider_outages)
+            ),
             self.ext.describe(),
         ]
         for s, (subject, life) in self.initial.items():
@@ -219,7 +262,11 @@ class Plan:
                 + (f" via auth (redirects {c.p_redirect:.2f})" if c.via_auth else "")
             )
         for e in self.events:
-            lines.append(f"  event at {e.at:.3f}: {e.kind} p{e.process} {e.session} {e.subject} {e.amount:.1f}")
+            lines.append(
+                f"  event at {e.at:.3f}: {e.kind} p{e.process} {e.session} {e.subject} {e.amount:.1f}"
+                + (f" {e.mode}" if e.mode else "")
+                + (f" then {[(p, round(d, 2)) for p, d in e.then]}" if e.then else "")
+            )
         return "\n".join(lines)
 
 
@@ -273,6 +320,18 @@ def make_plan(seed: int) -> Plan:
     leeway = rng.choice((30.0, 5.0))
     processes = extend_plan(
         ext, rng_ext, backend, knobs, processes, sessions, initial, callers, events, kinds, refresh_timeout, leeway
+    )
+    lease_ttl, lease_wait = extend_plan_more(
+        ext,
+        random.Random(f"ext2:{seed}"),
+        knobs,
+        processes,
+        sessions,
+        callers,
+        events,
+        refresh_timeout,
+        lease_ttl,
+        lease_wait,
     )
     events.sort(key=lambda e: e.at)
     return Plan(
@@ -454,6 +513,98 @@ def extend_plan(
     return processes
 
 
+def extend_plan_more(
+    ext: Ext,
+    xr: random.Random,
+    knobs: Knobs,
+    processes: int,
+    sessions: list[str],
+    callers: list[CallerPlan],
+    events: list[EventPlan],
+    refresh_timeout: float,
+    lease_ttl: float,
+    lease_wait: float | None,
+) -> tuple[float, float | None]:
+    """More of a deployment's life (issue 12, brief H1), from a third stream (``ext2:``, so a plan without them
+    is drawn as before): a provider outage, grants revoked at the provider, a login handed to the wrong
+    provider's manager, the ways an application closes a manager (sync close, exit after aclose), a store
+    that reports no changes, a store stall once a job runs, a lease shorter than the token request, and a new
+    event loop after the first was closed. Returns the (possibly redrawn) lease_ttl and lease_wait."""
+    shared = knobs.storage != "memory"
+    if ext.crowd:
+        # Back-off pauses long enough to overlap across the whole walk, and (half the time) a provider that is
+        # down meanwhile, so every early refresh of the crowd backs off.
+        ext.retry_interval = xr.choice((1.0, 30.0, 120.0))
+        if xr.random() < 0.5:
+            walker = next(c for c in callers if c.walk)
+            span = sum(walker.gaps)
+            start = xr.uniform(0.0, span * 0.3)
+            knobs.provider_outages += ((start, start + span),)
+    if xr.random() < 0.06:
+        start = xr.uniform(0.0, 25.0)
+        knobs.provider_outages += ((start, start + xr.uniform(2.0, 20.0)),)
+    if xr.random() < 0.08:
+        for _ in range(xr.choice((1, 2))):
+            events.append(EventPlan(xr.uniform(0.0, 25.0), "grant-revoke", session=xr.choice(sessions)))
+    if xr.random() < 0.04:
+        events.append(EventPlan(xr.uniform(0.0, 20.0), "foreign-login", xr.randrange(processes), xr.choice(sessions)))
+    for ev in events:
+        if ev.kind == "close":
+            ev.mode = xr.choice(("aclose", "close", "aclose+exit", "aclose+exit"))
+            if ev.mode == "aclose+exit":
+                ev.then = [
+                    (p, xr.uniform(0.0, 3.0 * lease_ttl)) for p in range(processes) if p != ev.process for _ in (0, 1)
+                ]
+    if shared and xr.random() < 0.12:
+        # A third-party store that never calls notify_change: no manager hears of any write (its own
+        # included); a process that logs a session out while reading it races its own reads.
+        knobs.notices = False
+        if xr.random() < 0.6:
+            pid, session, at = xr.randrange(processes), xr.choice(sessions), xr.uniform(0.0, 20.0)
+            for _ in range(xr.randint(3, 6)):
+                at += xr.uniform(0.05, 2.0)
+                kind = xr.choice(("relogin", "login", "logout"))
+                events.append(EventPlan(at, kind, pid, session, xr.choice(SUBJECTS), xr.uniform(0.0, 0.3)))
+            gaps = [max(0.0, at - 6.0)] + [xr.uniform(0.02, 0.5) for _ in range(xr.randint(6, 14))]
+            callers.append(CallerPlan(pid, session, "plain", gaps))
+    if shared and xr.random() < 0.06:
+        # One read a job makes under its lease hangs (a connection black-holed) for longer than the job's
+        # bounds, then fails: the lease keeper must stop renewing, so the lease lapses for the others.
+        knobs.read_hang = (xr.uniform(0.0, 20.0), (2 * refresh_timeout + lease_ttl) * xr.uniform(1.5, 3.0))
+    if shared and xr.random() < 0.08:
+        # The store stalls once a refresh answer is in flight: each leg of an operation takes a large part of
+        # the lease's ttl, for one to three ttls (the lease keeper's renewals and the job's writes meet it).
+        events.append(EventPlan(xr.uniform(0.0, 20.0), "stall", amount=lease_ttl * xr.uniform(1.0, 3.0)))
+        if not knobs.stall_delay:
+            knobs.stall_delay = lease_ttl * xr.choice((0.4, 0.8))
+    legs = {"memory": 0, "sqlite": 1, "redis": 2}[knobs.storage]
+    healthy = (
+        knobs.store_error == 0.0
+        and not knobs.outages
+        and not knobs.stalls
+        and not any(e.kind in ("outage", "stall") for e in events)
+        and not knobs.read_hang
+    )
+    if healthy and xr.random() < 0.3:
+        # A lease shorter than the token request: the job's lease keeper must renew it while the provider
+        # answers (TokenManager documents the ttl as what a crash costs; tests run with 0.3s). Drawn only where
+        # a renewal's round trip fits in the third of the ttl the keeper waits between renewals.
+        ttl = refresh_timeout * xr.uniform(0.25, 0.6)
+        if legs * knobs.store_delay <= ttl / 3:
+            ext.short_lease = True
+            if lease_wait == lease_ttl:
+                lease_wait = ttl
+            lease_ttl = ttl
+            knobs.lease_hold_bound = 3 * refresh_timeout + lease_ttl + 10 * knobs.store_delay * max(legs, 1)
+    if ext.loop_end is not None and xr.random() < 0.6:
+        ext.hold_dead = xr.random() < 0.5
+        for p in range(processes):
+            for _ in range(xr.choice((1, 2))):
+                gaps = [xr.uniform(0.0, 2.0 * lease_ttl)] + [xr.expovariate(1 / 5.0) for _ in range(xr.randint(1, 3))]
+                ext.restart.append(CallerPlan(p, xr.choice(sessions), "plain", gaps))
+    return lease_ttl, lease_wait
+
+
 @dataclass
 class Result:
     """What one schedule did: violations (classified), statistics, the trace and the plan."""
@@ -493,6 +644,13 @@ class _Run:
         self.world = w = World(plan.seed, plan.knobs)
         w.rng = plan.rng  # the stream continues after the draws that made the plan
         w.refresh_timeout = plan.refresh_timeout
+        w.lease_ttl = plan.lease_ttl
+        w.cache_size = plan.ext.cache_size
+        # TokenManager's defaults: a caller waits lease_wait (rt + 2 ttl) plus refresh_timeout for a job.
+        lease_wait = plan.refresh_timeout + 2 * plan.lease_ttl if plan.lease_wait is None else plan.lease_wait
+        self.wait_timeout = lease_wait + plan.refresh_timeout
+        #: The closed loop's pending tasks, while the application still references them (``Ext.hold_dead``).
+        self.held: list[Any] = []
         w.current_task = current_task_getter(plan.backend)
         self.clock = SimClock(w)
         self.managers: list[TokenManager | None] = []
@@ -500,6 +658,8 @@ class _Run:
         self.refreshers: list[SimRefresher | None] = []
         #: Managers made and dropped without close (weak references: they must be freed).
         self.dropped: list[weakref.ref[TokenManager]] = []
+        #: Short-lived managers per process that the application has made and not yet dropped.
+        self.in_use: Counter[int] = Counter()
         self.clients: dict[int, httpx.AsyncClient] = {}
         self.requests = 0
         #: API bookkeeping for the auth flow: (process, access token) -> last time the API accepted it from
@@ -544,6 +704,7 @@ class _Run:
             lease_ttl=plan.lease_ttl,
             lease_wait=plan.lease_wait,
             cache_size=plan.ext.cache_size,
+            retry_interval=plan.ext.retry_interval,
             **extra,
         )
 
@@ -680,6 +841,18 @@ class _Run:
             if "ExceptionGroup" in str(exc):
                 # The manager meant to raise something else, and an exception group hid its type.
                 w.violate("error-type-lost", f"{caller.name}: {type(exc).__name__}: {exc}")
+            if (
+                isinstance(exc, RefreshFailed)
+                and w.now() - started >= self.wait_timeout - EPSILON
+                and not w.busy(caller.process, session, started, w.now())
+            ):
+                # A live job reads, waits for a lease, sends or renews at least every few seconds; this call
+                # waited its whole wait_timeout for a refresh its process was not doing at all.
+                w.violate(
+                    "wedged-session",
+                    f"{caller.name} ({session}) waited {w.now() - started:.2f}s for a refresh and failed, while no "
+                    f"task of p{caller.process} worked on the session: it waited for a job that does not exist",
+                )
             return f"error:{type(exc).__name__}"
         except (TimeoutError, trio.TooSlowError):
             return self._interrupted(caller, "timed-out")
@@ -932,8 +1105,23 @@ class _Run:
             start = w.now() + w.rng.uniform(0.0, 0.5) * self.plan.refresh_timeout
             w.outages.append((start, start + ev.amount))
             w.log(f"world: the store will be down from {start:.3f} to {start + ev.amount:.3f}")
+        elif ev.kind == "stall":
+            for _ in range(120):
+                if any(r.fate == "pending" for r in w.provider.redemptions):
+                    break
+                await anyio.sleep(0.25)
+            start = w.now() + w.rng.uniform(0.0, 0.5) * self.plan.lease_ttl
+            w.stalls.append((start, start + ev.amount))
+            w.log(f"world: the store will stall from {start:.3f} to {start + ev.amount:.3f}")
+        elif ev.kind == "grant-revoke":
+            entry = w.store.entries.get(EntryKey(PROVIDER_ID, ev.session))
+            gid = None if entry is None else w.provider.rt_grant.get(entry.refresh_token or "")
+            if gid is not None:
+                w.provider.revoke(gid, "the user withdrew consent")
+        elif ev.kind == "foreign-login":
+            await self._foreign_login(caller, ev.session)
         elif ev.kind == "close":
-            await self._close(ev.process)
+            await self._close(ev)
         elif ev.kind == "churn":
             await self._churn(caller, ev.process, ev.session)
         elif ev.kind == "api-revoke":
@@ -948,29 +1136,36 @@ class _Run:
             proc = w.processes[ev.process]
             if proc.crashed:
                 return
-            proc.crashed_at = w.now()
             w.log(f"world: process p{proc.pid} CRASHES")
-            # Where the crash landed (stats show every step gets crashed in, over many seeds).
-            if any(pid == proc.pid for _, _, pid in w.store.leases.values()):
-                w.count("crash-holding-lease")
-            if any(r.process == proc.pid and r.fate == "pending" for r in w.provider.redemptions):
-                w.count("crash-with-answer-in-flight")
-            elif any(
-                r.process == proc.pid and r.kind == "rotated" and r.fate == "delivered" and not r.saves
-                for r in w.provider.redemptions
-            ):
-                w.count("crash-between-answer-and-save")
-            for c in proc.callers:
-                if not c.done:
-                    c.crashed = True
-                    self._finish(c)
-            for cancel in proc.cancellers:
-                cancel()
+            self._kill(proc)
 
-    async def _close(self, pid: int) -> None:
-        """The application shuts the process's manager down (``aclose``), once one of its refresh answers
-        is in flight if that happens within 30 s."""
+    def _kill(self, proc: Process) -> None:
+        """The process ends at once: its tasks stop, and nothing it does reaches the world any more."""
         w = self.world
+        proc.crashed_at = w.now()
+        # Where the crash landed (stats show every step gets crashed in, over many seeds).
+        if any(pid == proc.pid for _, _, pid in w.store.leases.values()):
+            w.count("crash-holding-lease")
+        if any(r.process == proc.pid and r.fate == "pending" for r in w.provider.redemptions):
+            w.count("crash-with-answer-in-flight")
+        elif any(
+            r.process == proc.pid and r.kind == "rotated" and r.fate == "delivered" and not r.saves
+            for r in w.provider.redemptions
+        ):
+            w.count("crash-between-answer-and-save")
+        for c in proc.callers:
+            if not c.done:
+                c.crashed = True
+                self._finish(c)
+        for cancel in proc.cancellers:
+            cancel()
+
+    async def _close(self, ev: EventPlan) -> None:
+        """The application shuts the process's manager down, once one of its refresh answers is in flight if
+        that happens within 30 s: ``aclose()``, or the sync ``close()`` called on the loop's thread (it cannot
+        wait for a task job of that loop), or ``aclose()`` and then the process exits (a shutdown hook)."""
+        w, pid = self.world, ev.process
+        mode = ev.mode or "aclose"
         for _ in range(120):
             if any(r.process == pid and r.fate == "pending" for r in w.provider.redemptions):
                 break
@@ -978,16 +1173,60 @@ class _Run:
         proc, manager = w.processes[pid], self.managers[pid]
         if manager is None or proc.crashed or proc.closed_at is not None:
             return
-        running = [r.rid for r in w.provider.redemptions if r.process == pid and r.fate == "pending"]
-        w.log(f"world: the app closes p{pid}'s manager (aclose); answers in flight: {running}")
+        running = [r for r in w.provider.redemptions if r.process == pid and r.fate == "pending"]
+        w.log(f"world: the app closes p{pid}'s manager ({mode}); answers in flight: {[r.rid for r in running]}")
         proc.closed_at = w.now()
         if running:
             w.count("close-with-answer-in-flight")
         try:
-            await manager.aclose()
+            if mode == "close":
+                manager.close()
+            else:
+                await manager.aclose()
         except Exception as exc:
-            w.violate("untyped-error", f"p{pid}: aclose raised {type(exc).__name__}: {exc}")
+            w.violate("untyped-error", f"p{pid}: {mode} raised {type(exc).__name__}: {exc}")
         w.log(f"world: p{pid}'s manager closed")
+        if mode != "aclose+exit" or proc.crashed:
+            return
+        # aclose() waits (up to 2 x refresh_timeout) for jobs that may have sent a request: once it returns
+        # earlier, the process may end without losing anything.
+        proc.exited = True
+        proc.close_timed_out = w.now() >= proc.closed_at + 2 * self.plan.refresh_timeout - EPSILON
+        w.log(f"world: process p{pid} EXITS after its close{' (which timed out)' if proc.close_timed_out else ''}")
+        self._kill(proc)
+        session = running[0].session if running and running[0].session else ev.session
+        for other, delay in ev.then:
+            if not w.processes[other].crashed and self.managers[other] is not None:
+                follower = Caller(f"f{len(w.processes[other].callers)}/p{other}", other, "plain")
+                plan = CallerPlan(other, session, "plain", [delay])
+                self._start(follower, lambda c=follower, cp=plan: self._caller(c, cp))  # type: ignore[misc]
+
+    async def _foreign_login(self, caller: Caller, session: str) -> None:
+        """The application hands this manager a login it got from another provider (a multi-provider app
+        wiring the wrong manager): the manager must refuse it (``BindingMismatch``), storing nothing."""
+        w = self.world
+        manager = self.managers[caller.process]
+        if manager is None:
+            return
+        wall = w.store.wall()
+        n = len(w.trace)
+        tokens = UpstreamTokens(
+            access_token=f"xat{n}",
+            refresh_token=f"xrt{n}",
+            expires_at=wall + 600.0,
+            issued_at=wall,
+            provider_id="other",
+            user_id="mallory",
+            upstream_subject="mallory",
+            client_id="other-client",
+        )
+        w.log(f"{caller.name}: stores a login of provider 'other' for {session} through p{caller.process}'s manager")
+        try:
+            await manager.astore(session, tokens)
+        except UpstreamAuthError as exc:
+            w.log(f"{caller.name}: -> {type(exc).__name__}")
+            return
+        w.violate("foreign-entry-stored", f"p{caller.process} stored another provider's tokens under {session}")
 
     async def _churn(self, caller: Caller, pid: int, session: str) -> None:
         """A manager made for a while on the process's storage, then dropped without close (item 12)."""
@@ -999,6 +1238,7 @@ class _Run:
         own.worker = f"p{pid}-m{len(self.dropped) + 1}"
         manager = self._manager(storage, own)
         self.dropped.append(weakref.ref(manager))
+        self.in_use[pid] += 1
         w.log(f"{caller.name}: a short-lived manager on p{pid} reads {session}")
         started = w.now()
         try:
@@ -1007,6 +1247,8 @@ class _Run:
             w.log(f"{caller.name}: -> {type(exc).__name__}")
         else:
             w.check_use(caller, session, started, tokens)
+        finally:
+            self.in_use[pid] -= 1
         del manager  # dropped without close()
 
     async def _fork(self, child: int, at: float, parent: int, during: bool) -> None:
@@ -1076,7 +1318,7 @@ class _Run:
             caller = Caller(f"c{i}/p{cp.process}", cp.process, cp.kind)
             self._start(caller, lambda caller=caller, cp=cp: self._caller(caller, cp))  # type: ignore[misc]
         for i, ev in enumerate(plan.events):
-            pid = ev.process if ev.kind in ("logout", "login", "relogin", "churn") else -1
+            pid = ev.process if ev.kind in ("logout", "login", "relogin", "churn", "foreign-login") else -1
             caller = Caller(f"e{i}/{ev.kind}", max(pid, 0), "plain")
             if pid < 0:
                 self.pending += 1
@@ -1196,6 +1438,7 @@ class _Run:
                         "task-job-leak",
                         f"{leaked} refresh job task(s) of an event loop that was closed stay referenced for good",
                     )
+                self.held = []
                 self._finalize_pending()
             if self.dropped and self.loop is None:  # a closed loop's pending tasks (ours too) hold their frames
                 gc.collect()
@@ -1205,14 +1448,17 @@ class _Run:
                         "manager-leak", f"{leaked} of {len(self.dropped)} managers dropped without close() live on"
                     )
             for pid, storage in enumerate(self.storages):
-                if storage is None:
-                    continue
+                if storage is None or w.processes[pid].crashed:
+                    continue  # a dead process's frozen jobs hold their managers: nothing runs there any more
+                if storage.closed:
+                    continue  # a closed storage object calls nobody any more
                 manager = self.managers[pid]
-                live = int(manager is not None and w.processes[pid].closed_at is None)
+                # The process's manager, and short-lived ones the application still holds (their call was cut
+                # short when the event loop closed: its frame keeps them).
+                live = int(manager is not None and w.processes[pid].closed_at is None) + self.in_use[pid]
                 # A dropped manager's subscription removes itself at the next change notice (the library's
                 # rule; docs/design.md): send one, then count what is left.
-                if not storage.closed:
-                    storage.notify_change(None)
+                storage.notify_change(None)
                 held = storage_subscribers(storage)
                 if held > live:
                     w.violate(
@@ -1271,8 +1517,65 @@ class _Run:
             run_trio(self._trio_main, self.plan.seed)
         elif self.plan.ext.loop_end is not None:
             self.loop = run_asyncio_then_close(self._asyncio_main, self._asyncio_error)
+            if self.plan.ext.restart:
+                self._restart(self.loop)
         else:
             run_asyncio(self._asyncio_main, self._asyncio_error)
+
+    def _restart(self, closed: asyncio.AbstractEventLoop) -> None:
+        """The application runs a new event loop with the same managers (a second ``asyncio.run``, a worker
+        that restarts its loop). What the closed loop left pending never runs again: its operations end now,
+        its leases can only expire, and its tasks are either still referenced by the application (collected
+        later) or collected before the new loop starts (their clean-up code runs then)."""
+        w = self.world
+        end = self.final()
+        w.set_now(lambda: end)
+        for spans in w.activity.values():
+            for span in spans:
+                span[1] = min(span[1], end)
+        w.store.orphans.extend(owner for owner, _, _ in w.store.leases.values())
+        w.loop_closed_at = end
+        pending = [t for t in asyncio.all_tasks(closed) if not t.done()]
+        if self.plan.ext.hold_dead:
+            self.held = pending
+        else:
+            task_jobs_of(closed)  # the library forgets the closed loop's jobs (it does at its next job)
+            del pending
+            self._finalize_pending()
+        w.log(f"world: the application starts a new event loop at {end:.3f}")
+        w.tearing_down = False
+        run_asyncio(self._restart_main, self._asyncio_error, start=end)
+
+    async def _restart_main(self) -> None:
+        loop = asyncio.get_running_loop()
+        w, plan = self.world, self.plan
+        w.set_now(loop.time)
+        tasks: list[asyncio.Task[None]] = []
+        self.spawn = lambda fn: tasks.append(loop.create_task(fn()))
+        self.all_done = anyio.Event()
+        self.pending = 0
+        callers = []
+        for i, cp in enumerate(plan.ext.restart):
+            proc = w.processes[cp.process]
+            if self.managers[cp.process] is None or proc.crashed or proc.closed_at is not None:
+                continue
+            caller = Caller(f"n{i}/p{cp.process}", cp.process, cp.kind)
+            callers.append(caller)
+            self._start(caller, lambda caller=caller, cp=cp: self._caller(caller, cp))  # type: ignore[misc]
+        if self.pending:
+            with anyio.move_on_after(self.hang_after * 4):
+                await self.all_done.wait()
+        stuck = [c.name for c in callers if not c.done]
+        if stuck:
+            w.violate("hang", f"callers never finished: {stuck}")
+        await self._settle()
+        w.tearing_down = True
+        end = w.now()
+        self.final = lambda: end
+        for t in tasks:
+            if t.done() and not t.cancelled() and t.exception() is not None:
+                exc = t.exception()
+                w.violate("sim-task-error", f"{type(exc).__name__}: {exc}")
 
     async def _asyncio_main(self) -> None:
         loop = asyncio.get_running_loop()
@@ -1321,8 +1624,20 @@ def _classify_reuse(world: World, rid: int) -> str:
     first = world.provider.redemptions[second.first or 0]
     sender = world.processes[first.process]
     saved = "applied" in first.saves
-    if sender.crashed_at is not None and sender.crashed_at >= first.at and not saved:
-        return "excused:crash-after-send"
+    if sender.crashed_at is not None and first.at <= sender.crashed_at <= second.at and not saved:
+        if sender.exited and not sender.close_timed_out:
+            # aclose() returned before its timeout, so the application took the manager for done and the
+            # process exited: a job that may have sent its request was still running.
+            return "item4:exit-after-close-under-job"
+        return "excused:exit-after-close-timed-out" if sender.exited else "excused:crash-after-send"
+    closed_at = world.loop_closed_at
+    if closed_at is not None and first.fate == "pending" and first.at <= closed_at < second.at:
+        if second.worker == first.worker:
+            # The same manager presented again the token its job had sent before the loop closed under it.
+            return "presented-again-after-its-loop-closed"
+        # Task jobs end with their event loop (the documented trade-off of redeem_in="task"), and nothing
+        # tells another process that this one had sent the token.
+        return "excused:loop-closed-after-send"
     fate = second.first_fate_then
     if (
         sender.closed_at is not None

@@ -29,9 +29,9 @@ class SimDeadlock(RuntimeError):
 class _VirtualSelector(selectors.BaseSelector):
     """A selector that polls the real one without blocking and advances virtual time by the timeout."""
 
-    def __init__(self) -> None:
+    def __init__(self, start: float = 0.0) -> None:
         self._real = selectors.DefaultSelector()
-        self.now = 0.0
+        self.now = start
 
     def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
         """Delegate to the real selector (the loop's self-pipe lives there)."""
@@ -70,10 +70,10 @@ class _VirtualSelector(selectors.BaseSelector):
 
 
 class VirtualEventLoop(asyncio.SelectorEventLoop):
-    """An asyncio loop on virtual time: ``time()`` starts at 0 and jumps to each timer when idle."""
+    """An asyncio loop on virtual time: ``time()`` starts at ``start`` (0) and jumps to each timer when idle."""
 
-    def __init__(self) -> None:
-        self._virtual = _VirtualSelector()
+    def __init__(self, start: float = 0.0) -> None:
+        self._virtual = _VirtualSelector(start)
         super().__init__(self._virtual)
 
     def time(self) -> float:
@@ -84,9 +84,11 @@ class VirtualEventLoop(asyncio.SelectorEventLoop):
 def run_asyncio(
     main: Callable[[], Coroutine[Any, Any, None]],
     on_error: Callable[[asyncio.AbstractEventLoop, dict[str, Any]], None],
+    start: float = 0.0,
 ) -> None:
-    """Run ``main()`` to completion on a fresh :class:`VirtualEventLoop`; leftover tasks are cancelled."""
-    with asyncio.Runner(loop_factory=VirtualEventLoop) as runner:
+    """Run ``main()`` to completion on a fresh :class:`VirtualEventLoop` whose clock starts at ``start``;
+    leftover tasks are cancelled."""
+    with asyncio.Runner(loop_factory=lambda: VirtualEventLoop(start)) as runner:
         runner.get_loop().set_exception_handler(on_error)
         runner.run(main())
 

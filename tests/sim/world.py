@@ -17,10 +17,11 @@ gives up while the answer travels back loses the rotated tokens: the bug class t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import random
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,6 +130,11 @@ class Redemption:
     version: int = -1
     #: Fail-closed deletes of that entry (expected_version == version) that reached an open store.
     delete_attempts: int = 0
+    #: When the answer reached the job (delivered), and how many times the job tried to save it.
+    answered_at: float = float("inf")
+    put_attempts: int = 0
+    #: The job learned that its rotated tokens are in the store (its put returned True, or it read them back).
+    saved_known: bool = False
 
 
 @dataclass
@@ -152,6 +158,10 @@ class Process:
     crashed_at: float | None = None
     #: When the application closed the process's manager (``aclose``), if it did.
     closed_at: float | None = None
+    #: The process exited right after its close()/aclose() returned (its jobs, if any were left, die with it);
+    #: ``close_timed_out``: the close had waited its whole timeout for them.
+    exited: bool = False
+    close_timed_out: bool = False
     #: For a forked child: its parent's pid and the fork time.
     parent: int | None = None
     callers: list[Caller] = field(default_factory=list)
@@ -175,6 +185,16 @@ class Epoch:
     done: float = float("inf")
     #: The process that made the change.
     pid: int = 0
+    #: Later changes that completed (each ends this state): (the process that made it, when it completed).
+    enders: list[tuple[int, float]] = field(default_factory=list)
+
+    def end_for(self, server: int, notices: bool) -> float:
+        """When this state stops being acceptable for what process ``server`` serves: once a later change
+        completed, or, on a store that reports no changes, once a later change by ``server`` itself did (its
+        cache hears nothing of the others' changes)."""
+        if notices:
+            return self.end
+        return min((t for pid, t in self.enders if pid == server), default=float("inf"))
 
 
 @dataclass
@@ -198,6 +218,14 @@ class Knobs:
     outages: tuple[tuple[float, float], ...] = ()
     #: Store stalls: (start, end) windows during which each delay of an operation is ``stall_delay`` x U(0.5, 1.5).
     stalls: tuple[tuple[float, float], ...] = ()
+    #: False for a store that reports no changes (a third-party backend that never calls ``notify_change``):
+    #: no manager hears of any write, its own included.
+    notices: bool = True
+    #: Provider outages: (start, end) windows during which every token request is answered 503 (not redeemed).
+    provider_outages: tuple[tuple[float, float], ...] = ()
+    #: (after, duration): the first read a job makes under its lease from ``after`` on hangs ``duration``, then
+    #: fails before applying (a connection black-holed until the client's socket timeout).
+    read_hang: tuple[float, float] | None = None
     stall_delay: float = 0.0
     #: The longest a job may legitimately hold a lease (seconds; 0: not checked), see ``SharedStore.renew``.
     lease_hold_bound: float = 0.0
@@ -236,10 +264,21 @@ class World:
         self.stats: dict[str, int] = {}
         #: Store outages: the planned ones, and those that world events start while the schedule runs.
         self.outages: list[tuple[float, float]] = list(knobs.outages)
+        #: Store stalls: the planned ones, and those that world events start while the schedule runs.
+        self.stalls: list[tuple[float, float]] = list(knobs.stalls)
+        #: The managers' lease_ttl and cache_size (for the checks of the lease keeper and of refused tokens).
+        self.lease_ttl = float("inf")
+        self.cache_size = 10_000
+        #: Work of the managers' own tasks (jobs, lease keepers) per (pid, session): [start, end] of each store
+        #: operation and token request (``end`` is ``inf`` while it runs). A caller waiting for a refresh
+        #: while its process does none of this is waiting for a job that does not exist.
+        self.activity: dict[tuple[int, str], list[list[float]]] = {}
         #: Early sessions of a crowd beyond cache_size (violations on them are named item 1).
         self.crowd_early: set[str] = set()
         #: The managers' refresh_timeout (used to name the cause of a concurrent redemption).
         self.refresh_timeout = float("inf")
+        #: When the application closed its event loop with work pending, if it went on with a new one.
+        self.loop_closed_at: float | None = None
 
     # -- time and trace ----------------------------------------------------------------------------
     def now(self) -> float:
@@ -285,6 +324,24 @@ class World:
         # comes from the manager's own deadline.
         return "internal"
 
+    @contextlib.contextmanager
+    def working(self, pid: int, session: str) -> Iterator[None]:
+        """Record a store operation or token request of a manager's own task (not a caller's) as work in
+        progress on ``session`` in process ``pid`` (see ``activity``)."""
+        if not session or self.caller() is not None:
+            yield
+            return
+        span = [self.now(), float("inf")]
+        self.activity.setdefault((pid, session), []).append(span)
+        try:
+            yield
+        finally:
+            span[1] = self.now()
+
+    def busy(self, pid: int, session: str, start: float, end: float) -> bool:
+        """True when a manager's own task of process ``pid`` worked on ``session`` at some moment of [start, end]."""
+        return any(a <= end and b >= start for a, b in self.activity.get((pid, session), ()))
+
     def where(self) -> str:
         """A short name of the running task for the trace."""
         caller = self.caller()
@@ -319,8 +376,10 @@ class World:
         if not applied:
             return
         for other in self.epochs[session]:
-            if other is not epoch and other.end == float("inf") and other.done < epoch.start:
-                other.end = self.now()
+            if other is not epoch and other.done < epoch.start:
+                other.enders.append((epoch.pid, self.now()))
+                if other.end == float("inf"):
+                    other.end = self.now()
 
     def use_category(self, server: int, changers: list[int], session: str, kind: str, gid: int | None = None) -> str:
         """Name what led to serving an older generation: a forked process on either side (items 2 and 3),
@@ -359,13 +418,14 @@ class World:
                 f"{caller.name} got a token of grant g{gid} ({grant.subject}) labelled {subject}",
             )
         ended = self.now()
-        ok = [e for e in self.epochs.get(session, []) if e.start <= ended and e.end >= started]
+        server, notices = caller.process, self.knobs.notices
+        ok = [e for e in self.epochs.get(session, []) if e.start <= ended and e.end_for(server, notices) >= started]
         if any(e.gid == gid for e in ok):
-            if not any(e.gid == gid and e.end >= ended - 1e-9 for e in ok):
+            if not any(e.gid == gid and e.end_for(server, notices) >= ended - 1e-9 for e in ok):
                 # Its grant was the session's at some moment of the call, but a logout or login that began
                 # after it had completed (and its change notice was delivered: notices are synchronous in
                 # the simulation) before the call returned: the caller got an older login generation.
-                later = [e for e in ok if e.gid != gid and e.done <= ended]
+                later = [e for e in ok if e.gid != gid and e.done <= ended and (notices or e.pid == server)]
                 self.violate(
                     self.use_category(caller.process, [e.pid for e in later], session, "stale-generation-served", gid),
                     f"{caller.name} ({session}) got g{gid} ({grant.subject}) at {ended:.4f}, after "
@@ -410,6 +470,38 @@ class Provider:
         self.redemptions: list[Redemption] = []
         #: How many refresh requests each (process, refresh token) started, whether or not they arrived.
         self.attempts: Counter[tuple[int, str]] = Counter()
+        #: (worker, refresh token) -> (when, session): the provider told that worker the token is dead
+        #: (invalid_grant), and the answer reached it.
+        self.refused_to: dict[tuple[str, str], tuple[float, str]] = {}
+
+    def revoke(self, gid: int, why: str) -> None:
+        """The grant ends at the provider (the user withdrew consent, an administrator revoked it): its refresh
+        token is answered invalid_grant from now on, its access tokens refused by the API."""
+        grant = self.grants[gid]
+        if grant.revoked is None:
+            grant.revoked = why
+            self.world.log(f"provider: g{gid} REVOKED ({why})")
+
+    def check_presented_again(self, worker: str, pid: int, rt: str, session: str) -> None:
+        """A worker the provider told ``rt`` is dead must not present it again while the entry is kept for
+        inspection (``ManagerState.refuse``): unless a logout or login of the session in its process came
+        since (that forgets the refusal), or it was told so of cache_size other sessions since (the oldest
+        refusals are forgotten beyond that)."""
+        told = self.refused_to.get((worker, rt))
+        if told is None:
+            return
+        w = self.world
+        since = told[0]
+        if any(e.pid == pid and e.start >= since for e in w.epochs.get(session, [])):
+            return
+        others = {s for (who, _), (t, s) in self.refused_to.items() if who == worker and t > since and s != session}
+        if len(others) >= w.cache_size:
+            return
+        w.violate(
+            "dead-token-presented-again",
+            f"{worker} presented {rt} ({session}) again though the provider told it at {since:.3f} that the token is "
+            "dead (invalid_grant), and the entry still holds it",
+        )
 
     def login(self, subject: str, life: float, issued_ago: float = 1.0) -> tuple[int, UpstreamTokens]:
         """A new grant for ``subject`` and its first tokens (what the login flow hands the app)."""
@@ -518,6 +610,16 @@ class SharedStore:
         #: lease owner -> when it was taken (lease clock); owners already reported as held too long
         self.taken_at: dict[str, float] = {}
         self.overheld: set[str] = set()
+        #: lease owner -> (when the job's acquire returned, the job's task); owners whose keeper renewed past
+        #: its bound (reported once)
+        self.acquired: dict[str, tuple[float, Any]] = {}
+        #: The lease whose job's read hung (``Knobs.read_hang``), once it happened.
+        self.hung = ""
+        self.keeper_overran: set[str] = set()
+        #: task -> the redemption whose save it tried and lost to another write; task -> the redemption whose
+        #: job then read that other write
+        self.cas_lost: dict[Any, int] = {}
+        self.saw_theirs: dict[Any, int] = {}
         #: A real storage (SQLiteStorage on a temp file) that decides every entry operation; the model
         #: above mirrors it and checks what it did. Leases and change notices stay simulated.
         self.real: Storage | None = None
@@ -570,6 +672,9 @@ class SharedStore:
             refused = (None if current is None else current.version) != expected
         if refused and w.knobs.mutant != "cas-ignores-version":
             self._note_save(tokens, "cas-lost")
+            lost = w.provider.access_redemption.get(tokens.access_token)
+            if current is not None and current.version != expected and lost is not None:
+                self.cas_lost[w.current_task()] = lost
             w.log(f"store: p{pid} put {tokens.refresh_token} v{tokens.version} over v{expected}: CAS LOST")
             return False
         op = APP_OP.get()
@@ -682,7 +787,8 @@ class SharedStore:
             k.lease_hold_bound
             and now + lease.ttl - taken > k.lease_hold_bound
             and lease.owner not in self.overheld
-            and not any(start < now and end > taken for start, end in k.stalls)
+            and not any(start < now and end > taken for start, end in self.world.stalls)
+            and lease.owner != self.hung
         ):
             self.overheld.add(lease.owner)
             self.world.violate(
@@ -723,6 +829,8 @@ class SharedStore:
         for watcher in self.watchers:
             if watcher.key == key and watcher.version != version:
                 watcher.event.set()
+        if not self.world.knobs.notices:
+            return  # a store that reports no changes: no manager hears of any write
         # The writing storage object tells its own subscribers; the others hear it through the change feed,
         # unless they do not listen (a forked child's feed did not survive the fork) or carry the writer's
         # origin tag (the feed skips changes made by "themselves").
@@ -810,7 +918,13 @@ class SimStorage(Storage):
         return self.world.store.renew(self.process.pid, lease)
 
     # -- the simulated I/O ----------------------------------------------------------------------------
-    async def _op(self, name: str, apply: Callable[[], Any], on_lost: Callable[[str], None] | None = None) -> Any:
+    async def _op(
+        self, name: str, apply: Callable[[], Any], on_lost: Callable[[str], None] | None = None, session: str = ""
+    ) -> Any:
+        with self.world.working(self.process.pid, session):
+            return await self._op_unrecorded(name, apply, on_lost)
+
+    async def _op_unrecorded(self, name: str, apply: Callable[[], Any], on_lost: Callable[[str], None] | None) -> Any:
         w, proc, kind = self.world, self.process, self.world.knobs.storage
         if proc.crashed:
             await w.freeze(proc)
@@ -865,26 +979,74 @@ class SimStorage(Storage):
     def _delay(self, rng: random.Random) -> float:
         """One leg of an operation: up to ``store_delay``, or much longer while the store stalls."""
         k, now = self.world.knobs, self.world.now()
-        if any(start <= now < end for start, end in k.stalls):
+        if any(start <= now < end for start, end in self.world.stalls):
             return k.stall_delay * rng.uniform(0.5, 1.5)
         return rng.uniform(0.0001, k.store_delay)
 
     async def aget(self, key: EntryKey) -> UpstreamTokens | None:
         """Read, with the backend's delays and faults."""
-        result: UpstreamTokens | None = await self._op("get", lambda: self.world.store.get(key))
+        store, task = self.world.store, self.world.current_task()
+        await self._maybe_hang(key)
+        result: UpstreamTokens | None = await self._op("get", lambda: self.world.store.get(key), session=key.session_id)
+        rid = store.cas_lost.get(task)
+        if rid is not None and result is not None and result.version != self.world.provider.redemptions[rid].version:
+            store.saw_theirs[task] = rid  # the job read the write its compare-and-set lost to
+        mine = None if result is None else self.world.provider.access_redemption.get(result.access_token)
+        if mine is not None and self.world.caller() is None:
+            self.world.provider.redemptions[mine].saved_known = True  # a job read back what was saved
         return result
 
     async def aput(self, key: EntryKey, tokens: UpstreamTokens, *, expected_version: int | None) -> bool:
         """CAS, with the backend's delays and faults."""
-        store = self.world.store
+        store, w = self.world.store, self.world
+        rid = w.provider.access_redemption.get(tokens.access_token)  # the answer these tokens came in
+        if rid is not None and w.caller() is None:
+            self._check_save_retry(rid)
 
         def lost(why: str) -> None:
             store._note_save(tokens, why)
 
         result: bool = await self._op(
-            "put", lambda: store.put(self.process.pid, key, tokens, expected_version, self), lost
+            "put", lambda: store.put(self.process.pid, key, tokens, expected_version, self), lost, key.session_id
         )
+        if result and rid is not None:
+            w.provider.redemptions[rid].saved_known = True
         return result
+
+    async def _maybe_hang(self, key: EntryKey) -> None:
+        """The read that ``Knobs.read_hang`` makes hang: a job's, under the lease it holds."""
+        w, store = self.world, self.world.store
+        hang = w.knobs.read_hang
+        if hang is None or w.now() < hang[0] or store.hung or w.caller() is not None:
+            return
+        held = store.leases.get(key)
+        if held is None or store.acquired.get(held[0], (0.0, None))[1] is not w.current_task():
+            return
+        store.hung = held[0]
+        w.log(f"store: p{self.process.pid} get HANGS for {hang[1]:.1f}s ({w.where()})")
+        with w.working(self.process.pid, key.session_id):
+            await anyio.sleep(hang[1])
+        w.log(f"store: p{self.process.pid} get timed out ({w.where()})")
+        raise StorageError("simulated: the connection timed out")
+
+    def _check_save_retry(self, rid: int) -> None:
+        """A job saving a refresh result: it gets refresh_timeout of retries from the answer (docs/design.md,
+        "A job is bounded"), and stops once it has seen that someone else wrote the entry (theirs wins)."""
+        w, store = self.world, self.world.store
+        red, task = w.provider.redemptions[rid], w.current_task()
+        red.put_attempts += 1
+        if store.saw_theirs.get(task) == rid:
+            w.violate(
+                "save-retried-over-another-write",
+                f"r{rid}: its compare-and-set lost to another write, its read showed that write, and the job tries "
+                "to write its result again (a lost compare-and-set means theirs wins)",
+            )
+        if red.put_attempts > 1 and w.now() > red.answered_at + w.refresh_timeout + 1e-6:
+            w.violate(
+                "save-retried-past-its-bound",
+                f"r{rid}: a save retried {w.now() - red.answered_at:.2f}s after the answer, past refresh_timeout "
+                f"({w.refresh_timeout}): the lease stops being renewed, yet the job goes on writing",
+            )
 
     async def adelete(self, key: EntryKey, *, expected_version: int | None = None) -> bool:
         """Delete, with the backend's delays and faults."""
@@ -907,7 +1069,7 @@ class SimStorage(Storage):
                     red.delete_attempts += 1
         try:
             result: bool = await self._op(
-                "delete", lambda: store.delete(self.process.pid, key, expected_version, self), lost
+                "delete", lambda: store.delete(self.process.pid, key, expected_version, self), lost, key.session_id
             )
         finally:
             store.delete_log.append((pid, key.session_id, expected_version, w.now(), outcome[0]))
@@ -926,17 +1088,43 @@ class SimStorage(Storage):
             if taken and taken[0] is not None:
                 store.orphans.append(taken[0].owner)
 
-        result: Lease | None = await self._op("lease", acquire, lost)
+        result: Lease | None = await self._op("lease", acquire, lost, key.session_id)
+        if result is not None:
+            # The job holds it from now on; its lease keeper starts now (see ``arenew_lease``).
+            store.acquired[result.owner] = (self.world.now(), self.world.current_task())
         return result
 
     async def arelease_lease(self, lease: Lease) -> None:
         """Release the lease, with the backend's delays."""
         self.world.store.release_tried.append(lease.owner)
-        await self._op("release", lambda: self.world.store.release(self.process.pid, lease))
+        await self._op("release", lambda: self.world.store.release(self.process.pid, lease), None, lease.key.session_id)
 
     async def arenew_lease(self, lease: Lease) -> bool:
-        """Renew the lease, with the backend's delays."""
-        result: bool = await self._op("renew", lambda: self.world.store.renew(self.process.pid, lease))
+        """Renew the lease, with the backend's delays.
+
+        A renewal from another task than the one that took the lease is the job's lease keeper's: the keeper
+        stops renewing 2 x refresh_timeout + lease_ttl after it started (when the lease was taken), whatever
+        the job does (docs/design.md, "A job is bounded"), so a job stuck past its bounds lets the lease lapse.
+        """
+        w = self.world
+        taken = w.store.acquired.get(lease.owner)
+        hold = 2 * w.refresh_timeout + w.lease_ttl
+        keeper = taken is not None and taken[1] is not w.current_task()
+        if (
+            keeper
+            and taken is not None
+            and w.now() > taken[0] + hold + 1e-6
+            and lease.owner not in w.store.keeper_overran
+        ):
+            w.store.keeper_overran.add(lease.owner)
+            w.violate(
+                "lease-renewed-past-the-keeper-bound",
+                f"p{self.process.pid}'s lease keeper renews {lease.owner} {w.now() - taken[0]:.2f}s after taking "
+                f"it, past 2 x refresh_timeout + lease_ttl ({hold:.2f}s)",
+            )
+        result: bool = await self._op(
+            "renew", lambda: self.world.store.renew(self.process.pid, lease), None, lease.key.session_id
+        )
         return result
 
     async def awatch(self, key: EntryKey, version: int | None, timeout: float) -> None:
@@ -944,7 +1132,7 @@ class SimStorage(Storage):
         w, proc = self.world, self.process
         if proc.crashed:
             await w.freeze(proc)
-        with anyio.move_on_after(timeout):
+        with w.working(proc.pid, key.session_id), anyio.move_on_after(timeout):
             if w.knobs.storage != "memory":
                 await anyio.sleep(w.rng.uniform(0.0001, w.knobs.store_delay))
             if w.store.version(key) != version:
@@ -989,8 +1177,7 @@ class SimRefresher(Refresher):
 
     async def arefresh(self, tokens: UpstreamTokens, clock: Clock) -> UpstreamTokens:
         """Redeem ``tokens.refresh_token`` at the simulated provider."""
-        w, proc, k = self.world, self.process, self.world.knobs
-        rng = w.rng
+        w, proc = self.world, self.process
         if proc.crashed:
             await w.freeze(proc)
         who = w.where()
@@ -1000,6 +1187,14 @@ class SimRefresher(Refresher):
             raise RuntimeError("Cannot send a request, as the client has been closed.")
         w.log(f"refresher: p{proc.pid} {who} connecting to redeem {tokens.refresh_token} (v{tokens.version})")
         w.provider.attempts[(proc.pid, tokens.refresh_token or "")] += 1
+        session = w.store.rt_session.get(tokens.refresh_token or "", "")
+        self._check_lease(tokens, session)  # the refresh token leaves now
+        with w.working(proc.pid, session):
+            return await self._arefresh(tokens, clock)
+
+    async def _arefresh(self, tokens: UpstreamTokens, clock: Clock) -> UpstreamTokens:
+        w, proc, k = self.world, self.process, self.world.knobs
+        rng, who = w.rng, w.where()
         try:
             await anyio.sleep(rng.uniform(0.0001, k.connect))
         except BaseException:
@@ -1012,15 +1207,17 @@ class SimRefresher(Refresher):
         if roll < k.p_neterr:
             w.log(f"refresher: p{proc.pid} {who} network error before sending")
             raise RefreshFailed("simulated network error before sending", retryable=True)
-        if roll < k.p_neterr + k.p_503:
+        if roll < k.p_neterr + k.p_503 or any(a <= w.now() < b for a, b in k.provider_outages):
             await anyio.sleep(latency)
             w.log(f"refresher: p{proc.pid} {who} got 503")
             raise RefreshFailed("simulated 503", retryable=True, status_code=503)
         sent_at = clock.time()
+        session = w.store.rt_session.get(tokens.refresh_token or "", "")
+        w.provider.check_presented_again(self.worker, proc.pid, tokens.refresh_token or "", session)
         red = w.provider.redeem(tokens.refresh_token, proc.pid)
         red.version = tokens.version
         red.worker = self.worker
-        red.session = w.store.rt_session.get(tokens.refresh_token or "", "")
+        red.session = session
         try:
             await anyio.sleep(latency)
         except BaseException:
@@ -1053,6 +1250,7 @@ class SimRefresher(Refresher):
             raise await gateway_error(tokens, status, body, clock)
         if red.kind in ("reuse", "dead"):
             red.fate = "delivered"
+            w.provider.refused_to[(self.worker, red.rt)] = (w.now(), session)
             raise ReauthenticationRequired("simulated invalid_grant: the refresh token is dead")
         odd = rng.random()
         if red.kind == "rotated" and odd < k.p_mismatch:
@@ -1064,6 +1262,7 @@ class SimRefresher(Refresher):
             w.log(f"refresher: p{proc.pid} {who} r{red.rid} answer unreadable -> RefreshFailed(may_have_rotated)")
             raise RefreshFailed("simulated unreadable answer", retryable=True, may_have_rotated=True)
         red.fate = "delivered"
+        red.answered_at = w.now()
         assert red.new_at is not None
         life = 0.0 if rng.random() < k.p_zero_life else rng.uniform(*k.life)
         w.log(f"refresher: p{proc.pid} {who} r{red.rid} answer delivered (expires_in {life:.0f})")
@@ -1076,6 +1275,24 @@ class SimRefresher(Refresher):
             refresh_expires_at=None if red.successor else tokens.refresh_expires_at,
             version=tokens.version + 1,
         )
+
+    def _check_lease(self, tokens: UpstreamTokens, session: str) -> None:
+        """The refresh token leaves only while the job holds the session's lease, live: the lease it took (in
+        this task) is the store's current one and has not run out."""
+        w = self.world
+        if w.caller() is not None or not session or tokens.provider_id is None:
+            return  # the simulation's own requests (a caller's task does not redeem)
+        key = EntryKey(tokens.provider_id, session)
+        held = w.store.leases.get(key)
+        task = w.current_task()
+        mine = held is not None and w.store.acquired.get(held[0], (0.0, None))[1] is task
+        if not mine or held is None or held[1] <= w.store.lease_clock():
+            state = "no lease" if held is None else "another worker's lease" if not mine else "an expired lease"
+            w.violate(
+                "sent-without-the-lease",
+                f"p{self.process.pid} sends {tokens.refresh_token} ({session}) holding {state}: another worker may "
+                "redeem the same token meanwhile",
+            )
 
 
 async def gateway_error(tokens: UpstreamTokens, status: int, body: bytes, clock: Clock) -> Exception:
