@@ -24,6 +24,15 @@ CHUNK = 500
 CHUNKS = range(START, START + SCHEDULES, CHUNK)
 #: Seeds the default tier runs (about two seconds), so a quick run still exercises every invariant check.
 QUICK_SCHEDULES = 200
+#: Findings of the simulation that are open (not yet understood and fixed), each named in the issue's note.
+#: Strict: such a seed must still break exactly that invariant (so a fix shows here and the entry goes),
+#: and no other seed may break any.
+OPEN_FINDINGS = {
+    # A short-lived manager whose refresh started before a logout (store without change notices, a lost
+    # renewal reply) returns the pre-logout generation after the logout completed; found after merging the
+    # bounded task-job calls with the late-renewal fix (issue 12, open).
+    7124: ["stale-generation-served"],
+}
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -59,7 +68,10 @@ def _run_seeds(first: int, stop: int) -> None:
     )
     assert done.returncode == 0, done.stderr[-4000:]
     out, _, report = done.stdout.partition("REPORT\n")
-    bad = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    found = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    bad = [r for r in found if OPEN_FINDINGS.get(r["seed"]) != r["categories"]]
+    fixed = {seed for seed in OPEN_FINDINGS if first <= seed < stop} - {r["seed"] for r in found}
+    assert not fixed, f"open findings no longer found (remove them from OPEN_FINDINGS): {sorted(fixed)}"
     if bad:
         lines = [f"seed {r['seed']}: {r['categories']}" for r in bad]
         pytest.fail(
