@@ -37,7 +37,7 @@ import httpx
 
 import httpx_upstream_auth as hua
 from httpx_upstream_auth.testing import LocalProvider
-from httpx_upstream_auth.testing._provider import Receive, Scope, Send
+from httpx_upstream_auth.testing._provider import Message, Receive, Scope, Send
 
 __all__ = [
     "COUNT_VIOLATION_EXIT",
@@ -294,16 +294,24 @@ async def bearer_app(scope: Scope, receive: Receive, send: Send) -> None:
 class ControlledProvider:
     """:class:`LocalProvider` plus routes a benchmark in another process uses to drive it.
 
-    ``POST /_bench/login`` (a new grant; the tokens as JSON), ``GET /_bench/stats`` (the counters),
-    ``POST /_bench/revoke`` (body: an access token the API must reject from now on), ``GET /health``.
+    ``POST /_bench/login`` (a new grant; the tokens as JSON; ``?ttl=`` sets its access tokens' lifetime,
+    ``&then=`` that of the tokens its refreshes issue),
+    ``GET /_bench/stats`` (the counters, the interactive-login ones included), ``POST /_bench/revoke``
+    (body: an access token the API must reject from now on), ``POST /_bench/ttl`` (body: the lifetime of
+    access tokens issued by interactive logins from now on), ``GET /_bench/issued`` (each access token
+    the token endpoint issued, with the system-wide monotonic time its answer was sent), ``GET /health``.
     """
 
     def __init__(self, provider: LocalProvider) -> None:
         self.provider = provider
+        self.issued: dict[str, float] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The ASGI 3 entry point."""
         path = scope.get("path", "")
+        if scope["type"] == "http" and path == "/token":
+            await self.provider(scope, receive, self._recording(send))
+            return
         if scope["type"] != "http" or not (path == "/health" or path.startswith("/_bench/")):
             await self.provider(scope, receive, send)
             return
@@ -311,14 +319,44 @@ class ControlledProvider:
         if path == "/health":
             await _reply(send, 200, b"{}")
         elif path == "/_bench/login":
-            await _reply(send, 200, self.provider.login(provider_id="local").to_json().encode())
+            query = dict(item.split("=", 1) for item in scope["query_string"].decode().split("&") if "=" in item)
+            ttl = float(query["ttl"]) if "ttl" in query else None
+            tokens = self.provider.login(provider_id="local", access_ttl=ttl)
+            if "then" in query:
+                # The first access token lives ``ttl``, the refreshed ones ``then``: an hour-long token that
+                # has just expired, without the hour. (The grant's lifetime is private state of our own
+                # test provider: the benchmark may set it.)
+                grant = self.provider._grants[self.provider.grant_of(tokens.access_token)]
+                grant.access_ttl = float(query["then"])
+            await _reply(send, 200, tokens.to_json().encode())
         elif path == "/_bench/stats":
-            await _reply(send, 200, json.dumps(self.provider.stats).encode())
+            await _reply(send, 200, json.dumps({**self.provider.stats, **self.provider.flow_stats}).encode())
         elif path == "/_bench/revoke":
             self.provider.revoke_access(body.decode())
             await _reply(send, 200, b"{}")
+        elif path == "/_bench/ttl":
+            self.provider.access_ttl = float(body.decode())
+            await _reply(send, 200, b"{}")
+        elif path == "/_bench/issued":
+            await _reply(send, 200, json.dumps(self.issued).encode())
         else:
             await _reply(send, 404, b'{"error":"not_found"}')
+
+    def _recording(self, send: Send) -> Send:
+        """``send``, noting the access token of a token answer and when it was sent (``time.monotonic()``, which
+        is one clock for every process on Linux, so a client can tell how long it took to use the token)."""
+
+        async def recording(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                with contextlib.suppress(ValueError, TypeError, AttributeError):
+                    token = json.loads(message.get("body", b"")).get("access_token")
+                    if isinstance(token, str):
+                        if len(self.issued) >= 100_000:
+                            self.issued.clear()
+                        self.issued[token] = time.monotonic()
+            await send(message)
+
+        return recording
 
 
 def _serve_main(argv: Sequence[str]) -> None:

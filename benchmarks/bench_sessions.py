@@ -178,8 +178,10 @@ def main() -> None:
             ],
         )
         common.write_json(args.json, result)
-        if result["violations"]:
-            raise common.CountViolation("; ".join(map(str, result["violations"])))
+        violations = result["violations"]
+        assert isinstance(violations, list)
+        if violations:
+            raise common.CountViolation("; ".join(map(str, violations)))
 
 
 if __name__ == "__main__":

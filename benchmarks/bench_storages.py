@@ -180,14 +180,14 @@ def populate(storage: hua.Storage, count: int) -> None:
                 (("bulk", f"s{n}", entry.to_json(), time.time() + 3600) for n in range(count)),
             )
     elif isinstance(storage, hua.RedisStorage):
-        from httpx_upstream_auth._redis import _blob
+        from httpx_upstream_auth._storages._redis._keys import blob
 
         for start in range(0, count, 1000):
             with storage._sync.pipeline(transaction=False) as pipe:
                 for n in range(start, min(start + 1000, count)):
                     key = hua.EntryKey("bulk", f"s{n}")
-                    pipe.hset(storage._entry_key(key), mapping={"v": "1", "d": _blob(key, entry)})
-                    pipe.expire(storage._entry_key(key), 3600)
+                    pipe.hset(storage._keys.entry(key), mapping={"v": "1", "d": blob(key, entry)})
+                    pipe.expire(storage._keys.entry(key), 3600)
                 pipe.execute()
     else:
         for n in range(count):

@@ -12,21 +12,19 @@ from ._auth import UpstreamAuth
 from ._clock import Clock, SystemClock
 from ._exceptions import (
     BindingMismatch,
+    ConfigurationError,
     ReauthenticationRequired,
     RefreshFailed,
     StorageError,
     UpstreamAuthError,
 )
 from ._manager import TokenManager
-from ._memory import MemoryStorage
 from ._models import Binding, EntryKey, UpstreamTokens
 from ._policy import FreshnessBounds, FreshnessPolicy, can_replay, is_token_rejected
-from ._redis import RedisStorage
 from ._refresher import OAuth2Refresher, Refresher
-from ._registry import open_storage, register_storage
-from ._sqlite import SQLiteStorage
-from ._storage import Lease, Storage
+from ._storages import Lease, MemoryStorage, RedisStorage, SQLiteStorage, Storage, open_storage, register_storage
 from ._sync._transport import UpstreamAuthTransport
+from ._trace import TraceEvent
 
 __version__ = "0.1.0"
 
@@ -35,6 +33,7 @@ __all__ = [
     "Binding",
     "BindingMismatch",
     "Clock",
+    "ConfigurationError",
     "EntryKey",
     "FreshnessBounds",
     "FreshnessPolicy",
@@ -50,6 +49,7 @@ __all__ = [
     "StorageError",
     "SystemClock",
     "TokenManager",
+    "TraceEvent",
     "UpstreamAuth",
     "UpstreamAuthError",
     "UpstreamAuthTransport",

@@ -24,7 +24,7 @@ import httpx
 
 from ._manager import TokenManager
 from ._refresher import OAuth2Refresher
-from ._registry import open_storage
+from ._storages import open_storage
 
 SESSION = "demo-session"
 #: Seconds each demo caller waits between its requests.

@@ -5,6 +5,7 @@ Every error is a subclass of ``UpstreamAuthError``, so one ``except`` catches th
     UpstreamAuthError
     ├── ReauthenticationRequired   the user must log in again (no entry, no refresh token, dead grant)
     ├── RefreshFailed              the refresh could not complete now; ``retryable`` says whether to retry
+    │   └── ConfigurationError     it cannot work until a setting is fixed (token URL, client, TLS, proxy)
     ├── BindingMismatch            the entry belongs to another identity than the caller expects
     └── StorageError               the token store failed; nothing was half-written
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 __all__ = [
     "BindingMismatch",
+    "ConfigurationError",
     "ReauthenticationRequired",
     "RefreshFailed",
     "StorageError",
@@ -83,6 +85,31 @@ def _rebuild_refresh_failed(
         may_have_rotated=may_have_rotated,
         retry_after=retry_after,
     )
+
+
+class ConfigurationError(RefreshFailed):
+    """The refresh cannot work until a setting is fixed; retrying as it is cannot help (never ``retryable``).
+
+    ``setting`` names what to check: ``"token_url"`` (a 404, a redirect, a host name that does not exist),
+    ``"client"`` (``invalid_client``, ``unauthorized_client``: client_id, client_secret, auth_method),
+    ``"scope"`` (``invalid_scope``), ``"tls"`` (the token endpoint's certificate was refused: ``verify=``)
+    or ``"proxy"`` (the proxy refused the request: its URL and credentials). Nothing was consumed, and
+    stored tokens are untouched. A :class:`TokenManager` remembers it for all its sessions for
+    ``failure_window`` seconds: callers meanwhile get it at once, without a call to the token endpoint.
+    """
+
+    def __init__(self, message: str, *, setting: str, status_code: int | None = None) -> None:
+        super().__init__(message, retryable=False, status_code=status_code)
+        self.setting = setting
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_configuration_error, (type(self), str(self), self.setting, self.status_code), self.__dict__)
+
+
+def _rebuild_configuration_error(
+    cls: type[ConfigurationError], message: str, setting: str, status_code: int | None
+) -> ConfigurationError:
+    return cls(message, setting=setting, status_code=status_code)
 
 
 class BindingMismatch(UpstreamAuthError):

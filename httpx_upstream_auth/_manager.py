@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 from ._auth import UpstreamAuth
 from ._clock import Clock, SystemClock
 from ._engine import Engine
-from ._memory import MemoryStorage
 from ._models import Binding, UpstreamTokens
 from ._policy import FreshnessPolicy
 from ._refresher import Refresher
 from ._state import Footprint, ManagerState, RedeemIn
-from ._storage import Storage
+from ._storages import MemoryStorage, Storage
 from ._synchronization import SameThreadWait
+from ._trace import TraceEvent
 
 __all__ = ["TokenManager"]
 
@@ -39,6 +40,40 @@ class TokenManager:
     When an early refresh fails without consuming anything (the provider had a blip) while the token is
     still valid, the token is served and the refresh retried after ``retry_interval`` seconds.
 
+    A refresh that fails without consuming anything (after the job's own retries of transient refusals)
+    is remembered for ``failure_window`` seconds, or as long as the provider's ``Retry-After`` asks:
+    meanwhile that session's callers get the same typed error at once, without a token request, so a
+    burst of requests costs one call per window. A :class:`ConfigurationError` (a wrong token URL or client
+    secret, a refused certificate or proxy) is remembered for every session of the manager. A new
+    :meth:`store` (or any change to the entry) ends a session's failure; ``failure_window=0`` remembers none.
+
+    ``reuse_grace`` is how long the provider still accepts a refresh token it has just redeemed (0, the
+    default: it never does). Within it, a refresh whose answer was lost after sending (a timeout, a reset
+    connection, a gateway's 502/504) is sent once more by the same job, with the same refresh token, instead
+    of failing closed. Set it to the provider's setting: Okta's refresh token rotation grace period (30 s by
+    default), Auth0's reuse interval (leeway), Ory Hydra's ``oauth2.grant.refresh_token.rotation_grace_period``;
+    with Keycloak, a "Refresh Token Max Reuse" of 1 or more allows a retry (choose a grace of a few seconds).
+
+    ``refresh_ahead`` (seconds, 0 = off, the default) opens a window that long before the leeway (never before
+    the second half of the token's lifetime): a request that finds the token in it is sent with the
+    still-valid token at once, and starts the session's refresh job in the background if none runs (the
+    same job, lease and rules as any refresh); only a token inside its leeway, or expired, makes a request
+    wait. Each cached entry's window opens at a random point of its last half, so processes and sessions do
+    not refresh in step.
+    Idle sessions cost nothing (no timers: only a request starts the job). 60 seconds suits most providers.
+    It is off by default because it spends refresh tokens earlier than needed, on behalf of a request that
+    does not wait for the result, and with ``redeem_in="task"`` the background job lives on the event
+    loop of the request that started it: a loop that ends right after the request (``asyncio.run`` per
+    call) stops it, and a job stopped after sending fails closed. Turn it on where requests must not wait
+    (with the default ``redeem_in="thread"``, or long-lived event loops).
+
+    ``on_refresh(session_id, tokens)`` is called after every refresh that saved new tokens (for apps that
+    mirror tokens elsewhere); ``on_event(event)`` with every :class:`TraceEvent` (refresh started, succeeded
+    or failed, refresh ahead started, 401 replayed, distrust, failure remembered, store error, change notice).
+    The same events are logged on ``httpx_upstream_auth.events`` (tokens only as short hashes). Hooks run in
+    the refresh job's thread or task, or the caller's, never under one of the manager's locks, after the
+    waiters have their tokens; keep them quick. An exception from a hook is logged and ignored.
+
     ``refresh_timeout`` bounds a job in both modes: the token request is given up after it (treated as a
     lost answer: the entry is removed), the writes that follow get as long again, and the lease stops
     being renewed after both (plus ``lease_ttl``). :meth:`close` waits for jobs that may have sent a
@@ -59,6 +94,11 @@ class TokenManager:
         lease_wait: float | None = None,
         wait_timeout: float | None = None,
         retry_interval: float = 1.0,
+        failure_window: float = 5.0,
+        reuse_grace: float = 0.0,
+        refresh_ahead: float = 0.0,
+        on_refresh: Callable[[str, UpstreamTokens], None] | None = None,
+        on_event: Callable[[TraceEvent], None] | None = None,
         cache_size: int = 10_000,
         clock: Clock | None = None,
         redeem_in: RedeemIn = "thread",
@@ -67,6 +107,13 @@ class TokenManager:
         lease_ttl = refresh_timeout + 5.0 if lease_ttl is None else lease_ttl
         if lease_ttl <= 0:
             raise ValueError("lease_ttl must be positive")
+        for name, value in (
+            ("failure_window", failure_window),
+            ("reuse_grace", reuse_grace),
+            ("refresh_ahead", refresh_ahead),
+        ):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+                raise ValueError(f"{name} must be a finite number of seconds, 0 or more, not {value!r}")
         if redeem_in not in ("thread", "task"):
             raise ValueError(f"redeem_in must be 'thread' or 'task', got {redeem_in!r}")
         refusal = refresher.cannot_redeem_in(redeem_in)
@@ -79,7 +126,9 @@ class TokenManager:
             storage=MemoryStorage() if storage is None else storage,
             refresher=refresher,
             clock=SystemClock() if clock is None else clock,
-            policy=FreshnessPolicy(leeway=leeway, max_leeway_fraction=max_leeway_fraction),
+            policy=FreshnessPolicy(
+                leeway=leeway, max_leeway_fraction=max_leeway_fraction, refresh_ahead=float(refresh_ahead)
+            ),
             refresh_timeout=refresh_timeout,
             lease_ttl=lease_ttl,
             lease_wait=lease_wait,
@@ -87,6 +136,10 @@ class TokenManager:
             retry_interval=retry_interval,
             cache_size=cache_size,
             redeem_in=redeem_in,
+            failure_window=float(failure_window),
+            reuse_grace=float(reuse_grace),
+            on_event=on_event,
+            on_refresh=on_refresh,
         )
         self._engine = Engine(self._state)
         self._async_ops = self._engine.async_ops
@@ -148,6 +201,8 @@ class TokenManager:
         anything is closed under it: ``close`` waits for it up to ``timeout`` seconds (default: twice
         ``refresh_timeout``, the longest a job can take). A job still running after that closes the
         storage and the refresher itself when it ends. A job that has not sent its request yet stops.
+        A storage or refresher that another open manager uses (or one still running a job) is left open
+        for that manager to close.
         """
         state = self._state
         state.close()  # no new job, nothing cached, no more change notices
@@ -184,6 +239,10 @@ class TokenManager:
         self._close_refresher()
 
     def _close_refresher(self) -> None:
+        # Likewise a refresher: closing its client under another manager's token request would lose the
+        # answer after the provider consumed the refresh token.
+        if self._state.refresher_in_use_elsewhere():
+            return
         close = getattr(self._state.refresher, "close", None)
         if close is not None:
             close()

@@ -1,7 +1,7 @@
 """The refresh_token grant, sans-I/O: build the request, read the answer, merge it into the entry.
 
-Request parameters are prepared with oauthlib. Answers are read here rather than by oauthlib, because
-reading must be total: any status and any bytes give the next entry or a typed error (never an
+Request parameters are prepared with oauthlib. Answers are read by ``_answer`` rather than by oauthlib,
+because reading must be total: any status and any bytes give the next entry or a typed error (never an
 ``OverflowError`` or a ``RecursionError``), independent of oauthlib's environment switches.
 
 Merge rules: binding fields always come from the stored entry; refresh_token, id_token and scope are kept
@@ -16,9 +16,8 @@ from __future__ import annotations
 import base64
 import email.utils
 import ipaddress
-import json
-import math
-import re
+import socket
+import ssl
 import urllib.parse
 from typing import Any, Literal
 
@@ -26,11 +25,19 @@ import attrs
 import httpx
 from oauthlib.oauth2.rfc6749.parameters import prepare_token_request
 
-from ._exceptions import BindingMismatch, ReauthenticationRequired, RefreshFailed, UpstreamAuthError
+from ._answer import (
+    MAX_LIFETIME,
+    REGISTERED_ERRORS,
+    AnswerFields,
+    is_sendable_refresh_token,
+    read_token_answer,
+)
+from ._exceptions import BindingMismatch, ConfigurationError, RefreshFailed, UpstreamAuthError
 from ._models import UpstreamTokens
 
 __all__ = [
     "MAX_LIFETIME",
+    "REGISTERED_ERRORS",
     "AuthMethod",
     "RefreshRequest",
     "TokenAnswer",
@@ -45,45 +52,6 @@ __all__ = [
 
 AuthMethod = Literal["client_secret_basic", "client_secret_post", "none"]
 AUTH_METHODS = ("client_secret_basic", "client_secret_post", "none")
-RETRYABLE_ERRORS = {"temporarily_unavailable", "server_error", "slow_down"}
-
-MAX_LIFETIME = 10 * 365 * 24 * 3600.0
-"""The longest token lifetime, in seconds, taken at its word; a longer stated lifetime means unknown."""
-
-# Codes from RFC 6749, 6750, 8628, 8693, 8707 and 9449: only these are quoted in messages, because the
-# ``error`` field is free text that a broken provider may fill with anything, a token included.
-REGISTERED_ERRORS = frozenset(
-    {
-        "invalid_request",
-        "invalid_client",
-        "invalid_grant",
-        "unauthorized_client",
-        "unsupported_grant_type",
-        "invalid_scope",
-        "access_denied",
-        "server_error",
-        "temporarily_unavailable",
-        "slow_down",
-        "authorization_pending",
-        "expired_token",
-        "invalid_token",
-        "insufficient_scope",
-        "invalid_target",
-        "invalid_dpop_proof",
-        "use_dpop_nonce",
-    }
-)
-
-# RFC 6749 A.12: access-token = 1*VSCHAR. Edge spaces are refused too: it goes into a header line.
-_HEADER_TOKEN = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")
-# RFC 6749 A.13 token types are names or URIs: no spaces, printable ASCII.
-_TOKEN_TYPE = re.compile(r"[\x21-\x7e]+")
-
-# Token answers are flat; deeper values are read as null when the whole is too deep for json.loads.
-MAX_JSON_DEPTH = 32
-# The parts of JSON text that matter for nesting: whole strings (so brackets in them are skipped) and brackets.
-_JSON_SKELETON = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)
-
 # httpx errors raised before any byte of the request could reach the provider.
 _NOT_SENT = (
     httpx.ConnectError,
@@ -187,17 +155,6 @@ def build_refresh_request(
     return RefreshRequest(token_url, headers, body)
 
 
-def is_sendable_refresh_token(value: object) -> bool:
-    """True for a refresh token that can be sent back: a non-empty string that encodes as UTF-8."""
-    if not isinstance(value, str) or not value:
-        return False
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate, which a JSON \ud800 escape can carry
-        return False
-    return True
-
-
 def merge_response(
     stored: UpstreamTokens, status_code: int, body: bytes, sent_at: float, retry_after: float | None = None
 ) -> UpstreamTokens:
@@ -217,8 +174,10 @@ def merge_response(
       again could trip reuse detection. The user logs in again once the access token expires.
     - A 2xx answer without usable tokens is :class:`RefreshFailed` with ``may_have_rotated``, unless it
       carries a registered OAuth ``error`` code, which is classified as for an error status.
-    - Any other status is an error answer: ``invalid_grant`` is :class:`ReauthenticationRequired`, the
-      rest :class:`RefreshFailed` (a 3xx included: redirects are never followed); none rotated.
+    - Any other status is an error answer (a 3xx included: redirects are never followed): ``invalid_grant``
+      is :class:`ReauthenticationRequired`, what a setting must fix :class:`ConfigurationError`, the rest
+      :class:`RefreshFailed` (see ``_answer.error_for``); none rotated, except a 5xx that is not the
+      provider's own OAuth error.
     """
     outcome: UpstreamTokens | UpstreamAuthError
     try:
@@ -244,77 +203,55 @@ def _read_answer(
     stored: UpstreamTokens, status_code: int, body: bytes, sent_at: float
 ) -> UpstreamTokens | UpstreamAuthError:
     """:func:`merge_response`'s decision, returning the error rather than raising it (see there)."""
-    data = _json_object(body)
-    code = data.get("error") if isinstance(data.get("error"), str) else None
-    if not _is_success(status_code):
-        return _error_for(status_code, code)
-    access_token = data.get("access_token")
-    if not _is_header_token(access_token):
-        access_token = None
-    refresh_field = data.get("refresh_token")
-    if refresh_field is None or refresh_field == "":
-        new_refresh: str | None = None
-        refresh_token = stored.refresh_token
-    elif is_sendable_refresh_token(refresh_field):
-        new_refresh = refresh_token = refresh_field
-    else:
-        new_refresh = refresh_token = None
-    if access_token is None and new_refresh is None:
-        if code in REGISTERED_ERRORS and refresh_field in (None, ""):
-            return _error_for(status_code, code)  # a stated refusal: nothing was issued
-        return RefreshFailed(
-            f"the token endpoint answered HTTP {status_code} without a usable token; it may have rotated the "
-            "refresh token. Retry later; if it persists, check token_url.",
-            retryable=True,
-            status_code=status_code,
-            may_have_rotated=True,
-        )
+    fields = read_token_answer(status_code, body)
+    if isinstance(fields, UpstreamAuthError):
+        return fields
+    return _merge(stored, fields, sent_at)
+
+
+def _merge(stored: UpstreamTokens, fields: AnswerFields, sent_at: float) -> UpstreamTokens | UpstreamAuthError:
+    """The next entry: the answer's fields over the stored entry, by the merge rules (module docstring)."""
+    new_refresh = fields.refresh_token
+    refresh_token = new_refresh if new_refresh is not None or fields.refresh_unusable else stored.refresh_token
 
     id_token = stored.id_token
-    id_field = data.get("id_token")
-    if isinstance(id_field, str) and id_field:
-        if stored.upstream_subject is not None and _id_token_subject(id_field) != stored.upstream_subject:
+    if fields.id_token_given:
+        if stored.upstream_subject is not None and fields.id_subject != stored.upstream_subject:
             return BindingMismatch(
                 "the provider returned an id_token for another subject than the stored entry (or one that "
                 "could not be read); the new tokens were refused. Log the user in again."
             )
-        if _is_header_token(id_field):
-            id_token = id_field
+        if fields.id_token is not None:
+            id_token = fields.id_token
 
     expires_at: float | None
+    access_token = fields.access_token
     if access_token is None:
         # Keep the rotated refresh token; the stored access token counts as expired from the send time.
         access_token, expires_at = stored.access_token, sent_at
     else:
-        lifetime = _lifetime(data.get("expires_in"))
         # A stated lifetime of 0 would make a token born expired, refreshed again at once, forever: unknown
         # instead (the token is used until the API refuses it).
-        expires_at = None if not lifetime else sent_at + lifetime
+        expires_at = None if not fields.lifetime else sent_at + fields.lifetime
 
-    refresh_fields = [data.get("refresh_expires_in"), data.get("refresh_token_expires_in")]
-    # A stated refresh lifetime of 0 or less is unknown: Keycloak sends 0 for offline tokens that never expire.
-    refresh_lives = [life for life in map(_lifetime, refresh_fields) if life is not None and life > 0]
     if refresh_token is None:
         refresh_expires_at = None
-    elif refresh_lives:
-        refresh_expires_at = sent_at + refresh_lives[0]
-    elif any(field is not None for field in refresh_fields):
+    elif fields.refresh_lifetime is not None:
+        refresh_expires_at = sent_at + fields.refresh_lifetime
+    elif fields.refresh_lifetime_stated:
         refresh_expires_at = None  # stated, but not as a usable number
     elif new_refresh is not None and new_refresh != stored.refresh_token:
         refresh_expires_at = None  # a rotated token's lifetime is unknown: default retention applies
     else:
         refresh_expires_at = stored.refresh_expires_at
 
-    token_type = data.get("token_type")
-    if not isinstance(token_type, str) or not _TOKEN_TYPE.fullmatch(token_type):
-        token_type = stored.token_type
     return attrs.evolve(
         stored,
         access_token=access_token,
         refresh_token=refresh_token,
         id_token=id_token,
-        token_type=token_type,
-        scope=_scope(data.get("scope")) or stored.scope,
+        token_type=fields.token_type or stored.token_type,
+        scope=fields.scope or stored.scope,
         expires_at=expires_at,
         refresh_expires_at=refresh_expires_at,
         issued_at=sent_at,
@@ -324,132 +261,6 @@ def _read_answer(
 
 def _is_success(status_code: int) -> bool:
     return 200 <= status_code < 300
-
-
-def _is_header_token(value: object) -> bool:
-    return isinstance(value, str) and _HEADER_TOKEN.fullmatch(value) is not None
-
-
-def _json_object(body: bytes) -> dict[str, Any]:
-    try:
-        data = json.loads(body)
-    except RecursionError:
-        data = _load_flattened(body)
-    except ValueError:
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _load_flattened(body: bytes) -> Any:
-    """``body`` parsed with every value nested deeper than ``MAX_JSON_DEPTH`` read as null.
-
-    For answers whose nesting the interpreter's recursion limit refuses: an odd extra field must not
-    make the tokens beside it unreadable.
-    """
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    pieces: list[str] = []
-    depth = 0
-    kept_until = 0  # text before this index is in pieces
-    for match in _JSON_SKELETON.finditer(text):
-        token = match.group()
-        if token in ("[", "{"):
-            depth += 1
-            if depth == MAX_JSON_DEPTH + 1:
-                pieces.append(text[kept_until : match.start()])
-        elif token in ("]", "}"):
-            if depth == MAX_JSON_DEPTH + 1:
-                pieces.append("null")
-                kept_until = match.end()
-            depth -= 1
-    if depth > MAX_JSON_DEPTH:
-        return None  # unbalanced: not JSON anyway
-    pieces.append(text[kept_until:])
-    try:
-        return json.loads("".join(pieces))
-    except (ValueError, RecursionError):
-        return None
-
-
-def _lifetime(value: object) -> float | None:
-    """Seconds from a JSON number or numeric string; None (unknown) unless finite, >= 0 and <= MAX_LIFETIME."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        return None
-    try:
-        seconds = float(value)
-    except (ValueError, OverflowError):
-        return None
-    if not math.isfinite(seconds) or not 0 <= seconds <= MAX_LIFETIME:
-        return None
-    return seconds
-
-
-def _scope(value: object) -> str | None:
-    if isinstance(value, list) and all(isinstance(item, str) for item in value):
-        value = " ".join(value)
-    return value if isinstance(value, str) and value.strip() else None
-
-
-def _error_for(status_code: int, code: str | None) -> UpstreamAuthError:
-    if code == "invalid_grant" and not 300 <= status_code < 400:
-        return ReauthenticationRequired(
-            "the provider rejected the refresh token (invalid_grant: expired, revoked or already used); "
-            "log the user in again."
-        )
-    named = f", {code}" if code in REGISTERED_ERRORS else ", an unregistered error code" if code else ""
-    if 300 <= status_code < 400:
-        return RefreshFailed(
-            f"the token endpoint answered with a redirect (HTTP {status_code}), which is never followed: it "
-            "would send the refresh token elsewhere. Stored tokens are unchanged; set token_url to the final "
-            "URL.",
-            retryable=False,
-            status_code=status_code,
-        )
-    if status_code >= 500 and code not in REGISTERED_ERRORS:
-        # Not an OAuth error from the authorization server itself: a gateway in front of it (502, 504, an
-        # HTML page, a framework's JSON such as {"error": "Gateway Timeout"}) may answer after the provider
-        # redeemed the token. Only the server's own (registered) error code proves nothing was consumed.
-        return RefreshFailed(
-            f"the token endpoint answered HTTP {status_code} without an OAuth error (a gateway or proxy in front "
-            "of the provider?); the provider may have rotated the refresh token meanwhile. Retry later.",
-            retryable=True,
-            status_code=status_code,
-            may_have_rotated=True,
-        )
-    if status_code in (408, 429) or status_code >= 500 or code in RETRYABLE_ERRORS:
-        return RefreshFailed(
-            f"the token endpoint is unavailable (HTTP {status_code}{named}); stored tokens are unchanged. Retry later.",
-            retryable=True,
-            status_code=status_code,
-        )
-    if code is not None:
-        return RefreshFailed(
-            f"the token endpoint refused the refresh (HTTP {status_code}{named}); stored tokens are "
-            "unchanged. Check client_id, client_secret, auth_method and scope.",
-            retryable=False,
-            status_code=status_code,
-        )
-    return RefreshFailed(
-        f"the token endpoint answered HTTP {status_code} without a token; stored tokens are unchanged. "
-        "Check token_url.",
-        retryable=False,
-        status_code=status_code,
-    )
-
-
-def _id_token_subject(id_token: str) -> str | None:
-    """The ``sub`` claim of a JWT, read without verifying it: only compared with the stored subject."""
-    if not _is_header_token(id_token):
-        return None
-    try:
-        payload = id_token.split(".")[1]
-        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    except (IndexError, ValueError, RecursionError):
-        return None
-    sub = claims.get("sub") if isinstance(claims, dict) else None
-    return sub if isinstance(sub, str) else None
 
 
 def oversize_failure(status_code: int, max_bytes: int) -> RefreshFailed:
@@ -481,11 +292,17 @@ def transport_failure(exc: Exception, status_code: int | None) -> RefreshFailed:
 
     It may have rotated unless the request certainly never left (no connection, an unusable URL, a
     request refused locally) or the provider had already answered with a non-2xx status. A failed write
-    counts as sent: the failing write may be the last, after the whole request went out.
+    counts as sent: the failing write may be the last, after the whole request went out. A connection
+    that a setting keeps from ever opening (a host name that does not exist, a certificate refused, a
+    proxy's refusal) is a :class:`ConfigurationError`; a temporary resolver failure is retryable.
     """
     kind = type(exc).__name__
     if isinstance(exc, _NOT_SENT):
-        message = f"could not reach the token endpoint ({kind}); nothing was sent and stored tokens are unchanged."
+        refused = _configuration_failure(exc)
+        if refused is not None:
+            return refused
+        why = "a temporary DNS failure" if _resolver_errno(exc) == socket.EAI_AGAIN else kind
+        message = f"could not reach the token endpoint ({why}); nothing was sent and stored tokens are unchanged."
         rotated = False
     elif status_code is not None and not _is_success(status_code) and status_code < 500:
         message = (
@@ -500,3 +317,70 @@ def transport_failure(exc: Exception, status_code: int | None) -> RefreshFailed:
         )
         rotated = True
     return RefreshFailed(message + " Retry later.", retryable=True, status_code=status_code, may_have_rotated=rotated)
+
+
+#: Resolver answers that say the name does not exist (as opposed to EAI_AGAIN: the resolver could not answer).
+_NO_SUCH_NAME = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
+#: TLS errors that are a connection's end, not a handshake's refusal.
+_TLS_TRANSIENT = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError, ssl.SSLWantReadError)
+
+
+def _configuration_failure(exc: Exception) -> ConfigurationError | None:
+    """The configuration error behind a connection that could not open, or ``None`` if it may open later."""
+    if isinstance(exc, (httpx.UnsupportedProtocol, httpx.InvalidURL)):
+        return ConfigurationError(
+            f"the token request could not be sent ({type(exc).__name__}); nothing was sent. Check token_url and "
+            "the proxy setting.",
+            setting="token_url",
+        )
+    if isinstance(exc, httpx.ProxyError):
+        # httpcore words a refused CONNECT as "<status> <reason>".
+        status, _, _ = str(exc).partition(" ")
+        if status.isdigit() and 400 <= int(status) < 500:
+            return ConfigurationError(
+                f"the proxy refused to open a tunnel to the token endpoint (HTTP {int(status)}); nothing was sent. "
+                "Check the proxy setting (proxy=, or HTTPS_PROXY/HTTP_PROXY), its credentials, and that it lets "
+                "this host through.",
+                setting="proxy",
+                status_code=int(status),
+            )
+        return None
+    if _resolver_errno(exc) in _NO_SUCH_NAME:
+        return ConfigurationError(
+            "the token endpoint's host name does not exist (DNS); nothing was sent. Check token_url's host (and "
+            "the proxy's, when one is set).",
+            setting="token_url",
+        )
+    for cause in _causes(exc):
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return ConfigurationError(
+                f"the token endpoint's TLS certificate was refused ({cause.verify_message or 'not trusted'}); "
+                "nothing was sent. Check token_url's host, and verify= (the CA bundle that signs the provider's "
+                "certificate).",
+                setting="tls",
+            )
+        if isinstance(cause, ssl.SSLError) and not isinstance(cause, _TLS_TRANSIENT):
+            return ConfigurationError(
+                f"the TLS handshake with the token endpoint failed ({cause.reason or type(cause).__name__}); "
+                "nothing was sent. Check token_url (https to a port that speaks TLS?) and verify=.",
+                setting="tls",
+            )
+    return None
+
+
+def _resolver_errno(exc: BaseException) -> int | None:
+    """The ``getaddrinfo`` error code among ``exc``'s causes, if a name lookup failed."""
+    for cause in _causes(exc):
+        if isinstance(cause, socket.gaierror):
+            return cause.errno
+    return None
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what it was raised from or while handling (httpx wraps httpcore, which wraps the OS)."""
+    found: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and len(found) < 16 and not any(current is seen for seen in found):
+        found.append(current)
+        current = current.__cause__ or current.__context__
+    return found

@@ -28,6 +28,11 @@ class FreshnessPolicy:
     leeway: float = 30.0
     max_leeway_fraction: float = 0.1
     max_latency_fraction: float = 0.35
+    #: Seconds before the leeway in which a request that finds the token nearly due starts a refresh in the
+    #: background and is served the still-valid token (0: off); capped at ``max_ahead_fraction`` of the
+    #: token's lifetime, so a short-lived token is not refreshed as soon as it is issued.
+    refresh_ahead: float = 0.0
+    max_ahead_fraction: float = 0.5
 
     def bounds(self, tokens: UpstreamTokens) -> FreshnessBounds:
         """The token's freshness inputs, computed once (callers may keep them with the token)."""
@@ -41,6 +46,22 @@ class FreshnessPolicy:
             min(self.leeway, lifetime * self.max_leeway_fraction),
             lifetime * self.max_latency_fraction,
         )
+
+    def ahead_window(self, tokens: UpstreamTokens) -> float:
+        """How many seconds before its leeway a refresh of ``tokens`` starts in the background (0: never)."""
+        if self.refresh_ahead <= 0 or tokens.expires_at is None:
+            return 0.0
+        if tokens.issued_at is None:
+            return self.refresh_ahead
+        lifetime = max(tokens.expires_at - tokens.issued_at, 0.0)
+        return min(self.refresh_ahead, lifetime * self.max_ahead_fraction)
+
+    def ahead_floor(self, tokens: UpstreamTokens) -> float:
+        """Epoch seconds before which no refresh starts ahead, however long the leeway grew: once the last
+        ``max_ahead_fraction`` of the lifetime begins (``-inf`` when the lifetime is unknown)."""
+        if tokens.expires_at is None or tokens.issued_at is None:
+            return float("-inf")
+        return tokens.expires_at - max(tokens.expires_at - tokens.issued_at, 0.0) * self.max_ahead_fraction
 
     def is_fresh(self, tokens: UpstreamTokens, now: float, latency: float = 0.0) -> bool:
         """True when the token can be sent as it is."""
@@ -61,6 +82,13 @@ class FreshnessBounds(NamedTuple):
     def fresh_until(self, latency: float = 0.0) -> float:
         """Epoch seconds until which the token is sent without refreshing."""
         return self.expires_at - self.leeway_for(latency)
+
+    def calm_until(self) -> float:
+        """Epoch seconds until which the token is fresh whatever the observed latency (a lower bound of
+        every :meth:`fresh_until`)."""
+        if self.expires_at == float("inf"):
+            return self.expires_at
+        return self.expires_at - max(self.leeway, self.latency_cap)
 
 
 def retention_deadline(

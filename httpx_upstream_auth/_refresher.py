@@ -21,8 +21,8 @@ from ._oauth import (
     is_sendable_refresh_token,
     merge_response,
 )
-from ._storage import ForkRegistry
 from ._sync._http import send_refresh_request as sync_send
+from ._synchronization import ForkRegistry
 
 __all__ = ["OAuth2Refresher", "Refresher"]
 
@@ -42,6 +42,15 @@ class Refresher(ABC):
     @abstractmethod
     async def arefresh(self, tokens: UpstreamTokens, clock: Clock) -> UpstreamTokens:
         """Redeem ``tokens.refresh_token``; async."""
+
+    def prepare(self, tokens: UpstreamTokens) -> None:
+        """Work the refresh needs before its token request, that sends no refresh token (such as finding the
+        token endpoint); blocking. ``TokenManager`` calls it before the refresh lease and the bounded token
+        request, itself bounded by ``refresh_timeout``: whatever fails or times out here consumed nothing, so
+        the stored entry is kept. The default does nothing."""
+
+    async def aprepare(self, tokens: UpstreamTokens) -> None:
+        """Async twin of :meth:`prepare`."""
 
     def cannot_redeem_in(self, mode: str) -> str | None:
         """Why this refresher cannot redeem as a ``mode`` job (``"thread"``: :meth:`refresh`; ``"task"``:
@@ -187,6 +196,8 @@ class OAuth2Refresher(Refresher):
                 )
             return self._client
 
+    # refresh and arefresh stay hand-written: they differ in which client sends (one long-lived sync client;
+    # an injected async client, else one per refresh), and both send through the generated _http twins.
     def refresh(self, tokens: UpstreamTokens, clock: Clock) -> UpstreamTokens:
         """Redeem the refresh token with the sync client."""
         request = self._request(tokens)

@@ -22,12 +22,14 @@ from typing import Literal
 import attrs
 
 from ._clock import Clock
-from ._exceptions import BindingMismatch, RefreshFailed
+from ._exceptions import BindingMismatch, ConfigurationError, RefreshFailed
 from ._models import Binding, EntryKey, UpstreamTokens
 from ._policy import DEFAULT_RETENTION, FreshnessBounds, FreshnessPolicy
 from ._refresher import Refresher
-from ._storage import Storage
-from ._synchronization import Flight, Outcome
+from ._storages import Storage
+from ._storages._shared import SharedStorage
+from ._synchronization import Flight, Outcome, copy_error
+from ._trace import TraceEvent, Tracer
 
 logger = logging.getLogger("httpx_upstream_auth")
 
@@ -36,8 +38,14 @@ logger = logging.getLogger("httpx_upstream_auth")
 RTT_ALPHA, RTT_BETA, RTT_K = 1 / 8, 1 / 4, 4
 #: Refresh tokens this process remembers having presented without recording the result (see ``_consumed``).
 CONSUMED_MEMORY = 100_000
+#: How long a distrust of an access token of unknown lifetime lasts (seconds): an API that keeps refusing such a
+#: token costs one refresh per this long, and one revoked for real is refreshed again after at most this long.
+UNKNOWN_LIFETIME_DISTRUST = 60.0
 
 RedeemIn = Literal["thread", "task"]
+#: A refresh-ahead window starts at a random point of its last half (drawn per cached entry, from a generator
+#: seeded per process): processes and sessions holding tokens of the same age do not refresh in step.
+AHEAD_JITTER = 0.5
 
 #: (manager state, entry digest) this task or thread is writing: that manager's own change notice is not news
 #: to it (other managers sharing the storage object, or the task, still hear of it).
@@ -51,9 +59,13 @@ class Need:
     """What a caller needs from the key's entry: a fresh token, and not the one the API just refused."""
 
     rejected: str | None = attrs.field(default=None, repr=False)
+    #: A refresh ahead of expiry: the entry of this version, though still fresh, is what it replaces.
+    ahead_of: int | None = None
 
     def satisfied_by(self, tokens: UpstreamTokens, state: ManagerState) -> bool:
         """True when ``tokens`` can be sent as they are."""
+        if self.ahead_of is not None and tokens.version <= self.ahead_of:
+            return False
         return tokens.access_token != self.rejected and state.is_fresh(tokens)
 
     def accepts(self, outcome: Outcome, state: ManagerState) -> bool:
@@ -80,7 +92,10 @@ class Footprint:
     progress; ``flights`` and ``reads`` count that work, ``waiting`` the callers waiting on refreshes;
     ``consumed`` the refresh tokens presented whose
     outcome is not recorded yet (or could not be); ``distrusted`` and ``backing_off`` are within
-    ``cache_size`` and empty out as their tokens and pauses expire.
+    ``cache_size`` and empty out as their tokens and pauses expire; ``failing`` counts the remembered
+    refresh failures (one per session within ``cache_size``, plus one for a configuration error);
+    ``lost_claims`` the lease claims whose answer the storage object lost (SQLite, Redis), each kept for one
+    lease ttl, at most 10,000.
     """
 
     cached: int
@@ -92,6 +107,8 @@ class Footprint:
     consumed: int
     distrusted: int
     backing_off: int
+    failing: int
+    lost_claims: int
 
 
 @attrs.define
@@ -136,7 +153,9 @@ class ManagerState:
     the cache holds at most ``cache_size`` sessions; epochs and change-notice digests are kept for cached
     sessions and sessions with work in progress, and trimmed beyond twice ``cache_size`` among the others;
     flights live while their work runs; presented refresh tokens until their answer is recorded (or, if
-    it was lost, until no store can hold them); distrust and back-off until their token or pause expires.
+    it was lost, until no store can hold them); distrust and back-off until their token or pause expires
+    (a distrust of a token of unknown lifetime after UNKNOWN_LIFETIME_DISTRUST seconds); remembered failures
+    (within ``cache_size``, plus one configuration error) until their window ends.
     """
 
     def __init__(
@@ -154,6 +173,10 @@ class ManagerState:
         retry_interval: float,
         cache_size: int,
         redeem_in: RedeemIn,
+        failure_window: float = 0.0,
+        reuse_grace: float = 0.0,
+        on_event: Callable[[TraceEvent], None] | None = None,
+        on_refresh: Callable[[str, UpstreamTokens], None] | None = None,
     ) -> None:
         self.provider_id = provider_id
         self.storage = storage
@@ -165,13 +188,18 @@ class ManagerState:
         self.lease_wait = lease_wait
         self.wait_timeout = wait_timeout
         self.retry_interval = retry_interval
+        self.failure_window = failure_window
+        self.reuse_grace = reuse_grace
         self.redeem_in: RedeemIn = redeem_in
+        #: Where events go (logging, the user's hooks); see _trace.py.
+        self.tracer = Tracer(provider_id, on_event, on_refresh)
         #: The refresh job as a blocking call, for worker threads (set by TokenManager).
         self.thread_job: Callable[[EntryKey, Need, Flight], None] = _unset
-        # session id -> (tokens, their freshness bounds, computed once per entry): the hot path is a dict
-        # read and a few float operations. Reads take no lock (a dict read is atomic); writes do, and
-        # evict the oldest entries beyond cache_size.
-        self._cache: dict[str, tuple[UpstreamTokens, FreshnessBounds]] = {}
+        # session id -> (tokens, their freshness bounds, the instant until which they are fresh and not due for
+        # a refresh ahead whatever the latency, the length of their refresh-ahead window, the instant before
+        # which it never opens), computed once per entry: the hot path is a dict read and one comparison.
+        # Reads take no lock (a dict read is atomic); writes do, and evict the oldest entries beyond cache_size.
+        self._cache: dict[str, tuple[UpstreamTokens, FreshnessBounds, float, float, float]] = {}
         self._cache_size = cache_size
         self._lock = threading.Lock()
         # Bumped by every logout or login of a session: a job or a read that started before cannot
@@ -196,12 +224,18 @@ class ManagerState:
         # again while the entry is kept for inspection. Forgetting one costs one more refused call, so the
         # oldest go beyond cache_size; a logout or login of the session ends it.
         self._refused: OrderedDict[str, bytes] = OrderedDict()
-        # session id -> (access token the API refused right after a refresh, its expiry): refreshing
-        # again on its account would not help. Ends when the API accepts it, or it expires.
-        self._distrusted: dict[str, tuple[str, float | None]] = {}
+        # session id -> (access token the API refused right after a refresh, until when: wall time): refreshing
+        # again on its account would not help. Ends when the API accepts it, or it expires (a token of unknown
+        # lifetime: UNKNOWN_LIFETIME_DISTRUST after the refusal).
+        self._distrusted: dict[str, tuple[str, float]] = {}
         # Keys whose early refresh failed without consuming anything: until this monotonic time, the
         # still-valid token is served instead of trying again on every request.
         self._retry_at: dict[EntryKey, float] = {}
+        # session id -> (a refresh failure that consumed nothing and reached the callers, until when: monotonic):
+        # meanwhile its callers get it without a token request. One failure a setting causes is the manager's:
+        # every session would meet it.
+        self._failures: OrderedDict[str, tuple[RefreshFailed, float]] = OrderedDict()
+        self._config_failure: tuple[ConfigurationError, float] | None = None
         # How long a request may take, as TCP estimates its retransmission timeout: smoothed round trip
         # plus four times its variation (RFC 6298). A running maximum would let one stall (a GC pause, a
         # busy event loop) refresh every token early for seconds. Updated without a lock: a lost update
@@ -257,6 +291,8 @@ class ManagerState:
         self._reads.clear()
         self._cache.clear()
         self._retry_at.clear()
+        self._failures.clear()
+        self._config_failure = None
         # Tokens the parent's running jobs presented: the parent records their outcome, and the child waits
         # for the parent's lease in the store. A store whose lease lives in this process only cannot make
         # the child wait: then the child never presents them either.
@@ -276,6 +312,8 @@ class ManagerState:
             consumed=len(self._consumed) + len(self._refused),
             distrusted=len(self._distrusted),
             backing_off=len(self._retry_at),
+            failing=len(self._failures) + (self._config_failure is not None),
+            lost_claims=len(self.storage._orphans) if isinstance(self.storage, SharedStorage) else 0,
         )
 
     # -- freshness -----------------------------------------------------------------------------------
@@ -300,13 +338,29 @@ class ManagerState:
         return tokens.expires_at is None or self.clock.time() + self.latency < tokens.expires_at
 
     # -- the in-process cache of fresh tokens ------------------------------------------------------
-    def cached(self, session_id: str) -> UpstreamTokens | None:
-        """The cached entry while it is fresh, else ``None``. The request hot path: no lock, no I/O."""
+    def cached(
+        self, session_id: str, ahead: Callable[[str, UpstreamTokens], None] | None = None
+    ) -> UpstreamTokens | None:
+        """The cached entry while it is fresh, else ``None``. The request hot path: no lock, no I/O.
+
+        Inside the entry's refresh-ahead window, ``ahead(session_id, tokens)`` is called (it starts the
+        background refresh) and the entry is still returned."""
         hit = self._cache.get(session_id)
         if hit is None:
             return None
-        tokens, bounds = hit
-        return tokens if self.clock.time() < bounds.fresh_until(self.latency) else None
+        tokens, bounds, calm_until, ahead_for, ahead_floor = hit
+        now = self.clock.time()
+        if now < calm_until:
+            return tokens
+        # The window ends where the leeway begins, which grows with the observed latency: a window fixed at
+        # caching time would shrink to nothing on a slow link, and every expiry would block again. It never
+        # opens before the floor, or a grown leeway plus the window would refresh short tokens twice as often.
+        due = bounds.fresh_until(self.latency)
+        if now >= due:
+            return None
+        if now >= max(due - ahead_for, ahead_floor) and ahead is not None:
+            ahead(session_id, tokens)
+        return tokens
 
     def epoch(self, key: EntryKey) -> int:
         """The session's login generation in this process (see :meth:`new_epoch`)."""
@@ -323,7 +377,15 @@ class ManagerState:
     def remember(self, key: EntryKey, tokens: UpstreamTokens, epoch: int) -> None:
         """Cache ``tokens`` if no logout or login happened since ``epoch`` (an older version never
         replaces a newer one)."""
-        entry = (tokens, self.policy.bounds(tokens))
+        bounds = self.policy.bounds(tokens)
+        window = self.policy.ahead_window(tokens)
+        calm_until = bounds.calm_until()
+        ahead_for, ahead_floor = -1.0, float("-inf")
+        if window > 0:
+            ahead_for = window * self.jitter.uniform(1 - AHEAD_JITTER, 1.0)
+            ahead_floor = self.policy.ahead_floor(tokens)
+            calm_until = min(calm_until, max(calm_until - ahead_for, ahead_floor))
+        entry = (tokens, bounds, calm_until, ahead_for, ahead_floor)
         session_id = key.session_id
         with self._lock:
             if self._epochs.get(session_id, self._epoch_floor) != epoch or self.closing:
@@ -349,6 +411,8 @@ class ManagerState:
         self._epochs.pop(session_id, None)
         self._epochs[session_id] = next(self._epoch_counter)
         self._cache.pop(session_id, None)
+        # The entry changed (a login, a logout, another worker's refresh): a failure of the old one says nothing.
+        self._failures.pop(session_id, None)
         self._trim()
 
     def _track(self, key: EntryKey) -> None:
@@ -401,6 +465,9 @@ class ManagerState:
                 sessions = [] if session is None else [session]
             for session_id in sessions:
                 self._bump(session_id)
+        if sessions and self.tracer.listening("change.notice"):  # only notices that changed something here
+            key = None if digest is None or not sessions else EntryKey(self.provider_id, sessions[0])
+            self.tracer.emit("change.notice", key, sessions=len(sessions))
 
     # -- single flight -----------------------------------------------------------------------------
     def join_flight(self, key: EntryKey, reads: bool = False) -> tuple[Flight, bool]:
@@ -443,10 +510,14 @@ class ManagerState:
 
     def storage_in_use_elsewhere(self) -> bool:
         """True when another manager that is open, or still running a job, uses this manager's storage."""
-        for other in list(_live):
-            if other is not self and other.storage is self.storage and (not other.closing or other.running()):
-                return True
-        return False
+        return any(other.storage is self.storage for other in self._others_in_use())
+
+    def refresher_in_use_elsewhere(self) -> bool:
+        """True when another manager that is open, or still running a job, uses this manager's refresher."""
+        return any(other.refresher is self.refresher for other in self._others_in_use())
+
+    def _others_in_use(self) -> list[ManagerState]:
+        return [other for other in list(_live) if other is not self and (not other.closing or other.running())]
 
     def when_idle(self, run: Callable[[], None]) -> bool:
         """Call ``run`` once no refresh job runs: now (returns True) or when the last one ends (False)."""
@@ -518,13 +589,15 @@ class ManagerState:
 
     def distrust(self, session_id: str, tokens: UpstreamTokens) -> None:
         """The API refused ``tokens`` right after they were refreshed: do not refresh on their account
-        until the API accepts them, or they expire."""
+        until the API accepts them, or they expire (when their lifetime is unknown, for
+        UNKNOWN_LIFETIME_DISTRUST seconds)."""
+        now = self.clock.time()
+        until = now + UNKNOWN_LIFETIME_DISTRUST if tokens.expires_at is None else tokens.expires_at
         with self._lock:
             self._distrusted.pop(session_id, None)
-            self._distrusted[session_id] = (tokens.access_token, tokens.expires_at)
+            self._distrusted[session_id] = (tokens.access_token, until)
             if len(self._distrusted) > self._cache_size:
-                now = self.clock.time()
-                for sid in [s for s, (_, until) in self._distrusted.items() if until is not None and until <= now]:
+                for sid in [s for s, (_, ends) in self._distrusted.items() if ends <= now]:
                     del self._distrusted[sid]
                 while len(self._distrusted) > self._cache_size:
                     # Forgetting costs at most one more refresh for that session: never a correctness loss.
@@ -543,8 +616,8 @@ class ManagerState:
         held = self._distrusted.get(session_id)
         if held is None or held[0] != access_token:
             return False
-        if held[1] is not None and self.clock.time() >= held[1]:
-            self.trust(session_id, access_token)  # expired: a distrust never outlives its token
+        if self.clock.time() >= held[1]:
+            self.trust(session_id, access_token)  # over: a distrust never outlives its token, nor its bound
             return False
         return True
 
@@ -572,6 +645,58 @@ class ManagerState:
             if self._retry_at.get(key) == until:
                 del self._retry_at[key]
         return False
+
+    def remember_failure(self, key: EntryKey, error: RefreshFailed, epoch: int) -> None:
+        """A refresh of ``key`` failed without consuming anything: answer its callers with ``error`` for
+        ``failure_window`` seconds (longer if the provider's Retry-After asked for it), with no token request.
+        A :class:`ConfigurationError` is remembered for every session; a logout or login of the session ends
+        its own failure (not a configuration error: a new login does not fix a setting)."""
+        now = self.clock.monotonic()
+        window = max(self.failure_window, error.retry_after or 0.0)
+        if window <= 0:
+            return
+        # Kept without its traceback, whose frames would hold this manager (a cycle only a full collection
+        # frees: the storage's subscription would keep calling a dropped manager) and the job's locals.
+        kept = copy_error(error)
+        with self._lock:
+            if isinstance(kept, ConfigurationError):
+                self._config_failure = (kept, now + window)
+            elif self._epochs.get(key.session_id, self._epoch_floor) == epoch:
+                self._remember_session_failure(key, kept, now, window)
+            else:
+                return  # a logout or login happened since the job began: the failure was the old grant's
+        self.tracer.emit("failure.remembered", key, error=type(kept).__name__, window=window)
+
+    def _remember_session_failure(self, key: EntryKey, kept: RefreshFailed, now: float, window: float) -> None:
+        # Caller holds the lock.
+        self._failures.pop(key.session_id, None)
+        self._failures[key.session_id] = (kept, now + window)
+        if len(self._failures) > self._cache_size:
+            for stale in [sid for sid, (_, until) in self._failures.items() if until <= now]:
+                del self._failures[stale]
+            while len(self._failures) > self._cache_size:
+                # Forgetting one costs that session one more token request: never a correctness loss.
+                del self._failures[next(iter(self._failures))]
+
+    def remembered_failure(self, key: EntryKey) -> RefreshFailed | None:
+        """The failure a refresh of ``key`` would meet now, while it is remembered; else ``None``."""
+        now = self.clock.monotonic()
+        config = self._config_failure
+        if config is not None:
+            if now < config[1]:
+                return config[0]
+            with self._lock:
+                if self._config_failure is config:
+                    self._config_failure = None
+        held = self._failures.get(key.session_id)
+        if held is None:
+            return None
+        if now < held[1]:
+            return held[0]
+        with self._lock:
+            if self._failures.get(key.session_id) is held:
+                del self._failures[key.session_id]
+        return None
 
     # -- checks ----------------------------------------------------------------------------------------
     def check_binding(self, tokens: UpstreamTokens, expect: Binding | None) -> None:

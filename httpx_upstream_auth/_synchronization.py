@@ -8,8 +8,15 @@ thread releases async waiters, and a job running as a task releases sync waiters
 ``start_async_job`` / ``start_sync_job`` start a refresh job where no caller's cancellation reaches it;
 ``AsyncLeaseKeeper`` / ``SyncLeaseKeeper`` renew the job's storage lease while it runs;
 ``AsyncDeadline`` / ``SyncDeadline`` bound (and may shield) a part of a task job;
-``async_call_bounded`` / ``sync_call_bounded`` wait at most so long for a call (the refresher's);
-``async_sleep`` / ``sync_sleep`` pause a job.
+``async_call_bounded`` / ``sync_call_bounded`` wait at most so long for a call (the refresher's), by
+waiting rather than cancelling (a call may ignore cancellation);
+``AsyncStoreCalls`` / ``SyncStoreCalls`` bound a job's storage calls, with what they need acquired before
+the token request;
+``async_sleep`` / ``sync_sleep`` pause a job;
+``AsyncWaker`` / ``SyncWaker`` wake one waiter from any thread, and ``async_wait_for_change`` /
+``sync_wait_for_change`` wait on one until a value read from a store moves.
+
+``ForkRegistry`` is how a module finds its live objects again in a forked child, to reset them.
 """
 
 from __future__ import annotations
@@ -18,12 +25,17 @@ import contextlib
 import contextvars
 import copy
 import enum
+import functools
+import logging
+import os
+import queue
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import anyio
 import anyio.abc
@@ -37,25 +49,35 @@ __all__ = [
     "AsyncCall",
     "AsyncDeadline",
     "AsyncLeaseKeeper",
+    "AsyncStoreCalls",
+    "AsyncWaker",
     "Flight",
+    "ForkRegistry",
     "Outcome",
     "SameThreadWait",
     "SyncCall",
     "SyncDeadline",
     "SyncLeaseKeeper",
+    "SyncStoreCalls",
+    "SyncWaker",
     "TimedOut",
     "async_call_bounded",
     "async_lead",
     "async_sleep",
+    "async_wait_for_change",
+    "copy_error",
     "running_async_library",
     "start_async_job",
     "start_sync_job",
     "sync_call_bounded",
     "sync_lead",
     "sync_sleep",
+    "sync_wait_for_change",
 ]
 
+logger = logging.getLogger("httpx_upstream_auth")
 T = TypeVar("T")
+_E = TypeVar("_E", bound=Exception)
 #: A call with its arguments bound, as the bounded calls take it (the sync twin: :data:`SyncCall`).
 AsyncCall = Callable[[], Awaitable[T]]
 SyncCall = Callable[[], T]
@@ -109,12 +131,14 @@ class Outcome:
     def unwrap(self) -> UpstreamTokens:
         """Return the tokens, or raise a copy of the job's error (each waiter gets its own)."""
         if self.error is not None:
-            raise _copy_error(self.error)
+            raise copy_error(self.error)
         assert self.tokens is not None
         return self.tokens
 
 
-def _copy_error(error: Exception) -> Exception:
+def copy_error(error: _E) -> _E | RefreshFailed:
+    """A copy of ``error`` without its traceback, to raise or to keep (one error object raised by many callers
+    would pile up their tracebacks, and a kept traceback holds the frames that raised it)."""
     try:
         fresh = copy.copy(error)
     except Exception:
@@ -174,11 +198,15 @@ class Flight:
                 "httpx.AsyncClient) inside async code, or TokenManager(redeem_in='thread')"
             )
         event = threading.Event()
+        wake = event.set
         with self._lock:
             if self._outcome is not None:
                 return self._outcome
-            self._wakers.append(event.set)
-        event.wait(timeout)
+            self._wakers.append(wake)
+        try:
+            event.wait(timeout)
+        finally:
+            self._leave(wake)
         return self._outcome
 
     async def aoutcome(self, timeout: float) -> Outcome | None:
@@ -190,11 +218,21 @@ class Flight:
             if registered:
                 self._wakers.append(wake)
         if registered:
-            with anyio.move_on_after(timeout):
-                await event.wait()
+            try:
+                with anyio.move_on_after(timeout):
+                    await event.wait()
+            finally:
+                self._leave(wake)
         else:
             await anyio.lowlevel.checkpoint()
         return self._outcome
+
+    def _leave(self, wake: Callable[[], None]) -> None:
+        # A waiter that timed out or was cancelled is no longer waiting (``waiting`` must not count it).
+        with self._lock:
+            if self._outcome is None:
+                with contextlib.suppress(ValueError):
+                    self._wakers.remove(wake)
 
 
 def _always() -> bool:
@@ -292,10 +330,62 @@ TimedOut: Literal[_Timeout.TIMED_OUT] = _Timeout.TIMED_OUT
 async def async_call_bounded(
     seconds: float, fn: Callable[..., Awaitable[T]], *args: Any
 ) -> T | Literal[_Timeout.TIMED_OUT]:
-    """``await fn(*args)``, cancelled after ``seconds``: then :data:`TimedOut`."""
-    with anyio.move_on_after(seconds):
-        return await fn(*args)
-    return TimedOut
+    """``await fn(*args)`` for at most ``seconds``: then :data:`TimedOut`.
+
+    Bounded by waiting, not only by cancelling: the call runs in a task of its own that this one waits for,
+    so a call that ignores cancellation (blocking code run through ``anyio.to_thread.run_sync``, which is not
+    abandoned on cancel by default) is cancelled and left behind, and cannot hold the caller past its bound.
+    Its late result is dropped. Cancelling the caller cancels the call.
+    """
+    done = anyio.Event()
+    result: list[T] = []
+    failure: list[Exception] = []
+
+    async def call() -> None:
+        try:
+            result.append(await fn(*args))
+        except Exception as exc:  # handed to the waiting task, which raises it
+            failure.append(exc)
+        finally:
+            done.set()
+
+    cancel = _detach(call)
+    try:
+        with anyio.move_on_after(seconds):
+            await done.wait()
+    finally:
+        if not done.is_set():
+            cancel()
+    if failure:
+        raise failure.pop()
+    # No result: the time ran out, or the call was cancelled from outside (its event loop is ending).
+    return result[0] if result else TimedOut
+
+
+def _detach(fn: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[], object]:
+    """Run ``fn()`` in a new task of the current event loop that nothing awaits; return what cancels it.
+
+    On trio, a system task under a shielded scope of its own: the run's end does not cancel it (a job's
+    fail-closed delete at the end of ``trio.run`` still runs, bounded by its caller), only its caller does.
+    On asyncio, a task held by a strong reference until it is done, with the caller's context.
+    """
+    if running_async_library() == "trio":
+        import trio
+
+        scope = trio.CancelScope(shield=True)
+
+        async def shielded() -> None:
+            with scope:
+                await fn()
+
+        trio.lowlevel.spawn_system_task(shielded, context=contextvars.copy_context())
+        return scope.cancel
+    import asyncio
+
+    task = asyncio.get_running_loop().create_task(fn())
+    _task_jobs.add(task)
+    task.add_done_callback(_task_jobs.discard)
+    return task.cancel
 
 
 def sync_call_bounded(seconds: float, fn: Callable[..., T], *args: Any) -> T | Literal[_Timeout.TIMED_OUT]:
@@ -305,32 +395,125 @@ def sync_call_bounded(seconds: float, fn: Callable[..., T], *args: Any) -> T | L
     behind in its daemon thread, which cannot keep the interpreter from exiting, and its result is
     dropped. The caller goes on as after a lost answer.
     """
-    done = threading.Event()
-    result: list[Any] = []
-    failure: list[BaseException] = []
-    context = contextvars.copy_context()
-
-    def call() -> None:
-        try:
-            result.append(context.run(fn, *args))
-        except BaseException as exc:  # handed to the waiting thread, which raises it
-            failure.append(exc)
-        finally:
-            done.set()
-
     try:
-        threading.Thread(target=call, name="httpx-upstream-auth-refresher", daemon=True).start()
+        worker = _Worker("httpx-upstream-auth-refresher")
     except RuntimeError as exc:  # no thread can start (interpreter shutdown, resource limits): nothing was sent
         raise RefreshFailed(
             f"could not start the refresh ({exc}); nothing was sent. Retry the request.", retryable=True
         ) from None
-    if not done.wait(seconds):
-        return TimedOut
-    if failure:
-        error = failure[0]
-        failure.clear()
-        raise error
-    return result[0]  # type: ignore[no-any-return]
+    try:
+        return worker.run(seconds, functools.partial(fn, *args))
+    finally:
+        worker.stop()
+
+
+class _Worker:
+    """A daemon thread that runs the calls handed to it, one at a time; started at construction (RuntimeError
+    when no thread can start)."""
+
+    def __init__(self, name: str) -> None:
+        self._calls: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        #: True while a call that timed out still runs: later calls would wait behind it.
+        self.stuck = False
+        threading.Thread(target=self._serve, name=name, daemon=True).start()
+
+    def _serve(self) -> None:
+        while (call := self._calls.get()) is not None:
+            call()
+
+    def run(self, seconds: float, fn: Callable[[], T]) -> T | Literal[_Timeout.TIMED_OUT]:
+        """``fn()`` on this thread (with the caller's context), waited for at most ``seconds``."""
+        done = threading.Event()
+        result: list[T] = []
+        failure: list[BaseException] = []
+        context = contextvars.copy_context()
+
+        def call() -> None:
+            try:
+                result.append(context.run(fn))
+            except BaseException as exc:  # handed to the waiting thread, which raises it
+                failure.append(exc)
+            finally:
+                done.set()
+
+        self._calls.put(call)
+        if not done.wait(seconds):
+            self.stuck = True
+            return TimedOut
+        if failure:
+            raise failure.pop()
+        return result[0]
+
+    def stop(self) -> None:
+        """End the thread once its current call (if any) returns."""
+        self._calls.put(None)
+
+
+class AsyncStoreCalls:
+    """The storage calls of one refresh job, each waited for at most ``seconds`` (then :data:`TimedOut`).
+
+    After the token request may have left, the job's writes must not depend on anything the process may then
+    fail to provide. A task job needs nothing: each call is bounded by waiting (:func:`async_call_bounded`).
+    The sync twin is :class:`SyncStoreCalls`.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+
+    def prepare(self) -> None:
+        """Acquire, before the token request, what the calls after it need (a task job needs nothing)."""
+
+    async def call(self, fn: AsyncCall[T]) -> T | Literal[_Timeout.TIMED_OUT]:
+        """``await fn()``, bounded."""
+        return await async_call_bounded(self._seconds, fn)
+
+    def close(self) -> None:
+        """Release what :meth:`prepare` acquired."""
+
+
+class SyncStoreCalls:
+    """The sync twin of :class:`AsyncStoreCalls`: the calls run on a daemon worker thread, which
+    :meth:`prepare` starts before the token request (when none can start, nothing is sent).
+
+    So a process that cannot start threads once the request has left (at its thread or pid limit, or an
+    interpreter that is exiting: CPython 3.12.0 to 3.12.2 refuse new threads then) still saves the answer or
+    removes the entry. A call that hangs is left behind on its worker, which a later call replaces; when no
+    replacement can start either, the job's own thread makes the call itself (unbounded: losing the answer
+    would cost the grant).
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+        self._worker: _Worker | None = None
+
+    def prepare(self) -> None:
+        """Start the worker thread; :class:`RefreshFailed` (nothing was sent) when it cannot start."""
+        if self._worker is None:
+            try:
+                self._worker = _Worker("httpx-upstream-auth-store")
+            except RuntimeError as exc:
+                raise RefreshFailed(
+                    f"could not start the refresh ({exc}); nothing was sent. Retry the request.", retryable=True
+                ) from None
+
+    def call(self, fn: SyncCall[T]) -> T | Literal[_Timeout.TIMED_OUT]:
+        """``fn()`` on the worker, bounded; on the calling thread when no worker can serve it."""
+        worker = self._worker
+        if worker is None or worker.stuck:
+            try:
+                replacement = _Worker("httpx-upstream-auth-store")
+            except RuntimeError:
+                return fn()
+            if worker is not None:
+                worker.stop()
+            worker = self._worker = replacement
+        return worker.run(self._seconds, fn)
+
+    def close(self) -> None:
+        """Let the worker thread end."""
+        if self._worker is not None:
+            self._worker.stop()
+            self._worker = None
 
 
 async def async_sleep(seconds: float) -> None:
@@ -386,8 +569,11 @@ class AsyncLeaseKeeper:
         while True:
             await anyio.sleep(self._interval)
             try:
-                renewed = await self._renew()
+                # Bounded by waiting: a renewal that ignores cancellation must not keep the job from ending.
+                renewed = await async_call_bounded(3 * self._interval, self._renew)
             except Exception:  # the store blipped: the next round tries again before the lease runs out
+                continue
+            if renewed is TimedOut:
                 continue
             if not renewed:  # taken by someone else (False), or the store cannot renew (None): stop
                 return
@@ -411,7 +597,9 @@ class SyncLeaseKeeper:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self._stop.set()
-        self._thread.join()
+        # Waited for at most a ttl: a renewal that hangs is left behind in the daemon thread (landing late, it
+        # extends the lease once, by one ttl, and only if the lease is still ours).
+        self._thread.join(3 * self._interval)
 
     def _run(self) -> None:
         give_up = time.monotonic() + self._hold
@@ -469,3 +657,108 @@ class SyncDeadline:
     def expired(self) -> bool:
         """Always false."""
         return False
+
+
+# -- waking one waiter from any thread ---------------------------------------------------------------
+
+
+class AsyncWaker:
+    """Wakes one async task from any thread without blocking that thread (asyncio or trio)."""
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+        self._schedule = _call_soon_threadsafe(self._set)
+
+    def wake(self) -> None:
+        """Make the current or next :meth:`wait` return; safe from any thread."""
+        with contextlib.suppress(RuntimeError):  # the loop closed (trio: its run ended): nobody waits any more
+            self._schedule()
+
+    def _set(self) -> None:
+        self._event.set()
+
+    async def wait(self, timeout: float) -> None:
+        """Wait until woken or ``timeout`` seconds passed."""
+        with anyio.move_on_after(timeout):
+            await self._event.wait()
+        self._event = anyio.Event()
+
+
+class SyncWaker:
+    """The sync twin of :class:`AsyncWaker`: wakes one waiting thread."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def wake(self) -> None:
+        """Make the current or next :meth:`wait` return; safe from any thread."""
+        self._event.set()
+
+    def wait(self, timeout: float) -> None:
+        """Wait until woken or ``timeout`` seconds passed."""
+        self._event.wait(timeout)
+        self._event.clear()
+
+
+async def async_wait_for_change(
+    read: AsyncCall[Any], seen: Any, deadline: float, waker: AsyncWaker, recheck: Callable[[], float]
+) -> None:
+    """Return once ``await read()`` differs from ``seen``, or at ``deadline`` (``time.monotonic``).
+
+    Between reads it waits on ``waker`` (woken by whoever learns of a change), and at most ``recheck()``
+    seconds: a wake-up that was lost costs that long, not the whole wait.
+    """
+    while await read() == seen:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        await waker.wait(min(remaining, recheck()))
+
+
+def sync_wait_for_change(
+    read: SyncCall[Any], seen: Any, deadline: float, waker: SyncWaker, recheck: Callable[[], float]
+) -> None:
+    """The sync twin of :func:`async_wait_for_change`."""
+    while read() == seen:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        waker.wait(min(remaining, recheck()))
+
+
+# -- what a forked child resets ------------------------------------------------------------------------
+
+
+class ForkRegistry(Generic[T]):
+    """The live objects of one kind, each reset by ``reset(obj)`` in a child process after ``fork()``.
+
+    gunicorn ``--preload`` and multiprocessing fork a process whose storages and refreshers already hold
+    connections, locks (perhaps held by a thread that does not exist in the child), change-feed threads
+    and subscriptions. Objects are held weakly. ``os.register_at_fork`` runs the resets unless
+    ``hook=False``: then the owner calls :meth:`reset_all` from a hook of its own (to order it after
+    other module state). A reset that raises is logged; the others still run.
+    """
+
+    def __init__(self, reset: Callable[[T], None], *, hook: bool = True) -> None:
+        self._reset = reset
+        # No lock (a parent thread could hold it at fork): add is atomic under the GIL, and a reader
+        # that races an add gets RuntimeError from live() and asks again.
+        self._live: weakref.WeakSet[Any] = weakref.WeakSet()
+        if hook and hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self.reset_all)
+
+    def add(self, obj: T) -> None:
+        """Reset ``obj`` in every child forked while it lives."""
+        self._live.add(obj)
+
+    def live(self) -> list[T]:
+        """The objects alive now (RuntimeError if another thread adds one meanwhile: ask again)."""
+        return list(self._live)
+
+    def reset_all(self) -> None:
+        """Reset every live object (called in the child, where only the forking thread exists)."""
+        for obj in list(self._live):
+            try:
+                self._reset(obj)
+            except Exception:  # an at-fork hook must not raise; the child then runs without this object's feed
+                logger.exception("could not reset %r after fork()", obj)

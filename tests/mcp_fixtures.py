@@ -13,7 +13,7 @@ import pytest
 from httpx_upstream_auth import MemoryStorage, OAuth2Refresher, TokenManager
 from httpx_upstream_auth.testing import LocalMCPServer, LocalProvider, ServerThread, serve_mcp
 
-__all__ = ["HeadlessBrowser", "manager", "mcp_server", "provider_server"]
+__all__ = ["HeadlessBrowser", "forgetful_manager", "manager", "mcp_server", "provider_server"]
 
 
 @pytest.fixture
@@ -30,13 +30,28 @@ def mcp_server(provider: LocalProvider, provider_server: ServerThread) -> Iterat
         yield served
 
 
+def _manager(provider: LocalProvider, provider_server: ServerThread, **settings: Any) -> TokenManager:
+    token_url = provider_server.url + provider.issuer_path + "/token"
+    return TokenManager(
+        refresher=OAuth2Refresher(token_url, "test-client", "test-secret"),
+        provider_id="local",
+        storage=MemoryStorage(),
+        **settings,
+    )
+
+
 @pytest.fixture
 def manager(provider: LocalProvider, provider_server: ServerThread) -> Iterator[TokenManager]:
     """A manager refreshing at the provider's token endpoint (under its issuer path)."""
-    token_url = provider_server.url + provider.issuer_path + "/token"
-    made = TokenManager(
-        refresher=OAuth2Refresher(token_url, "test-client", "test-secret"), provider_id="local", storage=MemoryStorage()
-    )
+    made = _manager(provider, provider_server)
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def forgetful_manager(provider: LocalProvider, provider_server: ServerThread) -> Iterator[TokenManager]:
+    """The same, remembering no refresh failure (``failure_window=0``): the next call after one tries again."""
+    made = _manager(provider, provider_server, failure_window=0)
     yield made
     made.close()
 

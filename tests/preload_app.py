@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import os
 import sys
+from typing import TextIO
 
 import httpx_upstream_auth as hua
 from httpx_upstream_auth import open_storage
@@ -55,7 +56,7 @@ def main() -> None:
         refresher=hua.OAuth2Refresher(token_url, "test-client", "test-secret"),
     )
     print("master", answer(manager, "get shared"), flush=True)  # cache, change feed and connections are live
-    workers = []
+    workers: list[tuple[int, TextIO, TextIO]] = []  # (pid, its command pipe, its answer pipe)
     for _ in range(count):
         down_r, down_w = os.pipe()
         up_r, up_w = os.pipe()

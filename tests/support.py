@@ -123,6 +123,18 @@ def stored(manager: TokenManager, session: str = SESSION) -> UpstreamTokens | No
     return manager.storage.get(EntryKey(manager.provider_id, session))
 
 
+async def aput_entry(manager: TokenManager, tokens: UpstreamTokens, session: str = SESSION) -> UpstreamTokens:
+    """:func:`put_entry` from async code: in a worker thread, as a storage's sync API may block on I/O."""
+    entry: UpstreamTokens = await anyio.to_thread.run_sync(put_entry, manager, tokens, session)
+    return entry
+
+
+async def astored(manager: TokenManager, session: str = SESSION) -> UpstreamTokens | None:
+    """:func:`stored` from async code: in a worker thread."""
+    entry: UpstreamTokens | None = await anyio.to_thread.run_sync(stored, manager, session)
+    return entry
+
+
 class Driver:
     """Drives a manager through its sync API (in a worker thread) or its async API, from an async test."""
 

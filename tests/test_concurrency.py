@@ -510,9 +510,15 @@ async def test_entry_of_another_provider_is_refused(
 
 
 async def test_secrets_never_logged_or_in_errors(
-    provider: LocalProvider, manager: TokenManager, server: ServerThread, caplog: pytest.LogCaptureFixture
+    provider: LocalProvider,
+    make_manager: ManagerFactory,
+    token_url: str,
+    server: ServerThread,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Over refresh, replay and failures, no token or client secret appears in DEBUG logs or in any error."""
+    refresher = OAuth2Refresher(token_url, "test-client", "test-secret")
+    manager = make_manager(refresher=refresher, failure_window=0)  # every failure below reaches the token endpoint
     caplog.set_level(logging.DEBUG)
     secrets: set[str] = {"test-secret", base64.b64encode(b"test-client:test-secret").decode()}
     errors: list[UpstreamAuthError] = []
@@ -541,15 +547,14 @@ async def test_secrets_never_logged_or_in_errors(
             errors.append(exc)
     assert [type(e).__name__ for e in errors] == [
         "RefreshFailed",
-        "RefreshFailed",
+        "ConfigurationError",
         "BindingMismatch",
         "ReauthenticationRequired",
     ]
     secrets.update(s for s in (first.access_token, first.refresh_token) if s)
     for logged in provider.requests:
         secrets.add(logged["form"]["refresh_token"])
-    secrets.update(str(t) for t in provider._access)  # every access token the provider ever issued
-    secrets.update(str(t) for t in provider._refresh)
+    secrets.update(provider.issued_tokens)
     assert len(secrets) >= 10
     assert any(r.name == "httpx_upstream_auth" for r in caplog.records)  # the library's DEBUG lines were captured
     texts = [caplog.text]
@@ -558,7 +563,7 @@ async def test_secrets_never_logged_or_in_errors(
         texts.append(repr(record.args))
     for error in errors:
         texts.extend([str(error), repr(error), repr(error.args), repr(error.__context__)])
-    texts.extend([repr(manager), repr(manager.auth(SESSION)), repr(manager._state.refresher)])
+    texts.extend([repr(manager), repr(manager.auth(SESSION)), repr(refresher)])
     for text in texts:
         for secret in secrets:
             assert secret not in text

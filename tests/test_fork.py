@@ -95,6 +95,7 @@ def _b64(tokens: hua.UpstreamTokens) -> str:
     return base64.b64encode(tokens.to_json().encode()).decode()
 
 
+@pytest.mark.slow
 def test_preloaded_workers_honour_each_others_changes(storage_spec: str) -> None:
     """4 forked workers over SQLite or Redis. With 1-second tokens, refreshes in any worker serve the
     others (0 reuse). With hour-long tokens (so only a change notice can explain a switch), a login of

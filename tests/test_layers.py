@@ -10,11 +10,30 @@ PACKAGE = Path(__file__).resolve().parent.parent / "httpx_upstream_auth"
 
 #: Bottom first. A module may import modules of its own layer or of layers below it.
 LAYERS: list[tuple[str, set[str]]] = [
-    ("pure core", {"_exceptions", "_models", "_clock", "_policy", "_oauth"}),
-    ("concurrency primitives", {"_synchronization"}),
+    ("pure core", {"_exceptions", "_answer", "_models", "_clock", "_policy", "_oauth"}),
+    ("observability", {"_trace", "_otel"}),
+    ("concurrency primitives", {"_synchronization", "_changes"}),
+    ("storage contract", {"_storages._base", "_storages._shared"}),
     (
         "refresher and storages",
-        {"_storage", "_memory", "_sqlite", "_redis", "_registry", "_refresher", "_async._http", "_sync._http"},
+        {
+            "_refresher",
+            "_async._http",
+            "_sync._http",
+            "_storages",
+            "_storages._memory",
+            "_storages._sqlite",
+            "_storages._registry",
+            "_storages._redis",
+            "_storages._redis._storage",
+            "_storages._redis._keys",
+            "_storages._redis._errors",
+            "_storages._redis._clients",
+            "_storages._redis._loops",
+            "_storages._redis._feed",
+            "_storages._redis._async",
+            "_storages._redis._sync",
+        },
     ),
     ("engine", {"_state", "_async._manager", "_sync._manager", "_engine"}),
     ("adapters", {"_auth", "_async._auth", "_sync._auth", "_async._transport", "_sync._transport"}),

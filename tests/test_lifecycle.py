@@ -12,8 +12,10 @@ import contextlib
 import gc
 import os
 import socket
+import sqlite3
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +28,12 @@ from support import (
     SSL,
     WAIT_LIMIT,
     Driver,
+    FakeClock,
     FlakyStorage,
     ManagerFactory,
+    aput_entry,
     assert_fails_closed,
+    astored,
     expired,
     fail_refresh,
     put_entry,
@@ -37,6 +42,7 @@ from support import (
 )
 
 import httpx_upstream_auth._state as state_module
+import httpx_upstream_auth._storages._shared as shared_module
 from httpx_upstream_auth import (
     EntryKey,
     MemoryStorage,
@@ -176,22 +182,26 @@ async def test_close_during_a_refresh_waits_for_the_job_to_save(
     """An app shuts down while the provider is redeeming (it consumed the refresh token and answers
     late): close waits for the job, which saves the rotation; the next worker refreshes with it."""
     manager = _plain_manager(token_url, SQLiteStorage(sqlite_path))
-    first = put_entry(manager, expired(provider.login()))
+    first = await aput_entry(manager, expired(provider.login()))
     caller = await _refresh_at_the_provider(manager, provider, "answer_delay:0.5")
     if how == "close":
         await anyio.to_thread.run_sync(manager.close)
     else:
         await manager.aclose()
-    caller.join()
-    later = _plain_manager(token_url, SQLiteStorage(sqlite_path))
-    try:
-        saved = stored(later)
-        assert saved is not None and saved.version == first.version + 1
-        later.get_token(SESSION)
-        with pytest.raises(UpstreamAuthError):  # a closed manager reads and refreshes nothing (typed)
-            manager.get_token(SESSION + "-other")
-    finally:
-        later.close()
+
+    def the_next_worker() -> None:
+        caller.join()
+        later = _plain_manager(token_url, SQLiteStorage(sqlite_path))
+        try:
+            saved = stored(later)
+            assert saved is not None and saved.version == first.version + 1
+            later.get_token(SESSION)
+            with pytest.raises(UpstreamAuthError):  # a closed manager reads and refreshes nothing (typed)
+                manager.get_token(SESSION + "-other")
+        finally:
+            later.close()
+
+    await anyio.to_thread.run_sync(the_next_worker)
     assert provider.stats["refresh_reuse"] == 0 and provider.stats["refresh_ok"] == 1
 
 
@@ -368,9 +378,11 @@ async def test_a_distrust_ends_when_the_api_accepts_the_token(provider: LocalPro
     revocation refreshes again instead of returning 401s until the token expires."""
     put_entry(manager, provider.login())
     api = ScriptedAPI([401, 401, 200, 401, 200])
-    with ServerThread(api) as served:
-        async with httpx.AsyncClient(base_url=served.url, auth=manager.auth(SESSION), verify=SSL) as client:
-            statuses = [(await client.get("/data")).status_code for _ in range(3)]
+    async with (
+        ServerThread(api) as served,
+        httpx.AsyncClient(base_url=served.url, auth=manager.auth(SESSION), verify=SSL) as client,
+    ):
+        statuses = [(await client.get("/data")).status_code for _ in range(3)]
     assert statuses == [401, 200, 200]
     assert provider.stats["token_calls"] == 2 and provider.stats["refresh_reuse"] == 0
 
@@ -399,7 +411,7 @@ async def test_a_401_after_a_redirect_to_another_origin_refreshes_nothing(
     no refresh, no replay, no distrust (the next request to our API still refreshes on a real 401)."""
     put_entry(manager, provider.login())
     elsewhere = ScriptedAPI([401] * 5)
-    with ServerThread(elsewhere) as other, ServerThread(Redirect(other.url + "/landing")) as api:
+    async with ServerThread(elsewhere) as other, ServerThread(Redirect(other.url + "/landing")) as api:
         response = await Driver(driver.mode, api.url).request(manager, path="/data", follow_redirects=True)
     assert response.status_code == 401
     assert elsewhere.seen == [None]
@@ -427,10 +439,10 @@ async def test_a_lost_answer_outlives_many_successful_rotations(
     beyond any number of ordinary refreshes: the consumed token is never presented again."""
     monkeypatch.setattr(state_module, "CONSUMED_MEMORY", 3)
     storage = DeleteFailsStorage()
-    refresher = OAuth2Refresher(token_url, "test-client", "test-secret", timeout=0.2)
-    manager = make_manager(storage=storage, refresher=refresher, refresh_timeout=0.3)
+    refresher = OAuth2Refresher(token_url, "test-client", "test-secret", timeout=1.0)
+    manager = make_manager(storage=storage, refresher=refresher, refresh_timeout=1.5)
     put_entry(manager, expired(provider.login()))
-    provider.fail_next("answer_delay:1")
+    provider.fail_next("answer_delay:3")
     storage.fail_delete = True
     with pytest.raises(ReauthenticationRequired):
         await manager.aget_token(SESSION)
@@ -478,9 +490,10 @@ async def test_a_gateway_error_after_redeeming_fails_closed(
 
 
 async def test_an_oauth_error_from_the_provider_changes_nothing(
-    driver: Driver, provider: LocalProvider, manager: TokenManager
+    driver: Driver, provider: LocalProvider, make_manager: ManagerFactory
 ) -> None:
     """The provider's own error answer (JSON with an OAuth error code) proves nothing was consumed."""
+    manager = make_manager(failure_window=0)  # the next call tries again at once
     first = put_entry(manager, expired(provider.login()))
     fail_refresh(provider, "503")
     with pytest.raises(RefreshFailed):
@@ -555,7 +568,7 @@ async def test_save_retries_end_with_the_job_whatever_the_store_does(
     """The store refuses every write after a rotation: the job retries within refresh_timeout, then fails
     closed and ends (its lease lapses, its flight is gone); it does not retry past the lease's renewals."""
     storage = DeleteFailsStorage()
-    manager = make_manager(storage=storage, refresh_timeout=0.3, wait_timeout=10)
+    manager = make_manager(storage=storage, refresh_timeout=1.0, wait_timeout=10)
     put_entry(manager, expired(provider.login()))
     storage.fail_put = storage.fail_delete = True
     with pytest.raises(StorageError):
@@ -584,20 +597,24 @@ async def test_close_under_a_job_that_outlives_its_wait_leaves_the_store_to_the_
     """close(timeout=...) returns before a slow job ends: the storage stays open for the job, which saves the
     rotation and then closes it."""
     manager = _plain_manager(token_url, SQLiteStorage(sqlite_path))
-    first = put_entry(manager, expired(provider.login()))
+    first = await aput_entry(manager, expired(provider.login()))
     caller = await _refresh_at_the_provider(manager, provider, "answer_delay:0.8")
     if how == "close":
         await anyio.to_thread.run_sync(lambda: manager.close(timeout=0.01))
     else:
         await manager.aclose(timeout=0.01)
     assert manager.footprint().flights == 1  # close returned; the job goes on
-    caller.join()
+    await anyio.to_thread.run_sync(caller.join)
     await wait_until(lambda: manager.footprint().flights == 0)
-    other = SQLiteStorage(sqlite_path)
-    try:
-        saved = other.get(EntryKey("local", SESSION))
-    finally:
-        other.close()
+
+    def read_as_another_process() -> UpstreamTokens | None:
+        other = SQLiteStorage(sqlite_path)
+        try:
+            return other.get(EntryKey("local", SESSION))
+        finally:
+            other.close()
+
+    saved = await anyio.to_thread.run_sync(read_as_another_process)
     assert saved is not None and saved.version == first.version + 1
     assert provider.stats["refresh_reuse"] == 0
 
@@ -650,7 +667,7 @@ def test_a_store_that_hangs_after_the_token_request_cannot_keep_the_interpreter_
     gives up on each write after refresh_timeout (it fails closed as far as it can), the caller gets a typed
     error, and the process exits."""
     script = tmp_path / "hung_store.py"
-    tokens = expired(provider.login())
+    tokens, warm = expired(provider.login()), expired(provider.login())
     script.write_text(
         "import threading\n"
         "import httpx_upstream_auth as hua\n"
@@ -662,10 +679,12 @@ def test_a_store_that_hangs_after_the_token_request_cannot_keep_the_interpreter_
         "        return super().put(key, tokens, expected_version=expected_version)\n"
         "    delete = lambda self, key, *, expected_version=None: threading.Event().wait()\n"
         "store = Hung()\n"
-        "m = hua.TokenManager(provider_id='local', storage=store, refresh_timeout=0.5, lease_ttl=0.5,\n"
+        "m = hua.TokenManager(provider_id='local', storage=store, refresh_timeout=1.5, lease_ttl=0.5,\n"
         "    wait_timeout=30,\n"
         f"    refresher=hua.OAuth2Refresher({token_url!r}, 'test-client', 'test-secret'))\n"
         f"m.store('s', hua.UpstreamTokens.from_json({tokens.to_json()!r}))\n"
+        f"m.store('warm', hua.UpstreamTokens.from_json({warm.to_json()!r}))\n"
+        "m.get_token('warm')\n"  # imports done and a connection open: the refresh below answers within its bound
         "store.hang = True\n"
         "try:\n"
         "    m.get_token('s')\n"
@@ -684,4 +703,415 @@ def test_a_store_that_hangs_after_the_token_request_cannot_keep_the_interpreter_
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "StorageError"
+    assert provider.stats["refresh_ok"] == 2  # the warm-up's and the one whose save hung
+
+
+# -- the lifecycle review's findings ----------------------------------------------------------------------
+
+
+def refuse_thread_starts(provider: LocalProvider, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """From the moment the provider has received a token request, this process cannot start any thread of
+    the library's (as at its thread or pid limit, or in an interpreter that is exiting); returns the names of
+    the threads refused."""
+    refused: list[str] = []
+    start = threading.Thread.start
+
+    def guarded(thread: threading.Thread) -> None:
+        if thread.name.startswith("httpx-upstream-auth") and provider.stats["token_calls"] >= 1:
+            refused.append(thread.name)
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", guarded)
+    return refused
+
+
+async def test_thread_starts_refused_after_the_token_request_lose_nothing(
+    driver: Driver, provider: LocalProvider, make_manager: ManagerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the token request has reached the provider, the process cannot start threads any more: the thread
+    job still saves the rotated tokens, since nothing it does after the request needs a new thread."""
+    manager = make_manager(wait_timeout=WAIT_LIMIT)
+    first = put_entry(manager, expired(provider.login()))
+    refused = refuse_thread_starts(provider, monkeypatch)
+    tokens = await driver.get_token(manager)
+    monkeypatch.undo()
+    assert tokens.version == first.version + 1 and stored(manager) == tokens
+    assert refused == [] and provider.stats["refresh_ok"] == 1 and provider.stats["refresh_reuse"] == 0
+
+
+class StallingStorage(MemoryStorage):
+    """A store over a network client without timeouts (blocking, as third-party stores are) that stops
+    answering once ``stall()`` is called, until the test releases it: every call, or the first call of
+    each name in ``only``."""
+
+    blocking = True
+
+    def __init__(self, only: set[str] | None = None) -> None:
+        super().__init__()
+        self.stalled = False
+        self.only = only
+        self.release = threading.Event()
+        self.hung = 0  # calls stalled now
+        self._count = threading.Lock()
+
+    def stall(self) -> None:
+        self.stalled = True
+
+    def _maybe_stall(self, name: str) -> None:
+        if not self.stalled or self.release.is_set():
+            return
+        if self.only is not None:
+            if name not in self.only:
+                return
+            self.only.discard(name)
+        with self._count:
+            self.hung += 1
+        try:
+            self.release.wait(WAIT_LIMIT)
+        finally:
+            with self._count:
+                self.hung -= 1
+
+    def get(self, key: EntryKey) -> UpstreamTokens | None:
+        self._maybe_stall("get")
+        return super().get(key)
+
+    def put(self, key: EntryKey, tokens: UpstreamTokens, *, expected_version: int | None) -> bool:
+        self._maybe_stall("put")
+        return super().put(key, tokens, expected_version=expected_version)
+
+    def delete(self, key: EntryKey, *, expected_version: int | None = None) -> bool:
+        self._maybe_stall("delete")
+        return super().delete(key, expected_version=expected_version)
+
+    def acquire_lease(self, key: EntryKey, ttl: float) -> Any:
+        self._maybe_stall("acquire_lease")
+        return super().acquire_lease(key, ttl)
+
+    def renew_lease(self, lease: Any) -> bool | None:
+        self._maybe_stall("renew_lease")
+        return super().renew_lease(lease)
+
+    def release_lease(self, lease: Any) -> None:
+        self._maybe_stall("release_lease")
+        super().release_lease(lease)
+
+
+class StallAfterAnswer(OAuth2Refresher):
+    """An OAuth2Refresher after whose answer (or refusal) ``storage`` stops answering."""
+
+    storage: StallingStorage
+
+    def refresh(self, tokens: UpstreamTokens, clock: Any) -> UpstreamTokens:
+        try:
+            return super().refresh(tokens, clock)
+        finally:
+            self.storage.stall()
+
+    async def arefresh(self, tokens: UpstreamTokens, clock: Any) -> UpstreamTokens:
+        try:
+            return await super().arefresh(tokens, clock)
+        finally:
+            self.storage.stall()
+
+
+async def test_a_hung_save_when_no_thread_can_start_still_fails_closed(
+    provider: LocalProvider, token_url: str, make_manager: ManagerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The save after the token request hangs (left behind on the job's store worker) and no thread can be
+    started to replace that worker: the job's own thread makes the next calls, so the consumed entry is
+    removed (and the caller is told so) rather than kept for another worker to present."""
+    storage = StallingStorage(only={"put"})
+    refresher = StallAfterAnswer(token_url, "test-client", "test-secret")
+    refresher.storage = storage
+    manager = make_manager(
+        storage=storage, refresher=refresher, refresh_timeout=0.3, lease_ttl=0.3, wait_timeout=WAIT_LIMIT
+    )
+    put_entry(manager, expired(provider.login()))
+    refused = refuse_thread_starts(provider, monkeypatch)
+    try:
+        with pytest.raises(StorageError, match="the entry was removed"):
+            await manager.aget_token(SESSION)
+        assert stored(manager) is None and storage.hung == 1
+        assert refused and set(refused) == {"httpx-upstream-auth-store"}
+    finally:
+        monkeypatch.undo()
+        storage.release.set()
+        await wait_until(lambda: storage.hung == 0)
+    assert provider.stats["refresh_ok"] == 1 and provider.stats["refresh_reuse"] == 0
+
+
+@pytest.mark.parametrize(
+    ("redeem_in", "answer"), [("thread", "rotated"), ("task", "rotated"), ("thread", "invalid_grant")]
+)
+async def test_a_store_that_stops_answering_after_the_token_request_cannot_hold_the_job(
+    provider: LocalProvider, token_url: str, make_manager: ManagerFactory, redeem_in: str, answer: str
+) -> None:
+    """Every storage call after the token request hangs (the save, the read after a failed save or after
+    invalid_grant, the fail-closed delete, the lease renewals and release): each is given up after its
+    bound, the caller gets a typed error, and the job ends while the store still hangs (a task job too,
+    though the store's calls run in threads that cannot be cancelled)."""
+    storage = StallingStorage()
+    refresher = StallAfterAnswer(token_url, "test-client", "test-secret")
+    refresher.storage = storage
+    manager = make_manager(
+        storage=storage,
+        refresher=refresher,
+        refresh_timeout=0.3,
+        lease_ttl=0.3,
+        wait_timeout=WAIT_LIMIT,
+        redeem_in=redeem_in,
+    )
+    login = provider.login()
+    put_entry(manager, expired(login))
+    if answer == "invalid_grant":
+        provider.revoke_grant(provider.grant_of(login.access_token))
+    try:
+        with pytest.raises(UpstreamAuthError):
+            await manager.aget_token(SESSION)
+        assert manager.footprint().flights == 0
+        assert storage.hung > 0  # the store still hangs: the job gave up on it
+    finally:
+        storage.release.set()
+        await wait_until(lambda: storage.hung == 0)
+    assert provider.stats["token_calls"] == 1 and provider.stats["refresh_reuse"] == 0
+
+
+class SdkRefresher(OAuth2Refresher):
+    """A refresher whose async half runs its blocking half through anyio.to_thread.run_sync (not abandoned on
+    cancel: the usual way to call a blocking SDK), and whose SDK blocks after the provider answered."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.release = threading.Event()
+        self.returned = threading.Event()
+
+    def refresh(self, tokens: UpstreamTokens, clock: Any) -> UpstreamTokens:
+        try:
+            answer = super().refresh(tokens, clock)
+            self.release.wait(WAIT_LIMIT)
+            return answer
+        finally:
+            self.returned.set()
+
+    async def arefresh(self, tokens: UpstreamTokens, clock: Any) -> UpstreamTokens:
+        return await anyio.to_thread.run_sync(self.refresh, tokens, clock)
+
+
+async def test_a_task_job_is_bounded_when_the_refresher_ignores_cancellation(
+    provider: LocalProvider, token_url: str, make_manager: ManagerFactory
+) -> None:
+    """redeem_in="task" with a refresher that cannot be cancelled once the provider consumed the refresh
+    token: the job stops waiting after refresh_timeout and fails closed (the entry is removed), so another
+    worker finds no entry to redeem instead of presenting the consumed token once the lease lapses."""
+    storage = MemoryStorage()
+    refresher = SdkRefresher(token_url, "test-client", "test-secret")
+    manager = make_manager(
+        storage=storage, refresher=refresher, refresh_timeout=0.3, wait_timeout=WAIT_LIMIT, redeem_in="task"
+    )
+    put_entry(manager, expired(provider.login()))
+    other = make_manager(storage=storage)
+    try:
+        with pytest.raises(ReauthenticationRequired):
+            await manager.aget_token(SESSION)
+        assert manager.footprint().flights == 0 and not refresher.returned.is_set()
+        assert stored(manager) is None
+        with pytest.raises(ReauthenticationRequired):
+            await anyio.to_thread.run_sync(other.get_token, SESSION)
+    finally:
+        refresher.release.set()
+        await wait_until(refresher.returned.is_set)
+    assert provider.stats["refresh_ok"] == 1 and provider.stats["refresh_reuse"] == 0
+
+
+def test_default_async_storage_calls_are_abandoned_on_cancel() -> None:
+    """A blocking store's async twins (the Storage defaults) return when their caller is cancelled, though the
+    sync call still runs in its thread: a bounded job is not held by a hung third-party store."""
+    storage = StallingStorage()
+    storage.stall()
+
+    async def cancelled_get() -> bool:
+        with anyio.move_on_after(0.05) as scope:
+            await storage.aget(EntryKey("local", SESSION))
+        return scope.cancelled_caught
+
+    try:
+        assert anyio.run(cancelled_get)
+        assert storage.hung == 1
+    finally:
+        storage.release.set()
+
+
+async def test_closing_one_manager_leaves_a_shared_refresher_to_the_other(
+    provider: LocalProvider, token_url: str, sqlite_path: Path
+) -> None:
+    """Two managers share one OAuth2Refresher; one is closed while the other's token request is at the
+    provider: the refresher's client stays open, the other job saves the rotation."""
+    refresher = OAuth2Refresher(token_url, "test-client", "test-secret")
+    closing = TokenManager(provider_id="local", storage=MemoryStorage(), refresher=refresher)
+    working = TokenManager(provider_id="local", storage=SQLiteStorage(sqlite_path), refresher=refresher)
+    try:
+        first = await aput_entry(working, expired(provider.login()))
+        caller = await _refresh_at_the_provider(working, provider, "answer_delay:0.5")
+        await anyio.to_thread.run_sync(closing.close)
+        await anyio.to_thread.run_sync(caller.join)
+        saved = await astored(working)
+        assert saved is not None and saved.version == first.version + 1
+    finally:
+        await anyio.to_thread.run_sync(working.close)
+    assert provider.stats["refresh_ok"] == 1 and provider.stats["refresh_reuse"] == 0
+
+
+class GatedRefresher(OAuth2Refresher):
+    """An OAuth2Refresher whose token request waits until the test opens the gate."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = threading.Event()
+
+    def refresh(self, tokens: UpstreamTokens, clock: Any) -> UpstreamTokens:
+        self.gate.wait(WAIT_LIMIT)
+        return super().refresh(tokens, clock)
+
+
+async def test_callers_that_stop_waiting_are_not_counted_as_waiting(
+    provider: LocalProvider, token_url: str, make_manager: ManagerFactory
+) -> None:
+    """Callers whose wait_timeout ran out, or who were cancelled, leave the refresh's waiters:
+    footprint().waiting counts only callers still waiting."""
+    refresher = GatedRefresher(token_url, "test-client", "test-secret")
+    manager = make_manager(refresher=refresher, wait_timeout=0.05)
+    put_entry(manager, expired(provider.login()))
+    try:
+        for n in range(6):
+            with pytest.raises(RefreshFailed):
+                if n % 2:
+                    await anyio.to_thread.run_sync(manager.get_token, SESSION)
+                else:
+                    await manager.aget_token(SESSION)
+        with anyio.move_on_after(0.01):
+            await manager.aget_token(SESSION)  # cancelled while waiting (well within its wait_timeout)
+        footprint = manager.footprint()
+        assert footprint.flights == 1 and footprint.waiting == 0
+    finally:
+        refresher.gate.set()
+    await wait_until(lambda: manager.footprint().flights == 0)
     assert provider.stats["refresh_ok"] == 1
+
+
+async def test_a_distrust_of_a_token_of_unknown_lifetime_ends(
+    provider: LocalProvider, make_manager: ManagerFactory
+) -> None:
+    """A token with no stated lifetime refused on its replay right after its refresh is distrusted for a
+    bounded time, not for ever: once that is over, the next 401 refreshes again."""
+    clock = FakeClock()
+    manager = make_manager(clock=clock)
+    put_entry(manager, provider.login())
+    provider.fail_next("expires_in:0")
+    api = ScriptedAPI([401, 401, 401, 401])  # the token, the replay after its refresh, then two more refusals
+    statuses = []
+    async with (
+        ServerThread(api) as served,
+        httpx.AsyncClient(base_url=served.url, auth=manager.auth(SESSION), verify=SSL) as client,
+    ):
+        statuses.append((await client.get("/data")).status_code)
+        statuses.append((await client.get("/data")).status_code)  # distrusted: no refresh
+        assert provider.stats["token_calls"] == 1
+        clock.advance(state_module.UNKNOWN_LIFETIME_DISTRUST + 1)
+        statuses.append((await client.get("/data")).status_code)  # refreshed again, then accepted
+    assert statuses == [401, 401, 200]
+    assert provider.stats["token_calls"] == 2 and provider.stats["refresh_reuse"] == 0
+
+
+@pytest.mark.parametrize("delete_works", [True, False])
+async def test_a_lost_answer_says_the_entry_was_removed_only_when_it_was(
+    provider: LocalProvider, token_url: str, make_manager: ManagerFactory, delete_works: bool
+) -> None:
+    """After a lost answer the caller is told the entry was removed only when the store confirmed it; else
+    that it may still be presented by other processes."""
+    storage = DeleteFailsStorage()
+    refresher = OAuth2Refresher(token_url, "test-client", "test-secret", timeout=0.2)
+    manager = make_manager(storage=storage, refresher=refresher, refresh_timeout=0.3)
+    put_entry(manager, expired(provider.login()))
+    provider.fail_next("answer_delay:1")
+    storage.fail_delete = not delete_works
+    with pytest.raises(ReauthenticationRequired) as caught:
+        await manager.aget_token(SESSION)
+    assert ("the entry was removed" in str(caught.value)) is delete_works
+    assert (stored(manager) is None) is delete_works
+    assert provider.stats["refresh_reuse"] == 0
+
+
+def test_sqlite_storages_dropped_without_close_leave_the_change_feed(
+    provider: LocalProvider, token_url: str, sqlite_path: Path
+) -> None:
+    """Per-tenant managers over SQLite storages of one file, dropped without close(): the first change notice
+    after they are collected removes their feeds from the file's change hub, which then serves the live
+    storage alone, and its poller thread stops once that one is closed."""
+    for n in range(40):
+        _plain_manager(token_url, SQLiteStorage(sqlite_path)).store(f"tenant-{n}", provider.login())
+    gc.collect()
+    live = _plain_manager(token_url, SQLiteStorage(sqlite_path))
+    writer = SQLiteStorage(sqlite_path)  # another process's writes
+    poller = writer._poller()
+
+    def eventually(condition: Any) -> bool:
+        give_up = time.monotonic() + WAIT_LIMIT
+        while not condition():
+            if time.monotonic() > give_up:
+                return False
+            time.sleep(0.005)
+        return True
+
+    try:
+        live.get_token("tenant-0")
+        assert writer.delete(EntryKey("local", "tenant-1"))  # one change notice
+        assert eventually(lambda: len(poller.hub._subscribers) == 1)
+        assert writer.delete(EntryKey("local", "tenant-0"))
+        assert eventually(lambda: live.footprint().cached == 0)  # the live one still hears
+    finally:
+        live.close()
+        writer.close()
+    assert eventually(lambda: poller._thread is None)
+
+
+def test_lost_lease_claims_are_kept_for_a_lease_ttl_at_most_and_bounded(
+    provider: LocalProvider, make_manager: ManagerFactory, sqlite_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lease claim that never reached the store (its file write-locked by another process) leaves nothing
+    behind; claims whose answer was lost after they may have committed are kept at most MAX_LOST_CLAIMS, and
+    only for a lease's ttl: sessions that never refresh here again leave no entry for ever."""
+    monkeypatch.setattr(shared_module, "MAX_LOST_CLAIMS", 5, raising=False)
+    storage = SQLiteStorage(sqlite_path, timeout=0.01)
+    manager = make_manager(storage=storage, lease_ttl=0.2, wait_timeout=WAIT_LIMIT)
+    for n in range(12):
+        put_entry(manager, expired(provider.login()), session=f"s-{n}")
+    locker = sqlite3.connect(sqlite_path, isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")  # another process's long write transaction
+    try:
+        for n in range(6):
+            with pytest.raises(UpstreamAuthError):
+                manager.get_token(f"s-{n}")
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    assert len(storage._orphans) == 0 and manager.footprint().lost_claims == 0
+
+    real_claim = storage._claim
+
+    def claim_then_fail(*args: Any) -> Any:
+        real_claim(*args)
+        raise StorageError("the answer was lost on the way back")
+
+    monkeypatch.setattr(storage, "_claim", claim_then_fail)
+    for n in range(12):
+        with pytest.raises(UpstreamAuthError):
+            manager.get_token(f"s-{n}")
+    monkeypatch.setattr(storage, "_claim", real_claim)
+    assert manager.footprint().lost_claims == 5
+    time.sleep(0.3)  # the leases those claims may have taken have expired
+    put_entry(manager, expired(provider.login()), session="later")
+    assert (manager.get_token("later")).version > 1
+    assert manager.footprint().lost_claims == 0
+    assert provider.stats["refresh_ok"] == 1 and provider.stats["refresh_reuse"] == 0

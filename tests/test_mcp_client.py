@@ -23,6 +23,7 @@ from httpx_upstream_auth.testing import LocalMCPServer, LocalProvider
 
 # The shared fixtures, served for this module's own ``provider``.
 manager = mcp_fixtures.manager
+forgetful_manager = mcp_fixtures.forgetful_manager
 mcp_server = mcp_fixtures.mcp_server
 provider_server = mcp_fixtures.provider_server
 
@@ -104,9 +105,11 @@ async def test_revoked_grant_raises_reauthentication_required_at_the_call(
 
 @pytest.mark.parametrize("mcp_mode", MODES)
 async def test_failed_refresh_raises_refresh_failed_and_the_next_call_recovers(
-    mcp_mode: str, provider: LocalProvider, manager: TokenManager, mcp_server: LocalMCPServer
+    mcp_mode: str, provider: LocalProvider, forgetful_manager: TokenManager, mcp_server: LocalMCPServer
 ) -> None:
-    """A 503 from the token endpoint reaches the caller as a retryable RefreshFailed; the next call refreshes."""
+    """A 503 from the token endpoint reaches the caller as a retryable RefreshFailed; the next call refreshes
+    (for a manager that does not remember the failure)."""
+    manager = forgetful_manager
     await manager.astore(SESSION, provider.login())
     async with connect(mcp_server.url, manager, SESSION, mode=mcp_mode) as client:
         await settled(mcp_server, mcp_mode)

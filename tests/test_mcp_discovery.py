@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
+import anyio
 import attrs
 import httpx
 import pytest
@@ -14,7 +16,15 @@ pytest.importorskip("mcp", reason="the MCP SDK is not installed")
 
 import mcp_fixtures
 
-from httpx_upstream_auth import MemoryStorage, SQLiteStorage, TokenManager, UpstreamTokens
+from httpx_upstream_auth import (
+    EntryKey,
+    MemoryStorage,
+    ReauthenticationRequired,
+    RefreshFailed,
+    SQLiteStorage,
+    TokenManager,
+    UpstreamTokens,
+)
 from httpx_upstream_auth.mcp import (
     DiscoveringRefresher,
     DiscoveryFailed,
@@ -155,9 +165,10 @@ def test_metadata_that_does_not_check_out_is_refused() -> None:
         assert discover("https://mcp.example/mcp", client=client).token_endpoint == "https://id.example/t/token"
     with (
         fake_server({prm: good_prm, asm: {**good_asm, "issuer": "https://evil.example/t"}}) as client,
-        pytest.raises(DiscoveryFailed, match="names issuer"),
+        pytest.raises(DiscoveryFailed, match="names another issuer") as mismatch,
     ):
         discover("https://mcp.example/mcp", client=client)
+    assert "evil.example" not in str(mismatch.value)  # what the answer said is not repeated
     with (
         fake_server({prm: {**good_prm, "resource": "https://other.example/mcp"}}) as client,
         pytest.raises(DiscoveryFailed, match="is for"),
@@ -185,3 +196,147 @@ async def test_an_explicit_token_url_still_sends_resource(
     finally:
         await manager.aclose()
     assert refresher.discoveries == 0 and provider.requests[-1]["form"]["resource"] == mcp_server.url
+
+
+class WellKnown:
+    """An MCP server's (and its authorization server's) well-known answers, as given: a JSON document (``SELF`` in
+    ``resource`` stands for the server's own ``/mcp``), raw bytes, or bytes trickled one per ``pause`` seconds."""
+
+    def __init__(self, prm: object, asm: object = None, *, pause: float = 0.0) -> None:
+        self.prm = prm
+        self.asm = asm
+        self.pause = pause
+        self.paths: list[str] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        """Serve one request."""
+        assert scope["type"] == "http"
+        self.paths.append(scope["path"])
+        base = f"http://127.0.0.1:{scope['server'][1]}"
+        document = self.prm if scope["path"].startswith("/.well-known/oauth-protected-resource") else self.asm
+        if document is None:
+            await send({"type": "http.response.start", "status": 404, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        if isinstance(document, dict):
+            document = json.dumps(document).replace('"SELF"', json.dumps(base + "/mcp")).encode()
+        assert isinstance(document, bytes)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        if not self.pause:
+            await send({"type": "http.response.body", "body": document})
+            return
+        for i in range(len(document)):
+            await send({"type": "http.response.body", "body": document[i : i + 1], "more_body": i + 1 < len(document)})
+            await anyio.sleep(self.pause)
+
+
+def hostile_prm(kind: str, issuer: str) -> object:
+    """Protected-resource metadata that does not check out, in one of the shapes a hostile server may send."""
+    if kind == "resource-not-a-url":
+        return {"resource": "urn:example:mcp", "authorization_servers": [issuer]}
+    if kind == "issuer-not-a-url":
+        return {"resource": "SELF", "authorization_servers": ["as.example"]}
+    assert kind == "nested-arrays"
+    return b"[" * 60000  # deep enough to exhaust the JSON parser's recursion
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["resource-not-a-url", "issuer-not-a-url", "nested-arrays"])
+async def test_malformed_metadata_is_a_typed_error_that_keeps_the_tokens(
+    kind: str, provider: LocalProvider, provider_server: ServerThread
+) -> None:
+    """Metadata that is not even well-formed raises DiscoveryFailed (not retryable) from adiscover and through a
+    manager, which keeps the stored tokens: no token request was sent, nothing can have been consumed."""
+    app = WellKnown(hostile_prm(kind, provider_server.url + ISSUER_PATH))
+    async with ServerThread(app) as running:
+        server_url = running.url + "/mcp"
+        with pytest.raises(DiscoveryFailed) as direct:
+            await adiscover(server_url)
+        assert not direct.value.retryable
+        storage = MemoryStorage()
+        refresher = DiscoveringRefresher(server_url, "test-client", "test-secret", storage=storage)
+        manager = TokenManager(refresher=refresher, provider_id="local", storage=storage)
+        try:
+            stored = await manager.astore("s", expired(provider.login()))
+            with pytest.raises(DiscoveryFailed):
+                await manager.aget_token("s")
+            kept = await storage.aget(EntryKey("local", "s"))
+        finally:
+            await manager.aclose()
+    assert kept is not None and kept.refresh_token == stored.refresh_token
+    assert provider.stats["token_calls"] == 0
+
+
+@pytest.mark.anyio
+async def test_metadata_fields_of_the_wrong_type_count_as_not_said() -> None:
+    """token_endpoint_auth_methods_supported or code_challenge_methods_supported that are not lists of strings are
+    read as not said (no TypeError escapes discovery)."""
+    asm = {
+        "issuer": "ISSUER",
+        "token_endpoint": "ISSUER/token",
+        "token_endpoint_auth_methods_supported": 5,
+        "code_challenge_methods_supported": {"S256": True},
+    }
+    app = WellKnown({"resource": "SELF", "authorization_servers": ["ISSUER"]}, asm)
+    async with ServerThread(app) as running:
+        app.prm = json.loads(json.dumps(app.prm).replace("ISSUER", running.url))
+        app.asm = json.loads(json.dumps(asm).replace("ISSUER", running.url))
+        found = await adiscover(running.url + "/mcp")
+    assert found.token_endpoint == running.url + "/token"
+    assert found.token_endpoint_auth_methods == () and found.code_challenge_methods == ()
+
+
+@pytest.mark.anyio
+async def test_a_corrupt_stored_metadata_record_is_typed_and_keeps_the_tokens(
+    provider: LocalProvider, mcp_server: LocalMCPServer
+) -> None:
+    """Whatever fails before the token request (here a stored metadata record that does not parse) is a typed
+    DiscoveryFailed that keeps the tokens, not an unknown exception the manager must treat as "maybe sent"."""
+    from httpx_upstream_auth.mcp._discovery import MetadataStore
+    from httpx_upstream_auth.mcp._refresher import METADATA_NAMESPACE
+
+    storage = MemoryStorage()
+    await MetadataStore(storage, METADATA_NAMESPACE).aput(mcp_server.url, "{not json")
+    refresher = DiscoveringRefresher(mcp_server.url, "test-client", "test-secret", storage=storage)
+    manager = TokenManager(refresher=refresher, provider_id="local", storage=storage)
+    try:
+        await manager.astore("s", expired(provider.login()))
+        with pytest.raises(DiscoveryFailed, match="no token request was sent"):
+            await manager.aget_token("s")
+        kept = await storage.aget(EntryKey("local", "s"))
+    finally:
+        await manager.aclose()
+    assert kept is not None and provider.stats["token_calls"] == 0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("redeem_in", ["thread", "task"])
+async def test_slow_metadata_costs_a_retryable_error_not_the_tokens(
+    redeem_in: str, provider: LocalProvider, provider_server: ServerThread
+) -> None:
+    """Metadata trickling in slower than refresh_timeout: discovery runs before the bounded token request, so its
+    timeout is a retryable RefreshFailed that sent nothing, and the stored tokens are kept (they were removed as
+    if the token request's answer had been lost)."""
+    prm = {"resource": "SELF", "authorization_servers": [provider_server.url + ISSUER_PATH]}
+    app = WellKnown(prm, pause=0.05)  # about 5 s for the document; each byte well within the read timeout
+    async with ServerThread(app) as running:
+        storage = MemoryStorage()
+        refresher = DiscoveringRefresher(running.url + "/mcp", "test-client", "test-secret", storage=storage)
+        manager = TokenManager(
+            refresher=refresher,
+            provider_id="local",
+            storage=storage,
+            refresh_timeout=1.0,
+            redeem_in=redeem_in,  # type: ignore[arg-type]
+        )
+        try:
+            stored = await manager.astore("s", expired(provider.login()))
+            with pytest.raises(RefreshFailed) as caught:
+                await manager.aget_token("s")
+            kept = await storage.aget(EntryKey("local", "s"))
+        finally:
+            await manager.aclose()
+    assert caught.value.retryable and not caught.value.may_have_rotated
+    assert not isinstance(caught.value, ReauthenticationRequired)
+    assert kept is not None and kept.refresh_token == stored.refresh_token
+    assert provider.stats["token_calls"] == 0

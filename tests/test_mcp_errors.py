@@ -5,6 +5,7 @@ connect) as one typed exception, never an ExceptionGroup, a CancelledError or a 
 from __future__ import annotations
 
 import importlib.util
+import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,6 +25,7 @@ from httpx_upstream_auth import (
     ReauthenticationRequired,
     RefreshFailed,
     TokenManager,
+    UpstreamAuthError,
     UpstreamTokens,
 )
 from httpx_upstream_auth.mcp import (
@@ -39,6 +41,7 @@ from httpx_upstream_auth.mcp import (
 from httpx_upstream_auth.testing import LocalMCPServer, LocalProvider, ServerThread
 
 manager = mcp_fixtures.manager
+forgetful_manager = mcp_fixtures.forgetful_manager
 mcp_server = mcp_fixtures.mcp_server
 provider_server = mcp_fixtures.provider_server
 
@@ -101,9 +104,11 @@ async def test_row_dead_grant(provider: LocalProvider, manager: TokenManager, mc
 
 
 async def test_row_transient_refresh_failure(
-    provider: LocalProvider, manager: TokenManager, mcp_server: LocalMCPServer
+    provider: LocalProvider, forgetful_manager: TokenManager, mcp_server: LocalMCPServer
 ) -> None:
-    """Token endpoint 503: a retryable RefreshFailed; the next call works; the closing DELETE is still sent."""
+    """Token endpoint 503: a retryable RefreshFailed; the next call works (for a manager that does not remember
+    the failure); the closing DELETE is still sent."""
+    manager = forgetful_manager
     await manager.astore(SESSION, provider.login())
     async with session(mcp_server.url, manager) as client:
         await settled(mcp_server)
@@ -209,7 +214,7 @@ async def test_row_issuer_mismatch(
 ) -> None:
     """The server now names another authorization server: IssuerMismatch; nothing is sent there."""
     attacker = LocalProvider(issuer_path="/evil")
-    with ServerThread(attacker) as evil:
+    async with ServerThread(attacker) as evil:
         refresher = DiscoveringRefresher(
             mcp_server.url, "test-client", "test-secret", issuer=provider_server.url + ISSUER_PATH
         )
@@ -236,6 +241,77 @@ async def test_row_transport_error(provider: LocalProvider, manager: TokenManage
         with pytest.raises(ServerUnreachable):
             await echo(client, "x")
     assert provider.stats["token_calls"] == 0
+
+
+# What a server (or a proxy in front of it) may answer a tool call instead of an MCP answer, and the error it means.
+HTTP_ERRORS: dict[str, tuple[tuple[int, dict[str, str], bytes], type[Exception]]] = {
+    "503": ((503, {"content-type": "text/plain"}, b"overloaded"), ServerUnreachable),
+    "500": ((500, {"content-type": "text/plain"}, b"oops"), ServerRefused),
+    "400": ((400, {"content-type": "text/plain"}, b"bad request"), ServerRefused),
+    "307": ((307, {"location": "http://127.0.0.1:9/mcp"}, b""), ServerRefused),
+    "html": ((200, {"content-type": "text/html"}, b"<html>please log in</html>"), ServerRefused),
+    "garbage-json": ((200, {"content-type": "application/json"}, b"nope"), ServerRefused),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(HTTP_ERRORS))
+async def test_row_http_error(
+    kind: str, provider: LocalProvider, manager: TokenManager, mcp_server: LocalMCPServer
+) -> None:
+    """Another HTTP error, a redirect (not followed), or an answer that is no MCP answer: ServerRefused with the
+    status (502/503/504: ServerUnreachable); the session survives, on 1.x too (whose SDK would end it)."""
+    canned, expected = HTTP_ERRORS[kind]
+    await manager.astore(SESSION, provider.login())
+    async with session(mcp_server.url, manager) as client:
+        await settled(mcp_server)
+        mcp_server.answer_next_call = canned
+        with pytest.raises(expected) as caught:
+            await echo(client, "x")
+        assert type(caught.value) is expected and getattr(caught.value, "status_code", None) == canned[0]
+        assert await echo(client, "y") == "y"
+    assert provider.stats["token_calls"] == 0  # none of these is about the token
+
+
+async def test_row_jsonrpc_error_from_the_server(
+    provider: LocalProvider, manager: TokenManager, mcp_server: LocalMCPServer
+) -> None:
+    """A JSON-RPC error the server sends at an HTTP error status is the server's answer: the SDK's MCPError with its
+    code (not ours), and the session survives, on 1.x too (whose SDK would end it on the 4xx)."""
+    error = {"code": -32602, "message": "bad arguments"}
+    body = json.dumps({"jsonrpc": "2.0", "id": 7, "error": error}).encode()
+    await manager.astore(SESSION, provider.login())
+    async with session(mcp_server.url, manager) as client:
+        await settled(mcp_server)
+        mcp_server.answer_next_call = (400, {"content-type": "application/json"}, body)
+        with pytest.raises(Exception) as caught:
+            await echo(client, "x")
+        assert not isinstance(caught.value, UpstreamAuthError)
+        assert (caught.value.error.code, caught.value.error.message) == (-32602, "bad arguments")  # type: ignore[attr-defined]
+        assert await echo(client, "y") == "y"
+
+
+async def test_a_configuration_error_does_not_park_the_session(
+    provider: LocalProvider, provider_server: ServerThread, mcp_server: LocalMCPServer
+) -> None:
+    """A non-retryable failure that is not a dead grant (the server's metadata names an authorization server that
+    publishes none, until its operator fixes it): the next call asks again and works, no new tokens needed."""
+    refresher = DiscoveringRefresher(mcp_server.url, "test-client", "test-secret")
+    # failure_window=0: the manager's own (bounded) memory of failures is not what this is about.
+    manager = TokenManager(refresher=refresher, provider_id="local", storage=MemoryStorage(), failure_window=0)
+    try:
+        await manager.astore(SESSION, provider.login())
+        async with session(mcp_server.url, manager) as client:
+            await settled(mcp_server)
+            await manager.astore(SESSION, expired(await manager.aget_token(SESSION)))
+            mcp_server.authorization_servers = [provider_server.url + "/nowhere"]
+            with pytest.raises(DiscoveryFailed) as caught:
+                await echo(client, "x")
+            assert not caught.value.retryable
+            mcp_server.authorization_servers = None  # fixed
+            assert await echo(client, "y") == "y"
+    finally:
+        await manager.aclose()
+    assert provider.stats["refresh_ok"] == 1
 
 
 @pytest.mark.parametrize("kind", ["401", "403", "unreachable"])

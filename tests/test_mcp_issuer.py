@@ -288,7 +288,7 @@ async def test_sdk_login_mode_refuses_an_authorization_server_without_pkce_s256(
         await send({"type": "http.response.body", "body": json.dumps(document).encode()})
 
     browser = mcp_fixtures.HeadlessBrowser()
-    with ServerThread(no_pkce) as weak:
+    async with ServerThread(no_pkce) as weak:
         mcp_server.authorization_servers = [weak.url]
         login = sdk_login(mcp_server, browser, MemoryStorage())
         assert isinstance(login, SDKLogin)
@@ -299,3 +299,149 @@ async def test_sdk_login_mode_refuses_an_authorization_server_without_pkce_s256(
         finally:
             await login.aclose()
     assert browser.visits == 0 and "/authorize" not in paths and "/token" not in paths
+
+
+@pytest.mark.parametrize("allow_issuer_change", [False, True])
+async def test_a_pre_registered_clients_secret_never_reaches_another_authorization_server(
+    allow_issuer_change: bool,
+    provider: LocalProvider,
+    mcp_server: LocalMCPServer,
+    attacker: LocalProvider,
+    attacker_server: ServerThread,
+) -> None:
+    """SDK-login mode with a pre-registered client: once a user logged in at the real AS, a server naming the
+    attacker's AS gets no login of another user there (IssuerMismatch), even with allow_issuer_change (a
+    pre-registered client belongs to one AS): the attacker receives nothing, its secret least of all."""
+    pytest.importorskip("mcp.server.mcpserver", reason="SDK-login mode needs the MCP SDK 2.x")
+    from mcp.shared.auth import OAuthClientInformationFull
+
+    from httpx_upstream_auth.mcp import SDKLogin, connect
+
+    secret = "pre-registered-secret-of-the-real-as"
+    provider.clients["pre-client"] = (secret, "client_secret_post")
+    attacker.clients["pre-client"] = ("anything", "client_secret_post")
+    client = OAuthClientInformationFull(
+        client_id="pre-client",
+        client_secret=secret,
+        token_endpoint_auth_method="client_secret_post",
+        redirect_uris=["http://127.0.0.1:9/callback"],  # type: ignore[list-item]
+    )
+    browser = mcp_fixtures.HeadlessBrowser()
+    login = sdk_login(
+        mcp_server, browser, MemoryStorage(), client_information=client, allow_issuer_change=allow_issuer_change
+    )
+    assert isinstance(login, SDKLogin)
+    try:
+        async with connect(mcp_server.url, login, "alice", mode="legacy") as session:
+            await session.call_tool("echo", {"text": "1"})
+        mcp_server.authorization_servers = [attacker_server.url + "/evil"]
+        with pytest.raises(IssuerMismatch, match="pre-registered"):
+            async with connect(mcp_server.url, login, "carol", mode="legacy"):
+                pass  # pragma: no cover
+        alice = await login.manager.aget_token("alice")
+        await login.manager.astore("alice", expired(alice))  # alice's refresh still goes to the real AS only
+        assert (await login.manager.aget_token("alice")).access_token != alice.access_token
+    finally:
+        await login.aclose()
+    assert contacts(attacker) == 0 and secret not in repr(attacker.requests)
+    assert browser.visits == 1
+
+
+async def test_sdk_login_mode_never_logs_in_at_another_as_unless_allowed(
+    provider: LocalProvider,
+    provider_server: ServerThread,
+    mcp_server: LocalMCPServer,
+    attacker: LocalProvider,
+    attacker_server: ServerThread,
+) -> None:
+    """Without a pin, the first login's AS is trusted: when the server later names another, neither a re-login
+    after a dead grant nor a new user's first login goes there (IssuerMismatch, the browser never opened), the
+    stored registration and metadata stay the real AS's, and other users keep refreshing there."""
+    pytest.importorskip("mcp.server.mcpserver", reason="SDK-login mode needs the MCP SDK 2.x")
+    from httpx_upstream_auth.mcp import SDKLogin, connect
+
+    good = provider_server.url + ISSUER_PATH
+    browser = mcp_fixtures.HeadlessBrowser()
+    login = sdk_login(mcp_server, browser, MemoryStorage())
+    assert isinstance(login, SDKLogin)
+    try:
+        for user in ("alice", "bob"):
+            async with connect(mcp_server.url, login, user, mode="legacy") as session:
+                await session.call_tool("echo", {"text": user})
+        mcp_server.authorization_servers = [attacker_server.url + "/evil"]
+        provider.revoke_grant(provider.grant_of((await login.manager.aget_token("alice")).access_token))
+        for user in ("alice", "carol"):  # a re-login after a dead grant; a new user's first login
+            with pytest.raises(IssuerMismatch) as caught:
+                async with connect(mcp_server.url, login, user, mode="legacy") as session:
+                    await session.call_tool("echo", {"text": user})
+            assert (caught.value.expected, caught.value.found) == (good, attacker_server.url + "/evil")
+        assert await login.refresher.atrusted_issuer() == good
+        assert (await login.refresher.aregistration()).issuer == good
+        mcp_server.authorization_servers = None
+        await login.manager.astore("bob", expired(await login.manager.aget_token("bob")))
+        async with connect(mcp_server.url, login, "bob", mode="legacy") as session:
+            await session.call_tool("echo", {"text": "bob again"})
+    finally:
+        await login.aclose()
+    assert contacts(attacker) == 0 and browser.visits == 2
+    assert provider.stats["refresh_ok"] == 1
+
+
+@pytest.mark.parametrize("kind", ["resource-not-a-url", "nested-arrays"])
+async def test_sdk_login_with_a_pin_and_broken_metadata_raises_a_typed_error(
+    kind: str, provider_server: ServerThread
+) -> None:
+    """SDK-login mode pinned to an issuer, against a server whose protected-resource metadata is broken: the
+    connect raises one typed error (no ExceptionGroup of a ValueError or RecursionError), no browser opened."""
+    pytest.importorskip("mcp.server.mcpserver", reason="SDK-login mode needs the MCP SDK 2.x")
+    from httpx_upstream_auth import UpstreamAuthError
+    from httpx_upstream_auth.mcp import SDKLogin, connect
+
+    pinned = provider_server.url + ISSUER_PATH
+    prm = (
+        b"[" * 60000
+        if kind == "nested-arrays"
+        else json.dumps({"resource": "urn:x", "authorization_servers": [pinned]})
+    )
+
+    async def hostile(scope: Any, receive: Any, send: Any) -> None:
+        """Broken metadata; 401 to everything else."""
+        if scope["path"].startswith("/.well-known/oauth-protected-resource"):
+            body = prm if isinstance(prm, bytes) else prm.encode()
+            await send(
+                {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]}
+            )
+            await send({"type": "http.response.body", "body": body})
+            return
+        challenge = (b"www-authenticate", b'Bearer error="invalid_token"')
+        await send({"type": "http.response.start", "status": 401, "headers": [challenge]})
+        await send({"type": "http.response.body", "body": b""})
+
+    browser = mcp_fixtures.HeadlessBrowser()
+    async with ServerThread(hostile) as running:
+        server = running.url + "/mcp"
+        login = SDKLogin(
+            server,
+            client_metadata=sdk_login_metadata(),
+            redirect_handler=browser.redirect,
+            callback_handler=browser.callback,
+            issuer=pinned,
+        )
+        try:
+            with pytest.raises(UpstreamAuthError):
+                async with connect(server, login, "s", mode="legacy"):
+                    pass  # pragma: no cover
+        finally:
+            await login.aclose()
+    assert browser.visits == 0
+
+
+def sdk_login_metadata() -> Any:
+    """The client metadata ``sdk_login`` registers with."""
+    from mcp.shared.auth import OAuthClientMetadata
+
+    return OAuthClientMetadata(
+        redirect_uris=["http://127.0.0.1:9/callback"],  # type: ignore[list-item]
+        token_endpoint_auth_method="client_secret_post",
+        scope="api",
+    )

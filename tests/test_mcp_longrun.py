@@ -20,6 +20,8 @@ from httpx_upstream_auth import TokenManager
 from httpx_upstream_auth.mcp import connect
 from httpx_upstream_auth.testing import LocalMCPServer, LocalProvider
 
+pytestmark = pytest.mark.slow  # soak runs: seconds of real calls through many token lifetimes
+
 # The shared fixtures, served for this module's own ``provider``.
 manager = mcp_fixtures.manager
 mcp_server = mcp_fixtures.mcp_server
@@ -28,8 +30,6 @@ provider_server = mcp_fixtures.provider_server
 ISSUER_PATH = "/idp"
 SESSION = "long-session"
 TTL = 2.0
-#: The refresh may come up to about a third of a lifetime early (the leeway follows observed latency).
-EARLIEST_REFRESH = TTL * 2 / 3
 
 
 @pytest.fixture
@@ -106,8 +106,9 @@ async def test_legacy_session_lives_through_expiries_and_revocations(
     assert failures == 0 and len(durations) >= 190
     assert provider.flow_stats["code_exchanges"] == 0 and provider.flow_stats["authorizations"] == 0  # no login
     assert stats["refresh_reuse"] == 0 and stats["invalid_grant"] == 0 and stats["token_calls"] == refreshes
-    assert len(revoked) == 2
-    assert math.floor(elapsed / TTL) - 1 <= expiries <= math.ceil(elapsed / EARLIEST_REFRESH) + 1
+    assert len(revoked) == 2 and expiries >= 1
+    # One refresh per expiry: none before half a token's life, but those a revocation made necessary.
+    assert stats["refresh_early"] <= len(revoked)
     assert mcp_server.streams_opened - streams_before == 1  # the GET stream opened once and stayed open
     assert mcp_server.verifier.rejected == len(revoked)  # only the revoked tokens were ever refused
 
@@ -152,5 +153,5 @@ def test_ten_sessions_on_one_grant_in_two_threads(
     print(f"\nten sessions, two threads: {sum(calls)} calls in {elapsed:.1f} s, {stats['refresh_ok']} refreshes")
     assert errors == [] and len(calls) == 10 and failures == [0] * 10
     assert stats["refresh_reuse"] == 0 and stats["invalid_grant"] == 0
-    assert stats["token_calls"] == stats["refresh_ok"]
-    assert math.floor(seconds / TTL) - 1 <= stats["refresh_ok"] <= math.ceil(elapsed / EARLIEST_REFRESH) + 1
+    assert stats["token_calls"] == stats["refresh_ok"] >= 1
+    assert stats["refresh_early"] == 0  # each refresh due: none in the first half of a token's life

@@ -25,6 +25,7 @@ from httpx_upstream_auth.testing import LocalMCPServer, LocalProvider  # noqa: E
 
 # The shared fixtures, served for this module's own ``provider``.
 manager = mcp_fixtures.manager
+forgetful_manager = mcp_fixtures.forgetful_manager
 mcp_server = mcp_fixtures.mcp_server
 provider_server = mcp_fixtures.provider_server
 
@@ -88,9 +89,11 @@ async def test_revoked_grant_raises_reauthentication_required_at_the_call(
 
 
 async def test_failed_refresh_raises_refresh_failed(
-    provider: LocalProvider, manager: TokenManager, mcp_server: LocalMCPServer
+    provider: LocalProvider, forgetful_manager: TokenManager, mcp_server: LocalMCPServer
 ) -> None:
-    """A 503 from the token endpoint reaches the 1.x caller as a retryable RefreshFailed; the next call works."""
+    """A 503 from the token endpoint reaches the 1.x caller as a retryable RefreshFailed; the next call works (for
+    a manager that does not remember the failure)."""
+    manager = forgetful_manager
     await manager.astore(SESSION, provider.login())
     async with connect_session(mcp_server.url, manager, SESSION) as session:
         await settled(mcp_server)

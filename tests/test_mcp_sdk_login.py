@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import subprocess
 import sys
 import textwrap
@@ -86,16 +87,16 @@ async def login(tmp_path: Path, mcp_server: LocalMCPServer, browser: HeadlessBro
 def test_oauth_token_conversions() -> None:
     """The SDK's relative expires_in becomes an absolute expiry from the time obtained, and back."""
     token = OAuthToken(access_token="a", refresh_token="r", expires_in=3600, scope="api")
-    ours = tokens_from_oauth(token, obtained_at=1000.0, provider_id="p", user_id="u", client_id="c")
+    ours = tokens_from_oauth(token, obtained_at=1_700_000_000.0, provider_id="p", user_id="u", client_id="c")
     assert (ours.expires_at, ours.issued_at, ours.refresh_token, ours.user_id, ours.client_id) == (
-        4600.0,
-        1000.0,
+        1_700_003_600.0,
+        1_700_000_000.0,
         "r",
         "u",
         "c",
     )
-    assert oauth_token_from(ours, now=1600.0).expires_in == 3000
-    assert oauth_token_from(ours, now=9999.0).expires_in == 0
+    assert oauth_token_from(ours, now=1_700_000_600.0).expires_in == 3000
+    assert oauth_token_from(ours, now=1_700_009_999.0).expires_in == 0
 
 
 async def test_first_login_goes_through_the_sdk_then_tokens_are_stored_absolute(
@@ -108,18 +109,13 @@ async def test_first_login_goes_through_the_sdk_then_tokens_are_stored_absolute(
     assert browser.visits == 1
     assert provider.flow_stats["registrations"] == 1 and provider.flow_stats["code_exchanges"] == 1
     entry = await login.manager.storage.aget(EntryKey(login.manager.provider_id, SESSION))
-    assert entry is not None and entry.expires_at is not None
-    assert abs(entry.expires_at - (time.time() + 2)) < 2
+    assert entry is not None and entry.expires_at is not None and entry.issued_at is not None
+    assert entry.expires_at - entry.issued_at == pytest.approx(2)  # the 2-second lifetime, from when it came
+    assert entry.issued_at > time.time() - 3600  # a point in time, not a lifetime
     assert entry.user_id == "u-42" and entry.client_id is not None and entry.client_id.startswith("dyn-")
-    assert (
-        login.refresher.token_url
-        == mcp_server.thread.url.replace(
-            mcp_server.thread.url,
-            login.refresher.metadata.issuer,  # type: ignore[union-attr]
-        )
-        + "/token"
-    )
-    assert login.refresher.token_url.endswith(ISSUER_PATH + "/token")  # type: ignore[union-attr]
+    token_url, metadata = login.refresher.token_url, login.refresher.metadata
+    assert token_url is not None and metadata is not None
+    assert token_url == metadata.issuer + "/token" and token_url.endswith(ISSUER_PATH + "/token")
 
 
 async def test_a_401_with_a_valid_refresh_token_refreshes_without_a_browser(
@@ -315,6 +311,7 @@ async def test_refreshes_keep_the_registration_and_metadata_records_alive(
     not outlive the storage's retention while the token entries, rewritten by every refresh, live on (item 3)."""
     from httpx_upstream_auth.mcp._refresher import METADATA_NAMESPACE, REGISTRATION_NAMESPACE
 
+    provider.access_ttl = 3600  # only the expiries stored below may refresh, however slow the machine
     storage = login.manager.storage
     keys = [EntryKey(ns, mcp_server.url) for ns in (REGISTRATION_NAMESPACE, METADATA_NAMESPACE)]
     async with connect(mcp_server.url, login, SESSION, mode="legacy") as client:
@@ -468,6 +465,7 @@ async def test_sdk_login_is_an_async_context_manager_and_keeps_its_scope_per_ses
         async with connect(mcp_server.url, login, SESSION, mode="legacy", max_sse_event_size=1 << 20) as client:
             assert (await client.call_tool("echo", {"text": "1"})).content[0].text == "1"  # type: ignore[union-attr]
     assert browser.visits == 2  # the login, then one step-up for the same request
+    assert login.client_metadata is not None
     assert metadata.scope == "api" and login.client_metadata.scope == "api"
 
 
@@ -533,3 +531,116 @@ async def test_an_sdk_provider_of_your_own_does_the_logins(
     assert len(built) == 1 and browser.visits == 1 and provider.stats["refresh_ok"] == 1
     with pytest.raises(TypeError, match="client_metadata"):
         SDKLogin(mcp_server.url)
+
+
+_code: contextvars.ContextVar[Any] = contextvars.ContextVar("code")
+
+
+class ConcurrentBrowser(HeadlessBrowser):
+    """The headless browser for logins running at once: each login's code stays in its own task's context; with
+    ``barrier``, every login waits at the browser until that many have reached it."""
+
+    def __init__(self, barrier: int = 0) -> None:
+        super().__init__()
+        self.barrier = barrier
+        self.arrived = anyio.Event()
+
+    async def redirect(self, url: str) -> None:
+        """Follow the authorization URL; keep the code for this task."""
+        await super().redirect(url)
+        _code.set(self._result)
+        if self.visits >= self.barrier:
+            self.arrived.set()
+        await self.arrived.wait()
+
+    async def callback(self) -> Any:
+        """This task's code."""
+        return _code.get()
+
+
+async def call_as(login: SDKLogin, session: str, text: str) -> None:
+    """Connect as ``session`` and call echo."""
+    async with connect(login.server_url, login, session, mode="legacy") as client:
+        await client.call_tool("echo", {"text": text})
+
+
+async def expire_and_call(login: SDKLogin, sessions: list[str]) -> None:
+    """Every session's access token expires; each calls again."""
+    for session in sessions:
+        await login.manager.astore(session, expired_entry(await login.manager.aget_token(session)))
+        await call_as(login, session, "again")
+
+
+USERS = ["alice", "bob", "carol", "dave"]
+
+
+async def test_concurrent_first_logins_register_one_client(provider: LocalProvider, mcp_server: LocalMCPServer) -> None:
+    """Four users logging in for the first time at once: one dynamic registration, which every login uses, so
+    every later refresh works (with a client each, all but the stored one's refreshes were refused)."""
+    browser = ConcurrentBrowser()
+    async with SDKLogin(
+        mcp_server.url,
+        client_metadata=client_metadata(),
+        redirect_handler=browser.redirect,
+        callback_handler=browser.callback,
+    ) as login:
+        async with anyio.create_task_group() as group:
+            for user in USERS:
+                group.start_soon(call_as, login, user, user)
+        await expire_and_call(login, USERS)
+    assert provider.flow_stats["registrations"] == 1 and provider.flow_stats["code_exchanges"] == 4
+    assert provider.stats["refresh_ok"] == 4 and provider.stats["invalid_grant"] == 0
+
+
+async def test_two_connections_of_one_session_log_in_once(provider: LocalProvider, mcp_server: LocalMCPServer) -> None:
+    """One session opened twice at once (two connections, one SDKLogin): one login, the other connection waits
+    for it and uses its tokens."""
+    browser = ConcurrentBrowser()
+    async with (
+        SDKLogin(
+            mcp_server.url,
+            client_metadata=client_metadata(),
+            redirect_handler=browser.redirect,
+            callback_handler=browser.callback,
+        ) as login,
+        anyio.create_task_group() as group,
+    ):
+        for text in ("first connection", "second connection"):
+            group.start_soon(call_as, login, SESSION, text)
+    assert browser.visits == 1 and provider.flow_stats["registrations"] == 1
+
+
+async def test_first_logins_in_two_processes_end_with_one_client(
+    provider: LocalProvider, mcp_server: LocalMCPServer
+) -> None:
+    """Two processes (two SDKLogin over one storage) whose first logins both register a client at once: the
+    second to store keeps the first's and logs in with it, so both users' tokens belong to the stored client
+    and both refresh."""
+    from httpx_upstream_auth import MemoryStorage
+
+    storage = MemoryStorage()
+    browser = ConcurrentBrowser(barrier=2)  # both logins registered before either goes on
+    logins = [
+        SDKLogin(
+            mcp_server.url,
+            client_metadata=client_metadata(),
+            redirect_handler=browser.redirect,
+            callback_handler=browser.callback,
+            storage=storage,
+        )
+        for _ in range(2)
+    ]
+    try:
+        async with anyio.create_task_group() as group:
+            for login, user in zip(logins, ("alice", "bob"), strict=True):
+                group.start_soon(call_as, login, user, user)
+        stored = await logins[0].refresher.aregistration()
+        for login, user in zip(logins, ("alice", "bob"), strict=True):
+            entry = await login.manager.aget_token(user)
+            assert provider.introspect(entry.access_token)["client_id"] == stored.client_id  # type: ignore[index]
+            await expire_and_call(login, [user])
+    finally:
+        for login in logins:
+            await login.aclose()
+    assert provider.flow_stats["registrations"] == 2  # both registered: the race is real
+    assert provider.stats["refresh_ok"] == 2 and provider.stats["invalid_grant"] == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -13,8 +14,11 @@ import pytest
 from httpx_upstream_auth import (
     Binding,
     BindingMismatch,
+    ConfigurationError,
     EntryKey,
     FreshnessPolicy,
+    ReauthenticationRequired,
+    RefreshFailed,
     UpstreamTokens,
     can_replay,
     is_token_rejected,
@@ -104,10 +108,149 @@ def test_from_json_refuses_non_object() -> None:
 
 def test_expiries_are_converted_to_float() -> None:
     """Integer expiries become floats, so equality does not depend on how a backend stored them."""
-    tokens = UpstreamTokens(access_token="a", expires_at=10, refresh_expires_at=20, issued_at=5)
+    tokens = UpstreamTokens(
+        access_token="a", expires_at=1_700_000_010, refresh_expires_at=1_700_000_020, issued_at=1_700_000_005
+    )
     assert isinstance(tokens.expires_at, float)
     assert isinstance(tokens.refresh_expires_at, float)
     assert isinstance(tokens.issued_at, float)
+
+
+# -- validated inputs ----------------------------------------------------------------------------------
+
+MILLIS = NOW * 1000
+
+
+@pytest.mark.parametrize(
+    ("changes", "says"),
+    [
+        ({"access_token": ""}, "access_token must be a non-empty string"),
+        ({"refresh_token": ""}, "refresh_token must be a non-empty string, or None"),
+        ({"expires_at": MILLIS}, "looks like milliseconds: pass epoch seconds (divide by 1000)"),
+        ({"expires_at": "1700000000"}, "expires_at must be absolute epoch seconds"),
+        ({"expires_at": True}, "not bool"),
+        ({"expires_at": float("nan")}, "expires_at must be a finite number"),
+        ({"expires_at": float("inf")}, "expires_at must be a finite number"),
+        ({"expires_at": 10**400}, "expires_at must be a finite number"),
+        ({"expires_at": 3600}, "is before the year 2000: pass an absolute time, such as time.time() + expires_in"),
+        ({"expires_at": 1e13}, "is after the year 2200"),
+        ({"refresh_expires_at": MILLIS}, "refresh_expires_at=1700000000000.0 looks like milliseconds"),
+        ({"issued_at": "now"}, "issued_at must be absolute epoch seconds"),
+    ],
+    ids=lambda value: repr(value)[:40],
+)
+def test_entries_refuse_values_that_cannot_be_right(changes: dict[str, Any], says: str) -> None:
+    """An empty token, a time that is not a finite number, or one that is not plausible epoch seconds
+    (milliseconds, a lifetime) is a ValueError saying what to pass, and never quoting a token."""
+    with pytest.raises(ValueError) as caught:
+        full_tokens(**changes)
+    assert says in str(caught.value)
+    assert ACCESS not in str(caught.value) and REFRESH not in str(caught.value)
+
+
+def test_the_plausible_range_is_2000_to_2200() -> None:
+    """Times from 2000-01-01 to 2200-01-01 (UTC) are taken, as ints or floats; one second outside is not."""
+    for good in (946_684_800, 946_684_800.0, NOW, 7_258_118_400):
+        assert full_tokens(expires_at=good).expires_at == float(good)
+    for bad in (946_684_799, 7_258_118_401):
+        with pytest.raises(ValueError):
+            full_tokens(expires_at=bad)
+
+
+def test_stored_rows_with_implausible_times_read_as_unknown() -> None:
+    """A row an older version wrote with an implausible time (milliseconds, a lifetime) or an empty refresh
+    token still reads: the time is unknown and the refresh token none, as an answer's would be. An empty
+    access token stays unreadable (this library never wrote one)."""
+    data = full_tokens().to_dict()
+    data.update(expires_at=MILLIS, refresh_expires_at=3600, issued_at=1e13, refresh_token="")
+    entry = UpstreamTokens.from_json(json.dumps(data))
+    assert (entry.expires_at, entry.refresh_expires_at, entry.issued_at, entry.refresh_token) == (None,) * 4
+    assert entry.access_token == ACCESS and entry.version == 7
+    data["access_token"] = ""
+    with pytest.raises(ValueError, match="empty access_token"):
+        UpstreamTokens.from_dict(data)
+
+
+ANSWER = {
+    "access_token": ACCESS,
+    "refresh_token": REFRESH,
+    "token_type": "bearer",
+    "expires_in": 3600,
+    "refresh_token_expires_in": 86400,
+    "scope": ["read", "write"],
+}
+
+
+def test_from_token_response_reads_a_dict_or_a_response() -> None:
+    """A token answer (its JSON object, an httpx response or an httpx2 response) becomes an entry: lifetimes
+    counted from obtained_at, the binding fields as given, version 0."""
+    import httpx2
+
+    binding: dict[str, Any] = {
+        "provider_id": "github",
+        "user_id": "u-1",
+        "upstream_subject": "12345",
+        "client_id": "my-app",
+    }
+    expected = UpstreamTokens(
+        access_token=ACCESS,
+        refresh_token=REFRESH,
+        token_type="bearer",
+        scope="read write",
+        expires_at=NOW + 3600,
+        refresh_expires_at=NOW + 86400,
+        issued_at=NOW,
+        issuer="https://as.example",
+        **binding,
+    )
+    answers: list[Any] = [ANSWER, httpx.Response(200, json=ANSWER), httpx2.Response(200, json=ANSWER)]
+    for answer in answers:
+        made = UpstreamTokens.from_token_response(answer, obtained_at=NOW, issuer="https://as.example", **binding)
+        assert made == expected
+
+
+def test_from_token_response_reads_lifetimes_as_a_refresh_does() -> None:
+    """No expires_in, 0, a negative or absurd one: unknown expiry. A string number counts. obtained_at
+    defaults to now, and is checked like any time."""
+    for lifetime in (None, 0, -5, "soon", float("nan"), 1e12):
+        answer = {"access_token": ACCESS} if lifetime is None else {"access_token": ACCESS, "expires_in": lifetime}
+        assert UpstreamTokens.from_token_response(answer, obtained_at=NOW).expires_at is None
+    counted = UpstreamTokens.from_token_response({"access_token": ACCESS, "expires_in": "60"}, obtained_at=NOW)
+    assert counted.expires_at == NOW + 60
+    before = time.time()
+    made = UpstreamTokens.from_token_response({"access_token": ACCESS, "expires_in": 60})
+    assert made.issued_at is not None and before <= made.issued_at <= time.time()
+    with pytest.raises(ValueError, match=r"obtained_at=.* looks like milliseconds"):
+        UpstreamTokens.from_token_response(ANSWER, obtained_at=MILLIS)
+
+
+def test_from_token_response_raises_what_a_refresh_would() -> None:
+    """Error answers and unusable ones raise the typed errors a refresh's answer gets, without quoting it."""
+    cases: list[tuple[Any, type[Exception]]] = [
+        (httpx.Response(400, json={"error": "invalid_grant"}), ReauthenticationRequired),
+        (httpx.Response(401, json={"error": "invalid_client"}), ConfigurationError),
+        (httpx.Response(404, text="<html>not found</html>"), ConfigurationError),
+        (httpx.Response(503, json={"error": "temporarily_unavailable"}), RefreshFailed),
+        (httpx.Response(200, text=f"<html>{ACCESS}</html>"), RefreshFailed),
+        ({"refresh_token": REFRESH}, RefreshFailed),
+        ({"access_token": ACCESS + "\n"}, RefreshFailed),
+        ({"access_token": ACCESS, "id_token": ID_TOKEN.replace("eyJzdWIiOiJhbGljZSJ9", "e30")}, BindingMismatch),
+    ]
+    for answer, kind in cases:
+        with pytest.raises(kind) as caught:
+            UpstreamTokens.from_token_response(answer, obtained_at=NOW, upstream_subject="alice")
+        assert ACCESS not in str(caught.value) and REFRESH not in str(caught.value)
+
+
+def test_from_token_response_needs_a_read_response() -> None:
+    """A streamed response not read yet, or something that is no answer at all, is a TypeError saying so."""
+    streamed = httpx.Response(200, stream=httpx.ByteStream(json.dumps(ANSWER).encode()))
+    with pytest.raises(TypeError, match="read"):
+        UpstreamTokens.from_token_response(streamed)
+    streamed.read()
+    assert UpstreamTokens.from_token_response(streamed).access_token == ACCESS
+    with pytest.raises(TypeError):
+        UpstreamTokens.from_token_response("access_token=x")  # type: ignore[arg-type]
 
 
 # -- secrets -------------------------------------------------------------------------------------------

@@ -68,6 +68,7 @@ def result_of(proc: subprocess.Popen[str], timeout: float = 60) -> dict[str, obj
     return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
+@pytest.mark.slow
 def test_four_processes_share_one_refresh_per_expiry(storage_spec: str) -> None:
     """4 processes x 25 tasks, 1-second tokens, 8 s: no reuse, no failure, one refresh per token lifetime."""
     provider = LocalProvider(access_ttl=1.0)
@@ -81,14 +82,12 @@ def test_four_processes_share_one_refresh_per_expiry(storage_spec: str) -> None:
         stats = provider.stats
     ok = sum(int(r["ok"]) for r in results)  # type: ignore[call-overload]
     failures = [r["errors"] for r in results if r["failed"]]
-    elapsed = max(float(r["ended"]) for r in results) - min(float(r["started"]) for r in results)  # type: ignore[arg-type]
-    # The leeway is a tenth of a token's life, growing with the observed request latency up to 35% of it
-    # (max_latency_fraction): each token is used at least 0.65 of its life, and refreshed once.
-    lifetimes = elapsed / 0.65
     assert stats["refresh_reuse"] == 0, stats
     assert failures == [], failures
     assert ok > 300, ok
-    assert 1 <= stats["refresh_ok"] <= int(lifetimes) + 1, (stats, elapsed)
+    # One refresh per token lifetime across the processes: each came in the second half of the token's life
+    # (the leeway is at most about a third of it), and at least one did.
+    assert stats["refresh_ok"] >= 1 and stats["refresh_early"] == 0, stats
 
 
 def test_entry_written_by_one_process_is_refreshed_by_another(storage_spec: str) -> None:
@@ -115,6 +114,7 @@ def test_entry_written_by_one_process_is_refreshed_by_another(storage_spec: str)
     assert stats["refresh_ok"] == 1 and stats["refresh_reuse"] == 0
 
 
+@pytest.mark.slow
 def test_lease_holder_killed_mid_refresh_others_take_over(storage_spec: str) -> None:
     """SIGKILL the process holding the lease mid-refresh: another process refreshes after the lease expires."""
     provider = LocalProvider(token_delay=30.0)
@@ -127,7 +127,7 @@ def test_lease_holder_killed_mid_refresh_others_take_over(storage_spec: str) -> 
             assert time.monotonic() < deadline and holder.poll() is None, "the holder never sent its refresh"
             time.sleep(0.02)
         holder.send_signal(signal.SIGKILL)
-        holder.wait(timeout=10)
+        holder.communicate(timeout=10)  # reaps it and closes its pipes
         provider.token_delay = 0.0
         survivor = result_of(spawn("token", storage_spec, server.url, env=env))
         stats = provider.stats

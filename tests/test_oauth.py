@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import json
+import pickle
 import socket
 import threading
 import traceback
@@ -20,6 +22,7 @@ from support import FakeClock
 
 from httpx_upstream_auth import (
     BindingMismatch,
+    ConfigurationError,
     FreshnessPolicy,
     OAuth2Refresher,
     ReauthenticationRequired,
@@ -369,6 +372,59 @@ def test_configuration_errors_are_not_retryable(status: int, payload: bytes) -> 
     assert error.retryable is False
 
 
+@pytest.mark.parametrize(
+    ("status", "payload", "setting", "advice"),
+    [
+        (404, body(error="not_found"), "token_url", "Check the token URL"),
+        (404, b"<html>Not Found</html>", "token_url", "Check the token URL"),
+        (404, b"", "token_url", "Check the token URL"),
+        (405, b"", "token_url", "Check the token URL"),
+        (410, b"gone", "token_url", "Check the token URL"),
+        (302, b"", "token_url", "set token_url to the final URL"),
+        (401, body(error="invalid_client"), "client", "Check client_id, client_secret and auth_method"),
+        (401, b"", "client", "Check client_id, client_secret and auth_method"),
+        (400, body(error="unauthorized_client"), "client", "Check client_id, client_secret and auth_method"),
+        (400, body(error="unsupported_grant_type"), "client", "may use refresh tokens"),
+        (400, body(error="invalid_scope"), "scope", "Check the refresher's scope"),
+        (407, b"<html>proxy</html>", "proxy", "Check the proxy setting"),
+    ],
+)
+def test_a_setting_to_fix_is_named(status: int, payload: bytes, setting: str, advice: str) -> None:
+    """Error answers that a setting must fix are ConfigurationErrors naming that setting, with advice that points
+    at it (a 404 of any body at the token URL, never at the client credentials)."""
+    error = classify(status, payload)
+    assert isinstance(error, ConfigurationError)
+    assert (error.setting, error.status_code, error.retryable, error.may_have_rotated) == (
+        setting,
+        status,
+        False,
+        False,
+    )
+    assert advice in str(error)
+    if setting == "token_url":
+        assert "client_secret" not in str(error)
+
+
+@pytest.mark.parametrize(("status", "payload"), [(400, body(error="invalid_request")), (403, b"<html>WAF</html>")])
+def test_other_refusals_are_not_configuration_errors(status: int, payload: bytes) -> None:
+    """A refusal no one setting explains is a plain RefreshFailed, not retryable."""
+    error = classify(status, payload)
+    assert type(error) is RefreshFailed and error.retryable is False
+
+
+def test_a_configuration_error_survives_copy_and_pickle() -> None:
+    """A ConfigurationError copies (each waiter gets its own) and pickles with its fields."""
+    error = classify(401, body(error="invalid_client"))
+    for again in (copy.copy(error), pickle.loads(pickle.dumps(error))):
+        assert isinstance(again, ConfigurationError) and again is not error
+        assert (str(again), again.setting, again.status_code, again.retryable) == (
+            str(error),
+            "client",
+            401,
+            False,
+        )
+
+
 def test_error_field_in_200_is_an_error() -> None:
     """An 'error' in a 200 answer is still an error."""
     assert isinstance(classify(200, body(error="invalid_grant")), ReauthenticationRequired)
@@ -507,25 +563,28 @@ async def test_async_oversize_response_refused() -> None:
 
 
 @pytest.mark.parametrize(
-    ("exc", "may_have_rotated"),
+    ("exc", "may_have_rotated", "retryable"),
     [
-        (httpx.ConnectError("refused"), False),
-        (httpx.ConnectTimeout("slow connect"), False),
-        (httpx.PoolTimeout("pool full"), False),
-        (httpx.ProxyError("proxy refused CONNECT"), False),
-        (httpx.UnsupportedProtocol("gopher"), False),
-        (httpx.LocalProtocolError("bad header"), False),
-        (httpx.ReadTimeout("slow"), True),
-        (httpx.ReadError("reset"), True),
-        (httpx.RemoteProtocolError("closed without answer"), True),
-        (httpx.WriteTimeout("slow write"), True),
-        (httpx.WriteError("broken pipe"), True),
-        (RuntimeError("a custom transport failed"), True),
+        (httpx.ConnectError("refused"), False, True),
+        (httpx.ConnectTimeout("slow connect"), False, True),
+        (httpx.PoolTimeout("pool full"), False, True),
+        (httpx.ProxyError("proxy refused CONNECT"), False, True),
+        (httpx.ProxyError("502 Bad Gateway"), False, True),
+        (httpx.ProxyError("407 Proxy Authentication Required"), False, False),
+        (httpx.UnsupportedProtocol("gopher"), False, False),
+        (httpx.LocalProtocolError("bad header"), False, True),
+        (httpx.ReadTimeout("slow"), True, True),
+        (httpx.ReadError("reset"), True, True),
+        (httpx.RemoteProtocolError("closed without answer"), True, True),
+        (httpx.WriteTimeout("slow write"), True, True),
+        (httpx.WriteError("broken pipe"), True, True),
+        (RuntimeError("a custom transport failed"), True, True),
     ],
     ids=lambda value: type(value).__name__ if isinstance(value, Exception) else str(value),
 )
-def test_transport_errors_are_retryable(exc: Exception, may_have_rotated: bool) -> None:
-    """Transport errors are a retryable RefreshFailed, nothing chained; only errors before sending say not rotated."""
+def test_transport_errors_are_typed(exc: Exception, may_have_rotated: bool, retryable: bool) -> None:
+    """Transport errors are a RefreshFailed, nothing chained; only errors before sending say not rotated; those a
+    setting causes (a proxy's 4xx refusal of the tunnel, a URL httpx cannot send to) are configuration errors."""
 
     def handler(request: httpx.Request) -> httpx.Response:
         raise exc
@@ -534,7 +593,8 @@ def test_transport_errors_are_retryable(exc: Exception, may_have_rotated: bool) 
         refresher = OAuth2Refresher("https://p.example/token", "my-app", CLIENT_SECRET, client=client)
         with pytest.raises(RefreshFailed) as caught:
             refresher.refresh(stored(), SystemClock())
-    assert caught.value.retryable is True
+    assert caught.value.retryable is retryable
+    assert isinstance(caught.value, ConfigurationError) is not retryable
     assert caught.value.may_have_rotated is may_have_rotated
     assert caught.value.__cause__ is None and caught.value.__context__ is None
     assert_no_secrets(str(caught.value))

@@ -8,6 +8,7 @@ import math
 from typing import Any
 
 import attrs
+import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -19,6 +20,7 @@ from httpx_upstream_auth import (
     UpstreamAuthError,
     UpstreamTokens,
 )
+from httpx_upstream_auth._models import EARLIEST_TIME, LATEST_TIME
 from httpx_upstream_auth._oauth import MAX_LIFETIME, REGISTERED_ERRORS, merge_response
 
 # database=None: failing examples are printed, not saved into the shared working tree.
@@ -168,14 +170,41 @@ def test_usable_refresh_token_in_200_is_never_dropped(
     assert fresh.refresh_token == refresh
 
 
+#: A stored entry with nothing for a merge to fall back on: what a login has before its first answer.
+BLANK = UpstreamTokens(access_token="blank-access", upstream_subject="alice", version=0)
+
+
+@SETTINGS
+@given(status=statuses, content=bodies)
+def test_from_token_response_reads_as_a_refresh_does(status: int, content: bytes) -> None:
+    """A login's answer is read by the refresh's parser: from_token_response gives the entry a merge into a blank
+    entry gives, or the same typed error (and only adds one: an answer without a usable access token)."""
+    response = httpx.Response(status, content=content)
+    try:
+        merged: UpstreamTokens | UpstreamAuthError = merge_response(BLANK, status, content, SENT_AT)
+    except UpstreamAuthError as exc:
+        merged = exc
+    try:
+        made = UpstreamTokens.from_token_response(response, obtained_at=SENT_AT, upstream_subject="alice")
+    except UpstreamAuthError as exc:
+        assert exc.__cause__ is None and exc.__context__ is None
+        if isinstance(merged, UpstreamAuthError):
+            assert (type(exc), str(exc)) == (type(merged), str(merged))
+        else:
+            assert isinstance(exc, RefreshFailed) and merged.access_token == BLANK.access_token
+        return
+    assert isinstance(merged, UpstreamTokens)
+    assert attrs.evolve(made, version=merged.version) == merged
+
+
 # -- the stored-entry codec ---------------------------------------------------------------------------------
 
 optional_text = st.none() | st.text(max_size=20)
-times = st.none() | st.floats(allow_nan=False, allow_infinity=False)
+times = st.none() | st.floats(min_value=EARLIEST_TIME, max_value=LATEST_TIME)
 entries = st.builds(
     UpstreamTokens,
-    access_token=st.text(max_size=20),
-    refresh_token=optional_text,
+    access_token=st.text(min_size=1, max_size=20),
+    refresh_token=st.none() | st.text(min_size=1, max_size=20),
     id_token=optional_text,
     token_type=st.text(max_size=10),
     scope=optional_text,

@@ -28,6 +28,8 @@ from support import (
     Driver,
     ManagerFactory,
     UnnotifiedStorage,
+    aput_entry,
+    astored,
     expired,
     fail_refresh,
     put_entry,
@@ -39,6 +41,7 @@ from httpx_upstream_auth import (
     Binding,
     BindingMismatch,
     EntryKey,
+    Lease,
     MemoryStorage,
     OAuth2Refresher,
     ReauthenticationRequired,
@@ -51,7 +54,6 @@ from httpx_upstream_auth import (
     UpstreamAuthError,
     UpstreamTokens,
 )
-from httpx_upstream_auth._storage import Lease
 from httpx_upstream_auth.testing import LocalProvider, ServerThread
 from httpx_upstream_auth.testing._provider import Receive, Scope, Send
 
@@ -164,12 +166,12 @@ async def test_login_during_a_refresh_is_never_overwritten(
     async with anyio.create_task_group() as tg:
         tg.start_soon(old_refresh)
         await wait_until(lambda: provider.stats["token_calls"] == 1)
-        assert manager.delete(SESSION)
+        assert await anyio.to_thread.run_sync(manager.delete, SESSION)
         bob = await driver.store(manager, provider.login(sub="bob", user_id="user-2"))
     # The old caller waited for the old redemption, whose save was refused: it got the new login or a login
     # request, never the old user's tokens.
     assert isinstance(outcome[0], ReauthenticationRequired) or getattr(outcome[0], "user_id", None) == "user-2"
-    assert stored(manager) == bob
+    assert await astored(manager) == bob
     assert provider.stats["token_calls"] == 1
     assert (await driver.get_token(manager)).upstream_subject == "bob"
 
@@ -236,18 +238,18 @@ async def test_odd_token_answers_keep_the_rotated_token(
 ) -> None:
     """Odd but usable 200 answers are saved (numbers bounded, Keycloak's refresh_expires_in 0 meaning no
     expiry), and the next refresh presents the NEW refresh token: two refreshes, no reuse, entry kept."""
-    with ServerThread(RewrittenAnswers(provider, ODD_ANSWERS[answer])) as odd:
+    async with ServerThread(RewrittenAnswers(provider, ODD_ANSWERS[answer])) as odd:
         refresher = OAuth2Refresher(odd.url + "/token", "test-client", "test-secret")
         manager = make_manager(storage=storage, refresher=refresher)
-        entry = put_entry(manager, expired(provider.login()))
+        entry = await aput_entry(manager, expired(provider.login()))
         first = await driver.get_token(manager)
         assert first.version == entry.version + 1 and first.refresh_token != entry.refresh_token
         for value in (first.expires_at, first.refresh_expires_at):
             assert value is None or value < entry.issued_at + 20 * 365 * 86400  # type: ignore[operator]
-        put_entry(manager, expired(first, ago=5))
+        await aput_entry(manager, expired(first, ago=5))
         second = await driver.get_token(manager)
         assert second.refresh_token not in (first.refresh_token, entry.refresh_token)
-        assert stored(manager) is not None
+        assert await astored(manager) is not None
     assert provider.stats["refresh_ok"] == 2 and provider.stats["refresh_reuse"] == 0
 
 
@@ -263,7 +265,7 @@ async def test_lease_is_renewed_while_a_sync_refresh_waits_for_a_slow_provider(
     path = tmp_path / "tokens.db"
     first = make_manager(storage=SQLiteStorage(path), lease_ttl=0.3, refresh_timeout=5)
     second = make_manager(storage=SQLiteStorage(path), lease_ttl=0.3, refresh_timeout=5)
-    entry = put_entry(first, expired(provider.login()))
+    entry = await aput_entry(first, expired(provider.login()))
     provider.fail_next("answer_delay:1.2")
     got: list[UpstreamTokens] = []
 
@@ -282,6 +284,8 @@ async def test_lease_is_renewed_while_a_sync_refresh_waits_for_a_slow_provider(
 
 class LateRenewalStorage(MemoryStorage):
     """A MemoryStorage whose first lease renewal is applied at once but answered ``late`` seconds later."""
+
+    blocking = True  # its renewal sleeps: async callers run it in a thread, as for any blocking store
 
     def __init__(self, late: float) -> None:
         super().__init__()
@@ -386,8 +390,11 @@ async def test_no_secret_in_tracebacks_with_locals(
 ) -> None:
     """Every error a caller can get, formatted as Sentry would (traceback with frame locals, causes and
     contexts), names no access token, refresh token or client secret."""
-    manager = make_manager()
-    quick = make_manager(refresher=OAuth2Refresher(server.url + "/token", "test-client", "test-secret", timeout=0.2))
+    # No failure memory: each failure below comes from its own token request.
+    manager = make_manager(failure_window=0)
+    quick = make_manager(
+        refresher=OAuth2Refresher(server.url + "/token", "test-client", "test-secret", timeout=0.2), failure_window=0
+    )
     caught: list[BaseException] = []
     secrets = {"test-secret"}
     for fault in ("500", "invalid_client", "malformed", "id_token_other_sub", "answer_delay:1"):
@@ -423,9 +430,11 @@ async def test_api_refusing_every_token_costs_one_refresh(
     """An API that answers 401 without a challenge to every request: the first 401 refreshes and replays once;
     the just-minted token is refused too, so later requests get their 401 without another refresh."""
     put_entry(manager, provider.login())
-    with ServerThread(_always_401) as api:
-        async with httpx.AsyncClient(base_url=api.url, auth=manager.auth(SESSION), verify=SSL) as client:
-            statuses = [(await client.get("/data")).status_code for _ in range(10)]
+    async with (
+        ServerThread(_always_401) as api,
+        httpx.AsyncClient(base_url=api.url, auth=manager.auth(SESSION), verify=SSL) as client,
+    ):
+        statuses = [(await client.get("/data")).status_code for _ in range(10)]
     assert statuses == [401] * 10
     assert provider.stats["token_calls"] == 1 and provider.stats["refresh_reuse"] == 0
 
@@ -492,7 +501,7 @@ async def test_logout_in_one_manager_stops_another_serving_its_cached_token(
     second = make_manager(storage=storage)
     await driver.store(first, provider.login())
     assert await driver.get_token(second)  # cached in the second worker
-    assert first.delete(SESSION)
+    assert await anyio.to_thread.run_sync(first.delete, SESSION)
 
     async def logged_out() -> bool:
         try:
@@ -570,10 +579,8 @@ async def test_a_job_that_cannot_start_fails_its_waiters_and_leaves_no_flight(
 ) -> None:
     """When no thread can be started for the refresh (resource limits, interpreter shutdown), the caller gets a
     retryable RefreshFailed at once, and the next call, with threads back, refreshes normally."""
-    import httpx_upstream_auth._synchronization as synchronization
-
     entry = put_entry(manager, expired(provider.login()))
-    monkeypatch.setattr(synchronization.threading, "Thread", _NoThreads)
+    monkeypatch.setattr(threading, "Thread", _NoThreads)
     with pytest.raises(RefreshFailed) as caught:
         await manager.aget_token(SESSION)
     assert caught.value.retryable and provider.stats["token_calls"] == 0
@@ -592,13 +599,18 @@ def test_task_job_whose_loop_was_closed_does_not_wedge_the_session(
     token is never presented again from this process."""
     manager = make_manager(redeem_in="task")
     put_entry(manager, expired(provider.login()))
-    provider.fail_next("answer_delay:2")
+    provider.fail_next("answer_delay:0.5")
+
+    async def leave_once_the_refresh_is_at_the_provider() -> None:
+        caller = asyncio.ensure_future(manager.aget_token(SESSION))
+        await wait_until(lambda: provider.stats["token_calls"] == 1)
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+
     loop = asyncio.new_event_loop()
-    caller = loop.create_task(manager.aget_token(SESSION))
-    while provider.stats["token_calls"] == 0:  # until the refresh request has reached the provider
-        loop.run_until_complete(asyncio.sleep(0.01))
+    loop.run_until_complete(leave_once_the_refresh_is_at_the_provider())
     loop.close()
-    assert not caller.done()
     with pytest.raises(ReauthenticationRequired):
         asyncio.run(asyncio.wait_for(manager.aget_token(SESSION), 10))
     with pytest.raises(ReauthenticationRequired):
@@ -704,7 +716,7 @@ async def test_a_store_failing_oddly_during_the_save_fails_closed(
     """A save of rotated tokens that fails with a non-StorageError exception, or a store that answers None:
     retried, then the entry is removed, so no worker presents the consumed refresh token again."""
     storage = MisbehavingStore(failure)
-    manager = make_manager(storage=storage, refresh_timeout=0.3)
+    manager = make_manager(storage=storage, refresh_timeout=1.0)
     other = make_manager(storage=storage)
     put_entry(manager, expired(provider.login()))
     storage.armed = True
@@ -761,7 +773,7 @@ async def test_a_trickling_token_endpoint_is_bounded_by_the_refresher_timeout(
 ) -> None:
     """A token endpoint that answers 200 one byte at a time, each within the read timeout: the exchange is cut
     at the refresher's timeout as a whole, and since a 200 may carry rotated tokens, the entry is removed."""
-    with ServerThread(_trickle) as slow:
+    async with ServerThread(_trickle) as slow:
         refresher = OAuth2Refresher(slow.url + "/token", "test-client", "test-secret", timeout=0.5)
         manager = make_manager(refresher=refresher)
         put_entry(manager, expired(provider.login()))
@@ -785,7 +797,7 @@ async def test_an_answer_without_access_token_never_hands_out_an_expired_one(
         rewritten["count"] += 1
         return _no_access_token(data) if rewritten["count"] == 1 else json.dumps(data).encode()
 
-    with ServerThread(RewrittenAnswers(provider, first_only)) as odd:
+    async with ServerThread(RewrittenAnswers(provider, first_only)) as odd:
         manager = make_manager(refresher=OAuth2Refresher(odd.url + "/token", "test-client", "test-secret"))
         entry = put_entry(manager, expired(provider.login()))
         tokens = await manager.aget_token(SESSION)

@@ -26,6 +26,7 @@ from support import (
 from httpx_upstream_auth import (
     BindingMismatch,
     Clock,
+    ConfigurationError,
     EntryKey,
     OAuth2Refresher,
     ReauthenticationRequired,
@@ -64,7 +65,8 @@ async def test_expired_entry_is_refreshed_with_rotation(
     assert response.status_code == 200
     assert provider.stats["token_calls"] == 1
     # The old refresh token was consumed: presenting it again is reuse.
-    assert refresh_directly(token_url, old.refresh_token or "").json() == {"error": "invalid_grant"}
+    reused = await anyio.to_thread.run_sync(refresh_directly, token_url, old.refresh_token or "")
+    assert reused.json() == {"error": "invalid_grant"}
     assert provider.stats["refresh_reuse"] == 1
 
 
@@ -130,22 +132,30 @@ UNUSABLE_200 = ["malformed", "no_access_token", "huge"]
 
 @pytest.mark.parametrize(("fault", "retryable"), FAULTS, ids=[f for f, _ in FAULTS])
 async def test_provider_error_stores_nothing(
-    driver: Driver, provider: LocalProvider, manager: TokenManager, fault: str, retryable: bool
+    driver: Driver, provider: LocalProvider, make_manager: ManagerFactory, fault: str, retryable: bool
 ) -> None:
     """Each error answer raises RefreshFailed (retryable as it should be) and leaves the entry as it was; a
-    retryable one is first tried again inside the job (MAX_RETRIES times), with the same refresh token."""
+    retryable one is first tried again inside the job (MAX_RETRIES times), with the same refresh token. The
+    failure is remembered: within failure_window the next call gets it again without a token request."""
+    manager = make_manager()
     entry = put_entry(manager, expired(provider.login()))
     attempts = 1 + MAX_RETRIES if retryable else 1
     provider.fail_next(fault, attempts)
     with pytest.raises(RefreshFailed) as caught:
         await driver.get_token(manager)
     assert caught.value.retryable is retryable
+    assert isinstance(caught.value, ConfigurationError) is (fault == "invalid_client")
     assert caught.value.may_have_rotated is False
     assert caught.value.retry_after == (1.0 if fault == "429" else None)
     assert stored(manager) == entry
     assert provider.stats["token_calls"] == attempts and provider.stats["refresh_reuse"] == 0
-    # The fault is gone; the untouched entry still refreshes.
-    fresh = await driver.get_token(manager)
+    with pytest.raises(RefreshFailed) as again:
+        await driver.get_token(manager)
+    assert (type(again.value), str(again.value)) == (type(caught.value), str(caught.value))
+    assert again.value is not caught.value
+    assert provider.stats["token_calls"] == attempts
+    # The fault is gone; the untouched entry still refreshes (in another process, which remembers nothing).
+    fresh = await driver.get_token(make_manager(storage=manager.storage))
     assert fresh.version == entry.version + 1
 
 
@@ -212,7 +222,7 @@ async def test_store_failure_after_rotation_fails_closed(
     """If the rotated refresh token cannot be saved before the lease stops being renewed, the entry is removed
     and StorageError raised."""
     storage = FlakyStorage()
-    manager = make_manager(storage=storage, refresh_timeout=0.3)
+    manager = make_manager(storage=storage, refresh_timeout=1.0)
     entry = put_entry(manager, expired(provider.login()))
     storage.fail_put = True
     with pytest.raises(StorageError) as caught:
@@ -417,7 +427,7 @@ async def test_one_second_token_not_refreshed_on_every_request(driver: Driver, m
     """A 1-second token is sent as is for most of its life and refreshed once near its end, not per request."""
     clock = FakeClock()
     provider = LocalProvider(clock=clock)
-    with ServerThread(provider) as server:
+    async with ServerThread(provider) as server:
         refresher = OAuth2Refresher(server.url + "/token", "test-client", "test-secret")
         manager = make_manager(refresher=refresher, clock=clock)
         local_driver = Driver(driver.mode, server.url)

@@ -23,12 +23,8 @@ import pytest
 from storage_fixtures import redis_cluster, redis_server
 from test_storage_contract import tokens
 
-import httpx_upstream_auth._sqlite as sqlite_module
-from httpx_upstream_auth._memory import MemoryStorage
-from httpx_upstream_auth._models import EntryKey
-from httpx_upstream_auth._redis import RedisStorage
-from httpx_upstream_auth._sqlite import SQLiteStorage
-from httpx_upstream_auth._storage import Storage
+import httpx_upstream_auth._storages._sqlite as sqlite_module
+from httpx_upstream_auth import EntryKey, MemoryStorage, RedisStorage, SQLiteStorage, Storage
 
 __all__ = ["redis_cluster", "redis_server"]  # fixtures used by the tests below
 
@@ -254,11 +250,11 @@ def test_a_child_does_not_inherit_held_locks_leases_or_lost_lease_answers(any_st
     lost = store.acquire_lease(B, 60.0)
     assert lost is not None
     if isinstance(store, (SQLiteStorage, RedisStorage)):
-        store._orphans[B] = lost.owner  # as if the answer to that acquire had been lost
-    slots = 0
+        store._orphans.keep(B, lost.owner, 60.0)  # as if the answer to that acquire had been lost
+    slots: list[Callable[[], None]] = []  # how to give back each connection slot taken here
     if isinstance(store, RedisStorage):  # every connection slot taken by in-flight commands
         while store._gate.acquire(timeout=0):
-            slots += 1
+            slots.append(store._gate.release)
 
     def child(conn: Connection) -> None:
         heard: list[str | None] = []
@@ -284,8 +280,8 @@ def test_a_child_does_not_inherit_held_locks_leases_or_lost_lease_answers(any_st
 
     with _held_by_another_thread(_locks_of(store)), forked(child) as conn:
         assert receive(conn) == "ok"
-    for _ in range(slots):
-        store._gate.release()
+    for release in slots:
+        release()
     store.release_lease(parent_lease)
     store.release_lease(lost)
     # The child's save is in the shared store; a memory store is the parent's own.

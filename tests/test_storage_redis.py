@@ -21,9 +21,7 @@ from redis_servers import RedisCluster, RedisServer, free_port
 from storage_fixtures import REPO, redis_cluster, redis_server
 from test_storage_contract import tokens
 
-from httpx_upstream_auth._exceptions import StorageError
-from httpx_upstream_auth._models import EntryKey
-from httpx_upstream_auth._redis import RedisStorage
+from httpx_upstream_auth import EntryKey, RedisStorage, StorageError
 
 __all__ = ["redis_cluster", "redis_server"]  # fixtures used by the tests below
 
@@ -56,7 +54,7 @@ def test_infinite_and_absurd_refresh_lifetimes_get_a_finite_ttl(redis_server: Re
     for number, value in enumerate([float("inf"), 9.3e15, 1e300]):
         key = EntryKey("github", f"odd-{number}")
         assert store.put(key, tokens(1, refresh_expires_at=value), expected_version=None)
-        ttl_ms = int(redis_server.cli("PTTL", store._entry_key(key)).strip())
+        ttl_ms = int(redis_server.cli("PTTL", store._keys.entry(key)).strip())
         assert 0 < ttl_ms <= 600_000
         store.delete(key)
     store.close()
@@ -76,7 +74,7 @@ def test_a_lease_set_after_its_acquire_timed_out_is_taken_back(own_server: Redis
     finally:
         own_server.resume()
     deadline = time.monotonic() + 10
-    while own_server.cli("EXISTS", store._lease_key(KEY)).strip() != "1":  # the late SET lands
+    while own_server.cli("EXISTS", store._keys.lease(KEY)).strip() != "1":  # the late SET lands
         assert time.monotonic() < deadline, "the paused acquire never reached the server"
         time.sleep(0.01)
     assert other.acquire_lease(KEY, 60.0) is None
@@ -106,7 +104,7 @@ def test_a_lease_set_by_a_cancelled_acquire_is_taken_back(own_server: RedisServe
 
     anyio.run(cancelled, backend="asyncio")
     deadline = time.monotonic() + 10
-    while own_server.cli("EXISTS", store._lease_key(KEY)).strip() != "1":
+    while own_server.cli("EXISTS", store._keys.lease(KEY)).strip() != "1":
         assert time.monotonic() < deadline, "the cancelled acquire never reached the server"
         time.sleep(0.01)
     again = store.acquire_lease(KEY, 60.0)
@@ -117,8 +115,7 @@ def test_a_lease_set_by_a_cancelled_acquire_is_taken_back(own_server: RedisServe
 
 LOOPS = r"""
 import asyncio, gc, sys
-from httpx_upstream_auth._models import EntryKey
-from httpx_upstream_auth._redis import RedisStorage
+from httpx_upstream_auth import EntryKey, RedisStorage
 store = RedisStorage.from_url(sys.argv[1], prefix="loops")
 for _ in range(30):  # run_until_complete + close: no shutdown_asyncgens, nothing tells the storage
     loop = asyncio.new_event_loop()
@@ -181,7 +178,12 @@ def test_many_threads_wait_for_a_connection_instead_of_failing(own_server: Redis
     for key in watched:
         store.put(key, tokens(1), expected_version=None)
     woke: list[EntryKey] = []
-    watchers = [threading.Thread(target=lambda k=key: (store.watch(k, 1, 30.0), woke.append(k))) for key in watched]
+
+    def watch(key: EntryKey) -> None:
+        store.watch(key, 1, 30.0)
+        woke.append(key)
+
+    watchers = [threading.Thread(target=watch, args=(key,)) for key in watched]
     for thread in watchers:
         thread.start()
     time.sleep(0.3)  # let them all register and wait
@@ -242,7 +244,12 @@ def test_introspection_shows_no_session_id_and_no_token(own_server: RedisServer)
     secret_key = EntryKey("github", "gateway-cookie-0123456789")
     done = threading.Event()
     store.put(secret_key, tokens(1), expected_version=None)
-    watcher = threading.Thread(target=lambda: (store.watch(secret_key, 1, 10.0), done.set()))
+
+    def watch() -> None:
+        store.watch(secret_key, 1, 10.0)
+        done.set()
+
+    watcher = threading.Thread(target=watch)
     watcher.start()
     store.put(secret_key, tokens(2), expected_version=1)
     watcher.join(10)
@@ -260,9 +267,9 @@ def test_introspection_shows_no_session_id_and_no_token(own_server: RedisServer)
 
 def test_the_cas_never_decodes_the_entry(redis_server: RedisServer) -> None:
     """A 1 MB entry is compared by its version field alone: no cjson in the scripts, and it round-trips."""
-    from httpx_upstream_auth import _redis
+    from httpx_upstream_auth._storages._redis._keys import SCRIPTS
 
-    assert all("cjson" not in source for source in _redis._SCRIPTS.values())
+    assert all("cjson" not in source for source in SCRIPTS.values())
     store = RedisStorage.from_url(redis_server.url, prefix=_prefix())
     big = tokens(1, scope="x" * 1_000_000)
     assert store.put(KEY, big, expected_version=None)
@@ -287,7 +294,7 @@ def test_cluster_subscribers_hear_saves_on_every_node(redis_cluster: RedisCluste
 
     unsubscribe = listener.subscribe(on_change)
     assert unsubscribe is not None
-    slots = {writer._sync.keyslot(writer._entry_key(key)) for key in keys}
+    slots = {writer._sync.keyslot(writer._keys.entry(key)) for key in keys}
     assert len({writer._sync.nodes_manager.slots_cache[slot][0].name for slot in slots}) > 1
     for key in keys:
         assert writer.put(key, tokens(1), expected_version=None)
@@ -360,9 +367,9 @@ def test_wait_replicas_saves_reach_the_replica_before_put_returns(
         store = RedisStorage.from_url(own_server.url, prefix="wait", wait_replicas=1, wait_timeout=1.5)
         for version in range(2, 12):
             assert store.put(KEY, tokens(version), expected_version=version - 1)
-            assert replica.cli("HGET", store._entry_key(KEY), "v").strip() == str(version)
+            assert replica.cli("HGET", store._keys.entry(KEY), "v").strip() == str(version)
         assert anyio.run(lambda: store.aput(KEY, tokens(12), expected_version=11), backend="asyncio")
-        assert replica.cli("HGET", store._entry_key(KEY), "v").strip() == "12"
+        assert replica.cli("HGET", store._keys.entry(KEY), "v").strip() == "12"
         store.close()
     finally:
         replica.cleanup()
@@ -402,13 +409,18 @@ def test_a_silent_pubsub_connection_is_pinged_and_replaced(
     own_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A pub/sub connection that stops answering (frozen server) is found by its PING and replaced; None follows."""
-    from httpx_upstream_auth import _redis
+    from httpx_upstream_auth._storages._redis import _feed
 
-    monkeypatch.setattr(_redis, "_HEALTH_CHECK", 0.3)
+    monkeypatch.setattr(_feed, "_HEALTH_CHECK", 0.3)
     listener = RedisStorage.from_url(own_server.url, prefix="silent", socket_timeout=0.3)
     heard: list[str | None] = []
     back = threading.Event()
-    unsubscribe = listener.subscribe(lambda digest: (heard.append(digest), back.set()))
+
+    def hear(digest: str | None) -> None:
+        heard.append(digest)
+        back.set()
+
+    unsubscribe = listener.subscribe(hear)
     assert unsubscribe is not None
     subscriber = listener._subscriber
     assert subscriber is not None and subscriber.live
@@ -449,9 +461,9 @@ def _queue_up(gate: Any, count: int, order: list[int]) -> list[threading.Thread]
 
 def test_the_connection_gate_serves_waiters_in_arrival_order() -> None:
     """Released slots go to the oldest waiter; a newcomer cannot take one while others wait."""
-    from httpx_upstream_auth._redis import _FifoGate
+    from httpx_upstream_auth._storages._redis._clients import FifoGate
 
-    gate = _FifoGate(1)
+    gate = FifoGate(1)
     assert gate.acquire(timeout=0)
     order: list[int] = []
     threads = _queue_up(gate, 20, order)
@@ -466,9 +478,9 @@ def test_the_connection_gate_serves_waiters_in_arrival_order() -> None:
 
 def test_a_gate_waiter_that_times_out_leaves_the_queue_and_the_slot_count_intact() -> None:
     """A timed-out waiter removes itself; the slots stay exactly as many as the gate's size."""
-    from httpx_upstream_auth._redis import _FifoGate
+    from httpx_upstream_auth._storages._redis._clients import FifoGate
 
-    gate = _FifoGate(2)
+    gate = FifoGate(2)
     assert gate.acquire(timeout=0) and gate.acquire(timeout=0)
     assert gate.acquire(timeout=0.01) is False
     assert gate.waiting == 0
@@ -480,9 +492,9 @@ def test_a_gate_waiter_that_times_out_leaves_the_queue_and_the_slot_count_intact
 def test_a_slot_handed_to_a_waiter_that_just_timed_out_is_not_lost(monkeypatch: pytest.MonkeyPatch) -> None:
     """The hand-off race: a release lands between a waiter's timeout and its clean-up; that waiter keeps
     the slot (it was granted), and when it releases it the next waiter gets it: no slot is lost."""
-    from httpx_upstream_auth import _redis
+    from httpx_upstream_auth._storages._redis import _clients
 
-    gate = _redis._FifoGate(1)
+    gate = _clients.FifoGate(1)
     assert gate.acquire(timeout=0)
     real_event = threading.Event
 
@@ -491,9 +503,9 @@ def test_a_slot_handed_to_a_waiter_that_just_timed_out_is_not_lost(monkeypatch: 
             gate.release()  # the holder releases: the slot is handed to this waiter...
             return False  # ...whose wait has just timed out
 
-    monkeypatch.setattr(_redis.threading, "Event", TimesOutAsTheSlotArrives)
+    monkeypatch.setattr(threading, "Event", TimesOutAsTheSlotArrives)
     assert gate.acquire(timeout=0.01) is True, "the slot handed over must not be dropped"
-    monkeypatch.setattr(_redis.threading, "Event", real_event)
+    monkeypatch.setattr(threading, "Event", real_event)
     assert gate.waiting == 0
     assert gate.acquire(timeout=0) is False  # still held, by the waiter that got it
     gate.release()

@@ -4,9 +4,12 @@ many idle watchers, leases across clock steps and lost answers, files from the p
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sqlite3
 import stat
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,12 +18,11 @@ from typing import Any
 import anyio
 import anyio.to_thread
 import pytest
-from storage_fixtures import Backend
-from test_storage_contract import go, read_json, tokens
+from storage_fixtures import REPO, sqlite_opener
+from test_storage_contract import tokens
 
-from httpx_upstream_auth._exceptions import StorageError
-from httpx_upstream_auth._models import EntryKey
-from httpx_upstream_auth._sqlite import SQLiteStorage
+from httpx_upstream_auth import EntryKey, SQLiteStorage, StorageError
+from httpx_upstream_auth.testing.contract import StoreWorker
 
 KEY = EntryKey("github", "session-sqlite")
 POLLER = "httpx-upstream-auth-sqlite-poller"
@@ -34,14 +36,41 @@ def _non_pollers() -> int:
     return sum(1 for thread in threading.enumerate() if thread.name != POLLER)
 
 
+# A member of a fleet: once started, it opens a SQLiteStorage at each path it reads and says how that went.
+FLEET_MEMBER = r"""
+import json, sys
+from httpx_upstream_auth import SQLiteStorage
+
+print(json.dumps({"ready": True}), flush=True)
+while True:
+    path = sys.stdin.readline().strip()
+    if not path:
+        break
+    try:
+        SQLiteStorage(path).close()
+        print(json.dumps({"ok": True}), flush=True)
+    except Exception as exc:
+        print(json.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}"}), flush=True)
+"""
+
+
+def _fleet_member() -> subprocess.Popen[str]:
+    command = [sys.executable, "-c", FLEET_MEMBER]
+    return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
+
+
+def _answer(process: subprocess.Popen[str]) -> dict[str, Any]:
+    assert process.stdout is not None
+    found: dict[str, Any] = json.loads(process.stdout.readline())
+    return found
+
+
 def test_a_fleet_opening_a_new_file_at_once_never_fails(tmp_path: Path) -> None:
     """Six processes opening each of 25 brand-new files at the same moment: all 150 opens succeed."""
-    backend = Backend("sqlite", SQLiteStorage, location=str(tmp_path / "unused.db"))
     with contextlib.ExitStack() as stack:
-        workers = [stack.enter_context(backend.worker("p", "s", "open")) for _ in range(6)]
+        workers = [stack.enter_context(_fleet_member()) for _ in range(6)]
         for worker in workers:
-            assert read_json(worker) == {"ready": True}
-            go(worker)
+            assert _answer(worker) == {"ready": True}
         results: list[dict[str, Any]] = []
         for round_ in range(25):
             path = str(tmp_path / f"fleet-{round_}.db")
@@ -49,7 +78,7 @@ def test_a_fleet_opening_a_new_file_at_once_never_fails(tmp_path: Path) -> None:
                 assert worker.stdin is not None
                 worker.stdin.write(path + "\n")
                 worker.stdin.flush()
-            results.extend(read_json(worker) for worker in workers)
+            results.extend(_answer(worker) for worker in workers)
         for worker in workers:
             assert worker.stdin is not None
             worker.stdin.write("\n")
@@ -110,7 +139,7 @@ def test_the_purge_runs_in_small_batches_outside_ordinary_writes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """20k expired rows are swept by the poller thread, 500 per transaction; the put that found them deletes none."""
-    import httpx_upstream_auth._sqlite as module
+    import httpx_upstream_auth._storages._sqlite as module
 
     path = tmp_path / "tokens.db"
     SQLiteStorage(path).close()
@@ -165,16 +194,16 @@ def test_idle_watchers_share_one_poller_and_hold_no_thread(tmp_path: Path) -> No
             for key in keys:
                 group.start_soon(stores[1].awatch, key, 1, 0.5)
             await anyio.sleep(0.2)
-            return _non_pollers()
+            threads_meanwhile = _non_pollers()
+        return threads_meanwhile
 
     during_async = anyio.run(async_watchers)
     assert len(set(_pollers()) - others) == 1
     assert during_async <= before + 40 + 2, "async watchers must not hold a thread each"
-    backend = Backend("sqlite", SQLiteStorage, location=str(tmp_path / "tokens.db"))
-    with backend.worker(keys[7].provider_id, keys[7].session_id, "write", "1", "0") as worker:
-        assert read_json(worker) == {"ready": True}
-        go(worker)
-        read_json(worker)
+    with StoreWorker(sqlite_opener(str(tmp_path / "tokens.db")), keys[7], "write", "1", "0") as worker:
+        assert worker.read() == {"ready": True}
+        worker.go()
+        worker.read()
         assert worker.stdin is not None
         worker.stdin.close()
     threads[7].join(10)
@@ -270,7 +299,7 @@ def test_a_schema_1_file_is_upgraded_in_place(tmp_path: Path) -> None:
 
 def test_a_subscriber_behind_the_trimmed_change_log_hears_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """When the log was trimmed past what the poller read, subscribers get None (re-read everything), then digests."""
-    import httpx_upstream_auth._sqlite as module
+    import httpx_upstream_auth._storages._sqlite as module
 
     monkeypatch.setattr(module, "_KEEP_CHANGES", 5)
     monkeypatch.setattr(module, "_TRIM_EVERY", 5)

@@ -25,7 +25,7 @@ class FakeClock:
     """A wall clock the test moves by hand."""
 
     def __init__(self) -> None:
-        self.now = 1_000_000.0
+        self.now = 1_700_000_000.0
 
     def time(self) -> float:
         return self.now
@@ -144,6 +144,29 @@ def test_reuse_revokes_the_whole_grant(provider: LocalProvider, client: httpx.Cl
     assert refresh(client, other.refresh_token).status_code == 200
     stats = provider.stats
     assert (stats["refresh_reuse"], stats["invalid_grant"], stats["refresh_ok"]) == (1, 2, 2)
+
+
+def test_reuse_within_the_grace_gets_a_fresh_pair_and_later_revokes() -> None:
+    """With reuse_grace (Okta's grace period, Hydra's rotation_grace_period), a consumed refresh token presented
+    again within that many seconds of its first use gets a fresh pair and the grant lives (counted as a grace
+    reuse, not a reuse); presented after it, the grant is revoked as without a grace."""
+    clock = FakeClock()
+    provider = LocalProvider(reuse_grace=30, clock=clock)
+    with serve(provider) as server, httpx.Client(base_url=server.url) as http:
+        tokens = provider.login()
+        first = refresh(http, tokens.refresh_token).json()
+        clock.now += 29.9
+        again = refresh(http, tokens.refresh_token)
+        assert again.status_code == 200
+        second = again.json()
+        assert second["refresh_token"] not in (tokens.refresh_token, first["refresh_token"])
+        assert me(http, second["access_token"]).status_code == 200
+        assert refresh(http, second["refresh_token"]).status_code == 200
+        assert (provider.stats["grace_reuse"], provider.stats["refresh_reuse"]) == (1, 0)
+        clock.now += 0.1  # 30 s after the first use: the grace is over
+        assert refresh(http, tokens.refresh_token).json() == {"error": "invalid_grant"}
+        assert me(http, second["access_token"]).status_code == 401  # the whole grant is revoked
+        assert (provider.stats["grace_reuse"], provider.stats["refresh_reuse"]) == (1, 1)
 
 
 def test_without_rotation_the_refresh_token_stays() -> None:
@@ -270,13 +293,30 @@ def test_answering_faults_change_nothing(
     assert provider.stats == {
         "token_calls": 2,
         "refresh_ok": 1,
+        "refresh_early": 1,  # at once after the login
         "refresh_reuse": 0,
+        "grace_reuse": 0,
         "invalid_grant": 0,
         "invalid_client": 0,
         "faults": 1,
         "api_ok": 0,
         "api_401": 1 if kind == "huge" else 0,
     }
+
+
+def test_refreshes_before_half_the_access_tokens_life_count_as_early() -> None:
+    """refresh_early counts the refreshes made while the grant's newest access token still had more than half
+    its lifetime left, on the provider's clock."""
+    clock = FakeClock()
+    provider = LocalProvider(access_ttl=60, clock=clock)
+    tokens = provider.login()
+    with ServerThread(provider) as running, httpx.Client(base_url=running.url) as client:
+        first = refresh(client, tokens.refresh_token).json()  # 60 s left of 60: early
+        clock.now += 31
+        second = refresh(client, first["refresh_token"]).json()  # 29 s left of 60: due
+        clock.now += 29.5
+        refresh(client, second["refresh_token"])  # 30.5 s left of 60: early
+    assert provider.stats["refresh_ok"] == 3 and provider.stats["refresh_early"] == 2
 
 
 def test_faults_queue_in_order(provider: LocalProvider, client: httpx.Client) -> None:
@@ -423,7 +463,9 @@ def test_stats_are_exact_and_reset(provider: LocalProvider, client: httpx.Client
     assert snapshot == {
         "token_calls": 6,
         "refresh_ok": 2,
+        "refresh_early": 2,  # both at once after the login
         "refresh_reuse": 1,
+        "grace_reuse": 0,
         "invalid_grant": 2,
         "invalid_client": 1,
         "faults": 1,
@@ -439,22 +481,41 @@ def test_stats_are_exact_and_reset(provider: LocalProvider, client: httpx.Client
     assert provider.requests == []
 
 
-def test_token_delay_and_herd(client: httpx.Client, provider: LocalProvider) -> None:
-    """With token_delay, concurrent refreshes of one token: exactly one wins, the rest are reuse."""
+class InFlight:
+    """An ASGI wrapper that counts the requests being handled at once, and the most at any moment."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.now = 0
+        self.peak = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        self.now += 1  # one event loop serves every request: no lock needed
+        self.peak = max(self.peak, self.now)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.now -= 1
+
+
+def test_token_delay_and_herd(provider: LocalProvider) -> None:
+    """With token_delay, concurrent refreshes of one token: exactly one wins, the rest are reuse; the delays
+    overlap (the server handles a second request while the first waits)."""
     provider.token_delay = 0.2
     tokens = provider.login()
     results: list[int] = []
+    counted = InFlight(provider)
+    with ServerThread(counted) as running, httpx.Client(base_url=running.url) as client:
 
-    def worker() -> None:
-        results.append(refresh(client, tokens.refresh_token).status_code)
+        def worker() -> None:
+            results.append(refresh(client, tokens.refresh_token).status_code)
 
-    threads = [threading.Thread(target=worker) for _ in range(8)]
-    started = time.monotonic()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert time.monotonic() - started < 1.5  # the delays overlap
+        threads = [threading.Thread(target=worker) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert counted.peak > 1  # a blocking delay would have served them one at a time
     assert sorted(results) == [200] + [400] * 7
     assert provider.stats["refresh_ok"] == 1
     assert provider.stats["refresh_reuse"] == 7

@@ -43,8 +43,22 @@ SESSION_COOKIE = "gw_session"
 REAUTH_CHALLENGE = (
     'Bearer error="invalid_token", error_description="upstream token is no longer valid; re-authentication required"'
 )
-# Hop-by-hop and credential headers are the gateway's business, not the upstream's.
-_DROP_REQUEST = {"host", "cookie", "authorization", "connection", "content-length", "transfer-encoding"}
+# Hop-by-hop and credential headers are the gateway's business, not the upstream's: the gateway session (a cookie
+# or X-Gateway-Session) is a bearer credential for this gateway, which an upstream must never see.
+_DROP_REQUEST = {
+    "host",
+    "cookie",
+    "authorization",
+    "proxy-authorization",
+    "x-gateway-session",
+    "connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "upgrade",
+    "content-length",
+    "transfer-encoding",
+}
 _KEEP_RESPONSE = (
     "content-type",
     "content-encoding",

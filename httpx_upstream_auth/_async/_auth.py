@@ -46,6 +46,7 @@ class AsyncAuthFlow:
             # None: the API refused this token right after its refresh; another would not help.
             return
         request.headers["Authorization"] = retry.authorization
+        ops.replayed(self._session_id, retry)
         response = yield request
         if not carried(response, request, retry.authorization):
             return

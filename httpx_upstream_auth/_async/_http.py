@@ -8,6 +8,9 @@ request body and whatever part of the answer had arrived, and error reporters re
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from typing import cast
 
 import httpx
 
@@ -41,17 +44,20 @@ async def _exchange(
         ) as response:
             status_code = response.status_code
             body = bytearray()
-            async for chunk in response.aiter_bytes():
-                body += chunk
-                if len(body) > max_bytes:
-                    outcome = oversize_failure(status_code, max_bytes)
-                    break
-                if time.monotonic() > deadline:
-                    outcome = slow_failure(status_code, total_timeout)
-                    break
-            else:
-                retry_after = retry_after_seconds(response.headers.get("retry-after"), time.time())
-                outcome = TokenAnswer(status_code, bytes(body), retry_after)
+            # Closed here when the read stops early, not left to the garbage collector (trio warns then);
+            # httpx types it as an iterator, but it is a generator.
+            async with aclosing(cast(AsyncGenerator[bytes, None], response.aiter_bytes())) as chunks:
+                async for chunk in chunks:
+                    body += chunk
+                    if len(body) > max_bytes:
+                        outcome = oversize_failure(status_code, max_bytes)
+                        break
+                    if time.monotonic() > deadline:
+                        outcome = slow_failure(status_code, total_timeout)
+                        break
+                else:
+                    retry_after = retry_after_seconds(response.headers.get("retry-after"), time.time())
+                    outcome = TokenAnswer(status_code, bytes(body), retry_after)
     except Exception as exc:  # any failure of the exchange is a RefreshFailed; see transport_failure
         if outcome is None:
             return transport_failure(exc, status_code)

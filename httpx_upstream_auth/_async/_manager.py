@@ -8,6 +8,7 @@ caller's cancellation, timeout or exit reaches it once the refresh request may h
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 from collections.abc import Iterator
@@ -17,17 +18,20 @@ import attrs
 
 from .._exceptions import (
     BindingMismatch,
+    ConfigurationError,
     ReauthenticationRequired,
     RefreshFailed,
     StorageError,
     UpstreamAuthError,
 )
 from .._models import Binding, EntryKey, UpstreamTokens
+from .._refresher import Refresher
 from .._state import ManagerState, Need, logger
 from .._synchronization import (
     AsyncCall,
     AsyncDeadline,
     AsyncLeaseKeeper,
+    AsyncStoreCalls,
     Flight,
     Outcome,
     SameThreadWait,
@@ -35,8 +39,10 @@ from .._synchronization import (
     async_call_bounded,
     async_lead,
     async_sleep,
+    copy_error,
     start_async_job,
 )
+from .._trace import JobTrace, current_job, short_hash
 
 T = TypeVar("T")
 
@@ -50,6 +56,12 @@ RETRY_PAUSE = (0.05, 1.0)
 #: Token requests retried after a refusal that consumed nothing, and the backoff's base and cap (seconds).
 MAX_RETRIES = 3
 RETRY_BACKOFF = (0.25, 2.0)
+#: How a fail-closed error message ends, by whether the store confirmed it no longer holds the entry.
+REMOVED = "the entry was removed, so the consumed refresh token is never presented again"
+NOT_REMOVED = (
+    "the store did not confirm removing the entry: this process never presents that refresh token again (and "
+    "removes the entry when it next finds it), but other processes sharing the store may until then"
+)
 
 
 class AsyncTokenOps:
@@ -57,11 +69,13 @@ class AsyncTokenOps:
 
     def __init__(self, state: ManagerState) -> None:
         self._state = state
+        # Bound once: the hot path hands it to the cache without building a method object per request.
+        self._ahead = self._refresh_ahead
 
     async def get_token(self, session_id: str, expect: Binding | None = None) -> UpstreamTokens:
         """A fresh entry for the session, refreshed (once, across all callers) when needed."""
         state = self._state
-        tokens = state.cached(session_id)
+        tokens = state.cached(session_id, self._ahead)
         if tokens is None:
             key = state.key(session_id)
             tokens = await self._shared_read(key)
@@ -94,7 +108,14 @@ class AsyncTokenOps:
 
     def distrust(self, session_id: str, tokens: UpstreamTokens) -> None:
         """The API refused ``tokens`` on the replay right after their refresh."""
-        self._state.distrust(session_id, tokens)
+        state = self._state
+        state.distrust(session_id, tokens)
+        state.tracer.emit("distrusted", state.key(session_id), access_token_hash=short_hash(tokens.access_token))
+
+    def replayed(self, session_id: str, tokens: UpstreamTokens) -> None:
+        """A request the API refused is being sent again with ``tokens``."""
+        state = self._state
+        state.tracer.emit("replayed", state.key(session_id), access_token_hash=short_hash(tokens.access_token))
 
     def accepted(self, session_id: str, access_token: str) -> None:
         """The API accepted ``access_token``: it is trusted again if it was not."""
@@ -172,6 +193,11 @@ class AsyncTokenOps:
     async def _refreshed(self, key: EntryKey, need: Need) -> UpstreamTokens:
         """Wait for the key's refresh job (starting one if none runs) until it yields what ``need`` asks."""
         state = self._state
+        remembered = state.remembered_failure(key)
+        if remembered is not None:
+            # A refresh failed moments ago without consuming anything: the same request now would fail the same
+            # way, so every caller gets (its own copy of) that error at once, with no token request.
+            raise copy_error(remembered)
         deadline = state.clock.monotonic() + state.wait_timeout
         born_expired = 0
         for _ in range(MAX_FLIGHTS):
@@ -202,6 +228,28 @@ class AsyncTokenOps:
                     )
         raise RefreshFailed("the token kept changing during the refresh; retry the request", retryable=True)
 
+    def _refresh_ahead(self, session_id: str, tokens: UpstreamTokens) -> None:
+        """The cached entry is inside its refresh-ahead window: start the session's refresh job in the
+        background unless one runs (or refreshing cannot work now); the caller goes on with ``tokens``."""
+        state = self._state
+        key = state.key(session_id)
+        refresh_token = tokens.refresh_token
+        if (
+            state.closing
+            or refresh_token is None
+            or state.backing_off(key)
+            or state.remembered_failure(key) is not None
+            or state.is_consumed(key, refresh_token)
+        ):
+            return
+        try:
+            flight, new = state.join_flight(key)
+        except RefreshFailed:
+            return  # closed meanwhile: no job starts, and the token is still valid
+        if new:
+            self._launch(key, Need(ahead_of=tokens.version), flight)
+            state.tracer.emit("refresh_ahead.started", key, version=tokens.version)
+
     def _launch(self, key: EntryKey, need: Need, flight: Flight) -> None:
         state = self._state
 
@@ -222,12 +270,19 @@ class AsyncTokenOps:
         """The job: lead the key's refresh and publish its outcome, whatever happens to the callers."""
         state = self._state
         outcome = Outcome()
+        job = JobTrace(started=state.clock.monotonic())
+        marked = current_job.set(job)
+        waiters = 0
+        # Every storage call after the token request goes through this, bounded (and, in a thread job, on a
+        # worker thread started before the request).
+        calls = AsyncStoreCalls(2 * state.refresh_timeout + state.lease_ttl)
         try:
-            outcome = await self._lead(key, need, flight.epoch)
+            outcome = await self._lead(key, need, flight.epoch, calls)
         except UpstreamAuthError as exc:
             outcome = Outcome(error=exc)
         except Exception as exc:  # a bug in a custom storage: say so, typed, without its text
             logger.debug("refresh of %s: unexpected %s", key, type(exc).__name__)
+            state.tracer.emit("store.error", key, operation="refresh", error=type(exc).__name__)
             outcome = Outcome(
                 error=RefreshFailed(
                     f"the refresh failed with {type(exc).__name__} from the storage; retry the request",
@@ -235,17 +290,61 @@ class AsyncTokenOps:
                 )
             )
         finally:
+            waiters = flight.waiting
+            calls.close()
             state.end_flight(key, flight, outcome)
+            with contextlib.suppress(ValueError):  # closed from another context (see ManagerState.writing)
+                current_job.reset(marked)
+        # After publishing: the waiters have their tokens, and no lock or lease is held while hooks run.
+        self._report(key, job, outcome, waiters)
 
-    async def _lead(self, key: EntryKey, need: Need, epoch: int) -> Outcome:
+    def _report(self, key: EntryKey, job: JobTrace, outcome: Outcome, waiters: int) -> None:
+        """Tell the tracer how the job ended: a refresh that succeeded or failed (nothing if none was needed)."""
+        state = self._state
+        duration = state.clock.monotonic() - job.started
+        tokens = outcome.tokens
+        if outcome.refreshed and tokens is not None:
+            state.tracer.emit(
+                "refresh.succeeded",
+                key,
+                reason=job.reason,
+                duration=duration,
+                waiters=waiters,
+                retries=job.retries,
+                version=tokens.version,
+                access_token_hash=short_hash(tokens.access_token),
+            )
+            state.tracer.refreshed(key, tokens)
+            return
+        error = outcome.error if outcome.error is not None else job.error
+        if error is not None:
+            state.tracer.emit(
+                "refresh.failed",
+                key,
+                reason=job.reason,
+                error=type(error).__name__,
+                retryable=getattr(error, "retryable", False),
+                duration=duration,
+                waiters=waiters,
+                retries=job.retries,
+                served_stale=outcome.error is None,
+            )
+
+    async def _lead(self, key: EntryKey, need: Need, epoch: int, calls: AsyncStoreCalls) -> Outcome:
         state = self._state
         give_up = state.clock.monotonic() + state.lease_wait
+        prepared = False
         while True:
             # Re-read first: another task, thread or process may have refreshed already.
             current = await self._read(key)
-            early = await self._early_answer_or_discard(key, need, current, epoch)
+            early = await self._early_answer_or_discard(key, need, current, epoch, calls)
             if early is not None:
                 return early
+            if not prepared:
+                fallback = await self._prepare(key, need, current, epoch)
+                if fallback is not None:
+                    return fallback
+                prepared = True
             lease = await state.storage.aacquire_lease(key, state.lease_ttl)
             if lease is None:
                 left = give_up - state.clock.monotonic()
@@ -257,6 +356,7 @@ class AsyncTokenOps:
                         retryable=True,
                     )
                 logger.debug("refresh of %s: waiting for another worker's lease", key)
+                state.tracer.emit("lease.waited", key)
                 await state.storage.awatch(key, current.version, min(left, 1.0))
                 continue
             try:
@@ -266,7 +366,7 @@ class AsyncTokenOps:
                 async with AsyncLeaseKeeper(renew, state.lease_ttl, 2 * state.refresh_timeout + state.lease_ttl):
                     # Re-read under the lease: the previous holder may have saved just before releasing.
                     current = await self._read(key)
-                    early = await self._early_answer_or_discard(key, need, current, epoch)
+                    early = await self._early_answer_or_discard(key, need, current, epoch, calls)
                     if early is not None:
                         return early
                     if state.closing:
@@ -289,19 +389,53 @@ class AsyncTokenOps:
                                 retryable=True,
                             )
                         continue
-                    return await self._redeem(key, need, current, epoch)
+                    return await self._redeem(key, need, current, epoch, calls)
             except GeneratorExit:
                 lease = None  # collected with its closed loop: nothing can be awaited; the lease expires
                 raise
             finally:
                 if lease is not None:
                     try:
-                        await state.storage.arelease_lease(lease)
+                        await self._bounded(calls, functools.partial(state.storage.arelease_lease, lease))
                     except StorageError:
-                        logger.debug("refresh of %s: lease release failed; it expires", key)
+                        logger.debug("refresh of %s: lease release failed or hung; it expires", key)
+
+    async def _prepare(self, key: EntryKey, need: Need, current: UpstreamTokens, epoch: int) -> Outcome | None:
+        """The refresher's work before its token request (discovery, for one), outside the lease and the bounded
+        token request: it sends no refresh token, so a failure or a timeout here leaves the entry as it is. As
+        after a refusal that consumed nothing, a still-valid token is served, and the failure is remembered."""
+        state = self._state
+        refresher = state.refresher
+        if type(refresher).aprepare is Refresher.aprepare:
+            return None  # nothing to prepare: no call, no thread
+        try:
+            done = await async_call_bounded(state.refresh_timeout, refresher.aprepare, current)
+            if done is not TimedOut:
+                return None
+            failure = RefreshFailed(
+                "the refresher's preparation (such as discovering the token endpoint) did not finish in time; no "
+                "token request was sent. Retry the request.",
+                retryable=True,
+            )
+        except RefreshFailed as exc:
+            failure = exc
+        except UpstreamAuthError:
+            raise
+        except Exception as exc:
+            failure = RefreshFailed(
+                f"the refresher's preparation failed ({type(exc).__name__}); no token request was sent",
+                retryable=False,
+            )
+        if isinstance(failure, ConfigurationError):
+            state.remember_failure(key, failure, epoch)  # every session's refresh would fail the same way
+        if self._usable(need, current):
+            state.back_off(key)
+            return Outcome(tokens=current, fallback=True)
+        state.remember_failure(key, failure, epoch)
+        raise failure
 
     async def _early_answer_or_discard(
-        self, key: EntryKey, need: Need, current: UpstreamTokens, epoch: int
+        self, key: EntryKey, need: Need, current: UpstreamTokens, epoch: int, calls: AsyncStoreCalls
     ) -> Outcome | None:
         """:meth:`_early_answer`; when it is that the stored token's answer was lost and the store would not
         remove the entry then, remove it now (compare-and-set on its version, so no lease is needed)."""
@@ -310,7 +444,7 @@ class AsyncTokenOps:
             return self._early_answer(key, need, current, epoch)
         except ReauthenticationRequired:
             if current.refresh_token is not None and state.is_lost(current.refresh_token):
-                await self._discard(key, current, state.clock.monotonic() + state.refresh_timeout)
+                await self._discard(key, current, state.clock.monotonic() + state.refresh_timeout, calls)
             raise
 
     def _early_answer(self, key: EntryKey, need: Need, current: UpstreamTokens, epoch: int) -> Outcome | None:
@@ -342,17 +476,32 @@ class AsyncTokenOps:
         if not self._usable(need, tokens):
             return False
         refresh_token = tokens.refresh_token
-        return refresh_token is None or state.is_consumed(key, refresh_token) or state.backing_off(key)
+        return (
+            refresh_token is None
+            or state.is_consumed(key, refresh_token)
+            or state.backing_off(key)
+            or state.remembered_failure(key) is not None
+        )
 
-    async def _redeem(self, key: EntryKey, need: Need, current: UpstreamTokens, epoch: int) -> Outcome:
+    async def _redeem(
+        self, key: EntryKey, need: Need, current: UpstreamTokens, epoch: int, calls: AsyncStoreCalls
+    ) -> Outcome:
         state = self._state
         assert current.refresh_token is not None
         logger.debug("refresh of %s: redeeming version %d", key, current.version)
+        # What the writes after the request need is acquired now: a process that cannot provide it sends nothing.
+        calls.prepare()
+        reason = "rejected" if need.rejected is not None else "ahead" if need.ahead_of is not None else "expired"
+        job = current_job.get()
+        if job is not None:
+            job.redeemed = True
+            job.reason = reason
+        state.tracer.emit("refresh.started", key, reason=reason, version=current.version)
         # From here on the provider may consume the refresh token: never present it again from this
         # process unless we learn it was not consumed.
         state.mark_consumed(current.refresh_token)
         try:
-            return await self._redeem_marked(key, need, current, epoch)
+            return await self._redeem_marked(key, need, current, epoch, calls)
         except Exception:
             raise  # each failure below already saved, removed or kept the entry as it should
         except GeneratorExit:
@@ -364,10 +513,12 @@ class AsyncTokenOps:
             # Stopped for good (the event loop is ending, the interpreter is exiting) after the request may
             # have left: fail closed while we still can, so no other process presents the token again.
             with AsyncDeadline(state.refresh_timeout, shield=True):
-                await self._discard(key, current, state.clock.monotonic() + state.refresh_timeout)
+                await self._discard(key, current, state.clock.monotonic() + state.refresh_timeout, calls)
             raise
 
-    async def _redeem_marked(self, key: EntryKey, need: Need, current: UpstreamTokens, epoch: int) -> Outcome:
+    async def _redeem_marked(
+        self, key: EntryKey, need: Need, current: UpstreamTokens, epoch: int, calls: AsyncStoreCalls
+    ) -> Outcome:
         state = self._state
         assert current.refresh_token is not None
         # Whatever happens to the token request, the writes that follow get refresh_timeout of their own.
@@ -375,7 +526,7 @@ class AsyncTokenOps:
             fresh = await self._answer(need, current)
         except ReauthenticationRequired:
             # invalid_grant may mean another worker rotated first: use its tokens if so.
-            again = await state.storage.aget(key)
+            again = await self._bounded(calls, functools.partial(state.storage.aget, key))
             if again is None or again.version == current.version:
                 state.refuse(key, current.refresh_token)  # the provider calls it dead: never present it again
                 raise
@@ -383,24 +534,29 @@ class AsyncTokenOps:
             return Outcome(tokens=again)
         except RefreshFailed as exc:
             if exc.may_have_rotated:
-                await self._discard(key, current, state.clock.monotonic() + state.refresh_timeout)
+                removed = await self._discard(key, current, state.clock.monotonic() + state.refresh_timeout, calls)
                 raise ReauthenticationRequired(
                     "the token endpoint's answer was lost or unusable after it may have rotated the refresh "
-                    "token; the entry was removed so the consumed token is never presented again. Log the "
-                    "user in again."
+                    f"token; {REMOVED if removed else NOT_REMOVED}. Log the user in again. What happened: {exc}"
                 ) from None
             state.settle_consumed(current.refresh_token)
+            job = current_job.get()
+            if job is not None:
+                job.error = exc
+            if isinstance(exc, ConfigurationError):
+                state.remember_failure(key, exc, epoch)  # every session's refresh would fail the same way
             if self._usable(need, current):
                 # The provider had a blip and the stored token is still valid: serve it, try again later.
                 state.back_off(key)
                 return Outcome(tokens=current, fallback=True)
+            state.remember_failure(key, exc, epoch)
             raise
         except BindingMismatch:
-            await self._discard(key, current, state.clock.monotonic() + state.refresh_timeout)
+            removed = await self._discard(key, current, state.clock.monotonic() + state.refresh_timeout, calls)
             raise BindingMismatch(
                 "the provider returned an id_token for another subject than the stored entry; the new tokens "
-                "were refused and, since the refresh token was consumed, the entry was removed. Log the user "
-                "in again."
+                f"were refused and the refresh token was consumed: {REMOVED if removed else NOT_REMOVED}. Log "
+                "the user in again."
             ) from None
         except NotImplementedError:
             # A refresher without this (sync or async) half sent nothing.
@@ -412,31 +568,59 @@ class AsyncTokenOps:
             ) from None
         except Exception as exc:
             # A custom refresher failed in a way that does not say whether the request left: assume it did.
-            await self._discard(key, current, state.clock.monotonic() + state.refresh_timeout)
+            removed = await self._discard(key, current, state.clock.monotonic() + state.refresh_timeout, calls)
             raise RefreshFailed(
-                f"the refresher failed ({type(exc).__name__}), so the refresh token may have been consumed; the "
-                "entry was removed. Raise RefreshFailed(may_have_rotated=False) from a custom refresher for "
-                "failures that certainly did not reach the provider. Log the user in again.",
+                f"the refresher failed ({type(exc).__name__}), so the refresh token may have been consumed; "
+                f"{REMOVED if removed else NOT_REMOVED}. Raise RefreshFailed(may_have_rotated=False) from a custom "
+                "refresher for failures that certainly did not reach the provider. Log the user in again.",
                 retryable=False,
             ) from None
         if fresh.refresh_token == current.refresh_token:
             state.settle_consumed(current.refresh_token)  # not rotated: it stays valid
-        return await self._save(key, need, current, fresh, epoch, state.clock.monotonic() + state.refresh_timeout)
+        return await self._save(
+            key, need, current, fresh, epoch, state.clock.monotonic() + state.refresh_timeout, calls
+        )
 
     async def _answer(self, need: Need, current: UpstreamTokens) -> UpstreamTokens:
         """The refresher's answer as the next entry, within refresh_timeout; a refusal that proves nothing was
         consumed (the provider's own 5xx/429/408 error answer, a connection that never opened) is retried
-        with the same refresh token when no valid token could be served instead."""
+        with the same refresh token when no valid token could be served instead. An answer lost after the
+        provider may have redeemed the token is retried once, within ``reuse_grace`` of sending it."""
         state = self._state
         give_up = state.clock.monotonic() + state.refresh_timeout
+        graced = False
         for attempt in itertools.count():
-            left = give_up - state.clock.monotonic()
+            sent = state.clock.monotonic()
+            left = give_up - sent
             try:
                 answer = await async_call_bounded(left, state.refresher.arefresh, current, state.clock)
             except RefreshFailed as exc:
+                if graced and not exc.may_have_rotated:
+                    # The first answer was lost: whatever the retry's refusal says, the token may be consumed,
+                    # so it is never presented again (not even for a transient refusal), and the job fails closed.
+                    raise RefreshFailed(
+                        f"the token endpoint's answer was lost, and the retry within reuse_grace was refused ({exc}); "
+                        "the provider may have rotated the refresh token.",
+                        retryable=True,
+                        status_code=exc.status_code,
+                        may_have_rotated=True,
+                    ) from None
+                if not graced and self._within_grace(exc, sent, give_up):
+                    # The provider honours the token it may have just redeemed for reuse_grace seconds (Okta,
+                    # Auth0, Keycloak, Hydra): this job, still holding the lease, presents it once more instead
+                    # of failing closed. No other job or process ever presents it (it is marked consumed).
+                    graced = True
+                    job = current_job.get()
+                    if job is not None:
+                        job.retries += 1
+                    logger.debug("refresh: the answer was lost; presenting the refresh token again within reuse_grace")
+                    continue
                 pause = self._transient_pause(exc, attempt, need, current, give_up)
                 if pause is None:
                     raise
+                job = current_job.get()
+                if job is not None:
+                    job.retries += 1
                 logger.debug("refresh: HTTP %s, trying again in %.2fs", exc.status_code, pause)
                 await async_sleep(pause)
                 continue
@@ -444,6 +628,14 @@ class AsyncTokenOps:
                 raise RefreshFailed("the token endpoint did not answer in time", retryable=True, may_have_rotated=True)
             return self._checked(answer, current)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _within_grace(self, exc: RefreshFailed, sent: float, give_up: float) -> bool:
+        """True when ``exc`` says the answer was lost after the provider may have redeemed the token (timeout
+        after sending, connection reset, a gateway's 5xx, an unreadable 200) and the same token may still be
+        presented: less than ``reuse_grace`` since it was sent, with time left in the job's refresh_timeout."""
+        state = self._state
+        now = state.clock.monotonic()
+        return exc.may_have_rotated and exc.retryable and now - sent < state.reuse_grace and now < give_up
 
     def _transient_pause(
         self, exc: RefreshFailed, attempt: int, need: Need, current: UpstreamTokens, give_up: float
@@ -490,7 +682,14 @@ class AsyncTokenOps:
             pause = min(pause * 2, longest)
 
     async def _save(
-        self, key: EntryKey, need: Need, current: UpstreamTokens, fresh: UpstreamTokens, epoch: int, give_up: float
+        self,
+        key: EntryKey,
+        need: Need,
+        current: UpstreamTokens,
+        fresh: UpstreamTokens,
+        epoch: int,
+        give_up: float,
+        calls: AsyncStoreCalls,
     ) -> Outcome:
         state = self._state
         assert current.refresh_token is not None
@@ -500,12 +699,13 @@ class AsyncTokenOps:
             try:
                 with state.writing(key):
                     put = functools.partial(state.storage.aput, key, fresh, expected_version=current.version)
-                    saved = bool(await self._bounded(put))
-            except Exception:
+                    saved = bool(await self._bounded(calls, put))
+            except Exception as exc:
                 saved = False
+                state.tracer.emit("store.error", key, operation="put", error=type(exc).__name__)
             # Unless the store said it saved, look at what it holds: a write may land though it raised, and a
             # refusal only counts when someone else wrote (one over an unchanged entry is a failed write).
-            landed = True if saved else await self._landed(key, current, fresh)
+            landed = True if saved else await self._landed(key, current, fresh, calls)
             if landed:
                 state.settle_consumed(current.refresh_token)  # the store moved past it
                 state.remember(key, fresh, epoch)
@@ -514,7 +714,8 @@ class AsyncTokenOps:
                 # Compare-and-set lost: a new login or a logout replaced the entry, which no longer holds
                 # the redeemed token. Theirs wins.
                 state.settle_consumed(current.refresh_token)
-                return Outcome(tokens=await self._read(key))
+                theirs = await self._bounded(calls, functools.partial(state.storage.aget, key))
+                return Outcome(tokens=self._present(theirs))
             pause = next(pauses, None)
             if pause is None or not rotated:
                 break
@@ -522,17 +723,18 @@ class AsyncTokenOps:
         if not rotated:
             logger.debug("refresh of %s: save failed, the old refresh token stays valid", key)
             return Outcome(tokens=fresh, refreshed=True)
-        await self._discard(key, current, give_up)
+        removed = await self._discard(key, current, give_up, calls)
         raise StorageError(
-            "the provider rotated the refresh token but the new one could not be saved; the stored entry was "
-            "removed (or will never be presented again by this process) so the consumed token is not reused. "
-            "Log the user in again."
+            "the provider rotated the refresh token but the new one could not be saved; "
+            f"{REMOVED if removed else NOT_REMOVED}. Log the user in again."
         )
 
-    async def _landed(self, key: EntryKey, current: UpstreamTokens, fresh: UpstreamTokens) -> bool | None:
+    async def _landed(
+        self, key: EntryKey, current: UpstreamTokens, fresh: UpstreamTokens, calls: AsyncStoreCalls
+    ) -> bool | None:
         """After a failed write: True if it landed anyway, False if someone else wrote, None if unknown."""
         try:
-            again = await self._bounded(functools.partial(self._state.storage.aget, key))
+            again = await self._bounded(calls, functools.partial(self._state.storage.aget, key))
         except Exception:
             return None
         if again is not None and again.version == fresh.version and again.refresh_token == fresh.refresh_token:
@@ -541,9 +743,10 @@ class AsyncTokenOps:
             return False
         return None
 
-    async def _discard(self, key: EntryKey, current: UpstreamTokens, give_up: float) -> None:
+    async def _discard(self, key: EntryKey, current: UpstreamTokens, give_up: float, calls: AsyncStoreCalls) -> bool:
         """Fail closed: the entry's refresh token may be consumed; remove the entry if it still holds it
-        (retrying until ``give_up``). Until the store confirms, this process remembers the token as lost."""
+        (retrying until ``give_up``). Until the store confirms, this process remembers the token as lost.
+        True when the store confirmed it no longer holds the entry."""
         state = self._state
         assert current.refresh_token is not None
         state.forget(key)
@@ -552,31 +755,37 @@ class AsyncTokenOps:
         while True:
             try:
                 with state.writing(key):
-                    await self._bounded(functools.partial(state.storage.adelete, key, expected_version=current.version))
-            except Exception:
+                    await self._bounded(
+                        calls, functools.partial(state.storage.adelete, key, expected_version=current.version)
+                    )
+            except Exception as exc:
+                state.tracer.emit("store.error", key, operation="delete", error=type(exc).__name__)
                 pause = next(pauses, None)
                 if pause is None:
                     logger.debug("refresh of %s: could not remove the consumed entry", key)
-                    return
+                    return False
                 await async_sleep(pause)
             else:
                 # Removed, or the entry has another version (a login, a logout): the store no longer holds it.
                 state.settle_consumed(current.refresh_token)
-                return
+                return True
 
-    async def _bounded(self, call: AsyncCall[T]) -> T:
+    async def _bounded(self, calls: AsyncStoreCalls, call: AsyncCall[T]) -> T:
         """A storage call made after the token request. A slow store is waited for as long as the job's lease
         may still be renewed (twice refresh_timeout, plus lease_ttl): the write may yet land before anyone else can
         redeem. A store that hangs beyond that counts as a failing one (retried, then fail closed), and cannot
-        keep a worker thread, or the interpreter's exit, waiting for ever."""
-        state = self._state
-        result = await async_call_bounded(2 * state.refresh_timeout + state.lease_ttl, call)
+        keep the job, or the interpreter's exit, waiting for ever (unless no thread can be started to replace a
+        worker left behind in a hung call: the job's thread then makes the call itself)."""
+        result = await calls.call(call)
         if result is TimedOut:
             raise StorageError("the store did not answer in time")
         return result
 
     async def _read(self, key: EntryKey) -> UpstreamTokens:
-        tokens = await self._state.storage.aget(key)
+        return self._present(await self._state.storage.aget(key))
+
+    def _present(self, tokens: UpstreamTokens | None) -> UpstreamTokens:
+        """``tokens`` read from the store, or ReauthenticationRequired when there were none."""
         if tokens is None:
             raise ReauthenticationRequired(
                 "no tokens are stored for this session; send the user through the login flow and store "

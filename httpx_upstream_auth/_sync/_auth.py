@@ -47,6 +47,7 @@ class SyncAuthFlow:
             # None: the API refused this token right after its refresh; another would not help.
             return
         request.headers["Authorization"] = retry.authorization
+        ops.replayed(self._session_id, retry)
         response = yield request
         if not carried(response, request, retry.authorization):
             return

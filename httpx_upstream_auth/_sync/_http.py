@@ -9,6 +9,9 @@ request body and whatever part of the answer had arrived, and error reporters re
 from __future__ import annotations
 
 import time
+from collections.abc import Generator
+from contextlib import closing
+from typing import cast
 
 import httpx
 
@@ -42,17 +45,20 @@ def _exchange(
         ) as response:
             status_code = response.status_code
             body = bytearray()
-            for chunk in response.iter_bytes():
-                body += chunk
-                if len(body) > max_bytes:
-                    outcome = oversize_failure(status_code, max_bytes)
-                    break
-                if time.monotonic() > deadline:
-                    outcome = slow_failure(status_code, total_timeout)
-                    break
-            else:
-                retry_after = retry_after_seconds(response.headers.get("retry-after"), time.time())
-                outcome = TokenAnswer(status_code, bytes(body), retry_after)
+            # Closed here when the read stops early, not left to the garbage collector (trio warns then);
+            # httpx types it as an iterator, but it is a generator.
+            with closing(cast(Generator[bytes, None], response.iter_bytes())) as chunks:
+                for chunk in chunks:
+                    body += chunk
+                    if len(body) > max_bytes:
+                        outcome = oversize_failure(status_code, max_bytes)
+                        break
+                    if time.monotonic() > deadline:
+                        outcome = slow_failure(status_code, total_timeout)
+                        break
+                else:
+                    retry_after = retry_after_seconds(response.headers.get("retry-after"), time.time())
+                    outcome = TokenAnswer(status_code, bytes(body), retry_after)
     except Exception as exc:  # any failure of the exchange is a RefreshFailed; see transport_failure
         if outcome is None:
             return transport_failure(exc, status_code)

@@ -7,11 +7,13 @@ discovery fails instead of guessing ``{origin}/token``. Needs no MCP SDK: only h
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import logging
 import re
-from typing import Any
+from collections.abc import AsyncGenerator, Callable
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import attrs
@@ -19,7 +21,7 @@ import httpx
 
 from .._exceptions import RefreshFailed, UpstreamAuthError
 from .._models import EntryKey, UpstreamTokens
-from .._storage import Storage
+from .._storages import Storage
 
 __all__ = [
     "DiscoveryFailed",
@@ -127,10 +129,17 @@ class ServerMetadata:
         return cls(**data)
 
 
-def _origin_and_path(url: str) -> tuple[str, str]:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError(f"not an http(s) URL: {url!r}")
+def _origin_and_path(url: str, what: str = "a URL discovery was given") -> tuple[str, str]:
+    """``(origin, path)`` of an http(s) URL; :class:`DiscoveryFailed` for anything else (the value is not echoed:
+    it may come from a server, and an error text is no place for what it sent)."""
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # an invalid port raises ValueError here rather than later
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname) and not any(c.isspace() for c in url)
+    except (ValueError, TypeError, AttributeError):
+        valid = False
+    if not valid:
+        raise DiscoveryFailed(f"{what} is not an http(s) URL", retryable=False)
     return f"{parts.scheme}://{parts.netloc}", parts.path.rstrip("/")
 
 
@@ -149,9 +158,26 @@ def is_secure_url(url: str) -> bool:
     return scheme == "https" or (scheme == "http" and is_loopback(url))
 
 
-def _check_transport_security(url: str) -> None:
-    if not is_secure_url(url):
-        raise DiscoveryFailed(f"metadata URL {url!r} is not https (plain http only on loopback)", retryable=False)
+def may_contact(url: str, server_url: str) -> bool:
+    """Whether discovery or a login for the MCP server at ``server_url`` may send a request to ``url``: ``https``;
+    plain ``http`` only to a loopback host, and only for a server that is itself on loopback (a development
+    setup). A remote server must not make this client probe its own machine's services."""
+    try:
+        scheme = urlsplit(url).scheme.lower()
+    except ValueError:
+        return False
+    return scheme == "https" or (scheme == "http" and is_loopback(url) and is_loopback(server_url))
+
+
+def check_may_contact(url: str, server_url: str, what: str = "metadata URL") -> None:
+    """:class:`DiscoveryFailed` unless :func:`may_contact` allows ``url`` (nothing is sent to it)."""
+    if not may_contact(url, server_url):
+        where = "this MCP server is on loopback" if is_loopback(server_url) else "the MCP server is remote"
+        raise DiscoveryFailed(
+            f"a {what} is not https (plain http is allowed only to loopback, and only when the MCP server is on "
+            f"loopback; {where}); nothing was sent to it",
+            retryable=False,
+        )
 
 
 def resource_metadata_from_challenge(www_authenticate: str | None) -> str | None:
@@ -162,6 +188,17 @@ def resource_metadata_from_challenge(www_authenticate: str | None) -> str | None
     return None if match is None else match.group(1) or match.group(2)
 
 
+def screen_challenge(www_authenticate: str, server_url: str) -> str:
+    """``www_authenticate`` without its ``resource_metadata`` parameters when any names another origin than the MCP
+    server's, for a client (the SDK's login) that would fetch it wherever it points."""
+    origin, _ = _origin_and_path(server_url, "the MCP server URL")
+    named = [m.group(1) or m.group(2) or "" for m in _CHALLENGE_PARAM.finditer(www_authenticate)]
+    if all(_same_origin(url, origin) for url in named):
+        return www_authenticate
+    logger.warning("ignored a resource_metadata URL on another origin than the MCP server %s", origin)
+    return _CHALLENGE_PARAM.sub("", www_authenticate)
+
+
 def protected_resource_metadata_urls(server_url: str, www_authenticate: str | None = None) -> list[str]:
     """Where to look for the server's RFC 9728 metadata, in order.
 
@@ -170,7 +207,7 @@ def protected_resource_metadata_urls(server_url: str, www_authenticate: str | No
     the path-aware well-known URL (``{origin}/.well-known/oauth-protected-resource{path}``), then the
     root one.
     """
-    origin, path = _origin_and_path(server_url)
+    origin, path = _origin_and_path(server_url, "the MCP server URL")
     urls = []
     named = resource_metadata_from_challenge(www_authenticate)
     if named and _same_origin(named, origin):
@@ -186,15 +223,22 @@ def protected_resource_metadata_urls(server_url: str, www_authenticate: str | No
 def _same_origin(url: str, origin: str) -> bool:
     try:
         other, _ = _origin_and_path(url)
-    except ValueError:
+    except DiscoveryFailed:
         return False
     return other.lower() == origin.lower()
 
 
 def authorization_server_metadata_urls(issuer: str) -> list[str]:
     """Where to look for an issuer's metadata, in order: RFC 8414 (path inserted after the well-known
-    prefix), OpenID Connect in the same form, then OpenID Connect Discovery (path, then well-known)."""
-    origin, path = _origin_and_path(issuer)
+    prefix), OpenID Connect in the same form, then OpenID Connect Discovery (path, then well-known).
+    An issuer that is not an http(s) URL without query or fragment (RFC 8414 section 2) raises
+    :class:`DiscoveryFailed`."""
+    origin, path = _origin_and_path(issuer, "the authorization server's issuer")
+    parts = urlsplit(issuer)
+    if parts.query or parts.fragment or "?" in issuer or "#" in issuer:
+        raise DiscoveryFailed(
+            "the authorization server's issuer has a query or fragment, which RFC 8414 forbids", retryable=False
+        )
     if not path:
         return [f"{origin}/.well-known/oauth-authorization-server", f"{origin}/.well-known/openid-configuration"]
     return [
@@ -206,8 +250,13 @@ def authorization_server_metadata_urls(issuer: str) -> list[str]:
 
 def _resource_matches(server_url: str, resource: str) -> bool:
     # RFC 9728 section 3.3: the resource must be the server itself or a parent of it (same origin, path prefix).
-    server_origin, server_path = _origin_and_path(server_url)
-    origin, path = _origin_and_path(resource)
+    server_origin, server_path = _origin_and_path(server_url, "the MCP server URL")
+    try:
+        origin, path = _origin_and_path(resource)
+    except DiscoveryFailed:
+        return False  # not even a URL: not this server
+    if "#" in resource:
+        return False  # RFC 8707 section 2: a resource indicator has no fragment
     return server_origin.lower() == origin.lower() and (server_path + "/").startswith(path + "/")
 
 
@@ -221,7 +270,7 @@ def _read_json(answer: tuple[int, bytes], url: str) -> dict[str, Any] | None:
         return None
     try:
         data = json.loads(content)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: deeply nested arrays, a cheap way to crash a parser
         return None
     return data if isinstance(data, dict) else None
 
@@ -246,8 +295,9 @@ def _prm_result(server_url: str, url: str, data: dict[str, Any], issuer: str | N
         )
     if not _resource_matches(server_url, resource):
         raise DiscoveryFailed(
-            f"protected-resource metadata at {url} is for {resource!r}, not for {server_url!r}", retryable=False
+            f"protected-resource metadata at {url} is for another resource than {server_url}", retryable=False
         )
+    authorization_server_metadata_urls(chosen)  # a usable issuer identifier, or DiscoveryFailed now
     return resource, chosen
 
 
@@ -255,19 +305,23 @@ def _asm_result(
     server_url: str, resource: str | None, issuer: str, url: str, data: dict[str, Any], now: float
 ) -> ServerMetadata:
     if not isinstance(data.get("issuer"), str) or not issuers_match(data["issuer"], issuer):
+        # What it names instead is not repeated: the answer may come from a service the server pointed us at.
         raise DiscoveryFailed(
-            f"authorization-server metadata at {url} names issuer {data.get('issuer')!r}, not {issuer!r}",
-            retryable=False,
+            f"authorization-server metadata at {url} names another issuer than {issuer}", retryable=False
         )
     token_endpoint = data.get("token_endpoint")
     if not isinstance(token_endpoint, str):
         raise DiscoveryFailed(f"authorization-server metadata at {url} has no token_endpoint", retryable=False)
-    methods = data.get("token_endpoint_auth_methods_supported") or ()
-    pkce = data.get("code_challenge_methods_supported") or ()
+    _origin_and_path(token_endpoint, f"the token_endpoint of the authorization-server metadata at {url}")
+    check_may_contact(token_endpoint, server_url, "token endpoint")
 
     def text(name: str) -> str | None:
         value = data.get(name)
         return value if isinstance(value, str) else None
+
+    def texts(name: str) -> tuple[str, ...]:
+        value = data.get(name)  # RFC 8414: a JSON array of strings; anything else counts as not said
+        return tuple(v for v in value if isinstance(v, str)) if isinstance(value, list) else ()
 
     return ServerMetadata(
         server_url=server_url,
@@ -276,8 +330,8 @@ def _asm_result(
         token_endpoint=token_endpoint,
         authorization_endpoint=text("authorization_endpoint"),
         registration_endpoint=text("registration_endpoint"),
-        token_endpoint_auth_methods=tuple(m for m in methods if isinstance(m, str)),
-        code_challenge_methods=tuple(m for m in pkce if isinstance(m, str)) if isinstance(pkce, list) else (),
+        token_endpoint_auth_methods=texts("token_endpoint_auth_methods_supported"),
+        code_challenge_methods=texts("code_challenge_methods_supported"),
         discovered_at=now,
     )
 
@@ -313,7 +367,7 @@ async def adiscover(
     try:
         prm_urls = protected_resource_metadata_urls(server_url, www_authenticate)
         for url in prm_urls:
-            _check_transport_security(url)
+            check_may_contact(url, server_url)
             data = _read_json(await _aget(http, url), url)
             if data is not None:
                 resource, issuer = _prm_result(server_url, url, data, issuer)
@@ -322,7 +376,7 @@ async def adiscover(
             raise _no_metadata("protected-resource", prm_urls)
         asm_urls = authorization_server_metadata_urls(issuer)
         for url in asm_urls:
-            _check_transport_security(url)
+            check_may_contact(url, server_url)
             data = _read_json(await _aget(http, url), url)
             if data is not None:
                 return _asm_result(server_url, resource, issuer, url, data, time.time() if now is None else now)
@@ -349,7 +403,7 @@ def discover(
     try:
         prm_urls = protected_resource_metadata_urls(server_url, www_authenticate)
         for url in prm_urls:
-            _check_transport_security(url)
+            check_may_contact(url, server_url)
             data = _read_json(_get(http, url), url)
             if data is not None:
                 resource, issuer = _prm_result(server_url, url, data, issuer)
@@ -358,7 +412,7 @@ def discover(
             raise _no_metadata("protected-resource", prm_urls)
         asm_urls = authorization_server_metadata_urls(issuer)
         for url in asm_urls:
-            _check_transport_security(url)
+            check_may_contact(url, server_url)
             data = _read_json(_get(http, url), url)
             if data is not None:
                 return _asm_result(server_url, resource, issuer, url, data, time.time() if now is None else now)
@@ -386,10 +440,13 @@ async def _aget(http: httpx.AsyncClient, url: str) -> tuple[int, bytes]:
             if _declared_too_large(response):
                 raise _too_large(url)
             body = bytearray()
-            async for chunk in response.aiter_bytes():
-                body += chunk
-                if len(body) > MAX_METADATA_BYTES:
-                    raise _too_large(url)
+            # Closed here when the cap stops the read, not left to the garbage collector (trio warns then);
+            # httpx types it as an iterator, but it is a generator.
+            async with contextlib.aclosing(cast("AsyncGenerator[bytes, None]", response.aiter_bytes())) as chunks:
+                async for chunk in chunks:
+                    body += chunk
+                    if len(body) > MAX_METADATA_BYTES:
+                        raise _too_large(url)
             return 200, bytes(body)
     except httpx.HTTPError as exc:
         raise DiscoveryFailed(f"could not fetch metadata at {url}: {type(exc).__name__}", retryable=True) from exc
@@ -453,6 +510,21 @@ class MetadataStore:
             entry = self._entry(record, version + 1)
             if await self.storage.aput(key, entry, expected_version=None if current is None else current.version):
                 return
+        raise _busy()
+
+    async def aput_unless(self, name: str, record: str, keep: Callable[[str], bool]) -> str | None:
+        """Save ``record`` under ``name`` unless the record saved there is one to ``keep`` (decided by ``keep``,
+        atomically with the write: a compare-and-set); return the record kept, or ``None`` when ``record`` was
+        saved."""
+        key = self._key(name)
+        for _ in range(5):
+            current = await self.storage.aget(key)
+            if current is not None and keep(current.access_token):
+                return current.access_token
+            version = 0 if current is None else current.version
+            entry = self._entry(record, version + 1)
+            if await self.storage.aput(key, entry, expected_version=None if current is None else current.version):
+                return None
         raise _busy()
 
     async def atouch(self, name: str) -> bool:

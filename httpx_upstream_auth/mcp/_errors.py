@@ -49,8 +49,11 @@ _tickets: OrderedDict[str, UpstreamAuthError] = OrderedDict()
 
 
 class ServerRefused(UpstreamAuthError):
-    """The MCP server refused the request although it carried a valid token (a 403, or a 401 that a refresh
-    and a replay did not cure). The session stays usable for other requests.
+    """The MCP server refused the request although it carried a valid token (a 403, a 401 that a refresh and a
+    replay did not cure), or answered it with another HTTP error (a 4xx, a 500, a redirect, which is never
+    followed) or with something that is not an MCP answer (an HTML page, JSON that is not JSON-RPC). The
+    session stays usable for other requests. (A JSON-RPC error the server sends, whatever the HTTP status, is
+    not this: it reaches the caller as the SDK's ``MCPError`` with the server's code.)
 
     ``status_code`` is the server's status; ``error``, ``scope`` and ``description`` come from its
     ``WWW-Authenticate`` challenge (``None`` when it said nothing).
@@ -100,7 +103,13 @@ class SessionExpired(UpstreamAuthError):
 
 class ServerUnreachable(UpstreamAuthError):
     """The request could not reach the MCP server, or its answer was lost (connection refused or reset, a
-    timeout). Nothing is wrong with the tokens: retry later; a server that restarted also lost the session."""
+    timeout), or the server (or a gateway in front of it) answered 502, 503 or 504. Nothing is wrong with the
+    tokens: retry later; a server that restarted also lost the session. ``status_code`` is that status
+    (``None`` when no answer came)."""
+
+    def __init__(self, message: str, *, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
 
 
 class LoginFailed(ReauthenticationRequired):

@@ -13,7 +13,7 @@ from .._clock import Clock
 from .._exceptions import ReauthenticationRequired, UpstreamAuthError
 from .._models import UpstreamTokens
 from .._refresher import OAuth2Refresher, Refresher
-from .._storage import Storage
+from .._storages import Storage
 from ._discovery import (
     DiscoveryFailed,
     IssuerMismatch,
@@ -107,7 +107,10 @@ class DiscoveringRefresher(Refresher):
     (``UpstreamTokens.issuer``, set on every refresh), on the stored registration, and in ``issuer``
     when you pin it. When the server's metadata names another one, :class:`IssuerMismatch` is raised
     and nothing is sent there. The first discovery of tokens that record no issuer trusts what the
-    server names (pin ``issuer`` to avoid that).
+    server names (pin ``issuer`` to avoid that); a configured ``client_id``/``client_secret`` belongs to that
+    trusted server (:meth:`atrusted_issuer`). Everything before the token request runs in :meth:`aprepare`,
+    which ``TokenManager`` calls before its bounded token request: slow or broken metadata costs a typed
+    :class:`DiscoveryFailed` / retryable ``RefreshFailed``, never the stored tokens.
     """
 
     def __init__(
@@ -227,19 +230,53 @@ class DiscoveringRefresher(Refresher):
 
     # -- client ------------------------------------------------------------------------------------
 
+    async def atrusted_issuer(self) -> str | None:
+        """The authorization server this MCP server is bound to: the ``issuer`` pin, else the one the remembered or
+        stored metadata records (set by the first discovery or login: trust on first use), else the one the
+        stored client registration records; ``None`` before any of them."""
+        anchor = await self._aanchor()
+        if anchor is not None or self._registrations is None:
+            return anchor
+        record = await self._registrations.aget(self.server_url)
+        return None if record is None else _registration_issuer(record)
+
+    async def _aanchor(self) -> str | None:
+        if self.issuer is not None:
+            return self.issuer
+        if self._metadata is not None:
+            return self._metadata.issuer
+        record = None if self._metadata_store is None else await self._metadata_store.aget(self.server_url)
+        return None if record is None else _metadata_issuer(record)
+
+    def _anchor_sync(self) -> str | None:
+        if self.issuer is not None:
+            return self.issuer
+        if self._metadata is not None:
+            return self._metadata.issuer
+        record = None if self._metadata_store is None else self._metadata_store.get(self.server_url)
+        return None if record is None else _metadata_issuer(record)
+
     async def aregistration(self) -> ClientRegistration:
-        """The client credentials: the configured ones, else the registration stored at login."""
+        """The client credentials: the configured ones (bound to the trusted issuer, see :meth:`atrusted_issuer`),
+        else the registration stored at login."""
         if self._client is not None:
-            return self._client
+            return self._configured(await self._aanchor())
         record = None if self._registrations is None else await self._registrations.aget(self.server_url)
         return self._registration(record)
 
     def registration_sync(self) -> ClientRegistration:
         """Blocking twin of :meth:`aregistration`."""
         if self._client is not None:
-            return self._client
+            return self._configured(self._anchor_sync())
         record = None if self._registrations is None else self._registrations.get(self.server_url)
         return self._registration(record)
+
+    def _configured(self, issuer: str | None) -> ClientRegistration:
+        # A configured client was registered at one authorization server: the pinned one, else the one this server
+        # was first found with. Its secret goes nowhere else, whatever tokens say.
+        client = self._client
+        assert client is not None
+        return ClientRegistration(client.client_id, client.client_secret, client.auth_method, issuer=issuer)
 
     def _registration(self, record: str | None) -> ClientRegistration:
         if record is None:
@@ -319,22 +356,49 @@ class DiscoveringRefresher(Refresher):
         issuer = metadata.issuer if metadata is not None else expected
         return fresh if issuer is None else attrs.evolve(fresh, issuer=issuer)
 
+    async def aprepare(self, tokens: UpstreamTokens) -> None:
+        """Everything before the token request: the client, the issuer check, discovery. ``TokenManager`` runs it
+        before its bounded token request, so slow or broken metadata costs a retryable error, never the tokens."""
+        await self._aready(tokens)
+
+    def prepare(self, tokens: UpstreamTokens) -> None:
+        """Blocking twin of :meth:`aprepare`."""
+        self._ready_sync(tokens)
+
+    async def _aready(self, tokens: UpstreamTokens) -> tuple[OAuth2Refresher, ServerMetadata | None, str | None]:
+        try:
+            client = await self.aregistration()
+            expected = self._expected_issuer(tokens, client)
+            metadata = None if self._token_url is not None else await self.ametadata(issuer=expected)
+            return self._refresher(metadata, client), metadata, expected
+        except UpstreamAuthError:
+            raise
+        except Exception as exc:
+            raise _not_ready(exc) from None
+
+    def _ready_sync(self, tokens: UpstreamTokens) -> tuple[OAuth2Refresher, ServerMetadata | None, str | None]:
+        try:
+            client = self.registration_sync()
+            expected = self._expected_issuer(tokens, client)
+            metadata = None if self._token_url is not None else self.metadata_sync(issuer=expected)
+            return self._refresher(metadata, client), metadata, expected
+        except UpstreamAuthError:
+            raise
+        except Exception as exc:
+            raise _not_ready(exc) from None
+
     async def arefresh(self, tokens: UpstreamTokens, clock: Clock) -> UpstreamTokens:
         """Discover (once), check the issuer, then redeem the refresh token at its token endpoint."""
-        client = await self.aregistration()
-        expected = self._expected_issuer(tokens, client)
-        metadata = None if self._token_url is not None else await self.ametadata(issuer=expected)
-        fresh = await self._refresher(metadata, client).arefresh(tokens, clock)
+        inner, metadata, expected = await self._aready(tokens)
+        fresh = await inner.arefresh(tokens, clock)
         if self._keep_alive_due():
             await self._akeep_alive()
         return self._bound(fresh, metadata, expected)
 
     def refresh(self, tokens: UpstreamTokens, clock: Clock) -> UpstreamTokens:
         """Blocking twin of :meth:`arefresh`."""
-        client = self.registration_sync()
-        expected = self._expected_issuer(tokens, client)
-        metadata = None if self._token_url is not None else self.metadata_sync(issuer=expected)
-        fresh = self._refresher(metadata, client).refresh(tokens, clock)
+        inner, metadata, expected = self._ready_sync(tokens)
+        fresh = inner.refresh(tokens, clock)
         if self._keep_alive_due():
             self._keep_alive_sync()
         return self._bound(fresh, metadata, expected)
@@ -374,3 +438,26 @@ class DiscoveringRefresher(Refresher):
             inner, self._inner = self._inner, None
         if inner is not None:
             inner.close()
+
+
+def _not_ready(exc: Exception) -> DiscoveryFailed:
+    # Anything before the token request that is not ours (a stored record that does not parse, a bug): typed, and
+    # not "may have rotated", so the manager keeps the tokens. The text says only the type: the cause may quote
+    # what a server sent.
+    return DiscoveryFailed(
+        f"could not prepare the refresh ({type(exc).__name__}); no token request was sent", retryable=False
+    )
+
+
+def _metadata_issuer(record: str) -> str | None:
+    try:
+        return ServerMetadata.from_json(record).issuer
+    except (ValueError, TypeError, KeyError):
+        return None  # an unreadable record binds nothing; it is rewritten by the next discovery
+
+
+def _registration_issuer(record: str) -> str | None:
+    try:
+        return ClientRegistration.from_json(record).issuer
+    except (ValueError, TypeError, KeyError):
+        return None

@@ -7,24 +7,37 @@ lost on a restart); our entries say ``expires_at`` (absolute) and carry the iden
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
+import anyio.lowlevel
 import httpx2
 from mcp.client.auth import OAuthClientProvider
 from mcp.shared.auth import AuthorizationCodeResult, OAuthClientInformationFull, OAuthClientMetadata, OAuthToken
 
+from .._answer import MAX_LIFETIME
 from .._exceptions import ReauthenticationRequired, UpstreamAuthError
 from .._manager import TokenManager
 from .._models import EntryKey, UpstreamTokens
-from .._storage import Storage
-from ._discovery import DiscoveryFailed, IssuerMismatch, ServerMetadata, adiscover
+from .._storages import Storage
+from ._discovery import (
+    DiscoveryFailed,
+    IssuerMismatch,
+    ServerMetadata,
+    check_may_contact,
+    issuers_match,
+    screen_challenge,
+)
 from ._errors import LoginFailed
 from ._refresher import DiscoveringRefresher
 
 __all__ = ["SDKLogin", "SDKLoginAuth", "TokenStorageAdapter", "oauth_token_from", "tokens_from_oauth"]
+
+logger = logging.getLogger("httpx_upstream_auth.mcp")
 
 
 def tokens_from_oauth(
@@ -41,9 +54,11 @@ def tokens_from_oauth(
 
     ``obtained_at`` is when the token request was sent (or, at worst, when the answer arrived): the
     expiry is counted from it. The binding fields say whose tokens these are; ``issuer`` the
-    authorization server that issued them (refreshes go only there).
+    authorization server that issued them (refreshes go only there). A lifetime the token answer's reader
+    would not take (negative, or beyond ``MAX_LIFETIME``) is unknown, as it is for a refresh.
     """
-    expires_at = None if token.expires_in is None else obtained_at + token.expires_in
+    lifetime = token.expires_in
+    expires_at = None if lifetime is None or not 0 <= lifetime <= MAX_LIFETIME else obtained_at + lifetime
     return UpstreamTokens(
         access_token=token.access_token,
         refresh_token=token.refresh_token,
@@ -142,6 +157,10 @@ class TokenStorageAdapter:
             ),
         )
 
+    async def has_client_info(self) -> bool:
+        """Whether a client registration is stored (readable or not)."""
+        return await self._registrations.aget(self.server_url) is not None
+
     async def get_client_info(self) -> OAuthClientInformationFull | None:
         """The client registered with the server's authorization server, if any."""
         record = await self._registrations.aget(self.server_url)
@@ -150,6 +169,31 @@ class TokenStorageAdapter:
     async def set_client_info(self, client_info: OAuthClientInformationFull) -> None:
         """Store the client the SDK registered (it holds the secret our refresher authenticates with)."""
         await self._registrations.aput(self.server_url, client_info.model_dump_json(exclude_none=True))
+
+    async def save_client_info(
+        self, client_info: OAuthClientInformationFull, *, keep_same_issuer: bool = False
+    ) -> OAuthClientInformationFull | None:
+        """:meth:`set_client_info`; with ``keep_same_issuer``, unless the stored client is another one registered at
+        the same issuer (a concurrent first login elsewhere registered it): then that one is kept and returned
+        (compare-and-set: of two such logins, one client wins, whatever the timing)."""
+        record = client_info.model_dump_json(exclude_none=True)
+        if not keep_same_issuer or client_info.issuer is None:
+            await self._registrations.aput(self.server_url, record)
+            return None
+
+        def keep(stored: str) -> bool:
+            try:
+                other = OAuthClientInformationFull.model_validate_json(stored)
+            except ValueError:
+                return False
+            return (
+                other.issuer is not None
+                and issuers_match(other.issuer, client_info.issuer or "")
+                and other.client_id != client_info.client_id
+            )
+
+        kept = await self._registrations.aput_unless(self.server_url, record, keep)
+        return None if kept is None else OAuthClientInformationFull.model_validate_json(kept)
 
 
 def _registration_store(storage: Storage) -> Any:
@@ -181,10 +225,11 @@ class SDKLogin:
     single-flight refresh per expiry across tasks and processes, at the discovered token endpoint (with
     ``resource``), a refresh on a 401 before any browser, and no lock held across a request.
 
-    Tokens and the registration record the issuer they came from, and are refreshed only there. When the
-    server later names another authorization server, the call raises :class:`IssuerMismatch` (nothing
-    is sent to the new one) unless ``allow_issuer_change`` sends the user to log in there. ``issuer``
-    pins the authorization server for logins too: a server naming another one gets no login at all.
+    Tokens and the registration record the issuer they came from, and are refreshed only there. Logins go
+    only to the trusted authorization server (the ``issuer`` pin, else the one the first login found): when
+    the server later names another, the call raises :class:`IssuerMismatch` (nothing is sent to the new one,
+    no browser opens) unless ``allow_issuer_change`` sends the user to log in there, which it never does with
+    a pin or a pre-registered ``client_information`` (that client belongs to one authorization server).
     """
 
     def __init__(
@@ -203,7 +248,7 @@ class SDKLogin:
         sdk_provider: Callable[[Any], OAuthClientProvider] | None = None,
         manager_options: dict[str, Any] | None = None,
     ) -> None:
-        from .._memory import MemoryStorage
+        from .._storages import MemoryStorage
 
         if client_metadata is None and sdk_provider is None:
             raise TypeError("SDKLogin needs client_metadata (for the SDK's interactive login) or an sdk_provider")
@@ -227,8 +272,9 @@ class SDKLogin:
         self.issuer = issuer
         """The pinned authorization server: logins and refreshes anywhere else raise :class:`IssuerMismatch`."""
         self.allow_issuer_change = allow_issuer_change
-        """Whether a server that now names another authorization server (no pin) sends the user to log in
-        there; by default that is an :class:`IssuerMismatch` and nothing is sent to it."""
+        """Whether a server that now names another authorization server sends the user to log in there (without
+        a pin or a pre-registered client only); by default that is an :class:`IssuerMismatch` and nothing is
+        sent to it."""
         storage = MemoryStorage() if storage is None else storage
         if client_information is None:
             self.refresher = DiscoveringRefresher(server_url, storage=storage, issuer=issuer)
@@ -249,6 +295,15 @@ class SDKLogin:
             **(manager_options or {}),
         )
         """The manager keeping every session's tokens for this server."""
+        # Logins in progress, per (session, event loop); and the first client registration in progress, per loop.
+        self._logins: dict[tuple[str, object], anyio.Event] = {}
+        self._registering: dict[object, anyio.Event] = {}
+
+    @property
+    def may_follow_issuer_change(self) -> bool:
+        """Whether a login may go to another authorization server than the trusted one: only with
+        ``allow_issuer_change``, no ``issuer`` pin and no pre-registered client (which belongs to one server)."""
+        return self.allow_issuer_change and self.issuer is None and self.client_information is None
 
     def auth(self, session_id: str, *, user_id: str | None = None, upstream_subject: str | None = None) -> SDKLoginAuth:
         """An ``httpx2.Auth`` for one session (one per client; cheap)."""
@@ -273,6 +328,12 @@ class SDKLoginAuth(httpx2.Auth):
     request go through the SDK's ``OAuthClientProvider``, whose login stores new tokens through a
     :class:`TokenStorageAdapter`; the SDK never refreshes. Nothing is held across a request, except by
     the SDK while it logs a user in.
+
+    Every request of the SDK's login is vetted before it leaves: https only (plain http only to loopback, and
+    only for an MCP server on loopback), a 401's ``resource_metadata`` only on the MCP server's origin, and the
+    authorization server it chose must be the trusted one (:meth:`DiscoveringRefresher.atrusted_issuer`)
+    unless :attr:`SDKLogin.allow_issuer_change` says to follow. Logins of one session are one at a time (across
+    its connections), and the first registration of a client is made once, for every session.
     """
 
     def __init__(
@@ -284,6 +345,7 @@ class SDKLoginAuth(httpx2.Auth):
         upstream_subject: str | None = None,
     ) -> None:
         self._login = login
+        self._session_id = session_id
         self._ours = login.manager.auth(session_id)
         self.storage = TokenStorageAdapter(
             login.manager,
@@ -293,7 +355,7 @@ class SDKLoginAuth(httpx2.Auth):
             upstream_subject=upstream_subject,
         )
         """The SDK's view of this session's tokens and client registration."""
-        login_only = _LoginOnly(self.storage, login.client_information)
+        self._login_only = login_only = _LoginOnly(self.storage, login)
         if login.sdk_provider is not None:
             self.sdk = login.sdk_provider(login_only)
         else:
@@ -310,12 +372,15 @@ class SDKLoginAuth(httpx2.Auth):
             )
         """The SDK's own provider, used for logins only."""
         login_only.provider = self.sdk
-        self._login_done: anyio.Event | None = None
+        self._trusted: str | None = None  # the authorization server the login in progress may use
 
     async def async_auth_flow(self, request: httpx2.Request) -> AsyncGenerator[httpx2.Request, httpx2.Response]:
         """Ours first; the SDK's login flow when (and only when) re-authentication is required, or the server
         asks for more scope (403 ``insufficient_scope``: the SDK's step-up, once per request)."""
+        login = self._login
         step_up: Any = None
+        # Per event loop: an anyio event belongs to the loop it is waited on.
+        turn = (self._session_id, anyio.lowlevel.current_token())
         for attempt in range(2):
             flow: AsyncGenerator[Any, Any] = self._ours.async_auth_flow(request)  # type: ignore[arg-type]
             last: Any = None
@@ -331,38 +396,47 @@ class SDKLoginAuth(httpx2.Auth):
             except ReauthenticationRequired:
                 pass  # no tokens yet, or the grant is dead: log in (below)
             except IssuerMismatch:
-                if not self._login.allow_issuer_change or self._login.issuer is not None:
+                if not login.may_follow_issuer_change:
                     raise
                 # The user's configuration allows following the server to its new authorization server: a
                 # new login there (the SDK re-registers; nothing of the old issuer's is sent).
             finally:
                 await flow.aclose()
-            pending = self._login_done
+            pending = login._logins.get(turn)
             if step_up is not None or pending is None or attempt:
                 break
-            # Another request of this session is logging the user in: wait for it (holding nothing), then
-            # try our tokens again rather than start a second login.
+            # Another request of this session (on any of its connections) is logging the user in: wait for it
+            # (holding nothing), then try our tokens again rather than start a second login.
             await pending.wait()
-        await self._check_before_login()
-        done = self._login_done = anyio.Event()
+        done = anyio.Event()
+        login._logins[turn] = done
+        registering: anyio.Event | None = None
         try:
+            registering = await self._registration_turn()
+            self._trusted = await login.refresher.atrusted_issuer()
+            context = self.sdk.context
             # The SDK keeps the last tokens it saw in memory; they may be rotated away since. Forget them, so
-            # it does not refresh with a consumed refresh token (that would revoke the grant): it logs in.
-            self.sdk.context.clear_tokens()
+            # it does not refresh with a consumed refresh token (that would revoke the grant): it logs in. Forget
+            # what it discovered before too: the authorization server it chooses now is vetted afresh.
+            context.clear_tokens()
+            context.auth_server_url = None
+            context.oauth_metadata = None
+            context.protected_resource_metadata = None
             request.headers.pop("Authorization", None)
             stepped_up = step_up is not None
             for _ in range(2):  # a login (or a step-up), then at most one step-up if the replay lacks scope
-                login = self.sdk.async_auth_flow(request)
+                sdk_flow = self.sdk.async_auth_flow(request)
                 last = None
                 try:
-                    outgoing = await login.__anext__()
+                    outgoing = await sdk_flow.__anext__()
                     if step_up is not None:
                         # The SDK's step-up reads the 403 we already have (not sent twice): it authorizes the
                         # union of the scopes asked before and the challenge's, then replays the request.
-                        outgoing = await login.asend(step_up)
+                        outgoing = await sdk_flow.asend(self._screened(step_up))
                     while True:
+                        self._vet(outgoing, request)
                         last = yield outgoing
-                        outgoing = await login.asend(last)
+                        outgoing = await sdk_flow.asend(self._screened(last))
                 except StopAsyncIteration:
                     pass
                 except UpstreamAuthError:
@@ -378,27 +452,102 @@ class SDKLoginAuth(httpx2.Auth):
                         "again."
                     ) from exc
                 finally:
-                    await login.aclose()
+                    await sdk_flow.aclose()
                 await self._adopt_metadata()
                 if stepped_up or not _wants_more_scope(last):
                     break
                 step_up, stepped_up = last, True
         finally:
-            # An event, not a lock: this generator may be closed from another task, and setting an event
-            # from there is fine (releasing a lock is not).
-            self._login_done = None
+            # Events, not locks: this generator may be closed from another task, and setting an event from
+            # there is fine (releasing a lock is not).
+            if login._logins.get(turn) is done:
+                del login._logins[turn]
             done.set()
+            if registering is not None:
+                self._login_only.registered = None
+                if login._registering.get(turn[1]) is registering:
+                    del login._registering[turn[1]]
+                registering.set()
 
-    async def _check_before_login(self) -> None:
-        """With a pin, that the server names the pinned authorization server, before the SDK sends anyone there."""
+    async def _registration_turn(self) -> anyio.Event | None:
+        """Wait while another login of this :class:`SDKLogin` registers the first client (so that every session
+        uses that one client, not one each); when none is stored, this login registers it: its event, set
+        once the registration is stored."""
         login = self._login
-        if login.issuer is not None:
-            await adiscover(login.server_url, issuer=login.issuer, timeout=login.refresher.timeout)
+        if login.client_information is not None:
+            return None
+        loop = anyio.lowlevel.current_token()
+        while True:
+            if await self.storage.has_client_info():
+                return None
+            registering = login._registering.get(loop)
+            if registering is None:
+                break
+            await registering.wait()
+        registering = login._registering[loop] = anyio.Event()
+        self._login_only.registered = registering
+        return registering
+
+    def _vet(self, outgoing: httpx2.Request, request: httpx2.Request) -> None:
+        """Refuse a request of the SDK's login before it leaves: plain http where it is not allowed, or an
+        authorization server that is not the trusted one (when the configuration does not allow following)."""
+        login = self._login
+        url = str(outgoing.url)
+        check_may_contact(url, login.server_url, "URL the login would send a request to")
+        if outgoing.url == request.url:
+            return  # the MCP request itself (sent first, then replayed with the new token)
+        context = self.sdk.context
+        chosen = context.auth_server_url
+        if chosen is None and context.oauth_metadata is not None:
+            chosen = str(context.oauth_metadata.issuer)
+        if chosen is None and outgoing.method != "GET":
+            # No metadata (the SDK's 2025-03-26 fallback): registration and token requests go to the MCP server's
+            # own origin, which acts as the authorization server then.
+            parts = urlsplit(login.server_url)
+            chosen = f"{parts.scheme}://{parts.netloc}"
+        self._check_issuer(chosen)
+
+    def _check_issuer(self, chosen: str | None) -> None:
+        trusted = self._trusted
+        if chosen is None or trusted is None or issuers_match(chosen, trusted):
+            return
+        login = self._login
+        if login.may_follow_issuer_change:
+            return
+        why = (
+            "a pre-registered client (client_information) belongs to one authorization server"
+            if login.client_information is not None
+            else "the issuer= pin"
+            if login.issuer is not None
+            else "allow_issuer_change is off"
+        )
+        raise IssuerMismatch(
+            login.server_url,
+            trusted,
+            chosen,
+            message=(
+                f"the MCP server {login.server_url} now names authorization server {chosen}, but logins for it go to "
+                f"{trusted} ({why}); nothing was sent there and the user was not sent there. If the server really "
+                "moved, check with its operator, then change the configuration."
+            ),
+        )
+
+    def _screened(self, response: Any) -> Any:
+        """``response`` with any ``resource_metadata`` of another origin removed from its challenge: the SDK would
+        fetch it wherever it points (an internal service, say)."""
+        if response is None or response.status_code not in (401, 403):
+            return response
+        challenge = response.headers.get("www-authenticate")
+        if challenge:
+            screened = screen_challenge(challenge, self._login.server_url)
+            if screened != challenge:
+                response.headers["www-authenticate"] = screened
+        return response
 
     async def _redirect(self, url: str) -> None:
-        """The user's ``redirect_handler``, once the authorization server is known to support PKCE S256: the MCP
-        spec forbids the login otherwise, and the SDK does not check it. (Without any metadata, on the SDK's
-        2025-03-26 fallback path, there is nothing to check.)"""
+        """The user's ``redirect_handler``, once the authorization server is known to support PKCE S256 (the MCP
+        spec forbids the login otherwise, and the SDK does not check it; without any metadata, on the SDK's
+        2025-03-26 fallback path, there is nothing to check), is the trusted one, and is reached over https."""
         metadata = self.sdk.context.oauth_metadata
         if metadata is not None and "S256" not in (metadata.code_challenge_methods_supported or ()):
             raise DiscoveryFailed(
@@ -407,6 +556,8 @@ class SDKLoginAuth(httpx2.Auth):
                 "the user was not sent to it. Ask its operator to support and advertise S256.",
                 retryable=False,
             )
+        check_may_contact(url, self._login.server_url, "authorization endpoint")
+        self._check_issuer(None if metadata is None else str(metadata.issuer))
         assert self._login.redirect_handler is not None
         await self._login.redirect_handler(url)
 
@@ -451,13 +602,19 @@ def _text(value: object) -> str | None:
 class _LoginOnly:
     """The adapter as the SDK's provider sees it in :class:`SDKLoginAuth`: no tokens to start from.
 
-    The SDK is asked only when a login is needed, so it must not find (and refresh) stored tokens.
+    The SDK is asked only when a login is needed, so it must not find (and refresh) stored tokens. A
+    pre-registered client is handed over bound to the trusted issuer (the SDK then never presents it to another
+    authorization server); a client the SDK registers is stored unless one was registered at the same issuer
+    meanwhile (another process's first login): then the SDK logs in with that one, so the session's tokens
+    belong to the client every process refreshes with.
     """
 
-    def __init__(self, adapter: TokenStorageAdapter, preregistered: OAuthClientInformationFull | None) -> None:
+    def __init__(self, adapter: TokenStorageAdapter, login: SDKLogin) -> None:
         self._adapter = adapter
-        self._preregistered = preregistered
+        self._login = login
         self.provider: OAuthClientProvider | None = None
+        self.registered: anyio.Event | None = None
+        """Set once this login's client registration is stored (see ``SDKLoginAuth._registration_turn``)."""
 
     async def get_tokens(self) -> OAuthToken | None:
         return None
@@ -468,9 +625,22 @@ class _LoginOnly:
         await self._adapter.store_tokens(tokens, issuer=None if metadata is None else str(metadata.issuer))
 
     async def get_client_info(self) -> OAuthClientInformationFull | None:
-        if self._preregistered is not None:
-            return self._preregistered
-        return await self._adapter.get_client_info()
+        preregistered = self._login.client_information
+        if preregistered is None:
+            return await self._adapter.get_client_info()
+        trusted = await self._login.refresher.atrusted_issuer()
+        if trusted is None:
+            logger.warning(
+                "a pre-registered client logs in at the authorization server %s names, trusted on first use: pin "
+                "SDKLogin(issuer=...) to the one it was registered at",
+                self._login.server_url,
+            )
+            return preregistered
+        return preregistered.model_copy(update={"issuer": trusted})
 
     async def set_client_info(self, client_info: OAuthClientInformationFull) -> None:
-        await self._adapter.set_client_info(client_info)
+        kept = await self._adapter.save_client_info(client_info, keep_same_issuer=True)
+        if kept is not None and self.provider is not None:
+            self.provider.context.client_info = kept
+        if self.registered is not None:
+            self.registered.set()

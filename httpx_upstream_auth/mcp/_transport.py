@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from .._exceptions import RefreshFailed, StorageError, UpstreamAuthError
+from .._exceptions import BindingMismatch, ReauthenticationRequired, RefreshFailed, StorageError, UpstreamAuthError
 from .._models import Binding, EntryKey
 from ._errors import (
     InsufficientScope,
@@ -45,6 +45,8 @@ _Send = Callable[[Any], Awaitable[Any]]
 logger = logging.getLogger("httpx_upstream_auth.mcp")
 _PARAM = re.compile(r'([A-Za-z_]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
 _MAX_DESCRIPTION = 200
+MAX_ERROR_BODY = 64 * 1024
+"""The most of an HTTP error answer read to find a JSON-RPC error in it."""
 
 
 def challenge_params(www_authenticate: str | None) -> dict[str, str]:
@@ -102,12 +104,66 @@ def refusal(request: Any, response: Any) -> UpstreamAuthError | None:
     )
 
 
+def server_error(request: Any, response: Any) -> UpstreamAuthError:
+    """Our error for an HTTP error answer to a JSON-RPC request that carries no JSON-RPC error: 502/503/504 mean
+    the server (or a gateway) is not there now; any other 3xx/4xx/5xx is a refusal (a redirect is never
+    followed: the token stays with the URL it was meant for)."""
+    status = response.status_code
+    if status in (502, 503, 504):
+        return ServerUnreachable(
+            f"the MCP server, or a gateway in front of it, answered {status}: it cannot serve now. Retry later; the "
+            "tokens are fine.",
+            status_code=status,
+        )
+    if 300 <= status < 400:
+        said = (
+            f"redirected this request (HTTP {status}); a redirect is not followed, so the token stays with the URL "
+            "it was meant for. Use the server's final URL."
+        )
+    elif status == 404:
+        said = "answered 404 (no MCP endpoint at this URL?)"
+    else:
+        said = f"answered HTTP {status} without a JSON-RPC error"
+    return ServerRefused(f"the MCP server {said}", status_code=status)
+
+
+def _content_type(response: Any) -> str:
+    return str(response.headers.get("content-type", "")).partition(";")[0].strip().lower()
+
+
+def _jsonrpc(body: bytes) -> dict[str, Any] | None:
+    """The JSON-RPC message in ``body``, or ``None`` when it is none."""
+    try:
+        message = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    if isinstance(message, dict) and message.get("jsonrpc") == "2.0":
+        return message
+    return None
+
+
+async def _read_at_most(response: Any, limit: int) -> bytes | None:
+    """The decoded body, or ``None`` past ``limit`` bytes (the rest is not read)."""
+    body = bytearray()
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
 def _status(error: UpstreamAuthError) -> int:
     # 503 when trying again later may work; 401 when it cannot until the user logs in (or the
     # configuration is fixed).
     if isinstance(error, StorageError) or (isinstance(error, RefreshFailed) and error.retryable):
         return 503
     return 401
+
+
+def _plain_headers(response: Any) -> dict[str, str]:
+    # The body is handed on decoded: its length and encoding headers no longer apply.
+    dropped = ("content-encoding", "content-length", "transfer-encoding")
+    return {k: v for k, v in response.headers.items() if k.lower() not in dropped}
 
 
 def _request_id(request: Any) -> tuple[bool, Any]:
@@ -190,17 +246,53 @@ class MCPAuthDriver:
                     outgoing = await flow.asend(response)
                 except StopAsyncIteration:
                     self.failed, self._dead = None, False
-                    refused = refusal(request, response) if _request_id(request)[0] else None
-                    if refused is not None:
-                        await response.aclose()
-                        return self._answer(request, refused, answer)
-                    return response
+                    if not _request_id(request)[0]:
+                        return response
+                    return await self._final(request, response, answer)
                 except UpstreamAuthError as exc:  # the refresh after a 401 failed
                     await response.aclose()
                     return await self._fail(request, exc, answer)
                 await response.aclose()
         finally:
             await flow.aclose()
+
+    async def _final(self, request: Any, response: Any, answer: Callable[..., Any]) -> Any:
+        """The server's answer to a JSON-RPC request, as the SDK can take it: a refusal, an HTTP error, or a body
+        that is no MCP answer becomes our typed error (the SDK would make an untyped one, or on 1.x end the
+        session); a JSON-RPC error at an HTTP error status stays the server's (on 1.x, at 200)."""
+        refused = refusal(request, response)
+        if refused is not None:
+            await response.aclose()
+            return self._answer(request, refused, answer)
+        status, kind = response.status_code, _content_type(response)
+        if status >= 300:
+            body = (
+                await _read_at_most(response, MAX_ERROR_BODY) if kind == "application/json" and status >= 400 else None
+            )
+            await response.aclose()
+            message = None if body is None else _jsonrpc(body)
+            if message is None or not isinstance(message.get("error"), dict):
+                return self._answer(request, server_error(request, response), answer)
+            if self._sdk1:  # its transport raises on any 4xx/5xx to a POST, ending the session
+                message = {"jsonrpc": "2.0", "id": _request_id(request)[1], "error": message["error"]}
+                status, body = 200, json.dumps(message).encode()
+            return answer(status, headers=_plain_headers(response), content=body, request=request)
+        if status == 202 or kind == "text/event-stream":
+            return response
+        if kind == "application/json":
+            body = await response.aread()
+            await response.aclose()
+            if _jsonrpc(body) is not None:
+                return answer(status, headers=_plain_headers(response), content=body, request=request)
+            what = "JSON that is not a JSON-RPC message"
+        else:
+            await response.aclose()
+            what = f"content of type {kind}" if kind else "no content type"
+        refused = ServerRefused(
+            f"the MCP server answered this request with {what}, not an MCP answer (a proxy or login page in the way?)",
+            status_code=status,
+        )
+        return self._answer(request, refused, answer)
 
     async def _still_dead(self) -> bool:
         if not self._dead:
@@ -212,9 +304,12 @@ class MCPAuthDriver:
         return (None if entry is None else entry.version) == self._dead_version
 
     async def _fail(self, request: Any, error: UpstreamAuthError, answer: Callable[..., Any]) -> Any:
-        # A failed login is tried again by the next request (the user may try again); so is anything transient.
-        transient = isinstance(error, StorageError) or (isinstance(error, RefreshFailed) and error.retryable)
-        self._dead = not (transient or isinstance(error, LoginFailed))
+        # Only a grant that is dead (or tokens of someone else) waits for new tokens: asking again could not help
+        # until they are stored. Anything else, a failed login or a configuration error included, is tried again
+        # by the next request: the user may retry, the operator may fix the server or the provider.
+        self._dead = isinstance(error, (ReauthenticationRequired, BindingMismatch)) and not isinstance(
+            error, LoginFailed
+        )
         if self._dead:
             try:
                 entry = await self._storage.aget(self._key)

@@ -88,6 +88,9 @@ class LocalMCPServer:
         self.authorization_servers: list[str] | None = None
         """Set it to make the protected-resource metadata name these authorization servers instead (a
         server that moved, or a malicious one naming its own)."""
+        self.answer_next_call: tuple[int, dict[str, str], bytes] | None = None
+        """Set it to ``(status, headers, body)`` to answer the next ``tools/call`` POST with that instead of the
+        server (an overloaded server, a proxy's error page, a redirect); it is cleared once used."""
         self._close_generation = 0
         self._lock = threading.Lock()
 
@@ -140,6 +143,26 @@ class LocalMCPServer:
         granted = set((info["scope"] or "").split())
         return not set((self.require_scope or "").split()) <= granted
 
+    async def _answer_if_canned(self, receive: Any, send: Any) -> Any:
+        """Answer a ``tools/call`` POST with :attr:`answer_next_call` (``None``: answered); else the ``receive``
+        that hands the request's body on to the server."""
+        received: list[Any] = []
+        body = b""
+        while not received or received[-1].get("more_body"):
+            received.append(await receive())
+            body += received[-1].get("body", b"")
+        with self._lock:
+            canned = self.answer_next_call if b'"tools/call"' in body else None
+            if canned is not None:
+                self.answer_next_call = None
+        if canned is None:
+            return _replaying(received, receive)
+        status, headers, content = canned
+        raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+        await send({"type": "http.response.start", "status": status, "headers": raw})
+        await send({"type": "http.response.body", "body": content})
+        return None
+
     def _counting(self, app: Any) -> Any:
         async def counted(scope: Any, receive: Any, send: Any) -> None:
             if scope["type"] != "http":
@@ -159,6 +182,10 @@ class LocalMCPServer:
             if self.forget_sessions and any(name == b"mcp-session-id" for name, _ in scope["headers"]):
                 headers = [(n, b"forgotten" if n == b"mcp-session-id" else v) for n, v in scope["headers"]]
                 scope = {**scope, "headers": headers}
+            if method == "POST" and self.answer_next_call is not None:
+                receive = await self._answer_if_canned(receive, send)
+                if receive is None:
+                    return
             if method == "POST" and self.forbidden:
                 await send({"type": "http.response.start", "status": 403, "headers": []})
                 await send({"type": "http.response.body", "body": b"forbidden"})
@@ -232,6 +259,15 @@ class LocalMCPServer:
                         self.open_streams -= 1
 
         return counted
+
+
+def _replaying(received: list[Any], receive: Any) -> Any:
+    """A ``receive`` that hands out the messages already read first."""
+
+    async def replay() -> Any:
+        return received.pop(0) if received else await receive()
+
+    return replay
 
 
 def serve_mcp(

@@ -34,7 +34,9 @@ Headers = list[tuple[bytes, bytes]]
 STAT_NAMES = (
     "token_calls",
     "refresh_ok",
+    "refresh_early",
     "refresh_reuse",
+    "grace_reuse",
     "invalid_grant",
     "invalid_client",
     "faults",
@@ -87,6 +89,9 @@ class _Grant:
     access_ttl: float | None
     revoked: bool = False
     resource: str | None = None
+    # The life of the grant's newest access token, for counting refreshes that came early.
+    access_issued_at: float | None = None
+    access_expires_at: float | None = None
 
 
 @dataclass(slots=True)
@@ -111,7 +116,8 @@ class _Access:
 class _Refresh:
     grant: _Grant
     expires_at: float | None
-    consumed: bool = False
+    #: When a refresh first consumed it (provider clock); None while it is unused.
+    consumed_at: float | None = None
 
 
 class _Reply:
@@ -146,7 +152,9 @@ class LocalProvider:
     (``GET /api/me``, ``POST /api/upload``, ``GET /api/slow?delay=s``, any method on ``/api/echo``).
     Grants are created by :meth:`login`, as if a user had just signed in. With ``rotate=True`` every
     refresh consumes the presented refresh token and issues a new one; presenting a consumed refresh
-    token again revokes the whole grant, as Auth0 and Okta do. Faults are injected with
+    token again revokes the whole grant, as Auth0 and Okta do, unless it comes within ``reuse_grace``
+    seconds of its first use: then it is honoured with a fresh pair, as Okta's grace period and Ory Hydra's
+    ``rotation_grace_period`` do. Faults are injected with
     :meth:`fail_next`. Run it with :class:`ServerThread` (or any ASGI server, or
     ``httpx.ASGITransport``); it does no I/O of its own and is safe to drive from several threads.
 
@@ -173,6 +181,7 @@ class LocalProvider:
         issuer: str = "local-provider",
         clock: Clock | None = None,
         issuer_path: str = "",
+        reuse_grace: float = 0.0,
     ) -> None:
         if issuer_path and (not issuer_path.startswith("/") or issuer_path.endswith("/")):
             raise ValueError("issuer_path must start with '/' and not end with one, like '/tenants/acme'")
@@ -198,6 +207,9 @@ class LocalProvider:
         """Registered clients: ``client_id -> (secret or None, auth method)``; add or change freely."""
         self.issuer_path = issuer_path
         """Where the authorization-server endpoints live (``""``: at the root)."""
+        self.reuse_grace = reuse_grace
+        """Seconds after its first use during which a consumed refresh token is still honoured with a fresh
+        pair (counted in ``stats["grace_reuse"]``); later, presenting it is reuse and revokes the grant."""
         self.authorize_sub = "alice"
         """The user the authorization endpoint signs in, without asking (a headless browser's user)."""
         self._redirect_uris: dict[str, list[str]] = {}
@@ -375,13 +387,23 @@ class LocalProvider:
     def stats(self) -> dict[str, int]:
         """A snapshot of the counters.
 
-        ``token_calls`` counts every ``POST /token``; ``refresh_ok`` successful refreshes;
-        ``refresh_reuse`` consumed refresh tokens presented again; ``invalid_grant`` and
+        ``token_calls`` counts every ``POST /token``; ``refresh_ok`` successful refreshes (grace reuses
+        included); ``refresh_early`` those that came while the grant's newest access token still had more
+        than half its lifetime left (a client that refreshes once per expiry makes none, unless the token was
+        revoked or refused); ``refresh_reuse`` consumed refresh tokens presented again outside the grace (each
+        revokes its grant); ``grace_reuse`` those presented again within ``reuse_grace`` (honoured);
+        ``invalid_grant`` and
         ``invalid_client`` those answers (reuse included; injected faults excluded); ``faults``
         injected faults taken; ``api_ok`` and ``api_401`` authenticated API answers.
         """
         with self._lock:
             return dict(self._stats)
+
+    @property
+    def issued_tokens(self) -> set[str]:
+        """Every access and refresh token issued so far (to check that none shows in logs or errors)."""
+        with self._lock:
+            return set(self._access) | set(self._refresh)
 
     @property
     def api_calls(self) -> Counter[str]:
@@ -413,6 +435,7 @@ class LocalProvider:
         ttl = self.access_ttl if grant.access_ttl is None else grant.access_ttl
         token = "at-" + secrets.token_urlsafe(18)
         self._access[token] = _Access(grant, now + ttl)
+        grant.access_issued_at, grant.access_expires_at = now, now + ttl
         return token, now + ttl
 
     def _new_refresh(self, grant: _Grant, now: float) -> tuple[str, float | None]:
@@ -671,12 +694,19 @@ class LocalProvider:
             self._stats["invalid_grant"] += 1
             return _error(400, "invalid_grant")
         grant = record.grant
-        if record.consumed:
-            self._stats["refresh_reuse"] += 1
-            grant.revoked = True
+        if record.consumed_at is not None:
+            if now - record.consumed_at < self.reuse_grace and not grant.revoked:
+                self._stats["grace_reuse"] += 1  # honoured: a client whose answer was lost tries again
+            else:
+                self._stats["refresh_reuse"] += 1
+                grant.revoked = True
         if grant.revoked or (record.expires_at is not None and now >= record.expires_at):
             self._stats["invalid_grant"] += 1
             return _error(400, "invalid_grant")
+        if grant.access_issued_at is not None and grant.access_expires_at is not None:
+            half_life = (grant.access_expires_at - grant.access_issued_at) / 2
+            if grant.access_expires_at - now > half_life:
+                self._stats["refresh_early"] += 1
         access, _ = self._new_access(grant, now)
         ttl = self.access_ttl if grant.access_ttl is None else grant.access_ttl
         stated = _seconds(ttl) if expires_in is None else _seconds(expires_in)
@@ -685,7 +715,8 @@ class LocalProvider:
         if scope is not None:
             answer["scope"] = scope
         if self.rotate:
-            record.consumed = True
+            if record.consumed_at is None:
+                record.consumed_at = now
             answer["refresh_token"], _ = self._new_refresh(grant, now)
             if self.refresh_ttl is not None:
                 answer["refresh_token_expires_in"] = _seconds(self.refresh_ttl)

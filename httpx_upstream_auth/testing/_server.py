@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from types import TracebackType
 from typing import Any, Literal
 
+import anyio.to_thread
+
 from ._provider import ASGIApp
 
 __all__ = ["ServerThread", "serve"]
@@ -22,7 +24,8 @@ class ServerThread:
     """An ASGI app served by uvicorn from a daemon thread, on ``host`` (loopback only).
 
     ``port=0`` picks a free port: the socket is bound here, before uvicorn starts, so there is no race
-    with other processes. Use it as a context manager, or call :meth:`start` and :meth:`stop`.
+    with other processes. Use it as a context manager (``async with`` in async code), or call
+    :meth:`start` and :meth:`stop`.
     ``lifespan="on"`` runs the app's ASGI lifespan (startup before the first request, shutdown at
     :meth:`stop`), which apps such as MCP servers need; the default ``"off"`` never sends it.
     :meth:`bind` takes the port before starting, for apps that must know their own URL.
@@ -155,6 +158,19 @@ class ServerThread:
 
     def __enter__(self) -> ServerThread:
         return self.start()
+
+    async def __aenter__(self) -> ServerThread:
+        """``async with ServerThread(app) as server:`` starts it from a worker thread: the start waits for
+        uvicorn, which an event loop must not do."""
+        return await anyio.to_thread.run_sync(self.start)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await anyio.to_thread.run_sync(self.stop)
 
     def __exit__(
         self,

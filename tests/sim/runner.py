@@ -22,7 +22,7 @@ import weakref
 from collections import Counter
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import attrs
@@ -408,7 +408,7 @@ def extend_plan(
                 walk.append("e0")
         walk += ["e0"] * xr.randint(2, 5)
         gaps = [xr.uniform(0.0, 2.0)] + [xr.uniform(0.02, 0.6) for _ in walk[1:]]
-        visit = {}
+        visit: dict[str, float] = {}
         elapsed = 0.0
         for session, gap in zip(walk, gaps, strict=False):
             elapsed += gap
@@ -791,10 +791,12 @@ class _Run:
             first = len(w.provider.redemptions)
             if cp.via_auth:
                 outcome = await self._call(
-                    caller, session, lambda m=manager, s=session: self._request(caller, m, s, cp)
+                    caller,
+                    session,
+                    lambda m=manager, s=session: self._request(caller, m, s, cp),  # type: ignore[misc]
                 )
             else:
-                outcome = await self._call(caller, session, lambda m=manager, s=session: m.aget_token(s))
+                outcome = await self._call(caller, session, lambda m=manager, s=session: m.aget_token(s))  # type: ignore[misc]
             self._check_storm(caller, session, first)
             caller.cancel_at = math.inf
             self._outcome(outcome)
@@ -1302,7 +1304,8 @@ class _Run:
                 epoch = w.begin_session_change(session, gid)
                 token = APP_OP.set("login")
                 try:
-                    await self.managers[0].astore(session, tokens)
+                    # The first process exists from the start (a local would keep its manager alive).
+                    await cast(TokenManager, self.managers[0]).astore(session, tokens)
                 except UpstreamAuthError:
                     w.end_session_change(session, epoch, applied=False)
                     continue
@@ -1325,8 +1328,10 @@ class _Run:
         for child, (at, parent, during) in plan.ext.forks.items():
             self.pending += 1
             self.spawn(
-                lambda child=child, at=at, parent=parent, during=during: self._fork_task(child, at, parent, during)
-            )  # type: ignore[misc]
+                lambda child=child, at=at, parent=parent, during=during: self._fork_task(  # type: ignore[misc]
+                    child, at, parent, during
+                )
+            )
         if plan.ext.loop_end is not None:
             # The application closes its event loop at some moment, with no regard for the manager's jobs.
             with anyio.move_on_after(plan.ext.loop_end):

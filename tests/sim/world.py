@@ -42,7 +42,7 @@ from httpx_upstream_auth import (
     StorageError,
     UpstreamTokens,
 )
-from httpx_upstream_auth._storage import Lease
+from httpx_upstream_auth._storages import Lease
 
 __all__ = [
     "APP_OP",
@@ -617,6 +617,9 @@ class SharedStore:
         #: lease owner -> (when the job's acquire returned, the job's task); owners whose keeper renewed past
         #: its bound (reported once)
         self.acquired: dict[str, tuple[float, Any]] = {}
+        #: The process each lease was taken in (a task job makes its bounded calls in tasks of their own, so the
+        #: task that sends is not the one that took the lease: the job is the same process's single flight).
+        self.acquired_in: dict[str, int] = {}
         #: The lease whose job's read hung (``Knobs.read_hang``), once it happened.
         self.hung = ""
         self.keeper_overran: set[str] = set()
@@ -1096,6 +1099,7 @@ class SimStorage(Storage):
         if result is not None:
             # The job holds it from now on; its lease keeper starts now (see ``arenew_lease``).
             store.acquired[result.owner] = (self.world.now(), self.world.current_task())
+            store.acquired_in[result.owner] = self.process.pid
         return result
 
     async def arelease_lease(self, lease: Lease) -> None:
@@ -1291,7 +1295,10 @@ class SimRefresher(Refresher):
         key = EntryKey(tokens.provider_id, session)
         held = w.store.leases.get(key)
         task = w.current_task()
-        mine = held is not None and w.store.acquired.get(held[0], (0.0, None))[1] is task
+        mine = held is not None and (
+            w.store.acquired.get(held[0], (0.0, None))[1] is task
+            or w.store.acquired_in.get(held[0]) == self.process.pid
+        )
         if not mine or held is None or held[1] <= w.store.lease_clock():
             state = "no lease" if held is None else "another worker's lease" if not mine else "an expired lease"
             w.violate(

@@ -3,41 +3,35 @@
 Abstract: ``get``, ``put`` (compare-and-set on ``version``) and ``delete``. Optional capabilities have
 working defaults, so a third-party store keeps working when new ones appear: ``acquire_lease`` /
 ``release_lease`` (default: an in-process table, enough for one process) and ``watch`` (default:
-polling ``get``). Async twins default to running the sync method in a worker thread, or calling it
+polling ``get``). Async twins default to running the sync method in a worker thread, abandoned when the
+awaiting task is cancelled (a refresh job bounds its calls, and a hung store must not hold it), or calling it
 directly when the backend never blocks (``blocking = False``).
 
-It also owns :class:`ForkRegistry`, how every storage module finds its live objects in a forked child.
+It also holds the helpers every backend uses to keep the contract's promises on what it stores: lease
+ttls, versions and times that a store can hold exactly.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
-import os
 import secrets
 import threading
 import time
-import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import anyio
 import anyio.to_thread
 import attrs
 
-from ._models import EntryKey, UpstreamTokens
-from ._policy import DEFAULT_RETENTION
+from .._changes import ChangeCallback
+from .._models import EntryKey, UpstreamTokens, is_plausible_time
+from .._policy import DEFAULT_RETENTION
+from .._synchronization import ForkRegistry
 
 __all__ = ["ChangeCallback", "Lease", "Storage"]
-
-logger = logging.getLogger("httpx_upstream_auth")
-_T = TypeVar("_T")
-
-#: Called with the digest (:attr:`EntryKey.digest`) of an entry that was saved or deleted, or with
-#: ``None`` when the store cannot tell which entries changed (every cached entry should be re-read).
-ChangeCallback = Callable[[str | None], None]
 
 
 @attrs.frozen
@@ -72,51 +66,17 @@ def lease_seconds(ttl: float) -> float:
 
 def storable(tokens: UpstreamTokens) -> UpstreamTokens:
     """``tokens`` as a store may keep them: a version from 0 to 2**63 - 1 (else ValueError, before anything
-    is written), and every time finite. An infinite or NaN time means "unknown" and is kept as ``None``:
-    an entry that could not be read back would lose a rotated refresh token."""
+    is written), and every time finite and plausible. ``UpstreamTokens`` refuses other times, but an
+    entry built around its checks may still arrive: such a time means "unknown" and is kept as ``None``,
+    since an entry that could not be read back would lose a rotated refresh token."""
     if not 0 <= tokens.version < _INT64:
         raise ValueError(f"an entry version must be an integer from 0 to 2**63 - 1, not {tokens.version}")
     odd: dict[str, Any] = {
         name: None
         for name in ("expires_at", "refresh_expires_at", "issued_at")
-        if (value := getattr(tokens, name)) is not None and not math.isfinite(value)
+        if (value := getattr(tokens, name)) is not None and not is_plausible_time(value)
     }
     return attrs.evolve(tokens, **odd) if odd else tokens
-
-
-class ForkRegistry(Generic[_T]):
-    """The live objects of one kind, each reset by ``reset(obj)`` in a child process after ``fork()``.
-
-    gunicorn ``--preload`` and multiprocessing fork a process whose storages already hold connections,
-    locks (perhaps held by a thread that does not exist in the child), change-feed threads and
-    subscriptions. Objects are held weakly. ``os.register_at_fork`` runs the resets unless
-    ``hook=False``: then the owner calls :meth:`reset_all` from a hook of its own (to order it after
-    other module state). A reset that raises is logged; the others still run.
-    """
-
-    def __init__(self, reset: Callable[[_T], None], *, hook: bool = True) -> None:
-        self._reset = reset
-        # No lock (a parent thread could hold it at fork): add is atomic under the GIL, and a reader
-        # that races an add gets RuntimeError from live() and asks again.
-        self._live: weakref.WeakSet[Any] = weakref.WeakSet()
-        if hook and hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=self.reset_all)
-
-    def add(self, obj: _T) -> None:
-        """Reset ``obj`` in every child forked while it lives."""
-        self._live.add(obj)
-
-    def live(self) -> list[_T]:
-        """The objects alive now (RuntimeError if another thread adds one meanwhile: ask again)."""
-        return list(self._live)
-
-    def reset_all(self) -> None:
-        """Reset every live object (called in the child, where only the forking thread exists)."""
-        for obj in list(self._live):
-            try:
-                self._reset(obj)
-            except Exception:  # an at-fork hook must not raise; the child then runs without this object's feed
-                logger.exception("could not reset %r after fork()", obj)
 
 
 def version_in_range(version: int | None) -> bool:
@@ -239,37 +199,41 @@ class Storage(ABC):
         """Async twin of :meth:`get`."""
         if not self.blocking:
             return self.get(key)
-        return await anyio.to_thread.run_sync(self.get, key)
+        return await anyio.to_thread.run_sync(self.get, key, abandon_on_cancel=True)
 
     async def aput(self, key: EntryKey, tokens: UpstreamTokens, *, expected_version: int | None) -> bool:
         """Async twin of :meth:`put`."""
         if not self.blocking:
             return self.put(key, tokens, expected_version=expected_version)
-        return await anyio.to_thread.run_sync(lambda: self.put(key, tokens, expected_version=expected_version))
+        return await anyio.to_thread.run_sync(
+            lambda: self.put(key, tokens, expected_version=expected_version), abandon_on_cancel=True
+        )
 
     async def adelete(self, key: EntryKey, *, expected_version: int | None = None) -> bool:
         """Async twin of :meth:`delete`."""
         if not self.blocking:
             return self.delete(key, expected_version=expected_version)
-        return await anyio.to_thread.run_sync(lambda: self.delete(key, expected_version=expected_version))
+        return await anyio.to_thread.run_sync(
+            lambda: self.delete(key, expected_version=expected_version), abandon_on_cancel=True
+        )
 
     async def aacquire_lease(self, key: EntryKey, ttl: float) -> Lease | None:
         """Async twin of :meth:`acquire_lease`."""
         if not self.blocking or type(self).acquire_lease is Storage.acquire_lease:
             return self.acquire_lease(key, ttl)
-        return await anyio.to_thread.run_sync(self.acquire_lease, key, ttl)
+        return await anyio.to_thread.run_sync(self.acquire_lease, key, ttl, abandon_on_cancel=True)
 
     async def arelease_lease(self, lease: Lease) -> None:
         """Async twin of :meth:`release_lease`."""
         if not self.blocking or type(self).release_lease is Storage.release_lease:
             return self.release_lease(lease)
-        await anyio.to_thread.run_sync(self.release_lease, lease)
+        await anyio.to_thread.run_sync(self.release_lease, lease, abandon_on_cancel=True)
 
     async def arenew_lease(self, lease: Lease) -> bool | None:
         """Async twin of :meth:`renew_lease`."""
         if not self.blocking or type(self).renew_lease is Storage.renew_lease:
             return self.renew_lease(lease)
-        return await anyio.to_thread.run_sync(self.renew_lease, lease)
+        return await anyio.to_thread.run_sync(self.renew_lease, lease, abandon_on_cancel=True)
 
     async def awatch(self, key: EntryKey, version: int | None, timeout: float) -> None:
         """Async twin of :meth:`watch`; the default polls :meth:`aget` without holding a thread."""

@@ -5,44 +5,36 @@ the cross-process refresh lease, the change log that tells other processes what 
 and the one poller thread per process and file that reads it for every watcher and subscriber, and
 what ``fork()`` does to all of these (the child gets no SQLite state of the parent's, and a feed of its
 own). Written once in sync code (``blocking = True``): the async twins run it in worker threads.
-
-It also holds the small change hub that the Redis storage shares (waiters and subscribers woken by
-whichever thread learns of a change), since both stores push changes to the same kinds of listeners.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
-import itertools
 import logging
 import os
 import sqlite3
 import stat
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterator
 
 import anyio
 import anyio.to_thread
 
-from ._exceptions import StorageError
-from ._models import EntryKey, UpstreamTokens
-from ._policy import DEFAULT_RETENTION, retention_deadline
-from ._storage import (
-    MAX_LEASE_TTL,
-    ChangeCallback,
+from .._changes import ChangeHub
+from .._exceptions import StorageError
+from .._models import EntryKey, UpstreamTokens
+from .._policy import DEFAULT_RETENTION, retention_deadline
+from .._synchronization import (
+    AsyncWaker,
     ForkRegistry,
-    Lease,
-    Storage,
-    lease_seconds,
-    new_owner,
-    storable,
-    version_in_range,
+    SyncWaker,
+    async_wait_for_change,
+    sync_wait_for_change,
 )
-from ._synchronization import running_async_library
+from ._base import MAX_LEASE_TTL, Lease, lease_seconds, storable, version_in_range
+from ._shared import Claim, SharedStorage
 
 __all__ = ["SQLiteStorage"]
 
@@ -114,8 +106,6 @@ _TRIM_EVERY = 500
 _POLL_FAST = 0.002
 _POLL_WATCHING = 0.002
 _POLL_IDLE = 0.05
-#: Watchers re-read their entry this often even without a notification (a safety net only).
-_RECHECK = 1.0
 
 
 def _boot_id() -> str:
@@ -128,143 +118,6 @@ def _boot_id() -> str:
 
 
 _BOOT = _boot_id()
-
-
-# -- listeners: shared by the SQLite poller and the Redis subscriber --------------------------------------
-class ChangeHub:
-    """Watchers (woken when one digest changes) and subscribers (called for every change) of one store.
-
-    ``publish`` may be called from any thread; wake functions must not block, and subscriber callbacks
-    run in the publishing thread. ``origin`` names the storage object that made a change: its own
-    subscribers heard of it already (``notify_change``) and are skipped.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._ids = itertools.count()
-        self._waiters: dict[str, dict[int, Callable[[], None]]] = {}
-        self._subscribers: dict[int, tuple[str, ChangeCallback]] = {}
-
-    def add_waiter(self, digest: str, wake: Callable[[], None]) -> Callable[[], None]:
-        """Call ``wake()`` on every change of ``digest`` (or of anything), until the returned function runs."""
-        ident = next(self._ids)
-        with self._lock:
-            self._waiters.setdefault(digest, {})[ident] = wake
-
-        def remove() -> None:
-            with self._lock:
-                found = self._waiters.get(digest)
-                if found is not None:
-                    found.pop(ident, None)
-                    if not found:
-                        del self._waiters[digest]
-
-        return remove
-
-    def add_subscriber(self, callback: ChangeCallback, origin: str) -> Callable[[], None]:
-        """Call ``callback(digest)`` on changes made by others than ``origin``, until the returned function runs."""
-        ident = next(self._ids)
-        with self._lock:
-            self._subscribers[ident] = (origin, callback)
-
-        def remove() -> None:
-            with self._lock:
-                self._subscribers.pop(ident, None)
-
-        return remove
-
-    def active(self) -> bool:
-        """True while anyone listens."""
-        return bool(self._waiters or self._subscribers)
-
-    def watching(self) -> bool:
-        """True while a watcher waits (someone expects a save soon)."""
-        return bool(self._waiters)
-
-    def wake(self, digest: str | None) -> None:
-        """Wake the watchers of ``digest`` (``None``: every watcher)."""
-        with self._lock:
-            if digest is None:
-                wakes = [wake for found in self._waiters.values() for wake in found.values()]
-            else:
-                wakes = list(self._waiters.get(digest, {}).values())
-        for wake in wakes:
-            wake()
-
-    def publish(self, digest: str | None, origin: str | None) -> None:
-        """A change of ``digest`` (``None``: cannot tell which) made by ``origin`` (``None``: unknown)."""
-        self.wake(digest)
-        with self._lock:
-            callbacks = [callback for owner, callback in self._subscribers.values() if owner != origin]
-        for callback in callbacks:
-            try:
-                callback(digest)
-            except Exception:  # one subscriber's bug must not stop the others, nor the poller
-                logger.exception("a storage change subscriber raised")
-
-
-def feed_of(storage: Storage) -> ChangeCallback:
-    """One hub subscriber for all of ``storage``'s subscribers (held weakly: a storage dropped without
-    unsubscribing is not kept alive by its change feed).
-
-    A storage registers it once, however many callbacks subscribe, so that after ``fork()`` the child
-    re-attaches one feed under its new origin and every callback live at the fork keeps hearing.
-    """
-    ref = weakref.ref(storage)
-
-    def hear(digest: str | None) -> None:
-        found = ref()
-        if found is None:
-            return
-        for callback in list(found._subscribers):
-            try:
-                callback(digest)
-            except Exception:  # one subscriber's bug must not stop the others, nor the listener thread
-                logger.exception("a storage change subscriber raised")
-
-    return hear
-
-
-class AsyncWaker:
-    """Wakes one async task from any thread without blocking that thread (asyncio or trio)."""
-
-    def __init__(self) -> None:
-        self._event = anyio.Event()
-        self._schedule = _threadsafe_scheduler()
-
-    def wake(self) -> None:
-        """Make the current or next :meth:`wait` return; safe from any thread."""
-        self._schedule(self._set)
-
-    def _set(self) -> None:
-        self._event.set()
-
-    async def wait(self, timeout: float) -> None:
-        """Wait until woken or ``timeout`` seconds passed."""
-        with anyio.move_on_after(timeout):
-            await self._event.wait()
-        self._event = anyio.Event()
-
-
-def _threadsafe_scheduler() -> Callable[[Callable[[], None]], None]:
-    """A function that runs a callback on the current event loop soon, callable from any thread."""
-    if running_async_library() == "trio":
-        import trio
-
-        token = trio.lowlevel.current_trio_token()
-
-        def on_trio(callback: Callable[[], None]) -> None:
-            with contextlib.suppress(trio.RunFinishedError):
-                token.run_sync_soon(callback)
-
-        return on_trio
-    loop = asyncio.get_running_loop()
-
-    def on_asyncio(callback: Callable[[], None]) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
-            loop.call_soon_threadsafe(callback)
-
-    return on_asyncio
 
 
 # -- the per-process, per-file poller ---------------------------------------------------------------------
@@ -544,7 +397,7 @@ def _purge_step(conn: sqlite3.Connection) -> bool:
     return bool(deleted >= _PURGE_BATCH)
 
 
-class SQLiteStorage(Storage):
+class SQLiteStorage(SharedStorage):
     """Entries in one SQLite file, shared safely by many threads and processes on one host.
 
     The file must be a regular file owned by this user: it is created 0600, an existing one is tightened
@@ -558,11 +411,15 @@ class SQLiteStorage(Storage):
     the file is on one host), tagged with the boot they were taken in, so a wall-clock step cannot hand
     a live lease to a second process. Every save and delete is logged (by digest) in the same
     transaction; one poller thread per process and file reads that log for every :meth:`watch` and
-    :meth:`subscribe`. The file is not safe on network filesystems.
+    :meth:`subscribe`: other processes' writes reach subscribers within a few milliseconds while
+    watchers wait and within about 50 ms otherwise, and a poller that fell too far behind the change log
+    calls back with ``None``. The file is not safe on network filesystems.
     """
 
     #: How soon after a commit by another process the poller notices it while a watcher waits (seconds).
     watch_interval: float = _POLL_FAST
+    #: How often :meth:`watch` re-reads the entry anyway, in case a notification was lost (a safety net).
+    recheck_interval: float = 1.0
 
     def __init__(
         self,
@@ -585,15 +442,6 @@ class SQLiteStorage(Storage):
         # both); they are kept here so garbage collection does not close them either.
         self._inherited: list[sqlite3.Connection] = []
         self._closed = False
-        #: Names this object's writes in the change log, so its own subscribers are not told twice.
-        self._origin = new_owner()[:16]
-        # The remover of this object's one feed from the poller's hub, while anyone subscribes.
-        self._feed_remove: Callable[[], None] | None = None
-        self._feed_lock = threading.Lock()
-        # Owner tokens of acquires whose answer never reached the caller (an error or a cancellation
-        # after the claim may have committed): the next acquire of that key re-uses it, re-taking the
-        # lease instead of leaving it held by nobody until its ttl runs out.
-        self._orphans: dict[EntryKey, str] = {}
         self._identity = self._secure_file()
         self._open()
         self._check_companions()
@@ -651,30 +499,23 @@ class SQLiteStorage(Storage):
         return deleted
 
     def acquire_lease(self, key: EntryKey, ttl: float) -> Lease | None:
-        """Claim the refresh lease for ``key`` across processes; ``None`` while another holder's is live."""
+        """Claim the refresh lease for ``key`` across processes; ``None`` while another holder's is live.
+
+        When the answer is lost (an error or a cancellation after the claim may have committed), the
+        owner token is kept and the next acquire of that key re-uses it, taking the lease back; a claim
+        whose transaction never reached its commit (a write lock that could not be had) leaves nothing.
+        """
         ttl = lease_seconds(ttl)
-        owner = self._orphans.pop(key, None) or new_owner()
-        answered = False
-        try:
-            lease = self._claim(key, ttl, owner)
-            answered = True
-            return lease
-        finally:
-            if not answered:
-                self._orphans[key] = owner
+        with self._orphans.owner_for(key, ttl) as claim:
+            claim.may_have_landed = False
+            return self._claim(key, ttl, claim)
 
     async def aacquire_lease(self, key: EntryKey, ttl: float) -> Lease | None:
         """Async twin of :meth:`acquire_lease`; a cancelled call leaves the owner token for the next one."""
         ttl = lease_seconds(ttl)
-        owner = self._orphans.pop(key, None) or new_owner()
-        answered = False
-        try:
-            lease = await anyio.to_thread.run_sync(self._claim, key, ttl, owner)
-            answered = True
-            return lease
-        finally:
-            if not answered:
-                self._orphans[key] = owner
+        with self._orphans.owner_for(key, ttl) as claim:
+            claim.may_have_landed = False
+            return await anyio.to_thread.run_sync(self._claim, key, ttl, claim)
 
     def renew_lease(self, lease: Lease) -> bool:
         """Extend our live lease to ``lease.ttl`` from now; False when it ran out or another holder has it."""
@@ -692,28 +533,6 @@ class SQLiteStorage(Storage):
                 (*_ids(lease.key), lease.owner),
             )
 
-    def subscribe(self, callback: ChangeCallback) -> Callable[[], None] | None:
-        """Call ``callback(digest)`` after every save or delete of the file, by any process.
-
-        Writes through this object are reported at once, in the writing thread; others from the shared
-        poller thread, within a few milliseconds while watchers wait and within about 50 ms otherwise.
-        A poller that fell too far behind the change log calls back with ``None`` (re-read everything).
-        Callbacks run in the poller thread, which serves every watcher of the file: keep them short.
-        """
-        local = super().subscribe(callback)
-        assert local is not None  # the base class always reports this object's own writes
-        try:
-            self._attach_feed()
-        except BaseException:
-            local()
-            raise
-
-        def unsubscribe() -> None:
-            local()
-            self._detach_feed()
-
-        return unsubscribe
-
     def watch(self, key: EntryKey, version: int | None, timeout: float) -> None:
         """Return once the entry's version differs from ``version``, or after ``timeout`` seconds.
 
@@ -721,15 +540,11 @@ class SQLiteStorage(Storage):
         at once, other processes' within the poller's interval (2 ms while anyone watches).
         """
         deadline = time.monotonic() + timeout
-        woken = threading.Event()
-        remove = self._listen_for(key, woken.set)
+        waker = SyncWaker()
+        remove = self._listen_for(key, waker.wake)
         try:
-            while self._current_version(key) == version:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return
-                woken.wait(min(remaining, _RECHECK))
-                woken.clear()
+            read = functools.partial(self._current_version, key)
+            sync_wait_for_change(read, version, deadline, waker, self._recheck)
         finally:
             remove()
 
@@ -740,11 +555,8 @@ class SQLiteStorage(Storage):
         with anyio.CancelScope(shield=True):  # a registration that completed must be removed below
             remove = await anyio.to_thread.run_sync(self._listen_for, key, waker.wake)
         try:
-            while await anyio.to_thread.run_sync(self._current_version, key) == version:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return
-                await waker.wait(min(remaining, _RECHECK))
+            read = functools.partial(anyio.to_thread.run_sync, self._current_version, key)
+            await async_wait_for_change(read, version, deadline, waker, self._recheck)
         finally:
             remove()
 
@@ -769,19 +581,12 @@ class SQLiteStorage(Storage):
             return int(conn.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0])
 
     def _attach_feed(self) -> None:
-        """Have the poller report other writers' changes to this object's subscribers (one hub entry
-        for all of them), unless it does already or nobody subscribes."""
-        with self._feed_lock:
-            if self._feed_remove is None and self._subscribers:
-                poller, origin, feed = self._poller(), self._origin, feed_of(self)
-                self._feed_remove = poller.listen(lambda: poller.hub.add_subscriber(feed, origin), self._log_end)
+        """Have the poller report other writers' changes to this object's subscribers."""
+        poller, origin = self._poller(), self._origin
+        self._link_feed(lambda feed: poller.listen(lambda: poller.hub.add_subscriber(feed, origin), self._log_end))
 
-    def _detach_feed(self) -> None:
-        """Leave the poller's hub once the last subscriber left (the poller may then stop)."""
-        with self._feed_lock:
-            if self._feed_remove is not None and not self._subscribers:
-                remove, self._feed_remove = self._feed_remove, None
-                remove()
+    def _recheck(self) -> float:
+        return self.recheck_interval
 
     def _current_version(self, key: EntryKey) -> int | None:
         with self._connection("watch for saved tokens") as conn:
@@ -803,12 +608,12 @@ class SQLiteStorage(Storage):
         if time.monotonic() >= poller.next_purge:
             poller.request_purge()
 
-    def _claim(self, key: EntryKey, ttl: float, owner: str) -> Lease | None:
-        with self._write("take the refresh lease") as conn:
+    def _claim(self, key: EntryKey, ttl: float, claim: Claim) -> Lease | None:
+        with self._write("take the refresh lease", committing=claim) as conn:
             now = time.monotonic()
-            params = (*_ids(key), owner, now + ttl, _BOOT, now, _BOOT, now + MAX_LEASE_TTL)
+            params = (*_ids(key), claim.owner, now + ttl, _BOOT, now, _BOOT, now + MAX_LEASE_TTL)
             claimed = conn.execute(_CLAIM_LEASE, params).rowcount == 1
-        return Lease(key, owner, ttl) if claimed else None
+        return Lease(key, claim.owner, ttl) if claimed else None
 
     # -- connections and transactions ----------------------------------------------------------------
     @contextlib.contextmanager
@@ -826,10 +631,11 @@ class SQLiteStorage(Storage):
                 self._checkin(conn, healthy)
 
     @contextlib.contextmanager
-    def _write(self, what: str) -> Iterator[sqlite3.Connection]:
+    def _write(self, what: str, committing: Claim | None = None) -> Iterator[sqlite3.Connection]:
         """One short write transaction: BEGIN IMMEDIATE takes the write lock up front, so the
         compare and the set cannot interleave with another writer, and no deadlock-prone lock upgrade
-        happens later. Nothing slow may run inside it."""
+        happens later. Nothing slow may run inside it. ``committing`` (a lease claim) is told when the
+        transaction may commit: a COMMIT that fails may still have committed."""
         with self._connection(what) as conn:
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -838,6 +644,8 @@ class SQLiteStorage(Storage):
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
                 raise
+            if committing is not None:
+                committing.may_have_landed = True
             conn.execute("COMMIT")
 
     def _checkout(self, what: str) -> sqlite3.Connection:
@@ -1000,16 +808,12 @@ class SQLiteStorage(Storage):
 
 
 def _reset_in_child(storage: SQLiteStorage) -> None:
-    """In a forked child: drop the inherited connections unused, take a new origin (the parent's
-    writes are now another writer's), forget lease answers the parent lost (re-taking one here would
-    make two holders), and re-attach the subscribers to this process's poller."""
-    storage._pool_lock = threading.Lock()  # a parent thread may have held these at fork()
-    storage._feed_lock = threading.Lock()
+    """In a forked child: drop the inherited connections unused, reset what every shared store resets
+    (origin, lost lease answers, the feed), and re-attach the subscribers to this process's poller."""
+    storage._pool_lock = threading.Lock()  # a parent thread may have held it at fork()
     storage._inherited.extend(storage._pool)
     storage._pool, storage._pid = [], os.getpid()
-    storage._origin = new_owner()[:16]
-    storage._orphans = {}
-    storage._feed_remove = None  # it was in the parent's hub
+    storage._reset_shared_in_child()
     if not storage._closed:
         storage._attach_feed()
 

@@ -7,9 +7,10 @@ import time
 
 import cachetools
 
-from ._models import EntryKey, UpstreamTokens
-from ._policy import DEFAULT_RETENTION, retention_deadline
-from ._storage import ForkRegistry, Storage, storable
+from .._models import EntryKey, UpstreamTokens
+from .._policy import DEFAULT_RETENTION, retention_deadline
+from .._synchronization import ForkRegistry
+from ._base import Storage, storable
 
 __all__ = ["MemoryStorage"]
 

@@ -10,8 +10,8 @@ import threading
 import urllib.parse
 from collections.abc import Callable
 
+from ._base import Storage
 from ._memory import MemoryStorage
-from ._storage import Storage
 
 __all__ = ["open_storage", "register_storage"]
 

@@ -1,0 +1,112 @@
+"""OpenTelemetry spans and metrics (the ``[otel]`` extra), through the SDK's in-memory exporters, for a refresh,
+a failure and a 401 replay over real HTTP against the LocalProvider."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from support import SESSION, Driver, ManagerFactory, expired, fail_refresh, put_entry, wait_until
+
+from httpx_upstream_auth import RefreshFailed
+from httpx_upstream_auth.testing import LocalProvider
+
+pytest.importorskip("opentelemetry.sdk", reason="the dev extra installs opentelemetry-sdk")
+
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+pytestmark = pytest.mark.anyio
+
+# The global providers can be set once per process: every test here shares them and reads what it added.
+SPANS = InMemorySpanExporter()
+READER = InMemoryMetricReader()
+_tracing = TracerProvider()
+_tracing.add_span_processor(SimpleSpanProcessor(SPANS))
+trace.set_tracer_provider(_tracing)
+metrics.set_meter_provider(MeterProvider(metric_readers=[READER]))
+
+
+def points(name: str) -> dict[tuple[tuple[str, Any], ...], Any]:
+    """The current data points of the instrument ``name``, by their attributes (sums, or histogram counts)."""
+    found: dict[tuple[tuple[str, Any], ...], Any] = {}
+    data = READER.get_metrics_data()
+    for resource in data.resource_metrics if data is not None else []:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                if metric.name == name:
+                    for point in metric.data.data_points:
+                        labels = tuple(sorted((point.attributes or {}).items()))
+                        found[labels] = getattr(point, "value", None) if hasattr(point, "value") else point.count
+    return found
+
+
+def refresh_spans() -> list[Any]:
+    """The refresh spans finished since the last ``SPANS.clear()``."""
+    return [span for span in SPANS.get_finished_spans() if span.name == "httpx_upstream_auth.refresh"]
+
+
+def delta(before: dict[Any, Any], after: dict[Any, Any]) -> dict[Any, Any]:
+    """What changed between two :func:`points` readings."""
+    return {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+
+
+def label(outcome: str, reason: str) -> tuple[tuple[str, Any], ...]:
+    """The attributes of a refresh's data point."""
+    return (("httpx_upstream_auth.provider_id", "local"), ("outcome", outcome), ("reason", reason))
+
+
+async def test_refresh_span_and_metrics(driver: Driver, provider: LocalProvider, make_manager: ManagerFactory) -> None:
+    """An expired token's refresh: one span (status unset), the refresh counter and the duration histogram
+    each gain one point for success/expired."""
+    manager = make_manager()
+    put_entry(manager, expired(provider.login()))
+    SPANS.clear()
+    counts, durations = points("httpx_upstream_auth.refreshes"), points("httpx_upstream_auth.refresh.duration")
+    assert (await driver.request(manager)).status_code == 200
+    await wait_until(lambda: len(refresh_spans()) == 1)  # the job records after publishing its outcome
+    spans = refresh_spans()
+    assert len(spans) == 1
+    span = spans[0]
+    assert span.attributes is not None and span.attributes["outcome"] == "success"
+    assert span.attributes["reason"] == "expired" and span.status.status_code == trace.StatusCode.UNSET
+    assert span.end_time is not None and span.start_time is not None and span.end_time >= span.start_time
+    assert delta(counts, points("httpx_upstream_auth.refreshes")) == {label("success", "expired"): 1}
+    assert delta(durations, points("httpx_upstream_auth.refresh.duration")) == {label("success", "expired"): 1}
+    assert provider.stats["refresh_ok"] == 1
+
+
+async def test_failed_refresh_span_and_metrics(
+    driver: Driver, provider: LocalProvider, make_manager: ManagerFactory
+) -> None:
+    """A refresh the provider refuses on every attempt (503): an ERROR span naming the error's class, and one
+    failure in the counter."""
+    manager = make_manager()
+    put_entry(manager, expired(provider.login()))
+    fail_refresh(provider, "503")
+    SPANS.clear()
+    counts = points("httpx_upstream_auth.refreshes")
+    with pytest.raises(RefreshFailed):
+        await driver.get_token(manager, SESSION)
+    await wait_until(lambda: len(refresh_spans()) == 1)
+    spans = refresh_spans()
+    assert len(spans) == 1 and spans[0].status.status_code == trace.StatusCode.ERROR
+    assert spans[0].status.description == "RefreshFailed"
+    assert delta(counts, points("httpx_upstream_auth.refreshes")) == {label("failure", "expired"): 1}
+
+
+async def test_replay_is_counted(driver: Driver, provider: LocalProvider, make_manager: ManagerFactory) -> None:
+    """A 401 replayed with a refreshed token: one replay, one refresh for reason rejected."""
+    manager = make_manager()
+    first = await driver.store(manager, provider.login())
+    provider.revoke_access(first.access_token)
+    SPANS.clear()
+    replays, counts = points("httpx_upstream_auth.replays"), points("httpx_upstream_auth.refreshes")
+    assert (await driver.request(manager)).status_code == 200
+    await wait_until(lambda: len(refresh_spans()) == 1)
+    assert delta(replays, points("httpx_upstream_auth.replays")) == {(("httpx_upstream_auth.provider_id", "local"),): 1}
+    assert delta(counts, points("httpx_upstream_auth.refreshes")) == {label("success", "rejected"): 1}
