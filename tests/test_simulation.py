@@ -27,12 +27,11 @@ QUICK_SCHEDULES = 200
 #: Findings of the simulation that are open (not yet understood and fixed), each named in the issue's note.
 #: Strict: such a seed must still break exactly that invariant (so a fix shows here and the entry goes),
 #: and no other seed may break any.
-OPEN_FINDINGS = {
-    # A short-lived manager whose refresh started before a logout (store without change notices, a lost
-    # renewal reply) returns the pre-logout generation after the logout completed; found after merging the
-    # bounded task-job calls with the late-renewal fix (issue 12, open).
-    7124: ["stale-generation-served"],
-}
+#: (Seed 7124, listed here until brief H1's follow-up: a short-lived manager on a store that reports no
+#: changes returned the pre-logout generation after the process's main manager logged the session out. A
+#: checker error, not a finding: a manager hears nothing of another manager's changes on such a store, its
+#: sibling in the same process included; see docs/simulation.md.)
+OPEN_FINDINGS: dict[int, list[str]] = {}
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -1246,7 +1246,7 @@ class _Run:
         except UpstreamAuthError as exc:
             w.log(f"{caller.name}: -> {type(exc).__name__}")
         else:
-            w.check_use(caller, session, started, tokens)
+            w.check_use(caller, session, started, tokens, sibling=True)
         finally:
             self.in_use[pid] -= 1
         del manager  # dropped without close()

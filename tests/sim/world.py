@@ -71,6 +71,9 @@ NATIVE_KINDS = frozenset({"task_cancel", "wait_for", "asyncio_timeout"})
 
 #: Set by the simulated application around a login (``astore``) or logout (``adelete``) it performs.
 APP_OP: contextvars.ContextVar[str | None] = contextvars.ContextVar("APP_OP", default=None)
+#: The lease a refresh job took last, set in the job's own context when it takes it: the tasks the job starts
+#: for its bounded calls (the token request, its writes) copy that context, so they are known as the job's.
+JOB: contextvars.ContextVar[str] = contextvars.ContextVar("JOB", default="")
 
 
 @dataclass
@@ -190,10 +193,10 @@ class Epoch:
     #: Later changes that completed (each ends this state): (the process that made it, when it completed).
     enders: list[tuple[int, float]] = field(default_factory=list)
 
-    def end_for(self, server: int, notices: bool) -> float:
-        """When this state stops being acceptable for what process ``server`` serves: once a later change
-        completed, or, on a store that reports no changes, once a later change by ``server`` itself did (its
-        cache hears nothing of the others' changes)."""
+    def end_for(self, server: int | None, notices: bool) -> float:
+        """When this state stops being acceptable for what process ``server``'s manager serves (``None``: another
+        manager, which makes no changes): once a later change completed, or, on a store that reports no
+        changes, once a later change by that manager itself did (it hears nothing of the others' changes)."""
         if notices:
             return self.end
         return min((t for pid, t in self.enders if pid == server), default=float("inf"))
@@ -401,12 +404,23 @@ class World:
             return f"item1:crowd:{kind}"
         return kind
 
-    def check_use(self, caller: Caller, session: str, started: float, tokens: UpstreamTokens) -> None:
+    def check_use(
+        self, caller: Caller, session: str, started: float, tokens: UpstreamTokens, sibling: bool = False
+    ) -> None:
         """The caller sends ``tokens`` to the API now: they must be the session's grant at some moment of
-        the call, name its subject, and be a token the provider issued."""
-        self.check_sent(caller, session, started, tokens.access_token, tokens.upstream_subject)
+        the call, name its subject, and be a token the provider issued (``sibling``: they come from a second
+        manager of the process, which makes no logins or logouts of its own)."""
+        self.check_sent(caller, session, started, tokens.access_token, tokens.upstream_subject, sibling)
 
-    def check_sent(self, caller: Caller, session: str, started: float, access_token: str, subject: str | None) -> None:
+    def check_sent(
+        self,
+        caller: Caller,
+        session: str,
+        started: float,
+        access_token: str,
+        subject: str | None,
+        sibling: bool = False,
+    ) -> None:
         """An access token for ``session`` reaches the API now (``subject``: the label it came with)."""
         minted = self.provider.access.get(access_token)
         if minted is None:
@@ -420,7 +434,8 @@ class World:
                 f"{caller.name} got a token of grant g{gid} ({grant.subject}) labelled {subject}",
             )
         ended = self.now()
-        server, notices = caller.process, self.knobs.notices
+        server: int | None = None if sibling else caller.process
+        notices = self.knobs.notices
         ok = [e for e in self.epochs.get(session, []) if e.start <= ended and e.end_for(server, notices) >= started]
         if any(e.gid == gid for e in ok):
             if not any(e.gid == gid and e.end_for(server, notices) >= ended - 1e-9 for e in ok):
@@ -623,10 +638,10 @@ class SharedStore:
         #: The lease whose job's read hung (``Knobs.read_hang``), once it happened.
         self.hung = ""
         self.keeper_overran: set[str] = set()
-        #: task -> the redemption whose save it tried and lost to another write; task -> the redemption whose
-        #: job then read that other write
-        self.cas_lost: dict[Any, int] = {}
-        self.saw_theirs: dict[Any, int] = {}
+        #: job (``JOB``) -> the redemption whose save it tried and lost to another write; job -> the redemption
+        #: whose job then read that other write
+        self.cas_lost: dict[str, int] = {}
+        self.saw_theirs: dict[str, int] = {}
         #: A real storage (SQLiteStorage on a temp file) that decides every entry operation; the model
         #: above mirrors it and checks what it did. Leases and change notices stay simulated.
         self.real: Storage | None = None
@@ -680,8 +695,8 @@ class SharedStore:
         if refused and w.knobs.mutant != "cas-ignores-version":
             self._note_save(tokens, "cas-lost")
             lost = w.provider.access_redemption.get(tokens.access_token)
-            if current is not None and current.version != expected and lost is not None:
-                self.cas_lost[w.current_task()] = lost
+            if current is not None and current.version != expected and lost is not None and JOB.get():
+                self.cas_lost[JOB.get()] = lost
             w.log(f"store: p{pid} put {tokens.refresh_token} v{tokens.version} over v{expected}: CAS LOST")
             return False
         op = APP_OP.get()
@@ -992,12 +1007,12 @@ class SimStorage(Storage):
 
     async def aget(self, key: EntryKey) -> UpstreamTokens | None:
         """Read, with the backend's delays and faults."""
-        store, task = self.world.store, self.world.current_task()
+        store, job = self.world.store, JOB.get()
         await self._maybe_hang(key)
         result: UpstreamTokens | None = await self._op("get", lambda: self.world.store.get(key), session=key.session_id)
-        rid = store.cas_lost.get(task)
+        rid = store.cas_lost.get(job) if job else None
         if rid is not None and result is not None and result.version != self.world.provider.redemptions[rid].version:
-            store.saw_theirs[task] = rid  # the job read the write its compare-and-set lost to
+            store.saw_theirs[job] = rid  # the job read the write its compare-and-set lost to
         mine = None if result is None else self.world.provider.access_redemption.get(result.access_token)
         if mine is not None and self.world.caller() is None:
             self.world.provider.redemptions[mine].saved_known = True  # a job read back what was saved
@@ -1040,9 +1055,9 @@ class SimStorage(Storage):
         """A job saving a refresh result: it gets refresh_timeout of retries from the answer (docs/design.md,
         "A job is bounded"), and stops once it has seen that someone else wrote the entry (theirs wins)."""
         w, store = self.world, self.world.store
-        red, task = w.provider.redemptions[rid], w.current_task()
+        red, job = w.provider.redemptions[rid], JOB.get()
         red.put_attempts += 1
-        if store.saw_theirs.get(task) == rid:
+        if job and store.saw_theirs.get(job) == rid:
             w.violate(
                 "save-retried-over-another-write",
                 f"r{rid}: its compare-and-set lost to another write, its read showed that write, and the job tries "
@@ -1099,6 +1114,7 @@ class SimStorage(Storage):
         if result is not None:
             # The job holds it from now on; its lease keeper starts now (see ``arenew_lease``).
             store.acquired[result.owner] = (self.world.now(), self.world.current_task())
+            JOB.set(result.owner)  # in the job's own context (this coroutine runs in its task)
             store.acquired_in[result.owner] = self.process.pid
         return result
 
