@@ -111,6 +111,18 @@ class Footprint:
     lost_claims: int
 
 
+class Lookups:
+    """How often one manager's in-process cache answered (``hits``: a fresh token, no store read) and did not
+    (``misses``). Plain counters on the hot path, lock-free on purpose: under heavy contention between threads an
+    increment may be lost, which a ratio shrugs off."""
+
+    __slots__ = ("hits", "misses")
+
+    def __init__(self) -> None:
+        self.hits = 0
+        self.misses = 0
+
+
 @attrs.define
 class _Presented:
     #: False while the job that presented the token runs; True once its answer was lost and the
@@ -193,6 +205,10 @@ class ManagerState:
         self.redeem_in: RedeemIn = redeem_in
         #: Where events go (logging, the user's hooks); see _trace.py.
         self.tracer = Tracer(provider_id, on_event, on_refresh)
+        #: The cache's hits and misses (exported as an OpenTelemetry counter when the [otel] extra is installed).
+        self.lookups = Lookups()
+        if self.tracer.otel is not None:
+            self.tracer.otel.count_lookups(self, provider_id, self.lookups)
         #: The refresh job as a blocking call, for worker threads (set by TokenManager).
         self.thread_job: Callable[[EntryKey, Need, Flight], None] = _unset
         # session id -> (tokens, their freshness bounds, the instant until which they are fresh and not due for
@@ -347,19 +363,23 @@ class ManagerState:
         background refresh) and the entry is still returned."""
         hit = self._cache.get(session_id)
         if hit is None:
+            self.lookups.misses += 1
             return None
         tokens, bounds, calm_until, ahead_for, ahead_floor = hit
         now = self.clock.time()
         if now < calm_until:
+            self.lookups.hits += 1
             return tokens
         # The window ends where the leeway begins, which grows with the observed latency: a window fixed at
         # caching time would shrink to nothing on a slow link, and every expiry would block again. It never
         # opens before the floor, or a grown leeway plus the window would refresh short tokens twice as often.
         due = bounds.fresh_until(self.latency)
         if now >= due:
+            self.lookups.misses += 1
             return None
         if now >= max(due - ahead_for, ahead_floor) and ahead is not None:
             ahead(session_id, tokens)
+        self.lookups.hits += 1
         return tokens
 
     def epoch(self, key: EntryKey) -> int:

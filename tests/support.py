@@ -25,6 +25,7 @@ from httpx_upstream_auth import (
 )
 from httpx_upstream_auth._async._manager import MAX_RETRIES
 from httpx_upstream_auth.testing import LocalProvider
+from httpx_upstream_auth.testing._provider import Receive, Scope, Send
 
 PROVIDER_ID = "local"
 SESSION = "session-1"
@@ -205,3 +206,22 @@ async def wait_until(condition: Callable[[], bool]) -> None:
     with anyio.fail_after(WAIT_LIMIT):
         while not condition():
             await anyio.sleep(0.005)
+
+
+class ScriptedAPI:
+    """An API answering 200 or a Bearer 401 per request, from a script; it records the Authorization sent."""
+
+    def __init__(self, statuses: list[int]) -> None:
+        self.statuses = list(statuses)
+        self.seen: list[str | None] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        headers = dict(scope["headers"])
+        auth = headers.get(b"authorization")
+        self.seen.append(None if auth is None else auth.decode())
+        status = self.statuses.pop(0) if self.statuses else 200
+        extra = [(b"www-authenticate", b'Bearer error="invalid_token"')] if status == 401 else []
+        await send({"type": "http.response.start", "status": status, "headers": [(b"content-length", b"0"), *extra]})
+        await send({"type": "http.response.body", "body": b""})

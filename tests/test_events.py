@@ -10,12 +10,27 @@ import logging
 import threading
 from typing import Any
 
+import httpx
 import pytest
-from support import SESSION, Driver, FakeClock, ManagerFactory, expired, fail_refresh, put_entry, stored, wait_until
+from support import (
+    SESSION,
+    SSL,
+    Driver,
+    FakeClock,
+    ManagerFactory,
+    ScriptedAPI,
+    aput_entry,
+    astored,
+    expired,
+    fail_refresh,
+    put_entry,
+    stored,
+    wait_until,
+)
 
 from httpx_upstream_auth import RefreshFailed, TokenManager, TraceEvent, UpstreamTokens
 from httpx_upstream_auth._async._manager import MAX_RETRIES
-from httpx_upstream_auth.testing import LocalProvider
+from httpx_upstream_auth.testing import LocalProvider, ServerThread
 
 pytestmark = pytest.mark.anyio
 
@@ -223,3 +238,33 @@ def test_no_listener_no_event_objects(
         logging.getLogger("httpx_upstream_auth.events").setLevel(logging.NOTSET)
     assert built == []
     assert provider.stats["refresh_ok"] == 1
+
+
+async def test_a_distrust_is_reported_with_the_tokens_hash_only(
+    provider: LocalProvider, make_manager: ManagerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The API refuses the token, then refuses the refreshed one on its replay: replayed, then distrusted (at
+    WARNING on the events logger), each naming the refreshed token by its short hash, never by the token."""
+    recorder = Recorder()
+    manager = hooked(make_manager, recorder)
+    first = await aput_entry(manager, provider.login())
+    api = ScriptedAPI([401, 401])
+    with caplog.at_level(logging.WARNING, logger="httpx_upstream_auth.events"):
+        async with (
+            ServerThread(api) as served,
+            httpx.AsyncClient(base_url=served.url, auth=manager.auth(SESSION), verify=SSL) as client,
+        ):
+            assert (await client.get("/data")).status_code == 401
+    fresh = await astored(manager)
+    assert fresh is not None and fresh.version == first.version + 1
+    await wait_until(lambda: "refresh.succeeded" in recorder.names())
+    assert [name for name in recorder.names() if name in ("replayed", "distrusted")] == ["replayed", "distrusted"]
+    distrusted = recorder.named("distrusted")[0]
+    assert distrusted.fields == {"access_token_hash": recorder.named("replayed")[0].fields["access_token_hash"]}
+    assert distrusted.session_id == SESSION
+    assert api.seen == [first.authorization, fresh.authorization]
+    warned = [r for r in caplog.records if r.name == "httpx_upstream_auth.events" and r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "distrusted" in warned[0].getMessage()
+    for secret in (first.access_token, fresh.access_token, fresh.refresh_token):
+        assert secret is not None and secret not in caplog.text and secret not in repr(distrusted)
+    assert provider.stats["refresh_ok"] == 1 and provider.stats["refresh_reuse"] == 0

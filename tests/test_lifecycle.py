@@ -31,6 +31,7 @@ from support import (
     FakeClock,
     FlakyStorage,
     ManagerFactory,
+    ScriptedAPI,
     aput_entry,
     assert_fails_closed,
     astored,
@@ -352,25 +353,6 @@ async def test_refresher_settings_are_honoured_by_both_kinds_of_job(
 
 
 # -- 8. a distrust ends when the API accepts the token -------------------------------------------------
-
-
-class ScriptedAPI:
-    """An API answering 200 or a Bearer 401 per request, from a script; it records the Authorization sent."""
-
-    def __init__(self, statuses: list[int]) -> None:
-        self.statuses = list(statuses)
-        self.seen: list[str | None] = []
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return
-        headers = dict(scope["headers"])
-        auth = headers.get(b"authorization")
-        self.seen.append(None if auth is None else auth.decode())
-        status = self.statuses.pop(0) if self.statuses else 200
-        extra = [(b"www-authenticate", b'Bearer error="invalid_token"')] if status == 401 else []
-        await send({"type": "http.response.start", "status": status, "headers": [(b"content-length", b"0"), *extra]})
-        await send({"type": "http.response.body", "body": b""})
 
 
 async def test_a_distrust_ends_when_the_api_accepts_the_token(provider: LocalProvider, manager: TokenManager) -> None:

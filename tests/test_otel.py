@@ -3,12 +3,15 @@ a failure and a 401 replay over real HTTP against the LocalProvider."""
 
 from __future__ import annotations
 
+import gc
+import weakref
 from typing import Any
 
+import attrs
 import pytest
 from support import SESSION, Driver, ManagerFactory, expired, fail_refresh, put_entry, wait_until
 
-from httpx_upstream_auth import RefreshFailed
+from httpx_upstream_auth import MemoryStorage, OAuth2Refresher, RefreshFailed, TokenManager
 from httpx_upstream_auth.testing import LocalProvider
 
 pytest.importorskip("opentelemetry.sdk", reason="the dev extra installs opentelemetry-sdk")
@@ -110,3 +113,44 @@ async def test_replay_is_counted(driver: Driver, provider: LocalProvider, make_m
     await wait_until(lambda: len(refresh_spans()) == 1)
     assert delta(replays, points("httpx_upstream_auth.replays")) == {(("httpx_upstream_auth.provider_id", "local"),): 1}
     assert delta(counts, points("httpx_upstream_auth.refreshes")) == {label("success", "rejected"): 1}
+
+
+def lookups(provider_id: str) -> dict[str, int]:
+    """The cache-lookup counter's current values for ``provider_id``, by result."""
+    found = points("httpx_upstream_auth.cache.lookups")
+    return {dict(k)["result"]: v for k, v in found.items() if dict(k)["httpx_upstream_auth.provider_id"] == provider_id}
+
+
+async def test_cache_lookups_are_counted_and_outlive_their_manager(provider: LocalProvider, token_url: str) -> None:
+    """Three requests on a valid token: the first misses the cache (it reads the store), the other two hit it.
+    A second manager of the same provider id adds to the same counter, and once both are collected their counts
+    stay (the counter never goes down)."""
+    storage = MemoryStorage()
+    refresher = OAuth2Refresher(token_url, "test-client", "test-secret")
+
+    def make() -> TokenManager:
+        return TokenManager(refresher=refresher, provider_id="lookups-test", storage=storage)
+
+    def since(before: dict[str, int]) -> dict[str, int]:
+        now = lookups("lookups-test")
+        return {result: now.get(result, 0) - before.get(result, 0) for result in ("hit", "miss")}
+
+    manager = make()
+    await manager.astore(SESSION, attrs.evolve(provider.login(), provider_id="lookups-test"))
+    await manager.aclose()  # the login cached the entry: a fresh manager starts with an empty cache
+    before = lookups("lookups-test")
+    first = make()
+    for _ in range(3):
+        await first.aget_token(SESSION)
+    assert since(before) == {"hit": 2, "miss": 1}
+    second = make()
+    for _ in range(2):
+        await second.aget_token(SESSION)
+    assert since(before) == {"hit": 3, "miss": 2}
+    await first.aclose()
+    await second.aclose()
+    gone = [weakref.ref(first), weakref.ref(second)]
+    del manager, first, second
+    gc.collect()
+    assert [ref() for ref in gone] == [None, None]
+    assert since(before) == {"hit": 3, "miss": 2}

@@ -332,6 +332,31 @@ def test_faults_queue_in_order(provider: LocalProvider, client: httpx.Client) ->
         provider.fail_next("delay:soon")
 
 
+@pytest.mark.parametrize("kind", ["html:404", "redirect:200", "token_type:", "token_type:a b", "huge:0", "huge:x"])
+def test_fault_options_are_checked(provider: LocalProvider, kind: str) -> None:
+    """A fault kind's option outside what it can do is refused when queued, not at the request."""
+    with pytest.raises(ValueError, match="unknown fault"):
+        provider.fail_next(kind)
+
+
+def test_faults_with_options(provider: LocalProvider, client: httpx.Client) -> None:
+    """html:<status> and redirect:<status> answer without consuming the refresh token; huge:<bytes> sizes its
+    body; token_type:<type> redeems and states that type."""
+    tokens = provider.login()
+    assert tokens.refresh_token is not None
+    provider.fail_next("html:503")
+    provider.fail_next("redirect:307")
+    provider.fail_next("huge:1000")
+    page, moved, huge = (refresh(client, tokens.refresh_token) for _ in range(3))
+    assert (page.status_code, page.headers["content-type"]) == (503, "text/html")
+    assert (moved.status_code, moved.headers["location"]) == (307, "/token")
+    assert huge.status_code == 200 and len(huge.content) == 1000
+    provider.fail_next("token_type:mac")
+    answer = refresh(client, tokens.refresh_token)
+    assert answer.status_code == 200 and answer.json()["token_type"] == "mac"
+    assert provider.stats["refresh_ok"] == 1 and provider.stats["refresh_reuse"] == 0
+
+
 def test_delay_fault_then_answers_normally(provider: LocalProvider, client: httpx.Client) -> None:
     """delay:<s> waits that long, then refreshes normally."""
     tokens = provider.login()

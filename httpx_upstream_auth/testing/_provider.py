@@ -365,15 +365,26 @@ class LocalProvider:
         names sub ``"mallory"``. ``"redeem_then:<status>"`` handles the request (consumed and rotated),
         then answers ``<status>`` with an HTML page, as a gateway in front of a provider does when the
         provider's answer does not reach it (502, 504). ``"expires_in:<seconds>"`` handles the request
-        normally but states that access-token lifetime.
+        normally but states that access-token lifetime. ``"token_type:<type>"`` handles the request normally
+        but states that token type (``"mac"``: a type no Bearer client may use). ``"html:<status>"`` answers
+        that 5xx status with an HTML page without looking at the request, as a gateway does when the provider
+        is down. ``"redirect:<status>"`` answers that 3xx status pointing at the same URL. ``"huge:<bytes>"``
+        is ``"huge"`` with a body of that many bytes.
         """
+        option = kind.partition(":")[2]
         if kind.startswith(("delay:", "answer_delay:", "expires_in:")):
             try:
-                ok = float(kind.partition(":")[2]) >= 0
+                ok = float(option) >= 0
             except ValueError:
                 ok = False
-        elif kind.startswith("redeem_then:"):
-            ok = kind.partition(":")[2] in {"500", "502", "503", "504"}
+        elif kind.startswith(("redeem_then:", "html:")):
+            ok = option in {"500", "502", "503", "504"}
+        elif kind.startswith("redirect:"):
+            ok = option in {"301", "302", "303", "307", "308"}
+        elif kind.startswith("token_type:"):
+            ok = bool(option) and option.isascii() and option.isalnum()
+        elif kind.startswith("huge:"):
+            ok = option.isdigit() and 0 < int(option) <= 64 * 1024 * 1024
         else:
             ok = kind in FAULT_KINDS
         if not ok:
@@ -632,6 +643,7 @@ class LocalProvider:
         answer_delay = 0.0
         gateway: int | None = None
         expires_in: float | None = None
+        token_type = "Bearer"
         if fault is not None:
             if fault.startswith("delay:"):
                 delay += float(fault[6:])
@@ -643,12 +655,14 @@ class LocalProvider:
                 gateway = int(fault[12:])
             elif fault.startswith("expires_in:"):
                 expires_in = float(fault[11:])
+            elif fault.startswith("token_type:"):
+                token_type = fault[11:]
             else:
-                return _fault_reply(fault)
+                return _fault_reply(fault, scope)
         if delay > 0 and not await _sleep_unless_disconnected(delay, receive):
             return _error(400, "invalid_request")  # nobody is listening; nothing was changed
         with self._lock:
-            reply = self._refresh_grant(form, auth_method, client_id, secret, other_sub, expires_in)
+            reply = self._refresh_grant(form, auth_method, client_id, secret, other_sub, expires_in, token_type)
         if gateway is not None:
             page = f"<html><body>{gateway} Bad Gateway</body></html>".encode()
             return _Reply(gateway, page, [(b"content-type", b"text/html")])
@@ -666,6 +680,7 @@ class LocalProvider:
         secret: str | None,
         other_sub: bool,
         expires_in: float | None = None,
+        token_type: str = "Bearer",
     ) -> _Reply:
         if auth_method == "ambiguous":
             return _error(400, "invalid_request")
@@ -710,7 +725,7 @@ class LocalProvider:
         access, _ = self._new_access(grant, now)
         ttl = self.access_ttl if grant.access_ttl is None else grant.access_ttl
         stated = _seconds(ttl) if expires_in is None else _seconds(expires_in)
-        answer: dict[str, Any] = {"access_token": access, "token_type": "Bearer", "expires_in": stated}
+        answer: dict[str, Any] = {"access_token": access, "token_type": token_type, "expires_in": stated}
         scope = form.get("scope") or grant.scope
         if scope is not None:
             answer["scope"] = scope
@@ -801,7 +816,13 @@ def _client_credentials(authorization: str | None, form: dict[str, str]) -> tupl
     return "", None, None
 
 
-def _fault_reply(kind: str) -> _Reply:
+def _fault_reply(kind: str, scope: Scope) -> _Reply:
+    option = kind.partition(":")[2]
+    if kind.startswith("html:"):
+        page = f"<html><body><h1>{option} Service Unavailable</h1></body></html>".encode()
+        return _Reply(int(option), page, [(b"content-type", b"text/html")])
+    if kind.startswith("redirect:"):
+        return _Reply(int(option), b"", [(b"location", scope["path"].encode("latin-1"))])
     if kind == "500":
         return _error(500, "server_error")
     if kind == "503":
@@ -814,9 +835,9 @@ def _fault_reply(kind: str) -> _Reply:
         return _Reply(200, b'{"token_type":"Bearer","expires_in":60}', _TOKEN_HEADERS)
     if kind == "invalid_client":
         return _error(401, "invalid_client", _BASIC_CHALLENGE)
-    assert kind == "huge"
+    size = int(option) if kind.startswith("huge:") else HUGE_SIZE
     head = b'{"access_token":"huge-unusable","token_type":"Bearer","expires_in":60,"padding":"'
-    return _Reply(200, head + b"x" * (HUGE_SIZE - len(head) - 2) + b'"}', _TOKEN_HEADERS)
+    return _Reply(200, head + b"x" * max(0, size - len(head) - 2) + b'"}', _TOKEN_HEADERS)
 
 
 async def _read_body(receive: Receive) -> bytes:

@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -408,7 +409,7 @@ from tests.sim.runner import run_schedule
 for seed in range({start}, {stop}):
     result = run_schedule(seed)
     for category in sorted(set(result.categories)):
-        print(seed, category)
+        print(seed, category, flush=True)
 """
 
 
@@ -421,8 +422,14 @@ def _copy_tree(dest: Path) -> None:
             shutil.copy(ROOT / name, dest / name)
 
 
-def _findings(where: Path, start: int, count: int, jobs: int = 1) -> set[tuple[int, str]] | str:
-    """The (seed, category) findings of seeds start..start+count-1, in ``jobs`` interpreters at once."""
+def _findings(
+    where: Path, start: int, count: int, jobs: int = 1, known: set[str] | None = None
+) -> set[tuple[int, str]] | str:
+    """The (seed, category) findings of seeds start..start+count-1, in ``jobs`` interpreters at once.
+
+    With ``known`` (the baseline's categories), the run stops at the first finding of another category: the
+    mutant is killed, and its remaining seeds would only cost time (a survivor still runs every seed).
+    """
     env = {**os.environ, "PYTHONPATH": str(where), "PYTHONDONTWRITEBYTECODE": "1"}
     bounds = [start + count * i // jobs for i in range(jobs + 1)]
     runs = [
@@ -437,15 +444,33 @@ def _findings(where: Path, start: int, count: int, jobs: int = 1) -> set[tuple[i
         for a, b in itertools.pairwise(bounds)
         if b > a
     ]
-    found = set()
+    found: set[tuple[int, str]] = set()
+    new = threading.Event()
+    lock = threading.Lock()
+
+    def read(run: subprocess.Popen[str]) -> None:
+        assert run.stdout is not None
+        for line in run.stdout:
+            seed, _, category = line.strip().partition(" ")
+            with lock:
+                found.add((int(seed), category))
+            if known is not None and category not in known:
+                new.set()
+
+    readers = [threading.Thread(target=read, args=(run,), daemon=True) for run in runs]
+    for reader in readers:
+        reader.start()
+    while any(reader.is_alive() for reader in readers) and not new.wait(0.2):
+        pass
+    if new.is_set():
+        for run in runs:
+            run.kill()  # our own interpreters: the mutant is already killed
     failed = ""
-    for run in runs:
-        out, err = run.communicate()
-        if run.returncode != 0:
+    for run, reader in zip(runs, readers, strict=True):
+        _, err = run.communicate()
+        reader.join()
+        if run.returncode != 0 and not new.is_set():
             failed = failed or f"crashed: {err.strip().splitlines()[-1:] or '?'}"
-        for line in out.splitlines():
-            seed, _, category = line.partition(" ")
-            found.add((int(seed), category))
     return failed or found
 
 
@@ -513,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
             if m.file.startswith("_async/"):  # the thread jobs and sync API run the generated twin
                 subprocess.run([sys.executable, "tests/unasync_twins.py"], cwd=where, check=True)
             started = time.perf_counter()
-            found = _findings(where, args.start, args.count, args.jobs)
+            found = _findings(where, args.start, args.count, args.jobs, base_categories)
             failed = _tests(where, [*args.pytest, *(m.tests if args.tests else ())])
             took = time.perf_counter() - started
             if isinstance(found, str):
