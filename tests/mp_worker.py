@@ -22,12 +22,33 @@ from httpx_upstream_auth._demo import run_worker
 SESSION = "shared"
 
 
-def manager(spec: str, url: str) -> hua.TokenManager:
+class EarlyRefreshes:
+    """For each refresh of an expiring token this process starts (not one the API refused): the share of the
+    token's lifetime still left then, by the manager's own clock. The freshness policy never refreshes with
+    more than ``max_latency_fraction`` left, however slowly the loaded machine answers."""
+
+    def __init__(self) -> None:
+        self.storage: hua.Storage | None = None
+        self.left: list[float] = []
+
+    def __call__(self, event: hua.TraceEvent) -> None:
+        if event.name != "refresh.started" or event.fields["reason"] != "expired" or self.storage is None:
+            return
+        # The job holds the lease: the stored entry is the one it redeems.
+        entry = self.storage.get(hua.EntryKey(event.provider_id, event.session_id or ""))
+        if entry is not None and entry.expires_at is not None and entry.issued_at is not None:
+            self.left.append((entry.expires_at - time.time()) / (entry.expires_at - entry.issued_at))
+
+
+def manager(spec: str, url: str, on_event: EarlyRefreshes | None = None) -> hua.TokenManager:
     """A manager like every process of the app would build."""
     storage = open_storage(spec)
     refresh_timeout = float(os.environ.get("HUA_REFRESH_TIMEOUT", "15"))
     lease_ttl = float(os.environ.get("HUA_LEASE_TTL", str(refresh_timeout + 5)))
+    if on_event is not None:
+        on_event.storage = storage
     return hua.TokenManager(
+        on_event=on_event,
         storage=storage,
         refresher=hua.OAuth2Refresher(url + "/token", "test-client", "test-secret", timeout=refresh_timeout),
         provider_id="local",
@@ -39,10 +60,12 @@ def manager(spec: str, url: str) -> hua.TokenManager:
 def main(argv: list[str]) -> None:
     """Run one mode and print its JSON result on the last line."""
     mode, spec, url = argv[:3]
-    mgr = manager(spec, url)
+    early = EarlyRefreshes()
+    mgr = manager(spec, url, early if mode == "herd" else None)
     if mode == "herd":
         time.sleep(max(float(argv[6]) - time.time(), 0))  # start together, once every process has imported
         result = anyio.run(run_worker, mgr, url, float(argv[3]), int(argv[4]), SESSION, float(argv[5]))
+        result["lifetime_left_at_refresh"] = early.left
     else:
         result = mgr.get_token(SESSION).to_dict()
     mgr.close()

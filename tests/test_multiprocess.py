@@ -80,14 +80,17 @@ def test_four_processes_share_one_refresh_per_expiry(storage_spec: str) -> None:
         procs = [spawn("herd", storage_spec, server.url, "8", "25", "0.25", start) for _ in range(4)]
         results = [result_of(p) for p in procs]
         stats = provider.stats
-    ok = sum(int(r["ok"]) for r in results)  # type: ignore[call-overload]
     failures = [r["errors"] for r in results if r["failed"]]
     assert stats["refresh_reuse"] == 0, stats
     assert failures == [], failures
-    assert ok > 300, ok
-    # One refresh per token lifetime across the processes: each came in the second half of the token's life
-    # (the leeway is at most about a third of it), and at least one did.
-    assert stats["refresh_ok"] >= 1 and stats["refresh_early"] == 0, stats
+    assert all(int(r["ok"]) > 0 for r in results), results  # type: ignore[call-overload]
+    # One refresh per token lifetime across the processes: a second refresh of one token would present a
+    # consumed refresh token (reuse, above); and no process refreshed a token earlier than the freshness policy
+    # allows, by its own clock (the provider's refresh_early would also count the time a refresh request spent
+    # reaching it on a loaded machine). The run crossed expiries: the seeded expired token's and later ones.
+    left = [share for r in results for share in r["lifetime_left_at_refresh"]]  # type: ignore[attr-defined]
+    assert left and max(left) <= hua.FreshnessPolicy().max_latency_fraction, left
+    assert stats["refresh_ok"] >= 2, stats
 
 
 def test_entry_written_by_one_process_is_refreshed_by_another(storage_spec: str) -> None:
