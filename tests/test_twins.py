@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+import re
+
 import unasync_twins
 
 
@@ -16,3 +19,14 @@ def test_every_replacement_rule_is_used() -> None:
     source = "\n".join(path.read_text() for path in unasync_twins.sources())
     unused = [name for name in unasync_twins.REPLACEMENTS if name not in source]
     assert not unused, f"replacements matching nothing: {unused}"
+
+
+def test_sync_docstrings_say_sync() -> None:
+    """No docstring of a generated sync twin calls itself async or awaitable (the PROSE rules rewrite them)."""
+    said = []
+    for twin in unasync_twins.generate().values():
+        for node in ast.walk(ast.parse(twin)):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = (ast.get_docstring(node) or "").replace("generated from the async", "")
+                said += re.findall(r"[^.]*\b(?:async|await|awaitable)\b[^.]*", doc, flags=re.IGNORECASE)
+    assert said == []

@@ -52,6 +52,50 @@ REPLACEMENTS = {
     "AsyncStoreCalls": "SyncStoreCalls",
     "start_async_job": "start_sync_job",
 }
+#: Prose the name rules cannot reach (unasync rewrites names, not docstrings or comments): what the async
+#: source says of itself, as its generated sync twin should say it. Each must match in its twin.
+PROSE = {
+    "_async/__init__.py": [
+        (
+            "The async source of the I/O shells; ``_sync`` is generated from it by unasync. Edit only this one.",
+            "The sync (blocking) I/O shells, generated from ``_async`` by unasync: edit the source, never these.",
+        ),
+    ],
+    "_async/_auth.py": [
+        ("The async auth flow: attach", "The sync (blocking) auth flow: attach"),
+        ("(the sync one is generated).", "(generated from the async one)."),
+        ("The async flow of", "The sync (blocking) flow of"),
+    ],
+    "_async/_manager.py": [
+        ("The async half of TokenManager:", "The sync (blocking) half of TokenManager:"),
+        (
+            "Token operations for async callers; the sync twin is generated from this file.",
+            "Token operations for sync (blocking) callers; generated from the async source.",
+        ),
+    ],
+    "_async/_transport.py": [
+        (
+            "The transport (async source; the sync one is generated):",
+            "The sync transport (generated from the async one):",
+        ),
+        ("``httpx.AsyncHTTPTransport``", "``httpx.HTTPTransport``"),
+        ("``httpx2.AsyncHTTPTransport``", "``httpx2.HTTPTransport``"),
+        ("``httpx.AsyncClient`` and ``httpx2.AsyncClient``", "``httpx.Client`` and ``httpx2.Client``"),
+        ("never held across an await.", "never held across a blocking call."),
+    ],
+    "_redis/_async.py": [
+        (
+            "The Redis storage's commands, written once: ``_sync.py`` is generated from this file by",
+            "The Redis storage's commands, blocking: generated from ``_async.py`` (the source) by",
+        ),
+        (
+            ":class:`AsyncCommands` sends them over one event loop's redis.asyncio client; its twin ``SyncCommands``\n"
+            "over the sync client (sync code, trio, worker threads).",
+            ":class:`SyncCommands` sends them over the blocking redis client (sync code, trio, worker threads); its\n"
+            "source ``AsyncCommands`` over one event loop's redis.asyncio client.",
+        ),
+    ],
+}
 
 
 def sources() -> dict[Path, Path]:
@@ -80,8 +124,18 @@ def generate() -> dict[Path, str]:
             copy.parent.mkdir(parents=True)
             copy.write_text(source.read_text())
             unasync.unasync_files([str(copy)], [rule])
-            out[twin] = _header(source) + (Path(tmp) / str(number) / "_sync" / "module.py").read_text()
+            text = (Path(tmp) / str(number) / "_sync" / "module.py").read_text()
+            out[twin] = _header(source) + _prose(source, text)
     return out
+
+
+def _prose(source: Path, text: str) -> str:
+    """``text`` (a generated twin) with the async source's prose about itself said of the sync twin."""
+    for old, new in PROSE.get(f"{source.parent.name}/{source.name}", []):
+        if old not in text:
+            raise LookupError(f"prose rule for {source.name} matched nothing: {old!r}")
+        text = text.replace(old, new)
+    return text
 
 
 def check() -> list[str]:

@@ -1,2 +1,2 @@
 # Generated from _async by tests/unasync_twins.py: do not edit.
-"""The async source of the I/O shells; ``_sync`` is generated from it by unasync. Edit only this one."""
+"""The sync (blocking) I/O shells, generated from ``_async`` by unasync: edit the source, never these."""

@@ -1,5 +1,5 @@
 # Generated from _async by tests/unasync_twins.py: do not edit.
-"""The async auth flow: attach the token, and after a 401 replay once with a newer one."""
+"""The sync (blocking) auth flow: attach the token, and after a 401 replay once with a newer one."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 
 class SyncAuthFlow:
-    """The async flow of :class:`~httpx_upstream_auth.UpstreamAuth` (the sync one is generated)."""
+    """The sync (blocking) flow of :class:`~httpx_upstream_auth.UpstreamAuth` (generated from the async one)."""
 
     _engine: Engine
     _session_id: str

@@ -1,5 +1,5 @@
 # Generated from _async by tests/unasync_twins.py: do not edit.
-"""The async half of TokenManager: the fast path, single flight, and the refresh job.
+"""The sync (blocking) half of TokenManager: the fast path, single flight, and the refresh job.
 
 Callers only wait. A refresh is a job the manager owns (``run_flight``): it re-reads the entry, takes
 the storage lease, redeems the refresh token, and saves the result or removes the entry, then
@@ -66,7 +66,7 @@ NOT_REMOVED = (
 
 
 class SyncTokenOps:
-    """Token operations for async callers; the sync twin is generated from this file."""
+    """Token operations for sync (blocking) callers; generated from the async source."""
 
     def __init__(self, state: ManagerState) -> None:
         self._state = state

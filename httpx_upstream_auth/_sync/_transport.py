@@ -1,5 +1,5 @@
 # Generated from _async by tests/unasync_twins.py: do not edit.
-"""The transport (async source; the sync one is generated): the auth flow for code that takes a transport."""
+"""The sync transport (generated from the async one): the auth flow for code that takes a transport."""
 
 from __future__ import annotations
 
@@ -69,8 +69,8 @@ class UpstreamAuthTransport(_TransportBase):
     a client may send its first request elsewhere: that request would otherwise pin the wrong origin.
 
     **Inner transport.** Without ``transport=``, a default one is made on first use for each client
-    library: an ``httpx.AsyncHTTPTransport`` for httpx requests, an ``httpx2.AsyncHTTPTransport`` for
-    httpx2 requests, so one object works under ``httpx.AsyncClient`` and ``httpx2.AsyncClient``. A
+    library: an ``httpx.HTTPTransport`` for httpx requests, an ``httpx2.HTTPTransport`` for
+    httpx2 requests, so one object works under ``httpx.Client`` and ``httpx2.Client``. A
     ``transport=`` given must fit the client it is used with.
 
     Every response the caller does not get back (a 401 before the replay, or the 401 whose refresh
@@ -93,7 +93,7 @@ class UpstreamAuthTransport(_TransportBase):
         self._origins = None if origins is None else frozenset(_parse_origin(origin) for origin in origins)
         if self._origins is not None and not self._origins:
             raise ValueError("origins= is empty: the transport would authenticate nothing")
-        # Guards pinning the first origin and making the default transports; never held across an await.
+        # Guards pinning the first origin and making the default transports; never held across a blocking call.
         self._lock = threading.Lock()
         self._defaults: dict[str, httpx.BaseTransport] = {}  # by client library: "httpx", "httpx2"
 

@@ -1,9 +1,9 @@
 # Generated from _async.py by tests/unasync_twins.py: do not edit.
-"""The Redis storage's commands, written once: ``_sync.py`` is generated from this file by
+"""The Redis storage's commands, blocking: generated from ``_async.py`` (the source) by
 ``tests/unasync_twins.py``.
 
-:class:`AsyncCommands` sends them over one event loop's redis.asyncio client; its twin ``SyncCommands``
-over the sync client (sync code, trio, worker threads). Each command holds a connection slot while it
+:class:`SyncCommands` sends them over the blocking redis client (sync code, trio, worker threads); its
+source ``AsyncCommands`` over one event loop's redis.asyncio client. Each command holds a connection slot while it
 runs, and turns redis-py's failures into :class:`StorageError`.
 """
 
