@@ -1,7 +1,7 @@
 """Us side by side with the libraries people use today, in ten scenarios, in one run and one table.
 
     python benchmarks/compare.py --short     # CI: 2 to 3 minutes; prints the table, writes benchmarks/results/
-    python benchmarks/compare.py --full      # writes docs/benchmarks.md (table, machine, command, versions)
+    python benchmarks/compare.py --full      # writes docs/benchmark-results.md (table, machine, command, versions)
         [--scenarios 1,2,...] [--no-venv] [--out FILE]
 
 Every scenario runs against the local provider (``httpx_upstream_auth.testing.LocalProvider``: rotation on
@@ -53,7 +53,10 @@ ROOT = HERE.parent
 BENCH_VENV = ROOT / ".venv" / "bench"
 REQUIREMENTS = HERE / "requirements-peers.txt"
 RESULTS = HERE / "results"
-DOCS_PAGE = ROOT / "docs" / "benchmarks.md"
+#: The one file of benchmark figures the docs quote: docs/benchmarks.md includes it, tests/test_benchmark_numbers.py
+#: checks every quote against it. Written whole by a full run of every scenario.
+DOCS_RESULTS = ROOT / "docs" / "benchmark-results.md"
+RESULTS_HEADER = "<!-- Written by benchmarks/compare.py --full: do not edit. docs/benchmarks.md includes it. -->"
 COUNT_VIOLATION_EXIT = 3
 
 
@@ -1438,7 +1441,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--short", action="store_true", help="CI settings (the default)")
-    mode.add_argument("--full", action="store_true", help="the docs page's settings; writes docs/benchmarks.md")
+    mode.add_argument("--full", action="store_true", help="the docs' settings; writes docs/benchmark-results.md")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated numbers (default: all)")
     parser.add_argument("--no-venv", action="store_true", help="run in this interpreter (peers must be installed)")
     parser.add_argument("--out", type=Path, default=None, help="the results file (default: benchmarks/results/)")
@@ -1495,7 +1498,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(f"written to {out} (and {out.with_suffix('.json').name})")
     if settings.mode == "full" and set(chosen) == set(SCENARIOS):
-        write_docs_page(text)
+        write_docs_results(text)
     bad = failures_of_ours(rows)
     if bad:
         for row in bad:
@@ -1504,15 +1507,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def write_docs_page(results: str) -> None:
-    """Replace the results section of docs/benchmarks.md (the prose around it stays)."""
-    begin, end = "<!-- results: begin (written by benchmarks/compare.py --full) -->", "<!-- results: end -->"
-    page = DOCS_PAGE.read_text() if DOCS_PAGE.exists() else f"# Benchmarks\n\n{begin}\n{end}\n"
-    head, _, rest = page.partition(begin)
-    _, _, tail = rest.partition(end)
-    DOCS_PAGE.write_text(f"{head}{begin}\n{results}{end}{tail}")
-    print(f"docs page updated: {DOCS_PAGE.relative_to(ROOT)}")
-
+def write_docs_results(results: str, path: Path = DOCS_RESULTS) -> None:
+    """Write the docs' results file whole: a header saying where it comes from, then the run's report."""
+    path.write_text(f"{RESULTS_HEADER}\n\n{results}")
+    print(f"docs results updated: {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
 
 if __name__ == "__main__":
     raise SystemExit(main())
