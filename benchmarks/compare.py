@@ -1512,5 +1512,6 @@ def write_docs_results(results: str, path: Path = DOCS_RESULTS) -> None:
     path.write_text(f"{RESULTS_HEADER}\n\n{results}")
     print(f"docs results updated: {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
 
+
 if __name__ == "__main__":
     raise SystemExit(main())
