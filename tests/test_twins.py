@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import re
 
+import pytest
 import unasync_twins
 
 
@@ -30,3 +31,10 @@ def test_sync_docstrings_say_sync() -> None:
                 doc = (ast.get_docstring(node) or "").replace("generated from the async", "")
                 said += re.findall(r"[^.]*\b(?:async|await|awaitable)\b[^.]*", doc, flags=re.IGNORECASE)
     assert said == []
+
+
+def test_a_prose_rule_that_matches_nothing_fails_the_generation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prose rule whose async text is gone (the docstring was reworded) stops the generation, naming it."""
+    monkeypatch.setitem(unasync_twins.PROSE, "_async/_auth.py", [("no such sentence", "none")])
+    with pytest.raises(LookupError, match="no such sentence"):
+        unasync_twins.generate()
