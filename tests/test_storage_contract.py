@@ -127,6 +127,36 @@ def test_the_documented_way_runs_the_shipped_suite_in_a_test_tree_of_its_own(tmp
     assert "skipped" not in result.stdout, result.stdout
 
 
+class _MinimalStorage(Storage):
+    """A third-party backend that implements only the abstract surface (no scan)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entries: dict[EntryKey, Any] = {}
+
+    def get(self, key: EntryKey) -> Any:
+        return self.entries.get(key)
+
+    def put(self, key: EntryKey, tokens: Any, *, expected_version: int | None) -> bool:
+        self.entries[key] = tokens
+        return True
+
+    def delete(self, key: EntryKey, *, expected_version: int | None = None) -> bool:
+        return self.entries.pop(key, None) is not None
+
+
+@pytest.mark.anyio
+async def test_a_backend_without_scan_says_it_cannot_list_rather_than_list_nothing() -> None:
+    """scan() and ascan() of a backend that does not implement them raise NotImplementedError naming the
+    backend, even when it holds entries (an empty listing would read as "no sessions")."""
+    storage = _MinimalStorage()
+    storage.put(KEY, tokens(1), expected_version=None)
+    with pytest.raises(NotImplementedError, match="_MinimalStorage cannot list its entries"):
+        storage.scan()
+    with pytest.raises(NotImplementedError, match="_MinimalStorage cannot list its entries"):
+        [key async for key in storage.ascan()]
+
+
 # -- SQLite specifics -------------------------------------------------------------------------------------
 def test_sqlite_files_are_private(tmp_path: Path) -> None:
     """The database and its -wal/-shm files are mode 0600 even under a permissive umask."""

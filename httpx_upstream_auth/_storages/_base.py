@@ -3,9 +3,11 @@
 Abstract: ``get``, ``put`` (compare-and-set on ``version``) and ``delete``. Optional capabilities have
 working defaults, so a third-party store keeps working when new ones appear: ``acquire_lease`` /
 ``release_lease`` (default: an in-process table, enough for one process) and ``watch`` (default:
-polling ``get``). Async twins default to running the sync method in a worker thread, abandoned when the
-awaiting task is cancelled (a refresh job bounds its calls, and a hung store must not hold it), or calling it
-directly when the backend never blocks (``blocking = False``).
+polling ``get``). ``scan`` (listing the entries) has no default a store could rely on: one that does not
+implement it raises ``NotImplementedError`` saying so, rather than list nothing. Async twins default to
+running the sync method in a worker thread, abandoned when the awaiting task is cancelled (a refresh job
+bounds its calls, and a hung store must not hold it), or calling it directly when the backend never blocks
+(``blocking = False``).
 
 It also holds the helpers every backend uses to keep the contract's promises on what it stores: lease
 ttls, versions and times that a store can hold exactly.
@@ -14,12 +16,13 @@ ttls, versions and times that a store can hold exactly.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import secrets
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -98,6 +101,8 @@ class Storage(ABC):
     blocking: bool = True
     #: How often the default ``watch`` polls ``get``.
     poll_interval: float = 0.01
+    #: How many keys :meth:`scan` reads from the store per round trip (its memory bound).
+    scan_batch: int = 500
 
     def __init__(self, *, retention: float = DEFAULT_RETENTION) -> None:
         self.retention = retention
@@ -190,6 +195,43 @@ class Storage(ABC):
             if _version(self.get(key)) != version:
                 return
             time.sleep(min(self.poll_interval, max(deadline - time.monotonic(), 0)))
+
+    def scan(self, provider_id: str | None = None) -> Iterator[EntryKey]:
+        """Iterate over the keys of the stored entries (only ``provider_id``'s when given), in pages of
+        :attr:`scan_batch` keys: memory stays bounded however many sessions the store holds.
+
+        It lists what :meth:`get` would return: entries whose access token expired are listed (their
+        refresh token may still serve), entries past their retention are not. An entry that exists for
+        the whole scan is listed; one saved or deleted meanwhile may or may not be. The order is the
+        backend's. Each page is read on its own, so a slow consumer holds no connection or transaction.
+
+        The default raises ``NotImplementedError``: a store that cannot list its entries says so (an
+        empty listing would read as "no sessions"). Backends override it; :meth:`ascan` follows.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot list its entries: it does not implement Storage.scan()"
+        )
+
+    async def ascan(self, provider_id: str | None = None) -> AsyncIterator[EntryKey]:
+        """Async twin of :meth:`scan`. The default runs the sync scan a page at a time in a worker thread
+        (or directly when the backend never blocks)."""
+        found = self.scan(provider_id)  # NotImplementedError here, before anything runs in a thread
+        try:
+            if not self.blocking:
+                for key in found:
+                    yield key
+                return
+            batch = max(1, self.scan_batch)
+            while True:
+                page = await anyio.to_thread.run_sync(lambda: list(itertools.islice(found, batch)))
+                for key in page:
+                    yield key
+                if len(page) < batch:
+                    return
+        finally:
+            close = getattr(found, "close", None)
+            if close is not None:
+                close()
 
     def close(self) -> None:
         """Release connections and files. The default has nothing to release."""

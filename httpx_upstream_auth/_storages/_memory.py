@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 
 import cachetools
 
@@ -59,6 +60,21 @@ class MemoryStorage(Storage):
             del self._entries[key]
         self.notify_change(key)
         return True
+
+    def scan(self, provider_id: str | None = None) -> Iterator[EntryKey]:
+        """The keys of the entries within their retention (only ``provider_id``'s when given), from a
+        snapshot of the keys taken at the first step: entries saved after it are not listed, entries
+        deleted after it are skipped (the snapshot holds references only: the entries are in memory anyway)."""
+        with self._lock:
+            self._entries.expire()
+            keys = list(self._entries)
+        for key in keys:
+            if provider_id is not None and key.provider_id != provider_id:
+                continue
+            with self._lock:
+                present = key in self._entries
+            if present:
+                yield key
 
 
 def _reset_in_child(storage: MemoryStorage) -> None:

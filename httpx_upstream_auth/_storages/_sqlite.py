@@ -498,6 +498,38 @@ class SQLiteStorage(SharedStorage):
             self._changed(key)
         return deleted
 
+    def scan(self, provider_id: str | None = None) -> Iterator[EntryKey]:
+        """The keys of the live entries (only ``provider_id``'s when given), in the order of their ids, a
+        page of :attr:`scan_batch` keys per short read (each page resumes after the last key of the one
+        before, so entries saved or deleted between pages neither repeat nor shift the listing)."""
+        after: tuple[str | bytes, str | bytes] | None = None
+        batch = max(1, self.scan_batch)
+        while True:
+            rows = self._scan_page(provider_id, after, batch)
+            for provider, session in rows:
+                yield EntryKey(_id_text(provider), _id_text(session))
+            if len(rows) < batch:
+                return
+            after = rows[-1]
+
+    def _scan_page(
+        self, provider_id: str | None, after: tuple[str | bytes, str | bytes] | None, batch: int
+    ) -> list[tuple[str | bytes, str | bytes]]:
+        where = ["expires_at_retention > ?"]
+        params: list[object] = [time.time()]
+        if provider_id is not None:
+            where.append("provider_id = ?")
+            params.append(_text(provider_id))
+        if after is not None:
+            where.append("(provider_id, session_id) > (?, ?)")
+            params.extend(after)
+        query = (
+            f"SELECT provider_id, session_id FROM entries WHERE {' AND '.join(where)} "
+            f"ORDER BY provider_id, session_id LIMIT {batch}"
+        )
+        with self._connection("list tokens") as conn:
+            return [(row[0], row[1]) for row in conn.execute(query, params).fetchall()]
+
     def acquire_lease(self, key: EntryKey, ttl: float) -> Lease | None:
         """Claim the refresh lease for ``key`` across processes; ``None`` while another holder's is live.
 
@@ -852,6 +884,11 @@ def _text(part: str) -> str | bytes:
     except UnicodeEncodeError:
         return part.encode("utf-8", "surrogatepass")
     return part
+
+
+def _id_text(part: str | bytes) -> str:
+    """An id as :func:`_text` bound it, back as text."""
+    return part.decode("utf-8", "surrogatepass") if isinstance(part, bytes) else part
 
 
 def _ids(key: EntryKey) -> tuple[str | bytes, str | bytes]:

@@ -422,6 +422,52 @@ class StorageContract:
         assert storage.delete(odd, expected_version=1)
         assert storage.get(odd) is None and storage.get(replaced) == sample_tokens(2)
 
+    # -- listing -----------------------------------------------------------------------------------------
+    def test_scan_lists_every_entry_once_across_pages_and_filters_by_provider(self, storage: Storage) -> None:
+        """scan() lists each stored key once, over several pages (scan_batch=2), ids with separators and lone
+        surrogates included; scan(provider_id) lists only that provider's; a deleted entry is not listed."""
+        assert list(storage.scan()) == []
+        github = [EntryKey("github", f"session-{n}") for n in range(5)] + [EntryKey("github", "lone-\udc00")]
+        others = [EntryKey("gitlab", "session-0"), EntryKey("a:b", "c"), EntryKey("{a}", "b}c{d")]
+        for version, key in enumerate(github + others, start=1):
+            assert storage.put(key, sample_tokens(version), expected_version=None)
+        storage.scan_batch = 2
+        listed = list(storage.scan())
+        assert sorted(map(repr, listed)) == sorted(map(repr, github + others))  # once each
+        assert set(listed) == set(github + others)
+        mine = list(storage.scan("github"))
+        assert len(mine) == len(github) and set(mine) == set(github)
+        assert list(storage.scan("nobody")) == []
+        assert storage.delete(github[0])
+        assert set(storage.scan()) == set(github[1:] + others)
+
+    def test_scan_lists_expired_access_tokens_but_not_entries_past_retention(self) -> None:
+        """scan() lists what get() returns: an entry whose access token expired (its refresh token still
+        serves) is listed; an entry past its retention is not."""
+        store = self.new_storage(retention=0.3)
+        now = time.time()
+        stale = EntryKey("github", "access-token-expired")
+        going = EntryKey("github", "retention-ends")
+        assert store.put(
+            stale, sample_tokens(1, expires_at=now - 3600, refresh_expires_at=now + 3600), expected_version=None
+        )
+        assert store.put(going, sample_tokens(1), expected_version=None)
+        assert set(store.scan()) == {stale, going}
+        time.sleep(0.45)
+        assert list(store.scan()) == [stale]
+        assert list(store.scan("github")) == [stale]
+
+    @pytest.mark.anyio
+    async def test_ascan_lists_the_entries_like_scan(self, storage: Storage) -> None:
+        """ascan() lists each stored key once over several pages, and filters by provider like scan()."""
+        keys = [EntryKey("github", f"session-{n}") for n in range(5)] + [EntryKey("gitlab", "session-0")]
+        for version, key in enumerate(keys, start=1):
+            assert await storage.aput(key, sample_tokens(version), expected_version=None)
+        storage.scan_batch = 2
+        listed = [key async for key in storage.ascan()]
+        assert len(listed) == len(keys) and set(listed) == set(keys)
+        assert [key async for key in storage.ascan("gitlab")] == [keys[-1]]
+
     # -- leases ------------------------------------------------------------------------------------------
     def test_lease_is_exclusive_and_release_is_owner_checked(self, storage: Storage) -> None:
         """One holder at a time per key; only the holder's release frees it."""

@@ -15,7 +15,7 @@ from ..._models import EntryKey, UpstreamTokens
 from ..._policy import retention_deadline
 from .._base import storable
 
-__all__ = ["SCRIPTS", "KeyLayout", "blob", "ms", "read_entry"]
+__all__ = ["SCRIPTS", "KeyLayout", "blob", "key_of", "ms", "read_entry"]
 
 #: SLOWLOG keeps the first 128 bytes of each argument: the entry's JSON starts with that much blank.
 _SLOWLOG_ARGUMENT = 128
@@ -91,6 +91,13 @@ class KeyLayout:
         #: The pub/sub channel every save and delete under the prefix publishes on.
         self.channel = f"{prefix}:changes"
 
+    @property
+    def entry_pattern(self) -> str:
+        """The ``SCAN MATCH`` pattern of this prefix's entries, and of nothing else (the prefix's glob
+        characters escaped, the digest 32 characters)."""
+        escaped = "".join("\\" + char if char in "*?[]\\" else char for char in self.prefix)
+        return f"{escaped}:{{{'?' * 32}}}:entry"
+
     def entry(self, key: EntryKey) -> str:
         """The entry's hash."""
         return self._slot(key) + ":entry"
@@ -131,6 +138,20 @@ def blob(key: EntryKey, tokens: UpstreamTokens) -> str:
     data["entry_key"] = [key.provider_id, key.session_id]
     text = json.dumps(data, separators=(",", ":"), sort_keys=True)
     return "{" + " " * _SLOWLOG_ARGUMENT + text[1:]
+
+
+def key_of(raw: Any) -> EntryKey | None:
+    """The ids inside an entry's JSON, as its key; ``None`` for none (the entry vanished) or for JSON that
+    does not hold them."""
+    if raw is None:
+        return None
+    try:
+        ids = json.loads(raw).get("entry_key")
+    except (ValueError, AttributeError):
+        return None
+    if not (isinstance(ids, list) and len(ids) == 2 and all(isinstance(part, str) for part in ids)):
+        return None
+    return EntryKey(ids[0], ids[1])
 
 
 def read_entry(key: EntryKey, raw: Any) -> UpstreamTokens | None:

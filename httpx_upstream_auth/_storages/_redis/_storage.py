@@ -15,7 +15,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -203,6 +203,24 @@ class RedisStorage(SharedStorage):
         if deleted:
             self._changed(key)
         return deleted
+
+    def scan(self, provider_id: str | None = None) -> Iterator[EntryKey]:
+        """The keys of the live entries under this prefix (only ``provider_id``'s when given): ``SCAN``
+        ``MATCH {prefix}:{…}:entry`` (never ``KEYS``) on the server, or on every primary of a Cluster, a
+        page of about :attr:`scan_batch` names per round trip, each page's entries then read back for the
+        ids inside them. As with any ``SCAN``, a key may be listed twice when the server resizes its table
+        during the scan."""
+        return self._commands().scan(provider_id, max(1, self.scan_batch))
+
+    async def ascan(self, provider_id: str | None = None) -> AsyncIterator[EntryKey]:
+        """Async twin of :meth:`scan` (this event loop's asyncio client, else the sync one in a thread)."""
+        commands = await self._loop_commands()
+        if commands is None:
+            async for key in super().ascan(provider_id):
+                yield key
+            return
+        async for key in commands.scan(provider_id, max(1, self.scan_batch)):
+            yield key
 
     def acquire_lease(self, key: EntryKey, ttl: float) -> Lease | None:
         """Claim the refresh lease for ``key`` across processes and hosts.

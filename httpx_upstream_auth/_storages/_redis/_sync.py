@@ -17,7 +17,7 @@ from ..._models import EntryKey, UpstreamTokens
 from .._base import Lease, lease_seconds, version_in_range
 from ._clients import SyncSlots
 from ._errors import ErrorMap
-from ._keys import SCRIPTS, KeyLayout, ms
+from ._keys import SCRIPTS, KeyLayout, key_of, ms
 
 __all__ = ["SyncCommands"]
 
@@ -87,3 +87,36 @@ class SyncCommands:
         with self.command("watch for saved tokens"):
             raw = self.client.hget(self.keys.entry(key), "v")
         return None if raw is None else int(raw)
+
+    def scan(self, provider_id: str | None, batch: int) -> Iterator[EntryKey]:
+        """The keys of the live entries under the prefix (only ``provider_id``'s when given): ``SCAN`` with
+        ``MATCH`` over the entry names, on every primary of a Cluster, then each page's entries read back
+        for the ids inside them (key names hold only digests). No connection is held between pages."""
+        nodes = self.client.get_primaries() if self.errors.cluster else [None]
+        for node in nodes:
+            cursor = 0
+            while True:
+                cursor, keys = self.scan_page(node, cursor, batch)
+                for key in keys:
+                    if provider_id is None or key.provider_id == provider_id:
+                        yield key
+                if cursor == 0:
+                    break
+
+    def scan_page(self, node: Any, cursor: int, batch: int) -> tuple[int, list[EntryKey]]:
+        """One ``SCAN`` step on ``node`` (``None``: the standalone server): the next cursor (0 at the end),
+        and the keys of the entries it named that still exist."""
+        pattern = self.keys.entry_pattern
+        with self.command("list tokens"):
+            if node is None:
+                cursor, names = self.client.scan(cursor, match=pattern, count=batch)
+            else:
+                cursors, names = self.client.scan(cursor, match=pattern, count=batch, target_nodes=node)
+                cursor = cursors[node.name]
+            raws: list[Any] = []
+            if names:
+                pipe = self.client.pipeline(transaction=False)
+                for name in names:
+                    pipe.hget(name, "d")
+                raws = pipe.execute()
+        return int(cursor), [key for raw in raws if (key := key_of(raw)) is not None]
