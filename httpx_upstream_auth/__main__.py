@@ -1,4 +1,4 @@
-"""Command line: ``python -m httpx_upstream_auth demo`` (see ``--help``)."""
+"""Command line: ``httpx-upstream-auth`` / ``python -m httpx_upstream_auth`` (see ``--help``)."""
 
 from __future__ import annotations
 
@@ -6,16 +6,10 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Dispatch ``demo`` (and the internal ``demo-worker``)."""
-    args = sys.argv[1:] if argv is None else argv
-    from . import _demo
+    """Run the command line (``_cli.py``); returns the exit status."""
+    from ._cli import main as run
 
-    if args[:1] == ["demo"]:
-        return _demo.main(args[1:])
-    if args[:1] == ["demo-worker"]:
-        return _demo.worker_main(args[1:])
-    print("usage: python -m httpx_upstream_auth demo [--storage sqlite|memory|sqlite:PATH|redis://…] [--help]")
-    return 2
+    return run(argv)
 
 
 if __name__ == "__main__":

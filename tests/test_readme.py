@@ -25,7 +25,8 @@ def test_readme_has_two_setup_commands_and_ci_runs_the_test_one() -> None:
 
 
 def test_demo_runs_clean_on_the_embedded_default() -> None:
-    """The demo (SQLite, 2 processes, 2-second tokens) ends with no failed request and no reused token."""
+    """The demo (SQLite, 2 processes, 2-second tokens) shows plain progress lines and ends with a summary table:
+    no failed request and no reused token."""
     result = subprocess.run(
         [sys.executable, "-m", "httpx_upstream_auth", "demo", "--seconds", "5", "--tasks", "10"],
         capture_output=True,
@@ -34,5 +35,8 @@ def test_demo_runs_clean_on_the_embedded_default() -> None:
         cwd=ROOT,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert re.search(r"reused refresh tokens: 0", result.stdout)
-    assert re.search(r"\(\d+ ok, 0 failed\)", result.stdout)
+    assert re.search(r"\| reused refresh tokens \| 0 ", result.stdout)
+    assert re.search(r"\| requests +\| \d+ \(\d+ ok, 0 failed\)", result.stdout)
+    assert re.search(r"^ +\d+ requests .* reused 0 +failed 0 +next expiry in ", result.stdout, re.MULTILINE), (
+        "a plain progress line (stdout is not a terminal)"
+    )

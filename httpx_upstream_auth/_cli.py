@@ -1,0 +1,472 @@
+"""The ``httpx-upstream-auth`` command (also ``python -m httpx_upstream_auth``): tokens for scripts.
+
+``token`` prints a valid access token (refreshed through a :class:`TokenManager`: one refresh per
+expiry, under the store's lease, whoever else refreshes), ``import`` stores a token endpoint's answer,
+``show`` / ``list`` print entries without their secrets, ``delete`` forgets one, ``refresh`` forces a
+refresh, ``demo`` runs the demo. Every failure is one line on stderr and an exit status that says what
+to do (see :data:`EXIT_CODES`); no traceback, and no secret but the access token ``token`` prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from ._cli_config import (
+    ENV_PREFIX,
+    CliConfig,
+    OneLineParser,
+    UsageError,
+    load_config,
+    user_config_dir,
+    user_data_dir,
+)
+from ._clock import Clock
+from ._exceptions import (
+    BindingMismatch,
+    ConfigurationError,
+    ReauthenticationRequired,
+    RefreshFailed,
+    StorageError,
+    UpstreamAuthError,
+)
+from ._manager import TokenManager
+from ._models import EntryKey, UpstreamTokens
+from ._refresher import OAuth2Refresher, Refresher
+from ._storages import Storage, open_storage
+from ._trace import short_hash
+
+__all__ = ["EXIT_CODES", "main"]
+
+PROG = "httpx-upstream-auth"
+OK = 0
+#: The demo ran, and found failed requests or a reused refresh token; or an error nobody foresaw.
+FAILED = 1
+USAGE = 2
+REAUTHENTICATE = 3
+RETRY_LATER = 4
+EXIT_CODES = {
+    OK: "success",
+    FAILED: "the demo found a failure, or an unexpected error",
+    USAGE: "usage or configuration error (a flag, the configuration file, the input, a missing extra): fix it",
+    REAUTHENTICATE: "re-authentication required: no entry for the session, no refresh token, or a dead grant",
+    RETRY_LATER: "transient failure (the provider or the store is unreachable or overloaded): retry later",
+}
+
+
+def _epilog() -> str:
+    codes = "\n".join(f"  {code}  {meaning}" for code, meaning in EXIT_CODES.items())
+    return (
+        f"exit status:\n{codes}\n\n"
+        "configuration (a flag wins over the environment, which wins over the configuration file):\n"
+        f"  --config    {ENV_PREFIX}CONFIG     the TOML file (default: {user_config_dir() / 'config.toml'})\n"
+        f"  --store     {ENV_PREFIX}STORE      sqlite:///PATH (default: {user_data_dir() / 'tokens.db'}),\n"
+        "              redis://..., rediss://..., redis+cluster://..., or a registered scheme\n"
+        f"  --provider  {ENV_PREFIX}PROVIDER   a provider (default: the file's default_provider, or its only one)\n"
+        f"  the client secret: {ENV_PREFIX}CLIENT_SECRET, or client_secret_env / client_secret_file; never a flag\n"
+    )
+
+
+def _common(parser: argparse.ArgumentParser, default: Any) -> None:
+    """The options every command takes (before or after the command's name)."""
+    parser.add_argument("--config", metavar="PATH", default=default, help="the TOML configuration file")
+    parser.add_argument("--store", metavar="URL", default=default, help="where tokens are stored (a storage URL)")
+    parser.add_argument("--provider", metavar="NAME", default=default, help="the provider (its id in the store)")
+
+
+def _refresh_flags(parser: argparse.ArgumentParser) -> None:
+    """How to reach the provider's token endpoint, when not (only) in the configuration file."""
+    group = parser.add_argument_group("provider (override the configuration file)")
+    group.add_argument("--token-url", metavar="URL", help="the token endpoint")
+    group.add_argument("--discovery-url", metavar="URL", help="the issuer's metadata (token_endpoint is read from it)")
+    group.add_argument("--client-id", metavar="ID", help="the OAuth client id")
+    group.add_argument("--auth-method", choices=("client_secret_basic", "client_secret_post", "none"))
+    group.add_argument("--client-secret-env", metavar="VAR", help="the environment variable holding the secret")
+    group.add_argument("--client-secret-file", metavar="PATH", help="the file holding the secret")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line."""
+    from . import __version__
+
+    parser = OneLineParser(
+        prog=PROG,
+        allow_abbrev=False,
+        description="Upstream OAuth tokens for scripts: print, import, inspect, refresh and delete them.",
+        epilog=_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    _common(parser, None)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
+    commands.required = True
+
+    def command(name: str, summary: str, description: str, refreshes: bool = False) -> argparse.ArgumentParser:
+        sub = commands.add_parser(
+            name,
+            allow_abbrev=False,
+            help=summary,
+            description=description,
+            epilog=_epilog(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        _common(sub, argparse.SUPPRESS)
+        if refreshes:
+            _refresh_flags(sub)
+        return sub
+
+    token = command(
+        "token",
+        "print a valid access token (refreshed first if needed)",
+        "Print the session's access token, refreshed first if it expires soon: only the token on stdout, so "
+        '`curl -H "Authorization: Bearer $(httpx-upstream-auth token SESSION)"` works.',
+        refreshes=True,
+    )
+    token.add_argument("session", metavar="SESSION")
+    token.add_argument("--json", action="store_true", help="print the entry (secrets hidden) plus access_token")
+
+    imported = command(
+        "import",
+        "store a token endpoint's JSON answer for a session",
+        "Store a token endpoint's JSON answer (after a login's code exchange) for SESSION, read from stdin or "
+        "--file; expires_in becomes an absolute expiry. Prints the stored entry (secrets hidden).",
+        refreshes=True,
+    )
+    imported.add_argument("session", metavar="SESSION")
+    imported.add_argument("--file", metavar="PATH", help="read the answer from PATH (default: stdin)")
+    imported.add_argument("--user-id", help="binding: your application's user id")
+    imported.add_argument("--subject", help="binding: the upstream subject (checked against an id_token's sub)")
+    imported.add_argument("--issuer", help="the authorization server that issued the tokens")
+    imported.add_argument("--json", action="store_true", help="print the stored entry as JSON")
+
+    show = command("show", "print a session's entry (secrets hidden)", "Print SESSION's entry without its secrets.")
+    show.add_argument("session", metavar="SESSION")
+    show.add_argument("--json", action="store_true", help="print it as JSON")
+
+    listing = command(
+        "list",
+        "list the stored sessions (secrets hidden)",
+        "List the stored sessions, one per line: all providers', or --provider's only.",
+    )
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    delete = command("delete", "forget a session's tokens (logout)", "Delete SESSION's entry.")
+    delete.add_argument("session", metavar="SESSION")
+
+    refresh = command(
+        "refresh",
+        "refresh a session's tokens now",
+        "Refresh SESSION now, even when its token is still valid, through the token manager: one refresh "
+        "however many callers ask at once, under the store's lease. Prints the new entry (secrets hidden).",
+        refreshes=True,
+    )
+    refresh.add_argument("session", metavar="SESSION")
+    refresh.add_argument("--json", action="store_true", help="print it as JSON")
+
+    commands.add_parser("demo", help="run the demo (see demo --help)", add_help=False)
+    return parser
+
+
+# -- entry point ------------------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit status (see :data:`EXIT_CODES`)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] in (["demo"], ["demo-worker"]):
+        from . import _demo
+
+        try:
+            return _demo.main(args[1:]) if args[0] == "demo" else _demo.worker_main(args[1:])
+        except UsageError as exc:
+            return _fail(USAGE, str(exc))
+    try:
+        flags = build_parser().parse_args(args)
+        code = _COMMANDS[flags.command](flags, load_config(flags))
+        sys.stdout.flush()  # here, where a reader that left is caught, rather than at exit
+        return code
+    except UsageError as exc:
+        return _fail(USAGE, str(exc))
+    except ConfigurationError as exc:
+        return _fail(USAGE, f"configuration error ({exc.setting}): {exc}")
+    except (ReauthenticationRequired, BindingMismatch) as exc:
+        return _fail(REAUTHENTICATE, f"re-authentication required: {exc}")
+    except RefreshFailed as exc:
+        if exc.retryable:
+            return _fail(RETRY_LATER, f"refresh failed, retry later: {exc}")
+        return _fail(USAGE, f"refresh failed: {exc}")
+    except StorageError as exc:
+        return _fail(RETRY_LATER, f"token store error, retry later: {exc}")
+    except UpstreamAuthError as exc:  # pragma: no cover - every UpstreamAuthError subclass is handled above
+        return _fail(FAILED, str(exc))
+    except BrokenPipeError:  # `... | head`: the reader left; say nothing more
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), sys.stdout.fileno())
+        return OK
+    except KeyboardInterrupt:
+        return _fail(130, "interrupted")
+
+
+def _fail(code: int, message: str) -> int:
+    print(f"{PROG}: {message}", file=sys.stderr)
+    return code
+
+
+# -- opening things -------------------------------------------------------------------------------------
+def _open_store(url: str) -> Storage:
+    if url.split(":", 1)[0].lower() == "memory":
+        # One process's memory: what it stores is gone when the command exits.
+        raise UsageError("memory:// lives in one process and forgets everything at exit: it is for the demo only")
+    if url == "sqlite:///" + str(user_data_dir() / "tokens.db"):  # the default: its directory is ours to make
+        user_data_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        return open_storage(url)
+    except StorageError as exc:
+        if url.lower().startswith("sqlite:"):  # a file that cannot be opened: its path needs fixing
+            raise UsageError(str(exc)) from None
+        raise
+    except ImportError as exc:
+        raise UsageError(f"{exc}") from None
+    except ValueError as exc:  # the messages never repeat the URL, which may carry a password
+        raise UsageError(f"bad store URL: {exc}") from None
+
+
+class _NoRefresher(Refresher):
+    """The refresher of a command that never refreshes (import, delete): says so if asked."""
+
+    def refresh(self, tokens: UpstreamTokens, clock: Clock) -> UpstreamTokens:
+        raise ConfigurationError("this command does not refresh tokens", setting="token_url")
+
+    async def arefresh(self, tokens: UpstreamTokens, clock: Clock) -> UpstreamTokens:
+        raise ConfigurationError("this command does not refresh tokens", setting="token_url")
+
+
+def _refresher(config: CliConfig) -> Refresher:
+    settings = config.settings
+    assert settings is not None  # a provider was chosen
+    if settings.client_id is None:
+        raise UsageError(
+            f"provider {settings.name!r} has no client_id: set it in the configuration file, with --client-id, or "
+            f"{ENV_PREFIX}CLIENT_ID"
+        )
+    token_url = settings.resolve_token_url()
+    secret = settings.client_secret(os.environ)
+    try:
+        return OAuth2Refresher(
+            token_url,
+            settings.client_id,
+            secret,
+            auth_method=settings.auth_method,  # type: ignore[arg-type]  # checked by load_config
+            scope=settings.scope,
+        )
+    except ValueError as exc:
+        raise UsageError(f"provider {settings.name!r}: {exc}") from None
+
+
+def _manager(config: CliConfig, *, refreshes: bool) -> TokenManager:
+    provider = config.require_provider()
+    refresher = _refresher(config) if refreshes else _NoRefresher()
+    return TokenManager(refresher=refresher, provider_id=provider, storage=_open_store(config.store), failure_window=0)
+
+
+def _closing(manager: TokenManager, run: Callable[[TokenManager], int]) -> int:
+    try:
+        return run(manager)
+    finally:
+        manager.close()
+
+
+# -- output -----------------------------------------------------------------------------------------------
+def redacted(key: EntryKey, tokens: UpstreamTokens, now: float | None = None) -> dict[str, Any]:
+    """What may be shown of an entry: everything but its secrets (the access token as a short hash)."""
+    now = time.time() if now is None else now
+    return {
+        "provider_id": key.provider_id,
+        "session_id": key.session_id,
+        "token_type": tokens.token_type,
+        "scope": tokens.scope,
+        "expires_at": tokens.expires_at,
+        "expires_in": None if tokens.expires_at is None else round(tokens.expires_at - now),
+        "refresh_expires_at": tokens.refresh_expires_at,
+        "issued_at": tokens.issued_at,
+        "has_refresh_token": tokens.refresh_token is not None,
+        "has_id_token": tokens.id_token is not None,
+        "user_id": tokens.user_id,
+        "upstream_subject": tokens.upstream_subject,
+        "client_id": tokens.client_id,
+        "issuer": tokens.issuer,
+        "version": tokens.version,
+        "access_token_sha256": short_hash(tokens.access_token),
+    }
+
+
+def _when(epoch: float | None, now: float) -> str:
+    if epoch is None:
+        return "unknown"
+    stamp = datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    delta = round(epoch - now)
+    return f"{stamp} (in {delta} s)" if delta >= 0 else f"{stamp} ({-delta} s ago)"
+
+
+def _print_entry(entry: dict[str, Any], as_json: bool, out: TextIO) -> None:
+    if as_json:
+        print(json.dumps(entry, sort_keys=True), file=out)
+        return
+    now = time.time()
+    for name, value in entry.items():
+        if name in ("expires_at", "refresh_expires_at", "issued_at"):
+            value = _when(value, now)
+        elif name == "expires_in":
+            continue
+        elif value is None:
+            value = "-"
+        elif isinstance(value, bool):
+            value = "yes" if value else "no"
+        print(f"{name + ':':21} {value}", file=out)
+
+
+def _line(entry: dict[str, Any]) -> str:
+    expires = "expiry unknown" if entry["expires_in"] is None else _relative(entry["expires_in"])
+    refresh = "refresh token" if entry["has_refresh_token"] else "no refresh token"
+    user = entry["user_id"] or entry["upstream_subject"] or "-"
+    return f"{entry['provider_id']}\t{entry['session_id']}\t{expires}\tv{entry['version']}\t{refresh}\tuser {user}"
+
+
+def _relative(seconds: int) -> str:
+    return f"expires in {seconds} s" if seconds >= 0 else f"expired {-seconds} s ago"
+
+
+# -- the commands -----------------------------------------------------------------------------------------
+def _token(flags: argparse.Namespace, config: CliConfig) -> int:
+    def run(manager: TokenManager) -> int:
+        tokens = manager.get_token(flags.session)
+        if flags.json:
+            entry = redacted(EntryKey(manager.provider_id, flags.session), tokens)
+            entry["access_token"] = tokens.access_token
+            print(json.dumps(entry, sort_keys=True))
+        else:
+            print(tokens.access_token)
+        return OK
+
+    return _closing(_manager(config, refreshes=True), run)
+
+
+def _read_answer(flags: argparse.Namespace) -> dict[str, Any]:
+    source = "stdin" if flags.file in (None, "-") else flags.file
+    try:
+        text = sys.stdin.read() if source == "stdin" else Path(source).read_text()
+    except OSError as exc:
+        raise UsageError(f"cannot read {source} ({exc.strerror})") from None
+    try:
+        answer = json.loads(text)
+    except ValueError:
+        # Never quote the text: it holds tokens.
+        raise UsageError(f"the answer on {source} is not JSON: pass the token endpoint's JSON answer") from None
+    if not isinstance(answer, dict):
+        raise UsageError(f"the answer on {source} is not a JSON object: pass the token endpoint's JSON answer")
+    return answer
+
+
+def _import(flags: argparse.Namespace, config: CliConfig) -> int:
+    answer = _read_answer(flags)
+    provider = config.require_provider()
+    settings = config.settings
+    client_id = settings.client_id if settings is not None else None
+    tokens = UpstreamTokens.from_token_response(
+        answer,
+        provider_id=provider,
+        user_id=flags.user_id,
+        upstream_subject=flags.subject,
+        client_id=client_id,
+        issuer=flags.issuer,
+    )
+    del answer
+
+    def run(manager: TokenManager) -> int:
+        stored = manager.store(flags.session, tokens)
+        _print_entry(redacted(EntryKey(provider, flags.session), stored), flags.json, sys.stdout)
+        return OK
+
+    return _closing(_manager(config, refreshes=False), run)
+
+
+def _missing(provider: str, session: str) -> ReauthenticationRequired:
+    return ReauthenticationRequired(
+        f"no entry for session {session!r} of provider {provider!r} in this store; import one or log the user in"
+    )
+
+
+def _show(flags: argparse.Namespace, config: CliConfig) -> int:
+    key = EntryKey(config.require_provider(), flags.session)
+    storage = _open_store(config.store)
+    try:
+        tokens = storage.get(key)
+    finally:
+        storage.close()
+    if tokens is None:
+        raise _missing(key.provider_id, key.session_id)
+    _print_entry(redacted(key, tokens), flags.json, sys.stdout)
+    return OK
+
+
+def _entries(storage: Storage, provider: str | None) -> Iterator[tuple[EntryKey, UpstreamTokens]]:
+    for key in storage.scan(provider):
+        tokens = storage.get(key)
+        if tokens is not None:  # deleted since the scan named it
+            yield key, tokens
+
+
+def _list(flags: argparse.Namespace, config: CliConfig) -> int:
+    storage = _open_store(config.store)
+    provider = getattr(flags, "provider", None) or os.environ.get(ENV_PREFIX + "PROVIDER") or None
+    try:
+        for key, tokens in _entries(storage, provider):
+            entry = redacted(key, tokens)
+            print(json.dumps(entry, sort_keys=True) if flags.json else _line(entry))
+    except NotImplementedError as exc:
+        raise UsageError(f"this store cannot list its sessions: {exc}") from None
+    finally:
+        storage.close()
+    return OK
+
+
+def _delete(flags: argparse.Namespace, config: CliConfig) -> int:
+    def run(manager: TokenManager) -> int:
+        if not manager.delete(flags.session):
+            raise _missing(manager.provider_id, flags.session)
+        print(f"deleted session {flags.session!r} of provider {manager.provider_id!r}")
+        return OK
+
+    return _closing(_manager(config, refreshes=False), run)
+
+
+def _refresh(flags: argparse.Namespace, config: CliConfig) -> int:
+    def run(manager: TokenManager) -> int:
+        key = EntryKey(manager.provider_id, flags.session)
+        current = manager.storage.get(key)
+        if current is None:
+            raise _missing(key.provider_id, key.session_id)
+        # "The API refused this access token": the manager's single-flight refresh under the store's lease,
+        # unless another worker stored a newer token meanwhile (then that one is the answer).
+        tokens = manager._sync_ops.refresh_rejected(flags.session, current.access_token)
+        if tokens is None:  # pragma: no cover - only a token distrusted in this process, and this one is new
+            raise RefreshFailed("the refresh gave no new token; retry later", retryable=True)
+        _print_entry(redacted(key, tokens), flags.json, sys.stdout)
+        return OK
+
+    return _closing(_manager(config, refreshes=True), run)
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace, CliConfig], int]] = {
+    "token": _token,
+    "import": _import,
+    "show": _show,
+    "list": _list,
+    "delete": _delete,
+    "refresh": _refresh,
+}

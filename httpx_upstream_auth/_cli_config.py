@@ -1,0 +1,291 @@
+"""What the command line is configured with: flags, ``HTTPX_UPSTREAM_AUTH_*`` variables and a TOML file.
+
+Each setting is looked up in that order (a flag wins over the environment, which wins over the file);
+the file names providers (token URL or discovery URL, client id, auth method, where the client secret
+is). A client secret is read from an environment variable or a file, never from the command line.
+Every problem is a :class:`UsageError` with one line saying what to fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NoReturn
+
+import attrs
+import httpx
+
+from ._exceptions import ConfigurationError, RefreshFailed
+from ._oauth import AUTH_METHODS, check_token_url
+
+__all__ = [
+    "ENV_PREFIX",
+    "CliConfig",
+    "ProviderSettings",
+    "UsageError",
+    "load_config",
+    "user_config_dir",
+    "user_data_dir",
+]
+
+ENV_PREFIX = "HTTPX_UPSTREAM_AUTH_"
+APP_DIR = "httpx-upstream-auth"
+#: The keys a ``[providers.NAME]`` table may have (anything else is a typo worth an error).
+PROVIDER_KEYS = (
+    "token_url",
+    "discovery_url",
+    "client_id",
+    "auth_method",
+    "client_secret_env",
+    "client_secret_file",
+    "scope",
+)
+TOP_KEYS = ("store", "default_provider", "providers")
+MAX_METADATA_BYTES = 64 * 1024
+
+
+class UsageError(Exception):
+    """A command line, configuration or input the CLI cannot use; its text is the one line to print."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a usage error raised as :class:`UsageError` (one line on stderr, status 2), not
+    printed as the usage and a second line."""
+
+    def error(self, message: str) -> NoReturn:
+        """Raise the usage error."""
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def user_data_dir(platform: str = sys.platform, environ: Mapping[str, str] = os.environ) -> Path:
+    """Where the default token store lives: ``$XDG_DATA_HOME`` (else ``~/.local/share``) on Linux and
+    other Unixes, ``~/Library/Application Support`` on macOS, ``%LOCALAPPDATA%`` on Windows; then
+    ``httpx-upstream-auth``."""
+    if platform == "win32":
+        base = environ.get("LOCALAPPDATA") or str(Path.home() / "AppData" / "Local")
+    elif platform == "darwin":
+        base = str(Path.home() / "Library" / "Application Support")
+    else:
+        xdg = environ.get("XDG_DATA_HOME", "")
+        base = xdg if os.path.isabs(xdg) else str(Path.home() / ".local" / "share")
+    return Path(base) / APP_DIR
+
+
+def user_config_dir(platform: str = sys.platform, environ: Mapping[str, str] = os.environ) -> Path:
+    """Where the default configuration file lives: ``$XDG_CONFIG_HOME`` (else ``~/.config``),
+    ``~/Library/Application Support`` on macOS, ``%APPDATA%`` on Windows; then ``httpx-upstream-auth``."""
+    if platform == "win32":
+        base = environ.get("APPDATA") or str(Path.home() / "AppData" / "Roaming")
+    elif platform == "darwin":
+        base = str(Path.home() / "Library" / "Application Support")
+    else:
+        xdg = environ.get("XDG_CONFIG_HOME", "")
+        base = xdg if os.path.isabs(xdg) else str(Path.home() / ".config")
+    return Path(base) / APP_DIR
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - the tests run on 3.11+, where tomllib is in the standard library
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise UsageError(
+                f"reading the configuration file {path} needs Python 3.11 or later, or `pip install tomli`"
+            ) from None
+    try:
+        with path.open("rb") as file:
+            return tomllib.load(file)
+    except OSError as exc:
+        raise UsageError(f"cannot read the configuration file {path} ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"the configuration file {path} is not valid TOML ({exc})") from None
+
+
+@attrs.frozen
+class ProviderSettings:
+    """One provider's refresh settings, as the flags, environment and file give them."""
+
+    name: str
+    token_url: str | None = None
+    discovery_url: str | None = None
+    client_id: str | None = None
+    auth_method: str = "client_secret_basic"
+    client_secret_env: str | None = None
+    client_secret_file: str | None = None
+    scope: str | None = None
+
+    def client_secret(self, environ: Mapping[str, str]) -> str | None:
+        """The client secret (``None`` for ``auth_method = "none"``): from the variable ``client_secret_env``
+        names, the file ``client_secret_file`` names, or ``HTTPX_UPSTREAM_AUTH_CLIENT_SECRET``."""
+        if self.auth_method == "none":
+            return None
+        if self.client_secret_env is not None:
+            value = environ.get(self.client_secret_env)
+            if not value:
+                raise UsageError(
+                    f"the client secret is missing: the environment variable {self.client_secret_env} "
+                    f"(client_secret_env of provider {self.name!r}) is not set"
+                )
+            return value
+        if self.client_secret_file is not None:
+            try:
+                value = Path(self.client_secret_file).read_text().strip()
+            except OSError as exc:
+                raise UsageError(
+                    f"the client secret is missing: cannot read {self.client_secret_file} ({exc.strerror})"
+                ) from None
+            if not value:
+                raise UsageError(f"the client secret is missing: {self.client_secret_file} is empty")
+            return value
+        value = environ.get(ENV_PREFIX + "CLIENT_SECRET")
+        if not value:
+            raise UsageError(
+                f"the client secret of provider {self.name!r} is missing: set {ENV_PREFIX}CLIENT_SECRET, or "
+                "client_secret_env / client_secret_file (never the secret itself on the command line)"
+            )
+        return value
+
+    def resolve_token_url(self, timeout: float = 10.0) -> str:
+        """The token endpoint: ``token_url``, else the ``token_endpoint`` of the discovery document.
+
+        Raises :class:`UsageError` when neither is set, :class:`ConfigurationError` for a discovery
+        document that names no usable endpoint, :class:`RefreshFailed` (retryable) when it could not be
+        fetched now.
+        """
+        if self.token_url is not None:
+            return self.token_url
+        if self.discovery_url is None:
+            raise UsageError(
+                f"provider {self.name!r} has no token_url or discovery_url: set one in the configuration file, "
+                f"with --token-url / --discovery-url, or {ENV_PREFIX}TOKEN_URL / {ENV_PREFIX}DISCOVERY_URL"
+            )
+        try:
+            check_token_url(self.discovery_url)
+        except ValueError as exc:
+            raise UsageError(str(exc).replace("token_url", "discovery_url")) from None
+        try:
+            response = httpx.get(self.discovery_url, timeout=timeout, follow_redirects=False)
+        except httpx.HTTPError as exc:
+            raise RefreshFailed(
+                f"could not fetch the discovery document of provider {self.name!r} ({type(exc).__name__}); retry later",
+                retryable=True,
+            ) from None
+        if response.status_code >= 500 or response.status_code == 429:
+            raise RefreshFailed(
+                f"the discovery document of provider {self.name!r} answered HTTP {response.status_code}; retry later",
+                retryable=True,
+                status_code=response.status_code,
+            )
+        endpoint = _token_endpoint(response)
+        if endpoint is None:
+            raise ConfigurationError(
+                f"the discovery URL of provider {self.name!r} answered HTTP {response.status_code} without a "
+                "token_endpoint; check discovery_url (the issuer's /.well-known/openid-configuration)",
+                setting="token_url",
+                status_code=response.status_code,
+            )
+        return endpoint
+
+
+def _token_endpoint(response: httpx.Response) -> str | None:
+    if response.status_code != 200 or len(response.content) > MAX_METADATA_BYTES:
+        return None
+    try:
+        document = json.loads(response.content)
+    except ValueError:
+        return None
+    endpoint = document.get("token_endpoint") if isinstance(document, dict) else None
+    return endpoint if isinstance(endpoint, str) else None
+
+
+@attrs.frozen
+class CliConfig:
+    """Everything the commands need to know: the store URL, the provider, and where they came from."""
+
+    store: str
+    provider: str | None
+    settings: ProviderSettings | None
+    config_path: Path | None
+
+    def require_provider(self) -> str:
+        """The provider id the command acts on; UsageError when none was chosen."""
+        if self.provider is None:
+            raise UsageError(
+                f"no provider chosen: pass --provider NAME, set {ENV_PREFIX}PROVIDER, or set default_provider "
+                "in the configuration file"
+            )
+        return self.provider
+
+
+def _layer(flag: Any, environ: Mapping[str, str], name: str, table: Mapping[str, Any], key: str) -> Any:
+    """A flag, else ``HTTPX_UPSTREAM_AUTH_<name>``, else the file's value (``None`` when none is set)."""
+    if flag is not None:
+        return flag
+    if environ.get(ENV_PREFIX + name):
+        return environ[ENV_PREFIX + name]
+    return table.get(key)
+
+
+def _check_table(table: Any, where: str, allowed: tuple[str, ...]) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise UsageError(f"{where} must be a table")
+    unknown = sorted(set(table) - set(allowed))
+    if unknown:
+        raise UsageError(f"{where} has unknown keys {', '.join(unknown)}; known: {', '.join(allowed)}")
+    for key, value in table.items():
+        if key != "providers" and not isinstance(value, str):
+            raise UsageError(f"{where}: {key} must be a string")
+    return table
+
+
+def load_config(flags: Any, environ: Mapping[str, str] = os.environ) -> CliConfig:
+    """The configuration from ``flags`` (the parsed command line), ``environ`` and the TOML file
+    (``--config``, else ``HTTPX_UPSTREAM_AUTH_CONFIG``, else ``config.toml`` in :func:`user_config_dir`
+    when it exists)."""
+    explicit = getattr(flags, "config", None) or environ.get(ENV_PREFIX + "CONFIG")
+    path = Path(explicit).expanduser() if explicit else user_config_dir(environ=environ) / "config.toml"
+    if explicit and not path.is_file():
+        raise UsageError(f"the configuration file {path} does not exist")
+    document = _read_toml(path) if path.is_file() else {}
+    top = _check_table(document, f"the configuration file {path}", TOP_KEYS)
+    providers = top.get("providers", {})
+    if not isinstance(providers, dict) or not all(isinstance(value, dict) for value in providers.values()):
+        raise UsageError(f"the configuration file {path}: providers must hold one table per provider")
+    store = _layer(getattr(flags, "store", None), environ, "STORE", top, "store")
+    if store is None:
+        store = "sqlite:///" + str(user_data_dir(environ=environ) / "tokens.db")
+    provider = _layer(getattr(flags, "provider", None), environ, "PROVIDER", top, "default_provider")
+    if provider is None and len(providers) == 1:
+        provider = next(iter(providers))
+    settings = None
+    if provider is not None:
+        table = _check_table(providers.get(provider, {}), f"[providers.{provider}] in {path}", PROVIDER_KEYS)
+        values = {
+            key: _layer(getattr(flags, key, None), environ, key.upper(), table, key)
+            for key in PROVIDER_KEYS
+            if key != "scope"
+        }
+        values["scope"] = table.get("scope")
+        secret_file = values["client_secret_file"]
+        if (
+            secret_file is not None
+            and getattr(flags, "client_secret_file", None) is None
+            and table.get("client_secret_file") == secret_file
+        ):
+            # A relative path in the file is relative to the file, wherever the command runs.
+            values["client_secret_file"] = str(path.parent / Path(secret_file).expanduser())
+        if values["auth_method"] is None:
+            values["auth_method"] = "client_secret_basic"
+        if values["auth_method"] not in AUTH_METHODS:
+            raise UsageError(
+                f"auth_method of provider {provider!r} must be one of {', '.join(AUTH_METHODS)}, "
+                f"not {values['auth_method']!r}"
+            )
+        settings = ProviderSettings(name=provider, **values)
+    return CliConfig(store=store, provider=provider, settings=settings, config_path=path if path.is_file() else None)

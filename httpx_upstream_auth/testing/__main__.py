@@ -1,0 +1,106 @@
+"""``python -m httpx_upstream_auth.testing serve``: the local provider on a loopback port, until stopped.
+
+It prints its token URL and the test clients' credentials, and with ``--write-to DIR`` writes what the
+command line needs to use it: ``config.toml`` (provider ``local``: token URL, ``test-client``, the secret
+in ``client-secret``) and ``grant.json``, a first login's token endpoint answer for ``httpx-upstream-auth
+import``. Needs the ``testing`` extra (uvicorn).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from ._provider import LocalProvider
+
+#: The client the written configuration uses (one of :attr:`LocalProvider.clients`' defaults).
+CLIENT_ID = "test-client"
+PROVIDER = "local"
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(text)
+
+
+def first_grant(provider: LocalProvider, sub: str = "alice") -> dict[str, Any]:
+    """A login of ``sub`` through ``test-client``, as the token endpoint's JSON answer would carry it."""
+    tokens = provider.login(sub=sub, client_id=CLIENT_ID)
+    assert tokens.expires_at is not None and tokens.issued_at is not None
+    answer: dict[str, Any] = {
+        "access_token": tokens.access_token,
+        "token_type": "Bearer",
+        "expires_in": round(tokens.expires_at - tokens.issued_at),
+        "refresh_token": tokens.refresh_token,
+    }
+    if tokens.scope is not None:
+        answer["scope"] = tokens.scope
+    return answer
+
+
+def write_files(directory: Path, url: str, provider: LocalProvider) -> list[Path]:
+    """``config.toml``, ``client-secret`` and ``grant.json`` for the provider served at ``url``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    secret = provider.clients[CLIENT_ID][0]
+    assert secret is not None
+    config = directory / "config.toml"
+    config.write_text(
+        "# The local test provider (python -m httpx_upstream_auth.testing serve): test credentials, loopback only.\n"
+        f'default_provider = "{PROVIDER}"\n\n'
+        f"[providers.{PROVIDER}]\n"
+        f'token_url = "{url}/token"\n'
+        f'client_id = "{CLIENT_ID}"\n'
+        'auth_method = "client_secret_basic"\n'
+        'client_secret_file = "client-secret"  # relative to this file\n'
+    )
+    _write_private(directory / "client-secret", secret + "\n")
+    _write_private(directory / "grant.json", json.dumps(first_grant(provider)) + "\n")
+    return [config, directory / "client-secret", directory / "grant.json"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve the local provider until interrupted; 2 for a bad flag or a missing extra."""
+    parser = argparse.ArgumentParser(prog="python -m httpx_upstream_auth.testing", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve the local provider", description=__doc__)
+    serve.add_argument("--port", type=int, default=0, help="the loopback port (default 0: a free one)")
+    serve.add_argument("--host", default="127.0.0.1", help="a loopback address (default 127.0.0.1)")
+    serve.add_argument("--access-ttl", type=float, default=60.0, help="access token lifetime, seconds (default 60)")
+    serve.add_argument("--write-to", metavar="DIR", help="write config.toml, client-secret and grant.json there")
+    args = parser.parse_args(argv)
+    try:
+        from ._server import ServerThread
+
+        provider = LocalProvider(access_ttl=args.access_ttl)
+        server = ServerThread(provider, host=args.host, port=args.port).start()
+    except (ImportError, ValueError, OSError) as exc:
+        print(f"python -m httpx_upstream_auth.testing: {exc}", file=sys.stderr)
+        return 2
+    clients = "; ".join(
+        f"{client_id} / {secret or '(no secret)'} ({method})"
+        for client_id, (secret, method) in provider.clients.items()
+    )
+    print(f"local provider: {server.url}  (Ctrl-C stops it)")
+    print(f"token URL:      {server.url}/token")
+    print(f"clients:        {clients}")
+    if args.write_to:
+        written = write_files(Path(args.write_to), server.url, provider)
+        print(f"wrote:          {', '.join(map(str, written))}")
+    print("ready", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0  # pragma: no cover - reached on Ctrl-C; the tests stop the server with SIGTERM
+
+
+if __name__ == "__main__":
+    sys.exit(main())
