@@ -185,6 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _demo.main(args[1:]) if args[0] == "demo" else _demo.worker_main(args[1:])
         except UsageError as exc:
             return _fail(USAGE, str(exc))
+        except StorageError as exc:
+            return _fail(RETRY_LATER, f"token store error, retry later: {exc}")
     try:
         flags = build_parser().parse_args(args)
         code = _COMMANDS[flags.command](flags, load_config(flags))
@@ -239,10 +241,11 @@ def _open_store(url: str) -> Storage:
 class _NoRefresher(Refresher):
     """The refresher of a command that never refreshes (import, delete): says so if asked."""
 
-    def refresh(self, tokens: UpstreamTokens, clock: Clock) -> UpstreamTokens:
+    # TokenManager.store and .delete, all these commands call, never ask a refresher for anything.
+    def refresh(self, tokens: UpstreamTokens, clock: Clock) -> UpstreamTokens:  # pragma: no cover - see above
         raise ConfigurationError("this command does not refresh tokens", setting="token_url")
 
-    async def arefresh(self, tokens: UpstreamTokens, clock: Clock) -> UpstreamTokens:
+    async def arefresh(self, tokens: UpstreamTokens, clock: Clock) -> UpstreamTokens:  # pragma: no cover - see above
         raise ConfigurationError("this command does not refresh tokens", setting="token_url")
 
 
@@ -375,8 +378,8 @@ def _read_answer(flags: argparse.Namespace) -> dict[str, Any]:
 def _import(flags: argparse.Namespace, config: CliConfig) -> int:
     answer = _read_answer(flags)
     provider = config.require_provider()
-    settings = config.settings
-    client_id = settings.client_id if settings is not None else None
+    assert config.settings is not None  # a provider was chosen
+    client_id = config.settings.client_id
     tokens = UpstreamTokens.from_token_response(
         answer,
         provider_id=provider,

@@ -232,9 +232,7 @@ def _layer(flag: Any, environ: Mapping[str, str], name: str, table: Mapping[str,
     return table.get(key)
 
 
-def _check_table(table: Any, where: str, allowed: tuple[str, ...]) -> dict[str, Any]:
-    if not isinstance(table, dict):
-        raise UsageError(f"{where} must be a table")
+def _check_table(table: dict[str, Any], where: str, allowed: tuple[str, ...]) -> dict[str, Any]:
     unknown = sorted(set(table) - set(allowed))
     if unknown:
         raise UsageError(f"{where} has unknown keys {', '.join(unknown)}; known: {', '.join(allowed)}")
@@ -250,9 +248,7 @@ def load_config(flags: Any, environ: Mapping[str, str] = os.environ) -> CliConfi
     when it exists)."""
     explicit = getattr(flags, "config", None) or environ.get(ENV_PREFIX + "CONFIG")
     path = Path(explicit).expanduser() if explicit else user_config_dir(environ=environ) / "config.toml"
-    if explicit and not path.is_file():
-        raise UsageError(f"the configuration file {path} does not exist")
-    document = _read_toml(path) if path.is_file() else {}
+    document = _read_toml(path) if explicit or path.is_file() else {}
     top = _check_table(document, f"the configuration file {path}", TOP_KEYS)
     providers = top.get("providers", {})
     if not isinstance(providers, dict) or not all(isinstance(value, dict) for value in providers.values()):
@@ -288,4 +284,4 @@ def load_config(flags: Any, environ: Mapping[str, str] = os.environ) -> CliConfi
                 f"not {values['auth_method']!r}"
             )
         settings = ProviderSettings(name=provider, **values)
-    return CliConfig(store=store, provider=provider, settings=settings, config_path=path if path.is_file() else None)
+    return CliConfig(store=store, provider=provider, settings=settings, config_path=path if document else None)

@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,28 @@ def provider() -> Iterator[tuple[LocalProvider, str]]:
     local = LocalProvider(access_ttl=60)
     with ServerThread(local) as server:
         yield local, server.url
+
+
+async def _odd_app(scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+    """An ASGI app that answers what the local provider never does: GET /status/N answers HTTP N, /not-json
+    a 200 that is not JSON, /huge 100 kB, /endpoint-not-a-string a token_endpoint that is a number."""
+    path = scope["path"]
+    status, body = 200, b'{"token_endpoint": 7}'
+    if path.startswith("/status/"):
+        status, body = int(path.rsplit("/", 1)[1]), b"{}"
+    elif path == "/not-json":
+        body = b"<html>"
+    elif path == "/huge":
+        body = b'{"token_endpoint": "http://127.0.0.1/token", "pad": "' + b"x" * 100_000 + b'"}'
+    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"text/plain")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+@pytest.fixture(scope="module")
+def odd_server() -> Iterator[str]:
+    """The URL of :func:`_odd_app`, served on loopback."""
+    with ServerThread(_odd_app) as server:
+        yield server.url
 
 
 @pytest.fixture(autouse=True)
@@ -226,7 +248,7 @@ def test_configuration_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path
     no token URL: one line each, status 2."""
     assert "no provider chosen" in one_line(run(capsys, "show", "s1")[2])
     cases: dict[str, str] = {
-        "does not exist": "",
+        "cannot read the configuration file": "",
         "not valid TOML": "store = ",
         "unknown keys colour": 'colour = "blue"',
         "must hold one table per provider": "providers = 3",
@@ -286,9 +308,18 @@ def test_stores_bad_unreachable_missing_extra_or_for_the_demo_only(
     assert code == RETRY_LATER and "retry later" in one_line(err) and ":pw@" not in err
     code, _, err = run(capsys, "--store", "redis://127.0.0.1:1/0", "--provider", "p", "show", "s1")
     assert code == RETRY_LATER, err
+    code, _, err = run(capsys, "--store", "redis+cluster://127.0.0.1:1", "list")
+    assert code == RETRY_LATER and "could not open the Redis Cluster" in one_line(err)
+    code, _, err = run(capsys, "demo", "--storage", "redis://127.0.0.1:1/0", "--seconds", "1")
+    assert code == RETRY_LATER and "retry later" in one_line(err)
     monkeypatch.setitem(sys.modules, "redis", None)
     code, _, err = run(capsys, "--store", "redis://127.0.0.1:1/0", "list")
     assert code == USAGE and "pip install 'httpx-upstream-auth[redis]'" in one_line(err)
+    code, _, err = run(capsys, "demo", "--storage", "redis://127.0.0.1:1/0")
+    assert code == USAGE and "pip install 'httpx-upstream-auth[redis]'" in one_line(err)
+    monkeypatch.setitem(sys.modules, "uvicorn", None)
+    code, _, err = run(capsys, "demo")
+    assert code == USAGE and "pip install httpx-upstream-auth[testing]" in one_line(err)
 
 
 def test_a_store_that_cannot_list_says_so(capsys: pytest.CaptureFixture[str]) -> None:
@@ -300,6 +331,22 @@ def test_a_store_that_cannot_list_says_so(capsys: pytest.CaptureFixture[str]) ->
     register_storage("noscan-test", lambda url: NoScan())
     code, _, err = run(capsys, "--store", "noscan-test:", "list")
     assert code == USAGE and "cannot list its sessions" in one_line(err)
+
+
+def test_list_skips_an_entry_deleted_while_it_lists(capsys: pytest.CaptureFixture[str]) -> None:
+    """An entry the scan named but that is gone when list reads it is left out, not an error."""
+    present = EntryKey("local", "present")
+
+    class Racing(MemoryStorage):
+        def scan(self, provider_id: str | None = None) -> Iterator[EntryKey]:
+            yield EntryKey("local", "deleted-meanwhile")
+            yield from super().scan(provider_id)
+
+    store = Racing()
+    store.put(present, UpstreamTokens(access_token="at", expires_at=4e9), expected_version=None)
+    register_storage("racing-test", lambda url: store)
+    code, out, _ = run(capsys, "--store", "racing-test:", "list")
+    assert code == OK and [line.split("\t")[:2] for line in out.splitlines()] == [["local", "present"]]
 
 
 def test_import_refuses_bad_input_without_quoting_it(
@@ -353,15 +400,24 @@ def test_token_refreshes_an_expired_token_once_and_maps_provider_failures(
     config = str(write_config(tmp_path, url))
     store = SQLiteStorage(tmp_path / "tokens.db")
     tokens = local.login(access_ttl=60)
-    expired = UpstreamTokens(access_token=tokens.access_token, refresh_token=tokens.refresh_token,
-                             expires_at=1.7e9, issued_at=1.7e9 - 60, provider_id="local", client_id="test-client")  # fmt: skip
+    expired = UpstreamTokens(
+        access_token=tokens.access_token, refresh_token=tokens.refresh_token, expires_at=1.7e9, issued_at=1.7e9 - 60,
+        provider_id="local", client_id="test-client",
+    )  # fmt: skip
     store.put(EntryKey("local", "s1"), expired, expected_version=None)
     store.close()
     before = local.stats["refresh_ok"]
     code, out, _ = run(capsys, "--config", config, "token", "s1")
     assert code == OK and api_status(url, out.strip()) == 200 and local.stats["refresh_ok"] == before + 1
-    code, out, _ = run(capsys, "--config", config, "token", "s1")
+    code, out, _ = run(capsys, "--config", config, "token", "s1", "--json")
     assert code == OK and local.stats["refresh_ok"] == before + 1, "the refreshed token is reused"
+    printed = json.loads(out)
+    code, out, _ = run(capsys, "--config", config, "show", "s1", "--json")
+    shown = json.loads(out)
+    assert code == OK and shown == {k: v for k, v in printed.items() if k != "access_token"} | {
+        "expires_in": shown["expires_in"]
+    }
+    assert shown["access_token_sha256"] != expired.access_token and printed["access_token"] not in json.dumps(shown)
 
     (tmp_path / "wrong").write_text("not-the-secret")
     code, _, err = run(capsys, "--config", config, "refresh", "s1", "--client-secret-file", str(tmp_path / "wrong"))
@@ -375,7 +431,7 @@ def test_token_refreshes_an_expired_token_once_and_maps_provider_failures(
 
 
 def test_discovery_url_finds_the_token_endpoint(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path, provider: tuple[LocalProvider, str]
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, provider: tuple[LocalProvider, str], odd_server: str
 ) -> None:
     """A provider configured by discovery URL refreshes at the token_endpoint its metadata names; a URL that
     serves none is status 2, one that does not answer status 4, plain http off loopback status 2."""
@@ -389,6 +445,11 @@ def test_discovery_url_finds_the_token_endpoint(
         (url + "/nothing-here", USAGE, "without a token_endpoint"),
         (url + "/api/me", USAGE, "without a token_endpoint"),
         (CLOSED_URL + "/.well-known/openid-configuration", RETRY_LATER, "could not fetch the discovery document"),
+        (odd_server + "/status/503", RETRY_LATER, "answered HTTP 503; retry later"),
+        (odd_server + "/status/429", RETRY_LATER, "answered HTTP 429; retry later"),
+        (odd_server + "/not-json", USAGE, "answered HTTP 200 without a token_endpoint"),
+        (odd_server + "/huge", USAGE, "answered HTTP 200 without a token_endpoint"),
+        (odd_server + "/endpoint-not-a-string", USAGE, "answered HTTP 200 without a token_endpoint"),
         ("http://example.com/.well-known/openid-configuration", USAGE, "discovery_url must be an https:// URL"),
     ):
         code, _, err = run(capsys, "--config", config, "refresh", "s1", "--discovery-url", discovery)
@@ -399,7 +460,7 @@ def test_list_on_redis_and_by_provider(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, redis_server: RedisServer, provider: tuple[LocalProvider, str]
 ) -> None:
     """Sessions imported into Redis are listed (JSON lines too), all providers' or one's."""
-    local, url = provider
+    local = provider[0]
     store = ["--store", redis_server.url]
     for provider_id, session in (("local", "a"), ("local", "b"), ("other", "c")):
         code, _, err = run(capsys, *store, "--provider", provider_id, "import", session, stdin=grant(local))
@@ -432,6 +493,21 @@ def test_environment_variables_configure_the_command(
     assert (tmp_path / "env.db").is_file()
     code, out, _ = run(capsys, "--store", f"sqlite:///{tmp_path}/flag.db", "list")
     assert code == OK and out == ""
+    monkeypatch.delenv("HTTPX_UPSTREAM_AUTH_CLIENT_SECRET")
+    monkeypatch.setenv("LOCAL_SECRET", "test-secret")
+    monkeypatch.setenv("HTTPX_UPSTREAM_AUTH_CLIENT_SECRET_ENV", "LOCAL_SECRET")
+    code, _, err = run(capsys, "refresh", "s1")
+    assert code == OK, err
+
+
+def test_the_only_provider_of_the_file_is_the_default(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, provider: tuple[LocalProvider, str]
+) -> None:
+    """A configuration file with one provider and no default_provider: that provider is used."""
+    config = write_config(tmp_path, provider[1])
+    config.write_text(config.read_text().replace('default_provider = "local"\n', ""))
+    code, out, err = run(capsys, "--config", str(config), "import", "s1", stdin=grant(provider[0]))
+    assert code == OK and "provider_id:          local" in out, err
 
 
 def test_the_default_store_is_in_the_user_data_directory(
@@ -551,7 +627,7 @@ def test_the_demo_refuses_bad_flags_and_stores(capsys: pytest.CaptureFixture[str
         (["--tasks", "many"], "argument --tasks: must be a number, not 'many'"),
         (["--storage", "nosuch://x"], "--storage: no storage is registered for the scheme 'nosuch'"),
     ):
-        code, out, err = run(capsys, "demo", *args)
+        code, _, err = run(capsys, "demo", *args)
         assert code == USAGE and expected in one_line(err), (args, err)
 
 
@@ -567,16 +643,21 @@ def test_serve_prints_credentials_writes_the_files_and_stops_on_ctrl_c(
     assert "only listens on loopback" in capsys.readouterr().err
     target = tmp_path / "local"
 
-    def interrupt_when_ready() -> None:
-        for _ in range(600):
-            if (target / "grant.json").exists():
-                break
-            threading.Event().wait(0.05)
-        os.kill(os.getpid(), signal.SIGINT)
+    def serve(*args: str) -> str:
+        """Run serve here; press Ctrl-C once it printed "ready"."""
+        stdout: Any = sys.stdout  # pytest's capture, which keeps what was written
 
-    threading.Thread(target=interrupt_when_ready, daemon=True).start()
-    assert testing_main(["serve", "--write-to", str(target), "--access-ttl", "30"]) == OK
-    out = capsys.readouterr().out
+        def interrupt_when_ready() -> None:
+            while "ready" not in stdout.getvalue():
+                threading.Event().wait(0.05)
+            os.kill(os.getpid(), signal.SIGINT)
+
+        threading.Thread(target=interrupt_when_ready, daemon=True).start()
+        assert testing_main(["serve", *args]) == OK
+        return capsys.readouterr().out
+
+    assert "wrote:" not in serve()
+    out = serve("--write-to", str(target), "--access-ttl", "30")
     assert "test-client / test-secret (client_secret_basic)" in out and "public-client / (no secret) (none)" in out
     assert out.endswith("ready\n") and re.search(r"token URL: +http://127\.0\.0\.1:\d+/token", out)
     assert (target / "client-secret").read_text() == "test-secret\n"
@@ -584,3 +665,28 @@ def test_serve_prints_credentials_writes_the_files_and_stops_on_ctrl_c(
     answer = json.loads((target / "grant.json").read_text())
     assert answer["expires_in"] == 30 and answer["token_type"] == "Bearer" and answer["refresh_token"]
     assert 'client_id = "test-client"' in (target / "config.toml").read_text()
+
+
+def test_a_demo_worker_counts_and_names_failed_requests(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, provider: tuple[LocalProvider, str], odd_server: str
+) -> None:
+    """Requests the API refuses (HTTP 503) and requests that cannot be sent (no tokens stored: the auth raises)
+    are counted as failed and named; the summary then says FAILED and returns 1."""
+    store = SQLiteStorage(tmp_path / "w.db")
+    store.put(EntryKey("local", "demo-session"), provider[0].login(), expected_version=None)
+    store.close()
+    code, out, _ = run(capsys, "demo-worker", f"sqlite:{tmp_path}/w.db", odd_server + "/status/503?", "0.5", "1", "0")
+    refused = json.loads(out.splitlines()[-1])["result"]
+    assert code == OK and refused["ok"] == 0 and refused["failed"] > 0 and list(refused["errors"]) == ["HTTP 503"]
+    code, out, _ = run(capsys, "demo-worker", f"sqlite:{tmp_path}/empty.db", provider[1], "0.5", "1", "0")
+    unsent = json.loads(out.splitlines()[-1])["result"]
+    assert unsent["failed"] > 0 and list(unsent["errors"]) == ["ReauthenticationRequired"]
+
+    from httpx_upstream_auth._demo import print_summary
+
+    stats = dict.fromkeys(("refresh_ok", "refresh_reuse", "invalid_grant", "api_401"), 0)
+    assert print_summary([refused, unsent], stats, 2.0) == FAILED
+    table = summary(capsys.readouterr().out)
+    assert table["result"] == "FAILED" and table["errors"] == (
+        f"HTTP 503: {refused['failed']}, ReauthenticationRequired: {unsent['failed']}"
+    )

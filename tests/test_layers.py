@@ -37,7 +37,10 @@ LAYERS: list[tuple[str, set[str]]] = [
     ),
     ("engine", {"_state", "_async._manager", "_sync._manager", "_engine"}),
     ("adapters", {"_auth", "_async._auth", "_sync._auth", "_async._transport", "_sync._transport"}),
-    ("public api and integrations", {"_manager", "__init__", "_demo", "__main__", "_cli", "_cli_config", "mcp", "testing"}),
+    (
+        "public api and integrations",
+        {"_manager", "__init__", "_demo", "__main__", "_cli", "_cli_config", "mcp", "testing"},
+    ),
 ]
 
 
