@@ -175,8 +175,8 @@ def test_the_three_commands_of_the_docs_print_a_token_the_local_provider_accepts
 
 
 def test_every_command_through_the_console_script(tmp_path: Path, provider: tuple[LocalProvider, str]) -> None:
-    """import (stdin), show, token, token --json, refresh, list and delete, each once through the installed
-    console script: outputs, exit codes, and one refresh at the provider for the one forced refresh."""
+    """import (stdin), show, token, refresh, list and delete through the installed console script, and
+    --version through python -m: outputs, exit codes, and one refresh at the provider for the forced one."""
     local, url = provider
     config = write_config(tmp_path, url)
     env = environment(tmp_path)
@@ -201,8 +201,6 @@ def test_every_command_through_the_console_script(tmp_path: Path, provider: tupl
     token = cli("token", "s1")
     assert token.returncode == OK and token.stdout.strip() == json.loads(answer)["access_token"]
     assert local.stats["refresh_ok"] == before, "a valid token is printed without a refresh"
-    as_json = json.loads(cli("token", "s1", "--json").stdout)
-    assert as_json["access_token"] == token.stdout.strip() and as_json["version"] == entry["version"]
 
     refreshed = cli("refresh", "s1", "--json")
     assert refreshed.returncode == OK, refreshed.stderr
@@ -210,7 +208,7 @@ def test_every_command_through_the_console_script(tmp_path: Path, provider: tupl
     new = json.loads(refreshed.stdout)
     assert new["version"] > entry["version"] and new["access_token_sha256"] != entry["access_token_sha256"]
     fresh = cli("token", "s1").stdout.strip()
-    assert api_status(url, fresh) == 200 and api_status(url, token.stdout.strip()) == 200
+    assert fresh != token.stdout.strip() and api_status(url, fresh) == 200
 
     listed = cli("list")
     assert listed.returncode == OK and re.fullmatch(
@@ -218,7 +216,6 @@ def test_every_command_through_the_console_script(tmp_path: Path, provider: tupl
     )
     deleted = cli("delete", "s1")
     assert deleted.returncode == OK and "deleted session 's1'" in deleted.stdout
-    assert cli("list").stdout == ""
     version = subprocess.run(
         [sys.executable, "-m", "httpx_upstream_auth", "--version"], env=env, capture_output=True, text=True
     )

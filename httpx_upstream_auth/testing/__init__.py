@@ -13,6 +13,13 @@ run it (or any ASGI app) under uvicorn on a free loopback port. Serving needs th
     with serve(provider) as server:
         token_url = server.url + "/token"
 
+The provider's registered clients (:attr:`LocalProvider.clients`, change them freely) are ``test-client``
+with secret ``test-secret`` (``client_secret_basic``), ``post-client`` with ``post-secret``
+(``client_secret_post``) and ``public-client`` (no secret, ``none``). From the command line,
+``python -m httpx_upstream_auth.testing serve --write-to DIR`` serves it until Ctrl-C, prints its token URL
+and these credentials, and writes a configuration for ``httpx-upstream-auth`` and a first login's token
+answer to import (see docs/cli.md).
+
 :func:`serve_mcp` starts a real MCP server (from the ``mcp`` package) whose tools need the provider's
 live tokens (a :class:`LocalMCPServer`; its :class:`LocalTokenVerifier` counts them). They need ``mcp``.
 """

@@ -150,7 +150,9 @@ class LocalProvider:
 
     It serves the refresh-token grant at ``POST /token`` and a protected API under ``/api/``
     (``GET /api/me``, ``POST /api/upload``, ``GET /api/slow?delay=s``, any method on ``/api/echo``).
-    Grants are created by :meth:`login`, as if a user had just signed in. With ``rotate=True`` every
+    Grants are created by :meth:`login`, as if a user had just signed in. Its clients are ``test-client`` /
+    ``test-secret`` (``client_secret_basic``), ``post-client`` / ``post-secret`` (``client_secret_post``) and
+    ``public-client`` (no secret, ``none``): see :attr:`clients`. With ``rotate=True`` every
     refresh consumes the presented refresh token and issues a new one; presenting a consumed refresh
     token again revokes the whole grant, as Auth0 and Okta do, unless it comes within ``reuse_grace``
     seconds of its first use: then it is honoured with a fresh pair, as Okta's grace period and Ory Hydra's
