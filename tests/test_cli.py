@@ -106,6 +106,7 @@ def grant(local: LocalProvider, **login: Any) -> str:
 def run(capsys: pytest.CaptureFixture[str], *args: str, stdin: str | None = None) -> tuple[int, str, str]:
     """``main(args)`` in this process: (exit status, stdout, stderr)."""
     capsys.readouterr()
+    before = sys.stdin
     if stdin is not None:
         sys.stdin = io.StringIO(stdin)
     try:
@@ -113,7 +114,7 @@ def run(capsys: pytest.CaptureFixture[str], *args: str, stdin: str | None = None
     except SystemExit as exit:  # argparse's --help and --version
         code = int(exit.code or 0)
     finally:
-        sys.stdin = sys.__stdin__
+        sys.stdin = before
     out, err = capsys.readouterr()
     return code, out, err
 

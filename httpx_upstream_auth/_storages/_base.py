@@ -214,7 +214,8 @@ class Storage(ABC):
 
     async def ascan(self, provider_id: str | None = None) -> AsyncIterator[EntryKey]:
         """Async twin of :meth:`scan`. The default runs the sync scan a page at a time in a worker thread
-        (or directly when the backend never blocks)."""
+        (or directly when the backend never blocks). A consumer that may stop early should close it
+        (``contextlib.aclosing``), as with any async generator."""
         found = self.scan(provider_id)  # NotImplementedError here, before anything runs in a thread
         try:
             if not self.blocking:
