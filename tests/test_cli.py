@@ -588,7 +588,7 @@ def test_the_demo_in_one_process_on_a_terminal(monkeypatch: pytest.MonkeyPatch) 
     table = summary(text)
     assert re.fullmatch(r"\d+ \(\d+ ok, 0 failed\), \d+/s", table["requests"]) and table["reused refresh tokens"] == "0"
     refreshes, lifetimes = map(int, re.findall(r"\d+", table["refreshes"]))
-    assert 1 <= refreshes <= lifetimes + 1
+    assert 1 <= refreshes <= lifetimes + 2  # one per lifetime; the lifetimes are counted from wall time
     assert table["result"] == "OK: the callers never saw an expiry"
 
 
