@@ -319,6 +319,59 @@ def test_redis_keys_share_one_cluster_slot_and_never_name_the_session() -> None:
     store.close()
 
 
+def test_redis_scan_lists_only_readable_entries_of_its_own_prefix(redis_server: RedisServer) -> None:
+    """scan and ascan list this prefix's entries only, a page of one name at a time among 60 other keys (so some
+    pages find nothing): not another prefix's (one the unescaped glob of ours would match), nor a lease, nor
+    keys that only look like entries (no JSON, unreadable JSON, JSON without the ids)."""
+    import redis
+
+    ours, theirs = (
+        RedisStorage.from_url(redis_server.url, prefix="p*"),
+        RedisStorage.from_url(redis_server.url, prefix="pX"),
+    )
+    raw = redis.Redis.from_url(redis_server.url)
+    try:
+        mine = [EntryKey("github", "a"), EntryKey("gitlab", "b")]
+        for key in mine:
+            assert ours.put(key, tokens(1), expected_version=None)
+        assert theirs.put(EntryKey("github", "theirs"), tokens(1), expected_version=None)
+        lease = ours.acquire_lease(mine[0], 30.0)
+        assert lease is not None
+        raw.mset({f"p*:junk:{n}": "x" for n in range(60)})
+        odd = {"0": None, "1": "not json", "2": '["x"]', "3": '{"access_token": "x"}', "4": '{"entry_key": [1, 2]}'}
+        for digit, data in odd.items():
+            raw.hset(f"p*:{{{digit * 32}}}:entry", "v", "1")
+            if data is not None:
+                raw.hset(f"p*:{{{digit * 32}}}:entry", "d", data)
+        ours.scan_batch = 1
+        listed = list(ours.scan())
+        assert len(listed) == 2 and set(listed) == set(mine)
+        assert list(ours.scan("gitlab")) == [mine[1]]
+
+        async def alist() -> list[EntryKey]:
+            return [key async for key in ours.ascan()]
+
+        found = anyio.run(alist, backend="asyncio")
+        assert len(found) == 2 and set(found) == set(mine)
+        ours.release_lease(lease)
+    finally:
+        ours.close()
+        theirs.close()
+        raw.close()
+
+
+def test_memory_scan_skips_an_entry_deleted_after_it_began() -> None:
+    """MemoryStorage.scan lists from a snapshot of the keys, and leaves out an entry deleted meanwhile."""
+    store = MemoryStorage()
+    first, second = EntryKey("github", "a"), EntryKey("github", "b")
+    store.put(first, tokens(1), expected_version=None)
+    store.put(second, tokens(1), expected_version=None)
+    listing = store.scan()
+    assert next(listing) == first
+    assert store.delete(second)
+    assert list(listing) == []
+
+
 def test_redis_from_url_schemes_and_repr(redis_server: RedisServer) -> None:
     """unix:// works; rediss:// builds a TLS client; the repr never shows the password."""
     store = RedisStorage.from_url(f"unix://{redis_server.socket_path}?db=0", prefix="unix-test")

@@ -507,7 +507,7 @@ class SQLiteStorage(SharedStorage):
         while True:
             rows = self._scan_page(provider_id, after, batch)
             for provider, session in rows:
-                yield EntryKey(_id_text(provider), _id_text(session))
+                yield EntryKey(_from_sql(provider), _from_sql(session))
             if len(rows) < batch:
                 return
             after = rows[-1]
@@ -886,7 +886,7 @@ def _text(part: str) -> str | bytes:
     return part
 
 
-def _id_text(part: str | bytes) -> str:
+def _from_sql(part: str | bytes) -> str:
     """An id as :func:`_text` bound it, back as text."""
     return part.decode("utf-8", "surrogatepass") if isinstance(part, bytes) else part
 

@@ -16,7 +16,7 @@ from ..._models import EntryKey, UpstreamTokens
 from .._base import Lease, lease_seconds, version_in_range
 from ._clients import AsyncSlots
 from ._errors import ErrorMap
-from ._keys import SCRIPTS, KeyLayout, key_of, ms
+from ._keys import SCRIPTS, KeyLayout, entry_key_of, ms
 
 __all__ = ["AsyncCommands"]
 
@@ -105,17 +105,15 @@ class AsyncCommands:
     async def scan_page(self, node: Any, cursor: int, batch: int) -> tuple[int, list[EntryKey]]:
         """One ``SCAN`` step on ``node`` (``None``: the standalone server): the next cursor (0 at the end),
         and the keys of the entries it named that still exist."""
-        pattern = self.keys.entry_pattern
+        pattern = self.keys.entry_pattern()
         async with self.command("list tokens"):
             if node is None:
                 cursor, names = await self.client.scan(cursor, match=pattern, count=batch)
             else:
                 cursors, names = await self.client.scan(cursor, match=pattern, count=batch, target_nodes=node)
                 cursor = cursors[node.name]
-            raws: list[Any] = []
-            if names:
-                pipe = self.client.pipeline(transaction=False)
-                for name in names:
-                    pipe.hget(name, "d")
-                raws = await pipe.execute()
-        return int(cursor), [key for raw in raws if (key := key_of(raw)) is not None]
+            pipe = self.client.pipeline(transaction=False)
+            for name in names:
+                pipe.hget(name, "d")
+            raws: list[Any] = await pipe.execute() if names else []  # a page may match nothing
+        return int(cursor), [key for raw in raws if (key := entry_key_of(raw)) is not None]

@@ -15,7 +15,7 @@ from ..._models import EntryKey, UpstreamTokens
 from ..._policy import retention_deadline
 from .._base import storable
 
-__all__ = ["SCRIPTS", "KeyLayout", "blob", "key_of", "ms", "read_entry"]
+__all__ = ["SCRIPTS", "KeyLayout", "blob", "entry_key_of", "ms", "read_entry"]
 
 #: SLOWLOG keeps the first 128 bytes of each argument: the entry's JSON starts with that much blank.
 _SLOWLOG_ARGUMENT = 128
@@ -91,7 +91,6 @@ class KeyLayout:
         #: The pub/sub channel every save and delete under the prefix publishes on.
         self.channel = f"{prefix}:changes"
 
-    @property
     def entry_pattern(self) -> str:
         """The ``SCAN MATCH`` pattern of this prefix's entries, and of nothing else (the prefix's glob
         characters escaped, the digest 32 characters)."""
@@ -140,7 +139,7 @@ def blob(key: EntryKey, tokens: UpstreamTokens) -> str:
     return "{" + " " * _SLOWLOG_ARGUMENT + text[1:]
 
 
-def key_of(raw: Any) -> EntryKey | None:
+def entry_key_of(raw: Any) -> EntryKey | None:
     """The ids inside an entry's JSON, as its key; ``None`` for none (the entry vanished) or for JSON that
     does not hold them."""
     if raw is None:
