@@ -361,6 +361,8 @@ def _token(flags: argparse.Namespace, config: CliConfig) -> int:
 
 def _read_answer(flags: argparse.Namespace) -> dict[str, Any]:
     source = "stdin" if flags.file in (None, "-") else flags.file
+    if source == "stdin" and sys.stdin.isatty():
+        print("paste the token endpoint's JSON answer, then press Ctrl-D", file=sys.stderr)
     try:
         text = sys.stdin.read() if source == "stdin" else Path(source).read_text()
     except OSError as exc:

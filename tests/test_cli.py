@@ -351,7 +351,8 @@ def test_import_refuses_bad_input_without_quoting_it(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, provider: tuple[LocalProvider, str]
 ) -> None:
     """Malformed JSON, a JSON array, an answer without an access token, an unreadable file: status 2; an
-    error answer (invalid_grant): status 3; an id_token for another subject: status 3. Nothing is quoted."""
+    error answer (invalid_grant): status 3; an id_token for another subject: status 3. Nothing is quoted. On a
+    terminal, import says what to paste; --file reads a file."""
     local, url = provider
     config = str(write_config(tmp_path, url))
     for text, status, expected in (
@@ -373,6 +374,17 @@ def test_import_refuses_bad_input_without_quoting_it(
     answer = json.dumps({"access_token": tokens.access_token, "id_token": tokens.id_token, "expires_in": 60})
     code, _, err = run(capsys, "--config", config, "import", "s1", "--subject", "mallory", stdin=answer)
     assert code == REAUTHENTICATE and "another subject" in one_line(err)
+
+    class Typed(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    before, sys.stdin = sys.stdin, Typed(grant(local))
+    try:
+        code, out, err = run(capsys, "--config", config, "import", "typed")
+    finally:
+        sys.stdin = before
+    assert code == OK and err == "paste the token endpoint's JSON answer, then press Ctrl-D\n"
     (tmp_path / "answer.json").write_text(grant(local))
     code, out, _ = run(capsys, "--config", config, "import", "s1", "--file", str(tmp_path / "answer.json"))
     assert code == OK and "session_id:           s1" in out
