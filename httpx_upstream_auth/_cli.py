@@ -456,11 +456,9 @@ def _refresh(flags: argparse.Namespace, config: CliConfig) -> int:
         current = manager.storage.get(key)
         if current is None:
             raise _missing(key.provider_id, key.session_id)
-        # "The API refused this access token": the manager's single-flight refresh under the store's lease,
-        # unless another worker stored a newer token meanwhile (then that one is the answer).
-        tokens = manager._sync_ops.refresh_rejected(flags.session, current.access_token)
-        if tokens is None:  # pragma: no cover - only a token distrusted in this process, and this one is new
-            raise RefreshFailed("the refresh gave no new token; retry later", retryable=True)
+        # The manager's single-flight refresh under the store's lease, unless another worker stored a newer
+        # token meanwhile (then that one is the answer).
+        tokens = manager.refresh(flags.session)
         _print_entry(redacted(key, tokens), flags.json, sys.stdout)
         return OK
 

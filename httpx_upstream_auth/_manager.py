@@ -182,6 +182,20 @@ class TokenManager:
         """Async twin of :meth:`get_token`."""
         return await self._async_ops.get_token(session_id, expect)
 
+    def refresh(self, session_id: str, expect: Binding | None = None) -> UpstreamTokens:
+        """Refresh the session's tokens now, though they may still be valid (after a change of scope or roles
+        at the provider, or from an operator's tool), and return the new ones.
+
+        It is the same refresh as on an expiry: one per session across threads, tasks and processes (a
+        refresh already under way is joined, not repeated), rotation-safe, and a token another worker stored
+        since this call found the entry is returned as it is. Raises as :meth:`get_token` does.
+        """
+        return self._sync_ops.refresh(session_id, expect)
+
+    async def arefresh(self, session_id: str, expect: Binding | None = None) -> UpstreamTokens:
+        """Async version of :meth:`refresh`."""
+        return await self._async_ops.refresh(session_id, expect)
+
     def footprint(self) -> Footprint:
         """How many entries each per-session table holds (for monitoring; each has a bound)."""
         return self._state.footprint()

@@ -155,6 +155,15 @@ class Driver:
             return result
         return await manager.aget_token(session, expect)
 
+    async def refresh(
+        self, manager: TokenManager, session: str = SESSION, expect: Binding | None = None
+    ) -> UpstreamTokens:
+        """``refresh`` or ``arefresh``."""
+        if self.mode == "sync":
+            result: UpstreamTokens = await self._sync(manager.refresh, session, expect)
+            return result
+        return await manager.arefresh(session, expect)
+
     async def store(self, manager: TokenManager, tokens: UpstreamTokens, session: str = SESSION) -> UpstreamTokens:
         """``store`` or ``astore``."""
         if self.mode == "sync":

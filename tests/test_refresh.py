@@ -18,12 +18,14 @@ from support import (
     FlakyStorage,
     ManagerFactory,
     assert_fails_closed,
+    astored,
     expired,
     put_entry,
     stored,
 )
 
 from httpx_upstream_auth import (
+    Binding,
     BindingMismatch,
     Clock,
     ConfigurationError,
@@ -541,3 +543,38 @@ async def test_a_refresh_keeps_the_issuer_of_the_grant(
     entry = put_entry(manager, attrs.evolve(expired(provider.login()), issuer="https://as.example"))
     fresh = await driver.get_token(manager)
     assert fresh.version == entry.version + 1 and fresh.issuer == "https://as.example"
+
+
+# -- a refresh on demand -------------------------------------------------------------------------------
+
+
+async def test_a_refresh_on_demand_replaces_a_valid_token_once(
+    driver: Driver, provider: LocalProvider, manager: TokenManager
+) -> None:
+    """refresh()/arefresh() on a still-valid token: one rotation, saved and then served from the cache."""
+    first = await driver.store(manager, provider.login())
+    fresh = await driver.refresh(manager)
+    assert fresh.version == first.version + 1 and fresh.refresh_token != first.refresh_token
+    assert await astored(manager) == fresh
+    assert await driver.get_token(manager) == fresh
+    assert (await driver.request(manager)).status_code == 200
+    stats = provider.stats
+    assert (stats["token_calls"], stats["refresh_ok"], stats["refresh_reuse"]) == (1, 1, 0)
+
+
+async def test_a_refresh_on_demand_checks_the_binding_before_sending(
+    driver: Driver, provider: LocalProvider, manager: TokenManager
+) -> None:
+    """An expected identity the entry does not have: BindingMismatch, and no token request."""
+    await driver.store(manager, provider.login(user_id="user-1"))
+    with pytest.raises(BindingMismatch):
+        await driver.refresh(manager, expect=Binding(user_id="someone-else"))
+    assert provider.stats["token_calls"] == 0
+
+
+async def test_a_refresh_on_demand_without_an_entry_asks_for_a_login(
+    driver: Driver, provider: LocalProvider, manager: TokenManager
+) -> None:
+    with pytest.raises(ReauthenticationRequired):
+        await driver.refresh(manager)
+    assert provider.stats["token_calls"] == 0

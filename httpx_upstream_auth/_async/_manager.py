@@ -106,6 +106,18 @@ class AsyncTokenOps:
             state.check_binding(tokens, expect)
         return tokens
 
+    async def refresh(self, session_id: str, expect: Binding | None = None) -> UpstreamTokens:
+        """New tokens now, though the stored ones may still be valid, through the single flight and the lease as
+        any refresh; a token another worker stored meanwhile (not the one this call found) is the answer too."""
+        state = self._state
+        key = state.key(session_id)
+        current = await self._shared_read(key)
+        state.check_binding(current, expect)  # before anything is sent
+        state.forget(key, current.access_token)
+        tokens = await self._refreshed(key, Need(current.access_token))
+        state.check_binding(tokens, expect)
+        return tokens
+
     def distrust(self, session_id: str, tokens: UpstreamTokens) -> None:
         """The API refused ``tokens`` on the replay right after their refresh."""
         state = self._state

@@ -244,7 +244,8 @@ class Plan:
             + (
                 ""
                 if k.read_hang is None
-                else f"; a read under a lease hangs {k.read_hang[1]:.1f}s after {k.read_hang[0]:.2f}"
+                else f"; a {'lease release' if k.hang_op == 'release' else 'read under a lease'} hangs "
+                f"{k.read_hang[1]:.1f}s after {k.read_hang[0]:.2f}"
             )
             + (
                 f"; provider down {[(round(a, 2), round(b, 2)) for a, b in k.provider_outages]}"
@@ -602,6 +603,10 @@ def extend_plan_more(
             for _ in range(xr.choice((1, 2))):
                 gaps = [xr.uniform(0.0, 2.0 * lease_ttl)] + [xr.expovariate(1 / 5.0) for _ in range(xr.randint(1, 3))]
                 ext.restart.append(CallerPlan(p, xr.choice(sessions), "plain", gaps))
+    if knobs.read_hang is not None and xr.random() < 0.5:
+        # Drawn last, so no other part of a plan changes: the call that hangs is the job's lease release (it
+        # runs in the job's finally, before the flight's outcome is published) instead of a read.
+        knobs.hang_op = "release"
     return lease_ttl, lease_wait
 
 

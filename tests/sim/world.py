@@ -231,6 +231,8 @@ class Knobs:
     #: (after, duration): the first read a job makes under its lease from ``after`` on hangs ``duration``, then
     #: fails before applying (a connection black-holed until the client's socket timeout).
     read_hang: tuple[float, float] | None = None
+    #: Which call ``read_hang`` makes hang: a job's read under its lease ("get") or its lease release.
+    hang_op: str = "get"
     stall_delay: float = 0.0
     #: The longest a job may legitimately hold a lease (seconds; 0: not checked), see ``SharedStore.renew``.
     lease_hold_bound: float = 0.0
@@ -1035,20 +1037,25 @@ class SimStorage(Storage):
             w.provider.redemptions[rid].saved_known = True
         return result
 
-    async def _maybe_hang(self, key: EntryKey) -> None:
-        """The read that ``Knobs.read_hang`` makes hang: a job's, under the lease it holds."""
+    async def _maybe_hang(self, key: EntryKey, op: str = "get", owner: str = "") -> None:
+        """The call that ``Knobs.read_hang`` makes hang: a job's read under the lease it holds, or (``op``
+        "release") its release of lease ``owner``."""
         w, store = self.world, self.world.store
         hang = w.knobs.read_hang
-        if hang is None or w.now() < hang[0] or store.hung or w.caller() is not None:
+        if hang is None or w.knobs.hang_op != op or w.now() < hang[0] or store.hung or w.caller() is not None:
             return
-        held = store.leases.get(key)
-        if held is None or store.acquired.get(held[0], (0.0, None))[1] is not w.current_task():
-            return
-        store.hung = held[0]
-        w.log(f"store: p{self.process.pid} get HANGS for {hang[1]:.1f}s ({w.where()})")
+        if op == "get":
+            held = store.leases.get(key)
+            if held is None or store.acquired.get(held[0], (0.0, None))[1] is not w.current_task():
+                return
+            owner = held[0]
+        elif JOB.get() != owner:
+            return  # only the job's own release (a bounded call runs in a task that copied the job's context)
+        store.hung = owner
+        w.log(f"store: p{self.process.pid} {op} HANGS for {hang[1]:.1f}s ({w.where()})")
         with w.working(self.process.pid, key.session_id):
             await anyio.sleep(hang[1])
-        w.log(f"store: p{self.process.pid} get timed out ({w.where()})")
+        w.log(f"store: p{self.process.pid} {op} timed out ({w.where()})")
         raise StorageError("simulated: the connection timed out")
 
     def _check_save_retry(self, rid: int) -> None:
@@ -1122,6 +1129,7 @@ class SimStorage(Storage):
         """Release the lease, with the backend's delays."""
         self.world.store.release_tried.append(lease.owner)
         self.world.store.release_tried_at.setdefault(lease.owner, self.world.now())
+        await self._maybe_hang(lease.key, "release", lease.owner)
         await self._op("release", lambda: self.world.store.release(self.process.pid, lease), None, lease.key.session_id)
 
     async def arenew_lease(self, lease: Lease) -> bool:
