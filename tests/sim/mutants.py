@@ -17,6 +17,7 @@ otherwise it **survived**. A mutant whose original text is no longer in the code
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 import shutil
@@ -431,19 +432,7 @@ def _findings(
     mutant is killed, and its remaining seeds would only cost time (a survivor still runs every seed).
     """
     env = {**os.environ, "PYTHONPATH": str(where), "PYTHONDONTWRITEBYTECODE": "1"}
-    bounds = [start + count * i // jobs for i in range(jobs + 1)]
-    runs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _PROBE.format(start=a, stop=b)],
-            cwd=where,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for a, b in itertools.pairwise(bounds)
-        if b > a
-    ]
+    bounds = [(a, b) for a, b in itertools.pairwise(start + count * i // jobs for i in range(jobs + 1)) if b > a]
     found: set[tuple[int, str]] = set()
     new = threading.Event()
     lock = threading.Lock()
@@ -457,20 +446,38 @@ def _findings(
             if known is not None and category not in known:
                 new.set()
 
-    readers = [threading.Thread(target=read, args=(run,), daemon=True) for run in runs]
-    for reader in readers:
-        reader.start()
-    while any(reader.is_alive() for reader in readers) and not new.wait(0.2):
-        pass
-    if new.is_set():
-        for run in runs:
-            run.kill()  # our own interpreters: the mutant is already killed
-    failed = ""
-    for run, reader in zip(runs, readers, strict=True):
-        _, err = run.communicate()
-        reader.join()
-        if run.returncode != 0 and not new.is_set():
-            failed = failed or f"crashed: {err.strip().splitlines()[-1:] or '?'}"
+    with contextlib.ExitStack() as stack:
+        # stderr (the managers' log lines) goes to files: a pipe drained only at the end fills up and stalls
+        # the run.
+        errs = [stack.enter_context(tempfile.TemporaryFile("w+")) for _ in bounds]
+        runs = [
+            subprocess.Popen(
+                [sys.executable, "-c", _PROBE.format(start=a, stop=b)],
+                cwd=where,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+            )
+            for (a, b), err in zip(bounds, errs, strict=True)
+        ]
+        readers = [threading.Thread(target=read, args=(run,), daemon=True) for run in runs]
+        for reader in readers:
+            reader.start()
+        while any(reader.is_alive() for reader in readers) and not new.wait(0.2):
+            pass
+        if new.is_set():
+            for run in runs:
+                run.kill()  # our own interpreters: the mutant is already killed
+        failed = ""
+        for run, reader, err in zip(runs, readers, errs, strict=True):
+            run.wait()
+            reader.join()
+            if run.stdout is not None:
+                run.stdout.close()
+            err.seek(0)
+            if run.returncode != 0 and not new.is_set():
+                failed = failed or f"crashed: {err.read().strip().splitlines()[-1:] or '?'}"
     return failed or found
 
 
