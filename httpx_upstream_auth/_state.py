@@ -454,6 +454,8 @@ class ManagerState:
         progress, so the scan ends, and a notice about them is never missed.
         """
         limit = 2 * self._cache_size
+        if len(self._epochs) <= limit and len(self._digests) <= limit:
+            return
         for _ in range(len(self._epochs)):
             if len(self._epochs) <= limit:
                 break

@@ -174,6 +174,7 @@ class AsyncTokenOps:
         state = self._state
         for _ in range(MAX_FLIGHTS):
             flight, leading = state.join_flight(key, reads=True)
+            read_here = False
             if leading:
                 async_lead(flight)  # a read whose event loop was closed under it is not waited for
                 outcome = Outcome()
@@ -194,10 +195,12 @@ class AsyncTokenOps:
                 except SameThreadWait:
                     found = None  # a blocking call under the reading task's own loop: read directly
                 outcome = Outcome(tokens=await self._read(key)) if found is None else found
+                read_here = found is None
             if outcome.abandoned or state.epoch(key) != flight.epoch:
                 continue  # its reader was cancelled, or a logout/login raced it: read again
             tokens = outcome.unwrap()
-            if state.is_fresh(tokens):
+            if read_here and state.is_fresh(tokens):
+                # Not by the flight's reader, which cached what it read (with this epoch) before publishing it.
                 state.remember(key, tokens, flight.epoch)
             return tokens
         raise StorageError("the entry kept changing while reading it; retry the request")
