@@ -22,6 +22,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "_sync._http",
             "_storages",
             "_storages._memory",
+            "_storages._encrypted",
             "_storages._sqlite",
             "_storages._registry",
             "_storages._redis",

@@ -19,6 +19,7 @@ import attrs
 from .._exceptions import (
     BindingMismatch,
     ConfigurationError,
+    EntryRefused,
     ReauthenticationRequired,
     RefreshFailed,
     StorageError,
@@ -146,10 +147,15 @@ class AsyncTokenOps:
             tokens = attrs.evolve(tokens, issued_at=min(now, tokens.expires_at))
         floor = int(now * VERSION_CLOCK_SCALE)
         for _ in range(MAX_FLIGHTS):
-            current = await state.storage.aget(key)
-            version = max(floor, tokens.version + 1, 1 if current is None else current.version + 1)
+            try:
+                current = await state.storage.aget(key)
+                expected = None if current is None else current.version
+            except EntryRefused as exc:
+                # An entry the store cannot open (sealed by a key not configured, moved, tampered with): the
+                # login's tokens replace it, over the version it has.
+                expected = exc.version
+            version = max(floor, tokens.version + 1, 1 if expected is None else expected + 1)
             entry = attrs.evolve(tokens, version=version)
-            expected = None if current is None else current.version
             with state.writing(key):
                 saved = await state.storage.aput(key, entry, expected_version=expected)
             if saved:

@@ -1,0 +1,385 @@
+"""Encryption at rest: the storage contract through EncryptedStorage on every backend, then what encryption adds
+(nothing readable in the raw store, rotation, refused ciphertexts, migration, the manager over real HTTP)."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import sqlite3
+import logging
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import httpx
+import pytest
+from redis_servers import RedisServer
+from storage_fixtures import REPO, redis_server
+from support import SESSION, SSL, ManagerFactory, expired, put_entry, stored
+
+from httpx_upstream_auth import (
+    EncryptedStorage,
+    EncryptionKey,
+    EntryKey,
+    EntryRefused,
+    MemoryStorage,
+    ReauthenticationRequired,
+    RedisStorage,
+    Reencrypted,
+    SQLiteStorage,
+    Storage,
+    StorageError,
+    TokenManager,
+    UpstreamTokens,
+)
+from httpx_upstream_auth.testing import LocalProvider, ServerThread
+from httpx_upstream_auth.testing.contract import StorageContract, sample_tokens
+
+__all__ = ["redis_server"]  # a fixture used below
+
+HOUR = 3600.0
+KEY = EntryKey("local", SESSION)
+OLD = EncryptionKey(bytes(range(32)), "old")
+NEW = EncryptionKey(bytes(range(100, 132)), "new")
+#: How key material could show in a text: raw, hex, base64.
+SPELLINGS = [
+    spelling
+    for key in (OLD, NEW)
+    for spelling in (key.secret.hex(), base64.b64encode(key.secret).decode(), repr(key.secret))
+]
+
+
+def opener_source(inner: str, keys: list[EncryptionKey]) -> str:
+    """Python source that opens ``inner`` (source binding ``storage``) wrapped with ``keys``."""
+    given = ", ".join(f"EncryptionKey({key.secret!r}, {key.key_id!r})" for key in keys)
+    return (
+        f"{inner}from httpx_upstream_auth import EncryptedStorage, EncryptionKey\n"
+        f"storage = EncryptedStorage(storage, [{given}])\n"
+    )
+
+
+# -- the contract, through the wrapper, on each backend ---------------------------------------------------
+class TestEncryptedMemory(StorageContract):
+    """The contract on EncryptedStorage over MemoryStorage."""
+
+    def make_storage(self, **options: Any) -> Storage:
+        if options:
+            return EncryptedStorage(MemoryStorage(**options), [NEW])
+        if not hasattr(self, "shared"):
+            self.shared = EncryptedStorage(MemoryStorage(), [NEW])
+        return self.shared
+
+
+class TestEncryptedSQLite(StorageContract):
+    """The contract on EncryptedStorage over a SQLite file of the test's own."""
+
+    @pytest.fixture(autouse=True)
+    def _file(self, tmp_path: Path) -> None:
+        self.path = str(tmp_path / "tokens.db")
+
+    def make_storage(self, **options: Any) -> Storage:
+        return EncryptedStorage(SQLiteStorage(self.path, **options), [NEW, OLD])
+
+    def opener(self) -> str:
+        inner = f"from httpx_upstream_auth import SQLiteStorage\nstorage = SQLiteStorage({self.path!r})\n"
+        return opener_source(inner, [NEW, OLD])
+
+    def disable_rechecks(self, storage: Storage, monkeypatch: pytest.MonkeyPatch) -> None:
+        assert isinstance(storage, EncryptedStorage)
+        monkeypatch.setattr(storage.inner, "recheck_interval", HOUR)
+
+
+class TestEncryptedRedis(StorageContract):
+    """The contract on EncryptedStorage over a real redis-server, under a key prefix of the test's own."""
+
+    @pytest.fixture(autouse=True)
+    def _prefix(self, redis_server: RedisServer) -> None:
+        self.url = redis_server.url
+        self.prefix = f"e{uuid.uuid4().hex[:10]}"
+
+    def make_storage(self, **options: Any) -> Storage:
+        return EncryptedStorage(RedisStorage.from_url(self.url, prefix=self.prefix, **options), [NEW])
+
+    def opener(self) -> str:
+        inner = (
+            "from httpx_upstream_auth import RedisStorage\n"
+            f"storage = RedisStorage.from_url({self.url!r}, prefix={self.prefix!r})\n"
+        )
+        return opener_source(inner, [NEW])
+
+    def disable_rechecks(self, storage: Storage, monkeypatch: pytest.MonkeyPatch) -> None:
+        assert isinstance(storage, EncryptedStorage)
+        monkeypatch.setattr(storage.inner, "recheck_interval", HOUR)
+
+
+# -- what the backend holds ---------------------------------------------------------------------------------
+def full_entry(version: int = 1, **fields: Any) -> UpstreamTokens:
+    """An entry with every secret field set, easy to search for."""
+    values: dict[str, Any] = {
+        "access_token": "secret-access-XYZ",
+        "refresh_token": "secret-refresh-XYZ",
+        "id_token": "secret-id-XYZ",
+        "provider_id": "local",
+        "user_id": "u-1",
+        "upstream_subject": "alice",
+        "client_id": "test-client",
+        "expires_at": 1.9e9,
+        "version": version,
+    }
+    values.update(fields)
+    return UpstreamTokens(**values)
+
+
+def test_the_backend_holds_sealed_secrets_and_readable_versions_and_times() -> None:
+    """The backend's entry has no secret in any field, keeps the version, times and identity as they are, and
+    names the key that sealed it; reading through the wrapper gives back the entry, field for field."""
+    inner = MemoryStorage()
+    storage = EncryptedStorage(inner, [NEW, OLD])
+    entry = full_entry(7, refresh_expires_at=1.95e9, scope="api")
+    assert storage.put(KEY, entry, expected_version=None)
+    raw = inner.get(KEY)
+    assert raw is not None
+    assert "secret" not in json.dumps(raw.to_dict())
+    assert raw.refresh_token is None and raw.id_token is None
+    assert raw.access_token.startswith("hua-aesgcm-1.new.")
+    assert (raw.version, raw.expires_at, raw.refresh_expires_at, raw.scope) == (7, 1.9e9, 1.95e9, "api")
+    assert (raw.user_id, raw.upstream_subject, raw.client_id) == ("u-1", "alice", "test-client")
+    assert storage.get(KEY) == entry
+    assert storage.put(KEY, entry, expected_version=None) is False  # compare-and-set on the backend's version
+    assert (storage.encryptions, storage.decryptions) == (2, 1)
+    assert storage.key_ids == ["new", "old"]
+
+
+def test_every_seal_is_a_new_ciphertext() -> None:
+    """The same entry sealed twice gives two ciphertexts (a fresh nonce each time)."""
+    storage = EncryptedStorage(MemoryStorage(), [NEW])
+    assert storage.seal(KEY, full_entry()).access_token != storage.seal(KEY, full_entry()).access_token
+
+
+# -- refused ciphertexts ----------------------------------------------------------------------------------
+def test_a_ciphertext_moved_to_another_session_is_refused() -> None:
+    """An entry copied, as the backend holds it, to another session's key fails authentication: EntryRefused
+    (a StorageError), never the tokens; the entry stays, and a delete still removes it."""
+    inner = MemoryStorage()
+    storage = EncryptedStorage(inner, [NEW])
+    storage.put(KEY, full_entry(), expected_version=None)
+    raw = inner.get(KEY)
+    assert raw is not None
+    elsewhere = EntryKey("local", "session-of-mallory")
+    assert inner.put(elsewhere, raw, expected_version=None)
+    with pytest.raises(EntryRefused) as caught:
+        storage.get(elsewhere)
+    assert isinstance(caught.value, StorageError)
+    assert (caught.value.reason, caught.value.key_id, caught.value.version) == ("unauthentic", "new", 1)
+    assert "secret" not in str(caught.value)
+    other_provider = EntryKey("another", SESSION)
+    assert inner.put(other_provider, raw, expected_version=None)
+    with pytest.raises(EntryRefused, match="failed authentication"):
+        storage.get(other_provider)
+    assert storage.delete(elsewhere) is True
+    assert storage.get(KEY) == full_entry()
+
+
+@pytest.mark.parametrize(
+    "relabel",
+    [
+        {"user_id": "u-2"},
+        {"upstream_subject": "mallory"},
+        {"client_id": "other-client"},
+        {"provider_id": "other"},
+        {"issuer": "https://evil.example"},
+        {"token_type": "Other"},
+    ],
+)
+def test_a_relabelled_entry_is_refused(relabel: dict[str, str]) -> None:
+    """Rewriting an identity field (or the issuer, or the token type) next to the ciphertext is refused."""
+    inner = MemoryStorage()
+    storage = EncryptedStorage(inner, [NEW])
+    storage.put(KEY, full_entry(), expected_version=None)
+    raw = inner.get(KEY)
+    assert raw is not None
+    assert inner.put(KEY, attrs.evolve(raw, version=2, **relabel), expected_version=1)  # type: ignore[arg-type]
+    with pytest.raises(EntryRefused) as caught:
+        storage.get(KEY)
+    assert caught.value.reason == "unauthentic" and caught.value.version == 2
+
+
+def test_tampered_and_malformed_ciphertexts_are_refused() -> None:
+    """A flipped byte, a ciphertext cut short, one that is not base64, and one that opens to something that is
+    not an entry's secrets: each is refused, typed."""
+    inner = MemoryStorage()
+    storage = EncryptedStorage(inner, [NEW])
+    storage.put(KEY, full_entry(), expected_version=None)
+    raw = inner.get(KEY)
+    assert raw is not None
+    prefix, key_id, text = raw.access_token.split(".")
+    flipped = text[:-2] + ("A" if text[-2] != "A" else "B") + text[-1]
+    nonce = bytes(12)
+    junk = NEW_CIPHER().encrypt(nonce, b'{"access_token": 7}', associated_data(KEY, raw, "new"))
+    not_json = NEW_CIPHER().encrypt(nonce, b"not json", associated_data(KEY, raw, "new"))
+    cases = {
+        flipped: "unauthentic",
+        text[:10]: "unauthentic",
+        "!!!": "unauthentic",
+        base64.urlsafe_b64encode(nonce + junk).decode(): "malformed",
+        base64.urlsafe_b64encode(nonce + not_json).decode(): "malformed",
+    }
+    for replacement, reason in cases.items():
+        current = inner.get(KEY)
+        assert current is not None
+        forged = attrs.evolve(raw, access_token=f"{prefix}.{key_id}.{replacement}", version=current.version + 1)
+        assert inner.put(KEY, forged, expected_version=current.version)
+        with pytest.raises(EntryRefused) as caught:
+            storage.get(KEY)
+        assert caught.value.reason == reason, replacement
+
+
+def NEW_CIPHER() -> Any:  # noqa: N802 - reads as the constant it stands for
+    """An AES-GCM cipher over the NEW key, to forge ciphertexts as a holder of the key could."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    return AESGCM(NEW.secret)
+
+
+def associated_data(key: EntryKey, tokens: UpstreamTokens, key_id: str) -> bytes:
+    """The associated data docs/security-storage.md describes for a ciphertext of ``tokens`` under ``key``."""
+    bound = [
+        "hua-aesgcm-1", key_id, key.provider_id, key.session_id, tokens.provider_id, tokens.user_id,
+        tokens.upstream_subject, tokens.client_id, tokens.issuer, tokens.token_type,
+    ]  # fmt: skip
+    return json.dumps(bound, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+
+
+def test_an_entry_sealed_by_a_key_not_configured_is_refused() -> None:
+    """Without the key that sealed it, an entry is refused as unknown_key, naming its key id."""
+    inner = MemoryStorage()
+    EncryptedStorage(inner, [OLD]).put(KEY, full_entry(), expected_version=None)
+    with pytest.raises(EntryRefused, match="'old'") as caught:
+        EncryptedStorage(inner, [NEW]).get(KEY)
+    assert (caught.value.reason, caught.value.key_id, caught.value.version) == ("unknown_key", "old", 1)
+
+
+# -- rotation and migration ---------------------------------------------------------------------------------
+def test_key_rotation_reads_old_entries_then_reencrypt_moves_them_to_the_new_key(tmp_path: Path) -> None:
+    """Entries sealed by the old key read with [new, old]; new writes use the new key; reencrypt rewrites the old
+    ones (same version), after which the new key alone reads every entry."""
+    path = tmp_path / "tokens.db"
+    before = EncryptedStorage(SQLiteStorage(path), [OLD])
+    keys = [EntryKey("local", f"s-{number}") for number in range(5)]
+    for number, key in enumerate(keys):
+        assert before.put(key, full_entry(10 + number, access_token=f"secret-{number}"), expected_version=None)
+    before.close()
+
+    rotating = EncryptedStorage(SQLiteStorage(path), [NEW, OLD])
+    assert rotating.get(keys[0]) == full_entry(10, access_token="secret-0")
+    assert rotating.put(keys[0], full_entry(11, access_token="secret-0b"), expected_version=10)
+    assert rotating.reencrypt() == Reencrypted(rewritten=4, current=1)
+    assert rotating.reencrypt(keys + [EntryKey("local", "never")]) == Reencrypted(current=5, missing=1)
+    rotating.close()
+
+    after = EncryptedStorage(SQLiteStorage(path), [NEW])
+    assert [after.get(key) for key in keys[1:]] == [
+        full_entry(10 + number, access_token=f"secret-{number}") for number in range(1, 5)
+    ]
+    old_only = EncryptedStorage(SQLiteStorage(path), [OLD])
+    with pytest.raises(EntryRefused, match="unknown|not configured"):
+        old_only.get(keys[3])
+    after.close()
+    old_only.close()
+
+
+def test_reencrypt_counts_refused_entries_and_entries_that_keep_changing() -> None:
+    """An entry no configured key opens is left as it is (refused); one rewritten under every attempt counts as
+    changed; a backend that cannot list its keys asks for them."""
+    inner = MemoryStorage()
+    EncryptedStorage(inner, [OLD]).put(KEY, full_entry(), expected_version=None)
+    storage = EncryptedStorage(inner, [NEW])
+    assert storage.reencrypt([KEY]) == Reencrypted(refused=1)
+
+    class Busy(MemoryStorage):
+        def put(self, key: EntryKey, tokens: UpstreamTokens, *, expected_version: int | None) -> bool:
+            return False  # someone else always wrote first
+
+        def scan(self, provider_id: str | None = None) -> Iterator[EntryKey]:
+            return Storage.scan(self, provider_id)
+
+    busy = Busy()
+    MemoryStorage.put(busy, KEY, full_entry(), expected_version=None)
+    wrapped = EncryptedStorage(busy, [NEW], allow_plaintext=True)
+    assert wrapped.reencrypt([KEY]) == Reencrypted(changed=1)
+    with pytest.raises(NotImplementedError, match="cannot list its entries"):
+        wrapped.reencrypt()
+
+
+def test_plaintext_entries_read_only_while_migrating(tmp_path: Path) -> None:
+    """An unencrypted entry is refused by default (reason plaintext), read with allow_plaintext=True, and
+    sealed by reencrypt; after that the default reads it."""
+    path = tmp_path / "tokens.db"
+    plain = SQLiteStorage(path)
+    plain.put(KEY, full_entry(), expected_version=None)
+    with pytest.raises(EntryRefused, match="unencrypted") as caught:
+        EncryptedStorage(plain, [NEW]).get(KEY)
+    assert caught.value.reason == "plaintext" and caught.value.key_id is None
+    migrating = EncryptedStorage(plain, [NEW], allow_plaintext=True)
+    assert migrating.get(KEY) == full_entry()
+    assert migrating.reencrypt() == Reencrypted(rewritten=1)
+    assert EncryptedStorage(plain, [NEW]).get(KEY) == full_entry()
+    plain.close()
+    # SQLite keeps the old row's bytes in the write-ahead log and in free pages until they are reused: the
+    # documented clean-up after a migration removes them.
+    assert b"secret-refresh-XYZ" in raw_sqlite(path)
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.execute("VACUUM")
+    assert b"secret-refresh-XYZ" not in raw_sqlite(path)
+    assert b"hua-aesgcm-1.new." in raw_sqlite(path)
+
+
+def raw_sqlite(path: Path) -> bytes:
+    """Every byte the SQLite store keeps on disk: the file and its write-ahead log."""
+    return b"".join(file.read_bytes() for file in path.parent.glob(path.name + "*"))
+
+
+# -- keys and configuration ---------------------------------------------------------------------------------
+def test_keys_are_checked_and_never_shown() -> None:
+    """Key sizes and ids are checked (without echoing the key); reprs show key ids only; a generated key is new
+    each time; a storage needs a key, distinct ids, and a backend that is not itself encrypted."""
+    with pytest.raises(ValueError, match="16, 24 or 32 bytes") as caught:
+        EncryptionKey(b"x" * 31)
+    assert "xxxx" not in str(caught.value)
+    with pytest.raises(ValueError, match="16, 24 or 32 bytes"):
+        EncryptionKey("a string" * 4)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="key_id"):
+        EncryptionKey(bytes(32), "has space")
+    first, second = EncryptionKey.generate(), EncryptionKey.generate("g2")
+    assert first.secret != second.secret and second.key_id == "g2"
+    assert EncryptionKey(first.secret).key_id == first.key_id and first.key_id.startswith("k")
+    assert EncryptionKey(bytes(16)).key_id != EncryptionKey(bytes(24)).key_id
+    with pytest.raises(ValueError, match="at least one key"):
+        EncryptedStorage(MemoryStorage(), [])
+    with pytest.raises(ValueError, match="same key_id"):
+        EncryptedStorage(MemoryStorage(), [NEW, EncryptionKey(bytes(32), "new")])
+    storage = EncryptedStorage(MemoryStorage(), [NEW.secret, OLD])
+    with pytest.raises(ValueError, match="encrypted already"):
+        EncryptedStorage(storage, [NEW])
+    for text in (repr(NEW), repr(OLD), repr(storage), str(storage)):
+        assert not any(spelling in text for spelling in SPELLINGS)
+    assert repr(OLD) == "EncryptionKey(key_id='old')"
+
+
+def test_without_cryptography_the_package_imports_and_the_wrapper_names_the_extra() -> None:
+    """With cryptography missing, the package imports and EncryptedStorage says which extra to install."""
+    code = (
+        "import sys; sys.modules['cryptography'] = None\n"
+        "from httpx_upstream_auth import EncryptedStorage, MemoryStorage\n"
+        "try:\n    EncryptedStorage(MemoryStorage(), [bytes(32)])\nexcept ImportError as exc:\n    print(exc)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "pip install 'httpx-upstream-auth[crypto]'" in result.stdout
