@@ -19,6 +19,7 @@ from ._exceptions import (
     StorageError,
     UpstreamAuthError,
 )
+from ._logout import Logout
 from ._manager import TokenManager
 from ._models import Binding, EntryKey, UpstreamTokens
 from ._policy import FreshnessBounds, FreshnessPolicy, can_replay, is_token_rejected
@@ -53,6 +54,7 @@ __all__ = [
     "FreshnessBounds",
     "FreshnessPolicy",
     "Lease",
+    "Logout",
     "MemoryStorage",
     "OAuth2Refresher",
     "ReauthenticationRequired",
