@@ -204,7 +204,7 @@ def test_a_relabelled_entry_is_refused(relabel: dict[str, str]) -> None:
     storage.put(KEY, full_entry(), expected_version=None)
     raw = inner.get(KEY)
     assert raw is not None
-    assert inner.put(KEY, attrs.evolve(raw, version=2, **relabel), expected_version=1)  # type: ignore[arg-type]
+    assert inner.put(KEY, attrs.evolve(raw, version=2, **relabel), expected_version=1)
     with pytest.raises(EntryRefused) as caught:
         storage.get(KEY)
     assert caught.value.reason == "unauthentic" and caught.value.version == 2
@@ -450,7 +450,9 @@ def test_redis_values_hold_no_token(
     values = b""
     for name in client.scan_iter(match=f"{prefix}:*"):
         if client.type(name) == b"hash":
-            values += b"".join(client.hgetall(name).values())
+            values += b"".join(
+                value if isinstance(value, bytes) else value.encode() for value in client.hgetall(name).values()
+            )
     client.close()
     assert b"hua-aesgcm-1.new." in values
     assert not [token for token in provider.issued_tokens if token.encode() in values]
