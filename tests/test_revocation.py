@@ -171,6 +171,13 @@ async def test_what_a_logout_says_when_nothing_can_be_revoked(provider: LocalPro
     manager = TokenManager(
         refresher=Unrevoking(), provider_id="local", storage=EncryptedStorage(inner, [EncryptionKey.generate()])
     )
+    login = provider.login()
+    assert (await manager.astore(SESSION, login)).access_token == login.access_token  # a login replaces it
+    assert (await manager.aget_token(SESSION)).access_token == login.access_token
+    assert inner.delete(EntryKey("local", SESSION))
+    EncryptedStorage(inner, [EncryptionKey.generate("gone")]).put(
+        EntryKey("local", SESSION), provider.login(), expected_version=None
+    )
     assert await manager.adelete(SESSION, revoke=True) == Logout(deleted=True, revoked=False, reason="entry_refused")
     assert inner.get(EntryKey("local", SESSION)) is None
     await manager.aclose()
@@ -243,3 +250,42 @@ def test_a_hung_revocation_gives_up_when_the_client_hangs_up(
     result = manager.delete(SESSION, revoke=True)
     assert (result.deleted, result.revoked, result.reason) == (True, False, "failed")
     assert not provider.is_revoked(provider.grant_of(tokens.access_token))
+
+
+@pytest.mark.anyio
+async def test_async_logout_reports_refusals_timeouts_and_races(
+    provider: LocalProvider, server: ServerThread, make_manager: ManagerFactory
+) -> None:
+    """adelete(revoke=True) through an injected async client and through one made per logout: a 503 is refused,
+    an endpoint that does not answer in time timed out, a refresher without revocation_url not configured, a
+    logout racing refreshes removes the entry; each removes the entry."""
+    tokens = provider.login()
+    async with httpx.AsyncClient(verify=SSL) as injected:
+        manager = make_manager(refresher=refresher(server, async_client=injected), redeem_in="task")
+        await manager.astore(SESSION, tokens)
+        provider.fail_next_revocation("503")
+        assert await manager.adelete(SESSION, revoke=True) == Logout(
+            deleted=True, revoked=False, reason="refused", status_code=503, error="RefreshFailed"
+        )
+        await manager.astore(SESSION, tokens)
+        provider.fail_next_revocation("hang:30")
+        assert await manager.adelete(SESSION, revoke=True, revoke_timeout=0.3) == Logout(
+            deleted=True, revoked=False, reason="timed_out"
+        )
+    plain = make_manager(refresher=refresher(server, revocation_url=None))
+    await plain.astore(SESSION, tokens)
+    assert await plain.adelete(SESSION, revoke=True) == Logout(deleted=True, revoked=False, reason="not_configured")
+    churning = make_manager(refresher=refresher(server, timeout=2.0), storage=Churning())
+    await churning.astore(SESSION, tokens)
+    assert await churning.adelete(SESSION, revoke=True) == Logout(deleted=True, revoked=False, reason="no_entry")
+    assert not provider.is_revoked(provider.grant_of(tokens.access_token))
+
+
+def test_sync_logout_without_a_revocation_url_is_not_configured(
+    provider: LocalProvider, server: ServerThread, make_manager: ManagerFactory
+) -> None:
+    """An OAuth2Refresher without revocation_url revokes nothing and says so; the entry is removed."""
+    manager = make_manager(refresher=refresher(server, revocation_url=None))
+    manager.store(SESSION, provider.login())
+    assert manager.delete(SESSION, revoke=True) == Logout(deleted=True, revoked=False, reason="not_configured")
+    assert provider.stats["revocation_calls"] == 0
