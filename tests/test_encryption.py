@@ -335,9 +335,8 @@ def test_plaintext_entries_read_only_while_migrating(tmp_path: Path) -> None:
     assert migrating.reencrypt() == Reencrypted(rewritten=1)
     assert EncryptedStorage(plain, [NEW]).get(KEY) == full_entry()
     plain.close()
-    # SQLite keeps the old row's bytes in the write-ahead log and in free pages until they are reused: the
-    # documented clean-up after a migration removes them.
-    assert b"secret-refresh-XYZ" in raw_sqlite(path)
+    # SQLite may keep the old row's bytes in the write-ahead log and in free pages until they are reused (whether
+    # they are still there depends on its checkpoints): the documented clean-up after a migration removes them.
     with contextlib.closing(sqlite3.connect(path)) as conn:
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         conn.execute("VACUUM")

@@ -63,7 +63,7 @@ def test_logout_revokes_the_grant_with_the_clients_own_authentication(
     assert manager.delete(SESSION, revoke=True) == Logout(deleted=True, revoked=True, reason="revoked")
     assert stored(manager) is None
     assert provider.is_revoked(provider.grant_of(tokens.access_token))
-    assert provider.stats["revocation_calls"] == 1 and provider.stats["revoked_grants"] == 1
+    assert provider.revocation_stats["revocation_calls"] == 1 and provider.revocation_stats["revoked_grants"] == 1
     assert provider.introspect(tokens.access_token) is None
     assert refresh_fails(server, tokens)
     assert provider.stats["invalid_grant"] == 1 and provider.stats["invalid_client"] == 0
@@ -85,7 +85,7 @@ async def test_async_logout_revokes_the_refresh_token_it_removed(
     assert provider.is_revoked(provider.grant_of(refreshed.access_token))
     assert await manager.adelete(SESSION, revoke=True) == Logout(deleted=False, revoked=False, reason="no_entry")
     assert await manager.adelete(SESSION) is False
-    assert provider.stats["revocation_calls"] == 1
+    assert provider.revocation_stats["revocation_calls"] == 1
 
 
 def test_logout_completes_when_the_revocation_endpoint_is_down_refuses_or_hangs(
@@ -226,7 +226,7 @@ def test_the_revocation_endpoint_follows_rfc_7009(provider: LocalProvider, revok
         assert client.get(revoke_url).status_code == 405
         metadata = client.get(revoke_url.replace("/revoke", "/.well-known/oauth-authorization-server")).json()
         assert metadata["revocation_endpoint"] == revoke_url
-    assert provider.stats["revocation_calls"] == 6 and provider.stats["revoked_grants"] == 0
+    assert provider.revocation_stats["revocation_calls"] == 6 and provider.revocation_stats["revoked_grants"] == 0
     for kind in ("500", "hang:x", "hang:-1", "nap:1"):
         with pytest.raises(ValueError, match="fault"):
             provider.fail_next_revocation(kind)
@@ -288,4 +288,4 @@ def test_sync_logout_without_a_revocation_url_is_not_configured(
     manager = make_manager(refresher=refresher(server, revocation_url=None))
     manager.store(SESSION, provider.login())
     assert manager.delete(SESSION, revoke=True) == Logout(deleted=True, revoked=False, reason="not_configured")
-    assert provider.stats["revocation_calls"] == 0
+    assert provider.revocation_stats["revocation_calls"] == 0

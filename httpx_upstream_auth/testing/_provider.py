@@ -42,9 +42,8 @@ STAT_NAMES = (
     "faults",
     "api_ok",
     "api_401",
-    "revocation_calls",
-    "revoked_grants",
 )
+REVOCATION_STAT_NAMES = ("revocation_calls", "revoked_grants")
 FAULT_KINDS = frozenset(
     {"500", "503", "429", "malformed", "no_access_token", "invalid_client", "huge", "id_token_other_sub"}
 )
@@ -229,6 +228,7 @@ class LocalProvider:
         self._refresh: dict[str, _Refresh] = {}
         self._faults: deque[str] = deque()
         self._revocation_faults: deque[str] = deque()
+        self._revocation_stats = dict.fromkeys(REVOCATION_STAT_NAMES, 0)
         self._stats = dict.fromkeys(STAT_NAMES, 0)
         self._api_calls: Counter[str] = Counter()
         self._requests: deque[dict[str, Any]] = deque(maxlen=REQUEST_LOG_SIZE)
@@ -434,11 +434,17 @@ class LocalProvider:
         revokes its grant); ``grace_reuse`` those presented again within ``reuse_grace`` (honoured);
         ``invalid_grant`` and
         ``invalid_client`` those answers (reuse included; injected faults excluded); ``faults``
-        injected faults taken; ``api_ok`` and ``api_401`` authenticated API answers; ``revocation_calls`` every
-        ``POST /revoke``, ``revoked_grants`` the grants a revocation killed.
+        injected faults taken; ``api_ok`` and ``api_401`` authenticated API answers.
         """
         with self._lock:
             return dict(self._stats)
+
+    @property
+    def revocation_stats(self) -> dict[str, int]:
+        """A snapshot of the revocation endpoint's counters: ``revocation_calls`` (every ``/revoke`` request) and
+        ``revoked_grants`` (grants a revocation ended)."""
+        with self._lock:
+            return dict(self._revocation_stats)
 
     @property
     def issued_tokens(self) -> set[str]:
@@ -467,6 +473,7 @@ class LocalProvider:
         with self._lock:
             self._stats = dict.fromkeys(STAT_NAMES, 0)
             self._flow_stats = dict.fromkeys(FLOW_STAT_NAMES, 0)
+            self._revocation_stats = dict.fromkeys(REVOCATION_STAT_NAMES, 0)
             self._api_calls.clear()
             self._requests.clear()
 
@@ -777,7 +784,7 @@ class LocalProvider:
     async def _revoke(self, scope: Scope, receive: Receive) -> _Reply:
         body = await _read_body(receive)
         with self._lock:
-            self._stats["revocation_calls"] += 1
+            self._revocation_stats["revocation_calls"] += 1
             fault = self._revocation_faults.popleft() if self._revocation_faults else None
         if scope["method"] != "POST":
             return _Reply(405, b'{"error":"invalid_request"}', [*_TOKEN_HEADERS, (b"allow", b"POST")])
@@ -798,7 +805,6 @@ class LocalProvider:
                 or registered[1] != auth_method
                 or (registered[0] is not None and not hmac.compare_digest(registered[0], secret or ""))
             ):
-                self._stats["invalid_client"] += 1
                 return _error(401, "invalid_client", _BASIC_CHALLENGE)
             token = form.get("token")
             if not token:
@@ -810,7 +816,7 @@ class LocalProvider:
                 return _error(400, "unauthorized_client")
             if refresh is not None:
                 if not refresh.grant.revoked:
-                    self._stats["revoked_grants"] += 1
+                    self._revocation_stats["revoked_grants"] += 1
                 refresh.grant.revoked = True  # a refresh token's revocation ends its grant, access tokens included
             elif access is not None:
                 access.revoked = True
