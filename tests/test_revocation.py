@@ -23,7 +23,8 @@ from httpx_upstream_auth import (
     TokenManager,
     UpstreamTokens,
 )
-from httpx_upstream_auth.testing import LocalProvider, ServerThread
+from httpx_upstream_auth.mcp import DiscoveringRefresher, discover
+from httpx_upstream_auth.testing import LocalMCPServer, LocalProvider, ServerThread, serve_mcp
 
 
 def refresher(server: ServerThread, client_id: str = "test-client", **options: Any) -> OAuth2Refresher:
@@ -289,3 +290,88 @@ def test_sync_logout_without_a_revocation_url_is_not_configured(
     manager.store(SESSION, provider.login())
     assert manager.delete(SESSION, revoke=True) == Logout(deleted=True, revoked=False, reason="not_configured")
     assert provider.revocation_stats["revocation_calls"] == 0
+
+
+# -- discovery: the revocation endpoint from the authorization server's metadata ----------------------------
+@pytest.fixture
+def provider_server(provider: LocalProvider) -> Iterator[ServerThread]:
+    """The provider on 127.0.0.1, for the MCP server in front of it."""
+    with ServerThread(provider) as running:
+        yield running
+
+
+@pytest.fixture
+def mcp_server(provider: LocalProvider, provider_server: ServerThread) -> Iterator[LocalMCPServer]:
+    """A real MCP server accepting the provider's tokens; its metadata leads to the provider."""
+    with serve_mcp(provider, provider_server.url) as served:
+        yield served
+
+
+@pytest.mark.anyio
+async def test_a_discovering_refresher_revokes_at_the_discovered_endpoint(
+    provider: LocalProvider, provider_server: ServerThread, mcp_server: LocalMCPServer
+) -> None:
+    """A DiscoveringRefresher revokes at the revocation_endpoint of the authorization server's RFC 8414 metadata,
+    after the same checks as a refresh; the grant ends at the provider."""
+    refresher = DiscoveringRefresher(mcp_server.url, "test-client", "test-secret")
+    manager = TokenManager(refresher=refresher, provider_id="local")
+    tokens = provider.login()
+    await manager.astore(SESSION, tokens)
+    assert await manager.adelete(SESSION, revoke=True) == Logout(deleted=True, revoked=True, reason="revoked")
+    assert refresher.metadata is not None
+    assert refresher.metadata.revocation_endpoint == provider_server.url + "/revoke"
+    assert provider.is_revoked(provider.grant_of(tokens.access_token))
+    await manager.aclose()
+
+
+def test_a_discovering_refresher_revokes_from_a_thread_and_takes_a_configured_endpoint(
+    provider: LocalProvider, provider_server: ServerThread, mcp_server: LocalMCPServer
+) -> None:
+    """The blocking twin revokes too; a revocation_url in refresher_options wins over the metadata's."""
+    refresher = DiscoveringRefresher(
+        mcp_server.url, "test-client", "test-secret", refresher_options={"revocation_url": "http://127.0.0.1:1/x"}
+    )
+    manager = TokenManager(refresher=refresher, provider_id="local")
+    manager.store(SESSION, provider.login())
+    assert manager.delete(SESSION, revoke=True).reason == "failed"  # sent where it was told: nothing listens
+    manager.close()
+    refresher = DiscoveringRefresher(mcp_server.url, "test-client", "test-secret")
+    manager = TokenManager(refresher=refresher, provider_id="local")
+    tokens = provider.login()
+    manager.store(SESSION, tokens)
+    assert manager.delete(SESSION, revoke=True).revoked is True
+    assert provider.is_revoked(provider.grant_of(tokens.access_token))
+    manager.close()
+
+
+@pytest.mark.parametrize(
+    ("named", "kept"),
+    [
+        ("https://id.example/t/revoke", "https://id.example/t/revoke"),
+        ("http://id.example/t/revoke", None),  # clear text off loopback: never sent a refresh token
+        ("not a url", None),
+        (7, None),
+    ],
+)
+def test_discovery_keeps_only_a_usable_revocation_endpoint(named: object, kept: str | None) -> None:
+    """A metadata's revocation_endpoint is kept when secrets may go there, and left out (discovery still works)
+    otherwise."""
+    documents = {
+        "https://mcp.example/.well-known/oauth-protected-resource/mcp": {
+            "resource": "https://mcp.example/mcp",
+            "authorization_servers": ["https://id.example/t"],
+        },
+        "https://id.example/.well-known/oauth-authorization-server/t": {
+            "issuer": "https://id.example/t",
+            "token_endpoint": "https://id.example/t/token",
+            "revocation_endpoint": named,
+        },
+    }
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        document = documents.get(str(request.url))
+        return httpx.Response(404) if document is None else httpx.Response(200, json=document)
+
+    with httpx.Client(transport=httpx.MockTransport(handle)) as client:
+        found = discover("https://mcp.example/mcp", client=client)
+    assert found.token_endpoint == "https://id.example/t/token" and found.revocation_endpoint == kept
