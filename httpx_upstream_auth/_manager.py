@@ -208,6 +208,9 @@ class TokenManager:
     @overload
     def delete(self, session_id: str, revoke: Literal[True], *, revoke_timeout: float = ...) -> Logout: ...
 
+    @overload
+    def delete(self, session_id: str, revoke: bool, *, revoke_timeout: float = ...) -> bool | Logout: ...
+
     def delete(self, session_id: str, revoke: bool = False, *, revoke_timeout: float = 5.0) -> bool | Logout:
         """Forget a session's tokens (logout). True when there was an entry.
 
@@ -226,6 +229,9 @@ class TokenManager:
 
     @overload
     async def adelete(self, session_id: str, revoke: Literal[True], *, revoke_timeout: float = ...) -> Logout: ...
+
+    @overload
+    async def adelete(self, session_id: str, revoke: bool, *, revoke_timeout: float = ...) -> bool | Logout: ...
 
     async def adelete(self, session_id: str, revoke: bool = False, *, revoke_timeout: float = 5.0) -> bool | Logout:
         """Async twin of :meth:`delete`."""

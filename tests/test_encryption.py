@@ -16,12 +16,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import attrs
 import httpx
 import pytest
 from redis_servers import RedisServer
 from storage_fixtures import REPO, redis_server
-from support import SESSION, SSL, ManagerFactory, expired, put_entry, stored
+from support import SESSION, SSL, ManagerFactory, aput_entry, expired, put_entry, stored
 
 from httpx_upstream_auth import (
     EncryptedStorage,
@@ -535,3 +536,40 @@ def test_no_key_material_in_logs_or_errors(
     secrets = [*SPELLINGS, *provider.issued_tokens]
     assert not [secret for secret in secrets for text in texts if secret in text]
     assert caught.value.reason == "unknown_key"
+
+
+@pytest.fixture
+def encrypted_redis(redis_server: RedisServer) -> EncryptedStorage:
+    """An encrypted Redis store under a prefix of the test's own (made outside the event loop: it opens clients)."""
+    return EncryptedStorage(RedisStorage.from_url(redis_server.url, prefix=f"e{uuid.uuid4().hex[:10]}"), [NEW])
+
+
+@pytest.mark.anyio
+async def test_a_herd_of_tasks_through_an_encrypted_redis_store_refreshes_once(
+    encrypted_redis: EncryptedStorage, provider: LocalProvider, server: ServerThread, make_manager: ManagerFactory
+) -> None:
+    """100 asyncio or trio tasks on an expired token, through an encrypted Redis store: one refresh, no reuse, 100
+    answers; the entry was opened for the herd's read and the job's, never for a cached token."""
+    storage = encrypted_redis
+    manager = make_manager(storage=storage)
+    await aput_entry(manager, expired(provider.login()))
+    provider.token_delay = 0.1
+    statuses: list[int] = []
+    limits = httpx.Limits(max_connections=100)
+    async with httpx.AsyncClient(
+        base_url=server.url, auth=manager.auth(SESSION), limits=limits, timeout=30, verify=SSL
+    ) as client:
+
+        async def one() -> None:
+            statuses.append((await client.get("/api/me")).status_code)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(100):
+                tg.start_soon(one)
+        opened = storage.decryptions
+        for _ in range(20):
+            assert (await client.get("/api/me")).status_code == 200
+    assert statuses == [200] * 100
+    assert provider.stats["token_calls"] == 1 and provider.stats["refresh_reuse"] == 0
+    assert storage.decryptions == opened
+    assert manager.footprint().lost_claims == 0
