@@ -221,7 +221,7 @@ class TokenManager:
         ``revoke_timeout`` seconds: a provider that fails, refuses or hangs is reported, never raised.
         """
         if revoke:
-            return self._sync_ops.logout(session_id, revoke_timeout)
+            return self._sync_ops.logout(session_id, _bounded(revoke_timeout))
         return self._sync_ops.delete(session_id)
 
     @overload
@@ -236,7 +236,7 @@ class TokenManager:
     async def adelete(self, session_id: str, revoke: bool = False, *, revoke_timeout: float = 5.0) -> bool | Logout:
         """Async twin of :meth:`delete`."""
         if revoke:
-            return await self._async_ops.logout(session_id, revoke_timeout)
+            return await self._async_ops.logout(session_id, _bounded(revoke_timeout))
         return await self._async_ops.delete(session_id)
 
     def close(self, timeout: float | None = None) -> None:
@@ -291,3 +291,14 @@ class TokenManager:
         close = getattr(self._state.refresher, "close", None)
         if close is not None:
             close()
+
+
+def _bounded(revoke_timeout: float) -> float:
+    """``revoke_timeout`` if it bounds the wait (a positive, finite number of seconds), else ValueError."""
+    if (
+        isinstance(revoke_timeout, bool)
+        or not isinstance(revoke_timeout, (int, float))
+        or not 0 < revoke_timeout < float("inf")
+    ):
+        raise ValueError(f"revoke_timeout must be a positive, finite number of seconds, not {revoke_timeout!r}")
+    return float(revoke_timeout)

@@ -375,3 +375,14 @@ def test_discovery_keeps_only_a_usable_revocation_endpoint(named: object, kept: 
     with httpx.Client(transport=httpx.MockTransport(handle)) as client:
         found = discover("https://mcp.example/mcp", client=client)
     assert found.token_endpoint == "https://id.example/t/token" and found.revocation_endpoint == kept
+
+
+def test_revoke_timeout_must_bound_the_wait(provider: LocalProvider, make_manager: ManagerFactory) -> None:
+    """A revoke_timeout that would not bound the logout (0, negative, infinite, NaN, not a number) is refused before
+    anything is removed."""
+    manager = make_manager()
+    manager.store(SESSION, provider.login())
+    for odd in (0, -1.0, float("inf"), float("nan"), True, "5"):
+        with pytest.raises(ValueError, match="revoke_timeout"):
+            manager.delete(SESSION, revoke=True, revoke_timeout=odd)  # type: ignore[arg-type]
+    assert stored(manager) is not None
