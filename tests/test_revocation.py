@@ -210,8 +210,8 @@ def revoke_url(server: ServerThread) -> Iterator[str]:
 
 
 def test_the_revocation_endpoint_follows_rfc_7009(provider: LocalProvider, revoke_url: str) -> None:
-    """Unknown tokens get 200; an access token is revoked alone; another client's token is refused; it wants a
-    POST, a token and a client; a bad fault kind is refused."""
+    """Unknown tokens get 200; an access token is revoked alone, a refresh token ends its grant; another client's
+    token is refused; it wants a POST, a token and a client; a bad fault kind is refused."""
     basic = ("test-client", "test-secret")
     tokens = provider.login()
     with httpx.Client(verify=SSL) as client:
@@ -222,12 +222,15 @@ def test_the_revocation_endpoint_follows_rfc_7009(provider: LocalProvider, revok
         theirs = provider.login(client_id="post-client")
         refused = client.post(revoke_url, data={"token": theirs.refresh_token or ""}, auth=basic)
         assert (refused.status_code, refused.json()) == (400, {"error": "unauthorized_client"})
+        for _ in range(2):  # a refresh token ends its grant, once
+            assert client.post(revoke_url, data={"token": tokens.refresh_token or ""}, auth=basic).status_code == 200
+        assert provider.is_revoked(provider.grant_of(tokens.access_token))
         assert client.post(revoke_url, data={}, auth=basic).status_code == 400
         assert client.post(revoke_url, data={"token": "x"}, auth=("test-client", "nope")).status_code == 401
         assert client.get(revoke_url).status_code == 405
         metadata = client.get(revoke_url.replace("/revoke", "/.well-known/oauth-authorization-server")).json()
         assert metadata["revocation_endpoint"] == revoke_url
-    assert provider.revocation_stats["revocation_calls"] == 6 and provider.revocation_stats["revoked_grants"] == 0
+    assert provider.revocation_stats == {"revocation_calls": 8, "revoked_grants": 1}
     for kind in ("500", "hang:x", "hang:-1", "nap:1"):
         with pytest.raises(ValueError, match="fault"):
             provider.fail_next_revocation(kind)

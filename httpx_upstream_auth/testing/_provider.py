@@ -410,8 +410,8 @@ class LocalProvider:
 
     def fail_next_revocation(self, kind: str, count: int = 1) -> None:
         """Make the next ``count`` requests to the revocation endpoint fail as ``kind`` says: ``"503"`` (answered
-        ``temporarily_unavailable``, nothing revoked) or ``"hang:<seconds>"`` (no answer for that long, then
-        handled normally, unless the client hung up meanwhile)."""
+        ``temporarily_unavailable``, nothing revoked) or ``"hang:<seconds>"`` (no answer for that long, or until
+        the client hangs up; then a 503, nothing revoked)."""
         if kind != "503":
             head, _, seconds = kind.partition(":")
             try:
@@ -790,8 +790,9 @@ class LocalProvider:
             return _Reply(405, b'{"error":"invalid_request"}', [*_TOKEN_HEADERS, (b"allow", b"POST")])
         if fault == "503":
             return _error(503, "temporarily_unavailable")
-        if fault is not None and not await _sleep_unless_disconnected(float(fault.partition(":")[2]), receive):
-            return _error(400, "invalid_request")  # nobody is listening; nothing was revoked
+        if fault is not None:  # "hang:<seconds>": no answer that long (or until the client hangs up), nothing revoked
+            await _sleep_unless_disconnected(float(fault.partition(":")[2]), receive)
+            return _error(503, "temporarily_unavailable")
         form = dict(parse_qsl(body.decode("latin-1"), keep_blank_values=True))
         basic = None
         for name, value in scope["headers"]:
