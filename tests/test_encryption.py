@@ -7,10 +7,12 @@ import base64
 import contextlib
 import json
 import logging
+import os
 import sqlite3
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +32,7 @@ from httpx_upstream_auth import (
     EntryKey,
     EntryRefused,
     MemoryStorage,
+    OAuth2Refresher,
     ReauthenticationRequired,
     RedisStorage,
     Reencrypted,
@@ -573,3 +576,76 @@ async def test_a_herd_of_tasks_through_an_encrypted_redis_store_refreshes_once(
     assert provider.stats["token_calls"] == 1 and provider.stats["refresh_reuse"] == 0
     assert storage.decryptions == opened
     assert manager.footprint().lost_claims == 0
+
+
+# -- several processes over one encrypted store -----------------------------------------------------------
+WORKER = str(Path(__file__).with_name("mp_worker.py"))
+#: The key the workers are given (its id derived from it, as the workers derive it).
+SHARED = EncryptionKey(NEW.secret)
+
+
+def spawn_worker(*args: str) -> subprocess.Popen[str]:
+    """A tests/mp_worker.py process whose storage is encrypted with the SHARED key."""
+    # This checkout's package, whatever the environment has installed.
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "HUA_ENCRYPTION_KEY": base64.b64encode(SHARED.secret).decode()}
+    return subprocess.Popen(
+        [sys.executable, WORKER, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+
+
+def worker_result(process: subprocess.Popen[str]) -> dict[str, Any]:
+    """Wait for a worker; its JSON line."""
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err[-3000:]
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
+def seed_shared(provider: LocalProvider, path: Path) -> UpstreamTokens:
+    """Alice's expired tokens, sealed into the SQLite file the workers share."""
+    storage = EncryptedStorage(SQLiteStorage(path), [SHARED])
+    manager = TokenManager(
+        refresher=OAuth2Refresher("http://127.0.0.1:1/token", "test-client", "test-secret"),
+        provider_id="local",
+        storage=storage,
+    )
+    try:
+        return manager.store("shared", expired(provider.login()))
+    finally:
+        manager.close()
+
+
+def test_another_process_refreshes_a_sealed_entry_and_this_one_reads_its_result(tmp_path: Path) -> None:
+    """A worker process opens the sealed entry, refreshes it and seals the result; this process reads it."""
+    provider = LocalProvider()
+    path = tmp_path / "tokens.db"
+    with ServerThread(provider) as server:
+        seeded = seed_shared(provider, path)
+        child = worker_result(spawn_worker("token", f"sqlite:{path}", server.url))
+    assert child["version"] == seeded.version + 1 and child["refresh_token"] != seeded.refresh_token
+    storage = EncryptedStorage(SQLiteStorage(path), [SHARED])
+    again = storage.get(EntryKey("local", "shared"))
+    storage.close()
+    assert again is not None and again.to_dict() == child
+    assert provider.stats["refresh_ok"] == 1 and provider.stats["refresh_reuse"] == 0
+    assert not [token for token in provider.issued_tokens if token.encode() in raw_sqlite(path)]
+
+
+@pytest.mark.slow
+def test_four_processes_share_one_refresh_per_expiry_through_an_encrypted_store(tmp_path: Path) -> None:
+    """4 processes x 25 tasks, 1-second tokens, 8 s, over one encrypted SQLite file: no reuse, no failure, the
+    expiries crossed refreshed; no token in the file."""
+    provider = LocalProvider(access_ttl=1.0)
+    path = tmp_path / "tokens.db"
+    with ServerThread(provider) as server:
+        seed_shared(provider, path)
+        start = str(time.time() + 3)
+        workers = [spawn_worker("herd", f"sqlite:{path}", server.url, "8", "25", "0.25", start) for _ in range(4)]
+        results = [worker_result(worker) for worker in workers]
+        stats = provider.stats
+    assert stats["refresh_reuse"] == 0, stats
+    assert [r["errors"] for r in results if r["failed"]] == []
+    assert all(int(r["ok"]) > 0 for r in results), results
+    assert stats["refresh_ok"] >= 2, stats
+    assert not [token for token in provider.issued_tokens if token.encode() in raw_sqlite(path)]
