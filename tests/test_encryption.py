@@ -465,7 +465,7 @@ def test_redis_values_hold_no_token(
     client.close()
     assert b"hua-aesgcm-1.new." in values
     assert not [token for token in provider.issued_tokens if token.encode() in values]
-    assert sorted(key.session_id for key in storage.entry_keys()) == ["second", SESSION]  # the odd ones left out
+    assert sorted(key.session_id for key in storage.scan()) == ["second", SESSION]  # the odd ones left out
 
 
 def test_an_entry_moved_to_another_session_is_never_sent_and_a_login_replaces_it(

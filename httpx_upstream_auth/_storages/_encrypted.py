@@ -318,10 +318,10 @@ class EncryptedStorage(Storage):
         """Seal with the first key every entry that is plaintext or sealed by another key; blocking.
 
         ``keys`` are the entries to look at (default: every entry of the backend, listed by its
-        :meth:`~Storage.scan`: memory, SQLite and Redis can). Each rewrite is a compare-and-set on the entry's version, which it
-        keeps (only the ciphertext changes), so it is safe while managers refresh and log users in and out;
-        an entry that keeps changing is counted in ``changed``. Unencrypted entries are read here whatever
-        ``allow_plaintext`` says: that is the migration.
+        :meth:`~Storage.scan`: memory, SQLite and Redis can). Each rewrite is a compare-and-set on the entry's
+        version, which it keeps (only the ciphertext changes), so it is safe while managers refresh and log
+        users in and out; an entry that keeps changing is counted in ``changed``. Unencrypted entries are read
+        here whatever ``allow_plaintext`` says: that is the migration.
         """
         counts = dict.fromkeys(("rewritten", "current", "missing", "refused", "changed"), 0)
         for key in self.scan() if keys is None else keys:
