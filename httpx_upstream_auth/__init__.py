@@ -13,16 +13,29 @@ from ._clock import Clock, SystemClock
 from ._exceptions import (
     BindingMismatch,
     ConfigurationError,
+    EntryRefused,
     ReauthenticationRequired,
     RefreshFailed,
     StorageError,
     UpstreamAuthError,
 )
+from ._logout import Logout
 from ._manager import TokenManager
 from ._models import Binding, EntryKey, UpstreamTokens
 from ._policy import FreshnessBounds, FreshnessPolicy, can_replay, is_token_rejected
 from ._refresher import OAuth2Refresher, Refresher
-from ._storages import Lease, MemoryStorage, RedisStorage, SQLiteStorage, Storage, open_storage, register_storage
+from ._storages import (
+    EncryptedStorage,
+    EncryptionKey,
+    Lease,
+    MemoryStorage,
+    RedisStorage,
+    Reencrypted,
+    SQLiteStorage,
+    Storage,
+    open_storage,
+    register_storage,
+)
 from ._sync._transport import UpstreamAuthTransport
 from ._trace import TraceEvent
 
@@ -34,14 +47,19 @@ __all__ = [
     "BindingMismatch",
     "Clock",
     "ConfigurationError",
+    "EncryptedStorage",
+    "EncryptionKey",
     "EntryKey",
+    "EntryRefused",
     "FreshnessBounds",
     "FreshnessPolicy",
     "Lease",
+    "Logout",
     "MemoryStorage",
     "OAuth2Refresher",
     "ReauthenticationRequired",
     "RedisStorage",
+    "Reencrypted",
     "RefreshFailed",
     "Refresher",
     "SQLiteStorage",

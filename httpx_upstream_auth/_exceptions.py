@@ -8,6 +8,8 @@ Every error is a subclass of ``UpstreamAuthError``, so one ``except`` catches th
     │   └── ConfigurationError     it cannot work until a setting is fixed (token URL, client, TLS, proxy)
     ├── BindingMismatch            the entry belongs to another identity than the caller expects
     └── StorageError               the token store failed; nothing was half-written
+        └── EntryRefused           an encrypted store holds an entry that fails authentication (moved,
+                                   relabelled, tampered with, sealed by a key not configured) or plaintext
 
 Messages say what happened and what to do next. They never contain a token: callers log them freely.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 __all__ = [
     "BindingMismatch",
     "ConfigurationError",
+    "EntryRefused",
     "ReauthenticationRequired",
     "RefreshFailed",
     "StorageError",
@@ -121,3 +124,24 @@ class BindingMismatch(UpstreamAuthError):
 
 class StorageError(UpstreamAuthError):
     """The token store failed. Nothing was half-written: retry when the store is back."""
+
+
+class EntryRefused(StorageError):
+    """An :class:`EncryptedStorage` refused the stored entry: it is never returned as tokens.
+
+    ``reason`` says why: ``"unauthentic"`` (the ciphertext fails authentication: moved to another session,
+    its identity fields relabelled, or tampered with), ``"unknown_key"`` (sealed by a key id that is not
+    configured: a key removed too early, or another deployment's), ``"malformed"`` (not a ciphertext this
+    version writes) or ``"plaintext"`` (an unencrypted entry, with ``allow_plaintext=False``). ``key_id`` is the
+    key id the ciphertext names (``None`` for plaintext or malformed ones), ``version`` the stored version, which
+    :meth:`TokenManager.store` uses to replace the entry with a new login's tokens. The entry stays in the store
+    (for inspection, or for a key put back); :meth:`TokenManager.delete` removes it. It does not read as absent.
+    """
+
+    def __init__(
+        self, message: str, *, reason: str = "unauthentic", key_id: str | None = None, version: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.key_id = key_id
+        self.version = version

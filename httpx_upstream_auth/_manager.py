@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from typing import Literal, overload
 
 from ._auth import UpstreamAuth
 from ._clock import Clock, SystemClock
 from ._engine import Engine
+from ._logout import Logout
 from ._models import Binding, UpstreamTokens
 from ._policy import FreshnessPolicy
 from ._refresher import Refresher
@@ -200,12 +202,41 @@ class TokenManager:
         """How many entries each per-session table holds (for monitoring; each has a bound)."""
         return self._state.footprint()
 
-    def delete(self, session_id: str) -> bool:
-        """Forget a session's tokens (logout). True when there was an entry."""
+    @overload
+    def delete(self, session_id: str, revoke: Literal[False] = False) -> bool: ...
+
+    @overload
+    def delete(self, session_id: str, revoke: Literal[True], *, revoke_timeout: float = ...) -> Logout: ...
+
+    @overload
+    def delete(self, session_id: str, revoke: bool, *, revoke_timeout: float = ...) -> bool | Logout: ...
+
+    def delete(self, session_id: str, revoke: bool = False, *, revoke_timeout: float = 5.0) -> bool | Logout:
+        """Forget a session's tokens (logout). True when there was an entry.
+
+        With ``revoke=True`` the refresh token the entry held is then revoked at the provider's revocation
+        endpoint (RFC 7009, ``token_type_hint=refresh_token``, the client authenticated as for a refresh), so the
+        grant ends there too; the result is a :class:`Logout` saying whether that happened, and why not. The entry
+        is removed first, whatever the provider does, and the revocation is waited for at most
+        ``revoke_timeout`` seconds: a provider that fails, refuses or hangs is reported, never raised.
+        """
+        if revoke:
+            return self._sync_ops.logout(session_id, _bounded(revoke_timeout))
         return self._sync_ops.delete(session_id)
 
-    async def adelete(self, session_id: str) -> bool:
+    @overload
+    async def adelete(self, session_id: str, revoke: Literal[False] = False) -> bool: ...
+
+    @overload
+    async def adelete(self, session_id: str, revoke: Literal[True], *, revoke_timeout: float = ...) -> Logout: ...
+
+    @overload
+    async def adelete(self, session_id: str, revoke: bool, *, revoke_timeout: float = ...) -> bool | Logout: ...
+
+    async def adelete(self, session_id: str, revoke: bool = False, *, revoke_timeout: float = 5.0) -> bool | Logout:
         """Async twin of :meth:`delete`."""
+        if revoke:
+            return await self._async_ops.logout(session_id, _bounded(revoke_timeout))
         return await self._async_ops.delete(session_id)
 
     def close(self, timeout: float | None = None) -> None:
@@ -260,3 +291,14 @@ class TokenManager:
         close = getattr(self._state.refresher, "close", None)
         if close is not None:
             close()
+
+
+def _bounded(revoke_timeout: float) -> float:
+    """``revoke_timeout`` if it bounds the wait (a positive, finite number of seconds), else ValueError."""
+    if (
+        isinstance(revoke_timeout, bool)
+        or not isinstance(revoke_timeout, (int, float))
+        or not 0 < revoke_timeout < float("inf")
+    ):
+        raise ValueError(f"revoke_timeout must be a positive, finite number of seconds, not {revoke_timeout!r}")
+    return float(revoke_timeout)

@@ -42,6 +42,7 @@ __all__ = [
     "RefreshRequest",
     "TokenAnswer",
     "build_refresh_request",
+    "build_revocation_request",
     "check_token_url",
     "is_sendable_refresh_token",
     "merge_response",
@@ -106,15 +107,16 @@ def retry_after_seconds(value: str | None, now: float) -> float | None:
     return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
-def check_token_url(url: str) -> None:
-    """Refuse a token URL that would send secrets in clear text (plain http is allowed on loopback)."""
+def check_token_url(url: str, name: str = "token_url") -> None:
+    """Refuse a token URL (or another endpoint's, ``name``) that would send secrets in clear text (plain http is
+    allowed on loopback)."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme == "https" and parts.hostname:
         return
     if parts.scheme == "http" and parts.hostname and _is_loopback(parts.hostname):
         return
     raise ValueError(
-        f"token_url must be an https:// URL (plain http is only allowed on loopback), got {parts.scheme}://"
+        f"{name} must be an https:// URL (plain http is only allowed on loopback), got {parts.scheme}://"
         f"{parts.hostname}"
     )
 
@@ -153,6 +155,24 @@ def build_refresh_request(
     else:
         body = prepare_token_request("refresh_token", client_id=client_id, **params)
     return RefreshRequest(token_url, headers, body)
+
+
+#: The form fields of a token request that authenticate the client (RFC 6749 section 2.3.1, RFC 7523 section 2.2).
+CLIENT_AUTH_FIELDS = ("client_id", "client_secret", "client_assertion_type", "client_assertion")
+
+
+def build_revocation_request(token_request: RefreshRequest, revocation_url: str, token: str) -> RefreshRequest:
+    """The RFC 7009 request revoking the refresh token ``token`` at ``revocation_url``, with the client
+    authentication of ``token_request`` (the token request built for that token).
+
+    Built from the token request rather than from the settings, so the client authenticates at the revocation
+    endpoint exactly as at the token endpoint, whichever method it uses: its ``Authorization`` header and its
+    client authentication fields are kept, the grant's fields are replaced by ``token`` and its type hint.
+    """
+    fields = urllib.parse.parse_qsl(token_request.body, keep_blank_values=True)
+    params = [(name, value) for name, value in fields if name in CLIENT_AUTH_FIELDS]
+    body = urllib.parse.urlencode([("token", token), ("token_type_hint", "refresh_token"), *params])
+    return RefreshRequest(revocation_url, dict(token_request.headers), body)
 
 
 def merge_response(

@@ -16,7 +16,9 @@ from ._oauth import (
     AUTH_METHODS,
     AuthMethod,
     RefreshRequest,
+    TokenAnswer,
     build_refresh_request,
+    build_revocation_request,
     check_token_url,
     is_sendable_refresh_token,
     merge_response,
@@ -52,6 +54,17 @@ class Refresher(ABC):
     async def aprepare(self, tokens: UpstreamTokens) -> None:
         """Async twin of :meth:`prepare`."""
 
+    def revoke(self, tokens: UpstreamTokens, clock: Clock) -> bool:
+        """Revoke ``tokens.refresh_token`` at the provider (RFC 7009); blocking. True when the provider confirmed
+        it, False when this refresher cannot revoke (the default: no revocation endpoint). Raises
+        :class:`RefreshFailed` when the request failed or was refused. ``TokenManager.delete(..., revoke=True)``
+        calls it after removing the entry, bounded in time."""
+        return False
+
+    async def arevoke(self, tokens: UpstreamTokens, clock: Clock) -> bool:
+        """Async twin of :meth:`revoke`."""
+        return False
+
     def cannot_redeem_in(self, mode: str) -> str | None:
         """Why this refresher cannot redeem as a ``mode`` job (``"thread"``: :meth:`refresh`; ``"task"``:
         :meth:`arefresh`) with the configuration it was given, or ``None`` when it can.
@@ -72,6 +85,10 @@ class OAuth2Refresher(Refresher):
     token request never follows a redirect, whatever the client's setting. ``token_url`` must be https
     (plain http only on loopback). Answers larger than ``max_response_bytes``, or still arriving
     ``timeout`` seconds after the request was sent, are refused.
+
+    With ``revocation_url`` (the provider's RFC 7009 revocation endpoint, https as ``token_url``), :meth:`revoke`
+    revokes a refresh token there, authenticating the client as for the token request: a logout with
+    ``TokenManager.delete(session_id, revoke=True)`` ends the grant at the provider too.
 
     Every failure is an :class:`UpstreamAuthError` (see :func:`merge_response` for how answers are read);
     :attr:`RefreshFailed.may_have_rotated` is set when the request may have reached the provider and its
@@ -95,13 +112,17 @@ class OAuth2Refresher(Refresher):
         async_client: httpx.AsyncClient | None = None,
         max_response_bytes: int = 64 * 1024,
         extra_params: dict[str, str] | None = None,
+        revocation_url: str | None = None,
     ) -> None:
         check_token_url(token_url)
+        if revocation_url is not None:
+            check_token_url(revocation_url, "revocation_url")
         if auth_method not in AUTH_METHODS:
             raise ValueError(f"auth_method must be one of {', '.join(AUTH_METHODS)}, got {auth_method!r}")
         if auth_method != "none" and client_secret is None:
             raise ValueError(f"auth_method={auth_method!r} needs a client_secret (use 'none' for public clients)")
         self.token_url = token_url
+        self.revocation_url = revocation_url
         self.client_id = client_id
         self._client_secret = client_secret
         self.auth_method: AuthMethod = auth_method
@@ -214,16 +235,47 @@ class OAuth2Refresher(Refresher):
         else:
             # A client per refresh: an async connection pool belongs to one event loop, and one manager
             # serves many (successive anyio.run calls, asyncio and trio). Refreshes are rare.
-            async with httpx.AsyncClient(
-                timeout=self.timeout,
-                follow_redirects=False,
-                verify=self._ssl_context(),
-                proxy=self._proxy,
-                trust_env=self._trust_env,
-            ) as client:
+            async with self._new_async_client() as client:
                 sent_at = clock.time()
                 answer = await async_send(client, request, self.max_response_bytes, self.timeout)
         return merge_response(tokens, answer.status_code, answer.body, sent_at, answer.retry_after)
+
+    def _new_async_client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            timeout=self.timeout,
+            follow_redirects=False,
+            verify=self._ssl_context(),
+            proxy=self._proxy,
+            trust_env=self._trust_env,
+        )
+
+    def _revocation(self, tokens: UpstreamTokens, clock: Clock) -> RefreshRequest | None:
+        if self.revocation_url is None:
+            return None
+        # The token request for this refresh token carries the client authentication (whatever the method);
+        # the revocation request takes it from there, so both endpoints see the client the same way.
+        token_request = self._request(tokens)
+        assert tokens.refresh_token is not None  # _request refused an entry without one
+        return build_revocation_request(token_request, self.revocation_url, tokens.refresh_token)
+
+    def revoke(self, tokens: UpstreamTokens, clock: Clock) -> bool:
+        """Revoke the refresh token at ``revocation_url`` with the sync client (False without one)."""
+        request = self._revocation(tokens, clock)
+        if request is None:
+            return False
+        return _revoked(sync_send(self._sync_client(), request, self.max_response_bytes, self.timeout))
+
+    async def arevoke(self, tokens: UpstreamTokens, clock: Clock) -> bool:
+        """Revoke the refresh token at ``revocation_url`` with an async client (False without one)."""
+        request = self._revocation(tokens, clock)
+        if request is None:
+            return False
+        if self._async_client is not None:
+            answer = await async_send(self._async_client, request, self.max_response_bytes, self.timeout)
+        else:
+            async with self._new_async_client() as client:
+                answer = await async_send(client, request, self.max_response_bytes, self.timeout)
+        return _revoked(answer)
 
     def _reset_in_child(self) -> None:
         # After fork(): a parent thread may have held the lock (loading the CA bundle), and the client this
@@ -240,6 +292,19 @@ class OAuth2Refresher(Refresher):
             client, self._client = self._client, None
         if client is not None:
             client.close()
+
+
+def _revoked(answer: TokenAnswer) -> bool:
+    """True for the revocation endpoint's 200 (RFC 7009 section 2.2), else the typed refusal."""
+    if answer.status_code == 200:
+        return True
+    status = answer.status_code
+    raise RefreshFailed(
+        f"the revocation endpoint answered HTTP {status}; the token was not revoked.",
+        retryable=status >= 500 or status in (408, 429),
+        status_code=status,
+        retry_after=answer.retry_after,
+    )
 
 
 _forked: ForkRegistry[OAuth2Refresher] = ForkRegistry(OAuth2Refresher._reset_in_child)

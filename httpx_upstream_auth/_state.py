@@ -26,7 +26,7 @@ from ._exceptions import BindingMismatch, ConfigurationError, RefreshFailed
 from ._models import Binding, EntryKey, UpstreamTokens
 from ._policy import DEFAULT_RETENTION, FreshnessBounds, FreshnessPolicy
 from ._refresher import Refresher
-from ._storages import Storage
+from ._storages import EncryptedStorage, Storage
 from ._storages._shared import SharedStorage
 from ._synchronization import Flight, Outcome, copy_error
 from ._trace import TraceEvent, Tracer
@@ -312,7 +312,7 @@ class ManagerState:
         # Tokens the parent's running jobs presented: the parent records their outcome, and the child waits
         # for the parent's lease in the store. A store whose lease lives in this process only cannot make
         # the child wait: then the child never presents them either.
-        if type(self.storage).acquire_lease is not Storage.acquire_lease:
+        if type(_backend(self.storage)).acquire_lease is not Storage.acquire_lease:
             self._consumed = {digest: entry for digest, entry in self._consumed.items() if entry.lost}
         self._when_idle.clear()
 
@@ -329,7 +329,7 @@ class ManagerState:
             distrusted=len(self._distrusted),
             backing_off=len(self._retry_at),
             failing=len(self._failures) + (self._config_failure is not None),
-            lost_claims=len(self.storage._orphans) if isinstance(self.storage, SharedStorage) else 0,
+            lost_claims=len(backend._orphans) if isinstance(backend := _backend(self.storage), SharedStorage) else 0,
         )
 
     # -- freshness -----------------------------------------------------------------------------------
@@ -730,6 +730,11 @@ class ManagerState:
             )
         if expect is not None:
             expect.check(tokens)
+
+
+def _backend(storage: Storage) -> Storage:
+    """The store that holds the entries and leases: an encrypting wrapper's backend."""
+    return storage.inner if isinstance(storage, EncryptedStorage) else storage
 
 
 def _jitter(provider_id: str, clock: Clock, pid: int) -> random.Random:

@@ -3,11 +3,13 @@
     python tests/mp_worker.py herd STORAGE URL SECONDS TASKS PAUSE START
         # the demo's callers (tasks loop on GET /api/me) from wall time START; prints JSON counts
     python tests/mp_worker.py token STORAGE URL                 # one get_token; prints the entry's JSON
-Storage specs: ``sqlite:PATH`` or a redis URL. Lease settings come from HUA_REFRESH_TIMEOUT / HUA_LEASE_TTL.
+Storage specs: ``sqlite:PATH`` or a redis URL. Lease settings come from HUA_REFRESH_TIMEOUT / HUA_LEASE_TTL; with
+HUA_ENCRYPTION_KEY (base64), the storage is an EncryptedStorage with that key.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import sys
@@ -43,6 +45,8 @@ class EarlyRefreshes:
 def manager(spec: str, url: str, on_event: EarlyRefreshes | None = None) -> hua.TokenManager:
     """A manager like every process of the app would build."""
     storage = open_storage(spec)
+    if "HUA_ENCRYPTION_KEY" in os.environ:
+        storage = hua.EncryptedStorage(storage, [base64.b64decode(os.environ["HUA_ENCRYPTION_KEY"])])
     refresh_timeout = float(os.environ.get("HUA_REFRESH_TIMEOUT", "15"))
     lease_ttl = float(os.environ.get("HUA_LEASE_TTL", str(refresh_timeout + 5)))
     if on_event is not None:

@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "httpx_upstream_auth"
 
 #: Bottom first. A module may import modules of its own layer or of layers below it.
 LAYERS: list[tuple[str, set[str]]] = [
-    ("pure core", {"_exceptions", "_answer", "_models", "_clock", "_policy", "_oauth"}),
+    ("pure core", {"_exceptions", "_answer", "_models", "_clock", "_policy", "_oauth", "_logout"}),
     ("observability", {"_trace", "_otel"}),
     ("concurrency primitives", {"_synchronization", "_changes"}),
     ("storage contract", {"_storages._base", "_storages._shared"}),
@@ -22,6 +22,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "_sync._http",
             "_storages",
             "_storages._memory",
+            "_storages._encrypted",
             "_storages._sqlite",
             "_storages._registry",
             "_storages._redis",

@@ -90,7 +90,26 @@ async def async_clients(manager: hua.TokenManager) -> None:
     await manager.astore("session-2", token)
     deleted: bool = await manager.adelete("session-2")
     print(deleted)
+    logout: hua.Logout = await manager.adelete("session-1", revoke=True, revoke_timeout=2.0)
+    print(logout.revoked, logout.reason)
     await manager.aclose()
+
+
+def security(manager: hua.TokenManager) -> None:
+    """Encryption at rest over a backend, rotation, and a logout that revokes."""
+    storage = hua.EncryptedStorage(
+        hua.SQLiteStorage("tokens.db"), keys=[hua.EncryptionKey.generate("2026-12"), bytes(32)], allow_plaintext=True
+    )
+    counts: hua.Reencrypted = storage.reencrypt()
+    print(counts.rewritten, storage.decryptions)
+    try:
+        manager.get_token("session-1")
+    except hua.EntryRefused as exc:
+        print(exc.reason, exc.key_id)
+    result: hua.Logout = manager.delete("session-1", revoke=True)
+    print(result.deleted, result.status_code)
+    either: bool | hua.Logout = manager.delete("session-1", revoke=bool(result.revoked))
+    print(either)
 
 
 async def mcp_clients(manager: hua.TokenManager) -> None:

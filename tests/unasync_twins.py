@@ -41,6 +41,7 @@ REPLACEMENTS = {
     "arelease_lease": "release_lease",
     "awatch": "watch",
     "arefresh": "refresh",
+    "arevoke": "revoke",
     "aprepare": "prepare",
     "arenew_lease": "renew_lease",
     "AsyncLeaseKeeper": "SyncLeaseKeeper",

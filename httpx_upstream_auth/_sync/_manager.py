@@ -13,18 +13,20 @@ import contextlib
 import functools
 import itertools
 from collections.abc import Iterator
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import attrs
 
 from .._exceptions import (
     BindingMismatch,
     ConfigurationError,
+    EntryRefused,
     ReauthenticationRequired,
     RefreshFailed,
     StorageError,
     UpstreamAuthError,
 )
+from .._logout import Logout
 from .._models import Binding, EntryKey, UpstreamTokens
 from .._refresher import Refresher
 from .._state import ManagerState, Need, logger
@@ -147,10 +149,15 @@ class SyncTokenOps:
             tokens = attrs.evolve(tokens, issued_at=min(now, tokens.expires_at))
         floor = int(now * VERSION_CLOCK_SCALE)
         for _ in range(MAX_FLIGHTS):
-            current = state.storage.get(key)
-            version = max(floor, tokens.version + 1, 1 if current is None else current.version + 1)
+            try:
+                current = state.storage.get(key)
+                expected = None if current is None else current.version
+            except EntryRefused as exc:
+                # An entry the store cannot open (sealed by a key not configured, moved, tampered with): the
+                # login's tokens replace it, over the version it has.
+                expected = exc.version
+            version = max(floor, tokens.version + 1, 1 if expected is None else expected + 1)
             entry = attrs.evolve(tokens, version=version)
-            expected = None if current is None else current.version
             with state.writing(key):
                 saved = state.storage.put(key, entry, expected_version=expected)
             if saved:
@@ -168,6 +175,54 @@ class SyncTokenOps:
             return state.storage.delete(key)
         finally:
             state.new_epoch(key)  # a read that raced the delete must not cache the deleted entry
+
+    def logout(self, session_id: str, timeout: float) -> Logout:
+        """Remove the session's entry, then revoke the refresh token it held at the provider (RFC 7009), waiting
+        at most ``timeout`` seconds for that; a provider's failure is reported in the result, never raised."""
+        state = self._state
+        key = state.key(session_id)
+        state.new_epoch(key)
+        try:
+            deleted, held = self._remove(key)
+        finally:
+            state.new_epoch(key)  # a read that raced the delete must not cache the deleted entry
+        if not isinstance(held, UpstreamTokens):
+            return Logout(deleted=deleted, revoked=False, reason=held)
+        if held.refresh_token is None:
+            return Logout(deleted=deleted, revoked=False, reason="no_refresh_token")
+        try:
+            done = sync_call_bounded(timeout, state.refresher.revoke, held, state.clock)
+        except RefreshFailed as exc:
+            refused = exc.status_code is not None
+            logger.debug("logout of %s: revocation %s", key, "refused" if refused else "failed")
+            return Logout(
+                deleted=deleted,
+                revoked=False,
+                reason="refused" if refused else "failed",
+                status_code=exc.status_code,
+                error=type(exc).__name__,
+            )
+        except Exception as exc:  # a custom refresher's failure: the logout stands all the same
+            return Logout(deleted=deleted, revoked=False, reason="failed", error=type(exc).__name__)
+        if done is TimedOut:
+            return Logout(deleted=deleted, revoked=False, reason="timed_out")
+        return Logout(deleted=deleted, revoked=done, reason="revoked" if done else "not_configured")
+
+    def _remove(self, key: EntryKey) -> tuple[bool, UpstreamTokens | Literal["no_entry", "entry_refused"]]:
+        """Delete the entry; return whether there was one, and what it held (the version read is the version
+        removed, so the refresh token to revoke is the one removed, not one a refresh replaced meanwhile)."""
+        state = self._state
+        for _ in range(3):
+            try:
+                current = state.storage.get(key)
+            except EntryRefused:
+                return state.storage.delete(key), "entry_refused"
+            if current is None:
+                return state.storage.delete(key), "no_entry"
+            if state.storage.delete(key, expected_version=current.version):
+                return True, current
+        # Refreshes kept landing between the read and the delete: remove whatever is there now.
+        return state.storage.delete(key), "no_entry"
 
     # -- waiting ---------------------------------------------------------------------------------------
     def _shared_read(self, key: EntryKey) -> UpstreamTokens:

@@ -104,6 +104,8 @@ class ServerMetadata:
     """Where a login starts (interactive clients)."""
     registration_endpoint: str | None = None
     """Dynamic client registration (RFC 7591), when offered."""
+    revocation_endpoint: str | None = None
+    """Token revocation (RFC 7009), when offered and usable (https, or loopback as for the token endpoint)."""
     token_endpoint_auth_methods: tuple[str, ...] = ()
     """Client authentication methods the token endpoint accepts (empty: not said)."""
     code_challenge_methods: tuple[str, ...] = ()
@@ -330,10 +332,23 @@ def _asm_result(
         token_endpoint=token_endpoint,
         authorization_endpoint=text("authorization_endpoint"),
         registration_endpoint=text("registration_endpoint"),
+        revocation_endpoint=_usable_endpoint(text("revocation_endpoint"), server_url),
         token_endpoint_auth_methods=texts("token_endpoint_auth_methods_supported"),
         code_challenge_methods=texts("code_challenge_methods_supported"),
         discovered_at=now,
     )
+
+
+def _usable_endpoint(url: str | None, server_url: str) -> str | None:
+    """``url`` when secrets may be sent there (as to the token endpoint), else ``None``: an optional endpoint that
+    cannot be used is left out rather than failing discovery (refreshes do not need it)."""
+    if url is None:
+        return None
+    try:
+        _origin_and_path(url)
+    except DiscoveryFailed:
+        return None
+    return url if may_contact(url, server_url) else None
 
 
 def _no_metadata(what: str, urls: list[str]) -> DiscoveryFailed:

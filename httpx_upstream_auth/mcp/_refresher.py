@@ -108,7 +108,8 @@ class DiscoveringRefresher(Refresher):
     when you pin it. When the server's metadata names another one, :class:`IssuerMismatch` is raised
     and nothing is sent there. The first discovery of tokens that record no issuer trusts what the
     server names (pin ``issuer`` to avoid that); a configured ``client_id``/``client_secret`` belongs to that
-    trusted server (:meth:`atrusted_issuer`). Everything before the token request runs in :meth:`aprepare`,
+    trusted server (:meth:`atrusted_issuer`). :meth:`arevoke` (a logout with ``revoke=True``) revokes at the
+    ``revocation_endpoint`` the same metadata names. Everything before the token request runs in :meth:`aprepare`,
     which ``TokenManager`` calls before its bounded token request: slow or broken metadata costs a typed
     :class:`DiscoveryFailed` / retryable ``RefreshFailed``, never the stored tokens.
     """
@@ -142,7 +143,7 @@ class DiscoveringRefresher(Refresher):
         self._lock = threading.Lock()
         self._metadata: ServerMetadata | None = None
         self._inner: OAuth2Refresher | None = None
-        self._inner_for: tuple[str, str, str | None, str] | None = None
+        self._inner_for: tuple[str, str, str | None, str, str | None] | None = None
         self.discoveries = 0
         """How many times metadata was fetched from the network (0 after a restart that found it stored)."""
         self.keep_alive = KEEP_ALIVE_MAX if storage is None else min(KEEP_ALIVE_MAX, storage.retention / 3)
@@ -301,10 +302,13 @@ class DiscoveringRefresher(Refresher):
         # (nothing discovered) it is the server URL itself.
         named = self.server_url if metadata is None else metadata.resource
         resource = named if self.send_resource else None
-        wanted = (token_url, client.client_id, resource, client.auth_method)
+        # A revocation endpoint given in refresher_options wins over the one the metadata names.
+        revocation = self._options.get("revocation_url") or (None if metadata is None else metadata.revocation_endpoint)
+        wanted = (token_url, client.client_id, resource, client.auth_method, revocation)
         with self._lock:
             if self._inner is None or self._inner_for != wanted:
                 options = dict(self._options)
+                options["revocation_url"] = revocation
                 extra = dict(options.pop("extra_params", None) or {})
                 if resource is not None:
                     extra["resource"] = resource
@@ -402,6 +406,18 @@ class DiscoveringRefresher(Refresher):
         if self._keep_alive_due():
             self._keep_alive_sync()
         return self._bound(fresh, metadata, expected)
+
+    async def arevoke(self, tokens: UpstreamTokens, clock: Clock) -> bool:
+        """Revoke the refresh token at the authorization server's revocation endpoint (its RFC 8414 metadata's
+        ``revocation_endpoint``, or ``refresher_options["revocation_url"]``), after the checks a refresh makes
+        (the client, the issuer the credentials are bound to); False when there is none."""
+        inner, _, _ = await self._aready(tokens)
+        return await inner.arevoke(tokens, clock)
+
+    def revoke(self, tokens: UpstreamTokens, clock: Clock) -> bool:
+        """Blocking twin of :meth:`arevoke`."""
+        inner, _, _ = self._ready_sync(tokens)
+        return inner.revoke(tokens, clock)
 
     def _keep_alive_due(self) -> bool:
         now = time.monotonic()

@@ -43,6 +43,7 @@ STAT_NAMES = (
     "api_ok",
     "api_401",
 )
+REVOCATION_STAT_NAMES = ("revocation_calls", "revoked_grants")
 FAULT_KINDS = frozenset(
     {"500", "503", "429", "malformed", "no_access_token", "invalid_client", "huge", "id_token_other_sub"}
 )
@@ -167,7 +168,10 @@ class LocalProvider:
     registration (RFC 7591) at ``POST {issuer_path}/register``, an authorization endpoint at
     ``GET {issuer_path}/authorize`` that approves at once as :attr:`authorize_sub` and redirects with a
     code (PKCE ``S256`` required), the ``authorization_code`` grant at the token endpoint, and its
-    metadata (RFC 8414 and OpenID discovery) at the well-known URLs for its issuer. With an
+    metadata (RFC 8414 and OpenID discovery) at the well-known URLs for its issuer. Its revocation endpoint
+    (RFC 7009) at ``POST {issuer_path}/revoke`` authenticates the client as the token endpoint does, answers 200
+    for tokens it does not know, revokes the whole grant for a refresh token and the one token for an access
+    token; :meth:`fail_next_revocation` makes it fail. With an
     ``issuer_path`` such as ``"/tenants/acme"`` every endpoint lives under that path and ``/token`` at
     the root answers 404, so a client that guesses ``{origin}/token`` instead of discovering fails.
     """
@@ -223,6 +227,8 @@ class LocalProvider:
         self._access: dict[str, _Access] = {}
         self._refresh: dict[str, _Refresh] = {}
         self._faults: deque[str] = deque()
+        self._revocation_faults: deque[str] = deque()
+        self._revocation_stats = dict.fromkeys(REVOCATION_STAT_NAMES, 0)
         self._stats = dict.fromkeys(STAT_NAMES, 0)
         self._api_calls: Counter[str] = Counter()
         self._requests: deque[dict[str, Any]] = deque(maxlen=REQUEST_LOG_SIZE)
@@ -324,6 +330,7 @@ class LocalProvider:
             "authorization_endpoint": issuer + "/authorize",
             "token_endpoint": issuer + "/token",
             "registration_endpoint": issuer + "/register",
+            "revocation_endpoint": issuer + "/revoke",
             "response_types_supported": ["code"],
             "grant_types_supported": ["authorization_code", "refresh_token"],
             "code_challenge_methods_supported": ["S256"],
@@ -351,6 +358,11 @@ class LocalProvider:
         """Kill every token of the grant: the API rejects them and refreshing answers ``invalid_grant``."""
         with self._lock:
             self._grants[grant_id].revoked = True
+
+    def is_revoked(self, grant_id: str) -> bool:
+        """Whether the grant was revoked (by :meth:`revoke_grant`, reuse detection or the revocation endpoint)."""
+        with self._lock:
+            return self._grants[grant_id].revoked
 
     def fail_next(self, kind: str, count: int = 1) -> None:
         """Make the next ``count`` token requests fail in the way ``kind`` names.
@@ -396,6 +408,21 @@ class LocalProvider:
         with self._lock:
             self._faults.extend([kind] * count)
 
+    def fail_next_revocation(self, kind: str, count: int = 1) -> None:
+        """Make the next ``count`` requests to the revocation endpoint fail as ``kind`` says: ``"503"`` (answered
+        ``temporarily_unavailable``, nothing revoked) or ``"hang:<seconds>"`` (no answer for that long, or until
+        the client hangs up; then a 503, nothing revoked)."""
+        if kind != "503":
+            head, _, seconds = kind.partition(":")
+            try:
+                valid = head == "hang" and float(seconds) >= 0
+            except ValueError:
+                valid = False
+            if not valid:
+                raise ValueError(f"unknown revocation fault kind {kind!r}")
+        with self._lock:
+            self._revocation_faults.extend([kind] * count)
+
     @property
     def stats(self) -> dict[str, int]:
         """A snapshot of the counters.
@@ -411,6 +438,13 @@ class LocalProvider:
         """
         with self._lock:
             return dict(self._stats)
+
+    @property
+    def revocation_stats(self) -> dict[str, int]:
+        """A snapshot of the revocation endpoint's counters: ``revocation_calls`` (every ``/revoke`` request) and
+        ``revoked_grants`` (grants a revocation ended)."""
+        with self._lock:
+            return dict(self._revocation_stats)
 
     @property
     def issued_tokens(self) -> set[str]:
@@ -439,6 +473,7 @@ class LocalProvider:
         with self._lock:
             self._stats = dict.fromkeys(STAT_NAMES, 0)
             self._flow_stats = dict.fromkeys(FLOW_STAT_NAMES, 0)
+            self._revocation_stats = dict.fromkeys(REVOCATION_STAT_NAMES, 0)
             self._api_calls.clear()
             self._requests.clear()
 
@@ -478,6 +513,8 @@ class LocalProvider:
             prefix = self.issuer_path
             if path == prefix + "/token":
                 reply = await self._token(scope, receive)
+            elif path == prefix + "/revoke":
+                reply = await self._revoke(scope, receive)
             elif path == prefix + "/authorize":
                 reply = self._authorize(scope)
             elif path == prefix + "/register":
@@ -741,6 +778,51 @@ class LocalProvider:
             answer["id_token"] = self._id_token(grant, "mallory" if other_sub else grant.sub, now)
         self._stats["refresh_ok"] += 1
         return _Reply(200, json.dumps(answer).encode(), _TOKEN_HEADERS)
+
+    # -- revocation endpoint (RFC 7009) -------------------------------------------------------------------
+
+    async def _revoke(self, scope: Scope, receive: Receive) -> _Reply:
+        body = await _read_body(receive)
+        with self._lock:
+            self._revocation_stats["revocation_calls"] += 1
+            fault = self._revocation_faults.popleft() if self._revocation_faults else None
+        if scope["method"] != "POST":
+            return _Reply(405, b'{"error":"invalid_request"}', [*_TOKEN_HEADERS, (b"allow", b"POST")])
+        if fault == "503":
+            return _error(503, "temporarily_unavailable")
+        if fault is not None:  # "hang:<seconds>": no answer that long (or until the client hangs up), nothing revoked
+            await _sleep_unless_disconnected(float(fault.partition(":")[2]), receive)
+            return _error(503, "temporarily_unavailable")
+        form = dict(parse_qsl(body.decode("latin-1"), keep_blank_values=True))
+        basic = None
+        for name, value in scope["headers"]:
+            if name.lower() == b"authorization":
+                basic = value.decode("latin-1")
+        auth_method, client_id, secret = _client_credentials(basic, form)
+        with self._lock:
+            registered = self.clients.get(client_id or "")
+            if (
+                registered is None
+                or registered[1] != auth_method
+                or (registered[0] is not None and not hmac.compare_digest(registered[0], secret or ""))
+            ):
+                return _error(401, "invalid_client", _BASIC_CHALLENGE)
+            token = form.get("token")
+            if not token:
+                return _error(400, "invalid_request")
+            refresh = self._refresh.get(token)
+            access = self._access.get(token)
+            record = refresh or access
+            if record is not None and record.grant.client_id != client_id:
+                return _error(400, "unauthorized_client")
+            if refresh is not None:
+                if not refresh.grant.revoked:
+                    self._revocation_stats["revoked_grants"] += 1
+                refresh.grant.revoked = True  # a refresh token's revocation ends its grant, access tokens included
+            elif access is not None:
+                access.revoked = True
+        # RFC 7009 section 2.2: 200 for a token the server does not know, too (the client's aim is met).
+        return _Reply(200, b"", [_NO_STORE])
 
     # -- resource server ----------------------------------------------------------------------------
 
