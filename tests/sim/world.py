@@ -1056,6 +1056,15 @@ class SimStorage(Storage):
         with w.working(self.process.pid, key.session_id):
             await anyio.sleep(hang[1])
         w.log(f"store: p{self.process.pid} {op} timed out ({w.where()})")
+        if op == "release" and w.current_task() is store.acquired.get(owner, (0.0, None))[1]:
+            # The job's own task waited out the hang: a call after the token request is waited for at most
+            # 2 x refresh_timeout + lease_ttl (docs/design.md, "A job is bounded"), then the job ends and
+            # publishes its outcome; until then every caller of the session waits on its flight.
+            w.violate(
+                "job-held-by-a-hung-call",
+                f"p{self.process.pid}: the job of lease {owner} waited {hang[1]:.1f}s for its lease release, past "
+                f"its bound of {2 * w.refresh_timeout + w.lease_ttl:.1f}s",
+            )
         raise StorageError("simulated: the connection timed out")
 
     def _check_save_retry(self, rid: int) -> None:
