@@ -79,6 +79,12 @@ def check_manager_tables(world: Any, pid: int, manager: Any, settled: bool) -> N
             continue
         if size > bound:
             world.violate(f"table-over-bound:{name}", f"p{pid}: {name} holds {size} entries, over its bound {bound}")
+        if name == "_distrusted":
+            # A distrust ends when the API accepts the token, and never outlives it: a token of unknown lifetime
+            # is distrusted for a bounded while, never for good.
+            endless = [sid for sid, (_, ends) in table.items() if ends == float("inf")]
+            if endless:
+                world.violate("distrust-without-end", f"p{pid}: {len(endless)} distrust(s) that never end: {endless}")
         if name == "_consumed":
             # Rotations the process learned were saved: one whose put landed while its reply was lost (and the
             # store then stayed down) is unknown to it, and it must keep the token it presented.

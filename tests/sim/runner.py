@@ -607,6 +607,10 @@ def extend_plan_more(
         # Drawn last, so no other part of a plan changes: the call that hangs is the job's lease release (it
         # runs in the job's finally, before the flight's outcome is published) instead of a read.
         knobs.hang_op = "release"
+    if knobs.p_api_401 > 0 and xr.random() < 0.3:
+        # Drawn last too: answers without "expires_in" (a lifetime the client cannot know), so a token the API
+        # refuses on its replay is distrusted without an expiry to end that distrust.
+        knobs.p_no_life = xr.choice((0.3, 0.7))
     return lease_ttl, lease_wait
 
 

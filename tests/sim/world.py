@@ -240,6 +240,8 @@ class Knobs:
     p_gateway: float = 0.0
     #: An answer with "expires_in": 0 (a token born expired).
     p_zero_life: float = 0.0
+    #: An answer without "expires_in" (expires_at unknown).
+    p_no_life: float = 0.0
     #: Partial rotation: each redemption rotates with this chance (0: per grant, as ``p_rotate`` says).
     p_partial_rotation: float = 0.0
     #: The API's transient 401 (a valid token refused once).
@@ -1308,12 +1310,16 @@ class SimRefresher(Refresher):
         red.answered_at = w.now()
         assert red.new_at is not None
         life = 0.0 if rng.random() < k.p_zero_life else rng.uniform(*k.life)
-        w.log(f"refresher: p{proc.pid} {who} r{red.rid} answer delivered (expires_in {life:.0f})")
+        unknown = bool(k.p_no_life) and rng.random() < k.p_no_life
+        w.log(
+            f"refresher: p{proc.pid} {who} r{red.rid} answer delivered "
+            + ("(no expires_in)" if unknown else f"(expires_in {life:.0f})")
+        )
         return attrs.evolve(
             tokens,
             access_token=red.new_at,
             refresh_token=red.successor or tokens.refresh_token,
-            expires_at=sent_at + life,
+            expires_at=None if unknown else sent_at + life,
             issued_at=sent_at,
             refresh_expires_at=None if red.successor else tokens.refresh_expires_at,
             version=tokens.version + 1,
