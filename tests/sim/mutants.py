@@ -238,8 +238,9 @@ MUTANTS = [
     Mutant(
         "delete-no-second-epoch",
         A,
-        "state.new_epoch(key)  # a read that raced the delete must not cache the deleted entry",
-        "pass",
+        "return await state.storage.adelete(key)\n        finally:\n"
+        "            state.new_epoch(key)  # a read that raced",
+        "return await state.storage.adelete(key)\n        finally:\n            pass  # a read that raced",
         "a logout does not bump the epoch after the delete (a racing read caches the deleted entry)",
         (f"{LIFE} -k read_racing_a_logout",),
     ),
