@@ -837,11 +837,13 @@ async def test_a_store_that_stops_answering_after_the_token_request_cannot_hold_
     storage = StallingStorage()
     refresher = StallAfterAnswer(token_url, "test-client", "test-secret")
     refresher.storage = storage
+    # A lease of a second: the renewal just before sending must come back within the ttl, which a 0.3-s lease
+    # missed on a machine loaded twenty-fold (no request was sent at all).
     manager = make_manager(
         storage=storage,
         refresher=refresher,
         refresh_timeout=0.3,
-        lease_ttl=0.3,
+        lease_ttl=1.0,
         wait_timeout=WAIT_LIMIT,
         redeem_in=redeem_in,
     )
