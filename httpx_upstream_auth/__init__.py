@@ -19,6 +19,7 @@ from ._exceptions import (
     StorageError,
     UpstreamAuthError,
 )
+from ._jose import ClientAssertion
 from ._logout import Logout
 from ._manager import TokenManager
 from ._models import Binding, EntryKey, UpstreamTokens
@@ -45,6 +46,7 @@ __all__ = [
     "AsyncUpstreamAuthTransport",
     "Binding",
     "BindingMismatch",
+    "ClientAssertion",
     "Clock",
     "ConfigurationError",
     "EncryptedStorage",

@@ -33,6 +33,7 @@ from ._answer import (
     read_token_answer,
 )
 from ._exceptions import BindingMismatch, ConfigurationError, RefreshFailed, UpstreamAuthError
+from ._jose import ASSERTION_TYPE
 from ._models import UpstreamTokens
 
 __all__ = [
@@ -51,8 +52,10 @@ __all__ = [
     "transport_failure",
 ]
 
-AuthMethod = Literal["client_secret_basic", "client_secret_post", "none"]
-AUTH_METHODS = ("client_secret_basic", "client_secret_post", "none")
+AuthMethod = Literal["client_secret_basic", "client_secret_post", "none", "private_key_jwt", "client_secret_jwt"]
+AUTH_METHODS = ("client_secret_basic", "client_secret_post", "none", "private_key_jwt", "client_secret_jwt")
+#: Methods that authenticate the client with a signed JWT (RFC 7523 section 2.2).
+JWT_METHODS = ("private_key_jwt", "client_secret_jwt")
 # httpx errors raised before any byte of the request could reach the provider.
 _NOT_SENT = (
     httpx.ConnectError,
@@ -139,8 +142,10 @@ def build_refresh_request(
     refresh_token: str,
     scope: str | None,
     extra_params: dict[str, str] | None = None,
+    client_assertion: str | None = None,
 ) -> RefreshRequest:
-    """The RFC 6749 section 6 request for ``refresh_token``, with the configured client authentication."""
+    """The RFC 6749 section 6 request for ``refresh_token``, with the configured client authentication
+    (``client_assertion``: the signed JWT the two JWT methods send, RFC 7523 section 2.2)."""
     headers = {"Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"}
     params: dict[str, Any] = {"refresh_token": refresh_token, **(extra_params or {})}
     if scope:
@@ -150,6 +155,15 @@ def build_refresh_request(
         pair = f"{urllib.parse.quote(client_id, safe='')}:{urllib.parse.quote(client_secret or '', safe='')}"
         headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
         body = prepare_token_request("refresh_token", include_client_id=False, **params)
+    elif auth_method in JWT_METHODS:
+        assert client_assertion is not None
+        body = prepare_token_request(
+            "refresh_token",
+            client_id=client_id,
+            client_assertion_type=ASSERTION_TYPE,
+            client_assertion=client_assertion,
+            **params,
+        )
     elif auth_method == "client_secret_post":
         body = prepare_token_request("refresh_token", client_id=client_id, client_secret=client_secret or "", **params)
     else:

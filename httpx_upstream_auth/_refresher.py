@@ -11,9 +11,11 @@ import httpx
 from ._async._http import send_refresh_request as async_send
 from ._clock import Clock
 from ._exceptions import ReauthenticationRequired, RefreshFailed, UpstreamAuthError
+from ._jose import ClientAssertion
 from ._models import UpstreamTokens
 from ._oauth import (
     AUTH_METHODS,
+    JWT_METHODS,
     AuthMethod,
     RefreshRequest,
     TokenAnswer,
@@ -75,16 +77,20 @@ class Refresher(ABC):
 class OAuth2Refresher(Refresher):
     """The OAuth 2.0 ``refresh_token`` grant against ``token_url``.
 
-    Client authentication is ``client_secret_basic`` (default), ``client_secret_post`` or ``none``
-    (public clients). It sends with its own httpx clients, never the caller's, made from ``timeout``,
-    ``verify`` (a CA bundle path, ``False``, or an ``ssl.SSLContext``, which also carries a client
-    certificate for mTLS), ``proxy`` and ``trust_env``, so a refresh goes out the same way from a
-    worker thread (sync) and from a task (async). Or pass your own ``client`` (used by thread jobs, the
-    default) and ``async_client`` (used by ``redeem_in="task"`` jobs): a manager refuses a refresher
-    that has only the other kind, rather than redeem with settings it was not given. The
-    token request never follows a redirect, whatever the client's setting. ``token_url`` must be https
-    (plain http only on loopback). Answers larger than ``max_response_bytes``, or still arriving
-    ``timeout`` seconds after the request was sent, are refused.
+    Client authentication is ``client_secret_basic`` (default), ``client_secret_post``, ``none`` (public
+    clients), or a signed JWT (RFC 7523, the ``[jwt]`` extra): ``private_key_jwt`` with a
+    :class:`ClientAssertion` over the client's private key as ``client_assertion``, or
+    ``client_secret_jwt`` (HS256 over ``client_secret``, or the ``client_assertion`` given). A new
+    assertion, with a fresh ``jti``, is signed for every token request, retries included.
+
+    It sends with its own httpx clients, never the caller's, made from ``timeout``, ``verify`` (a CA bundle
+    path, ``False``, or an ``ssl.SSLContext``, which also carries a client certificate for mTLS), ``proxy`` and
+    ``trust_env``, so a refresh goes out the same way from a worker thread (sync) and from a task (async). Or
+    pass your own ``client`` (used by thread jobs, the default) and ``async_client`` (used by
+    ``redeem_in="task"`` jobs): a manager refuses a refresher that has only the other kind, rather than redeem
+    with settings it was not given. The token request never follows a redirect, whatever the client's setting.
+    ``token_url`` must be https (plain http only on loopback). Answers larger than ``max_response_bytes``, or
+    still arriving ``timeout`` seconds after the request was sent, are refused.
 
     With ``revocation_url`` (the provider's RFC 7009 revocation endpoint, https as ``token_url``), :meth:`revoke`
     revokes a refresh token there, authenticating the client as for the token request: a logout with
@@ -113,13 +119,15 @@ class OAuth2Refresher(Refresher):
         max_response_bytes: int = 64 * 1024,
         extra_params: dict[str, str] | None = None,
         revocation_url: str | None = None,
+        client_assertion: ClientAssertion | None = None,
     ) -> None:
         check_token_url(token_url)
         if revocation_url is not None:
             check_token_url(revocation_url, "revocation_url")
         if auth_method not in AUTH_METHODS:
             raise ValueError(f"auth_method must be one of {', '.join(AUTH_METHODS)}, got {auth_method!r}")
-        if auth_method != "none" and client_secret is None:
+        self._assertion = _assertion_for(auth_method, client_secret, client_assertion)
+        if auth_method not in ("none", "private_key_jwt") and client_secret is None and self._assertion is None:
             raise ValueError(f"auth_method={auth_method!r} needs a client_secret (use 'none' for public clients)")
         self.token_url = token_url
         self.revocation_url = revocation_url
@@ -163,19 +171,23 @@ class OAuth2Refresher(Refresher):
             f"auth_method={self.auth_method!r})"
         )
 
-    def _request(self, tokens: UpstreamTokens) -> RefreshRequest:
-        outcome = self._prepare(tokens)
+    def _request(self, tokens: UpstreamTokens, clock: Clock) -> RefreshRequest:
+        outcome = self._prepare(tokens, clock)
         # Raised here, outside the except block that may have built it: no chained error with secrets.
         if isinstance(outcome, UpstreamAuthError):
             raise outcome from None
         return outcome
 
-    def _prepare(self, tokens: UpstreamTokens) -> RefreshRequest | UpstreamAuthError:
+    def _prepare(self, tokens: UpstreamTokens, clock: Clock) -> RefreshRequest | UpstreamAuthError:
         if tokens.refresh_token is None or not is_sendable_refresh_token(tokens.refresh_token):
             return ReauthenticationRequired(
                 "the stored entry has no refresh token that can be sent (none, or not UTF-8); log the user in again."
             )
         try:
+            # Signed per request: each attempt (a retry included) presents an assertion never sent before.
+            assertion = (
+                None if self._assertion is None else self._assertion.sign(self.client_id, self.token_url, clock.time())
+            )
             return build_refresh_request(
                 token_url=self.token_url,
                 client_id=self.client_id,
@@ -184,6 +196,7 @@ class OAuth2Refresher(Refresher):
                 refresh_token=tokens.refresh_token,
                 scope=self.scope,
                 extra_params=self._extra_params,
+                client_assertion=assertion,
             )
         except ValueError as exc:  # a configured value that cannot be form-encoded (a lone surrogate)
             return RefreshFailed(
@@ -221,14 +234,14 @@ class OAuth2Refresher(Refresher):
     # an injected async client, else one per refresh), and both send through the generated _http twins.
     def refresh(self, tokens: UpstreamTokens, clock: Clock) -> UpstreamTokens:
         """Redeem the refresh token with the sync client."""
-        request = self._request(tokens)
+        request = self._request(tokens, clock)
         sent_at = clock.time()
         answer = sync_send(self._sync_client(), request, self.max_response_bytes, self.timeout)
         return merge_response(tokens, answer.status_code, answer.body, sent_at, answer.retry_after)
 
     async def arefresh(self, tokens: UpstreamTokens, clock: Clock) -> UpstreamTokens:
         """Redeem the refresh token with an async client."""
-        request = self._request(tokens)
+        request = self._request(tokens, clock)
         if self._async_client is not None:
             sent_at = clock.time()
             answer = await async_send(self._async_client, request, self.max_response_bytes, self.timeout)
@@ -254,7 +267,7 @@ class OAuth2Refresher(Refresher):
             return None
         # The token request for this refresh token carries the client authentication (whatever the method);
         # the revocation request takes it from there, so both endpoints see the client the same way.
-        token_request = self._request(tokens)
+        token_request = self._request(tokens, clock)
         assert tokens.refresh_token is not None  # _request refused an entry without one
         return build_revocation_request(token_request, self.revocation_url, tokens.refresh_token)
 
@@ -305,6 +318,32 @@ def _revoked(answer: TokenAnswer) -> bool:
         status_code=status,
         retry_after=answer.retry_after,
     )
+
+
+def _assertion_for(
+    auth_method: AuthMethod, client_secret: str | None, client_assertion: ClientAssertion | None
+) -> ClientAssertion | None:
+    """The assertion signer ``auth_method`` uses (``None`` for the methods without one), or ``ValueError``."""
+    if auth_method not in JWT_METHODS:
+        if client_assertion is not None:
+            raise ValueError(
+                f"client_assertion is for auth_method='private_key_jwt' or 'client_secret_jwt', not {auth_method!r}"
+            )
+        return None
+    if auth_method == "private_key_jwt":
+        if client_assertion is None or client_assertion.is_secret:
+            raise ValueError(
+                "auth_method='private_key_jwt' needs client_assertion=ClientAssertion(private_key) with an asymmetric "
+                "alg (RS256, PS256, ES256...)"
+            )
+        return client_assertion
+    if client_assertion is None:
+        if client_secret is None:
+            raise ValueError("auth_method='client_secret_jwt' needs a client_secret (the HMAC key)")
+        return ClientAssertion(client_secret, alg="HS256")
+    if not client_assertion.is_secret:
+        raise ValueError("auth_method='client_secret_jwt' signs with the client secret: use alg='HS256' (or HS384/512)")
+    return client_assertion
 
 
 _forked: ForkRegistry[OAuth2Refresher] = ForkRegistry(OAuth2Refresher._reset_in_child)

@@ -476,7 +476,7 @@ def test_accepts_https_and_loopback_http(url: str) -> None:
 def test_refuses_unknown_auth_method() -> None:
     """An unknown auth_method is refused at construction."""
     with pytest.raises(ValueError, match="auth_method"):
-        OAuth2Refresher("https://p.example/token", "my-app", CLIENT_SECRET, auth_method="private_key_jwt")  # type: ignore[arg-type]
+        OAuth2Refresher("https://p.example/token", "my-app", CLIENT_SECRET, auth_method="tls_client_auth")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("method", ["client_secret_basic", "client_secret_post"])

@@ -301,6 +301,9 @@ def test_answering_faults_change_nothing(
         "faults": 1,
         "api_ok": 0,
         "api_401": 1 if kind == "huge" else 0,
+        "assertion_ok": 0,
+        "assertion_replay": 0,
+        "assertion_invalid": 0,
     }
 
 
@@ -496,6 +499,9 @@ def test_stats_are_exact_and_reset(provider: LocalProvider, client: httpx.Client
         "faults": 1,
         "api_ok": 2,
         "api_401": 1,
+        "assertion_ok": 0,
+        "assertion_replay": 0,
+        "assertion_invalid": 0,
     }
     snapshot["token_calls"] = 99
     assert provider.stats["token_calls"] == 6  # a copy

@@ -11,7 +11,7 @@ import json
 import secrets
 import threading
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, parse_qsl, unquote_plus, urlencode, urlsplit
@@ -19,6 +19,7 @@ from urllib.parse import parse_qs, parse_qsl, unquote_plus, urlencode, urlsplit
 import anyio
 
 from .._clock import Clock, SystemClock
+from .._jose import ASSERTION_TYPE, ASYMMETRIC_ALGS, SECRET_ALGS, load_jwt
 from .._models import UpstreamTokens
 
 __all__ = ["ASGIApp", "LocalProvider", "Receive", "Scope", "Send", "protected_resource_metadata"]
@@ -42,6 +43,9 @@ STAT_NAMES = (
     "faults",
     "api_ok",
     "api_401",
+    "assertion_ok",
+    "assertion_replay",
+    "assertion_invalid",
 )
 REVOCATION_STAT_NAMES = ("revocation_calls", "revoked_grants")
 FAULT_KINDS = frozenset(
@@ -61,6 +65,12 @@ _BASIC_CHALLENGE: Headers = [*_TOKEN_HEADERS, (b"www-authenticate", b"Basic")]
 _INVALID_TOKEN = b'{"error":"invalid_token"}'
 _API_METHODS = {"/api/me": "GET", "/api/upload": "POST", "/api/slow": "GET"}
 _AUTH_METHODS = ("client_secret_basic", "client_secret_post", "none")
+_JWT_METHODS = ("private_key_jwt", "client_secret_jwt")
+#: The longest-lived client assertion accepted (seconds from now to its exp): a replay table keeps each jti
+#: until its exp, so exp must be near.
+MAX_ASSERTION_LIFETIME = 600.0
+#: How many seen assertion ids the replay table holds before it drops those past their exp.
+ASSERTION_TABLE_SIZE = 1000
 
 
 def protected_resource_metadata(
@@ -210,7 +220,16 @@ class LocalProvider:
             "post-client": ("post-secret", "client_secret_post"),
             "public-client": (None, "none"),
         }
-        """Registered clients: ``client_id -> (secret or None, auth method)``; add or change freely."""
+        """Registered clients: ``client_id -> (secret or None, auth method)``; add or change freely. The auth
+        methods are ``client_secret_basic``, ``client_secret_post``, ``none``, ``client_secret_jwt`` (the
+        secret is the HMAC key of its assertions) and ``private_key_jwt`` (its key is in :attr:`client_keys`)."""
+        self.client_keys: dict[str, Any] = {}
+        """Public keys of ``private_key_jwt`` clients: ``client_id -> key`` as PEM (text or bytes), a JWK
+        (dict) or a ``cryptography`` public key. Assertions must carry ``iss`` = ``sub`` = the client id, an
+        ``aud`` naming the token endpoint's URL or the issuer's (as the client reached them), an ``exp`` in the
+        next 10 minutes and a ``jti`` never seen before (``stats["assertion_replay"]`` counts the refused
+        replays)."""
+        self._assertion_jtis: dict[str, float] = {}
         self.issuer_path = issuer_path
         """Where the authorization-server endpoints live (``""``: at the root)."""
         self.reuse_grace = reuse_grace
@@ -434,7 +453,9 @@ class LocalProvider:
         revokes its grant); ``grace_reuse`` those presented again within ``reuse_grace`` (honoured);
         ``invalid_grant`` and
         ``invalid_client`` those answers (reuse included; injected faults excluded); ``faults``
-        injected faults taken; ``api_ok`` and ``api_401`` authenticated API answers.
+        injected faults taken; ``api_ok`` and ``api_401`` authenticated API answers; ``assertion_ok``,
+        ``assertion_replay`` and ``assertion_invalid`` JWT client assertions accepted, refused as replays (a
+        ``jti`` seen before) and refused otherwise (signature, ``aud``, ``iss``/``sub``, ``exp``, unknown client).
         """
         with self._lock:
             return dict(self._stats)
@@ -700,7 +721,10 @@ class LocalProvider:
                 return _fault_reply(fault, scope)
         if delay > 0 and not await _sleep_unless_disconnected(delay, receive):
             return _error(400, "invalid_request")  # nobody is listening; nothing was changed
+        issuer = _base_url(scope) + self.issuer_path
         with self._lock:
+            if auth_method == "jwt":
+                auth_method, client_id = self._check_assertion(secret or "", client_id, (issuer + "/token", issuer))
             reply = self._refresh_grant(form, auth_method, client_id, secret, other_sub, expires_in, token_type)
         if gateway is not None:
             page = f"<html><body>{gateway} Bad Gateway</body></html>".encode()
@@ -727,7 +751,11 @@ class LocalProvider:
         if (
             registered is None
             or registered[1] != auth_method
-            or (registered[0] is not None and not hmac.compare_digest(registered[0], secret or ""))
+            or (
+                auth_method not in _JWT_METHODS
+                and registered[0] is not None
+                and not hmac.compare_digest(registered[0], secret or "")
+            )
         ):
             self._stats["invalid_client"] += 1
             return _error(401, "invalid_client", _BASIC_CHALLENGE)
@@ -799,12 +827,19 @@ class LocalProvider:
             if name.lower() == b"authorization":
                 basic = value.decode("latin-1")
         auth_method, client_id, secret = _client_credentials(basic, form)
+        issuer = _base_url(scope) + self.issuer_path
         with self._lock:
+            if auth_method == "jwt":  # a client assertion: its aud names the token endpoint or the issuer
+                auth_method, client_id = self._check_assertion(secret or "", client_id, (issuer + "/token", issuer))
             registered = self.clients.get(client_id or "")
             if (
                 registered is None
                 or registered[1] != auth_method
-                or (registered[0] is not None and not hmac.compare_digest(registered[0], secret or ""))
+                or (
+                    auth_method not in _JWT_METHODS
+                    and registered[0] is not None
+                    and not hmac.compare_digest(registered[0], secret or "")
+                )
             ):
                 return _error(401, "invalid_client", _BASIC_CHALLENGE)
             token = form.get("token")
@@ -823,6 +858,62 @@ class LocalProvider:
                 access.revoked = True
         # RFC 7009 section 2.2: 200 for a token the server does not know, too (the client's aim is met).
         return _Reply(200, b"", [_NO_STORE])
+
+    def _check_assertion(
+        self, assertion: str, form_client_id: str | None, audiences: tuple[str, ...]
+    ) -> tuple[str, str | None]:
+        """``(the client's auth method, client_id)`` when the assertion proves the client, else ``("jwt",
+        client_id)``, which no client is registered with (caller holds the lock)."""
+        jwt = load_jwt()
+        try:
+            unverified = jwt.decode(assertion, options={"verify_signature": False})
+        except jwt.InvalidTokenError:
+            unverified = {}
+        claimed = unverified.get("iss")
+        client_id = form_client_id if form_client_id is not None else claimed if isinstance(claimed, str) else None
+        registered = self.clients.get(client_id or "")
+        if registered is None or registered[1] not in _JWT_METHODS:
+            self._stats["assertion_invalid"] += 1
+            return "jwt", client_id
+        key: Any
+        if registered[1] == "client_secret_jwt":
+            key, algorithms = (registered[0] or "").encode(), sorted(SECRET_ALGS)
+        else:
+            known = self.client_keys.get(client_id or "")
+            key, algorithms = (
+                jwt.PyJWK(dict(known)).key if isinstance(known, Mapping) else known,
+                sorted(ASYMMETRIC_ALGS),
+            )
+        now = self.clock.time()
+        try:
+            # exp is checked against this provider's clock (a test's fake one included), not PyJWT's.
+            claims = jwt.decode(
+                assertion,
+                key,
+                algorithms=algorithms,
+                audience=list(audiences),
+                issuer=client_id,
+                options={"require": ["iss", "sub", "aud", "exp", "jti"], "verify_exp": False, "verify_iat": False},
+            )
+        except (jwt.InvalidTokenError, ValueError, TypeError):
+            claims = None
+        if (
+            claims is None
+            or claims["sub"] != client_id
+            or not isinstance(claims["exp"], (int, float))
+            or not now < claims["exp"] <= now + MAX_ASSERTION_LIFETIME
+            or not isinstance(claims["jti"], str)
+        ):
+            self._stats["assertion_invalid"] += 1
+            return "jwt", client_id
+        if len(self._assertion_jtis) >= ASSERTION_TABLE_SIZE:
+            self._assertion_jtis = {jti: exp for jti, exp in self._assertion_jtis.items() if exp > now}
+        if claims["jti"] in self._assertion_jtis:
+            self._stats["assertion_replay"] += 1
+            return "jwt", client_id
+        self._assertion_jtis[claims["jti"]] = float(claims["exp"])
+        self._stats["assertion_ok"] += 1
+        return registered[1], client_id
 
     # -- resource server ----------------------------------------------------------------------------
 
@@ -881,9 +972,10 @@ def _base_url(scope: Scope) -> str:
 
 
 def _client_credentials(authorization: str | None, form: dict[str, str]) -> tuple[str, str | None, str | None]:
-    """``(auth method, client_id, secret)`` as the request presents them (RFC 6749 section 2.3.1)."""
+    """``(auth method, client_id, secret)`` as the request presents them (RFC 6749 section 2.3.1); for a JWT
+    client assertion (RFC 7523 section 2.2) the method is ``"jwt"`` and the secret is the assertion."""
     if authorization is not None and authorization[:6].lower() == "basic ":
-        if "client_secret" in form:
+        if "client_secret" in form or "client_assertion" in form:
             return "ambiguous", None, None
         try:
             decoded = base64.b64decode(authorization[6:].strip(), validate=True).decode()
@@ -893,6 +985,10 @@ def _client_credentials(authorization: str | None, form: dict[str, str]) -> tupl
         if not sep or ("client_id" in form and form["client_id"] != unquote_plus(client_id)):
             return "client_secret_basic", None, None
         return "client_secret_basic", unquote_plus(client_id), unquote_plus(secret)
+    if "client_assertion" in form:
+        if "client_secret" in form or form.get("client_assertion_type") != ASSERTION_TYPE:
+            return "ambiguous", None, None
+        return "jwt", form.get("client_id"), form["client_assertion"]
     if "client_secret" in form:
         return "client_secret_post", form.get("client_id"), form["client_secret"]
     if "client_id" in form:
