@@ -10,6 +10,7 @@ Every public name is importable from here; implementation lives in private modul
 from ._async._transport import AsyncUpstreamAuthTransport
 from ._auth import UpstreamAuth
 from ._clock import Clock, SystemClock
+from ._dpop import DPoP, DPoPKey
 from ._exceptions import (
     BindingMismatch,
     ConfigurationError,
@@ -49,6 +50,8 @@ __all__ = [
     "ClientAssertion",
     "Clock",
     "ConfigurationError",
+    "DPoP",
+    "DPoPKey",
     "EncryptedStorage",
     "EncryptionKey",
     "EntryKey",

@@ -131,6 +131,10 @@ class UpstreamTokens:
     issuer: str | None = None
     """The authorization server that issued these tokens (``None``: not recorded); a refresher that knows
     it refreshes only there."""
+    dpop_key: str | None = attrs.field(default=None, repr=_hidden)
+    """The private key (JWK JSON) these tokens are DPoP-bound to, when the session has its own (a secret,
+    like the tokens: see ``DPoPKey.to_jwk``); ``None`` when they are not bound, or bound to a key the
+    refresher's configuration holds."""
     version: int = 0
 
     @property
@@ -254,7 +258,7 @@ class UpstreamTokens:
 
 
 _STRING_FIELDS = ("access_token", "token_type")
-_OPTIONAL_STRING_FIELDS = ("refresh_token", "id_token", "scope", "issuer", *BINDING_FIELDS)
+_OPTIONAL_STRING_FIELDS = ("refresh_token", "id_token", "scope", "issuer", "dpop_key", *BINDING_FIELDS)
 _TIME_FIELDS = ("expires_at", "refresh_expires_at", "issued_at")
 MAX_VERSION = 2**63 - 1  # storages keep the version in a signed 64-bit column
 

@@ -79,12 +79,13 @@ class RefreshRequest:
 
 @attrs.frozen
 class TokenAnswer:
-    """The token endpoint's answer as received: its status, its (size-capped) body, hidden from repr, and
-    its ``Retry-After`` in seconds (see :func:`retry_after_seconds`)."""
+    """The token endpoint's answer as received: its status, its (size-capped) body, hidden from repr, its
+    ``Retry-After`` in seconds (see :func:`retry_after_seconds`) and its ``DPoP-Nonce``."""
 
     status_code: int
     body: bytes = attrs.field(repr=False)
     retry_after: float | None = None
+    dpop_nonce: str | None = None
 
 
 #: The longest ``Retry-After`` taken at its word (seconds); longer ones are cut to it.

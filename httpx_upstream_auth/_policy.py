@@ -114,10 +114,12 @@ def retention_deadline(
 
 
 def is_token_rejected(response: Any) -> bool:
-    """True when a response says the bearer token was not accepted (401 with a Bearer challenge).
+    """True when a response says the token was not accepted (401 with a Bearer or DPoP challenge).
 
     A 401 without any ``WWW-Authenticate`` header counts too (many APIs omit it); a 401 whose challenges
-    are all for another scheme (``Basic``, ``Digest``) does not: a new token would not help.
+    are all for another scheme (``Basic``, ``Digest``) does not: a new token would not help. Nor does a
+    DPoP nonce challenge (``error="use_dpop_nonce"``, RFC 9449 section 9): the token is fine, the proof
+    lacked the server's nonce.
     """
     if response.status_code != 401:
         return False
@@ -126,10 +128,12 @@ def is_token_rejected(response: Any) -> bool:
         if hasattr(response.headers, "get_list")
         else [response.headers.get("www-authenticate", "")]
     )
-    challenges = [c for c in challenges if c.strip()]
+    challenges = [c.strip().lower() for c in challenges if c.strip()]
     if not challenges:
         return True
-    return any(c.strip().lower().startswith("bearer") or ", bearer" in c.lower() for c in challenges)
+    if any("use_dpop_nonce" in c for c in challenges):
+        return False
+    return any(c.startswith(("bearer", "dpop")) or ", bearer" in c or ", dpop" in c for c in challenges)
 
 
 def carried(response: Any, request: Any, authorization: str) -> bool:

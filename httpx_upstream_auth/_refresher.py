@@ -6,10 +6,12 @@ import ssl
 import threading
 from abc import ABC, abstractmethod
 
+import attrs
 import httpx
 
 from ._async._http import send_refresh_request as async_send
 from ._clock import Clock
+from ._dpop import DPoP, DPoPKey, is_nonce_challenge
 from ._exceptions import ReauthenticationRequired, RefreshFailed, UpstreamAuthError
 from ._jose import ClientAssertion
 from ._models import UpstreamTokens
@@ -38,6 +40,9 @@ class Refresher(ABC):
     refresh could not complete now, :class:`BindingMismatch` when the answer names another identity.
     Implement it to reach a provider that does not speak plain RFC 6749.
     """
+
+    dpop: DPoP | None = None
+    """The DPoP configuration the manager's auth flows sign API requests with (``None``: no DPoP)."""
 
     @abstractmethod
     def refresh(self, tokens: UpstreamTokens, clock: Clock) -> UpstreamTokens:
@@ -83,6 +88,10 @@ class OAuth2Refresher(Refresher):
     ``client_secret_jwt`` (HS256 over ``client_secret``, or the ``client_assertion`` given). A new
     assertion, with a fresh ``jti``, is signed for every token request, retries included.
 
+    With ``dpop=DPoP()`` (RFC 9449) every token request carries a DPoP proof signed with the session's key
+    (see :class:`DPoP`); an answer asking for a server nonce (``use_dpop_nonce``) is answered by sending the
+    request once more, with the nonce and a new proof (and a new assertion).
+
     It sends with its own httpx clients, never the caller's, made from ``timeout``, ``verify`` (a CA bundle
     path, ``False``, or an ``ssl.SSLContext``, which also carries a client certificate for mTLS), ``proxy`` and
     ``trust_env``, so a refresh goes out the same way from a worker thread (sync) and from a task (async). Or
@@ -120,6 +129,7 @@ class OAuth2Refresher(Refresher):
         extra_params: dict[str, str] | None = None,
         revocation_url: str | None = None,
         client_assertion: ClientAssertion | None = None,
+        dpop: DPoP | None = None,
     ) -> None:
         check_token_url(token_url)
         if revocation_url is not None:
@@ -127,6 +137,7 @@ class OAuth2Refresher(Refresher):
         if auth_method not in AUTH_METHODS:
             raise ValueError(f"auth_method must be one of {', '.join(AUTH_METHODS)}, got {auth_method!r}")
         self._assertion = _assertion_for(auth_method, client_secret, client_assertion)
+        self.dpop = dpop
         if auth_method not in ("none", "private_key_jwt") and client_secret is None and self._assertion is None:
             raise ValueError(f"auth_method={auth_method!r} needs a client_secret (use 'none' for public clients)")
         self.token_url = token_url
@@ -171,14 +182,14 @@ class OAuth2Refresher(Refresher):
             f"auth_method={self.auth_method!r})"
         )
 
-    def _request(self, tokens: UpstreamTokens, clock: Clock) -> RefreshRequest:
-        outcome = self._prepare(tokens, clock)
+    def _request(self, tokens: UpstreamTokens, clock: Clock, key: DPoPKey | None) -> RefreshRequest:
+        outcome = self._prepare(tokens, clock, key)
         # Raised here, outside the except block that may have built it: no chained error with secrets.
         if isinstance(outcome, UpstreamAuthError):
             raise outcome from None
         return outcome
 
-    def _prepare(self, tokens: UpstreamTokens, clock: Clock) -> RefreshRequest | UpstreamAuthError:
+    def _prepare(self, tokens: UpstreamTokens, clock: Clock, key: DPoPKey | None) -> RefreshRequest | UpstreamAuthError:
         if tokens.refresh_token is None or not is_sendable_refresh_token(tokens.refresh_token):
             return ReauthenticationRequired(
                 "the stored entry has no refresh token that can be sent (none, or not UTF-8); log the user in again."
@@ -188,7 +199,7 @@ class OAuth2Refresher(Refresher):
             assertion = (
                 None if self._assertion is None else self._assertion.sign(self.client_id, self.token_url, clock.time())
             )
-            return build_refresh_request(
+            built = build_refresh_request(
                 token_url=self.token_url,
                 client_id=self.client_id,
                 client_secret=self._client_secret,
@@ -204,6 +215,31 @@ class OAuth2Refresher(Refresher):
                 "client_id, client_secret, scope and extra_params.",
                 retryable=False,
             )
+        if key is not None and self.dpop is not None:
+            nonce = self.dpop.nonce(self.token_url, "token")
+            built.headers["DPoP"] = key.proof("POST", self.token_url, nonce=nonce, now=clock.time())
+        return built
+
+    def _dpop_key(self, tokens: UpstreamTokens) -> tuple[DPoPKey | None, bool]:
+        """The DPoP key this refresh proves (``None`` without DPoP), and whether the entry must take it."""
+        return (None, False) if self.dpop is None else self.dpop.key_for_refresh(tokens)
+
+    def _nonce_asked(self, answer: TokenAnswer, key: DPoPKey | None) -> bool:
+        """Remember the answer's DPoP nonce; True when it refused the request for want of one (send again)."""
+        if key is None or self.dpop is None:
+            return False
+        self.dpop.remember(self.token_url, "token", answer.dpop_nonce)
+        return answer.dpop_nonce is not None and is_nonce_challenge(answer.status_code, None, answer.body)
+
+    def _merged(
+        self, tokens: UpstreamTokens, answer: TokenAnswer, sent_at: float, key: DPoPKey | None, new_key: bool
+    ) -> UpstreamTokens:
+        fresh = merge_response(tokens, answer.status_code, answer.body, sent_at, answer.retry_after)
+        if new_key:
+            assert key is not None
+            # The key this refresh proved: every process refreshing the session next must prove the same.
+            fresh = attrs.evolve(fresh, dpop_key=key.to_jwk())
+        return fresh
 
     def _ssl_context(self) -> ssl.SSLContext:
         # Loading the CA bundle is the slow part of making a client: do it once.
@@ -234,14 +270,29 @@ class OAuth2Refresher(Refresher):
     # an injected async client, else one per refresh), and both send through the generated _http twins.
     def refresh(self, tokens: UpstreamTokens, clock: Clock) -> UpstreamTokens:
         """Redeem the refresh token with the sync client."""
-        request = self._request(tokens, clock)
+        key, new_key = self._dpop_key(tokens)
         sent_at = clock.time()
-        answer = sync_send(self._sync_client(), request, self.max_response_bytes, self.timeout)
-        return merge_response(tokens, answer.status_code, answer.body, sent_at, answer.retry_after)
+        answer = sync_send(
+            self._sync_client(), self._request(tokens, clock, key), self.max_response_bytes, self.timeout
+        )
+        if self._nonce_asked(answer, key):
+            sent_at = clock.time()
+            request = self._request(tokens, clock, key)
+            answer = sync_send(self._sync_client(), request, self.max_response_bytes, self.timeout)
+            self._nonce_asked(answer, key)
+        return self._merged(tokens, answer, sent_at, key, new_key)
 
     async def arefresh(self, tokens: UpstreamTokens, clock: Clock) -> UpstreamTokens:
         """Redeem the refresh token with an async client."""
-        request = self._request(tokens, clock)
+        key, new_key = self._dpop_key(tokens)
+        sent_at, answer = await self._asend(self._request(tokens, clock, key), clock)
+        if self._nonce_asked(answer, key):
+            sent_at, answer = await self._asend(self._request(tokens, clock, key), clock)
+            self._nonce_asked(answer, key)
+        return self._merged(tokens, answer, sent_at, key, new_key)
+
+    async def _asend(self, request: RefreshRequest, clock: Clock) -> tuple[float, TokenAnswer]:
+        """Send with the injected async client, or one made for this request; ``(sent_at, answer)``."""
         if self._async_client is not None:
             sent_at = clock.time()
             answer = await async_send(self._async_client, request, self.max_response_bytes, self.timeout)
@@ -251,7 +302,7 @@ class OAuth2Refresher(Refresher):
             async with self._new_async_client() as client:
                 sent_at = clock.time()
                 answer = await async_send(client, request, self.max_response_bytes, self.timeout)
-        return merge_response(tokens, answer.status_code, answer.body, sent_at, answer.retry_after)
+        return sent_at, answer
 
     def _new_async_client(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(
@@ -267,7 +318,7 @@ class OAuth2Refresher(Refresher):
             return None
         # The token request for this refresh token carries the client authentication (whatever the method);
         # the revocation request takes it from there, so both endpoints see the client the same way.
-        token_request = self._request(tokens, clock)
+        token_request = self._request(tokens, clock, None)  # no DPoP proof: RFC 9449 defines none for revocation
         assert tokens.refresh_token is not None  # _request refused an entry without one
         return build_revocation_request(token_request, self.revocation_url, tokens.refresh_token)
 

@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "httpx_upstream_auth"
 
 #: Bottom first. A module may import modules of its own layer or of layers below it.
 LAYERS: list[tuple[str, set[str]]] = [
-    ("pure core", {"_exceptions", "_answer", "_models", "_clock", "_policy", "_oauth", "_logout"}),
+    ("pure core", {"_exceptions", "_answer", "_models", "_clock", "_policy", "_jose", "_oauth", "_logout", "_dpop"}),
     ("observability", {"_trace", "_otel"}),
     ("concurrency primitives", {"_synchronization", "_changes"}),
     ("storage contract", {"_storages._base", "_storages._shared"}),

@@ -304,6 +304,10 @@ def test_answering_faults_change_nothing(
         "assertion_ok": 0,
         "assertion_replay": 0,
         "assertion_invalid": 0,
+        "dpop_proofs_ok": 0,
+        "dpop_proofs_invalid": 0,
+        "dpop_nonce_challenges": 0,
+        "dpop_wrong_key": 0,
     }
 
 
@@ -502,6 +506,10 @@ def test_stats_are_exact_and_reset(provider: LocalProvider, client: httpx.Client
         "assertion_ok": 0,
         "assertion_replay": 0,
         "assertion_invalid": 0,
+        "dpop_proofs_ok": 0,
+        "dpop_proofs_invalid": 0,
+        "dpop_nonce_challenges": 0,
+        "dpop_wrong_key": 0,
     }
     snapshot["token_calls"] = 99
     assert provider.stats["token_calls"] == 6  # a copy

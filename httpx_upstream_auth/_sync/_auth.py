@@ -23,17 +23,26 @@ class SyncAuthFlow:
     _expect: Binding | None
 
     def sync_auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response]:
-        """Send with the session's token; on a Bearer 401, replay once with a newer token.
+        """Send with the session's token; on a Bearer (or DPoP) 401, replay once with a newer token. With
+        DPoP configured, DPoP tokens go with a proof, and a server's nonce challenge is answered by one replay.
 
         Nothing is held across a ``yield``: httpx may close this generator there, from another task.
         """
         ops = self._engine.sync_ops
         state = self._engine.state
+        dpop = state.refresher.dpop
         tokens = ops.get_token(self._session_id, self._expect)
-        request.headers["Authorization"] = tokens.authorization
+        if dpop is None:
+            request.headers["Authorization"] = tokens.authorization
+        else:
+            dpop.authorize(request, tokens, state.clock.time())
         sent = state.clock.monotonic()
         response = yield request
         state.observe(state.clock.monotonic() - sent)
+        if dpop is not None and dpop.challenged(response, request) and can_replay(request):
+            # A nonce challenge is no verdict on the token: the same token goes again, with the nonce.
+            dpop.authorize(request, tokens, state.clock.time())
+            response = yield request
         if not carried(response, request, tokens.authorization):
             # A redirect to another origin, where the client dropped our token: that answer says nothing
             # about it, and neither a refresh nor a replay would reach that origin with it.
@@ -46,9 +55,14 @@ class SyncAuthFlow:
             # A one-shot body is never resent: the caller gets the 401, the next request the new token.
             # None: the API refused this token right after its refresh; another would not help.
             return
-        request.headers["Authorization"] = retry.authorization
+        if dpop is None:
+            request.headers["Authorization"] = retry.authorization
+        else:
+            dpop.authorize(request, retry, state.clock.time())
         ops.replayed(self._session_id, retry)
         response = yield request
+        if dpop is not None:
+            dpop.challenged(response, request)  # keeps the nonce for the next request; no second replay
         if not carried(response, request, retry.authorization):
             return
         if is_token_rejected(response):

@@ -58,7 +58,8 @@ def _exchange(
                         break
                 else:
                     retry_after = retry_after_seconds(response.headers.get("retry-after"), time.time())
-                    outcome = TokenAnswer(status_code, bytes(body), retry_after)
+                    nonce = response.headers.get("dpop-nonce")
+                    outcome = TokenAnswer(status_code, bytes(body), retry_after, nonce)
     except Exception as exc:  # any failure of the exchange is a RefreshFailed; see transport_failure
         if outcome is None:
             return transport_failure(exc, status_code)

@@ -19,6 +19,7 @@ from urllib.parse import parse_qs, parse_qsl, unquote_plus, urlencode, urlsplit
 import anyio
 
 from .._clock import Clock, SystemClock
+from .._dpop import access_token_hash, jwk_thumbprint
 from .._jose import ASSERTION_TYPE, ASYMMETRIC_ALGS, SECRET_ALGS, load_jwt
 from .._models import UpstreamTokens
 
@@ -46,6 +47,10 @@ STAT_NAMES = (
     "assertion_ok",
     "assertion_replay",
     "assertion_invalid",
+    "dpop_proofs_ok",
+    "dpop_proofs_invalid",
+    "dpop_nonce_challenges",
+    "dpop_wrong_key",
 )
 REVOCATION_STAT_NAMES = ("revocation_calls", "revoked_grants")
 FAULT_KINDS = frozenset(
@@ -61,6 +66,9 @@ _NO_STORE = (b"cache-control", b"no-store")
 _TOKEN_HEADERS: Headers = [_JSON, _NO_STORE, (b"pragma", b"no-cache")]
 _API_HEADERS: Headers = [_JSON]
 _BEARER_CHALLENGE: Headers = [_JSON, (b"www-authenticate", b'Bearer error="invalid_token"')]
+_DPOP_CHALLENGE: Headers = [_JSON, (b"www-authenticate", b'DPoP error="invalid_token", algs="ES256 RS256 PS256 EdDSA"')]
+_DPOP_PROOF_CHALLENGE: Headers = [_JSON, (b"www-authenticate", b'DPoP error="invalid_dpop_proof"')]
+_DPOP_NONCE_CHALLENGE: Headers = [_JSON, (b"www-authenticate", b'DPoP error="use_dpop_nonce"')]
 _BASIC_CHALLENGE: Headers = [*_TOKEN_HEADERS, (b"www-authenticate", b"Basic")]
 _INVALID_TOKEN = b'{"error":"invalid_token"}'
 _API_METHODS = {"/api/me": "GET", "/api/upload": "POST", "/api/slow": "GET"}
@@ -71,6 +79,10 @@ _JWT_METHODS = ("private_key_jwt", "client_secret_jwt")
 MAX_ASSERTION_LIFETIME = 600.0
 #: How many seen assertion ids the replay table holds before it drops those past their exp.
 ASSERTION_TABLE_SIZE = 1000
+#: How far a DPoP proof's iat may be from the provider's now (seconds), and how many proof ids are kept for
+#: replay checks before those older than that are dropped.
+PROOF_WINDOW = 300.0
+PROOF_TABLE_SIZE = 100_000
 
 
 def protected_resource_metadata(
@@ -103,6 +115,8 @@ class _Grant:
     # The life of the grant's newest access token, for counting refreshes that came early.
     access_issued_at: float | None = None
     access_expires_at: float | None = None
+    # The thumbprint of the DPoP key the grant's tokens are bound to (cnf.jkt), once bound.
+    jkt: str | None = None
 
 
 @dataclass(slots=True)
@@ -121,6 +135,7 @@ class _Access:
     grant: _Grant
     expires_at: float
     revoked: bool = False
+    jkt: str | None = None
 
 
 @dataclass(slots=True)
@@ -230,6 +245,13 @@ class LocalProvider:
         next 10 minutes and a ``jti`` never seen before (``stats["assertion_replay"]`` counts the refused
         replays)."""
         self._assertion_jtis: dict[str, float] = {}
+        self.token_nonce: str | None = None
+        """When set, DPoP proofs at the token endpoint must carry this ``nonce``: others are answered 400
+        ``use_dpop_nonce`` with it in a ``DPoP-Nonce`` header (counted in ``stats["dpop_nonce_challenges"]``).
+        Change it to make clients learn a new one."""
+        self.api_nonce: str | None = None
+        """The same for the resource server: 401 with ``WWW-Authenticate: DPoP error="use_dpop_nonce"``."""
+        self._proof_jtis: dict[str, float] = {}
         self.issuer_path = issuer_path
         """Where the authorization-server endpoints live (``""``: at the root)."""
         self.reuse_grace = reuse_grace
@@ -263,10 +285,15 @@ class LocalProvider:
         access_ttl: float | None = None,
         user_id: str | None = "user-1",
         provider_id: str | None = "local",
+        dpop_jkt: str | None = None,
     ) -> UpstreamTokens:
         """Create a grant as if ``sub`` had just logged in through ``client_id``; return its tokens.
 
         ``access_ttl`` overrides the provider's for this grant's access tokens (refreshes included).
+        ``dpop_jkt`` binds the grant to that DPoP key (``DPoPKey.thumbprint``), as a login whose code
+        exchange carried its proof: its tokens are ``token_type="DPoP"``, refreshes must prove that key, and
+        its access tokens are accepted only with a proof from it. A grant not bound at login is bound by its
+        first refresh that carries a proof.
         The result carries the binding fields (``provider_id``, ``user_id``, ``upstream_subject=sub``,
         ``client_id``) and ``version=0``, ready to put in a storage.
         """
@@ -274,7 +301,7 @@ class LocalProvider:
             raise ValueError(f"unknown client {client_id!r}; register it in provider.clients first")
         with self._lock:
             now = self.clock.time()
-            grant = _Grant(f"grant-{next(self._grant_ids)}", sub, client_id, scope, access_ttl)
+            grant = _Grant(f"grant-{next(self._grant_ids)}", sub, client_id, scope, access_ttl, jkt=dpop_jkt)
             self._grants[grant.id] = grant
             access, expires_at = self._new_access(grant, now)
             refresh, refresh_expires_at = self._new_refresh(grant, now)
@@ -282,7 +309,7 @@ class LocalProvider:
             access_token=access,
             refresh_token=refresh,
             id_token=self._id_token(grant, sub, now) if self.issue_id_token else None,
-            token_type="Bearer",
+            token_type="Bearer" if dpop_jkt is None else "DPoP",
             scope=scope,
             expires_at=expires_at,
             refresh_expires_at=refresh_expires_at,
@@ -455,7 +482,12 @@ class LocalProvider:
         ``invalid_client`` those answers (reuse included; injected faults excluded); ``faults``
         injected faults taken; ``api_ok`` and ``api_401`` authenticated API answers; ``assertion_ok``,
         ``assertion_replay`` and ``assertion_invalid`` JWT client assertions accepted, refused as replays (a
-        ``jti`` seen before) and refused otherwise (signature, ``aud``, ``iss``/``sub``, ``exp``, unknown client).
+        ``jti`` seen before) and refused otherwise (signature, ``aud``, ``iss``/``sub``, ``exp``, unknown client);
+        ``dpop_proofs_ok`` and ``dpop_proofs_invalid`` DPoP proofs accepted and refused (malformed, signature,
+        ``htm``/``htu``/``ath``, ``iat`` more than 5 minutes off, a ``jti`` seen before), at the token endpoint
+        and the API; ``dpop_nonce_challenges`` requests answered ``use_dpop_nonce`` (not counted in ``api_401``);
+        ``dpop_wrong_key`` requests for a DPoP-bound grant or token without a proof of its key (refused, nothing
+        consumed).
         """
         with self._lock:
             return dict(self._stats)
@@ -503,7 +535,7 @@ class LocalProvider:
     def _new_access(self, grant: _Grant, now: float) -> tuple[str, float]:
         ttl = self.access_ttl if grant.access_ttl is None else grant.access_ttl
         token = "at-" + secrets.token_urlsafe(18)
-        self._access[token] = _Access(grant, now + ttl)
+        self._access[token] = _Access(grant, now + ttl, jkt=grant.jkt)
         grant.access_issued_at, grant.access_expires_at = now, now + ttl
         return token, now + ttl
 
@@ -692,18 +724,26 @@ class LocalProvider:
             if name.lower() == b"authorization":
                 basic = value.decode("latin-1")
         auth_method, client_id, secret = _client_credentials(basic, form)
+        issuer = _base_url(scope) + self.issuer_path
+        proof = _header(scope, b"dpop")
+        checked = None if proof is None else _check_proof(proof, "POST", issuer + "/token", None, self.clock.time())
+        fault = None
         with self._lock:
             self._stats["token_calls"] += 1
             self._requests.append({"form": form, "auth_method": auth_method, "client_id": client_id or ""})
-            fault = self._faults.popleft() if self._faults else None
+            refused, jkt = self._token_proof(proof, checked)
+            if refused is None:
+                fault = self._faults.popleft() if self._faults else None
             if fault is not None:
                 self._stats["faults"] += 1
+        if refused is not None:
+            return refused
         delay = self.token_delay
         other_sub = False
         answer_delay = 0.0
         gateway: int | None = None
         expires_in: float | None = None
-        token_type = "Bearer"
+        token_type: str | None = None
         if fault is not None:
             if fault.startswith("delay:"):
                 delay += float(fault[6:])
@@ -721,11 +761,10 @@ class LocalProvider:
                 return _fault_reply(fault, scope)
         if delay > 0 and not await _sleep_unless_disconnected(delay, receive):
             return _error(400, "invalid_request")  # nobody is listening; nothing was changed
-        issuer = _base_url(scope) + self.issuer_path
         with self._lock:
             if auth_method == "jwt":
                 auth_method, client_id = self._check_assertion(secret or "", client_id, (issuer + "/token", issuer))
-            reply = self._refresh_grant(form, auth_method, client_id, secret, other_sub, expires_in, token_type)
+            reply = self._refresh_grant(form, auth_method, client_id, secret, other_sub, expires_in, token_type, jkt)
         if gateway is not None:
             page = f"<html><body>{gateway} Bad Gateway</body></html>".encode()
             return _Reply(gateway, page, [(b"content-type", b"text/html")])
@@ -743,7 +782,8 @@ class LocalProvider:
         secret: str | None,
         other_sub: bool,
         expires_in: float | None = None,
-        token_type: str = "Bearer",
+        token_type: str | None = None,
+        jkt: str | None = None,
     ) -> _Reply:
         if auth_method == "ambiguous":
             return _error(400, "invalid_request")
@@ -776,6 +816,10 @@ class LocalProvider:
             self._stats["invalid_grant"] += 1
             return _error(400, "invalid_grant")
         grant = record.grant
+        if grant.jkt is not None and jkt != grant.jkt:
+            # Checked before anything is consumed: a stolen refresh token without its key redeems nothing.
+            self._stats["dpop_wrong_key"] += 1
+            return _error(400, "invalid_dpop_proof")
         if record.consumed_at is not None:
             if now - record.consumed_at < self.reuse_grace and not grant.revoked:
                 self._stats["grace_reuse"] += 1  # honoured: a client whose answer was lost tries again
@@ -789,9 +833,13 @@ class LocalProvider:
             half_life = (grant.access_expires_at - grant.access_issued_at) / 2
             if grant.access_expires_at - now > half_life:
                 self._stats["refresh_early"] += 1
+        if grant.jkt is None:
+            grant.jkt = jkt  # bound by its first refresh with a proof (if this one carried none, not yet)
         access, _ = self._new_access(grant, now)
         ttl = self.access_ttl if grant.access_ttl is None else grant.access_ttl
         stated = _seconds(ttl) if expires_in is None else _seconds(expires_in)
+        if token_type is None:  # as bound, unless a token_type: fault says otherwise
+            token_type = "Bearer" if grant.jkt is None else "DPoP"
         answer: dict[str, Any] = {"access_token": access, "token_type": token_type, "expires_in": stated}
         scope = form.get("scope") or grant.scope
         if scope is not None:
@@ -915,6 +963,56 @@ class LocalProvider:
         self._stats["assertion_ok"] += 1
         return registered[1], client_id
 
+    # -- DPoP (caller holds the lock) ---------------------------------------------------------------
+
+    def _token_proof(self, proof: str | None, checked: dict[str, Any] | None) -> tuple[_Reply | None, str | None]:
+        """``(refusal or None, the proven key's thumbprint or None)`` for a token request's DPoP proof."""
+        if proof is None:
+            return None, None
+        if checked is None or not self._fresh_proof(checked):
+            self._stats["dpop_proofs_invalid"] += 1
+            return _error(400, "invalid_dpop_proof"), None
+        if self.token_nonce is not None and checked.get("nonce") != self.token_nonce:
+            self._stats["dpop_nonce_challenges"] += 1
+            headers = [*_TOKEN_HEADERS, (b"dpop-nonce", self.token_nonce.encode())]
+            return _error(400, "use_dpop_nonce", headers), None
+        self._stats["dpop_proofs_ok"] += 1
+        return None, checked["jkt"]
+
+    def _resource_proof(
+        self, record: _Access, scheme: str, proof: str | None, checked: dict[str, Any] | None
+    ) -> _Reply | None:
+        """The refusal of a request with a DPoP-bound token (or a DPoP scheme), or ``None`` to serve it."""
+        if record.jkt is None or scheme != "dpop" or proof is None:
+            self._stats["api_401"] += 1
+            return _Reply(401, _INVALID_TOKEN, _BEARER_CHALLENGE if scheme == "bearer" else _DPOP_CHALLENGE)
+        if checked is None or not self._fresh_proof(checked):
+            self._stats["dpop_proofs_invalid"] += 1
+            self._stats["api_401"] += 1
+            return _Reply(401, b'{"error":"invalid_dpop_proof"}', _DPOP_PROOF_CHALLENGE)
+        if checked["jkt"] != record.jkt:
+            self._stats["dpop_wrong_key"] += 1
+            self._stats["api_401"] += 1
+            return _Reply(401, b'{"error":"invalid_dpop_proof"}', _DPOP_PROOF_CHALLENGE)
+        if self.api_nonce is not None and checked.get("nonce") != self.api_nonce:
+            self._stats["dpop_nonce_challenges"] += 1
+            headers = [*_DPOP_NONCE_CHALLENGE, (b"dpop-nonce", self.api_nonce.encode())]
+            return _Reply(401, b'{"error":"use_dpop_nonce"}', headers)
+        self._stats["dpop_proofs_ok"] += 1
+        return None
+
+    def _fresh_proof(self, checked: dict[str, Any]) -> bool:
+        """True when the proof's iat is within PROOF_WINDOW of now and its jti was never seen (then kept)."""
+        now = self.clock.time()
+        if abs(checked["iat"] - now) > PROOF_WINDOW:
+            return False
+        if len(self._proof_jtis) >= PROOF_TABLE_SIZE:
+            self._proof_jtis = {jti: iat for jti, iat in self._proof_jtis.items() if iat > now - PROOF_WINDOW}
+        if checked["jti"] in self._proof_jtis:
+            return False
+        self._proof_jtis[checked["jti"]] = float(checked["iat"])
+        return True
+
     # -- resource server ----------------------------------------------------------------------------
 
     async def _api(self, scope: Scope, receive: Receive, path: str) -> _Reply:
@@ -941,22 +1039,86 @@ class LocalProvider:
             values = parse_qs(scope["query_string"].decode("latin-1")).get("delay", ["1"])
             await anyio.sleep(float(values[0]))
         token: str | None = None
+        scheme = "bearer"
         for name, value in scope["headers"]:
             if name.lower() == b"authorization":
                 kind, _, token = value.decode("latin-1").partition(" ")
-                if kind.lower() != "bearer":
+                scheme = kind.lower()
+                if scheme not in ("bearer", "dpop"):
                     token = None
+        proof = _header(scope, b"dpop")
+        # The signature is checked outside the lock (the costly part); its jti and key under it.
+        checked = (
+            None
+            if proof is None or token is None
+            else _check_proof(proof, method, _base_url(scope) + path, token, self.clock.time())
+        )
         with self._lock:
             self._api_calls[path] += 1
             record = self._access.get(token) if token else None
             if record is None or record.revoked or record.grant.revoked or self.clock.time() >= record.expires_at:
                 self._stats["api_401"] += 1
-                return _Reply(401, _INVALID_TOKEN, _BEARER_CHALLENGE)
+                return _Reply(401, _INVALID_TOKEN, _BEARER_CHALLENGE if scheme == "bearer" else _DPOP_CHALLENGE)
+            if record.jkt is not None or scheme == "dpop":
+                refused = self._resource_proof(record, scheme, proof, checked)
+                if refused is not None:
+                    return refused
             self._stats["api_ok"] += 1
             grant = record.grant
         if path == "/api/upload":
             return _Reply(200, b'{"bytes":%d}' % size, _API_HEADERS)
         return _Reply(200, json.dumps({"sub": grant.sub, "token_grant": grant.id}).encode(), _API_HEADERS)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    """The value of the request's header ``name`` (lowercase), or ``None``."""
+    for key, value in scope["headers"]:
+        if key.lower() == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+def _same_target(htu: object, url: str) -> bool:
+    """True when a proof's ``htu`` names ``url`` (scheme and host compared without case; no query, no fragment)."""
+    if not isinstance(htu, str):
+        return False
+    given, expected = urlsplit(htu), urlsplit(url)
+    return (given.scheme.lower(), given.netloc.lower(), given.path, given.query, given.fragment) == (
+        expected.scheme.lower(),
+        expected.netloc.lower(),
+        expected.path,
+        "",
+        "",
+    )
+
+
+def _check_proof(proof: str, method: str, url: str, access_token: str | None, now: float) -> dict[str, Any] | None:
+    """A DPoP proof's claims plus ``jkt`` (its key's thumbprint) when it is a well-formed proof for this request
+    (RFC 9449 section 4.3: typ, an asymmetric alg, a public jwk that verifies the signature, htm, htu, a numeric
+    iat, a jti, and ath for ``access_token``); ``None`` otherwise. Freshness and replay are the caller's."""
+    jwt = load_jwt()
+    try:
+        header = jwt.get_unverified_header(proof)
+        jwk, alg = header.get("jwk"), header.get("alg")
+        if header.get("typ") != "dpop+jwt" or alg not in ASYMMETRIC_ALGS or not isinstance(jwk, dict) or "d" in jwk:
+            return None
+        key = jwt.PyJWK(jwk, algorithm=alg).key
+        claims: dict[str, Any] = jwt.decode(
+            proof, key, algorithms=[alg], options={"require": ["htm", "htu", "iat", "jti"], "verify_iat": False}
+        )
+        claims["jkt"] = jwk_thumbprint(jwk)
+    except (jwt.PyJWTError, ValueError, TypeError, KeyError):
+        return None
+    if (
+        claims["htm"] != method
+        or not _same_target(claims["htu"], url)
+        or isinstance(claims["iat"], bool)
+        or not isinstance(claims["iat"], (int, float))
+        or not isinstance(claims["jti"], str)
+        or (access_token is not None and claims.get("ath") != access_token_hash(access_token))
+    ):
+        return None
+    return claims
 
 
 def _base_url(scope: Scope) -> str:
