@@ -4,7 +4,8 @@
         # the demo's callers (tasks loop on GET /api/me) from wall time START; prints JSON counts
     python tests/mp_worker.py token STORAGE URL                 # one get_token; prints the entry's JSON
 Storage specs: ``sqlite:PATH`` or a redis URL. Lease settings come from HUA_REFRESH_TIMEOUT / HUA_LEASE_TTL; with
-HUA_ENCRYPTION_KEY (base64), the storage is an EncryptedStorage with that key.
+HUA_ENCRYPTION_KEY (base64), the storage is an EncryptedStorage with that key; HUA_DPOP=1 gives the refresher DPoP
+with per-session keys (the key comes from the stored entry).
 """
 
 from __future__ import annotations
@@ -54,7 +55,13 @@ def manager(spec: str, url: str, on_event: EarlyRefreshes | None = None) -> hua.
     return hua.TokenManager(
         on_event=on_event,
         storage=storage,
-        refresher=hua.OAuth2Refresher(url + "/token", "test-client", "test-secret", timeout=refresh_timeout),
+        refresher=hua.OAuth2Refresher(
+            url + "/token",
+            "test-client",
+            "test-secret",
+            timeout=refresh_timeout,
+            dpop=hua.DPoP() if os.environ.get("HUA_DPOP") == "1" else None,
+        ),
         provider_id="local",
         refresh_timeout=refresh_timeout,
         lease_ttl=lease_ttl,

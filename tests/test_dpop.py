@@ -247,6 +247,7 @@ async def test_stolen_dpop_tokens_are_refused_without_a_proof_of_their_key(
         "old": {"Authorization": f"DPoP {token}", "DPoP": KEY.proof("GET", url, access_token=token, now=1e9)},
         "hmac": {"Authorization": f"DPoP {token}", "DPoP": private_proof},
         "garbage": {"Authorization": f"DPoP {token}", "DPoP": "not.a.jwt"},
+        "array-header": {"Authorization": f"DPoP {token}", "DPoP": "W10.e30.x"},
         "numeric-htu": {"Authorization": f"DPoP {token}", "DPoP": numeric_htu},
         "unbound": {"Authorization": f"DPoP {provider.login().access_token}", "DPoP": good},
     }
@@ -259,7 +260,7 @@ async def test_stolen_dpop_tokens_are_refused_without_a_proof_of_their_key(
     assert refused["bearer"].headers["www-authenticate"].startswith("Bearer")
     assert refused["no-proof"].headers["www-authenticate"].startswith("DPoP")
     stats = provider.stats
-    assert stats["dpop_wrong_key"] == 1 and stats["dpop_proofs_invalid"] == 9 and stats["api_ok"] == 1
+    assert stats["dpop_wrong_key"] == 1 and stats["dpop_proofs_invalid"] == 10 and stats["api_ok"] == 1
 
 
 async def test_the_token_endpoint_refuses_bad_proofs(provider: LocalProvider, token_url: str) -> None:

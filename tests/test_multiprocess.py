@@ -21,6 +21,7 @@ from httpx_upstream_auth import open_storage
 from httpx_upstream_auth.testing import LocalProvider, ServerThread
 
 WORKER = str(Path(__file__).with_name("mp_worker.py"))
+REPO = Path(__file__).resolve().parent.parent
 SESSION = "shared"
 
 
@@ -37,9 +38,15 @@ def storage_spec(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         server.cleanup()
 
 
-def seed(provider: LocalProvider, spec: str, *, expired: bool) -> hua.UpstreamTokens:
-    """Log alice in and store her tokens (optionally already expired) in the shared storage."""
-    tokens = provider.login(sub="alice", client_id="test-client", provider_id="local")
+def seed(
+    provider: LocalProvider, spec: str, *, expired: bool, dpop_key: hua.DPoPKey | None = None
+) -> hua.UpstreamTokens:
+    """Log alice in and store her tokens (optionally already expired, optionally DPoP-bound to ``dpop_key``,
+    which the entry then carries) in the shared storage."""
+    jkt = None if dpop_key is None else dpop_key.thumbprint
+    tokens = provider.login(sub="alice", client_id="test-client", provider_id="local", dpop_jkt=jkt)
+    if dpop_key is not None:
+        tokens = attrs.evolve(tokens, dpop_key=dpop_key.to_jwk())
     if expired:
         tokens = attrs.evolve(tokens, expires_at=time.time() - 5)
     storage = open_storage(spec)
@@ -54,10 +61,11 @@ def seed(provider: LocalProvider, spec: str, *, expired: bool) -> hua.UpstreamTo
 
 
 def spawn(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    """Start a worker process."""
+    """Start a worker process, importing the package from this checkout (not whichever one is installed)."""
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     return subprocess.Popen(
         [sys.executable, WORKER, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, "PYTHONPATH": path, **(env or {})},
     )  # fmt: skip
 
 
@@ -91,6 +99,29 @@ def test_four_processes_share_one_refresh_per_expiry(storage_spec: str) -> None:
     left = [share for r in results for share in r["lifetime_left_at_refresh"]]  # type: ignore[attr-defined]
     assert left and max(left) <= hua.FreshnessPolicy().max_latency_fraction, left
     assert stats["refresh_ok"] >= 2, stats
+
+
+@pytest.mark.slow
+def test_four_processes_share_one_dpop_bound_grant(storage_spec: str) -> None:
+    """4 processes x 25 tasks share one DPoP-bound grant, 1-second tokens, 10 s: every process proves the key the
+    entry carries (no proof refused, no wrong key), no reuse, no failure, one refresh per token lifetime."""
+    provider = LocalProvider(access_ttl=1.0)
+    with ServerThread(provider) as server:
+        seed(provider, storage_spec, expired=True, dpop_key=hua.DPoPKey.generate())
+        start = str(time.time() + 3)
+        env = {"HUA_DPOP": "1"}
+        procs = [spawn("herd", storage_spec, server.url, "10", "25", "0.25", start, env=env) for _ in range(4)]
+        results = [result_of(p) for p in procs]
+        stats = provider.stats
+    ok = sum(int(r["ok"]) for r in results)  # type: ignore[call-overload]
+    failures = [r["errors"] for r in results if r["failed"]]
+    assert stats["refresh_reuse"] == stats["invalid_grant"] == 0, stats
+    assert failures == [], (failures, stats)
+    assert ok > 300, ok
+    assert stats["dpop_proofs_invalid"] == stats["dpop_wrong_key"] == stats["dpop_nonce_challenges"] == 0, stats
+    # Every refresh and every API answer served was proven with the entry's key.
+    assert stats["dpop_proofs_ok"] == stats["refresh_ok"] + stats["api_ok"], stats
+    assert stats["refresh_ok"] >= 1 and stats["refresh_early"] == 0, stats
 
 
 def test_entry_written_by_one_process_is_refreshed_by_another(storage_spec: str) -> None:
