@@ -23,6 +23,7 @@ from typing import Any
 from ._exceptions import ConfigurationError
 from ._jose import ASYMMETRIC_ALGS, default_alg, load_jwt, load_private_key
 from ._models import UpstreamTokens
+from ._synchronization import ForkRegistry
 
 __all__ = ["DPoP", "DPoPKey", "access_token_hash", "is_nonce_challenge", "jwk_thumbprint", "origin_of"]
 
@@ -30,6 +31,8 @@ __all__ = ["DPoP", "DPoPKey", "access_token_hash", "is_nonce_challenge", "jwk_th
 _THUMBPRINT_MEMBERS = {"EC": ("crv", "kty", "x", "y"), "RSA": ("e", "kty", "n"), "OKP": ("crv", "kty", "x")}
 #: Parsed per-session keys kept per DPoP configuration (parsing a JWK costs more than signing with it).
 KEY_CACHE_SIZE = 1024
+#: Keys made for entries that had none, kept by refresh token (its hash) until the refresh is saved.
+NEW_KEYS_SIZE = 64
 
 
 def _b64url(raw: bytes) -> str:
@@ -184,7 +187,7 @@ class DPoP:
     ``use_dpop_nonce`` is sent once more with the nonce it gave, and later proofs carry it from the start.
     """
 
-    __slots__ = ("_keys", "_lock", "_nonces", "alg", "key", "max_nonces")
+    __slots__ = ("__weakref__", "_keys", "_lock", "_new_keys", "_nonces", "alg", "key", "max_nonces")
 
     def __init__(self, *, alg: str = "ES256", key: DPoPKey | None = None, max_nonces: int = 256) -> None:
         if max_nonces < 1:
@@ -200,6 +203,12 @@ class DPoP:
         self._lock = threading.Lock()
         self._nonces: OrderedDict[str, str] = OrderedDict()
         self._keys: OrderedDict[str, DPoPKey] = OrderedDict()
+        self._new_keys: OrderedDict[str, DPoPKey] = OrderedDict()
+        _forked.add(self)
+
+    def _reset_in_child(self) -> None:  # pragma: no cover - runs in a forked child, which coverage does not follow
+        # After fork(): a parent thread may have held the lock; the tables themselves are still right.
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"DPoP(alg={self.alg!r}, key={self.key!r})"
@@ -233,11 +242,23 @@ class DPoP:
 
     def key_for_refresh(self, tokens: UpstreamTokens) -> tuple[DPoPKey, bool]:
         """The key a refresh of ``tokens`` proves, and whether it is new (the entry had none: the refreshed
-        entry must carry it)."""
+        entry must carry it).
+
+        A new key is kept by refresh token: a second attempt with the same token (a retry after a lost
+        answer, which the provider may have bound to the first key) proves the same key."""
         key = self.key_for(tokens)
-        if key is None:
-            return DPoPKey.generate(self.alg), True
-        return key, False
+        if key is not None:
+            return key, False
+        slot = hashlib.sha256((tokens.refresh_token or "").encode("utf-8", "surrogatepass")).hexdigest()
+        with self._lock:
+            made = self._new_keys.get(slot)
+        if made is None:
+            made = DPoPKey.generate(self.alg)
+            with self._lock:
+                made = self._new_keys.setdefault(slot, made)
+                if len(self._new_keys) > NEW_KEYS_SIZE:
+                    self._new_keys.popitem(last=False)
+        return made, True
 
     # -- nonces ------------------------------------------------------------------------------------
 
@@ -286,3 +307,6 @@ class DPoP:
             and "DPoP" in request.headers
             and is_nonce_challenge(response.status_code, response.headers)
         )
+
+
+_forked: ForkRegistry[DPoP] = ForkRegistry(DPoP._reset_in_child)

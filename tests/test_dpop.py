@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -487,3 +488,73 @@ def test_the_thumbprint_of_a_stored_key_is_the_providers_jkt() -> None:
     data = json.loads(KEY.to_jwk())
     assert data["alg"] == "ES256" and "d" in data
     assert jwk_thumbprint(data) == KEY.thumbprint
+
+
+def test_a_key_made_for_a_keyless_entry_is_proven_again_by_a_retry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two refresh attempts with one refresh token (a retry after a lost answer) prove the same new key; another
+    refresh token gets another key; the table of new keys is bounded."""
+    monkeypatch.setattr(dpop_module, "NEW_KEYS_SIZE", 1)
+    dpop = DPoP()
+    first = UpstreamTokens(access_token="a", refresh_token="rt-1")
+    key, new = dpop.key_for_refresh(first)
+    again, new_again = dpop.key_for_refresh(first)
+    assert new and new_again and again is key
+    other, _ = dpop.key_for_refresh(UpstreamTokens(access_token="a", refresh_token="rt-2"))
+    assert other.thumbprint != key.thumbprint
+    assert dpop.key_for_refresh(first)[0].thumbprint != key.thumbprint  # dropped: the table held one
+    bound = attrs.evolve(first, dpop_key=KEY.to_jwk())
+    assert dpop.key_for_refresh(bound)[0].thumbprint == KEY.thumbprint and not dpop.key_for_refresh(bound)[1]
+
+
+async def test_a_lost_answer_retried_within_grace_proves_the_key_the_provider_bound(
+    driver: Driver, provider: LocalProvider, token_url: str
+) -> None:
+    """A keyless entry's first DPoP refresh is redeemed (binding the grant to the new key) but its answer is lost:
+    the retry within reuse_grace proves the same key, and the provider honours it."""
+    provider.reuse_grace = 5.0
+    refresher = OAuth2Refresher(token_url, "test-client", "test-secret", dpop=DPoP())
+    manager = TokenManager(refresher=refresher, provider_id="local", storage=MemoryStorage(), reuse_grace=5.0)
+    provider.fail_next("redeem_then:502")
+    try:
+        await driver.store(manager, expired(provider.login()))
+        fresh = await driver.get_token(manager)
+        assert (await driver.request(manager)).status_code == 200
+    finally:
+        manager.close()
+    stats = provider.stats
+    assert (stats["grace_reuse"], stats["dpop_wrong_key"], stats["refresh_reuse"]) == (1, 0, 0)
+    assert fresh.dpop_key is not None and fresh.token_type == "DPoP"
+
+
+def test_a_forked_child_signs_and_keeps_nonces() -> None:
+    """After fork(), the child's DPoP configuration works (its lock is its own)."""
+    if not hasattr(os, "fork"):
+        pytest.skip("needs fork()")
+    dpop = DPoP()
+    dpop.remember("https://api.example/", "resource", "n-parent")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        try:
+            dpop.remember("https://api.example/", "resource", "n-child")
+            request = httpx.Request("GET", "https://api.example/x")
+            dpop.authorize(
+                request, attrs.evolve(UpstreamTokens(access_token="a", token_type="DPoP"), dpop_key=KEY.to_jwk()), 1.7e9
+            )
+            message = f"{dpop.nonce('https://api.example/', 'resource')} {proof_claims_of(request)['nonce']}"
+        except BaseException as exc:
+            message = f"error: {type(exc).__name__}"
+        os.write(write, message.encode())
+        os._exit(0)
+    os.close(write)
+    answer = os.read(read, 4096).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert answer == "n-child n-child"
+    assert dpop.nonce("https://api.example/", "resource") == "n-parent"
+
+
+def proof_claims_of(request: httpx.Request) -> dict[str, Any]:
+    """The claims of the DPoP proof ``request`` carries."""
+    claims: dict[str, Any] = jwt.decode(request.headers["DPoP"], options={"verify_signature": False})
+    return claims

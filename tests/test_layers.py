@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "httpx_upstream_auth"
 
 #: Bottom first. A module may import modules of its own layer or of layers below it.
 LAYERS: list[tuple[str, set[str]]] = [
-    ("pure core", {"_exceptions", "_answer", "_models", "_clock", "_policy", "_jose", "_oauth", "_logout", "_dpop"}),
+    ("pure core", {"_exceptions", "_answer", "_models", "_clock", "_policy", "_jose", "_oauth", "_logout"}),
     ("observability", {"_trace", "_otel"}),
     ("concurrency primitives", {"_synchronization", "_changes"}),
     ("storage contract", {"_storages._base", "_storages._shared"}),
@@ -18,6 +18,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         "refresher and storages",
         {
             "_refresher",
+            "_dpop",
             "_async._http",
             "_sync._http",
             "_storages",
