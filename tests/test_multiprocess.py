@@ -113,15 +113,17 @@ def test_four_processes_share_one_dpop_bound_grant(storage_spec: str) -> None:
         procs = [spawn("herd", storage_spec, server.url, "10", "25", "0.25", start, env=env) for _ in range(4)]
         results = [result_of(p) for p in procs]
         stats = provider.stats
-    ok = sum(int(r["ok"]) for r in results)  # type: ignore[call-overload]
     failures = [r["errors"] for r in results if r["failed"]]
     assert stats["refresh_reuse"] == stats["invalid_grant"] == 0, stats
     assert failures == [], (failures, stats)
-    assert ok > 300, ok
+    assert all(int(r["ok"]) > 0 for r in results), results  # type: ignore[call-overload]
     assert stats["dpop_proofs_invalid"] == stats["dpop_wrong_key"] == stats["dpop_nonce_challenges"] == 0, stats
-    # Every refresh and every API answer served was proven with the entry's key.
+    # Every refresh and every API answer served was proven with the key the entry carries.
     assert stats["dpop_proofs_ok"] == stats["refresh_ok"] + stats["api_ok"], stats
-    assert stats["refresh_ok"] >= 1 and stats["refresh_early"] == 0, stats
+    # One refresh per token lifetime, judged as test_four_processes_share_one_refresh_per_expiry does.
+    left = [share for r in results for share in r["lifetime_left_at_refresh"]]  # type: ignore[attr-defined]
+    assert left and max(left) <= hua.FreshnessPolicy().max_latency_fraction, left
+    assert stats["refresh_ok"] >= 2, stats
 
 
 def test_entry_written_by_one_process_is_refreshed_by_another(storage_spec: str) -> None:
