@@ -95,6 +95,7 @@ class DPoPKey:
     @classmethod
     def generate(cls, alg: str = "ES256") -> DPoPKey:
         """A new key pair for ``alg``: P-256/384/521 for ES256/384/512, RSA 2048 for RS*/PS*, Ed25519 for EdDSA."""
+        load_jwt()  # a missing extra is an ImportError that names it
         from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
         private: Any

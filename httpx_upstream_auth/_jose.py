@@ -22,10 +22,11 @@ SECRET_ALGS = frozenset({"HS256", "HS384", "HS512"})
 
 
 def load_jwt() -> Any:
-    """PyJWT, or an ``ImportError`` that says which extra installs it."""
+    """PyJWT (with ``cryptography``), or an ``ImportError`` that says which extra installs them."""
     try:
+        import cryptography  # noqa: F401 - PyJWT imports it lazily, and signs nothing asymmetric without it
         import jwt
-    except ImportError:  # pragma: no cover - the dev environment always has the extra; this is the user's hint
+    except ImportError:
         raise ImportError(
             "JWT client authentication and DPoP need PyJWT and cryptography: pip install 'httpx-upstream-auth[jwt]'"
         ) from None
@@ -99,6 +100,7 @@ class ClientAssertion:
     ) -> None:
         if not 0 < lifetime <= 600:
             raise ValueError("lifetime must be more than 0 and at most 600 seconds: an assertion is short-lived")
+        load_jwt()  # a missing extra is an ImportError saying so, not a key that "cannot sign"
         signing: Any
         if alg in SECRET_ALGS:
             if isinstance(key, Mapping) or not key:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -386,3 +387,15 @@ def test_the_algorithm_defaults_to_the_keys_usual_one(key: Any, alg: str) -> Non
     assert repr(assertion) == f"ClientAssertion(alg={alg!r}, key_id=None, audience=None)"
     signed = assertion.sign("c", "https://as.example/token", 1_700_000_000.0)
     assert jwt.get_unverified_header(signed)["alg"] == alg
+
+
+def test_without_the_jwt_extra_the_error_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without PyJWT (or cryptography), making an assertion or a DPoP key raises ImportError naming the extra."""
+    from httpx_upstream_auth import DPoP, DPoPKey
+
+    for missing in ("jwt", "cryptography"):
+        with monkeypatch.context() as patch:
+            patch.setitem(sys.modules, missing, None)
+            for make in (lambda: ClientAssertion(JWT_SECRET, alg="HS256"), DPoPKey.generate, DPoP):
+                with pytest.raises(ImportError, match=r"httpx-upstream-auth\[jwt\]"):
+                    make()

@@ -52,6 +52,25 @@ def build_manager() -> hua.TokenManager:
     return manager
 
 
+def security_clients(pem: str, code_exchange: httpx.Response) -> hua.TokenManager:
+    """A private_key_jwt client whose tokens are DPoP-bound, as docs/security-clients.md configures them."""
+    assertion = hua.ClientAssertion(pem, key_id="2026-12", alg="PS256", audience="https://login.example")
+    refresher = hua.OAuth2Refresher(
+        "https://login.example/token",
+        "my-client",
+        auth_method="private_key_jwt",
+        client_assertion=assertion,
+        dpop=hua.DPoP(alg="ES256", max_nonces=64),
+    )
+    manager = hua.TokenManager(provider_id="login", storage=hua.MemoryStorage(), refresher=refresher)
+    key = hua.DPoPKey.generate("ES256")
+    proof: str = key.proof("POST", "https://login.example/token", nonce=None)
+    print(proof, key.thumbprint, hua.DPoP(key=hua.DPoPKey.load(pem)))
+    tokens = hua.UpstreamTokens.from_token_response(code_exchange, user_id="u-1")
+    manager.store("session-1", hua.UpstreamTokens(access_token=tokens.access_token, dpop_key=key.to_jwk()))
+    return manager
+
+
 def sync_clients(manager: hua.TokenManager) -> None:
     """httpx and httpx2 sync clients, with ``auth=`` and with a transport."""
     auth: httpx.Auth = manager.auth("session-1", expect=hua.Binding(user_id="u-1"))
