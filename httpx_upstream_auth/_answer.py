@@ -325,6 +325,14 @@ def error_for(status_code: int, code: str | None) -> UpstreamAuthError:
             setting="scope",
             status_code=status_code,
         )
+    if code == "invalid_dpop_proof":
+        # This session's proof (RFC 9449): another key than the one its grant is bound to, or a clock far off.
+        return RefreshFailed(
+            f"the token endpoint refused the DPoP proof (HTTP {status_code}, invalid_dpop_proof): the session's key "
+            "is not the one its grant is bound to, or this host's clock is far off; stored tokens are unchanged.",
+            retryable=False,
+            status_code=status_code,
+        )
     if code is not None:
         return RefreshFailed(
             f"the token endpoint refused the refresh (HTTP {status_code}{named}); stored tokens are "

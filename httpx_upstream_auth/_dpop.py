@@ -20,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
-from ._exceptions import ConfigurationError
+from ._exceptions import ConfigurationError, ReauthenticationRequired
 from ._jose import ASYMMETRIC_ALGS, default_alg, load_jwt, load_private_key
 from ._models import UpstreamTokens
 from ._synchronization import ForkRegistry
@@ -218,7 +218,8 @@ class DPoP:
 
     def key_for(self, tokens: UpstreamTokens) -> DPoPKey | None:
         """The key ``tokens`` are bound to: the configured one, else the entry's own (``None`` if it has none).
-        ``ConfigurationError`` when the entry's key cannot be read."""
+        :class:`ReauthenticationRequired` when the entry's key cannot be read: the session can no longer prove
+        possession of the key its grant is bound to (a per-session fault, not a setting for every session)."""
         if self.key is not None:
             return self.key
         jwk = tokens.dpop_key
@@ -232,8 +233,9 @@ class DPoP:
         try:
             found = DPoPKey.load(jwk)
         except ValueError:
-            raise ConfigurationError(
-                "the stored entry's DPoP key (dpop_key) cannot be read; log the user in again", setting="dpop"
+            raise ReauthenticationRequired(
+                "the stored entry's DPoP key (dpop_key) cannot be read, so its tokens cannot be used or refreshed; "
+                "log the user in again"
             ) from None
         with self._lock:
             self._keys[jwk] = found

@@ -271,16 +271,17 @@ class OAuth2Refresher(Refresher):
     def refresh(self, tokens: UpstreamTokens, clock: Clock) -> UpstreamTokens:
         """Redeem the refresh token with the sync client."""
         key, new_key = self._dpop_key(tokens)
-        sent_at = clock.time()
-        answer = sync_send(
-            self._sync_client(), self._request(tokens, clock, key), self.max_response_bytes, self.timeout
-        )
+        sent_at, answer = self._send(self._request(tokens, clock, key), clock)
         if self._nonce_asked(answer, key):
-            sent_at = clock.time()
-            request = self._request(tokens, clock, key)
-            answer = sync_send(self._sync_client(), request, self.max_response_bytes, self.timeout)
+            sent_at, answer = self._send(self._request(tokens, clock, key), clock)
             self._nonce_asked(answer, key)
         return self._merged(tokens, answer, sent_at, key, new_key)
+
+    def _send(self, request: RefreshRequest, clock: Clock) -> tuple[float, TokenAnswer]:
+        """Send with the sync client; ``(sent_at, answer)``."""
+        client = self._sync_client()
+        sent_at = clock.time()
+        return sent_at, sync_send(client, request, self.max_response_bytes, self.timeout)
 
     async def arefresh(self, tokens: UpstreamTokens, clock: Clock) -> UpstreamTokens:
         """Redeem the refresh token with an async client."""

@@ -26,6 +26,7 @@ from httpx_upstream_auth import (
     EntryKey,
     MemoryStorage,
     OAuth2Refresher,
+    ReauthenticationRequired,
     RedisStorage,
     RefreshFailed,
     SQLiteStorage,
@@ -118,7 +119,8 @@ async def test_a_refresh_with_the_wrong_key_is_refused(
     wrong = await driver.store(dpop_manager, attrs.evolve(right, dpop_key=OTHER_KEY.to_jwk()))
     with pytest.raises(RefreshFailed) as caught:
         await driver.get_token(dpop_manager)
-    assert not caught.value.retryable and "invalid_dpop_proof" in str(caught.value)
+    assert not caught.value.retryable and "refused the DPoP proof" in str(caught.value)
+    assert not isinstance(caught.value, ConfigurationError)  # one session's fault: other sessions are not parked
     assert await astored(dpop_manager) == wrong
     assert (provider.stats["dpop_wrong_key"], provider.stats["refresh_ok"]) == (1, 0)
     await driver.store(dpop_manager, right)
@@ -429,12 +431,12 @@ def test_parsed_session_keys_are_cached_in_a_bounded_table(monkeypatch: pytest.M
     assert dpop.key_for(UpstreamTokens(access_token="c")) is None
 
 
-def test_unusable_dpop_entries_are_configuration_errors() -> None:
-    """An entry whose stored key cannot be read, or a DPoP token without any key: ConfigurationError naming dpop."""
+def test_unusable_dpop_entries_are_refused() -> None:
+    """An entry whose stored key cannot be read needs a new login (ReauthenticationRequired, a fault of that session
+    alone); a DPoP token without any key is a ConfigurationError naming dpop."""
     dpop = DPoP()
-    with pytest.raises(ConfigurationError) as unreadable:
+    with pytest.raises(ReauthenticationRequired, match="dpop_key"):
         dpop.key_for(UpstreamTokens(access_token="a", dpop_key='{"kty":"EC"}'))
-    assert unreadable.value.setting == "dpop"
     request = httpx.Request("GET", "https://api.example/")
     with pytest.raises(ConfigurationError, match="no DPoP key") as keyless:
         dpop.authorize(request, UpstreamTokens(access_token="a", token_type="DPoP"), 1_700_000_000)
