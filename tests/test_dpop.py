@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import attrs
 import httpx
@@ -560,3 +563,41 @@ def proof_claims_of(request: httpx.Request) -> dict[str, Any]:
     """The claims of the DPoP proof ``request`` carries."""
     claims: dict[str, Any] = jwt.decode(request.headers["DPoP"], options={"verify_signature": False})
     return claims
+
+
+async def test_a_code_exchange_with_a_proof_binds_the_grant(provider: LocalProvider, server: ServerThread) -> None:
+    """The local provider's authorization_code grant binds the grant to the proof's key: DPoP tokens, whose
+    refresh without that key is refused."""
+    verifier = "v" * 43
+    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+    redirect_uri = "http://127.0.0.1:1/callback"
+    query = {
+        "response_type": "code",
+        "client_id": "test-client",
+        "redirect_uri": redirect_uri,
+        "code_challenge": challenge,
+        "code_challenge_method": "S256",
+    }
+    token_url = server.url + "/token"
+    async with httpx.AsyncClient() as client:
+        authorized = await client.get(server.url + "/authorize", params=query)
+        code = parse_qs(urlsplit(authorized.headers["location"]).query)["code"][0]
+        form = {
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": redirect_uri,
+            "code_verifier": verifier,
+        }
+        answer = await client.post(
+            token_url, data=form, auth=("test-client", "test-secret"), headers={"DPoP": KEY.proof("POST", token_url)}
+        )
+        refresh = {"grant_type": "refresh_token", "refresh_token": answer.json()["refresh_token"]}
+        other = await client.post(
+            token_url,
+            data=refresh,
+            auth=("test-client", "test-secret"),
+            headers={"DPoP": OTHER_KEY.proof("POST", token_url)},
+        )
+    assert answer.json()["token_type"] == "DPoP"
+    assert (other.status_code, other.json()["error"]) == (400, "invalid_dpop_proof")
+    assert provider.stats["dpop_wrong_key"] == 1

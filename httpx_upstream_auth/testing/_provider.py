@@ -674,7 +674,7 @@ class LocalProvider:
         location = redirect_uri + separator + urlencode(params)
         return _Reply(302, b"", [(b"location", location.encode()), (b"cache-control", b"no-store")])
 
-    def _code_grant(self, form: dict[str, str], client_id: str) -> _Reply:
+    def _code_grant(self, form: dict[str, str], client_id: str, jkt: str | None = None) -> _Reply:
         """The ``authorization_code`` grant (caller holds the lock; the client is authenticated)."""
         record = self._codes.pop(form.get("code", ""), None)
         verifier = form.get("code_verifier", "")
@@ -691,14 +691,15 @@ class LocalProvider:
         if not hmac.compare_digest(expected, record.challenge):
             self._stats["invalid_grant"] += 1
             return _error(400, "invalid_grant")
-        grant = _Grant(f"grant-{next(self._grant_ids)}", record.sub, client_id, record.scope, None)
+        # A code exchange with a DPoP proof binds the grant to its key (RFC 9449 section 5).
+        grant = _Grant(f"grant-{next(self._grant_ids)}", record.sub, client_id, record.scope, None, jkt=jkt)
         grant.resource = record.resource
         self._grants[grant.id] = grant
         access, _ = self._new_access(grant, now)
         refresh, _ = self._new_refresh(grant, now)
         answer: dict[str, Any] = {
             "access_token": access,
-            "token_type": "Bearer",
+            "token_type": "Bearer" if jkt is None else "DPoP",
             "expires_in": _seconds(self.access_ttl),
             "refresh_token": refresh,
         }
@@ -805,7 +806,7 @@ class LocalProvider:
         if not grant_type:
             return _error(400, "invalid_request")
         if grant_type == "authorization_code":
-            return self._code_grant(form, client_id)
+            return self._code_grant(form, client_id, jkt)
         if grant_type != "refresh_token":
             return _error(400, "unsupported_grant_type")
         presented = form.get("refresh_token")
