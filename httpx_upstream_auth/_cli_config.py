@@ -20,7 +20,7 @@ import attrs
 import httpx
 
 from ._exceptions import ConfigurationError, RefreshFailed
-from ._oauth import AUTH_METHODS, check_token_url
+from ._oauth import SECRET_AUTH_METHODS, check_token_url
 
 __all__ = [
     "ENV_PREFIX",
@@ -278,9 +278,9 @@ def load_config(flags: Any, environ: Mapping[str, str] = os.environ) -> CliConfi
             values["client_secret_file"] = str(path.parent / Path(secret_file).expanduser())
         if values["auth_method"] is None:
             values["auth_method"] = "client_secret_basic"
-        if values["auth_method"] not in AUTH_METHODS:
+        if values["auth_method"] not in SECRET_AUTH_METHODS:
             raise UsageError(
-                f"auth_method of provider {provider!r} must be one of {', '.join(AUTH_METHODS)}, "
+                f"auth_method of provider {provider!r} must be one of {', '.join(SECRET_AUTH_METHODS)}, "
                 f"not {values['auth_method']!r}"
             )
         settings = ProviderSettings(name=provider, **values)

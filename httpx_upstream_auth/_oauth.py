@@ -56,6 +56,8 @@ AuthMethod = Literal["client_secret_basic", "client_secret_post", "none", "priva
 AUTH_METHODS = ("client_secret_basic", "client_secret_post", "none", "private_key_jwt", "client_secret_jwt")
 #: Methods that authenticate the client with a signed JWT (RFC 7523 section 2.2).
 JWT_METHODS = ("private_key_jwt", "client_secret_jwt")
+#: Methods configured by a client secret alone (no key or assertion object): what a configuration file can name.
+SECRET_AUTH_METHODS = ("client_secret_basic", "client_secret_post", "none")
 # httpx errors raised before any byte of the request could reach the provider.
 _NOT_SENT = (
     httpx.ConnectError,

@@ -252,6 +252,10 @@ def test_configuration_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path
         "must hold one table per provider": "providers = 3",
         "store must be a string": "store = 3",
         "auth_method of provider 'p' must be one of": '[providers.p]\nauth_method = "magic"',
+        # A key-based method needs a ClientAssertion, which a configuration file cannot hold.
+        "must be one of client_secret_basic, client_secret_post, none, not 'private_key_jwt'": (
+            '[providers.p]\nauth_method = "private_key_jwt"'
+        ),
         "unknown keys tokenurl": '[providers.p]\ntokenurl = "x"',
     }
     for expected, text in cases.items():
