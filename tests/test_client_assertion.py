@@ -399,3 +399,41 @@ def test_without_the_jwt_extra_the_error_names_it(monkeypatch: pytest.MonkeyPatc
             for make in (lambda: ClientAssertion(JWT_SECRET, alg="HS256"), DPoPKey.generate, DPoP):
                 with pytest.raises(ImportError, match=r"httpx-upstream-auth\[jwt\]"):
                     make()
+
+
+async def test_logout_revokes_with_an_assertion_of_its_own(provider: LocalProvider, server: ServerThread) -> None:
+    """delete(revoke=True) authenticates at the revocation endpoint with a new assertion (never the refresh's): the
+    provider verifies it and ends the grant; a wrong key is refused there too."""
+    register(provider)
+    right = OAuth2Refresher(
+        server.url + "/token",
+        "ec-client",
+        auth_method="private_key_jwt",
+        client_assertion=ClientAssertion(private_jwk(EC_KEY)),
+        revocation_url=server.url + "/revoke",
+    )
+    wrong = OAuth2Refresher(
+        server.url + "/token",
+        "ec-client",
+        auth_method="private_key_jwt",
+        client_assertion=ClientAssertion(private_jwk(OTHER_EC_KEY)),
+        revocation_url=server.url + "/revoke",
+    )
+    outcomes = []
+    for refresher in (wrong, right):
+        manager = TokenManager(refresher=refresher, provider_id="local", storage=MemoryStorage())
+        try:
+            login = provider.login(client_id="ec-client")
+            await manager.astore("s", expired(login) if refresher is right else login)
+            await manager.aget_token("s")  # the right key refreshes first: the revocation's assertion is another
+            outcomes.append(await manager.adelete("s", revoke=True))
+        finally:
+            await manager.aclose()
+    assert [(o.deleted, o.revoked, o.reason, o.status_code) for o in outcomes] == [
+        (True, False, "refused", 401),
+        (True, True, "revoked", None),
+    ]
+    assert provider.revocation_stats == {"revocation_calls": 2, "revoked_grants": 1}
+    stats = provider.stats
+    # The right key's refresh and revocation each verified (no replay: a new assertion each); the wrong one refused.
+    assert (stats["assertion_ok"], stats["assertion_replay"], stats["assertion_invalid"]) == (2, 0, 1)

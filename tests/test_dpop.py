@@ -26,6 +26,7 @@ from httpx_upstream_auth import (
     ConfigurationError,
     DPoP,
     DPoPKey,
+    EncryptedStorage,
     EntryKey,
     MemoryStorage,
     OAuth2Refresher,
@@ -601,3 +602,19 @@ async def test_a_code_exchange_with_a_proof_binds_the_grant(provider: LocalProvi
     assert answer.json()["token_type"] == "DPoP"
     assert (other.status_code, other.json()["error"]) == (400, "invalid_dpop_proof")
     assert provider.stats["dpop_wrong_key"] == 1
+
+
+def test_an_encrypting_storage_seals_the_key(tmp_path: Path) -> None:
+    """With EncryptedStorage the DPoP private key is sealed with the tokens: the SQLite file holds none of it, and
+    the entry reads back whole."""
+    path = tmp_path / "t.db"
+    storage = EncryptedStorage(SQLiteStorage(str(path)), [bytes(range(32))])
+    tokens = UpstreamTokens(access_token="at-1", token_type="DPoP", dpop_key=KEY.to_jwk(), version=1)
+    try:
+        assert storage.put(EntryKey("local", "s"), tokens, expected_version=None)
+        assert storage.get(EntryKey("local", "s")) == tokens
+    finally:
+        storage.close()
+    raw = b"".join(p.read_bytes() for p in tmp_path.iterdir())
+    private = json.loads(KEY.to_jwk())["d"]
+    assert private.encode() not in raw and b"at-1" not in raw
