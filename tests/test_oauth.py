@@ -533,6 +533,19 @@ async def test_async_refresh_through_injected_client() -> None:
     assert fresh.access_token == NEW_ACCESS
 
 
+class _CloseFails(httpx.AsyncByteStream):
+    """An answer body whose connection fails to close."""
+
+    def __init__(self, content: bytes) -> None:
+        self.content = content
+
+    async def __aiter__(self) -> Any:
+        yield self.content
+
+    async def aclose(self) -> None:
+        raise httpx.ReadError("connection reset while closing")
+
+
 def huge(request: httpx.Request) -> httpx.Response:
     return httpx.Response(200, content=b'{"access_token":"x","padding":"' + b"x" * 200_000 + b'"}')
 
@@ -560,6 +573,24 @@ async def test_async_oversize_response_refused() -> None:
         with pytest.raises(RefreshFailed) as caught:
             await refresher.arefresh(stored(), SystemClock())
     assert caught.value.retryable is False
+
+
+@pytest.mark.anyio
+async def test_async_oversize_answer_stays_oversize_when_the_close_fails() -> None:
+    """A failure to close the connection after the read was stopped does not hide why it stopped: the error is
+    the oversize answer's (dropped, may have rotated), not a lost answer's."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, stream=_CloseFails(huge(request).content))
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+        refresher = OAuth2Refresher(
+            "https://p.example/token", "my-app", CLIENT_SECRET, async_client=client, max_response_bytes=1024
+        )
+        with pytest.raises(RefreshFailed) as caught:
+            await refresher.arefresh(stored(), SystemClock())
+    assert "1024" in str(caught.value) and "lost" not in str(caught.value)
+    assert (caught.value.retryable, caught.value.may_have_rotated) == (False, True)
 
 
 @pytest.mark.parametrize(
@@ -900,6 +931,30 @@ def test_http_deeply_nested_json_without_tokens(
     error = refresh_error(refresher)
     assert isinstance(error, RefreshFailed) and "exceeded" not in str(error)
     assert error.may_have_rotated is rotated and error.status_code == status
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        # JSON in UTF-16 (json.loads reads it) nested past the recursion limit: the flattened re-read, UTF-8 only,
+        # gives up on it
+        ("[" * 4000 + '"x"' + "]" * 4000).encode("utf-16"),
+        # nested past the limit and then not JSON at all: still not JSON once flattened
+        b"[" * 4000 + b"]" * 4000 + b" trailing",
+    ],
+)
+def test_deeply_nested_unreadable_200_is_refresh_failed(payload: bytes) -> None:
+    """A 2xx answer nested too deep to parse and unreadable once flattened is no JSON object: it may have rotated."""
+    error = classify(200, payload)
+    assert isinstance(error, RefreshFailed) and "not a JSON object" in str(error)
+    assert error.may_have_rotated is True
+
+
+def test_merge_id_token_unfit_for_a_header_has_no_subject() -> None:
+    """An id_token that could not go into a header is not read for its subject: a stored subject is not matched."""
+    id_token = jwt(sub="alice") + "\n"
+    with pytest.raises(BindingMismatch):
+        merge_response(stored(), 200, body(access_token=NEW_ACCESS, id_token=id_token), SENT_AT)
 
 
 @pytest.mark.parametrize(("status", "rotated"), [(200, True), (400, False)])
