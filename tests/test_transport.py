@@ -375,3 +375,49 @@ async def test_cancelled_caller_leaves_no_open_flow_or_connection(
         with anyio.fail_after(10):
             await wait_for(lambda: api.counts()[1] == api.counts()[0])
     assert provider.stats["api_ok"] == 1
+
+
+_WITHOUT_HTTPX2 = """
+import sys
+
+sys.modules["httpx2"] = None  # `import httpx2` now raises ImportError, as when it is not installed
+import asyncio
+
+import httpx
+
+from httpx_upstream_auth import AsyncUpstreamAuthTransport, MemoryStorage, OAuth2Refresher, TokenManager
+from httpx_upstream_auth.testing import LocalProvider, ServerThread
+
+provider = LocalProvider(access_ttl=60)
+with ServerThread(provider) as server:
+    refresher = OAuth2Refresher(server.url + "/token", "test-client", "test-secret")
+    manager = TokenManager(refresher=refresher, provider_id="local", storage=MemoryStorage())
+    manager.store("s", provider.login())
+    auth = manager.auth("s")
+    with httpx.Client(auth=auth) as client:
+        print("auth", isinstance(auth, httpx.Auth), client.get(server.url + "/api/me").status_code)
+
+    async def through_transport() -> int:
+        transport = AsyncUpstreamAuthTransport(manager, "s")
+        async with httpx.AsyncClient(transport=transport) as client:
+            return (await client.get(server.url + "/api/me")).status_code
+
+    print("transport", AsyncUpstreamAuthTransport.__bases__ == (httpx.AsyncBaseTransport,), asyncio.run(through_transport()))
+    manager.close()
+print("api_ok", provider.stats["api_ok"])
+"""
+
+
+def test_without_httpx2_the_auth_and_transport_are_httpx_only() -> None:
+    """httpx2 is optional: without it, UpstreamAuth is a plain httpx.Auth and the transport a plain httpx
+    transport, and both authenticate requests (in a child process where `import httpx2` fails)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_HTTPX2], capture_output=True, text=True, timeout=60, cwd=root
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:3] == ["auth True 200", "transport True 200", "api_ok 2"]
