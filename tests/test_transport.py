@@ -402,7 +402,8 @@ with ServerThread(provider) as server:
         async with httpx.AsyncClient(transport=transport) as client:
             return (await client.get(server.url + "/api/me")).status_code
 
-    print("transport", AsyncUpstreamAuthTransport.__bases__ == (httpx.AsyncBaseTransport,), asyncio.run(through_transport()))
+    plain = AsyncUpstreamAuthTransport.__bases__ == (httpx.AsyncBaseTransport,)
+    print("transport", plain, asyncio.run(through_transport()))
     manager.close()
 print("api_ok", provider.stats["api_ok"])
 """
