@@ -33,10 +33,12 @@ from httpx_upstream_auth import (
 )
 from httpx_upstream_auth._oauth import (
     MAX_LIFETIME,
+    MAX_RETRY_AFTER,
     TokenAnswer,
     build_refresh_request,
     check_token_url,
     merge_response,
+    retry_after_seconds,
 )
 from httpx_upstream_auth.testing import ServerThread, serve
 
@@ -737,6 +739,44 @@ def test_merge_error_code_text_is_never_quoted_unless_registered() -> None:
     assert "an unregistered error code" in str(classify(400, body(error=NEW_REFRESH)))
 
 
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        (None, None),
+        ("120", 120.0),
+        (" 7 ", 7.0),
+        ("Tue, 14 Nov 2023 22:13:50 GMT", 30.0),  # an HTTP date: counted from now (SENT_AT is 22:13:20 GMT)
+        ("Tue, 14 Nov 2023 22:13:00 GMT", 0.0),  # a date passed: no wait
+        ("Tue, 14 Nov 2023 22:13:50 -0000", None),  # a date in no known time zone cannot be placed
+        ("Sun, 14 Nov 2100 00:00:00 GMT", MAX_RETRY_AFTER),  # capped
+        ("86400", MAX_RETRY_AFTER),
+        ("soon", None),
+        ("-5", None),
+    ],
+)
+def test_retry_after_reads_seconds_or_an_http_date(header: str | None, seconds: float | None) -> None:
+    """Retry-After is delay-seconds or an HTTP date (RFC 9110), read as seconds from now, never negative,
+    capped; anything else is no advice."""
+    assert retry_after_seconds(header, SENT_AT) == seconds
+
+
+@pytest.mark.parametrize(("status", "rotated"), [(200, True), (400, False)])
+def test_a_bug_reading_the_answer_fails_typed_and_quiet(
+    monkeypatch: pytest.MonkeyPatch, status: int, rotated: bool
+) -> None:
+    """Should reading an answer ever raise (a bug), the refresh fails as a retryable RefreshFailed that asks for a
+    report, names no secret, chains nothing, and says a 2xx may have rotated the refresh token."""
+
+    def broken(*args: Any) -> Any:
+        raise KeyError(NEW_REFRESH)
+
+    monkeypatch.setattr("httpx_upstream_auth._oauth._read_answer", broken)
+    error = classify(status, body(access_token=NEW_ACCESS, refresh_token=NEW_REFRESH))
+    assert isinstance(error, RefreshFailed) and "a bug in httpx-upstream-auth: KeyError" in str(error)
+    assert (error.retryable, error.may_have_rotated, error.status_code) == (True, rotated, status)
+    assert error.__cause__ is None and error.__context__ is None
+
+
 def test_merge_3xx_is_refresh_failed_not_rotated() -> None:
     """A redirect answer is a RefreshFailed that did not rotate, whatever its body says."""
     for status in (301, 302, 303, 307, 308):
@@ -951,10 +991,16 @@ def test_deeply_nested_unreadable_200_is_refresh_failed(payload: bytes) -> None:
 
 
 def test_merge_id_token_unfit_for_a_header_has_no_subject() -> None:
-    """An id_token that could not go into a header is not read for its subject: a stored subject is not matched."""
+    """An id_token that could not go into a header is not read for its subject (a stored subject is not matched)
+    nor kept."""
     id_token = jwt(sub="alice") + "\n"
     with pytest.raises(BindingMismatch):
         merge_response(stored(), 200, body(access_token=NEW_ACCESS, id_token=id_token), SENT_AT)
+    # with no stored subject to match, the unusable id_token is dropped and the stored one kept
+    kept = jwt(sub="alice")
+    unbound = stored(upstream_subject=None, id_token=kept)
+    fresh = merge_response(unbound, 200, body(access_token=NEW_ACCESS, id_token=id_token), SENT_AT)
+    assert fresh.id_token == kept and fresh.access_token == NEW_ACCESS
 
 
 @pytest.mark.parametrize(("status", "rotated"), [(200, True), (400, False)])
