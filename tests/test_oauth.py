@@ -526,6 +526,34 @@ def test_sync_refresh_through_injected_client() -> None:
     assert dict(parse_qsl(seen[0].content.decode())) == {"grant_type": "refresh_token", "refresh_token": REFRESH}
 
 
+def test_close_leaves_an_injected_client_open() -> None:
+    """close() closes only a client the refresher made: an injected one stays open, and the refresher still sends
+    with it."""
+    with httpx.Client(transport=httpx.MockTransport(token_answer)) as client:
+        refresher = OAuth2Refresher("https://p.example/token", "my-app", CLIENT_SECRET, client=client)
+        refresher.close()
+        assert not client.is_closed
+        assert refresher.refresh(stored(), SystemClock()).access_token == NEW_ACCESS
+
+
+def test_a_setting_that_cannot_be_encoded_sends_nothing() -> None:
+    """A client_id with a lone surrogate cannot be form-encoded: a RefreshFailed saying so, not retryable, with
+    nothing sent (the refresh token was not presented)."""
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return token_answer(request)
+
+    with httpx.Client(transport=httpx.MockTransport(handler)) as client:
+        refresher = OAuth2Refresher("https://p.example/token", "my-app\udce9", CLIENT_SECRET, client=client)
+        with pytest.raises(RefreshFailed) as caught:
+            refresher.refresh(stored(), SystemClock())
+    assert "could not be encoded (UnicodeEncodeError); nothing was sent" in str(caught.value)
+    assert (caught.value.retryable, caught.value.may_have_rotated) == (False, False) and seen == []
+    assert_no_secrets(str(caught.value))
+
+
 @pytest.mark.anyio
 async def test_async_refresh_through_injected_client() -> None:
     """arefresh() posts with the injected async client and merges the answer."""

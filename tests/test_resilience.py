@@ -289,6 +289,24 @@ async def test_a_refused_certificate_is_a_configuration_error(
     assert_quiet(caught.value, entry.access_token, entry.refresh_token)
 
 
+async def test_verify_takes_an_ssl_context_that_trusts_the_endpoint(
+    driver: Driver, provider: LocalProvider, make_manager: ManagerFactory, socket_servers: list[SocketServer]
+) -> None:
+    """``verify=`` an SSLContext that trusts the endpoint's certificate (a private CA): the refresh goes through
+    over TLS with that context, where the default one refuses the same server (the test above)."""
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(UNTRUSTED_PEM)
+    answer = b'{"access_token": "at-over-tls", "expires_in": 60}'
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(answer)
+    server = SocketServer(head + answer, tls)
+    socket_servers.append(server)
+    trusting = ssl.create_default_context(cafile=str(UNTRUSTED_PEM))
+    manager = make_manager(refresher=refresher(f"https://127.0.0.1:{server.port}/token", verify=trusting))
+    put_entry(manager, expired(provider.login()))
+    assert (await driver.get_token(manager)).access_token == "at-over-tls"
+    assert server.request_lines == ["POST /token HTTP/1.1"]
+
+
 async def test_https_to_a_plain_http_port_is_a_configuration_error(
     driver: Driver, provider: LocalProvider, make_manager: ManagerFactory, server: ServerThread
 ) -> None:
