@@ -96,6 +96,9 @@ def test_open_storage_by_url(tmp_path: Path) -> None:
 
     hua.register_storage("vault", factory)
     assert isinstance(hua.open_storage("vault://team/tokens"), hua.MemoryStorage) and made == ["vault://team/tokens"]
+    for pathless in ("sqlite:", "sqlite://"):
+        with pytest.raises(ValueError, match="a sqlite storage URL needs a path"):
+            hua.open_storage(pathless)
     with pytest.raises(ValueError, match="known: ") as caught:
         hua.open_storage("postgres://user:s3cret@db/tokens")
     assert "s3cret" not in str(caught.value)

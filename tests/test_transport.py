@@ -377,10 +377,11 @@ async def test_cancelled_caller_leaves_no_open_flow_or_connection(
     assert provider.stats["api_ok"] == 1
 
 
-_WITHOUT_HTTPX2 = """
+_WITHOUT_EXTRAS = """
 import sys
 
-sys.modules["httpx2"] = None  # `import httpx2` now raises ImportError, as when it is not installed
+# `import httpx2` and `import opentelemetry` now raise ImportError, as when they are not installed
+sys.modules["httpx2"] = sys.modules["opentelemetry"] = None
 import asyncio
 
 import httpx
@@ -392,7 +393,7 @@ provider = LocalProvider(access_ttl=60)
 with ServerThread(provider) as server:
     refresher = OAuth2Refresher(server.url + "/token", "test-client", "test-secret")
     manager = TokenManager(refresher=refresher, provider_id="local", storage=MemoryStorage())
-    manager.store("s", provider.login())
+    provider.revoke_access(manager.store("s", provider.login()).access_token)  # the first request refreshes
     auth = manager.auth("s")
     with httpx.Client(auth=auth) as client:
         print("auth", isinstance(auth, httpx.Auth), client.get(server.url + "/api/me").status_code)
@@ -405,20 +406,21 @@ with ServerThread(provider) as server:
     plain = AsyncUpstreamAuthTransport.__bases__ == (httpx.AsyncBaseTransport,)
     print("transport", plain, asyncio.run(through_transport()))
     manager.close()
-print("api_ok", provider.stats["api_ok"])
+print("api_ok", provider.stats["api_ok"], "refresh_ok", provider.stats["refresh_ok"])
 """
 
 
-def test_without_httpx2_the_auth_and_transport_are_httpx_only() -> None:
-    """httpx2 is optional: without it, UpstreamAuth is a plain httpx.Auth and the transport a plain httpx
-    transport, and both authenticate requests (in a child process where `import httpx2` fails)."""
+def test_without_the_optional_packages_the_adapters_are_httpx_only() -> None:
+    """httpx2 and opentelemetry are optional: without them, UpstreamAuth is a plain httpx.Auth and the transport
+    a plain httpx transport, and both authenticate requests, refreshing as needed (in a child process where
+    their imports fail)."""
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
     result = subprocess.run(
-        [sys.executable, "-c", _WITHOUT_HTTPX2], capture_output=True, text=True, timeout=60, cwd=root
+        [sys.executable, "-c", _WITHOUT_EXTRAS], capture_output=True, text=True, timeout=60, cwd=root
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split("\n")[:3] == ["auth True 200", "transport True 200", "api_ok 2"]
+    assert result.stdout.split("\n")[:3] == ["auth True 200", "transport True 200", "api_ok 2 refresh_ok 1"]
