@@ -400,6 +400,40 @@ async def test_a_401_after_a_redirect_to_another_origin_refreshes_nothing(
     assert provider.stats["token_calls"] == 0
 
 
+class RejectThenRedirect(ScriptedAPI):
+    """A ScriptedAPI whose second request (the replay after its first 401) is redirected to ``to``."""
+
+    def __init__(self, statuses: list[int], to: str) -> None:
+        super().__init__(statuses)
+        self.to = to
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and len(self.seen) == 1:
+            self.seen.append(dict(scope["headers"]).get(b"authorization", b"").decode())
+            await Redirect(self.to)(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
+async def test_a_401_after_the_replay_is_redirected_to_another_origin_distrusts_nothing(
+    driver: Driver, provider: LocalProvider, manager: TokenManager
+) -> None:
+    """Our API refuses the token, the replay with the refreshed one is redirected to another origin, which
+    answers 401 to a request without our token: the caller gets that 401, and the refreshed token is not
+    distrusted (a later real 401 from our API refreshes and replays again)."""
+    put_entry(manager, provider.login())
+    elsewhere = ScriptedAPI([401] * 5)
+    async with ServerThread(elsewhere) as other:
+        api = RejectThenRedirect([401, 401, 200], other.url + "/landing")
+        async with ServerThread(api) as served:
+            through = Driver(driver.mode, served.url)
+            assert (await through.request(manager, path="/data", follow_redirects=True)).status_code == 401
+            assert elsewhere.seen == [None] and provider.stats["token_calls"] == 1
+            assert (await through.request(manager, path="/data", follow_redirects=True)).status_code == 200
+    assert provider.stats["token_calls"] == 2 and provider.stats["refresh_reuse"] == 0
+    assert len(set(api.seen)) == 3  # the first token, the refreshed one (twice), the next one
+
+
 # -- 10. a lost answer is remembered however many refreshes succeed after it ---------------------------
 
 
