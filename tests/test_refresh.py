@@ -30,6 +30,7 @@ from httpx_upstream_auth import (
     Clock,
     ConfigurationError,
     EntryKey,
+    MemoryStorage,
     OAuth2Refresher,
     ReauthenticationRequired,
     RefreshFailed,
@@ -37,7 +38,7 @@ from httpx_upstream_auth import (
     TokenManager,
     UpstreamTokens,
 )
-from httpx_upstream_auth._async._manager import MAX_RETRIES
+from httpx_upstream_auth._async._manager import MAX_FLIGHTS, MAX_RETRIES
 from httpx_upstream_auth.testing import LocalProvider, ServerThread
 
 pytestmark = pytest.mark.anyio
@@ -474,6 +475,43 @@ async def test_store_returns_versioned_entry(driver: Driver, provider: LocalProv
     second = await driver.store(manager, provider.login())
     assert second.version > first.version
     assert stored(manager) == second
+
+
+class LosingStorage(MemoryStorage):
+    """A MemoryStorage where another writer wins every compare-and-set (its writes never land)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.puts = 0
+
+    def put(self, key: EntryKey, tokens: UpstreamTokens, *, expected_version: int | None) -> bool:
+        self.puts += 1
+        return False
+
+
+async def test_a_store_that_loses_every_race_is_a_storage_error(
+    driver: Driver, provider: LocalProvider, make_manager: ManagerFactory
+) -> None:
+    """store() tries again while others' writes win, a bounded number of times, then says so: a StorageError
+    asking to retry, and nothing stored."""
+    storage = LosingStorage()
+    manager = make_manager(storage=storage)
+    with pytest.raises(StorageError, match="kept changing while storing it"):
+        await driver.store(manager, provider.login())
+    assert storage.puts == MAX_FLIGHTS and stored(manager) is None
+
+
+async def test_store_without_issued_at_counts_the_lifetime_from_now(
+    driver: Driver, provider: LocalProvider, make_manager: ManagerFactory
+) -> None:
+    """An entry stored without issued_at gets now (or its expiry, if that passed already): the lifetime counted
+    from then is a lower bound, so the leeway capped by it stays small enough."""
+    clock = FakeClock()
+    manager = make_manager(clock=clock)
+    entry = await driver.store(manager, attrs.evolve(provider.login(), issued_at=None, expires_at=clock.now + 600))
+    assert entry.issued_at == clock.now and entry == stored(manager)
+    past = await driver.store(manager, attrs.evolve(provider.login(), issued_at=None, expires_at=clock.now - 10))
+    assert past.issued_at == clock.now - 10
 
 
 async def test_versions_never_repeat_across_logout_and_login(
