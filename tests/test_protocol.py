@@ -466,13 +466,15 @@ class StatusErrorRefresher(Refresher):
         return self._fail()
 
 
+@pytest.mark.parametrize("redeem_in", ["thread", "task"])
 async def test_custom_refresher_exception_reaches_every_waiter_typed(
-    provider: LocalProvider, make_manager: ManagerFactory, server: ServerThread
+    provider: LocalProvider, make_manager: ManagerFactory, server: ServerThread, redeem_in: str
 ) -> None:
     """A custom refresher raising an exception that cannot be copied (httpx.HTTPStatusError): every waiter gets
-    a RefreshFailed, the refresher ran once, and the entry is removed (it cannot say whether it was sent)."""
+    a RefreshFailed, the refresher ran once, and the entry is removed (it cannot say whether it was sent); in
+    thread jobs and in task jobs alike."""
     refresher = StatusErrorRefresher(server.url + "/token")
-    manager = make_manager(refresher=refresher)
+    manager = make_manager(refresher=refresher, redeem_in=redeem_in)
     put_entry(manager, expired(provider.login()))
     errors: list[BaseException] = []
 
@@ -676,15 +678,16 @@ class OddRefresher(Refresher):
         return self._after(await self.inner.arefresh(tokens, clock))  # type: ignore[no-any-return]
 
 
+@pytest.mark.parametrize("redeem_in", ["thread", "task"])
 @pytest.mark.parametrize("behaviour", ["returns_none", "returns_dict"])
 async def test_custom_refresher_returning_an_odd_object_fails_closed(
-    provider: LocalProvider, make_manager: ManagerFactory, token_url: str, behaviour: str
+    provider: LocalProvider, make_manager: ManagerFactory, token_url: str, behaviour: str, redeem_in: str
 ) -> None:
     """A custom refresher that redeemed the token and returned something other than UpstreamTokens: the entry
-    is removed (typed error), so no other worker presents the consumed refresh token."""
+    is removed (typed error), so no other worker presents the consumed refresh token (thread or task jobs)."""
     storage = MemoryStorage()
     odd = OddRefresher(OAuth2Refresher(token_url, "test-client", "test-secret"), behaviour)
-    manager = make_manager(storage=storage, refresher=odd)
+    manager = make_manager(storage=storage, refresher=odd, redeem_in=redeem_in)
     other = make_manager(storage=storage)
     put_entry(manager, expired(provider.login()))
     with pytest.raises(RefreshFailed):
@@ -841,6 +844,31 @@ class AsyncOnlyRefresher(OAuth2Refresher):
 
     def refresh(self, tokens: UpstreamTokens, clock: Any) -> UpstreamTokens:
         raise NotImplementedError
+
+
+class SyncOnlyRefresher(OAuth2Refresher):
+    """A refresher written for sync code only."""
+
+    async def arefresh(self, tokens: UpstreamTokens, clock: Any) -> UpstreamTokens:
+        raise NotImplementedError
+
+
+async def test_a_sync_only_refresher_in_task_jobs_sends_nothing_and_keeps_the_entry(
+    provider: LocalProvider, make_manager: ManagerFactory, token_url: str
+) -> None:
+    """A refresher whose arefresh() is not implemented, with redeem_in="task": a typed error naming the missing
+    half and the redeem_in that fits it, nothing sent, the entry kept; with the default thread jobs it refreshes."""
+    refresher = SyncOnlyRefresher(token_url, "test-client", "test-secret")
+    tasks = make_manager(refresher=refresher, redeem_in="task")
+    entry = put_entry(tasks, expired(provider.login()))
+    with pytest.raises(
+        RefreshFailed, match=r"does not implement arefresh\(\) for task jobs.*redeem_in='thread'"
+    ) as caught:
+        await tasks.aget_token(SESSION)
+    assert caught.value.retryable is False
+    assert stored(tasks) == entry and provider.stats["token_calls"] == 0
+    threads = make_manager(refresher=refresher, storage=tasks.storage)
+    assert (await threads.aget_token(SESSION)).refresh_token != entry.refresh_token
 
 
 async def test_an_async_only_refresher_in_thread_jobs_sends_nothing_and_keeps_the_entry(
