@@ -1112,8 +1112,10 @@ def test_lost_lease_claims_are_kept_for_a_lease_ttl_at_most_and_bounded(
     finally:
         locker.execute("ROLLBACK")
         locker.close()
-    assert len(storage._orphans) == 0 and manager.footprint().lost_claims == 0
+    assert manager.footprint().lost_claims == 0
 
+    # A claim that committed and whose answer was then lost: no public fault does that on a local file (the
+    # commit and its answer are one call), so the storage's claim step is wrapped to lose the answer after it.
     real_claim = storage._claim
 
     def claim_then_fail(*args: Any) -> Any:
