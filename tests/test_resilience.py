@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import socket
 import sqlite3
 import ssl
@@ -130,6 +131,12 @@ class SocketServer:
                 while b"\r\n\r\n" not in data and (chunk := conn.recv(65536)):
                     data += chunk
                 self.request_lines.append(data.split(b"\r\n", 1)[0].decode("latin-1"))
+                # The body too, before answering: closing with it unread would reset the connection under the
+                # client's answer.
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+                while length is not None and len(body) < int(length[1]) and (chunk := conn.recv(65536)):
+                    body += chunk
                 conn.sendall(self.reply)
             except OSError:  # ssl.SSLError included
                 pass
