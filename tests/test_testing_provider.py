@@ -606,3 +606,20 @@ def test_server_errors_are_clear(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "uvicorn", None)
     with pytest.raises(ImportError, match=re.escape("pip install httpx-upstream-auth[testing]")):
         ServerThread(LocalProvider()).start()
+
+
+def test_a_server_whose_app_fails_to_start_raises_and_leaves_no_thread() -> None:
+    """ServerThread.start() on an app whose ASGI startup fails: RuntimeError naming the address, caused by
+    uvicorn's own exit, and no serving thread is left behind."""
+
+    async def refuses_to_start(scope: Any, receive: Any, send: Any) -> None:
+        assert scope["type"] == "lifespan"
+        await receive()
+        await send({"type": "lifespan.startup.failed", "message": "no database"})
+
+    server = ServerThread(refuses_to_start, lifespan="on")
+    before = threading.active_count()
+    with pytest.raises(RuntimeError, match=r"uvicorn did not start on 127\.0\.0\.1") as caught:
+        server.start()
+    assert isinstance(caught.value.__cause__, SystemExit)
+    assert threading.active_count() == before
