@@ -203,13 +203,28 @@ async def test_another_origins_authorization_header_is_left_alone(
     assert theirs.json()["authorization"] == "Bearer theirs"
 
 
-def test_origins_must_be_origins(manager: TokenManager) -> None:
+@pytest.mark.parametrize("transport_class", [UpstreamAuthTransport, AsyncUpstreamAuthTransport])
+def test_origins_must_be_origins(manager: TokenManager, transport_class: Any) -> None:
     """``origins=`` takes a list of scheme://host[:port]; anything else is refused when constructed."""
-    for bad in (["api.example.com"], ["ftp://api.example.com"], ["https://api.example.com/v1"], []):
-        with pytest.raises(ValueError):
-            UpstreamAuthTransport(manager, SESSION, origins=bad)
+    for bad in (["api.example.com"], ["ftp://api.example.com"], ["https://api.example.com/v1"]):
+        with pytest.raises(ValueError, match="not an origin"):
+            transport_class(manager, SESSION, origins=bad)
+    with pytest.raises(ValueError, match="origins= is empty"):
+        transport_class(manager, SESSION, origins=[])
     with pytest.raises(TypeError):
-        AsyncUpstreamAuthTransport(manager, SESSION, origins="https://api.example.com")
+        transport_class(manager, SESSION, origins="https://api.example.com")
+
+
+async def test_a_request_of_neither_library_needs_a_transport(manager: TokenManager) -> None:
+    """Without transport=, the transport makes httpx's or httpx2's own for their requests; a request of another
+    library is refused with a TypeError saying to pass transport=, before anything is sent."""
+
+    class OtherRequest:
+        url = httpx.URL("https://api.example.com/data")
+
+    transport = AsyncUpstreamAuthTransport(manager, SESSION, origins=["https://elsewhere.example"])
+    with pytest.raises(TypeError, match=r"cannot send a .*OtherRequest: pass transport="):
+        await transport.handle_async_request(OtherRequest())  # type: ignore[arg-type]
 
 
 # -- a failed refresh closes the 401 ---------------------------------------------------------------------
