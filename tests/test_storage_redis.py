@@ -655,3 +655,29 @@ def test_a_client_is_described_by_its_address_only() -> None:
     assert describe_client(redis.Redis(host="cache.internal", port=6380, password="s3cret")) == "cache.internal:6380"
     assert describe_client(redis.Redis(unix_socket_path="/run/redis.sock")) == "unix:/run/redis.sock"
     assert describe_client(object()) == "(unknown address)"
+
+
+@pytest.mark.anyio
+async def test_connection_slots_say_busy_when_none_comes_in_time() -> None:
+    """With every connection slot held, a command waits the socket timeout for one, then fails as busy (the
+    sync gate and the async semaphore alike); once the holder lets go, the next command gets its slot."""
+    from httpx_upstream_auth._storages._redis._clients import AsyncSlots, FifoGate, SyncSlots
+
+    def busy(what: str) -> StorageError:
+        return StorageError(f"busy: {what}")
+
+    def sync_side() -> None:
+        slots = SyncSlots(FifoGate(1), 0.01, busy)
+        with slots.slot("hold"), pytest.raises(StorageError, match="busy: save"), slots.slot("save"):
+            pass
+        with slots.slot("save"):
+            pass
+
+    await anyio.to_thread.run_sync(sync_side)
+    slots = AsyncSlots(1, 0.01, busy)
+    async with slots.slot("hold"):
+        with pytest.raises(StorageError, match="busy: save"):
+            async with slots.slot("save"):
+                pass
+    async with slots.slot("save"):
+        pass
