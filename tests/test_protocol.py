@@ -621,6 +621,30 @@ def test_task_job_whose_loop_was_closed_does_not_wedge_the_session(
     assert provider.stats["token_calls"] == 1 and provider.stats["refresh_reuse"] == 0
 
 
+def test_task_job_whose_loop_ends_fails_closed_before_it_ends(
+    provider: LocalProvider, make_manager: ManagerFactory
+) -> None:
+    """redeem_in="task", and the caller's asyncio.run() ended while its refresh was at the provider: the run
+    cancels the job, which removes the entry (shielded, within refresh_timeout) before the loop is gone, so the
+    consumed refresh token is never presented again, by this process or another."""
+    manager = make_manager(redeem_in="task")
+    put_entry(manager, expired(provider.login()))
+    provider.fail_next("answer_delay:0.5")
+
+    async def leave_once_the_refresh_is_at_the_provider() -> None:
+        caller = asyncio.ensure_future(manager.aget_token(SESSION))
+        await wait_until(lambda: provider.stats["token_calls"] == 1)
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+
+    asyncio.run(leave_once_the_refresh_is_at_the_provider())
+    assert stored(manager) is None
+    with pytest.raises(ReauthenticationRequired):
+        manager.get_token(SESSION)
+    assert provider.stats["token_calls"] == 1 and provider.stats["refresh_reuse"] == 0
+
+
 class FirstReadNeverEnds(MemoryStorage):
     """A MemoryStorage whose first async read waits for ever (its event loop is closed under it)."""
 
