@@ -681,6 +681,38 @@ def test_a_read_whose_loop_was_closed_does_not_hold_up_the_next_caller(
     assert provider.stats["token_calls"] == 1 and provider.stats["refresh_reuse"] == 0
 
 
+class RegionDown(RefreshFailed):
+    """A custom refresher's own RefreshFailed, built from other arguments than RefreshFailed's."""
+
+    def __init__(self, region: str) -> None:
+        super().__init__(f"the provider's {region} region is down", retryable=True)
+
+
+class RegionDownRefresher(Refresher):
+    """A custom refresher that fails, before sending anything, with an error of its own kind."""
+
+    def refresh(self, tokens: UpstreamTokens, clock: Any) -> UpstreamTokens:
+        raise RegionDown("eu-west-secret")
+
+    async def arefresh(self, tokens: UpstreamTokens, clock: Any) -> UpstreamTokens:
+        raise RegionDown("eu-west-secret")
+
+
+@pytest.mark.parametrize("redeem_in", ["thread", "task"])
+async def test_a_custom_error_that_cannot_be_copied_reaches_the_caller_typed(
+    provider: LocalProvider, make_manager: ManagerFactory, redeem_in: str
+) -> None:
+    """A custom RefreshFailed subclass that cannot be rebuilt from a RefreshFailed's fields (each waiter gets a
+    copy): the caller gets a RefreshFailed naming its type, without its text (it may hold anything), and the
+    entry is kept (a RefreshFailed without may_have_rotated consumed nothing)."""
+    manager = make_manager(refresher=RegionDownRefresher(), redeem_in=redeem_in)
+    entry = put_entry(manager, expired(provider.login()))
+    with pytest.raises(RefreshFailed) as caught:
+        await manager.aget_token(SESSION)
+    assert str(caught.value) == "the refresh failed with RegionDown; retry the request"
+    assert type(caught.value) is RefreshFailed and stored(manager) == entry
+
+
 class OddRefresher(Refresher):
     """A custom refresher that redeems the refresh token at the provider, then misbehaves."""
 
