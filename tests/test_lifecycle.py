@@ -206,6 +206,20 @@ async def test_close_during_a_refresh_waits_for_the_job_to_save(
     assert provider.stats["refresh_reuse"] == 0 and provider.stats["refresh_ok"] == 1
 
 
+async def test_a_closed_manager_starts_no_refresh(provider: LocalProvider, make_manager: ManagerFactory) -> None:
+    """After aclose(), a manager still reads (its storage is another open manager's too) but starts no refresh:
+    a typed error that says so, nothing sent, and the entry left for the open manager to refresh."""
+    storage = MemoryStorage()
+    still_open = make_manager(storage=storage)
+    manager = make_manager(storage=storage)
+    entry = await aput_entry(manager, expired(provider.login()))
+    await manager.aclose()
+    with pytest.raises(RefreshFailed, match="the TokenManager is closed, so no refresh starts") as caught:
+        await manager.aget_token(SESSION)
+    assert caught.value.retryable is False and provider.stats["token_calls"] == 0
+    assert (await still_open.aget_token(SESSION)).version == entry.version + 1
+
+
 # -- 5. refresh_timeout bounds a thread job whose refresher hangs -----------------------------------
 
 
