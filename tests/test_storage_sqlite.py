@@ -351,3 +351,19 @@ def test_a_subscriber_that_raises_does_not_silence_the_others(tmp_path: Path, ca
     unsubscribe()
     listener.close()
     writer.close()
+
+
+def test_an_unreadable_row_is_a_storage_error_saying_what_to_do(tmp_path: Path) -> None:
+    """A row whose data is not an entry (another program wrote it, or a disk fault): get() raises StorageError
+    naming the provider and what to do, not a ValueError, and never the session id."""
+    path = tmp_path / "tokens.db"
+    store = SQLiteStorage(path)
+    assert store.put(KEY, tokens(1), expected_version=None)
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute("UPDATE entries SET data = '[1, 2]'")
+    with pytest.raises(
+        StorageError, match=r"unreadable entry for provider 'github' \(ValueError\); delete it"
+    ) as caught:
+        store.get(KEY)
+    assert KEY.session_id not in str(caught.value)
+    store.close()
