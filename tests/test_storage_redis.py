@@ -681,3 +681,17 @@ async def test_connection_slots_say_busy_when_none_comes_in_time() -> None:
                 pass
     async with slots.slot("save"):
         pass
+
+
+@pytest.mark.anyio
+async def test_a_closed_storage_says_so(redis_server: RedisServer) -> None:
+    """Every call on a closed RedisStorage, sync or async, is a StorageError asking for a new one (not a
+    connection error from a client it closed)."""
+    prefix = _prefix()
+    store = await anyio.to_thread.run_sync(lambda: RedisStorage.from_url(redis_server.url, prefix=prefix))
+    assert await store.aput(KEY, tokens(1), expected_version=None)
+    await store.aclose()
+    with pytest.raises(StorageError, match="is closed; create a new one"):
+        await anyio.to_thread.run_sync(store.get, KEY)
+    with pytest.raises(StorageError, match="is closed; create a new one"):
+        await store.aget(KEY)
