@@ -558,19 +558,44 @@ def test_manager_settings_are_checked(make_manager: ManagerFactory) -> None:
         make_manager(redeem_in="process")
 
 
-def test_observed_latency_follows_rfc_6298() -> None:
+def test_observed_latency_follows_rfc_6298(provider: LocalProvider, make_manager: ManagerFactory) -> None:
     """The manager estimates how long a request may take as TCP does its retransmission timer: the first
     round trip r gives r + 4 * r/2; later ones move the smoothed mean by 1/8 and the variation by 1/4, so one
-    stall raises the estimate for a while but does not dominate it."""
-    manager = TokenManager(refresher=OAuth2Refresher("http://127.0.0.1:1/token", "c", "s"), provider_id="local")
-    state = manager._state
-    state.observe(0.1)
-    assert state.latency == pytest.approx(0.1 + 4 * 0.05)
-    state.observe(0.9)  # one stall
-    assert state.latency == pytest.approx(0.2 + 4 * (0.75 * 0.05 + 0.25 * 0.8))
+    stall raises the estimate for a while but does not dominate it. Seen from outside: with no leeway, a token
+    is sent only while it outlives the estimate (requests timed on the manager's clock)."""
+    clock = FakeClock()
+    manager = make_manager(clock=clock, leeway=0.0)
+
+    def stored_for(remaining: float) -> None:
+        manager.store(
+            SESSION, attrs.evolve(provider.login(), issued_at=clock.now - 1000, expires_at=clock.now + remaining)
+        )
+
+    def request_taking(seconds: float) -> None:
+        stored_for(1000.0)
+        flow = manager.auth(SESSION).sync_auth_flow(httpx.Request("GET", "https://api.example/me"))
+        request = next(flow)
+        clock.advance(seconds)
+        with pytest.raises(StopIteration):
+            flow.send(httpx.Response(200, request=request))
+
+    def sent_as_it_is(remaining: float) -> bool:
+        stored_for(remaining)
+        before = provider.stats["token_calls"]
+        manager.get_token(SESSION)
+        return provider.stats["token_calls"] == before
+
+    def estimate_between(low: float, high: float) -> None:
+        assert sent_as_it_is(high) and not sent_as_it_is(low)
+
+    request_taking(0.1)
+    estimate_between(0.29, 0.31)  # 0.1 + 4 * 0.05
+    request_taking(0.9)  # one stall
+    estimate = 0.2 + 4 * (0.75 * 0.05 + 0.25 * 0.8)
+    estimate_between(estimate - 0.01, estimate + 0.01)
     for _ in range(60):
-        state.observe(0.1)
-    assert state.latency == pytest.approx(0.1, abs=0.01)
+        request_taking(0.1)
+    estimate_between(0.09, 0.11)
 
 
 async def test_a_refresh_keeps_the_issuer_of_the_grant(
