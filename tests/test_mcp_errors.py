@@ -4,8 +4,10 @@ connect) as one typed exception, never an ExceptionGroup, a CancelledError or a 
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
+import pickle
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -440,3 +442,19 @@ async def test_the_server_stream_comes_back_after_a_dead_grant_and_a_new_login(
         await settled(mcp_server)  # the stream is back
         assert await echo(client, "y") == "y"
     assert mcp_server.streams_opened == 2
+
+
+def test_a_server_refusal_survives_copy_and_pickle() -> None:
+    """ServerRefused copies (each waiter gets its own) and pickles (across processes) with every field, though
+    its fields are keyword-only."""
+    error = ServerRefused(
+        "the MCP server refused the token: insufficient_scope",
+        status_code=403,
+        error="insufficient_scope",
+        scope="tools:write",
+        description="needs tools:write",
+    )
+    for again in (copy.copy(error), pickle.loads(pickle.dumps(error))):
+        assert type(again) is ServerRefused and again is not error
+        fields = (str(again), again.status_code, again.error, again.scope, again.description)
+        assert fields == (str(error), 403, "insufficient_scope", "tools:write", "needs tools:write")
