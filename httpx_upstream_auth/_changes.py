@@ -56,7 +56,11 @@ class ChangeHub:
         return remove
 
     def add_subscriber(self, callback: ChangeCallback, origin: str) -> Callable[[], None]:
-        """Call ``callback(digest)`` on changes made by others than ``origin``, until the returned function runs."""
+        """Call ``callback(digest)`` on changes made by others than ``origin``, until the returned function runs.
+
+        ``callback`` must not raise (it runs in the feed's thread): the one subscriber a storage adds, its
+        :class:`Feed`, catches and logs its own callbacks' errors.
+        """
         ident = next(self._ids)
         with self._lock:
             self._subscribers[ident] = (origin, callback)
@@ -91,10 +95,7 @@ class ChangeHub:
         with self._lock:
             callbacks = [callback for owner, callback in self._subscribers.values() if owner != origin]
         for callback in callbacks:
-            try:
-                callback(digest)
-            except Exception:  # one subscriber's bug must not stop the others, nor the feed's thread
-                logger.exception("a storage change subscriber raised")
+            callback(digest)
 
 
 def feed_of(owner: _T, callbacks_of: Callable[[_T], Iterable[ChangeCallback]]) -> Feed[_T]:

@@ -42,10 +42,8 @@ EVENT_LEVELS: Mapping[str, int] = {
 }
 
 
-def short_hash(secret: str | None) -> str | None:
+def short_hash(secret: str) -> str:
     """The first 8 hex digits of the secret's SHA-256: enough to tell tokens apart in logs, useless to an attacker."""
-    if secret is None:
-        return None
     return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()[:8]
 
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import anyio
 import attrs
+import httpx
 import pytest
 
 pytest.importorskip("mcp.server.mcpserver", reason="the MCP SDK 2.x is not installed")
 
 import mcp_fixtures
-from support import fail_refresh
+from support import SSL, ManagerFactory, fail_refresh
 
 from httpx_upstream_auth import (
     ReauthenticationRequired,
@@ -18,8 +21,8 @@ from httpx_upstream_auth import (
     UpstreamAuthError,
 )
 from httpx_upstream_auth._async._manager import MAX_RETRIES
-from httpx_upstream_auth.mcp import connect
-from httpx_upstream_auth.testing import LocalMCPServer, LocalProvider
+from httpx_upstream_auth.mcp import AsyncMCPAuthTransport, LegacyAsyncMCPAuthTransport, connect
+from httpx_upstream_auth.testing import LocalMCPServer, LocalProvider, ServerThread
 
 # The shared fixtures, served for this module's own ``provider``.
 manager = mcp_fixtures.manager
@@ -164,3 +167,33 @@ async def test_concurrent_calls_in_one_session_refresh_once(
                 tg.start_soon(call, i)
     assert sorted(results, key=int) == [str(i) for i in range(20)]
     assert provider.stats["refresh_ok"] == 1 and provider.stats["refresh_reuse"] == 0
+
+
+@pytest.mark.parametrize("lib", ["httpx", "httpx2"])
+async def test_an_mcp_transport_tells_its_last_error(
+    provider: LocalProvider, make_manager: ManagerFactory, server: ServerThread, lib: str
+) -> None:
+    """Both MCP transports keep the error of their last request (the session had no tokens: nothing was sent)
+    in ``last_error`` and answer it to the SDK themselves, naming it in a header; once tokens are stored, the
+    next request goes through and ``last_error`` is cleared."""
+    manager = make_manager()
+    call = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
+    notice = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+    if lib == "httpx":
+        legacy = LegacyAsyncMCPAuthTransport(manager, SESSION)
+        transport: Any = legacy
+        client: Any = httpx.AsyncClient(transport=legacy, verify=SSL)
+    else:
+        import httpx2
+
+        current = AsyncMCPAuthTransport(manager, SESSION)
+        transport, client = current, httpx2.AsyncClient(transport=current, verify=SSL)
+    async with client:
+        refused = await client.post(server.url + "/api/echo", json=call)
+        assert isinstance(transport.last_error, ReauthenticationRequired)
+        assert refused.headers["x-upstream-auth-error"] == "ReauthenticationRequired"
+        assert provider.api_calls["/api/echo"] == 0
+        tokens = await manager.astore(SESSION, provider.login())
+        echoed = await client.post(server.url + "/api/echo", json=notice)
+    assert echoed.json()["authorization"] == f"Bearer {tokens.access_token}"
+    assert transport.last_error is None and provider.api_calls["/api/echo"] == 1

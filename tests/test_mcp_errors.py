@@ -4,9 +4,13 @@ connect) as one typed exception, never an ExceptionGroup, a CancelledError or a 
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
+import pickle
+import sys
 import time
+import types
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -37,6 +41,7 @@ from httpx_upstream_auth.mcp import (
     ServerUnreachable,
     SessionExpired,
     TokenRejected,
+    upstream_error,
 )
 from httpx_upstream_auth.testing import LocalMCPServer, LocalProvider, ServerThread
 
@@ -440,3 +445,57 @@ async def test_the_server_stream_comes_back_after_a_dead_grant_and_a_new_login(
         await settled(mcp_server)  # the stream is back
         assert await echo(client, "y") == "y"
     assert mcp_server.streams_opened == 2
+
+
+def test_a_server_refusal_survives_copy_and_pickle() -> None:
+    """ServerRefused copies (each waiter gets its own) and pickles (across processes) with every field, though
+    its fields are keyword-only."""
+    error = ServerRefused(
+        "the MCP server refused the token: insufficient_scope",
+        status_code=403,
+        error="insufficient_scope",
+        scope="tools:write",
+        description="needs tools:write",
+    )
+    for again in (copy.copy(error), pickle.loads(pickle.dumps(error))):
+        assert type(again) is ServerRefused and again is not error
+        fields = (str(again), again.status_code, again.error, again.scope, again.description)
+        assert fields == (str(error), 403, "insufficient_scope", "tools:write", "needs tools:write")
+
+
+def _sdk_error(body: bytes) -> Any:
+    """What the SDK raises for a JSON-RPC error answer: an exception whose ``error`` has code and data."""
+    error = json.loads(body)["error"]
+
+    class SDKError(Exception):
+        pass
+
+    raised = SDKError(error["message"])
+    raised.error = types.SimpleNamespace(code=error["code"], data=error.get("data"))  # type: ignore[attr-defined]
+    return raised
+
+
+def test_our_errors_come_back_from_the_sdk_once_and_only_ours() -> None:
+    """An error the transport answered comes back from the SDK's exception, once; a server's error that borrows
+    our code without our ticket is not taken for ours; tickets nobody redeemed are kept 1,024 at most; and our
+    error is found inside exception groups (the SDK's task groups), or not at all."""
+    from httpx_upstream_auth.mcp._errors import error_body, find_upstream_error
+
+    if sys.version_info >= (3, 11):
+        group_type: Any = BaseExceptionGroup  # noqa: F821 (a builtin from 3.11)
+    else:
+        from exceptiongroup import BaseExceptionGroup as group_type  # anyio's dependency before 3.11
+    ours = ReauthenticationRequired("log in again")
+    answered = _sdk_error(error_body(ours, 1))
+    assert upstream_error(answered) is ours and upstream_error(answered) is None
+    borrowed = _sdk_error(error_body(ours, 2))
+    borrowed.error.data["httpx_upstream_auth"]["ticket"] = 7
+    assert upstream_error(borrowed) is None
+    oldest = _sdk_error(error_body(RefreshFailed("first", retryable=True), 3))
+    for n in range(1024):
+        error_body(RefreshFailed(f"unread {n}", retryable=True), None)  # notifications: nobody reads them
+    assert upstream_error(oldest) is None
+    latest = _sdk_error(error_body(ours, 4))
+    group = group_type("tasks", [ValueError("other"), group_type("inner", [latest])])
+    assert find_upstream_error(group) is ours
+    assert find_upstream_error(group_type("tasks", [ValueError("other")])) is None

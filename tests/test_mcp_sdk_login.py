@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import socket
 import subprocess
 import sys
 import textwrap
@@ -23,8 +24,9 @@ from mcp import Client
 from mcp.client.auth import OAuthClientProvider
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.auth import OAuthClientMetadata, OAuthToken
+from support import ManagerFactory, aput_entry, expired
 
-from httpx_upstream_auth import EntryKey, SQLiteStorage
+from httpx_upstream_auth import EntryKey, OAuth2Refresher, SQLiteStorage
 from httpx_upstream_auth.mcp import (
     SDKLogin,
     TokenStorageAdapter,
@@ -646,3 +648,21 @@ async def test_first_logins_in_two_processes_end_with_one_client(
             await login.aclose()
     assert provider.flow_stats["registrations"] == 2  # both registered: the race is real
     assert provider.stats["refresh_ok"] == 2 and provider.stats["invalid_grant"] == 0
+
+
+async def test_the_adapter_hands_the_sdk_the_stored_token_when_a_refresh_cannot_happen_now(
+    provider: LocalProvider, make_manager: ManagerFactory
+) -> None:
+    """TokenStorageAdapter.get_tokens(): None when there is no entry (the SDK then logs the user in); when the
+    refresh cannot happen now (the token endpoint is unreachable), the stored entry as it is, not None: the
+    SDK decides, and no login is forced on a user whose grant is fine."""
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        refused = f"http://127.0.0.1:{unused.getsockname()[1]}/token"
+        manager = make_manager(refresher=OAuth2Refresher(refused, "test-client", "test-secret"))
+        adapter = TokenStorageAdapter(manager, SESSION, "https://mcp.example/mcp")
+        assert await adapter.get_tokens() is None
+        entry = await aput_entry(manager, expired(provider.login()), session=SESSION)
+        handed = await adapter.get_tokens()
+    assert handed is not None and handed.access_token == entry.access_token
+    assert handed.refresh_token == entry.refresh_token

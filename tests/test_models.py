@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import types
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -171,6 +172,16 @@ def test_stored_rows_with_implausible_times_read_as_unknown() -> None:
         UpstreamTokens.from_dict(data)
 
 
+@pytest.mark.parametrize("value", [float("nan"), 10**400])
+def test_stored_rows_with_times_that_are_no_finite_number_are_unreadable(value: object) -> None:
+    """A stored time that is NaN or an integer beyond a float's range makes the row unreadable (a ValueError
+    saying which field), rather than a row with a time no comparison can use."""
+    data = full_tokens().to_dict()
+    data["expires_at"] = value
+    with pytest.raises(ValueError, match="field expires_at must be a finite number"):
+        UpstreamTokens.from_dict(data)
+
+
 ANSWER = {
     "access_token": ACCESS,
     "refresh_token": REFRESH,
@@ -251,6 +262,10 @@ def test_from_token_response_needs_a_read_response() -> None:
     assert UpstreamTokens.from_token_response(streamed).access_token == ACCESS
     with pytest.raises(TypeError):
         UpstreamTokens.from_token_response("access_token=x")  # type: ignore[arg-type]
+    # response-shaped, but its content is text: a TypeError naming the type, not a misread answer
+    odd = types.SimpleNamespace(status_code=200, content=json.dumps(ANSWER))
+    with pytest.raises(TypeError, match="a response with status_code and content, not SimpleNamespace"):
+        UpstreamTokens.from_token_response(odd)
 
 
 # -- secrets -------------------------------------------------------------------------------------------
@@ -339,6 +354,16 @@ def test_leeway_without_issued_at_is_the_full_leeway() -> None:
     assert policy.bounds(tokens).leeway_for(0.0) == 30.0
     assert policy.is_fresh(tokens, NOW + 69)
     assert not policy.is_fresh(tokens, NOW + 70)
+
+
+def test_refresh_ahead_without_issued_at_is_the_full_window_and_no_floor() -> None:
+    """Without issued_at the lifetime is unknown: refresh ahead starts the configured seconds before the leeway,
+    with no floor from a fraction of the lifetime; with it, the window is capped and floored by the lifetime."""
+    policy = FreshnessPolicy(leeway=30.0, refresh_ahead=600.0, max_ahead_fraction=0.5)
+    unknown = full_tokens(issued_at=None, expires_at=NOW + 100)
+    assert policy.ahead_window(unknown) == 600.0 and policy.ahead_floor(unknown) == float("-inf")
+    known = full_tokens(issued_at=NOW, expires_at=NOW + 100)
+    assert policy.ahead_window(known) == 50.0 and policy.ahead_floor(known) == NOW + 50
 
 
 def test_unknown_expiry_is_always_fresh() -> None:

@@ -33,10 +33,12 @@ from httpx_upstream_auth import (
 )
 from httpx_upstream_auth._oauth import (
     MAX_LIFETIME,
+    MAX_RETRY_AFTER,
     TokenAnswer,
     build_refresh_request,
     check_token_url,
     merge_response,
+    retry_after_seconds,
 )
 from httpx_upstream_auth.testing import ServerThread, serve
 
@@ -524,6 +526,34 @@ def test_sync_refresh_through_injected_client() -> None:
     assert dict(parse_qsl(seen[0].content.decode())) == {"grant_type": "refresh_token", "refresh_token": REFRESH}
 
 
+def test_close_leaves_an_injected_client_open() -> None:
+    """close() closes only a client the refresher made: an injected one stays open, and the refresher still sends
+    with it."""
+    with httpx.Client(transport=httpx.MockTransport(token_answer)) as client:
+        refresher = OAuth2Refresher("https://p.example/token", "my-app", CLIENT_SECRET, client=client)
+        refresher.close()
+        assert not client.is_closed
+        assert refresher.refresh(stored(), SystemClock()).access_token == NEW_ACCESS
+
+
+def test_a_setting_that_cannot_be_encoded_sends_nothing() -> None:
+    """A client_id with a lone surrogate cannot be form-encoded: a RefreshFailed saying so, not retryable, with
+    nothing sent (the refresh token was not presented)."""
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return token_answer(request)
+
+    with httpx.Client(transport=httpx.MockTransport(handler)) as client:
+        refresher = OAuth2Refresher("https://p.example/token", "my-app\udce9", CLIENT_SECRET, client=client)
+        with pytest.raises(RefreshFailed) as caught:
+            refresher.refresh(stored(), SystemClock())
+    assert "could not be encoded (UnicodeEncodeError); nothing was sent" in str(caught.value)
+    assert (caught.value.retryable, caught.value.may_have_rotated) == (False, False) and seen == []
+    assert_no_secrets(str(caught.value))
+
+
 @pytest.mark.anyio
 async def test_async_refresh_through_injected_client() -> None:
     """arefresh() posts with the injected async client and merges the answer."""
@@ -531,6 +561,19 @@ async def test_async_refresh_through_injected_client() -> None:
         refresher = OAuth2Refresher("https://p.example/token", "my-app", CLIENT_SECRET, async_client=client)
         fresh = await refresher.arefresh(stored(), SystemClock())
     assert fresh.access_token == NEW_ACCESS
+
+
+class _CloseFails(httpx.AsyncByteStream):
+    """An answer body whose connection fails to close."""
+
+    def __init__(self, content: bytes) -> None:
+        self.content = content
+
+    async def __aiter__(self) -> Any:
+        yield self.content
+
+    async def aclose(self) -> None:
+        raise httpx.ReadError("connection reset while closing")
 
 
 def huge(request: httpx.Request) -> httpx.Response:
@@ -560,6 +603,24 @@ async def test_async_oversize_response_refused() -> None:
         with pytest.raises(RefreshFailed) as caught:
             await refresher.arefresh(stored(), SystemClock())
     assert caught.value.retryable is False
+
+
+@pytest.mark.anyio
+async def test_async_oversize_answer_stays_oversize_when_the_close_fails() -> None:
+    """A failure to close the connection after the read was stopped does not hide why it stopped: the error is
+    the oversize answer's (dropped, may have rotated), not a lost answer's."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, stream=_CloseFails(huge(request).content))
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+        refresher = OAuth2Refresher(
+            "https://p.example/token", "my-app", CLIENT_SECRET, async_client=client, max_response_bytes=1024
+        )
+        with pytest.raises(RefreshFailed) as caught:
+            await refresher.arefresh(stored(), SystemClock())
+    assert "1024" in str(caught.value) and "lost" not in str(caught.value)
+    assert (caught.value.retryable, caught.value.may_have_rotated) == (False, True)
 
 
 @pytest.mark.parametrize(
@@ -704,6 +765,44 @@ def test_merge_error_code_text_is_never_quoted_unless_registered() -> None:
     """Only registered OAuth error codes appear in messages: a provider may put anything in 'error'."""
     assert "invalid_client" in str(classify(401, body(error="invalid_client")))
     assert "an unregistered error code" in str(classify(400, body(error=NEW_REFRESH)))
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        (None, None),
+        ("120", 120.0),
+        (" 7 ", 7.0),
+        ("Tue, 14 Nov 2023 22:13:50 GMT", 30.0),  # an HTTP date: counted from now (SENT_AT is 22:13:20 GMT)
+        ("Tue, 14 Nov 2023 22:13:00 GMT", 0.0),  # a date passed: no wait
+        ("Tue, 14 Nov 2023 22:13:50 -0000", None),  # a date in no known time zone cannot be placed
+        ("Sun, 14 Nov 2100 00:00:00 GMT", MAX_RETRY_AFTER),  # capped
+        ("86400", MAX_RETRY_AFTER),
+        ("soon", None),
+        ("-5", None),
+    ],
+)
+def test_retry_after_reads_seconds_or_an_http_date(header: str | None, seconds: float | None) -> None:
+    """Retry-After is delay-seconds or an HTTP date (RFC 9110), read as seconds from now, never negative,
+    capped; anything else is no advice."""
+    assert retry_after_seconds(header, SENT_AT) == seconds
+
+
+@pytest.mark.parametrize(("status", "rotated"), [(200, True), (400, False)])
+def test_a_bug_reading_the_answer_fails_typed_and_quiet(
+    monkeypatch: pytest.MonkeyPatch, status: int, rotated: bool
+) -> None:
+    """Should reading an answer ever raise (a bug), the refresh fails as a retryable RefreshFailed that asks for a
+    report, names no secret, chains nothing, and says a 2xx may have rotated the refresh token."""
+
+    def broken(*args: Any) -> Any:
+        raise KeyError(NEW_REFRESH)
+
+    monkeypatch.setattr("httpx_upstream_auth._oauth._read_answer", broken)
+    error = classify(status, body(access_token=NEW_ACCESS, refresh_token=NEW_REFRESH))
+    assert isinstance(error, RefreshFailed) and "a bug in httpx-upstream-auth: KeyError" in str(error)
+    assert (error.retryable, error.may_have_rotated, error.status_code) == (True, rotated, status)
+    assert error.__cause__ is None and error.__context__ is None
 
 
 def test_merge_3xx_is_refresh_failed_not_rotated() -> None:
@@ -900,6 +999,36 @@ def test_http_deeply_nested_json_without_tokens(
     error = refresh_error(refresher)
     assert isinstance(error, RefreshFailed) and "exceeded" not in str(error)
     assert error.may_have_rotated is rotated and error.status_code == status
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        # JSON in UTF-16 (json.loads reads it) nested past the recursion limit: the flattened re-read, UTF-8 only,
+        # gives up on it
+        ("[" * 4000 + '"x"' + "]" * 4000).encode("utf-16"),
+        # nested past the limit and then not JSON at all: still not JSON once flattened
+        b"[" * 4000 + b"]" * 4000 + b" trailing",
+    ],
+)
+def test_deeply_nested_unreadable_200_is_refresh_failed(payload: bytes) -> None:
+    """A 2xx answer nested too deep to parse and unreadable once flattened is no JSON object: it may have rotated."""
+    error = classify(200, payload)
+    assert isinstance(error, RefreshFailed) and "not a JSON object" in str(error)
+    assert error.may_have_rotated is True
+
+
+def test_merge_id_token_unfit_for_a_header_has_no_subject() -> None:
+    """An id_token that could not go into a header is not read for its subject (a stored subject is not matched)
+    nor kept."""
+    id_token = jwt(sub="alice") + "\n"
+    with pytest.raises(BindingMismatch):
+        merge_response(stored(), 200, body(access_token=NEW_ACCESS, id_token=id_token), SENT_AT)
+    # with no stored subject to match, the unusable id_token is dropped and the stored one kept
+    kept = jwt(sub="alice")
+    unbound = stored(upstream_subject=None, id_token=kept)
+    fresh = merge_response(unbound, 200, body(access_token=NEW_ACCESS, id_token=id_token), SENT_AT)
+    assert fresh.id_token == kept and fresh.access_token == NEW_ACCESS
 
 
 @pytest.mark.parametrize(("status", "rotated"), [(200, True), (400, False)])

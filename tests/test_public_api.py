@@ -96,6 +96,19 @@ def test_open_storage_by_url(tmp_path: Path) -> None:
 
     hua.register_storage("vault", factory)
     assert isinstance(hua.open_storage("vault://team/tokens"), hua.MemoryStorage) and made == ["vault://team/tokens"]
+    for pathless in ("sqlite:", "sqlite://"):
+        with pytest.raises(ValueError, match="a sqlite storage URL needs a path"):
+            hua.open_storage(pathless)
     with pytest.raises(ValueError, match="known: ") as caught:
         hua.open_storage("postgres://user:s3cret@db/tokens")
     assert "s3cret" not in str(caught.value)
+
+
+def test_an_auth_names_its_session() -> None:
+    """``manager.auth(session)`` tells which session it sends tokens for; its repr names the provider only."""
+    refresher = hua.OAuth2Refresher("https://p.example/token", "my-app", "secret")
+    manager = hua.TokenManager(refresher=refresher, provider_id="p", storage=hua.MemoryStorage())
+    auth = manager.auth("session-7")
+    assert auth.session_id == "session-7"
+    assert repr(auth) == "UpstreamAuth(provider_id='p', expect=None)"
+    manager.close()

@@ -30,6 +30,7 @@ from httpx_upstream_auth import (
     Clock,
     ConfigurationError,
     EntryKey,
+    MemoryStorage,
     OAuth2Refresher,
     ReauthenticationRequired,
     RefreshFailed,
@@ -37,7 +38,7 @@ from httpx_upstream_auth import (
     TokenManager,
     UpstreamTokens,
 )
-from httpx_upstream_auth._async._manager import MAX_RETRIES
+from httpx_upstream_auth._async._manager import MAX_FLIGHTS, MAX_RETRIES
 from httpx_upstream_auth.testing import LocalProvider, ServerThread
 
 pytestmark = pytest.mark.anyio
@@ -476,6 +477,43 @@ async def test_store_returns_versioned_entry(driver: Driver, provider: LocalProv
     assert stored(manager) == second
 
 
+class LosingStorage(MemoryStorage):
+    """A MemoryStorage where another writer wins every compare-and-set (its writes never land)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.puts = 0
+
+    def put(self, key: EntryKey, tokens: UpstreamTokens, *, expected_version: int | None) -> bool:
+        self.puts += 1
+        return False
+
+
+async def test_a_store_that_loses_every_race_is_a_storage_error(
+    driver: Driver, provider: LocalProvider, make_manager: ManagerFactory
+) -> None:
+    """store() tries again while others' writes win, a bounded number of times, then says so: a StorageError
+    asking to retry, and nothing stored."""
+    storage = LosingStorage()
+    manager = make_manager(storage=storage)
+    with pytest.raises(StorageError, match="kept changing while storing it"):
+        await driver.store(manager, provider.login())
+    assert storage.puts == MAX_FLIGHTS and stored(manager) is None
+
+
+async def test_store_without_issued_at_counts_the_lifetime_from_now(
+    driver: Driver, provider: LocalProvider, make_manager: ManagerFactory
+) -> None:
+    """An entry stored without issued_at gets now (or its expiry, if that passed already): the lifetime counted
+    from then is a lower bound, so the leeway capped by it stays small enough."""
+    clock = FakeClock()
+    manager = make_manager(clock=clock)
+    entry = await driver.store(manager, attrs.evolve(provider.login(), issued_at=None, expires_at=clock.now + 600))
+    assert entry.issued_at == clock.now and entry == stored(manager)
+    past = await driver.store(manager, attrs.evolve(provider.login(), issued_at=None, expires_at=clock.now - 10))
+    assert past.issued_at == clock.now - 10
+
+
 async def test_versions_never_repeat_across_logout_and_login(
     driver: Driver, provider: LocalProvider, manager: TokenManager
 ) -> None:
@@ -520,19 +558,44 @@ def test_manager_settings_are_checked(make_manager: ManagerFactory) -> None:
         make_manager(redeem_in="process")
 
 
-def test_observed_latency_follows_rfc_6298() -> None:
+def test_observed_latency_follows_rfc_6298(provider: LocalProvider, make_manager: ManagerFactory) -> None:
     """The manager estimates how long a request may take as TCP does its retransmission timer: the first
     round trip r gives r + 4 * r/2; later ones move the smoothed mean by 1/8 and the variation by 1/4, so one
-    stall raises the estimate for a while but does not dominate it."""
-    manager = TokenManager(refresher=OAuth2Refresher("http://127.0.0.1:1/token", "c", "s"), provider_id="local")
-    state = manager._state
-    state.observe(0.1)
-    assert state.latency == pytest.approx(0.1 + 4 * 0.05)
-    state.observe(0.9)  # one stall
-    assert state.latency == pytest.approx(0.2 + 4 * (0.75 * 0.05 + 0.25 * 0.8))
+    stall raises the estimate for a while but does not dominate it. Seen from outside: with no leeway, a token
+    is sent only while it outlives the estimate (requests timed on the manager's clock)."""
+    clock = FakeClock()
+    manager = make_manager(clock=clock, leeway=0.0)
+
+    def stored_for(remaining: float) -> None:
+        manager.store(
+            SESSION, attrs.evolve(provider.login(), issued_at=clock.now - 1000, expires_at=clock.now + remaining)
+        )
+
+    def request_taking(seconds: float) -> None:
+        stored_for(1000.0)
+        flow = manager.auth(SESSION).sync_auth_flow(httpx.Request("GET", "https://api.example/me"))
+        request = next(flow)
+        clock.advance(seconds)
+        with pytest.raises(StopIteration):
+            flow.send(httpx.Response(200, request=request))
+
+    def sent_as_it_is(remaining: float) -> bool:
+        stored_for(remaining)
+        before = provider.stats["token_calls"]
+        manager.get_token(SESSION)
+        return provider.stats["token_calls"] == before
+
+    def estimate_between(low: float, high: float) -> None:
+        assert sent_as_it_is(high) and not sent_as_it_is(low)
+
+    request_taking(0.1)
+    estimate_between(0.29, 0.31)  # 0.1 + 4 * 0.05
+    request_taking(0.9)  # one stall
+    estimate = 0.2 + 4 * (0.75 * 0.05 + 0.25 * 0.8)
+    estimate_between(estimate - 0.01, estimate + 0.01)
     for _ in range(60):
-        state.observe(0.1)
-    assert state.latency == pytest.approx(0.1, abs=0.01)
+        request_taking(0.1)
+    estimate_between(0.09, 0.11)
 
 
 async def test_a_refresh_keeps_the_issuer_of_the_grant(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -18,7 +17,7 @@ import httpx
 import pytest
 from support import SSL, Driver, FakeClock, ManagerFactory, stored, wait_until
 
-from httpx_upstream_auth import OAuth2Refresher, TokenManager, UpstreamTokens
+from httpx_upstream_auth import OAuth2Refresher, TraceEvent, UpstreamTokens
 from httpx_upstream_auth._clock import Clock
 from httpx_upstream_auth.testing import LocalProvider, ServerThread
 
@@ -50,6 +49,22 @@ class GatedRefresher(OAuth2Refresher):
         return await super().arefresh(tokens, clock)
 
 
+class WaitCounter:
+    """An ``on_event`` hook counting the refreshes that ended and the callers that waited on them (the
+    ``waiters`` of each refresh.succeeded or refresh.failed event)."""
+
+    def __init__(self) -> None:
+        self.ended = 0
+        self.waits = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, event: TraceEvent) -> None:
+        if event.name in ("refresh.succeeded", "refresh.failed"):
+            with self._lock:
+                self.ended += 1
+                self.waits += event.fields["waiters"]
+
+
 @pytest.fixture
 def clock() -> FakeClock:
     """The clock of the provider and the manager, moved by hand."""
@@ -77,7 +92,8 @@ async def test_request_in_window_is_served_at_once_and_refreshes_once(
     held at the gate; once it lands, requests use the new token. One token call, no reuse."""
     provider, server = timed
     refresher = gated(server)
-    manager = make_manager(refresher=refresher, clock=clock, refresh_ahead=20, redeem_in=redeem_in)
+    waits = WaitCounter()
+    manager = make_manager(refresher=refresher, clock=clock, refresh_ahead=20, redeem_in=redeem_in, on_event=waits)
     local = Driver(driver.mode, server.url)
     first = await local.store(manager, provider.login())
     assert (await local.request(manager)).status_code == 200
@@ -97,6 +113,8 @@ async def test_request_in_window_is_served_at_once_and_refreshes_once(
     assert refresher.entered == 1
     assert provider.stats["refresh_ok"] == 1 and provider.stats["refresh_reuse"] == 0
     assert provider.stats["api_ok"] == 7 and provider.stats["api_401"] == 0
+    await wait_until(lambda: waits.ended == 1)
+    assert waits.waits == 0
 
 
 async def test_token_inside_leeway_waits_for_the_refresh(
@@ -106,7 +124,8 @@ async def test_token_inside_leeway_waits_for_the_refresh(
     (no request came during the window)."""
     provider, server = timed
     refresher = gated(server)
-    manager = make_manager(refresher=refresher, clock=clock, refresh_ahead=20)
+    waits = WaitCounter()
+    manager = make_manager(refresher=refresher, clock=clock, refresh_ahead=20, on_event=waits)
     local = Driver(driver.mode, server.url)
     first = await local.store(manager, provider.login())
     assert (await local.get_token(manager)).access_token == first.access_token
@@ -123,6 +142,8 @@ async def test_token_inside_leeway_waits_for_the_refresh(
         refresher.gate.set()
     assert got[0].access_token != first.access_token
     assert provider.stats["refresh_ok"] == 1 and provider.stats["refresh_reuse"] == 0
+    await wait_until(lambda: waits.ended == 1)
+    assert waits.waits == 1
 
 
 async def test_off_by_default(driver: Driver, timed: Any, clock: FakeClock, make_manager: ManagerFactory) -> None:
@@ -201,20 +222,6 @@ def test_refresh_ahead_is_checked(make_manager: ManagerFactory) -> None:
 # -- a fleet of workers on 2-second tokens, in real time --------------------------------------------------
 
 
-def count_waits(manager: TokenManager) -> Callable[[], int]:
-    """Count the callers that had to wait for a refresh (the manager's blocking path, for both APIs)."""
-    waits = [0]
-    for ops in (manager._engine.async_ops, manager._engine.sync_ops):
-        blocking = ops._refreshed
-
-        def counted(*args: Any, _blocking: Any = blocking) -> Any:
-            waits[0] += 1
-            return _blocking(*args)
-
-        ops._refreshed = counted  # type: ignore[assignment]
-    return lambda: waits[0]
-
-
 FLEET = 20
 RUN_FOR = 7.0  # seconds: three and a half lifetimes of a 2-second token
 
@@ -229,10 +236,10 @@ async def test_fleet_never_waits(driver: Driver, make_manager: ManagerFactory, r
     provider = LocalProvider(access_ttl=2)
     async with ServerThread(provider) as server:
         refresher = OAuth2Refresher(server.url + "/token", "test-client", "test-secret")
-        manager = make_manager(refresher=refresher, refresh_ahead=1.0, redeem_in=redeem_in)
+        waits = WaitCounter()
+        manager = make_manager(refresher=refresher, refresh_ahead=1.0, redeem_in=redeem_in, on_event=waits)
         local = Driver(driver.mode, server.url)
         first = await local.store(manager, provider.login())
-        waits = count_waits(manager)
         statuses: list[int] = []
         auth = manager.auth("session-1")
         end = time.monotonic() + RUN_FOR
@@ -259,7 +266,7 @@ async def test_fleet_never_waits(driver: Driver, make_manager: ManagerFactory, r
         last = stored(manager)
         assert last is not None
         stats = provider.stats
-        assert waits() == 0
+        assert waits.waits == 0
         assert set(statuses) == {200} and stats["api_401"] == 0
         assert stats["refresh_reuse"] == 0 and stats["token_calls"] == stats["refresh_ok"]
         assert stats["refresh_ok"] == last.version - first.version  # each refresh saved once, none lost

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import socket
 import sqlite3
 import ssl
@@ -130,6 +131,12 @@ class SocketServer:
                 while b"\r\n\r\n" not in data and (chunk := conn.recv(65536)):
                     data += chunk
                 self.request_lines.append(data.split(b"\r\n", 1)[0].decode("latin-1"))
+                # The body too, before answering: closing with it unread would reset the connection under the
+                # client's answer.
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+                while length is not None and len(body) < int(length[1]) and (chunk := conn.recv(65536)):
+                    body += chunk
                 conn.sendall(self.reply)
             except OSError:  # ssl.SSLError included
                 pass
@@ -287,6 +294,24 @@ async def test_a_refused_certificate_is_a_configuration_error(
     assert server.connections == 1 and server.request_lines == []
     assert stored(manager) == entry
     assert_quiet(caught.value, entry.access_token, entry.refresh_token)
+
+
+async def test_verify_takes_an_ssl_context_that_trusts_the_endpoint(
+    driver: Driver, provider: LocalProvider, make_manager: ManagerFactory, socket_servers: list[SocketServer]
+) -> None:
+    """``verify=`` an SSLContext that trusts the endpoint's certificate (a private CA): the refresh goes through
+    over TLS with that context, where the default one refuses the same server (the test above)."""
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(UNTRUSTED_PEM)
+    answer = b'{"access_token": "at-over-tls", "expires_in": 60}'
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(answer)
+    server = SocketServer(head + answer, tls)
+    socket_servers.append(server)
+    trusting = ssl.create_default_context(cafile=str(UNTRUSTED_PEM))
+    manager = make_manager(refresher=refresher(f"https://127.0.0.1:{server.port}/token", verify=trusting))
+    put_entry(manager, expired(provider.login()))
+    assert (await driver.get_token(manager)).access_token == "at-over-tls"
+    assert server.request_lines == ["POST /token HTTP/1.1"]
 
 
 async def test_https_to_a_plain_http_port_is_a_configuration_error(

@@ -4,6 +4,7 @@ full pool, errors that say what to fix, and what the server's introspection show
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import subprocess
 import sys
@@ -592,3 +593,105 @@ def test_200_threads_doing_get_and_compare_and_set_on_8_connections_never_fail(o
         found = store.get(key)
         assert found is not None and found.version == sum(successes[index :: len(shared)])
     store.close()
+
+
+# -- what errors and addresses say (no server needed) ----------------------------------------------------
+
+
+def test_errors_say_what_to_do_and_never_the_credentials() -> None:
+    """A StorageError raised inside passes as it is; a full pool says which setting to raise; a connection
+    failure whose causes never mention TLS (however deep the chain) is "unreachable", not a TLS failure; an
+    entry that cannot be read says to delete it."""
+    import redis
+
+    from httpx_upstream_auth._storages._redis._errors import ErrorMap
+
+    errors = ErrorMap(redis, "10.0.0.7:6380", cluster=False, max_connections=4, socket_timeout=2.0)
+    typed = StorageError("typed already")
+    with pytest.raises(StorageError) as caught, errors.mapped("save the entry"):
+        raise typed
+    assert caught.value is typed
+    busy = r"all 4 connections to Redis at 10\.0\.0\.7:6380 stayed busy for 2s"
+    with pytest.raises(StorageError, match=busy), errors.mapped("save the entry"):
+        raise redis.exceptions.MaxConnectionsError("pool exhausted")
+    deep: BaseException = OSError("connection reset")
+    for n in range(6):
+        outer = redis.exceptions.ConnectionError(f"layer {n}")
+        outer.__cause__ = deep
+        deep = outer
+    with pytest.raises(StorageError, match=r"unreachable \(ConnectionError\); retry"), errors.mapped("read it"):
+        raise deep
+    with pytest.raises(StorageError, match=r"holds an unreadable entry for provider 'github' \(ValueError\)"):
+        errors.decode(KEY, b"[1, 2]")
+    # an entry written for another (provider, session) with the same digest is never handed out
+    other = tokens(1).to_dict() | {"entry_key": ["github", "another-session"]}
+    assert errors.decode(KEY, json.dumps(other)) is None
+    assert errors.decode(KEY, json.dumps(other | {"entry_key": [KEY.provider_id, KEY.session_id]})) == tokens(1)
+
+
+@pytest.mark.parametrize(
+    ("url", "where"),
+    [
+        ("redis://user:s3cret@cache.internal:6380/0", "cache.internal:6380"),
+        ("rediss://:s3cret@cache.internal/2", "cache.internal:6379"),
+        ("redis://cache.internal:port/0", "cache.internal:6379"),  # a port that is no number: the default
+        ("redis:///0", "localhost:6379"),
+        ("unix:///run/redis.sock?db=1", "unix:/run/redis.sock"),
+    ],
+)
+def test_a_url_is_described_by_its_address_only(url: str, where: str) -> None:
+    """Messages name a server by host:port (or socket path), never by its credentials."""
+    from httpx_upstream_auth._storages._redis._errors import describe_url
+
+    assert describe_url(url) == where
+
+
+def test_a_client_is_described_by_its_address_only() -> None:
+    """A client passed in is named by its address, a socket path, or "(unknown address)" when it has none."""
+    import redis
+
+    from httpx_upstream_auth._storages._redis._errors import describe_client
+
+    assert describe_client(redis.Redis(host="cache.internal", port=6380, password="s3cret")) == "cache.internal:6380"
+    assert describe_client(redis.Redis(unix_socket_path="/run/redis.sock")) == "unix:/run/redis.sock"
+    assert describe_client(object()) == "(unknown address)"
+
+
+@pytest.mark.anyio
+async def test_connection_slots_say_busy_when_none_comes_in_time() -> None:
+    """With every connection slot held, a command waits the socket timeout for one, then fails as busy (the
+    sync gate and the async semaphore alike); once the holder lets go, the next command gets its slot."""
+    from httpx_upstream_auth._storages._redis._clients import AsyncSlots, FifoGate, SyncSlots
+
+    def busy(what: str) -> StorageError:
+        return StorageError(f"busy: {what}")
+
+    def sync_side() -> None:
+        slots = SyncSlots(FifoGate(1), 0.01, busy)
+        with slots.slot("hold"), pytest.raises(StorageError, match="busy: save"), slots.slot("save"):
+            pass
+        with slots.slot("save"):
+            pass
+
+    await anyio.to_thread.run_sync(sync_side)
+    slots = AsyncSlots(1, 0.01, busy)
+    async with slots.slot("hold"):
+        with pytest.raises(StorageError, match="busy: save"):
+            async with slots.slot("save"):
+                pass
+    async with slots.slot("save"):
+        pass
+
+
+@pytest.mark.anyio
+async def test_a_closed_storage_says_so(redis_server: RedisServer) -> None:
+    """Every call on a closed RedisStorage, sync or async, is a StorageError asking for a new one (not a
+    connection error from a client it closed)."""
+    prefix = _prefix()
+    store = await anyio.to_thread.run_sync(lambda: RedisStorage.from_url(redis_server.url, prefix=prefix))
+    assert await store.aput(KEY, tokens(1), expected_version=None)
+    await store.aclose()
+    with pytest.raises(StorageError, match="is closed; create a new one"):
+        await anyio.to_thread.run_sync(store.get, KEY)
+    with pytest.raises(StorageError, match="is closed; create a new one"):
+        await store.aget(KEY)

@@ -324,3 +324,46 @@ def test_a_subscriber_behind_the_trimmed_change_log_hears_none(tmp_path: Path, m
     unsubscribe()
     listener.close()
     writer.close()
+
+
+def test_a_subscriber_that_raises_does_not_silence_the_others(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A change callback that raises is logged; the callbacks after it still hear that change, and the feed's
+    thread lives on to report the next one."""
+    listener, writer = SQLiteStorage(tmp_path / "tokens.db"), SQLiteStorage(tmp_path / "tokens.db")
+    heard: list[str | None] = []
+    changes = threading.Semaphore(0)
+
+    def broken(digest: str | None) -> None:
+        raise RuntimeError("a subscriber's bug")
+
+    def on_change(digest: str | None) -> None:
+        heard.append(digest)
+        changes.release()
+
+    unsubscribe_broken, unsubscribe = listener.subscribe(broken), listener.subscribe(on_change)
+    assert unsubscribe_broken is not None and unsubscribe is not None
+    for version in (1, 2):
+        assert writer.put(KEY, tokens(version), expected_version=None if version == 1 else 1)
+        assert changes.acquire(timeout=10)
+    assert heard == [KEY.digest, KEY.digest]
+    assert caplog.text.count("a storage change subscriber raised") == 2
+    unsubscribe_broken()
+    unsubscribe()
+    listener.close()
+    writer.close()
+
+
+def test_an_unreadable_row_is_a_storage_error_saying_what_to_do(tmp_path: Path) -> None:
+    """A row whose data is not an entry (another program wrote it, or a disk fault): get() raises StorageError
+    naming the provider and what to do, not a ValueError, and never the session id."""
+    path = tmp_path / "tokens.db"
+    store = SQLiteStorage(path)
+    assert store.put(KEY, tokens(1), expected_version=None)
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute("UPDATE entries SET data = '[1, 2]'")
+    with pytest.raises(
+        StorageError, match=r"unreadable entry for provider 'github' \(ValueError\); delete it"
+    ) as caught:
+        store.get(KEY)
+    assert KEY.session_id not in str(caught.value)
+    store.close()

@@ -620,3 +620,58 @@ def test_server_errors_are_clear(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "uvicorn", None)
     with pytest.raises(ImportError, match=re.escape("pip install httpx-upstream-auth[testing]")):
         ServerThread(LocalProvider()).start()
+
+
+def test_a_server_whose_app_fails_to_start_raises_and_leaves_no_thread() -> None:
+    """ServerThread.start() on an app whose ASGI startup fails: RuntimeError naming the address, caused by
+    uvicorn's own exit, and no serving thread is left behind."""
+
+    async def refuses_to_start(scope: Any, receive: Any, send: Any) -> None:
+        assert scope["type"] == "lifespan"
+        await receive()
+        await send({"type": "lifespan.startup.failed", "message": "no database"})
+
+    server = ServerThread(refuses_to_start, lifespan="on")
+    before = threading.active_count()
+    with pytest.raises(RuntimeError, match=r"uvicorn did not start on 127\.0\.0\.1") as caught:
+        server.start()
+    assert isinstance(caught.value.__cause__, SystemExit)
+    assert threading.active_count() == before
+
+
+def test_the_provider_refuses_malformed_requests_as_a_real_one_would(
+    provider: LocalProvider, client: httpx.Client
+) -> None:
+    """Registration, token and set-up requests a real provider would refuse are refused the same way: the
+    tests of client code rely on these answers, and a provider that accepted them would hide its bugs."""
+    with pytest.raises(ValueError, match="auth_method must be one of"):
+        provider.register_client(["http://127.0.0.1/cb"], auth_method="client_secret_jwt")
+    with pytest.raises(ValueError, match="count must not be negative"):
+        provider.fail_next("500", -1)
+    assert client.get("/register").status_code == 405
+    for metadata in (b"not json", b"[]", b'{"redirect_uris": "http://127.0.0.1/cb"}'):
+        answer = client.post("/register", content=metadata)
+        assert (answer.status_code, answer.json()["error"]) == (400, "invalid_client_metadata")
+    odd_method = {"redirect_uris": ["http://127.0.0.1/cb"], "token_endpoint_auth_method": "private_key_jwt"}
+    assert client.post("/register", json=odd_method).json()["error"] == "invalid_client_metadata"
+    token = provider.login().refresh_token
+    answers = [
+        client.post("/token", data={"refresh_token": token}, auth=BASIC),  # no grant_type
+        refresh(client, token, client_secret="test-secret"),  # the secret twice: in Basic and in the form
+    ]
+    assert [(a.status_code, a.json()["error"]) for a in answers] == [(400, "invalid_request")] * 2
+    for authorization in ("Basic %%%", "Basic " + base64.b64encode(b"test-client:test-secret").decode()):
+        # unreadable Basic credentials; a form client_id naming another client than the Basic one
+        answer = client.post(
+            "/token",
+            data={"grant_type": "refresh_token", "refresh_token": token, "client_id": "other-client"},
+            headers={"Authorization": authorization},
+        )
+        assert (answer.status_code, answer.json()["error"]) == (401, "invalid_client")
+    assert provider.stats["refresh_ok"] == 0 and provider.stats["invalid_client"] == 2
+
+
+def test_the_provider_runs_under_an_asgi_lifespan(provider: LocalProvider) -> None:
+    """Served with uvicorn's lifespan on, the provider starts, answers, and shuts down cleanly."""
+    with ServerThread(provider, lifespan="on") as running, httpx.Client(base_url=running.url) as http:
+        assert me(http, provider.login().access_token).status_code == 200

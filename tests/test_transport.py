@@ -203,13 +203,28 @@ async def test_another_origins_authorization_header_is_left_alone(
     assert theirs.json()["authorization"] == "Bearer theirs"
 
 
-def test_origins_must_be_origins(manager: TokenManager) -> None:
+@pytest.mark.parametrize("transport_class", [UpstreamAuthTransport, AsyncUpstreamAuthTransport])
+def test_origins_must_be_origins(manager: TokenManager, transport_class: Any) -> None:
     """``origins=`` takes a list of scheme://host[:port]; anything else is refused when constructed."""
-    for bad in (["api.example.com"], ["ftp://api.example.com"], ["https://api.example.com/v1"], []):
-        with pytest.raises(ValueError):
-            UpstreamAuthTransport(manager, SESSION, origins=bad)
+    for bad in (["api.example.com"], ["ftp://api.example.com"], ["https://api.example.com/v1"]):
+        with pytest.raises(ValueError, match="not an origin"):
+            transport_class(manager, SESSION, origins=bad)
+    with pytest.raises(ValueError, match="origins= is empty"):
+        transport_class(manager, SESSION, origins=[])
     with pytest.raises(TypeError):
-        AsyncUpstreamAuthTransport(manager, SESSION, origins="https://api.example.com")
+        transport_class(manager, SESSION, origins="https://api.example.com")
+
+
+async def test_a_request_of_neither_library_needs_a_transport(manager: TokenManager) -> None:
+    """Without transport=, the transport makes httpx's or httpx2's own for their requests; a request of another
+    library is refused with a TypeError saying to pass transport=, before anything is sent."""
+
+    class OtherRequest:
+        url = httpx.URL("https://api.example.com/data")
+
+    transport = AsyncUpstreamAuthTransport(manager, SESSION, origins=["https://elsewhere.example"])
+    with pytest.raises(TypeError, match=r"cannot send a .*OtherRequest: pass transport="):
+        await transport.handle_async_request(OtherRequest())  # type: ignore[arg-type]
 
 
 # -- a failed refresh closes the 401 ---------------------------------------------------------------------
@@ -375,3 +390,52 @@ async def test_cancelled_caller_leaves_no_open_flow_or_connection(
         with anyio.fail_after(10):
             await wait_for(lambda: api.counts()[1] == api.counts()[0])
     assert provider.stats["api_ok"] == 1
+
+
+_WITHOUT_EXTRAS = """
+import sys
+
+# `import httpx2` and `import opentelemetry` now raise ImportError, as when they are not installed
+sys.modules["httpx2"] = sys.modules["opentelemetry"] = None
+import asyncio
+
+import httpx
+
+from httpx_upstream_auth import AsyncUpstreamAuthTransport, MemoryStorage, OAuth2Refresher, TokenManager
+from httpx_upstream_auth.testing import LocalProvider, ServerThread
+
+provider = LocalProvider(access_ttl=60)
+with ServerThread(provider) as server:
+    refresher = OAuth2Refresher(server.url + "/token", "test-client", "test-secret")
+    manager = TokenManager(refresher=refresher, provider_id="local", storage=MemoryStorage())
+    provider.revoke_access(manager.store("s", provider.login()).access_token)  # the first request refreshes
+    auth = manager.auth("s")
+    with httpx.Client(auth=auth) as client:
+        print("auth", isinstance(auth, httpx.Auth), client.get(server.url + "/api/me").status_code)
+
+    async def through_transport() -> int:
+        transport = AsyncUpstreamAuthTransport(manager, "s")
+        async with httpx.AsyncClient(transport=transport) as client:
+            return (await client.get(server.url + "/api/me")).status_code
+
+    plain = AsyncUpstreamAuthTransport.__bases__ == (httpx.AsyncBaseTransport,)
+    print("transport", plain, asyncio.run(through_transport()))
+    manager.close()
+print("api_ok", provider.stats["api_ok"], "refresh_ok", provider.stats["refresh_ok"])
+"""
+
+
+def test_without_the_optional_packages_the_adapters_are_httpx_only() -> None:
+    """httpx2 and opentelemetry are optional: without them, UpstreamAuth is a plain httpx.Auth and the transport
+    a plain httpx transport, and both authenticate requests, refreshing as needed (in a child process where
+    their imports fail)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_EXTRAS], capture_output=True, text=True, timeout=60, cwd=root
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:3] == ["auth True 200", "transport True 200", "api_ok 2 refresh_ok 1"]

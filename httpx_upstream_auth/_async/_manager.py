@@ -50,6 +50,13 @@ T = TypeVar("T")
 
 #: Flights a caller joins before giving up (each one ends with a write or an error, so this is generous).
 MAX_FLIGHTS = 8
+#: The error for a refresher without the half a job calls: ``refresh`` in worker threads, ``arefresh`` in tasks.
+HALF_MISSING = {
+    "refresh": "the refresher does not implement refresh() for worker threads; implement it, or use "
+    "TokenManager(redeem_in='task') with an async-only refresher",
+    "arefresh": "the refresher does not implement arefresh() for task jobs; implement it, or use "
+    "TokenManager(redeem_in='thread') (the default) with a sync-only refresher",
+}
 #: A new login's version starts at the wall clock in microseconds, above every version the session
 #: had before (one refresh adds 1): a refresh redeemed from an older login can never match it.
 VERSION_CLOCK_SCALE = 1_000_000
@@ -631,11 +638,8 @@ class AsyncTokenOps:
         except NotImplementedError:
             # A refresher without this (sync or async) half sent nothing.
             state.settle_consumed(current.refresh_token)
-            raise RefreshFailed(
-                "the refresher does not implement refresh() for worker threads; implement it, or use "
-                "TokenManager(redeem_in='task') with an async-only refresher",
-                retryable=False,
-            ) from None
+            # arefresh here, refresh in the generated sync twin: the half this job called
+            raise RefreshFailed(HALF_MISSING[Refresher.arefresh.__name__], retryable=False) from None
         except Exception as exc:
             # A custom refresher failed in a way that does not say whether the request left: assume it did.
             removed = await self._discard(key, current, state.clock.monotonic() + state.refresh_timeout, calls)

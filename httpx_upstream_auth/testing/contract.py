@@ -319,7 +319,8 @@ class StorageContract:
 
     @pytest.mark.anyio
     async def test_async_conditional_writes_on_a_missing_or_other_version_write_nothing(self, storage: Storage) -> None:
-        """aput(expected_version=N) with no entry, and adelete of another version, return False and change nothing."""
+        """aput(expected_version=N) with no entry, and adelete of another version (or of one no store can hold),
+        return False and change nothing."""
         assert await storage.aput(KEY, sample_tokens(2), expected_version=1) is False
         assert await storage.aget(KEY) is None
         assert await storage.aput(KEY, sample_tokens(2), expected_version=None)
@@ -328,6 +329,12 @@ class StorageContract:
         assert await storage.adelete(KEY, expected_version=2)
         assert await storage.aput(KEY, sample_tokens(3), expected_version=2) is False
         assert await storage.aget(KEY) is None
+        # an expected version no store can hold (outside 0..2**63-1) matches nothing
+        assert await storage.aput(KEY, sample_tokens(3), expected_version=None)
+        for version in (2**63, -1):
+            assert await storage.aput(KEY, sample_tokens(4), expected_version=version) is False
+            assert await storage.adelete(KEY, expected_version=version) is False
+        assert await storage.aget(KEY) == sample_tokens(3)
 
     def test_keys_with_separators_do_not_collide(self, storage: Storage) -> None:
         """Ids containing ':', '{', '}' or '%' map to distinct entries."""
