@@ -23,6 +23,7 @@ from typing import Any
 from ._exceptions import ConfigurationError, ReauthenticationRequired
 from ._jose import ASYMMETRIC_ALGS, default_alg, load_jwt, load_private_key
 from ._models import UpstreamTokens
+from ._policy import carried
 from ._synchronization import ForkRegistry
 
 __all__ = ["DPoP", "DPoPKey", "access_token_hash", "is_nonce_challenge", "jwk_thumbprint", "origin_of"]
@@ -302,12 +303,19 @@ class DPoP:
         headers["DPoP"] = key.proof(request.method, url, access_token=tokens.access_token, nonce=nonce, now=now)
 
     def challenged(self, response: Any, request: Any) -> bool:
-        """Remember the nonce ``response`` carries; True when it is a nonce challenge to a proof we sent."""
+        """Remember the nonce ``response`` carries, for the origin that sent it; True when it is a nonce
+        challenge to a proof we sent there (``request``, or a redirect hop that kept our token: an answer from
+        another origin after a redirect is neither replayed nor given our origin's nonce)."""
+        try:
+            answered = response.request
+        except RuntimeError:  # a response built without a request
+            answered = request
         nonce = response.headers.get("dpop-nonce")
-        self.remember(str(request.url), "resource", nonce)
+        self.remember(str(answered.url), "resource", nonce)
         return (
             nonce is not None
-            and "DPoP" in request.headers
+            and "DPoP" in answered.headers
+            and carried(response, request, request.headers.get("authorization", ""))
             and is_nonce_challenge(response.status_code, response.headers)
         )
 

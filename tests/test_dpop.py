@@ -618,3 +618,58 @@ def test_an_encrypting_storage_seals_the_key(tmp_path: Path) -> None:
     raw = b"".join(p.read_bytes() for p in tmp_path.iterdir())
     private = json.loads(KEY.to_jwk())["d"]
     assert private.encode() not in raw and b"at-1" not in raw
+
+
+class NonceDemandingElsewhere:
+    """Another origin, reached by a redirect: it answers every request with a DPoP nonce challenge."""
+
+    def __init__(self) -> None:
+        self.proofs = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        self.proofs += any(name == b"dpop" for name, _ in scope["headers"])
+        headers = [
+            (b"www-authenticate", b'DPoP error="use_dpop_nonce"'),
+            (b"dpop-nonce", b"nonce-of-another-origin"),
+            (b"content-length", b"0"),
+        ]
+        await send({"type": "http.response.start", "status": 401, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
+
+
+class RedirectingAPI:
+    """The API: ``/elsewhere`` redirects to ``target``, anything else answers 200 and keeps the proof's claims."""
+
+    def __init__(self) -> None:
+        self.target = ""
+        self.claims: list[dict[str, Any]] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        proof = dict(scope["headers"]).get(b"dpop")
+        if proof is not None:
+            self.claims.append(jwt.decode(proof, options={"verify_signature": False}))
+        moved = scope["path"] == "/elsewhere"
+        headers = [(b"location", self.target.encode())] if moved else []
+        await send({"type": "http.response.start", "status": 302 if moved else 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
+
+
+async def test_a_nonce_challenge_from_another_origin_after_a_redirect_is_not_ours(
+    provider: LocalProvider, dpop_manager: TokenManager
+) -> None:
+    """The API redirects to another origin, which demands a nonce: its 401 is returned as it is (no replay to
+    it), and its nonce is not kept for the API's origin (the next proof to the API carries none)."""
+    await dpop_manager.astore("s", attrs.evolve(provider.login(dpop_jkt=KEY.thumbprint), dpop_key=KEY.to_jwk()))
+    elsewhere, api = NonceDemandingElsewhere(), RedirectingAPI()
+    async with ServerThread(elsewhere) as other, ServerThread(api) as served:
+        api.target = other.url + "/x"
+        async with httpx.AsyncClient(auth=dpop_manager.auth("s"), follow_redirects=True, verify=SSL) as client:
+            assert (await client.get(served.url + "/elsewhere")).status_code == 401
+            assert (await client.get(served.url + "/ok")).status_code == 200
+    assert elsewhere.proofs == 1 and len(api.claims) == 2
+    assert "nonce" not in api.claims[-1]
+    assert provider.stats["token_calls"] == 0

@@ -649,3 +649,18 @@ def test_four_processes_share_one_refresh_per_expiry_through_an_encrypted_store(
     assert all(int(r["ok"]) > 0 for r in results), results
     assert stats["refresh_ok"] >= 2, stats
     assert not [token for token in provider.issued_tokens if token.encode() in raw_sqlite(path)]
+
+
+def test_a_key_rotation_does_not_seal_a_planted_plaintext_entry() -> None:
+    """Someone with write access plants an unencrypted entry; the operator rotates keys and re-encrypts with
+    the default wrapper: the planted entry is counted as refused, left unsealed, and still refused on reads."""
+    inner = MemoryStorage()
+    EncryptedStorage(inner, [OLD]).put(KEY, full_entry(), expected_version=None)
+    planted = EntryKey("local", "planted")
+    inner.put(planted, full_entry(), expected_version=None)
+    rotating = EncryptedStorage(inner, [NEW, OLD])
+    assert rotating.reencrypt() == Reencrypted(rewritten=1, refused=1)
+    with pytest.raises(EntryRefused) as caught:
+        rotating.get(planted)
+    assert caught.value.reason == "plaintext"
+    assert rotating.get(KEY) == full_entry()

@@ -320,8 +320,9 @@ class EncryptedStorage(Storage):
         ``keys`` are the entries to look at (default: every entry of the backend, listed by its
         :meth:`~Storage.scan`: memory, SQLite and Redis can). Each rewrite is a compare-and-set on the entry's
         version, which it keeps (only the ciphertext changes), so it is safe while managers refresh and log
-        users in and out; an entry that keeps changing is counted in ``changed``. Unencrypted entries are read
-        here whatever ``allow_plaintext`` says: that is the migration.
+        users in and out; an entry that keeps changing is counted in ``changed``. Unencrypted entries are sealed
+        only by a wrapper made with ``allow_plaintext=True`` (the migration); otherwise they are counted in
+        ``refused``: a routine key rotation must not seal an entry someone planted in the store.
         """
         counts = dict.fromkeys(("rewritten", "current", "missing", "refused", "changed"), 0)
         for key in self.scan() if keys is None else keys:
@@ -336,7 +337,7 @@ class EncryptedStorage(Storage):
             if stored.access_token.startswith(f"{PREFIX}.{self._primary}."):
                 return "current"
             try:
-                opened = stored if not stored.access_token.startswith(PREFIX + ".") else self.unseal(key, stored)
+                opened = self.unseal(key, stored)  # plaintext only when allow_plaintext says so
             except EntryRefused:
                 return "refused"
             if self.inner.put(key, self.seal(key, opened), expected_version=stored.version):
