@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import ssl
 import threading
 from abc import ABC, abstractmethod
@@ -234,7 +235,19 @@ class OAuth2Refresher(Refresher):
     def _merged(
         self, tokens: UpstreamTokens, answer: TokenAnswer, sent_at: float, key: DPoPKey | None, new_key: bool
     ) -> UpstreamTokens:
-        fresh = merge_response(tokens, answer.status_code, answer.body, sent_at, answer.retry_after)
+        try:
+            fresh = merge_response(tokens, answer.status_code, answer.body, sent_at, answer.retry_after)
+        except RefreshFailed as exc:
+            if new_key and _error_code(answer.body) == "invalid_dpop_proof":
+                # The entry had no key, so its grant is not bound to one we know: another process that made a
+                # key for it had its refresh redeemed and died before saving. No key this process can make will
+                # do; the refresh token is not presented again, and the user logs in.
+                raise ReauthenticationRequired(
+                    "the token endpoint refused the DPoP proof of a key made for an entry that had none: the grant "
+                    "is bound to another key (another process's refresh was redeemed, and its result lost). Log "
+                    "the user in again."
+                ) from exc
+            raise
         if new_key:
             assert key is not None
             # The key this refresh proved: every process refreshing the session next must prove the same.
@@ -399,3 +412,12 @@ def _assertion_for(
 
 
 _forked: ForkRegistry[OAuth2Refresher] = ForkRegistry(OAuth2Refresher._reset_in_child)
+
+
+def _error_code(body: bytes) -> object:
+    """The ``error`` field of a JSON object body, else ``None``."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    return data.get("error") if isinstance(data, dict) else None

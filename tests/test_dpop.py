@@ -35,6 +35,7 @@ from httpx_upstream_auth import (
     RefreshFailed,
     SQLiteStorage,
     Storage,
+    SystemClock,
     TokenManager,
     UpstreamTokens,
     is_token_rejected,
@@ -673,3 +674,21 @@ async def test_a_nonce_challenge_from_another_origin_after_a_redirect_is_not_our
     assert elsewhere.proofs == 1 and len(api.claims) == 2
     assert "nonce" not in api.claims[-1]
     assert provider.stats["token_calls"] == 0
+
+
+async def test_a_keyless_entry_whose_grant_another_process_bound_asks_for_a_login(
+    provider: LocalProvider, dpop_manager: TokenManager, token_url: str
+) -> None:
+    """Another process made a key for a keyless entry, its refresh was redeemed (the grant is now bound to that
+    key) and it died before saving. This process's own new key is refused: the user is asked to log in, and the
+    consumed refresh token is never presented again (no reuse, no stuck session failing for ever)."""
+    entry = await dpop_manager.astore("s", expired(provider.login()))
+    elsewhere = OAuth2Refresher(token_url, "test-client", "test-secret", dpop=DPoP())
+    lost = await elsewhere.arefresh(entry, SystemClock())  # redeemed; its result never reaches the store
+    assert lost.dpop_key is not None and provider.stats["refresh_ok"] == 1
+    with pytest.raises(ReauthenticationRequired, match="bound to another key"):
+        await dpop_manager.aget_token("s")
+    with pytest.raises(ReauthenticationRequired):
+        await dpop_manager.aget_token("s")
+    stats = provider.stats
+    assert (stats["token_calls"], stats["refresh_reuse"], stats["dpop_wrong_key"]) == (2, 0, 1)
