@@ -1284,3 +1284,10 @@ def test_no_secret_in_merge_response_tracebacks() -> None:
         for text in exception_texts(exc):
             for secret in ALL_SECRETS:
                 assert secret not in text
+
+
+@pytest.mark.parametrize("value", ["\u00b2", "\u0663", "1\u00b2", "", "soon"])
+def test_a_retry_after_that_is_not_ascii_digits_or_a_date_is_ignored(value: str) -> None:
+    """Digits float() refuses ("\u00b2", Arabic-Indic "\u0663") are no delay: the header is ignored, never an
+    error that would turn the answer it came with into a lost one."""
+    assert retry_after_seconds(value, 1_800_000_000.0) is None

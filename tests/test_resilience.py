@@ -702,3 +702,17 @@ def test_an_old_row_with_an_implausible_expiry_is_read_and_healed(
     healed = storage.get(key)
     assert healed is not None and healed.expires_at is not None and healed.version == entry.version + 1
     assert provider.stats["refresh_ok"] == 1 and provider.stats["api_401"] == 1
+
+
+async def test_a_grace_retry_that_might_arrive_after_the_grace_is_not_made(
+    driver: Driver, provider: LocalProvider, make_manager: ManagerFactory, token_url: str
+) -> None:
+    """The answer is known lost after 0.3 s (the refresher's timeout) and the grace is 0.5 s: a retry could take
+    another 0.3 s to arrive, after the provider's grace has ended (reuse, the grant revoked), so the job fails
+    closed instead of presenting the token again."""
+    provider.reuse_grace = 0.5
+    manager = graced_manager(make_manager, token_url, reuse_grace=0.5)
+    put_entry(manager, expired(provider.login()))
+    provider.fail_next("answer_delay:1")
+    await assert_fails_closed(driver, manager, provider)
+    assert provider.stats["grace_reuse"] == 0

@@ -706,10 +706,15 @@ class AsyncTokenOps:
     def _within_grace(self, exc: RefreshFailed, sent: float, give_up: float) -> bool:
         """True when ``exc`` says the answer was lost after the provider may have redeemed the token (timeout
         after sending, connection reset, a gateway's 5xx, an unreadable 200) and the same token may still be
-        presented: less than ``reuse_grace`` since it was sent, with time left in the job's refresh_timeout."""
+        presented: with time left in the job's refresh_timeout, and sure to reach the provider within
+        ``reuse_grace`` of the first request (the retry may take as long as the job lets it to arrive, and the
+        provider's grace runs from when it redeemed, no earlier than when the first request was sent)."""
         state = self._state
         now = state.clock.monotonic()
-        return exc.may_have_rotated and exc.retryable and now - sent < state.reuse_grace and now < give_up
+        if not (exc.may_have_rotated and exc.retryable) or now >= give_up:
+            return False
+        travel = min(give_up - now, getattr(state.refresher, "timeout", state.refresh_timeout))
+        return now + travel - sent < state.reuse_grace
 
     def _transient_pause(
         self, exc: RefreshFailed, attempt: int, need: Need, current: UpstreamTokens, give_up: float
