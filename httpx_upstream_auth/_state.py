@@ -671,8 +671,9 @@ class ManagerState:
     def remember_failure(self, key: EntryKey, error: RefreshFailed, epoch: int) -> None:
         """A refresh of ``key`` failed without consuming anything: answer its callers with ``error`` for
         ``failure_window`` seconds (longer if the provider's Retry-After asked for it), with no token request.
-        A :class:`ConfigurationError` is remembered for every session; a logout or login of the session ends
-        its own failure (not a configuration error: a new login does not fix a setting)."""
+        A :class:`ConfigurationError` is remembered for every session, except a refused scope: that depends on
+        what the session's grant allows, so it is remembered for that session only. A logout or login of the
+        session ends its own failure (not a configuration error: a new login does not fix a setting)."""
         now = self.clock.monotonic()
         window = max(self.failure_window, error.retry_after or 0.0)
         if window <= 0:
@@ -681,7 +682,7 @@ class ManagerState:
         # frees: the storage's subscription would keep calling a dropped manager) and the job's locals.
         kept = copy_error(error)
         with self._lock:
-            if isinstance(kept, ConfigurationError):
+            if isinstance(kept, ConfigurationError) and kept.setting != "scope":
                 self._config_failure = (kept, now + window)
             elif self._epochs.get(key.session_id, self._epoch_floor) == epoch:
                 self._remember_session_failure(key, kept, now, window)
@@ -706,7 +707,7 @@ class ManagerState:
         config = self._config_failure
         if config is not None:
             if now < config[1]:
-                return config[0]
+                return _counting_down(config[0], config[1] - now)
             with self._lock:
                 if self._config_failure is config:
                     self._config_failure = None
@@ -714,7 +715,7 @@ class ManagerState:
         if held is None:
             return None
         if now < held[1]:
-            return held[0]
+            return _counting_down(held[0], held[1] - now)
         with self._lock:
             if self._failures.get(key.session_id) is held:
                 del self._failures[key.session_id]
@@ -764,3 +765,12 @@ def _subscribe_weakly(storage: Storage, state: ManagerState) -> Callable[[], Non
 
 def _unset(key: EntryKey, need: Need, flight: Flight) -> None:
     raise RuntimeError("ManagerState.thread_job was not set by TokenManager")
+
+
+def _counting_down(error: RefreshFailed, left: float) -> RefreshFailed:
+    """``error`` as remembered ``left`` seconds before its memory ends: a ``retry_after`` it carries counts down."""
+    if error.retry_after is None:
+        return error
+    fresh = copy_error(error)
+    fresh.retry_after = min(error.retry_after, left)
+    return fresh

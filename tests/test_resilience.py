@@ -716,3 +716,41 @@ async def test_a_grace_retry_that_might_arrive_after_the_grace_is_not_made(
     provider.fail_next("answer_delay:1")
     await assert_fails_closed(driver, manager, provider)
     assert provider.stats["grace_reuse"] == 0
+
+
+async def test_a_refused_scope_is_remembered_for_its_session_only(
+    driver: Driver, provider: LocalProvider, make_manager: ManagerFactory
+) -> None:
+    """invalid_scope depends on what a session's grant allows: it is remembered for that session (its next call
+    makes no token request), while another session's refresh goes to the provider and succeeds."""
+    manager = make_manager()
+    put_entry(manager, expired(provider.login()), session="narrow")
+    put_entry(manager, expired(provider.login()), session="other")
+    provider.fail_next("invalid_scope")
+    with pytest.raises(ConfigurationError) as caught:
+        await driver.get_token(manager, "narrow")
+    assert caught.value.setting == "scope"
+    assert (await driver.get_token(manager, "other")).version == 2
+    with pytest.raises(ConfigurationError):
+        await driver.get_token(manager, "narrow")
+    assert (provider.stats["token_calls"], provider.stats["refresh_ok"]) == (2, 1)
+
+
+async def test_a_remembered_retry_after_counts_down(
+    driver: Driver, provider: LocalProvider, make_manager: ManagerFactory
+) -> None:
+    """A 429 asking for 1 s is remembered with its Retry-After; a caller answered from that memory later is told
+    what is left of it, not the whole second again."""
+    clock = FakeClock(1_800_000_000.0)
+    # A refresh_timeout too short to wait the second out: the job gives up at once instead of retrying.
+    manager = make_manager(clock=clock, failure_window=0.0, refresh_timeout=1.5)
+    put_entry(manager, attrs.evolve(provider.login(), expires_at=clock.time() - 5, issued_at=clock.time() - 65))
+    provider.fail_next("429")
+    with pytest.raises(RefreshFailed) as first:
+        await driver.get_token(manager)
+    assert first.value.retry_after == 1.0
+    calls = provider.stats["token_calls"]
+    clock.advance(0.75)
+    with pytest.raises(RefreshFailed) as later:
+        await driver.get_token(manager)
+    assert later.value.retry_after == pytest.approx(0.25) and provider.stats["token_calls"] == calls == 1

@@ -55,7 +55,17 @@ STAT_NAMES = (
 )
 REVOCATION_STAT_NAMES = ("revocation_calls", "revoked_grants")
 FAULT_KINDS = frozenset(
-    {"500", "503", "429", "malformed", "no_access_token", "invalid_client", "huge", "id_token_other_sub"}
+    {
+        "500",
+        "503",
+        "429",
+        "malformed",
+        "no_access_token",
+        "invalid_client",
+        "invalid_scope",
+        "huge",
+        "id_token_other_sub",
+    }
 )
 FLOW_STAT_NAMES = ("registrations", "authorizations", "code_exchanges", "metadata_requests")
 CODE_TTL = 60.0
@@ -416,8 +426,9 @@ class LocalProvider:
 
         Faults queue up in order and each token request takes one. Kinds: ``"500"``, ``"503"``,
         ``"429"`` (with ``Retry-After: 1``), ``"malformed"`` (200, not JSON), ``"no_access_token"``
-        (200 JSON without ``access_token``), ``"invalid_client"`` (401), ``"huge"`` (200 with a 2 MiB
-        JSON body whose ``access_token`` is unusable): these answer without looking at the request and
+        (200 JSON without ``access_token``), ``"invalid_client"`` (401), ``"invalid_scope"`` (400),
+        ``"huge"`` (200 with a 2 MiB JSON body whose ``access_token`` is unusable): these answer without
+        looking at the request and
         change no grant. ``"delay:<seconds>"`` waits, then handles the request normally (if the client
         hung up meanwhile, nothing is handled). ``"answer_delay:<seconds>"`` handles the request at once
         (the refresh token is consumed and rotated) and only then waits before answering, as a slow real
@@ -1191,6 +1202,8 @@ def _fault_reply(kind: str, scope: Scope) -> _Reply:
         return _Reply(200, b'{"token_type":"Bearer","expires_in":60}', _TOKEN_HEADERS)
     if kind == "invalid_client":
         return _error(401, "invalid_client", _BASIC_CHALLENGE)
+    if kind == "invalid_scope":
+        return _error(400, "invalid_scope")
     size = int(option) if kind.startswith("huge:") else HUGE_SIZE
     head = b'{"access_token":"huge-unusable","token_type":"Bearer","expires_in":60,"padding":"'
     return _Reply(200, head + b"x" * max(0, size - len(head) - 2) + b'"}', _TOKEN_HEADERS)
