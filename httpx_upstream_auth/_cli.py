@@ -13,6 +13,7 @@ import argparse
 import datetime
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -58,6 +59,7 @@ EXIT_CODES = {
     USAGE: "usage or configuration error (a flag, the configuration file, the input, a missing extra): fix it",
     REAUTHENTICATE: "re-authentication required: no entry for the session, no refresh token, or a dead grant",
     RETRY_LATER: "transient failure (the provider or the store is unreachable or overloaded): retry later",
+    130: "interrupted: 128 + the signal (SIGINT 130, SIGTERM 143, SIGHUP 129), after a refresh in flight was saved",
 }
 
 
@@ -175,9 +177,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- entry point ------------------------------------------------------------------------------------------
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where Ctrl-C's KeyboardInterrupt would be, so it takes the same path: the
+    refresh in flight finishes and is saved (or fails closed) before the command exits ``128 + signum``."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
+
+
+#: The signals a supervisor or a closing terminal sends (``timeout``, systemd, ``docker stop``), handled like Ctrl-C.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit status (see :data:`EXIT_CODES`)."""
     args = list(sys.argv[1:] if argv is None else argv)
+    previous = {signum: signal.signal(signum, _interrupt) for signum in STOP_SIGNALS}
+    try:
+        return _run(args)
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        if signum == signal.SIGINT:
+            return _fail(128 + signum, "interrupted")
+        return _fail(128 + signum, f"interrupted ({signal.Signals(signum).name})")
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _run(args: list[str]) -> int:
     if args[:1] in (["demo"], ["demo-worker"]):
         from . import _demo
 
@@ -210,8 +243,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(os.devnull, "w") as devnull:
             os.dup2(devnull.fileno(), sys.stdout.fileno())
         return OK
-    except KeyboardInterrupt:
-        return _fail(130, "interrupted")
 
 
 def _fail(code: int, message: str) -> int:

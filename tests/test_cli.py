@@ -619,14 +619,18 @@ def test_the_demo_with_worker_processes_prints_plain_progress(capsys: pytest.Cap
 
 
 def test_a_demo_worker_reports_progress_then_its_result(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path, provider: tuple[LocalProvider, str]
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    provider: tuple[LocalProvider, str],
 ) -> None:
     """The demo's worker process (run here): JSON progress lines while it calls, then its result, all ok."""
     local, url = provider
     store = SQLiteStorage(tmp_path / "w.db")
     store.put(EntryKey("local", "demo-session"), local.login(), expected_version=None)
     store.close()
-    code, out, _ = run(capsys, "demo-worker", f"sqlite:{tmp_path}/w.db", url, "1", "2", "0")
+    monkeypatch.setenv("HTTPX_UPSTREAM_AUTH_DEMO_STORAGE", f"sqlite:{tmp_path}/w.db")
+    code, out, _ = run(capsys, "demo-worker", url, "1", "2", "0")
     messages = [json.loads(line) for line in out.splitlines()]
     assert code == OK and all("progress" in message for message in messages[:-1]) and len(messages) >= 2
     result = messages[-1]["result"]
@@ -682,17 +686,23 @@ def test_serve_prints_credentials_writes_the_files_and_stops_on_ctrl_c(
 
 
 def test_a_demo_worker_counts_and_names_failed_requests(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path, provider: tuple[LocalProvider, str], odd_server: str
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    provider: tuple[LocalProvider, str],
+    odd_server: str,
 ) -> None:
     """Requests the API refuses (HTTP 503) and requests that cannot be sent (no tokens stored: the auth raises)
     are counted as failed and named; the summary then says FAILED and returns 1."""
     store = SQLiteStorage(tmp_path / "w.db")
     store.put(EntryKey("local", "demo-session"), provider[0].login(), expected_version=None)
     store.close()
-    code, out, _ = run(capsys, "demo-worker", f"sqlite:{tmp_path}/w.db", odd_server + "/status/503?", "0.5", "1", "0")
+    monkeypatch.setenv("HTTPX_UPSTREAM_AUTH_DEMO_STORAGE", f"sqlite:{tmp_path}/w.db")
+    code, out, _ = run(capsys, "demo-worker", odd_server + "/status/503?", "0.5", "1", "0")
     refused = json.loads(out.splitlines()[-1])["result"]
     assert code == OK and refused["ok"] == 0 and refused["failed"] > 0 and list(refused["errors"]) == ["HTTP 503"]
-    code, out, _ = run(capsys, "demo-worker", f"sqlite:{tmp_path}/empty.db", provider[1], "0.5", "1", "0")
+    monkeypatch.setenv("HTTPX_UPSTREAM_AUTH_DEMO_STORAGE", f"sqlite:{tmp_path}/empty.db")
+    code, out, _ = run(capsys, "demo-worker", provider[1], "0.5", "1", "0")
     unsent = json.loads(out.splitlines()[-1])["result"]
     assert unsent["failed"] > 0 and list(unsent["errors"]) == ["ReauthenticationRequired"]
 
