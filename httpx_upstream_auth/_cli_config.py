@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import stat
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -44,8 +46,10 @@ PROVIDER_KEYS = (
     "client_secret_file",
     "scope",
 )
-TOP_KEYS = ("store", "default_provider", "providers")
+TOP_KEYS = ("store", "default_provider", "encryption_keys_env", "encryption_keys_file", "providers")
 MAX_METADATA_BYTES = 64 * 1024
+#: The most the CLI reads of a configuration, key, secret or answer file (or stdin): more is not one of those.
+MAX_INPUT_BYTES = 1024 * 1024
 
 
 class UsageError(Exception):
@@ -98,11 +102,13 @@ def _read_toml(path: Path) -> dict[str, Any]:
             raise UsageError(
                 f"reading the configuration file {path} needs Python 3.11 or later, or `pip install tomli`"
             ) from None
+    data = read_small(path, "the configuration file")
     try:
-        with path.open("rb") as file:
-            return tomllib.load(file)
-    except OSError as exc:
-        raise UsageError(f"cannot read the configuration file {path} ({exc.strerror})") from None
+        return tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise UsageError(f"the configuration file {path} is not UTF-8 text") from None
+    except RecursionError:
+        raise UsageError(f"the configuration file {path} is nested too deeply") from None
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"the configuration file {path} is not valid TOML ({exc})") from None
 
@@ -126,6 +132,12 @@ class ProviderSettings:
         if self.auth_method == "none":
             return None
         if self.client_secret_env is not None:
+            if not _ENV_NAME.fullmatch(self.client_secret_env):
+                # Not a variable's name: perhaps the secret itself, pasted in the wrong place; never repeat it.
+                raise UsageError(
+                    f"client_secret_env of provider {self.name!r} must name an environment variable (letters, digits "
+                    "and _), not hold the secret itself"
+                )
             value = environ.get(self.client_secret_env)
             if not value:
                 raise UsageError(
@@ -134,12 +146,8 @@ class ProviderSettings:
                 )
             return value
         if self.client_secret_file is not None:
-            try:
-                value = Path(self.client_secret_file).read_text().strip()
-            except OSError as exc:
-                raise UsageError(
-                    f"the client secret is missing: cannot read {self.client_secret_file} ({exc.strerror})"
-                ) from None
+            data = read_small(Path(self.client_secret_file), "the client secret file")
+            value = data.decode("utf-8", "replace").strip()
             if not value:
                 raise UsageError(f"the client secret is missing: {self.client_secret_file} is empty")
             return value
@@ -212,6 +220,10 @@ class CliConfig:
     provider: str | None
     settings: ProviderSettings | None
     config_path: Path | None
+    encryption_keys: tuple[str, ...] = ()
+    """The store's encryption keys, newest first, each ``[KEY_ID:]BASE64`` (none: the store is not encrypted)."""
+    keys_origin: str = ""
+    """Where the keys came from, for messages (never the keys)."""
 
     def require_provider(self) -> str:
         """The provider id the command acts on; UsageError when none was chosen."""
@@ -279,9 +291,64 @@ def load_config(flags: Any, environ: Mapping[str, str] = os.environ) -> CliConfi
         if values["auth_method"] is None:
             values["auth_method"] = "client_secret_basic"
         if values["auth_method"] not in SECRET_AUTH_METHODS:
+            # The value is not quoted: a secret pasted in the wrong place would be repeated.
             raise UsageError(
-                f"auth_method of provider {provider!r} must be one of {', '.join(SECRET_AUTH_METHODS)}, "
-                f"not {values['auth_method']!r}"
+                f"auth_method of provider {provider!r} must be one of {', '.join(SECRET_AUTH_METHODS)}"
             )
         settings = ProviderSettings(name=provider, **values)
-    return CliConfig(store=store, provider=provider, settings=settings, config_path=path if document else None)
+    keys, origin = _encryption_keys(top, path, environ)
+    return CliConfig(
+        store=store,
+        provider=provider,
+        settings=settings,
+        config_path=path if document else None,
+        encryption_keys=keys,
+        keys_origin=origin,
+    )
+
+
+def _encryption_keys(top: Mapping[str, Any], path: Path, environ: Mapping[str, str]) -> tuple[tuple[str, ...], str]:
+    """The encryption keys' texts and where they came from: ``HTTPX_UPSTREAM_AUTH_ENCRYPTION_KEYS``, else the
+    variable ``encryption_keys_env`` names, else the file ``encryption_keys_file`` names (relative to the
+    configuration file); a command-line flag never carries them."""
+    if environ.get(ENV_PREFIX + "ENCRYPTION_KEYS"):
+        origin = ENV_PREFIX + "ENCRYPTION_KEYS"
+        text = environ[origin]
+    elif top.get("encryption_keys_env") is not None:
+        name = top["encryption_keys_env"]
+        if not _ENV_NAME.fullmatch(name):
+            raise UsageError("encryption_keys_env must name an environment variable (not hold the keys themselves)")
+        origin = f"the environment variable {name} (encryption_keys_env)"
+        text = environ.get(name, "")
+        if not text:
+            raise UsageError(f"the encryption keys are missing: {origin} is not set")
+    elif top.get("encryption_keys_file") is not None:
+        file = path.parent / Path(top["encryption_keys_file"]).expanduser()
+        origin = f"{file} (encryption_keys_file)"
+        text = read_small(file, "the encryption keys file").decode("utf-8", "replace")
+    else:
+        return (), ""
+    keys = tuple(text.replace(",", " ").split())
+    if not keys:
+        raise UsageError(f"the encryption keys are missing: {origin} is empty")
+    return keys, origin
+
+
+#: What an environment variable's name looks like (a value that does not is a secret pasted in the wrong place).
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+
+
+def read_small(path: Path, what: str) -> bytes:
+    """The bytes of the regular file ``path`` (at most :data:`MAX_INPUT_BYTES`); :class:`UsageError` for a
+    FIFO, a device or a directory (which could block, or never end), or a larger file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {path} ({exc.strerror})") from None
+    with os.fdopen(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UsageError(f"{what} {path} is not a regular file")
+        data = file.read(MAX_INPUT_BYTES + 1)
+    if len(data) > MAX_INPUT_BYTES:
+        raise UsageError(f"{what} {path} is larger than {MAX_INPUT_BYTES // 1024} KiB")
+    return data

@@ -5,7 +5,6 @@ interpreter per case costs seconds on a loaded machine)."""
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import threading
@@ -68,7 +67,7 @@ def test_sigterm_and_sighup_during_a_refresh_save_the_answer_and_exit_128_plus_t
         local.fail_next("answer_delay:2")
         command = [str(BIN / "httpx-upstream-auth"), "--config", config, "refresh", "alice"]
         process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        _wait_for(lambda: local.stats["token_calls"] > calls)  # redeemed: the answer is on its way
+        _wait_for(lambda calls=calls: local.stats["token_calls"] > calls)  # redeemed: the answer is on its way
         process.send_signal(signum)
         _, err = process.communicate(timeout=60)
         name = signal.Signals(signum).name
