@@ -16,6 +16,7 @@ import contextlib
 import datetime
 import itertools
 import json
+import logging
 import os
 import signal
 import sys
@@ -56,6 +57,8 @@ from ._trace import short_hash
 __all__ = ["EXIT_CODES", "main"]
 
 PROG = "httpx-upstream-auth"
+#: The library's logger (``.events``, ``.mcp`` are its children).
+LOGGER = "httpx_upstream_auth"
 OK = 0
 #: The demo ran, and found failed requests or a reused refresh token; or an error nobody foresaw.
 FAILED = 1
@@ -90,6 +93,12 @@ def _common(parser: argparse.ArgumentParser, default: Any) -> None:
     parser.add_argument("--config", metavar="PATH", default=default, help="the TOML configuration file")
     parser.add_argument("--store", metavar="URL", default=default, help="where tokens are stored (a storage URL)")
     parser.add_argument("--provider", metavar="NAME", default=default, help="the provider (its id in the store)")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        default=default if default is argparse.SUPPRESS else False,
+        help="also show the library's log lines (warnings, events, debug) on stderr; they never hold a secret",
+    )
 
 
 def _refresh_flags(parser: argparse.ArgumentParser) -> None:
@@ -207,6 +216,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit status (see :data:`EXIT_CODES`)."""
     args = list(sys.argv[1:] if argv is None else argv)
     previous = {signum: signal.signal(signum, _interrupt) for signum in STOP_SIGNALS}
+    logger = logging.getLogger(LOGGER)
+    # Quiet by default: a failure is the command's one line, not also the library's log events on stderr
+    # (Python's last-resort handler would print every warning).
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    logger.handlers[:] = [logging.NullHandler()]
+    logger.propagate = False
     try:
         return _run(args)
     except KeyboardInterrupt as exc:
@@ -217,6 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        logger.handlers[:], logger.level, logger.propagate = saved
 
 
 def _run(args: list[str]) -> int:
@@ -231,6 +247,8 @@ def _run(args: list[str]) -> int:
             return _fail(RETRY_LATER, f"token store error, retry later: {exc}")
     try:
         flags = build_parser().parse_args(args)
+        if flags.verbose:
+            _verbose()
         code = _COMMANDS[flags.command](flags, load_config(flags))
         sys.stdout.flush()  # here, where a reader that left is caught, rather than at exit
         return code
@@ -255,6 +273,16 @@ def _run(args: list[str]) -> int:
         with open(os.devnull, "w") as devnull:
             os.dup2(devnull.fileno(), sys.stdout.fileno())
         return OK
+    except Exception as exc:  # a bug, or a failure nobody foresaw: still one line (its text may hold a secret)
+        return _fail(FAILED, f"unexpected error ({type(exc).__name__}); run again with --verbose, or report it")
+
+
+def _verbose() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{PROG}: log: %(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger(LOGGER)
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.DEBUG)
 
 
 def _fail(code: int, message: str) -> int:

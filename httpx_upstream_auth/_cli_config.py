@@ -17,12 +17,14 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NoReturn
+from urllib.parse import urlsplit, urlunsplit
 
 import attrs
 import httpx
 
 from ._exceptions import ConfigurationError, RefreshFailed
-from ._oauth import SECRET_AUTH_METHODS, check_token_url
+from ._oauth import SECRET_AUTH_METHODS, RefreshRequest, check_token_url
+from ._sync._http import send_refresh_request
 
 __all__ = [
     "ENV_PREFIX",
@@ -133,16 +135,17 @@ class ProviderSettings:
             return None
         if self.client_secret_env is not None:
             if not _ENV_NAME.fullmatch(self.client_secret_env):
-                # Not a variable's name: perhaps the secret itself, pasted in the wrong place; never repeat it.
+                # Not a variable's name: perhaps the secret itself, pasted in the wrong place.
                 raise UsageError(
                     f"client_secret_env of provider {self.name!r} must name an environment variable (letters, digits "
                     "and _), not hold the secret itself"
                 )
             value = environ.get(self.client_secret_env)
             if not value:
+                # The name is not repeated: a secret pasted in its place would be.
                 raise UsageError(
-                    f"the client secret is missing: the environment variable {self.client_secret_env} "
-                    f"(client_secret_env of provider {self.name!r}) is not set"
+                    f"the client secret is missing: the environment variable client_secret_env of provider "
+                    f"{self.name!r} names is not set"
                 )
             return value
         if self.client_secret_file is not None:
@@ -177,39 +180,88 @@ class ProviderSettings:
             check_token_url(self.discovery_url)
         except ValueError as exc:
             raise UsageError(str(exc).replace("token_url", "discovery_url")) from None
-        try:
-            response = httpx.get(self.discovery_url, timeout=timeout, follow_redirects=False)
-        except httpx.HTTPError as exc:
-            raise RefreshFailed(
-                f"could not fetch the discovery document of provider {self.name!r} ({type(exc).__name__}); retry later",
-                retryable=True,
-            ) from None
-        if response.status_code >= 500 or response.status_code == 429:
-            raise RefreshFailed(
-                f"the discovery document of provider {self.name!r} answered HTTP {response.status_code}; retry later",
-                retryable=True,
-                status_code=response.status_code,
+        issuer = discovery_issuer(self.discovery_url)
+        if issuer is None:
+            raise UsageError(
+                f"discovery_url of provider {self.name!r} must be the issuer's /.well-known/openid-configuration or "
+                "/.well-known/oauth-authorization-server URL (the issuer the document must name is read from it)"
             )
-        endpoint = _token_endpoint(response)
-        if endpoint is None:
+        status_code, body = self._fetch_discovery(timeout)
+        if status_code >= 500 or status_code == 429:
+            raise RefreshFailed(
+                f"the discovery document of provider {self.name!r} answered HTTP {status_code}; retry later",
+                retryable=True,
+                status_code=status_code,
+            )
+        document = _document(status_code, body)
+        endpoint = document.get("token_endpoint")
+        if not isinstance(endpoint, str):
             raise ConfigurationError(
-                f"the discovery URL of provider {self.name!r} answered HTTP {response.status_code} without a "
+                f"the discovery URL of provider {self.name!r} answered HTTP {status_code} without a "
                 "token_endpoint; check discovery_url (the issuer's /.well-known/openid-configuration)",
                 setting="token_url",
-                status_code=response.status_code,
+                status_code=status_code,
+            )
+        named = document.get("issuer")
+        if not isinstance(named, str) or named.rstrip("/") != issuer.rstrip("/"):
+            # RFC 8414 section 3.3, OpenID Discovery 4.3: else any document could send the refresh token and the
+            # client secret to a token_endpoint of its choice. The named issuer is quoted escaped and cut short.
+            shown = repr(named[:100]) if isinstance(named, str) else "none"
+            raise ConfigurationError(
+                f"the discovery document of provider {self.name!r} names the issuer {shown}, not {issuer!r} (the "
+                "issuer of its discovery_url; RFC 8414 section 3.3): its token_endpoint is not used",
+                setting="discovery_url",
             )
         return endpoint
 
+    def _fetch_discovery(self, timeout: float) -> tuple[int, bytes]:
+        """GET the discovery document through the token endpoint's exchange: at most MAX_METADATA_BYTES, all of it
+        within ``timeout`` seconds (httpx's timeouts bound each read only), never following a redirect."""
+        assert self.discovery_url is not None
+        request = RefreshRequest(self.discovery_url, {"accept": "application/json"}, "", method="GET")
+        try:
+            with httpx.Client(timeout=timeout) as client:
+                answer = send_refresh_request(client, request, MAX_METADATA_BYTES, timeout)
+        except RefreshFailed as exc:
+            if exc.retryable:
+                raise RefreshFailed(
+                    f"could not fetch the discovery document of provider {self.name!r} (unreachable, or not complete "
+                    f"within {timeout:g} s); retry later",
+                    retryable=True,
+                ) from None
+            raise ConfigurationError(
+                f"the discovery document of provider {self.name!r} could not be read (larger than "
+                f"{MAX_METADATA_BYTES // 1024} KiB, or its host cannot be reached as configured); check discovery_url",
+                setting="discovery_url",
+            ) from None
+        return answer.status_code, answer.body
 
-def _token_endpoint(response: httpx.Response) -> str | None:
-    if response.status_code != 200 or len(response.content) > MAX_METADATA_BYTES:
-        return None
+
+def discovery_issuer(url: str) -> str | None:
+    """The issuer a discovery URL was formed from: ``ISSUER/.well-known/openid-configuration`` (OpenID
+    Discovery), or ``https://host/.well-known/oauth-authorization-server/PATH`` (RFC 8414, issuer
+    ``https://host/PATH``); ``None`` for any other URL."""
+    parts = urlsplit(url)
+    for suffix in ("/.well-known/openid-configuration", "/.well-known/oauth-authorization-server"):
+        if parts.path.endswith(suffix):
+            path = parts.path[: -len(suffix)]
+        elif parts.path.startswith(suffix + "/"):
+            path = parts.path[len(suffix) :]
+        else:
+            continue
+        return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+    return None
+
+
+def _document(status_code: int, body: bytes) -> dict[str, Any]:
+    """The discovery document's JSON object (empty when the answer is not a 200 JSON object)."""
+    if status_code != 200:
+        return {}
     try:
-        document = json.loads(response.content)
-    except ValueError:
-        return None
-    endpoint = document.get("token_endpoint") if isinstance(document, dict) else None
-    return endpoint if isinstance(endpoint, str) else None
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        return {}
+    return document if isinstance(document, dict) else {}
 
 
 @attrs.frozen
@@ -318,7 +370,7 @@ def _encryption_keys(top: Mapping[str, Any], path: Path, environ: Mapping[str, s
         name = top["encryption_keys_env"]
         if not _ENV_NAME.fullmatch(name):
             raise UsageError("encryption_keys_env must name an environment variable (not hold the keys themselves)")
-        origin = f"the environment variable {name} (encryption_keys_env)"
+        origin = "the environment variable encryption_keys_env names"
         text = environ.get(name, "")
         if not text:
             raise UsageError(f"the encryption keys are missing: {origin} is not set")
@@ -345,9 +397,10 @@ def read_small(path: Path, what: str) -> bytes:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as exc:
         raise UsageError(f"cannot read {what} {path} ({exc.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UsageError(f"{what} {path} is not a regular file")
     with os.fdopen(fd, "rb") as file:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise UsageError(f"{what} {path} is not a regular file")
         data = file.read(MAX_INPUT_BYTES + 1)
     if len(data) > MAX_INPUT_BYTES:
         raise UsageError(f"{what} {path} is larger than {MAX_INPUT_BYTES // 1024} KiB")

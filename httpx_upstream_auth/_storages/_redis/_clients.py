@@ -86,6 +86,10 @@ def clients_from_url(
     if cluster:
         try:
             sync = redis.cluster.RedisCluster.from_url(url, **sync_options)
+        except TypeError:
+            raise ValueError(
+                f"the Redis Cluster URL for {where} has an option the Redis client does not take"
+            ) from None
         except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError) as exc:
             raise StorageError(
                 f"could not open the Redis Cluster at {where}: unreachable ({type(exc).__name__}); retry when "
@@ -93,6 +97,14 @@ def clients_from_url(
             ) from exc
         return sync, lambda: redis.asyncio.cluster.RedisCluster.from_url(url, **async_options), where
     sync = redis.Redis.from_url(url, **sync_options)
+    pool = sync.connection_pool
+    try:
+        # A connection object is made (not connected) as the pool would make it, so that an option of the URL
+        # redis-py does not know fails here, once, rather than as a TypeError at every command.
+        pool.connection_class(**pool.connection_kwargs)
+    except TypeError:
+        sync.close()
+        raise ValueError(f"the Redis URL for {where} has an option the Redis client does not take") from None
     return sync, lambda: redis.asyncio.Redis.from_url(url, **async_options), where
 
 
