@@ -450,7 +450,8 @@ def _relative(seconds: int) -> str:
 # -- the commands -----------------------------------------------------------------------------------------
 def _token(flags: argparse.Namespace, config: CliConfig) -> int:
     def run(manager: TokenManager) -> int:
-        _read(manager.storage, EntryKey(manager.provider_id, flags.session), config)
+        if _read(manager.storage, EntryKey(manager.provider_id, flags.session), config) is None:
+            raise _missing(manager.provider_id, flags.session)
         tokens = manager.get_token(flags.session)
         if flags.json:
             entry = redacted(EntryKey(manager.provider_id, flags.session), tokens)
