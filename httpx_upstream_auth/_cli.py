@@ -500,15 +500,19 @@ def _import(flags: argparse.Namespace, config: CliConfig) -> int:
     provider = config.require_provider()
     assert config.settings is not None  # a provider was chosen
     client_id = config.settings.client_id
-    tokens = UpstreamTokens.from_token_response(
-        answer,
-        provider_id=provider,
-        user_id=flags.user_id,
-        upstream_subject=flags.subject,
-        client_id=client_id,
-        issuer=flags.issuer,
-    )
-    del answer
+    try:
+        tokens = UpstreamTokens.from_token_response(
+            answer,
+            provider_id=provider,
+            user_id=flags.user_id,
+            upstream_subject=flags.subject,
+            client_id=client_id,
+            issuer=flags.issuer,
+        )
+    except RefreshFailed as exc:  # an error answer, or no usable token: nothing was sent, retrying cannot help
+        raise UsageError(f"the answer cannot be stored: {exc}") from None
+    finally:
+        del answer
 
     def run(manager: TokenManager) -> int:
         if not config.encryption_keys:

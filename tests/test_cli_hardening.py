@@ -6,10 +6,14 @@ interpreter per case costs seconds on a loaded machine)."""
 from __future__ import annotations
 
 import base64
+import importlib.abc
+import io
 import json
+import os
 import signal
 import sqlite3
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator, MutableMapping
 from pathlib import Path
@@ -38,9 +42,11 @@ from httpx_upstream_auth import (
     EncryptedStorage,
     EncryptionKey,
     EntryKey,
+    MemoryStorage,
     RefreshFailed,
     SQLiteStorage,
     UpstreamTokens,
+    register_storage,
 )
 from httpx_upstream_auth._cli_config import ProviderSettings, discovery_issuer
 from httpx_upstream_auth.testing import LocalProvider, ServerThread
@@ -350,3 +356,131 @@ def test_the_discovery_fetch_is_bounded_and_its_issuer_checked(
     assert discovery_issuer("https://a.example/.well-known/oauth-authorization-server/t/1") == "https://a.example/t/1"
     assert discovery_issuer("https://a.example/t/.well-known/openid-configuration") == "https://a.example/t"
     assert discovery_issuer("https://a.example/metadata") is None
+
+
+# -- F6, F9, F10: hostile inputs are one line and status 2 ---------------------------------------------------
+def test_hostile_inputs_are_one_line_and_status_2_and_never_echo_a_secret(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    provider: tuple[LocalProvider, str],
+) -> None:
+    """Deeply nested JSON, /dev/zero, FIFOs and directories (for --config, --file, the secret file), more than
+    1 MiB on stdin, non-UTF-8 bytes, a secret pasted as client_secret_env or auth_method, a Redis URL option
+    redis-py does not take: one line each, status 2, no secret repeated; the package's own import
+    interrupted by Ctrl-C: 130, one line; an error nobody foresaw: status 1, one line."""
+    local, url = provider
+    config = str(write_config(tmp_path, url))
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    secret = "SUPERSECRET_0123456789"
+    for args, stdin, expected in (
+        (["import", "s1"], "[" * 100_000, "nested too deeply"),
+        (["import", "s1"], " " * (1024 * 1024 + 1), "larger than 1024 KiB"),
+        (["import", "s1", "--file", "/dev/zero"], None, "/dev/zero is not a regular file"),
+        (["import", "s1", "--file", str(fifo)], None, "is not a regular file"),
+        (["import", "s1", "--file", str(tmp_path / "nope")], None, "cannot read the answer file"),
+        (["--config", "/dev/zero", "list"], None, "is not a regular file"),
+        (["--config", str(fifo), "list"], None, "is not a regular file"),
+        (["--config", str(tmp_path), "list"], None, "is not a regular file"),
+        (["token", "s1", "--client-secret-file", str(fifo)], None, "is not a regular file"),
+        (["token", "s1", "--client-secret-env", secret + " x"], None, "not hold the secret itself"),
+        (["token", "s1", "--client-secret-env", secret], None, "client_secret_env of provider 'local' names is not"),
+    ):
+        code, _, err = run(capsys, "--config", config, *args, stdin=stdin)
+        assert code == USAGE and expected in one_line(err) and secret not in err, (args[:3], err)
+    (tmp_path / "bad.toml").write_bytes(b'store = "\xff"\n')
+    (tmp_path / "deep.toml").write_text("a = " + "[" * 100_000)
+    (tmp_path / "method.toml").write_text(Path(config).read_text() + f'auth_method = "{secret}"\n')
+    for name, expected in (("bad", "is not UTF-8 text"), ("deep", "nested too deeply"), ("method", "must be one")):
+        code, _, err = run(capsys, "--config", str(tmp_path / f"{name}.toml"), "list")
+        assert code == USAGE and expected in one_line(err) and secret not in err, (name, err)
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b'{"access_token": "a\xff", "expires_in": 60}')))
+    code, _, err = run(capsys, "--config", config, "import", "s1")
+    assert code == USAGE and "is not UTF-8 text" in one_line(err)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(grant(local).encode())))
+    assert run(capsys, "--config", config, "import", "s1")[0] == OK, "a real answer on a byte stdin"
+    code, _, err = run(capsys, "--config", config, "import", "s2", stdin='{"error": "temporarily_unavailable"}')
+    assert code == USAGE and "cannot be stored" in one_line(err)
+
+    pytest.importorskip("redis")
+    code, _, err = run(
+        capsys, "--store", f"redis://:{secret}@127.0.0.1:9/0?unknown_option=1", "--provider", "p", "list"
+    )
+    assert code == USAGE and "has an option the Redis client does not take" in one_line(err) and secret not in err
+
+    class Broken(MemoryStorage):
+        def scan(self, provider_id: str | None = None) -> Iterator[EntryKey]:
+            raise RuntimeError(secret)
+
+    register_storage("broken-test", lambda url: Broken())
+    code, _, err = run(capsys, "--store", "broken-test:", "list")
+    assert code == 1 and one_line(err) == (
+        "httpx-upstream-auth: unexpected error (RuntimeError); run again with --verbose, or report it"
+    )
+
+    class Interrupting(importlib.abc.MetaPathFinder):
+        def find_spec(self, name: str, path: Any, target: Any = None) -> None:
+            if name == "httpx_upstream_auth._cli":
+                raise KeyboardInterrupt
+
+    monkeypatch.delitem(sys.modules, "httpx_upstream_auth._cli")
+    monkeypatch.setattr(sys, "meta_path", [Interrupting(), *sys.meta_path])
+    code, _, err = run(capsys, "list")
+    assert code == 130 and one_line(err) == "httpx-upstream-auth: interrupted"
+
+
+# -- F7, F8: serve ------------------------------------------------------------------------------------------
+def test_serve_checks_its_flags_and_writes_private_files_without_following_links(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Out-of-range ports and non-positive or non-finite TTLs are refused (status 2); --write-to an existing
+    file is one line, status 2; pre-existing 0644 files are replaced by 0600 ones, and a planted symlink is
+    replaced, its target left untouched."""
+    from httpx_upstream_auth.testing.__main__ import main as testing_main
+
+    for flags in (
+        ["--port", "99999"],
+        ["--port", "-1"],
+        ["--port", "x"],
+        ["--access-ttl", "-5"],
+        ["--access-ttl", "nan"],
+        ["--access-ttl", "x"],
+    ):
+        with pytest.raises(SystemExit) as exit:
+            testing_main(["serve", *flags])
+        assert exit.value.code == USAGE, flags
+    capsys.readouterr()
+    (tmp_path / "a-file").write_text("")
+
+    def serve(*args: str) -> tuple[int, str, str]:
+        stdout: Any = sys.stdout
+
+        def interrupt_when_ready() -> None:
+            while "ready" not in stdout.getvalue():
+                threading.Event().wait(0.05)
+            os.kill(os.getpid(), signal.SIGINT)
+
+        thread = threading.Thread(target=interrupt_when_ready, daemon=True)
+        thread.start()
+        code = testing_main(["serve", *args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    assert testing_main(["serve", "--write-to", str(tmp_path / "a-file")]) == USAGE
+    assert "cannot write to" in capsys.readouterr().err
+    target = tmp_path / "shared"
+    target.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("victim\n")
+    (target / "grant.json").symlink_to(victim)
+    (target / "client-secret").write_text("old\n")
+    (target / "client-secret").chmod(0o644)
+    code, out, _ = serve("--write-to", str(target))
+    assert code == OK and "ready" in out
+    assert victim.read_text() == "victim\n" and not (target / "grant.json").is_symlink()
+    for name in ("client-secret", "grant.json", "config.toml"):
+        assert (target / name).stat().st_mode & 0o777 == 0o600, name
+    assert json.loads((target / "grant.json").read_text())["refresh_token"]
+    assert sorted(path.name for path in target.iterdir()) == ["client-secret", "config.toml", "grant.json"]

@@ -86,10 +86,6 @@ def clients_from_url(
     if cluster:
         try:
             sync = redis.cluster.RedisCluster.from_url(url, **sync_options)
-        except TypeError:
-            raise ValueError(
-                f"the Redis Cluster URL for {where} has an option the Redis client does not take"
-            ) from None
         except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError) as exc:
             raise StorageError(
                 f"could not open the Redis Cluster at {where}: unreachable ({type(exc).__name__}); retry when "
