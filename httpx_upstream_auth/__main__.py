@@ -15,5 +15,5 @@ def main(argv: list[str] | None = None) -> int:
     return run(argv)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # pragma: no cover - runs only as `python -m` (the tests call main())
     sys.exit(main())

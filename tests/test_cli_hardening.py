@@ -25,13 +25,16 @@ from redis_servers import RedisServer
 from storage_fixtures import redis_server
 from test_cli import (
     BIN,
+    CLOSED_URL,
     OK,
     REAUTHENTICATE,
+    RETRY_LATER,
     USAGE,
     _user_dirs,
     api_status,
     environment,
     grant,
+    odd_server,
     one_line,
     run,
     write_config,
@@ -51,7 +54,7 @@ from httpx_upstream_auth import (
 from httpx_upstream_auth._cli_config import ProviderSettings, discovery_issuer
 from httpx_upstream_auth.testing import LocalProvider, ServerThread
 
-__all__ = ["_user_dirs", "redis_server"]
+__all__ = ["_user_dirs", "odd_server", "redis_server"]
 
 
 @pytest.fixture
@@ -101,6 +104,25 @@ def test_sigterm_and_sighup_during_a_refresh_save_the_answer_and_exit_128_plus_t
         assert api_status(url, saved.access_token) == 200
     assert run(capsys, "--config", config, "refresh", "alice")[0] == OK
     assert local.stats["refresh_reuse"] == 0 and local.stats["refresh_ok"] == 3
+
+
+def test_a_sigterm_in_this_process_is_one_line_and_status_143_and_the_handler_is_put_back(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM while import waits for its input (main run here): status 143, one line; afterwards this
+    process's own SIGTERM and SIGHUP handlers are the ones it had."""
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)
+
+    class Terminated(io.StringIO):
+        def read(self, size: int | None = -1) -> str:
+            os.kill(os.getpid(), signal.SIGTERM)
+            threading.Event().wait(30)  # the handler raises here
+            raise AssertionError("SIGTERM was not handled")
+
+    monkeypatch.setattr(sys, "stdin", Terminated())
+    code, _, err = run(capsys, "--provider", "p", "--store", f"sqlite:///{tmp_path}/t.db", "import", "s1")
+    assert code == 143 and one_line(err) == "httpx-upstream-auth: interrupted (SIGTERM)"
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)) == before
 
 
 # -- F2: the demo's store password ------------------------------------------------------------------------
@@ -286,7 +308,7 @@ def test_session_ids_and_bindings_are_printed_escaped(
 
 # -- F3: one line, --verbose for the library's log ---------------------------------------------------------
 def test_a_failure_is_one_line_and_verbose_shows_the_librarys_log(
-    tmp_path: Path, provider: tuple[LocalProvider, str]
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, provider: tuple[LocalProvider, str]
 ) -> None:
     """A refresh the provider refuses (invalid_client), and one it answers with garbage, as a user runs them:
     exactly one stderr line each (the library's events are not printed); with --verbose its events are there
@@ -301,6 +323,8 @@ def test_a_failure_is_one_line_and_verbose_shows_the_librarys_log(
         return subprocess.run(command, input=stdin, env=env, capture_output=True, text=True, timeout=60)
 
     assert cli("import", "s1", stdin=answer).returncode == OK
+    code, _, err = run(capsys, "--config", config, "--verbose", "refresh", "s1", "--token-url", CLOSED_URL + "/token")
+    assert code == RETRY_LATER and "log: WARNING httpx_upstream_auth.events: refresh.failed" in err
     local.fail_next("invalid_client")
     verbose = cli("refresh", "s1", "--verbose")
     assert verbose.returncode == USAGE and "refresh.failed" in verbose.stderr
@@ -364,6 +388,7 @@ def test_hostile_inputs_are_one_line_and_status_2_and_never_echo_a_secret(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     provider: tuple[LocalProvider, str],
+    odd_server: str,
 ) -> None:
     """Deeply nested JSON, /dev/zero, FIFOs and directories (for --config, --file, the secret file), more than
     1 MiB on stdin, non-UTF-8 bytes, a secret pasted as client_secret_env or auth_method, a Redis URL option
@@ -392,7 +417,13 @@ def test_hostile_inputs_are_one_line_and_status_2_and_never_echo_a_secret(
     (tmp_path / "bad.toml").write_bytes(b'store = "\xff"\n')
     (tmp_path / "deep.toml").write_text("a = " + "[" * 100_000)
     (tmp_path / "method.toml").write_text(Path(config).read_text() + f'auth_method = "{secret}"\n')
-    for name, expected in (("bad", "is not UTF-8 text"), ("deep", "nested too deeply"), ("method", "must be one")):
+    (tmp_path / "big.toml").write_text("# " + "x" * 1024 * 1024)
+    for name, expected in (
+        ("bad", "is not UTF-8 text"),
+        ("deep", "nested too deeply"),
+        ("method", "must be one"),
+        ("big", "larger than 1024 KiB"),
+    ):
         code, _, err = run(capsys, "--config", str(tmp_path / f"{name}.toml"), "list")
         assert code == USAGE and expected in one_line(err) and secret not in err, (name, err)
 
@@ -403,6 +434,8 @@ def test_hostile_inputs_are_one_line_and_status_2_and_never_echo_a_secret(
     assert run(capsys, "--config", config, "import", "s1")[0] == OK, "a real answer on a byte stdin"
     code, _, err = run(capsys, "--config", config, "import", "s2", stdin='{"error": "temporarily_unavailable"}')
     assert code == USAGE and "cannot be stored" in one_line(err)
+    code, _, err = run(capsys, "--config", config, "refresh", "s1", "--token-url", odd_server + "/status/400")
+    assert code == USAGE and "refresh failed: the token endpoint answered HTTP 400" in one_line(err)
 
     pytest.importorskip("redis")
     code, _, err = run(
@@ -470,6 +503,12 @@ def test_serve_checks_its_flags_and_writes_private_files_without_following_links
 
     assert testing_main(["serve", "--write-to", str(tmp_path / "a-file")]) == USAGE
     assert "cannot write to" in capsys.readouterr().err
+    blocked = tmp_path / "blocked"
+    (blocked / "client-secret").mkdir(parents=True)
+    (blocked / "client-secret" / "x").write_text("")
+    assert testing_main(["serve", "--port", "0", "--write-to", str(blocked)]) == USAGE
+    assert "cannot write to" in capsys.readouterr().err
+    assert sorted(path.name for path in blocked.iterdir()) == ["client-secret", "config.toml"], "no temporary left"
     target = tmp_path / "shared"
     target.mkdir()
     victim = tmp_path / "victim.txt"

@@ -96,9 +96,10 @@ def clients_from_url(
     pool = sync.connection_pool
     try:
         # A connection object is made (not connected) as the pool would make it, so that an option of the URL
-        # redis-py does not know fails here, once, rather than as a TypeError at every command.
+        # redis-py does not take fails here, once, rather than at every command. Its text is not repeated: it
+        # may quote the URL's values.
         pool.connection_class(**pool.connection_kwargs)
-    except TypeError:
+    except (TypeError, ValueError):
         sync.close()
         raise ValueError(f"the Redis URL for {where} has an option the Redis client does not take") from None
     return sync, lambda: redis.asyncio.Redis.from_url(url, **async_options), where
