@@ -344,9 +344,7 @@ def load_config(flags: Any, environ: Mapping[str, str] = os.environ) -> CliConfi
             values["auth_method"] = "client_secret_basic"
         if values["auth_method"] not in SECRET_AUTH_METHODS:
             # The value is not quoted: a secret pasted in the wrong place would be repeated.
-            raise UsageError(
-                f"auth_method of provider {provider!r} must be one of {', '.join(SECRET_AUTH_METHODS)}"
-            )
+            raise UsageError(f"auth_method of provider {provider!r} must be one of {', '.join(SECRET_AUTH_METHODS)}")
         settings = ProviderSettings(name=provider, **values)
     keys, origin = _encryption_keys(top, path, environ)
     return CliConfig(
