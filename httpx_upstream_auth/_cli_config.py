@@ -23,7 +23,7 @@ import attrs
 import httpx
 
 from ._exceptions import ConfigurationError, RefreshFailed
-from ._oauth import SECRET_AUTH_METHODS, RefreshRequest, check_token_url
+from ._oauth import AUTH_METHODS, SECRET_AUTH_METHODS, RefreshRequest, check_token_url
 from ._sync._http import send_refresh_request
 
 __all__ = [
@@ -343,8 +343,11 @@ def load_config(flags: Any, environ: Mapping[str, str] = os.environ) -> CliConfi
         if values["auth_method"] is None:
             values["auth_method"] = "client_secret_basic"
         if values["auth_method"] not in SECRET_AUTH_METHODS:
-            # The value is not quoted: a secret pasted in the wrong place would be repeated.
-            raise UsageError(f"auth_method of provider {provider!r} must be one of {', '.join(SECRET_AUTH_METHODS)}")
+            # A method's name is repeated, anything else is not: it may be a secret pasted in the wrong place.
+            given = f", not {values['auth_method']!r}" if values["auth_method"] in AUTH_METHODS else ""
+            raise UsageError(
+                f"auth_method of provider {provider!r} must be one of {', '.join(SECRET_AUTH_METHODS)}{given}"
+            )
         settings = ProviderSettings(name=provider, **values)
     keys, origin = _encryption_keys(top, path, environ)
     return CliConfig(
