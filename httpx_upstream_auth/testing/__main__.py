@@ -15,7 +15,7 @@ import os
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from ._provider import LocalProvider
 
@@ -94,10 +94,18 @@ def _seconds(text: str) -> float:
     return seconds
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, with a bad flag as one line on stderr (status 2), not the usage and a second line."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print the one line and exit 2."""
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Serve the local provider until interrupted; 2 for a bad flag or a missing extra."""
-    parser = argparse.ArgumentParser(prog="python -m httpx_upstream_auth.testing", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = _OneLineParser(prog="python -m httpx_upstream_auth.testing", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
     serve = commands.add_parser("serve", help="serve the local provider", description=__doc__)
     serve.add_argument("--port", type=_port, default=0, help="the loopback port (default 0: a free one)")
     serve.add_argument("--host", default="127.0.0.1", help="a loopback address (default 127.0.0.1)")

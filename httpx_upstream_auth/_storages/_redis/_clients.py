@@ -99,7 +99,7 @@ def clients_from_url(
         # redis-py does not take fails here, once, rather than at every command. Its text is not repeated: it
         # may quote the URL's values.
         pool.connection_class(**pool.connection_kwargs)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, redis.exceptions.RedisError):
         sync.close()
         raise ValueError(f"the Redis URL for {where} has an option the Redis client does not take") from None
     return sync, lambda: redis.asyncio.Redis.from_url(url, **async_options), where
