@@ -232,7 +232,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        logger.handlers[:], logger.level, logger.propagate = saved
+        # A job's thread may still log its last event after this returns: without any handler, Python's
+        # last-resort one would print it, so a NullHandler stays when the logger had none.
+        logger.handlers[:], logger.level, logger.propagate = saved[0] or [logging.NullHandler()], *saved[1:]
 
 
 def _run(args: list[str]) -> int:
