@@ -548,7 +548,7 @@ def _read(storage: Storage, key: EntryKey, config: CliConfig) -> UpstreamTokens 
     try:
         tokens = storage.get(key)
     except UnreadableEntry as exc:
-        raise _Unreadable(f"session {key.session_id!r}: {exc}; `delete` it, then import a new login") from None
+        raise _Unreadable(f"session {key.session_id!r}: {exc}") from None  # its text says to delete it
     if tokens is not None and not config.encryption_keys and tokens.access_token.startswith(SEALED_PREFIX + "."):
         raise _sealed(key)
     return tokens
