@@ -7,10 +7,13 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line (``_cli.py``); returns the exit status."""
-    from ._cli import main as run
-
+    try:
+        from ._cli import main as run
+    except KeyboardInterrupt:  # Ctrl-C while the command is still loading: the same line and status as later
+        print("httpx-upstream-auth: interrupted", file=sys.stderr)
+        return 130
     return run(argv)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # pragma: no cover - runs only as `python -m` (the tests call main())
     sys.exit(main())

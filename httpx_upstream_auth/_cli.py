@@ -10,9 +10,15 @@ to do (see :data:`EXIT_CODES`); no traceback, and no secret but the access token
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
+import contextlib
 import datetime
+import itertools
 import json
+import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -21,10 +27,12 @@ from typing import Any, TextIO
 
 from ._cli_config import (
     ENV_PREFIX,
+    MAX_INPUT_BYTES,
     CliConfig,
     OneLineParser,
     UsageError,
     load_config,
+    read_small,
     user_config_dir,
     user_data_dir,
 )
@@ -32,20 +40,25 @@ from ._clock import Clock
 from ._exceptions import (
     BindingMismatch,
     ConfigurationError,
+    EntryRefused,
     ReauthenticationRequired,
     RefreshFailed,
     StorageError,
+    UnreadableEntry,
     UpstreamAuthError,
 )
 from ._manager import TokenManager
 from ._models import EntryKey, UpstreamTokens
 from ._refresher import OAuth2Refresher, Refresher
-from ._storages import Storage, open_storage
+from ._storages import EncryptedStorage, EncryptionKey, Storage, open_storage
+from ._storages._encrypted import PREFIX as SEALED_PREFIX
 from ._trace import short_hash
 
 __all__ = ["EXIT_CODES", "main"]
 
 PROG = "httpx-upstream-auth"
+#: The library's logger (``.events``, ``.mcp`` are its children).
+LOGGER = "httpx_upstream_auth"
 OK = 0
 #: The demo ran, and found failed requests or a reused refresh token; or an error nobody foresaw.
 FAILED = 1
@@ -58,6 +71,7 @@ EXIT_CODES = {
     USAGE: "usage or configuration error (a flag, the configuration file, the input, a missing extra): fix it",
     REAUTHENTICATE: "re-authentication required: no entry for the session, no refresh token, or a dead grant",
     RETRY_LATER: "transient failure (the provider or the store is unreachable or overloaded): retry later",
+    130: "interrupted: 128 + the signal (SIGINT 130, SIGTERM 143, SIGHUP 129), after a refresh in flight was saved",
 }
 
 
@@ -79,6 +93,12 @@ def _common(parser: argparse.ArgumentParser, default: Any) -> None:
     parser.add_argument("--config", metavar="PATH", default=default, help="the TOML configuration file")
     parser.add_argument("--store", metavar="URL", default=default, help="where tokens are stored (a storage URL)")
     parser.add_argument("--provider", metavar="NAME", default=default, help="the provider (its id in the store)")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        default=default if default is argparse.SUPPRESS else False,
+        help="also show the library's log lines (warnings, events, debug) on stderr; they never hold a secret",
+    )
 
 
 def _refresh_flags(parser: argparse.ArgumentParser) -> None:
@@ -175,9 +195,49 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- entry point ------------------------------------------------------------------------------------------
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where Ctrl-C's KeyboardInterrupt would be, so it takes the same path: the
+    refresh in flight finishes and is saved (or fails closed) before the command exits ``128 + signum``."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
+
+
+#: The signals a supervisor or a closing terminal sends (``timeout``, systemd, ``docker stop``), handled like Ctrl-C.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit status (see :data:`EXIT_CODES`)."""
     args = list(sys.argv[1:] if argv is None else argv)
+    previous = {signum: signal.signal(signum, _interrupt) for signum in STOP_SIGNALS}
+    logger = logging.getLogger(LOGGER)
+    # Quiet by default: a failure is the command's one line, not also the library's log events on stderr
+    # (Python's last-resort handler would print every warning).
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    logger.handlers[:] = [logging.NullHandler()]
+    logger.propagate = False
+    try:
+        return _run(args)
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        if signum == signal.SIGINT:
+            return _fail(128 + signum, "interrupted")
+        return _fail(128 + signum, f"interrupted ({signal.Signals(signum).name})")
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        # A job's thread may still log its last event after this returns: without any handler, Python's
+        # last-resort one would print it, so a NullHandler stays when the logger had none.
+        logger.handlers[:], logger.level, logger.propagate = saved[0] or [logging.NullHandler()], *saved[1:]
+
+
+def _run(args: list[str]) -> int:
     if args[:1] in (["demo"], ["demo-worker"]):
         from . import _demo
 
@@ -189,6 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _fail(RETRY_LATER, f"token store error, retry later: {exc}")
     try:
         flags = build_parser().parse_args(args)
+        if flags.verbose:
+            _verbose()
         code = _COMMANDS[flags.command](flags, load_config(flags))
         sys.stdout.flush()  # here, where a reader that left is caught, rather than at exit
         return code
@@ -202,6 +264,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if exc.retryable:
             return _fail(RETRY_LATER, f"refresh failed, retry later: {exc}")
         return _fail(USAGE, f"refresh failed: {exc}")
+    except EntryRefused as exc:  # the keys do not open it: a configuration to fix, or an entry to replace
+        code = USAGE if exc.reason in ("unknown_key", "plaintext") else REAUTHENTICATE
+        return _fail(code, f"the encrypted store refused the entry: {exc}")
     except StorageError as exc:
         return _fail(RETRY_LATER, f"token store error, retry later: {exc}")
     except UpstreamAuthError as exc:  # pragma: no cover - every UpstreamAuthError subclass is handled above
@@ -210,8 +275,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(os.devnull, "w") as devnull:
             os.dup2(devnull.fileno(), sys.stdout.fileno())
         return OK
-    except KeyboardInterrupt:
-        return _fail(130, "interrupted")
+    except Exception as exc:  # a bug, or a failure nobody foresaw: still one line (its text may hold a secret)
+        return _fail(FAILED, f"unexpected error ({type(exc).__name__}); run again with --verbose, or report it")
+
+
+def _verbose() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{PROG}: log: %(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger(LOGGER)
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.DEBUG)
 
 
 def _fail(code: int, message: str) -> int:
@@ -220,7 +293,31 @@ def _fail(code: int, message: str) -> int:
 
 
 # -- opening things -------------------------------------------------------------------------------------
-def _open_store(url: str) -> Storage:
+def _open_store(config: CliConfig) -> Storage:
+    """The configured store, wrapped in :class:`EncryptedStorage` when encryption keys are configured."""
+    keys = [_key(text, config.keys_origin) for text in config.encryption_keys]
+    storage = _open_url(config.store)
+    if not keys:
+        return storage
+    try:
+        return EncryptedStorage(storage, keys)
+    except (ImportError, ValueError) as exc:  # no cryptography; two keys with one id (never a key in the text)
+        storage.close()
+        raise UsageError(f"the encryption keys in {config.keys_origin}: {exc}") from None
+
+
+def _key(text: str, origin: str) -> EncryptionKey:
+    key_id, _, encoded = text.rpartition(":")
+    try:
+        return EncryptionKey(base64.b64decode(encoded, validate=True), key_id or None)
+    except (binascii.Error, ValueError):
+        # The keys are secrets: say where they are, never what they are.
+        raise UsageError(
+            f"the encryption keys in {origin} must be [KEY_ID:]BASE64 keys of 16, 24 or 32 bytes, newest first"
+        ) from None
+
+
+def _open_url(url: str) -> Storage:
     if url.split(":", 1)[0].lower() == "memory":
         # One process's memory: what it stores is gone when the command exits.
         raise UsageError("memory:// lives in one process and forgets everything at exit: it is for the demo only")
@@ -274,7 +371,7 @@ def _refresher(config: CliConfig) -> Refresher:
 def _manager(config: CliConfig, *, refreshes: bool) -> TokenManager:
     provider = config.require_provider()
     refresher = _refresher(config) if refreshes else _NoRefresher()
-    return TokenManager(refresher=refresher, provider_id=provider, storage=_open_store(config.store), failure_window=0)
+    return TokenManager(refresher=refresher, provider_id=provider, storage=_open_store(config), failure_window=0)
 
 
 def _closing(manager: TokenManager, run: Callable[[TokenManager], int]) -> int:
@@ -316,6 +413,13 @@ def _when(epoch: float | None, now: float) -> str:
     return f"{stamp} (in {delta} s)" if delta >= 0 else f"{stamp} ({-delta} s ago)"
 
 
+def escaped(text: str) -> str:
+    """``text`` fit for a terminal line: backslashes and every non-printable character (controls, escapes,
+    line and tab characters, bidi overrides, undecodable bytes) written as Python escapes, so a stored
+    session id or binding can neither forge a line nor drive the terminal."""
+    return "".join("\\\\" if char == "\\" else char if char.isprintable() else repr(char)[1:-1] for char in text)
+
+
 def _print_entry(entry: dict[str, Any], as_json: bool, out: TextIO) -> None:
     if as_json:
         print(json.dumps(entry, sort_keys=True), file=out)
@@ -330,14 +434,15 @@ def _print_entry(entry: dict[str, Any], as_json: bool, out: TextIO) -> None:
             value = "-"
         elif isinstance(value, bool):
             value = "yes" if value else "no"
-        print(f"{name + ':':21} {value}", file=out)
+        print(f"{name + ':':21} {escaped(str(value))}", file=out)
 
 
 def _line(entry: dict[str, Any]) -> str:
     expires = "expiry unknown" if entry["expires_in"] is None else _relative(entry["expires_in"])
     refresh = "refresh token" if entry["has_refresh_token"] else "no refresh token"
-    user = entry["user_id"] or entry["upstream_subject"] or "-"
-    return f"{entry['provider_id']}\t{entry['session_id']}\t{expires}\tv{entry['version']}\t{refresh}\tuser {user}"
+    user = escaped(entry["user_id"] or entry["upstream_subject"] or "-")
+    provider, session = escaped(entry["provider_id"]), escaped(entry["session_id"])
+    return f"{provider}\t{session}\t{expires}\tv{entry['version']}\t{refresh}\tuser {user}"
 
 
 def _relative(seconds: int) -> str:
@@ -347,6 +452,8 @@ def _relative(seconds: int) -> str:
 # -- the commands -----------------------------------------------------------------------------------------
 def _token(flags: argparse.Namespace, config: CliConfig) -> int:
     def run(manager: TokenManager) -> int:
+        if _read(manager.storage, EntryKey(manager.provider_id, flags.session), config) is None:
+            raise _missing(manager.provider_id, flags.session)
         tokens = manager.get_token(flags.session)
         if flags.json:
             entry = redacted(EntryKey(manager.provider_id, flags.session), tokens)
@@ -359,16 +466,29 @@ def _token(flags: argparse.Namespace, config: CliConfig) -> int:
     return _closing(_manager(config, refreshes=True), run)
 
 
+_PASS_ANSWER = "pass the token endpoint's JSON answer"
+
+
 def _read_answer(flags: argparse.Namespace) -> dict[str, Any]:
     source = "stdin" if flags.file in (None, "-") else flags.file
     if source == "stdin" and sys.stdin.isatty():
         print("paste the token endpoint's JSON answer, then press Ctrl-D", file=sys.stderr)
+    if source == "stdin":
+        stream: Any = getattr(sys.stdin, "buffer", sys.stdin)
+        data = stream.read(MAX_INPUT_BYTES + 1)
+        data = data.encode("utf-8", "surrogateescape") if isinstance(data, str) else data
+        if len(data) > MAX_INPUT_BYTES:
+            raise UsageError(f"the answer on stdin is larger than {MAX_INPUT_BYTES // 1024} KiB: not a token answer")
+    else:
+        data = read_small(Path(source), "the answer file")
     try:
-        text = sys.stdin.read() if source == "stdin" else Path(source).read_text()
-    except OSError as exc:
-        raise UsageError(f"cannot read {source} ({exc.strerror})") from None
-    try:
-        answer = json.loads(text)
+        answer = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise UsageError(f"the answer on {source} is not UTF-8 text: pass the token endpoint's JSON answer") from None
+    except RecursionError:
+        raise UsageError(
+            f"the answer on {source} is nested too deeply: pass the token endpoint's JSON answer"
+        ) from None
     except ValueError:
         # Never quote the text: it holds tokens.
         raise UsageError(f"the answer on {source} is not JSON: pass the token endpoint's JSON answer") from None
@@ -382,22 +502,71 @@ def _import(flags: argparse.Namespace, config: CliConfig) -> int:
     provider = config.require_provider()
     assert config.settings is not None  # a provider was chosen
     client_id = config.settings.client_id
-    tokens = UpstreamTokens.from_token_response(
-        answer,
-        provider_id=provider,
-        user_id=flags.user_id,
-        upstream_subject=flags.subject,
-        client_id=client_id,
-        issuer=flags.issuer,
-    )
-    del answer
+    try:
+        tokens = UpstreamTokens.from_token_response(
+            answer,
+            provider_id=provider,
+            user_id=flags.user_id,
+            upstream_subject=flags.subject,
+            client_id=client_id,
+            issuer=flags.issuer,
+        )
+    except RefreshFailed as exc:  # an error answer, or no usable token: nothing was sent, retrying cannot help
+        raise UsageError(f"the answer cannot be stored: {exc}") from None
+    finally:
+        del answer
 
     def run(manager: TokenManager) -> int:
+        if not config.encryption_keys:
+            _refuse_plaintext_next_to_sealed(manager.storage, EntryKey(provider, flags.session))
         stored = manager.store(flags.session, tokens)
         _print_entry(redacted(EntryKey(provider, flags.session), stored), flags.json, sys.stdout)
         return OK
 
     return _closing(_manager(config, refreshes=False), run)
+
+
+#: How many of the provider's entries ``import`` looks at for sealed ones, when no encryption key is configured.
+SEALED_SAMPLE = 20
+
+
+class _Unreadable(UsageError):
+    """An entry the store cannot read (``list`` names it and goes on)."""
+
+
+def _sealed(key: EntryKey) -> UsageError:
+    return UsageError(
+        f"session {key.session_id!r} of provider {key.provider_id!r} is encrypted (EncryptedStorage): configure the "
+        f"store's keys with {ENV_PREFIX}ENCRYPTION_KEYS, or encryption_keys_env / encryption_keys_file in the "
+        "configuration file"
+    )
+
+
+def _read(storage: Storage, key: EntryKey, config: CliConfig) -> UpstreamTokens | None:
+    """``key``'s entry; :class:`UsageError` naming the session for an entry that cannot be read, or that is sealed
+    while no key is configured (it would read as a blob of a token, and no refresh token)."""
+    try:
+        tokens = storage.get(key)
+    except UnreadableEntry as exc:
+        raise _Unreadable(f"session {key.session_id!r}: {exc}") from None  # its text says to delete it
+    if tokens is not None and not config.encryption_keys and tokens.access_token.startswith(SEALED_PREFIX + "."):
+        raise _sealed(key)
+    return tokens
+
+
+def _refuse_plaintext_next_to_sealed(storage: Storage, key: EntryKey) -> None:
+    """Without keys, ``import`` must not write a plaintext entry into an encrypted store (the application would
+    refuse it, and the refresh token would lie in clear): look at the session's entry and a few others."""
+    keys = [key]
+    with contextlib.suppress(NotImplementedError):  # a store that cannot list: the session's entry is all we see
+        keys += itertools.islice(storage.scan(key.provider_id), SEALED_SAMPLE)
+    for other in keys:
+        try:
+            tokens = storage.get(other)
+        except UnreadableEntry:
+            continue
+        if tokens is not None and tokens.access_token.startswith(SEALED_PREFIX + "."):
+            raise _sealed(other)
 
 
 def _missing(provider: str, session: str) -> ReauthenticationRequired:
@@ -408,9 +577,9 @@ def _missing(provider: str, session: str) -> ReauthenticationRequired:
 
 def _show(flags: argparse.Namespace, config: CliConfig) -> int:
     key = EntryKey(config.require_provider(), flags.session)
-    storage = _open_store(config.store)
+    storage = _open_store(config)
     try:
-        tokens = storage.get(key)
+        tokens = _read(storage, key, config)
     finally:
         storage.close()
     if tokens is None:
@@ -419,25 +588,35 @@ def _show(flags: argparse.Namespace, config: CliConfig) -> int:
     return OK
 
 
-def _entries(storage: Storage, provider: str | None) -> Iterator[tuple[EntryKey, UpstreamTokens]]:
+def _entries(
+    storage: Storage, provider: str | None, config: CliConfig, skipped: list[EntryKey]
+) -> Iterator[tuple[EntryKey, UpstreamTokens]]:
+    """Every listed entry; one that cannot be read is named on stderr, added to ``skipped`` and passed over
+    (the rest are still listed). A sealed entry without keys ends the listing: the whole store is sealed."""
     for key in storage.scan(provider):
-        tokens = storage.get(key)
+        try:
+            tokens = _read(storage, key, config)
+        except _Unreadable as exc:
+            print(f"{PROG}: {exc}", file=sys.stderr)
+            skipped.append(key)
+            continue
         if tokens is not None:  # deleted since the scan named it
             yield key, tokens
 
 
 def _list(flags: argparse.Namespace, config: CliConfig) -> int:
-    storage = _open_store(config.store)
+    storage = _open_store(config)
     provider = getattr(flags, "provider", None) or os.environ.get(ENV_PREFIX + "PROVIDER") or None
+    skipped: list[EntryKey] = []
     try:
-        for key, tokens in _entries(storage, provider):
+        for key, tokens in _entries(storage, provider, config, skipped):
             entry = redacted(key, tokens)
             print(json.dumps(entry, sort_keys=True) if flags.json else _line(entry))
     except NotImplementedError as exc:
         raise UsageError(f"this store cannot list its sessions: {exc}") from None
     finally:
         storage.close()
-    return OK
+    return USAGE if skipped else OK
 
 
 def _delete(flags: argparse.Namespace, config: CliConfig) -> int:
@@ -453,7 +632,7 @@ def _delete(flags: argparse.Namespace, config: CliConfig) -> int:
 def _refresh(flags: argparse.Namespace, config: CliConfig) -> int:
     def run(manager: TokenManager) -> int:
         key = EntryKey(manager.provider_id, flags.session)
-        current = manager.storage.get(key)
+        current = _read(manager.storage, key, config)
         if current is None:
             raise _missing(key.provider_id, key.session_id)
         # The manager's single-flight refresh under the store's lease, unless another worker stored a newer

@@ -11,16 +11,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import stat
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NoReturn
+from urllib.parse import urlsplit, urlunsplit
 
 import attrs
 import httpx
 
 from ._exceptions import ConfigurationError, RefreshFailed
-from ._oauth import SECRET_AUTH_METHODS, check_token_url
+from ._oauth import AUTH_METHODS, SECRET_AUTH_METHODS, RefreshRequest, check_token_url
+from ._sync._http import send_refresh_request
 
 __all__ = [
     "ENV_PREFIX",
@@ -44,8 +48,10 @@ PROVIDER_KEYS = (
     "client_secret_file",
     "scope",
 )
-TOP_KEYS = ("store", "default_provider", "providers")
+TOP_KEYS = ("store", "default_provider", "encryption_keys_env", "encryption_keys_file", "providers")
 MAX_METADATA_BYTES = 64 * 1024
+#: The most the CLI reads of a configuration, key, secret or answer file (or stdin): more is not one of those.
+MAX_INPUT_BYTES = 1024 * 1024
 
 
 class UsageError(Exception):
@@ -98,11 +104,13 @@ def _read_toml(path: Path) -> dict[str, Any]:
             raise UsageError(
                 f"reading the configuration file {path} needs Python 3.11 or later, or `pip install tomli`"
             ) from None
+    data = read_small(path, "the configuration file")
     try:
-        with path.open("rb") as file:
-            return tomllib.load(file)
-    except OSError as exc:
-        raise UsageError(f"cannot read the configuration file {path} ({exc.strerror})") from None
+        return tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise UsageError(f"the configuration file {path} is not UTF-8 text") from None
+    except RecursionError:
+        raise UsageError(f"the configuration file {path} is nested too deeply") from None
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"the configuration file {path} is not valid TOML ({exc})") from None
 
@@ -126,20 +134,23 @@ class ProviderSettings:
         if self.auth_method == "none":
             return None
         if self.client_secret_env is not None:
+            if not _ENV_NAME.fullmatch(self.client_secret_env):
+                # Not a variable's name: perhaps the secret itself, pasted in the wrong place.
+                raise UsageError(
+                    f"client_secret_env of provider {self.name!r} must name an environment variable (letters, digits "
+                    "and _), not hold the secret itself"
+                )
             value = environ.get(self.client_secret_env)
             if not value:
+                # The name is not repeated: a secret pasted in its place would be.
                 raise UsageError(
-                    f"the client secret is missing: the environment variable {self.client_secret_env} "
-                    f"(client_secret_env of provider {self.name!r}) is not set"
+                    f"the client secret is missing: the environment variable client_secret_env of provider "
+                    f"{self.name!r} names is not set"
                 )
             return value
         if self.client_secret_file is not None:
-            try:
-                value = Path(self.client_secret_file).read_text().strip()
-            except OSError as exc:
-                raise UsageError(
-                    f"the client secret is missing: cannot read {self.client_secret_file} ({exc.strerror})"
-                ) from None
+            data = read_small(Path(self.client_secret_file), "the client secret file")
+            value = data.decode("utf-8", "replace").strip()
             if not value:
                 raise UsageError(f"the client secret is missing: {self.client_secret_file} is empty")
             return value
@@ -169,39 +180,88 @@ class ProviderSettings:
             check_token_url(self.discovery_url)
         except ValueError as exc:
             raise UsageError(str(exc).replace("token_url", "discovery_url")) from None
-        try:
-            response = httpx.get(self.discovery_url, timeout=timeout, follow_redirects=False)
-        except httpx.HTTPError as exc:
-            raise RefreshFailed(
-                f"could not fetch the discovery document of provider {self.name!r} ({type(exc).__name__}); retry later",
-                retryable=True,
-            ) from None
-        if response.status_code >= 500 or response.status_code == 429:
-            raise RefreshFailed(
-                f"the discovery document of provider {self.name!r} answered HTTP {response.status_code}; retry later",
-                retryable=True,
-                status_code=response.status_code,
+        issuer = discovery_issuer(self.discovery_url)
+        if issuer is None:
+            raise UsageError(
+                f"discovery_url of provider {self.name!r} must be the issuer's /.well-known/openid-configuration or "
+                "/.well-known/oauth-authorization-server URL (the issuer the document must name is read from it)"
             )
-        endpoint = _token_endpoint(response)
-        if endpoint is None:
+        status_code, body = self._fetch_discovery(timeout)
+        if status_code >= 500 or status_code == 429:
+            raise RefreshFailed(
+                f"the discovery document of provider {self.name!r} answered HTTP {status_code}; retry later",
+                retryable=True,
+                status_code=status_code,
+            )
+        document = _document(status_code, body)
+        endpoint = document.get("token_endpoint")
+        if not isinstance(endpoint, str):
             raise ConfigurationError(
-                f"the discovery URL of provider {self.name!r} answered HTTP {response.status_code} without a "
+                f"the discovery URL of provider {self.name!r} answered HTTP {status_code} without a "
                 "token_endpoint; check discovery_url (the issuer's /.well-known/openid-configuration)",
                 setting="token_url",
-                status_code=response.status_code,
+                status_code=status_code,
+            )
+        named = document.get("issuer")
+        if not isinstance(named, str) or named.rstrip("/") != issuer.rstrip("/"):
+            # RFC 8414 section 3.3, OpenID Discovery 4.3: else any document could send the refresh token and the
+            # client secret to a token_endpoint of its choice. The named issuer is quoted escaped and cut short.
+            shown = repr(named[:100]) if isinstance(named, str) else "none"
+            raise ConfigurationError(
+                f"the discovery document of provider {self.name!r} names the issuer {shown}, not {issuer!r} (the "
+                "issuer of its discovery_url; RFC 8414 section 3.3): its token_endpoint is not used",
+                setting="discovery_url",
             )
         return endpoint
 
+    def _fetch_discovery(self, timeout: float) -> tuple[int, bytes]:
+        """GET the discovery document through the token endpoint's exchange: at most MAX_METADATA_BYTES, all of it
+        within ``timeout`` seconds (httpx's timeouts bound each read only), never following a redirect."""
+        assert self.discovery_url is not None
+        request = RefreshRequest(self.discovery_url, {"accept": "application/json"}, "", method="GET")
+        try:
+            with httpx.Client(timeout=timeout) as client:
+                answer = send_refresh_request(client, request, MAX_METADATA_BYTES, timeout)
+        except RefreshFailed as exc:
+            if exc.retryable:
+                raise RefreshFailed(
+                    f"could not fetch the discovery document of provider {self.name!r} (unreachable, or not complete "
+                    f"within {timeout:g} s); retry later",
+                    retryable=True,
+                ) from None
+            raise ConfigurationError(
+                f"the discovery document of provider {self.name!r} could not be read (larger than "
+                f"{MAX_METADATA_BYTES // 1024} KiB, or its host cannot be reached as configured); check discovery_url",
+                setting="discovery_url",
+            ) from None
+        return answer.status_code, answer.body
 
-def _token_endpoint(response: httpx.Response) -> str | None:
-    if response.status_code != 200 or len(response.content) > MAX_METADATA_BYTES:
-        return None
+
+def discovery_issuer(url: str) -> str | None:
+    """The issuer a discovery URL was formed from: ``ISSUER/.well-known/openid-configuration`` (OpenID
+    Discovery), or ``https://host/.well-known/oauth-authorization-server/PATH`` (RFC 8414, issuer
+    ``https://host/PATH``); ``None`` for any other URL."""
+    parts = urlsplit(url)
+    for suffix in ("/.well-known/openid-configuration", "/.well-known/oauth-authorization-server"):
+        if parts.path.endswith(suffix):
+            path = parts.path[: -len(suffix)]
+        elif parts.path.startswith(suffix + "/"):
+            path = parts.path[len(suffix) :]
+        else:
+            continue
+        return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+    return None
+
+
+def _document(status_code: int, body: bytes) -> dict[str, Any]:
+    """The discovery document's JSON object (empty when the answer is not a 200 JSON object)."""
+    if status_code != 200:
+        return {}
     try:
-        document = json.loads(response.content)
-    except ValueError:
-        return None
-    endpoint = document.get("token_endpoint") if isinstance(document, dict) else None
-    return endpoint if isinstance(endpoint, str) else None
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        return {}
+    return document if isinstance(document, dict) else {}
 
 
 @attrs.frozen
@@ -212,6 +272,10 @@ class CliConfig:
     provider: str | None
     settings: ProviderSettings | None
     config_path: Path | None
+    encryption_keys: tuple[str, ...] = ()
+    """The store's encryption keys, newest first, each ``[KEY_ID:]BASE64`` (none: the store is not encrypted)."""
+    keys_origin: str = ""
+    """Where the keys came from, for messages (never the keys)."""
 
     def require_provider(self) -> str:
         """The provider id the command acts on; UsageError when none was chosen."""
@@ -279,9 +343,66 @@ def load_config(flags: Any, environ: Mapping[str, str] = os.environ) -> CliConfi
         if values["auth_method"] is None:
             values["auth_method"] = "client_secret_basic"
         if values["auth_method"] not in SECRET_AUTH_METHODS:
+            # A method's name is repeated, anything else is not: it may be a secret pasted in the wrong place.
+            given = f", not {values['auth_method']!r}" if values["auth_method"] in AUTH_METHODS else ""
             raise UsageError(
-                f"auth_method of provider {provider!r} must be one of {', '.join(SECRET_AUTH_METHODS)}, "
-                f"not {values['auth_method']!r}"
+                f"auth_method of provider {provider!r} must be one of {', '.join(SECRET_AUTH_METHODS)}{given}"
             )
         settings = ProviderSettings(name=provider, **values)
-    return CliConfig(store=store, provider=provider, settings=settings, config_path=path if document else None)
+    keys, origin = _encryption_keys(top, path, environ)
+    return CliConfig(
+        store=store,
+        provider=provider,
+        settings=settings,
+        config_path=path if document else None,
+        encryption_keys=keys,
+        keys_origin=origin,
+    )
+
+
+def _encryption_keys(top: Mapping[str, Any], path: Path, environ: Mapping[str, str]) -> tuple[tuple[str, ...], str]:
+    """The encryption keys' texts and where they came from: ``HTTPX_UPSTREAM_AUTH_ENCRYPTION_KEYS``, else the
+    variable ``encryption_keys_env`` names, else the file ``encryption_keys_file`` names (relative to the
+    configuration file); a command-line flag never carries them."""
+    if environ.get(ENV_PREFIX + "ENCRYPTION_KEYS"):
+        origin = ENV_PREFIX + "ENCRYPTION_KEYS"
+        text = environ[origin]
+    elif top.get("encryption_keys_env") is not None:
+        name = top["encryption_keys_env"]
+        if not _ENV_NAME.fullmatch(name):
+            raise UsageError("encryption_keys_env must name an environment variable (not hold the keys themselves)")
+        origin = "the environment variable encryption_keys_env names"
+        text = environ.get(name, "")
+        if not text:
+            raise UsageError(f"the encryption keys are missing: {origin} is not set")
+    elif top.get("encryption_keys_file") is not None:
+        file = path.parent / Path(top["encryption_keys_file"]).expanduser()
+        origin = f"{file} (encryption_keys_file)"
+        text = read_small(file, "the encryption keys file").decode("utf-8", "replace")
+    else:
+        return (), ""
+    keys = tuple(text.replace(",", " ").split())
+    if not keys:
+        raise UsageError(f"the encryption keys are missing: {origin} is empty")
+    return keys, origin
+
+
+#: What an environment variable's name looks like (a value that does not is a secret pasted in the wrong place).
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+
+
+def read_small(path: Path, what: str) -> bytes:
+    """The bytes of the regular file ``path`` (at most :data:`MAX_INPUT_BYTES`); :class:`UsageError` for a
+    FIFO, a device or a directory (which could block, or never end), or a larger file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {path} ({exc.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UsageError(f"{what} {path} is not a regular file")
+    with os.fdopen(fd, "rb") as file:
+        data = file.read(MAX_INPUT_BYTES + 1)
+    if len(data) > MAX_INPUT_BYTES:
+        raise UsageError(f"{what} {path} is larger than {MAX_INPUT_BYTES // 1024} KiB")
+    return data

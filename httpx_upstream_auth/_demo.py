@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable
 from typing import Any, TextIO
 
@@ -40,6 +41,8 @@ PAUSE = 0.05
 PROVIDER = "local"
 #: How often a worker process reports its counts, and the display refreshes on a terminal (seconds).
 TICK = 0.25
+#: The environment variable a worker process reads the store URL from (never its argv).
+STORAGE_ENV = "HTTPX_UPSTREAM_AUTH_DEMO_STORAGE"
 
 
 def make_manager(storage: str, base_url: str) -> TokenManager:
@@ -102,9 +105,21 @@ async def run_worker(
     }
 
 
+def masked(url: str) -> str:
+    """``url`` with its password (if any) replaced by ``***``, fit to print."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
 def worker_main(argv: list[str]) -> int:
     """Entry of one demo worker process: prints its counts as JSON lines while it runs, then its result."""
-    storage, base_url, seconds, tasks, start = argv[0], argv[1], float(argv[2]), int(argv[3]), float(argv[4])
+    # The store URL comes through the environment: argv is visible to every user of the machine, and the URL
+    # may carry a password.
+    storage = os.environ[STORAGE_ENV]
+    base_url, seconds, tasks, start = argv[0], float(argv[1]), int(argv[2]), float(argv[3])
     manager = make_manager(storage, base_url)
     time.sleep(max(start - time.time(), 0.0))  # every worker starts calling at once, after its imports
     progress = {"ok": 0, "failed": 0}
@@ -174,7 +189,7 @@ def main(argv: list[str]) -> int:
             manager.store(SESSION, provider.login(sub="alice", client_id="test-client", provider_id=PROVIDER))
             print(
                 f"demo: {processes} process(es) x {args.tasks} tasks for {args.seconds:g} s, "
-                f"{args.token_ttl:g}-second tokens, storage {args.storage}",
+                f"{args.token_ttl:g}-second tokens, storage {masked(args.storage)}",
                 flush=True,
             )
             display = Display(sys.stdout, lambda: provider.stats, manager)
@@ -262,10 +277,10 @@ def _run_processes(
 ) -> list[dict[str, Any]]:
     start = time.time() + 2.0
     command = [
-        sys.executable, "-m", "httpx_upstream_auth", "demo-worker", storage, url, str(args.seconds), str(args.tasks),
-        str(start),
+        sys.executable, "-m", "httpx_upstream_auth", "demo-worker", url, str(args.seconds), str(args.tasks), str(start),
     ]  # fmt: skip
-    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(processes)]
+    environ = {**os.environ, STORAGE_ENV: storage}
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=environ) for _ in range(processes)]
     latest = [{"ok": 0, "failed": 0} for _ in procs]
     results: list[dict[str, Any] | None] = [None] * len(procs)
 

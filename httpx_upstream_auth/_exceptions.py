@@ -23,6 +23,7 @@ __all__ = [
     "ReauthenticationRequired",
     "RefreshFailed",
     "StorageError",
+    "UnreadableEntry",
     "UpstreamAuthError",
 ]
 
@@ -124,6 +125,12 @@ class BindingMismatch(UpstreamAuthError):
 
 class StorageError(UpstreamAuthError):
     """The token store failed. Nothing was half-written: retry when the store is back."""
+
+
+class UnreadableEntry(StorageError):
+    """The store holds an entry that cannot be read (a torn write, another version's format). Retrying will
+    not help: delete the entry and have the user log in again. The message names the provider, never the
+    session id (which may be a bearer secret) nor the entry's content."""
 
 
 class EntryRefused(StorageError):

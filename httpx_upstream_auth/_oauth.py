@@ -72,11 +72,13 @@ _NOT_SENT = (
 
 @attrs.frozen
 class RefreshRequest:
-    """A token request ready to send: ``POST url`` with these headers and form body."""
+    """A token request ready to send: ``POST url`` with these headers and form body (``method`` ``"GET"``
+    with an empty body reads a metadata document through the same capped, deadline-bound exchange)."""
 
     url: str
     headers: dict[str, str] = attrs.field(repr=False)
     body: str = attrs.field(repr=False)
+    method: str = "POST"
 
 
 @attrs.frozen

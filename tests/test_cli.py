@@ -54,7 +54,7 @@ def provider() -> Iterator[tuple[LocalProvider, str]]:
 async def _odd_app(scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
     """An ASGI app that answers what the local provider never does: GET /status/N answers HTTP N, /not-json
     a 200 that is not JSON, /huge 100 kB, /endpoint-not-a-string a token_endpoint that is a number."""
-    path = scope["path"]
+    path = scope["path"].removesuffix("/.well-known/openid-configuration")
     status, body = 200, b'{"token_endpoint": 7}'
     if path.startswith("/status/"):
         status, body = int(path.rsplit("/", 1)[1]), b"{}"
@@ -277,11 +277,13 @@ def test_configuration_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path
 def test_missing_secrets_are_named_never_taken_from_the_command_line(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A secret variable not set, a secret file missing or empty, no secret at all: one line naming where the
-    secret should be, status 2; there is no flag that takes a secret."""
+    """A secret variable not set, a secret file missing or empty, no secret at all: one line saying where the
+    secret should be (never repeating a variable's name, which may be a secret pasted in the wrong place),
+    status 2; there is no flag that takes a secret."""
     flags = ["token", "s1", "--provider", "p", "--token-url", "https://example.com/token", "--client-id", "c"]
     code, _, err = run(capsys, *flags, "--client-secret-env", "MY_SECRET")
-    assert code == USAGE and "MY_SECRET" in one_line(err) and "is not set" in err
+    assert code == USAGE and "client_secret_env of provider 'p' names is not set" in one_line(err)
+    assert "MY_SECRET" not in err
     code, _, err = run(capsys, *flags, "--client-secret-file", str(tmp_path / "nope"))
     assert code == USAGE and "cannot read" in one_line(err)
     (tmp_path / "empty").write_text("\n")
@@ -455,15 +457,16 @@ def test_discovery_url_finds_the_token_endpoint(
     before = local.stats["refresh_ok"]
     code, _, err = run(capsys, "--config", config, "refresh", "s1")
     assert code == OK and local.stats["refresh_ok"] == before + 1, err
+    well_known = "/.well-known/openid-configuration"
     for discovery, status, expected in (
-        (url + "/nothing-here", USAGE, "without a token_endpoint"),
-        (url + "/api/me", USAGE, "without a token_endpoint"),
-        (CLOSED_URL + "/.well-known/openid-configuration", RETRY_LATER, "could not fetch the discovery document"),
-        (odd_server + "/status/503", RETRY_LATER, "answered HTTP 503; retry later"),
-        (odd_server + "/status/429", RETRY_LATER, "answered HTTP 429; retry later"),
-        (odd_server + "/not-json", USAGE, "answered HTTP 200 without a token_endpoint"),
-        (odd_server + "/huge", USAGE, "answered HTTP 200 without a token_endpoint"),
-        (odd_server + "/endpoint-not-a-string", USAGE, "answered HTTP 200 without a token_endpoint"),
+        (url + "/nothing-here" + well_known, USAGE, "without a token_endpoint"),
+        (url + "/api/me", USAGE, "must be the issuer's /.well-known/openid-configuration or"),
+        (CLOSED_URL + well_known, RETRY_LATER, "could not fetch the discovery document"),
+        (odd_server + "/status/503" + well_known, RETRY_LATER, "answered HTTP 503; retry later"),
+        (odd_server + "/status/429" + well_known, RETRY_LATER, "answered HTTP 429; retry later"),
+        (odd_server + "/not-json" + well_known, USAGE, "answered HTTP 200 without a token_endpoint"),
+        (odd_server + "/huge" + well_known, USAGE, "could not be read (larger than 64 KiB"),
+        (odd_server + "/endpoint-not-a-string" + well_known, USAGE, "answered HTTP 200 without a token_endpoint"),
         ("http://example.com/.well-known/openid-configuration", USAGE, "discovery_url must be an https:// URL"),
     ):
         code, _, err = run(capsys, "--config", config, "refresh", "s1", "--discovery-url", discovery)
@@ -619,14 +622,18 @@ def test_the_demo_with_worker_processes_prints_plain_progress(capsys: pytest.Cap
 
 
 def test_a_demo_worker_reports_progress_then_its_result(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path, provider: tuple[LocalProvider, str]
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    provider: tuple[LocalProvider, str],
 ) -> None:
     """The demo's worker process (run here): JSON progress lines while it calls, then its result, all ok."""
     local, url = provider
     store = SQLiteStorage(tmp_path / "w.db")
     store.put(EntryKey("local", "demo-session"), local.login(), expected_version=None)
     store.close()
-    code, out, _ = run(capsys, "demo-worker", f"sqlite:{tmp_path}/w.db", url, "1", "2", "0")
+    monkeypatch.setenv("HTTPX_UPSTREAM_AUTH_DEMO_STORAGE", f"sqlite:{tmp_path}/w.db")
+    code, out, _ = run(capsys, "demo-worker", url, "1", "2", "0")
     messages = [json.loads(line) for line in out.splitlines()]
     assert code == OK and all("progress" in message for message in messages[:-1]) and len(messages) >= 2
     result = messages[-1]["result"]
@@ -682,17 +689,23 @@ def test_serve_prints_credentials_writes_the_files_and_stops_on_ctrl_c(
 
 
 def test_a_demo_worker_counts_and_names_failed_requests(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path, provider: tuple[LocalProvider, str], odd_server: str
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    provider: tuple[LocalProvider, str],
+    odd_server: str,
 ) -> None:
     """Requests the API refuses (HTTP 503) and requests that cannot be sent (no tokens stored: the auth raises)
     are counted as failed and named; the summary then says FAILED and returns 1."""
     store = SQLiteStorage(tmp_path / "w.db")
     store.put(EntryKey("local", "demo-session"), provider[0].login(), expected_version=None)
     store.close()
-    code, out, _ = run(capsys, "demo-worker", f"sqlite:{tmp_path}/w.db", odd_server + "/status/503?", "0.5", "1", "0")
+    monkeypatch.setenv("HTTPX_UPSTREAM_AUTH_DEMO_STORAGE", f"sqlite:{tmp_path}/w.db")
+    code, out, _ = run(capsys, "demo-worker", odd_server + "/status/503?", "0.5", "1", "0")
     refused = json.loads(out.splitlines()[-1])["result"]
     assert code == OK and refused["ok"] == 0 and refused["failed"] > 0 and list(refused["errors"]) == ["HTTP 503"]
-    code, out, _ = run(capsys, "demo-worker", f"sqlite:{tmp_path}/empty.db", provider[1], "0.5", "1", "0")
+    monkeypatch.setenv("HTTPX_UPSTREAM_AUTH_DEMO_STORAGE", f"sqlite:{tmp_path}/empty.db")
+    code, out, _ = run(capsys, "demo-worker", provider[1], "0.5", "1", "0")
     unsent = json.loads(out.splitlines()[-1])["result"]
     assert unsent["failed"] > 0 and list(unsent["errors"]) == ["ReauthenticationRequired"]
 

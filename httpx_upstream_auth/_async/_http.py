@@ -40,7 +40,7 @@ async def _exchange(
     try:
         # follow_redirects=False whatever the client says: a redirect would carry the secrets to another URL.
         async with client.stream(
-            "POST", request.url, headers=request.headers, content=request.body, follow_redirects=False
+            request.method, request.url, headers=request.headers, content=request.body, follow_redirects=False
         ) as response:
             status_code = response.status_code
             body = bytearray()

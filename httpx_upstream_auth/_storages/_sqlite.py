@@ -23,7 +23,7 @@ import anyio
 import anyio.to_thread
 
 from .._changes import ChangeHub
-from .._exceptions import StorageError
+from .._exceptions import StorageError, UnreadableEntry
 from .._models import EntryKey, UpstreamTokens
 from .._policy import DEFAULT_RETENTION, retention_deadline
 from .._synchronization import (
@@ -460,7 +460,7 @@ class SQLiteStorage(SharedStorage):
         try:
             return UpstreamTokens.from_json(row[0])
         except (ValueError, TypeError) as exc:
-            raise StorageError(
+            raise UnreadableEntry(
                 f"the SQLite token store {self.path} holds an unreadable entry for provider "
                 f"{key.provider_id!r} ({type(exc).__name__}); delete it and have the user log in again"
             ) from None

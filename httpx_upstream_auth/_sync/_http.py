@@ -41,7 +41,7 @@ def _exchange(
     try:
         # follow_redirects=False whatever the client says: a redirect would carry the secrets to another URL.
         with client.stream(
-            "POST", request.url, headers=request.headers, content=request.body, follow_redirects=False
+            request.method, request.url, headers=request.headers, content=request.body, follow_redirects=False
         ) as response:
             status_code = response.status_code
             body = bytearray()

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from ._provider import LocalProvider
 
@@ -24,9 +25,18 @@ PROVIDER = "local"
 
 
 def _write_private(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as file:
-        file.write(text)
+    """Write ``path`` readable by its owner only, whatever was there: a new file (never one planted with looser
+    modes, never through a symlink), then renamed over the old name (rename replaces a symlink, not its target)."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(temporary, flags, 0o600)
+    try:
+        with os.fdopen(fd, "w") as file:
+            file.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def first_grant(provider: LocalProvider, sub: str = "alice") -> dict[str, Any]:
@@ -45,32 +55,61 @@ def first_grant(provider: LocalProvider, sub: str = "alice") -> dict[str, Any]:
 
 def write_files(directory: Path, url: str, provider: LocalProvider) -> list[Path]:
     """``config.toml``, ``client-secret`` and ``grant.json`` for the provider served at ``url``."""
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     secret = provider.clients[CLIENT_ID][0]
     assert secret is not None
     config = directory / "config.toml"
-    config.write_text(
+    _write_private(
+        config,
         "# The local test provider (python -m httpx_upstream_auth.testing serve): test credentials, loopback only.\n"
         f'default_provider = "{PROVIDER}"\n\n'
         f"[providers.{PROVIDER}]\n"
         f'token_url = "{url}/token"\n'
         f'client_id = "{CLIENT_ID}"\n'
         'auth_method = "client_secret_basic"\n'
-        'client_secret_file = "client-secret"  # relative to this file\n'
+        'client_secret_file = "client-secret"  # relative to this file\n',
     )
     _write_private(directory / "client-secret", secret + "\n")
     _write_private(directory / "grant.json", json.dumps(first_grant(provider)) + "\n")
     return [config, directory / "client-secret", directory / "grant.json"]
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a port number, not {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 65535, not {port}")
+    return port
+
+
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, not {text!r}") from None
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text!r}")
+    return seconds
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, with a bad flag as one line on stderr (status 2), not the usage and a second line."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print the one line and exit 2."""
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Serve the local provider until interrupted; 2 for a bad flag or a missing extra."""
-    parser = argparse.ArgumentParser(prog="python -m httpx_upstream_auth.testing", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = _OneLineParser(prog="python -m httpx_upstream_auth.testing", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
     serve = commands.add_parser("serve", help="serve the local provider", description=__doc__)
-    serve.add_argument("--port", type=int, default=0, help="the loopback port (default 0: a free one)")
+    serve.add_argument("--port", type=_port, default=0, help="the loopback port (default 0: a free one)")
     serve.add_argument("--host", default="127.0.0.1", help="a loopback address (default 127.0.0.1)")
-    serve.add_argument("--access-ttl", type=float, default=60.0, help="access token lifetime, seconds (default 60)")
+    serve.add_argument("--access-ttl", type=_seconds, default=60.0, help="access token lifetime, seconds (default 60)")
     serve.add_argument("--write-to", metavar="DIR", help="write config.toml, client-secret and grant.json there")
     args = parser.parse_args(argv)
     try:
@@ -88,11 +127,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"local provider: {server.url}  (Ctrl-C stops it)")
     print(f"token URL:      {server.url}/token")
     print(f"clients:        {clients}")
-    if args.write_to:
-        written = write_files(Path(args.write_to), server.url, provider)
-        print(f"wrote:          {', '.join(map(str, written))}")
-    print("ready", flush=True)
     try:
+        if args.write_to:
+            try:
+                written = write_files(Path(args.write_to), server.url, provider)
+            except OSError as exc:
+                print(
+                    f"python -m httpx_upstream_auth.testing: cannot write to {args.write_to}: {exc.strerror}",
+                    file=sys.stderr,
+                )
+                return 2
+            print(f"wrote:          {', '.join(map(str, written))}")
+        print("ready", flush=True)
         threading.Event().wait()
     except KeyboardInterrupt:
         pass

@@ -93,6 +93,15 @@ def clients_from_url(
             ) from exc
         return sync, lambda: redis.asyncio.cluster.RedisCluster.from_url(url, **async_options), where
     sync = redis.Redis.from_url(url, **sync_options)
+    pool = sync.connection_pool
+    try:
+        # A connection object is made (not connected) as the pool would make it, so that an option of the URL
+        # redis-py does not take fails here, once, rather than at every command. Its text is not repeated: it
+        # may quote the URL's values.
+        pool.connection_class(**pool.connection_kwargs)
+    except (TypeError, ValueError, redis.exceptions.RedisError):
+        sync.close()
+        raise ValueError(f"the Redis URL for {where} has an option the Redis client does not take") from None
     return sync, lambda: redis.asyncio.Redis.from_url(url, **async_options), where
 
 

@@ -12,7 +12,7 @@ import urllib.parse
 from collections.abc import Iterator
 from typing import Any
 
-from ..._exceptions import StorageError
+from ..._exceptions import StorageError, UnreadableEntry
 from ..._models import EntryKey, UpstreamTokens
 from ._keys import read_entry
 
@@ -66,7 +66,7 @@ class ErrorMap:
         try:
             return read_entry(key, raw)
         except (ValueError, TypeError) as exc:
-            raise StorageError(
+            raise UnreadableEntry(
                 f"{self.server} holds an unreadable entry for provider {key.provider_id!r} "
                 f"({type(exc).__name__}); delete it and have the user log in again"
             ) from None
