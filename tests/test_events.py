@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from support import (
@@ -28,7 +30,14 @@ from support import (
     wait_until,
 )
 
-from httpx_upstream_auth import RefreshFailed, TokenManager, TraceEvent, UpstreamTokens
+from httpx_upstream_auth import (
+    MemoryStorage,
+    RefreshFailed,
+    TokenManager,
+    TraceEvent,
+    UpstreamAuthError,
+    UpstreamTokens,
+)
 from httpx_upstream_auth._async._manager import MAX_RETRIES
 from httpx_upstream_auth.testing import LocalProvider, ServerThread
 
@@ -268,3 +277,42 @@ async def test_a_distrust_is_reported_with_the_tokens_hash_only(
     for secret in (first.access_token, fresh.access_token, fresh.refresh_token):
         assert secret is not None and secret not in caplog.text and secret not in repr(distrusted)
     assert provider.stats["refresh_ok"] == 1 and provider.stats["refresh_reuse"] == 0
+
+
+def test_a_hook_that_blocks_the_job_past_its_lease_never_leads_to_a_second_presentation(
+    provider: LocalProvider, make_manager: ManagerFactory
+) -> None:
+    """A task job's refresh.started hook blocks its event loop longer than lease_ttl, so the lease keeper cannot
+    renew and the lease lapses; another manager on the same store takes it and refreshes. The blocked job then
+    finds the lease gone at its last check and sends nothing: one refresh, no refresh token presented twice.
+    (A sync test: the hook blocks its loop on purpose.)"""
+    storage = MemoryStorage()
+    started = threading.Event()
+
+    def blocking_hook(event: TraceEvent) -> None:
+        if event.name == "refresh.started" and not started.is_set():
+            started.set()
+            time.sleep(1.5)  # a blocking call in a hook: mirroring state over sync HTTP, say
+
+    first = make_manager(storage=storage, redeem_in="task", refresh_timeout=5.0, lease_ttl=0.5, on_event=blocking_hook)
+    second = make_manager(storage=storage, refresh_timeout=5.0, lease_ttl=0.5, lease_wait=30, wait_timeout=40)
+    first.store(SESSION, expired(provider.login()))
+    results: dict[str, object] = {}
+
+    def other_worker() -> None:
+        started.wait(10)
+        results["second"] = second.get_token(SESSION)
+
+    worker = threading.Thread(target=other_worker)
+    worker.start()
+
+    async def blocked_job() -> None:
+        try:
+            results["first"] = await first.aget_token(SESSION)
+        except UpstreamAuthError as exc:
+            results["first"] = exc
+
+    anyio.run(blocked_job)
+    worker.join(60)
+    assert isinstance(results["second"], UpstreamTokens)
+    assert provider.stats["refresh_reuse"] == 0 and provider.stats["refresh_ok"] == 1

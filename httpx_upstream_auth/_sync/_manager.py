@@ -411,6 +411,7 @@ class SyncTokenOps:
     def _lead(self, key: EntryKey, need: Need, epoch: int, calls: SyncStoreCalls) -> Outcome:
         state = self._state
         give_up = state.clock.monotonic() + state.lease_wait
+        announced = False  # refresh.started reported
         prepared = False
         while True:
             # Re-read first: another task, thread or process may have refreshed already.
@@ -452,6 +453,11 @@ class SyncTokenOps:
                             "the TokenManager was closed before the refresh was sent; nothing was sent.",
                             retryable=False,
                         )
+                    if not announced:
+                        # Before the last lease check, not after it: the event's hooks run here, in the job,
+                        # and one that takes long is then covered by that check like a slow read.
+                        announced = True
+                        state.tracer.emit("refresh.started", key, reason=_reason(need), version=current.version)
                     # The reads may have been slow: make sure the lease is still ours, for a full ttl, at the
                     # moment the refresh token leaves; the keeper renews it from then on. A renewal runs its
                     # ttl from when the store applied it, no earlier than we asked: one whose answer took
@@ -569,12 +575,10 @@ class SyncTokenOps:
         logger.debug("refresh of %s: redeeming version %d", key, current.version)
         # What the writes after the request need is acquired now: a process that cannot provide it sends nothing.
         calls.prepare()
-        reason = "rejected" if need.rejected is not None else "ahead" if need.ahead_of is not None else "expired"
         job = current_job.get()
         if job is not None:
             job.redeemed = True
-            job.reason = reason
-        state.tracer.emit("refresh.started", key, reason=reason, version=current.version)
+            job.reason = _reason(need)
         # From here on the provider may consume the refresh token: never present it again from this
         # process unless we learn it was not consumed.
         state.mark_consumed(current.refresh_token)
@@ -872,3 +876,8 @@ class SyncTokenOps:
                 "the result with TokenManager.store()."
             )
         return tokens
+
+
+def _reason(need: Need) -> str:
+    """Why a refresh is made, as events and metrics name it."""
+    return "rejected" if need.rejected is not None else "ahead" if need.ahead_of is not None else "expired"
