@@ -643,12 +643,13 @@ class ManagerState:
             return False
         return True
 
-    def back_off(self, key: EntryKey) -> None:
-        """An early refresh failed harmlessly: serve the still-valid token for ``retry_interval``."""
+    def back_off(self, key: EntryKey, retry_after: float | None = None) -> None:
+        """An early refresh failed harmlessly: serve the still-valid token for ``retry_interval``, or as long as
+        the provider's ``Retry-After`` asked if longer."""
         now = self.clock.monotonic()
         with self._lock:
             self._retry_at.pop(key, None)
-            self._retry_at[key] = now + self.retry_interval
+            self._retry_at[key] = now + max(self.retry_interval, retry_after or 0.0)
             if len(self._retry_at) > self._cache_size:
                 for stale in [k for k, until in self._retry_at.items() if until <= now]:
                     del self._retry_at[stale]

@@ -271,3 +271,28 @@ async def test_fleet_never_waits(driver: Driver, make_manager: ManagerFactory, r
         assert stats["refresh_reuse"] == 0 and stats["token_calls"] == stats["refresh_ok"]
         assert stats["refresh_ok"] == last.version - first.version  # each refresh saved once, none lost
         assert stats["refresh_ok"] >= RUN_FOR / 2  # at least one refresh per lifetime happened
+
+
+async def test_a_background_refresh_refused_with_retry_after_waits_that_long(
+    driver: Driver, timed: Any, clock: FakeClock, make_manager: ManagerFactory
+) -> None:
+    """A refresh ahead of expiry meets a 429 asking for 30 s: the still-valid token is served meanwhile, and no
+    request makes another token request within those 30 s (retry_interval alone is 1 s)."""
+    provider, server = timed
+    waits = WaitCounter()
+    refresher = OAuth2Refresher(server.url + "/token", "test-client", "test-secret")
+    # A refresh_timeout too short to wait the Retry-After out inside the job: it gives up at once.
+    manager = make_manager(
+        refresher=refresher, clock=clock, refresh_ahead=20, retry_interval=1.0, refresh_timeout=1.5, on_event=waits
+    )
+    local = Driver(driver.mode, server.url)
+    first = await local.store(manager, provider.login())
+    clock.advance(LIFETIME - 10.5)  # inside the window, before the leeway
+    provider.fail_next("429:30")
+    assert (await local.get_token(manager)).access_token == first.access_token
+    await wait_until(lambda: waits.ended == 1)
+    assert provider.stats["token_calls"] == 1
+    for _ in range(5):
+        clock.advance(2.0)  # past retry_interval each time, never past the Retry-After
+        assert (await local.get_token(manager)).access_token == first.access_token
+    assert provider.stats["token_calls"] == 1

@@ -627,8 +627,9 @@ class AsyncTokenOps:
             if isinstance(exc, ConfigurationError):
                 state.remember_failure(key, exc, epoch)  # every session's refresh would fail the same way
             if self._usable(need, current):
-                # The provider had a blip and the stored token is still valid: serve it, try again later.
-                state.back_off(key)
+                # The provider had a blip and the stored token is still valid: serve it, try again later (not
+                # before the provider's Retry-After).
+                state.back_off(key, exc.retry_after)
                 return Outcome(tokens=current, fallback=True)
             state.remember_failure(key, exc, epoch)
             raise

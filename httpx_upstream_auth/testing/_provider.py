@@ -441,7 +441,7 @@ class LocalProvider:
         but states that token type (``"mac"``: a type no Bearer client may use). ``"html:<status>"`` answers
         that 5xx status with an HTML page without looking at the request, as a gateway does when the provider
         is down. ``"redirect:<status>"`` answers that 3xx status pointing at the same URL. ``"huge:<bytes>"``
-        is ``"huge"`` with a body of that many bytes.
+        is ``"huge"`` with a body of that many bytes, ``"429:<seconds>"`` is ``"429"`` with that ``Retry-After``.
         """
         option = kind.partition(":")[2]
         if kind.startswith(("delay:", "answer_delay:", "expires_in:")):
@@ -457,6 +457,8 @@ class LocalProvider:
             ok = bool(option) and option.isascii() and option.isalnum()
         elif kind.startswith("huge:"):
             ok = option.isdigit() and 0 < int(option) <= 64 * 1024 * 1024
+        elif kind.startswith("429:"):
+            ok = option.isascii() and option.isdigit()
         else:
             ok = kind in FAULT_KINDS
         if not ok:
@@ -1194,8 +1196,9 @@ def _fault_reply(kind: str, scope: Scope) -> _Reply:
         return _error(500, "server_error")
     if kind == "503":
         return _error(503, "temporarily_unavailable")
-    if kind == "429":
-        return _Reply(429, b'{"error":"slow_down"}', [*_TOKEN_HEADERS, (b"retry-after", b"1")])
+    if kind == "429" or kind.startswith("429:"):
+        wait = (option or "1").encode()
+        return _Reply(429, b'{"error":"slow_down"}', [*_TOKEN_HEADERS, (b"retry-after", wait)])
     if kind == "malformed":
         return _Reply(200, b"<html>upstream proxy error</html>", [(b"content-type", b"text/html")])
     if kind == "no_access_token":
