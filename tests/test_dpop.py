@@ -519,7 +519,8 @@ async def test_a_lost_answer_retried_within_grace_proves_the_key_the_provider_bo
     """A keyless entry's first DPoP refresh is redeemed (binding the grant to the new key) but its answer is lost:
     the retry within reuse_grace proves the same key, and the provider honours it."""
     provider.reuse_grace = 5.0
-    refresher = OAuth2Refresher(token_url, "test-client", "test-secret", dpop=DPoP())
+    # A retry may take the refresher's timeout to arrive: 1 s, well within the 5-s grace.
+    refresher = OAuth2Refresher(token_url, "test-client", "test-secret", dpop=DPoP(), timeout=1.0)
     manager = TokenManager(refresher=refresher, provider_id="local", storage=MemoryStorage(), reuse_grace=5.0)
     provider.fail_next("redeem_then:502")
     try:
