@@ -492,6 +492,10 @@ class ManagerState:
             self.tracer.emit("change.notice", key, sessions=len(sessions))
 
     # -- single flight -----------------------------------------------------------------------------
+    def flights_in_progress(self) -> int:
+        """How many refreshes this manager has in flight (no lock: a bound's check, not a count to rely on)."""
+        return len(self._flights)
+
     def join_flight(self, key: EntryKey, reads: bool = False) -> tuple[Flight, bool]:
         """The key's refresh (or shared read) in progress, or a new one; the bool is true when new."""
         table = self._reads if reads else self._flights

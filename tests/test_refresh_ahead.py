@@ -18,6 +18,7 @@ import pytest
 from support import SSL, Driver, FakeClock, ManagerFactory, stored, wait_until
 
 from httpx_upstream_auth import OAuth2Refresher, TraceEvent, UpstreamTokens
+from httpx_upstream_auth._async._manager import MAX_AHEAD_FLIGHTS
 from httpx_upstream_auth._clock import Clock
 from httpx_upstream_auth.testing import LocalProvider, ServerThread
 
@@ -35,14 +36,19 @@ class GatedRefresher(OAuth2Refresher):
         super().__init__(*args, **kwargs)
         self.gate = threading.Event()
         self.entered = 0
+        self._lock = threading.Lock()  # thread jobs enter at once
+
+    def _enter(self) -> None:
+        with self._lock:
+            self.entered += 1
 
     def refresh(self, tokens: UpstreamTokens, clock: Clock) -> UpstreamTokens:
-        self.entered += 1
+        self._enter()
         assert self.gate.wait(20), "the test never opened the gate"
         return super().refresh(tokens, clock)
 
     async def arefresh(self, tokens: UpstreamTokens, clock: Clock) -> UpstreamTokens:
-        self.entered += 1
+        self._enter()
         with anyio.fail_after(20):
             while not self.gate.is_set():
                 await anyio.sleep(0.005)
@@ -296,3 +302,30 @@ async def test_a_background_refresh_refused_with_retry_after_waits_that_long(
         clock.advance(2.0)  # past retry_interval each time, never past the Retry-After
         assert (await local.get_token(manager)).access_token == first.access_token
     assert provider.stats["token_calls"] == 1
+
+
+async def test_refreshes_ahead_are_bounded_per_manager(
+    driver: Driver, timed: Any, clock: FakeClock, make_manager: ManagerFactory
+) -> None:
+    """Forty sessions inside their windows at once: sixteen refreshes start in the background, held at the
+    gate, and every request is still served its valid token without starting more. Once they land, later
+    requests start the rest; each session is refreshed once, none reused."""
+    provider, server = timed
+    refresher = gated(server)
+    manager = make_manager(refresher=refresher, clock=clock, refresh_ahead=20)
+    local = Driver(driver.mode, server.url)
+    sessions = [f"s{i}" for i in range(40)]
+    logins = {session: await local.store(manager, provider.login(), session) for session in sessions}
+    clock.advance(LIFETIME - 10.5)  # inside every window, before the leeway
+    for session in sessions:
+        assert (await local.get_token(manager, session)).access_token == logins[session].access_token
+    await wait_until(lambda: refresher.entered == MAX_AHEAD_FLIGHTS)
+    assert manager.footprint().flights == MAX_AHEAD_FLIGHTS
+    refresher.gate.set()
+    await wait_until(lambda: manager.footprint().flights == 0)
+    for _ in range(3):
+        for session in sessions:
+            await local.get_token(manager, session)
+        await wait_until(lambda: manager.footprint().flights == 0)
+    assert refresher.entered == len(sessions)
+    assert provider.stats["refresh_ok"] == len(sessions) and provider.stats["refresh_reuse"] == 0

@@ -50,6 +50,11 @@ T = TypeVar("T")
 
 #: Flights a caller joins before giving up (each one ends with a write or an error, so this is generous).
 MAX_FLIGHTS = 8
+#: Refreshes in flight in one manager above which no refresh starts ahead of expiry: sessions whose windows open
+#: together (a fleet logged in at once) must not start hundreds of threads and token requests at one moment. A
+#: session over the bound keeps its valid token and starts its refresh on a later request, or, once inside the
+#: leeway, refreshes as it would without refresh-ahead.
+MAX_AHEAD_FLIGHTS = 16
 #: The error for a refresher without the half a job calls: ``refresh`` in worker threads, ``arefresh`` in tasks.
 HALF_MISSING = {
     "refresh": "the refresher does not implement refresh() for worker threads; implement it, or use "
@@ -317,6 +322,7 @@ class AsyncTokenOps:
             or state.backing_off(key)
             or state.remembered_failure(key) is not None
             or state.is_consumed(key, refresh_token)
+            or state.flights_in_progress() >= MAX_AHEAD_FLIGHTS
         ):
             return
         try:
