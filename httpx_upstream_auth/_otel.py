@@ -124,6 +124,13 @@ class OtelSink:
         span.end(end_time=end)
 
 
+#: Provider ids whose collected managers' lookups are kept apart; those of any further id are added up under
+#: :data:`OTHER_PROVIDERS`. Two series per id (hit, miss) then stay within the SDK's default cardinality limit
+#: (2,000 attribute sets per instrument), beyond which it would fold them into an overflow series of its own.
+MAX_RETIRED_PROVIDERS = 500
+OTHER_PROVIDERS = "(other)"
+
+
 class _CacheLookups:
     """The one ``httpx_upstream_auth.cache.lookups`` instrument, fed by every live manager's counters.
 
@@ -157,6 +164,8 @@ class _CacheLookups:
     def _drain(self) -> None:
         while self._dead:
             provider_id, lookups = self._live.pop(self._dead.popleft())
+            if provider_id not in self._retired and len(self._retired) >= MAX_RETIRED_PROVIDERS:
+                provider_id = OTHER_PROVIDERS  # a provider id per manager (per tenant, say) must not grow this
             hits, misses = self._retired.get(provider_id, (0, 0))
             self._retired[provider_id] = (hits + lookups.hits, misses + lookups.misses)
 

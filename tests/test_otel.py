@@ -12,6 +12,7 @@ import pytest
 from support import SESSION, Driver, ManagerFactory, expired, fail_refresh, put_entry, wait_until
 
 from httpx_upstream_auth import MemoryStorage, OAuth2Refresher, RefreshFailed, TokenManager
+from httpx_upstream_auth._otel import MAX_RETIRED_PROVIDERS, OTHER_PROVIDERS
 from httpx_upstream_auth.testing import LocalProvider
 
 pytest.importorskip("opentelemetry.sdk", reason="the dev extra installs opentelemetry-sdk")
@@ -154,3 +155,18 @@ async def test_cache_lookups_are_counted_and_outlive_their_manager(provider: Loc
     gc.collect()
     assert [ref() for ref in gone] == [None, None]
     assert since(before) == {"hit": 3, "miss": 2}
+
+
+def test_collected_managers_of_ever_new_provider_ids_keep_the_metric_bounded(token_url: str) -> None:
+    """A manager per tenant, each with its own provider id, made and dropped: once a thousand ids are kept
+    apart, the lookups of further ones are added up under "(other)", so the series stay bounded (within the
+    SDK's own limit, which would otherwise fold them into its overflow series)."""
+    refresher = OAuth2Refresher(token_url, "test-client", "test-secret")
+    for i in range(MAX_RETIRED_PROVIDERS + 50):
+        TokenManager(refresher=refresher, provider_id=f"tenant-{i}", storage=MemoryStorage()).close()
+    gc.collect()
+    found = points("httpx_upstream_auth.cache.lookups")
+    assert all("httpx_upstream_auth.provider_id" in dict(k) for k in found)  # no SDK overflow series
+    ids = {dict(k)["httpx_upstream_auth.provider_id"] for k in found}
+    assert len(ids) <= MAX_RETIRED_PROVIDERS + 1 + 10  # the cap, "(other)", and live managers of other tests
+    assert OTHER_PROVIDERS in ids
