@@ -193,9 +193,11 @@ class Flight:
         """Block this thread until the flight ends; ``None`` after ``timeout`` seconds."""
         if self.runs_on == threading.get_ident() and not self.done and self.alive():
             raise SameThreadWait(
-                "a blocking call (get_token, a sync httpx client) would wait for a refresh that runs as a task "
-                "on this thread's event loop, which the call blocks: use the async API (aget_token, "
-                "httpx.AsyncClient) inside async code, or TokenManager(redeem_in='thread')"
+                "a blocking call (get_token, a sync httpx client) would wait for a refresh that this very thread "
+                "runs: a task on this thread's event loop, which the call blocks (use the async API, aget_token "
+                "or httpx.AsyncClient, inside async code, or TokenManager(redeem_in='thread')), or the refresh "
+                "job itself, calling an event hook that calls the manager back for the same session (a hook "
+                "must not wait for the refresh it reports)"
             )
         event = threading.Event()
         wake = event.set
@@ -314,9 +316,16 @@ def start_sync_job(
     flight: Flight, thread_job: Callable[[], None], task_job: Callable[[], Any], *, in_task: bool
 ) -> None:
     """Start the work of ``flight`` for a sync caller: always in a worker thread of its own."""
+
+    def run() -> None:
+        # A wait for this flight from this thread (an event hook called by the job that calls the manager back
+        # for the same session) would wait for itself: it fails at once instead (SameThreadWait).
+        flight.runs_on = threading.get_ident()
+        thread_job()
+
     # Not a daemon: a refresh whose request may have reached the provider must save its result, so the
     # interpreter waits for it at exit (it is bounded by the refresher's timeouts).
-    threading.Thread(target=thread_job, name="httpx-upstream-auth-refresh", daemon=False).start()
+    threading.Thread(target=run, name="httpx-upstream-auth-refresh", daemon=False).start()
 
 
 class _Timeout(enum.Enum):

@@ -316,3 +316,27 @@ def test_a_hook_that_blocks_the_job_past_its_lease_never_leads_to_a_second_prese
     worker.join(60)
     assert isinstance(results["second"], UpstreamTokens)
     assert provider.stats["refresh_reuse"] == 0 and provider.stats["refresh_ok"] == 1
+
+
+def test_a_hook_that_calls_the_manager_back_for_the_same_session_fails_at_once(
+    provider: LocalProvider, make_manager: ManagerFactory
+) -> None:
+    """An on_event hook, called by the refresh job's thread, asks the manager for the token of the session
+    being refreshed: that would wait for the very job that calls it, so it fails at once (no wait of
+    wait_timeout with the lease held), and the refresh goes on."""
+    seen: list[BaseException] = []
+    manager: TokenManager
+
+    def calling_back(event: TraceEvent) -> None:
+        if event.name == "refresh.started" and not seen:
+            try:
+                manager.get_token(SESSION)
+            except BaseException as exc:  # what the hook met is the test's evidence
+                seen.append(exc)
+
+    manager = make_manager(on_event=calling_back, wait_timeout=30)
+    put_entry(manager, expired(provider.login()))
+    fresh = manager.get_token(SESSION)
+    assert len(seen) == 1 and isinstance(seen[0], RuntimeError) and "hook" in str(seen[0])
+    assert stored(manager) == fresh
+    assert provider.stats["refresh_ok"] == 1 and provider.stats["refresh_reuse"] == 0
