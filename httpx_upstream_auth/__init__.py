@@ -7,6 +7,8 @@
 Every public name is importable from here; implementation lives in private modules.
 """
 
+import logging
+
 from ._async._transport import AsyncUpstreamAuthTransport
 from ._auth import UpstreamAuth
 from ._clock import Clock, SystemClock
@@ -82,3 +84,7 @@ __all__ = [
     "open_storage",
     "register_storage",
 ]
+
+# As the logging HOWTO asks of libraries: no output of our own unless the application configures logging (without
+# a handler, Python's last-resort one would print every warning on stderr).
+logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -124,7 +124,7 @@ class OtelSink:
         span.end(end_time=end)
 
 
-#: Provider ids whose collected managers' lookups are kept apart; those of any further id are added up under
+#: Provider ids whose managers' lookups are kept apart; the managers of any further id count under
 #: :data:`OTHER_PROVIDERS`. Two series per id (hit, miss) then stay within the SDK's default cardinality limit
 #: (2,000 attribute sets per instrument), beyond which it would fold them into an overflow series of its own.
 MAX_RETIRED_PROVIDERS = 500
@@ -156,6 +156,11 @@ class _CacheLookups:
     def watch(self, owner: object, provider_id: str, lookups: LookupCounts) -> None:
         with self._lock:
             self._drain()
+            # The series is chosen once, for the manager's whole life (a series that later moved to "(other)"
+            # would go down): its provider's, while fewer than MAX_RETIRED_PROVIDERS ids have one.
+            if provider_id not in self._retired and len(self._retired) >= MAX_RETIRED_PROVIDERS:
+                provider_id = OTHER_PROVIDERS
+            self._retired.setdefault(provider_id, (0, 0))
             self._live[id(lookups)] = (provider_id, lookups)
         # A finalizer may run in any thread, at any allocation, this one's included while it holds the lock:
         # it only queues the retirement (deque.append is atomic), and the lock's holders apply it.
@@ -164,9 +169,7 @@ class _CacheLookups:
     def _drain(self) -> None:
         while self._dead:
             provider_id, lookups = self._live.pop(self._dead.popleft())
-            if provider_id not in self._retired and len(self._retired) >= MAX_RETIRED_PROVIDERS:
-                provider_id = OTHER_PROVIDERS  # a provider id per manager (per tenant, say) must not grow this
-            hits, misses = self._retired.get(provider_id, (0, 0))
+            hits, misses = self._retired[provider_id]
             self._retired[provider_id] = (hits + lookups.hits, misses + lookups.misses)
 
     def _observe(self, options: Any) -> Iterator[Any]:

@@ -7,6 +7,8 @@ Every assertion is a count, an order or a state; waits are bounded, never timed.
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -340,3 +342,28 @@ def test_a_hook_that_calls_the_manager_back_for_the_same_session_fails_at_once(
     assert len(seen) == 1 and isinstance(seen[0], RuntimeError) and "hook" in str(seen[0])
     assert stored(manager) == fresh
     assert provider.stats["refresh_ok"] == 1 and provider.stats["refresh_reuse"] == 0
+
+
+def test_nothing_reaches_stderr_until_the_application_configures_logging() -> None:
+    """A refresh failure (a WARNING event) in a program that never configured logging prints nothing: the
+    package's logger has a NullHandler, so Python's last-resort handler stays silent."""
+    program = """
+import attrs
+import httpx_upstream_auth as hua
+from httpx_upstream_auth.testing import LocalProvider, ServerThread
+provider = LocalProvider()
+with ServerThread(provider) as server:
+    manager = hua.TokenManager(provider_id="local", storage=hua.MemoryStorage(),
+        refresher=hua.OAuth2Refresher(server.url + "/token", "test-client", "test-secret"))
+    tokens = provider.login()
+    manager.store("s", attrs.evolve(tokens, expires_at=1_000_000_000.0, issued_at=999_999_000.0))
+    provider.fail_next("invalid_client")
+    try:
+        manager.get_token("s")
+    except hua.ConfigurationError:
+        print("failed as expected")
+    manager.close()
+"""
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "failed as expected" and done.stderr == ""
