@@ -789,6 +789,18 @@ class LocalProvider:
             await anyio.sleep(answer_delay)
         return reply
 
+    def _authenticated(self, client_id: str | None, auth_method: str, secret: str | None) -> bool:
+        """True when ``client_id`` is registered for ``auth_method`` and, for a secret method, ``secret`` is its
+        secret (a client assertion was checked already: ``auth_method`` then names its JWT method)."""
+        registered = self.clients.get(client_id or "")
+        return (
+            registered is not None
+            and registered[1] == auth_method
+            and (
+                auth_method in _JWT_METHODS or registered[0] is None or hmac.compare_digest(registered[0], secret or "")
+            )
+        )
+
     def _refresh_grant(
         self,
         form: dict[str, str],
@@ -802,16 +814,7 @@ class LocalProvider:
     ) -> _Reply:
         if auth_method == "ambiguous":
             return _error(400, "invalid_request")
-        registered = self.clients.get(client_id or "")
-        if (
-            registered is None
-            or registered[1] != auth_method
-            or (
-                auth_method not in _JWT_METHODS
-                and registered[0] is not None
-                and not hmac.compare_digest(registered[0], secret or "")
-            )
-        ):
+        if not self._authenticated(client_id, auth_method, secret):
             self._stats["invalid_client"] += 1
             return _error(401, "invalid_client", _BASIC_CHALLENGE)
         assert client_id is not None
@@ -894,16 +897,7 @@ class LocalProvider:
         with self._lock:
             if auth_method == "jwt":  # a client assertion: its aud names the token endpoint or the issuer
                 auth_method, client_id = self._check_assertion(secret or "", client_id, (issuer + "/token", issuer))
-            registered = self.clients.get(client_id or "")
-            if (
-                registered is None
-                or registered[1] != auth_method
-                or (
-                    auth_method not in _JWT_METHODS
-                    and registered[0] is not None
-                    and not hmac.compare_digest(registered[0], secret or "")
-                )
-            ):
+            if not self._authenticated(client_id, auth_method, secret):
                 return _error(401, "invalid_client", _BASIC_CHALLENGE)
             token = form.get("token")
             if not token:

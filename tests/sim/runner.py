@@ -1107,18 +1107,12 @@ class _Run:
             await anyio.sleep(ev.amount)
             await self._login(caller, ev.session, ev.subject)
         elif ev.kind == "outage":
-            for _ in range(120):
-                if any(r.fate == "pending" for r in w.provider.redemptions):
-                    break
-                await anyio.sleep(0.25)
+            await self._until_a_redemption_is_pending()
             start = w.now() + w.rng.uniform(0.0, 0.5) * self.plan.refresh_timeout
             w.outages.append((start, start + ev.amount))
             w.log(f"world: the store will be down from {start:.3f} to {start + ev.amount:.3f}")
         elif ev.kind == "stall":
-            for _ in range(120):
-                if any(r.fate == "pending" for r in w.provider.redemptions):
-                    break
-                await anyio.sleep(0.25)
+            await self._until_a_redemption_is_pending()
             start = w.now() + w.rng.uniform(0.0, 0.5) * self.plan.lease_ttl
             w.stalls.append((start, start + ev.amount))
             w.log(f"world: the store will stall from {start:.3f} to {start + ev.amount:.3f}")
@@ -1380,6 +1374,13 @@ class _Run:
             await self._event(caller, ev)
         finally:
             self._finish(caller)
+
+    async def _until_a_redemption_is_pending(self) -> None:
+        """Wait (at most 30 s of virtual time) until a refresh answer is in flight: a store fault then meets it."""
+        for _ in range(120):
+            if any(r.fate == "pending" for r in self.world.provider.redemptions):
+                return
+            await anyio.sleep(0.25)
 
     async def _settle(self) -> None:
         """Wait for the managers' own tasks to end, then check no task or lease is left behind."""
