@@ -149,7 +149,9 @@ def test_subscriptions_live_at_fork_hear_the_other_process(shared_storage: Stora
     # the feed would have come before C on it, so counting when C arrived proves there was none.
     digests = [digest for digest in child_heard if digest is not None]
     assert digests[0] == A.digest and sorted(digests[1:]) == sorted([B.digest, C.digest])
-    assert heard == [A.digest, B.digest, C.digest]
+    # The parent's own save of A is reported as its put returns, which the child's B (written once the child
+    # heard A on the feed) may overtake; C comes after both. Each once: an echo would make it longer.
+    assert sorted(heard[:2]) == sorted([A.digest, B.digest]) and heard[2:] == [C.digest]
     # The parent's connections were not disturbed by the child.
     assert store.get(B) == tokens(1)
     assert store.delete(A, expected_version=1)
