@@ -13,7 +13,7 @@ from ._sync._auth import SyncAuthFlow
 if TYPE_CHECKING:
     import httpx2
 
-    from ._engine import Engine
+    from ._coordinators import Coordinators
 
     # What type checkers see: both bases, so ``httpx2.AsyncClient(auth=manager.auth(...))`` type-checks
     # (mypy --strict, pyright). The two ``Auth`` classes name their own Request/Response types in the
@@ -44,10 +44,10 @@ class UpstreamAuth(AsyncAuthFlow, SyncAuthFlow, _AuthBase):  # type: ignore[misc
     stored entry belongs to another identity.
     """
 
-    __slots__ = ("_engine", "_expect", "_session_id")
+    __slots__ = ("_coordinators", "_expect", "_session_id")
 
-    def __init__(self, engine: Engine, session_id: str, expect: Binding | None = None) -> None:
-        self._engine = engine
+    def __init__(self, engine: Coordinators, session_id: str, expect: Binding | None = None) -> None:
+        self._coordinators = engine
         self._session_id = session_id
         self._expect = expect
 
@@ -57,7 +57,7 @@ class UpstreamAuth(AsyncAuthFlow, SyncAuthFlow, _AuthBase):  # type: ignore[misc
         return self._session_id
 
     def __repr__(self) -> str:
-        return f"UpstreamAuth(provider_id={self._engine.state.provider_id!r}, expect={self._expect!r})"
+        return f"UpstreamAuth(provider_id={self._coordinators.core.provider_id!r}, expect={self._expect!r})"
 
 
 class AuthSource(Protocol):

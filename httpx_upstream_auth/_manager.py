@@ -8,12 +8,12 @@ from typing import Literal, overload
 
 from ._auth import UpstreamAuth
 from ._clock import Clock, SystemClock
-from ._engine import Engine
+from ._coordinators import Coordinators
+from ._core import Footprint, ManagerCore, RedeemIn
 from ._logout import Logout
 from ._models import Binding, UpstreamTokens
 from ._policy import FreshnessPolicy
 from ._refresher import Refresher
-from ._state import Footprint, ManagerState, RedeemIn
 from ._storages import MemoryStorage, Storage
 from ._synchronization import SameThreadWait
 from ._trace import TraceEvent
@@ -123,7 +123,7 @@ class TokenManager:
             raise ValueError(refusal)
         # A holder keeps its lease for up to refresh_timeout (renewing), then it lapses within lease_ttl.
         lease_wait = refresh_timeout + 2 * lease_ttl if lease_wait is None else lease_wait
-        self._state = ManagerState(
+        self._core = ManagerCore(
             provider_id=provider_id,
             storage=MemoryStorage() if storage is None else storage,
             refresher=refresher,
@@ -143,26 +143,26 @@ class TokenManager:
             on_event=on_event,
             on_refresh=on_refresh,
         )
-        self._engine = Engine(self._state)
-        self._async_ops = self._engine.async_ops
-        self._sync_ops = self._engine.sync_ops
+        self._coordinators = Coordinators(self._core)
+        self._async_ops = self._coordinators.for_async
+        self._sync_ops = self._coordinators.for_sync
 
     @property
     def provider_id(self) -> str:
         """The provider whose tokens this manager keeps."""
-        return self._state.provider_id
+        return self._core.provider_id
 
     @property
     def storage(self) -> Storage:
         """Where entries are kept."""
-        return self._state.storage
+        return self._core.storage
 
     def __repr__(self) -> str:
         return f"TokenManager(provider_id={self.provider_id!r}, storage={type(self.storage).__name__})"
 
     def auth(self, session_id: str, expect: Binding | None = None) -> UpstreamAuth:
         """An ``auth=`` for httpx and httpx2 clients that sends this session's tokens. O(1), no I/O."""
-        return UpstreamAuth(self._engine, session_id, expect)
+        return UpstreamAuth(self._coordinators, session_id, expect)
 
     def store(self, session_id: str, tokens: UpstreamTokens) -> UpstreamTokens:
         """Save a session's tokens after a login; returns the entry as stored (with its version)."""
@@ -200,7 +200,7 @@ class TokenManager:
 
     def footprint(self) -> Footprint:
         """How many entries each per-session table holds (for monitoring; each has a bound)."""
-        return self._state.footprint()
+        return self._core.footprint()
 
     @overload
     def delete(self, session_id: str, revoke: Literal[False] = False) -> bool: ...
@@ -249,7 +249,7 @@ class TokenManager:
         A storage or refresher that another open manager uses (or one still running a job) is left open
         for that manager to close.
         """
-        state = self._state
+        state = self._core
         state.close()  # no new job, nothing cached, no more change notices
         limit = self._close_limit(timeout)
         for flight in state.running():
@@ -260,7 +260,7 @@ class TokenManager:
 
     async def aclose(self, timeout: float | None = None) -> None:
         """Async twin of :meth:`close`."""
-        state = self._state
+        state = self._core
         state.close()  # no new job, nothing cached, no more change notices
         limit = self._close_limit(timeout)
         for flight in state.running():
@@ -273,22 +273,22 @@ class TokenManager:
             self._close_refresher()
 
     def _close_limit(self, timeout: float | None) -> float:
-        state = self._state
+        state = self._core
         return state.clock.monotonic() + (2 * state.refresh_timeout if timeout is None else timeout)
 
     def _close_resources(self) -> None:
         # A storage shared with another manager that is still open (or still running a job) is left to
         # that one to close.
-        if not self._state.storage_in_use_elsewhere():
-            self._state.storage.close()
+        if not self._core.storage_in_use_elsewhere():
+            self._core.storage.close()
         self._close_refresher()
 
     def _close_refresher(self) -> None:
         # Likewise a refresher: closing its client under another manager's token request would lose the
         # answer after the provider consumed the refresh token.
-        if self._state.refresher_in_use_elsewhere():
+        if self._core.refresher_in_use_elsewhere():
             return
-        close = getattr(self._state.refresher, "close", None)
+        close = getattr(self._core.refresher, "close", None)
         if close is not None:
             close()
 

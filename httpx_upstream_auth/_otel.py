@@ -44,7 +44,7 @@ class TraceEvent(Protocol):
 
 
 class LookupCounts(Protocol):
-    """What this module reads of a manager's cache counters (``_state.Lookups``)."""
+    """What this module reads of a manager's cache counters (``_core.Lookups``)."""
 
     @property
     def hits(self) -> int: ...

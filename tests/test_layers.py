@@ -37,7 +37,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "_storages._redis._sync",
         },
     ),
-    ("engine", {"_state", "_async._manager", "_sync._manager", "_engine"}),
+    ("core and coordinators", {"_core", "_async._manager", "_sync._manager", "_coordinators"}),
     ("adapters", {"_auth", "_async._auth", "_sync._auth", "_async._transport", "_sync._transport"}),
     (
         "public api and integrations",

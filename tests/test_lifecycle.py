@@ -42,7 +42,7 @@ from support import (
     wait_until,
 )
 
-import httpx_upstream_auth._state as state_module
+import httpx_upstream_auth._core as state_module
 import httpx_upstream_auth._storages._shared as shared_module
 from httpx_upstream_auth import (
     EntryKey,

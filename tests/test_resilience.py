@@ -513,9 +513,9 @@ async def test_a_remembered_failure_keeps_no_frame(
             await driver.get_token(manager, session)
         errors.append(caught.value)
     assert [type(e) for e in errors] == [RefreshFailed, ConfigurationError, ConfigurationError]
-    kept = [error for error, _ in manager._state._failures.values()]
-    assert manager._state._config_failure is not None
-    kept.append(manager._state._config_failure[0])
+    kept = [error for error, _ in manager._core._failures.values()]
+    assert manager._core._config_failure is not None
+    kept.append(manager._core._config_failure[0])
     assert len(kept) == 2 and all(error.__traceback__ is None for error in kept)
     assert not any(error is raised for error in kept for raised in errors)
 

@@ -32,7 +32,7 @@ REPLACEMENTS = {
     "aiter_bytes": "iter_bytes",
     "aclosing": "closing",
     "async_auth_flow": "sync_auth_flow",
-    "async_ops": "sync_ops",
+    "for_async": "for_sync",
     "aoutcome": "outcome",
     "aget": "get",
     "aput": "put",
@@ -52,6 +52,7 @@ REPLACEMENTS = {
     "AsyncCall": "SyncCall",
     "AsyncStoreCalls": "SyncStoreCalls",
     "start_async_job": "start_sync_job",
+    "AsyncCoordinator": "SyncCoordinator",
 }
 #: Prose the name rules cannot reach (unasync rewrites names, not docstrings or comments): what the async
 #: source says of itself, as its generated sync twin should say it. Each must match in its twin.
@@ -70,8 +71,12 @@ PROSE = {
     "_async/_manager.py": [
         ("The async half of TokenManager:", "The sync (blocking) half of TokenManager:"),
         (
-            "Token operations for async callers; the sync twin is generated from this file.",
-            "Token operations for sync (blocking) callers; generated from the async source.",
+            "for async callers: reads the store,",
+            "for sync (blocking) callers: reads the store,",
+        ),
+        (
+            "The sync twin is generated from this file.",
+            "It is generated from the async one.",
         ),
     ],
     "_async/_transport.py": [

@@ -11,13 +11,13 @@ from .._models import Binding
 from .._policy import can_replay, carried, is_token_rejected
 
 if TYPE_CHECKING:
-    from .._engine import Engine
+    from .._coordinators import Coordinators
 
 
 class AsyncAuthFlow:
     """The async flow of :class:`~httpx_upstream_auth.UpstreamAuth` (the sync one is generated)."""
 
-    _engine: Engine
+    _coordinators: Coordinators
     _session_id: str
     _expect: Binding | None
 
@@ -27,8 +27,8 @@ class AsyncAuthFlow:
 
         Nothing is held across a ``yield``: httpx may close this generator there, from another task.
         """
-        ops = self._engine.async_ops
-        state = self._engine.state
+        ops = self._coordinators.for_async
+        state = self._coordinators.core
         dpop = state.refresher.dpop
         tokens = await ops.get_token(self._session_id, self._expect)
         if dpop is None:

@@ -16,6 +16,7 @@ from typing import Literal, TypeVar
 
 import attrs
 
+from .._core import ManagerCore, Requirement, logger
 from .._exceptions import (
     BindingMismatch,
     ConfigurationError,
@@ -28,7 +29,6 @@ from .._exceptions import (
 from .._logout import Logout
 from .._models import Binding, EntryKey, UpstreamTokens
 from .._refresher import Refresher
-from .._state import ManagerState, Need, logger
 from .._synchronization import (
     AsyncCall,
     AsyncDeadline,
@@ -78,24 +78,25 @@ NOT_REMOVED = (
 )
 
 
-class AsyncTokenOps:
-    """Token operations for async callers; the sync twin is generated from this file."""
+class AsyncCoordinator:
+    """The I/O half of a manager for async callers: reads the store, coordinates the single-flight refresh (one
+    job per key, waiters on its outcome) and runs the job. The sync twin is generated from this file."""
 
-    def __init__(self, state: ManagerState) -> None:
-        self._state = state
+    def __init__(self, core: ManagerCore) -> None:
+        self._core = core
         # Bound once: the hot path hands it to the cache without building a method object per request.
         self._ahead = self._refresh_ahead
 
     async def get_token(self, session_id: str, expect: Binding | None = None) -> UpstreamTokens:
         """A fresh entry for the session, refreshed (once, across all callers) when needed."""
-        state = self._state
+        state = self._core
         tokens = state.cached(session_id, self._ahead)
         if tokens is None:
             key = state.key(session_id)
             tokens = await self._shared_read(key)
             state.check_binding(tokens, expect)
-            if not state.is_fresh(tokens) and not self._serves_stale(key, Need(), tokens):
-                tokens = await self._refreshed(key, Need())
+            if not state.is_fresh(tokens) and not self._serves_stale(key, Requirement(), tokens):
+                tokens = await self._refreshed(key, Requirement())
         state.check_binding(tokens, expect)
         return tokens
 
@@ -106,10 +107,10 @@ class AsyncTokenOps:
         (someone refreshed meanwhile) and is fresh, else a new one from a single-flight refresh.
         When ``rejected`` was refused right after its own refresh, only a stored token that differs is
         returned (another refresh would not help), else ``None``."""
-        state = self._state
+        state = self._core
         key = state.key(session_id)
         state.forget(key, rejected)
-        need = Need(rejected)
+        need = Requirement(rejected)
         tokens = await self._shared_read(key)
         state.check_binding(tokens, expect)  # before anything is sent, the token request included
         if state.is_distrusted(session_id, rejected):
@@ -123,33 +124,33 @@ class AsyncTokenOps:
     async def refresh(self, session_id: str, expect: Binding | None = None) -> UpstreamTokens:
         """New tokens now, though the stored ones may still be valid, through the single flight and the lease as
         any refresh; a token another worker stored meanwhile (not the one this call found) is the answer too."""
-        state = self._state
+        state = self._core
         key = state.key(session_id)
         current = await self._shared_read(key)
         state.check_binding(current, expect)  # before anything is sent
         state.forget(key, current.access_token)
-        tokens = await self._refreshed(key, Need(current.access_token))
+        tokens = await self._refreshed(key, Requirement(current.access_token))
         state.check_binding(tokens, expect)
         return tokens
 
     def distrust(self, session_id: str, tokens: UpstreamTokens) -> None:
         """The API refused ``tokens`` on the replay right after their refresh."""
-        state = self._state
+        state = self._core
         state.distrust(session_id, tokens)
         state.tracer.emit("distrusted", state.key(session_id), access_token_hash=short_hash(tokens.access_token))
 
     def replayed(self, session_id: str, tokens: UpstreamTokens) -> None:
         """A request the API refused is being sent again with ``tokens``."""
-        state = self._state
+        state = self._core
         state.tracer.emit("replayed", state.key(session_id), access_token_hash=short_hash(tokens.access_token))
 
     def accepted(self, session_id: str, access_token: str) -> None:
         """The API accepted ``access_token``: it is trusted again if it was not."""
-        self._state.trust(session_id, access_token)
+        self._core.trust(session_id, access_token)
 
     async def store(self, session_id: str, tokens: UpstreamTokens) -> UpstreamTokens:
         """Write a new entry for the session (after a login), above any version it ever had."""
-        state = self._state
+        state = self._core
         key = state.key(session_id)
         if tokens.provider_id is None:
             tokens = attrs.evolve(tokens, provider_id=state.provider_id)
@@ -179,7 +180,7 @@ class AsyncTokenOps:
 
     async def delete(self, session_id: str) -> bool:
         """Remove the session's entry (logout). True when there was one."""
-        state = self._state
+        state = self._core
         key = state.key(session_id)
         state.new_epoch(key)
         try:
@@ -190,7 +191,7 @@ class AsyncTokenOps:
     async def logout(self, session_id: str, timeout: float) -> Logout:
         """Remove the session's entry, then revoke the refresh token it held at the provider (RFC 7009), waiting
         at most ``timeout`` seconds for that; a provider's failure is reported in the result, never raised."""
-        state = self._state
+        state = self._core
         key = state.key(session_id)
         state.new_epoch(key)
         try:
@@ -222,7 +223,7 @@ class AsyncTokenOps:
     async def _remove(self, key: EntryKey) -> tuple[bool, UpstreamTokens | Literal["no_entry", "entry_refused"]]:
         """Delete the entry; return whether there was one, and what it held (the version read is the version
         removed, so the refresh token to revoke is the one removed, not one a refresh replaced meanwhile)."""
-        state = self._state
+        state = self._core
         for _ in range(3):
             try:
                 current = await state.storage.aget(key)
@@ -238,7 +239,7 @@ class AsyncTokenOps:
     # -- waiting ---------------------------------------------------------------------------------------
     async def _shared_read(self, key: EntryKey) -> UpstreamTokens:
         """Read the entry once for every concurrent caller of this process (a cold herd is one read)."""
-        state = self._state
+        state = self._core
         for _ in range(MAX_FLIGHTS):
             flight, leading = state.join_flight(key, reads=True)
             read_here = False
@@ -272,9 +273,9 @@ class AsyncTokenOps:
             return tokens
         raise StorageError("the entry kept changing while reading it; retry the request")
 
-    async def _refreshed(self, key: EntryKey, need: Need) -> UpstreamTokens:
+    async def _refreshed(self, key: EntryKey, need: Requirement) -> UpstreamTokens:
         """Wait for the key's refresh job (starting one if none runs) until it yields what ``need`` asks."""
-        state = self._state
+        state = self._core
         remembered = state.remembered_failure(key)
         if remembered is not None:
             # A refresh failed moments ago without consuming anything: the same request now would fail the same
@@ -313,7 +314,7 @@ class AsyncTokenOps:
     def _refresh_ahead(self, session_id: str, tokens: UpstreamTokens) -> None:
         """The cached entry is inside its refresh-ahead window: start the session's refresh job in the
         background unless one runs (or refreshing cannot work now); the caller goes on with ``tokens``."""
-        state = self._state
+        state = self._core
         key = state.key(session_id)
         refresh_token = tokens.refresh_token
         if (
@@ -330,11 +331,11 @@ class AsyncTokenOps:
         except RefreshFailed:
             return  # closed meanwhile: no job starts, and the token is still valid
         if new:
-            self._launch(key, Need(ahead_of=tokens.version), flight)
+            self._launch(key, Requirement(ahead_of=tokens.version), flight)
             state.tracer.emit("refresh_ahead.started", key, version=tokens.version)
 
-    def _launch(self, key: EntryKey, need: Need, flight: Flight) -> None:
-        state = self._state
+    def _launch(self, key: EntryKey, need: Requirement, flight: Flight) -> None:
+        state = self._core
 
         def thread_job() -> None:
             state.thread_job(key, need, flight)
@@ -349,9 +350,9 @@ class AsyncTokenOps:
             state.end_flight(key, flight, Outcome(error=failure))
 
     # -- the refresh job ---------------------------------------------------------------------------
-    async def run_flight(self, key: EntryKey, need: Need, flight: Flight) -> None:
+    async def run_flight(self, key: EntryKey, need: Requirement, flight: Flight) -> None:
         """The job: lead the key's refresh and publish its outcome, whatever happens to the callers."""
-        state = self._state
+        state = self._core
         outcome = Outcome()
         job = JobTrace(started=state.clock.monotonic())
         marked = current_job.set(job)
@@ -376,14 +377,14 @@ class AsyncTokenOps:
             waiters = flight.waiting
             calls.close()
             state.end_flight(key, flight, outcome)
-            with contextlib.suppress(ValueError):  # closed from another context (see ManagerState.writing)
+            with contextlib.suppress(ValueError):  # closed from another context (see ManagerCore.writing)
                 current_job.reset(marked)
         # After publishing: the waiters have their tokens, and no lock or lease is held while hooks run.
         self._report(key, job, outcome, waiters)
 
     def _report(self, key: EntryKey, job: JobTrace, outcome: Outcome, waiters: int) -> None:
         """Tell the tracer how the job ended: a refresh that succeeded or failed (nothing if none was needed)."""
-        state = self._state
+        state = self._core
         duration = state.clock.monotonic() - job.started
         tokens = outcome.tokens
         if outcome.refreshed and tokens is not None:
@@ -413,8 +414,8 @@ class AsyncTokenOps:
                 served_stale=outcome.error is None,
             )
 
-    async def _lead(self, key: EntryKey, need: Need, epoch: int, calls: AsyncStoreCalls) -> Outcome:
-        state = self._state
+    async def _lead(self, key: EntryKey, need: Requirement, epoch: int, calls: AsyncStoreCalls) -> Outcome:
+        state = self._core
         give_up = state.clock.monotonic() + state.lease_wait
         announced = False  # refresh.started reported
         prepared = False
@@ -489,11 +490,11 @@ class AsyncTokenOps:
                     except StorageError:
                         logger.debug("refresh of %s: lease release failed or hung; it expires", key)
 
-    async def _prepare(self, key: EntryKey, need: Need, current: UpstreamTokens, epoch: int) -> Outcome | None:
+    async def _prepare(self, key: EntryKey, need: Requirement, current: UpstreamTokens, epoch: int) -> Outcome | None:
         """The refresher's work before its token request (discovery, for one), outside the lease and the bounded
         token request: it sends no refresh token, so a failure or a timeout here leaves the entry as it is. As
         after a refusal that consumed nothing, a still-valid token is served, and the failure is remembered."""
-        state = self._state
+        state = self._core
         refresher = state.refresher
         if type(refresher).aprepare is Refresher.aprepare:
             return None  # nothing to prepare: no call, no thread
@@ -524,11 +525,11 @@ class AsyncTokenOps:
         raise failure
 
     async def _early_answer_or_discard(
-        self, key: EntryKey, need: Need, current: UpstreamTokens, epoch: int, calls: AsyncStoreCalls
+        self, key: EntryKey, need: Requirement, current: UpstreamTokens, epoch: int, calls: AsyncStoreCalls
     ) -> Outcome | None:
         """:meth:`_early_answer`; when it is that the stored token's answer was lost and the store would not
         remove the entry then, remove it now (compare-and-set on its version, so no lease is needed)."""
-        state = self._state
+        state = self._core
         try:
             return self._early_answer(key, need, current, epoch)
         except ReauthenticationRequired:
@@ -536,9 +537,9 @@ class AsyncTokenOps:
                 await self._discard(key, current, state.clock.monotonic() + state.refresh_timeout, calls)
             raise
 
-    def _early_answer(self, key: EntryKey, need: Need, current: UpstreamTokens, epoch: int) -> Outcome | None:
+    def _early_answer(self, key: EntryKey, need: Requirement, current: UpstreamTokens, epoch: int) -> Outcome | None:
         """The outcome without a refresh, when the entry already serves; raise when it cannot be refreshed."""
-        state = self._state
+        state = self._core
         if need.satisfied_by(current, state):
             state.remember(key, current, epoch)
             return Outcome(tokens=current)
@@ -555,13 +556,13 @@ class AsyncTokenOps:
             )
         return None
 
-    def _usable(self, need: Need, tokens: UpstreamTokens) -> bool:
-        return tokens.access_token != need.rejected and self._state.is_valid(tokens)
+    def _usable(self, need: Requirement, tokens: UpstreamTokens) -> bool:
+        return tokens.access_token != need.rejected and self._core.is_valid(tokens)
 
-    def _serves_stale(self, key: EntryKey, need: Need, tokens: UpstreamTokens) -> bool:
+    def _serves_stale(self, key: EntryKey, need: Requirement, tokens: UpstreamTokens) -> bool:
         """True when a token inside its leeway is sent as it is: it is still valid, and refreshing it
         cannot work now (no refresh token, one already presented) or just failed harmlessly."""
-        state = self._state
+        state = self._core
         if not self._usable(need, tokens):
             return False
         refresh_token = tokens.refresh_token
@@ -573,9 +574,9 @@ class AsyncTokenOps:
         )
 
     async def _redeem(
-        self, key: EntryKey, need: Need, current: UpstreamTokens, epoch: int, calls: AsyncStoreCalls
+        self, key: EntryKey, need: Requirement, current: UpstreamTokens, epoch: int, calls: AsyncStoreCalls
     ) -> Outcome:
-        state = self._state
+        state = self._core
         assert current.refresh_token is not None
         logger.debug("refresh of %s: redeeming version %d", key, current.version)
         # What the writes after the request need is acquired now: a process that cannot provide it sends nothing.
@@ -604,9 +605,9 @@ class AsyncTokenOps:
             raise
 
     async def _redeem_marked(
-        self, key: EntryKey, need: Need, current: UpstreamTokens, epoch: int, calls: AsyncStoreCalls
+        self, key: EntryKey, need: Requirement, current: UpstreamTokens, epoch: int, calls: AsyncStoreCalls
     ) -> Outcome:
-        state = self._state
+        state = self._core
         assert current.refresh_token is not None
         # Whatever happens to the token request, the writes that follow get refresh_timeout of their own.
         try:
@@ -666,12 +667,12 @@ class AsyncTokenOps:
             key, need, current, fresh, epoch, state.clock.monotonic() + state.refresh_timeout, calls
         )
 
-    async def _answer(self, need: Need, current: UpstreamTokens) -> UpstreamTokens:
+    async def _answer(self, need: Requirement, current: UpstreamTokens) -> UpstreamTokens:
         """The refresher's answer as the next entry, within refresh_timeout; a refusal that proves nothing was
         consumed (the provider's own 5xx/429/408 error answer, a connection that never opened) is retried
         with the same refresh token when no valid token could be served instead. An answer lost after the
         provider may have redeemed the token is retried once, within ``reuse_grace`` of sending it."""
-        state = self._state
+        state = self._core
         give_up = state.clock.monotonic() + state.refresh_timeout
         graced = False
         for attempt in itertools.count():
@@ -720,7 +721,7 @@ class AsyncTokenOps:
         presented: with time left in the job's refresh_timeout, and sure to reach the provider within
         ``reuse_grace`` of the first request (the retry may take as long as the job lets it to arrive, and the
         provider's grace runs from when it redeemed, no earlier than when the first request was sent)."""
-        state = self._state
+        state = self._core
         now = state.clock.monotonic()
         if not (exc.may_have_rotated and exc.retryable) or now >= give_up:
             return False
@@ -728,7 +729,7 @@ class AsyncTokenOps:
         return now + travel - sent < state.reuse_grace
 
     def _transient_pause(
-        self, exc: RefreshFailed, attempt: int, need: Need, current: UpstreamTokens, give_up: float
+        self, exc: RefreshFailed, attempt: int, need: Requirement, current: UpstreamTokens, give_up: float
     ) -> float | None:
         """How long to wait before trying again after ``exc``, or ``None`` to give up now.
 
@@ -736,7 +737,7 @@ class AsyncTokenOps:
         and full jitter (so a fleet does not retry in step), never sooner than the provider's Retry-After,
         and only while the attempt after the pause keeps at least half of refresh_timeout. A still-valid
         token is served instead (and the refresh retried after retry_interval)."""
-        state = self._state
+        state = self._core
         if exc.may_have_rotated or not exc.retryable or attempt >= MAX_RETRIES or self._usable(need, current):
             return None
         pause = state.jitter.uniform(0, min(RETRY_BACKOFF[1], RETRY_BACKOFF[0] * 2**attempt))
@@ -765,7 +766,7 @@ class AsyncTokenOps:
     def _retry_pauses(self, give_up: float) -> Iterator[float]:
         """Pauses between writes while the store fails, doubling, until ``give_up`` (monotonic): the lease is
         renewed until then, so nobody else can redeem, and a store that comes back in time loses nothing."""
-        state = self._state
+        state = self._core
         pause, longest = RETRY_PAUSE
         while (left := give_up - state.clock.monotonic()) > 0:
             yield min(pause, left)
@@ -774,14 +775,14 @@ class AsyncTokenOps:
     async def _save(
         self,
         key: EntryKey,
-        need: Need,
+        need: Requirement,
         current: UpstreamTokens,
         fresh: UpstreamTokens,
         epoch: int,
         give_up: float,
         calls: AsyncStoreCalls,
     ) -> Outcome:
-        state = self._state
+        state = self._core
         assert current.refresh_token is not None
         rotated = fresh.refresh_token != current.refresh_token
         pauses = self._retry_pauses(give_up)
@@ -824,7 +825,7 @@ class AsyncTokenOps:
     ) -> bool | None:
         """After a failed write: True if it landed anyway, False if someone else wrote, None if unknown."""
         try:
-            again = await self._bounded(calls, functools.partial(self._state.storage.aget, key))
+            again = await self._bounded(calls, functools.partial(self._core.storage.aget, key))
         except Exception:
             return None
         if again is not None and again.version == fresh.version and again.refresh_token == fresh.refresh_token:
@@ -837,7 +838,7 @@ class AsyncTokenOps:
         """Fail closed: the entry's refresh token may be consumed; remove the entry if it still holds it
         (retrying until ``give_up``). Until the store confirms, this process remembers the token as lost.
         True when the store confirmed it no longer holds the entry."""
-        state = self._state
+        state = self._core
         assert current.refresh_token is not None
         state.forget(key)
         state.lose_consumed(current)
@@ -872,7 +873,7 @@ class AsyncTokenOps:
         return result
 
     async def _read(self, key: EntryKey) -> UpstreamTokens:
-        return self._present(await self._state.storage.aget(key))
+        return self._present(await self._core.storage.aget(key))
 
     def _present(self, tokens: UpstreamTokens | None) -> UpstreamTokens:
         """``tokens`` read from the store, or ReauthenticationRequired when there were none."""
@@ -884,6 +885,6 @@ class AsyncTokenOps:
         return tokens
 
 
-def _reason(need: Need) -> str:
+def _reason(need: Requirement) -> str:
     """Why a refresh is made, as events and metrics name it."""
     return "rejected" if need.rejected is not None else "ahead" if need.ahead_of is not None else "expired"

@@ -12,13 +12,13 @@ from .._models import Binding
 from .._policy import can_replay, carried, is_token_rejected
 
 if TYPE_CHECKING:
-    from .._engine import Engine
+    from .._coordinators import Coordinators
 
 
 class SyncAuthFlow:
     """The sync (blocking) flow of :class:`~httpx_upstream_auth.UpstreamAuth` (generated from the async one)."""
 
-    _engine: Engine
+    _coordinators: Coordinators
     _session_id: str
     _expect: Binding | None
 
@@ -28,8 +28,8 @@ class SyncAuthFlow:
 
         Nothing is held across a ``yield``: httpx may close this generator there, from another task.
         """
-        ops = self._engine.sync_ops
-        state = self._engine.state
+        ops = self._coordinators.for_sync
+        state = self._coordinators.core
         dpop = state.refresher.dpop
         tokens = ops.get_token(self._session_id, self._expect)
         if dpop is None:

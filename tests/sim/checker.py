@@ -37,10 +37,10 @@ def _digest(secret: str) -> bytes:
 
 def manager_tables(manager: Any) -> dict[str, tuple[int, int, Any]]:
     """``{table: (size, bound, the table itself)}`` for one manager (see the module docstring)."""
-    state = manager._state
+    state = manager._core
     size = getattr(state, "_cache_size", 10_000)
     try:
-        from httpx_upstream_auth._state import CONSUMED_MEMORY
+        from httpx_upstream_auth._core import CONSUMED_MEMORY
     except ImportError:  # moved: the bound is the manager's business then
         CONSUMED_MEMORY = 100_000
     found: dict[str, tuple[int, int, Any]] = {}

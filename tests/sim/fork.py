@@ -11,7 +11,7 @@ refresh job, no change-feed listener thread.
 :func:`fork_manager` builds that child from a parent manager. This is the ONE place outside
 ``checker.py`` that touches the library's internals, and it does so only because today's code has no
 hook for it: it shallow-copies the manager state's tables (``copy.copy``), copies each flight without
-its waiters (the job that would finish it stays in the parent), and builds an ``Engine`` over the copy.
+its waiters (the job that would finish it stays in the parent), and builds an ``Coordinators`` over the copy.
 If the library grows a fork hook (``os.register_at_fork`` handlers that reset a child), this function
 calls it after copying (any method of the manager, its state or its storage named for the child side of a
 fork, see :func:`_child_hooks`), so a fixed library gets the chance to start its child clean, as it
@@ -51,9 +51,9 @@ def fork_manager(parent: TokenManager, storage: Any, refresher: Any) -> TokenMan
     ``storage`` is the child's copy of the parent's storage object (the caller makes it with the
     parent's origin tag and no change feed); ``refresher`` the child's refresher.
     """
-    from httpx_upstream_auth._engine import Engine
+    from httpx_upstream_auth._coordinators import Coordinators
 
-    state = copy.copy(parent._state)
+    state = copy.copy(parent._core)
     for name, value in list(vars(state).items()):
         if isinstance(value, (dict, list, set)):
             setattr(state, name, copy.copy(value))
@@ -69,14 +69,14 @@ def fork_manager(parent: TokenManager, storage: Any, refresher: Any) -> TokenMan
     state.storage = storage
     state.refresher = refresher
     # The copied storage object's subscriber list holds the copied manager's callback (its local notices).
-    if getattr(parent._state, "_unsubscribe", None) is not None:
-        from httpx_upstream_auth._state import _subscribe_weakly
+    if getattr(parent._core, "_unsubscribe", None) is not None:
+        from httpx_upstream_auth._core import _subscribe_weakly
 
         state._unsubscribe = _subscribe_weakly(storage, state)
     child = copy.copy(parent)
-    engine = Engine(state)
-    child._state = state
-    child._engine = engine
+    engine = Coordinators(state)
+    child._core = state
+    child._coordinators = engine
     for name in ("_async_ops", "_sync_ops"):
         if hasattr(child, name):
             setattr(child, name, getattr(engine, name.removeprefix("_")))
@@ -85,7 +85,7 @@ def fork_manager(parent: TokenManager, storage: Any, refresher: Any) -> TokenMan
             hook()
     if isinstance(getattr(state, "jitter", None), random.Random):
         # The library reseeds a child's retry jitter from its pid: a real pid would make replays differ.
-        state.jitter = random.Random(f"child:{parent._state.jitter.random()!r}")
+        state.jitter = random.Random(f"child:{parent._core.jitter.random()!r}")
     return child
 
 

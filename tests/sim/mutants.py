@@ -49,7 +49,7 @@ class Mutant:
 
 
 A = "_async/_manager.py"
-S = "_state.py"
+S = "_core.py"
 LIFE = "tests/test_lifecycle.py"
 PROTO = "tests/test_protocol.py"
 MUTANTS = [

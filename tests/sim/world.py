@@ -505,7 +505,7 @@ class Provider:
 
     def check_presented_again(self, worker: str, pid: int, rt: str, session: str) -> None:
         """A worker the provider told ``rt`` is dead must not present it again while the entry is kept for
-        inspection (``ManagerState.refuse``): unless a logout or login of the session in its process came
+        inspection (``ManagerCore.refuse``): unless a logout or login of the session in its process came
         since (that forgets the refusal), or it was told so of cache_size other sessions since (the oldest
         refusals are forgotten beyond that)."""
         told = self.refused_to.get((worker, rt))

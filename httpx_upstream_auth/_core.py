@@ -1,5 +1,6 @@
-"""What one TokenManager shares between its async and sync halves: settings, the cache, the flights,
-and what this process knows about refresh tokens it has redeemed.
+"""The sans-I/O core of one TokenManager, shared by its async and blocking coordinators: settings, the cache,
+the flights, what this process knows about refresh tokens it has redeemed, and the decisions over them
+(is a token fresh, may a waiter take a flight's answer, is a session backing off). No I/O happens here.
 
 Every lock here guards dict operations only; nothing slow (I/O, waiting) ever happens under them.
 """
@@ -55,20 +56,20 @@ _writing: contextvars.ContextVar[tuple[int, str] | None] = contextvars.ContextVa
 
 
 @attrs.frozen
-class Need:
+class Requirement:
     """What a caller needs from the key's entry: a fresh token, and not the one the API just refused."""
 
     rejected: str | None = attrs.field(default=None, repr=False)
     #: A refresh ahead of expiry: the entry of this version, though still fresh, is what it replaces.
     ahead_of: int | None = None
 
-    def satisfied_by(self, tokens: UpstreamTokens, state: ManagerState) -> bool:
+    def satisfied_by(self, tokens: UpstreamTokens, state: ManagerCore) -> bool:
         """True when ``tokens`` can be sent as they are."""
         if self.ahead_of is not None and tokens.version <= self.ahead_of:
             return False
         return tokens.access_token != self.rejected and state.is_fresh(tokens)
 
-    def accepts(self, outcome: Outcome, state: ManagerState) -> bool:
+    def accepts(self, outcome: Outcome, state: ManagerCore) -> bool:
         """True when a waiter with this need may take the flight's tokens."""
         tokens = outcome.tokens
         if tokens is None or tokens.access_token == self.rejected:
@@ -133,7 +134,7 @@ class _Presented:
 
 
 #: Every live manager state, so a forked child can start each one clean.
-_live: weakref.WeakSet[ManagerState] = weakref.WeakSet()
+_live: weakref.WeakSet[ManagerCore] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
@@ -158,8 +159,8 @@ if _register_atexit is not None:
     _register_atexit(_at_exit)
 
 
-class ManagerState:
-    """Settings and shared tables of one TokenManager.
+class ManagerCore:
+    """The sans-I/O core of one TokenManager: its settings, its per-session tables and the decisions over them.
 
     Every per-session table has a bound and a rule for when an entry dies (docs/design.md, "Tables"):
     the cache holds at most ``cache_size`` sessions; epochs and change-notice digests are kept for cached
@@ -210,7 +211,7 @@ class ManagerState:
         if self.tracer.otel is not None:
             self.tracer.otel.count_lookups(self, provider_id, self.lookups)
         #: The refresh job as a blocking call, for worker threads (set by TokenManager).
-        self.thread_job: Callable[[EntryKey, Need, Flight], None] = _unset
+        self.thread_job: Callable[[EntryKey, Requirement, Flight], None] = _unset
         # session id -> (tokens, their freshness bounds, the instant until which they are fresh and not due for
         # a refresh ahead whatever the latency, the length of their refresh-ahead window, the instant before
         # which it never opens), computed once per entry: the hot path is a dict read and one comparison.
@@ -542,7 +543,7 @@ class ManagerState:
         """True when another manager that is open, or still running a job, uses this manager's refresher."""
         return any(other.refresher is self.refresher for other in self._others_in_use())
 
-    def _others_in_use(self) -> list[ManagerState]:
+    def _others_in_use(self) -> list[ManagerCore]:
         return [other for other in list(_live) if other is not self and (not other.closing or other.running())]
 
     def when_idle(self, run: Callable[[], None]) -> bool:
@@ -747,7 +748,7 @@ def _jitter(provider_id: str, clock: Clock, pid: int) -> random.Random:
     return random.Random(f"{provider_id}:{pid}:{clock.time()!r}")
 
 
-def _subscribe_weakly(storage: Storage, state: ManagerState) -> Callable[[], None] | None:
+def _subscribe_weakly(storage: Storage, state: ManagerCore) -> Callable[[], None] | None:
     """Subscribe ``state`` to the storage's change notices without keeping it alive: a manager dropped
     without close() is freed, and its subscription removes itself at the next notice.
 
@@ -768,8 +769,8 @@ def _subscribe_weakly(storage: Storage, state: ManagerState) -> Callable[[], Non
     return unsubscribe
 
 
-def _unset(key: EntryKey, need: Need, flight: Flight) -> None:
-    raise RuntimeError("ManagerState.thread_job was not set by TokenManager")
+def _unset(key: EntryKey, need: Requirement, flight: Flight) -> None:
+    raise RuntimeError("ManagerCore.thread_job was not set by TokenManager")
 
 
 def _counting_down(error: RefreshFailed, left: float) -> RefreshFailed:
