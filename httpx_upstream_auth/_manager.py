@@ -144,8 +144,8 @@ class TokenManager:
             on_refresh=on_refresh,
         )
         self._coordinators = Coordinators(self._core)
-        self._async_ops = self._coordinators.for_async
-        self._sync_ops = self._coordinators.for_sync
+        self._for_async = self._coordinators.for_async
+        self._for_sync = self._coordinators.for_sync
 
     @property
     def provider_id(self) -> str:
@@ -166,11 +166,11 @@ class TokenManager:
 
     def store(self, session_id: str, tokens: UpstreamTokens) -> UpstreamTokens:
         """Save a session's tokens after a login; returns the entry as stored (with its version)."""
-        return self._sync_ops.store(session_id, tokens)
+        return self._for_sync.store(session_id, tokens)
 
     async def astore(self, session_id: str, tokens: UpstreamTokens) -> UpstreamTokens:
         """Async twin of :meth:`store`."""
-        return await self._async_ops.store(session_id, tokens)
+        return await self._for_async.store(session_id, tokens)
 
     def get_token(self, session_id: str, expect: Binding | None = None) -> UpstreamTokens:
         """A valid entry for the session, refreshed first if needed.
@@ -178,11 +178,11 @@ class TokenManager:
         Raises :class:`ReauthenticationRequired`, :class:`RefreshFailed`, :class:`BindingMismatch` or
         :class:`StorageError`.
         """
-        return self._sync_ops.get_token(session_id, expect)
+        return self._for_sync.get_token(session_id, expect)
 
     async def aget_token(self, session_id: str, expect: Binding | None = None) -> UpstreamTokens:
         """Async twin of :meth:`get_token`."""
-        return await self._async_ops.get_token(session_id, expect)
+        return await self._for_async.get_token(session_id, expect)
 
     def refresh(self, session_id: str, expect: Binding | None = None) -> UpstreamTokens:
         """Refresh the session's tokens now, though they may still be valid (after a change of scope or roles
@@ -192,11 +192,11 @@ class TokenManager:
         refresh already under way is joined, not repeated), rotation-safe, and a token another worker stored
         since this call found the entry is returned as it is. Raises as :meth:`get_token` does.
         """
-        return self._sync_ops.refresh(session_id, expect)
+        return self._for_sync.refresh(session_id, expect)
 
     async def arefresh(self, session_id: str, expect: Binding | None = None) -> UpstreamTokens:
         """Async version of :meth:`refresh`."""
-        return await self._async_ops.refresh(session_id, expect)
+        return await self._for_async.refresh(session_id, expect)
 
     def footprint(self) -> Footprint:
         """How many entries each per-session table holds (for monitoring; each has a bound)."""
@@ -221,8 +221,8 @@ class TokenManager:
         ``revoke_timeout`` seconds: a provider that fails, refuses or hangs is reported, never raised.
         """
         if revoke:
-            return self._sync_ops.logout(session_id, _bounded(revoke_timeout))
-        return self._sync_ops.delete(session_id)
+            return self._for_sync.logout(session_id, _bounded(revoke_timeout))
+        return self._for_sync.delete(session_id)
 
     @overload
     async def adelete(self, session_id: str, revoke: Literal[False] = False) -> bool: ...
@@ -236,8 +236,8 @@ class TokenManager:
     async def adelete(self, session_id: str, revoke: bool = False, *, revoke_timeout: float = 5.0) -> bool | Logout:
         """Async twin of :meth:`delete`."""
         if revoke:
-            return await self._async_ops.logout(session_id, _bounded(revoke_timeout))
-        return await self._async_ops.delete(session_id)
+            return await self._for_async.logout(session_id, _bounded(revoke_timeout))
+        return await self._for_async.delete(session_id)
 
     def close(self, timeout: float | None = None) -> None:
         """Stop starting refreshes, wait for running ones, then close the storage and the refresher.

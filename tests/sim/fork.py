@@ -74,12 +74,12 @@ def fork_manager(parent: TokenManager, storage: Any, refresher: Any) -> TokenMan
 
         state._unsubscribe = _subscribe_weakly(storage, state)
     child = copy.copy(parent)
-    engine = Coordinators(state)
+    coordinators = Coordinators(state)
     child._core = state
-    child._coordinators = engine
-    for name in ("_async_ops", "_sync_ops"):
-        if hasattr(child, name):
-            setattr(child, name, getattr(engine, name.removeprefix("_")))
+    child._coordinators = coordinators
+    for name in ("_for_async", "_for_sync"):
+        getattr(child, name)  # the manager's shortcuts to its coordinators: fail loudly if they were renamed
+        setattr(child, name, getattr(coordinators, name.removeprefix("_")))
     for target in (child, state, storage):
         for hook in _child_hooks(target):
             hook()
