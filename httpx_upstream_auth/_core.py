@@ -216,7 +216,9 @@ class ManagerCore:
         # a refresh ahead whatever the latency, the length of their refresh-ahead window, the instant before
         # which it never opens), computed once per entry: the hot path is a dict read and one comparison.
         # Reads take no lock (a dict read is atomic); writes do, and evict the oldest entries beyond cache_size.
-        self._cache: dict[str, tuple[UpstreamTokens, FreshnessBounds, float, float, float]] = {}
+        # An OrderedDict, not a dict: evicting the oldest of a plain dict (``pop(next(iter(d)))``) walks the holes
+        # left by earlier evictions, which made a cache miss cost O(cache_size) once sessions outnumber the cache.
+        self._cache: OrderedDict[str, tuple[UpstreamTokens, FreshnessBounds, float, float, float]] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
         # Bumped by every logout or login of a session: a job or a read that started before cannot
@@ -413,11 +415,11 @@ class ManagerCore:
                 return  # a logout or login happened since, or the manager was closed (it hears no notice)
             held = self._cache.get(session_id)
             if held is None or held[0].version <= tokens.version:
-                self._cache.pop(session_id, None)  # re-insert at the end: eviction takes the oldest
                 self._cache[session_id] = entry
+                self._cache.move_to_end(session_id)  # eviction takes the oldest
                 self._track(key)
                 while len(self._cache) > self._cache_size:
-                    self._cache.pop(next(iter(self._cache)))
+                    self._cache.popitem(last=False)
                 self._trim()
 
     def forget(self, key: EntryKey, access_token: str | None = None) -> None:
