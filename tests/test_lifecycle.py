@@ -855,8 +855,10 @@ async def test_a_hung_save_when_no_thread_can_start_still_fails_closed(
     storage = StallingStorage(only={"put"})
     refresher = StallAfterAnswer(token_url, "test-client", "test-secret")
     refresher.storage = storage
+    # refresh_timeout bounds the token request too: a second, as a loaded machine's loopback round trip needs
+    # (0.3 s timed the request out at load 30); the hang itself is the test's gate, not a clock.
     manager = make_manager(
-        storage=storage, refresher=refresher, refresh_timeout=0.3, lease_ttl=0.3, wait_timeout=WAIT_LIMIT
+        storage=storage, refresher=refresher, refresh_timeout=1.0, lease_ttl=1.0, wait_timeout=WAIT_LIMIT
     )
     put_entry(manager, expired(provider.login()))
     refused = refuse_thread_starts(provider, monkeypatch)
@@ -872,6 +874,7 @@ async def test_a_hung_save_when_no_thread_can_start_still_fails_closed(
     assert provider.stats["refresh_ok"] == 1 and provider.stats["refresh_reuse"] == 0
 
 
+@pytest.mark.slow  # each store call after the answer is given up only after its bound: 7 to 13 s a case
 @pytest.mark.parametrize(
     ("redeem_in", "answer"), [("thread", "rotated"), ("task", "rotated"), ("thread", "invalid_grant")]
 )
@@ -886,11 +889,12 @@ async def test_a_store_that_stops_answering_after_the_token_request_cannot_hold_
     refresher = StallAfterAnswer(token_url, "test-client", "test-secret")
     refresher.storage = storage
     # A lease of a second: the renewal just before sending must come back within the ttl, which a 0.3-s lease
-    # missed on a machine loaded twenty-fold (no request was sent at all).
+    # missed on a machine loaded twenty-fold (no request was sent at all). refresh_timeout bounds the token
+    # request too: 0.3 s timed it out at load 30, so a second as well.
     manager = make_manager(
         storage=storage,
         refresher=refresher,
-        refresh_timeout=0.3,
+        refresh_timeout=1.0,
         lease_ttl=1.0,
         wait_timeout=WAIT_LIMIT,
         redeem_in=redeem_in,
