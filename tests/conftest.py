@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import socket
 from collections.abc import Iterator
 from importlib import metadata
 from typing import Any
@@ -129,6 +130,15 @@ def server(provider: LocalProvider) -> Iterator[ServerThread]:
     _servers.append(running)
     yield running
     running.stop(timeout=0)
+
+
+@pytest.fixture
+def dead_url() -> Iterator[str]:
+    """An http:// origin on 127.0.0.1 where a connection is refused for the whole test: its port is bound and
+    held, never listened on (a fixed port such as 1 can be taken by another process on the machine)."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{held.getsockname()[1]}"
 
 
 @pytest.fixture

@@ -90,11 +90,11 @@ async def test_async_logout_revokes_the_refresh_token_it_removed(
 
 
 def test_logout_completes_when_the_revocation_endpoint_is_down_refuses_or_hangs(
-    provider: LocalProvider, server: ServerThread, make_manager: ManagerFactory
+    provider: LocalProvider, server: ServerThread, make_manager: ManagerFactory, dead_url: str
 ) -> None:
     """Nothing listening, a 503, a wrong client secret, and an endpoint that does not answer within
     revoke_timeout: each logout removes the entry and says why the grant was not revoked (which it was not)."""
-    down = make_manager(refresher=refresher(server, revocation_url="http://127.0.0.1:1/revoke"))
+    down = make_manager(refresher=refresher(server, revocation_url=dead_url + "/revoke"))
     tokens = provider.login()
     down.store(SESSION, tokens)
     assert down.delete(SESSION, revoke=True) == Logout(
@@ -328,11 +328,11 @@ async def test_a_discovering_refresher_revokes_at_the_discovered_endpoint(
 
 
 def test_a_discovering_refresher_revokes_from_a_thread_and_takes_a_configured_endpoint(
-    provider: LocalProvider, provider_server: ServerThread, mcp_server: LocalMCPServer
+    provider: LocalProvider, provider_server: ServerThread, mcp_server: LocalMCPServer, dead_url: str
 ) -> None:
     """The blocking twin revokes too; a revocation_url in refresher_options wins over the metadata's."""
     refresher = DiscoveringRefresher(
-        mcp_server.url, "test-client", "test-secret", refresher_options={"revocation_url": "http://127.0.0.1:1/x"}
+        mcp_server.url, "test-client", "test-secret", refresher_options={"revocation_url": dead_url + "/x"}
     )
     manager = TokenManager(refresher=refresher, provider_id="local")
     manager.store(SESSION, provider.login())
