@@ -142,7 +142,7 @@ def _after_fork_in_child() -> None:
         state.after_fork()
 
 
-if hasattr(os, "register_at_fork"):
+if hasattr(os, "register_at_fork"):  # pragma: no branch (absent on Windows, where nothing forks)
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
@@ -155,7 +155,7 @@ def _at_exit() -> None:
 
 # threading's own exit hook runs before non-daemon threads are joined (atexit runs after, too late).
 _register_atexit = getattr(threading, "_register_atexit", None)
-if _register_atexit is not None:
+if _register_atexit is not None:  # pragma: no branch (CPython has it; other interpreters go without)
     _register_atexit(_at_exit)
 
 
@@ -170,6 +170,9 @@ class ManagerCore:
     (a distrust of a token of unknown lifetime after UNKNOWN_LIFETIME_DISTRUST seconds); remembered failures
     (within ``cache_size``, plus one configuration error) until their window ends.
     """
+
+    #: The refresh job as a blocking call, for worker threads (set by ``Coordinators``, which every manager makes).
+    thread_job: Callable[[EntryKey, Requirement, Flight], None]
 
     def __init__(
         self,
@@ -210,8 +213,6 @@ class ManagerCore:
         self.lookups = Lookups()
         if self.tracer.otel is not None:
             self.tracer.otel.count_lookups(self, provider_id, self.lookups)
-        #: The refresh job as a blocking call, for worker threads (set by TokenManager).
-        self.thread_job: Callable[[EntryKey, Requirement, Flight], None] = _unset
         # session id -> (tokens, their freshness bounds, the instant until which they are fresh and not due for
         # a refresh ahead whatever the latency, the length of their refresh-ahead window, the instant before
         # which it never opens), computed once per entry: the hot path is a dict read and one comparison.
@@ -769,10 +770,6 @@ def _subscribe_weakly(storage: Storage, state: ManagerCore) -> Callable[[], None
 
     unsubscribe = storage.subscribe(on_change)
     return unsubscribe
-
-
-def _unset(key: EntryKey, need: Requirement, flight: Flight) -> None:
-    raise RuntimeError("ManagerCore.thread_job was not set by TokenManager")
 
 
 def _counting_down(error: RefreshFailed, left: float) -> RefreshFailed:

@@ -622,7 +622,7 @@ class SyncLeaseKeeper:
 
 
 class AsyncDeadline:
-    """Stop a block after ``seconds`` (``expired`` tells): a task job bounds its token request this way.
+    """Stop a block after ``seconds``: a task job bounds its fail-closed delete this way when it is stopped.
 
     With ``shield``, outside cancellation cannot stop the block either (anyio and trio scopes; asyncio's
     own ``Task.cancel`` was already delivered by the time a job needs this, and an ending loop does not
@@ -641,11 +641,6 @@ class AsyncDeadline:
     ) -> bool:
         return bool(self._scope.__exit__(exc_type, exc, tb))
 
-    @property
-    def expired(self) -> bool:
-        """True when the block was stopped by the deadline."""
-        return self._scope.cancelled_caught
-
 
 class SyncDeadline:
     """The sync twin of :class:`AsyncDeadline`: a thread can be neither interrupted nor cancelled, so the
@@ -661,11 +656,6 @@ class SyncDeadline:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         return None
-
-    @property
-    def expired(self) -> bool:
-        """Always false."""
-        return False
 
 
 # -- waking one waiter from any thread ---------------------------------------------------------------

@@ -463,11 +463,11 @@ class DeleteFailsStorage(FlakyStorage):
 
 
 async def test_a_lost_answer_outlives_many_successful_rotations(
-    provider: LocalProvider, token_url: str, make_manager: ManagerFactory, monkeypatch: pytest.MonkeyPatch
+    provider: LocalProvider, token_url: str, make_manager: ManagerFactory
 ) -> None:
     """An answer lost while the store was down (the fail-closed delete could not land) is remembered
-    beyond any number of ordinary refreshes: the consumed token is never presented again."""
-    monkeypatch.setattr(state_module, "CONSUMED_MEMORY", 3)
+    beyond any number of ordinary refreshes (they leave nothing in the memory of presented tokens, so none
+    can push it out): the consumed token is never presented again."""
     storage = DeleteFailsStorage()
     refresher = OAuth2Refresher(token_url, "test-client", "test-secret", timeout=1.0)
     manager = make_manager(storage=storage, refresher=refresher, refresh_timeout=1.5)

@@ -260,7 +260,7 @@ class AsyncCoordinator:
             else:
                 try:
                     found = await flight.aoutcome(state.wait_timeout)
-                except SameThreadWait:
+                except SameThreadWait:  # pragma: no cover (only the generated twin's blocking wait raises it)
                     found = None  # a blocking call under the reading task's own loop: read directly
                 outcome = Outcome(tokens=await self._read(key)) if found is None else found
                 read_here = found is None
@@ -581,10 +581,9 @@ class AsyncCoordinator:
         logger.debug("refresh of %s: redeeming version %d", key, current.version)
         # What the writes after the request need is acquired now: a process that cannot provide it sends nothing.
         calls.prepare()
-        job = current_job.get()
-        if job is not None:
-            job.redeemed = True
-            job.reason = _reason(need)
+        job = _this_job()
+        job.redeemed = True
+        job.reason = _reason(need)
         # From here on the provider may consume the refresh token: never present it again from this
         # process unless we learn it was not consumed.
         state.mark_consumed(current.refresh_token)
@@ -628,9 +627,7 @@ class AsyncCoordinator:
                     f"token; {REMOVED if removed else NOT_REMOVED}. Log the user in again. What happened: {exc}"
                 ) from None
             state.settle_consumed(current.refresh_token)
-            job = current_job.get()
-            if job is not None:
-                job.error = exc
+            _this_job().error = exc
             if isinstance(exc, ConfigurationError):
                 state.remember_failure(key, exc, epoch)  # every session's refresh would fail the same way
             if self._usable(need, current):
@@ -696,17 +693,13 @@ class AsyncCoordinator:
                     # Auth0, Keycloak, Hydra): this job, still holding the lease, presents it once more instead
                     # of failing closed. No other job or process ever presents it (it is marked consumed).
                     graced = True
-                    job = current_job.get()
-                    if job is not None:
-                        job.retries += 1
+                    _this_job().retries += 1
                     logger.debug("refresh: the answer was lost; presenting the refresh token again within reuse_grace")
                     continue
                 pause = self._transient_pause(exc, attempt, need, current, give_up)
                 if pause is None:
                     raise
-                job = current_job.get()
-                if job is not None:
-                    job.retries += 1
+                _this_job().retries += 1
                 logger.debug("refresh: HTTP %s, trying again in %.2fs", exc.status_code, pause)
                 await async_sleep(pause)
                 continue
@@ -883,6 +876,13 @@ class AsyncCoordinator:
                 "the result with TokenManager.store()."
             )
         return tokens
+
+
+def _this_job() -> JobTrace:
+    """The trace of the running job: the code that calls this runs only inside :meth:`AsyncCoordinator.run_flight`."""
+    job = current_job.get()
+    assert job is not None
+    return job
 
 
 def _reason(need: Requirement) -> str:

@@ -261,7 +261,7 @@ class SyncCoordinator:
             else:
                 try:
                     found = flight.outcome(state.wait_timeout)
-                except SameThreadWait:
+                except SameThreadWait:  # pragma: no cover (only the generated twin's blocking wait raises it)
                     found = None  # a blocking call under the reading task's own loop: read directly
                 outcome = Outcome(tokens=self._read(key)) if found is None else found
                 read_here = found is None
@@ -582,10 +582,9 @@ class SyncCoordinator:
         logger.debug("refresh of %s: redeeming version %d", key, current.version)
         # What the writes after the request need is acquired now: a process that cannot provide it sends nothing.
         calls.prepare()
-        job = current_job.get()
-        if job is not None:
-            job.redeemed = True
-            job.reason = _reason(need)
+        job = _this_job()
+        job.redeemed = True
+        job.reason = _reason(need)
         # From here on the provider may consume the refresh token: never present it again from this
         # process unless we learn it was not consumed.
         state.mark_consumed(current.refresh_token)
@@ -629,9 +628,7 @@ class SyncCoordinator:
                     f"token; {REMOVED if removed else NOT_REMOVED}. Log the user in again. What happened: {exc}"
                 ) from None
             state.settle_consumed(current.refresh_token)
-            job = current_job.get()
-            if job is not None:
-                job.error = exc
+            _this_job().error = exc
             if isinstance(exc, ConfigurationError):
                 state.remember_failure(key, exc, epoch)  # every session's refresh would fail the same way
             if self._usable(need, current):
@@ -697,17 +694,13 @@ class SyncCoordinator:
                     # Auth0, Keycloak, Hydra): this job, still holding the lease, presents it once more instead
                     # of failing closed. No other job or process ever presents it (it is marked consumed).
                     graced = True
-                    job = current_job.get()
-                    if job is not None:
-                        job.retries += 1
+                    _this_job().retries += 1
                     logger.debug("refresh: the answer was lost; presenting the refresh token again within reuse_grace")
                     continue
                 pause = self._transient_pause(exc, attempt, need, current, give_up)
                 if pause is None:
                     raise
-                job = current_job.get()
-                if job is not None:
-                    job.retries += 1
+                _this_job().retries += 1
                 logger.debug("refresh: HTTP %s, trying again in %.2fs", exc.status_code, pause)
                 sync_sleep(pause)
                 continue
@@ -884,6 +877,13 @@ class SyncCoordinator:
                 "the result with TokenManager.store()."
             )
         return tokens
+
+
+def _this_job() -> JobTrace:
+    """The trace of the running job: the code that calls this runs only inside :meth:`AsyncCoordinator.run_flight`."""
+    job = current_job.get()
+    assert job is not None
+    return job
 
 
 def _reason(need: Requirement) -> str:
