@@ -36,6 +36,7 @@ from httpx_upstream_auth import (
     ReauthenticationRequired,
     RefreshFailed,
     StorageError,
+    TraceEvent,
     UpstreamTokens,
 )
 from httpx_upstream_auth.testing import LocalProvider, ServerThread
@@ -60,26 +61,42 @@ async def test_dead_refresh_tokens_are_remembered_for_cache_size_sessions(
     assert manager.footprint().consumed == 1
 
 
-@pytest.mark.parametrize("lapsed", [False, True], ids=["live", "lapsed"])
 async def test_distrusted_tokens_are_kept_for_cache_size_sessions(
-    provider: LocalProvider, make_manager: ManagerFactory, lapsed: bool
+    provider: LocalProvider, make_manager: ManagerFactory
 ) -> None:
-    """Tokens the API refused right after their refresh are distrusted for at most cache_size sessions: a
-    distrust whose token expired goes first, else the oldest."""
-    clock = FakeClock()
-    manager = make_manager(cache_size=1, clock=clock)
+    """Tokens the API refused right after their refresh are distrusted for at most cache_size sessions: the
+    oldest distrust goes first."""
+    manager = make_manager(cache_size=1)
     api = ScriptedAPI([401, 401] * 2)  # each session: its token refused, then the refreshed one too
     async with ServerThread(api) as served:
         for session in ("a", "b"):
-            await aput_entry(manager, provider.login(access_ttl=60), session)
+            await aput_entry(manager, provider.login(), session)
             async with httpx.AsyncClient(base_url=served.url, auth=manager.auth(session), verify=SSL) as client:
                 assert (await client.get("/data")).status_code == 401
             assert manager.footprint().distrusted == 1
-            if lapsed:
-                clock.advance(120)  # the refreshed token (and its distrust) is over
-    # Lapsed: b's login has expired by the moved clock, so it is refreshed once more before its request.
-    assert provider.stats["refresh_ok"] == (3 if lapsed else 2)
-    assert manager.footprint().distrusted == 1
+    assert provider.stats["refresh_ok"] == 2
+
+
+async def test_a_distrust_that_ended_goes_before_the_oldest(
+    provider: LocalProvider, make_manager: ManagerFactory
+) -> None:
+    """Beyond cache_size, a distrust whose token expired goes first: an older distrust of a token still valid
+    is kept, and that token's next refusal costs no refresh."""
+    clock = FakeClock()
+    manager = make_manager(cache_size=2, clock=clock)
+    api = ScriptedAPI([401, 401] * 3 + [401])
+    async with ServerThread(api) as served:
+        for session, lifetime in (("a", 600), ("b", 30), ("c", 600)):
+            await aput_entry(manager, provider.login(), session)
+            provider.fail_next(f"expires_in:{lifetime}")  # the refreshed token's lifetime: its distrust's
+            async with httpx.AsyncClient(base_url=served.url, auth=manager.auth(session), verify=SSL) as client:
+                assert (await client.get("/data")).status_code == 401
+            if session == "b":
+                clock.advance(40)  # b's refreshed token, and its distrust, are over; a's are not
+        assert manager.footprint().distrusted == 2 and provider.stats["refresh_ok"] == 3
+        async with httpx.AsyncClient(base_url=served.url, auth=manager.auth("a"), verify=SSL) as client:
+            assert (await client.get("/data")).status_code == 401  # still distrusted: no refresh
+    assert provider.stats["token_calls"] == 3
 
 
 async def test_failures_are_remembered_for_cache_size_sessions_expired_ones_first(
@@ -396,10 +413,60 @@ def test_a_refresher_that_exits_its_thread_after_sending_fails_closed(
 ) -> None:
     """A refresher that ends the job's thread (SystemExit) after its request may have been redeemed: the job
     removes the entry before the thread ends, so the consumed token is never presented again."""
-    manager = make_manager(refresher=ExitingRefresher(token_url, "test-client", "test-secret"))
+    # Events are reported from the job's thread: the test joins it, so its exit is reported while the test runs.
+    jobs: list[threading.Thread] = []
+
+    def on_event(event: TraceEvent) -> None:
+        if event.name == "refresh.started":
+            jobs.append(threading.current_thread())
+
+    refresher = ExitingRefresher(token_url, "test-client", "test-secret")
+    manager = make_manager(refresher=refresher, on_event=on_event)
     put_entry(manager, expired(provider.login()))
     with pytest.raises(ReauthenticationRequired):
         manager.get_token(SESSION)
+    assert len(jobs) == 1
+    jobs[0].join(WAIT_LIMIT)
     assert stored(manager) is None
     assert provider.stats["refresh_ok"] == 1 and provider.stats["token_calls"] == 1
     assert manager.footprint().consumed == 0
+
+
+# -- task jobs: the async source of the job ---------------------------------------------------------------
+
+
+async def test_a_task_job_retries_a_refusal_after_its_retry_after(
+    provider: LocalProvider, make_manager: ManagerFactory
+) -> None:
+    """A task job refused with 429 and a Retry-After (here 0 s) while no valid token could be served instead
+    tries again, not sooner than asked, and reports the retry."""
+    events: list[TraceEvent] = []
+    manager = make_manager(redeem_in="task", on_event=events.append)
+    first = await aput_entry(manager, expired(provider.login()))
+    provider.fail_next("429:0")
+    assert (await manager.aget_token(SESSION)).version == first.version + 1
+    assert provider.stats["token_calls"] == 2 and provider.stats["refresh_ok"] == 1
+    succeeded = [event for event in events if event.name == "refresh.succeeded"]
+    assert len(succeeded) == 1 and succeeded[0].fields["retries"] == 1
+
+
+async def test_a_task_job_serves_a_valid_token_another_worker_stored_without_a_refresh_token(
+    provider: LocalProvider, make_manager: ManagerFactory
+) -> None:
+    """After the API refused the cached token, a task job that finds another worker's token in the store, still
+    valid though inside its leeway and without a refresh token, sends the request with it: nothing to redeem."""
+    storage = UnnotifiedStorage()
+    manager = make_manager(storage=storage, redeem_in="task")
+    await aput_entry(manager, provider.login())
+    await manager.aget_token(SESSION)  # cached
+    login = provider.login(access_ttl=20)
+    assert login.expires_at is not None
+    theirs = await aput_entry(manager, attrs.evolve(login, issued_at=login.expires_at - 600, refresh_token=None))
+    api = ScriptedAPI([401])
+    async with (
+        ServerThread(api) as served,
+        httpx.AsyncClient(base_url=served.url, auth=manager.auth(SESSION), verify=SSL) as client,
+    ):
+        assert (await client.get("/data")).status_code == 200
+    assert api.seen[-1] == f"Bearer {theirs.access_token}"
+    assert provider.stats["token_calls"] == 0
