@@ -37,6 +37,7 @@ from httpx_upstream_auth import (
     RefreshFailed,
     StorageError,
     TraceEvent,
+    UpstreamAuthError,
     UpstreamTokens,
 )
 from httpx_upstream_auth.testing import LocalProvider, ServerThread
@@ -469,4 +470,104 @@ async def test_a_task_job_serves_a_valid_token_another_worker_stored_without_a_r
     ):
         assert (await client.get("/data")).status_code == 200
     assert api.seen[-1] == f"Bearer {theirs.access_token}"
+    assert provider.stats["token_calls"] == 0
+
+
+class PreparingRefresher(OAuth2Refresher):
+    """An OAuth2Refresher whose preparation (before the lease and the token request) does what ``outcome`` says:
+    nothing, hang, or raise."""
+
+    def __init__(self, token_url: str, outcome: str) -> None:
+        super().__init__(token_url, "test-client", "test-secret")
+        self.outcome = outcome
+        self.prepared = 0
+
+    async def aprepare(self, tokens: UpstreamTokens) -> None:
+        self.prepared += 1
+        if self.outcome == "hangs":
+            await anyio.sleep_forever()
+        failures: dict[str, Exception] = {
+            "refused": RefreshFailed("discovery refused", retryable=True),
+            "misconfigured": ConfigurationError("no such issuer", setting="issuer"),
+            "store_down": StorageError("the store is down"),
+            "bug": ValueError("a bug"),
+        }
+        if self.outcome in failures:
+            raise failures[self.outcome]
+
+
+@pytest.mark.parametrize(
+    ("outcome", "raised", "message"),
+    [
+        ("hangs", RefreshFailed, "did not finish in time"),
+        ("refused", RefreshFailed, "discovery refused"),
+        ("misconfigured", ConfigurationError, "no such issuer"),
+        ("store_down", StorageError, "the store is down"),
+        ("bug", RefreshFailed, r"preparation failed \(ValueError\)"),
+    ],
+)
+async def test_a_task_jobs_preparation_that_fails_sends_nothing(
+    provider: LocalProvider, make_manager: ManagerFactory, token_url: str, outcome: str, raised: type, message: str
+) -> None:
+    """A task job whose refresher's preparation fails, hangs (bounded by refresh_timeout) or raises a bug sends
+    no token request and keeps the entry; the caller gets a typed error, remembered like a refusal (a
+    configuration error for every session)."""
+    refresher = PreparingRefresher(token_url, outcome)
+    manager = make_manager(refresher=refresher, redeem_in="task", refresh_timeout=0.2, failure_window=5)
+    first = await aput_entry(manager, expired(provider.login()))
+    with pytest.raises(raised, match=message):
+        await manager.aget_token(SESSION)
+    assert (await astored(manager)) == first and provider.stats["token_calls"] == 0
+    await aput_entry(manager, expired(provider.login()), "other")
+    with pytest.raises(UpstreamAuthError):
+        await manager.aget_token("other")
+    # A configuration error is the manager's: the other session gets it without preparing again.
+    assert refresher.prepared == (1 if outcome == "misconfigured" else 2)
+
+
+@pytest.mark.parametrize("outcome", ["nothing", "refused", "misconfigured"])
+async def test_a_task_jobs_preparation_before_an_early_refresh(
+    provider: LocalProvider, make_manager: ManagerFactory, token_url: str, outcome: str
+) -> None:
+    """A task job prepares, then refreshes; when the preparation of an early refresh fails, the still-valid
+    token is served and the refresh is tried again only after retry_interval. A configuration error is
+    remembered for the manager all the same: another session's refresh gets it without preparing."""
+    refresher = PreparingRefresher(token_url, outcome)
+    manager = make_manager(refresher=refresher, redeem_in="task", retry_interval=60)
+    login = provider.login(access_ttl=20)
+    assert login.expires_at is not None
+    early = await aput_entry(manager, attrs.evolve(login, issued_at=login.expires_at - 600))  # inside its leeway
+    for _ in range(2):
+        got = await manager.aget_token(SESSION)
+    if outcome == "nothing":
+        assert got.version == early.version + 1 and provider.stats["refresh_ok"] == 1
+        return
+    assert got == early and provider.stats["token_calls"] == 0 and refresher.prepared == 1
+    if outcome == "misconfigured":
+        await aput_entry(manager, expired(provider.login()), "other")
+        with pytest.raises(ConfigurationError):
+            await manager.aget_token("other")
+        assert refresher.prepared == 1
+
+
+class BuggyLeaseStorage(MemoryStorage):
+    """A custom storage whose lease claim has a bug (raises an exception that is not a StorageError)."""
+
+    def acquire_lease(self, key: EntryKey, ttl: float) -> Lease | None:
+        raise KeyError("a bug in the storage")
+
+
+async def test_a_storage_bug_in_a_task_job_is_a_typed_retryable_failure(
+    provider: LocalProvider, make_manager: ManagerFactory
+) -> None:
+    """A custom storage that raises an unexpected exception during a task job: the caller gets a retryable
+    RefreshFailed naming the exception's type only, a store.error event reports it, and nothing is sent."""
+    events: list[TraceEvent] = []
+    manager = make_manager(storage=BuggyLeaseStorage(), redeem_in="task", on_event=events.append)
+    await aput_entry(manager, expired(provider.login()))
+    with pytest.raises(RefreshFailed, match="KeyError from the storage") as caught:
+        await manager.aget_token(SESSION)
+    assert caught.value.retryable and "a bug" not in str(caught.value)
+    errors = [event.fields for event in events if event.name == "store.error"]
+    assert errors == [{"operation": "refresh", "error": "KeyError"}]
     assert provider.stats["token_calls"] == 0
