@@ -5,6 +5,7 @@ clock) over real HTTP against the local provider."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import anyio
 import attrs
@@ -15,6 +16,7 @@ from support import (
     SSL,
     WAIT_LIMIT,
     FakeClock,
+    HeldLeaseStorage,
     ManagerFactory,
     ScriptedAPI,
     UnnotifiedStorage,
@@ -570,4 +572,75 @@ async def test_a_storage_bug_in_a_task_job_is_a_typed_retryable_failure(
     assert caught.value.retryable and "a bug" not in str(caught.value)
     errors = [event.fields for event in events if event.name == "store.error"]
     assert errors == [{"operation": "refresh", "error": "KeyError"}]
+    assert provider.stats["token_calls"] == 0
+
+
+class LeaseHooksStorage(MemoryStorage):
+    """A MemoryStorage that runs ``on_lease`` once its lease is taken, and whose renewals report the lease lost
+    while ``renewals_lost`` is set (another worker took it over)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on_lease: Callable[[], object] | None = None
+        self.renewals_lost = False
+
+    def acquire_lease(self, key: EntryKey, ttl: float) -> Lease | None:
+        lease = super().acquire_lease(key, ttl)
+        if self.on_lease is not None:
+            self.on_lease()
+        return lease
+
+    def renew_lease(self, lease: Lease) -> bool | None:
+        return False if self.renewals_lost else super().renew_lease(lease)
+
+
+async def test_a_task_job_whose_manager_closes_under_its_lease_sends_nothing(
+    provider: LocalProvider, make_manager: ManagerFactory
+) -> None:
+    """A manager closed while its task job takes the lease: the job stops before the token request."""
+    storage = LeaseHooksStorage()
+    manager = make_manager(storage=storage, redeem_in="task")
+    await aput_entry(manager, expired(provider.login()))
+    storage.on_lease = manager.close
+    with pytest.raises(RefreshFailed, match="closed before the refresh was sent"):
+        await manager.aget_token(SESSION)
+    assert provider.stats["token_calls"] == 0
+
+
+async def test_a_task_job_whose_lease_keeps_running_out_gives_up_before_sending(
+    provider: LocalProvider, make_manager: ManagerFactory
+) -> None:
+    """A task job that cannot confirm its lease before sending (the store says it was lost) starts over until
+    lease_wait is spent, then gives up with a retryable error, having sent nothing."""
+    storage = LeaseHooksStorage()
+    storage.renewals_lost = True
+    manager = make_manager(storage=storage, redeem_in="task", lease_wait=0)
+    await aput_entry(manager, expired(provider.login()))
+    with pytest.raises(RefreshFailed, match="kept running out") as caught:
+        await manager.aget_token(SESSION)
+    assert caught.value.retryable and provider.stats["token_calls"] == 0
+
+
+async def test_a_task_job_waiting_for_another_workers_lease_serves_the_valid_token(
+    provider: LocalProvider, make_manager: ManagerFactory
+) -> None:
+    """A task job that finds another worker's lease and gives up waiting (lease_wait) serves the stored token
+    while it is still valid, though inside its leeway."""
+    storage = HeldLeaseStorage()
+    manager = make_manager(storage=storage, redeem_in="task", lease_wait=0)
+    login = provider.login(access_ttl=20)
+    assert login.expires_at is not None
+    early = await aput_entry(manager, attrs.evolve(login, issued_at=login.expires_at - 600))  # inside its leeway
+    assert (await manager.aget_token(SESSION)) == early
+    assert storage.attempts == 1 and provider.stats["token_calls"] == 0
+
+
+async def test_a_task_job_without_a_refresh_token_asks_for_a_login(
+    provider: LocalProvider, make_manager: ManagerFactory
+) -> None:
+    """An expired entry with no refresh token: the task job sends nothing and the caller is told to log in."""
+    manager = make_manager(redeem_in="task")
+    await aput_entry(manager, attrs.evolve(expired(provider.login()), refresh_token=None))
+    with pytest.raises(ReauthenticationRequired, match="no refresh token is stored"):
+        await manager.aget_token(SESSION)
     assert provider.stats["token_calls"] == 0
