@@ -644,3 +644,23 @@ async def test_a_task_job_without_a_refresh_token_asks_for_a_login(
     with pytest.raises(ReauthenticationRequired, match="no refresh token is stored"):
         await manager.aget_token(SESSION)
     assert provider.stats["token_calls"] == 0
+
+
+async def test_a_task_jobs_retry_within_the_grace_refused_fails_closed(
+    provider: LocalProvider, make_manager: ManagerFactory, token_url: str
+) -> None:
+    """A task job whose answer was lost presents the token once more within reuse_grace; when that retry is
+    refused (even by a refusal that consumes nothing), the first request may have rotated it: the job fails
+    closed and never presents it a third time."""
+    provider.reuse_grace = 30
+    refresher = OAuth2Refresher(token_url, "test-client", "test-secret", timeout=0.3)
+    manager = make_manager(refresher=refresher, reuse_grace=30, redeem_in="task")
+    await aput_entry(manager, expired(provider.login()))
+    provider.fail_next("redeem_then:502")
+    provider.fail_next("503")
+    with pytest.raises(ReauthenticationRequired, match="retry within reuse_grace was refused"):
+        await manager.aget_token(SESSION)
+    assert (await astored(manager)) is None
+    with pytest.raises(ReauthenticationRequired):
+        await manager.aget_token(SESSION)
+    assert provider.stats["token_calls"] == 2 and provider.stats["refresh_reuse"] == 0
