@@ -146,8 +146,11 @@ def test_a_suite_without_opener_holds_no_cross_process_test_and_one_with_it_hold
         assert [getattr(suite, name) for name in CROSS_PROCESS_TESTS] == [None] * len(CROSS_PROCESS_TESTS)
     for suite in shared:
         assert all(getattr(suite, name) is getattr(StorageContract, name) for name in CROSS_PROCESS_TESTS)
-    # the in-process tests stay in every suite
+    # the in-process tests stay in every suite; a suite says what it must implement
     assert callable(OneProcess.test_concurrent_compare_and_set_from_threads_loses_no_update)
+    assert OneProcess().opener() is None
+    with pytest.raises(NotImplementedError, match="OneProcess must implement make_storage"):
+        OneProcess().make_storage()
 
 
 class _MinimalStorage(Storage):
