@@ -24,6 +24,7 @@ from storage_fixtures import REPO, redis_cluster, redis_opener, redis_server, sq
 
 from httpx_upstream_auth import EntryKey, Lease, MemoryStorage, RedisStorage, SQLiteStorage, Storage, StorageError
 from httpx_upstream_auth.testing.contract import (
+    CROSS_PROCESS_TESTS,
     StorageContract,
     check_async_contract,
     check_sync_contract,
@@ -43,7 +44,7 @@ UNUSED_URL = "redis://127.0.0.1:1/0"
 
 # -- the contract, on each backend ---------------------------------------------------------------------------
 class TestMemoryStorage(StorageContract):
-    """The contract on MemoryStorage (one process: the cross-process tests skip)."""
+    """The contract on MemoryStorage (one process: no opener, so the cross-process tests are not collected)."""
 
     def make_storage(self, **options: Any) -> Storage:
         # Memory entries live in one object: a second storage would be a second store.
@@ -125,6 +126,31 @@ def test_the_documented_way_runs_the_shipped_suite_in_a_test_tree_of_its_own(tmp
     counted = re.search(r"\b(\d+) passed in", result.stdout)
     assert counted is not None and int(counted.group(1)) >= len(tests), result.stdout
     assert "skipped" not in result.stdout, result.stdout
+
+
+def test_a_suite_without_opener_holds_no_cross_process_test_and_one_with_it_holds_them_all() -> None:
+    """A suite that does not override opener() declares a store of one process: the cross-process tests are not
+    collectable from it (not skipped: not there); overriding opener(), even below such a suite, brings them back."""
+
+    class OneProcess(StorageContract):
+        pass
+
+    class Shared(OneProcess):
+        def opener(self) -> str:
+            return "storage = None"
+
+    assert CROSS_PROCESS_TESTS and all(name in dir(StorageContract) for name in CROSS_PROCESS_TESTS)
+    one_process: list[type[StorageContract]] = [OneProcess, TestMemoryStorage]
+    shared: list[type[StorageContract]] = [Shared, TestSQLiteStorage, TestRedisCluster]
+    for suite in one_process:
+        assert [getattr(suite, name) for name in CROSS_PROCESS_TESTS] == [None] * len(CROSS_PROCESS_TESTS)
+    for suite in shared:
+        assert all(getattr(suite, name) is getattr(StorageContract, name) for name in CROSS_PROCESS_TESTS)
+    # the in-process tests stay in every suite; a suite says what it must implement
+    assert callable(OneProcess.test_concurrent_compare_and_set_from_threads_loses_no_update)
+    assert OneProcess().opener() is None
+    with pytest.raises(NotImplementedError, match="OneProcess must implement make_storage"):
+        OneProcess().make_storage()
 
 
 class _MinimalStorage(Storage):

@@ -13,7 +13,9 @@ of the suite against it::
 Storage objects made without options during one test must share their entries (an in-process store may
 return one object); the suite closes every object it made after the test. A store shared between
 processes returns from :meth:`StorageContract.opener` the Python source that opens it in another
-process, and the cross-process tests run (they are skipped otherwise). The async tests run on the
+process, and the cross-process tests run; a suite that does not override it declares a store of one
+process, and those tests are not collected for it (there is no other process to test against). The async
+tests run on the
 ``anyio_backend`` fixture of your tests (anyio's default is asyncio alone: parametrize it to add trio);
 the tests that start event loops of their own use :attr:`StorageContract.event_loops`.
 """
@@ -39,7 +41,14 @@ import pytest
 from .._models import EntryKey, UpstreamTokens, is_plausible_time
 from .._storages import Lease, Storage
 
-__all__ = ["StorageContract", "StoreWorker", "check_async_contract", "check_sync_contract", "sample_tokens"]
+__all__ = [
+    "CROSS_PROCESS_TESTS",
+    "StorageContract",
+    "StoreWorker",
+    "check_async_contract",
+    "check_sync_contract",
+    "sample_tokens",
+]
 
 KEY = EntryKey("github", "session-1")
 #: A timeout no test waits out: a watch given it returns only because of what the test did.
@@ -202,6 +211,16 @@ async def _go_then_awatch(storage: Storage, worker: StoreWorker, version: int) -
         await storage.awatch(KEY, version, HOUR)
 
 
+#: The tests that open the store in other processes: collected only for a suite that overrides
+#: :meth:`StorageContract.opener` (a store shared between processes).
+CROSS_PROCESS_TESTS = (
+    "test_watch_wakes_on_write_from_another_process",
+    "test_subscribe_hears_another_process_delete_once_and_in_order",
+    "test_subscribe_hears_every_save_of_other_processes",
+    "test_concurrent_compare_and_set_from_processes_loses_no_update",
+)
+
+
 class StorageContract:
     """The suite. Subclass it (with a name pytest collects, ``Test…``) and implement :meth:`make_storage`."""
 
@@ -214,7 +233,8 @@ class StorageContract:
 
     def opener(self) -> str | None:
         """Python source that, run in a fresh interpreter, binds ``storage`` to a new storage object on
-        this test's store; ``None`` (the default) for a store that lives in one process."""
+        this test's store. Not overriding it declares a store that lives in one process: the tests named in
+        :data:`CROSS_PROCESS_TESTS` are then not collected (there is no other process to test against)."""
         return None
 
     def disable_rechecks(self, storage: Storage, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -240,10 +260,20 @@ class StorageContract:
         """A storage object on the test's store."""
         return self.new_storage()
 
-    def _opener_or_skip(self) -> str:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        shared = cls.opener is not StorageContract.opener
+        for name in CROSS_PROCESS_TESTS:
+            if not shared:
+                # Selected out, not skipped: pytest collects no test from a name bound to None.
+                setattr(cls, name, None)
+            elif getattr(cls, name) is None:  # a suite of one process's store, subclassed to add an opener
+                setattr(cls, name, getattr(StorageContract, name))
+
+    def _shared_opener(self) -> str:
         opener = self.opener()
-        if opener is None:
-            pytest.skip("this store lives in one process")
+        # Only collected when opener() is overridden: the suite declared a store shared between processes.
+        assert opener is not None, f"{type(self).__name__}.opener() returned None: return the source that opens it"
         return opener
 
     # -- entries -----------------------------------------------------------------------------------------
@@ -583,7 +613,7 @@ class StorageContract:
 
     def test_watch_wakes_on_write_from_another_process(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """A save by another process wakes the watcher by a notification: sync, and async on each event loop."""
-        opener = self._opener_or_skip()
+        opener = self._shared_opener()
         store = self.new_storage()
         self.disable_rechecks(store, monkeypatch)
         store.put(KEY, sample_tokens(1), expected_version=None)
@@ -628,7 +658,7 @@ class StorageContract:
 
     def test_subscribe_hears_another_process_delete_once_and_in_order(self) -> None:
         """Another process's delete reaches the callback with the digest, after our save, reported once (no echo)."""
-        opener = self._opener_or_skip()
+        opener = self._shared_opener()
         store = self.new_storage()
         heard: list[str | None] = []
         deleted = threading.Event()
@@ -651,7 +681,7 @@ class StorageContract:
 
     def test_subscribe_hears_every_save_of_other_processes(self) -> None:
         """4 processes racing compare-and-set: the subscriber hears exactly one digest per successful save."""
-        opener = self._opener_or_skip()
+        opener = self._shared_opener()
         store = self.new_storage()
         heard: list[str | None] = []
         unsubscribe = store.subscribe(heard.append)
@@ -759,7 +789,7 @@ class StorageContract:
 
     def test_concurrent_compare_and_set_from_processes_loses_no_update(self) -> None:
         """4 processes incrementing through compare-and-set: the final version equals the successful puts."""
-        opener = self._opener_or_skip()
+        opener = self._shared_opener()
         store = self.new_storage()
         with contextlib.ExitStack() as stack:
             workers = [stack.enter_context(StoreWorker(opener, KEY, "increment", "40")) for _ in range(4)]

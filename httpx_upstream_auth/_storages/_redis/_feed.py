@@ -105,9 +105,8 @@ class Subscriber:
         announce = self._missed  # after the first connection, a (re)connection may have missed messages
         backoff = 0.05
         while not self._stop.is_set():
-            pubsub = None
+            pubsub = self._client.pubsub()  # the object only: it connects at the subscribe below
             try:
-                pubsub = self._client.pubsub()
                 pubsub.subscribe(self._channel)
                 deadline = time.monotonic() + self._timeout
                 while True:
@@ -140,17 +139,14 @@ class Subscriber:
                 self._set_state("refused")
                 self.hub.wake(None)
                 return
-            except Exception:
-                if self._stop.is_set():
-                    return
+            except Exception:  # after stop() too: the loop then ends, its watchers woken to find the store closed
                 self._set_state("down")
                 self.hub.wake(None)  # watchers switch to polling
                 announce = True
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 2.0)
             finally:
-                if pubsub is not None:
-                    with contextlib.suppress(Exception):
-                        pubsub.close()
+                with contextlib.suppress(Exception):
+                    pubsub.close()
             if self._storage() is None:
                 return

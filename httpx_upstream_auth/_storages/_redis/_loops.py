@@ -43,18 +43,19 @@ async def close_at_loop_shutdown(
     """Park at the first ``yield`` for the life of ``loop``; then ``forget(loop)`` and close ``client``."""
     # asyncio.run() / anyio.run() close every open async generator (loop.shutdown_asyncgens) while the
     # loop still runs, which is the last moment an asyncio client can close its connections cleanly. A
-    # loop closed without that is found later by the storage's sweep, which finalizes this generator with
-    # the loop closed (nothing to await). ``forget`` is held weakly: the loop must not keep the storage.
+    # loop closed without that is found later by the storage's sweep, and one stopped but not closed by the
+    # storage's close(): both finalize this generator off the loop, with nothing to await (they close the
+    # sockets themselves). ``forget`` is held weakly: the loop must not keep the storage.
     pid = os.getpid()
     try:
         yield
     finally:
         # A forked child's copy does nothing: the client and its sockets are the parent's.
-        if os.getpid() == pid:
+        if os.getpid() == pid:  # pragma: no branch - else a child forked inside the loop ends it: no test forks there
             method = forget()
             if method is not None:
                 method(loop)
-            if not loop.is_closed():
+            if loop.is_running():  # a stopped loop would leave the client's close half done, never awaited
                 with contextlib.suppress(Exception):
                     await client.aclose()
 
@@ -69,7 +70,9 @@ def abandon(loop: asyncio.AbstractEventLoop, found: LoopClient) -> None:
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(lambda: loop.create_task(_aclose_quietly(client)))
             return
-    if found.keeper is not None:  # finalize the parked generator now, so the loop's GC hook never runs it
+    # Finalize the parked generator now, so the loop's GC hook never runs it. It is None only while the loop's
+    # first command prepares the client, when close() races it.
+    if found.keeper is not None:  # pragma: no branch
         closing = found.keeper.aclose()
         with contextlib.suppress(BaseException):
             closing.send(None)
@@ -91,7 +94,8 @@ def abandon(loop: asyncio.AbstractEventLoop, found: LoopClient) -> None:
             connection._parser.on_disconnect()
         connection._reader = connection._writer = None  # or its finalizer warns "unclosed Connection"
     if hasattr(client, "_initialize"):  # a Cluster client: what its aclose() marks, so it does not warn
-        client._initialize = True
+        client._initialize = True  # redis-py before 8
+        client.nodes_manager.default_node = None  # redis-py 8 (its default node is its topology)
 
 
 async def _aclose_quietly(client: Any) -> None:

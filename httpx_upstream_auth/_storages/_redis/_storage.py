@@ -251,8 +251,8 @@ class RedisStorage(SharedStorage):
         """
         commands = self._commands()
         deadline = time.monotonic() + timeout
-        subscriber = self._changes()
-        if subscriber is not None:
+        subscriber = self._changes()  # None only when close() races this watch: it then polls
+        if subscriber is not None:  # pragma: no branch - that race
             subscriber.ensure()
         waker = SyncWaker()
         remove = subscriber.hub.add_waiter(key.digest, waker.wake) if subscriber is not None else None
@@ -260,7 +260,7 @@ class RedisStorage(SharedStorage):
             read = functools.partial(commands.version, key)
             sync_wait_for_change(read, version, deadline, waker, functools.partial(self._wait_slice, subscriber))
         finally:
-            if remove is not None:
+            if remove is not None:  # pragma: no branch - that race
                 remove()
 
     def close(self) -> None:
@@ -280,7 +280,7 @@ class RedisStorage(SharedStorage):
                 nodes = self._sync.get_nodes() if self._cluster else []
                 self._sync.close()
                 for node in nodes:  # RedisCluster.close() leaves each node's pool connected
-                    if node.redis_connection is not None:
+                    if node.redis_connection is not None:  # pragma: no branch - redis-py gives every node one
                         node.redis_connection.connection_pool.disconnect()
 
     # -- async surface: the running loop's asyncio client, else the sync client in a worker thread --------
