@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import secrets
 import threading
 import time
@@ -30,6 +31,8 @@ __all__ = ["DPoP", "DPoPKey", "access_token_hash", "is_nonce_challenge", "jwk_th
 
 #: JWK members that make a key's RFC 7638 thumbprint, by key type.
 _THUMBPRINT_MEMBERS = {"EC": ("crv", "kty", "x", "y"), "RSA": ("e", "kty", "n"), "OKP": ("crv", "kty", "x")}
+logger = logging.getLogger("httpx_upstream_auth")
+
 #: Parsed per-session keys kept per DPoP configuration (parsing a JWK costs more than signing with it).
 KEY_CACHE_SIZE = 1024
 #: Keys made for entries that had none, kept by refresh token (its hash) until the refresh is saved.
@@ -189,7 +192,7 @@ class DPoP:
     ``use_dpop_nonce`` is sent once more with the nonce it gave, and later proofs carry it from the start.
     """
 
-    __slots__ = ("__weakref__", "_keys", "_lock", "_new_keys", "_nonces", "alg", "key", "max_nonces")
+    __slots__ = ("__weakref__", "_keys", "_lock", "_new_keys", "_nonces", "_warned", "alg", "key", "max_nonces")
 
     def __init__(self, *, alg: str = "ES256", key: DPoPKey | None = None, max_nonces: int = 256) -> None:
         if max_nonces < 1:
@@ -206,6 +209,7 @@ class DPoP:
         self._nonces: OrderedDict[str, str] = OrderedDict()
         self._keys: OrderedDict[str, DPoPKey] = OrderedDict()
         self._new_keys: OrderedDict[str, DPoPKey] = OrderedDict()
+        self._warned = False
         _forked.add(self)
 
     def _reset_in_child(self) -> None:  # pragma: no cover - runs in a forked child, which coverage does not follow
@@ -310,6 +314,8 @@ class DPoP:
             answered = response.request
         except RuntimeError:  # a response built without a request
             answered = request
+        if answered is not request and "DPoP" in answered.headers:
+            self._left_origin(request, answered)
         nonce = response.headers.get("dpop-nonce")
         self.remember(str(answered.url), "resource", nonce)
         return (
@@ -317,6 +323,24 @@ class DPoP:
             and "DPoP" in answered.headers
             and carried(response, request, request.headers.get("authorization", ""))
             and is_nonce_challenge(response.status_code, response.headers)
+        )
+
+    def _left_origin(self, request: Any, answered: Any) -> None:
+        # An auth= flow does not see the hops of a redirect the client follows, and httpx drops only
+        # Authorization on a hop to another origin: our proof went there. It is bound to the first URL and to
+        # the token's hash, so it authorises nothing without the token, but it should not travel at all.
+        # Nothing can call it back now; say so (a warning once, then at debug level) and how to avoid it.
+        there = origin_of(str(answered.url))
+        if there == origin_of(str(request.url)):
+            return
+        with self._lock:
+            warned, self._warned = self._warned, True
+        logger.log(
+            logging.DEBUG if warned else logging.WARNING,
+            "a redirect the httpx client followed took a DPoP proof to %s (the client drops only Authorization on "
+            "such a hop); send DPoP requests through UpstreamAuthTransport, which signs each hop to the API's "
+            "origin and sends nothing of ours elsewhere, or do not follow redirects",
+            there,
         )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -661,10 +662,13 @@ class RedirectingAPI:
 
 
 async def test_a_nonce_challenge_from_another_origin_after_a_redirect_is_not_ours(
-    provider: LocalProvider, dpop_manager: TokenManager
+    provider: LocalProvider, dpop_manager: TokenManager, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The API redirects to another origin, which demands a nonce: its 401 is returned as it is (no replay to
-    it), and its nonce is not kept for the API's origin (the next proof to the API carries none)."""
+    it), and its nonce is not kept for the API's origin (the next proof to the API carries none). The proof
+    reached that origin (an ``auth=`` flow does not see the client's hops: the documented limit), and a warning
+    says so, naming the transport that avoids it."""
+    caplog.set_level(logging.DEBUG, logger="httpx_upstream_auth")
     await dpop_manager.astore("s", attrs.evolve(provider.login(dpop_jkt=KEY.thumbprint), dpop_key=KEY.to_jwk()))
     elsewhere, api = NonceDemandingElsewhere(), RedirectingAPI()
     async with ServerThread(elsewhere) as other, ServerThread(api) as served:
@@ -675,6 +679,8 @@ async def test_a_nonce_challenge_from_another_origin_after_a_redirect_is_not_our
     assert elsewhere.proofs == 1 and len(api.claims) == 2
     assert "nonce" not in api.claims[-1]
     assert provider.stats["token_calls"] == 0
+    (warning,) = [record for record in caplog.records if record.levelno == logging.WARNING]
+    assert "UpstreamAuthTransport" in warning.getMessage() and other.url in warning.getMessage()
 
 
 async def test_a_keyless_entry_whose_grant_another_process_bound_asks_for_a_login(

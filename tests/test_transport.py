@@ -17,12 +17,17 @@ from urllib.parse import parse_qs
 
 import anyio
 import anyio.to_thread
+import attrs
 import httpx
 import pytest
 from support import SESSION, SSL
 
 from httpx_upstream_auth import (
     AsyncUpstreamAuthTransport,
+    DPoP,
+    DPoPKey,
+    MemoryStorage,
+    OAuth2Refresher,
     TokenManager,
     UpstreamAuth,
     UpstreamAuthError,
@@ -167,6 +172,56 @@ async def test_redirect_within_the_origin_keeps_the_token(
     )
     assert response.status_code == 200 and [r.status_code for r in response.history] == [302]
     assert provider.stats["api_ok"] == 1 and provider.stats["api_401"] == 0
+
+
+class HeaderRecorder:
+    """Another origin: answers 200 to everything and keeps the headers of each request it got."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, str]] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        self.seen.append({name.decode().lower(): value.decode() for name, value in scope["headers"]})
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"0")]})
+        await send({"type": "http.response.body", "body": b""})
+
+
+@pytest.mark.parametrize("lib", LIBS)
+async def test_a_redirect_to_another_origin_carries_neither_the_token_nor_the_dpop_proof(
+    lib: str, mode: str, provider: LocalProvider, token_url: str, api: ApiOrigin
+) -> None:
+    """The API answers a DPoP-bound request with a redirect to another loopback server (another port, so another
+    origin): that server gets neither ``Authorization`` nor ``DPoP``, while a hop back to the API's own origin
+    carries a proof of its own (the provider refuses a proof made for another URL or sent twice)."""
+    key = DPoPKey.generate()
+    refresher = OAuth2Refresher(token_url, "test-client", "test-secret", dpop=DPoP())
+    manager = TokenManager(refresher=refresher, provider_id="local", storage=MemoryStorage())
+    manager.store(SESSION, attrs.evolve(provider.login(dpop_jkt=key.thumbprint), dpop_key=key.to_jwk()))
+    elsewhere = HeaderRecorder()
+    try:
+        async with ServerThread(elsewhere) as other:
+            ours, moved, back = await exchange(
+                mode,
+                lib,
+                manager,
+                [
+                    (api.url + "/api/me", {}),
+                    (f"{api.url}/redirect?to={other.url}/landing", {}),
+                    (f"{api.url}/redirect?to={api.url}/api/me", {}),
+                ],
+                follow_redirects=True,
+            )
+    finally:
+        manager.close()
+    assert (ours.status_code, moved.status_code, back.status_code) == (200, 200, 200)
+    assert [r.status_code for r in moved.history] == [302]
+    (landed,) = elsewhere.seen
+    assert "dpop" not in landed and "authorization" not in landed
+    assert "Authorization" not in ours.request.headers  # the caller's request is left as the caller made it
+    stats = provider.stats
+    assert (stats["api_ok"], stats["dpop_proofs_invalid"], stats["api_401"]) == (2, 0, 0)
 
 
 @pytest.mark.parametrize("lib", LIBS)

@@ -66,6 +66,9 @@ class AsyncUpstreamAuthTransport(_TransportBase):
     the first request this transport handles is the one, for the transport's life. Pass ``origins`` when
     the transport serves several hosts (a ``mounts=`` pattern such as ``"all://*.example.com"``), or when
     a client may send its first request elsewhere: that request would otherwise pin the wrong origin.
+    The token (and a DPoP proof) is set for the one send and taken off the caller's request when the
+    exchange ends, so a redirect the client follows never carries it: each hop to the API's origin gets a
+    token and a proof of its own (made for the hop's URL), every other hop only the caller's own headers.
 
     **Inner transport.** Without ``transport=``, a default one is made on first use for each client
     library: an ``httpx.AsyncHTTPTransport`` for httpx requests, an ``httpx2.AsyncHTTPTransport`` for
@@ -101,6 +104,7 @@ class AsyncUpstreamAuthTransport(_TransportBase):
         inner = self._inner_for(request)
         if not self._is_for_api(request):
             return await inner.handle_async_request(request)
+        own = request.headers.copy()  # as the caller made them
         flow = self._auth.async_auth_flow(request)
         try:
             request = await flow.__anext__()
@@ -117,6 +121,11 @@ class AsyncUpstreamAuthTransport(_TransportBase):
                 await response.aclose()
         finally:
             await flow.aclose()
+            # The client builds a followed redirect's request from this one once we return: our token and
+            # proof must not travel on it (httpx drops Authorization on a hop to another origin, not DPoP,
+            # and keeps both on an http -> https hop). A hop to the API's origin comes back here and gets
+            # a token and a proof of its own; any other goes out with the caller's headers only.
+            request.headers = own
 
     async def aclose(self) -> None:
         """Close the inner transport (the given one, or each default one made)."""

@@ -67,6 +67,9 @@ class UpstreamAuthTransport(_TransportBase):
     the first request this transport handles is the one, for the transport's life. Pass ``origins`` when
     the transport serves several hosts (a ``mounts=`` pattern such as ``"all://*.example.com"``), or when
     a client may send its first request elsewhere: that request would otherwise pin the wrong origin.
+    The token (and a DPoP proof) is set for the one send and taken off the caller's request when the
+    exchange ends, so a redirect the client follows never carries it: each hop to the API's origin gets a
+    token and a proof of its own (made for the hop's URL), every other hop only the caller's own headers.
 
     **Inner transport.** Without ``transport=``, a default one is made on first use for each client
     library: an ``httpx.HTTPTransport`` for httpx requests, an ``httpx2.HTTPTransport`` for
@@ -102,6 +105,7 @@ class UpstreamAuthTransport(_TransportBase):
         inner = self._inner_for(request)
         if not self._is_for_api(request):
             return inner.handle_request(request)
+        own = request.headers.copy()  # as the caller made them
         flow = self._auth.sync_auth_flow(request)
         try:
             request = flow.__next__()
@@ -118,6 +122,11 @@ class UpstreamAuthTransport(_TransportBase):
                 response.close()
         finally:
             flow.close()
+            # The client builds a followed redirect's request from this one once we return: our token and
+            # proof must not travel on it (httpx drops Authorization on a hop to another origin, not DPoP,
+            # and keeps both on an http -> https hop). A hop to the API's origin comes back here and gets
+            # a token and a proof of its own; any other goes out with the caller's headers only.
+            request.headers = own
 
     def close(self) -> None:
         """Close the inner transport (the given one, or each default one made)."""
