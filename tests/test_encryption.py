@@ -229,19 +229,21 @@ def test_tampered_and_malformed_ciphertexts_are_refused() -> None:
     prefix, key_id, text = raw.access_token.split(".")
     flipped = text[:-2] + ("A" if text[-2] != "A" else "B") + text[-1]
     nonce = bytes(12)
-    junk = NEW_CIPHER().encrypt(nonce, b'{"access_token": 7}', associated_data(KEY, raw, "new"))
-    not_json = NEW_CIPHER().encrypt(nonce, b"not json", associated_data(KEY, raw, "new"))
-    cases = {
+    cases: dict[str | bytes, str] = {
         flipped: "unauthentic",
         text[:10]: "unauthentic",
         "A": "unauthentic",
-        base64.urlsafe_b64encode(nonce + junk).decode(): "malformed",
-        base64.urlsafe_b64encode(nonce + not_json).decode(): "malformed",
+        b'{"access_token": 7}': "malformed",  # sealed below, as the wrapper would, around something else
+        b"not json": "malformed",
     }
     for replacement, reason in cases.items():
         current = inner.get(KEY)
         assert current is not None
-        forged = attrs.evolve(raw, access_token=f"{prefix}.{key_id}.{replacement}", version=current.version + 1)
+        forged = attrs.evolve(raw, version=current.version + 1)
+        if isinstance(replacement, bytes):
+            sealed = NEW_CIPHER().encrypt(nonce, replacement, associated_data(KEY, forged, "new"))
+            replacement = base64.urlsafe_b64encode(nonce + sealed).decode()
+        forged = attrs.evolve(forged, access_token=f"{prefix}.{key_id}.{replacement}")
         assert inner.put(KEY, forged, expected_version=current.version)
         with pytest.raises(EntryRefused) as caught:
             storage.get(KEY)
@@ -259,9 +261,101 @@ def associated_data(key: EntryKey, tokens: UpstreamTokens, key_id: str) -> bytes
     """The associated data docs/security-storage.md describes for a ciphertext of ``tokens`` under ``key``."""
     bound = [
         "hua-aesgcm-1", key_id, key.provider_id, key.session_id, tokens.provider_id, tokens.user_id,
-        tokens.upstream_subject, tokens.client_id, tokens.issuer, tokens.token_type,
+        tokens.upstream_subject, tokens.client_id, tokens.issuer, tokens.token_type, tokens.version,
     ]  # fmt: skip
     return json.dumps(bound, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+
+
+def test_an_older_ciphertext_cannot_pose_as_the_current_version() -> None:
+    """The version is sealed with the secrets: an older ciphertext put back under the current version number (so
+    that compare-and-set and the rollback check see nothing amiss) fails authentication."""
+    inner = MemoryStorage()
+    storage = EncryptedStorage(inner, [NEW], track_versions=0)
+    storage.put(KEY, full_entry(1), expected_version=None)
+    old = inner.get(KEY)
+    assert old is not None
+    storage.put(KEY, attrs.evolve(full_entry(2), access_token="at-2"), expected_version=1)
+    assert inner.put(KEY, attrs.evolve(old, version=3), expected_version=2)
+    with pytest.raises(EntryRefused) as caught:
+        storage.get(KEY)
+    assert (caught.value.reason, caught.value.version) == ("unauthentic", 3)
+
+
+def test_an_older_copy_written_back_is_refused_as_a_rollback_by_whoever_saw_a_newer_one() -> None:
+    """An older sealed copy written back whole (its own version with it) authenticates, but the wrapper that read
+    or wrote a newer version refuses it (``rollback``), naming both versions and no secret; a wrapper that never
+    saw the newer one (another process, a restart) cannot tell, nor one with ``track_versions=0``."""
+    inner = MemoryStorage()
+    storage = EncryptedStorage(inner, [NEW])
+    storage.put(KEY, full_entry(1), expected_version=None)
+    old = inner.get(KEY)
+    assert old is not None
+    newer = attrs.evolve(full_entry(2), access_token="at-2", refresh_token="rt-2")
+    assert storage.put(KEY, newer, expected_version=1)
+    assert inner.put(KEY, old, expected_version=2)
+    with pytest.raises(EntryRefused) as caught:
+        storage.get(KEY)
+    assert (caught.value.reason, caught.value.key_id, caught.value.version) == ("rollback", "new", 1)
+    assert "version 1" in str(caught.value) and "version 2" in str(caught.value) and "secret" not in str(caught.value)
+    assert EncryptedStorage(inner, [NEW]).get(KEY) == full_entry(1)  # never saw version 2
+    assert EncryptedStorage(inner, [NEW], track_versions=0).get(KEY) == full_entry(1)
+    assert storage.put(KEY, newer, expected_version=1)  # put right (a login): its own write is the mark again
+    assert storage.get(KEY) == newer
+
+
+def test_a_rotation_does_not_seal_a_rolled_back_entry_anew() -> None:
+    """``reencrypt`` counts a rolled-back entry as refused and leaves it as it is (sealed again with the new key, it
+    would still be the old tokens)."""
+    inner = MemoryStorage()
+    EncryptedStorage(inner, [OLD]).put(KEY, full_entry(1), expected_version=None)
+    old = inner.get(KEY)
+    rotating = EncryptedStorage(inner, [NEW, OLD])
+    assert rotating.put(KEY, full_entry(2), expected_version=1)
+    assert old is not None and inner.put(KEY, old, expected_version=2)
+    assert rotating.reencrypt() == Reencrypted(refused=1)
+    assert inner.get(KEY) == old
+
+
+def test_a_logged_out_entry_written_back_is_refused() -> None:
+    """A deleted entry's last version is remembered: the sealed copy from before the logout, written back, is
+    refused, and so is an older one (another reader's, before the deletion); a new write reads again."""
+    inner = MemoryStorage()
+    storage = EncryptedStorage(inner, [NEW])
+    storage.put(KEY, full_entry(1), expected_version=None)
+    first = inner.get(KEY)
+    storage.put(KEY, full_entry(2), expected_version=1)
+    last = inner.get(KEY)
+    assert first is not None and last is not None and storage.get(KEY) == full_entry(2)
+    assert storage.delete(KEY) is True
+    assert inner.put(KEY, first, expected_version=None)
+    with pytest.raises(EntryRefused, match="older than version 2"):
+        storage.get(KEY)
+    assert inner.delete(KEY)
+    assert inner.put(KEY, last, expected_version=None)  # the very copy deleted: same version, not a rollback
+    assert storage.get(KEY) == full_entry(2)
+    assert storage.put(KEY, full_entry(3), expected_version=2) and storage.get(KEY) == full_entry(3)
+
+
+def test_the_rollback_check_remembers_a_bounded_number_of_entries() -> None:
+    """``track_versions`` bounds the table: the least recently seen entry is forgotten first, and its rollback is
+    then accepted (the documented limit); 0 keeps none; other values are refused."""
+    inner = MemoryStorage()
+    storage = EncryptedStorage(inner, [NEW], track_versions=2)
+    keys = [EntryKey("local", f"s{n}") for n in range(3)]
+    copies = []
+    for key in keys:
+        storage.put(key, full_entry(1), expected_version=None)
+        copies.append(inner.get(key))
+        storage.put(key, full_entry(2), expected_version=1)
+    for key, copy in zip(keys, copies, strict=True):
+        assert copy is not None and inner.put(key, copy, expected_version=2)
+    for key in keys[1:]:  # the table holds s1 and s2
+        with pytest.raises(EntryRefused, match="older"):
+            storage.get(key)
+    assert storage.get(keys[0]) == full_entry(1)  # forgotten
+    for wrong in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="track_versions"):
+            EncryptedStorage(inner, [NEW], track_versions=wrong)  # type: ignore[arg-type]
 
 
 def test_an_entry_sealed_by_a_key_not_configured_is_refused() -> None:
@@ -490,6 +584,36 @@ def test_an_entry_moved_to_another_session_is_never_sent_and_a_login_replaces_it
     assert manager.get_token("bob").upstream_subject == "bob"
     assert inner.put(EntryKey("local", "carol"), raw, expected_version=None)
     assert manager.delete("carol") is True
+
+
+def test_a_rolled_back_entry_is_refused_before_its_consumed_refresh_token_is_presented(
+    tmp_path: Path, provider: LocalProvider, server: ServerThread, make_manager: ManagerFactory
+) -> None:
+    """Someone with write access puts back the SQLite row from before a refresh: the manager that refreshed refuses
+    it (EntryRefused, ``rollback``) instead of presenting the consumed refresh token, which would make the provider
+    revoke the grant; a new login replaces it. A logged-out session written back is refused the same way."""
+    inner = SQLiteStorage(tmp_path / "tokens.db")
+    manager = make_manager(storage=EncryptedStorage(inner, [NEW]))
+    manager.store(SESSION, expired(provider.login()))
+    before = inner.get(KEY)
+    assert before is not None
+    manager.get_token(SESSION)  # a refresh over HTTP: the stored version moves on
+    current = inner.get(KEY)
+    assert current is not None and current.version == before.version + 1
+    assert inner.put(KEY, before, expected_version=current.version)
+    with pytest.raises(EntryRefused) as caught:
+        manager.refresh(SESSION)
+    assert (caught.value.reason, caught.value.version) == ("rollback", before.version)
+    stats = provider.stats
+    assert (stats["token_calls"], stats["refresh_ok"], stats["refresh_reuse"]) == (1, 1, 0)
+    manager.store(SESSION, provider.login())
+    assert herd(server, manager, 1, 1) == [200]
+    last = inner.get(KEY)
+    assert manager.delete(SESSION) is True and last is not None
+    assert inner.put(KEY, before, expected_version=None)
+    with pytest.raises(EntryRefused, match="older"):
+        manager.get_token(SESSION)
+    assert provider.api_calls["/api/me"] == 1 and provider.stats["token_calls"] == 1
 
 
 def test_plaintext_sessions_keep_working_during_the_migration(

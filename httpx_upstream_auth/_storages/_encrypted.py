@@ -9,9 +9,14 @@ and a change notice names the entry by its key's digest. So every backend keeps 
 so do leases, watches and change notices, which this wrapper hands to the backend as they are.
 
 The associated data binds a ciphertext to its place: the entry key (provider id and session id), the
-identity fields (``provider_id``, ``user_id``, ``upstream_subject``, ``client_id``), the ``issuer`` and the
-``token_type``, plus the key id. A ciphertext copied to another session, or whose identity fields were
-rewritten, fails authentication and is refused (:class:`EntryRefused`), never returned as tokens.
+identity fields (``provider_id``, ``user_id``, ``upstream_subject``, ``client_id``), the ``issuer``, the
+``token_type`` and the entry's ``version``, plus the key id. A ciphertext copied to another session, or whose
+identity fields or version were rewritten, fails authentication and is refused (:class:`EntryRefused`), never
+returned as tokens.
+
+An older sealed copy written back whole (its own version with it) authenticates: that is a rollback, which no
+key can tell from the real thing. Each wrapper remembers the highest version it read or wrote per entry (a
+bounded table) and refuses a lower one (``reason="rollback"``); what it never saw it cannot judge.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import json
 import os
 import re
 import threading
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -31,6 +37,7 @@ import attrs
 from .._changes import ChangeCallback
 from .._exceptions import EntryRefused
 from .._models import EntryKey, UpstreamTokens
+from .._synchronization import ForkRegistry
 from ._base import Lease, Storage, storable
 
 __all__ = ["EncryptedStorage", "EncryptionKey", "Reencrypted"]
@@ -40,6 +47,8 @@ PREFIX = "hua-aesgcm-1"
 _NONCE_BYTES = 12
 _KEY_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _EXTRA_HINT = "pip install 'httpx-upstream-auth[crypto]'"
+#: How many entries' highest versions an EncryptedStorage remembers by default (to refuse a rollback).
+TRACK_VERSIONS = 10_000
 
 
 def _secret_fields() -> tuple[str, ...]:
@@ -115,6 +124,15 @@ class EncryptedStorage(Storage):
     reads unencrypted entries (written before encryption was turned on) during a migration: each is sealed
     at its next write, or at once by :meth:`reencrypt`; turn it off once :meth:`reencrypt` rewrote them all.
 
+    **Rollback.** The version is sealed with the secrets, so an older ciphertext cannot pose as the current
+    version; but an older copy written back whole (from a backup, a replica that lost writes, or by someone
+    with write access to the store: a session revived after its logout, a consumed refresh token put back)
+    authenticates. So this object remembers the highest version it read or wrote for each of the last
+    ``track_versions`` entries, and refuses a lower one with :class:`EntryRefused` (``reason="rollback"``),
+    logouts included (a deleted entry's last version is kept). Its own writes set the mark, so a new login
+    through :meth:`TokenManager.store` replaces a refused entry. ``track_versions=0`` turns this off. A
+    process that never read the newer version (a restart, an entry out of the table) cannot tell.
+
     :attr:`decryptions` and :attr:`encryptions` count the AES-GCM operations (a token manager serves cached
     tokens without reading the store, so its hot path decrypts nothing).
     """
@@ -125,6 +143,7 @@ class EncryptedStorage(Storage):
         keys: Sequence[EncryptionKey | bytes],
         *,
         allow_plaintext: bool = False,
+        track_versions: int = TRACK_VERSIONS,
     ) -> None:
         try:
             from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -139,16 +158,27 @@ class EncryptedStorage(Storage):
         ids = [key.key_id for key in given]
         if len(set(ids)) != len(ids):
             raise ValueError("two keys have the same key_id: give each key an id of its own")
+        if isinstance(track_versions, bool) or not isinstance(track_versions, int) or track_versions < 0:
+            raise ValueError("track_versions must be a whole number of entries, 0 or more (0: no rollback check)")
         self.inner = inner
         """The backend that holds the sealed entries."""
         self.allow_plaintext = allow_plaintext
         """Whether unencrypted entries are read (during a migration)."""
         self.blocking = inner.blocking
         self._primary = given[0].key_id
+        self.track_versions = track_versions
+        """How many entries' highest versions are remembered to refuse a rollback (0: none)."""
         self._ciphers = {key.key_id: AESGCM(key.secret) for key in given}
-        self._counts_lock = threading.Lock()
+        self._lock = threading.Lock()  # the counts and the version table; never held across I/O
         self._decryptions = 0
         self._encryptions = 0
+        # The highest version read or written per entry (by digest: the session id is not kept), newest last.
+        self._versions: OrderedDict[str, int] = OrderedDict()
+        _forked.add(self)
+
+    def _reset_in_child(self) -> None:  # pragma: no cover - runs in a forked child, which coverage does not follow
+        # A parent thread may have held the lock at fork(); what the parent saw, the child has seen too.
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"EncryptedStorage({self.inner!r}, key_ids={list(self._ciphers)!r})"
@@ -177,7 +207,7 @@ class EncryptedStorage(Storage):
         nonce = os.urandom(_NONCE_BYTES)
         sealed = self._ciphers[self._primary].encrypt(nonce, plain, _associated(self._primary, key, tokens))
         del plain, secrets
-        with self._counts_lock:
+        with self._lock:
             self._encryptions += 1
         text = base64.urlsafe_b64encode(nonce + sealed).decode("ascii").rstrip("=")
         emptied: dict[str, Any] = {name: None for name in SECRET_FIELDS if name != "access_token"}
@@ -206,7 +236,7 @@ class EncryptedStorage(Storage):
                 key_id=key_id[:64],
                 version=stored.version,
             )
-        with self._counts_lock:
+        with self._lock:
             self._decryptions += 1
         opened = _open(cipher, text, _associated(key_id, key, stored))
         if opened is None:
@@ -229,17 +259,67 @@ class EncryptedStorage(Storage):
             )
         return attrs.evolve(stored, **secrets)
 
-    def _opened(self, key: EntryKey, stored: UpstreamTokens | None) -> UpstreamTokens | None:
-        return None if stored is None else self.unseal(key, stored)
+    def _opened(self, key: EntryKey, stored: UpstreamTokens | None, floor: int | None) -> UpstreamTokens | None:
+        if stored is None:
+            return None
+        opened = self.unseal(key, stored)
+        self._check_version(key, stored, floor)
+        return opened
+
+    def _floor(self, key: EntryKey) -> int | None:
+        """The lowest version a read of ``key`` starting now may find: the highest one seen before it."""
+        if not self.track_versions:
+            return None
+        with self._lock:
+            return self._versions.get(key.digest)
+
+    def _check_version(self, key: EntryKey, stored: UpstreamTokens, floor: int | None) -> None:
+        """Remember the version read; :class:`EntryRefused` when it is below ``floor``, the highest version seen
+        before the read started (one written while it ran does not count: the read may predate it)."""
+        if not self.track_versions:
+            return
+        version = stored.version
+        if floor is None or version >= floor:
+            with self._lock:
+                self._mark(key, max(version, self._versions.get(key.digest, version)))
+            return
+        head, _, rest = stored.access_token.partition(".")
+        raise EntryRefused(
+            f"the store holds version {version} of an entry for provider {key.provider_id!r}, older than version "
+            f"{floor} this process read or wrote: an older copy was written back (a restored backup, a replica that "
+            "lost writes, or someone with write access to the store); it was not used. Log the user in again "
+            "(TokenManager.store replaces it), and look into who can write the token store",
+            reason="rollback",
+            key_id=rest.partition(".")[0] if head == PREFIX else None,
+            version=version,
+        )
+
+    def _wrote(self, key: EntryKey, version: int) -> None:
+        """Our own write of ``version`` sets the mark, even lower (a login that replaced a refused entry)."""
+        if self.track_versions:
+            with self._lock:
+                self._mark(key, version)
+
+    def _mark(self, key: EntryKey, version: int) -> None:
+        # Called with the lock held.
+        self._versions[key.digest] = version
+        self._versions.move_to_end(key.digest)
+        if len(self._versions) > self.track_versions:
+            self._versions.popitem(last=False)
 
     # -- the storage contract, through the backend ---------------------------------------------------------
     def get(self, key: EntryKey) -> UpstreamTokens | None:
         """The backend's entry, opened (``None`` when absent); :class:`EntryRefused` when it cannot be."""
-        return self._opened(key, self.inner.get(key))
+        floor = self._floor(key)
+        return self._opened(key, self.inner.get(key), floor)
 
     def put(self, key: EntryKey, tokens: UpstreamTokens, *, expected_version: int | None) -> bool:
         """Seal, then compare-and-set in the backend."""
-        return self.inner.put(key, self.seal(key, tokens), expected_version=expected_version)
+        sealed = self.seal(key, tokens)
+        saved = self.inner.put(key, sealed, expected_version=expected_version)
+        if saved:
+            self._wrote(key, sealed.version)
+        return saved
 
     def delete(self, key: EntryKey, *, expected_version: int | None = None) -> bool:
         """The backend's delete (nothing to open: an entry that cannot be opened can still be removed)."""
@@ -279,11 +359,16 @@ class EncryptedStorage(Storage):
 
     async def aget(self, key: EntryKey) -> UpstreamTokens | None:
         """Async twin of :meth:`get`."""
-        return self._opened(key, await self.inner.aget(key))
+        floor = self._floor(key)
+        return self._opened(key, await self.inner.aget(key), floor)
 
     async def aput(self, key: EntryKey, tokens: UpstreamTokens, *, expected_version: int | None) -> bool:
         """Async twin of :meth:`put`."""
-        return await self.inner.aput(key, self.seal(key, tokens), expected_version=expected_version)
+        sealed = self.seal(key, tokens)
+        saved = await self.inner.aput(key, sealed, expected_version=expected_version)
+        if saved:
+            self._wrote(key, sealed.version)
+        return saved
 
     async def adelete(self, key: EntryKey, *, expected_version: int | None = None) -> bool:
         """Async twin of :meth:`delete`."""
@@ -331,6 +416,7 @@ class EncryptedStorage(Storage):
 
     def _reencrypt_one(self, key: EntryKey) -> str:
         for _ in range(3):
+            floor = self._floor(key)
             stored = self.inner.get(key)
             if stored is None:
                 return "missing"
@@ -338,9 +424,10 @@ class EncryptedStorage(Storage):
                 return "current"
             try:
                 opened = self.unseal(key, stored)  # plaintext only when allow_plaintext says so
+                self._check_version(key, stored, floor)  # a rolled-back entry is not sealed anew either
             except EntryRefused:
                 return "refused"
-            if self.inner.put(key, self.seal(key, opened), expected_version=stored.version):
+            if self.put(key, opened, expected_version=stored.version):
                 return "rewritten"
         return "changed"
 
@@ -358,6 +445,9 @@ def _associated(key_id: str, key: EntryKey, tokens: UpstreamTokens) -> bytes:
         tokens.client_id,
         tokens.issuer,
         tokens.token_type,
+        # Sealed with its version, an older ciphertext cannot be put back under the current one (which the
+        # backends' compare-and-set and this wrapper's rollback check read): it must bring its own, older one.
+        tokens.version,
     ]
     return json.dumps(bound, separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
@@ -388,3 +478,6 @@ def _secrets(plain: bytes) -> dict[str, Any] | None:
     if not isinstance(data, dict) or not isinstance(data.get("access_token"), str) or not data["access_token"]:
         return None
     return {name: data.get(name) for name in SECRET_FIELDS}
+
+
+_forked: ForkRegistry[EncryptedStorage] = ForkRegistry(EncryptedStorage._reset_in_child)
