@@ -9,7 +9,8 @@ Every error is a subclass of ``UpstreamAuthError``, so one ``except`` catches th
     ├── BindingMismatch            the entry belongs to another identity than the caller expects
     └── StorageError               the token store failed; nothing was half-written
         └── EntryRefused           an encrypted store holds an entry that fails authentication (moved,
-                                   relabelled, tampered with, sealed by a key not configured) or plaintext
+                                   relabelled, tampered with, sealed by a key not configured), plaintext,
+                                   or older than one this process saw (rolled back)
 
 Messages say what happened and what to do next. They never contain a token: callers log them freely.
 """
@@ -139,10 +140,12 @@ class EntryRefused(StorageError):
     ``reason`` says why: ``"unauthentic"`` (the ciphertext fails authentication: moved to another session,
     its identity fields relabelled, or tampered with), ``"unknown_key"`` (sealed by a key id that is not
     configured: a key removed too early, or another deployment's), ``"malformed"`` (not a ciphertext this
-    version writes) or ``"plaintext"`` (an unencrypted entry, with ``allow_plaintext=False``). ``key_id`` is the
-    key id the ciphertext names (``None`` for plaintext or malformed ones), ``version`` the stored version, which
-    :meth:`TokenManager.store` uses to replace the entry with a new login's tokens. The entry stays in the store
-    (for inspection, or for a key put back); :meth:`TokenManager.delete` removes it. It does not read as absent.
+    version writes), ``"plaintext"`` (an unencrypted entry, with ``allow_plaintext=False``) or ``"rollback"``
+    (authentic, but older than a version of the entry this process read or wrote: an older copy written back,
+    see :class:`EncryptedStorage`). ``key_id`` is the key id the ciphertext names (``None`` for plaintext or
+    malformed ones), ``version`` the stored version, which :meth:`TokenManager.store` uses to replace the entry
+    with a new login's tokens. The entry stays in the store (for inspection, or for a key put back);
+    :meth:`TokenManager.delete` removes it. It does not read as absent.
     """
 
     def __init__(

@@ -10,13 +10,19 @@ from typing import Any
 import anyio
 import attrs
 import httpx
+import jwt
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 pytest.importorskip("mcp", reason="the MCP SDK is not installed")
 
 import mcp_fixtures
 
 from httpx_upstream_auth import (
+    ClientAssertion,
+    DPoP,
+    DPoPKey,
     EntryKey,
     MemoryStorage,
     ReauthenticationRequired,
@@ -124,6 +130,78 @@ async def test_refresh_through_discovery_sends_resource_and_is_stored(
     assert again.discoveries == 0 and provider.stats["refresh_ok"] == 2
     assert provider.flow_stats["metadata_requests"] == metadata_requests
     assert again.token_url == first.token_url
+
+
+@pytest.mark.anyio
+async def test_a_dpop_bound_session_refreshes_through_discovery(
+    provider: LocalProvider, provider_server: ServerThread, mcp_server: LocalMCPServer
+) -> None:
+    """``dpop=`` reaches the refresher discovery builds: the refresh at the discovered token endpoint proves the
+    session's key (the provider refuses a bound grant's refresh without it), the answer is DPoP-bound, and the
+    manager's auth flow sends API requests with proofs of the same key."""
+    key = DPoPKey.generate()
+    refresher = DiscoveringRefresher(mcp_server.url, "test-client", "test-secret", dpop=DPoP())
+    assert refresher.dpop is not None
+    manager = TokenManager(refresher=refresher, provider_id="local", storage=MemoryStorage())
+    try:
+        bound = provider.login(dpop_jkt=key.thumbprint)
+        await manager.astore("s", expired(attrs.evolve(bound, dpop_key=key.to_jwk())))
+        fresh = await manager.aget_token("s")
+        async with httpx.AsyncClient(auth=manager.auth("s")) as client:
+            answer = await client.get(provider_server.url + "/api/me")
+    finally:
+        await manager.aclose()
+    assert fresh.token_type == "DPoP" and fresh.dpop_key == key.to_jwk()
+    assert answer.status_code == 200 and answer.request.headers["Authorization"] == "DPoP " + fresh.access_token
+    assert provider.requests[-1]["form"]["resource"] == mcp_server.url
+    stats = provider.stats
+    assert (stats["refresh_ok"], stats["api_ok"], stats["dpop_proofs_ok"]) == (1, 1, 2)
+    assert stats["dpop_proofs_invalid"] == stats["dpop_wrong_key"] == 0
+
+
+@pytest.mark.anyio
+async def test_private_key_jwt_through_discovery(
+    provider: LocalProvider, provider_server: ServerThread, mcp_server: LocalMCPServer
+) -> None:
+    """``client_assertion=`` reaches the refresher discovery builds: the provider verifies a signed assertion whose
+    ``aud`` is the discovered token endpoint, and a second refresh signs a new one (no ``jti`` twice)."""
+    private = ec.generate_private_key(ec.SECP256R1())
+    provider.clients["jwt-client"] = (None, "private_key_jwt")
+    provider.client_keys["jwt-client"] = private.public_key()
+    pem = private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    refresher = DiscoveringRefresher(
+        mcp_server.url, "jwt-client", auth_method="private_key_jwt", client_assertion=ClientAssertion(pem)
+    )
+    manager = TokenManager(refresher=refresher, provider_id="local", storage=MemoryStorage())
+    try:
+        await manager.astore("s", expired(provider.login(client_id="jwt-client")))
+        await manager.aget_token("s")
+        await manager.arefresh("s")
+    finally:
+        await manager.aclose()
+    forms = [request["form"] for request in provider.requests]
+    claims = [jwt.decode(form["client_assertion"], options={"verify_signature": False}) for form in forms]
+    assert [claim["aud"] for claim in claims] == [provider_server.url + ISSUER_PATH + "/token"] * 2
+    assert len({claim["jti"] for claim in claims}) == 2
+    stats = provider.stats
+    assert (stats["refresh_ok"], stats["assertion_ok"], stats["assertion_invalid"], stats["assertion_replay"]) == (
+        2, 2, 0, 0,
+    )  # fmt: skip
+
+
+def test_a_discovering_refresher_checks_its_client_authentication_at_once() -> None:
+    """A configured client's assertion settings are checked at construction (a missing key, an assertion for a
+    method that does not sign), and ``dpop`` or ``client_assertion`` in ``refresher_options`` is refused."""
+    with pytest.raises(ValueError, match="private_key_jwt"):
+        DiscoveringRefresher("https://mcp.example/mcp", "c", auth_method="private_key_jwt")
+    with pytest.raises(ValueError, match="client_assertion is for"):
+        DiscoveringRefresher(
+            "https://mcp.example/mcp", "c", "s", client_assertion=ClientAssertion("k" * 32, alg="HS256")
+        )
+    with pytest.raises(ValueError, match="not in refresher_options"):
+        DiscoveringRefresher("https://mcp.example/mcp", "c", "s", refresher_options={"dpop": DPoP()})
 
 
 @pytest.mark.anyio

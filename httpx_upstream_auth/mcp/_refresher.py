@@ -10,9 +10,11 @@ from typing import Any
 import attrs
 
 from .._clock import Clock
+from .._dpop import DPoP
 from .._exceptions import ReauthenticationRequired, UpstreamAuthError
+from .._jose import ClientAssertion
 from .._models import UpstreamTokens
-from .._refresher import OAuth2Refresher, Refresher
+from .._refresher import OAuth2Refresher, Refresher, _assertion_for
 from .._storages import Storage
 from ._discovery import (
     DiscoveryFailed,
@@ -100,7 +102,11 @@ class DiscoveringRefresher(Refresher):
 
     The client is ``client_id`` / ``client_secret`` / ``auth_method``; leave ``client_id`` out when the
     client was registered at login time (the SDK's dynamic registration through :class:`SDKLoginAuth`
-    or :class:`TokenStorageAdapter`): its registration is then read from ``storage``.
+    or :class:`TokenStorageAdapter`): its registration is then read from ``storage``. For
+    ``auth_method="private_key_jwt"`` (or ``"client_secret_jwt"`` with a key of its own) pass
+    ``client_assertion=ClientAssertion(...)``: its ``aud`` is the discovered token endpoint unless it names
+    one. ``dpop=DPoP()`` binds the tokens to a key (RFC 9449) exactly as :class:`OAuth2Refresher` does: proofs
+    on every token request, and on API requests of the manager's auth flows and transports (:attr:`dpop`).
 
     Credentials stay with their issuer: the refresh token and the client secret are sent only to the
     token endpoint of the authorization server that issued them, as recorded on the tokens
@@ -128,8 +134,17 @@ class DiscoveringRefresher(Refresher):
         send_resource: bool = True,
         timeout: float = 10.0,
         refresher_options: dict[str, Any] | None = None,
+        client_assertion: ClientAssertion | None = None,
+        dpop: DPoP | None = None,
     ) -> None:
+        for name in ("client_assertion", "dpop"):
+            if name in (refresher_options or {}):
+                raise ValueError(f"pass {name}= to DiscoveringRefresher itself, not in refresher_options")
+        if client_id is not None:  # a configured client: its authentication is checked now, not at the first refresh
+            _assertion_for(auth_method, client_secret, client_assertion)  # type: ignore[arg-type]
         self.server_url = server_url
+        self.dpop = dpop
+        self._assertion = client_assertion
         self._client = None if client_id is None else ClientRegistration(client_id, client_secret, auth_method)
         self.scope = scope
         self.issuer = issuer
@@ -331,6 +346,8 @@ class DiscoveringRefresher(Refresher):
                 scope=self.scope,
                 timeout=self.timeout,
                 extra_params=extra,
+                client_assertion=self._assertion,
+                dpop=self.dpop,
                 **options,
             )
         except ValueError as exc:  # a token URL or a client this refresher cannot use
