@@ -30,7 +30,7 @@ SNIPPET = re.compile(r'^--8<-- "([^"]+)"$', flags=re.M)
 MARKER = re.compile(r"^\s*<!-- (?P<kind>not run|run by): (?P<why>.+?) -->\s*$")
 
 #: How many blocks run here, run in another test, and run nowhere (update with the docs, on purpose).
-RUN_HERE = 11
+RUN_HERE = 12
 RUN_ELSEWHERE = 8
 NOT_RUN = 14
 
