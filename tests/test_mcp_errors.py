@@ -256,6 +256,12 @@ HTTP_ERRORS: dict[str, tuple[tuple[int, dict[str, str], bytes], type[Exception]]
     "307": ((307, {"location": "http://127.0.0.1:9/mcp"}, b""), ServerRefused),
     "html": ((200, {"content-type": "text/html"}, b"<html>please log in</html>"), ServerRefused),
     "garbage-json": ((200, {"content-type": "application/json"}, b"nope"), ServerRefused),
+    "json-not-jsonrpc": ((200, {"content-type": "application/json"}, b'{"result": "ok"}'), ServerRefused),
+    # A JSON error body past the 64-KiB cap is not read to its end for a JSON-RPC error: a refusal by its status.
+    "huge-json-error": (
+        (500, {"content-type": "application/json"}, b'{"error": "%s"}' % (b"x" * 70_000)),
+        ServerRefused,
+    ),
 }
 
 
@@ -337,6 +343,47 @@ async def test_rows_at_connect(
     with pytest.raises(expected):
         async with session(url, manager):
             pass  # pragma: no cover
+
+
+async def test_a_url_without_an_mcp_endpoint_is_a_refusal_at_connect(
+    provider: LocalProvider, manager: TokenManager, mcp_server: LocalMCPServer
+) -> None:
+    """A URL where no MCP endpoint answers (404 to the initialize, no session yet): ServerRefused with the status,
+    saying so, at the connect; no token request (nothing is wrong with the tokens)."""
+    await manager.astore(SESSION, provider.login())
+    with pytest.raises(ServerRefused) as caught:
+        async with session(mcp_server.thread.url + "/not-mcp", manager):
+            pass  # pragma: no cover
+    assert type(caught.value) is ServerRefused and caught.value.status_code == 404
+    assert "no MCP endpoint at this URL" in str(caught.value) and provider.stats["token_calls"] == 0
+
+
+def leaves(error: BaseException) -> list[BaseException]:
+    """``error`` and the exceptions inside it, through exception groups."""
+    found = [error]
+    for inner in getattr(error, "exceptions", ()):
+        found += leaves(inner)
+    return found
+
+
+async def test_errors_raised_in_the_block_leave_it_as_they_are(
+    provider: LocalProvider, manager: TokenManager, mcp_server: LocalMCPServer
+) -> None:
+    """An error of the caller's own raised inside the ``async with`` leaves it as the SDK raises it (in its task
+    group's ExceptionGroup), nothing of ours put in its place; our error from a call the block does not catch
+    leaves it as the typed exception itself, never in a group."""
+    await manager.astore(SESSION, provider.login())
+    raised = KeyError("the caller's own")
+    with pytest.raises(Exception) as own:
+        async with session(mcp_server.url, manager):
+            raise raised
+    assert raised in leaves(own.value) and not isinstance(own.value, UpstreamAuthError)
+    with pytest.raises(ReauthenticationRequired) as ours:
+        async with session(mcp_server.url, manager) as client:
+            await settled(mcp_server)
+            provider.revoke_grant(provider.grant_of((await manager.aget_token(SESSION)).access_token))
+            await echo(client, "x")
+    assert type(ours.value) is ReauthenticationRequired
 
 
 class ClosingBrowser(mcp_fixtures.HeadlessBrowser):
@@ -499,3 +546,25 @@ def test_our_errors_come_back_from_the_sdk_once_and_only_ours() -> None:
     group = group_type("tasks", [ValueError("other"), group_type("inner", [latest])])
     assert find_upstream_error(group) is ours
     assert find_upstream_error(group_type("tasks", [ValueError("other")])) is None
+
+
+async def test_a_session_made_to_raise_our_errors_twice_translates_once() -> None:
+    """raise_upstream_errors wraps each request method of a session once (a second call changes nothing, so an
+    error is not looked up twice), and leaves out a method the session does not have (the SDK 1.x has no
+    send_discover)."""
+    from httpx_upstream_auth.mcp import raise_upstream_errors
+    from httpx_upstream_auth.mcp._errors import error_body
+
+    ours = ReauthenticationRequired("log in again")
+
+    class Session:
+        async def send_request(self, *args: Any) -> Any:
+            raise _sdk_error(error_body(ours, 1))
+
+    session = raise_upstream_errors(Session())
+    wrapped = session.send_request
+    assert raise_upstream_errors(session) is session and session.send_request is wrapped
+    assert not hasattr(session, "send_discover")
+    with pytest.raises(ReauthenticationRequired) as caught:
+        await session.send_request()
+    assert caught.value is ours and type(caught.value.__cause__).__name__ == "SDKError"
