@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterator
 from typing import Any
 
+import anyio
 import attrs
 import httpx
 import pytest
@@ -41,9 +42,13 @@ from httpx_upstream_auth.mcp import (
     LegacyAsyncMCPAuthTransport,
     MetadataStore,
     ServerMetadata,
+    adiscover,
+    discover,
+    protected_resource_metadata_urls,
 )
+from httpx_upstream_auth.mcp._discovery import MAX_METADATA_BYTES, check_may_contact
 from httpx_upstream_auth.mcp._refresher import REGISTRATION_NAMESPACE
-from httpx_upstream_auth.testing import LocalMCPServer, LocalProvider
+from httpx_upstream_auth.testing import LocalMCPServer, LocalProvider, ServerThread
 
 manager = mcp_fixtures.manager
 mcp_server = mcp_fixtures.mcp_server
@@ -242,7 +247,7 @@ async def test_discovering_refresher_edges_without_the_network() -> None:
 
     pinned = DiscoveringRefresher(server_url, "client", "secret", token_url="https://as.example/t", auth_method="nope")
     assert pinned.token_url == "https://as.example/t"
-    with pytest.raises(DiscoveryFailed, match="cannot refresh at https://as.example/t") as unusable:
+    with pytest.raises(DiscoveryFailed, match=r"cannot refresh at https://as\.example/t") as unusable:
         await pinned.aprepare(UpstreamTokens(access_token="a", refresh_token="r"))
     assert not unusable.value.retryable
 
@@ -278,3 +283,144 @@ async def test_the_refresh_follows_metadata_adopted_later(provider: LocalProvide
     finally:
         await made.aclose()
     assert provider.stats["refresh_ok"] == 1
+
+
+# -- discovery ------------------------------------------------------------------------------------------------
+
+
+class Documents:
+    """A metadata server: ``documents`` maps a path to ``(status, body)``; anything else is a 404. ``chunked``
+    paths are sent in two parts without a Content-Length."""
+
+    def __init__(self) -> None:
+        self.documents: dict[str, tuple[int, bytes]] = {}
+        self.chunked: set[str] = set()
+        self.paths: list[str] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        self.paths.append(scope["path"])
+        status, body = self.documents.get(scope["path"], (404, b"{}"))
+        headers = [(b"content-type", b"application/json")]
+        if scope["path"] in self.chunked:
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": body[:10], "more_body": True})
+            await send({"type": "http.response.body", "body": body[10:]})
+            return
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+@pytest.fixture
+def documents() -> Iterator[tuple[Documents, str]]:
+    """A :class:`Documents` server on 127.0.0.1, and its URL."""
+    app = Documents()
+    with ServerThread(app) as running:
+        yield app, running.url
+
+
+def serve_resource(app: Documents, origin: str, **fields: Any) -> None:
+    """Protected-resource metadata for ``{origin}/mcp`` naming ``origin`` as its authorization server."""
+    document = {"resource": origin + "/mcp", "authorization_servers": [origin], **fields}
+    app.documents["/.well-known/oauth-protected-resource/mcp"] = (200, json.dumps(document).encode())
+
+
+@pytest.mark.parametrize("blocking", [False, True], ids=["adiscover", "discover"])
+async def test_discovery_refuses_what_does_not_check_out(blocking: bool, documents: tuple[Documents, str]) -> None:
+    """Discovery fails, typed and not retryable, when the authorization server publishes no metadata at any of its
+    well-known URLs, when its metadata has no token_endpoint, when the resource names itself with a fragment, and
+    when the named issuer has a query; it fails retryable when nothing answers."""
+    app, origin = documents
+
+    async def run(url: str) -> DiscoveryFailed:
+        with pytest.raises(DiscoveryFailed) as caught:
+            if blocking:
+                await anyio.to_thread.run_sync(lambda: discover(url))
+            else:
+                await adiscover(url)
+        return caught.value
+
+    serve_resource(app, origin)
+    missing = await run(origin + "/mcp")
+    assert "no authorization-server metadata at" in str(missing) and not missing.retryable
+    assert app.paths[-2:] == ["/.well-known/oauth-authorization-server", "/.well-known/openid-configuration"]
+    app.documents["/.well-known/oauth-authorization-server"] = (200, json.dumps({"issuer": origin}).encode())
+    assert "has no token_endpoint" in str(await run(origin + "/mcp"))
+    serve_resource(app, origin, resource=origin + "/mcp#fragment")
+    assert "is for another resource" in str(await run(origin + "/mcp"))
+    serve_resource(app, origin, authorization_servers=[origin + "/?tenant=1"])
+    assert "query or fragment" in str(await run(origin + "/mcp"))
+    unreachable = await run("http://127.0.0.1:9/mcp")
+    assert unreachable.retryable and "could not fetch metadata" in str(unreachable)
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["declared", "streamed"])
+def test_blocking_discovery_caps_the_metadata_size(chunked: bool, documents: tuple[Documents, str]) -> None:
+    """The blocking twin refuses metadata past the cap, whether its length is declared or only found reading."""
+    app, origin = documents
+    path = "/.well-known/oauth-protected-resource/mcp"
+    app.documents[path] = (200, b'{"resource": "' + b"x" * (MAX_METADATA_BYTES + 10) + b'"}')
+    if chunked:
+        app.chunked.add(path)
+    with pytest.raises(DiscoveryFailed, match="larger than") as caught:
+        discover(origin + "/mcp")
+    assert not caught.value.retryable
+
+
+def test_discovery_urls_of_odd_server_urls() -> None:
+    """A server at its origin's root has one well-known URL; a challenge's resource_metadata that is no usable URL
+    is ignored; a server URL with an invalid port, and a URL that does not parse, are refused before any request."""
+    assert protected_resource_metadata_urls("https://mcp.example") == [
+        "https://mcp.example/.well-known/oauth-protected-resource"
+    ]
+    assert protected_resource_metadata_urls("https://mcp.example/mcp", 'Bearer resource_metadata="ftp://x/y"') == [
+        "https://mcp.example/.well-known/oauth-protected-resource/mcp",
+        "https://mcp.example/.well-known/oauth-protected-resource",
+    ]
+    with pytest.raises(DiscoveryFailed, match="is not an http"):
+        protected_resource_metadata_urls("https://mcp.example:99999/mcp")
+    with pytest.raises(DiscoveryFailed, match="is not https"):
+        check_may_contact("http://[::1/x", "http://127.0.0.1/mcp")
+
+
+class RacingStorage(MemoryStorage):
+    """A MemoryStorage where another writer saves the same entry just before each of the next ``races`` writes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.races = 0
+
+    def put(self, key: EntryKey, tokens: UpstreamTokens, *, expected_version: int | None) -> bool:
+        if self.races:
+            self.races -= 1
+            current = super().get(key)
+            theirs = attrs.evolve(tokens, access_token="theirs", version=1 if current is None else current.version + 1)
+            assert super().put(key, theirs, expected_version=None if current is None else current.version)
+        return super().put(key, tokens, expected_version=expected_version)
+
+
+async def test_metadata_records_are_saved_over_a_concurrent_writer_or_fail_typed() -> None:
+    """A record write that loses to another writer reads again and saves over it; one that loses five times in a
+    row is a StorageError saying to retry, not a silent loss; touching or deleting what is not there is harmless."""
+    storage = RacingStorage()
+    store = MetadataStore(storage, "ns")
+    storage.races = 1
+    await store.aput("a", "mine")
+    storage.races = 1
+    store.put("b", "mine")
+    storage.races = 1
+    assert await store.aput_unless("c", "mine", lambda kept: False) is None
+    assert [await store.aget(name) for name in "abc"] == ["mine"] * 3
+    for write in (
+        lambda: store.aput("d", "mine"),
+        lambda: store.aput_unless("d", "mine", lambda kept: False),
+        lambda: anyio.to_thread.run_sync(store.put, "d", "mine"),
+    ):
+        storage.races = 5
+        with pytest.raises(StorageError, match="kept changing"):
+            await write()
+    assert store.get("d") == "theirs"
+    store.delete("d")
+    assert store.get("d") is None and not store.touch("d") and not await store.atouch("d")
