@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncGenerator, Iterator
+import threading
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -18,7 +19,7 @@ pytest.importorskip("mcp.server.mcpserver", reason="the MCP SDK 2.x is not insta
 
 import httpx2
 import mcp_fixtures
-from support import expired
+from support import FlakyStorage, expired
 
 from httpx_upstream_auth import (
     DPoP,
@@ -42,13 +43,14 @@ from httpx_upstream_auth.mcp import (
     LegacyAsyncMCPAuthTransport,
     MetadataStore,
     ServerMetadata,
+    ServerUnreachable,
     adiscover,
     discover,
     protected_resource_metadata_urls,
 )
 from httpx_upstream_auth.mcp._discovery import MAX_METADATA_BYTES, check_may_contact
 from httpx_upstream_auth.mcp._refresher import REGISTRATION_NAMESPACE
-from httpx_upstream_auth.testing import LocalMCPServer, LocalProvider, ServerThread
+from httpx_upstream_auth.testing import LocalMCPServer, LocalProvider, ServerThread, serve_mcp
 
 manager = mcp_fixtures.manager
 mcp_server = mcp_fixtures.mcp_server
@@ -285,6 +287,29 @@ async def test_the_refresh_follows_metadata_adopted_later(provider: LocalProvide
     assert provider.stats["refresh_ok"] == 1
 
 
+@pytest.mark.parametrize("redeem_in", ["thread", "task"])
+async def test_a_keep_alive_the_store_refuses_is_tried_again_at_the_next_refresh(
+    redeem_in: str, provider: LocalProvider, mcp_server: LocalMCPServer
+) -> None:
+    """The stored registration and metadata are rewritten after a refresh (so the store's retention does not drop
+    them); when the store refuses that write, the refresh still succeeds and the next refresh tries it again."""
+    records = FlakyStorage()
+    registration = ClientRegistration("test-client", "test-secret", "client_secret_basic")
+    await MetadataStore(records, REGISTRATION_NAMESPACE).aput(mcp_server.url, registration.to_json())
+    discovered = DiscoveringRefresher(mcp_server.url, storage=records)
+    await discovered.ametadata()  # stored: the refreshes below read it
+    records.fail_put, records.puts = True, 0
+    refresher = DiscoveringRefresher(mcp_server.url, storage=records)
+    made = TokenManager(refresher=refresher, provider_id="local", storage=MemoryStorage(), redeem_in=redeem_in)  # type: ignore[arg-type]
+    try:
+        for session in ("a", "b"):
+            await made.astore(session, expired(provider.login()))
+            assert (await made.aget_token(session)).issuer is not None
+    finally:
+        await made.aclose()
+    assert records.puts == 2 and refresher.discoveries == 0 and provider.stats["refresh_ok"] == 2
+
+
 # -- discovery ------------------------------------------------------------------------------------------------
 
 
@@ -413,14 +438,88 @@ async def test_metadata_records_are_saved_over_a_concurrent_writer_or_fail_typed
     storage.races = 1
     assert await store.aput_unless("c", "mine", lambda kept: False) is None
     assert [await store.aget(name) for name in "abc"] == ["mine"] * 3
-    for write in (
+    writes: list[Callable[[], Awaitable[object]]] = [
         lambda: store.aput("d", "mine"),
         lambda: store.aput_unless("d", "mine", lambda kept: False),
         lambda: anyio.to_thread.run_sync(store.put, "d", "mine"),
-    ):
+    ]
+    for write in writes:
         storage.races = 5
         with pytest.raises(StorageError, match="kept changing"):
             await write()
     assert store.get("d") == "theirs"
     store.delete("d")
     assert store.get("d") is None and not store.touch("d") and not await store.atouch("d")
+
+
+# -- the testing MCP server ------------------------------------------------------------------------------------
+
+
+async def test_the_local_mcp_server_cans_only_a_tool_call_and_counts_only_open_streams(
+    provider: LocalProvider, manager: TokenManager, mcp_server: LocalMCPServer
+) -> None:
+    """answer_next_call waits for a tools/call (other requests reach the server, their bodies intact); a GET the
+    server refuses (no token) is no open stream; reject_tokens reads back what was set."""
+    from httpx_upstream_auth.mcp import connect
+
+    await manager.astore(SESSION, provider.login())
+    mcp_server.answer_next_call = (503, {"content-type": "text/plain"}, b"overloaded")
+    async with connect(mcp_server.url, manager, SESSION, mode="legacy") as client:
+        assert [tool.name for tool in (await client.list_tools()).tools] == ["echo", "sleep", "whoami"]
+        assert mcp_server.answer_next_call is not None
+        with pytest.raises(ServerUnreachable):
+            await client.call_tool("echo", {"text": "x"})
+        assert mcp_server.answer_next_call is None
+    async with httpx.AsyncClient() as plain:
+        refused = await plain.get(mcp_server.url, headers={"accept": "text/event-stream"})
+    assert refused.status_code == 401 and mcp_server.open_streams == 0
+    assert not mcp_server.reject_tokens
+    mcp_server.reject_tokens = True
+    assert mcp_server.reject_tokens and mcp_server.verifier.reject_all
+
+
+def test_serve_mcp_that_cannot_build_its_server_releases_its_port(provider: LocalProvider) -> None:
+    """serve_mcp with an issuer URL the SDK refuses raises, and stops the server thread it had bound."""
+    before = threading.active_count()
+    with pytest.raises(ValueError):
+        serve_mcp(provider, "not a url")
+    assert threading.active_count() == before
+
+
+# -- SDK-login mode ------------------------------------------------------------------------------------------------
+
+
+async def test_the_adapter_saves_client_registrations_by_issuer() -> None:
+    """TokenStorageAdapter.save_client_info: without keep_same_issuer, or for a client that records no issuer, the
+    client is saved over whatever is stored; with it, another client of the same issuer is kept (and returned),
+    and a stored record that does not read is replaced."""
+    from mcp.shared.auth import OAuthClientInformationFull
+
+    from httpx_upstream_auth.mcp import TokenStorageAdapter
+
+    def client(client_id: str, issuer: str | None) -> OAuthClientInformationFull:
+        return OAuthClientInformationFull(
+            client_id=client_id,
+            redirect_uris=["http://127.0.0.1:9/callback"],  # type: ignore[list-item]
+            issuer=issuer,
+        )
+
+    storage = MemoryStorage()
+    made = TokenManager(
+        refresher=OAuth2Refresher("https://as.example/token", "c", "s"), provider_id="p", storage=storage
+    )
+    server_url = "https://mcp.example/mcp"
+    adapter = TokenStorageAdapter(made, "s", server_url)
+    try:
+        assert await adapter.save_client_info(client("one", "https://as.example")) is None
+        assert await adapter.save_client_info(client("two", "https://as.example")) is None
+        assert await adapter.save_client_info(client("three", None), keep_same_issuer=True) is None
+        assert (await adapter.get_client_info()).client_id == "three"  # type: ignore[union-attr]
+        await adapter.save_client_info(client("four", "https://as.example"))
+        kept = await adapter.save_client_info(client("five", "https://as.example"), keep_same_issuer=True)
+        assert kept is not None and kept.client_id == "four"
+        await MetadataStore(storage, REGISTRATION_NAMESPACE).aput(server_url, "{not json")
+        assert await adapter.save_client_info(client("six", "https://as.example"), keep_same_issuer=True) is None
+        assert (await adapter.get_client_info()).client_id == "six"  # type: ignore[union-attr]
+    finally:
+        await made.aclose()
