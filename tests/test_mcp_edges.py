@@ -265,13 +265,15 @@ async def test_discovering_refresher_edges_without_the_network() -> None:
     assert not unreadable.value.retryable
 
 
-async def test_the_refresh_follows_metadata_adopted_later(provider: LocalProvider, provider_server: Any) -> None:
+async def test_the_refresh_follows_metadata_adopted_later(
+    provider: LocalProvider, provider_server: Any, dead_url: str
+) -> None:
     """Metadata adopted after a refresh (the SDK's login found a new token endpoint) replaces the refresher's
     client: the next refresh goes to the new endpoint (the old one, here gone, is not asked again)."""
     server_url = provider_server.url + "/mcp"
     refresher = DiscoveringRefresher(server_url, "test-client", "test-secret")
     gone = ServerMetadata(
-        server_url=server_url, resource=None, issuer=provider_server.url, token_endpoint="http://127.0.0.1:9/token"
+        server_url=server_url, resource=None, issuer=provider_server.url, token_endpoint=dead_url + "/token"
     )
     made = TokenManager(refresher=refresher, provider_id="local", storage=MemoryStorage(), failure_window=0)
     try:
@@ -353,7 +355,9 @@ def serve_resource(app: Documents, origin: str, **fields: Any) -> None:
 
 
 @pytest.mark.parametrize("blocking", [False, True], ids=["adiscover", "discover"])
-async def test_discovery_refuses_what_does_not_check_out(blocking: bool, documents: tuple[Documents, str]) -> None:
+async def test_discovery_refuses_what_does_not_check_out(
+    blocking: bool, documents: tuple[Documents, str], dead_url: str
+) -> None:
     """Discovery fails, typed and not retryable, when the authorization server publishes no metadata at any of its
     well-known URLs, when its metadata has no token_endpoint, when the resource names itself with a fragment, and
     when the named issuer has a query; it fails retryable when nothing answers."""
@@ -377,7 +381,7 @@ async def test_discovery_refuses_what_does_not_check_out(blocking: bool, documen
     assert "is for another resource" in str(await run(origin + "/mcp"))
     serve_resource(app, origin, authorization_servers=[origin + "/?tenant=1"])
     assert "query or fragment" in str(await run(origin + "/mcp"))
-    unreachable = await run("http://127.0.0.1:9/mcp")
+    unreachable = await run(dead_url + "/mcp")
     assert unreachable.retryable and "could not fetch metadata" in str(unreachable)
 
 
