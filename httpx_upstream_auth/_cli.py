@@ -18,8 +18,10 @@ import itertools
 import json
 import logging
 import os
+import re
 import signal
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -48,7 +50,7 @@ from ._exceptions import (
     UpstreamAuthError,
 )
 from ._manager import TokenManager
-from ._models import EntryKey, UpstreamTokens
+from ._models import Binding, EntryKey, UpstreamTokens
 from ._refresher import OAuth2Refresher, Refresher
 from ._storages import EncryptedStorage, EncryptionKey, Storage, open_storage
 from ._storages._encrypted import PREFIX as SEALED_PREFIX
@@ -65,12 +67,17 @@ FAILED = 1
 USAGE = 2
 REAUTHENTICATE = 3
 RETRY_LATER = 4
+#: The session's tokens are another identity's than the caller expects (nothing printed, nothing sent).
+IDENTITY = 5
 EXIT_CODES = {
     OK: "success",
     FAILED: "the demo found a failure, or an unexpected error",
-    USAGE: "usage or configuration error (a flag, the configuration file, the input, a missing extra): fix it",
+    USAGE: "usage or configuration error (a flag, the configuration file, the input, a missing extra, an output "
+    "that cannot be written): fix it",
     REAUTHENTICATE: "re-authentication required: no entry for the session, no refresh token, or a dead grant",
     RETRY_LATER: "transient failure (the provider or the store is unreachable or overloaded): retry later",
+    IDENTITY: "identity mismatch: the session's tokens are not the --expect-* identity's (or the provider's id_token "
+    "names another subject): nothing printed; check the session id, or log the user in again",
     130: "interrupted: 128 + the signal (SIGINT 130, SIGTERM 143, SIGHUP 129), after a refresh in flight was saved",
 }
 
@@ -107,9 +114,42 @@ def _refresh_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--token-url", metavar="URL", help="the token endpoint")
     group.add_argument("--discovery-url", metavar="URL", help="the issuer's metadata (token_endpoint is read from it)")
     group.add_argument("--client-id", metavar="ID", help="the OAuth client id")
-    group.add_argument("--auth-method", choices=("client_secret_basic", "client_secret_post", "none"))
+    group.add_argument(
+        "--auth-method",
+        choices=("client_secret_basic", "client_secret_post", "none"),
+        help="how the client authenticates at the token endpoint (default client_secret_basic)",
+    )
     group.add_argument("--client-secret-env", metavar="VAR", help="the environment variable holding the secret")
     group.add_argument("--client-secret-file", metavar="PATH", help="the file holding the secret")
+
+
+def _expect_flags(parser: argparse.ArgumentParser) -> None:
+    """The identity the session's entry must belong to (:class:`Binding`): checked before anything is sent or
+    printed; a mismatch is status 5."""
+    group = parser.add_argument_group(
+        "expected identity (the entry must match each one given, else status 5 and nothing is printed)"
+    )
+    group.add_argument("--expect-user-id", metavar="ID", type=_nonempty("--expect-user-id"), help="its user_id")
+    group.add_argument(
+        "--expect-subject", metavar="SUB", type=_nonempty("--expect-subject"), help="its upstream_subject"
+    )
+    group.add_argument(
+        "--expect-client-id", metavar="ID", type=_nonempty("--expect-client-id"), help="the client it was issued to"
+    )
+
+
+def _nonempty(what: str) -> Callable[[str], str]:
+    """An argparse type refusing an empty value: most often an unset shell variable (``"$SESSION"``)."""
+
+    def parse(text: str) -> str:
+        if not text:
+            raise argparse.ArgumentTypeError(f"{what} is empty (an unset variable?)")
+        return text
+
+    return parse
+
+
+_SESSION = _nonempty("SESSION")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
             name,
             allow_abbrev=False,
             help=summary,
-            description=description,
+            description=textwrap.fill(description, 100),
             epilog=_epilog(),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
@@ -149,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
         '`curl -H "Authorization: Bearer $(httpx-upstream-auth token SESSION)"` works.',
         refreshes=True,
     )
-    token.add_argument("session", metavar="SESSION")
+    token.add_argument("session", metavar="SESSION", type=_SESSION)
+    _expect_flags(token)
     token.add_argument("--json", action="store_true", help="print the entry (secrets hidden) plus access_token")
 
     imported = command(
@@ -159,15 +200,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--file; expires_in becomes an absolute expiry. Prints the stored entry (secrets hidden).",
         refreshes=True,
     )
-    imported.add_argument("session", metavar="SESSION")
+    imported.add_argument("session", metavar="SESSION", type=_SESSION)
     imported.add_argument("--file", metavar="PATH", help="read the answer from PATH (default: stdin)")
-    imported.add_argument("--user-id", help="binding: your application's user id")
-    imported.add_argument("--subject", help="binding: the upstream subject (checked against an id_token's sub)")
-    imported.add_argument("--issuer", help="the authorization server that issued the tokens")
+    imported.add_argument(
+        "--user-id", metavar="ID", type=_nonempty("--user-id"), help="binding: your application's user id"
+    )
+    imported.add_argument(
+        "--subject",
+        metavar="SUB",
+        type=_nonempty("--subject"),
+        help="binding: the upstream subject (checked against an id_token's sub)",
+    )
+    imported.add_argument(
+        "--issuer", metavar="URL", type=_nonempty("--issuer"), help="the authorization server that issued the tokens"
+    )
     imported.add_argument("--json", action="store_true", help="print the stored entry as JSON")
 
     show = command("show", "print a session's entry (secrets hidden)", "Print SESSION's entry without its secrets.")
-    show.add_argument("session", metavar="SESSION")
+    show.add_argument("session", metavar="SESSION", type=_SESSION)
     show.add_argument("--json", action="store_true", help="print it as JSON")
 
     listing = command(
@@ -178,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
 
     delete = command("delete", "forget a session's tokens (logout)", "Delete SESSION's entry.")
-    delete.add_argument("session", metavar="SESSION")
+    delete.add_argument("session", metavar="SESSION", type=_SESSION)
 
     refresh = command(
         "refresh",
@@ -187,8 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
         "however many callers ask at once, under the store's lease. Prints the new entry (secrets hidden).",
         refreshes=True,
     )
-    refresh.add_argument("session", metavar="SESSION")
+    refresh.add_argument("session", metavar="SESSION", type=_SESSION)
     refresh.add_argument("--json", action="store_true", help="print it as JSON")
+    _expect_flags(refresh)
 
     commands.add_parser("demo", help="run the demo (see demo --help)", add_help=False)
     return parser
@@ -251,15 +302,19 @@ def _run(args: list[str]) -> int:
         flags = build_parser().parse_args(args)
         if flags.verbose:
             _verbose()
+        if sys.stdout is None:  # started with stdout closed (`>&-`): print() would drop every line silently
+            raise UsageError("stdout is closed: nowhere to print the output")
         code = _COMMANDS[flags.command](flags, load_config(flags))
-        sys.stdout.flush()  # here, where a reader that left is caught, rather than at exit
+        sys.stdout.flush()  # here, where a reader that left or a full disk is caught, rather than at exit
         return code
     except UsageError as exc:
         return _fail(USAGE, str(exc))
     except ConfigurationError as exc:
         return _fail(USAGE, f"configuration error ({exc.setting}): {exc}")
-    except (ReauthenticationRequired, BindingMismatch) as exc:
+    except ReauthenticationRequired as exc:
         return _fail(REAUTHENTICATE, f"re-authentication required: {exc}")
+    except BindingMismatch as exc:
+        return _fail(IDENTITY, f"identity mismatch: {exc}")
     except RefreshFailed as exc:
         if exc.retryable:
             return _fail(RETRY_LATER, f"refresh failed, retry later: {exc}")
@@ -272,11 +327,20 @@ def _run(args: list[str]) -> int:
     except UpstreamAuthError as exc:  # pragma: no cover - every UpstreamAuthError subclass is handled above
         return _fail(FAILED, str(exc))
     except BrokenPipeError:  # `... | head`: the reader left; say nothing more
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), sys.stdout.fileno())
+        _drop_output()
         return OK
+    except OSError as exc:  # only writing stdout raises it here (every file read is a UsageError, a store's a
+        # StorageError): a full disk (/dev/full), a device error
+        _drop_output()
+        return _fail(USAGE, f"cannot write the output to stdout ({exc.strerror or type(exc).__name__})")
     except Exception as exc:  # a bug, or a failure nobody foresaw: still one line (its text may hold a secret)
         return _fail(FAILED, f"unexpected error ({type(exc).__name__}); run again with --verbose, or report it")
+
+
+def _drop_output() -> None:
+    """Point stdout at /dev/null, so the interpreter's flush at exit does not fail a second time, loudly."""
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), sys.stdout.fileno())
 
 
 def _verbose() -> None:
@@ -450,11 +514,19 @@ def _relative(seconds: int) -> str:
 
 
 # -- the commands -----------------------------------------------------------------------------------------
+def _expected(flags: argparse.Namespace) -> Binding | None:
+    """The identity ``--expect-*`` names (``None``: no check)."""
+    expect = Binding(
+        user_id=flags.expect_user_id, upstream_subject=flags.expect_subject, client_id=flags.expect_client_id
+    )
+    return None if expect == Binding() else expect
+
+
 def _token(flags: argparse.Namespace, config: CliConfig) -> int:
     def run(manager: TokenManager) -> int:
         if _read(manager.storage, EntryKey(manager.provider_id, flags.session), config) is None:
             raise _missing(manager.provider_id, flags.session)
-        tokens = manager.get_token(flags.session)
+        tokens = manager.get_token(flags.session, _expected(flags))
         if flags.json:
             entry = redacted(EntryKey(manager.provider_id, flags.session), tokens)
             entry["access_token"] = tokens.access_token
@@ -469,8 +541,23 @@ def _token(flags: argparse.Namespace, config: CliConfig) -> int:
 _PASS_ANSWER = "pass the token endpoint's JSON answer"
 
 
+#: An OAuth error code fit to quote (RFC 6749 section 5.2 codes are of this shape); anything else is not repeated.
+_ERROR_CODE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def _answer_problem(error: object) -> str:
+    """Why ``import`` cannot store an answer whose ``error`` member is ``error``, in import's words (the
+    library's speak of a refresh)."""
+    if error is None:
+        return f"it has no usable access_token: {_PASS_ANSWER} of a successful login"
+    code = f" ({error})" if isinstance(error, str) and _ERROR_CODE.fullmatch(error) else ""
+    return f"it is an error answer{code}, not tokens: {_PASS_ANSWER} of a successful login"
+
+
 def _read_answer(flags: argparse.Namespace) -> dict[str, Any]:
     source = "stdin" if flags.file in (None, "-") else flags.file
+    if source == "stdin" and sys.stdin is None:  # started with stdin closed (`<&-`)
+        raise UsageError("stdin is closed: pass the token endpoint's JSON answer on stdin, or with --file PATH")
     if source == "stdin" and sys.stdin.isatty():
         print("paste the token endpoint's JSON answer, then press Ctrl-D", file=sys.stderr)
     if source == "stdin":
@@ -481,6 +568,8 @@ def _read_answer(flags: argparse.Namespace) -> dict[str, Any]:
             raise UsageError(f"the answer on stdin is larger than {MAX_INPUT_BYTES // 1024} KiB: not a token answer")
     else:
         data = read_small(Path(source), "the answer file")
+    if not data.strip():
+        raise UsageError(f"the answer on {source} is empty: {_PASS_ANSWER}")
     try:
         answer = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError:
@@ -502,6 +591,7 @@ def _import(flags: argparse.Namespace, config: CliConfig) -> int:
     provider = config.require_provider()
     assert config.settings is not None  # a provider was chosen
     client_id = config.settings.client_id
+    error = answer.get("error")
     try:
         tokens = UpstreamTokens.from_token_response(
             answer,
@@ -511,8 +601,17 @@ def _import(flags: argparse.Namespace, config: CliConfig) -> int:
             client_id=client_id,
             issuer=flags.issuer,
         )
-    except RefreshFailed as exc:  # an error answer, or no usable token: nothing was sent, retrying cannot help
-        raise UsageError(f"the answer cannot be stored: {exc}") from None
+    except ReauthenticationRequired:  # invalid_grant: the login's code exchange failed; the user logs in again
+        raise ReauthenticationRequired(f"the answer cannot be stored: {_answer_problem(error)}") from None
+    except RefreshFailed:
+        # Another error answer, or no usable access token: nothing was sent, retrying cannot help. (The library's
+        # texts speak of a refresh; here it was an answer given to import.)
+        raise UsageError(f"the answer cannot be stored: {_answer_problem(error)}") from None
+    except BindingMismatch:
+        raise BindingMismatch(
+            "the answer's id_token names another subject than --subject (or could not be read); nothing was "
+            "stored. Check that the answer is this user's login."
+        ) from None
     finally:
         del answer
 
@@ -637,7 +736,7 @@ def _refresh(flags: argparse.Namespace, config: CliConfig) -> int:
             raise _missing(key.provider_id, key.session_id)
         # The manager's single-flight refresh under the store's lease, unless another worker stored a newer
         # token meanwhile (then that one is the answer).
-        tokens = manager.refresh(flags.session)
+        tokens = manager.refresh(flags.session, _expected(flags))
         _print_entry(redacted(key, tokens), flags.json, sys.stdout)
         return OK
 

@@ -310,6 +310,8 @@ def load_config(flags: Any, environ: Mapping[str, str] = os.environ) -> CliConfi
     """The configuration from ``flags`` (the parsed command line), ``environ`` and the TOML file
     (``--config``, else ``HTTPX_UPSTREAM_AUTH_CONFIG``, else ``config.toml`` in :func:`user_config_dir`
     when it exists)."""
+    if getattr(flags, "config", None) == "":  # `--config "$FILE"` with FILE unset: not "the default file"
+        raise UsageError("--config is empty (an unset variable?): pass the configuration file's path")
     explicit = getattr(flags, "config", None) or environ.get(ENV_PREFIX + "CONFIG")
     path = Path(explicit).expanduser() if explicit else user_config_dir(environ=environ) / "config.toml"
     document = _read_toml(path) if explicit or path.is_file() else {}
@@ -323,6 +325,12 @@ def load_config(flags: Any, environ: Mapping[str, str] = os.environ) -> CliConfi
     provider = _layer(getattr(flags, "provider", None), environ, "PROVIDER", top, "default_provider")
     if provider is None and len(providers) == 1:
         provider = next(iter(providers))
+    if provider == "":
+        # An empty id would be stored and listed as a provider of its own: most often an unset variable.
+        raise UsageError(
+            f"the provider is empty (an unset variable?): pass --provider NAME, set {ENV_PREFIX}PROVIDER or "
+            "default_provider"
+        )
     settings = None
     if provider is not None:
         table = _check_table(providers.get(provider, {}), f"[providers.{provider}] in {path}", PROVIDER_KEYS)

@@ -69,9 +69,8 @@ async def run_worker(
     counts.update(ok=0, failed=0)
     errors: dict[str, int] = {}
     latencies: list[float] = []
-    end = time.monotonic() + seconds
 
-    async def caller(client: httpx.AsyncClient) -> None:
+    async def caller(client: httpx.AsyncClient, end: float) -> None:
         while time.monotonic() < end:
             start = time.perf_counter()
             try:
@@ -89,12 +88,14 @@ async def run_worker(
                     errors[name] = errors.get(name, 0) + 1
             await anyio.sleep(pause)
 
-    started = time.time()
     limits = httpx.Limits(max_connections=tasks, max_keepalive_connections=tasks)
     auth = manager.auth(session_id)
     async with httpx.AsyncClient(auth=auth, limits=limits) as client, anyio.create_task_group() as tg:
+        # The clock starts once the client is made (its TLS context alone can take a second on a busy machine):
+        # the callers get their ``seconds`` in full.
+        started, end = time.time(), time.monotonic() + seconds
         for _ in range(tasks):
-            tg.start_soon(caller, client)
+            tg.start_soon(caller, client, end)
     return {
         "ok": counts["ok"],
         "failed": counts["failed"],
@@ -144,7 +145,8 @@ def _bounded(kind: Callable[[str], float], low: float, high: float) -> Callable[
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a number, not {text!r}") from None
+            number = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"must be {number}, not {text!r}") from None
         if not low <= value <= high:
             raise argparse.ArgumentTypeError(f"must be from {low:g} to {high:g}, not {text}")
         return value
@@ -152,19 +154,61 @@ def _bounded(kind: Callable[[str], float], low: float, high: float) -> Callable[
     return parse
 
 
+DESCRIPTION = """\
+Many concurrent callers across several token expiries: the local provider (rotation on every refresh, a
+reused refresh token revokes the grant) with short-lived tokens, one login, then worker processes of
+concurrent tasks calling its API through manager.auth(...) on one store. A live line shows requests per
+second, refreshes, reused refresh tokens, failed requests and the time to the next expiry; the summary
+table counts what matters: every request succeeded, no refresh token presented twice."""
+
+EPILOG = """\
+exit status:
+  0  every request succeeded and no refresh token was presented twice
+  1  a request failed, or a refresh token was presented twice
+  2  a flag out of range, a store it cannot open, a missing extra (the testing extra's uvicorn)
+  4  the store is unreachable: retry later
+"""
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """The demo's flags, each checked (a value out of range is a usage error, status 2)."""
-    parser = OneLineParser(prog="httpx-upstream-auth demo", description=__doc__, allow_abbrev=False)
-    parser.add_argument(
-        "--storage", default="sqlite", help="sqlite (default, a temporary file), sqlite:PATH, memory, or a redis:// URL"
+    parser = OneLineParser(
+        prog="httpx-upstream-auth demo",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--processes", type=_bounded(int, 1, 16), default=2, help="worker processes, 1 to 16 "
-        "(memory: always 1)"
-    )  # fmt: skip
-    parser.add_argument("--tasks", type=_bounded(int, 1, 500), default=25, help="callers per process")
-    parser.add_argument("--seconds", type=_bounded(float, 0.5, 120), default=8.0, help="how long the callers run")
-    parser.add_argument("--token-ttl", type=_bounded(float, 0.5, 60), default=2.0, help="access token lifetime (s)")
+        "--storage",
+        metavar="STORE",
+        default="sqlite",
+        help="sqlite (the default: a temporary file), sqlite:PATH, memory (one process), or a redis:// URL",
+    )
+    parser.add_argument(
+        "--processes", metavar="N", type=_bounded(int, 1, 16), default=2, help="worker processes, 1 to 16 (default 2)"
+    )
+    parser.add_argument(
+        "--tasks",
+        metavar="N",
+        type=_bounded(int, 1, 500),
+        default=25,
+        help="callers per process, 1 to 500 (default 25)",
+    )
+    parser.add_argument(
+        "--seconds",
+        metavar="S",
+        type=_bounded(float, 0.5, 120),
+        default=8.0,
+        help="how long the callers run, 0.5 to 120 (default 8)",
+    )
+    parser.add_argument(
+        "--token-ttl",
+        metavar="S",
+        type=_bounded(float, 0.5, 60),
+        default=2.0,
+        help="the access tokens' lifetime in seconds, 0.5 to 60 (default 2)",
+    )
     return parser.parse_args(argv)
 
 
@@ -173,7 +217,8 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         storage = "sqlite:" + os.path.join(tmp, "tokens.db") if args.storage == "sqlite" else args.storage
-        processes = 1 if storage == "memory" else args.processes
+        # memory, memory:, memory://: one process's store (workers of their own would each see an empty one)
+        processes = 1 if storage.split(":", 1)[0] == "memory" else args.processes
         provider = LocalProvider(access_ttl=args.token_ttl)
         try:
             server = ServerThread(provider).start()

@@ -38,7 +38,7 @@ from httpx_upstream_auth.testing import LocalProvider, ServerThread
 __all__ = ["redis_server"]
 
 BIN = Path(sys.executable).parent
-OK, FAILED, USAGE, REAUTHENTICATE, RETRY_LATER = 0, 1, 2, 3, 4
+OK, FAILED, USAGE, REAUTHENTICATE, RETRY_LATER, IDENTITY = 0, 1, 2, 3, 4, 5
 #: A loopback port nothing listens on.
 CLOSED_URL = "http://127.0.0.1:9"
 
@@ -357,7 +357,7 @@ def test_import_refuses_bad_input_without_quoting_it(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, provider: tuple[LocalProvider, str]
 ) -> None:
     """Malformed JSON, a JSON array, an answer without an access token, an unreadable file: status 2; an
-    error answer (invalid_grant): status 3; an id_token for another subject: status 3. Nothing is quoted. On a
+    error answer (invalid_grant): status 3; an id_token for another subject: status 5. Nothing is quoted. On a
     terminal, import says what to paste; --file reads a file."""
     local, url = provider
     config = str(write_config(tmp_path, url))
@@ -365,7 +365,7 @@ def test_import_refuses_bad_input_without_quoting_it(
         ('{"access_token": "at-secret", ', USAGE, "is not JSON"),
         ('["at-secret"]', USAGE, "not a JSON object"),
         ('{"token_type": "Bearer", "refresh_token": "rt-secret"}', USAGE, "no usable access_token"),
-        ('{"error": "invalid_grant"}', REAUTHENTICATE, "re-authentication required"),
+        ('{"error": "invalid_grant"}', REAUTHENTICATE, "re-authentication required: the answer cannot be stored"),
     ):
         code, out, err = run(capsys, "--config", config, "import", "s1", stdin=text)
         assert code == status and expected in one_line(err) and "secret" not in err, (text, err)
@@ -379,7 +379,7 @@ def test_import_refuses_bad_input_without_quoting_it(
         local.issue_id_token = False
     answer = json.dumps({"access_token": tokens.access_token, "id_token": tokens.id_token, "expires_in": 60})
     code, _, err = run(capsys, "--config", config, "import", "s1", "--subject", "mallory", stdin=answer)
-    assert code == REAUTHENTICATE and "another subject" in one_line(err)
+    assert code == IDENTITY and "another subject than --subject" in one_line(err)
 
     class Typed(io.StringIO):
         def isatty(self) -> bool:
@@ -645,7 +645,8 @@ def test_the_demo_refuses_bad_flags_and_stores(capsys: pytest.CaptureFixture[str
     for args, expected in (
         (["--processes", "0"], "argument --processes: must be from 1 to 16, not 0"),
         (["--seconds", "600"], "argument --seconds: must be from 0.5 to 120, not 600"),
-        (["--tasks", "many"], "argument --tasks: must be a number, not 'many'"),
+        (["--tasks", "many"], "argument --tasks: must be a whole number, not 'many'"),
+        (["--seconds", "soon"], "argument --seconds: must be a number, not 'soon'"),
         (["--storage", "nosuch://x"], "--storage: no storage is registered for the scheme 'nosuch'"),
     ):
         code, _, err = run(capsys, "demo", *args)

@@ -94,6 +94,15 @@ def _seconds(text: str) -> float:
     return seconds
 
 
+DESCRIPTION = """\
+Serve the local OAuth provider (rotation on every refresh, a reused refresh token revokes the grant) on a
+loopback port until Ctrl-C. It prints its token URL and the test clients' credentials; with --write-to DIR
+it writes config.toml (provider "local": its token URL, test-client, the secret in client-secret) and
+grant.json (a first login's token endpoint answer), for `httpx-upstream-auth --config DIR/config.toml import
+alice --file DIR/grant.json`. Needs the testing extra (uvicorn). Exit status 0 when stopped, 2 for a bad
+flag, a missing extra, a port in use or a directory it cannot write."""
+
+
 class _OneLineParser(argparse.ArgumentParser):
     """argparse, with a bad flag as one line on stderr (status 2), not the usage and a second line."""
 
@@ -104,12 +113,19 @@ class _OneLineParser(argparse.ArgumentParser):
 
 def main(argv: list[str] | None = None) -> int:
     """Serve the local provider until interrupted; 2 for a bad flag or a missing extra."""
-    parser = _OneLineParser(prog="python -m httpx_upstream_auth.testing", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
-    serve = commands.add_parser("serve", help="serve the local provider", description=__doc__)
+    formatting = argparse.RawDescriptionHelpFormatter
+    parser = _OneLineParser(
+        prog="python -m httpx_upstream_auth.testing", description=DESCRIPTION, formatter_class=formatting
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_OneLineParser)
+    serve = commands.add_parser(
+        "serve", help="serve the local provider", description=DESCRIPTION, formatter_class=formatting
+    )
     serve.add_argument("--port", type=_port, default=0, help="the loopback port (default 0: a free one)")
-    serve.add_argument("--host", default="127.0.0.1", help="a loopback address (default 127.0.0.1)")
-    serve.add_argument("--access-ttl", type=_seconds, default=60.0, help="access token lifetime, seconds (default 60)")
+    serve.add_argument("--host", metavar="ADDRESS", default="127.0.0.1", help="a loopback address (default 127.0.0.1)")
+    serve.add_argument(
+        "--access-ttl", metavar="S", type=_seconds, default=60.0, help="access token lifetime, seconds (default 60)"
+    )
     serve.add_argument("--write-to", metavar="DIR", help="write config.toml, client-secret and grant.json there")
     args = parser.parse_args(argv)
     try:
