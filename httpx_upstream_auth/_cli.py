@@ -25,7 +25,7 @@ import textwrap
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from ._cli_config import (
     ENV_PREFIX,
@@ -289,23 +289,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: list[str]) -> int:
-    if args[:1] in (["demo"], ["demo-worker"]):
-        from . import _demo
-
-        try:
-            return _demo.main(args[1:]) if args[0] == "demo" else _demo.worker_main(args[1:])
-        except UsageError as exc:
-            return _fail(USAGE, str(exc))
-        except StorageError as exc:
-            return _fail(RETRY_LATER, f"token store error, retry later: {exc}")
     try:
+        if sys.stdout is None:  # started with stdout closed (`>&-`): print() would drop every line silently
+            raise UsageError("stdout is closed: nowhere to print the output")
+        if args[:1] in (["demo"], ["demo-worker"]):  # the demo parses its own flags
+            from . import _demo
+
+            return _demo.main(args[1:]) if args[0] == "demo" else _demo.worker_main(args[1:])
         flags = build_parser().parse_args(args)
         if flags.verbose:
             _verbose()
-        if sys.stdout is None:  # started with stdout closed (`>&-`): print() would drop every line silently
-            raise UsageError("stdout is closed: nowhere to print the output")
         code = _COMMANDS[flags.command](flags, load_config(flags))
-        sys.stdout.flush()  # here, where a reader that left or a full disk is caught, rather than at exit
+        _output(sys.stdout.flush)  # here, where a reader that left or a full disk is caught, rather than at exit
         return code
     except UsageError as exc:
         return _fail(USAGE, str(exc))
@@ -329,12 +324,30 @@ def _run(args: list[str]) -> int:
     except BrokenPipeError:  # `... | head`: the reader left; say nothing more
         _drop_output()
         return OK
-    except OSError as exc:  # only writing stdout raises it here (every file read is a UsageError, a store's a
-        # StorageError): a full disk (/dev/full), a device error
+    except _OutputFailed as exc:  # a full disk (/dev/full), a device error
         _drop_output()
-        return _fail(USAGE, f"cannot write the output to stdout ({exc.strerror or type(exc).__name__})")
+        return _fail(USAGE, str(exc))
     except Exception as exc:  # a bug, or a failure nobody foresaw: still one line (its text may hold a secret)
         return _fail(FAILED, f"unexpected error ({type(exc).__name__}); run again with --verbose, or report it")
+
+
+class _OutputFailed(Exception):
+    """Writing stdout failed (not a reader that left: that is a BrokenPipeError)."""
+
+
+def _output(write: Callable[[], object]) -> None:
+    """``write()`` to stdout, its failure an :class:`_OutputFailed` saying so."""
+    try:
+        write()
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise _OutputFailed(f"cannot write the output to stdout ({exc.strerror or type(exc).__name__})") from None
+
+
+def _say(line: str) -> None:
+    """Print one line of output on stdout."""
+    _output(lambda: print(line))
 
 
 def _drop_output() -> None:
@@ -386,7 +399,13 @@ def _open_url(url: str) -> Storage:
         # One process's memory: what it stores is gone when the command exits.
         raise UsageError("memory:// lives in one process and forgets everything at exit: it is for the demo only")
     if url == "sqlite:///" + str(user_data_dir() / "tokens.db"):  # the default: its directory is ours to make
-        user_data_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            user_data_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise UsageError(
+                f"cannot create the default store's directory {user_data_dir()} ({exc.strerror}): fix it, or choose "
+                f"a store with --store or {ENV_PREFIX}STORE"
+            ) from None
     try:
         return open_storage(url)
     except StorageError as exc:
@@ -484,9 +503,9 @@ def escaped(text: str) -> str:
     return "".join("\\\\" if char == "\\" else char if char.isprintable() else repr(char)[1:-1] for char in text)
 
 
-def _print_entry(entry: dict[str, Any], as_json: bool, out: TextIO) -> None:
+def _print_entry(entry: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        print(json.dumps(entry, sort_keys=True), file=out)
+        _say(json.dumps(entry, sort_keys=True))
         return
     now = time.time()
     for name, value in entry.items():
@@ -498,7 +517,7 @@ def _print_entry(entry: dict[str, Any], as_json: bool, out: TextIO) -> None:
             value = "-"
         elif isinstance(value, bool):
             value = "yes" if value else "no"
-        print(f"{name + ':':21} {escaped(str(value))}", file=out)
+        _say(f"{name + ':':21} {escaped(str(value))}")
 
 
 def _line(entry: dict[str, Any]) -> str:
@@ -530,9 +549,9 @@ def _token(flags: argparse.Namespace, config: CliConfig) -> int:
         if flags.json:
             entry = redacted(EntryKey(manager.provider_id, flags.session), tokens)
             entry["access_token"] = tokens.access_token
-            print(json.dumps(entry, sort_keys=True))
+            _say(json.dumps(entry, sort_keys=True))
         else:
-            print(tokens.access_token)
+            _say(tokens.access_token)
         return OK
 
     return _closing(_manager(config, refreshes=True), run)
@@ -619,7 +638,7 @@ def _import(flags: argparse.Namespace, config: CliConfig) -> int:
         if not config.encryption_keys:
             _refuse_plaintext_next_to_sealed(manager.storage, EntryKey(provider, flags.session))
         stored = manager.store(flags.session, tokens)
-        _print_entry(redacted(EntryKey(provider, flags.session), stored), flags.json, sys.stdout)
+        _print_entry(redacted(EntryKey(provider, flags.session), stored), flags.json)
         return OK
 
     return _closing(_manager(config, refreshes=False), run)
@@ -683,7 +702,7 @@ def _show(flags: argparse.Namespace, config: CliConfig) -> int:
         storage.close()
     if tokens is None:
         raise _missing(key.provider_id, key.session_id)
-    _print_entry(redacted(key, tokens), flags.json, sys.stdout)
+    _print_entry(redacted(key, tokens), flags.json)
     return OK
 
 
@@ -710,7 +729,7 @@ def _list(flags: argparse.Namespace, config: CliConfig) -> int:
     try:
         for key, tokens in _entries(storage, provider, config, skipped):
             entry = redacted(key, tokens)
-            print(json.dumps(entry, sort_keys=True) if flags.json else _line(entry))
+            _say(json.dumps(entry, sort_keys=True) if flags.json else _line(entry))
     except NotImplementedError as exc:
         raise UsageError(f"this store cannot list its sessions: {exc}") from None
     finally:
@@ -722,7 +741,7 @@ def _delete(flags: argparse.Namespace, config: CliConfig) -> int:
     def run(manager: TokenManager) -> int:
         if not manager.delete(flags.session):
             raise _missing(manager.provider_id, flags.session)
-        print(f"deleted session {flags.session!r} of provider {manager.provider_id!r}")
+        _say(f"deleted session {flags.session!r} of provider {manager.provider_id!r}")
         return OK
 
     return _closing(_manager(config, refreshes=False), run)
@@ -737,7 +756,7 @@ def _refresh(flags: argparse.Namespace, config: CliConfig) -> int:
         # The manager's single-flight refresh under the store's lease, unless another worker stored a newer
         # token meanwhile (then that one is the answer).
         tokens = manager.refresh(flags.session, _expected(flags))
-        _print_entry(redacted(key, tokens), flags.json, sys.stdout)
+        _print_entry(redacted(key, tokens), flags.json)
         return OK
 
     return _closing(_manager(config, refreshes=True), run)

@@ -306,6 +306,14 @@ def _check_table(table: dict[str, Any], where: str, allowed: tuple[str, ...]) ->
     return table
 
 
+def _present(path: Path) -> bool:
+    """Whether the default configuration file is there to read (one that cannot be looked at is an error)."""
+    try:
+        return path.is_file()
+    except OSError as exc:  # is_file is False for a missing file, but raises for a name too long, a denied directory
+        raise UsageError(f"cannot read the configuration file {path} ({exc.strerror})") from None
+
+
 def load_config(flags: Any, environ: Mapping[str, str] = os.environ) -> CliConfig:
     """The configuration from ``flags`` (the parsed command line), ``environ`` and the TOML file
     (``--config``, else ``HTTPX_UPSTREAM_AUTH_CONFIG``, else ``config.toml`` in :func:`user_config_dir`
@@ -314,7 +322,7 @@ def load_config(flags: Any, environ: Mapping[str, str] = os.environ) -> CliConfi
         raise UsageError("--config is empty (an unset variable?): pass the configuration file's path")
     explicit = getattr(flags, "config", None) or environ.get(ENV_PREFIX + "CONFIG")
     path = Path(explicit).expanduser() if explicit else user_config_dir(environ=environ) / "config.toml"
-    document = _read_toml(path) if explicit or path.is_file() else {}
+    document = _read_toml(path) if explicit or _present(path) else {}
     top = _check_table(document, f"the configuration file {path}", TOP_KEYS)
     providers = top.get("providers", {})
     if not isinstance(providers, dict) or not all(isinstance(value, dict) for value in providers.values()):

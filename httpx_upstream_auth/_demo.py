@@ -119,8 +119,13 @@ def worker_main(argv: list[str]) -> int:
     """Entry of one demo worker process: prints its counts as JSON lines while it runs, then its result."""
     # The store URL comes through the environment: argv is visible to every user of the machine, and the URL
     # may carry a password.
-    storage = os.environ[STORAGE_ENV]
-    base_url, seconds, tasks, start = argv[0], float(argv[1]), int(argv[2]), float(argv[3])
+    storage = os.environ.get(STORAGE_ENV)
+    try:
+        if storage is None or len(argv) != 4:
+            raise ValueError
+        base_url, seconds, tasks, start = argv[0], float(argv[1]), int(argv[2]), float(argv[3])
+    except ValueError:
+        raise UsageError("demo-worker is one of the demo's worker processes: run `httpx-upstream-auth demo`") from None
     manager = make_manager(storage, base_url)
     time.sleep(max(start - time.time(), 0.0))  # every worker starts calling at once, after its imports
     progress = {"ok": 0, "failed": 0}

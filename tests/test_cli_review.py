@@ -34,7 +34,7 @@ from test_cli import (
     write_config,
 )
 
-from httpx_upstream_auth import EntryKey
+from httpx_upstream_auth import EntryKey, register_storage
 from httpx_upstream_auth.testing import LocalProvider
 
 __all__ = ["_user_dirs", "provider"]
@@ -93,7 +93,7 @@ def test_an_id_token_for_another_subject_at_refresh_is_the_identity_status(
     _imported(capsys, config, local, "s2")
     local.fail_next("id_token_other_sub")
     code, out, err = run(capsys, "--config", config, "refresh", "s2")
-    assert code == IDENTITY and out == "" and "another subject" in one_line(err)
+    assert code == IDENTITY and out == "" and "another subject" in one_line(err), err
     assert run(capsys, "--config", config, "token", "s2")[0] == REAUTHENTICATE
 
 
@@ -270,3 +270,33 @@ def test_a_demo_callers_time_starts_once_its_client_is_made(
     finally:
         manager.close()
     assert result["ok"] >= 1 and result["failed"] == 0 and result["ended"] - result["started"] >= seconds
+
+
+def test_directories_that_cannot_be_used_and_the_demos_own_failures_are_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A default store directory that cannot be made, a default configuration path that cannot be looked at:
+    status 2 naming the path (not "cannot write the output"); the demo's worker entry run by hand: status 2
+    saying to run the demo; a demo whose store fails in a way nobody foresaw: status 1, one line."""
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "a-file"))
+    code, _, err = run(capsys, "--provider", "p", "show", "s1")
+    assert code == USAGE and "cannot create the default store's directory" in one_line(err) and "--store" in err
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / ("x" * 300)))
+    code, _, err = run(capsys, "list")
+    assert code == USAGE and "cannot read the configuration file" in one_line(err) and "too long" in err
+    for argv in (["demo-worker"], ["demo-worker", "http://127.0.0.1:9", "x", "1", "0"]):
+        monkeypatch.setenv("HTTPX_UPSTREAM_AUTH_DEMO_STORAGE", "memory")
+        if len(argv) == 1:
+            monkeypatch.delenv("HTTPX_UPSTREAM_AUTH_DEMO_STORAGE")
+        code, _, err = run(capsys, *argv)
+        assert code == USAGE and "run `httpx-upstream-auth demo`" in one_line(err), argv
+
+    def broken(url: str) -> Any:
+        raise RuntimeError("secret detail")
+
+    register_storage("broken-demo-test", broken)
+    code, _, err = run(capsys, "demo", "--storage", "broken-demo-test:", "--seconds", "0.5")
+    assert code == 1 and one_line(err) == (
+        "httpx-upstream-auth: unexpected error (RuntimeError); run again with --verbose, or report it"
+    )
