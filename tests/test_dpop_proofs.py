@@ -218,3 +218,48 @@ def test_a_wrong_key_under_the_right_id_is_named_as_a_possible_cause() -> None:
     with pytest.raises(EntryRefused, match="the key configured as 'k1' is not the one that sealed it") as refused:
         other.get(ENTRY)
     assert refused.value.reason == "unauthentic"
+
+
+class RefusesThenBreaksTheProof:
+    """The provider's API behind a proxy that refuses the first request's token (``invalid_token``) and garbles
+    the proof of every later one, so the provider refuses that proof (``invalid_dpop_proof``)."""
+
+    def __init__(self, provider: LocalProvider) -> None:
+        self.provider = provider
+        self.calls = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == "/api/me":
+            self.calls += 1
+            if self.calls == 1:
+                headers = [(b"www-authenticate", b'DPoP error="invalid_token"')]
+                await send({"type": "http.response.start", "status": 401, "headers": headers})
+                await send({"type": "http.response.body", "body": b""})
+                return
+            garbled = [(name, b"not.a.proof" if name == b"dpop" else value) for name, value in scope["headers"]]
+            scope = {**scope, "headers": garbled}
+        await self.provider(scope, receive, send)
+
+
+async def test_a_refused_proof_on_the_replay_after_a_refresh_is_no_distrust(
+    provider: LocalProvider, manager: TokenManager, events: Events
+) -> None:
+    """The API rejects the token: one refresh, one replay. It refuses the replay's proof: the 401 goes back, an
+    event says the proof was refused, and the new token is not distrusted (the next request uses it at once)."""
+    await manager.astore("s", attrs.evolve(provider.login(dpop_jkt=KEY.thumbprint), dpop_key=KEY.to_jwk()))
+    proxy = RefusesThenBreaksTheProof(provider)
+    async with ServerThread(proxy) as server:
+        response = await send("async", manager, "GET", server.url + "/api/me")
+        assert response.status_code == 401 and "invalid_dpop_proof" in response.headers["www-authenticate"]
+        assert await send("async", manager, "GET", server.url + "/api/me") is not None
+    assert (provider.stats["refresh_ok"], provider.stats["dpop_proofs_invalid"], proxy.calls) == (1, 2, 3)
+    assert len(events.named("replayed")) == 1 and not events.named("distrusted")
+    assert events.named("dpop.proof_refused") == [{"origin": server.url, "redirected": False}] * 2
+
+
+def test_an_ipv6_origin_keeps_its_brackets_and_loses_its_userinfo() -> None:
+    """``htu`` and the nonce table's origin for an IPv6 literal: brackets kept, userinfo and case dropped."""
+    dpop = DPoP(key=KEY)
+    dpop.remember("http://u:p@[::1]:8080/a", "resource", "n1")
+    assert dpop.nonce("HTTP://[::1]:8080/b", "resource") == "n1"
+    assert claims(KEY.proof("GET", "http://u:p@[::1]:8080/a?q=1"))["htu"] == "http://[::1]:8080/a"
