@@ -27,7 +27,15 @@ from ._models import UpstreamTokens
 from ._policy import carried
 from ._synchronization import ForkRegistry
 
-__all__ = ["DPoP", "DPoPKey", "access_token_hash", "is_nonce_challenge", "jwk_thumbprint", "origin_of"]
+__all__ = [
+    "DPoP",
+    "DPoPKey",
+    "access_token_hash",
+    "is_nonce_challenge",
+    "is_proof_refused",
+    "jwk_thumbprint",
+    "origin_of",
+]
 
 #: JWK members that make a key's RFC 7638 thumbprint, by key type.
 _THUMBPRINT_MEMBERS = {"EC": ("crv", "kty", "x", "y"), "RSA": ("e", "kty", "n"), "OKP": ("crv", "kty", "x")}
@@ -57,16 +65,25 @@ def access_token_hash(access_token: str) -> str:
     return _b64url(hashlib.sha256(access_token.encode("ascii")).digest())
 
 
+def _authority(parts: urllib.parse.SplitResult) -> str:
+    """``host[:port]`` of a URL, lowercased, without its userinfo (which never leaves the client)."""
+    host = (parts.hostname or "").lower()
+    if ":" in host:  # an IPv6 literal keeps its brackets
+        host = f"[{host}]"
+    port = parts.port
+    return host if port is None else f"{host}:{port}"
+
+
 def origin_of(url: str) -> str:
-    """``scheme://host[:port]`` of a URL, lowercased: where a server nonce belongs."""
+    """``scheme://host[:port]`` of a URL, lowercased and without userinfo: where a server nonce belongs."""
     parts = urllib.parse.urlsplit(url)
-    return f"{parts.scheme.lower()}://{parts.netloc.lower()}"
+    return f"{parts.scheme.lower()}://{_authority(parts)}"
 
 
 def _target(url: str) -> str:
-    """The ``htu`` claim: the URL without its query and fragment (RFC 9449 section 4.2)."""
+    """The ``htu`` claim: the URL without its userinfo, query and fragment (RFC 9449 section 4.2)."""
     parts = urllib.parse.urlsplit(url)
-    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+    return urllib.parse.urlunsplit((parts.scheme, _authority(parts), parts.path, "", ""))
 
 
 class DPoPKey:
@@ -172,6 +189,23 @@ def is_nonce_challenge(status_code: int, headers: Any, body: bytes | None = None
             return False
         return isinstance(data, dict) and data.get("error") == "use_dpop_nonce"
     return False
+
+
+def is_proof_refused(response: Any) -> bool:
+    """True when a resource server's answer refuses the DPoP proof: a 401 whose ``WWW-Authenticate`` says
+    ``error="invalid_dpop_proof"`` (no verdict on the token: a new one would go with the same kind of proof)."""
+    if response.status_code != 401:
+        return False
+    return any("invalid_dpop_proof" in challenge for challenge in response.headers.get_list("www-authenticate"))
+
+
+def _answered(response: Any, request: Any) -> Any:
+    """The request ``response`` answers: ``request``, or the last hop of a redirect the client followed."""
+    try:
+        answered: Any = response.request
+    except RuntimeError:  # a response built without a request
+        return request
+    return answered
 
 
 class DPoP:
@@ -306,24 +340,30 @@ class DPoP:
         nonce = self.nonce(url, "resource")
         headers["DPoP"] = key.proof(request.method, url, access_token=tokens.access_token, nonce=nonce, now=now)
 
-    def challenged(self, response: Any, request: Any) -> bool:
-        """Remember the nonce ``response`` carries, for the origin that sent it; True when it is a nonce
-        challenge to a proof we sent there (``request``, or a redirect hop that kept our token: an answer from
-        another origin after a redirect is neither replayed nor given our origin's nonce)."""
-        try:
-            answered = response.request
-        except RuntimeError:  # a response built without a request
-            answered = request
+    def resend(self, response: Any, request: Any) -> Any | None:
+        """Remember the nonce ``response`` carries, for the origin that sent it; the request to send once more
+        with a fresh proof, or ``None``.
+
+        That is the request our proof reached (``request``, or the hop of a redirect within its origin) when
+        the server asked for a nonce; or, when a redirect took the proof signed for ``request``'s URL to
+        another URL of the origin (an ``auth=`` flow cannot sign each hop) and the server refused it
+        (``invalid_dpop_proof``), that hop, which a fresh proof names rightly."""
+        answered = _answered(response, request)
         if answered is not request and "DPoP" in answered.headers:
             self._left_origin(request, answered)
         nonce = response.headers.get("dpop-nonce")
         self.remember(str(answered.url), "resource", nonce)
-        return (
-            nonce is not None
-            and "DPoP" in answered.headers
-            and carried(response, request, request.headers.get("authorization", ""))
-            and is_nonce_challenge(response.status_code, response.headers)
-        )
+        if (
+            "DPoP" not in answered.headers
+            or not carried(response, request, request.headers.get("authorization", ""))
+            or origin_of(str(answered.url)) != origin_of(str(request.url))
+        ):
+            return None
+        if nonce is not None and is_nonce_challenge(response.status_code, response.headers):
+            return answered
+        if answered is not request and str(answered.url) != str(request.url) and is_proof_refused(response):
+            return answered
+        return None
 
     def _left_origin(self, request: Any, answered: Any) -> None:
         # An auth= flow does not see the hops of a redirect the client follows, and httpx drops only

@@ -119,6 +119,13 @@ def check_token_url(url: str, name: str = "token_url") -> None:
     """Refuse a token URL (or another endpoint's, ``name``) that would send secrets in clear text (plain http is
     allowed on loopback)."""
     parts = urllib.parse.urlsplit(url)
+    if "@" in parts.netloc:
+        # Credentials go in the client authentication, never in the URL: a DPoP proof's htu and logs would
+        # carry them (and the request line never does, so the provider could not match the proof's htu).
+        raise ValueError(
+            f"{name} must not carry credentials (user:password@); give them as client_id and client_secret, got "
+            f"{parts.scheme}://{parts.hostname}"
+        )
     if parts.scheme == "https" and parts.hostname:
         return
     if parts.scheme == "http" and parts.hostname and _is_loopback(parts.hostname):

@@ -119,7 +119,8 @@ def is_token_rejected(response: Any) -> bool:
     A 401 without any ``WWW-Authenticate`` header counts too (many APIs omit it); a 401 whose challenges
     are all for another scheme (``Basic``, ``Digest``) does not: a new token would not help. Nor does a
     DPoP nonce challenge (``error="use_dpop_nonce"``, RFC 9449 section 9): the token is fine, the proof
-    lacked the server's nonce.
+    lacked the server's nonce. Nor does a refused proof (``error="invalid_dpop_proof"``): its ``htu``,
+    ``iat`` or key was wrong, and a new token would carry the same fault.
     """
     if response.status_code != 401:
         return False
@@ -131,7 +132,7 @@ def is_token_rejected(response: Any) -> bool:
     challenges = [c.strip().lower() for c in challenges if c.strip()]
     if not challenges:
         return True
-    if any("use_dpop_nonce" in c for c in challenges):
+    if any("use_dpop_nonce" in c or "invalid_dpop_proof" in c for c in challenges):
         return False
     return any(c.startswith(("bearer", "dpop")) or ", bearer" in c or ", dpop" in c for c in challenges)
 

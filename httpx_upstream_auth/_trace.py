@@ -35,6 +35,7 @@ EVENT_LEVELS: Mapping[str, int] = {
     "refresh_ahead.started": logging.DEBUG,
     "replayed": logging.INFO,
     "distrusted": logging.WARNING,
+    "dpop.proof_refused": logging.WARNING,
     "failure.remembered": logging.WARNING,
     "store.error": logging.WARNING,
     "change.notice": logging.DEBUG,

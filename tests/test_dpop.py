@@ -41,7 +41,7 @@ from httpx_upstream_auth import (
     UpstreamTokens,
     is_token_rejected,
 )
-from httpx_upstream_auth._dpop import access_token_hash, is_nonce_challenge, jwk_thumbprint
+from httpx_upstream_auth._dpop import access_token_hash, is_nonce_challenge, is_proof_refused, jwk_thumbprint
 from httpx_upstream_auth.testing import LocalProvider, ServerThread
 
 __all__ = ["redis_server"]  # a fixture used below
@@ -264,7 +264,8 @@ async def test_stolen_dpop_tokens_are_refused_without_a_proof_of_their_key(
         assert (await client.get(url, headers={"Authorization": f"DPoP {token}", "DPoP": good})).status_code == 200
         replayed = await client.get(url, headers={"Authorization": f"DPoP {token}", "DPoP": good})
         refused = {name: await client.get(url, headers=headers) for name, headers in attempts.items()}
-    assert replayed.status_code == 401 and is_token_rejected(replayed)
+    # A refused proof is no verdict on the token (no refresh follows it).
+    assert replayed.status_code == 401 and is_proof_refused(replayed) and not is_token_rejected(replayed)
     assert {name: r.status_code for name, r in refused.items()} == dict.fromkeys(attempts, 401)
     assert refused["bearer"].headers["www-authenticate"].startswith("Bearer")
     assert refused["no-proof"].headers["www-authenticate"].startswith("DPoP")
@@ -481,12 +482,13 @@ def test_nonce_challenges_are_recognised(
         ('Basic realm="x", DPoP error="invalid_token"', True),
         ('DPoP error="use_dpop_nonce"', False),
         ('Bearer error="invalid_token", DPoP error="use_dpop_nonce"', False),
+        ('DPoP error="invalid_dpop_proof"', False),
         ('Bearer error="invalid_token"', True),
         ('Basic realm="x"', False),
     ],
 )
 def test_a_nonce_challenge_is_no_token_rejection(challenge: str, rejected: bool) -> None:
-    """A DPoP challenge rejects the token unless it asks for a nonce (RFC 9449 section 9)."""
+    """A DPoP challenge rejects the token unless it asks for a nonce (RFC 9449 section 9) or refuses the proof."""
     response = httpx.Response(401, headers={"WWW-Authenticate": challenge})
     assert is_token_rejected(response) is rejected
 

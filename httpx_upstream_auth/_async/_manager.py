@@ -144,6 +144,11 @@ class AsyncCoordinator:
         state = self._core
         state.tracer.emit("replayed", state.key(session_id), access_token_hash=short_hash(tokens.access_token))
 
+    def proof_refused(self, session_id: str, origin: str, *, redirected: bool) -> None:
+        """The API at ``origin`` refused a DPoP proof (``redirected``: on a hop of a redirect the client followed)."""
+        state = self._core
+        state.tracer.emit("dpop.proof_refused", state.key(session_id), origin=origin, redirected=redirected)
+
     def accepted(self, session_id: str, access_token: str) -> None:
         """The API accepted ``access_token``: it is trusted again if it was not."""
         self._core.trust(session_id, access_token)

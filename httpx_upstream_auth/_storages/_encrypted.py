@@ -217,6 +217,15 @@ class EncryptedStorage(Storage):
         """The entry the backend holds under ``key``, opened; :class:`EntryRefused` when it cannot be."""
         head, dot, rest = stored.access_token.partition(".")
         if head != PREFIX or not dot:
+            if _looks_sealed(stored.access_token):
+                # A sealed value garbled on the way (prefix, separator, truncation) is neither plaintext to
+                # serve nor to seal anew: its access token would be the ciphertext.
+                raise EntryRefused(
+                    f"the entry for provider {key.provider_id!r} looks sealed but its format marker is damaged "
+                    f"(not {PREFIX}.<key id>.<ciphertext>); it was not used. Delete it and log the user in again",
+                    reason="malformed",
+                    version=stored.version,
+                )
             if self.allow_plaintext:
                 return stored
             raise EntryRefused(
@@ -241,9 +250,11 @@ class EncryptedStorage(Storage):
         opened = _open(cipher, text, _associated(key_id, key, stored))
         if opened is None:
             raise EntryRefused(
-                f"the entry for provider {key.provider_id!r} failed authentication (a ciphertext moved from "
-                "another session, identity fields rewritten, or tampered with); it was not used. Log the user in "
-                "again, and look into who can write the token store",
+                f"the entry for provider {key.provider_id!r} failed authentication: the key configured as "
+                f"{key_id!r} is not the one that sealed it (a mistyped or replaced key: configure the right one), "
+                "or the ciphertext was moved from another session, its identity fields rewritten, or tampered with; "
+                "it was not used. Check the key; otherwise log the user in again, and look into who can write the "
+                "token store",
                 reason="unauthentic",
                 key_id=key_id,
                 version=stored.version,
@@ -430,6 +441,17 @@ class EncryptedStorage(Storage):
             if self.put(key, opened, expected_version=stored.version):
                 return "rewritten"
         return "changed"
+
+
+def _looks_sealed(access_token: str) -> bool:
+    """True when an access token that is not a well-formed sealed value looks like one that was damaged: the
+    format's name near its start (a byte lost, a case change), or its start the marker with up to three
+    characters wrong. No real token looks so; a JWT starts ``eyJ``."""
+    start = access_token[: len(PREFIX) + 1].lower()
+    if "aesgcm" in access_token[:20].lower() or start == PREFIX:
+        return True
+    wrong = sum(a != b for a, b in zip(start, f"{PREFIX}.", strict=False)) + len(PREFIX) + 1 - len(start)
+    return wrong <= 3
 
 
 def _associated(key_id: str, key: EntryKey, tokens: UpstreamTokens) -> bytes:

@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from .._models import Binding
+from .._dpop import is_nonce_challenge, is_proof_refused, origin_of
+from .._models import Binding, UpstreamTokens
 from .._policy import can_replay, carried, is_token_rejected
 
 if TYPE_CHECKING:
@@ -39,10 +40,23 @@ class SyncAuthFlow:
         sent = state.clock.monotonic()
         response = yield request
         state.observe(state.clock.monotonic() - sent)
-        if dpop is not None and dpop.challenged(response, request) and can_replay(request):
-            # A nonce challenge is no verdict on the token: the same token goes again, with the nonce.
-            dpop.authorize(request, tokens, state.clock.time())
-            response = yield request
+        if dpop is not None:
+            for attempt in range(2):
+                # A nonce challenge, or a proof that a redirect within the origin took to a URL it does not
+                # name: no verdict on the token. The same token goes again, to the URL that answered, with a
+                # proof of its own (never the same proof twice): once, and once more only when the proof
+                # made for the redirect's target then meets a nonce challenge.
+                again = dpop.resend(response, request)
+                if again is None or not can_replay(request):
+                    break
+                nonce_asked = is_nonce_challenge(response.status_code, response.headers)
+                dpop.authorize(again, tokens, state.clock.time())
+                response = yield again
+                if nonce_asked or attempt:
+                    dpop.resend(response, request)  # keeps the nonce for the next request; no further retry
+                    break
+            if self._proof_refused(response, request, tokens):
+                return
         if not carried(response, request, tokens.authorization):
             # A redirect to another origin, where the client dropped our token: that answer says nothing
             # about it, and neither a refresh nor a replay would reach that origin with it.
@@ -62,7 +76,9 @@ class SyncAuthFlow:
         ops.replayed(self._session_id, retry)
         response = yield request
         if dpop is not None:
-            dpop.challenged(response, request)  # keeps the nonce for the next request; no second replay
+            dpop.resend(response, request)  # keeps the nonce for the next request; no second replay
+            if self._proof_refused(response, request, retry):
+                return
         if not carried(response, request, retry.authorization):
             return
         if is_token_rejected(response):
@@ -72,3 +88,14 @@ class SyncAuthFlow:
             ops.distrust(self._session_id, retry)
         else:
             ops.accepted(self._session_id, retry.access_token)
+
+    def _proof_refused(self, response: httpx.Response, request: httpx.Request, tokens: UpstreamTokens) -> bool:
+        """True when the API refused our DPoP proof (``invalid_dpop_proof``), which is said in an event: no
+        verdict on the token, so neither a refresh nor a distrust follows."""
+        if not is_proof_refused(response) or not carried(response, request, tokens.authorization):
+            return False
+        answered = response.request
+        self._coordinators.for_sync.proof_refused(
+            self._session_id, origin_of(str(answered.url)), redirected=answered is not request
+        )
+        return True
