@@ -454,14 +454,52 @@ def _refresher(config: CliConfig) -> Refresher:
 def _manager(config: CliConfig, *, refreshes: bool) -> TokenManager:
     provider = config.require_provider()
     refresher = _refresher(config) if refreshes else _NoRefresher()
-    return TokenManager(refresher=refresher, provider_id=provider, storage=_open_store(config), failure_window=0)
+    return TokenManager(
+        refresher=refresher,
+        provider_id=provider,
+        storage=_open_store(config),
+        failure_window=0,
+        refresh_timeout=REFRESH_TIMEOUT,
+    )
 
 
-def _closing(manager: TokenManager, run: Callable[[TokenManager], int]) -> int:
+#: The CLI's refresh_timeout: a job (the token request, then its writes) ends within twice this.
+REFRESH_TIMEOUT = 15.0
+
+
+def _closing(manager: TokenManager, run: Callable[[TokenManager], int], *, refreshes: bool = False) -> int:
     try:
-        return run(manager)
+        code = run(manager)
+    except KeyboardInterrupt:
+        # A refresh may have been sent: its rotated token must be saved before the process ends, so later
+        # signals (an impatient Ctrl-C, a supervisor's repeated SIGTERM) are only recorded until close()
+        # returns; the command then exits for the first one, re-raised here.
+        with _signals_held():
+            if refreshes:
+                print(
+                    f"{PROG}: waiting up to {2 * REFRESH_TIMEOUT:.0f} s for the refresh in flight to be saved",
+                    file=sys.stderr,
+                )
+            manager.close()
+        raise
+    manager.close()
+    return code
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Record (ignore) SIGINT and the stop signals inside the block; restore their handlers after it."""
+    held = (signal.SIGINT, *STOP_SIGNALS)
+    previous = {signum: signal.signal(signum, _record) for signum in held}
+    try:
+        yield
     finally:
-        manager.close()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _record(signum: int, frame: object) -> None:
+    """A signal while a refresh in flight is saved: the command already exits for the first one."""
 
 
 # -- output -----------------------------------------------------------------------------------------------
@@ -554,7 +592,7 @@ def _token(flags: argparse.Namespace, config: CliConfig) -> int:
             _say(tokens.access_token)
         return OK
 
-    return _closing(_manager(config, refreshes=True), run)
+    return _closing(_manager(config, refreshes=True), run, refreshes=True)
 
 
 _PASS_ANSWER = "pass the token endpoint's JSON answer"
@@ -759,7 +797,7 @@ def _refresh(flags: argparse.Namespace, config: CliConfig) -> int:
         _print_entry(redacted(key, tokens), flags.json)
         return OK
 
-    return _closing(_manager(config, refreshes=True), run)
+    return _closing(_manager(config, refreshes=True), run, refreshes=True)
 
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace, CliConfig], int]] = {

@@ -96,12 +96,56 @@ def test_sigterm_and_sighup_during_a_refresh_save_the_answer_and_exit_128_plus_t
         _, err = process.communicate(timeout=60)
         name = signal.Signals(signum).name
         assert process.returncode == 128 + signum, (name, process.returncode, err)
-        assert one_line(err) == f"httpx-upstream-auth: interrupted ({name})"
+        assert err.splitlines() == [WAITING, f"httpx-upstream-auth: interrupted ({name})"]
         store = SQLiteStorage(tmp_path / "tokens.db")
         saved = store.get(key)
         store.close()
         assert saved is not None and saved.version == version + 1, name
         assert api_status(url, saved.access_token) == 200
+    assert run(capsys, "--config", config, "refresh", "alice")[0] == OK
+    assert local.stats["refresh_reuse"] == 0 and local.stats["refresh_ok"] == 3
+
+
+WAITING = "httpx-upstream-auth: waiting up to 30 s for the refresh in flight to be saved"
+
+
+def test_repeated_signals_during_a_refresh_do_not_lose_the_rotated_token(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, provider: tuple[LocalProvider, str]
+) -> None:
+    """Three Ctrl-C (or three SIGTERM) while the provider holds a redeemed answer: the later signals are only
+    recorded until the answer is saved, the command exits for the first one, the stored entry is the rotated
+    one, and the next refresh presents no consumed token (adv-cli F1)."""
+    local, url = provider
+    config = str(write_config(tmp_path, url))
+    assert run(capsys, "--config", config, "import", "alice", stdin=grant(local, sub="alice"))[0] == OK
+    env = environment(tmp_path)
+    key = EntryKey("local", "alice")
+    pause = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        before = SQLiteStorage(tmp_path / "tokens.db")
+        version = before.get(key).version  # type: ignore[union-attr]
+        before.close()
+        calls = local.stats["token_calls"]
+        local.fail_next("answer_delay:2")
+        command = [str(BIN / "httpx-upstream-auth"), "--config", config, "refresh", "alice"]
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _wait_for(lambda calls=calls: local.stats["token_calls"] > calls)  # redeemed: the answer is on its way
+        process.send_signal(signum)
+        assert process.stderr is not None
+        assert process.stderr.readline().rstrip("\n") == WAITING  # now in close(), waiting for the job
+        for _ in range(2):
+            process.send_signal(signum)
+            pause.wait(0.1)
+        rest = process.communicate(timeout=60)[1]
+        name = signal.Signals(signum).name
+        assert process.returncode == 128 + signum, (name, process.returncode, rest)
+        assert rest.splitlines() == [
+            "httpx-upstream-auth: interrupted" + ("" if signum == signal.SIGINT else f" ({name})")
+        ]
+        store = SQLiteStorage(tmp_path / "tokens.db")
+        saved = store.get(key)
+        store.close()
+        assert saved is not None and saved.version == version + 1, name
     assert run(capsys, "--config", config, "refresh", "alice")[0] == OK
     assert local.stats["refresh_reuse"] == 0 and local.stats["refresh_ok"] == 3
 
