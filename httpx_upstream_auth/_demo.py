@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -126,6 +127,20 @@ def worker_main(argv: list[str]) -> int:
         base_url, seconds, tasks, start = argv[0], float(argv[1]), int(argv[2]), float(argv[3])
     except ValueError:
         raise UsageError("demo-worker is one of the demo's worker processes: run `httpx-upstream-auth demo`") from None
+    # The parent handles Ctrl-C (the terminal sends it to the whole group) and ends its workers with SIGTERM:
+    # a worker then exits at once and says nothing (the demo's store is the parent's to tidy).
+    quits = {signum: _quit for signum in _STOP_SIGNALS}
+    previous = {
+        signum: signal.signal(signum, handler) for signum, handler in {signal.SIGINT: signal.SIG_IGN, **quits}.items()
+    }
+    try:
+        return _work(storage, base_url, seconds, tasks, start)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _work(storage: str, base_url: str, seconds: float, tasks: int, start: float) -> int:
     manager = make_manager(storage, base_url)
     time.sleep(max(start - time.time(), 0.0))  # every worker starts calling at once, after its imports
     progress = {"ok": 0, "failed": 0}
@@ -215,6 +230,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="the access tokens' lifetime in seconds, 0.5 to 60 (default 2)",
     )
     return parser.parse_args(argv)
+
+
+_STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+def _quit(signum: int, frame: object) -> None:
+    """End this worker at once, quietly: its parent was interrupted, or is gone."""
+    os._exit(128 + signum)
 
 
 def main(argv: list[str]) -> int:
@@ -345,16 +368,23 @@ def _run_processes(
                     results[index] = message["result"]
                     latest[index] = {"ok": message["result"]["ok"], "failed": message["result"]["failed"]}
 
-    readers = [threading.Thread(target=read, args=(i, p), daemon=True) for i, p in enumerate(procs)]
-    for reader in readers:
-        reader.start()
-    display.follow(
-        lambda: any(reader.is_alive() for reader in readers),
-        lambda: (sum(x["ok"] for x in latest), sum(x["failed"] for x in latest)),
-    )
-    for proc in procs:
-        if proc.wait(timeout=args.seconds + 60) != 0:  # pragma: no cover - a crashed worker (a bug, a kill)
-            raise SystemExit(f"a demo worker exited with status {proc.returncode}")
+    try:
+        readers = [threading.Thread(target=read, args=(i, p), daemon=True) for i, p in enumerate(procs)]
+        for reader in readers:
+            reader.start()
+        display.follow(
+            lambda: any(reader.is_alive() for reader in readers),
+            lambda: (sum(x["ok"] for x in latest), sum(x["failed"] for x in latest)),
+        )
+        for proc in procs:
+            if proc.wait(timeout=args.seconds + 60) != 0:  # pragma: no cover - a crashed worker (a bug, a kill)
+                raise SystemExit(f"a demo worker exited with status {proc.returncode}")
+    finally:  # interrupted (Ctrl-C, SIGTERM): the workers end with the demo, not after it
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs:
+            proc.wait()
     return [result for result in results if result is not None]
 
 

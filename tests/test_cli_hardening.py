@@ -10,6 +10,7 @@ import importlib.abc
 import io
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -170,6 +171,32 @@ def test_a_sigterm_in_this_process_is_one_line_and_status_143_and_the_handler_is
 
 
 # -- F2: the demo's store password ------------------------------------------------------------------------
+def test_an_interrupted_demo_ends_its_workers_and_prints_one_line(tmp_path: Path) -> None:
+    """SIGTERM to the demo's own pid (`kill PID`), then Ctrl-C to its whole group (a terminal): the demo has
+    ended and reaped its workers when it exits 128 + signum, and stderr is one line (adv-cli F2, F7)."""
+    command = [str(BIN / "httpx-upstream-auth"), "demo", "--processes", "2", "--tasks", "1", "--seconds", "120"]
+    for signum, group in ((signal.SIGTERM, False), (signal.SIGINT, True)):
+        demo = subprocess.Popen(
+            command, env=environment(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        assert demo.stdout is not None
+        for line in demo.stdout:  # the workers are calling: their own signal handling is in place
+            if re.match(r" *[1-9]\d* requests ", line):
+                break
+        workers = [int(pid) for pid in Path(f"/proc/{demo.pid}/task/{demo.pid}/children").read_text().split()]
+        assert len(workers) == 2
+        if group:
+            os.killpg(demo.pid, signum)
+        else:
+            demo.send_signal(signum)
+        _, err = demo.communicate(timeout=60)
+        name = signal.Signals(signum).name
+        assert demo.returncode == 128 + signum, (name, demo.returncode, err)
+        assert one_line(err) == "httpx-upstream-auth: interrupted" + ("" if group else f" ({name})")
+        assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()], name
+
+
 def test_the_demo_never_prints_the_store_password_nor_puts_it_on_a_workers_argv(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, redis_server: RedisServer
 ) -> None:
