@@ -292,10 +292,11 @@ def _run(args: list[str]) -> int:
     try:
         if sys.stdout is None:  # started with stdout closed (`>&-`): print() would drop every line silently
             raise UsageError("stdout is closed: nowhere to print the output")
-        if args[:1] in (["demo"], ["demo-worker"]):  # the demo parses its own flags
+        demo = _demo_args(args)
+        if demo is not None:  # the demo parses its own flags
             from . import _demo
 
-            return _demo.main(args[1:]) if args[0] == "demo" else _demo.worker_main(args[1:])
+            return _demo.main(demo[1:]) if demo[0] == "demo" else _demo.worker_main(demo[1:])
         flags = build_parser().parse_args(args)
         if flags.verbose:
             _verbose()
@@ -329,6 +330,31 @@ def _run(args: list[str]) -> int:
         return _fail(USAGE, str(exc))
     except Exception as exc:  # a bug, or a failure nobody foresaw: still one line (its text may hold a secret)
         return _fail(FAILED, f"unexpected error ({type(exc).__name__}); run again with --verbose, or report it")
+
+
+_GLOBAL_VALUED = ("--config", "--store", "--provider")
+_DEMO_OPTIONS = "the demo takes no --config, --store or --provider: its store is `demo --storage URL`"
+
+
+def _demo_args(args: list[str]) -> list[str] | None:
+    """``args`` from ``demo`` (or ``demo-worker``) on, when that is the command; ``None`` for any other one.
+
+    ``--verbose`` may come first, as for every command; the options naming a configuration, a store or a
+    provider are refused, the demo running its own provider on its own store.
+    """
+    at = 0
+    while at < len(args) and args[at].startswith("--"):
+        name = args[at].split("=", 1)[0]
+        if name not in (*_GLOBAL_VALUED, "--verbose"):
+            return None
+        at += 2 if name in _GLOBAL_VALUED and "=" not in args[at] else 1
+    if args[at : at + 1] not in (["demo"], ["demo-worker"]):
+        return None
+    if any(arg.split("=", 1)[0] in _GLOBAL_VALUED for arg in args[:at]):
+        raise UsageError(_DEMO_OPTIONS)
+    if "--verbose" in args[:at]:
+        _verbose()
+    return args[at:]
 
 
 class _OutputFailed(Exception):

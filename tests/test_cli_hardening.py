@@ -596,3 +596,14 @@ def test_serve_checks_its_flags_and_writes_private_files_without_following_links
         assert (target / name).stat().st_mode & 0o777 == 0o600, name
     assert json.loads((target / "grant.json").read_text())["refresh_token"]
     assert sorted(path.name for path in target.iterdir()) == ["client-secret", "config.toml", "grant.json"]
+
+
+def test_global_options_before_the_demo(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--verbose demo ...` runs the demo with its flags; `--store`, `--config` or `--provider` before it (in
+    either spelling) is one line naming the demo's own `--storage`, status 2 (adv-cli F4)."""
+    for args in (["--store", "sqlite:////tmp/x.db"], ["--config=c.toml"], ["--verbose", "--provider", "p"]):
+        code, out, err = run(capsys, *args, "demo")
+        assert code == USAGE and out == "", args
+        assert "`demo --storage URL`" in one_line(err), args
+    code, out, err = run(capsys, "--verbose", "demo", "--processes", "1", "--tasks", "1", "--seconds", "0.5")
+    assert code == OK and "| result " in out, err
