@@ -774,12 +774,16 @@ def _entries(
     storage: Storage, provider: str | None, config: CliConfig, skipped: list[EntryKey]
 ) -> Iterator[tuple[EntryKey, UpstreamTokens]]:
     """Every listed entry; one that cannot be read is named on stderr, added to ``skipped`` and passed over
-    (the rest are still listed). A sealed entry without keys ends the listing: the whole store is sealed."""
+    (the rest are still listed); so is one the encrypted store refuses. A sealed entry without keys ends the listing: the whole store is sealed."""
     for key in storage.scan(provider):
         try:
             tokens = _read(storage, key, config)
         except _Unreadable as exc:
             print(f"{PROG}: {exc}", file=sys.stderr)
+            skipped.append(key)
+            continue
+        except EntryRefused as exc:  # one moved or tampered entry must not hide the others
+            print(f"{PROG}: session {key.session_id!r}: the encrypted store refused the entry: {exc}", file=sys.stderr)
             skipped.append(key)
             continue
         if tokens is not None:  # deleted since the scan named it

@@ -341,6 +341,33 @@ def test_an_unreadable_entry_is_named_and_skipped_by_list_and_is_status_2_for_sh
     assert run(capsys, "--config", config, "list") == (OK, ANY_TEXT, "")
 
 
+def test_list_names_and_skips_an_entry_the_encrypted_store_refuses(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    provider: tuple[LocalProvider, str],
+) -> None:
+    """An encrypted store whose middle entry holds another session's ciphertext (moved): list prints the
+    other two, names the moved one's session on stderr, and exits 2 (adv-sec F5)."""
+    local, url = provider
+    config = str(write_config(tmp_path, url))
+    key = EncryptionKey.generate("k1")
+    app = EncryptedStorage(SQLiteStorage(tmp_path / "tokens.db"), [key])
+    for session in ("a-good", "b-moved", "c-good"):
+        assert app.put(EntryKey("local", session), local.login(sub=session), expected_version=None)
+    app.close()
+    with sqlite3.connect(tmp_path / "tokens.db") as db:
+        db.execute(
+            "UPDATE entries SET data = (SELECT data FROM entries WHERE session_id = 'a-good') "
+            "WHERE session_id = 'b-moved'"
+        )
+    db.close()
+    monkeypatch.setenv("HTTPX_UPSTREAM_AUTH_ENCRYPTION_KEYS", "k1:" + base64.b64encode(key.secret).decode())
+    code, out, err = run(capsys, "--config", config, "list")
+    assert code == USAGE and sorted(line.split("\t")[1] for line in out.splitlines()) == ["a-good", "c-good"]
+    assert "session 'b-moved'" in one_line(err) and "refused the entry" in err
+
+
 class _AnyText(str):
     def __eq__(self, other: object) -> bool:
         return isinstance(other, str)
