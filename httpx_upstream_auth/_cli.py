@@ -774,7 +774,8 @@ def _entries(
     storage: Storage, provider: str | None, config: CliConfig, skipped: list[EntryKey]
 ) -> Iterator[tuple[EntryKey, UpstreamTokens]]:
     """Every listed entry; one that cannot be read is named on stderr, added to ``skipped`` and passed over
-    (the rest are still listed); so is one the encrypted store refuses. A sealed entry without keys ends the listing: the whole store is sealed."""
+    (the rest are still listed); so is one the encrypted store refuses. A sealed entry without keys ends the
+    listing: the whole store is sealed."""
     for key in storage.scan(provider):
         try:
             tokens = _read(storage, key, config)

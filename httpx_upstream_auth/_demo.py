@@ -129,10 +129,8 @@ def worker_main(argv: list[str]) -> int:
         raise UsageError("demo-worker is one of the demo's worker processes: run `httpx-upstream-auth demo`") from None
     # The parent handles Ctrl-C (the terminal sends it to the whole group) and ends its workers with SIGTERM:
     # a worker then exits at once and says nothing (the demo's store is the parent's to tidy).
-    quits = {signum: _quit for signum in _STOP_SIGNALS}
-    previous = {
-        signum: signal.signal(signum, handler) for signum, handler in {signal.SIGINT: signal.SIG_IGN, **quits}.items()
-    }
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN)}
+    previous.update({signum: signal.signal(signum, _quit) for signum in _STOP_SIGNALS})
     try:
         return _work(storage, base_url, seconds, tasks, start)
     finally:
