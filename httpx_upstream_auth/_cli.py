@@ -318,6 +318,8 @@ def _run(args: list[str]) -> int:
     except EntryRefused as exc:  # the keys do not open it: a configuration to fix, or an entry to replace
         code = USAGE if exc.reason in ("unknown_key", "plaintext") else REAUTHENTICATE
         return _fail(code, f"the encrypted store refused the entry: {exc}")
+    except UnreadableEntry as exc:  # retrying will not help: its text says to delete the entry
+        return _fail(USAGE, f"token store error: {exc}")
     except StorageError as exc:
         return _fail(RETRY_LATER, f"token store error, retry later: {exc}")
     except UpstreamAuthError as exc:  # pragma: no cover - every UpstreamAuthError subclass is handled above

@@ -337,6 +337,8 @@ def test_an_unreadable_entry_is_named_and_skipped_by_list_and_is_status_2_for_sh
         code, out, err = run(capsys, "--config", config, command, "b-bad")
         assert code == USAGE and out == "" and "session 'b-bad'" in one_line(err) and "delete" in err, command
     assert run(capsys, "--config", config, "import", "d-new", stdin=grant(local))[0] == OK
+    code, _, err = run(capsys, "--config", config, "import", "b-bad", stdin=grant(local))
+    assert code == USAGE and "unreadable entry" in one_line(err) and "retry" not in err  # adv-cli F5
     assert run(capsys, "--config", config, "delete", "b-bad")[0] == OK
     assert run(capsys, "--config", config, "list") == (OK, ANY_TEXT, "")
 
