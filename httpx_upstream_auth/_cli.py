@@ -34,6 +34,7 @@ from ._cli_config import (
     OneLineParser,
     UsageError,
     load_config,
+    quoted_short,
     read_small,
     user_config_dir,
     user_data_dir,
@@ -720,9 +721,9 @@ class _Unreadable(UsageError):
 
 def _sealed(key: EntryKey) -> UsageError:
     return UsageError(
-        f"session {key.session_id!r} of provider {key.provider_id!r} is encrypted (EncryptedStorage): configure the "
-        f"store's keys with {ENV_PREFIX}ENCRYPTION_KEYS, or encryption_keys_env / encryption_keys_file in the "
-        "configuration file"
+        f"session {quoted_short(key.session_id)} of provider {key.provider_id!r} is encrypted (EncryptedStorage): "
+        f"configure the store's keys with {ENV_PREFIX}ENCRYPTION_KEYS, or encryption_keys_env / "
+        "encryption_keys_file in the configuration file"
     )
 
 
@@ -732,7 +733,7 @@ def _read(storage: Storage, key: EntryKey, config: CliConfig) -> UpstreamTokens 
     try:
         tokens = storage.get(key)
     except UnreadableEntry as exc:
-        raise _Unreadable(f"session {key.session_id!r}: {exc}") from None  # its text says to delete it
+        raise _Unreadable(f"session {quoted_short(key.session_id)}: {exc}") from None  # its text says to delete it
     if tokens is not None and not config.encryption_keys and tokens.access_token.startswith(SEALED_PREFIX + "."):
         raise _sealed(key)
     return tokens
@@ -755,7 +756,8 @@ def _refuse_plaintext_next_to_sealed(storage: Storage, key: EntryKey) -> None:
 
 def _missing(provider: str, session: str) -> ReauthenticationRequired:
     return ReauthenticationRequired(
-        f"no entry for session {session!r} of provider {provider!r} in this store; import one or log the user in"
+        f"no entry for session {quoted_short(session)} of provider {provider!r} in this store; import one or log "
+        "the user in"
     )
 
 
@@ -786,7 +788,8 @@ def _entries(
             skipped.append(key)
             continue
         except EntryRefused as exc:  # one moved or tampered entry must not hide the others
-            print(f"{PROG}: session {key.session_id!r}: the encrypted store refused the entry: {exc}", file=sys.stderr)
+            refused = f"session {quoted_short(key.session_id)}: the encrypted store refused the entry: {exc}"
+            print(f"{PROG}: {refused}", file=sys.stderr)
             skipped.append(key)
             continue
         if tokens is not None:  # deleted since the scan named it

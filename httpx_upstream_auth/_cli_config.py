@@ -287,6 +287,12 @@ class CliConfig:
         return self.provider
 
 
+def quoted_short(text: str, limit: int = 80) -> str:
+    """``text`` quoted for a message, cut to about ``limit`` characters (a pasted blob is not echoed whole)."""
+    quoted = repr(text if len(text) <= limit else text[:limit])
+    return quoted if len(text) <= limit else f"{quoted}... ({len(text)} characters)"
+
+
 def _layer(flag: Any, environ: Mapping[str, str], name: str, table: Mapping[str, Any], key: str) -> Any:
     """A flag, else ``HTTPX_UPSTREAM_AUTH_<name>``, else the file's value (``None`` when none is set)."""
     if flag is not None:
@@ -338,6 +344,11 @@ def load_config(flags: Any, environ: Mapping[str, str] = os.environ) -> CliConfi
         raise UsageError(
             f"the provider is empty (an unset variable?): pass --provider NAME, set {ENV_PREFIX}PROVIDER or "
             "default_provider"
+        )
+    if provider is not None and providers and provider not in providers:  # a typo must not read as "log in again"
+        known = ", ".join(sorted(providers))
+        raise UsageError(
+            f"unknown provider {quoted_short(provider)} (known: {known}): check --provider, or add it to {path}"
         )
     settings = None
     if provider is not None:

@@ -636,3 +636,17 @@ def test_global_options_before_the_demo(capsys: pytest.CaptureFixture[str]) -> N
         assert "`demo --storage URL`" in one_line(err), args
     code, out, err = run(capsys, "--verbose", "demo", "--processes", "1", "--tasks", "1", "--seconds", "0.5")
     assert code == OK and "| result " in out, err
+
+
+def test_an_unknown_provider_and_a_long_session_id_are_one_short_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, provider: tuple[LocalProvider, str]
+) -> None:
+    """A provider the configuration file does not list is status 2 naming the known ones (not "log in again",
+    nor a missing client_id); a 100,000-character session id is cut in the message (adv-cli F11, F16)."""
+    config = str(write_config(tmp_path, provider[1]))
+    for command in (["show", "alice"], ["token", "alice"]):
+        code, out, err = run(capsys, "--config", config, "--provider", "locl", *command)
+        assert code == USAGE and out == "", command
+        assert one_line(err).startswith("httpx-upstream-auth: unknown provider 'locl' (known: local)"), err
+    code, _, err = run(capsys, "--config", config, "show", "s" * 100_000)
+    assert code == REAUTHENTICATE and "(100000 characters)" in one_line(err) and len(err) < 400, err[:300]
