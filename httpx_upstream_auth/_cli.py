@@ -109,6 +109,13 @@ def _common(parser: argparse.ArgumentParser, default: Any) -> None:
     )
 
 
+def _auth_method(text: str) -> str:
+    methods = ("client_secret_basic", "client_secret_post", "none")
+    if text not in methods:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(methods)} (the value given is not repeated)")
+    return text
+
+
 def _refresh_flags(parser: argparse.ArgumentParser) -> None:
     """How to reach the provider's token endpoint, when not (only) in the configuration file."""
     group = parser.add_argument_group("provider (override the configuration file)")
@@ -117,7 +124,8 @@ def _refresh_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--client-id", metavar="ID", help="the OAuth client id")
     group.add_argument(
         "--auth-method",
-        choices=("client_secret_basic", "client_secret_post", "none"),
+        metavar="{client_secret_basic,client_secret_post,none}",
+        type=_auth_method,  # not choices=: argparse would repeat the value, which may be a secret pasted there
         help="how the client authenticates at the token endpoint (default client_secret_basic)",
     )
     group.add_argument("--client-secret-env", metavar="VAR", help="the environment variable holding the secret")

@@ -650,3 +650,10 @@ def test_an_unknown_provider_and_a_long_session_id_are_one_short_line(
         assert one_line(err).startswith("httpx-upstream-auth: unknown provider 'locl' (known: local)"), err
     code, _, err = run(capsys, "--config", config, "show", "s" * 100_000)
     assert code == REAUTHENTICATE and "(100000 characters)" in one_line(err) and len(err) < 400, err[:300]
+
+
+def test_a_bad_auth_method_flag_is_not_repeated(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--auth-method 'my-s3cr3t!'`: status 2 naming the valid methods, never the value (adv-cli F12)."""
+    code, out, err = run(capsys, "token", "alice", "--auth-method", "my-s3cr3t!")
+    assert code == USAGE and out == "" and "my-s3cr3t" not in err
+    assert "client_secret_basic, client_secret_post, none" in one_line(err)
