@@ -686,6 +686,7 @@ def _import(flags: argparse.Namespace, config: CliConfig) -> int:
     assert config.settings is not None  # a provider was chosen
     client_id = config.settings.client_id
     error = answer.get("error")
+    _check_expires_in(answer.get("expires_in"))
     try:
         tokens = UpstreamTokens.from_token_response(
             answer,
@@ -717,6 +718,26 @@ def _import(flags: argparse.Namespace, config: CliConfig) -> int:
         return OK
 
     return _closing(_manager(config, refreshes=False), run)
+
+
+#: The longest ``expires_in`` import takes (ten years): a larger one is a unit mistake, not a lifetime.
+MAX_EXPIRES_IN = 10 * 365 * 86400
+
+
+def _check_expires_in(value: object) -> None:
+    """Refuse an ``expires_in`` that is not a positive number of seconds: kept as "unknown", ``token`` would
+    then serve the access token forever (it never sees the API's 401, so it never refreshes)."""
+    if value is None:
+        return
+    try:
+        seconds = float(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else None
+    except ValueError:
+        seconds = None
+    if seconds is None or not 0 < seconds <= MAX_EXPIRES_IN:
+        raise UsageError(
+            f"the answer's expires_in must be a positive number of seconds, at most {MAX_EXPIRES_IN} (the value "
+            "is not repeated): check the answer, or leave expires_in out if the provider gives none"
+        )
 
 
 #: How many of the provider's entries ``import`` looks at for sealed ones, when no encryption key is configured.

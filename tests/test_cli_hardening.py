@@ -657,3 +657,19 @@ def test_a_bad_auth_method_flag_is_not_repeated(capsys: pytest.CaptureFixture[st
     code, out, err = run(capsys, "token", "alice", "--auth-method", "my-s3cr3t!")
     assert code == USAGE and out == "" and "my-s3cr3t" not in err
     assert "client_secret_basic, client_secret_post, none" in one_line(err)
+
+
+def test_import_refuses_an_unusable_expires_in(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, provider: tuple[LocalProvider, str]
+) -> None:
+    """expires_in 0, negative, non-numeric, infinite (1e400), absurdly large or a boolean: status 2, one line,
+    nothing stored; "3600" as a string and a missing expires_in are still taken (adv-cli F9)."""
+    config = str(write_config(tmp_path, provider[1]))
+    for bad in ("0", "-5", '"abc"', "1e400", "1e20", "true", '"nan"'):
+        answer = '{"access_token": "SECRETAT", "refresh_token": "RT1", "expires_in": ' + bad + "}"
+        code, out, err = run(capsys, "--config", config, "import", "s", stdin=answer)
+        assert code == USAGE and out == "" and "expires_in must be a positive number" in one_line(err), bad
+        assert run(capsys, "--config", config, "show", "s")[0] == REAUTHENTICATE, bad
+    for good in (', "expires_in": "3600"', ""):
+        answer = '{"access_token": "SECRETAT", "refresh_token": "RT1"' + good + "}"
+        assert run(capsys, "--config", config, "import", "s", stdin=answer)[0] == OK, good
