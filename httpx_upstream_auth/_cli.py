@@ -23,6 +23,7 @@ import signal
 import sys
 import textwrap
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -435,6 +436,14 @@ def _open_url(url: str) -> Storage:
     if url.split(":", 1)[0].lower() == "memory":
         # One process's memory: what it stores is gone when the command exits.
         raise UsageError("memory:// lives in one process and forgets everything at exit: it is for the demo only")
+    if url.split(":", 1)[0].lower() == "sqlite":
+        parts = urllib.parse.urlsplit(url)
+        # sqlite://rel.db would be ./rel.db (a cron job and a shell see different stores); a query or a fragment
+        # would become part of the file's name.
+        if parts.netloc or parts.query or parts.fragment or "?" in url or "#" in url:
+            raise UsageError(
+                "a sqlite store URL takes no host, query (?...) or fragment (#...): use sqlite:///ABSOLUTE/PATH"
+            )
     if url == "sqlite:///" + str(user_data_dir() / "tokens.db"):  # the default: its directory is ours to make
         try:
             user_data_dir().mkdir(parents=True, exist_ok=True, mode=0o700)

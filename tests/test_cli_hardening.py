@@ -673,3 +673,15 @@ def test_import_refuses_an_unusable_expires_in(
     for good in (', "expires_in": "3600"', ""):
         answer = '{"access_token": "SECRETAT", "refresh_token": "RT1"' + good + "}"
         assert run(capsys, "--config", config, "import", "s", stdin=answer)[0] == OK, good
+
+
+def test_a_sqlite_url_with_a_host_query_or_fragment_is_refused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`sqlite://rel.db` (a path relative to wherever the command runs), `?mode=ro` or `#x` (which would end up
+    in the file's name): status 2, one line saying sqlite:///ABSOLUTE/PATH; no file made (adv-cli F13)."""
+    monkeypatch.chdir(tmp_path)
+    for url in ("sqlite://rel.db", f"sqlite:///{tmp_path}/q.db?mode=ro", f"sqlite:///{tmp_path}/f.db#x"):
+        code, out, err = run(capsys, "--store", url, "list")
+        assert code == USAGE and out == "" and "sqlite:///ABSOLUTE/PATH" in one_line(err), url
+    assert list(tmp_path.iterdir()) == []
