@@ -513,7 +513,7 @@ def _manager(config: CliConfig, *, refreshes: bool) -> TokenManager:
 REFRESH_TIMEOUT = 15.0
 
 
-def _closing(manager: TokenManager, run: Callable[[TokenManager], int], *, refreshes: bool = False) -> int:
+def _closing(manager: TokenManager, run: Callable[[TokenManager], int]) -> int:
     try:
         code = run(manager)
     except KeyboardInterrupt:
@@ -521,11 +521,10 @@ def _closing(manager: TokenManager, run: Callable[[TokenManager], int], *, refre
         # signals (an impatient Ctrl-C, a supervisor's repeated SIGTERM) are only recorded until close()
         # returns; the command then exits for the first one, re-raised here.
         with _signals_held():
-            if refreshes:
-                print(
-                    f"{PROG}: waiting up to {2 * REFRESH_TIMEOUT:.0f} s for the refresh in flight to be saved",
-                    file=sys.stderr,
-                )
+            print(
+                f"{PROG}: waiting up to {2 * REFRESH_TIMEOUT:.0f} s for a refresh in flight to be saved",
+                file=sys.stderr,
+            )
             manager.close()
         raise
     manager.close()
@@ -638,7 +637,7 @@ def _token(flags: argparse.Namespace, config: CliConfig) -> int:
             _say(tokens.access_token)
         return OK
 
-    return _closing(_manager(config, refreshes=True), run, refreshes=True)
+    return _closing(_manager(config, refreshes=True), run)
 
 
 _PASS_ANSWER = "pass the token endpoint's JSON answer"
@@ -871,7 +870,7 @@ def _refresh(flags: argparse.Namespace, config: CliConfig) -> int:
         _print_entry(redacted(key, tokens), flags.json)
         return OK
 
-    return _closing(_manager(config, refreshes=True), run, refreshes=True)
+    return _closing(_manager(config, refreshes=True), run)
 
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace, CliConfig], int]] = {

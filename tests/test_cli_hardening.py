@@ -107,7 +107,7 @@ def test_sigterm_and_sighup_during_a_refresh_save_the_answer_and_exit_128_plus_t
     assert local.stats["refresh_reuse"] == 0 and local.stats["refresh_ok"] == 3
 
 
-WAITING = "httpx-upstream-auth: waiting up to 30 s for the refresh in flight to be saved"
+WAITING = "httpx-upstream-auth: waiting up to 30 s for a refresh in flight to be saved"
 
 
 def test_repeated_signals_during_a_refresh_do_not_lose_the_rotated_token(
