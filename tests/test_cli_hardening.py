@@ -85,29 +85,43 @@ def test_sigterm_and_sighup_during_a_refresh_save_the_answer_and_exit_128_plus_t
     env = environment(tmp_path)
     key = EntryKey("local", "alice")
     for signum in (signal.SIGTERM, signal.SIGHUP):
-        before = SQLiteStorage(tmp_path / "tokens.db")
-        version = before.get(key).version  # type: ignore[union-attr]
-        before.close()
-        calls = local.stats["token_calls"]
-        local.fail_next("answer_delay:2")
-        command = [str(BIN / "httpx-upstream-auth"), "--config", config, "refresh", "alice"]
-        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        _wait_for(lambda calls=calls: local.stats["token_calls"] > calls)  # redeemed: the answer is on its way
+        version = _stored(tmp_path, key).version
+        process = _refresh_held_at_the_provider(local, config, env)
         process.send_signal(signum)
         _, err = process.communicate(timeout=60)
         name = signal.Signals(signum).name
         assert process.returncode == 128 + signum, (name, process.returncode, err)
         assert err.splitlines() == [WAITING, f"httpx-upstream-auth: interrupted ({name})"]
-        store = SQLiteStorage(tmp_path / "tokens.db")
-        saved = store.get(key)
-        store.close()
-        assert saved is not None and saved.version == version + 1, name
+        saved = _stored(tmp_path, key)
+        assert saved.version == version + 1, name
         assert api_status(url, saved.access_token) == 200
     assert run(capsys, "--config", config, "refresh", "alice")[0] == OK
     assert local.stats["refresh_reuse"] == 0 and local.stats["refresh_ok"] == 3
 
 
 WAITING = "httpx-upstream-auth: waiting up to 30 s for a refresh in flight to be saved"
+
+
+def _stored(tmp_path: Path, key: EntryKey) -> UpstreamTokens:
+    """The entry the commands' SQLite store holds for ``key`` (there must be one)."""
+    store = SQLiteStorage(tmp_path / "tokens.db")
+    try:
+        found = store.get(key)
+    finally:
+        store.close()
+    assert found is not None
+    return found
+
+
+def _refresh_held_at_the_provider(local: LocalProvider, config: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    """`refresh alice` in a child process, returned once the provider redeemed its refresh token and holds the
+    answer for 2 s: from then on the rotated token exists only in that answer."""
+    calls = local.stats["token_calls"]
+    local.fail_next("answer_delay:2")
+    command = [str(BIN / "httpx-upstream-auth"), "--config", config, "refresh", "alice"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: local.stats["token_calls"] > calls)
+    return process
 
 
 def test_repeated_signals_during_a_refresh_do_not_lose_the_rotated_token(
@@ -123,14 +137,8 @@ def test_repeated_signals_during_a_refresh_do_not_lose_the_rotated_token(
     key = EntryKey("local", "alice")
     pause = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
-        before = SQLiteStorage(tmp_path / "tokens.db")
-        version = before.get(key).version  # type: ignore[union-attr]
-        before.close()
-        calls = local.stats["token_calls"]
-        local.fail_next("answer_delay:2")
-        command = [str(BIN / "httpx-upstream-auth"), "--config", config, "refresh", "alice"]
-        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        _wait_for(lambda calls=calls: local.stats["token_calls"] > calls)  # redeemed: the answer is on its way
+        version = _stored(tmp_path, key).version
+        process = _refresh_held_at_the_provider(local, config, env)
         process.send_signal(signum)
         assert process.stderr is not None
         assert process.stderr.readline().rstrip("\n") == WAITING  # now in close(), waiting for the job
@@ -143,10 +151,8 @@ def test_repeated_signals_during_a_refresh_do_not_lose_the_rotated_token(
         assert rest.splitlines() == [
             "httpx-upstream-auth: interrupted" + ("" if signum == signal.SIGINT else f" ({name})")
         ]
-        store = SQLiteStorage(tmp_path / "tokens.db")
-        saved = store.get(key)
-        store.close()
-        assert saved is not None and saved.version == version + 1, name
+        saved = _stored(tmp_path, key)
+        assert saved.version == version + 1, name
     assert run(capsys, "--config", config, "refresh", "alice")[0] == OK
     assert local.stats["refresh_reuse"] == 0 and local.stats["refresh_ok"] == 3
 
